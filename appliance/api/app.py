@@ -1,0 +1,132 @@
+"""The aiohttp application: routes, middlewares and the services' lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from appliance.api import kserve, openai
+from appliance.api.common import (
+    CONFIG,
+    DRAINING,
+    EMBEDDINGS,
+    MANAGER,
+    METRICS,
+    STARTED,
+    TENSORS,
+    BodyTooLarge,
+    api_of,
+    error_response,
+)
+from appliance.config import Config
+from appliance.errors import ApplianceError, InvalidRequest, ModelNotFound, Unavailable
+from appliance.inference import EmbeddingService, TensorService
+from appliance.models import ModelManager
+from appliance.telemetry import Metrics
+
+log = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+UNMETERED = {"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"}
+
+
+def _http_error(exc: web.HTTPException) -> ApplianceError:
+    if exc.status == 413:
+        return BodyTooLarge(exc.text or "request body too large")
+    if exc.status == 404:
+        return ModelNotFound(f"no route for this path: {exc.reason}")
+    err = InvalidRequest(exc.text or exc.reason)
+    err.status = exc.status
+    return err
+
+
+@web.middleware
+async def errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+    api = api_of(request.path)
+    metrics = request.app[METRICS]
+    started = time.perf_counter()
+    model = "-"
+    status = 500
+    if request.app[DRAINING][0] and request.path not in UNMETERED:
+        return error_response(api, Unavailable("the server is shutting down", retry_after_s=5))
+    metered = request.path not in UNMETERED
+    if metered:
+        metrics.inflight.labels(api).inc()
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except ApplianceError as exc:
+        status = exc.status
+        return error_response(api, exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        err = _http_error(exc)
+        status = err.status
+        return error_response(api, err)
+    except Exception as exc:  # the process keeps serving whatever a handler did
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        err = ApplianceError(f"internal error: {type(exc).__name__}")
+        return error_response(api, err)
+    finally:
+        if metered:
+            metrics.inflight.labels(api).dec()
+            model = request.get("model", model)
+            metrics.requests.labels(model, api, str(status)).inc()
+            metrics.request_duration.labels(model, api).observe(time.perf_counter() - started)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    mgr = request.app[MANAGER]
+    models = {n: s.state.value for n, s in mgr.slots.items()}
+    ok = mgr.ready() and not request.app[DRAINING][0]
+    return web.json_response(
+        {"ready": ok, "models": models, "errors": mgr.scan_errors}, status=200 if ok else 503
+    )
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    data = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _services(app: web.Application) -> AsyncIterator[None]:
+    # Models load in the background so that /healthz answers and /readyz says 503 meanwhile.
+    mgr = app[MANAGER]
+    mgr.rescan()
+    loading = asyncio.create_task(mgr.start())
+    yield
+    app[DRAINING][0] = True
+    if not loading.done():
+        loading.cancel()
+    await asyncio.gather(loading, return_exceptions=True)
+    await mgr.close(drain=True)
+
+
+def create_app(cfg: Config) -> web.Application:
+    app = web.Application(middlewares=[errors_and_metrics], client_max_size=cfg.server.max_body_bytes)
+    metrics = Metrics()
+    manager = ModelManager(cfg, metrics)
+    app[CONFIG] = cfg
+    app[METRICS] = metrics
+    app[MANAGER] = manager
+    app[EMBEDDINGS] = EmbeddingService(manager)
+    app[TENSORS] = TensorService(manager)
+    app[STARTED] = time.time()
+    app[DRAINING] = [False]
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_view)
+    app.router.add_routes(openai.routes)
+    app.router.add_routes(kserve.routes)
+    app.cleanup_ctx.append(_services)
+    return app

@@ -1,0 +1,212 @@
+"""KServe v2 / Triton HTTP routes, including the binary tensor data extension and /config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+
+from appliance import __version__
+from appliance.api.common import EMBEDDINGS, MANAGER, TENSORS, read_json
+from appliance.api.tensors import (
+    HEADER_LENGTH,
+    datatype_of,
+    decode_inputs,
+    encode_response,
+    requested_outputs,
+    split_body,
+)
+from appliance.errors import InvalidRequest
+from appliance.inference import EmbeddingRuntime
+from appliance.models import ModelManager, ModelRuntime
+from appliance.repository import ModelKind
+
+routes = web.RouteTableDef()
+
+EXTENSIONS = ["binary_tensor_data", "schedule_policy", "model_configuration", "model_repository"]
+TEXT_INPUT, EMBEDDING_OUTPUT = "text", "sentence_embedding"
+
+
+@routes.get("/v2")
+async def server_metadata(request: web.Request) -> web.Response:
+    return web.json_response({"name": "appliance", "version": __version__, "extensions": EXTENSIONS})
+
+
+@routes.get("/v2/health/live")
+async def live(request: web.Request) -> web.Response:
+    return web.Response(status=200)
+
+
+@routes.get("/v2/health/ready")
+async def ready(request: web.Request) -> web.Response:
+    return web.Response(status=200 if request.app[MANAGER].ready() else 503)
+
+
+def _io(runtime: ModelRuntime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The model's tensors as clients see them (full shapes, -1 for dynamic dims)."""
+    rt = runtime.extras.get("embedding")
+    if isinstance(rt, EmbeddingRuntime):
+        return (
+            [{"name": TEXT_INPUT, "datatype": "BYTES", "shape": [-1, 1]}],
+            [{"name": EMBEDDING_OUTPUT, "datatype": "FP32", "shape": [-1, rt.dim]}],
+        )
+
+    def view(specs: Any) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": s.name,
+                "datatype": datatype_of(s.dtype),
+                "shape": [-1 if d is None else d for d in s.shape],
+            }
+            for s in specs
+        ]
+
+    return view(runtime.engine.inputs), view(runtime.engine.outputs)
+
+
+async def _runtime(request: web.Request) -> ModelRuntime:
+    name = request.match_info["model"]
+    request["model"] = name
+    return await request.app[MANAGER].runtime(name)
+
+
+@routes.get("/v2/models/{model}")
+@routes.get("/v2/models/{model}/versions/{version}")
+async def model_metadata(request: web.Request) -> web.Response:
+    runtime = await _runtime(request)
+    inputs, outputs = _io(runtime)
+    return web.json_response(
+        {
+            "name": runtime.entry.name,
+            "versions": ["1"],
+            "platform": "onnxruntime_onnx" if runtime.engine.backend == "onnxruntime" else "tensorrt_plan",
+            "inputs": inputs,
+            "outputs": outputs,
+        }
+    )
+
+
+@routes.get("/v2/models/{model}/ready")
+@routes.get("/v2/models/{model}/versions/{version}/ready")
+async def model_ready(request: web.Request) -> web.Response:
+    mgr: ModelManager = request.app[MANAGER]
+    name = request.match_info["model"]
+    slot = mgr.slots.get(name)
+    if slot is None:
+        return web.json_response({"error": f"Request for unknown model: '{name}' is not found"}, status=404)
+    is_ready = slot.runtime is not None
+    return web.json_response({"name": name, "ready": is_ready}, status=200 if is_ready else 503)
+
+
+@routes.get("/v2/models/{model}/config")
+@routes.get("/v2/models/{model}/versions/{version}/config")
+async def model_config(request: web.Request) -> web.Response:
+    runtime = await _runtime(request)
+    values = request.app[MANAGER].tunables(runtime.entry.name)
+    inputs, outputs = _io(runtime)
+
+    def triton(t: dict[str, Any]) -> dict[str, Any]:
+        # Triton's config leaves the batch dimension out of dims.
+        return {
+            "name": t["name"],
+            "data_type": "TYPE_" + ("STRING" if t["datatype"] == "BYTES" else t["datatype"]),
+            "dims": t["shape"][1:],
+        }
+
+    levels = int(values["queue.priority_levels"])
+    return web.json_response(
+        {
+            "name": runtime.entry.name,
+            "platform": "onnxruntime_onnx" if runtime.engine.backend == "onnxruntime" else "tensorrt_plan",
+            "backend": runtime.engine.backend,
+            "max_batch_size": int(values["batching.max_batch_size"]),
+            "input": [triton(t) for t in inputs],
+            "output": [triton(t) for t in outputs],
+            "dynamic_batching": {
+                "preferred_batch_size": list(values["batching.preferred_batch_sizes"]),
+                "max_queue_delay_microseconds": int(float(values["batching.max_queue_delay_ms"]) * 1000),
+                "priority_levels": levels,
+                "default_priority_level": int(values["queue.default_priority"]),
+                "default_queue_policy": {
+                    "max_queue_size": int(values["queue.max_queue_size"]),
+                    "default_timeout_microseconds": int(float(values["queue.default_timeout_ms"]) * 1000),
+                    "allow_timeout_override": bool(values["queue.allow_timeout_override"]),
+                },
+            },
+            "instance_group": [{"count": int(values["engine.instances"]), "kind": "KIND_CPU"}],
+        }
+    )
+
+
+def _schedule(doc: dict[str, Any]) -> tuple[int | None, float | None]:
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidRequest("'parameters' must be an object")
+    priority = params.get("priority")
+    if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+        raise InvalidRequest("Unable to parse 'priority': expected an unsigned integer")
+    timeout = params.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0):
+        raise InvalidRequest("Unable to parse 'timeout': expected microseconds as an unsigned integer")
+    # In the v2 protocol priority 0 means "the model's default level".
+    return (priority or None), (timeout / 1000.0 if timeout else None)
+
+
+@routes.post("/v2/models/{model}/infer")
+@routes.post("/v2/models/{model}/versions/{version}/infer")
+async def infer(request: web.Request) -> web.Response:
+    name = request.match_info["model"]
+    request["model"] = name
+    header = request.headers.get(HEADER_LENGTH)
+    if header is None:
+        doc = await read_json(request)
+        tail = b""
+    else:
+        doc, tail = split_body(await request.read(), header)
+    runtime = await request.app[MANAGER].runtime(name)
+    feeds = decode_inputs(doc, tail)
+    outputs, binary = requested_outputs(doc)
+    priority, timeout_ms = _schedule(doc)
+    if runtime.entry.kind == ModelKind.embedding:
+        result = await _embed(request, name, feeds, outputs, priority, timeout_ms)
+    else:
+        result = await request.app[TENSORS].infer(
+            name, feeds, outputs, priority=priority, timeout_ms=timeout_ms
+        )
+    order = outputs or list(result)
+    resp_header: dict[str, Any] = {"model_name": name, "model_version": "1"}
+    if "id" in doc:
+        resp_header["id"] = doc["id"]
+    body, json_len = encode_response(resp_header, result, order, binary)
+    if json_len is None:
+        return web.Response(body=body, content_type="application/json")
+    return web.Response(
+        body=body, content_type="application/octet-stream", headers={HEADER_LENGTH: str(json_len)}
+    )
+
+
+async def _embed(
+    request: web.Request,
+    name: str,
+    feeds: dict[str, np.ndarray],
+    outputs: list[str] | None,
+    priority: int | None,
+    timeout_ms: float | None,
+) -> dict[str, np.ndarray]:
+    if set(feeds) != {TEXT_INPUT}:
+        raise InvalidRequest(f"model '{name}' takes exactly one input, '{TEXT_INPUT}' (BYTES)")
+    arr = feeds[TEXT_INPUT]
+    if arr.dtype != object:
+        raise InvalidRequest(f"input '{TEXT_INPUT}': expected datatype BYTES, got {datatype_of(arr.dtype)}")
+    if arr.ndim not in (1, 2) or (arr.ndim == 2 and arr.shape[1] != 1):
+        raise InvalidRequest(f"input '{TEXT_INPUT}': expected shape [-1] or [-1, 1], got {list(arr.shape)}")
+    for o in outputs or []:
+        if o != EMBEDDING_OUTPUT:
+            raise InvalidRequest(f"unexpected inference output '{o}' for model '{name}'")
+    try:
+        texts = [b.decode("utf-8") for b in arr.reshape(-1)]
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"input '{TEXT_INPUT}': elements must be UTF-8 text") from None
+    result = await request.app[EMBEDDINGS].embed(name, texts, priority=priority, timeout_ms=timeout_ms)
+    return {EMBEDDING_OUTPUT: result.vectors.astype(np.float32)}

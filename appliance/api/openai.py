@@ -1,0 +1,87 @@
+"""OpenAI-compatible routes: models and embeddings (chat lives with the LLM service)."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import numpy as np
+from aiohttp import web
+
+from appliance.api.common import EMBEDDINGS, MANAGER, priority_of, read_json, timeout_ms_of
+from appliance.errors import InvalidRequest
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/v1/models")
+async def list_models(request: web.Request) -> web.Response:
+    mgr = request.app[MANAGER]
+    data = []
+    for name, slot in mgr.slots.items():
+        data.append(
+            {
+                "id": name,
+                "object": "model",
+                "created": int(slot.entry.folder.stat().st_mtime),
+                "owned_by": "appliance",
+                "kind": slot.entry.kind.value,
+                "state": slot.state.value,
+            }
+        )
+    return web.json_response({"object": "list", "data": data})
+
+
+@routes.get("/v1/models/{model}")
+async def get_model(request: web.Request) -> web.Response:
+    d = request.app[MANAGER].describe(request.match_info["model"])
+    return web.json_response({"id": d["name"], "object": "model", "owned_by": "appliance", **d})
+
+
+@routes.post("/v1/embeddings")
+async def embeddings(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' is required and must be a string", param="model")
+    request["model"] = model
+    raw = body.get("input")
+    inputs: list[str] | list[list[int]]
+    if isinstance(raw, str):
+        inputs = [raw]
+    elif isinstance(raw, list) and raw and all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
+        inputs = [raw]  # one token array
+    elif isinstance(raw, list):
+        inputs = raw
+    else:
+        raise InvalidRequest(
+            "'input' must be a string, a list of strings or a list of token arrays", param="input"
+        )
+    fmt = body.get("encoding_format", "float")
+    if fmt not in ("float", "base64"):
+        raise InvalidRequest(
+            f"'encoding_format' must be 'float' or 'base64', got {fmt!r}", param="encoding_format"
+        )
+    result = await request.app[EMBEDDINGS].embed(
+        model,
+        inputs,
+        priority=priority_of(request, body.get("priority")),
+        timeout_ms=timeout_ms_of(request),
+    )
+    dims = body.get("dimensions")
+    if dims is not None and dims != result.vectors.shape[1]:
+        raise InvalidRequest(
+            f"'dimensions' must be {result.vectors.shape[1]} for this model, got {dims!r}",
+            param="dimensions",
+        )
+    data = []
+    for i, vec in enumerate(result.vectors):
+        if fmt == "base64":
+            emb: object = base64.b64encode(vec.astype("<f4").tobytes()).decode()
+        else:
+            emb = vec.astype(np.float32).tolist()
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
+    return web.json_response(
+        {"object": "list", "data": data, "model": model, "usage": usage, "created": int(time.time())}
+    )

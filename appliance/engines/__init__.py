@@ -1,0 +1,1 @@
+"""Engine backends: one interface, implemented by ONNX Runtime (CPU/CUDA) and TensorRT."""

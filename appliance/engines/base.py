@@ -1,0 +1,72 @@
+"""The one interface every engine backend implements.
+
+An engine is synchronous and not thread-safe: the scheduler owns one worker thread per engine
+instance and calls ``run`` only from it, so the event loop never blocks on inference.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class EngineError(RuntimeError):
+    """The engine failed to run a batch (counts as an engine failure for the breaker)."""
+
+
+class EngineOutOfMemory(EngineError):
+    """The engine ran out of device or host memory for this batch; a smaller one may fit."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, element type and shape of one engine input or output.
+
+    ``shape`` holds ``None`` for a dynamic dimension (the batch dimension is always first and
+    always dynamic for batching engines).
+    """
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]
+
+    def describe(self) -> str:
+        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.name}: {self.dtype.name}[{dims}]"
+
+
+class Engine(abc.ABC):
+    """A loaded model artefact that maps named input arrays to named output arrays."""
+
+    backend: str = "abstract"
+
+    @property
+    @abc.abstractmethod
+    def inputs(self) -> Sequence[TensorSpec]: ...
+
+    @property
+    @abc.abstractmethod
+    def outputs(self) -> Sequence[TensorSpec]: ...
+
+    @abc.abstractmethod
+    def run(
+        self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run one batch. Raises EngineError (or EngineOutOfMemory) on failure."""
+
+    @abc.abstractmethod
+    def memory_bytes(self) -> int:
+        """Bytes this engine holds resident (weights and persistent buffers)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release every resource; the engine is unusable afterwards."""
+
+    def input_spec(self, name: str) -> TensorSpec | None:
+        return next((s for s in self.inputs if s.name == name), None)
+
+    def output_spec(self, name: str) -> TensorSpec | None:
+        return next((s for s in self.outputs if s.name == name), None)

@@ -1,0 +1,49 @@
+"""Errors the services raise; the HTTP layer maps each to a status and its API's error shape."""
+
+from __future__ import annotations
+
+
+class ApplianceError(Exception):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after_s = retry_after_s
+
+
+class InvalidRequest(ApplianceError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class ModelNotFound(ApplianceError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class Overloaded(ApplianceError):
+    """The queue is full: the client should come back after ``retry_after_s``."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+
+
+class Unavailable(ApplianceError):
+    """Not now: deadline passed or would pass, model loading, draining, breaker open."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "unavailable"
+
+
+class EngineFailure(ApplianceError):
+    status = 500
+    type = "server_error"
+    code = "engine_error"

@@ -1,0 +1,335 @@
+"""Embedding and tensor inference services: admission, batching and engine calls, no HTTP.
+
+An embedding request of k texts becomes k batcher items, so the engine sees batches of sentences
+whatever the request sizes, and variable lengths can be grouped to waste little padding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from appliance.batcher import (
+    AdmissionError,
+    Batcher,
+    DeadlineExceeded,
+    InvalidPriority,
+    QueueFull,
+    WouldMissDeadline,
+)
+from appliance.engines.base import Engine, EngineError
+from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, Overloaded, Unavailable
+from appliance.models import RUNTIME_FACTORIES, ModelManager, ModelRuntime, batch_policy
+from appliance.repository import ModelEntry, ModelKind
+from appliance.telemetry import Metrics
+
+
+def admission_error(exc: AdmissionError) -> ApplianceError:
+    """Map the batcher's refusals to the API errors (429 for a full queue, 503 for deadlines)."""
+    if isinstance(exc, InvalidPriority):
+        return InvalidRequest(str(exc), param="priority")
+    if isinstance(exc, QueueFull):
+        return Overloaded(str(exc), retry_after_s=exc.retry_after_s)
+    if isinstance(exc, DeadlineExceeded | WouldMissDeadline):
+        return Unavailable(str(exc), retry_after_s=exc.retry_after_s)
+    return Unavailable(str(exc), retry_after_s=exc.retry_after_s)
+
+
+class _Observer:
+    """Feeds batcher events into Prometheus."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self.m = metrics
+        self.model = model
+
+    def on_batch(self, size: int, queue_wait_s: Sequence[float], compute_s: float) -> None:
+        self.m.batch_size.labels(self.model).observe(size)
+        self.m.compute_duration.labels(self.model).observe(compute_s)
+        h = self.m.queue_duration.labels(self.model)
+        for w in queue_wait_s:
+            h.observe(w)
+
+    def on_reject(self, priority: int, reason: str) -> None:
+        self.m.rejections.labels(self.model, str(priority), reason).inc()
+
+    def on_queue_depth(self, priority: int, depth: int) -> None:
+        self.m.queue_depth.labels(self.model, str(priority)).set(depth)
+
+
+async def submit_all(
+    batcher: Batcher[Any, Any], items: Sequence[Any], priority: int | None, timeout_ms: float | None
+) -> list[Any]:
+    """Submit items of one request together; if any is refused, withdraw the rest."""
+    tasks = [
+        asyncio.ensure_future(batcher.submit(it, priority=priority, timeout_ms=timeout_ms)) for it in items
+    ]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except AdmissionError as exc:
+        raise admission_error(exc) from None
+    except EngineError as exc:
+        raise EngineFailure(f"engine error: {exc}") from None
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+
+
+# -- embedding ---------------------------------------------------------------------------------
+
+
+@dataclass
+class EmbeddingResult:
+    vectors: np.ndarray
+    prompt_tokens: int
+
+
+class EmbeddingRuntime:
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, max_tokens: int) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        spec = engine.output_spec("sentence_embedding")
+        self.dim = int(spec.shape[-1]) if spec and spec.shape[-1] else 0
+
+    def run_batch(self, items: list[np.ndarray]) -> list[np.ndarray]:
+        width = max(len(i) for i in items)
+        ids = np.zeros((len(items), width), dtype=np.int64)
+        mask = np.zeros((len(items), width), dtype=np.int64)
+        for row, toks in enumerate(items):
+            ids[row, : len(toks)] = toks
+            mask[row, : len(toks)] = 1
+        out = self.engine.run({"input_ids": ids, "attention_mask": mask}, ["sentence_embedding"])
+        emb = out["sentence_embedding"]
+        return [emb[i] for i in range(len(items))]
+
+    def warmup(self) -> None:
+        self.run_batch([np.array(self.tokenizer.encode("warm up").ids, dtype=np.int64)])
+
+
+def _embedding_runtime(
+    mgr: ModelManager, entry: ModelEntry, engine: Engine, executor: ThreadPoolExecutor
+) -> ModelRuntime:
+    tok = Tokenizer.from_file(str(entry.artefact("tokenizer")))
+    tok.no_padding()
+    trunc = tok.truncation
+    max_tokens = int(trunc["max_length"]) if trunc else 512
+    rt = EmbeddingRuntime(engine, tok, max_tokens)
+    loop = asyncio.get_running_loop()
+
+    async def execute(items: list[np.ndarray]) -> list[np.ndarray]:
+        return await loop.run_in_executor(executor, rt.run_batch, items)
+
+    values = mgr.tunables(entry.name)
+    batcher: Batcher[np.ndarray, np.ndarray] = Batcher(
+        entry.name,
+        batch_policy(values),
+        execute,
+        instances=int(values["engine.instances"]),
+        length=len,
+        observer=_Observer(mgr.metrics, entry.name),
+    )
+    return ModelRuntime(
+        entry, engine, executor, batcher, entry.digest(), {"embedding": rt, "warmup": rt.warmup}
+    )
+
+
+MAX_EMBEDDING_INPUTS = 2048
+
+
+class EmbeddingService:
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+
+    async def embed(
+        self,
+        model: str,
+        inputs: Sequence[str] | Sequence[Sequence[int]],
+        *,
+        priority: int | None = None,
+        timeout_ms: float | None = None,
+    ) -> EmbeddingResult:
+        runtime = await self.manager.runtime(model)
+        rt = runtime.extras.get("embedding")
+        if not isinstance(rt, EmbeddingRuntime):
+            raise InvalidRequest(f"The model '{model}' is not an embedding model", param="model")
+        if not inputs:
+            raise InvalidRequest("'input' must not be empty", param="input")
+        if len(inputs) > MAX_EMBEDDING_INPUTS:
+            raise InvalidRequest(
+                f"'input' has {len(inputs)} items; at most {MAX_EMBEDDING_INPUTS} are allowed",
+                param="input",
+            )
+        items = self._tokenize(rt, inputs)
+        vectors = await submit_all(runtime.batcher, items, priority, timeout_ms)
+        return EmbeddingResult(np.stack(vectors), sum(len(i) for i in items))
+
+    @staticmethod
+    def _tokenize(rt: EmbeddingRuntime, inputs: Sequence[str] | Sequence[Sequence[int]]) -> list[np.ndarray]:
+        if all(isinstance(x, str) for x in inputs):
+            texts = [str(x) for x in inputs]
+            for i, t in enumerate(texts):
+                if not t:
+                    raise InvalidRequest(f"input[{i}] is an empty string", param="input")
+            # Truncation to the model's max_seq_length happens here, as sentence-transformers does.
+            return [np.array(e.ids, dtype=np.int64) for e in rt.tokenizer.encode_batch(texts)]
+        vocab = rt.tokenizer.get_vocab_size()
+        items = []
+        for i, seq in enumerate(inputs):
+            if isinstance(seq, str) or not isinstance(seq, list | tuple):
+                raise InvalidRequest(
+                    "'input' must be a string, a list of strings or a list of token arrays",
+                    param="input",
+                )
+            if not seq:
+                raise InvalidRequest(f"input[{i}] is an empty token array", param="input")
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in seq):
+                raise InvalidRequest(f"input[{i}] must contain only integers", param="input")
+            if len(seq) > rt.max_tokens:
+                raise InvalidRequest(
+                    f"input[{i}] has {len(seq)} tokens; the model takes at most {rt.max_tokens}",
+                    param="input",
+                )
+            arr = np.array(seq, dtype=np.int64)
+            if arr.min() < 0 or arr.max() >= vocab:
+                raise InvalidRequest(f"input[{i}] has a token id outside 0..{vocab - 1}", param="input")
+            items.append(arr)
+        return items
+
+
+# -- tensor ------------------------------------------------------------------------------------
+
+
+@dataclass
+class TensorItem:
+    """One request's feeds; rows along axis 0 are its batch."""
+
+    feeds: dict[str, np.ndarray]
+    outputs: tuple[str, ...]
+
+    @property
+    def rows(self) -> int:
+        return int(next(iter(self.feeds.values())).shape[0])
+
+    def signature(self) -> tuple[Any, ...]:
+        return (self.outputs, *((k, v.shape[1:], v.dtype.str) for k, v in sorted(self.feeds.items())))
+
+
+class TensorRuntime:
+    def __init__(self, engine: Engine, batchable: bool) -> None:
+        self.engine = engine
+        self.batchable = batchable
+
+    def run_batch(self, items: list[TensorItem]) -> list[dict[str, np.ndarray] | BaseException]:
+        """Concatenate requests whose non-batch shapes agree; run each group once."""
+        results: list[dict[str, np.ndarray] | BaseException] = [{} for _ in items]
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, it in enumerate(items):
+            key = it.signature() if self.batchable else (i,)
+            groups.setdefault(key, []).append(i)
+        for idx in groups.values():
+            members = [items[i] for i in idx]
+            feeds = {k: np.concatenate([m.feeds[k] for m in members]) for k in members[0].feeds}
+            try:
+                out = self.engine.run(feeds, members[0].outputs)
+            except EngineError as exc:
+                for i in idx:
+                    results[i] = exc
+                continue
+            start = 0
+            for i, m in zip(idx, members, strict=True):
+                results[i] = {k: v[start : start + m.rows] for k, v in out.items()}
+                start += m.rows
+        return results
+
+
+def _tensor_runtime(
+    mgr: ModelManager, entry: ModelEntry, engine: Engine, executor: ThreadPoolExecutor
+) -> ModelRuntime:
+    # A model batches when every input's first dimension is dynamic.
+    batchable = all(s.shape and s.shape[0] is None for s in engine.inputs)
+    rt = TensorRuntime(engine, batchable)
+    loop = asyncio.get_running_loop()
+
+    async def execute(items: list[TensorItem]) -> list[dict[str, np.ndarray] | BaseException]:
+        return await loop.run_in_executor(executor, rt.run_batch, items)
+
+    values = mgr.tunables(entry.name)
+    batcher: Batcher[TensorItem, dict[str, np.ndarray]] = Batcher(
+        entry.name,
+        batch_policy(values),
+        execute,
+        instances=int(values["engine.instances"]),
+        observer=_Observer(mgr.metrics, entry.name),
+    )
+    return ModelRuntime(entry, engine, executor, batcher, entry.digest(), {"tensor": rt})
+
+
+class TensorService:
+    """KServe v2 inference on a model's raw inputs and outputs (any kind but generate)."""
+
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+
+    async def infer(
+        self,
+        model: str,
+        feeds: dict[str, np.ndarray],
+        outputs: Sequence[str] | None,
+        *,
+        priority: int | None = None,
+        timeout_ms: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        runtime = await self.manager.runtime(model)
+        engine = runtime.engine
+        check_feeds(engine, feeds)
+        names = tuple(outputs) if outputs else tuple(o.name for o in engine.outputs)
+        for n in names:
+            if engine.output_spec(n) is None:
+                raise InvalidRequest(
+                    f"unexpected inference output '{n}' for model '{model}'", param="outputs"
+                )
+        (result,) = await submit_all(runtime.batcher, [TensorItem(feeds, names)], priority, timeout_ms)
+        return dict(result)
+
+
+def check_feeds(engine: Engine, feeds: dict[str, np.ndarray]) -> None:
+    """Names, dtypes and shapes against the engine's specs, before anything is queued."""
+    expected = {s.name: s for s in engine.inputs}
+    missing = sorted(set(expected) - set(feeds))
+    if missing:
+        raise InvalidRequest(f"expected inputs {sorted(expected)}, missing {missing}", param="inputs")
+    for name, arr in feeds.items():
+        spec = expected.get(name)
+        if spec is None:
+            raise InvalidRequest(f"unexpected inference input '{name}'", param="inputs")
+        if arr.dtype != spec.dtype:
+            raise InvalidRequest(
+                f"input '{name}': expected datatype {spec.dtype.name}, got {arr.dtype.name}",
+                param="inputs",
+            )
+        ok = arr.ndim == len(spec.shape) and all(
+            want is None or want == got for want, got in zip(spec.shape, arr.shape, strict=True)
+        )
+        if not ok:
+            raise InvalidRequest(
+                f"input '{name}': expected shape {_shape(spec.shape)}, got {list(arr.shape)}",
+                param="inputs",
+            )
+    rows = {a.shape[0] for a in feeds.values() if a.ndim}
+    if len(rows) > 1:
+        raise InvalidRequest("all inputs must have the same batch size", param="inputs")
+
+
+def _shape(shape: tuple[int | None, ...]) -> str:
+    return "[" + ", ".join("-1" if d is None else str(d) for d in shape) + "]"
+
+
+RUNTIME_FACTORIES[ModelKind.embedding] = _embedding_runtime
+RUNTIME_FACTORIES[ModelKind.tensor] = _tensor_runtime

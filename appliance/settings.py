@@ -1,0 +1,294 @@
+"""The registry of tunable settings.
+
+One table (name, type, default, bounds, help) drives the YAML config, the admin API, the README's
+configuration reference and the console's tuning form, as datasette's settings do. Other modules
+add their sections (breaker, cache, memory) by calling :func:`register` at import time.
+
+Every tunable is per model: ``defaults`` in ``appliance.yaml`` sets the server-wide value, a
+model's ``model.yaml`` section overrides it, and ``models.<name>`` in ``appliance.yaml`` (what the
+admin API writes) overrides both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+SettingValue = int | float | bool | str | list[int]
+
+
+class SettingError(ValueError):
+    """A value that the registry refuses; the message names the setting and the expectation."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{name}: {message}")
+        self.name = name
+        self.detail = message
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    type: type
+    default: SettingValue
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] | None = None
+    # Settings that only take effect when the model is loaded again (thread counts, say).
+    reload: bool = False
+
+    @property
+    def section(self) -> str:
+        return self.name.split(".", 1)[0]
+
+    def expectation(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+            self.type, "a list of integers"
+        )
+        if self.minimum is not None and self.maximum is not None:
+            return f"{kind} from {_fmt(self.minimum)} to {_fmt(self.maximum)}"
+        if self.minimum is not None:
+            return f"{kind} >= {_fmt(self.minimum)}"
+        if self.maximum is not None:
+            return f"{kind} <= {_fmt(self.maximum)}"
+        return kind
+
+    def bounds(self) -> str:
+        if self.choices:
+            return " | ".join(self.choices)
+        lo = "" if self.minimum is None else _fmt(self.minimum)
+        hi = "" if self.maximum is None else _fmt(self.maximum)
+        return f"{lo}..{hi}" if lo or hi else ""
+
+    def coerce(self, value: Any) -> SettingValue:
+        """Validate one value; raise SettingError naming this setting otherwise."""
+        bad = SettingError(self.name, f"expected {self.expectation()}, got {value!r}")
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise bad
+            return value
+        if self.type is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                if isinstance(value, float) and value.is_integer():
+                    value = int(value)
+                else:
+                    raise bad
+            self._check_bounds(value, bad)
+            return int(value)
+        if self.type is float:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise bad
+            self._check_bounds(value, bad)
+            return float(value)
+        if self.type is str:
+            if not isinstance(value, str) or (self.choices and value not in self.choices):
+                raise bad
+            return value
+        # list[int]
+        if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            raise bad
+        for v in value:
+            self._check_bounds(v, bad)
+        return list(value)
+
+    def _check_bounds(self, value: float, bad: SettingError) -> None:
+        if self.minimum is not None and value < self.minimum:
+            raise bad
+        if self.maximum is not None and value > self.maximum:
+            raise bad
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "type": "list[int]" if self.type is list else self.type.__name__,
+            "default": self.default,
+            "minimum": self.minimum,
+            "maximum": self.maximum,
+            "choices": list(self.choices) if self.choices else None,
+            "help": self.help,
+            "reload": self.reload,
+        }
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+REGISTRY: dict[str, Setting] = {}
+
+
+def register(*settings: Setting) -> None:
+    for s in settings:
+        if s.name in REGISTRY:
+            raise RuntimeError(f"setting {s.name} registered twice")
+        REGISTRY[s.name] = s
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"batching": {"max_batch_size": 8}}`` -> ``{"batching.max_batch_size": 8}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def validate(values: Mapping[str, Any], where: str = "") -> dict[str, SettingValue]:
+    """Validate a flat mapping of settings as a whole; every problem is reported at once."""
+    problems: list[str] = []
+    clean: dict[str, SettingValue] = {}
+    for name, value in values.items():
+        setting = REGISTRY.get(name)
+        if setting is None:
+            close = [n for n in REGISTRY if n.split(".")[-1] == name.split(".")[-1]]
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(f"{where}{name}: unknown setting{hint}")
+            continue
+        try:
+            clean[name] = setting.coerce(value)
+        except SettingError as exc:
+            problems.append(f"{where}{exc}")
+    if problems:
+        raise SettingError(problems[0].split(":", 1)[0], "; ".join(problems))
+    return clean
+
+
+def defaults() -> dict[str, SettingValue]:
+    return {name: s.default for name, s in REGISTRY.items()}
+
+
+def table(rows: Iterable[Setting] | None = None) -> str:
+    """A plain-text table for ``appliance settings``."""
+    rows = list(rows if rows is not None else REGISTRY.values())
+    header = ("setting", "type", "default", "bounds", "help")
+    lines = [header]
+    for s in rows:
+        d = s.describe()
+        lines.append((s.name, d["type"], _show(s.default), s.bounds(), s.help))
+    widths = [max(len(r[i]) for r in lines) for i in range(4)]
+    out = []
+    for i, r in enumerate(lines):
+        out.append("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=False)) + "  " + r[4])
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths) + "  " + "-" * 4)
+    return "\n".join(out)
+
+
+def markdown_table() -> str:
+    """The README's configuration reference is generated from (and checked against) this."""
+    out = ["| setting | type | default | bounds | reload | help |", "|---|---|---|---|---|---|"]
+    for s in REGISTRY.values():
+        out.append(
+            f"| `{s.name}` | {s.describe()['type']} | `{_show(s.default)}` | {s.bounds()} | "
+            f"{'yes' if s.reload else ''} | {s.help} |"
+        )
+    return "\n".join(out)
+
+
+def _show(value: SettingValue) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+# The serving core's own settings. Breaker, cache and memory register theirs in their modules.
+register(
+    Setting("batching.max_batch_size", int, 32, "Largest batch sent to the engine.", 1, 1024),
+    Setting(
+        "batching.max_queue_delay_ms",
+        float,
+        2.0,
+        "How long a partial batch may wait for company while another batch runs (instances > 1).",
+        0,
+        10_000,
+    ),
+    Setting(
+        "batching.preferred_batch_sizes",
+        list,
+        [],
+        "Batch sizes dispatched as soon as they can be formed (e.g. TensorRT profile sizes).",
+        1,
+        1024,
+    ),
+    Setting("queue.priority_levels", int, 3, "Number of priority levels; 1 is the highest.", 1, 16),
+    Setting("queue.default_priority", int, 2, "Level of a request that names none.", 1, 16),
+    Setting(
+        "queue.max_queue_size",
+        int,
+        256,
+        "Waiting requests allowed per priority level before 429 (0 = unbounded).",
+        0,
+        1_000_000,
+    ),
+    Setting(
+        "queue.default_timeout_ms",
+        float,
+        30_000.0,
+        "Deadline of a request in the queue (0 = none); past it the request is answered 503.",
+        0,
+        3_600_000,
+    ),
+    Setting(
+        "queue.allow_timeout_override",
+        bool,
+        True,
+        "Whether a request may set a shorter deadline of its own.",
+    ),
+    Setting(
+        "queue.aging_ms",
+        float,
+        0.0,
+        "Promote a waiting request one level per this many ms (0 = strict priority).",
+        0,
+        3_600_000,
+    ),
+    Setting(
+        "engine.instances",
+        int,
+        1,
+        "Engine worker threads per model (batches that may run at once).",
+        1,
+        16,
+        reload=True,
+    ),
+    Setting(
+        "engine.intra_op_threads",
+        int,
+        0,
+        "ONNX Runtime threads inside one operator (0 = one per core).",
+        0,
+        256,
+        reload=True,
+    ),
+    Setting(
+        "engine.inter_op_threads",
+        int,
+        1,
+        "ONNX Runtime threads across operators.",
+        1,
+        64,
+        reload=True,
+    ),
+)

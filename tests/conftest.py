@@ -1,0 +1,188 @@
+"""Shared fixtures: real models built from their wheels, and a real server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp import web
+
+from appliance.api.app import create_app
+from appliance.builders.pull import pull
+from appliance.config import parse
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINES = ROOT / "engines"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def minilm_folder() -> Path:
+    """The real all-MiniLM-L6-v2 model, built once (idempotent) in the repository's engines/."""
+    return pull("all-minilm-l6-v2", ENGINES)
+
+
+class ServerThread:
+    """The real aiohttp server, on its own event loop in a thread, listening on 127.0.0.1.
+
+    Running it in a thread lets tests use blocking clients (openai, tritonclient) as LAN apps do.
+    """
+
+    def __init__(self, config: dict[str, Any], config_path: Path | None = None) -> None:
+        self.cfg = parse(config, config_path, env={})
+        self.app: web.Application | None = None
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        self._started = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._main, name="test-server", daemon=True)
+        self.error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._serve())
+        except BaseException as exc:  # surfaced by start()
+            self.error = exc
+            self._started.set()
+
+    async def _serve(self) -> None:
+        self.app = create_app(self.cfg)
+        runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=5)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        server = site._server
+        assert server is not None and server.sockets  # type: ignore[union-attr]
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._stop = asyncio.Event()
+        self._started.set()
+        await self._stop.wait()
+        await runner.cleanup()
+
+    def start(self, wait_ready: bool = True, timeout: float = 120) -> ServerThread:
+        self._thread.start()
+        self._started.wait(timeout)
+        if self.error:
+            raise self.error
+        if wait_ready:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                status, body = self.get("/readyz")
+                if status == 200:
+                    return self
+                time.sleep(0.05)
+            raise TimeoutError(f"server not ready: {body}")
+        return self
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the server's loop (to inspect or poke services) and return its result."""
+
+        async def wrapper() -> Any:
+            r = fn()
+            return await r if asyncio.iscoroutine(r) else r
+
+        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(30)
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+    def request(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any, dict[str, str]]:
+        data = None
+        hdrs = dict(headers or {})
+        if body is not None:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            hdrs.setdefault("Content-Type", "application/json")
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=hdrs)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                raw, status, rh = resp.read(), resp.status, dict(resp.headers)
+        except urllib.error.HTTPError as err:
+            raw, status, rh = err.read(), err.code, dict(err.headers)
+        try:
+            parsed: Any = json.loads(raw) if raw else None
+        except ValueError:
+            parsed = raw
+        return status, parsed, rh
+
+    def get(self, path: str) -> tuple[int, Any]:
+        status, body, _ = self.request("GET", path)
+        return status, body
+
+    def post(
+        self, path: str, body: Any, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any, dict[str, str]]:
+        return self.request("POST", path, body, headers)
+
+
+def make_repository(
+    tmp: Path, models: dict[str, Path], overrides: dict[str, dict[str, Any]] | None = None
+) -> Path:
+    """A model repository in ``tmp`` whose folders link to built models' artefacts.
+
+    ``overrides`` patches each model's model.yaml, so tests tune queues without touching engines/.
+    """
+    repo = tmp / "engines"
+    repo.mkdir(exist_ok=True)
+    for name, folder in models.items():
+        dest = repo / name
+        dest.mkdir()
+        for f in folder.iterdir():
+            if f.name == "model.yaml":
+                continue
+            (dest / f.name).symlink_to(f)
+        spec = yaml.safe_load((folder / "model.yaml").read_text())
+        for section, values in (overrides or {}).get(name, {}).items():
+            if isinstance(values, dict):
+                spec.setdefault(section, {}).update(values)
+            else:
+                spec[section] = values
+        (dest / "model.yaml").write_text(yaml.safe_dump(spec))
+    return repo
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerThread]]:
+    servers: list[ServerThread] = []
+
+    def start(
+        models: dict[str, Path],
+        *,
+        overrides: dict[str, dict[str, Any]] | None = None,
+        config: dict[str, Any] | None = None,
+        wait_ready: bool = True,
+    ) -> ServerThread:
+        repo = make_repository(tmp_path, models, overrides)
+        cfg: dict[str, Any] = {"model_repository": str(repo), "data_dir": str(tmp_path / "data")}
+        cfg.update(config or {})
+        srv = ServerThread(cfg).start(wait_ready=wait_ready)
+        servers.append(srv)
+        return srv
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+def copy_fixture(name: str) -> Any:
+    return json.loads((FIXTURES / name).read_text())
+
+
+__all__ = ["ENGINES", "FIXTURES", "ROOT", "ServerThread", "copy_fixture", "make_repository", "shutil"]

@@ -1,0 +1,211 @@
+"""KServe v2 / Triton HTTP API, driven by the official `tritonclient` over loopback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import tritonclient.http as httpclient
+from onnx import TensorProto, helper
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import ServerThread, copy_fixture
+
+EMB = "all-minilm-l6-v2"
+AFFINE = "affine"
+
+
+def build_affine_model(folder: Path) -> Path:
+    """A real ONNX tensor model: y = 2x + 1 (FP32 [-1, 4]) and s = sum(ids) (INT64 [-1, 3])."""
+    folder.mkdir(parents=True, exist_ok=True)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
+    s = helper.make_tensor_value_info("s", TensorProto.INT64, ["batch", 1])
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["x", "two"], ["x2"], name="mul"),
+            helper.make_node("Add", ["x2", "one"], ["y"], name="add"),
+            helper.make_node("ReduceSum", ["ids", "axes"], ["s"], name="sum", keepdims=1),
+        ],
+        "affine",
+        [x, ids],
+        [y, s],
+        initializer=[two, one, axes],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, folder / "model.onnx")
+    (folder / "model.yaml").write_text(
+        "name: affine\nkind: tensor\nartefacts: {model: model.onnx}\n"
+        "batching: {max_batch_size: 8}\nqueue: {priority_levels: 2, default_priority: 2}\n"
+    )
+    return folder
+
+
+@pytest.fixture
+def server(start_server, minilm_folder: Path, tmp_path: Path) -> ServerThread:  # type: ignore[no-untyped-def]
+    affine = build_affine_model(tmp_path / "src" / AFFINE)
+    return start_server({EMB: minilm_folder, AFFINE: affine})
+
+
+def triton(srv: ServerThread) -> httpclient.InferenceServerClient:
+    return httpclient.InferenceServerClient(url=srv.url.removeprefix("http://"))
+
+
+def test_health_metadata_and_config(server: ServerThread) -> None:
+    c = triton(server)
+    assert c.is_server_live() and c.is_server_ready()
+    assert c.is_model_ready(EMB) and c.is_model_ready(AFFINE)
+    meta = c.get_server_metadata()
+    assert "binary_tensor_data" in meta["extensions"]
+    m = c.get_model_metadata(AFFINE)
+    assert m["inputs"] == [
+        {"name": "x", "datatype": "FP32", "shape": [-1, 4]},
+        {"name": "ids", "datatype": "INT64", "shape": [-1, 3]},
+    ]
+    cfg = c.get_model_config(AFFINE)
+    assert cfg["max_batch_size"] == 8
+    assert cfg["input"][0] == {"name": "x", "data_type": "TYPE_FP32", "dims": [4]}
+    assert cfg["dynamic_batching"]["priority_levels"] == 2
+    emb = c.get_model_config(EMB)
+    assert emb["input"][0]["data_type"] == "TYPE_STRING"
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_tensor_model_infer_json_and_binary(server: ServerThread, binary: bool) -> None:
+    c = triton(server)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    ids = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int64)
+    inputs = [httpclient.InferInput("x", [2, 4], "FP32"), httpclient.InferInput("ids", [2, 3], "INT64")]
+    inputs[0].set_data_from_numpy(x, binary_data=binary)
+    inputs[1].set_data_from_numpy(ids, binary_data=binary)
+    outputs = [httpclient.InferRequestedOutput("y", binary_data=binary), httpclient.InferRequestedOutput("s")]
+    res = c.infer(AFFINE, inputs, outputs=outputs, request_id="r-1", priority=1, timeout=5_000_000)
+    np.testing.assert_allclose(res.as_numpy("y"), 2 * x + 1)
+    np.testing.assert_array_equal(res.as_numpy("s"), [[6], [15]])
+    assert res.get_response()["id"] == "r-1"
+
+
+def test_embedding_model_takes_bytes_and_matches_the_reference(server: ServerThread) -> None:
+    ref = copy_fixture("minilm_reference.json")
+    texts = np.array([s.encode() for s in ref["sentences"][:4]], dtype=object).reshape(-1, 1)
+    inp = httpclient.InferInput("text", list(texts.shape), "BYTES")
+    inp.set_data_from_numpy(texts)
+    res = triton(server).infer(EMB, [inp])
+    got = res.as_numpy("sentence_embedding")
+    want = np.array(ref["embeddings"][:4], dtype=np.float32)
+    assert got.shape == (4, 384)
+    assert ((got * want).sum(1)).min() >= 0.9999
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        ({"inputs": "x"}, 400, "inputs"),
+        (
+            {
+                "inputs": [
+                    {"name": "x", "shape": [1, 4], "datatype": "FP64", "data": [1, 2, 3, 4]},
+                    {"name": "ids", "shape": [1, 3], "datatype": "INT64", "data": [1, 2, 3]},
+                ]
+            },
+            400,
+            "datatype",
+        ),
+        (
+            {
+                "inputs": [
+                    {"name": "x", "shape": [1, 5], "datatype": "FP32", "data": [1, 2, 3, 4, 5]},
+                    {"name": "ids", "shape": [1, 3], "datatype": "INT64", "data": [1, 2, 3]},
+                ]
+            },
+            400,
+            "shape",
+        ),
+        (
+            {
+                "inputs": [
+                    {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3]},
+                    {"name": "ids", "shape": [1, 3], "datatype": "INT64", "data": [1, 2, 3]},
+                ]
+            },
+            400,
+            "elements",
+        ),
+        (
+            {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]},
+            400,
+            "missing",
+        ),
+        (
+            {
+                "inputs": [
+                    {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]},
+                    {"name": "ids", "shape": [1, 3], "datatype": "INT64", "data": [1.5, 2, 3]},
+                ]
+            },
+            400,
+            "INT64",
+        ),
+        (
+            {
+                "inputs": [
+                    {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]},
+                    {"name": "ids", "shape": [1, 3], "datatype": "INT64", "data": [1, 2, 3]},
+                ],
+                "outputs": [{"name": "zzz"}],
+            },
+            400,
+            "zzz",
+        ),
+        (
+            {
+                "inputs": [
+                    {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]},
+                    {"name": "ids", "shape": [1, 3], "datatype": "INT64", "data": [1, 2, 3]},
+                ],
+                "parameters": {"priority": 3},
+            },
+            400,
+            "priority",
+        ),
+    ],
+)
+def test_bad_infer_requests_get_triton_errors(
+    server: ServerThread, body: dict[str, object], status: int, fragment: str
+) -> None:
+    got, resp, _ = server.post(f"/v2/models/{AFFINE}/infer", body)
+    assert got == status and fragment in resp["error"], resp
+    assert set(resp) == {"error"}
+
+
+def test_unknown_model_and_truncated_binary_data(server: ServerThread) -> None:
+    status, resp, _ = server.post("/v2/models/ghost/infer", {"inputs": []})
+    assert status == 404 and "ghost" in resp["error"]
+    head = json.dumps(
+        {
+            "inputs": [
+                {"name": "x", "shape": [1, 4], "datatype": "FP32", "parameters": {"binary_data_size": 16}},
+                {"name": "ids", "shape": [1, 3], "datatype": "INT64", "parameters": {"binary_data_size": 24}},
+            ]
+        }
+    ).encode()
+    status, resp, _ = server.post(
+        f"/v2/models/{AFFINE}/infer",
+        head + b"\0" * 20,
+        {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"},
+    )
+    assert status == 400 and "binary" in resp["error"]
+
+
+def test_client_sees_a_clean_exception_for_errors(server: ServerThread) -> None:
+    inp = httpclient.InferInput("x", [1, 4], "FP32")
+    inp.set_data_from_numpy(np.zeros((1, 4), dtype=np.float32))
+    with pytest.raises(InferenceServerException, match="missing"):
+        triton(server).infer(AFFINE, [inp])

@@ -1,0 +1,126 @@
+"""The OpenAI-compatible embeddings API, driven by the official `openai` client over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+
+from tests.conftest import ServerThread, copy_fixture
+
+MODEL = "all-minilm-l6-v2"
+
+
+@pytest.fixture
+def server(start_server, minilm_folder: Path) -> ServerThread:  # type: ignore[no-untyped-def]
+    return start_server({MODEL: minilm_folder})
+
+
+def client(srv: ServerThread) -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_openai_client_embeddings_match_sentence_transformers(server: ServerThread) -> None:
+    ref = copy_fixture("minilm_reference.json")
+    # The client asks for base64 by default; the server must encode little-endian float32.
+    resp = client(server).embeddings.create(model=MODEL, input=ref["sentences"])
+    got = np.array([d.embedding for d in resp.data], dtype=np.float32)
+    want = np.array(ref["embeddings"], dtype=np.float32)
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() >= 0.9999
+    assert [d.index for d in resp.data] == list(range(len(ref["sentences"])))
+    assert resp.usage.prompt_tokens == resp.usage.total_tokens > len(ref["sentences"])
+    assert resp.model == MODEL
+
+
+def test_float_and_base64_encodings_carry_the_same_vector(server: ServerThread) -> None:
+    _, as_float, _ = server.post("/v1/embeddings", {"model": MODEL, "input": "hello world"})
+    _, as_b64, _ = server.post(
+        "/v1/embeddings", {"model": MODEL, "input": "hello world", "encoding_format": "base64"}
+    )
+    vec = np.array(as_float["data"][0]["embedding"], dtype=np.float32)
+    raw = np.frombuffer(base64.b64decode(as_b64["data"][0]["embedding"]), dtype="<f4")
+    assert vec.shape == (384,)
+    np.testing.assert_allclose(vec, raw, atol=1e-7)
+
+
+def test_token_arrays_are_accepted_and_equal_the_text(server: ServerThread) -> None:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(server.cfg.model_repository / MODEL / "tokenizer.json"))
+    ids = tok.encode("a cat sat on the mat").ids
+    _, by_text, _ = server.post("/v1/embeddings", {"model": MODEL, "input": "a cat sat on the mat"})
+    _, by_ids, _ = server.post("/v1/embeddings", {"model": MODEL, "input": [ids]})
+    np.testing.assert_allclose(by_text["data"][0]["embedding"], by_ids["data"][0]["embedding"], atol=1e-6)
+
+
+def test_models_are_listed(server: ServerThread) -> None:
+    models = client(server).models.list()
+    assert MODEL in [m.id for m in models.data]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"model": "nope", "input": "x"}, 404, "model"),
+        ({"input": "x"}, 400, "model"),
+        ({"model": MODEL}, 400, "input"),
+        ({"model": MODEL, "input": 42}, 400, "input"),
+        ({"model": MODEL, "input": []}, 400, "input"),
+        ({"model": MODEL, "input": [""]}, 400, "input"),
+        ({"model": MODEL, "input": [["a", 1]]}, 400, "input"),
+        ({"model": MODEL, "input": [[10**9]]}, 400, "input"),
+        ({"model": MODEL, "input": "x", "encoding_format": "hex"}, 400, "encoding_format"),
+        ({"model": MODEL, "input": "x", "dimensions": 3}, 400, "dimensions"),
+        ({"model": MODEL, "input": "x", "priority": 9}, 400, "priority"),
+        ({"model": MODEL, "input": "x", "priority": "high"}, 400, "priority"),
+    ],
+)
+def test_bad_input_gets_an_openai_error_envelope(
+    server: ServerThread, body: dict[str, object], status: int, param: str
+) -> None:
+    got, resp, _ = server.post("/v1/embeddings", body)
+    assert got == status, resp
+    err = resp["error"]
+    assert err["param"] == param
+    assert err["message"] and err["type"] and err["code"]
+    # The process keeps serving after every bad request.
+    ok, _, _ = server.post("/v1/embeddings", {"model": MODEL, "input": "still alive"})
+    assert ok == 200
+
+
+def test_malformed_json_and_oversized_bodies_are_400_and_413(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server({MODEL: minilm_folder}, config={"server": {"max_body_bytes": 4096}})
+    status, resp, _ = srv.post("/v1/embeddings", b"{not json", {"Content-Type": "application/json"})
+    assert status == 400 and "JSON" in resp["error"]["message"]
+    status, resp, _ = srv.post("/v1/embeddings", {"model": MODEL, "input": "x" * 10_000})
+    assert status == 413 and resp["error"]["code"] == "request_too_large"
+    status, resp, _ = srv.request("GET", "/v1/nowhere")
+    assert status == 404 and "error" in resp
+
+
+def test_priority_header_is_honoured_and_checked(server: ServerThread) -> None:
+    ok, _, _ = server.post("/v1/embeddings", {"model": MODEL, "input": "x"}, {"X-Priority": "1"})
+    bad, resp, _ = server.post("/v1/embeddings", {"model": MODEL, "input": "x"}, {"X-Priority": "0"})
+    assert ok == 200
+    assert bad == 400 and "priority" in resp["error"]["message"]
+
+
+def test_async_client_concurrent_requests_are_batched(server: ServerThread) -> None:
+    async def burst() -> list[int]:
+        c = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        texts = [f"sentence number {i} about batching" for i in range(48)]
+        res = await asyncio.gather(*(c.embeddings.create(model=MODEL, input=t) for t in texts))
+        await c.close()
+        return [len(r.data[0].embedding) for r in res]
+
+    assert asyncio.run(burst()) == [384] * 48
+    status, text = server.get("/metrics")
+    sizes = [line for line in text.decode().splitlines() if line.startswith("appliance_batch_size_count")]
+    count = float(sizes[0].rsplit(" ", 1)[1])
+    # 48 sentences in fewer engine runs than requests: the batcher grouped them.
+    assert status == 200 and count < 48

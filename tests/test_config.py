@@ -1,0 +1,123 @@
+"""Configuration: validation names the file, the field and the expectation; env overrides apply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance import settings
+from appliance.config import ConfigError, load, parse, save_overrides
+from appliance.repository import RepositoryError, load_model_file
+
+
+def write(tmp: Path, text: str) -> Path:
+    p = tmp / "appliance.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_relative_paths(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, "server: {port: 9001}\nmodel_repository: models\n"), env={})
+    assert cfg.server.port == 9001
+    assert cfg.server.host == "127.0.0.1"
+    assert cfg.model_repository == tmp_path / "models"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("server: {prot: 1}\n", "appliance.yaml: server.prot: unknown key"),
+        ("server: {port: high}\n", "appliance.yaml: server.port"),
+        ("server: {port: 70000}\n", "less than or equal to 65535"),
+        ("colour: blue\n", "appliance.yaml: colour: unknown key"),
+        (
+            "defaults: {batching: {max_batch_size: 0}}\n",
+            "defaults.batching.max_batch_size: expected an integer from 1 to 1024, got 0",
+        ),
+        ("defaults: {batching: {max_batchsize: 4}}\n", "defaults.batching.max_batchsize: unknown setting"),
+        (
+            "models: {m: {queue: {allow_timeout_override: 3}}}\n",
+            "models.m.queue.allow_timeout_override: expected true or false",
+        ),
+        ("[1, 2]\n", "expected a mapping"),
+        ("server: [\n", "not valid YAML"),
+    ],
+)
+def test_errors_name_file_field_and_expectation(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(write(tmp_path, text), env={})
+    assert message in str(err.value)
+
+
+def test_environment_overrides(tmp_path: Path) -> None:
+    cfg = load(
+        write(tmp_path, "server: {port: 9001}\n"),
+        env={"APPLIANCE_PORT": "9100", "APPLIANCE_HOST": "0.0.0.0", "APPLIANCE_DATA_DIR": "/srv/x"},
+    )
+    assert (cfg.server.port, cfg.server.host, str(cfg.data_dir)) == (9100, "0.0.0.0", "/srv/x")
+    with pytest.raises(ConfigError, match="server.port"):
+        parse({}, None, env={"APPLIANCE_PORT": "eighty"})
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such configuration file"):
+        load(tmp_path / "nope.yaml", env={})
+
+
+def test_precedence_registry_then_defaults_then_model_then_operator(tmp_path: Path) -> None:
+    cfg = parse(
+        {
+            "defaults": {"batching": {"max_batch_size": 8, "max_queue_delay_ms": 3}},
+            "models": {"m": {"batching": {"max_batch_size": 4}}},
+        },
+        env={},
+    )
+    values = cfg.tunables_for("m", {"batching.max_batch_size": 16, "queue.max_queue_size": 7})
+    assert values["batching.max_batch_size"] == 4  # operator override wins
+    assert values["batching.max_queue_delay_ms"] == 3  # server-wide default
+    assert values["queue.max_queue_size"] == 7  # model.yaml
+    assert values["queue.aging_ms"] == settings.REGISTRY["queue.aging_ms"].default
+
+
+def test_overrides_are_saved_atomically_with_a_backup(tmp_path: Path) -> None:
+    path = write(tmp_path, "# operator's comment\nserver: {port: 9001}\n")
+    cfg = load(path, env={})
+    save_overrides(cfg, {"m": {"batching.max_batch_size": 4}})
+    again = load(path, env={})
+    assert again.model_overrides == {"m": {"batching.max_batch_size": 4}}
+    assert again.server.port == 9001
+    assert "operator's comment" in (tmp_path / "appliance.yaml.bak").read_text()
+
+
+def test_model_yaml_validation_names_the_folder_and_field(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model.yaml").write_text("name: m\nkind: embedding\nbatching: {max_batch_size: -1}\n")
+    with pytest.raises(RepositoryError, match="m/model.yaml: batching.max_batch_size"):
+        load_model_file(folder / "model.yaml")
+    (folder / "model.yaml").write_text("name: other\nkind: embedding\n")
+    with pytest.raises(RepositoryError, match="must equal the folder name"):
+        load_model_file(folder / "model.yaml")
+    (folder / "model.yaml").write_text("name: m\nkind: sorcery\n")
+    with pytest.raises(RepositoryError, match="m/model.yaml: kind"):
+        load_model_file(folder / "model.yaml")
+    (folder / "model.yaml").write_text("name: m\nkind: tensor\nartefacts: {model: ../x.onnx}\n")
+    with pytest.raises(RepositoryError, match="inside the model folder"):
+        load_model_file(folder / "model.yaml")
+
+
+def test_shipped_config_and_models_are_valid() -> None:
+    root = Path(__file__).resolve().parents[1]
+    cfg = load(root / "appliance.yaml", env={})
+    names = {p.parent.name for p in cfg.model_repository.glob("*/model.yaml")}
+    assert {"all-minilm-l6-v2", "smollm2-135m-instruct"} <= names
+    for n in names:
+        load_model_file(cfg.model_repository / n / "model.yaml")
+
+
+def test_readme_configuration_reference_matches_the_registry() -> None:
+    import appliance.inference  # noqa: F401  (registers every section)
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert settings.markdown_table() in readme, "regenerate with `appliance settings --markdown`"

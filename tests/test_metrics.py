@@ -1,0 +1,45 @@
+"""Metric names are an interface for dashboards: pinned here so they never drift silently."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import ServerThread
+
+PINNED = {
+    "appliance_requests_total": "counter",
+    "appliance_request_duration_seconds": "histogram",
+    "appliance_queue_duration_seconds": "histogram",
+    "appliance_compute_duration_seconds": "histogram",
+    "appliance_batch_size": "histogram",
+    "appliance_queue_depth": "gauge",
+    "appliance_rejections_total": "counter",
+    "appliance_inflight_requests": "gauge",
+    "appliance_model_loaded": "gauge",
+    "appliance_model_load_duration_seconds": "histogram",
+}
+
+
+def families(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            out[name] = kind
+    return out
+
+
+def test_metric_names_and_types_are_pinned(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]
+    srv: ServerThread = start_server({"all-minilm-l6-v2": minilm_folder})
+    srv.post("/v1/embeddings", {"model": "all-minilm-l6-v2", "input": ["a", "b"]})
+    srv.post("/v1/embeddings", {"model": "all-minilm-l6-v2", "input": "a", "priority": 7})
+    _, body = srv.get("/metrics")
+    text = body.decode()
+    fams = families(text)
+    for name, kind in PINNED.items():
+        base = name.removesuffix("_total")
+        assert fams.get(base, fams.get(name)) == kind, f"{name} missing or not a {kind}"
+    assert not [f for f in fams if not f.startswith("appliance_")]
+    assert 'appliance_requests_total{api="openai",model="all-minilm-l6-v2",status="200"} 1.0' in text
+    assert 'status="400"' in text
+    assert 'appliance_queue_depth{model="all-minilm-l6-v2",priority="2"}' in text
