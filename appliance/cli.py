@@ -10,8 +10,6 @@ import signal
 import sys
 from pathlib import Path
 
-from aiohttp import web
-
 from appliance import __version__, settings
 from appliance.config import Config, ConfigError, find_default_config, load
 from appliance.repository import RepositoryError, scan
@@ -26,7 +24,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from appliance.api.app import create_app
+    from appliance.server import serve
 
     cfg = _config(args)
     if args.host:
@@ -36,15 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=cfg.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app = create_app(cfg)
-    web.run_app(
-        app,
-        host=cfg.server.host,
-        port=cfg.server.port,
-        handler_cancellation=True,
-        shutdown_timeout=cfg.server.drain_timeout_s,
-        print=lambda msg: print(f"appliance {__version__}: {msg}", flush=True),
-    )
+    asyncio.run(serve(cfg))
     return 0
 
 
@@ -78,8 +68,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_settings(args: argparse.Namespace) -> int:
-    import appliance.inference  # noqa: F401  (modules register their settings on import)
+    import appliance.api.app  # noqa: F401  (modules register their settings on import)
 
+    if args.update_readme:
+        path = Path(args.update_readme)
+        text = path.read_text(encoding="utf-8")
+        start, end = "<!-- settings:start -->\n", "\n<!-- settings:end -->"
+        head, _, rest = text.partition(start)
+        _, _, tail = rest.partition(end)
+        path.write_text(head + start + settings.markdown_table() + end + tail, encoding="utf-8")
+        return 0
     print(settings.markdown_table() if args.markdown else settings.table())
     return 0
 
@@ -120,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("settings", help="print the tunable settings")
     st.add_argument("--markdown", action="store_true")
+    st.add_argument("--update-readme", metavar="README", help="rewrite the table in README.md")
     st.set_defaults(func=cmd_settings)
     return p
 

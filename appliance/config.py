@@ -53,9 +53,13 @@ class ServerSection(_Strict):
 
 
 class AdminSection(_Strict):
-    # The admin plane listens on loopback only; over TCP it also wants this token.
+    # The admin plane listens on loopback only; over TCP it also wants this token. Without one
+    # configured, a random token is written to <data_dir>/admin.token (mode 0600) at start.
     token: str | None = None
-    socket: str | None = None
+    # Unix socket path (relative to the config file); "" disables it.
+    socket: str = "data/admin.sock"
+    # Loopback TCP port; 0 picks a free one, -1 disables TCP.
+    port: int = Field(8001, ge=-1, le=65535)
 
 
 class FileConfig(_Strict):
@@ -130,7 +134,7 @@ def parse(raw: Any, path: Path | None = None, env: Mapping[str, str] | None = No
     try:
         defaults = settings.validate(settings.flatten(file.defaults), where=f"{where}defaults.")
         overrides = {
-            name: settings.validate(settings.flatten(tree), where=f"{where}models.{name}.")
+            name: settings.validate(settings.flatten(tree), where=f"{where}models.{name}.", per_model=True)
             for name, tree in file.models.items()
         }
     except settings.SettingError as exc:
@@ -166,8 +170,12 @@ def load(path: Path | None, env: Mapping[str, str] | None = None) -> Config:
     return parse(raw, path.resolve(), env)
 
 
-def save_overrides(cfg: Config, overrides: Mapping[str, Mapping[str, settings.SettingValue]]) -> None:
-    """Persist per-model tunables into the config file atomically, keeping a backup.
+def save_settings(
+    cfg: Config,
+    defaults: Mapping[str, settings.SettingValue],
+    overrides: Mapping[str, Mapping[str, settings.SettingValue]],
+) -> None:
+    """Persist tunables (server-wide and per model) into the config file atomically, with a backup.
 
     PyYAML does not keep comments; the previous file stays next to it as ``.bak`` so an operator's
     comments are never lost silently (the README says so).
@@ -176,9 +184,14 @@ def save_overrides(cfg: Config, overrides: Mapping[str, Mapping[str, settings.Se
         return
     raw = yaml.safe_load(cfg.path.read_text(encoding="utf-8")) if cfg.path.exists() else {}
     raw = raw or {}
-    raw["models"] = {m: settings.nest(v) for m, v in sorted(overrides.items()) if v}
-    if not raw["models"]:
-        raw.pop("models")
+    for key, tree in (
+        ("defaults", settings.nest(defaults)),
+        ("models", {m: settings.nest(v) for m, v in sorted(overrides.items()) if v}),
+    ):
+        if tree:
+            raw[key] = tree
+        else:
+            raw.pop(key, None)
     text = yaml.safe_dump(raw, sort_keys=False, default_flow_style=False)
     atomic_write(cfg.path, text.encode("utf-8"), backup=True)
 

@@ -47,3 +47,7 @@ class EngineFailure(ApplianceError):
     status = 500
     type = "server_error"
     code = "engine_error"
+
+    def __init__(self, message: str, *, kind: str = "exception") -> None:
+        super().__init__(message)
+        self.kind = kind  # exception | timeout | oom: what the breaker counts

@@ -7,7 +7,7 @@ whatever the request sizes, and variable lengths can be grouped to waste little 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +23,7 @@ from appliance.batcher import (
     QueueFull,
     WouldMissDeadline,
 )
-from appliance.engines.base import Engine, EngineError
+from appliance.engines.base import Engine, EngineError, EngineOutOfMemory, EngineTimeout
 from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, Overloaded, Unavailable
 from appliance.models import RUNTIME_FACTORIES, ModelManager, ModelRuntime, batch_policy
 from appliance.repository import ModelEntry, ModelKind
@@ -74,11 +74,41 @@ async def submit_all(
     except AdmissionError as exc:
         raise admission_error(exc) from None
     except EngineError as exc:
-        raise EngineFailure(f"engine error: {exc}") from None
+        kind = (
+            "oom"
+            if isinstance(exc, EngineOutOfMemory)
+            else "timeout"
+            if isinstance(exc, EngineTimeout)
+            else "exception"
+        )
+        raise EngineFailure(f"engine {kind}: {exc}", kind=kind) from None
     finally:
         for t in tasks:
             if not t.done():
                 t.cancel()
+
+
+def engine_call(
+    mgr: ModelManager, name: str, executor: ThreadPoolExecutor, fn: Callable[[list[Any]], Any]
+) -> Callable[[list[Any]], Awaitable[Any]]:
+    """The batcher's ``execute``: run ``fn`` on the model's worker thread, bounded in time.
+
+    A hung engine thread cannot be killed; its batch fails with EngineTimeout so that callers get
+    an answer and the breaker sees the failures, while the thread is left to finish or hang.
+    """
+    loop = asyncio.get_running_loop()
+
+    async def execute(items: list[Any]) -> Any:
+        fut = loop.run_in_executor(executor, fn, items)
+        timeout_ms = float(mgr.tunables(name)["engine.timeout_ms"])
+        if timeout_ms <= 0:
+            return await fut
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout_ms / 1000)
+        except TimeoutError:
+            raise EngineTimeout(f"a batch of {len(items)} ran past {timeout_ms:.0f} ms") from None
+
+    return execute
 
 
 # -- embedding ---------------------------------------------------------------------------------
@@ -121,11 +151,7 @@ def _embedding_runtime(
     trunc = tok.truncation
     max_tokens = int(trunc["max_length"]) if trunc else 512
     rt = EmbeddingRuntime(engine, tok, max_tokens)
-    loop = asyncio.get_running_loop()
-
-    async def execute(items: list[np.ndarray]) -> list[np.ndarray]:
-        return await loop.run_in_executor(executor, rt.run_batch, items)
-
+    execute = engine_call(mgr, entry.name, executor, rt.run_batch)
     values = mgr.tunables(entry.name)
     batcher: Batcher[np.ndarray, np.ndarray] = Batcher(
         entry.name,
@@ -147,6 +173,16 @@ class EmbeddingService:
     def __init__(self, manager: ModelManager) -> None:
         self.manager = manager
 
+    async def dimensions(self, model: str) -> int:
+        return self._runtime_of(await self.manager.runtime(model), model).dim
+
+    @staticmethod
+    def _runtime_of(runtime: ModelRuntime, model: str) -> EmbeddingRuntime:
+        rt = runtime.extras.get("embedding")
+        if not isinstance(rt, EmbeddingRuntime):
+            raise InvalidRequest(f"The model '{model}' is not an embedding model", param="model")
+        return rt
+
     async def embed(
         self,
         model: str,
@@ -156,9 +192,7 @@ class EmbeddingService:
         timeout_ms: float | None = None,
     ) -> EmbeddingResult:
         runtime = await self.manager.runtime(model)
-        rt = runtime.extras.get("embedding")
-        if not isinstance(rt, EmbeddingRuntime):
-            raise InvalidRequest(f"The model '{model}' is not an embedding model", param="model")
+        rt = self._runtime_of(runtime, model)
         if not inputs:
             raise InvalidRequest("'input' must not be empty", param="input")
         if len(inputs) > MAX_EMBEDDING_INPUTS:
@@ -255,11 +289,7 @@ def _tensor_runtime(
     # A model batches when every input's first dimension is dynamic.
     batchable = all(s.shape and s.shape[0] is None for s in engine.inputs)
     rt = TensorRuntime(engine, batchable)
-    loop = asyncio.get_running_loop()
-
-    async def execute(items: list[TensorItem]) -> list[dict[str, np.ndarray] | BaseException]:
-        return await loop.run_in_executor(executor, rt.run_batch, items)
-
+    execute = engine_call(mgr, entry.name, executor, rt.run_batch)
     values = mgr.tunables(entry.name)
     batcher: Batcher[TensorItem, dict[str, np.ndarray]] = Batcher(
         entry.name,

@@ -156,7 +156,7 @@ def load_model_file(path: Path) -> ModelEntry:
     for section in TUNABLE_SECTIONS:
         flat.update(settings.flatten(getattr(spec, section), section + "."))
     try:
-        tunables = settings.validate(flat, where=where)
+        tunables = settings.validate(flat, where=where, per_model=True)
     except settings.SettingError as exc:
         raise RepositoryError(exc.detail) from None
     return ModelEntry(folder=path.parent, spec=spec, tunables=tunables)

@@ -38,6 +38,8 @@ class Setting:
     choices: tuple[str, ...] | None = None
     # Settings that only take effect when the model is loaded again (thread counts, say).
     reload: bool = False
+    # "model": per model (defaults, model.yaml, models.<name>); "server": one value, in defaults.
+    scope: str = "model"
 
     @property
     def section(self) -> str:
@@ -113,6 +115,7 @@ class Setting:
             "choices": list(self.choices) if self.choices else None,
             "help": self.help,
             "reload": self.reload,
+            "scope": self.scope,
         }
 
 
@@ -153,8 +156,13 @@ def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def validate(values: Mapping[str, Any], where: str = "") -> dict[str, SettingValue]:
-    """Validate a flat mapping of settings as a whole; every problem is reported at once."""
+def validate(
+    values: Mapping[str, Any], where: str = "", *, per_model: bool = False
+) -> dict[str, SettingValue]:
+    """Validate a flat mapping of settings as a whole; every problem is reported at once.
+
+    ``per_model`` refuses server-wide settings (a model cannot have its own cache file size).
+    """
     problems: list[str] = []
     clean: dict[str, SettingValue] = {}
     for name, value in values.items():
@@ -163,6 +171,9 @@ def validate(values: Mapping[str, Any], where: str = "") -> dict[str, SettingVal
             close = [n for n in REGISTRY if n.split(".")[-1] == name.split(".")[-1]]
             hint = f" (did you mean {close[0]}?)" if close else ""
             problems.append(f"{where}{name}: unknown setting{hint}")
+            continue
+        if per_model and setting.scope == "server":
+            problems.append(f"{where}{name}: a server-wide setting; set it under 'defaults'")
             continue
         try:
             clean[name] = setting.coerce(value)
@@ -196,11 +207,13 @@ def table(rows: Iterable[Setting] | None = None) -> str:
 
 def markdown_table() -> str:
     """The README's configuration reference is generated from (and checked against) this."""
-    out = ["| setting | type | default | bounds | reload | help |", "|---|---|---|---|---|---|"]
+    out = ["| setting | scope | type | default | bounds | help |", "|---|---|---|---|---|---|"]
     for s in REGISTRY.values():
+        when = "at restart" if s.scope == "server" else "when the model is next loaded"
+        note = f" (applies {when})" if s.reload else ""
         out.append(
-            f"| `{s.name}` | {s.describe()['type']} | `{_show(s.default)}` | {s.bounds()} | "
-            f"{'yes' if s.reload else ''} | {s.help} |"
+            f"| `{s.name}` | {s.scope} | {s.describe()['type']} | `{_show(s.default)}` | "
+            f"{s.bounds()} | {s.help}{note} |"
         )
     return "\n".join(out)
 

@@ -3,6 +3,9 @@ several servers in one test process never share counters."""
 
 from __future__ import annotations
 
+import time
+from collections import deque
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Seconds; from sub-millisecond cache hits to minute-long generations.
@@ -89,6 +92,34 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.breaker_state = Gauge(
+            "appliance_breaker_state",
+            "Breaker state: 0 closed, 1 open, 2 half-open, 3 forced open, 4 disabled.",
+            ["model"],
+            registry=r,
+        )
+        self.breaker_transitions = Counter(
+            "appliance_breaker_transitions",
+            "Breaker state changes.",
+            ["model", "from_state", "to_state"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "appliance_fallbacks",
+            "Answers not from the engine because it failed or its breaker was open, by kind.",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.cache_hits = Counter("appliance_cache_hits", "Fresh response-cache hits.", registry=r)
+        self.cache_misses = Counter("appliance_cache_misses", "Response-cache misses.", registry=r)
+        self.cache_stale_hits = Counter(
+            "appliance_cache_stale_hits", "Stale entries served as a fallback.", registry=r
+        )
+        self.cache_evictions = Counter(
+            "appliance_cache_evictions", "Entries evicted to stay under the size bound.", registry=r
+        )
+        self.cache_entries = Gauge("appliance_cache_entries", "Entries in the response cache.", registry=r)
+        self.cache_bytes = Gauge("appliance_cache_bytes", "Bytes in the response cache.", registry=r)
         self.model_load_duration = Histogram(
             "appliance_model_load_duration_seconds",
             "Time to load a model.",
@@ -96,3 +127,46 @@ class Metrics:
             buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
             registry=r,
         )
+
+
+class RollingStats:
+    """Per-model request rate and latency quantiles over a short window, for the admin snapshot.
+
+    Prometheus histograms answer "since start"; an operator watching the console wants "now", and
+    polling every second must stay cheap, so this keeps a bounded deque per model.
+    """
+
+    def __init__(self, window_s: float = 60.0, rate_window_s: float = 10.0, cap: int = 20_000) -> None:
+        self.window_s = window_s
+        self.rate_window_s = rate_window_s
+        self.cap = cap
+        self._events: dict[str, deque[tuple[float, float, int]]] = {}
+
+    def record(self, model: str, seconds: float, status: int, now: float | None = None) -> None:
+        q = self._events.setdefault(model, deque(maxlen=self.cap))
+        q.append((time.monotonic() if now is None else now, seconds, status))
+
+    def snapshot(self, now: float | None = None) -> dict[str, dict[str, float | int]]:
+        now = time.monotonic() if now is None else now
+        out: dict[str, dict[str, float | int]] = {}
+        for model, q in self._events.items():
+            while q and q[0][0] < now - self.window_s:
+                q.popleft()
+            recent = [e for e in q if e[0] >= now - self.rate_window_s]
+            ok = sorted(e[1] for e in q if e[2] < 400)
+            out[model] = {
+                "requests_per_s": len(recent) / self.rate_window_s,
+                "errors_per_s": sum(1 for e in recent if e[2] >= 500) / self.rate_window_s,
+                "rejected_per_s": sum(1 for e in recent if e[2] in (429, 503)) / self.rate_window_s,
+                "p50_ms": _quantile(ok, 0.50) * 1e3,
+                "p99_ms": _quantile(ok, 0.99) * 1e3,
+                "window_requests": len(q),
+            }
+        return out
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    idx = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[idx]

@@ -16,9 +16,9 @@ import pytest
 import yaml
 from aiohttp import web
 
-from appliance.api.app import create_app
 from appliance.builders.pull import pull
 from appliance.config import parse
+from appliance.server import Server
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ROOT / "engines"
@@ -38,8 +38,9 @@ class ServerThread:
     """
 
     def __init__(self, config: dict[str, Any], config_path: Path | None = None) -> None:
+        config = {"admin": {"port": 0}, **config}
         self.cfg = parse(config, config_path, env={})
-        self.app: web.Application | None = None
+        self.server: Server | None = None
         self.loop = asyncio.new_event_loop()
         self.port = 0
         self._started = threading.Event()
@@ -59,19 +60,26 @@ class ServerThread:
             self.error = exc
             self._started.set()
 
+    @property
+    def app(self) -> web.Application:
+        assert self.server is not None
+        return self.server.app
+
+    @property
+    def admin_url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.admin_port}"
+
     async def _serve(self) -> None:
-        self.app = create_app(self.cfg)
-        runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=5)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert server is not None and server.sockets  # type: ignore[union-attr]
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.cfg.server.port = 0
+        self.cfg.server.drain_timeout_s = 5
+        self.server = Server(self.cfg)
+        await self.server.start()
+        self.port = self.server.port
         self._stop = asyncio.Event()
         self._started.set()
         await self._stop.wait()
-        await runner.cleanup()
+        await self.server.stop()
 
     def start(self, wait_ready: bool = True, timeout: float = 120) -> ServerThread:
         self._thread.start()
@@ -170,7 +178,11 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerThread]]:
         wait_ready: bool = True,
     ) -> ServerThread:
         repo = make_repository(tmp_path, models, overrides)
-        cfg: dict[str, Any] = {"model_repository": str(repo), "data_dir": str(tmp_path / "data")}
+        cfg: dict[str, Any] = {
+            "model_repository": str(repo),
+            "data_dir": str(tmp_path / "data"),
+            "admin": {"port": 0, "socket": str(tmp_path / "data" / "admin.sock")},
+        }
         cfg.update(config or {})
         srv = ServerThread(cfg).start(wait_ready=wait_ready)
         servers.append(srv)

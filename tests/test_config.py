@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from appliance import settings
-from appliance.config import ConfigError, load, parse, save_overrides
+from appliance.config import ConfigError, load, parse, save_settings
 from appliance.repository import RepositoryError, load_model_file
 
 
@@ -83,7 +83,7 @@ def test_precedence_registry_then_defaults_then_model_then_operator(tmp_path: Pa
 def test_overrides_are_saved_atomically_with_a_backup(tmp_path: Path) -> None:
     path = write(tmp_path, "# operator's comment\nserver: {port: 9001}\n")
     cfg = load(path, env={})
-    save_overrides(cfg, {"m": {"batching.max_batch_size": 4}})
+    save_settings(cfg, cfg.defaults, {"m": {"batching.max_batch_size": 4}})
     again = load(path, env={})
     assert again.model_overrides == {"m": {"batching.max_batch_size": 4}}
     assert again.server.port == 9001
@@ -117,7 +117,7 @@ def test_shipped_config_and_models_are_valid() -> None:
 
 
 def test_readme_configuration_reference_matches_the_registry() -> None:
-    import appliance.inference  # noqa: F401  (registers every section)
+    import appliance.api.app  # noqa: F401  (registers every section)
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert settings.markdown_table() in readme, "regenerate with `appliance settings --markdown`"
+    assert settings.markdown_table() in readme, "run `appliance settings --update-readme README.md`"

@@ -6,17 +6,22 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from appliance.api import kserve, openai
 from appliance.api.common import (
+    ACTIONS,
     CONFIG,
     DRAINING,
     EMBEDDINGS,
+    EXTRA_STATS,
     MANAGER,
     METRICS,
+    RESILIENCE,
+    ROLLING,
     STARTED,
     TENSORS,
     BodyTooLarge,
@@ -27,7 +32,8 @@ from appliance.config import Config
 from appliance.errors import ApplianceError, InvalidRequest, ModelNotFound, Unavailable
 from appliance.inference import EmbeddingService, TensorService
 from appliance.models import ModelManager
-from appliance.telemetry import Metrics
+from appliance.resilience import Resilience
+from appliance.telemetry import Metrics, RollingStats
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -75,10 +81,13 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         return error_response(api, err)
     finally:
         if metered:
+            elapsed = time.perf_counter() - started
             metrics.inflight.labels(api).dec()
             model = request.get("model", model)
             metrics.requests.labels(model, api, str(status)).inc()
-            metrics.request_duration.labels(model, api).observe(time.perf_counter() - started)
+            metrics.request_duration.labels(model, api).observe(elapsed)
+            if model != "-":
+                request.app[ROLLING].record(model, elapsed, status)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -95,6 +104,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_view(request: web.Request) -> web.Response:
+    request.app[RESILIENCE].refresh_metrics()
     data = generate_latest(request.app[METRICS].registry)
     return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -102,6 +112,9 @@ async def metrics_view(request: web.Request) -> web.Response:
 async def _services(app: web.Application) -> AsyncIterator[None]:
     # Models load in the background so that /healthz answers and /readyz says 503 meanwhile.
     mgr = app[MANAGER]
+    cfg = app[CONFIG]
+    resilience = app[RESILIENCE]
+    await resilience.open_cache(cfg.data_dir / "cache.db", cfg.tunables_for("", {}))
     mgr.rescan()
     loading = asyncio.create_task(mgr.start())
     yield
@@ -110,6 +123,16 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         loading.cancel()
     await asyncio.gather(loading, return_exceptions=True)
     await mgr.close(drain=True)
+    await resilience.close()
+
+
+def _breaker_action(
+    resilience: Resilience, manager: ModelManager, verb: str
+) -> Callable[[str], Awaitable[dict[str, Any]]]:
+    async def act(model: str) -> dict[str, Any]:
+        return resilience.action(model, verb, manager.tunables(model))
+
+    return act
 
 
 def create_app(cfg: Config) -> web.Application:
@@ -123,6 +146,19 @@ def create_app(cfg: Config) -> web.Application:
     app[TENSORS] = TensorService(manager)
     app[STARTED] = time.time()
     app[DRAINING] = [False]
+    app[ROLLING] = RollingStats()
+    app[EXTRA_STATS] = {}
+    app[ACTIONS] = {}
+    resilience = Resilience(metrics)
+    app[RESILIENCE] = resilience
+    app[EXTRA_STATS]["cache"] = lambda: resilience.cache.stats() if resilience.cache else {"enabled": False}
+
+    async def purge(model: str | None) -> int:
+        return await resilience.cache.purge(model) if resilience.cache else 0
+
+    for verb in ("open", "close", "reset", "disable"):
+        app[ACTIONS][f"breaker:{verb}"] = _breaker_action(resilience, manager, verb)
+    app[ACTIONS]["cache:purge"] = purge
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -12,7 +13,8 @@ from appliance.config import Config
 from appliance.errors import ApplianceError, InvalidRequest
 from appliance.inference import EmbeddingService, TensorService
 from appliance.models import ModelManager
-from appliance.telemetry import Metrics
+from appliance.resilience import SOURCE_HEADER, Compute, Default, Resilience
+from appliance.telemetry import Metrics, RollingStats
 
 CONFIG = web.AppKey("config", Config)
 MANAGER = web.AppKey("manager", ModelManager)
@@ -21,6 +23,12 @@ EMBEDDINGS = web.AppKey("embeddings", EmbeddingService)
 TENSORS = web.AppKey("tensors", TensorService)
 STARTED = web.AppKey("started", float)
 DRAINING = web.AppKey("draining", list)  # one-element list: a mutable flag shared by handlers
+ROLLING = web.AppKey("rolling", RollingStats)
+RESILIENCE = web.AppKey("resilience", Resilience)
+# Optional parts register here as they are enabled: name -> () -> JSON-able (cache, memory, gpu),
+# and admin actions "breaker:<verb>" / "cache:purge" -> async callables.
+EXTRA_STATS = web.AppKey("extra_stats", dict)
+ACTIONS = web.AppKey("actions", dict)
 
 OPENAI, KSERVE, OTHER = "openai", "kserve", "other"
 
@@ -80,6 +88,54 @@ def priority_of(request: web.Request, body_value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequest("'priority' must be an integer", param="priority")
     return value
+
+
+def cache_policy(request: web.Request) -> tuple[bool, bool]:
+    """(read, write) from ``Cache-Control``: ``no-cache`` skips reading, ``no-store`` writing."""
+    directives = {d.strip().lower() for d in request.headers.get("Cache-Control", "").split(",")}
+    return "no-cache" not in directives, "no-store" not in directives
+
+
+async def guarded(
+    request: web.Request,
+    model: str,
+    compute: Compute,
+    *,
+    canonical: dict[str, Any] | None,
+    blobs: list[bytes] | tuple[bytes, ...] = (),
+    default: Default | None = None,
+    headers: Callable[[bytes, str], dict[str, str]] | None = None,
+    priority: int | None = None,
+) -> web.Response:
+    """Run ``compute`` behind the model's breaker and the response cache (see resilience.py).
+
+    The priority is checked first: a bad request is a 400 even when the cache could answer it.
+    """
+    mgr = request.app[MANAGER]
+    runtime = await mgr.runtime(model)
+    if priority is not None:
+        levels = int(mgr.tunables(model)["queue.priority_levels"])
+        if not 1 <= priority <= levels:
+            raise InvalidRequest(
+                f"priority must be an integer from 1 to {levels}, got {priority}", param="priority"
+            )
+    read, write = cache_policy(request)
+    answer = await request.app[RESILIENCE].answer(
+        model,
+        runtime.identity,
+        mgr.tunables(model),
+        compute,
+        canonical=canonical,
+        blobs=blobs,
+        read_cache=read,
+        write_cache=write,
+        default=default,
+    )
+    extra = headers(answer.body, answer.content_type) if headers else {}
+    return web.Response(
+        body=answer.body,
+        headers={"Content-Type": answer.content_type, SOURCE_HEADER: answer.source, **extra},
+    )
 
 
 def timeout_ms_of(request: web.Request) -> float | None:

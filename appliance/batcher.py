@@ -1,0 +1,468 @@
+"""Per-model priority dynamic batcher with admission control.
+
+Modelled on Triton's dynamic batcher (max and preferred batch sizes, queue delay, priority levels,
+per-level queue bounds, timeout override rules), with three deliberate differences: an invalid
+priority is refused rather than remapped, a request that cannot meet its deadline is refused on
+arrival, and an expired request is answered by its own timer instead of when the running batch ends.
+No HTTP and no metrics library here: the server connects a ``BatcherObserver``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import math
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Generic, Protocol, TypeGuard, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+REJECT_REASONS = ("queue_full", "deadline", "would_miss_deadline", "cancelled", "closed")
+DEFAULT_SERVICE_RATE = 100.0  # items/s assumed before any batch has completed; only feeds retry hints
+_EWMA_ALPHA = 0.2
+_LENGTH_WINDOW = 4  # length grouping scans this many batches' worth of queue, bounding cost and unfairness
+
+
+class AdmissionError(Exception):
+    """Base of every refusal; ``reason`` is a stable label, ``retry_after_s`` a hint for Retry-After."""
+
+    reason = "admission"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, priority: int | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.priority = priority
+
+
+class InvalidPriority(AdmissionError, ValueError):
+    reason = "invalid_priority"
+
+
+class QueueFull(AdmissionError):
+    reason = "queue_full"
+
+
+class DeadlineExceeded(AdmissionError):
+    reason = "deadline"
+
+
+class WouldMissDeadline(AdmissionError):
+    reason = "would_miss_deadline"
+
+
+class BatcherClosed(AdmissionError):
+    reason = "closed"
+
+
+class BatcherObserver(Protocol):
+    """Metrics hooks. Called on the event loop; must be cheap and must not raise."""
+
+    def on_batch(self, size: int, queue_wait_s: Sequence[float], compute_s: float) -> None:
+        return None
+
+    def on_reject(self, priority: int, reason: str) -> None:
+        return None
+
+    def on_queue_depth(self, priority: int, depth: int) -> None:
+        return None
+
+
+class NullObserver(BatcherObserver):
+    pass
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_ms(value: object) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf
+
+
+@dataclass
+class BatchPolicy:
+    """Batching and admission settings. Mutable so they can change live; see ``Batcher.update_policy``."""
+
+    max_batch_size: int = 8
+    max_queue_delay_ms: float = 0.0
+    preferred_batch_sizes: list[int] = field(default_factory=list)
+    priority_levels: int = 1
+    default_priority: int = 1
+    max_queue_size: int | list[int] = 0  # per level; 0 = unbounded; one int applies to every level
+    default_timeout_ms: float = 0.0  # 0 = no deadline
+    allow_timeout_override: bool = True
+    aging_ms: float = 0.0  # 0 = strict priority
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def check(ok: bool, name: str, expected: str) -> None:
+            if not ok:
+                raise ValueError(f"BatchPolicy.{name} must be {expected}, got {getattr(self, name)!r}")
+
+        check(_is_int(self.max_batch_size) and self.max_batch_size >= 1, "max_batch_size", "an integer >= 1")
+        check(_is_ms(self.max_queue_delay_ms), "max_queue_delay_ms", "a number >= 0")
+        check(
+            isinstance(self.preferred_batch_sizes, list)
+            and all(_is_int(p) and 1 <= p <= self.max_batch_size for p in self.preferred_batch_sizes),
+            "preferred_batch_sizes",
+            f"a list of integers from 1 to max_batch_size ({self.max_batch_size})",
+        )
+        n = self.priority_levels
+        check(_is_int(n) and n >= 1, "priority_levels", "an integer >= 1")
+        check(
+            _is_int(self.default_priority) and 1 <= self.default_priority <= n,
+            "default_priority",
+            f"an integer from 1 to priority_levels ({n})",
+        )
+        m = self.max_queue_size
+        check(
+            (_is_int(m) and m >= 0)
+            or (isinstance(m, list) and len(m) == n and all(_is_int(x) and x >= 0 for x in m)),
+            "max_queue_size",
+            f"an integer >= 0 or a list of {n} such integers (0 = unbounded)",
+        )
+        check(_is_ms(self.default_timeout_ms), "default_timeout_ms", "a number >= 0 (0 = no deadline)")
+        check(isinstance(self.allow_timeout_override, bool), "allow_timeout_override", "a bool")
+        check(_is_ms(self.aging_ms), "aging_ms", "a number >= 0 (0 = strict priority)")
+
+    def queue_limit(self, priority: int) -> int:
+        m = self.max_queue_size
+        return m if isinstance(m, int) else m[priority - 1]
+
+    def effective_timeout_ms(self, requested: float | None) -> float:
+        """Triton's rule: an override may only shorten the default, unless the default is 0 (none)."""
+        if requested is not None and not (_is_ms(requested) and requested > 0):
+            raise ValueError(f"timeout_ms must be a positive number of milliseconds, got {requested!r}")
+        default = self.default_timeout_ms
+        if requested is None or not self.allow_timeout_override:
+            return default
+        return requested if default == 0 else min(requested, default)
+
+    def batch_size(self, queued: int) -> tuple[int, bool]:
+        """Size to dispatch for ``queued`` waiting items, and whether that size is worth not waiting for."""
+        if queued >= self.max_batch_size:
+            return self.max_batch_size, True
+        fits = [p for p in self.preferred_batch_sizes if p <= queued]
+        return (max(fits), True) if fits else (queued, False)
+
+
+@dataclass(eq=False)  # identity equality: requests are dict keys
+class _Request(Generic[T, R]):
+    item: T
+    priority: int
+    seq: int
+    arrival: float
+    length: int
+    future: asyncio.Future[R]
+    timer: asyncio.TimerHandle | None = None
+
+
+class Batcher(Generic[T, R]):
+    """Queues items per priority level and runs them through ``execute`` in dynamic batches."""
+
+    def __init__(
+        self,
+        name: str,
+        policy: BatchPolicy,
+        execute: Callable[[list[T]], Awaitable[Sequence[R | BaseException]]],
+        *,
+        instances: int = 1,
+        length: Callable[[T], int] | None = None,
+        observer: BatcherObserver | None = None,
+    ) -> None:
+        if not _is_int(instances) or instances < 1:
+            raise ValueError(f"instances must be an integer >= 1, got {instances!r}")
+        self.name = name
+        self.policy = policy
+        self.instances = instances  # may be changed live; takes effect at the next dispatch
+        self.observer: BatcherObserver = observer or NullObserver()
+        self._execute = execute
+        self._length = length
+        # OrderedDict: FIFO iteration plus O(1) removal for cancellations and expiries.
+        self._queues: list[OrderedDict[_Request[T, R], None]] = []
+        self._relevel(policy.priority_levels)
+        self._seq = itertools.count()
+        self._starts: dict[int, float] = {}  # running batch id -> dispatch time
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._pump_pending = False
+        self._hold: asyncio.TimerHandle | None = None
+        self._rate: float | None = None  # EWMA items/s of one instance
+        self._batch_s: float | None = None  # EWMA seconds per batch
+        self._recent: deque[int] = deque(maxlen=64)
+        self._rejections = dict.fromkeys(REJECT_REASONS, 0)
+        self._completed = 0
+        self._dropped = 0
+
+    # ---- public API -------------------------------------------------------------------------
+
+    async def submit(self, item: T, *, priority: int | None = None, timeout_ms: float | None = None) -> R:
+        policy = self.policy
+        self._relevel(policy.priority_levels)
+        level = policy.default_priority if priority is None else priority
+        if not _is_int(level) or not 1 <= level <= policy.priority_levels:
+            raise InvalidPriority(
+                f"priority must be an integer from 1 to {policy.priority_levels}, got {priority!r}"
+            )
+        timeout_s = policy.effective_timeout_ms(timeout_ms) / 1000
+        if self._closed:
+            raise self._refuse(BatcherClosed(f"batcher {self.name!r} is closed", priority=level))
+        queue = self._queues[level - 1]
+        limit = policy.queue_limit(level)
+        if limit and len(queue) >= limit:
+            wait = max(self._predicted_wait(level, self._rate or DEFAULT_SERVICE_RATE), 0.001)
+            msg = f"queue for priority {level} of {self.name!r} is full ({limit} waiting)"
+            raise self._refuse(QueueFull(msg, retry_after_s=wait, priority=level))
+        # Without observations any prediction is a guess, and refusing on a guess is worse than trying.
+        if timeout_s and self._rate is not None:
+            wait = self._predicted_wait(level, self._rate)
+            if wait > timeout_s:
+                msg = f"predicted wait {wait * 1000:.0f} ms exceeds the {timeout_s * 1000:.0f} ms timeout"
+                raise self._refuse(WouldMissDeadline(msg, retry_after_s=wait - timeout_s, priority=level))
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        req: _Request[T, R] = _Request(
+            item, level, next(self._seq), now, self._length(item) if self._length else 0, loop.create_future()
+        )
+        if timeout_s:
+            req.timer = loop.call_at(now + timeout_s, self._expire, req)
+        queue[req] = None
+        self.observer.on_queue_depth(level, len(queue))
+        # Deferred one loop turn so that requests arriving together share a batch, at no added latency.
+        if not self._pump_pending:
+            self._pump_pending = True
+            loop.call_soon(self._pump)
+        try:
+            return await req.future
+        except asyncio.CancelledError:
+            # Client went away. Still queued: withdraw it. Already running: the result is dropped later.
+            if self._discard(req):
+                self._count(req.priority, "cancelled")
+            raise
+
+    def update_policy(self, **changes: Any) -> None:
+        """Validate and apply setting changes in place (the policy object may be shared with config)."""
+        replace(self.policy, **changes)  # validates the combination before anything changes
+        for name, value in changes.items():
+            setattr(self.policy, name, value)
+        self._relevel(self.policy.priority_levels)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # configured before the loop runs: the first submit pumps
+            return
+        self._pump()  # e.g. a larger max_batch_size may make a held batch ready
+
+    async def close(self, drain: bool = True) -> None:
+        """Stop accepting; run the queue to empty (drain) or fail it with BatcherClosed; await running."""
+        self._closed = True
+        if self._hold is not None:
+            self._hold.cancel()
+            self._hold = None
+        if not drain:
+            for queue in self._queues:
+                for req in list(queue):
+                    self._discard(req)
+                    if not req.future.done():
+                        self._count(req.priority, "closed")
+                        req.future.set_exception(BatcherClosed(f"batcher {self.name!r} closed"))
+        self._pump()  # closing ends any wait for a fuller batch
+        while pending := [t for t in self._tasks if not t.done()]:
+            await asyncio.wait(pending)
+
+    async def stop(self) -> None:
+        await self.close(drain=False)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "closed": self._closed,
+            "queue_depth": {i + 1: len(q) for i, q in enumerate(self._queues)},
+            "running_batches": len(self._starts),
+            "instances": self.instances,
+            "service_rate": None if self._rate is None else self._rate * self.instances,
+            "batch_seconds": self._batch_s,
+            "recent_batch_sizes": list(self._recent),
+            "rejections": dict(self._rejections),
+            "completed": self._completed,
+            "dropped_results": self._dropped,
+        }
+
+    # ---- admission --------------------------------------------------------------------------
+
+    def _refuse(self, error: AdmissionError) -> AdmissionError:
+        self._count(error.priority or 0, error.reason)
+        return error
+
+    def _count(self, priority: int, reason: str) -> None:
+        self._rejections[reason] += 1
+        self.observer.on_reject(priority, reason)
+
+    def _predicted_wait(self, level: int, rate: float) -> float:
+        ahead = sum(len(q) for q in self._queues[:level])
+        remaining = 0.0
+        if len(self._starts) >= self.instances and self._batch_s is not None:
+            soonest = min(self._starts.values()) + self._batch_s
+            remaining = max(0.0, soonest - asyncio.get_running_loop().time())
+        return ahead / (rate * self.instances) + remaining
+
+    def _expire(self, req: _Request[T, R]) -> None:
+        req.timer = None
+        if req.future.done():  # cancelled: submit's handler withdraws and counts it
+            return
+        if self._discard(req):
+            self._count(req.priority, "deadline")
+            waited = asyncio.get_running_loop().time() - req.arrival
+            req.future.set_exception(
+                DeadlineExceeded(f"timed out after {waited * 1000:.0f} ms in queue", priority=req.priority)
+            )
+
+    def _discard(self, req: _Request[T, R]) -> bool:
+        queue = self._queues[req.priority - 1]
+        if req not in queue:
+            return False
+        del queue[req]
+        if req.timer is not None:
+            req.timer.cancel()
+            req.timer = None
+        self.observer.on_queue_depth(req.priority, len(queue))
+        return True
+
+    def _relevel(self, levels: int) -> None:
+        """Resize the per-level queues; requests on a removed level join the new lowest level."""
+        if len(self._queues) == levels:
+            return
+        waiting = sorted((r for q in self._queues for r in q), key=lambda r: r.seq)
+        self._queues = [OrderedDict() for _ in range(levels)]
+        for req in waiting:
+            req.priority = min(req.priority, levels)
+            self._queues[req.priority - 1][req] = None
+
+    # ---- dispatch ---------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        self._pump_pending = False
+        self._relevel(self.policy.priority_levels)
+        loop = asyncio.get_running_loop()
+        while len(self._starts) < self.instances and (queued := sum(map(len, self._queues))):
+            size, ready = self.policy.batch_size(queued)
+            # Idle: go now (no added latency). Busy: a partial batch may wait for company, bounded.
+            if self._starts and not ready and not self._closed:
+                oldest = min(next(iter(q)).arrival for q in self._queues if q)
+                due = oldest + self.policy.max_queue_delay_ms / 1000
+                if loop.time() < due:
+                    if self._hold is None or self._hold.when() > due:
+                        if self._hold is not None:
+                            self._hold.cancel()
+                        self._hold = loop.call_at(due, self._on_hold)
+                    return
+            batch = self._take(size, loop.time())
+            if batch:
+                self._launch(batch, loop)
+
+    def _on_hold(self) -> None:
+        self._hold = None
+        self._pump()
+
+    def _effective(self, req: _Request[T, R], now: float) -> int:
+        aging = self.policy.aging_ms
+        return req.priority if not aging else max(1, req.priority - int((now - req.arrival) * 1000 // aging))
+
+    def _take(self, size: int, now: float) -> list[_Request[T, R]]:
+        dead: list[_Request[T, R]] = []
+
+        def live(queue: OrderedDict[_Request[T, R], None]) -> Iterator[tuple[int, int, _Request[T, R]]]:
+            for req in queue:
+                if req.future.done():  # cancelled this loop turn; submit's handler has not run yet
+                    dead.append(req)
+                else:
+                    yield self._effective(req, now), req.seq, req
+
+        # Aging keeps each level ordered by (effective priority, arrival), so a k-way merge is exact.
+        window = size * _LENGTH_WINDOW if self._length else size
+        ranked = list(itertools.islice(heapq.merge(*map(live, self._queues)), window))
+        for req in dead:
+            if self._discard(req):
+                self._count(req.priority, "cancelled")
+        if not self._length or len(ranked) <= size:
+            chosen = [req for _, _, req in ranked[:size]]
+        else:
+            # The head is fixed; each level is exhausted before the next, taking closest lengths first.
+            head = ranked[0][2]
+            chosen = [head]
+            for _, group in itertools.groupby(ranked[1:], key=lambda c: c[0]):
+                room = size - len(chosen)
+                members = [req for _, _, req in group]
+                if len(members) > room:
+                    members = sorted(members, key=lambda r: abs(r.length - head.length))[:room]
+                chosen.extend(members)
+                if len(chosen) == size:
+                    break
+        for req in chosen:
+            self._discard(req)
+        return chosen
+
+    def _launch(self, batch: list[_Request[T, R]], loop: asyncio.AbstractEventLoop) -> None:
+        bid = next(self._seq)
+        self._starts[bid] = loop.time()
+        work: Awaitable[Sequence[R | BaseException]] | BaseException
+        try:
+            # Called now rather than inside the task so an engine can start work without a loop turn.
+            work = self._execute([r.item for r in batch])
+        except Exception as exc:
+            work = exc
+        task = loop.create_task(self._run(bid, batch, work), name=f"batch:{self.name}:{bid}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(
+        self,
+        bid: int,
+        batch: list[_Request[T, R]],
+        work: Awaitable[Sequence[R | BaseException]] | BaseException,
+    ) -> None:
+        n = len(batch)
+        outcome: Sequence[R | BaseException] = [BatcherClosed(f"batch of {self.name!r} was cancelled")] * n
+        ok = False
+        try:
+            if isinstance(work, BaseException):
+                raise work
+            results = await work
+            if len(results) != n:
+                raise RuntimeError(f"execute returned {len(results)} results for a batch of {n}")
+            outcome, ok = results, True
+        except Exception as exc:  # the whole batch failed; nothing else is affected
+            outcome = [exc] * n
+        finally:
+            self._complete(bid, batch, outcome, ok)
+        self._pump()  # not on cancellation: the loop is shutting down
+
+    def _complete(
+        self, bid: int, batch: list[_Request[T, R]], outcome: Sequence[R | BaseException], ok: bool
+    ) -> None:
+        start = self._starts.pop(bid)
+        compute_s = asyncio.get_running_loop().time() - start
+        for req, result in zip(batch, outcome, strict=True):
+            if req.future.done():  # client cancelled while its batch ran
+                self._dropped += 1
+            elif isinstance(result, BaseException):
+                req.future.set_exception(result)
+            else:
+                req.future.set_result(result)
+        self._completed += len(batch)
+        self._recent.append(len(batch))
+        if ok:  # a failing engine is fast; letting it raise the service rate would admit too much
+            sample = len(batch) / max(compute_s, 1e-6)
+            self._rate = sample if self._rate is None else self._rate + _EWMA_ALPHA * (sample - self._rate)
+            b = self._batch_s
+            self._batch_s = compute_s if b is None else b + _EWMA_ALPHA * (compute_s - b)
+        self.observer.on_batch(len(batch), [start - r.arrival for r in batch], compute_s)

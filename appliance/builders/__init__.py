@@ -1,0 +1,1 @@
+"""Offline builders that turn model checkpoints into engine artefacts (ONNX graph + tokenizer)."""

@@ -1,0 +1,549 @@
+"""SQLite response cache: the breaker's fallback and a plain response cache.
+
+Threading model (``reliability-anchors.md`` §3.3): ONE writer thread owns the only write
+connection and applies queued puts, hit bookkeeping, purges, expiry and LRU eviction in batched
+transactions; reads run on a small thread pool, one read-only connection per thread (WAL lets
+them read while the writer writes). The event loop never waits on a write.
+
+Durability of an acknowledged entry (``flush()`` / ``put_and_wait()`` returned True):
+
+* ``synchronous="NORMAL"`` (default): WAL without a sync per commit. Survives a crash or SIGKILL of
+  the process, but the last commits may be lost on power loss or a kernel crash. The file is never
+  corrupted either way. Right for a cache: a lost entry is only a miss.
+* ``synchronous="FULL"``: the WAL is fsynced on every commit, so an acknowledged entry also
+  survives power loss (as far as the disk honours flushes). Costs one fsync per writer batch.
+
+Any SQLite or OS error (disk full, EFBIG, I/O error, corruption found at run time) switches the
+cache off with one warning: ``get()`` then returns None, ``put()`` does nothing, serving goes on.
+It stays off until the process restarts and ``open()`` checks the file again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_EVICT_TO = 0.9  # evict down to 90 % of max_bytes, so eviction scans run once per 10 % of turnover
+_BATCH_MAX = 256  # ops per writer transaction (group commit amortises FULL's fsync)
+_IDLE_TICK_S = 1.0  # the writer wakes this often to write buffered hit times
+_SWEEP_EVERY_S = 60.0
+_WAL_MAGIC = (0x377F0682, 0x377F0683)
+_BUSY_CODES = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: a reader that waited 5 s just misses
+
+CacheEventHook = Callable[[str, int], None]
+
+
+def cache_key(model_identity: str, request: Mapping[str, Any], blobs: Sequence[bytes] = ()) -> str:
+    """Hex SHA-256 of the model identity, the canonical JSON of ``request`` and ``blobs``.
+
+    ``model_identity`` must change whenever the answer could (model name + digest of its
+    artefacts). Canonical JSON = sorted keys, no whitespace, so dict order does not matter.
+    Canonicalisation is JSON-level on purpose: ``1`` and ``1.0`` give different keys. A spurious
+    miss is harmless, a wrong hit is not. Every part is length-prefixed, so no two different
+    inputs concatenate to the same bytes. Raises TypeError for values JSON cannot encode; pass
+    binary inputs (images, tensors) as ``blobs``.
+    """
+    canonical = json.dumps(
+        request, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+    digest = hashlib.sha256()
+    for part in (model_identity.encode(), canonical.encode(), *blobs):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheHit:
+    value: bytes
+    content_type: str
+    model: str
+    age_s: float
+    fresh: bool  # False: older than ttl_s but within max_stale_s (fallback use only)
+
+
+@dataclass(slots=True)
+class _Op:
+    kind: str  # put | flush | purge | expire | stop
+    future: Future[Any] | None = None
+    key: str = ""
+    model: str | None = None
+    value: bytes = b""
+    content_type: str = ""
+    created_at: float = 0.0
+
+
+# What each op's future gets when its work was not done (cache off or failed).
+_FAILED = {"put": False, "flush": False, "stop": False, "purge": 0, "expire": 0}
+
+
+class ResponseCache:
+    """Size-bounded (LRU) TTL cache of responses in one SQLite file. See the module docstring."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_bytes: int,
+        ttl_s: float,
+        max_stale_s: float,
+        synchronous: str = "NORMAL",
+        reader_threads: int = 2,
+        max_pending_bytes: int = 64 << 20,
+        clock: Callable[[], float] = time.time,
+        on_event: CacheEventHook | None = None,
+    ) -> None:
+        """``on_event(event, count)`` gets hit, stale, miss (on the event loop) and eviction,
+        expired, disabled (on the writer thread): feed thread-safe counters, never block.
+        """
+        if synchronous.upper() not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be NORMAL or FULL, got {synchronous!r}")
+        if max_bytes <= 0 or ttl_s <= 0 or max_stale_s < 0 or reader_threads < 1:
+            raise ValueError("need max_bytes > 0, ttl_s > 0, max_stale_s >= 0, reader_threads >= 1")
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.ttl_s = ttl_s
+        self.max_stale_s = max_stale_s
+        self.synchronous = synchronous.upper()
+        self._reader_threads = reader_threads
+        self._max_pending_bytes = max_pending_bytes
+        self._clock = clock  # wall clock: ages must survive restarts, so monotonic will not do
+        self._on_event = on_event
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+        self._enabled = False
+        self._closed = False
+        self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
+        self._pending_bytes = 0
+        self._touches: dict[str, float] = {}
+        self._entries = 0
+        self._bytes = 0
+        self._writer: threading.Thread | None = None
+        self._wconn: sqlite3.Connection | None = None
+        self._readers: ThreadPoolExecutor | None = None
+        self._reader_local = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Check the file, set it up and start the writer. Blocking: integrity_check reads every page.
+
+        Never raises for a bad or unwritable file: a corrupt one is moved aside and replaced, and
+        if even a fresh one cannot be created the cache stays off (logged).
+        """
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._quarantine_bad_files()
+            self._wconn = self._setup_writer()
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("response cache %s unavailable, serving without it: %s", self.path, exc)
+            return
+        self._enabled = True
+        self._readers = ThreadPoolExecutor(self._reader_threads, thread_name_prefix="cache-read")
+        self._writer = threading.Thread(target=self._writer_loop, name="cache-writer", daemon=True)
+        self._writer.start()
+
+    def _quarantine_bad_files(self) -> None:
+        wal = Path(f"{self.path}-wal")
+        if wal.exists() and wal.stat().st_size > 0 and not _wal_header_ok(wal):
+            # SQLite would silently ignore it; keep it for forensics, but out of the way.
+            self._move_aside([wal], "the -wal file has no valid WAL header", "keeping the database")
+        if not self.path.exists():
+            return
+        problem = None
+        try:
+            conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
+            try:
+                rows = conn.execute("PRAGMA integrity_check").fetchall()
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+            finally:
+                conn.close()
+            if rows != [("ok",)]:
+                problem = "integrity_check: " + "; ".join(str(r[0]) for r in rows[:5])
+            elif version not in (0, SCHEMA_VERSION):
+                problem = f"schema version {version}, expected {SCHEMA_VERSION}"
+        except sqlite3.DatabaseError as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem:
+            self._move_aside([self.path, wal], problem, "starting an empty cache")
+
+    def _move_aside(self, files: list[Path], problem: str, outcome: str) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while aside.exists() or Path(f"{aside}-wal").exists():
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+            n += 1
+        for f in files:
+            if f.exists():
+                # db and -wal keep their pairing, so sqlite3 on the aside file replays its WAL.
+                os.replace(f, Path(str(f).replace(str(self.path), str(aside), 1)))
+        Path(f"{self.path}-shm").unlink(missing_ok=True)  # volatile index, rebuilt on open
+        log.warning(
+            "response cache %s failed its start-up check (%s): moved aside to %s, %s",
+            self.path,
+            problem,
+            aside,
+            outcome,
+        )
+
+    def _setup_writer(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=5.0, check_same_thread=False, isolation_level=None)
+        try:
+            db = sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
+            db.enable_wal()
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            conn.execute("PRAGMA journal_size_limit=67108864")  # cap the -wal left after a checkpoint
+            table = db.table("entries")
+            table.create(
+                {
+                    "key": str,
+                    "model": str,
+                    "content_type": str,
+                    "value": bytes,
+                    "size": int,
+                    "created_at": float,
+                    "last_access": float,
+                },
+                pk="key",
+                not_null=["model", "content_type", "value", "size", "created_at", "last_access"],
+                if_not_exists=True,
+            )
+            for column in ("last_access", "created_at", "model"):
+                table.create_index([column], if_not_exists=True)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._entries, self._bytes = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries"
+            ).fetchone()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def close(self) -> None:
+        """Stop reads, commit everything queued, checkpoint and stop the writer thread."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        if self._readers is not None:
+            # Readers go first so the writer is the last connection and can truncate the WAL.
+            await loop.run_in_executor(None, self._readers.shutdown)
+            for conn in self._reader_conns:
+                conn.close()
+        if self._writer is not None:
+            future: Future[Any] = Future()
+            self._queue.put(_Op("stop", future))
+            await asyncio.wrap_future(future)
+            await loop.run_in_executor(None, self._writer.join)
+
+    async def __aenter__(self) -> ResponseCache:
+        self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled and not self._closed
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def get(self, key: str) -> CacheHit | None:
+        """Fresh or stale hit, or None (miss, expired, or cache off). Never raises for I/O errors."""
+        if not self.enabled or self._readers is None:
+            return None
+        try:
+            row = await asyncio.get_running_loop().run_in_executor(self._readers, self._read, key)
+        except (sqlite3.Error, OSError) as exc:
+            if getattr(exc, "sqlite_errorcode", None) in _BUSY_CODES:
+                self._count("miss")
+            else:
+                self._fail("read", exc)
+            return None
+        except RuntimeError:  # executor shut down by a concurrent close()
+            return None
+        now = self._clock()
+        if row is None:
+            self._count("miss")
+            return None
+        value, content_type, model, created_at = row
+        age = max(0.0, now - created_at)  # a wall clock stepped backwards must not make ages negative
+        if age > self.ttl_s + self.max_stale_s:
+            self._count("miss")  # the writer's sweep deletes it
+            return None
+        fresh = age <= self.ttl_s
+        with self._lock:
+            self._touches[key] = now  # written by the writer in its next batch: reads stay reads
+        self._count("hit" if fresh else "stale")
+        return CacheHit(bytes(value), content_type, model, age, fresh)
+
+    def _read(self, key: str) -> tuple[bytes, str, str, float] | None:
+        conn: sqlite3.Connection | None = getattr(self._reader_local, "conn", None)
+        if conn is None:
+            uri = self.path.resolve().as_uri() + "?mode=ro"
+            conn = sqlite3.connect(uri, uri=True, timeout=5.0, check_same_thread=False, isolation_level=None)
+            self._reader_local.conn = conn
+            with self._lock:
+                self._reader_conns.append(conn)
+        # Autocommit: the read transaction ends with the statement, so no reader pins the WAL.
+        row = conn.execute(
+            "SELECT value, content_type, model, created_at FROM entries WHERE key = ?", (key,)
+        ).fetchone()
+        return None if row is None else (row[0], row[1], row[2], row[3])
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def put(self, key: str, model: str, value: bytes, content_type: str) -> None:
+        """Queue an entry for the writer and return at once (thread-safe, never blocks)."""
+        self._enqueue(_Op("put", None, key, model, bytes(value), content_type, self._clock()))
+
+    async def put_and_wait(self, key: str, model: str, value: bytes, content_type: str) -> bool:
+        """Queue an entry and wait until it is committed; True = durable as the module docstring says."""
+        future: Future[Any] = Future()
+        if not self._enqueue(_Op("put", future, key, model, bytes(value), content_type, self._clock())):
+            return False
+        return bool(await asyncio.wrap_future(future))
+
+    async def flush(self) -> bool:
+        """Wait until everything queued before this call is committed. False if the cache is off."""
+        return bool(await self._request("flush"))
+
+    async def purge(self, model: str | None = None) -> int:
+        """Delete every entry, or those of one model; returns how many were deleted."""
+        return int(await self._request("purge", model))
+
+    async def expire(self) -> int:
+        """Delete entries older than ttl_s + max_stale_s now (the writer also does it every minute)."""
+        return int(await self._request("expire"))
+
+    async def _request(self, kind: str, model: str | None = None) -> Any:
+        if not self.enabled:
+            return _FAILED[kind]
+        future: Future[Any] = Future()
+        self._queue.put(_Op(kind, future, model=model))
+        return await asyncio.wrap_future(future)
+
+    def _enqueue(self, op: _Op) -> bool:
+        if not self.enabled:
+            return False
+        size = _entry_size(op)
+        with self._lock:
+            # A response bigger than the whole cache would evict everything; a writer that fell
+            # behind (slow disk under FULL) must not grow memory without bound: drop, count.
+            if size > self.max_bytes or self._pending_bytes + size > self._max_pending_bytes:
+                self._counts["dropped"] += 1
+                return False
+            self._pending_bytes += size
+        self._queue.put(op)
+        return True
+
+    # -- the writer thread -------------------------------------------------------------------
+
+    def _writer_loop(self) -> None:
+        next_sweep = 0.0
+        while True:
+            batch: list[_Op] = []
+            try:
+                batch.append(self._queue.get(timeout=_IDLE_TICK_S))
+                while len(batch) < _BATCH_MAX:
+                    batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                pass
+            sweep = time.monotonic() >= next_sweep
+            if sweep:
+                next_sweep = time.monotonic() + _SWEEP_EVERY_S
+            try:
+                results = self._apply(batch, sweep)
+            except Exception as exc:  # a bug must not kill the thread and strand every waiter
+                log.exception("response cache writer failed")
+                self._fail("write", exc)
+                results = [_FAILED[op.kind] for op in batch]
+            stopping = any(op.kind == "stop" for op in batch)
+            if stopping:
+                self._shutdown_writer()
+                # A put that raced close() would otherwise wait forever.
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        late = self._queue.get_nowait()
+                        batch.append(late)
+                        results.append(_FAILED[late.kind])
+            for op, result in zip(batch, results, strict=True):
+                if op.future is not None:
+                    op.future.set_result(result)
+            if stopping:
+                return
+
+    def _apply(self, batch: list[_Op], sweep: bool) -> list[Any]:
+        """Run one batch in one transaction; returns each op's result. Never raises."""
+        with self._lock:
+            touches, self._touches = self._touches, {}
+            self._pending_bytes -= sum(_entry_size(op) for op in batch if op.kind == "put")
+        conn = self._wconn
+        if conn is None or not self._enabled:
+            return [_FAILED[op.kind] for op in batch]
+        if not batch and not touches and not sweep:
+            return []
+        results: list[Any] = []
+        entries, size = self._entries, self._bytes
+        evicted = expired = 0
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in batch:
+                if op.kind == "put":
+                    old = conn.execute(
+                        "DELETE FROM entries WHERE key = ? RETURNING size", (op.key,)
+                    ).fetchall()
+                    n = _entry_size(op)
+                    conn.execute(
+                        "INSERT INTO entries (key, model, content_type, value, size, created_at, last_access)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (op.key, op.model, op.content_type, op.value, n, op.created_at, op.created_at),
+                    )
+                    entries += 1 - len(old)
+                    size += n - sum(r[0] for r in old)
+                    results.append(True)
+                elif op.kind in ("purge", "expire"):
+                    if op.kind == "expire":
+                        gone = _delete_expired(conn, self._clock() - self.ttl_s - self.max_stale_s)
+                        expired += len(gone)
+                    elif op.model is None:
+                        gone = conn.execute("DELETE FROM entries RETURNING size").fetchall()
+                    else:
+                        gone = conn.execute(
+                            "DELETE FROM entries WHERE model = ? RETURNING size", (op.model,)
+                        ).fetchall()
+                    entries -= len(gone)
+                    size -= sum(r[0] for r in gone)
+                    results.append(len(gone))
+                else:  # flush, stop: done when the commit below is
+                    results.append(True)
+            if touches:
+                conn.executemany(
+                    "UPDATE entries SET last_access = MAX(last_access, ?) WHERE key = ?",
+                    [(t, k) for k, t in touches.items()],
+                )
+            if sweep:
+                gone = _delete_expired(conn, self._clock() - self.ttl_s - self.max_stale_s)
+                expired += len(gone)
+                entries -= len(gone)
+                size -= sum(r[0] for r in gone)
+            if size > self.max_bytes:
+                gone = conn.execute(
+                    "DELETE FROM entries WHERE key IN (SELECT key FROM (SELECT key,"
+                    " SUM(size) OVER (ORDER BY last_access DESC, rowid DESC) AS kept FROM entries)"
+                    " WHERE kept > ?) RETURNING size",
+                    (int(self.max_bytes * _EVICT_TO),),
+                ).fetchall()
+                evicted = len(gone)
+                entries -= len(gone)
+                size -= sum(r[0] for r in gone)
+            conn.execute("COMMIT")
+        except (sqlite3.Error, OSError) as exc:
+            with contextlib.suppress(sqlite3.Error):  # a failed COMMIT may have ended it already
+                conn.execute("ROLLBACK")
+            self._fail("write", exc)
+            return [_FAILED[op.kind] for op in batch]
+        self._entries, self._bytes = entries, size
+        if evicted:
+            self._count("eviction", evicted)
+        if expired:
+            self._count("expired", expired)
+        return results
+
+    def _shutdown_writer(self) -> None:
+        conn, self._wconn = self._wconn, None
+        if conn is None:
+            return
+        try:
+            if self._enabled:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning("response cache %s: final checkpoint failed: %s", self.path, exc)
+        finally:
+            conn.close()
+
+    # -- failure and bookkeeping -------------------------------------------------------------
+
+    def _fail(self, where: str, exc: BaseException) -> None:
+        with self._lock:
+            self._counts[f"{where}_errors"] += 1
+            if not self._enabled:
+                return
+            self._enabled = False
+        log.warning(
+            "response cache %s switched OFF after a %s error (%s: %s); serving continues without it",
+            self.path,
+            where,
+            type(exc).__name__,
+            exc,
+        )
+        self._emit("disabled", 1)
+
+    def _count(self, event: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[event] += n
+        self._emit(event, n)
+
+    def _emit(self, event: str, n: int) -> None:
+        if self._on_event is not None:
+            try:
+                self._on_event(event, n)
+            except Exception:
+                log.exception("response cache event hook failed")
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for metrics. ``hits`` are fresh hits; ``stale_hits`` are counted apart."""
+        with self._lock:
+            c = self._counts
+            return {
+                "enabled": self.enabled,
+                "entries": self._entries,
+                "bytes": self._bytes,
+                "max_bytes": self.max_bytes,
+                "hits": c["hit"],
+                "stale_hits": c["stale"],
+                "misses": c["miss"],
+                "evictions": c["eviction"],
+                "expired": c["expired"],
+                "dropped": c["dropped"],
+                "write_errors": c["write_errors"],
+                "read_errors": c["read_errors"],
+                "pending_bytes": self._pending_bytes,
+            }
+
+
+def _entry_size(op: _Op) -> int:
+    # Payload bytes only; SQLite's page overhead is not counted (a few % for large responses).
+    return len(op.value) + len(op.key) + len(op.model or "") + len(op.content_type)
+
+
+def _delete_expired(conn: sqlite3.Connection, cutoff: float) -> list[Any]:
+    return conn.execute("DELETE FROM entries WHERE created_at < ? RETURNING size", (cutoff,)).fetchall()
+
+
+def _wal_header_ok(wal: Path) -> bool:
+    with wal.open("rb") as f:
+        header = f.read(32)
+    return len(header) == 32 and int.from_bytes(header[:4], "big") in _WAL_MAGIC

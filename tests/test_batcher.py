@@ -1,0 +1,444 @@
+"""Specification of the priority dynamic batcher, run against a fake engine that records batches."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from appliance.batcher import (
+    AdmissionError,
+    Batcher,
+    BatcherClosed,
+    BatchPolicy,
+    DeadlineExceeded,
+    InvalidPriority,
+    QueueFull,
+    WouldMissDeadline,
+)
+
+
+class Boom(Exception):
+    pass
+
+
+class FakeEngine:
+    """Records every batch; each batch takes ``seconds`` and, while ``gate`` is clear, waits for it.
+
+    Items that are exceptions come back as that item's error; anything else comes back as ("ok", item).
+    """
+
+    def __init__(self, seconds: float = 0.0, *, gated: bool = False) -> None:
+        self.seconds = seconds
+        self.batches: list[list[Any]] = []
+        self.gate = asyncio.Event()
+        if not gated:
+            self.gate.set()
+
+    async def __call__(self, items: list[Any]) -> Sequence[Any]:
+        self.batches.append(list(items))
+        await self.gate.wait()
+        await asyncio.sleep(self.seconds)
+        return [item if isinstance(item, BaseException) else ("ok", item) for item in items]
+
+
+async def until(predicate: Any, timeout: float = 1.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.001)
+
+
+def submit(batcher: Batcher[Any, Any], item: Any, **kw: Any) -> asyncio.Task[Any]:
+    return asyncio.ensure_future(batcher.submit(item, **kw))
+
+
+async def blocked(policy: BatchPolicy, **kw: Any) -> tuple[Batcher[Any, Any], FakeEngine, asyncio.Task[Any]]:
+    """A batcher whose only instance is busy with a "blocker" batch until ``engine.gate`` is set."""
+    engine = FakeEngine(gated=True)
+    batcher: Batcher[Any, Any] = Batcher("m", policy, engine, **kw)
+    blocker = submit(batcher, "blocker")
+    await until(lambda: engine.batches)
+    return batcher, engine, blocker
+
+
+# ---- policy -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"max_batch_size": 0}, "max_batch_size"),
+        ({"max_queue_delay_ms": -1}, "max_queue_delay_ms"),
+        ({"max_batch_size": 4, "preferred_batch_sizes": [2, 8]}, "preferred_batch_sizes"),
+        ({"priority_levels": 0}, "priority_levels"),
+        ({"priority_levels": 2, "default_priority": 3}, "default_priority"),
+        ({"priority_levels": 2, "max_queue_size": [1]}, "max_queue_size"),
+        ({"default_timeout_ms": -5}, "default_timeout_ms"),
+        ({"aging_ms": float("nan")}, "aging_ms"),
+    ],
+)
+def test_policy_validation_names_the_field(kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValueError, match=f"BatchPolicy.{field} must be"):
+        BatchPolicy(**kwargs)
+
+
+def test_timeout_override_may_only_shorten_a_nonzero_default() -> None:
+    assert BatchPolicy(default_timeout_ms=100).effective_timeout_ms(50) == 50
+    assert BatchPolicy(default_timeout_ms=100).effective_timeout_ms(500) == 100
+    assert BatchPolicy(default_timeout_ms=0).effective_timeout_ms(500) == 500
+    assert BatchPolicy(default_timeout_ms=100).effective_timeout_ms(None) == 100
+    no_override = BatchPolicy(default_timeout_ms=100, allow_timeout_override=False)
+    assert no_override.effective_timeout_ms(10) == 100
+    with pytest.raises(ValueError, match="timeout_ms must be a positive"):
+        BatchPolicy().effective_timeout_ms(0)
+
+
+# ---- dispatch ---------------------------------------------------------------------------------
+
+
+async def test_idle_batcher_dispatches_at_once() -> None:
+    engine = FakeEngine()
+    batcher: Batcher[Any, Any] = Batcher("m", BatchPolicy(max_queue_delay_ms=1000), engine)
+    start = time.monotonic()
+    assert await batcher.submit(1) == ("ok", 1)
+    assert time.monotonic() - start < 0.02
+    assert engine.batches == [[1]]
+
+
+async def test_requests_accumulate_while_busy_then_go_together() -> None:
+    batcher, engine, blocker = await blocked(BatchPolicy(max_batch_size=8))
+    tasks = [submit(batcher, i) for i in range(5)]
+    await asyncio.sleep(0.01)
+    assert engine.batches == [["blocker"]]
+    engine.gate.set()
+    assert await asyncio.gather(*tasks) == [("ok", i) for i in range(5)]
+    assert engine.batches == [["blocker"], [0, 1, 2, 3, 4]]
+    await blocker
+
+
+async def test_batches_never_exceed_max_and_prefer_the_largest_preferred_size() -> None:
+    policy = BatchPolicy(max_batch_size=4, preferred_batch_sizes=[2])
+    batcher, engine, _ = await blocked(policy)
+    tasks = [submit(batcher, i) for i in range(7)]
+    await asyncio.sleep(0)
+    engine.gate.set()
+    await asyncio.gather(*tasks)
+    # 7 queued -> a full batch of 4; 3 left -> preferred 2; the last one goes alone once idle.
+    assert engine.batches[1:] == [[0, 1, 2, 3], [4, 5], [6]]
+
+
+async def test_strict_priority_first_then_fifo_within_a_level() -> None:
+    policy = BatchPolicy(max_batch_size=2, priority_levels=3, default_priority=2)
+    batcher, engine, _ = await blocked(policy)
+    order = [("a", 3), ("b", 2), ("c", 1), ("d", 3), ("e", 1), ("f", 2)]
+    tasks = [submit(batcher, name, priority=p) for name, p in order]
+    await asyncio.sleep(0)
+    engine.gate.set()
+    await asyncio.gather(*tasks)
+    assert engine.batches[1:] == [["c", "e"], ["b", "f"], ["a", "d"]]
+
+
+async def test_partial_batch_waits_for_queue_delay_only_while_another_instance_is_busy() -> None:
+    engine = FakeEngine(gated=True)
+    batcher: Batcher[Any, Any] = Batcher(
+        "m", BatchPolicy(max_batch_size=4, max_queue_delay_ms=40), engine, instances=2
+    )
+    submit(batcher, "blocker")
+    await until(lambda: engine.batches)
+    start = time.monotonic()
+    first = submit(batcher, 1)
+    await asyncio.sleep(0.01)
+    second = submit(batcher, 2)
+    await until(lambda: len(engine.batches) == 2)
+    waited = time.monotonic() - start
+    assert 0.035 <= waited < 0.1
+    assert engine.batches[1] == [1, 2]
+    engine.gate.set()
+    await asyncio.gather(first, second)
+
+
+async def test_length_grouping_fills_with_the_closest_lengths_without_crossing_levels() -> None:
+    policy = BatchPolicy(max_batch_size=3, priority_levels=2)
+    engine = FakeEngine(gated=True)
+    batcher: Batcher[Any, Any] = Batcher("m", policy, engine, length=len)
+    submit(batcher, "blocker")
+    await until(lambda: engine.batches)
+    items = [("x" * 10, 1), ("x" * 90, 1), ("x" * 11, 2), ("x" * 88, 1), ("x" * 12, 1), ("x" * 9, 2)]
+    tasks = [submit(batcher, s, priority=p) for s, p in items]
+    await asyncio.sleep(0)
+    engine.gate.set()
+    await asyncio.gather(*tasks)
+    lengths = [[len(s) for s in batch] for batch in engine.batches[1:]]
+    # Head 10 takes its closest same-level peers (12, then 88 over 90); level 2 never jumps level 1.
+    assert lengths == [[10, 12, 88], [90, 11, 9]]
+
+
+async def test_raising_max_batch_size_live_takes_effect_for_the_next_batch() -> None:
+    batcher, engine, _ = await blocked(BatchPolicy(max_batch_size=2))
+    tasks = [submit(batcher, i) for i in range(6)]
+    await asyncio.sleep(0)
+    batcher.update_policy(max_batch_size=6)
+    engine.gate.set()
+    await asyncio.gather(*tasks)
+    assert engine.batches[1:] == [[0, 1, 2, 3, 4, 5]]
+    with pytest.raises(ValueError, match="max_batch_size"):
+        batcher.update_policy(max_batch_size=0)
+    assert batcher.policy.max_batch_size == 6
+
+
+# ---- admission --------------------------------------------------------------------------------
+
+
+async def test_invalid_priority_is_refused_not_remapped() -> None:
+    batcher: Batcher[Any, Any] = Batcher("m", BatchPolicy(priority_levels=3), FakeEngine())
+    for bad in (0, 4, True, 1.5):
+        with pytest.raises(InvalidPriority, match=f"priority must be an integer from 1 to 3, got {bad!r}"):
+            await batcher.submit("x", priority=bad)
+    assert issubclass(InvalidPriority, ValueError)
+
+
+async def test_full_level_is_refused_at_once_with_a_positive_retry_after() -> None:
+    policy = BatchPolicy(priority_levels=2, max_queue_size=[0, 2])
+    batcher, engine, _ = await blocked(policy)
+    tasks = [submit(batcher, i, priority=2) for i in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(QueueFull) as refused:
+        await batcher.submit("late", priority=2)
+    assert refused.value.priority == 2 and refused.value.reason == "queue_full"
+    assert refused.value.retry_after_s is not None and refused.value.retry_after_s > 0
+    urgent = submit(batcher, "urgent", priority=1)  # level 1 is unbounded, so still admitted
+    engine.gate.set()
+    await asyncio.gather(*tasks, urgent)
+    assert batcher.snapshot()["rejections"]["queue_full"] == 1
+
+
+async def test_expired_request_is_answered_while_a_long_batch_runs() -> None:
+    batcher, engine, _ = await blocked(BatchPolicy(default_timeout_ms=50))
+    start = time.monotonic()
+    with pytest.raises(DeadlineExceeded) as expired:
+        await batcher.submit("waits")
+    assert 0.045 <= time.monotonic() - start < 0.07
+    assert isinstance(expired.value, AdmissionError) and expired.value.reason == "deadline"
+    engine.gate.set()
+    await asyncio.sleep(0.01)
+    assert ["waits"] not in engine.batches
+    assert batcher.snapshot()["queue_depth"] == {1: 0}
+
+
+async def test_request_that_would_miss_its_deadline_is_refused_on_arrival() -> None:
+    engine = FakeEngine(seconds=0.05)
+    batcher: Batcher[Any, Any] = Batcher("m", BatchPolicy(max_batch_size=1), engine)
+    await batcher.submit("warm-up")  # one observation: about 20 items/s, 50 ms a batch
+    tasks = [submit(batcher, i) for i in range(4)]
+    await until(lambda: len(engine.batches) == 2)
+    with pytest.raises(WouldMissDeadline) as refused:
+        await batcher.submit("hurry", timeout_ms=60)
+    assert refused.value.retry_after_s is not None and refused.value.retry_after_s > 0.05
+    assert await batcher.submit("patient", timeout_ms=1000) == ("ok", "patient")
+    await asyncio.gather(*tasks)
+
+
+async def test_aging_lets_low_priority_through_a_steady_high_priority_load() -> None:
+    async def low_priority_latency(aging_ms: float) -> float | None:
+        engine = FakeEngine(seconds=0.005)
+        policy = BatchPolicy(max_batch_size=1, priority_levels=2, aging_ms=aging_ms)
+        batcher: Batcher[Any, Any] = Batcher("m", policy, engine)
+        flood: list[asyncio.Task[Any]] = []
+        low: asyncio.Task[Any] | None = None
+        start = time.monotonic()
+        while time.monotonic() - start < 0.15 and not (low and low.done()):
+            if batcher.snapshot()["queue_depth"][1] < 3:  # the high level never runs dry
+                flood.append(submit(batcher, "hi", priority=1))
+            if low is None and time.monotonic() - start > 0.02:
+                low, low_start = submit(batcher, "lo", priority=2), time.monotonic()
+            await asyncio.sleep(0.001)
+        assert low is not None
+        latency = time.monotonic() - low_start if low.done() else None
+        await asyncio.gather(low, *flood)
+        return latency
+
+    assert await low_priority_latency(aging_ms=0) is None  # strict priority starves it
+    # Promoted after 20 ms, it then waits only for the high items that arrived before it.
+    latency = await low_priority_latency(aging_ms=20)
+    assert latency is not None and latency < 0.08
+
+
+async def test_cancelled_while_queued_is_withdrawn_and_never_executed() -> None:
+    depths: list[tuple[int, int]] = []
+    rejects: list[tuple[int, str]] = []
+
+    class Observer:
+        def on_batch(self, size: int, queue_wait_s: Sequence[float], compute_s: float) -> None:
+            pass
+
+        def on_reject(self, priority: int, reason: str) -> None:
+            rejects.append((priority, reason))
+
+        def on_queue_depth(self, priority: int, depth: int) -> None:
+            depths.append((priority, depth))
+
+    batcher, engine, _ = await blocked(BatchPolicy(), observer=Observer())
+    keep, gone = submit(batcher, "keep"), submit(batcher, "gone")
+    await asyncio.sleep(0)
+    gone.cancel()
+    await asyncio.sleep(0)
+    assert batcher.snapshot()["queue_depth"] == {1: 1}
+    engine.gate.set()
+    assert await keep == ("ok", "keep")
+    assert all("gone" not in batch for batch in engine.batches)
+    assert rejects == [(1, "cancelled")]
+    assert depths[-1] == (1, 0)
+
+
+async def test_cancelled_while_running_lets_the_batch_finish_and_drops_the_result() -> None:
+    batcher, engine, blocker = await blocked(BatchPolicy())
+    blocker.cancel()
+    engine.gate.set()
+    assert await batcher.submit("next") == ("ok", "next")
+    assert batcher.snapshot()["dropped_results"] == 1
+
+
+async def test_an_item_error_fails_only_that_item() -> None:
+    batcher, engine, _ = await blocked(BatchPolicy())
+    bad = Boom("bad input")
+    tasks = [submit(batcher, 1), submit(batcher, bad), submit(batcher, 3)]
+    await asyncio.sleep(0)
+    engine.gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert results == [("ok", 1), bad, ("ok", 3)]
+
+
+async def test_execute_raising_fails_only_its_batch() -> None:
+    calls: list[list[str]] = []
+
+    async def flaky(items: list[str]) -> list[str]:
+        calls.append(items)
+        await asyncio.sleep(0.005)
+        if "poison" in items:
+            raise Boom("engine fell over")
+        return items
+
+    batcher: Batcher[str, str] = Batcher("m", BatchPolicy(max_batch_size=2), flaky)
+    first = submit(batcher, "poison")
+    await asyncio.sleep(0)
+    rest = [submit(batcher, s) for s in ("x", "y", "z")]
+    with pytest.raises(Boom, match="engine fell over"):
+        await first
+    assert await asyncio.gather(*rest) == ["x", "y", "z"]
+    assert calls == [["poison"], ["x", "y"], ["z"]]
+
+
+async def test_close_with_drain_finishes_queued_work_and_refuses_new() -> None:
+    batcher, engine, blocker = await blocked(BatchPolicy())
+    queued = [submit(batcher, i) for i in range(3)]
+    await asyncio.sleep(0)
+    closing = asyncio.ensure_future(batcher.close(drain=True))
+    await asyncio.sleep(0)
+    with pytest.raises(BatcherClosed):
+        await batcher.submit("late")
+    engine.gate.set()
+    await closing
+    assert await asyncio.gather(blocker, *queued) == [("ok", "blocker")] + [("ok", i) for i in range(3)]
+
+
+async def test_close_without_drain_fails_queued_work_but_finishes_the_running_batch() -> None:
+    batcher, engine, blocker = await blocked(BatchPolicy())
+    queued = [submit(batcher, i) for i in range(3)]
+    await asyncio.sleep(0)
+    closing = asyncio.ensure_future(batcher.stop())
+    await asyncio.sleep(0)
+    engine.gate.set()
+    await closing
+    assert await blocker == ("ok", "blocker")
+    for task in queued:
+        with pytest.raises(BatcherClosed):
+            await task
+    assert engine.batches == [["blocker"]]
+    assert batcher.snapshot()["rejections"]["closed"] == 3
+
+
+# ---- properties -------------------------------------------------------------------------------
+
+arrivals = st.lists(
+    st.tuples(
+        st.integers(1, 3),  # priority
+        st.sampled_from([0.0, 0.0, 0.001, 0.002]),  # pause before this arrival (s)
+        st.one_of(st.none(), st.sampled_from([0.0, 0.001, 0.003])),  # cancel after (s)
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    arrivals=arrivals,
+    max_batch=st.integers(1, 4),
+    instances=st.integers(1, 2),
+    delay_ms=st.sampled_from([0.0, 2.0]),
+    engine_s=st.sampled_from([0.0, 0.001, 0.003]),
+)
+def test_every_item_completes_once_and_batches_respect_size_and_priority(
+    arrivals: list[tuple[int, float, float | None]],
+    max_batch: int,
+    instances: int,
+    delay_ms: float,
+    engine_s: float,
+) -> None:
+    queued: dict[int, int] = {}  # what the test believes is waiting: item -> priority
+    executed: list[int] = []
+
+    def execute(items: list[tuple[int, int]]) -> asyncio.Future[list[Any]]:
+        # Plain function: the batcher calls it at batch formation, so ``queued`` is what it chose from.
+        assert 1 <= len(items) <= max_batch
+        for item, _ in items:
+            del queued[item]
+        executed.extend(item for item, _ in items)
+        worst = max(p for _, p in items)
+        for item, p in queued.items():
+            assert p >= worst, "a lower level was batched while a higher one waited"
+            if p == worst:
+                assert all(item > i for i, q in items if q == p), "FIFO within a level broken"
+        return asyncio.ensure_future(asyncio.sleep(engine_s, result=[("ok", i) for i in items]))
+
+    async def scenario() -> None:
+        policy = BatchPolicy(max_batch_size=max_batch, max_queue_delay_ms=delay_ms, priority_levels=3)
+        batcher: Batcher[Any, Any] = Batcher("m", policy, execute, instances=instances)
+
+        async def client(i: int, p: int) -> Any:
+            queued[i] = p  # submit enqueues before its first suspension, so this stays exact
+            return await batcher.submit((i, p), priority=p)
+
+        async def cancel_later(task: asyncio.Task[Any], i: int, after: float) -> None:
+            await asyncio.sleep(after)
+            if not task.done():
+                task.cancel()
+                queued.pop(i, None)
+
+        tasks, cancellers = [], []
+        for i, (p, pause, cancel_after) in enumerate(arrivals):
+            if pause:
+                await asyncio.sleep(pause)
+            tasks.append(asyncio.ensure_future(client(i, p)))
+            if cancel_after is not None:
+                cancellers.append(asyncio.ensure_future(cancel_later(tasks[-1], i, cancel_after)))
+        await asyncio.wait_for(asyncio.gather(*cancellers), 2)
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 2)
+        await batcher.close()
+
+        assert len(executed) == len(set(executed))
+        for i, ((p, _, _), result) in enumerate(zip(arrivals, results, strict=True)):
+            if isinstance(result, asyncio.CancelledError):
+                assert arrivals[i][2] is not None
+            else:
+                assert result == ("ok", (i, p)) and i in executed
+        snap = batcher.snapshot()
+        assert snap["queue_depth"] == {1: 0, 2: 0, 3: 0} and snap["running_batches"] == 0
+
+    asyncio.run(scenario())

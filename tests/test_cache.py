@@ -1,0 +1,426 @@
+"""Specification of the SQLite response cache (appliance.cache), on real files under tmp_path."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.cache import CacheHit, ResponseCache, cache_key
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(tmp_path: Path, clock: FakeClock | None = None, **kw: Any) -> ResponseCache:
+    opts: dict[str, Any] = {"max_bytes": 1 << 20, "ttl_s": 60.0, "max_stale_s": 600.0}
+    opts.update(kw)
+    if clock is not None:
+        opts["clock"] = clock
+    cache = ResponseCache(tmp_path / "cache.db", **opts)
+    cache.open()
+    return cache
+
+
+def run_child(script: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def integrity(path: Path) -> str:
+    conn = sqlite3.connect(path)
+    try:
+        return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+    finally:
+        conn.close()
+
+
+# -- keys ------------------------------------------------------------------------------------
+
+BASE = {"prompt": "hi", "max_tokens": 16, "temperature": 0.0, "stop": ["\n"], "opts": {"a": 1, "b": 2}}
+
+
+def test_key_ignores_dict_order_at_every_level() -> None:
+    shuffled = {
+        "opts": {"b": 2, "a": 1},
+        "stop": ["\n"],
+        "temperature": 0.0,
+        "max_tokens": 16,
+        "prompt": "hi",
+    }
+    assert cache_key("m@1", BASE) == cache_key("m@1", shuffled)
+    assert len(cache_key("m@1", BASE)) == 64
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"prompt": "hi "},
+        {"max_tokens": 17},
+        {"temperature": 0.1},
+        {"temperature": 0},  # JSON-level canonical form: 0 and 0.0 differ (a miss, never a wrong hit)
+        {"stop": ["\n", "."]},
+        {"opts": {"a": 1, "b": 3}},
+        {"opts": {"a": 1}},
+        {"seed": 1},
+    ],
+)
+def test_any_parameter_change_changes_the_key(change: dict[str, Any]) -> None:
+    assert cache_key("m@1", BASE) != cache_key("m@1", {**BASE, **change})
+
+
+def test_model_identity_and_blobs_are_part_of_the_key() -> None:
+    key = cache_key("m@sha-1", BASE, [b"ab", b"c"])
+    assert key != cache_key("m@sha-2", BASE, [b"ab", b"c"])  # same model, new artefacts
+    assert key != cache_key("m@sha-1", BASE, [b"a", b"bc"])  # blob boundaries matter
+    assert key != cache_key("m@sha-1", BASE, [b"ab", b"d"])
+    assert key != cache_key("m@sha-1", BASE)
+    assert key == cache_key("m@sha-1", dict(reversed(list(BASE.items()))), (b"ab", b"c"))
+
+
+def test_key_rejects_values_json_cannot_encode() -> None:
+    with pytest.raises(TypeError):
+        cache_key("m", {"image": b"raw"})  # binary goes in blobs
+    with pytest.raises(ValueError):
+        cache_key("m", {"temperature": float("nan")})
+
+
+# -- basic behaviour -------------------------------------------------------------------------
+
+
+async def test_put_flush_get_roundtrip(tmp_path: Path) -> None:
+    clock = FakeClock()
+    cache = make(tmp_path, clock)
+    assert await cache.get("k") is None
+    cache.put("k", "gpt", b'{"answer": 42}', "application/json")
+    assert await cache.flush() is True
+    clock.now += 2.5
+    assert await cache.get("k") == CacheHit(b'{"answer": 42}', "application/json", "gpt", 2.5, True)
+    assert await cache.put_and_wait("k", "gpt", b"v2", "text/plain") is True  # replace, not add
+    stats = cache.stats()
+    assert (stats["entries"], stats["hits"], stats["misses"], stats["enabled"]) == (1, 1, 1, True)
+    assert stats["bytes"] == len("k") + len("gpt") + len(b"v2") + len("text/plain")
+    await cache.close()
+    assert cache.stats()["enabled"] is False
+    cache.put("after", "gpt", b"v", "text/plain")  # closed: a silent no-op
+    assert await cache.flush() is False
+    assert await cache.get("k") is None
+
+
+async def test_close_commits_queued_puts_and_a_reopen_finds_them(tmp_path: Path) -> None:
+    cache = make(tmp_path)
+    for i in range(50):
+        cache.put(f"k{i}", "m", b"v%d" % i, "text/plain")
+    await cache.close()
+    assert (
+        not Path(f"{tmp_path / 'cache.db'}-wal").exists()
+        or os.path.getsize(f"{tmp_path / 'cache.db'}-wal") == 0
+    )
+    async with ResponseCache(tmp_path / "cache.db", max_bytes=1 << 20, ttl_s=60, max_stale_s=0) as again:
+        hit = await again.get("k49")
+        assert hit is not None and hit.value == b"v49"
+        assert again.stats()["entries"] == 50
+
+
+async def test_ttl_fresh_then_stale_then_gone(tmp_path: Path) -> None:
+    clock = FakeClock()
+    events: list[tuple[str, int]] = []
+    cache = make(tmp_path, clock, ttl_s=10.0, max_stale_s=20.0, on_event=lambda e, n: events.append((e, n)))
+    await cache.put_and_wait("k", "m", b"v", "text/plain")
+    clock.now += 10.0
+    hit = await cache.get("k")
+    assert hit is not None and hit.fresh and hit.age_s == 10.0
+    clock.now += 0.5
+    hit = await cache.get("k")
+    assert hit is not None and not hit.fresh
+    clock.now += 19.5  # age 30 = ttl + max_stale: still served stale
+    assert (await cache.get("k")) is not None
+    clock.now += 0.5
+    assert await cache.get("k") is None
+    assert cache.stats()["entries"] == 1  # lazily expired: the row waits for a sweep
+    assert await cache.expire() == 1
+    stats = cache.stats()
+    assert (stats["entries"], stats["bytes"], stats["expired"]) == (0, 0, 1)
+    assert (stats["hits"], stats["stale_hits"], stats["misses"]) == (1, 2, 1)
+    assert [e for e, _ in events] == ["hit", "stale", "stale", "miss", "expired"]
+    await cache.close()
+
+
+async def test_a_backwards_clock_step_never_gives_a_negative_age(tmp_path: Path) -> None:
+    clock = FakeClock()
+    cache = make(tmp_path, clock)
+    await cache.put_and_wait("k", "m", b"v", "text/plain")
+    clock.now -= 3600
+    hit = await cache.get("k")
+    assert hit is not None and hit.age_s == 0.0 and hit.fresh
+    await cache.close()
+
+
+async def test_lru_eviction_by_bytes_keeps_recently_read_entries(tmp_path: Path) -> None:
+    clock = FakeClock()
+    # Each entry is 1 000 value bytes + 1 key + 1 model + 10 content-type = 1 012 bytes.
+    cache = make(tmp_path, clock, max_bytes=4000)
+    for key in "abc":
+        clock.now += 1
+        cache.put(key, "m", b"x" * 1000, "text/plain")
+    assert await cache.flush()
+    clock.now += 1
+    assert await cache.get("a") is not None  # a is now more recent than b and c
+    clock.now += 1
+    cache.put("d", "m", b"x" * 1000, "text/plain")  # 4 048 > 4 000: evict down to 90 %
+    assert await cache.flush()
+    assert await cache.get("b") is None
+    for key in "acd":
+        assert await cache.get(key) is not None, key
+    stats = cache.stats()
+    assert (stats["entries"], stats["evictions"]) == (3, 1)
+    assert stats["bytes"] <= 0.9 * 4000
+    await cache.close()
+
+
+async def test_an_entry_larger_than_the_whole_cache_is_not_stored(tmp_path: Path) -> None:
+    cache = make(tmp_path, max_bytes=1000)
+    cache.put("small", "m", b"x" * 10, "text/plain")
+    cache.put("huge", "m", b"x" * 5000, "text/plain")
+    assert await cache.flush()
+    assert await cache.get("huge") is None
+    assert await cache.get("small") is not None
+    assert cache.stats()["dropped"] == 1
+    await cache.close()
+
+
+async def test_purge_by_model_and_all(tmp_path: Path) -> None:
+    cache = make(tmp_path)
+    for i in range(3):
+        cache.put(f"a{i}", "alpha", b"v", "text/plain")
+    for i in range(2):
+        cache.put(f"b{i}", "beta", b"v", "text/plain")
+    assert await cache.purge("alpha") == 3
+    assert await cache.get("a0") is None
+    assert await cache.get("b0") is not None
+    assert await cache.purge("nope") == 0
+    assert await cache.purge() == 2
+    assert cache.stats()["entries"] == 0 and cache.stats()["bytes"] == 0
+    await cache.close()
+
+
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+async def test_synchronous_setting_is_applied(tmp_path: Path, synchronous: str) -> None:
+    cache = make(tmp_path, synchronous=synchronous.lower())
+    await cache.put_and_wait("k", "m", b"v", "text/plain")
+    conn = sqlite3.connect(tmp_path / "cache.db")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+    assert cache.synchronous == synchronous
+    await cache.close()
+    with pytest.raises(ValueError, match="synchronous"):
+        ResponseCache(tmp_path / "x.db", max_bytes=1, ttl_s=1, max_stale_s=0, synchronous="OFF")
+
+
+# -- damage and failure ----------------------------------------------------------------------
+
+
+def corrupt_header(path: Path) -> None:
+    with path.open("r+b") as f:
+        f.write(b"this is not an sqlite file")
+
+
+def corrupt_btree(path: Path) -> None:
+    with path.open("r+b") as f:  # page 2 onwards: table and index b-tree pages
+        f.seek(4096)
+        f.write(os.urandom(3 * 4096))
+
+
+@pytest.mark.parametrize("damage", [corrupt_header, corrupt_btree])
+async def test_corrupt_file_is_moved_aside_and_a_fresh_cache_works(
+    tmp_path: Path, damage: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = make(tmp_path)
+    for i in range(200):
+        cache.put(f"k{i}", "m", os.urandom(100), "application/octet-stream")
+    await cache.close()
+    db = tmp_path / "cache.db"
+    damage(db)
+    damaged = db.read_bytes()
+
+    with caplog.at_level(logging.WARNING, logger="appliance.cache"):
+        cache = make(tmp_path)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("cache.db.corrupt-")]
+    assert len(aside) == 1 and aside[0].read_bytes() == damaged  # kept intact for forensics
+    assert any("moved aside" in r.getMessage() and str(aside[0]) in r.getMessage() for r in caplog.records)
+    assert cache.stats()["entries"] == 0 and cache.enabled
+    assert await cache.put_and_wait("new", "m", b"v", "text/plain")
+    assert await cache.get("new") is not None
+    await cache.close()
+    assert integrity(db) == "ok"
+
+
+async def test_garbage_wal_is_moved_aside_and_the_database_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = make(tmp_path)
+    await cache.put_and_wait("k", "m", b"v", "text/plain")
+    await cache.close()
+    wal = Path(f"{tmp_path / 'cache.db'}-wal")
+    wal.write_bytes(os.urandom(8192))
+    with caplog.at_level(logging.WARNING, logger="appliance.cache"):
+        cache = make(tmp_path)
+    assert any("-wal file" in r.getMessage() for r in caplog.records)
+    aside = [p.name for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+    assert len(aside) == 1 and aside[0].endswith("-wal")
+    assert await cache.get("k") is not None  # the committed entry survived
+    await cache.close()
+
+
+async def test_reader_io_error_switches_the_cache_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = make(tmp_path)
+    await cache.put_and_wait("k", "m", b"v", "text/plain")
+
+    def broken_connect(*_: object, **__: object) -> sqlite3.Connection:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    # Readers connect lazily on their first get(), so this stands in for an I/O error there.
+    monkeypatch.setattr(sqlite3, "connect", broken_connect)
+    with caplog.at_level(logging.WARNING, logger="appliance.cache"):
+        assert await cache.get("k") is None
+        assert await cache.get("k") is None
+    monkeypatch.undo()
+    cache.put("k2", "m", b"v", "text/plain")  # a no-op now
+    assert await cache.flush() is False
+    stats = cache.stats()
+    assert (stats["enabled"], stats["read_errors"]) == (False, 1)
+    assert sum("switched OFF" in r.getMessage() for r in caplog.records) == 1
+    await cache.close()
+
+
+DISK_FULL_CHILD = r"""
+import asyncio, json, logging, os, resource, signal, sys
+from pathlib import Path
+from appliance.cache import ResponseCache
+
+logging.basicConfig(level=logging.WARNING)
+
+async def main() -> None:
+    path = Path(sys.argv[1])
+    cache = ResponseCache(path, max_bytes=1 << 30, ttl_s=60, max_stale_s=60, synchronous="FULL")
+    cache.open()
+    before = await cache.put_and_wait("before", "m", b"kept", "text/plain")
+    # From here on no file of this process may grow past 64 KiB more than the -wal is now.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills us instead of EFBIG
+    limit = max(os.path.getsize(path), os.path.getsize(f"{path}-wal")) + 65536
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    for i in range(100):
+        cache.put(f"k{i}", "m", os.urandom(4096), "application/octet-stream")
+    flushed = await cache.flush()
+    after_get = await cache.get("before")
+    cache.put("late", "m", b"v", "text/plain")
+    late_flush = await cache.flush()
+    await cache.close()
+    print(json.dumps({"before": before, "flushed": flushed, "after_get": after_get is None,
+                      "late_flush": late_flush, "stats": cache.stats()}))
+
+asyncio.run(main())
+"""
+
+
+def test_disk_full_switches_the_cache_off_without_raising(tmp_path: Path) -> None:
+    # Disk full is simulated with RLIMIT_FSIZE in a child process: the kernel then fails
+    # write() with EFBIG, so SQLite sees a real I/O error on the real code path (no mocks), and
+    # the limit cannot touch the test runner's own files. PRAGMA max_page_count would only
+    # exercise SQLite's own SQLITE_FULL check, never an OS write failure.
+    db = tmp_path / "cache.db"
+    proc = run_child(DISK_FULL_CHILD, str(db))
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["before"] is True
+    assert out["flushed"] is False and out["late_flush"] is False
+    assert out["after_get"] is True  # off: every get() is a miss
+    assert out["stats"]["enabled"] is False and out["stats"]["write_errors"] == 1
+    assert proc.stderr.count("switched OFF") == 1
+    assert "Traceback" not in proc.stderr
+    assert integrity(db) == "ok"  # what was committed before the failure is intact
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT value FROM entries WHERE key = 'before'").fetchone() == (b"kept",)
+    conn.close()
+
+
+CRASH_CHILD = r"""
+import asyncio, sys
+from pathlib import Path
+from appliance.cache import ResponseCache
+
+async def main() -> None:
+    cache = ResponseCache(Path(sys.argv[1]), max_bytes=1 << 30, ttl_s=3600, max_stale_s=0,
+                          synchronous=sys.argv[2])
+    cache.open()
+    i = int(sys.argv[3])
+    while True:
+        keys = [f"k{i + j}" for j in range(1 + i % 5)]
+        for key in keys:
+            cache.put(key, "m", key.encode() * 64, "text/plain")
+        if not await cache.flush():
+            sys.exit(3)
+        print(" ".join(keys), flush=True)  # acknowledged: only now may the parent rely on them
+        i += len(keys)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("synchronous", ["FULL", "NORMAL"])
+def test_acknowledged_entries_survive_sigkill(tmp_path: Path, synchronous: str) -> None:
+    db = tmp_path / "cache.db"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    acked: list[str] = []
+    rng = random.Random(1234)
+    for round_ in range(3):
+        child = subprocess.Popen(
+            [sys.executable, "-c", CRASH_CHILD, str(db), synchronous, str(round_ * 1_000_000)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert child.stdout is not None
+        target, deadline = rng.randint(5, 60), time.monotonic() + 20
+        lines = 0
+        while lines < target and time.monotonic() < deadline:
+            line = child.stdout.readline()
+            if not line:
+                break
+            acked += line.split()
+            lines += 1
+        time.sleep(rng.random() * 0.05)  # land the kill at a random point of a batch
+        child.send_signal(signal.SIGKILL)
+        acked += child.stdout.read().split()  # acks printed before the kill count too
+        child.wait()
+        assert child.returncode == -signal.SIGKILL
+        assert lines == target, "the child stopped acknowledging before the kill"
+
+        assert integrity(db) == "ok"
+        conn = sqlite3.connect(db)
+        stored = {row[0] for row in conn.execute("SELECT key FROM entries")}
+        conn.close()
+        missing = [k for k in acked if k not in stored]
+        assert not missing, f"round {round_}: {len(missing)} acknowledged entries lost: {missing[:5]}"
+    assert len(acked) > 20
