@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import signal
 import sys
 from pathlib import Path
 
 from appliance import __version__, settings
-from appliance.config import Config, ConfigError, find_default_config, load
+from appliance.auth import KeyStore
+from appliance.config import Config, ConfigError, find_default_config, load, save_keys
 from appliance.repository import RepositoryError, scan
 
 
@@ -31,9 +31,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg.server.host = args.host
     if args.port is not None:
         cfg.server.port = args.port
-    logging.basicConfig(
-        level=cfg.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from appliance import logs
+
+    logs.setup(cfg.server.log_level, cfg.server.log_format)
     asyncio.run(serve(cfg))
     return 0
 
@@ -82,6 +82,20 @@ def cmd_settings(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tui(args: argparse.Namespace) -> int:
+    # Imported here: the console's dependencies (textual) are the optional [tui] extra.
+    from tui.app import run
+
+    return run(
+        url=args.url,
+        socket=args.socket,
+        token=args.token,
+        read_only=args.read_only,
+        interval=args.interval,
+        config=args.config,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="appliance", description="On-prem inference appliance.")
     p.add_argument("--version", action="version", version=f"appliance {__version__}")
@@ -120,7 +134,73 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--markdown", action="store_true")
     st.add_argument("--update-readme", metavar="README", help="rewrite the table in README.md")
     st.set_defaults(func=cmd_settings)
+
+    k = sub.add_parser("keys", help="API keys for the data plane")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    ka = ksub.add_parser("add", help="create a key and print it once")
+    ka.add_argument("name")
+    ka.add_argument("--max-priority", type=int, help="most urgent level the key may use (1 = top)")
+    ka.add_argument("--rate", type=float, help="requests per second (token bucket)")
+    ka.set_defaults(func=cmd_keys_add)
+    kr = ksub.add_parser("revoke", help="revoke a key by name")
+    kr.add_argument("name")
+    kr.set_defaults(func=cmd_keys_revoke)
+    kl = ksub.add_parser("list", help="list keys (names and limits, never secrets)")
+    kl.set_defaults(func=cmd_keys_list)
+
+    t = sub.add_parser("tui", help="the operator console (admin API client; needs the [tui] extra)")
+    t.add_argument("--url", help="admin API base URL (default: from the config, else http://127.0.0.1:8001)")
+    t.add_argument("--socket", help="admin Unix socket path (no token needed)")
+    t.add_argument("--token", help="admin token over TCP (default: $APPLIANCE_ADMIN_TOKEN, admin.token)")
+    t.add_argument("--read-only", action="store_true", help="hide every action that changes the server")
+    t.add_argument("--interval", type=float, default=1.0, help="refresh interval in seconds (default 1)")
+    t.add_argument("--config", "-c", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    t.set_defaults(func=cmd_tui)
+
+    # --config is accepted before or after the subcommand.
+    for parser in (s, ml, c, st, ka, kr, kl, *(msub.choices[v] for v in ("pull", "build"))):
+        parser.add_argument("--config", "-c", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
+
+
+def _keystore(cfg: Config) -> KeyStore:
+    return KeyStore.from_records([k.model_dump() for k in cfg.file.auth.keys])
+
+
+def cmd_keys_add(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    store = _keystore(cfg)
+    try:
+        plaintext, record = store.add(args.name, max_priority=args.max_priority, rate=args.rate)
+    except ValueError as exc:
+        raise ConfigError(f"keys add: {exc}") from None
+    save_keys(cfg, store.to_records())
+    print(plaintext)
+    print(
+        f"key '{record.name}' added to {cfg.path}; it is shown only now. "
+        "A running server picks it up on reload (systemctl reload appliance).",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    store = _keystore(cfg)
+    try:
+        store.revoke(args.name)
+    except KeyError:
+        raise ConfigError(f"keys revoke: no key named {args.name!r}") from None
+    save_keys(cfg, store.to_records())
+    print(f"key '{args.name}' revoked", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    for r in _config(args).file.auth.keys:
+        state = "revoked" if r.revoked else "active"
+        print(f"{r.name}\t{state}\tmax_priority={r.max_priority}\trate_per_s={r.rate_per_s}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,11 +44,15 @@ class ServerSection(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$")
+    log_format: str = Field("json", pattern="^(json|text)$")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     # Models /readyz waits for; None means every model in the repository that is built.
     default_models: list[str] | None = None
     drain_timeout_s: float = Field(30.0, ge=0)
+    # A client must send its whole body within this (aiohttp has no body deadline of its own).
     read_timeout_s: float = Field(30.0, gt=0)
+    # Idle and header-trickling connections are closed after this (slowloris).
+    keepalive_timeout_s: float = Field(15.0, gt=0)
     max_connections: int = Field(1024, ge=1)
 
 
@@ -62,9 +66,32 @@ class AdminSection(_Strict):
     port: int = Field(8001, ge=-1, le=65535)
 
 
+class KeyEntry(_Strict):
+    name: str
+    hash: str
+    max_priority: int | None = Field(None, ge=1)
+    rate_per_s: float | None = Field(None, gt=0)
+    revoked: bool = False
+
+
+class AuthSection(_Strict):
+    # Only salted scrypt hashes live here; `appliance keys add NAME` prints a key once.
+    keys: list[KeyEntry] = Field(default_factory=list)
+    # None: keys are required as soon as one exists (a fresh dev checkout stays open).
+    required: bool | None = None
+    metrics_public: bool = True
+
+
+class TlsSection(_Strict):
+    certificate: str | None = None
+    key: str | None = None
+
+
 class FileConfig(_Strict):
     server: ServerSection = ServerSection()
     admin: AdminSection = AdminSection()
+    auth: AuthSection = AuthSection()
+    tls: TlsSection = TlsSection()
     model_repository: str = "engines"
     data_dir: str = "data"
     defaults: dict[str, Any] = Field(default_factory=dict)
@@ -218,6 +245,16 @@ def atomic_write(path: Path, data: bytes, *, backup: bool = False) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def save_keys(cfg: Config, records: list[dict[str, Any]]) -> None:
+    """Write ``auth.keys`` into the config file atomically (with a backup), nothing else."""
+    if cfg.path is None:
+        raise ConfigError("no configuration file to store keys in; pass --config")
+    raw = yaml.safe_load(cfg.path.read_text(encoding="utf-8")) if cfg.path.exists() else {}
+    raw = raw or {}
+    raw.setdefault("auth", {})["keys"] = records
+    atomic_write(cfg.path, yaml.safe_dump(raw, sort_keys=False).encode("utf-8"), backup=True)
 
 
 def find_default_config() -> Path | None:

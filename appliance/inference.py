@@ -18,10 +18,9 @@ from tokenizers import Tokenizer
 from appliance.batcher import (
     AdmissionError,
     Batcher,
-    DeadlineExceeded,
+    BatcherClosed,
     InvalidPriority,
     QueueFull,
-    WouldMissDeadline,
 )
 from appliance.engines.base import Engine, EngineError, EngineOutOfMemory, EngineTimeout
 from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, Overloaded, Unavailable
@@ -36,9 +35,11 @@ def admission_error(exc: AdmissionError) -> ApplianceError:
         return InvalidRequest(str(exc), param="priority")
     if isinstance(exc, QueueFull):
         return Overloaded(str(exc), retry_after_s=exc.retry_after_s)
-    if isinstance(exc, DeadlineExceeded | WouldMissDeadline):
-        return Unavailable(str(exc), retry_after_s=exc.retry_after_s)
-    return Unavailable(str(exc), retry_after_s=exc.retry_after_s)
+    if isinstance(exc, BatcherClosed):
+        # Draining for a stop or an unload: come back once a fresh process or model serves.
+        return Unavailable(f"{exc}; the server is shutting down or the model unloading", retry_after_s=5)
+    # A 503 always says when to come back; a passed deadline has no better hint than "soon".
+    return Unavailable(str(exc), retry_after_s=exc.retry_after_s or 1.0)
 
 
 class _Observer:
@@ -97,9 +98,16 @@ def engine_call(
     an answer and the breaker sees the failures, while the thread is left to finish or hang.
     """
     loop = asyncio.get_running_loop()
+    component = f"engine:{name}"
+
+    def watched(items: list[Any]) -> Any:
+        timeout_ms = float(mgr.tunables(name)["engine.timeout_ms"])
+        # A batch may take up to twice its timeout before the watchdog calls the engine hung.
+        with mgr.progress.working(component, 2 * timeout_ms / 1000 if timeout_ms > 0 else 300.0):
+            return fn(items)
 
     async def execute(items: list[Any]) -> Any:
-        fut = loop.run_in_executor(executor, fn, items)
+        fut = loop.run_in_executor(executor, watched, items)
         timeout_ms = float(mgr.tunables(name)["engine.timeout_ms"])
         if timeout_ms <= 0:
             return await fut

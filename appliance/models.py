@@ -16,12 +16,13 @@ from enum import Enum
 from typing import Any
 
 from appliance import settings
-from appliance.batcher import Batcher, BatchPolicy
+from appliance.batcher import BatchPolicy
 from appliance.config import Config
 from appliance.engines.base import Engine
 from appliance.engines.onnxruntime import OnnxRuntimeEngine
 from appliance.errors import ModelNotFound, Unavailable
 from appliance.repository import ModelEntry, ModelKind, RepositoryError, scan
+from appliance.sdnotify import ProgressWatchdog
 from appliance.telemetry import Metrics
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,9 @@ class ModelRuntime:
     entry: ModelEntry
     engine: Engine
     executor: ThreadPoolExecutor
-    batcher: Batcher[Any, Any]
+    # A Batcher, or for generate models the LLM scheduler: both have ``policy``, ``close(drain=)``
+    # and ``snapshot()`` with the same keys.
+    batcher: Any
     identity: str
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -78,6 +81,9 @@ def batch_policy(values: dict[str, Any]) -> BatchPolicy:
 # generate in appliance.llm). Each builds the batcher and extras for a freshly loaded engine.
 RuntimeFactory = Callable[["ModelManager", ModelEntry, Engine, ThreadPoolExecutor], ModelRuntime]
 RUNTIME_FACTORIES: dict[ModelKind, RuntimeFactory] = {}
+# Kinds whose engine is not an OnnxRuntimeEngine over artefact "model" (generate) register an opener.
+EngineOpener = Callable[[ModelEntry, dict[str, Any]], Engine]
+ENGINE_OPENERS: dict[ModelKind, EngineOpener] = {}
 
 
 class ModelManager:
@@ -86,6 +92,8 @@ class ModelManager:
         self.metrics = metrics
         self.slots: dict[str, ModelSlot] = {}
         self.scan_errors: list[str] = []
+        # Engine workers report here; the systemd watchdog pings only while they progress.
+        self.progress = ProgressWatchdog()
 
     # -- repository ------------------------------------------------------------------------
     def rescan(self) -> None:
@@ -175,6 +183,9 @@ class ModelManager:
 
     @staticmethod
     def _open_engine(entry: ModelEntry, values: dict[str, Any]) -> Engine:
+        opener = ENGINE_OPENERS.get(entry.kind)
+        if opener is not None:
+            return opener(entry, values)
         return OnnxRuntimeEngine(
             entry.artefact("model"),
             intra_op_threads=int(values["engine.intra_op_threads"]),

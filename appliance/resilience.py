@@ -243,7 +243,12 @@ class Resilience:
                 raise
             permit.success(time.perf_counter() - started)
         if cache and key and write_cache:
-            cache.put(key, model, body, ctype)
+            if cache.synchronous == "FULL":
+                # FULL promises that an answered request's entry survives a power cut: wait (without
+                # blocking the loop) for the writer's commit before answering.
+                await cache.put_and_wait(key, model, body, ctype)
+            else:
+                cache.put(key, model, body, ctype)
         return Answer(body, ctype, "engine")
 
     async def _fallback(

@@ -127,6 +127,59 @@ class Metrics:
             buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
             registry=r,
         )
+        # Generation (continuous batching of generate models); vLLM-like meanings.
+        self.time_to_first_token = Histogram(
+            "appliance_time_to_first_token_seconds",
+            "Time from a generation's arrival to its first token.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_per_output_token = Histogram(
+            "appliance_time_per_output_token_seconds",
+            "Mean time between a sequence's output tokens after the first.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.generation_duration = Histogram(
+            "appliance_generation_duration_seconds",
+            "End-to-end generation latency, arrival to last token.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.generation_queue_duration = Histogram(
+            "appliance_generation_queue_duration_seconds",
+            "Time a generation waited for a slot before its first prefill.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "appliance_prompt_tokens",
+            "Prompt tokens prefilled (not counting recomputes).",
+            ["model"],
+            registry=r,
+        )
+        self.generation_tokens = Counter(
+            "appliance_generation_tokens", "Tokens generated.", ["model"], registry=r
+        )
+        self.preemptions = Counter(
+            "appliance_preemptions",
+            "Running sequences evicted for a higher-priority request (they resume by recomputing).",
+            ["model"],
+            registry=r,
+        )
+        self.running_sequences = Gauge(
+            "appliance_running_sequences", "Sequences in the running batch.", ["model"], registry=r
+        )
+        self.waiting_sequences = Gauge(
+            "appliance_waiting_sequences", "Generations waiting for a slot.", ["model"], registry=r
+        )
+        self.kv_cache_bytes = Gauge(
+            "appliance_kv_cache_bytes", "Bytes held by the running batch's KV cache.", ["model"], registry=r
+        )
 
 
 class RollingStats:

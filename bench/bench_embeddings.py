@@ -23,7 +23,6 @@ import json
 import os
 import random
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,10 +40,33 @@ sys.path.insert(0, str(ROOT))
 from appliance.engines.onnxruntime import OnnxRuntimeEngine  # noqa: E402
 
 MODEL = "all-minilm-l6-v2"
-WORDS = (
-    "the a service customer order refund delivery account password reset invoice search query "
-    "engine model answer question support ticket status update shipping address payment card"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "service",
+    "customer",
+    "order",
+    "refund",
+    "delivery",
+    "account",
+    "password",
+    "reset",
+    "invoice",
+    "search",
+    "query",
+    "engine",
+    "model",
+    "answer",
+    "question",
+    "support",
+    "ticket",
+    "status",
+    "update",
+    "shipping",
+    "address",
+    "payment",
+    "card",
+]
 
 
 def sentences(n: int, seed: int = 0) -> list[str]:
@@ -238,10 +260,20 @@ def main() -> None:
             try:
                 url = f"http://127.0.0.1:{port}/v1/embeddings"
                 asyncio.run(load(url, bodies[:50], concurrency=1, rate=None, max_seconds=5))
-                c1s.append(asyncio.run(load(url, bodies[:400], concurrency=1, rate=None, max_seconds=args.seconds)).summary())
+                c1s.append(
+                    asyncio.run(
+                        load(url, bodies[:400], concurrency=1, rate=None, max_seconds=args.seconds)
+                    ).summary()
+                )
                 sats.append(
                     asyncio.run(
-                        load(url, bodies, concurrency=args.concurrency, rate=args.rate, max_seconds=args.seconds)
+                        load(
+                            url,
+                            bodies,
+                            concurrency=args.concurrency,
+                            rate=args.rate,
+                            max_seconds=args.seconds,
+                        )
                     ).summary()
                 )
             finally:
@@ -262,8 +294,12 @@ def main() -> None:
         "added_latency_ms_c1": c1["p50_ms"] - eng["p50_ms"],
         "cpu_count": os.cpu_count(),
     }
-    print(f"engine only      : p50 batch-1 {eng['p50_ms']:.2f} ms, best {eng['best_per_s']:.0f} sent/s at batch {eng['best_batch']}")
-    print(f"server c=1       : p50 {c1['p50_ms']:.2f} ms, p99 {c1['p99_ms']:.2f} ms, {c1['ok_per_s']:.0f} req/s")
+    print(
+        f"engine only      : p50 batch-1 {eng['p50_ms']:.2f} ms, best {eng['best_per_s']:.0f} sent/s at batch {eng['best_batch']}"
+    )
+    print(
+        f"server c=1       : p50 {c1['p50_ms']:.2f} ms, p99 {c1['p99_ms']:.2f} ms, {c1['ok_per_s']:.0f} req/s"
+    )
     load_desc = f"rate {args.rate}/s" if args.rate else f"c={args.concurrency}"
     print(
         f"server {load_desc:<10}: {sat['ok_per_s']:.0f} req/s, p50 {sat['p50_ms']:.1f} ms, p95 {sat['p95_ms']:.1f} ms, "

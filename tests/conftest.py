@@ -8,16 +8,19 @@ import shutil
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from aiohttp import web
 
 from appliance.builders.pull import pull
 from appliance.config import parse
+from appliance.engines.base import Engine, EngineError, EngineOutOfMemory, TensorSpec
+from appliance.models import ModelManager
 from appliance.server import Server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +40,10 @@ class ServerThread:
     Running it in a thread lets tests use blocking clients (openai, tritonclient) as LAN apps do.
     """
 
-    def __init__(self, config: dict[str, Any], config_path: Path | None = None) -> None:
+    def __init__(
+        self, config: dict[str, Any], config_path: Path | None = None, env: dict[str, str] | None = None
+    ) -> None:
+        self.env = env or {}
         config = {"admin": {"port": 0}, **config}
         self.cfg = parse(config, config_path, env={})
         self.server: Server | None = None
@@ -73,7 +79,7 @@ class ServerThread:
     async def _serve(self) -> None:
         self.cfg.server.port = 0
         self.cfg.server.drain_timeout_s = 5
-        self.server = Server(self.cfg)
+        self.server = Server(self.cfg, env=self.env)
         await self.server.start()
         self.port = self.server.port
         self._stop = asyncio.Event()
@@ -176,6 +182,7 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerThread]]:
         overrides: dict[str, dict[str, Any]] | None = None,
         config: dict[str, Any] | None = None,
         wait_ready: bool = True,
+        env: dict[str, str] | None = None,
     ) -> ServerThread:
         repo = make_repository(tmp_path, models, overrides)
         cfg: dict[str, Any] = {
@@ -184,13 +191,68 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerThread]]:
             "admin": {"port": 0, "socket": str(tmp_path / "data" / "admin.sock")},
         }
         cfg.update(config or {})
-        srv = ServerThread(cfg).start(wait_ready=wait_ready)
+        srv = ServerThread(cfg, env=env).start(wait_ready=wait_ready)
         servers.append(srv)
         return srv
 
     yield start
     for s in servers:
         s.stop()
+
+
+class FaultyEngine(Engine):
+    """Test-only fault hook around a real engine.
+
+    Engine failures (exceptions, hangs, out-of-memory) cannot be produced on demand from a healthy
+    ONNX model; this wrapper produces them when a test sets ``mode`` or ``delay_s``.
+    """
+
+    def __init__(self, inner: Engine) -> None:
+        self.inner = inner
+        self.mode: str | None = None
+        self.delay_s = 0.0
+        self.rows = 0  # sentences that reached the engine
+        self.backend = inner.backend
+
+    @property
+    def inputs(self) -> Sequence[TensorSpec]:
+        return self.inner.inputs
+
+    @property
+    def outputs(self) -> Sequence[TensorSpec]:
+        return self.inner.outputs
+
+    def run(
+        self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        self.rows += int(next(iter(feeds.values())).shape[0])
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.mode == "raise":
+            raise EngineError("injected engine failure")
+        if self.mode == "oom":
+            raise EngineOutOfMemory("injected out of memory")
+        return self.inner.run(feeds, output_names)
+
+    def memory_bytes(self) -> int:
+        return self.inner.memory_bytes()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.fixture
+def faulty(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[FaultyEngine]]:
+    engines: list[FaultyEngine] = []
+    original = ModelManager._open_engine
+
+    def open_engine(entry: Any, values: Any) -> Engine:
+        e = FaultyEngine(original(entry, values))
+        engines.append(e)
+        return e
+
+    monkeypatch.setattr(ModelManager, "_open_engine", staticmethod(open_engine))
+    yield engines
 
 
 def copy_fixture(name: str) -> Any:

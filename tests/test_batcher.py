@@ -106,9 +106,12 @@ async def test_idle_batcher_dispatches_at_once() -> None:
     engine = FakeEngine()
     batcher: Batcher[Any, Any] = Batcher("m", BatchPolicy(max_queue_delay_ms=1000), engine)
     start = time.monotonic()
-    assert await batcher.submit(1) == ("ok", 1)
-    assert time.monotonic() - start < 0.02
+    task = submit(batcher, 1)
+    for _ in range(3):  # submit, the dispatch it schedules, the batch's first step: no timer involved
+        await asyncio.sleep(0)
     assert engine.batches == [[1]]
+    assert await task == ("ok", 1)
+    assert time.monotonic() - start < 0.05
 
 
 async def test_requests_accumulate_while_busy_then_go_together() -> None:
@@ -192,11 +195,57 @@ async def test_raising_max_batch_size_live_takes_effect_for_the_next_batch() -> 
     assert batcher.policy.max_batch_size == 6
 
 
+async def test_a_replaced_policy_with_fewer_levels_moves_waiting_items_to_the_lowest() -> None:
+    batcher, engine, _ = await blocked(BatchPolicy(priority_levels=3, max_batch_size=8))
+    tasks = [submit(batcher, "p3", priority=3), submit(batcher, "p1", priority=1)]
+    await asyncio.sleep(0)
+    batcher.policy = BatchPolicy(priority_levels=2, max_batch_size=8)  # as a config reload does
+    later = submit(batcher, "p2", priority=2)
+    await asyncio.sleep(0)
+    assert batcher.snapshot()["queue_depth"] == {1: 1, 2: 2}
+    engine.gate.set()
+    await asyncio.gather(*tasks, later)
+    assert engine.batches[1] == ["p1", "p3", "p2"]
+
+
+async def test_snapshot_and_observer_report_batches() -> None:
+    seen: list[tuple[int, int, float]] = []
+
+    class Observer:
+        def on_batch(self, size: int, queue_wait_s: Sequence[float], compute_s: float) -> None:
+            seen.append((size, len(queue_wait_s), compute_s))
+
+        def on_reject(self, priority: int, reason: str) -> None:
+            pass
+
+        def on_queue_depth(self, priority: int, depth: int) -> None:
+            pass
+
+    engine = FakeEngine(seconds=0.005)
+    batcher: Batcher[Any, Any] = Batcher("m", BatchPolicy(max_batch_size=4), engine, observer=Observer())
+    await asyncio.gather(*(batcher.submit(i) for i in range(6)))
+    snap = batcher.snapshot()
+    assert snap["recent_batch_sizes"] == [4, 2] and snap["completed"] == 6
+    assert snap["service_rate"] > 0 and snap["running_batches"] == 0
+    assert [(size, waits) for size, waits, _ in seen] == [(4, 4), (2, 2)]
+    assert all(compute >= 0.004 for _, _, compute in seen)
+
+
+async def test_execute_returning_the_wrong_number_of_results_fails_that_batch() -> None:
+    async def short(items: list[int]) -> list[int]:
+        return items[:-1]
+
+    batcher: Batcher[int, int] = Batcher("m", BatchPolicy(), short)
+    with pytest.raises(RuntimeError, match="returned 0 results for a batch of 1"):
+        await batcher.submit(1)
+
+
 # ---- admission --------------------------------------------------------------------------------
 
 
 async def test_invalid_priority_is_refused_not_remapped() -> None:
     batcher: Batcher[Any, Any] = Batcher("m", BatchPolicy(priority_levels=3), FakeEngine())
+    bad: Any  # deliberately wrong types too: the value usually comes straight from a header
     for bad in (0, 4, True, 1.5):
         with pytest.raises(InvalidPriority, match=f"priority must be an integer from 1 to 3, got {bad!r}"):
             await batcher.submit("x", priority=bad)
@@ -223,7 +272,7 @@ async def test_expired_request_is_answered_while_a_long_batch_runs() -> None:
     start = time.monotonic()
     with pytest.raises(DeadlineExceeded) as expired:
         await batcher.submit("waits")
-    assert 0.045 <= time.monotonic() - start < 0.07
+    assert 0.045 <= time.monotonic() - start < 0.075  # 50 ms timeout, answered within ~20 ms
     assert isinstance(expired.value, AdmissionError) and expired.value.reason == "deadline"
     engine.gate.set()
     await asyncio.sleep(0.01)
@@ -253,7 +302,7 @@ async def test_aging_lets_low_priority_through_a_steady_high_priority_load() -> 
         low: asyncio.Task[Any] | None = None
         start = time.monotonic()
         while time.monotonic() - start < 0.15 and not (low and low.done()):
-            if batcher.snapshot()["queue_depth"][1] < 3:  # the high level never runs dry
+            if batcher.snapshot()["queue_depth"][1] < 8:  # the high level never runs dry
                 flood.append(submit(batcher, "hi", priority=1))
             if low is None and time.monotonic() - start > 0.02:
                 low, low_start = submit(batcher, "lo", priority=2), time.monotonic()
@@ -264,9 +313,9 @@ async def test_aging_lets_low_priority_through_a_steady_high_priority_load() -> 
         return latency
 
     assert await low_priority_latency(aging_ms=0) is None  # strict priority starves it
-    # Promoted after 20 ms, it then waits only for the high items that arrived before it.
-    latency = await low_priority_latency(aging_ms=20)
-    assert latency is not None and latency < 0.08
+    # Promoted after 10 ms, it then waits only for the (at most 8) high items that arrived before it.
+    latency = await low_priority_latency(aging_ms=10)
+    assert latency is not None and latency < 0.1
 
 
 async def test_cancelled_while_queued_is_withdrawn_and_never_executed() -> None:

@@ -17,6 +17,16 @@ PINNED = {
     "appliance_inflight_requests": "gauge",
     "appliance_model_loaded": "gauge",
     "appliance_model_load_duration_seconds": "histogram",
+    "appliance_time_to_first_token_seconds": "histogram",
+    "appliance_time_per_output_token_seconds": "histogram",
+    "appliance_generation_duration_seconds": "histogram",
+    "appliance_generation_queue_duration_seconds": "histogram",
+    "appliance_prompt_tokens_total": "counter",
+    "appliance_generation_tokens_total": "counter",
+    "appliance_preemptions_total": "counter",
+    "appliance_running_sequences": "gauge",
+    "appliance_waiting_sequences": "gauge",
+    "appliance_kv_cache_bytes": "gauge",
 }
 
 

@@ -156,7 +156,7 @@ async def patch_settings(request: web.Request) -> web.Response:
             if not isinstance(tree, dict):
                 raise InvalidRequest(f"models.{name}: expected a mapping of settings", param=f"models.{name}")
             new_models.setdefault(name, {}).update(
-                settings.validate(settings.flatten(tree), f"models.{name}.")
+                settings.validate(settings.flatten(tree), f"models.{name}.", per_model=True)
             )
         for name, slot in mgr.slots.items():
             merged = {

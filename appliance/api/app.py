@@ -5,19 +5,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from appliance.api import kserve, openai
+from appliance.api import chat, kserve, openai
 from appliance.api.common import (
     ACTIONS,
+    CHAT,
     CONFIG,
     DRAINING,
     EMBEDDINGS,
     EXTRA_STATS,
+    INFLIGHT,
     MANAGER,
     METRICS,
     RESILIENCE,
@@ -25,17 +28,22 @@ from appliance.api.common import (
     STARTED,
     TENSORS,
     BodyTooLarge,
+    Inflight,
     api_of,
     error_response,
 )
+from appliance.api.security import KEYS, LIMITER, authenticate, keystore
+from appliance.auth import KeyRateLimiter
 from appliance.config import Config
 from appliance.errors import ApplianceError, InvalidRequest, ModelNotFound, Unavailable
 from appliance.inference import EmbeddingService, TensorService
+from appliance.llm.service import ChatService
 from appliance.models import ModelManager
 from appliance.resilience import Resilience
 from appliance.telemetry import Metrics, RollingStats
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("appliance.access")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 UNMETERED = {"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"}
 
@@ -60,12 +68,19 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
     if request.app[DRAINING][0] and request.path not in UNMETERED:
         return error_response(api, Unavailable("the server is shutting down", retry_after_s=5))
     metered = request.path not in UNMETERED
+    request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
     if metered:
         metrics.inflight.labels(api).inc()
+        request.app[INFLIGHT].enter()
     try:
         response = await handler(request)
         status = response.status
+        if not response.prepared:
+            response.headers["X-Request-Id"] = request_id
         return response
+    except asyncio.CancelledError:
+        status = 499  # the client went away (nginx's convention); not a server error
+        raise
     except ApplianceError as exc:
         status = exc.status
         return error_response(api, exc)
@@ -83,11 +98,30 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         if metered:
             elapsed = time.perf_counter() - started
             metrics.inflight.labels(api).dec()
+            request.app[INFLIGHT].leave()
             model = request.get("model", model)
             metrics.requests.labels(model, api, str(status)).inc()
             metrics.request_duration.labels(model, api).observe(elapsed)
             if model != "-":
                 request.app[ROLLING].record(model, elapsed, status)
+            # One structured line per request; never the body (it may hold customer data).
+            access_log.info(
+                "%s %s %d",
+                request.method,
+                request.path,
+                status,
+                extra={
+                    "fields": {
+                        "request_id": request_id,
+                        "api": api,
+                        "model": model,
+                        "priority": request.get("priority"),
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 2),
+                        "key": getattr(request.get("api_key"), "name", None),
+                    }
+                },
+            )
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -136,7 +170,11 @@ def _breaker_action(
 
 
 def create_app(cfg: Config) -> web.Application:
-    app = web.Application(middlewares=[errors_and_metrics], client_max_size=cfg.server.max_body_bytes)
+    app = web.Application(
+        middlewares=[errors_and_metrics, authenticate], client_max_size=cfg.server.max_body_bytes
+    )
+    app[KEYS] = keystore([k.model_dump() for k in cfg.file.auth.keys])
+    app[LIMITER] = KeyRateLimiter()
     metrics = Metrics()
     manager = ModelManager(cfg, metrics)
     app[CONFIG] = cfg
@@ -144,8 +182,10 @@ def create_app(cfg: Config) -> web.Application:
     app[MANAGER] = manager
     app[EMBEDDINGS] = EmbeddingService(manager)
     app[TENSORS] = TensorService(manager)
+    app[CHAT] = ChatService(manager)
     app[STARTED] = time.time()
     app[DRAINING] = [False]
+    app[INFLIGHT] = Inflight()
     app[ROLLING] = RollingStats()
     app[EXTRA_STATS] = {}
     app[ACTIONS] = {}
@@ -163,6 +203,7 @@ def create_app(cfg: Config) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
     app.router.add_routes(openai.routes)
+    app.router.add_routes(chat.routes)
     app.router.add_routes(kserve.routes)
     app.cleanup_ctx.append(_services)
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from aiohttp import web
 from appliance.config import Config
 from appliance.errors import ApplianceError, InvalidRequest
 from appliance.inference import EmbeddingService, TensorService
+from appliance.llm.service import ChatService
 from appliance.models import ModelManager
 from appliance.resilience import SOURCE_HEADER, Compute, Default, Resilience
 from appliance.telemetry import Metrics, RollingStats
@@ -21,9 +23,34 @@ MANAGER = web.AppKey("manager", ModelManager)
 METRICS = web.AppKey("metrics", Metrics)
 EMBEDDINGS = web.AppKey("embeddings", EmbeddingService)
 TENSORS = web.AppKey("tensors", TensorService)
+CHAT = web.AppKey("chat", ChatService)
 STARTED = web.AppKey("started", float)
 DRAINING = web.AppKey("draining", list)  # one-element list: a mutable flag shared by handlers
 ROLLING = web.AppKey("rolling", RollingStats)
+
+
+class Inflight:
+    """Requests being handled, so that a drain can wait for the last one to finish."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+INFLIGHT = web.AppKey("inflight", Inflight)
 RESILIENCE = web.AppKey("resilience", Resilience)
 # Optional parts register here as they are enabled: name -> () -> JSON-able (cache, memory, gpu),
 # and admin actions "breaker:<verb>" / "cache:purge" -> async callables.
@@ -56,8 +83,10 @@ def error_response(api: str, exc: ApplianceError) -> web.Response:
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
+    from appliance.api.security import read_body
+
     try:
-        raw = await request.read()
+        raw = await read_body(request)
     except web.HTTPRequestEntityTooLarge as exc:
         raise BodyTooLarge(str(exc.text or "request body too large")) from None
     try:
@@ -83,10 +112,16 @@ def priority_of(request: web.Request, body_value: Any) -> int | None:
         if not text.lstrip("-").isdigit():
             raise InvalidRequest("X-Priority must be an integer", param="priority")
         value = int(text)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
         raise InvalidRequest("'priority' must be an integer", param="priority")
+    # A key may be capped: a LAN app cannot claim a more urgent level than its key allows.
+    record = request.get("api_key")
+    cap = getattr(record, "max_priority", None)
+    if cap is not None:
+        if value is None:
+            value = int(request.app[CONFIG].tunables_for("", {})["queue.default_priority"])
+        value = max(value, cap)
+    request["priority"] = value
     return value
 
 

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from appliance import __version__
 from appliance.api.common import EMBEDDINGS, MANAGER, TENSORS, guarded, read_json
+from appliance.api.security import read_body
 from appliance.api.tensors import (
     HEADER_LENGTH,
     datatype_of,
@@ -164,7 +165,7 @@ async def infer(request: web.Request) -> web.Response:
         doc = await read_json(request)
         tail = b""
     else:
-        doc, tail = split_body(await request.read(), header)
+        doc, tail = split_body(await read_body(request), header)
     runtime = await request.app[MANAGER].runtime(name)
     feeds = decode_inputs(doc, tail)
     outputs, binary = requested_outputs(doc)

@@ -79,16 +79,34 @@ async def embeddings(request: web.Request) -> web.Response:
 
     async def compute() -> tuple[bytes, str]:
         result = await service.embed(model, inputs, priority=priority, timeout_ms=timeout_ms)
+        return render(result.vectors, result.prompt_tokens)
+
+    canonical = {"api": "openai.embeddings", "input": inputs, "encoding_format": fmt}
+    fallback = request.app[MANAGER].slots[model].entry.spec.default_response
+
+    def default() -> tuple[bytes, str]:
+        # A configured default vector stands in for every input (say, a neutral embedding).
+        vectors = np.tile(np.asarray(fallback, dtype=np.float32), (len(inputs), 1))
+        return render(vectors, 0)
+
+    def render(vectors: np.ndarray, prompt_tokens: int) -> tuple[bytes, str]:
         data = []
-        for i, vec in enumerate(result.vectors):
+        for i, vec in enumerate(vectors):
             if fmt == "base64":
                 emb: object = base64.b64encode(vec.astype("<f4").tobytes()).decode()
             else:
                 emb = vec.astype(np.float32).tolist()
             data.append({"object": "embedding", "index": i, "embedding": emb})
-        usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
+        usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
         doc = {"object": "list", "data": data, "model": model, "usage": usage}
         return json.dumps(doc, separators=(",", ":")).encode(), "application/json"
 
-    canonical = {"api": "openai.embeddings", "input": inputs, "encoding_format": fmt}
-    return await guarded(request, model, compute, canonical=canonical, priority=priority)
+    usable_default = isinstance(fallback, list) and len(fallback) == width
+    return await guarded(
+        request,
+        model,
+        compute,
+        canonical=canonical,
+        priority=priority,
+        default=default if usable_default else None,
+    )

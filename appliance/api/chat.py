@@ -1,0 +1,282 @@
+"""OpenAI chat and text completions, whole or streamed as server-sent events.
+
+Whole responses go through ``guarded`` (breaker, response cache when the output is deterministic,
+the model's default response). Streams go through the breaker only; they are not cached. A
+stream's headers are sent with its first token, so a request refused or timed out while queued
+still gets a plain JSON error with its status (429, 503); after that, an error is sent as an
+``data: {"error": ...}`` event before ``data: [DONE]``, so a stream never ends silently.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from appliance.api.common import (
+    CHAT,
+    MANAGER,
+    RESILIENCE,
+    guarded,
+    priority_of,
+    read_json,
+    timeout_ms_of,
+)
+from appliance.breaker import BreakerOpen
+from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, Unavailable
+from appliance.llm.scheduler import Finished, Token
+from appliance.llm.service import ChatService, Completion, GenerationOptions, Prepared
+from appliance.resilience import SOURCE_HEADER
+
+routes = web.RouteTableDef()
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    body = await read_json(request)
+    _label(request, body)
+    options = GenerationOptions.from_openai(body)
+    stream, include_usage = _stream_flags(body)
+    priority = priority_of(request, body.get("priority"))
+    timeout_ms = timeout_ms_of(request)
+    service = request.app[CHAT]
+    prepared = await service.prepare_chat(body.get("model"), body.get("messages"), options)
+    wire = _Wire(chat=True, model=prepared.model, include_usage=include_usage)
+    return await _respond(request, service, prepared, wire, stream, priority, timeout_ms)
+
+
+@routes.post("/v1/completions")
+async def completions(request: web.Request) -> web.StreamResponse:
+    body = await read_json(request)
+    _label(request, body)
+    options = GenerationOptions.from_openai(body)
+    stream, include_usage = _stream_flags(body)
+    priority = priority_of(request, body.get("priority"))
+    timeout_ms = timeout_ms_of(request)
+    service = request.app[CHAT]
+    prepared = await service.prepare_completion(body.get("model"), body.get("prompt"), options)
+    wire = _Wire(chat=False, model=prepared.model, include_usage=include_usage)
+    return await _respond(request, service, prepared, wire, stream, priority, timeout_ms)
+
+
+def _label(request: web.Request, body: dict[str, Any]) -> None:
+    model = body.get("model")
+    if isinstance(model, str) and model:
+        request["model"] = model
+
+
+def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be true or false", param="stream")
+    opts = body.get("stream_options")
+    if opts is None:
+        return stream, False
+    if not stream:
+        raise InvalidRequest("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+    include = opts.get("include_usage", False) if isinstance(opts, dict) else None
+    if not isinstance(include, bool):
+        raise InvalidRequest("'stream_options' must be {'include_usage': bool}", param="stream_options")
+    return stream, include
+
+
+@dataclass
+class _Wire:
+    """The OpenAI shapes of one response; every chunk of a stream shares its id and timestamp."""
+
+    chat: bool
+    model: str
+    include_usage: bool = False
+    id: str = field(init=False)
+    created: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def whole(self, c: Completion) -> bytes:
+        if self.chat:
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": None,
+                "finish_reason": c.finish_reason,
+            }
+        else:
+            choice = {"index": 0, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+        doc = {
+            **self._head("chat.completion" if self.chat else "text_completion"),
+            "choices": [choice],
+            "usage": _usage(c.prompt_tokens, c.completion_tokens),
+            "system_fingerprint": None,
+        }
+        return _dumps(doc)
+
+    def chunk(self, text: str | None, finish_reason: str | None = None, *, role: bool = False) -> bytes:
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None}
+        choice["finish_reason"] = finish_reason
+        doc = {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [choice]}
+        if self.include_usage:
+            doc["usage"] = None  # OpenAI's convention: only the last chunk carries usage
+        return _event(doc)
+
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        doc = {
+            **self._head("chat.completion.chunk" if self.chat else "text_completion"),
+            "choices": [],
+            "usage": _usage(prompt_tokens, completion_tokens),
+        }
+        return _event(doc)
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _dumps(doc: Any) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _event(doc: Any) -> bytes:
+    return b"data: " + _dumps(doc) + b"\n\n"
+
+
+def _error_event(exc: ApplianceError) -> bytes:
+    return _event({"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}})
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+async def _respond(
+    request: web.Request,
+    service: ChatService,
+    prepared: Prepared,
+    wire: _Wire,
+    stream: bool,
+    priority: int | None,
+    timeout_ms: float | None,
+) -> web.StreamResponse:
+    fallback = prepared.llm.default_response
+    default_completion = None if fallback is None else Completion(fallback, "stop", len(prepared.prompt), 0)
+    if stream:
+        return await _stream(request, service, prepared, wire, priority, timeout_ms, default_completion)
+
+    async def compute() -> tuple[bytes, str]:
+        stream = service.start(prepared, priority=priority, timeout_ms=timeout_ms)
+        return wire.whole(await stream.collect()), "application/json"
+
+    def default() -> tuple[bytes, str]:
+        assert default_completion is not None
+        return wire.whole(default_completion), "application/json"
+
+    api = "openai.chat" if wire.chat else "openai.completions"
+    return await guarded(
+        request,
+        prepared.model,
+        compute,
+        canonical=prepared.canonical(api),
+        priority=priority,
+        default=default if default_completion is not None else None,
+    )
+
+
+def _sse(request: web.Request, source: str) -> web.StreamResponse:
+    return web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # a reverse proxy must not hold tokens back
+            SOURCE_HEADER: source,
+        }
+    )
+
+
+async def _stream(
+    request: web.Request,
+    service: ChatService,
+    prepared: Prepared,
+    wire: _Wire,
+    priority: int | None,
+    timeout_ms: float | None,
+    default: Completion | None,
+) -> web.StreamResponse:
+    model = prepared.model
+    breaker = request.app[RESILIENCE].breaker(model, request.app[MANAGER].tunables(model))
+    try:
+        permit = breaker.acquire()
+    except BreakerOpen as exc:
+        if default is not None:
+            return await _replay(request, wire, default)
+        raise Unavailable(
+            f"the model '{model}' is failing and its circuit breaker is open", retry_after_s=exc.retry_after_s
+        ) from None
+    with permit:  # left unresolved (refusal, disconnect) it counts nothing
+        started = time.perf_counter()
+        gen = service.start(prepared, priority=priority, timeout_ms=timeout_ms)
+        try:
+            try:
+                event = await gen.__anext__()
+            except EngineFailure as exc:
+                permit.failure(exc.kind)
+                if default is not None:
+                    return await _replay(request, wire, default)
+                raise Unavailable(
+                    f"the model '{model}' failed ({exc.kind}) and no fallback is available", retry_after_s=1.0
+                ) from None
+            resp = _sse(request, "engine")
+            await resp.prepare(request)
+            if wire.chat:
+                await resp.write(wire.chunk("", role=True))
+            try:
+                while True:
+                    if isinstance(event, Finished):
+                        await resp.write(wire.chunk(None, event.finish_reason))
+                        if wire.include_usage:
+                            await resp.write(wire.usage_chunk(event.prompt_tokens, event.completion_tokens))
+                        break
+                    if isinstance(event, Token) and event.text:
+                        await resp.write(wire.chunk(event.text))
+                    event = await gen.__anext__()
+            except ApplianceError as exc:
+                if isinstance(exc, EngineFailure):
+                    permit.failure(exc.kind)
+                await resp.write(_error_event(exc))
+            else:
+                permit.success(time.perf_counter() - started)
+            await resp.write(DONE)
+            await resp.write_eof()
+            return resp
+        except ConnectionError:
+            # The client went away between two tokens; the slot is freed below.
+            return web.Response(status=499)
+        finally:
+            gen.close()
+
+
+async def _replay(request: web.Request, wire: _Wire, completion: Completion) -> web.StreamResponse:
+    """A whole answer (the model's default response) sent as a stream."""
+    resp = _sse(request, "default")
+    await resp.prepare(request)
+    if wire.chat:
+        await resp.write(wire.chunk("", role=True))
+    await resp.write(wire.chunk(completion.text))
+    await resp.write(wire.chunk(None, completion.finish_reason))
+    if wire.include_usage:
+        await resp.write(wire.usage_chunk(completion.prompt_tokens, completion.completion_tokens))
+    await resp.write(DONE)
+    await resp.write_eof()
+    return resp

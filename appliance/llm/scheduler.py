@@ -1,0 +1,754 @@
+"""Continuous batching for one generate model.
+
+Sequences join and leave the running batch at step boundaries. One step, on the model's worker
+thread (never on the event loop), does: drop the rows of finished, cancelled and preempted
+sequences (``KVState.select``); prefill the newcomers together and sample their first token;
+append them to the batch (``KVState.join``, so nobody else is recomputed); one decode step for
+every running row. Tokens reach each request's ``asyncio.Queue`` from the worker through
+``loop.call_soon_threadsafe`` as soon as a phase ends, so a newcomer's first token does not wait
+for the decode that follows its prefill.
+
+Admission has the serving core batcher's semantics and exceptions (``appliance.batcher``):
+priority levels 1..N with a bounded queue per level (``QueueFull``), a deadline while waiting
+(``DeadlineExceeded``, answered by its own timer), refusal on arrival of a request predicted to
+miss it (``WouldMissDeadline``), ``InvalidPriority``, and optional aging. The deadline covers only
+the wait for a slot: once a sequence streams tokens it is not cut off.
+
+Capacity is bounded by ``generation.max_running_sequences`` and ``generation.kv_cache_bytes``.
+Memory is accounted as reserved, not as used: a sequence reserves prompt + ``max_tokens`` tokens,
+and as the batch is left-padded to its longest row, a batch of n rows is charged
+n x (largest reservation) x bytes per token (layers x 2 x kv_heads x head_dim x dtype size). A
+batch that fits when admitted therefore never outgrows the budget, and no sequence has to be
+evicted for memory halfway through.
+
+With ``generation.preemption`` on, a waiting request that finds no room evicts running sequences
+of a lower priority (largest level first, latest arrival first, as vLLM does). The evicted
+sequence goes back to the front of its level and resumes later by prefilling its prompt and the
+tokens it had generated (recompute; its sampler state is kept, so its output does not change).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from appliance import settings
+from appliance.batcher import (
+    REJECT_REASONS,
+    AdmissionError,
+    BatcherClosed,
+    BatchPolicy,
+    DeadlineExceeded,
+    InvalidPriority,
+    QueueFull,
+    WouldMissDeadline,
+)
+from appliance.engines.base import EngineError, EngineOutOfMemory, EngineTimeout
+from appliance.llm.runtime import KVState
+from appliance.llm.sampling import OutputProcessor, SamplingParams, make_rng, sample
+from appliance.settings import Setting
+from appliance.telemetry import Metrics
+
+log = logging.getLogger(__name__)
+
+settings.register(
+    Setting(
+        "generation.max_running_sequences",
+        int,
+        8,
+        "Sequences decoded together in one continuous batch (generate models).",
+        1,
+        1024,
+    ),
+    Setting(
+        "generation.kv_cache_bytes",
+        int,
+        512 << 20,
+        "KV-cache budget of the running batch; each sequence reserves prompt + max_tokens tokens.",
+        1 << 20,
+        1 << 40,
+    ),
+    Setting(
+        "generation.max_tokens_default",
+        int,
+        256,
+        "max_tokens of a request that sets none (lowered to what the context has left).",
+        1,
+        1_000_000,
+    ),
+    Setting(
+        "generation.max_tokens_limit",
+        int,
+        4096,
+        "Largest max_tokens a request may ask for.",
+        1,
+        1_000_000,
+    ),
+    Setting(
+        "generation.preemption",
+        bool,
+        False,
+        "Let a waiting request evict running ones of a lower priority (they resume by recomputing).",
+    ),
+    Setting(
+        "generation.max_prefill_tokens",
+        int,
+        4096,
+        "Padded prompt tokens prefilled in one step; bounds how long newcomers stall the batch.",
+        1,
+        1_000_000,
+    ),
+)
+
+_EWMA_ALPHA = 0.2
+DEFAULT_SEQUENCE_S = 1.0  # assumed time a sequence holds a slot before any has finished
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_running: int = 8
+    kv_cache_bytes: int = 512 << 20
+    max_tokens_default: int = 256
+    max_tokens_limit: int = 4096
+    preemption: bool = False
+    max_prefill_tokens: int = 4096
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> GenerationConfig:
+        return cls(
+            max_running=int(values["generation.max_running_sequences"]),
+            kv_cache_bytes=int(values["generation.kv_cache_bytes"]),
+            max_tokens_default=int(values["generation.max_tokens_default"]),
+            max_tokens_limit=int(values["generation.max_tokens_limit"]),
+            preemption=bool(values["generation.preemption"]),
+            max_prefill_tokens=int(values["generation.max_prefill_tokens"]),
+        )
+
+
+class Decoder(Protocol):
+    """What the scheduler needs of ``appliance.llm.runtime.DecoderSession`` (tests pass fakes)."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    kv_dtype: np.dtype
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, KVState]: ...
+
+    def decode(self, next_ids: Sequence[int] | np.ndarray, state: KVState) -> np.ndarray: ...
+
+
+# -- events a request receives ------------------------------------------------------------------
+
+
+@dataclass
+class Token:
+    """New text (may be empty while a stop string or a split character is held back)."""
+
+    text: str
+    completion_tokens: int
+
+
+@dataclass
+class Finished:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    """An AdmissionError (deadline, closed) or an EngineError; the service maps it."""
+
+    error: Exception
+
+
+Event = Token | Finished | Failed
+
+
+@dataclass(eq=False)  # identity: sequences are set members
+class Seq:
+    """One request's generation. Fields marked "worker" are written only by the step that runs it."""
+
+    prompt: list[int]
+    params: SamplingParams
+    processor: OutputProcessor
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    priority: int = 0
+    order: int = 0
+    arrival: float = field(default_factory=time.monotonic)
+    generated: list[int] = field(default_factory=list)  # worker
+    admitted_at: float | None = None
+    first_token_at: float | None = None  # worker
+    timer: asyncio.TimerHandle | None = None
+    rng: np.random.Generator = field(init=False)
+    cancelled: bool = False  # loop: the client went away, or the sequence failed
+    evicted: bool = False  # loop: preempted; dropped from the batch at the next step
+    done: bool = False  # worker: finished; no more tokens
+    closed: bool = False  # loop: a terminal event was delivered
+    preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        self.rng = make_rng(self.params.seed)
+
+    @property
+    def reserved(self) -> int:
+        """Tokens this sequence may hold at most: what its KV reservation is charged for."""
+        return len(self.prompt) + self.params.max_tokens
+
+    def context(self) -> list[int]:
+        """What a (re)admission prefills: the prompt and, after a preemption, what it generated."""
+        return self.prompt + self.generated
+
+
+@dataclass
+class _Plan:
+    keep: list[Seq]  # running rows kept, in batch order
+    admit: list[Seq]  # newcomers to prefill
+
+
+class Scheduler:
+    """The continuous-batching scheduler of one generate model.
+
+    It sits in ``ModelRuntime.batcher``: ``policy`` (settable), ``close(drain=...)`` and
+    ``snapshot()`` mirror ``appliance.batcher.Batcher`` so the manager and admin treat both alike.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        session: Decoder,
+        executor: Executor,
+        policy: BatchPolicy,
+        config: GenerationConfig | None = None,
+        *,
+        metrics: Metrics | None = None,
+        tunables: Callable[[], Mapping[str, Any]] | None = None,
+        progress: Callable[[float], AbstractContextManager[Any]] | None = None,
+    ) -> None:
+        self.name = name
+        self.session = session
+        self.executor = executor
+        self.config = config or GenerationConfig()
+        self._tunables = tunables
+        self._progress = progress
+        self.metrics = metrics
+        self.bytes_per_token = (
+            session.layers * 2 * session.kv_heads * session.head_dim * np.dtype(session.kv_dtype).itemsize
+        )
+        self._queues: list[list[Seq]] = []
+        self._policy = policy
+        self._relevel(policy.priority_levels)
+        self._order = itertools.count()
+        self._rows: list[Seq] = []  # batch order of the KV rows
+        self._kv: KVState | None = None
+        self._inflight: _Plan | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._seq_s: float | None = None  # EWMA seconds a sequence holds a slot
+        self._tok_rate: float | None = None  # EWMA generated tokens per second of the batch
+        self._recent: deque[int] = deque(maxlen=64)
+        self._rejections = dict.fromkeys(REJECT_REASONS, 0)
+        self._counts = dict.fromkeys(("completed", "cancelled", "preempted", "failed", "steps"), 0)
+
+    # ---- settings --------------------------------------------------------------------------
+
+    @property
+    def policy(self) -> BatchPolicy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: BatchPolicy) -> None:
+        # The manager assigns a new policy when settings change live; generation.* change with it.
+        self._policy = policy
+        self._relevel(policy.priority_levels)
+        if self._tunables is not None:
+            self.config = GenerationConfig.from_values(self._tunables())
+        self._wake.set()
+
+    def kv_bytes(self, tokens: int) -> int:
+        return tokens * self.bytes_per_token
+
+    # ---- public API -------------------------------------------------------------------------
+
+    def submit(self, seq: Seq, *, priority: int | None = None, timeout_ms: float | None = None) -> None:
+        """Queue ``seq`` or raise an AdmissionError; its events arrive on ``seq.events``."""
+        policy = self._policy
+        self._relevel(policy.priority_levels)
+        level = policy.default_priority if priority is None else priority
+        if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= policy.priority_levels:
+            raise InvalidPriority(
+                f"priority must be an integer from 1 to {policy.priority_levels}, got {priority!r}"
+            )
+        timeout_s = policy.effective_timeout_ms(timeout_ms) / 1000
+        if self._closed:
+            raise self._refuse(BatcherClosed(f"model {self.name!r} is closed", priority=level))
+        queue = self._queues[level - 1]
+        limit = policy.queue_limit(level)
+        if limit and len(queue) >= limit:
+            wait = max(self._predicted_wait(level, assume=True), 0.001)
+            msg = f"queue for priority {level} of {self.name!r} is full ({limit} waiting)"
+            raise self._refuse(QueueFull(msg, retry_after_s=wait, priority=level))
+        # Without an observed sequence time any prediction is a guess; refusing on a guess is worse.
+        if timeout_s and self._seq_s is not None:
+            wait = self._predicted_wait(level)
+            if wait > timeout_s:
+                msg = f"predicted wait {wait * 1000:.0f} ms exceeds the {timeout_s * 1000:.0f} ms timeout"
+                raise self._refuse(WouldMissDeadline(msg, retry_after_s=wait - timeout_s, priority=level))
+        loop = asyncio.get_running_loop()
+        seq.priority = level
+        seq.order = next(self._order)
+        seq.arrival = time.monotonic()
+        if timeout_s:
+            seq.timer = loop.call_later(timeout_s, self._expire, seq)
+        queue.append(seq)
+        self._queue_changed(level)
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._drive(), name=f"scheduler:{self.name}")
+        self._wake.set()
+
+    def cancel(self, seq: Seq) -> None:
+        """The request went away: withdraw it if waiting, drop its row at the next step if running."""
+        if seq.closed:
+            return
+        seq.closed = True
+        if self._discard(seq):
+            self._count_rejection(seq.priority, "cancelled")
+            return
+        seq.cancelled = True
+        if not seq.done:
+            self._counts["cancelled"] += 1
+        self._wake.set()
+
+    async def close(self, drain: bool = True) -> None:
+        """Stop accepting; finish everything (drain) or fail it with BatcherClosed; await the driver."""
+        self._closed = True
+        if not drain:
+            for queue in self._queues:
+                for seq in list(queue):
+                    self._discard(seq)
+                    self._count_rejection(seq.priority, "closed")
+                    self._fail(seq, BatcherClosed(f"model {self.name!r} closed"))
+            for seq in list(self._rows) + (self._inflight.admit if self._inflight else []):
+                self._fail(seq, BatcherClosed(f"model {self.name!r} closed while generating"))
+        self._wake.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def stop(self) -> None:
+        await self.close(drain=False)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def snapshot(self) -> dict[str, Any]:
+        """The batcher's snapshot keys, so the admin stats read both alike."""
+        return {
+            "name": self.name,
+            "closed": self._closed,
+            "queue_depth": {i + 1: len(q) for i, q in enumerate(self._queues)},
+            "running_batches": 1 if self._inflight is not None else 0,
+            "instances": 1,
+            "service_rate": None if self._seq_s is None else self.config.max_running / self._seq_s,
+            "batch_seconds": None,
+            "recent_batch_sizes": list(self._recent),
+            "rejections": dict(self._rejections),
+            "completed": self._counts["completed"],
+            "dropped_results": self._counts["cancelled"],
+        }
+
+    def generation_snapshot(self) -> dict[str, Any]:
+        running = [s for s in self._rows if not (s.cancelled or s.done or s.evicted)]
+        return {
+            "running": len(running),
+            "waiting": sum(len(q) for q in self._queues),
+            "prefilling": len(self._inflight.admit) if self._inflight else 0,
+            "max_running": self.config.max_running,
+            "kv_cache_bytes": self._kv_used(),
+            "kv_reserved_bytes": self._charge(running),
+            "kv_budget_bytes": self.config.kv_cache_bytes,
+            "tokens_per_s": self._tok_rate,
+            "preemption": self.config.preemption,
+            **self._counts,
+        }
+
+    # ---- admission --------------------------------------------------------------------------
+
+    def _relevel(self, levels: int) -> None:
+        """Resize the per-level queues; requests on a removed level join the new lowest level."""
+        if len(self._queues) == levels:
+            return
+        waiting = sorted((s for q in self._queues for s in q), key=lambda s: s.order)
+        self._queues = [[] for _ in range(levels)]
+        for seq in waiting:
+            seq.priority = min(seq.priority, levels)
+            self._queues[seq.priority - 1].append(seq)
+
+    def _refuse(self, error: AdmissionError) -> AdmissionError:
+        self._count_rejection(error.priority or 0, error.reason)
+        return error
+
+    def _count_rejection(self, priority: int, reason: str) -> None:
+        self._rejections[reason] = self._rejections.get(reason, 0) + 1
+        if self.metrics is not None:
+            self.metrics.rejections.labels(self.name, str(priority), reason).inc()
+
+    def _queue_changed(self, level: int) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.labels(self.name, str(level)).set(len(self._queues[level - 1]))
+            self.metrics.waiting_sequences.labels(self.name).set(sum(len(q) for q in self._queues))
+
+    def _active(self) -> list[Seq]:
+        return [s for s in self._rows if not (s.cancelled or s.done or s.evicted)]
+
+    def _predicted_wait(self, level: int, assume: bool = False) -> float:
+        """Seconds until a new request at ``level`` gets a slot: slots free up at about
+        max_running / (mean time a sequence holds one)."""
+        free = self.config.max_running - len(self._active())
+        ahead = sum(len(q) for q in self._queues[:level])
+        if ahead < free:
+            return 0.0
+        per_seq = self._seq_s if self._seq_s is not None else (DEFAULT_SEQUENCE_S if assume else 0.0)
+        return (ahead - free + 1) * per_seq / self.config.max_running
+
+    def _expire(self, seq: Seq) -> None:
+        seq.timer = None
+        if self._discard(seq):
+            self._count_rejection(seq.priority, "deadline")
+            waited = time.monotonic() - seq.arrival
+            self._fail(
+                seq,
+                DeadlineExceeded(f"timed out after {waited * 1000:.0f} ms in queue", priority=seq.priority),
+            )
+
+    def _discard(self, seq: Seq) -> bool:
+        queue = self._queues[seq.priority - 1] if 0 < seq.priority <= len(self._queues) else []
+        if seq not in queue:
+            return False
+        queue.remove(seq)
+        if seq.timer is not None:
+            seq.timer.cancel()
+            seq.timer = None
+        self._queue_changed(seq.priority)
+        return True
+
+    def _requeue(self, seq: Seq) -> None:
+        """A preempted sequence goes back ahead of every later arrival at its level."""
+        queue = self._queues[seq.priority - 1]
+        pos = next((i for i, s in enumerate(queue) if s.order > seq.order), len(queue))
+        queue.insert(pos, seq)
+        self._queue_changed(seq.priority)
+
+    def _candidates(self) -> Iterator[Seq]:
+        """Waiting sequences in admission order: (effective priority, arrival)."""
+        aging = self._policy.aging_ms
+        if not aging:
+            yield from itertools.chain.from_iterable(list(q) for q in self._queues)
+            return
+        now = time.monotonic()
+
+        def ranked(queue: list[Seq]) -> Iterator[tuple[int, int, Seq]]:
+            for s in list(queue):
+                yield max(1, s.priority - int((now - s.arrival) * 1000 // aging)), s.order, s
+
+        # Within a level older means more aged, so each level is already in (effective, order) order.
+        for _, _, seq in heapq.merge(*map(ranked, self._queues)):
+            yield seq
+
+    def _charge(self, group: Sequence[Seq]) -> int:
+        """Reserved KV bytes of a batch: rows x longest reservation (the batch is left-padded)."""
+        if not group:
+            return 0
+        return len(group) * max(s.reserved for s in group) * self.bytes_per_token
+
+    def _fits(self, group: list[Seq]) -> bool:
+        if len(group) > self.config.max_running:
+            return False
+        # A lone sequence always runs: the service refused those that exceed the budget alone.
+        return len(group) == 1 or self._charge(group) <= self.config.kv_cache_bytes
+
+    def _plan(self) -> _Plan | None:
+        keep = self._active()
+        admit: list[Seq] = []
+        evicted: list[Seq] = []  # requeued by this plan: not candidates again until the next
+        for cand in list(self._candidates()):
+            if any(cand is v for v in evicted):
+                continue
+            group = keep + admit + [cand]
+            if admit:
+                width = max(len(s.context()) for s in [*admit, cand])
+                if (len(admit) + 1) * width > self.config.max_prefill_tokens:
+                    break  # the rest waits for the next step
+            if self._fits(group):
+                admit.append(cand)
+                continue
+            victims = self._victims(keep, admit, cand) if self.config.preemption else None
+            if victims is None:
+                break  # strict order: nobody overtakes a waiting request that does not fit yet
+            for v in victims:
+                keep.remove(v)
+                self._evict(v)
+            evicted.extend(victims)
+            admit.append(cand)
+        for seq in admit:
+            self._discard(seq)
+            if seq.admitted_at is None:
+                seq.admitted_at = time.monotonic()
+                if self.metrics is not None:
+                    self.metrics.generation_queue_duration.labels(self.name).observe(
+                        seq.admitted_at - seq.arrival
+                    )
+        if not keep and not admit:
+            self._rows, self._kv = [], None
+            self._set_gauges()
+            return None
+        return _Plan(keep, admit)
+
+    def _victims(self, keep: list[Seq], admit: list[Seq], cand: Seq) -> list[Seq] | None:
+        """The fewest lower-priority running sequences whose eviction lets ``cand`` in, or None."""
+        ranked = sorted(
+            (s for s in keep if s.priority > cand.priority), key=lambda s: (s.priority, s.order), reverse=True
+        )
+        chosen: list[Seq] = []
+        for v in ranked:
+            chosen.append(v)
+            rest = [s for s in keep if s not in chosen]
+            if self._fits(rest + admit + [cand]):
+                return chosen
+        return None
+
+    def _evict(self, seq: Seq) -> None:
+        seq.evicted = True
+        seq.preemptions += 1
+        self._counts["preempted"] += 1
+        if self.metrics is not None:
+            self.metrics.preemptions.labels(self.name).inc()
+        log.info("model %s: preempted a priority-%d sequence", self.name, seq.priority)
+        self._requeue(seq)
+
+    # ---- the driver (event loop) -----------------------------------------------------------
+
+    async def _drive(self) -> None:
+        while True:
+            try:
+                plan = self._plan()
+                if plan is None:
+                    if self._closed and not any(self._queues):
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                await self._step(plan)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug here must not leave requests hanging forever
+                log.exception("model %s: scheduler step failed", self.name)
+                for seq in self._rows + (self._inflight.admit if self._inflight else []):
+                    self._fail(seq, EngineError(f"scheduler error: {type(exc).__name__}: {exc}"))
+                self._rows, self._kv, self._inflight = [], None, None
+
+    async def _step(self, plan: _Plan) -> None:
+        loop = asyncio.get_running_loop()
+        for seq in plan.admit:
+            seq.evicted = False
+        self._inflight = plan
+        fut = loop.run_in_executor(self.executor, self._execute, loop, self._kv, self._rows, plan)
+        timeout_ms = float(self._tunables()["engine.timeout_ms"]) if self._tunables else 0.0
+        started = time.monotonic()
+        try:
+            if timeout_ms > 0:
+                kv, rows = await asyncio.wait_for(asyncio.shield(fut), timeout_ms / 1000)
+            else:
+                kv, rows = await fut
+        except TimeoutError:
+            # The worker cannot be stopped; its late results are dropped (every sequence it held
+            # is failed and marked closed), and the next step queues behind it on the executor.
+            err = EngineTimeout(f"a generation step ran past {timeout_ms:.0f} ms")
+            for seq in plan.keep + plan.admit:
+                self._fail(seq, err)
+            kv, rows = None, []
+        finally:
+            self._inflight = None
+        elapsed = time.monotonic() - started
+        self._kv, self._rows = kv, rows
+        self._counts["steps"] += 1
+        if rows:
+            self._recent.append(len(rows))
+        if self.metrics is not None:
+            self.metrics.compute_duration.labels(self.name).observe(elapsed)
+            if rows:
+                self.metrics.batch_size.labels(self.name).observe(len(rows))
+        self._set_gauges()
+
+    def _set_gauges(self) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.running_sequences.labels(self.name).set(len(self._active()))
+        self.metrics.kv_cache_bytes.labels(self.name).set(self._kv_used())
+
+    def _kv_used(self) -> int:
+        kv = self._kv
+        if kv is None:
+            return 0
+        return sum(int(a.nbytes) for a in kv.keys) + sum(int(a.nbytes) for a in kv.values)
+
+    def _fail(self, seq: Seq, error: Exception) -> None:
+        seq.cancelled = True
+        if seq.closed:
+            return
+        seq.closed = True
+        self._counts["failed"] += 1
+        seq.events.put_nowait(Failed(error))
+
+    def _deliver(self, batch: list[tuple[Seq, Event]]) -> None:
+        """On the loop: hand events to their requests and account finished sequences."""
+        now = time.monotonic()
+        m = self.metrics
+        for seq, ev in batch:
+            if seq.closed:
+                continue  # cancelled, failed or timed out meanwhile: nobody is listening
+            seq.events.put_nowait(ev)
+            if isinstance(ev, Finished | Failed):
+                seq.closed = True
+            if isinstance(ev, Failed):
+                self._counts["failed"] += 1
+            elif isinstance(ev, Finished):
+                self._counts["completed"] += 1
+                held = now - (seq.admitted_at or seq.arrival)
+                self._seq_s = (
+                    held if self._seq_s is None else self._seq_s + _EWMA_ALPHA * (held - self._seq_s)
+                )
+                if m is not None:
+                    m.generation_duration.labels(self.name).observe(now - seq.arrival)
+                    if seq.first_token_at is not None and ev.completion_tokens > 1:
+                        m.time_per_output_token.labels(self.name).observe(
+                            (now - seq.first_token_at) / (ev.completion_tokens - 1)
+                        )
+
+    # ---- one step (worker thread) ----------------------------------------------------------
+
+    def _execute(
+        self, loop: asyncio.AbstractEventLoop, kv: KVState | None, rows: list[Seq], plan: _Plan
+    ) -> tuple[KVState | None, list[Seq]]:
+        timeout_ms = float(self._tunables()["engine.timeout_ms"]) if self._tunables else 0.0
+        # A step may take up to twice the engine timeout before the watchdog calls the engine hung.
+        watch = self._progress(2 * timeout_ms / 1000 if timeout_ms > 0 else 300.0) if self._progress else None
+        with watch if watch is not None else contextlib.nullcontext():
+            return self._execute_step(loop, kv, rows, plan)
+
+    def _execute_step(
+        self, loop: asyncio.AbstractEventLoop, kv: KVState | None, rows: list[Seq], plan: _Plan
+    ) -> tuple[KVState | None, list[Seq]]:
+        kv, rows = _select(kv, rows, [s for s in plan.keep if not s.cancelled])
+        started = time.monotonic()
+        produced = 0
+        if plan.admit:
+            new_kv, joined = self._prefill(loop, [s for s in plan.admit if not s.cancelled])
+            produced += len(joined)
+            if joined and new_kv is not None:
+                kv = new_kv if kv is None else KVState.join([kv, new_kv])
+                rows = rows + joined
+        # Rows whose client left during the prefill go now, before paying for their decode.
+        kv, rows = _select(kv, rows, [s for s in rows if not s.cancelled])
+        if rows and kv is not None:
+            events: list[tuple[Seq, Event]] = []
+            try:
+                logits = self.session.decode([s.generated[-1] for s in rows], kv)
+            except Exception as exc:
+                err = _engine_error(exc)
+                log.error("model %s: decode of %d rows failed: %s", self.name, len(rows), err)
+                loop.call_soon_threadsafe(self._deliver, _failures(rows, err))
+                return None, []
+            for row, seq in enumerate(rows):
+                events.extend(self._advance(seq, logits[row]))
+            produced += len(rows)
+            loop.call_soon_threadsafe(self._deliver, events)
+            kv, rows = _select(kv, rows, [s for s in rows if not (s.done or s.cancelled)])
+        elapsed = time.monotonic() - started
+        if produced and elapsed > 0:
+            rate = produced / elapsed
+            r = self._tok_rate
+            self._tok_rate = rate if r is None else r + _EWMA_ALPHA * (rate - r)
+        return kv, rows
+
+    def _prefill(self, loop: asyncio.AbstractEventLoop, admit: list[Seq]) -> tuple[KVState | None, list[Seq]]:
+        """Prefill newcomers together; return the KV rows and sequences that go on decoding."""
+        if not admit:
+            return None, []
+        try:
+            logits, kv = self.session.prefill([s.context() for s in admit])
+        except Exception as exc:
+            err = _engine_error(exc)
+            log.error("model %s: prefill of %d sequences failed: %s", self.name, len(admit), err)
+            loop.call_soon_threadsafe(self._deliver, _failures(admit, err))
+            return None, []
+        events: list[tuple[Seq, Event]] = []
+        for row, seq in enumerate(admit):
+            if seq.cancelled:  # left while its prompt was being read: drop the result
+                continue
+            if self.metrics is not None and not seq.preemptions:
+                self.metrics.prompt_tokens.labels(self.name).inc(len(seq.prompt))
+            events.extend(self._advance(seq, logits[row]))
+        loop.call_soon_threadsafe(self._deliver, events)
+        live = [i for i, s in enumerate(admit) if not (s.done or s.cancelled)]
+        if not live:
+            return None, []
+        return (kv.select(live) if len(live) < len(admit) else kv), [admit[i] for i in live]
+
+    def _advance(self, seq: Seq, logits: np.ndarray) -> list[tuple[Seq, Event]]:
+        """Sample the next token of ``seq`` and say what it means for the client."""
+        token = sample(logits, seq.params, seq.rng)
+        seq.generated.append(token)
+        out = seq.processor.push(token)
+        n = len(seq.generated)
+        if self.metrics is not None:
+            self.metrics.generation_tokens.labels(self.name).inc()
+        if seq.first_token_at is None:
+            seq.first_token_at = time.monotonic()
+            if self.metrics is not None:
+                self.metrics.time_to_first_token.labels(self.name).observe(seq.first_token_at - seq.arrival)
+        events: list[tuple[Seq, Event]] = []
+        if out.text or out.finish_reason is None:
+            events.append((seq, Token(out.text, n)))
+        if out.finish_reason is not None:
+            seq.done = True
+            events.append((seq, Finished(out.finish_reason, len(seq.prompt), n)))
+        return events
+
+
+def _select(kv: KVState | None, rows: list[Seq], keep: list[Seq]) -> tuple[KVState | None, list[Seq]]:
+    """The batch restricted to ``keep`` (a subsequence of ``rows``), KV trimmed to match."""
+    if len(keep) == len(rows):
+        return kv, rows
+    if not keep or kv is None:
+        return None, []
+    index = {id(s): i for i, s in enumerate(rows)}
+    return kv.select([index[id(s)] for s in keep]), keep
+
+
+def _failures(seqs: list[Seq], err: Exception) -> list[tuple[Seq, Event]]:
+    return [(s, Failed(err)) for s in seqs]
+
+
+def _engine_error(exc: Exception) -> EngineError:
+    if isinstance(exc, EngineError):
+        return exc
+    text = f"{type(exc).__name__}: {exc}"
+    if "Failed to allocate memory" in text or "bad_alloc" in text or "out of memory" in text:
+        return EngineOutOfMemory(text)
+    return EngineError(text)

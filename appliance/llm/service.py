@@ -1,0 +1,573 @@
+"""Chat and text completion for generate models: validation, prompts, the scheduler; no HTTP.
+
+The API layer parses a body with ``GenerationOptions.from_openai``, calls ``ChatService`` and
+renders the events it gets back. A request is validated completely (messages, parameters, prompt
+length against the context) before it is queued, so every client mistake is a 400 that says what
+to change, and nothing invalid ever reaches the worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from appliance.batcher import AdmissionError
+from appliance.engines.base import Engine, EngineError, EngineOutOfMemory, EngineTimeout, TensorSpec
+from appliance.engines.onnxruntime import _spec, providers
+from appliance.errors import ApplianceError, EngineFailure, InvalidRequest
+from appliance.inference import admission_error
+from appliance.llm.chat_template import render_chat
+from appliance.llm.runtime import DecoderSession
+from appliance.llm.sampling import OutputProcessor, SamplingParams
+from appliance.llm.scheduler import Event, Finished, GenerationConfig, Scheduler, Seq, Token
+from appliance.models import ENGINE_OPENERS, RUNTIME_FACTORIES, ModelManager, ModelRuntime, batch_policy
+from appliance.repository import ModelEntry, ModelKind
+
+ROLES = ("system", "developer", "user", "assistant")
+MAX_STOP = 4
+
+
+# -- the engine and runtime of a generate model ------------------------------------------------
+
+
+class DecoderEngine(Engine):
+    """A built decoder as an Engine, so the manager loads, describes and closes it like the rest;
+    the scheduler drives its ``DecoderSession`` (prefill / decode with a KV state) directly."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, folder: Any, *, intra_op_threads: int = 0) -> None:
+        try:
+            self.session = DecoderSession(
+                folder, intra_op_threads=intra_op_threads or None, providers=providers(prefer_gpu=True)
+            )
+        except Exception as exc:  # ORT raises its own untyped errors
+            raise EngineError(f"cannot load the decoder in {folder}: {exc}") from exc
+        inner = self.session.session
+        self._inputs = [_spec(a) for a in inner.get_inputs()]
+        self._outputs = [_spec(a) for a in inner.get_outputs()]
+        model = self.session.model_dir / "model.onnx"
+        data = model.with_name("model.onnx.data")
+        self._bytes = model.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+    @property
+    def inputs(self) -> Sequence[TensorSpec]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> Sequence[TensorSpec]:
+        return self._outputs
+
+    def run(
+        self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        names = list(output_names) if output_names else [o.name for o in self._outputs]
+        try:
+            results = self.session.session.run(names, dict(feeds))
+        except Exception as exc:
+            raise EngineError(str(exc)) from exc
+        return dict(zip(names, results, strict=True))
+
+    def memory_bytes(self) -> int:
+        return self._bytes
+
+    def close(self) -> None:
+        # Dropping the last reference frees the session; ORT has no explicit close.
+        self.session.session = None
+
+
+@dataclass
+class LLMRuntime:
+    """The parts of a resident generate model the service needs (``ModelRuntime.extras["llm"]``)."""
+
+    name: str
+    session: DecoderSession
+    tokenizer: Tokenizer
+    scheduler: Scheduler
+    default_response: str | None = None
+
+    @property
+    def generation(self) -> dict[str, Any]:
+        return self.session.generation
+
+    @property
+    def context_length(self) -> int:
+        return self.session.context_length
+
+    def render(self, messages: Sequence[Mapping[str, Any]]) -> str:
+        g = self.generation
+        template = g.get("chat_template")
+        if not template:
+            raise InvalidRequest(f"the model '{self.name}' has no chat template; use /v1/completions")
+        try:
+            return render_chat(
+                template,
+                messages,
+                add_generation_prompt=True,
+                bos_token=g.get("bos_token"),
+                eos_token=g.get("eos_token"),
+            )
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), param="messages") from None
+
+    def warmup(self) -> None:
+        """First runs allocate ORT's buffers; pay for that at load, not in the first request."""
+        logits, state = self.session.prefill([self.tokenizer.encode("warm up").ids or [0]])
+        self.session.decode(logits.argmax(axis=-1), state)
+
+
+def _open_decoder(entry: ModelEntry, values: dict[str, Any]) -> Engine:
+    return DecoderEngine(entry.folder, intra_op_threads=int(values["engine.intra_op_threads"]))
+
+
+def _generate_runtime(
+    mgr: ModelManager, entry: ModelEntry, engine: Engine, executor: ThreadPoolExecutor
+) -> ModelRuntime:
+    if not isinstance(engine, DecoderEngine):
+        raise TypeError(f"a generate model needs a DecoderEngine, got {type(engine).__name__}")
+    roles = entry.spec.artefacts
+    tok = Tokenizer.from_file(
+        str(entry.artefact("tokenizer") if "tokenizer" in roles else entry.folder / "tokenizer.json")
+    )
+    tok.no_padding()
+    tok.no_truncation()
+    values = mgr.tunables(entry.name)
+    component = f"engine:{entry.name}"
+    scheduler = Scheduler(
+        entry.name,
+        engine.session,
+        executor,
+        batch_policy(values),
+        GenerationConfig.from_values(values),
+        metrics=mgr.metrics,
+        tunables=lambda: mgr.tunables(entry.name),
+        progress=lambda allowance: mgr.progress.working(component, allowance),
+    )
+    fallback = entry.spec.default_response
+    rt = LLMRuntime(
+        entry.name, engine.session, tok, scheduler, fallback if isinstance(fallback, str) else None
+    )
+    extras = {"llm": rt, "warmup": rt.warmup, "generation_snapshot": scheduler.generation_snapshot}
+    return ModelRuntime(entry, engine, executor, scheduler, entry.digest(), extras)
+
+
+ENGINE_OPENERS[ModelKind.generate] = _open_decoder
+RUNTIME_FACTORIES[ModelKind.generate] = _generate_runtime
+
+
+# -- request options ---------------------------------------------------------------------------
+
+
+def _number(
+    body: Mapping[str, Any], name: str, lo: float, hi: float, default: float, *, lo_open: bool = False
+) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidRequest(f"'{name}' must be a number", param=name)
+    if value < lo or value > hi or (lo_open and value == lo):
+        bound = f"greater than {lo:g}" if lo_open else f"at least {lo:g}"
+        raise InvalidRequest(f"'{name}' must be {bound} and at most {hi:g}, got {value!r}", param=name)
+    return float(value)
+
+
+def _integer(body: Mapping[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"'{name}' must be an integer", param=name)
+    return value
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Generation parameters of an OpenAI request, checked for type and range. ``max_tokens`` stays
+    None when unset: its default depends on the model's context and the prompt."""
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    @classmethod
+    def from_openai(cls, body: Mapping[str, Any]) -> GenerationOptions:
+        n = body.get("n")
+        if n is not None and n != 1:
+            raise InvalidRequest("only n=1 is supported (one choice per request)", param="n")
+        for name in ("logprobs", "top_logprobs", "echo", "suffix", "best_of", "logit_bias", "tools"):
+            value = body.get(name)
+            if value and not (name == "best_of" and value == 1):
+                raise InvalidRequest(f"'{name}' is not supported", param=name)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if _number(body, name, -2.0, 2.0, 0.0) != 0.0:
+                raise InvalidRequest(f"'{name}' is not supported (only 0)", param=name)
+        fmt = body.get("response_format")
+        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+            raise InvalidRequest(
+                "only response_format {'type': 'text'} is supported", param="response_format"
+            )
+        max_tokens = _integer(body, "max_completion_tokens")
+        name = "max_completion_tokens"
+        if max_tokens is None:
+            max_tokens, name = _integer(body, "max_tokens"), "max_tokens"
+        if max_tokens is not None and max_tokens < 1:
+            raise InvalidRequest(f"'{name}' must be at least 1, got {max_tokens}", param=name)
+        top_k = _integer(body, "top_k") or 0
+        if top_k < -1:
+            raise InvalidRequest("'top_k' must be -1 or 0 (off) or a positive integer", param="top_k")
+        ignore_eos = body.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise InvalidRequest("'ignore_eos' must be true or false", param="ignore_eos")
+        return cls(
+            max_tokens=max_tokens,
+            temperature=_number(body, "temperature", 0.0, 2.0, 1.0),
+            top_p=_number(body, "top_p", 0.0, 1.0, 1.0, lo_open=True),
+            top_k=max(top_k, 0),
+            seed=_integer(body, "seed"),
+            stop=_stops(body.get("stop")),
+            ignore_eos=ignore_eos,
+        )
+
+
+def _stops(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise InvalidRequest("'stop' must be a string or a list of strings", param="stop")
+    if len(items) > MAX_STOP:
+        raise InvalidRequest(f"'stop' may hold at most {MAX_STOP} strings, got {len(items)}", param="stop")
+    if any(not s for s in items):
+        raise InvalidRequest("'stop' strings must not be empty", param="stop")
+    return tuple(items)
+
+
+def normalize_messages(raw: Any) -> list[dict[str, str]]:
+    """OpenAI chat messages as {role, content} with text content; 'developer' is a system message."""
+    if not isinstance(raw, list):
+        raise InvalidRequest("'messages' must be a list of messages", param="messages")
+    if not raw:
+        raise InvalidRequest("'messages' must not be empty", param="messages")
+    out = []
+    for i, m in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise InvalidRequest(f"{where} must be an object with 'role' and 'content'", param=where)
+        role = m.get("role")
+        if not isinstance(role, str):
+            raise InvalidRequest(f"{where}.role must be a string", param=f"{where}.role")
+        if role not in ROLES:
+            raise InvalidRequest(
+                f"{where}.role {role!r} is not supported; expected one of {', '.join(ROLES)}",
+                param=f"{where}.role",
+            )
+        out.append(
+            {"role": "system" if role == "developer" else role, "content": _content(m.get("content"), where)}
+        )
+    return out
+
+
+def _content(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for j, part in enumerate(content):
+            if not (
+                isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+            ):
+                raise InvalidRequest(
+                    f"{where}.content[{j}] must be a text part {{'type': 'text', 'text': ...}}",
+                    param=f"{where}.content",
+                )
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise InvalidRequest(
+        f"{where}.content must be a string or a list of text parts", param=f"{where}.content"
+    )
+
+
+# -- results -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """A validated request: the model, its prompt tokens and the resolved sampling parameters."""
+
+    model: str
+    llm: LLMRuntime
+    prompt: list[int]
+    params: SamplingParams
+    source: dict[str, Any] = field(default_factory=dict)  # messages or prompt, for the cache key
+
+    def canonical(self, api: str) -> dict[str, Any] | None:
+        """The cache key's content, or None when the output is sampled (never reuse an answer then)."""
+        if not self.params.deterministic:
+            return None
+        p = self.params
+        return {
+            "api": api,
+            "model": self.model,
+            **self.source,
+            "max_tokens": p.max_tokens,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "top_k": p.top_k,
+            "seed": p.seed,
+            "stop": list(p.stop),
+            "ignore_eos": p.ignore_eos,
+        }
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def engine_failure(exc: Exception) -> ApplianceError:
+    """The same mapping as ``submit_all``: admission refusals and engine errors to API errors."""
+    if isinstance(exc, AdmissionError):
+        return admission_error(exc)
+    if isinstance(exc, ApplianceError):
+        return exc
+    kind = (
+        "oom"
+        if isinstance(exc, EngineOutOfMemory)
+        else "timeout"
+        if isinstance(exc, EngineTimeout)
+        else "exception"
+    )
+    return EngineFailure(f"engine {kind}: {exc}", kind=kind)
+
+
+class GenerationStream:
+    """The events of one queued generation: ``Token`` deltas then one ``Finished``.
+
+    Failures raise the mapped ApplianceError. Leaving early (``close()``, or the consuming task
+    being cancelled, which is how a client disconnect arrives) frees the sequence's slot.
+    """
+
+    def __init__(self, prepared: Prepared, seq: Seq) -> None:
+        self.prepared = prepared
+        self.seq = seq
+        self._pending: Event | None = None
+        self._done = False
+
+    def __aiter__(self) -> GenerationStream:
+        return self
+
+    async def __anext__(self) -> Token | Finished:
+        if self._done:
+            raise StopAsyncIteration
+        ev: Event
+        if self._pending is not None:
+            ev, self._pending = self._pending, None
+        else:
+            try:
+                ev = await self.seq.events.get()
+            except asyncio.CancelledError:
+                self.close()
+                raise
+        if isinstance(ev, Token):
+            # A slow reader gets what piled up as one delta rather than one write per token.
+            q = self.seq.events
+            while not q.empty():
+                nxt = q.get_nowait()
+                if not isinstance(nxt, Token):
+                    self._pending = nxt
+                    break
+                ev = Token(ev.text + nxt.text, nxt.completion_tokens)
+            return ev
+        self._done = True
+        if isinstance(ev, Finished):
+            return ev
+        raise engine_failure(ev.error)
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self.prepared.llm.scheduler.cancel(self.seq)
+
+    async def collect(self) -> Completion:
+        parts = []
+        try:
+            async for ev in self:
+                if isinstance(ev, Token):
+                    parts.append(ev.text)
+                else:
+                    return Completion(
+                        "".join(parts), ev.finish_reason, ev.prompt_tokens, ev.completion_tokens
+                    )
+        finally:
+            self.close()
+        raise RuntimeError("generation ended without a finish event")
+
+
+class ChatService:
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+
+    async def _llm(self, model: Any) -> LLMRuntime:
+        if not isinstance(model, str) or not model:
+            raise InvalidRequest("'model' is required and must be a string", param="model")
+        runtime = await self.manager.runtime(model)
+        llm = runtime.extras.get("llm")
+        if not isinstance(llm, LLMRuntime):
+            raise InvalidRequest(
+                f"The model '{model}' is a {runtime.entry.kind.value} model; chat and completions "
+                "need a generate model",
+                param="model",
+            )
+        return llm
+
+    async def prepare_chat(self, model: Any, messages: Any, options: GenerationOptions) -> Prepared:
+        llm = await self._llm(model)
+        normalized = normalize_messages(messages)
+        text = llm.render(normalized)
+        # The template writes the special tokens itself; the tokenizer must not add more.
+        prompt = llm.tokenizer.encode(text, add_special_tokens=False).ids
+        return self._prepared(llm, prompt, options, {"messages": normalized})
+
+    async def prepare_completion(self, model: Any, prompt: Any, options: GenerationOptions) -> Prepared:
+        llm = await self._llm(model)
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+            prompt = prompt[0]  # the client's one-element batch form
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequest("'prompt' must not be empty", param="prompt")
+            ids = llm.tokenizer.encode(prompt).ids
+        elif (
+            isinstance(prompt, list)
+            and prompt
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+        ):
+            vocab = llm.session.vocab
+            if min(prompt) < 0 or max(prompt) >= vocab:
+                raise InvalidRequest(f"'prompt' has a token id outside 0..{vocab - 1}", param="prompt")
+            ids = list(prompt)
+        else:
+            raise InvalidRequest(
+                "'prompt' must be a string or a list of token ids (one prompt per request)", param="prompt"
+            )
+        if not ids:
+            raise InvalidRequest("'prompt' encodes to no tokens", param="prompt")
+        return self._prepared(llm, ids, options, {"prompt": prompt})
+
+    def _prepared(
+        self, llm: LLMRuntime, prompt: list[int], options: GenerationOptions, source: dict[str, Any]
+    ) -> Prepared:
+        cfg = llm.scheduler.config
+        context = llm.context_length
+        name = "max_tokens"
+        if options.max_tokens is not None and options.max_tokens > cfg.max_tokens_limit:
+            raise InvalidRequest(
+                f"'max_tokens' is {options.max_tokens}; this server allows at most {cfg.max_tokens_limit}",
+                param=name,
+            )
+        if len(prompt) >= context:
+            raise InvalidRequest(
+                f"the prompt has {len(prompt)} tokens, {len(prompt) - context + 1} more than the model's "
+                f"context of {context} allows (it must leave room for at least one new token)",
+                param="messages" if "messages" in source else "prompt",
+            )
+        if options.max_tokens is None:
+            max_tokens = min(cfg.max_tokens_default, context - len(prompt))
+        else:
+            max_tokens = options.max_tokens
+            over = len(prompt) + max_tokens - context
+            if over > 0:
+                raise InvalidRequest(
+                    f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
+                    f"context of {context} tokens by {over}; shorten the prompt or lower max_tokens",
+                    param=name,
+                )
+        need = llm.scheduler.kv_bytes(len(prompt) + max_tokens)
+        if need > cfg.kv_cache_bytes:
+            raise InvalidRequest(
+                f"the prompt plus max_tokens needs {need} bytes of KV cache; generation.kv_cache_bytes "
+                f"is {cfg.kv_cache_bytes}",
+                param=name,
+            )
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            top_k=options.top_k,
+            seed=options.seed,
+            stop=options.stop,
+            ignore_eos=options.ignore_eos,
+        )
+        return Prepared(llm.name, llm, prompt, params, source)
+
+    def start(
+        self, prepared: Prepared, *, priority: int | None = None, timeout_ms: float | None = None
+    ) -> GenerationStream:
+        """Queue a prepared request; admission refusals raise at once (429 / 503 / 400)."""
+        llm = prepared.llm
+        processor = OutputProcessor.create(prepared.params, llm.tokenizer, llm.session.eos_ids)
+        seq = Seq(list(prepared.prompt), prepared.params, processor)
+        try:
+            llm.scheduler.submit(seq, priority=priority, timeout_ms=timeout_ms)
+        except AdmissionError as exc:
+            raise admission_error(exc) from None
+        return GenerationStream(prepared, seq)
+
+    async def chat(
+        self,
+        model: str,
+        messages: Any,
+        params: GenerationOptions,
+        priority: int | None = None,
+        timeout_ms: float | None = None,
+    ) -> GenerationStream:
+        return self.start(
+            await self.prepare_chat(model, messages, params), priority=priority, timeout_ms=timeout_ms
+        )
+
+    async def chat_whole(
+        self,
+        model: str,
+        messages: Any,
+        params: GenerationOptions,
+        priority: int | None = None,
+        timeout_ms: float | None = None,
+    ) -> Completion:
+        stream = await self.chat(model, messages, params, priority, timeout_ms)
+        return await stream.collect()
+
+    async def complete(
+        self,
+        model: str,
+        prompt: Any,
+        params: GenerationOptions,
+        priority: int | None = None,
+        timeout_ms: float | None = None,
+    ) -> GenerationStream:
+        prepared = await self.prepare_completion(model, prompt, params)
+        return self.start(prepared, priority=priority, timeout_ms=timeout_ms)
+
+
+__all__ = [
+    "ChatService",
+    "Completion",
+    "DecoderEngine",
+    "GenerationOptions",
+    "GenerationStream",
+    "LLMRuntime",
+    "Prepared",
+]

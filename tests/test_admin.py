@@ -1,0 +1,166 @@
+"""The admin plane: stats, live settings (validated as a whole, applied at once, persisted
+atomically), model, breaker and cache actions; over TCP with the token and over the Unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from tests.conftest import ServerThread, make_repository
+
+MODEL = "all-minilm-l6-v2"
+
+
+def admin(srv: ServerThread, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    assert srv.server is not None
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(
+        srv.admin_url + path,
+        data=data,
+        method=method,
+        headers={"Authorization": f"Bearer {srv.server.admin_token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture
+def served(tmp_path: Path, minilm_folder: Path) -> Any:
+    """A server started from a real appliance.yaml, so that persistence can be checked."""
+    repo = make_repository(tmp_path, {MODEL: minilm_folder})
+    path = tmp_path / "appliance.yaml"
+    raw = {
+        "server": {"port": 0},
+        "admin": {"port": 0, "socket": "data/admin.sock"},
+        "model_repository": str(repo),
+        "data_dir": "data",
+    }
+    path.write_text("# operator notes that PyYAML cannot keep\n" + yaml.safe_dump(raw))
+    servers: list[ServerThread] = []
+
+    def start() -> ServerThread:
+        current = yaml.safe_load(path.read_text())
+        srv = ServerThread(current, path).start()
+        servers.append(srv)
+        return srv
+
+    yield start, path
+    for s in servers:
+        s.stop()
+
+
+def test_stats_snapshot_after_traffic(served: Any) -> None:
+    start, _ = served
+    srv = start()
+    for i in range(5):
+        srv.post("/v1/embeddings", {"model": MODEL, "input": f"stats {i}"})
+    srv.post("/v1/embeddings", {"model": MODEL, "input": "x", "priority": 99})
+    status, stats = admin(srv, "GET", "/admin/stats")
+    assert status == 200
+    m = stats["models"][MODEL]
+    assert m["state"] == "resident" and m["kind"] == "embedding"
+    assert m["requests_per_s"] > 0 and m["p50_ms"] > 0 and m["p99_ms"] >= m["p50_ms"]
+    assert set(m["queue_depth"]) == {"1", "2", "3"}
+    assert m["recent_batch_sizes"] and m["backend"] == "onnxruntime"
+    assert stats["cache"]["enabled"] is True and stats["uptime_s"] >= 0 and stats["version"]
+
+
+def test_settings_patch_is_validated_as_a_whole(served: Any) -> None:
+    start, _ = served
+    srv = start()
+    status, body = admin(
+        srv,
+        "PATCH",
+        "/admin/settings",
+        {"models": {MODEL: {"batching": {"max_batch_size": 4}, "queue": {"aging_ms": -1}}}},
+    )
+    assert status == 400
+    assert "queue.aging_ms" in body["error"]["message"] and "0" in body["error"]["message"]
+    _, current = admin(srv, "GET", "/admin/settings")
+    assert current["models"][MODEL]["batching.max_batch_size"] == 32, "nothing applied"
+    status, body = admin(
+        srv, "PATCH", "/admin/settings", {"models": {MODEL: {"queue": {"default_priority": 5}}}}
+    )
+    assert status == 400 and "default_priority" in body["error"]["message"]
+    status, body = admin(srv, "PATCH", "/admin/settings", {"models": {"ghost": {}}})
+    assert status == 400 and "ghost" in body["error"]["message"]
+    status, body = admin(srv, "PATCH", "/admin/settings", {"models": {MODEL: {"cache": {"ttl_s": 5}}}})
+    assert status == 400 and "server-wide" in body["error"]["message"]
+
+
+def test_settings_apply_live_and_survive_a_restart(served: Any) -> None:
+    start, path = served
+    srv = start()
+    status, body = admin(
+        srv,
+        "PATCH",
+        "/admin/settings",
+        {"defaults": {"cache": {"ttl_s": 120}}, "models": {MODEL: {"batching": {"max_batch_size": 4}}}},
+    )
+    assert status == 200 and body["models"][MODEL]["batching.max_batch_size"] == 4
+    from appliance.api.common import MANAGER
+
+    policy = srv.call(lambda: srv.app[MANAGER].slots[MODEL].runtime.batcher.policy)  # type: ignore[union-attr]
+    assert policy.max_batch_size == 4, "applied to the running batcher at once"
+    saved = yaml.safe_load(path.read_text())
+    assert saved["models"][MODEL]["batching"]["max_batch_size"] == 4
+    assert saved["defaults"]["cache"]["ttl_s"] == 120
+    assert "operator notes" in (path.parent / "appliance.yaml.bak").read_text()
+    srv.stop()
+    again = start()
+    _, current = admin(again, "GET", "/admin/settings")
+    assert current["models"][MODEL]["batching.max_batch_size"] == 4
+    assert current["defaults"]["cache.ttl_s"] == 120
+
+
+def test_model_breaker_and_cache_actions(served: Any) -> None:
+    start, _ = served
+    srv = start()
+    assert admin(srv, "POST", f"/admin/models/{MODEL}/unload")[1]["state"] == "available"
+    assert srv.get("/readyz")[0] == 503
+    assert admin(srv, "POST", f"/admin/models/{MODEL}/load")[1]["state"] == "resident"
+    assert admin(srv, "POST", "/admin/models/ghost/load")[0] == 400
+
+    status, snap = admin(srv, "POST", f"/admin/breakers/{MODEL}/open")
+    assert status == 200 and snap["state"] == "forced_open"
+    status, body, headers = srv.post("/v1/embeddings", {"model": MODEL, "input": "while forced open"})
+    assert status == 503 and "Retry-After" in headers
+    assert admin(srv, "POST", f"/admin/breakers/{MODEL}/close")[1]["state"] == "closed"
+    assert admin(srv, "POST", f"/admin/breakers/{MODEL}/disable")[1]["state"] == "disabled"
+    assert admin(srv, "POST", f"/admin/breakers/{MODEL}/reset")[1]["state"] == "closed"
+    assert admin(srv, "POST", f"/admin/breakers/{MODEL}/explode")[0] == 400
+
+    srv.post("/v1/embeddings", {"model": MODEL, "input": "cached"})
+    from appliance.api.common import RESILIENCE
+
+    srv.call(lambda: srv.app[RESILIENCE].cache.flush())  # type: ignore[union-attr]
+    status, body = admin(srv, "POST", "/admin/cache/purge", {"model": MODEL})
+    assert status == 200 and body["purged"] >= 1
+    assert (
+        srv.post("/v1/embeddings", {"model": MODEL, "input": "cached"})[2]["X-Appliance-Source"] == "engine"
+    )
+    assert admin(srv, "POST", "/admin/cache/purge")[0] == 200
+
+
+def test_unix_socket_needs_no_token(served: Any) -> None:
+    start, _ = served
+    srv = start()
+    assert srv.server is not None and srv.server.admin_socket is not None
+
+    async def get() -> tuple[int, Any]:
+        conn = aiohttp.UnixConnector(path=str(srv.server.admin_socket))  # type: ignore[union-attr]
+        async with aiohttp.ClientSession(connector=conn) as s, s.get("http://appliance/admin/stats") as r:
+            return r.status, await r.json()
+
+    status, stats = asyncio.run(get())
+    assert status == 200 and MODEL in stats["models"]

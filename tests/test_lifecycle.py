@@ -1,0 +1,204 @@
+"""The process under systemd: readiness and watchdog through NOTIFY_SOCKET, drain on SIGTERM,
+configuration reload on SIGHUP, structured logs."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, make_repository
+
+MODEL = "all-minilm-l6-v2"
+
+
+class NotifyListener:
+    """Plays systemd: a datagram socket that records what the service says, with timestamps."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
+        self.path = path
+        self.messages: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            for line in data.decode().splitlines():
+                self.messages.append((time.monotonic(), line))
+
+    def lines(self, prefix: str) -> list[float]:
+        return [t for t, m in self.messages if m.startswith(prefix)]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+def test_ready_watchdog_pings_stop_when_an_engine_hangs_and_stopping(
+    start_server,
+    minilm_folder: Path,
+    faulty: Any,
+    tmp_path: Path,
+) -> None:  # type: ignore[no-untyped-def]
+    listener = NotifyListener(tmp_path / "notify.sock")
+    env = {"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "400000"}
+    srv = start_server({MODEL: minilm_folder}, overrides={MODEL: {"engine": {"timeout_ms": 100}}}, env=env)
+    time.sleep(1.0)
+    assert listener.lines("READY=1"), listener.messages
+    pings = listener.lines("WATCHDOG=1")
+    assert len(pings) >= 3
+    assert max(b - a for a, b in itertools.pairwise(pings)) < 0.4
+    # A hung engine: the batch overruns twice its 100 ms timeout, so the worker is stalled.
+    faulty[0].delay_s = 2.0
+    hung = threading.Thread(target=lambda: srv.post("/v1/embeddings", {"model": MODEL, "input": "hang"}))
+    hung.start()
+    time.sleep(1.2)
+    recent = [t for t in listener.lines("WATCHDOG=1") if t > time.monotonic() - 0.8]
+    assert not recent, "pings must stop while an engine worker is stuck"
+    assert any("stalled" in m for _, m in listener.messages if m.startswith("STATUS="))
+    hung.join()
+    time.sleep(1.5)  # the engine thread itself sleeps out its 2 s, then beats again
+    assert [t for t in listener.lines("WATCHDOG=1") if t > time.monotonic() - 0.5], "pings resume"
+    srv.stop()
+    assert listener.lines("STOPPING=1")
+    listener.close()
+
+
+# -- a real process: SIGTERM and SIGHUP ----------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def spawn(tmp: Path, extra: dict[str, Any] | None = None) -> tuple[subprocess.Popen[bytes], int, Path]:
+    repo = tmp / "engines"
+    if not repo.exists():
+        make_repository(tmp, {MODEL: ROOT / "engines" / MODEL})
+    port = free_port()
+    cfg = tmp / "appliance.yaml"
+    raw = {
+        "server": {"port": port, "log_level": "info", "drain_timeout_s": 20},
+        "admin": {"port": -1},
+        "model_repository": str(repo),
+        "data_dir": str(tmp / "data"),
+        **(extra or {}),
+    }
+    cfg.write_text(yaml.safe_dump(raw))
+    log = (tmp / "server.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "serve", "--config", str(cfg)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    for _ in range(600):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return proc, port, cfg
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError((tmp / "server.log").read_text())
+
+
+def post(port: int, body: dict[str, Any], timeout: float = 60) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/embeddings",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Cache-Control": "no-store, no-cache"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def test_sigterm_drains_every_accepted_request_and_exits_zero(tmp_path: Path, minilm_folder: Path) -> None:
+    proc, port, _ = spawn(tmp_path)
+    texts = [f"request number {i} " + "words " * 40 for i in range(160)]
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        futures = [pool.submit(post, port, {"model": MODEL, "input": t}) for t in texts]
+        time.sleep(0.3)
+        os.kill(proc.pid, signal.SIGTERM)
+        results = [f.result() for f in futures]  # a connection error would raise here: none may
+    assert proc.wait(30) == 0
+    statuses = [r[0] for r in results]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(200) > 0
+    for status, headers, body in results:
+        if status == 503:
+            assert "Retry-After" in headers and json.loads(body)["error"]["message"]
+        else:
+            assert len(json.loads(body)["data"][0]["embedding"]) == 384
+    lines = [
+        json.loads(line)
+        for line in (tmp_path / "server.log").read_text().splitlines()
+        if line.startswith("{")
+    ]
+    access = [entry for entry in lines if entry["logger"] == "appliance.access"]
+    assert access and {"request_id", "model", "status", "duration_ms"} <= set(access[0])
+    assert not any("words words" in line for line in (tmp_path / "server.log").read_text().splitlines()), (
+        "request bodies never reach the logs"
+    )
+
+
+def test_sighup_reloads_a_valid_file_and_keeps_the_old_one_otherwise(
+    tmp_path: Path, minilm_folder: Path
+) -> None:
+    proc, port, cfg = spawn(tmp_path)
+    try:
+        raw = yaml.safe_load(cfg.read_text())
+        raw["models"] = {MODEL: {"queue": {"priority_levels": 5}}}
+        cfg.write_text(yaml.safe_dump(raw))
+        os.kill(proc.pid, signal.SIGHUP)
+        time.sleep(0.5)
+        assert post(port, {"model": MODEL, "input": "x", "priority": 5})[0] == 200, "5 levels now"
+        cfg.write_text("server: {port: not-a-port}\n")
+        os.kill(proc.pid, signal.SIGHUP)
+        time.sleep(0.5)
+        assert post(port, {"model": MODEL, "input": "y", "priority": 5})[0] == 200, "old config kept"
+        assert "reload refused" in (tmp_path / "server.log").read_text()
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
+
+
+@pytest.mark.parametrize("abstract", [False, True])
+def test_notify_reaches_abstract_and_path_sockets(tmp_path: Path, abstract: bool) -> None:
+    from appliance.sdnotify import Notifier
+
+    name = f"\0appliance-test-{os.getpid()}" if abstract else str(tmp_path / "n.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(name)
+    sock.settimeout(2)
+    addr = "@" + name[1:] if abstract else name
+    assert Notifier({"NOTIFY_SOCKET": addr}).ready("up")
+    assert sock.recv(100).decode().splitlines()[0] == "READY=1"
+    sock.close()

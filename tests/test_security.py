@@ -1,0 +1,172 @@
+"""LAN security: API keys, per-key rate limits and priority caps, the admin plane kept apart,
+connection and body-read limits. All through the real server over loopback."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import yaml
+
+from appliance.auth import KeyStore
+from tests.conftest import ROOT, ServerThread
+
+MODEL = "all-minilm-l6-v2"
+
+
+@pytest.fixture
+def keyed(start_server, minilm_folder: Path) -> tuple[ServerThread, dict[str, str]]:  # type: ignore[no-untyped-def]
+    store = KeyStore()
+    plain = {}
+    plain["app"], _ = store.add("app")
+    plain["slow"], _ = store.add("slow", rate=1.0)
+    plain["low"], _ = store.add("low", max_priority=3)
+    plain["gone"], _ = store.add("gone")
+    store.revoke("gone")
+    srv = start_server({MODEL: minilm_folder}, config={"auth": {"keys": store.to_records()}})
+    return srv, plain
+
+
+def call(
+    srv: ServerThread, key: str | None, body: dict[str, Any] | None = None, header: str = "bearer"
+) -> tuple[int, Any, dict[str, str]]:
+    headers = {}
+    if key is not None:
+        headers = {"Authorization": f"Bearer {key}"} if header == "bearer" else {"X-API-Key": key}
+    return srv.post("/v1/embeddings", body or {"model": MODEL, "input": "hello"}, headers)
+
+
+def test_keys_are_required_once_configured(keyed: tuple[ServerThread, dict[str, str]]) -> None:
+    srv, keys = keyed
+    status, body, _ = call(srv, None)
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    assert call(srv, "apl_wrongwrongwrong")[0] == 401
+    assert call(srv, keys["gone"])[0] == 401, "a revoked key is refused"
+    assert call(srv, keys["app"])[0] == 200
+    assert call(srv, keys["app"], header="x-api-key")[0] == 200
+    # KServe errors keep Triton's shape.
+    status, body, _ = srv.post(f"/v2/models/{MODEL}/infer", {"inputs": []})
+    assert status == 401 and isinstance(body["error"], str)
+
+
+def test_official_client_sends_its_key(keyed: tuple[ServerThread, dict[str, str]]) -> None:
+    srv, keys = keyed
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key=keys["app"], max_retries=0)
+    assert len(client.embeddings.create(model=MODEL, input="x").data[0].embedding) == 384
+    bad = openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.embeddings.create(model=MODEL, input="x")
+
+
+def test_health_and_metrics_stay_open(keyed: tuple[ServerThread, dict[str, str]]) -> None:
+    srv, _ = keyed
+    for path in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics"):
+        assert srv.get(path)[0] == 200, path
+
+
+def test_per_key_rate_limit_answers_429_with_retry_after(keyed: tuple[ServerThread, dict[str, str]]) -> None:
+    srv, keys = keyed
+    statuses = [call(srv, keys["slow"], {"model": MODEL, "input": f"r{i}"}) for i in range(4)]
+    limited = [s for s in statuses if s[0] == 429]
+    assert limited, [s[0] for s in statuses]
+    assert limited[0][1]["error"]["code"] == "rate_limited"
+    assert int(limited[0][2]["Retry-After"]) >= 1
+    assert call(srv, keys["app"])[0] == 200, "another key is not limited"
+
+
+def test_priority_cap_lowers_a_claimed_top_level(keyed: tuple[ServerThread, dict[str, str]]) -> None:
+    srv, keys = keyed
+    status, _, _ = call(srv, keys["low"], {"model": MODEL, "input": "urgent!", "priority": 1})
+    assert status == 200
+    _, metrics = srv.get("/metrics")
+    # The request was queued at level 3 (the cap), never at level 1.
+    text = metrics.decode()
+    assert 'appliance_queue_depth{model="all-minilm-l6-v2",priority="3"}' in text
+    assert 'priority="1"' not in text
+
+
+def test_admin_plane_is_not_on_the_data_plane_and_needs_its_token(
+    keyed: tuple[ServerThread, dict[str, str]],
+) -> None:
+    srv, keys = keyed
+    status, _, _ = srv.request("GET", "/admin/stats", headers={"Authorization": f"Bearer {keys['app']}"})
+    assert status == 404
+    req = urllib.request.Request(srv.admin_url + "/admin/stats")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    assert err.value.code == 401
+    assert srv.server is not None
+    req = urllib.request.Request(
+        srv.admin_url + "/admin/stats", headers={"Authorization": f"Bearer {srv.server.admin_token}"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert json.loads(r.read())["models"][MODEL]["state"] == "resident"
+
+
+def test_connections_beyond_the_cap_get_503(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server({MODEL: minilm_folder}, config={"server": {"max_connections": 2}})
+    held = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(2)]
+    try:
+        time.sleep(0.1)
+        extra = socket.create_connection(("127.0.0.1", srv.port))
+        extra.settimeout(5)
+        reply = extra.recv(200)
+        assert reply.startswith(b"HTTP/1.1 503") and b"Retry-After" in reply
+        extra.close()
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.1)
+    assert srv.get("/healthz")[0] == 200
+
+
+def test_a_trickling_body_is_cut_off(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server({MODEL: minilm_folder}, config={"server": {"read_timeout_s": 0.5}})
+    s = socket.create_connection(("127.0.0.1", srv.port))
+    s.sendall(
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 100\r\n\r\n{"model":'
+    )
+    s.settimeout(5)
+    started = time.monotonic()
+    reply = s.recv(500)
+    s.close()
+    assert reply.startswith(b"HTTP/1.1 408")
+    assert time.monotonic() - started < 3
+
+
+def test_keys_cli_prints_once_and_stores_only_a_hash(tmp_path: Path) -> None:
+    cfg = tmp_path / "appliance.yaml"
+    cfg.write_text("server: {port: 9000}\n")
+    run = [sys.executable, "-m", "appliance", "keys"]
+    out = subprocess.run(
+        [*run, "add", "lan-app", "--max-priority", "2", "--rate", "5", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    key = out.stdout.strip()
+    assert key.startswith("apl_")
+    stored = yaml.safe_load(cfg.read_text())["auth"]["keys"][0]
+    assert key not in cfg.read_text() and stored["hash"].startswith("scrypt$")
+    assert (stored["max_priority"], stored["rate_per_s"]) == (2, 5.0)
+    again = subprocess.run(
+        [*run, "add", "lan-app", "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert again.returncode == 2 and "lan-app" in again.stderr
+    subprocess.run(
+        [*run, "revoke", "lan-app", "--config", str(cfg)], check=True, cwd=ROOT, capture_output=True
+    )
+    listed = subprocess.run(
+        [*run, "list", "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert "lan-app\trevoked" in listed.stdout
