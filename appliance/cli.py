@@ -135,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--update-readme", metavar="README", help="rewrite the table in README.md")
     st.set_defaults(func=cmd_settings)
 
+    e = sub.add_parser("engines", help="TensorRT engines (GPU boxes)")
+    esub = e.add_subparsers(dest="engines_command", required=True)
+    eb = esub.add_parser("build", help="build a model's TensorRT plan ahead of time")
+    eb.add_argument("names", nargs="+")
+    eb.add_argument("--repository")
+    eb.add_argument("--force", action="store_true", help="rebuild even if a valid plan is cached")
+    eb.set_defaults(func=cmd_engines_build)
+
     k = sub.add_parser("keys", help="API keys for the data plane")
     ksub = k.add_subparsers(dest="keys_command", required=True)
     ka = ksub.add_parser("add", help="create a key and print it once")
@@ -158,9 +166,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_tui)
 
     # --config is accepted before or after the subcommand.
-    for parser in (s, ml, c, st, ka, kr, kl, *(msub.choices[v] for v in ("pull", "build"))):
+    for parser in (s, ml, c, st, ka, kr, kl, eb, *(msub.choices[v] for v in ("pull", "build"))):
         parser.add_argument("--config", "-c", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
+
+
+def cmd_engines_build(args: argparse.Namespace) -> int:
+    import appliance.api.app  # noqa: F401  (registers every setting)
+    from appliance.engines.select import plan_for, tensorrt_unavailable
+    from appliance.repository import MODEL_FILE, load_model_file
+
+    why = tensorrt_unavailable()
+    if why is not None:
+        print(f"appliance: cannot build TensorRT plans here: {why}", file=sys.stderr)
+        return 1
+    cfg = _config(args)
+    for name in args.names:
+        entry = load_model_file(cfg.model_repository / name / MODEL_FILE)
+        plan = plan_for(entry, cfg.tunables_for(name, entry.tunables), force=args.force)
+        print(f"{name}: {plan}")
+    return 0
 
 
 def _keystore(cfg: Config) -> KeyStore:

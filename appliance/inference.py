@@ -7,6 +7,7 @@ whatever the request sizes, and variable lengths can be grouped to waste little 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, Over
 from appliance.models import RUNTIME_FACTORIES, ModelManager, ModelRuntime, batch_policy
 from appliance.repository import ModelEntry, ModelKind
 from appliance.telemetry import Metrics
+
+log = logging.getLogger(__name__)
 
 
 def admission_error(exc: AdmissionError) -> ApplianceError:
@@ -100,11 +103,26 @@ def engine_call(
     loop = asyncio.get_running_loop()
     component = f"engine:{name}"
 
+    def split_on_oom(items: list[Any]) -> list[Any]:
+        try:
+            with mgr.arena_lock:  # models take turns on the shared activation budget
+                return list(fn(items))
+        except EngineOutOfMemory:
+            if len(items) == 1:
+                raise  # even one item does not fit: a failure the breaker counts
+            half = len(items) // 2
+            mgr.metrics.oom_splits.labels(name).inc()
+            log.warning("model %s: out of memory at batch %d; splitting and capping", name, len(items))
+            # Never form a batch that large again; the batcher's policy picks the cap up.
+            mgr.batch_caps[name] = min(mgr.batch_caps.get(name, half), half)
+            loop.call_soon_threadsafe(mgr.apply, name)
+            return split_on_oom(items[:half]) + split_on_oom(items[half:])
+
     def watched(items: list[Any]) -> Any:
         timeout_ms = float(mgr.tunables(name)["engine.timeout_ms"])
         # A batch may take up to twice its timeout before the watchdog calls the engine hung.
         with mgr.progress.working(component, 2 * timeout_ms / 1000 if timeout_ms > 0 else 300.0):
-            return fn(items)
+            return split_on_oom(items)
 
     async def execute(items: list[Any]) -> Any:
         fut = loop.run_in_executor(executor, watched, items)
@@ -150,6 +168,13 @@ class EmbeddingRuntime:
     def warmup(self) -> None:
         self.run_batch([np.array(self.tokenizer.encode("warm up").ids, dtype=np.int64)])
 
+    def warmup_peak(self) -> None:
+        """A batch of PEAK_PROBE_ROWS sentences of the longest length, so that the working memory
+        is measured, not guessed; the manager scales it to the largest batch allowed."""
+        ids = self.tokenizer.encode("warm up").ids
+        longest = np.array((ids[:-1] * self.max_tokens)[: self.max_tokens - 1] + ids[-1:], dtype=np.int64)
+        self.run_batch([longest] * PEAK_PROBE_ROWS)
+
 
 def _embedding_runtime(
     mgr: ModelManager, entry: ModelEntry, engine: Engine, executor: ThreadPoolExecutor
@@ -170,11 +195,23 @@ def _embedding_runtime(
         observer=_Observer(mgr.metrics, entry.name),
     )
     return ModelRuntime(
-        entry, engine, executor, batcher, entry.digest(), {"embedding": rt, "warmup": rt.warmup}
+        entry,
+        engine,
+        executor,
+        batcher,
+        entry.digest(),
+        {
+            "embedding": rt,
+            "warmup": rt.warmup,
+            "warmup_peak": rt.warmup_peak,
+            # Working memory grows with the batch: the probe's peak, scaled to the largest batch.
+            "peak_scale": int(values["batching.max_batch_size"]) / PEAK_PROBE_ROWS,
+        },
     )
 
 
 MAX_EMBEDDING_INPUTS = 2048
+PEAK_PROBE_ROWS = 4
 
 
 class EmbeddingService:

@@ -7,7 +7,9 @@ about HTTP; the API layer asks the manager for a model and calls the matching se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,8 +21,9 @@ from appliance import settings
 from appliance.batcher import BatchPolicy
 from appliance.config import Config
 from appliance.engines.base import Engine
-from appliance.engines.onnxruntime import OnnxRuntimeEngine
+from appliance.engines.select import open_engine
 from appliance.errors import ModelNotFound, Unavailable
+from appliance.memory import DoesNotFit, MemoryManager, budget_from, measure
 from appliance.repository import ModelEntry, ModelKind, RepositoryError, scan
 from appliance.sdnotify import ProgressWatchdog
 from appliance.telemetry import Metrics
@@ -33,6 +36,7 @@ class ModelState(str, Enum):
     available = "available"  # built, not loaded
     loading = "loading"
     resident = "resident"
+    evicted = "evicted"  # unloaded by the memory manager to make room; loads again on demand
     failed = "failed"
 
 
@@ -94,6 +98,16 @@ class ModelManager:
         self.scan_errors: list[str] = []
         # Engine workers report here; the systemd watchdog pings only while they progress.
         self.progress = ProgressWatchdog()
+        server_values = cfg.tunables_for("", {})
+        self.memory = MemoryManager(budget_from(server_values, _device_total()))
+        # Loads one at a time: footprints are measured from the process's memory, and two loads
+        # at once would blur each other's figures.
+        self._load_lock = asyncio.Lock()
+        # Engines take turns on the activation budget (the time-sliced arena).
+        self.arena_lock = threading.Lock()
+        # Batch sizes learned from out-of-memory errors: never send a batch that big again.
+        self.batch_caps: dict[str, int] = {}
+        self._keep_alive: asyncio.Task[None] | None = None
 
     # -- repository ------------------------------------------------------------------------
     def rescan(self) -> None:
@@ -151,27 +165,94 @@ class ModelManager:
         if slot.runtime is None:
             raise Unavailable(f"The model '{name}' failed to load: {slot.error}", retry_after_s=5)
 
+    def idle(self, name: str) -> bool:
+        """Nothing queued or running: safe to evict."""
+        slot = self.slots.get(name)
+        if slot is None or slot.runtime is None:
+            return True
+        snap = slot.runtime.batcher.snapshot()
+        return not snap["running_batches"] and not any(snap["queue_depth"].values())
+
+    def _footprint(self, entry: ModelEntry, values: dict[str, Any]) -> int:
+        """What loading will take before it is measured: the artefacts' bytes, plus a KV cache."""
+        total = 0
+        for f in entry.spec.artefacts.values():
+            p = entry.folder / f
+            total += p.stat().st_size if p.exists() else 0
+            data = p.with_name(p.name + ".data")
+            total += data.stat().st_size if data.exists() else 0
+        if entry.kind == ModelKind.generate:
+            # The KV cache budget is taken from the memory budget, reserved at load.
+            total += int(values.get("generation.kv_cache_bytes", 0) or 0)
+        return total
+
+    async def _make_room(self, name: str, weights: int, activation: int) -> None:
+        victims = self.memory.plan(
+            name,
+            weights,
+            activation,
+            idle=self.idle,
+            last_used=lambda n: self.slots[n].last_used,
+        )
+        for v in victims:
+            log.info("evicting idle model %s to make room for %s", v, name)
+            self.metrics.model_evictions.labels(v).inc()
+            await self.unload(v, evicted=True)
+
     async def _load(self, slot: ModelSlot) -> None:
+        async with self._load_lock:
+            await self._load_locked(slot)
+
+    async def _load_locked(self, slot: ModelSlot) -> None:
         entry = slot.entry
         slot.state = ModelState.loading
         started = time.monotonic()
         values = self.cfg.tunables_for(entry.name, entry.tunables)
         instances = int(values["engine.instances"])
+        estimate = self._footprint(entry, values)
+        try:
+            await self._make_room(entry.name, estimate, 0)
+        except DoesNotFit as exc:
+            slot.state = ModelState.failed if exc.never else ModelState.available
+            slot.error = str(exc)
+            log.error("model %s not loaded: %s", entry.name, exc)
+            return
         executor = ThreadPoolExecutor(instances, thread_name_prefix=f"engine-{entry.name}")
         loop = asyncio.get_running_loop()
         try:
-            engine = await loop.run_in_executor(executor, self._open_engine, entry, values)
+            holder: list[Engine] = []
+            grown, _ = await loop.run_in_executor(
+                executor, measure, lambda: holder.append(self._open_engine(entry, values))
+            )
+            engine = holder[0]
             factory = RUNTIME_FACTORIES[entry.kind]
             runtime = factory(self, entry, engine, executor)
-            warm = runtime.extras.get("warmup")
+            warm = runtime.extras.get("warmup_peak") or runtime.extras.get("warmup")
+            activation = 0
             if callable(warm):
-                await loop.run_in_executor(executor, warm)
+                # The run's transient peak above what stays resident. What the allocator keeps after
+                # a first run is the process's heap, reused by every model, not this model's.
+                _, peak = await loop.run_in_executor(executor, measure, warm)
+                activation = int(peak * float(runtime.extras.get("peak_scale", 1.0)))
+            weights = max(estimate, grown)
+            try:
+                await self._make_room(entry.name, weights, activation)
+            except DoesNotFit:
+                await runtime.batcher.close(drain=False)
+                engine.close()
+                raise
         except Exception as exc:
             executor.shutdown(wait=False)
-            slot.state = ModelState.failed
+            never = isinstance(exc, DoesNotFit) and exc.never
+            slot.state = (
+                ModelState.failed if never or not isinstance(exc, DoesNotFit) else ModelState.available
+            )
             slot.error = str(exc)
             log.error("model %s failed to load: %s", entry.name, exc)
             return
+        self.memory.admit(entry.name, weights, activation, bool(values["memory.pinned"]) or entry.spec.pinned)
+        self.metrics.model_loads.labels(entry.name).inc()
+        self._memory_metrics()
         slot.runtime = runtime
         slot.state = ModelState.resident
         slot.error = None
@@ -186,33 +267,59 @@ class ModelManager:
         opener = ENGINE_OPENERS.get(entry.kind)
         if opener is not None:
             return opener(entry, values)
-        return OnnxRuntimeEngine(
-            entry.artefact("model"),
-            intra_op_threads=int(values["engine.intra_op_threads"]),
-            inter_op_threads=int(values["engine.inter_op_threads"]),
-        )
+        return open_engine(entry, values)
 
-    async def unload(self, name: str, *, drain: bool = True) -> None:
+    async def unload(self, name: str, *, drain: bool = True, evicted: bool = False) -> None:
         slot = self._slot(name)
         runtime = slot.runtime
         if runtime is None:
             return
         slot.runtime = None
-        slot.state = ModelState.available
+        slot.state = ModelState.evicted if evicted else ModelState.available
         await runtime.batcher.close(drain=drain)
-        runtime.executor.shutdown(wait=True)
+        await asyncio.get_running_loop().run_in_executor(None, runtime.executor.shutdown, True)
         runtime.engine.close()
+        self.memory.release(name, evicted=evicted)
         self.metrics.model_loaded.labels(name).set(0)
-        log.info("model %s unloaded", name)
+        self._memory_metrics()
+        log.info("model %s %s", name, "evicted" if evicted else "unloaded")
+
+    def _memory_metrics(self) -> None:
+        m = self.metrics
+        m.memory_budget.set(self.memory.budget)
+        m.memory_arena.set(self.memory.arena)
+        for name in self.slots:
+            lease = self.memory.leases.get(name)
+            m.memory_used.labels(name).set(lease.weights if lease else 0)
+
+    async def _expire_idle(self) -> None:
+        """Ollama's keep_alive: a model idle for memory.keep_alive_s is unloaded (-1 keeps it)."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for name, slot in list(self.slots.items()):
+                keep = float(self.tunables(name)["memory.keep_alive_s"])
+                if slot.runtime is None or keep < 0 or now - slot.last_used < keep:
+                    continue
+                if self.idle(name):
+                    log.info("model %s idle for %.0fs: unloading (keep_alive)", name, now - slot.last_used)
+                    await self.unload(name)
 
     async def start(self) -> None:
         self.rescan()
-        await asyncio.gather(
-            *(self.load(n) for n in self.default_models() if n in self.slots),
-            return_exceptions=True,
-        )
+        self._memory_metrics()
+        self._keep_alive = asyncio.create_task(self._expire_idle())
+        for n in self.default_models():
+            if n in self.slots:
+                # Started models count as just used, so keep_alive runs from start-up.
+                self.slots[n].last_used = time.monotonic()
+                with contextlib.suppress(Exception):
+                    await self.load(n)
 
     async def close(self, *, drain: bool = True) -> None:
+        if self._keep_alive is not None:
+            self._keep_alive.cancel()
+            await asyncio.gather(self._keep_alive, return_exceptions=True)
         await asyncio.gather(*(self.unload(n, drain=drain) for n in list(self.slots)))
 
     def ready(self) -> bool:
@@ -221,11 +328,21 @@ class ModelManager:
         )
 
     # -- live settings ---------------------------------------------------------------------
+    def configure_memory(self) -> None:
+        """A new budget applies to the next load (resident models are not evicted for it)."""
+        self.memory.budget = budget_from(self.cfg.tunables_for("", {}), _device_total())
+        self._memory_metrics()
+
     def apply(self, name: str) -> None:
         """Push the current effective tunables of ``name`` into its running batcher."""
         slot = self._slot(name)
         if slot.runtime is not None:
-            slot.runtime.batcher.policy = batch_policy(self.tunables(name))
+            policy = batch_policy(self.tunables(name))
+            cap = self.batch_caps.get(name)
+            if cap is not None and policy.max_batch_size > cap:
+                policy.max_batch_size = cap
+                policy.preferred_batch_sizes = [b for b in policy.preferred_batch_sizes if b <= cap]
+            slot.runtime.batcher.policy = policy
 
     def describe(self, name: str) -> dict[str, Any]:
         slot = self._slot(name)
@@ -239,8 +356,28 @@ class ModelManager:
             d["error"] = slot.error
         if slot.runtime is not None:
             d["backend"] = slot.runtime.engine.backend
-            d["memory_bytes"] = slot.runtime.engine.memory_bytes()
+        lease = self.memory.leases.get(name)
+        if lease is not None:
+            d["memory_bytes"] = lease.weights
+            d["activation_bytes"] = lease.activation
+        d["pinned"] = bool(self.tunables(name)["memory.pinned"]) or slot.entry.spec.pinned
         return d
+
+
+def _device_total() -> int | None:
+    """Total memory of GPU 0 when ONNX Runtime will run there; None means budget host RAM."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return None
+    from appliance.gpu import cuda
+
+    if not cuda.probe().ok:
+        return None
+    try:
+        return cuda.mem_info(0)[1]
+    except cuda.CudaError:
+        return None
 
 
 def validate_model_settings(values: dict[str, Any]) -> None:

@@ -167,6 +167,7 @@ class Server:
         self.app[KEYS] = keystore([k.model_dump() for k in new.file.auth.keys])
         mgr, resilience = self.app[MANAGER], self.app[RESILIENCE]
         resilience.configure_cache(self.cfg.tunables_for("", {}))
+        mgr.configure_memory()
         for name in mgr.slots:
             mgr.apply(name)
             resilience.configure(name, mgr.tunables(name))

@@ -8,6 +8,21 @@ from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from appliance import settings
+
+settings.register(
+    settings.Setting(
+        "gpu.sample_interval_s",
+        float,
+        5.0,
+        "How often NVML is read for GPU telemetry.",
+        0.2,
+        3600,
+        scope="server",
+        reload=True,
+    )
+)
+
 # Seconds; from sub-millisecond cache hits to minute-long generations.
 LATENCY_BUCKETS = (
     0.0005,
@@ -120,6 +135,28 @@ class Metrics:
         )
         self.cache_entries = Gauge("appliance_cache_entries", "Entries in the response cache.", registry=r)
         self.cache_bytes = Gauge("appliance_cache_bytes", "Bytes in the response cache.", registry=r)
+        self.model_loads = Counter("appliance_model_loads", "Models made resident.", ["model"], registry=r)
+        self.model_evictions = Counter(
+            "appliance_model_evictions",
+            "Idle models unloaded by the memory manager to make room.",
+            ["model"],
+            registry=r,
+        )
+        self.memory_budget = Gauge("appliance_memory_budget_bytes", "Bytes the models may use.", registry=r)
+        self.memory_used = Gauge(
+            "appliance_memory_used_bytes", "Resident bytes held per model.", ["model"], registry=r
+        )
+        self.memory_arena = Gauge(
+            "appliance_memory_arena_bytes",
+            "The shared activation budget: the largest need among resident models.",
+            registry=r,
+        )
+        self.oom_splits = Counter(
+            "appliance_oom_splits",
+            "Batches split and retried after an out-of-memory error.",
+            ["model"],
+            registry=r,
+        )
         self.model_load_duration = Histogram(
             "appliance_model_load_duration_seconds",
             "Time to load a model.",

@@ -34,6 +34,12 @@ def minilm_folder() -> Path:
     return pull("all-minilm-l6-v2", ENGINES)
 
 
+@pytest.fixture(scope="session")
+def smollm_folder() -> Path:
+    """The real SmolLM2-135M-Instruct decoder, built once (idempotent) in the repository's engines/."""
+    return pull("smollm2-135m-instruct", ENGINES)
+
+
 class ServerThread:
     """The real aiohttp server, on its own event loop in a thread, listening on 127.0.0.1.
 
@@ -184,7 +190,10 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerThread]]:
         wait_ready: bool = True,
         env: dict[str, str] | None = None,
     ) -> ServerThread:
-        repo = make_repository(tmp_path, models, overrides)
+        # Each server of a test gets its own repository folder (a test may start several).
+        home = tmp_path / f"server-{len(servers)}"
+        home.mkdir()
+        repo = make_repository(home, models, overrides)
         cfg: dict[str, Any] = {
             "model_repository": str(repo),
             "data_dir": str(tmp_path / "data"),
@@ -212,6 +221,8 @@ class FaultyEngine(Engine):
         self.mode: str | None = None
         self.delay_s = 0.0
         self.rows = 0  # sentences that reached the engine
+        self.oom_above: int | None = None  # batches with more rows than this run out of memory
+        self.batches: list[int] = []
         self.backend = inner.backend
 
     @property
@@ -225,7 +236,11 @@ class FaultyEngine(Engine):
     def run(
         self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
-        self.rows += int(next(iter(feeds.values())).shape[0])
+        rows = int(next(iter(feeds.values())).shape[0])
+        self.rows += rows
+        self.batches.append(rows)
+        if self.oom_above is not None and rows > self.oom_above:
+            raise EngineOutOfMemory(f"injected: a batch of {rows} does not fit")
         if self.delay_s:
             time.sleep(self.delay_s)
         if self.mode == "raise":

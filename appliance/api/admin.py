@@ -175,6 +175,7 @@ async def patch_settings(request: web.Request) -> web.Response:
     cfg.defaults, cfg.model_overrides = new_defaults, new_models
     resilience = app[RESILIENCE]
     resilience.configure_cache(cfg.tunables_for("", {}))
+    mgr.configure_memory()
     restart_needed = []
     for name in mgr.slots:
         mgr.apply(name)

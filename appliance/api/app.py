@@ -20,6 +20,7 @@ from appliance.api.common import (
     DRAINING,
     EMBEDDINGS,
     EXTRA_STATS,
+    GPU,
     INFLIGHT,
     MANAGER,
     METRICS,
@@ -36,6 +37,7 @@ from appliance.api.security import KEYS, LIMITER, authenticate, keystore
 from appliance.auth import KeyRateLimiter
 from appliance.config import Config
 from appliance.errors import ApplianceError, InvalidRequest, ModelNotFound, Unavailable
+from appliance.gpu.nvml import GpuSampler, register_gpu_metrics
 from appliance.inference import EmbeddingService, TensorService
 from appliance.llm.service import ChatService
 from appliance.models import ModelManager
@@ -149,9 +151,12 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
     resilience = app[RESILIENCE]
     await resilience.open_cache(cfg.data_dir / "cache.db", cfg.tunables_for("", {}))
+    sampler = app[GPU]
+    sampler.start()
     mgr.rescan()
     loading = asyncio.create_task(mgr.start())
     yield
+    sampler.stop()
     app[DRAINING][0] = True
     if not loading.done():
         loading.cancel()
@@ -192,6 +197,12 @@ def create_app(cfg: Config) -> web.Application:
     resilience = Resilience(metrics)
     app[RESILIENCE] = resilience
     app[EXTRA_STATS]["cache"] = lambda: resilience.cache.stats() if resilience.cache else {"enabled": False}
+    app[EXTRA_STATS]["memory"] = manager.memory.snapshot
+    # NVML readings, sampled in the background; without a driver it says "no GPU" once.
+    sampler = GpuSampler(float(cfg.tunables_for("", {})["gpu.sample_interval_s"]))
+    register_gpu_metrics(metrics.registry, sampler)
+    app[GPU] = sampler
+    app[EXTRA_STATS]["gpu"] = sampler.snapshot
 
     async def purge(model: str | None) -> int:
         return await resilience.cache.purge(model) if resilience.cache else 0

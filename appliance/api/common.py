@@ -12,6 +12,7 @@ from aiohttp import web
 
 from appliance.config import Config
 from appliance.errors import ApplianceError, InvalidRequest
+from appliance.gpu.nvml import GpuSampler
 from appliance.inference import EmbeddingService, TensorService
 from appliance.llm.service import ChatService
 from appliance.models import ModelManager
@@ -51,6 +52,7 @@ class Inflight:
 
 
 INFLIGHT = web.AppKey("inflight", Inflight)
+GPU = web.AppKey("gpu", GpuSampler)
 RESILIENCE = web.AppKey("resilience", Resilience)
 # Optional parts register here as they are enabled: name -> () -> JSON-able (cache, memory, gpu),
 # and admin actions "breaker:<verb>" / "cache:purge" -> async callables.

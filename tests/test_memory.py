@@ -1,0 +1,171 @@
+"""The memory manager with real ONNX Runtime engines and the real MiniLM model: on-demand loads,
+LRU eviction under a budget that holds one model, pinned models, a model that can never fit,
+out-of-memory batches split and survived, keep-alive unloads, and the metrics."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.api.common import MANAGER
+from appliance.memory import DoesNotFit, MemoryManager
+from tests.conftest import ServerThread
+
+A, B = "minilm-a", "minilm-b"
+
+
+def two_models(folder: Path, tmp: Path) -> dict[str, Path]:
+    """Two models over the same built artefacts, each with its own model.yaml."""
+    out = {}
+    for name in (A, B):
+        d = tmp / "src" / name
+        d.mkdir(parents=True)
+        for f in folder.iterdir():
+            if f.name != "model.yaml":
+                (d / f.name).symlink_to(f)
+        (d / "model.yaml").write_text(
+            (folder / "model.yaml").read_text().replace("name: all-minilm-l6-v2", f"name: {name}")
+        )
+        out[name] = d
+    return out
+
+
+def lease_of(srv: ServerThread, name: str) -> tuple[int, int]:
+    snap = srv.call(lambda: srv.app[MANAGER].memory.snapshot())
+    m = snap["models"][name]
+    return int(m["weights_bytes"]), int(m["activation_bytes"])
+
+
+def state(srv: ServerThread, name: str) -> str:
+    return str(srv.call(lambda: srv.app[MANAGER].slots[name].state.value))
+
+
+def embed(srv: ServerThread, model: str, text: str = "hello") -> tuple[int, Any, dict[str, str]]:
+    return srv.post("/v1/embeddings", {"model": model, "input": text}, {"Cache-Control": "no-store"})
+
+
+SMALL_BATCH = {"batching": {"max_batch_size": 4}}
+
+
+def hold_one(srv: ServerThread, resident: str) -> int:
+    """Shrink the budget, live, to hold the resident model with room for half its weights again:
+    never two models (the activation arena is shared, so it counts once)."""
+    weights, activation = lease_of(srv, resident)
+    budget = weights + activation + weights // 2
+    from tests.test_admin import admin
+
+    status, _ = admin(srv, "PATCH", "/admin/settings", {"defaults": {"memory": {"budget_bytes": budget}}})
+    assert status == 200
+    return budget
+
+
+def test_loads_on_demand_and_evicts_the_least_recently_used_idle_model(
+    start_server, minilm_folder: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    models = two_models(minilm_folder, tmp_path)
+    srv = start_server(
+        models, overrides={A: SMALL_BATCH, B: SMALL_BATCH}, config={"server": {"default_models": [A]}}
+    )
+    one_model_budget = hold_one(srv, A)
+    assert (state(srv, A), state(srv, B)) == ("resident", "available")
+    assert embed(srv, B)[0] == 200, "B loads on demand"
+    assert (state(srv, A), state(srv, B)) == ("evicted", "resident")
+    assert embed(srv, A)[0] == 200
+    assert (state(srv, A), state(srv, B)) == ("resident", "evicted")
+    _, metrics = srv.get("/metrics")
+    text = metrics.decode()
+    assert 'appliance_model_evictions_total{model="minilm-a"} 1.0' in text
+    assert 'appliance_model_evictions_total{model="minilm-b"} 1.0' in text
+    budget = next(line for line in text.splitlines() if line.startswith("appliance_memory_budget_bytes "))
+    assert float(budget.split()[1]) == one_model_budget
+    assert 'appliance_memory_used_bytes{model="minilm-b"} 0.0' in text
+    _, listed = srv.get("/v1/models")
+    assert {m["id"]: m["state"] for m in listed["data"]} == {A: "resident", B: "evicted"}
+
+
+def test_pinned_models_are_never_evicted(start_server, minilm_folder: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    models = two_models(minilm_folder, tmp_path)
+    srv = start_server(
+        models,
+        overrides={A: {**SMALL_BATCH, "memory": {"pinned": True}}, B: SMALL_BATCH},
+        config={"server": {"default_models": [A]}},
+    )
+    hold_one(srv, A)
+    status, body, headers = embed(srv, B)
+    assert status == 503 and "pinned" in body["error"]["message"] and "Retry-After" in headers
+    assert state(srv, A) == "resident"
+    assert embed(srv, A)[0] == 200
+
+
+def test_a_model_that_can_never_fit_is_refused_with_a_clear_error(
+    start_server, minilm_folder: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    models = two_models(minilm_folder, tmp_path)
+    srv = start_server(
+        {A: models[A]},
+        config={"server": {"default_models": [A]}, "defaults": {"memory": {"budget_bytes": 10 << 20}}},
+        wait_ready=False,
+    )
+    for _ in range(100):
+        if state(srv, A) == "failed":
+            break
+        time.sleep(0.05)
+    status, ready = srv.get("/readyz")
+    assert status == 503 and ready["models"][A] == "failed"
+    status, body, _ = embed(srv, A)
+    assert status == 503 and "memory budget is 10 MiB" in body["error"]["message"]
+
+
+def test_out_of_memory_batches_are_split_retried_and_capped(
+    start_server, minilm_folder: Path, faulty: Any
+) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server({"all-minilm-l6-v2": minilm_folder})
+    engine = faulty[0]
+    engine.oom_above = 2
+    engine.delay_s = 0.05  # let a burst queue up behind the first batch
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda i: embed(srv, "all-minilm-l6-v2", f"oom {i}")[0], range(16)))
+    assert results == [200] * 16, "every request survived the out-of-memory batches"
+    assert max(engine.batches) > 2, "a batch that was too large did happen"
+    # A second burst: the batcher itself now forms batches no larger than what fitted.
+    seen = len(engine.batches)
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        again = list(pool.map(lambda i: embed(srv, "all-minilm-l6-v2", f"again {i}")[0], range(16)))
+    assert again == [200] * 16
+    assert engine.batches[seen:] and max(engine.batches[seen:]) <= 2
+    _, metrics = srv.get("/metrics")
+    assert 'appliance_oom_splits_total{model="all-minilm-l6-v2"}' in metrics.decode()
+    cap = srv.call(lambda: srv.app[MANAGER].slots["all-minilm-l6-v2"].runtime.batcher.policy.max_batch_size)
+    assert cap <= 2, "later batches are capped below the size that failed"
+
+
+def test_keep_alive_unloads_idle_models_and_they_load_again(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server(
+        {"all-minilm-l6-v2": minilm_folder}, overrides={"all-minilm-l6-v2": {"memory": {"keep_alive_s": 1}}}
+    )
+    for _ in range(60):
+        if state(srv, "all-minilm-l6-v2") == "available":
+            break
+        time.sleep(0.1)
+    assert state(srv, "all-minilm-l6-v2") == "available"
+    assert embed(srv, "all-minilm-l6-v2")[0] == 200
+    assert state(srv, "all-minilm-l6-v2") == "resident"
+
+
+def test_plan_is_lru_and_skips_busy_and_pinned_models() -> None:
+    mm = MemoryManager(budget=300)
+    mm.admit("old", 100, 0, pinned=False)
+    mm.admit("busy", 100, 0, pinned=False)
+    mm.admit("pinned", 100, 0, pinned=True)
+    used = {"old": 1.0, "busy": 0.5, "pinned": 0.0}
+    victims = mm.plan("new", 100, 0, idle=lambda n: n != "busy", last_used=used.__getitem__)
+    assert victims == ["old"]
+    with pytest.raises(DoesNotFit) as err:
+        mm.plan("huge", 250, 0, idle=lambda n: True, last_used=used.__getitem__)
+    assert err.value.never and "pinned" in str(err.value)
+    mm.admit("big-activations", 0, 50, pinned=False)
+    assert mm.arena == 50 and mm.used == 350, "one shared arena: the largest need, not the sum"
