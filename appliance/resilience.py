@@ -133,6 +133,18 @@ class Resilience:
         self.metrics = metrics
         self.breakers: dict[str, CircuitBreaker] = {}
         self.cache: ResponseCache | None = None
+        # Per-model cache outcomes for the console (the SQLite cache counts server-wide).
+        self._figures: dict[str, dict[str, int]] = {}
+
+    def _count(self, model: str, outcome: str) -> None:
+        f = self._figures.setdefault(model, {"hits": 0, "stale_hits": 0, "misses": 0})
+        f[outcome] += 1
+
+    def cache_figures(self, model: str) -> dict[str, Any]:
+        f: dict[str, Any] = dict(self._figures.get(model, {"hits": 0, "stale_hits": 0, "misses": 0}))
+        looked = f["hits"] + f["misses"]
+        f["hit_rate"] = f["hits"] / looked if looked else None
+        return f
 
     # -- lifecycle -------------------------------------------------------------------------
     async def open_cache(self, path: Path, values: Mapping[str, Any]) -> None:
@@ -219,7 +231,9 @@ class Resilience:
         if cache and key and read_cache:
             hit = await cache.get(key)
             if hit is not None and hit.fresh:
+                self._count(model, "hits")
                 return Answer(hit.value, hit.content_type, "cache")
+            self._count(model, "misses")
         breaker = self.breaker(model, values)
         try:
             permit = breaker.acquire()
@@ -266,6 +280,7 @@ class Resilience:
             hit = await cache.get(key)
         if hit is not None:
             source = "cache" if hit.fresh else "stale-cache"
+            self._count(model, "hits" if hit.fresh else "stale_hits")
             self.metrics.fallbacks.labels(model, source).inc()
             return Answer(hit.value, hit.content_type, source)
         if default is not None:

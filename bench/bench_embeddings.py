@@ -151,11 +151,13 @@ async def load(
     concurrency: int,
     rate: float | None,
     max_seconds: float,
+    headers: dict[str, str] | None = None,
 ) -> LoadResult:
     """Closed loop at ``concurrency``, or open loop at ``rate`` arrivals/s (bounded in-flight)."""
     res = LoadResult()
     conn = aiohttp.TCPConnector(limit=max(concurrency, 1) * 2)
-    headers = {"Content-Type": "application/json"}
+    # The engine path is what is measured here: never the response cache (bench_cache.py does that).
+    headers = {"Content-Type": "application/json", "Cache-Control": "no-cache, no-store", **(headers or {})}
     deadline = time.perf_counter() + max_seconds
     async with aiohttp.ClientSession(connector=conn) as session:
 
@@ -246,6 +248,7 @@ def main() -> None:
             json.dumps(
                 {
                     "server": {"host": "127.0.0.1", "log_level": "warning", "default_models": [MODEL]},
+                    "admin": {"port": -1},
                     "model_repository": str(ROOT / "engines"),
                     "data_dir": str(Path(tmp) / "data"),
                     "models": {MODEL: {"engine": {"intra_op_threads": args.threads}}},

@@ -116,6 +116,9 @@ def test_settings_apply_live_and_survive_a_restart(served: Any) -> None:
     assert saved["models"][MODEL]["batching"]["max_batch_size"] == 4
     assert saved["defaults"]["cache"]["ttl_s"] == 120
     assert "operator notes" in (path.parent / "appliance.yaml.bak").read_text()
+    _, view = admin(srv, "GET", "/admin/settings")
+    assert view["sources"][MODEL]["batching.max_batch_size"] == "override"
+    assert view["sources"][MODEL]["queue.max_queue_size"] == "model.yaml"
     srv.stop()
     again = start()
     _, current = admin(again, "GET", "/admin/settings")
@@ -133,6 +136,7 @@ def test_model_breaker_and_cache_actions(served: Any) -> None:
 
     status, snap = admin(srv, "POST", f"/admin/breakers/{MODEL}/open")
     assert status == 200 and snap["state"] == "forced_open"
+    assert admin(srv, "GET", "/admin/stats")[1]["models"][MODEL]["breaker"]["state"] == "forced_open"
     status, body, headers = srv.post("/v1/embeddings", {"model": MODEL, "input": "while forced open"})
     assert status == 503 and "Retry-After" in headers
     assert admin(srv, "POST", f"/admin/breakers/{MODEL}/close")[1]["state"] == "closed"
@@ -164,3 +168,16 @@ def test_unix_socket_needs_no_token(served: Any) -> None:
 
     status, stats = asyncio.run(get())
     assert status == 200 and MODEL in stats["models"]
+
+
+def test_null_removes_an_override(served: Any) -> None:
+    start, path = served
+    srv = start()
+    admin(srv, "PATCH", "/admin/settings", {"models": {MODEL: {"batching": {"max_batch_size": 4}}}})
+    status, view = admin(
+        srv, "PATCH", "/admin/settings", {"models": {MODEL: {"batching": {"max_batch_size": None}}}}
+    )
+    assert status == 200
+    assert view["models"][MODEL]["batching.max_batch_size"] == 32, "back to the model.yaml value"
+    assert view["sources"][MODEL]["batching.max_batch_size"] == "model.yaml"
+    assert "models" not in yaml.safe_load(path.read_text())

@@ -97,10 +97,14 @@ async def stats(request: web.Request) -> web.Response:
             m["rejections"] = snap["rejections"]
             m["running_batches"] = snap["running_batches"]
             m["service_rate_per_s"] = snap["service_rate"]
-            for key in ("breaker", "cache", "generation"):
-                fn = slot.runtime.extras.get(f"{key}_snapshot")
-                if callable(fn):
-                    m[key] = fn()
+            fn = slot.runtime.extras.get("generation_snapshot")
+            if callable(fn):
+                m["generation"] = fn()
+        resilience = app[RESILIENCE]
+        breaker = resilience.breakers.get(name)
+        if breaker is not None:
+            m["breaker"] = breaker.snapshot()
+        m["cache"] = resilience.cache_figures(name)
         models[name] = m
     extra: dict[str, Any] = {}
     for key, fn in app[EXTRA_STATS].items():
@@ -108,6 +112,8 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "version": __version__,
+            # Changes on every start: a console tells a restart from a blip by it.
+            "started_at": app[STARTED],
             "uptime_s": round(time.time() - app[STARTED], 1),
             "ready": mgr.ready(),
             "draining": app[DRAINING][0],
@@ -121,10 +127,25 @@ def _settings_view(request: web.Request) -> dict[str, Any]:
     app = _data(request)
     mgr = app[MANAGER]
     cfg = app[CONFIG]
+    sources: dict[str, dict[str, str]] = {}
+    for n, slot in mgr.slots.items():
+        over = cfg.model_overrides.get(n, {})
+        sources[n] = {
+            name: "override"
+            if name in over
+            else "model.yaml"
+            if name in slot.entry.tunables
+            else "defaults"
+            if name in cfg.defaults
+            else "registry"
+            for name in settings.REGISTRY
+        }
     return {
         "registry": [s.describe() for s in settings.REGISTRY.values()],
         "defaults": {**settings.defaults(), **cfg.defaults},
         "models": {n: mgr.tunables(n) for n in mgr.slots},
+        # Where each model's effective value comes from: registry < defaults < model.yaml < override.
+        "sources": sources,
         "overrides": {"defaults": cfg.defaults, "models": cfg.model_overrides},
         "config_file": str(cfg.path) if cfg.path else None,
     }
@@ -145,19 +166,22 @@ async def patch_settings(request: web.Request) -> web.Response:
     app = _data(request)
     mgr, cfg = app[MANAGER], app[CONFIG]
     try:
-        new_defaults = {
-            **cfg.defaults,
-            **settings.validate(settings.flatten(body.get("defaults") or {}), "defaults."),
-        }
+        # A null value removes an override, so the value below it applies again.
+        flat = settings.flatten(body.get("defaults") or {})
+        new_defaults = {**cfg.defaults, **settings.validate(_set(flat), "defaults.")}
+        for key in _unset(flat):
+            new_defaults.pop(key, None)
         new_models = {m: dict(v) for m, v in cfg.model_overrides.items()}
         for name, tree in (body.get("models") or {}).items():
             if name not in mgr.slots:
                 raise InvalidRequest(f"models.{name}: no such model", param=f"models.{name}")
             if not isinstance(tree, dict):
                 raise InvalidRequest(f"models.{name}: expected a mapping of settings", param=f"models.{name}")
-            new_models.setdefault(name, {}).update(
-                settings.validate(settings.flatten(tree), f"models.{name}.", per_model=True)
-            )
+            flat = settings.flatten(tree)
+            target = new_models.setdefault(name, {})
+            target.update(settings.validate(_set(flat), f"models.{name}.", per_model=True))
+            for key in _unset(flat):
+                target.pop(key, None)
         for name, slot in mgr.slots.items():
             merged = {
                 **settings.defaults(),
@@ -190,6 +214,14 @@ async def patch_settings(request: web.Request) -> web.Response:
     return web.json_response(view)
 
 
+def _set(flat: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in flat.items() if v is not None}
+
+
+def _unset(flat: dict[str, Any]) -> list[str]:
+    return [k for k, v in flat.items() if v is None]
+
+
 def _model(request: web.Request) -> str:
     name = request.match_info["model"]
     if name not in _data(request)[MANAGER].slots:
@@ -220,7 +252,9 @@ async def breaker_action(request: web.Request) -> web.Response:
     verb = request.match_info["verb"]
     fn = _data(request)[ACTIONS].get(f"breaker:{verb}")
     if fn is None:
-        raise InvalidRequest(f"unknown breaker action '{verb}'; expected open, close or reset", param="verb")
+        raise InvalidRequest(
+            f"unknown breaker action '{verb}'; expected open, close, reset or disable", param="verb"
+        )
     return web.json_response(await fn(name))
 
 

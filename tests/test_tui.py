@@ -1,0 +1,707 @@
+"""The operator console (tui/) driven with Textual's Pilot against the real server.
+
+The behaviour tests run the real in-process server with the real all-MiniLM-L6-v2 model and talk
+to it over HTTP (TCP with the admin token, or the Unix socket), exactly as ``appliance tui`` does;
+the server runs on its own loop in a thread while the console runs on pytest's loop.
+
+The snapshot tests at the end are the exception: they need pixel-stable screens (no uptimes, no
+measured latencies, a GPU on a CPU-only box), so they talk to a tiny fake admin server that serves
+fixed payloads. Nothing else here uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp import web
+from textual.pilot import Pilot
+from textual.widgets import Input, Select
+
+from appliance.api.common import RESILIENCE
+from tests.conftest import ServerThread, make_repository
+from tui import view
+from tui.app import discover
+from tui.client import AdminClient, ApiError, Disconnected, Unauthorized
+from tui.commands import ConsoleCommands
+from tui.confirm import ConfirmScreen
+from tui.console import ConsoleApp
+from tui.state import CONNECTED, DISCONNECTED
+from tui.tuning import SettingRow, TuningScreen
+from tui.widgets import ModelsTable, StatusBar
+
+MODEL = "all-minilm-l6-v2"
+SIZE = (120, 36)
+
+
+async def wait_until(
+    pilot: Pilot[Any], predicate: Callable[[], bool], what: str, timeout: float = 15
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await pilot.pause(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def admin_get(srv: ServerThread, path: str) -> Any:
+    assert srv.server is not None
+    req = urllib.request.Request(
+        srv.admin_url + path, headers={"Authorization": f"Bearer {srv.server.admin_token}"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def cell(app: ConsoleApp, column: str, model: str = MODEL) -> str:
+    table = app.screen.query_one(ModelsTable)
+    return str(table.get_cell(model, column))
+
+
+def status_text(app: ConsoleApp) -> str:
+    return str(app.screen.query_one(StatusBar).content)
+
+
+def tcp_client(srv: ServerThread) -> AdminClient:
+    assert srv.server is not None
+    return AdminClient(srv.admin_url, token=srv.server.admin_token)
+
+
+async def embed(srv: ServerThread, n: int) -> None:
+    for i in range(n):
+        status, body, _ = await asyncio.to_thread(
+            srv.post, "/v1/embeddings", {"model": MODEL, "input": [f"console traffic {i}"]}
+        )
+        assert status == 200, body
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- against the real server -------------------------------------------------------------------
+
+
+async def test_dashboard_shows_real_numbers_after_traffic(
+    start_server: Callable[..., ServerThread], minilm_folder: Path
+) -> None:
+    srv = start_server({MODEL: minilm_folder})
+    app = ConsoleApp(tcp_client(srv), interval=0.2)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.snapshot.connected, "the first poll")
+        assert cell(app, "state") == "resident"
+        await embed(srv, 8)
+        await wait_until(pilot, lambda: float(cell(app, "rps")) > 0, "a non-zero request rate")
+        assert float(cell(app, "p50")) > 0 and float(cell(app, "p99")) > 0
+        assert cell(app, "queue") == "0 / 0 / 0"  # three priority levels, nothing waiting
+        text = status_text(app)
+        assert "connected" in text and "CPU only" in text and srv.admin_url.removeprefix("http://") in text
+        assert max(app.history.values("requests_per_s")) > 0
+        # Graphs exist only for data the server has: no GPU graphs on a CPU-only server.
+        assert app.screen.query_one("#graph-requests-per-s").display
+        assert not app.screen.query_one("#graph-gpu-utilization").display
+        assert not app.screen.query_one("#gpu-panel").display
+        assert app.screen.query_one("#cache-panel").display  # the response cache is on by default
+
+        # Refresh keys: faster/slower step through the intervals; pause stops the polls.
+        await pilot.press("minus", "minus")  # slower: 0.2 -> 0.25 -> 0.5
+        assert app.interval == 0.5
+        await pilot.press("plus")
+        assert app.interval == 0.25 and "every 0.25 s" in status_text(app)
+        await pilot.press("p")
+        await wait_until(pilot, lambda: not app._in_flight, "the last poll")
+        polls = app.polls
+        await pilot.pause(0.6)
+        assert app.polls == polls and "paused" in status_text(app)
+        await pilot.press("r")  # an explicit refresh polls even while paused
+        await wait_until(pilot, lambda: app.polls == polls + 1, "the forced poll")
+
+    # Polls never overlap: with a server slower than the interval (the real client and server,
+    # with a delay in front of each poll) there is one request at a time and ticks are skipped.
+    class SlowClient(AdminClient):
+        in_flight = most = 0
+
+        async def stats(self) -> Any:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+            try:
+                await asyncio.sleep(0.3)
+                return await super().stats()
+            finally:
+                self.in_flight -= 1
+
+    slow_client = SlowClient(srv.admin_url, token=srv.server.admin_token if srv.server else None)
+    slow = ConsoleApp(slow_client, interval=0.05)
+    async with slow.run_test(size=SIZE) as pilot:
+        await pilot.pause(1.0)
+        assert slow_client.most == 1 and slow.skipped_ticks > 5 and 2 <= slow.polls <= 4
+
+    # The client's typed errors, against the same real server.
+    wrong = await AdminClient(srv.admin_url, token="not-the-token").stats()
+    assert isinstance(wrong.error, Unauthorized)
+    nobody = AdminClient(f"http://127.0.0.1:{free_port()}", token="x")
+    down = await nobody.stats()
+    assert isinstance(down.error, Disconnected) and down.error.message == "connection refused"
+    await nobody.close()
+
+
+async def test_tuning_form_reaches_server_and_config_file(tmp_path: Path, minilm_folder: Path) -> None:
+    repo = make_repository(tmp_path, {MODEL: minilm_folder})
+    config: dict[str, Any] = {
+        "model_repository": str(repo),
+        "data_dir": "data",
+        "admin": {"port": 0, "socket": "data/admin.sock"},
+    }
+    path = tmp_path / "appliance.yaml"
+    path.write_text(yaml.safe_dump(config))
+    srv = ServerThread(config, path).start()
+    try:
+        assert srv.server is not None and srv.server.admin_socket is not None
+        # discover() reads the socket from the same file the server was started with.
+        client = discover(config=str(path))
+        assert client.socket == srv.server.admin_socket
+        app = ConsoleApp(client, interval=0.5)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.snapshot.connected, "the first poll")
+            await pilot.press("t")
+            assert isinstance(app.screen, TuningScreen)
+            screen = app.screen
+
+            def row(name: str) -> SettingRow:
+                return screen.query_one(f"#row-{name.replace('.', '--')}", SettingRow)
+
+            await wait_until(
+                pilot,
+                lambda: bool(screen.query(SettingRow)) and row("batching.max_batch_size").current == 32,
+                "form",
+            )
+
+            async def type_into(name: str, text: str) -> None:
+                box = row(name).query_one(Input)
+                box.focus()
+                box.value = ""
+                await pilot.press(*text)
+
+            # Out of bounds: the server refuses, and its message lands next to the field.
+            await type_into("batching.max_batch_size", "5000")
+            assert "1 pending change" in str(screen.query_one("#pending").content)
+            await pilot.press("ctrl+s")
+            await wait_until(pilot, lambda: row("batching.max_batch_size").has_class("-invalid"), "the error")
+            message = str(row("batching.max_batch_size").query_one(".field-error").content)
+            assert "batching.max_batch_size" in message and "1024" in message, message
+            assert admin_get(srv, "/admin/settings")["defaults"]["batching.max_batch_size"] == 32
+
+            # Revert puts the server's value back in the editor.
+            await pilot.press("ctrl+r")
+            assert row("batching.max_batch_size").query_one(Input).value == "32"
+
+            # A valid value: PATCHed (only it), applied by the server and written to the YAML file.
+            await type_into("batching.max_batch_size", "8")
+            await pilot.press("ctrl+s")
+            await wait_until(pilot, lambda: row("batching.max_batch_size").current == 8, "the applied value")
+            settings = await asyncio.to_thread(admin_get, srv, "/admin/settings")
+            assert settings["defaults"]["batching.max_batch_size"] == 8
+            assert settings["overrides"]["defaults"] == {"batching.max_batch_size": 8}
+            assert yaml.safe_load(path.read_text())["defaults"] == {"batching": {"max_batch_size": 8}}
+
+            # One model's own value goes under models.<name>.
+            scope = screen.query_one("#scope", Select)
+            scope.value = MODEL
+            await wait_until(pilot, lambda: screen.scope == MODEL, "the model scope")
+            await type_into("queue.aging_ms", "5")
+            await pilot.press("ctrl+s")
+            await wait_until(pilot, lambda: row("queue.aging_ms").current == 5.0, "the model's value")
+            settings = await asyncio.to_thread(admin_get, srv, "/admin/settings")
+            assert settings["models"][MODEL]["queue.aging_ms"] == 5.0
+            # model.yaml's own max_batch_size (32) outranks the server-wide default set above.
+            assert settings["models"][MODEL]["batching.max_batch_size"] == 32
+            assert "model.yaml" in str(row("batching.max_batch_size").query_one(".current").content)
+            saved = yaml.safe_load(path.read_text())
+            assert saved["models"] == {MODEL: {"queue": {"aging_ms": 5.0}}}
+            assert saved["defaults"] == {"batching": {"max_batch_size": 8}}
+
+            await pilot.press("escape")
+            assert not isinstance(app.screen, TuningScreen)
+    finally:
+        srv.stop()
+
+
+def breaker_state(srv: ServerThread) -> str:
+    def read() -> str:
+        b = srv.app[RESILIENCE].breakers.get(MODEL)
+        return "closed" if b is None else str(b.snapshot()["state"])
+
+    return str(srv.call(read))
+
+
+async def test_actions_after_confirmation(
+    start_server: Callable[..., ServerThread], minilm_folder: Path
+) -> None:
+    srv = start_server({MODEL: minilm_folder})
+    assert srv.server is not None and srv.server.admin_socket is not None
+    app = ConsoleApp(AdminClient(socket=srv.server.admin_socket), interval=0.2)  # no token on the socket
+
+    def cache_entries() -> int:
+        return int(((app.snapshot.stats or {}).get("cache") or {}).get("entries", -1))
+
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.screen.query_one(ModelsTable).row_count == 1, "the models table")
+        await embed(srv, 2)
+        await wait_until(pilot, lambda: cache_entries() == 2, "two cached responses")
+
+        # Breaker, by key: declined first (nothing is sent), then confirmed.
+        await pilot.press("o")
+        assert isinstance(app.screen, ConfirmScreen)
+        assert MODEL in str(app.screen.query_one("#question").content)
+        await pilot.press("n")
+        assert not isinstance(app.screen, ConfirmScreen)
+        await pilot.pause(0.3)
+        assert breaker_state(srv) == "closed"
+        await pilot.press("o", "y")
+        await wait_until(pilot, lambda: cell(app, "breaker") == "forced open", "the breaker column")
+        assert breaker_state(srv) == "forced_open"
+        stats = await asyncio.to_thread(admin_get, srv, "/admin/stats")
+        assert stats["models"][MODEL]["breaker"]["state"] == "forced_open"
+        status, _, _ = await asyncio.to_thread(
+            srv.post, "/v1/embeddings", {"model": MODEL, "input": ["never seen before"]}
+        )
+        assert status == 503  # the data plane refuses the model (no cache entry for this input)
+
+        # The same actions from the command palette; choosing one still asks first.
+        await pilot.press("ctrl+p")
+        await pilot.pause(0.2)
+        await pilot.press(*"close minilm")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the palette's confirmation")
+        await pilot.press("y")
+        await wait_until(pilot, lambda: cell(app, "breaker") == "closed", "the breaker to close")
+        assert breaker_state(srv) == "closed"
+
+        # Cache purge for the selected model.
+        await pilot.press("x", "y")
+        await wait_until(pilot, lambda: cache_entries() == 0, "the purge")
+
+        # Unload, then load again.
+        await pilot.press("u", "y")
+        await wait_until(pilot, lambda: cell(app, "state") == "available", "the unload")
+        await pilot.press("l", "y")
+        await wait_until(pilot, lambda: cell(app, "state") == "resident", "the load")
+
+
+async def test_read_only_hides_actions(
+    start_server: Callable[..., ServerThread], minilm_folder: Path
+) -> None:
+    srv = start_server({MODEL: minilm_folder})
+    app = ConsoleApp(tcp_client(srv), read_only=True, interval=0.2)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.screen.query_one(ModelsTable).row_count == 1, "the models table")
+        keys = set(app.screen.active_bindings)
+        assert not keys & {"o", "c", "b", "l", "u", "x", "X"}, keys
+        assert {"q", "t", "r", "p"} <= keys
+        assert "READ-ONLY" in status_text(app)
+        await pilot.press("o", "l", "x")
+        assert not isinstance(app.screen, ConfirmScreen)
+        app.ask("breaker:open", MODEL)  # even called directly (the palette's path), it refuses
+        assert not isinstance(app.screen, ConfirmScreen)
+        titles = [title for title, _, _ in ConsoleCommands(app.screen)._commands()]
+        assert not [t for t in titles if t.startswith(("Breaker", "Load", "Unload", "Purge"))], titles
+        assert f"Tune model {MODEL}" in titles
+
+        await pilot.press("t")
+        screen = app.screen
+        assert isinstance(screen, TuningScreen)
+        await wait_until(pilot, lambda: bool(screen.query(SettingRow)), "the form")
+        await pilot.pause()
+        assert not screen.query("#apply") and not screen.query("#revert")
+        assert all(r.query_one(".editor").disabled for r in screen.query(SettingRow))
+        assert "ctrl+s" not in screen.active_bindings
+    assert breaker_state(srv) == "closed"
+
+
+async def test_console_survives_server_restart(tmp_path: Path, minilm_folder: Path) -> None:
+    repo = make_repository(tmp_path, {MODEL: minilm_folder})
+
+    def config(port: int) -> dict[str, Any]:
+        return {
+            "model_repository": str(repo),
+            "data_dir": str(tmp_path / "data"),
+            "admin": {"port": port, "socket": ""},
+        }
+
+    first = ServerThread(config(0)).start()
+    second: ServerThread | None = None
+    try:
+        assert first.server is not None
+        port = first.server.admin_port  # the second server takes the same port (and token file)
+        app = ConsoleApp(tcp_client(first), interval=0.2)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.snapshot.connected, "the first poll")
+            await embed(first, 3)
+            await wait_until(pilot, lambda: float(cell(app, "rps")) > 0, "traffic on the first server")
+
+            await asyncio.to_thread(first.stop)
+            await wait_until(pilot, lambda: app.snapshot.status == DISCONNECTED, "the disconnect")
+            assert "DISCONNECTED" in status_text(app)
+            assert "connection refused" in status_text(app)
+            assert app.screen.has_class("-stale")  # last numbers kept, dimmed
+            failures = app.snapshot.failures
+            await wait_until(pilot, lambda: app.snapshot.failures > failures, "another retry")
+
+            second = ServerThread(config(port))
+            await asyncio.to_thread(second.start)
+            await wait_until(pilot, lambda: app.snapshot.status == CONNECTED, "the reconnect", timeout=30)
+            assert "DISCONNECTED" not in status_text(app) and "connected" in status_text(app)
+            assert not app.screen.has_class("-stale")
+            await wait_until(pilot, lambda: cell(app, "state") == "resident", "the model on the new server")
+            assert float(cell(app, "rps")) == 0  # a new process: its rolling window is empty
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+def test_field_errors_attribute_server_messages() -> None:
+    names = ["batching.max_batch_size", "queue.default_priority", "queue.priority_levels"]
+    found, rest = view.field_errors(
+        "defaults.batching.max_batch_size: expected an integer from 1 to 1024, got 5000; "
+        "defaults.bogus: unknown setting",
+        "defaults.batching.max_batch_size",
+        names,
+    )
+    assert found == {
+        "batching.max_batch_size": "defaults.batching.max_batch_size: expected an integer from 1 to 1024, got 5000"
+    }
+    assert rest == ["defaults.bogus: unknown setting"]
+    # Cross-field checks name the leaf only (and mention other settings in passing).
+    found, rest = view.field_errors(
+        "model m: BatchPolicy.default_priority must be an integer from 1 to priority_levels (3), got 5",
+        "BatchPolicy.default_priority",
+        names,
+    )
+    assert list(found) == ["queue.default_priority"] and not rest
+
+
+def test_api_error_is_typed() -> None:
+    err = ApiError(400, "x: bad", "x", "invalid")
+    assert err.status == 400 and err.param == "x" and err.message == "x: bad"
+
+
+# -- snapshots (fixed payloads from a fake admin server) ---------------------------------------
+
+GIB = 1024**3
+RATES = [12.0, 18.5, 25.0, 31.0, 27.5, 35.0, 41.0, 38.0, 44.5, 40.0, 47.0, 52.5]
+
+
+def fake_stats(n: int) -> dict[str, Any]:
+    """The n-th poll's payload: a deterministic ramp so the history graphs have a shape."""
+    i = n % len(RATES)
+    rate = RATES[i]
+    return {
+        "version": "0.1.0",
+        "uptime_s": 3725.0,
+        "ready": True,
+        "draining": False,
+        "models": {
+            "all-minilm-l6-v2": {
+                "name": "all-minilm-l6-v2",
+                "kind": "embedding",
+                "state": "resident",
+                "requests_per_s": rate,
+                "p50_ms": 6.5 + i / 4,
+                "p99_ms": 18.0 + 3 * i,
+                "queue_depth": {"1": 0, "2": i % 4, "3": 1},
+                "breaker": {"state": "closed", "failure_rate": 0.0, "calls_in_window": 240},
+                "cache": {"hits": 30, "stale_hits": 2, "misses": 90},
+            },
+            "smollm2-135m-instruct": {
+                "name": "smollm2-135m-instruct",
+                "kind": "generate",
+                "state": "resident",
+                "requests_per_s": 1.5,
+                "p50_ms": 420.0,
+                "p99_ms": 1310.0,
+                "queue_depth": {"1": 0, "2": 2, "3": 0},
+                "breaker": {"state": "half_open", "failure_rate": 0.25, "calls_in_window": 20},
+                "generation": {"tokens_per_s": 41.5, "active_sequences": 2, "kv_cache_bytes": 48 * 1024**2},
+            },
+            "yolov8n": {
+                "name": "yolov8n",
+                "kind": "tensor",
+                "state": "resident",
+                "requests_per_s": 0.0,
+                "p50_ms": 0.0,
+                "p99_ms": 0.0,
+                "queue_depth": {"1": 0, "2": 0, "3": 0},
+                "breaker": {"state": "forced_open", "failure_rate": 0.0, "calls_in_window": 0},
+            },
+            "reranker": {
+                "name": "reranker",
+                "kind": "embedding",
+                "state": "evicted",
+                "requests_per_s": 0.0,
+                "p50_ms": 0.0,
+                "p99_ms": 0.0,
+                "breaker": {"state": "disabled", "failure_rate": 0.0, "calls_in_window": 0},
+            },
+        },
+        "cache": {
+            "enabled": True,
+            "entries": 1234,
+            "bytes": 52_428_800,
+            "max_bytes": 268_435_456,
+            "hits": 30,
+            "stale_hits": 2,
+            "misses": 90,
+        },
+        "memory": {"budget_bytes": 20 * GIB, "used_bytes": 3 * GIB, "evictions": 1},
+        "gpu": {
+            "available": True,
+            "driver_version": "550.54.15",
+            "gpus": [
+                {
+                    "index": 0,
+                    "name": "NVIDIA L4",
+                    "utilization_ratio": min(1.0, rate / 60),
+                    "memory_used_bytes": int((3 + i / 4) * GIB),
+                    "memory_total_bytes": 24 * GIB,
+                    "temperature_celsius": 57.0,
+                    "power_watts": 41.0,
+                }
+            ],
+        },
+    }
+
+
+FAKE_REGISTRY = [
+    {
+        "name": "batching.max_batch_size",
+        "type": "int",
+        "default": 32,
+        "minimum": 1,
+        "maximum": 1024,
+        "choices": None,
+        "help": "Largest batch sent to the engine.",
+        "reload": False,
+        "scope": "model",
+    },
+    {
+        "name": "batching.max_queue_delay_ms",
+        "type": "float",
+        "default": 2.0,
+        "minimum": 0,
+        "maximum": 10000,
+        "choices": None,
+        "help": "How long a partial batch may wait for company.",
+        "reload": False,
+        "scope": "model",
+    },
+    {
+        "name": "batching.preferred_batch_sizes",
+        "type": "list[int]",
+        "default": [],
+        "minimum": 1,
+        "maximum": 1024,
+        "choices": None,
+        "help": "Batch sizes dispatched as soon as they can be formed.",
+        "reload": False,
+        "scope": "model",
+    },
+    {
+        "name": "queue.allow_timeout_override",
+        "type": "bool",
+        "default": True,
+        "minimum": None,
+        "maximum": None,
+        "choices": None,
+        "help": "Whether a request may set a shorter deadline of its own.",
+        "reload": False,
+        "scope": "model",
+    },
+    {
+        "name": "engine.instances",
+        "type": "int",
+        "default": 1,
+        "minimum": 1,
+        "maximum": 16,
+        "choices": None,
+        "help": "Engine worker threads per model.",
+        "reload": True,
+        "scope": "model",
+    },
+    {
+        "name": "cache.synchronous",
+        "type": "str",
+        "default": "NORMAL",
+        "minimum": None,
+        "maximum": None,
+        "choices": ["NORMAL", "FULL"],
+        "help": "SQLite durability of the response cache.",
+        "reload": False,
+        "scope": "server",
+    },
+]
+
+
+class FakeAdmin:
+    """A fixed-payload admin API for the snapshot tests only, on its own loop in a thread
+    (snap_compare runs the app with its own event loop)."""
+
+    def __init__(self) -> None:
+        self.polls = 0
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        self._ready = threading.Event()
+        self._runner: web.AppRunner | None = None
+        self._thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._start())
+        self._ready.set()
+        self.loop.run_forever()
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/admin/stats", self._stats)
+        app.router.add_get("/admin/settings", self._settings)
+        app.router.add_patch("/admin/settings", self._patch)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        self.polls += 1
+        return web.json_response(fake_stats(self.polls))
+
+    async def _settings(self, request: web.Request) -> web.Response:
+        defaults = {s["name"]: s["default"] for s in FAKE_REGISTRY}
+        return web.json_response(
+            {
+                "registry": FAKE_REGISTRY,
+                "defaults": defaults,
+                "models": {m: dict(defaults) for m in fake_stats(0)["models"]},
+                "overrides": {"defaults": {}, "models": {}},
+                "config_file": "/etc/appliance/appliance.yaml",
+            }
+        )
+
+    async def _patch(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "error": {
+                    "message": "defaults.batching.max_batch_size: expected an integer from 1 to 1024, got 5000",
+                    "type": "invalid_request_error",
+                    "param": "defaults.batching.max_batch_size",
+                    "code": None,
+                }
+            },
+            status=400,
+        )
+
+    def start(self) -> FakeAdmin:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        async def down() -> None:
+            if self._runner is not None:
+                await self._runner.cleanup()
+
+        asyncio.run_coroutine_threadsafe(down(), self.loop).result(10)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+@pytest.fixture
+def fake_admin() -> Iterator[FakeAdmin]:
+    fake = FakeAdmin().start()
+    yield fake
+    fake.close()
+
+
+def snapshot_app(fake: FakeAdmin, **kw: Any) -> ConsoleApp:
+    # A fixed address label: the fake's port changes from run to run. An hour-long interval:
+    # only the polls the test asks for ("r") happen, so every run draws the same history.
+    client = AdminClient(f"http://127.0.0.1:{fake.port}", token="t", label="127.0.0.1:8001")
+    return ConsoleApp(client, interval=3600, **kw)
+
+
+async def settle(pilot: Pilot[Any]) -> None:
+    await pilot.app.workers.wait_for_complete()
+    await pilot.pause()
+    await pilot.app.workers.wait_for_complete()
+    await pilot.pause()
+
+
+async def poll_times(pilot: Pilot[Any], n: int) -> None:
+    await settle(pilot)
+    for _ in range(n):
+        await pilot.press("r")
+        await settle(pilot)
+
+
+def test_snapshot_dashboard(snap_compare: Any, fake_admin: FakeAdmin) -> None:
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await poll_times(pilot, 11)
+
+    assert snap_compare(snapshot_app(fake_admin), terminal_size=SIZE, run_before=run_before)
+
+
+def test_snapshot_tuning_with_server_error(snap_compare: Any, fake_admin: FakeAdmin) -> None:
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await settle(pilot)
+        await pilot.press("t")
+        await settle(pilot)
+        box = pilot.app.screen.query_one("#edit-batching--max_batch_size", Input)
+        box.focus()
+        box.value = ""
+        await pilot.press(*"5000")
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+
+    assert snap_compare(snapshot_app(fake_admin), terminal_size=SIZE, run_before=run_before)
+
+
+def test_snapshot_confirm_dialog(snap_compare: Any, fake_admin: FakeAdmin) -> None:
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await poll_times(pilot, 2)
+        await pilot.press("o")
+        await settle(pilot)
+
+    assert snap_compare(snapshot_app(fake_admin), terminal_size=(100, 30), run_before=run_before)
+
+
+def test_snapshot_disconnected(snap_compare: Any, fake_admin: FakeAdmin) -> None:
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await poll_times(pilot, 3)
+        fake_admin.stop()
+        await poll_times(pilot, 2)
+
+    assert snap_compare(snapshot_app(fake_admin), terminal_size=(100, 30), run_before=run_before)
+
+
+def test_snapshot_read_only(snap_compare: Any, fake_admin: FakeAdmin) -> None:
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await poll_times(pilot, 2)
+
+    assert snap_compare(
+        snapshot_app(fake_admin, read_only=True), terminal_size=(100, 30), run_before=run_before
+    )

@@ -1,0 +1,359 @@
+"""Pure functions from admin API payloads to what the console shows (no Textual in here).
+
+The payloads are read defensively: the admin API grows keys over time (``gpu``, per-model
+``breaker``/``cache``/``generation``), and a console that is older or newer than the server must
+still draw whatever it understands.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+JSON = dict[str, Any]
+
+BREAKER_STYLES = {
+    "closed": "green",
+    "half_open": "yellow",
+    "open": "bold red",
+    "forced_open": "bold red",
+    "disabled": "dim",
+}
+STATE_STYLES = {  # appliance.models.ModelState
+    "resident": "green",
+    "loading": "yellow",
+    "evicted": "yellow",
+    "failed": "bold red",
+    "available": "",
+    "unbuilt": "dim",
+}
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    name: str
+    kind: str
+    state: str
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    queue: tuple[int, ...]
+    breaker: str | None
+    cache_hit_rate: float | None
+
+
+@dataclass(frozen=True)
+class GpuRow:
+    index: int
+    name: str
+    utilization: float | None  # 0..1
+    memory_used: int | None
+    memory_total: int | None
+    temperature_c: float | None
+    power_w: float | None
+
+
+def num(value: Any, default: float = 0.0) -> float:
+    """A JSON number as float; anything else (missing, null, a string, NaN) as ``default``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        return default
+    return float(value)
+
+
+def _optnum(value: Any) -> float | None:
+    return None if value is None or isinstance(value, bool) else num(value)
+
+
+def hit_rate(cache: Any) -> float | None:
+    """Fresh and stale hits over all lookups; None before the first lookup or without a cache."""
+    if not isinstance(cache, Mapping):
+        return None
+    hits = num(cache.get("hits")) + num(cache.get("stale_hits"))
+    total = hits + num(cache.get("misses"))
+    return hits / total if total else None
+
+
+def model_rows(stats: Mapping[str, Any], breaker_fallback: Mapping[str, str] | None = None) -> list[ModelRow]:
+    """One row per model, in the server's order.
+
+    ``breaker_fallback`` holds states the breaker actions answered with; it is used only for a
+    model whose stats carry no ``breaker`` section, so the operator still sees the effect of an
+    action on a server that does not report breakers in /admin/stats.
+    """
+    rows = []
+    models = stats.get("models")
+    for name, m in models.items() if isinstance(models, Mapping) else []:
+        if not isinstance(m, Mapping):
+            continue
+        queue = m.get("queue_depth")
+        depths: tuple[int, ...] = ()
+        if isinstance(queue, Mapping):
+            depths = tuple(
+                int(num(queue[k])) for k in sorted(queue, key=lambda k: int(k) if k.isdigit() else 0)
+            )
+        breaker = m.get("breaker")
+        state = breaker.get("state") if isinstance(breaker, Mapping) else None
+        if state is None and breaker_fallback:
+            state = breaker_fallback.get(str(name))
+        rows.append(
+            ModelRow(
+                name=str(name),
+                kind=str(m.get("kind", "?")),
+                state=str(m.get("state", "?")),
+                requests_per_s=num(m.get("requests_per_s")),
+                p50_ms=num(m.get("p50_ms")),
+                p99_ms=num(m.get("p99_ms")),
+                queue=depths,
+                breaker=str(state) if state is not None else None,
+                cache_hit_rate=hit_rate(m.get("cache")),
+            )
+        )
+    return rows
+
+
+def gpu_rows(stats: Mapping[str, Any]) -> list[GpuRow]:
+    """The GPUs in ``stats["gpu"]`` (the NVML sampler's snapshot); empty on a CPU-only server."""
+    gpu = stats.get("gpu")
+    if not isinstance(gpu, Mapping) or not gpu.get("available"):
+        return []
+    out = []
+    for i, g in enumerate(gpu.get("gpus") or []):
+        if not isinstance(g, Mapping):
+            continue
+        used, total = _optnum(g.get("memory_used_bytes")), _optnum(g.get("memory_total_bytes"))
+        out.append(
+            GpuRow(
+                index=int(num(g.get("index"), i)),
+                name=str(g.get("name") or f"GPU {i}"),
+                utilization=_optnum(g.get("utilization_ratio")),
+                memory_used=None if used is None else int(used),
+                memory_total=None if total is None else int(total),
+                temperature_c=_optnum(g.get("temperature_celsius")),
+                power_w=_optnum(g.get("power_watts")),
+            )
+        )
+    return out
+
+
+def device_label(stats: Mapping[str, Any]) -> str:
+    gpus = gpu_rows(stats)
+    if not gpus:
+        return "CPU only"
+    names = sorted({g.name for g in gpus})
+    return names[0] if len(gpus) == 1 else f"{len(gpus)}× {' / '.join(names)}"
+
+
+# -- formatting ------------------------------------------------------------------------------
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "—"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"  # pragma: no cover  (the loop always returns)
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    s = int(seconds)
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    if days:
+        return f"{days}d {hours:02d}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {s:02d}s"
+    return f"{s}s"
+
+
+def fmt_rate(x: float) -> str:
+    return f"{x:.1f}" if x < 100 else f"{x:.0f}"
+
+
+def fmt_ms(x: float) -> str:
+    if x <= 0:
+        return "—"
+    return f"{x:.1f}" if x < 100 else f"{x:.0f}"
+
+
+def fmt_percent(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.0f}%"
+
+
+def fmt_value(value: Any) -> str:
+    """A setting's value as the tuning form writes it (and parses it back)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}" if abs(value) < 1e15 else str(value)
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def fmt_generic(section: Mapping[str, Any], limit: int = 8) -> list[tuple[str, str]]:
+    """Key/value lines for a panel whose shape the console does not know in detail."""
+    out: list[tuple[str, str]] = []
+    for key, value in section.items():
+        if isinstance(value, Mapping | list) or len(out) >= limit:
+            continue
+        if key.endswith("_bytes") and isinstance(value, int | float):
+            text = fmt_bytes(value)
+        elif isinstance(value, float):
+            text = f"{value:.3g}"
+        else:
+            text = fmt_value(value)
+        out.append((key.removesuffix("_bytes").replace("_", " "), text))
+    return out
+
+
+# -- history ---------------------------------------------------------------------------------
+
+HISTORY_LEN = 240  # samples per metric: 4 minutes at the default 1 s interval
+
+
+@dataclass
+class History:
+    """Bounded rings of server-wide samples, one per graphed metric."""
+
+    maxlen: int = HISTORY_LEN
+    series: dict[str, deque[float]] = field(default_factory=dict)
+
+    def add(self, name: str, value: float) -> None:
+        ring = self.series.get(name)
+        if ring is None:
+            ring = self.series[name] = deque(maxlen=self.maxlen)
+        ring.append(value)
+
+    def values(self, name: str) -> list[float]:
+        return list(self.series.get(name, ()))
+
+    def clear(self) -> None:
+        self.series.clear()
+
+    def record(self, stats: Mapping[str, Any]) -> None:
+        rows = model_rows(stats)
+        self.add("requests_per_s", sum(r.requests_per_s for r in rows))
+        self.add("p99_ms", max((r.p99_ms for r in rows), default=0.0))
+        self.add("queue_depth", float(sum(sum(r.queue) for r in rows)))
+        gpus = gpu_rows(stats)
+        utils = [g.utilization for g in gpus if g.utilization is not None]
+        if utils:
+            self.add("gpu_utilization", 100 * sum(utils) / len(utils))
+        used = [g.memory_used for g in gpus if g.memory_used is not None]
+        if used:
+            self.add("gpu_memory", float(sum(used)))
+
+
+# -- tuning ----------------------------------------------------------------------------------
+
+
+def parse_value(kind: str, text: str) -> Any:
+    """The form's text back into a JSON value of the registry's type; ValueError says why not.
+
+    Bounds are the server's to check: its message names the setting and the bound, and the form
+    shows that message next to the field.
+    """
+    text = text.strip()
+    if kind == "int":
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError("not an integer") from None
+    if kind == "float":
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("not a number") from None
+        if not math.isfinite(value):
+            raise ValueError("not a finite number")
+        return value
+    if kind == "bool":
+        if text.lower() in ("true", "yes", "on", "1"):
+            return True
+        if text.lower() in ("false", "no", "off", "0"):
+            return False
+        raise ValueError("not true or false")
+    if kind == "list[int]":
+        if not text:
+            return []
+        try:
+            return [int(part) for part in re.split(r"[,\s]+", text.strip("[] ")) if part]
+        except ValueError:
+            raise ValueError("not a comma-separated list of integers") from None
+    return text
+
+
+def same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool | str):
+        return not isinstance(b, bool) and float(a) == float(b)
+    return bool(a == b)
+
+
+def nest(flat: Mapping[str, Any]) -> JSON:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``: the shape PATCH /admin/settings documents."""
+    tree: JSON = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def field_errors(message: str, param: str | None, names: Iterable[str]) -> tuple[dict[str, str], list[str]]:
+    """Attribute the server's validation message to fields of the form.
+
+    PATCH /admin/settings reports every problem at once, joined with "; ", each starting with
+    the setting's full name (``defaults.queue.max_queue_size: expected …``); cross-field checks
+    name only the leaf (``BatchPolicy.default_priority must be …``) and put it in ``param``.
+    Returns the per-field messages and the problems no field could be found for.
+    """
+    names = list(names)
+    by_leaf: dict[str, str] = {}
+    for n in names:
+        by_leaf.setdefault(n.rsplit(".", 1)[-1], n)
+    found: dict[str, str] = {}
+    leftover: list[str] = []
+    segments = [s.strip() for s in message.split("; ") if s.strip()]
+    for i, seg in enumerate(segments):
+        target = _full_name_in(seg, names)
+        if target is None and param and i == 0:
+            target = by_leaf.get(param.rsplit(".", 1)[-1])
+        if target is None:
+            target = _leaf_in(seg, by_leaf)
+        if target is None:
+            leftover.append(seg)
+        else:
+            found[target] = f"{found[target]}; {seg}" if target in found else seg
+    return found, leftover
+
+
+def _full_name_in(seg: str, names: list[str]) -> str | None:
+    best: tuple[int, int, str] | None = None
+    for n in names:
+        m = re.search(rf"(?<![\w]){re.escape(n)}(?![\w])", seg)
+        if m and (best is None or (m.start(), -len(n)) < (best[0], best[1])):
+            best = (m.start(), -len(n), n)
+    return best[2] if best else None
+
+
+def _leaf_in(seg: str, by_leaf: Mapping[str, str]) -> str | None:
+    best: tuple[int, str] | None = None
+    for leaf, n in by_leaf.items():
+        m = re.search(rf"(?<![\w]){re.escape(leaf)}(?![\w])", seg)
+        if m and (best is None or m.start() < best[0]):
+            best = (m.start(), n)
+    return best[1] if best else None
