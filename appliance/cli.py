@@ -16,6 +16,8 @@ from appliance.repository import RepositoryError, scan
 
 
 def _config(args: argparse.Namespace) -> Config:
+    import appliance.api.app  # noqa: F401  (every module registers its settings on import)
+
     path = Path(args.config) if args.config else find_default_config()
     cfg = load(path)
     if getattr(args, "repository", None):

@@ -71,14 +71,13 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         return error_response(api, Unavailable("the server is shutting down", retry_after_s=5))
     metered = request.path not in UNMETERED
     request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+    request["request_id"] = request_id
     if metered:
         metrics.inflight.labels(api).inc()
         request.app[INFLIGHT].enter()
     try:
         response = await handler(request)
         status = response.status
-        if not response.prepared:
-            response.headers["X-Request-Id"] = request_id
         return response
     except asyncio.CancelledError:
         status = 499  # the client went away (nginx's convention); not a server error
@@ -174,6 +173,12 @@ def _breaker_action(
     return act
 
 
+async def _request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    # At prepare time, so that streamed responses (whose headers leave early) carry it too.
+    if "request_id" in request:
+        response.headers["X-Request-Id"] = request["request_id"]
+
+
 def create_app(cfg: Config) -> web.Application:
     app = web.Application(
         middlewares=[errors_and_metrics, authenticate], client_max_size=cfg.server.max_body_bytes
@@ -217,4 +222,5 @@ def create_app(cfg: Config) -> web.Application:
     app.router.add_routes(chat.routes)
     app.router.add_routes(kserve.routes)
     app.cleanup_ctx.append(_services)
+    app.on_response_prepare.append(_request_id_header)
     return app

@@ -1,8 +1,9 @@
 """OpenAI chat and text completions, whole or streamed as server-sent events.
 
 Whole responses go through ``guarded`` (breaker, response cache when the output is deterministic,
-the model's default response). Streams go through the breaker only; they are not cached. A
-stream's headers are sent with its first token, so a request refused or timed out while queued
+the model's default response). Streams have the same chain (``_stream``): a deterministic stream
+is answered from the entry a whole response (or an earlier stream) left, replayed as one chunk,
+and fills that entry when it completes. A stream's headers are sent with its first token, so a request refused or timed out while queued
 still gets a plain JSON error with its status (429, 503); after that, an error is sent as an
 ``data: {"error": ...}`` event before ``data: [DONE]``, so a stream never ends silently.
 """
@@ -20,13 +21,16 @@ from aiohttp import web
 from appliance.api.common import (
     CHAT,
     MANAGER,
+    METRICS,
     RESILIENCE,
+    cache_policy,
     guarded,
     priority_of,
     read_json,
     timeout_ms_of,
 )
 from appliance.breaker import BreakerOpen
+from appliance.cache import cache_key
 from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, Unavailable
 from appliance.llm.scheduler import Finished, Token
 from appliance.llm.service import ChatService, Completion, GenerationOptions, Prepared
@@ -205,6 +209,52 @@ def _sse(request: web.Request, source: str) -> web.StreamResponse:
     )
 
 
+class _StreamCache:
+    """The response cache as a stream sees it. A deterministic stream reads and fills the same
+    entries as the whole response to the same request (a hit is replayed as one chunk), so both
+    kinds of client share answers, and a stream also has the stale-cache fallback."""
+
+    def __init__(self, request: web.Request, prepared: Prepared, api: str) -> None:
+        self.model = prepared.model
+        self.canonical = prepared.canonical(api)
+        self.cache = request.app[RESILIENCE].cache
+        if not request.app[MANAGER].tunables(self.model)["cache.enabled"] or self.canonical is None:
+            self.cache = None
+        self.read, self.write = cache_policy(request)
+        self.key: str | None = None
+
+    async def open(self, request: web.Request) -> None:
+        if self.cache is not None and self.canonical is not None:
+            runtime = await request.app[MANAGER].runtime(self.model)
+            self.key = cache_key(runtime.identity, self.canonical)  # as guarded() keys whole answers
+
+    async def get(self, chat: bool) -> tuple[Completion, bool] | None:
+        """(completion, fresh) from the cache, or None."""
+        if self.cache is None or self.key is None or not self.read:
+            return None
+        hit = await self.cache.get(self.key)
+        if hit is None:
+            return None
+        try:
+            doc = json.loads(hit.value)
+            choice, usage = doc["choices"][0], doc["usage"]
+            text = choice["message"]["content"] if chat else choice["text"]
+            done = Completion(
+                text, choice["finish_reason"], usage["prompt_tokens"], usage["completion_tokens"]
+            )
+        except (ValueError, KeyError, IndexError, TypeError):
+            return None
+        return done, hit.fresh
+
+    async def put(self, body: bytes) -> None:
+        if self.cache is None or self.key is None or not self.write:
+            return
+        if self.cache.synchronous == "FULL":  # the same durability promise as whole answers
+            await self.cache.put_and_wait(self.key, self.model, body, "application/json")
+        else:
+            self.cache.put(self.key, self.model, body, "application/json")
+
+
 async def _stream(
     request: web.Request,
     service: ChatService,
@@ -215,40 +265,50 @@ async def _stream(
     default: Completion | None,
 ) -> web.StreamResponse:
     model = prepared.model
+    if priority is not None:  # a bad priority is a 400 even when the cache could answer
+        levels = int(request.app[MANAGER].tunables(model)["queue.priority_levels"])
+        if not 1 <= priority <= levels:
+            raise InvalidRequest(
+                f"priority must be an integer from 1 to {levels}, got {priority}", param="priority"
+            )
+    store = _StreamCache(request, prepared, "openai.chat" if wire.chat else "openai.completions")
+    await store.open(request)
+    hit = await store.get(wire.chat)
+    if hit is not None and hit[1]:
+        return await _replay(request, wire, hit[0], "cache")
     breaker = request.app[RESILIENCE].breaker(model, request.app[MANAGER].tunables(model))
     try:
         permit = breaker.acquire()
     except BreakerOpen as exc:
-        if default is not None:
-            return await _replay(request, wire, default)
-        raise Unavailable(
-            f"the model '{model}' is failing and its circuit breaker is open", retry_after_s=exc.retry_after_s
-        ) from None
+        return await _fallback(
+            request, wire, hit, default, exc.retry_after_s, "is failing and its circuit breaker is open"
+        )
     with permit:  # left unresolved (refusal, disconnect) it counts nothing
         started = time.perf_counter()
         gen = service.start(prepared, priority=priority, timeout_ms=timeout_ms)
+        resp = _sse(request, "engine")
         try:
             try:
                 event = await gen.__anext__()
             except EngineFailure as exc:
                 permit.failure(exc.kind)
-                if default is not None:
-                    return await _replay(request, wire, default)
-                raise Unavailable(
-                    f"the model '{model}' failed ({exc.kind}) and no fallback is available", retry_after_s=1.0
-                ) from None
-            resp = _sse(request, "engine")
+                return await _fallback(request, wire, hit, default, 1.0, f"failed ({exc.kind})")
             await resp.prepare(request)
             if wire.chat:
                 await resp.write(wire.chunk("", role=True))
+            text: list[str] = []
             try:
                 while True:
                     if isinstance(event, Finished):
                         await resp.write(wire.chunk(None, event.finish_reason))
                         if wire.include_usage:
                             await resp.write(wire.usage_chunk(event.prompt_tokens, event.completion_tokens))
+                        whole = Completion(
+                            "".join(text), event.finish_reason, event.prompt_tokens, event.completion_tokens
+                        )
                         break
                     if isinstance(event, Token) and event.text:
+                        text.append(event.text)
                         await resp.write(wire.chunk(event.text))
                     event = await gen.__anext__()
             except ApplianceError as exc:
@@ -257,19 +317,45 @@ async def _stream(
                 await resp.write(_error_event(exc))
             else:
                 permit.success(time.perf_counter() - started)
+                await store.put(wire.whole(whole))
             await resp.write(DONE)
             await resp.write_eof()
             return resp
         except ConnectionError:
             # The client went away between two tokens; the slot is freed below.
-            return web.Response(status=499)
+            return resp
         finally:
             gen.close()
 
 
-async def _replay(request: web.Request, wire: _Wire, completion: Completion) -> web.StreamResponse:
-    """A whole answer (the model's default response) sent as a stream."""
-    resp = _sse(request, "default")
+async def _fallback(
+    request: web.Request,
+    wire: _Wire,
+    hit: tuple[Completion, bool] | None,
+    default: Completion | None,
+    retry_after_s: float,
+    why: str,
+) -> web.StreamResponse:
+    """The stream's fallback chain, as resilience.py's: cached (even stale), default, else 503."""
+    metrics = request.app[METRICS]
+    if hit is not None:
+        source = "cache" if hit[1] else "stale-cache"
+        metrics.fallbacks.labels(wire.model, source).inc()
+        return await _replay(request, wire, hit[0], source)
+    if default is not None:
+        metrics.fallbacks.labels(wire.model, "default").inc()
+        return await _replay(request, wire, default, "default")
+    metrics.fallbacks.labels(wire.model, "unavailable").inc()
+    raise Unavailable(
+        f"the model '{wire.model}' {why} and no fallback is available", retry_after_s=retry_after_s
+    )
+
+
+async def _replay(
+    request: web.Request, wire: _Wire, completion: Completion, source: str
+) -> web.StreamResponse:
+    """A whole answer (cached, or the model's default response) sent as a stream."""
+    resp = _sse(request, source)
     await resp.prepare(request)
     if wire.chat:
         await resp.write(wire.chunk("", role=True))

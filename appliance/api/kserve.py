@@ -167,6 +167,10 @@ async def infer(request: web.Request) -> web.Response:
     else:
         doc, tail = split_body(await read_body(request), header)
     runtime = await request.app[MANAGER].runtime(name)
+    if runtime.entry.kind == ModelKind.generate:
+        raise InvalidRequest(
+            f"model '{name}' generates text: use POST /v1/chat/completions or /v1/completions"
+        )
     feeds = decode_inputs(doc, tail)
     outputs, binary = requested_outputs(doc)
     priority, timeout_ms = _schedule(doc)

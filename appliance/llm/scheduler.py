@@ -567,11 +567,16 @@ class Scheduler:
         for seq in plan.admit:
             seq.evicted = False
         self._inflight = plan
-        fut = loop.run_in_executor(self.executor, self._execute, loop, self._kv, self._rows, plan)
+        began: asyncio.Future[None] = loop.create_future()
+        fut = loop.run_in_executor(self.executor, self._execute, loop, began, self._kv, self._rows, plan)
         timeout_ms = float(self._tunables()["engine.timeout_ms"]) if self._tunables else 0.0
         started = time.monotonic()
         try:
             if timeout_ms > 0:
+                # The clock starts when the worker does: a step queued behind a hung one is not
+                # blamed for it (it waits, as a batch waits for a busy engine instance).
+                either: list[asyncio.Future[Any]] = [began, fut]
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
                 kv, rows = await asyncio.wait_for(asyncio.shield(fut), timeout_ms / 1000)
             else:
                 kv, rows = await fut
@@ -643,8 +648,14 @@ class Scheduler:
     # ---- one step (worker thread) ----------------------------------------------------------
 
     def _execute(
-        self, loop: asyncio.AbstractEventLoop, kv: KVState | None, rows: list[Seq], plan: _Plan
+        self,
+        loop: asyncio.AbstractEventLoop,
+        began: asyncio.Future[None],
+        kv: KVState | None,
+        rows: list[Seq],
+        plan: _Plan,
     ) -> tuple[KVState | None, list[Seq]]:
+        loop.call_soon_threadsafe(_resolve, began)
         timeout_ms = float(self._tunables()["engine.timeout_ms"]) if self._tunables else 0.0
         # A step may take up to twice the engine timeout before the watchdog calls the engine hung.
         watch = self._progress(2 * timeout_ms / 1000 if timeout_ms > 0 else 300.0) if self._progress else None
@@ -739,6 +750,11 @@ def _select(kv: KVState | None, rows: list[Seq], keep: list[Seq]) -> tuple[KVSta
         return None, []
     index = {id(s): i for i, s in enumerate(rows)}
     return kv.select([index[id(s)] for s in keep]), keep
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _failures(seqs: list[Seq], err: Exception) -> list[tuple[Seq, Event]]:

@@ -1,0 +1,546 @@
+"""OpenAI chat and text completions over loopback with the real SmolLM2, driven by the `openai` client."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from tokenizers import Tokenizer
+
+from appliance.api.common import MANAGER, METRICS, RESILIENCE
+from tests.conftest import ServerThread, copy_fixture, make_repository
+
+MODEL = "smollm2-135m-instruct"
+REF = copy_fixture("smollm2_reference.json")
+FRANCE, OCEAN = (c["user_message"] for c in REF["cases"])
+NO_CACHE = {"Cache-Control": "no-cache, no-store"}
+
+
+@pytest.fixture(scope="module")
+def servers(
+    tmp_path_factory: pytest.TempPathFactory, smollm_folder: Path
+) -> Iterator[Callable[..., ServerThread]]:
+    started: list[ServerThread] = []
+
+    def start(name: str, overrides: dict[str, Any] | None = None, **others: Path) -> ServerThread:
+        tmp = tmp_path_factory.mktemp(name)
+        repo = make_repository(tmp, {MODEL: smollm_folder, **others}, {MODEL: overrides or {}})
+        cfg = {
+            "model_repository": str(repo),
+            "data_dir": str(tmp / "data"),
+            "admin": {"port": 0, "socket": str(tmp / "data" / "admin.sock")},
+        }
+        srv = ServerThread(cfg).start()
+        started.append(srv)
+        return srv
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def server(servers: Callable[..., ServerThread], minilm_folder: Path) -> ServerThread:
+    return servers("main", **{"all-minilm-l6-v2": minilm_folder})
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm_folder: Path) -> Tokenizer:
+    return Tokenizer.from_file(str(smollm_folder / "tokenizer.json"))
+
+
+def client(srv: ServerThread, **kw: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, **kw)
+
+
+def ask(content: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": content}]
+
+
+def chat(srv: ServerThread, content: str, headers: dict[str, str] | None = None, **params: Any) -> Any:
+    body = {"model": MODEL, "messages": ask(content), "temperature": 0, **params}
+    status, resp, _ = srv.post("/v1/chat/completions", body, {**NO_CACHE, **(headers or {})})
+    assert status == 200, resp
+    return resp
+
+
+def sse_text(raw: bytes) -> str:
+    events = [e[6:] for e in raw.decode().split("\n\n") if e.startswith("data: {")]
+    return "".join(
+        json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events if json.loads(e)["choices"]
+    )
+
+
+def snapshot(srv: ServerThread) -> dict[str, Any]:
+    def snap() -> dict[str, Any]:
+        runtime = srv.app[MANAGER].slots[MODEL].runtime
+        assert runtime is not None
+        return dict(runtime.extras["generation_snapshot"]())
+
+    return dict(srv.call(snap))
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def in_thread(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """Run ``fn`` now in a thread; the returned callable joins it and returns its result."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+            out["at"] = time.monotonic()
+        except BaseException as exc:
+            out["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+
+    def join() -> Any:
+        t.join(120)
+        if "error" in out:
+            raise out["error"]
+        return out["value"], out["at"]
+
+    return join
+
+
+# ---------------------------------------------------------------------------------- the client
+
+
+def test_openai_client_chat_whole_matches_greedy_reference(
+    server: ServerThread, tokenizer: Tokenizer
+) -> None:
+    c = client(server, default_headers=NO_CACHE)
+    france = REF["cases"][0]["greedy_new_ids"]
+    eos = france.index(2)  # the fixture ran without EOS; the server stops there
+    resp = c.chat.completions.create(model=MODEL, messages=ask(FRANCE), max_tokens=20, temperature=0)
+    assert resp.choices[0].message.content == tokenizer.decode(france[:eos])
+    assert resp.choices[0].finish_reason == "stop" and resp.choices[0].message.role == "assistant"
+    assert resp.usage is not None
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (
+        len(REF["cases"][0]["prompt_ids"]),
+        eos + 1,
+    )
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+    assert resp.id.startswith("chatcmpl-") and resp.object == "chat.completion" and resp.model == MODEL
+    assert abs(resp.created - time.time()) < 60
+    # Past EOS (vLLM's ignore_eos) the tokens are the reference's, special tokens not shown.
+    ocean = REF["cases"][1]["greedy_new_ids"]
+    resp = c.chat.completions.create(
+        model=MODEL, messages=ask(FRANCE), max_tokens=20, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert resp.choices[0].message.content == tokenizer.decode(france, skip_special_tokens=True)
+    assert resp.choices[0].finish_reason == "length" and resp.usage and resp.usage.completion_tokens == 20
+    resp = c.chat.completions.create(model=MODEL, messages=ask(OCEAN), max_tokens=20, temperature=0)
+    assert resp.choices[0].message.content == tokenizer.decode(ocean)
+
+
+def test_openai_client_streams_with_usage(server: ServerThread, tokenizer: Tokenizer) -> None:
+    c = client(server)
+    chunks = list(
+        c.chat.completions.create(
+            model=MODEL,
+            messages=ask(OCEAN),
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == tokenizer.decode(REF["cases"][1]["greedy_new_ids"][:12])
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None and last.usage.completion_tokens == 12
+    assert all(ch.usage is None for ch in chunks[:-1])
+    assert len({ch.id for ch in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
+    assert all(ch.object == "chat.completion.chunk" for ch in chunks)
+    # Without include_usage no chunk has usage, and the stream still ends with a finish reason.
+    plain = list(
+        c.chat.completions.create(
+            model=MODEL, messages=ask(FRANCE), max_tokens=20, temperature=0, stream=True
+        )
+    )
+    assert plain[-1].choices[0].finish_reason == "stop" and all(ch.usage is None for ch in plain)
+
+
+def test_raw_sse_framing(server: ServerThread) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    body = {"model": MODEL, "messages": ask(FRANCE), "max_tokens": 3, "temperature": 0, "stream": True}
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("Content-Type", "").startswith("text/event-stream")
+    raw = resp.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    assert all(e.startswith("data: ") for e in events[:-1])
+    assert json.loads(events[-3][6:])["choices"][0]["finish_reason"] == "length"
+
+
+def test_completions_whole_stream_and_token_prompt(server: ServerThread, tokenizer: Tokenizer) -> None:
+    c = client(server, default_headers=NO_CACHE)
+    whole = c.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0)
+    assert whole.object == "text_completion" and whole.id.startswith("cmpl-")
+    assert whole.choices[0].finish_reason == "length" and whole.usage and whole.usage.completion_tokens == 8
+    streamed = c.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0, stream=True
+    )
+    assert "".join(ch.choices[0].text for ch in streamed) == whole.choices[0].text
+    ids = tokenizer.encode("Once upon a time").ids
+    by_ids = c.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0)
+    assert by_ids.choices[0].text == whole.choices[0].text
+
+
+# ---------------------------------------------------------------------------------- semantics
+
+
+def test_concurrent_requests_equal_sequential_ones(server: ServerThread) -> None:
+    prompts = [FRANCE, OCEAN, "Name three colours.", "What is 2 + 2?"]
+    sequential = [chat(server, p, max_tokens=10)["choices"][0]["message"]["content"] for p in prompts]
+    joins = [in_thread(lambda p=p: chat(server, p, max_tokens=10)) for p in prompts]
+    concurrent = [j()[0]["choices"][0]["message"]["content"] for j in joins]
+    assert concurrent == sequential
+    sizes = server.call(
+        lambda: server.app[MANAGER].slots[MODEL].runtime.batcher.snapshot()["recent_batch_sizes"]
+    )
+    assert max(sizes) > 1  # they did share the batch
+
+
+def test_seeded_sampling_is_reproducible(server: ServerThread) -> None:
+    def sampled(seed: int | None) -> str:
+        extra = {} if seed is None else {"seed": seed}
+        return str(
+            chat(server, OCEAN, max_tokens=12, temperature=1.0, **extra)["choices"][0]["message"]["content"]
+        )
+
+    assert sampled(42) == sampled(42)
+    assert len({sampled(s) for s in (1, 2, 3)} | {sampled(42)}) > 1
+
+
+def test_stop_strings_end_the_text_and_never_leak_into_a_stream(server: ServerThread) -> None:
+    whole = chat(server, FRANCE, max_tokens=20, stop=["Paris"])
+    assert whole["choices"][0]["message"]["content"] == "The capital of France is "
+    assert whole["choices"][0]["finish_reason"] == "stop"
+    c = client(server)
+    chunks = list(
+        c.chat.completions.create(
+            model=MODEL,
+            messages=ask(FRANCE),
+            max_tokens=20,
+            temperature=0,
+            stop=[" is Paris", "zzz"],
+            stream=True,
+        )
+    )
+    pieces = [ch.choices[0].delta.content or "" for ch in chunks]
+    assert "".join(pieces) == "The capital of France"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_length_limit(server: ServerThread) -> None:
+    resp = chat(server, OCEAN, max_tokens=3)
+    assert resp["choices"][0]["finish_reason"] == "length" and resp["usage"]["completion_tokens"] == 3
+
+
+def test_context_length_errors_say_by_how_much(server: ServerThread) -> None:
+    status, resp, _ = server.post(
+        "/v1/chat/completions", {"model": MODEL, "messages": ask("word " * 6000), "max_tokens": 4000}
+    )
+    assert status == 400 and resp["error"]["param"] == "max_tokens"
+    message = resp["error"]["message"]
+    assert "8192" in message and "exceeds" in message and " by " in message
+    status, resp, _ = server.post("/v1/chat/completions", {"model": MODEL, "messages": ask("word " * 9000)})
+    assert status == 400 and "more than the model's context of 8192" in resp["error"]["message"]
+
+
+def test_deterministic_whole_responses_are_cached_sampled_ones_not(server: ServerThread) -> None:
+    body = {"model": MODEL, "messages": ask("Say hi."), "max_tokens": 4, "temperature": 0}
+    _, first, h1 = server.post("/v1/chat/completions", body)
+    assert h1["X-Appliance-Source"] == "engine"
+    server.call(lambda: server.app[RESILIENCE].cache.flush())  # the cache writes behind the answer
+    _, second, h2 = server.post("/v1/chat/completions", body)
+    assert h2["X-Appliance-Source"] == "cache" and first == second
+    # A deterministic stream is answered from the same entry...
+    _, raw, h3 = server.post("/v1/chat/completions", {**body, "stream": True})
+    assert h3["X-Appliance-Source"] == "cache"
+    assert sse_text(raw) == first["choices"][0]["message"]["content"]
+    # ...and a stream that ran fills it for whole requests.
+    bye = {**body, "messages": ask("Say bye."), "stream": True}
+    _, raw, h4 = server.post("/v1/chat/completions", bye)
+    assert h4["X-Appliance-Source"] == "engine"
+    server.call(lambda: server.app[RESILIENCE].cache.flush())
+    _, whole, h5 = server.post("/v1/chat/completions", {**bye, "stream": False})
+    assert h5["X-Appliance-Source"] == "cache" and whole["choices"][0]["message"]["content"] == sse_text(raw)
+    sampled = {**body, "temperature": 0.7}
+    sources = [server.post("/v1/chat/completions", sampled)[2]["X-Appliance-Source"] for _ in range(2)]
+    assert sources == ["engine", "engine"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"model": "nope", "messages": ask("x")}, 404, "model"),
+        ({"messages": ask("x")}, 400, "model"),
+        ({"model": "all-minilm-l6-v2", "messages": ask("x")}, 400, "model"),
+        ({"model": MODEL}, 400, "messages"),
+        ({"model": MODEL, "messages": []}, 400, "messages"),
+        ({"model": MODEL, "messages": "hi"}, 400, "messages"),
+        ({"model": MODEL, "messages": ["hi"]}, 400, "messages[0]"),
+        ({"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
+        ({"model": MODEL, "messages": [{"role": 3, "content": "x"}]}, 400, "messages[0].role"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+        ({"model": MODEL, "messages": [{"role": "user"}]}, 400, "messages[0].content"),
+        ({"model": MODEL, "messages": ask("x"), "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": MODEL, "messages": ask("x"), "max_tokens": 100_000}, 400, "max_tokens"),
+        ({"model": MODEL, "messages": ask("x"), "max_tokens": "5"}, 400, "max_tokens"),
+        ({"model": MODEL, "messages": ask("x"), "temperature": 3}, 400, "temperature"),
+        ({"model": MODEL, "messages": ask("x"), "top_p": 0}, 400, "top_p"),
+        ({"model": MODEL, "messages": ask("x"), "top_k": -5}, 400, "top_k"),
+        ({"model": MODEL, "messages": ask("x"), "n": 2}, 400, "n"),
+        ({"model": MODEL, "messages": ask("x"), "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"model": MODEL, "messages": ask("x"), "stop": 7}, 400, "stop"),
+        (
+            {"model": MODEL, "messages": ask("x"), "stream_options": {"include_usage": True}},
+            400,
+            "stream_options",
+        ),
+        ({"model": MODEL, "messages": ask("x"), "priority": 9}, 400, "priority"),
+        ({"model": MODEL, "messages": ask("x"), "logprobs": True}, 400, "logprobs"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(
+    server: ServerThread, body: dict[str, Any], status: int, param: str
+) -> None:
+    got, resp, _ = server.post("/v1/chat/completions", body)
+    assert got == status, resp
+    err = resp["error"]
+    assert err["param"] == param and err["message"] and err["type"] and err["code"]
+    assert chat(server, "still alive?", max_tokens=1)["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_openai_client_raises_the_mapped_errors(server: ServerThread) -> None:
+    c = client(server)
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="nope", messages=ask("x"))
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model=MODEL, messages=ask("x"), max_tokens=0)
+
+
+# ---------------------------------------------------------------------------------- disconnects
+
+
+def _raw_request(srv: ServerThread, body: dict[str, Any]) -> socket.socket:
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    ).encode()
+    sock.sendall(head + data)
+    return sock
+
+
+def test_disconnect_during_decode_frees_the_slot(server: ServerThread) -> None:
+    before = snapshot(server)
+    body = {
+        "model": MODEL,
+        "messages": ask(OCEAN),
+        "max_tokens": 400,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    sock = _raw_request(server, body)
+    got = b""
+    while got.count(b"data: ") < 4:  # a few tokens are out: the sequence is decoding
+        got += sock.recv(4096)
+    sock.close()
+    wait_for(lambda: snapshot(server)["running"] == 0, timeout=10)
+    after = snapshot(server)
+    assert after["cancelled"] == before["cancelled"] + 1 and after["completed"] == before["completed"]
+    assert after["kv_cache_bytes"] == 0
+    _, metrics = server.get("/metrics")
+    assert f'appliance_running_sequences{{model="{MODEL}"}} 0.0' in metrics.decode()
+
+
+def test_disconnect_during_prefill_frees_the_slot(server: ServerThread) -> None:
+    before = snapshot(server)
+    body = {"model": MODEL, "messages": ask("tell me more " * 150), "max_tokens": 50, "temperature": 0}
+    sock = _raw_request(server, {**body, "seed": 1})  # seed: a distinct cache key, never a cache hit
+    wait_for(lambda: snapshot(server)["prefilling"] == 1, timeout=10)
+    sock.close()
+    wait_for(lambda: snapshot(server)["prefilling"] == 0, timeout=30)
+    wait_for(lambda: snapshot(server)["running"] == 0, timeout=5)
+    after = snapshot(server)
+    assert after["cancelled"] == before["cancelled"] + 1 and after["completed"] == before["completed"]
+    # The prefill's result was dropped: no decode step ran for it.
+    assert after["steps"] - before["steps"] == 1
+
+
+# ---------------------------------------------------------------------------------- admission
+
+
+@pytest.fixture(scope="module")
+def single(servers: Callable[..., ServerThread]) -> ServerThread:
+    """One running sequence at a time, one waiting request per priority level."""
+    return servers(
+        "single",
+        {
+            "generation": {"max_running_sequences": 1},
+            "queue": {"max_queue_size": 1, "default_timeout_ms": 60000},
+        },
+    )
+
+
+def _short(srv: ServerThread, priority: int) -> Callable[[], Any]:
+    body = {"model": MODEL, "messages": ask(OCEAN), "max_tokens": 4, "temperature": 0, "priority": priority}
+    return in_thread(lambda: srv.post("/v1/chat/completions", body, NO_CACHE))
+
+
+def _blocker(srv: ServerThread) -> socket.socket:
+    """A long generation holding the only slot until the test hangs up on it."""
+    body = {"model": MODEL, "messages": ask(OCEAN), "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    sock = _raw_request(srv, {**body, "priority": 3})
+    wait_for(lambda: snapshot(srv)["running"] == 1)
+    return sock
+
+
+def test_priority_order_queue_full_and_deadline(single: ServerThread) -> None:
+    blocker = _blocker(single)
+    low = _short(single, 3)
+    wait_for(lambda: snapshot(single)["waiting"] == 1)
+    high = _short(single, 1)
+    wait_for(lambda: snapshot(single)["waiting"] == 2)
+    # The level-3 queue holds one request: the next one is refused at once, with a retry hint.
+    status, resp, headers = single.post(
+        "/v1/chat/completions", {"model": MODEL, "messages": ask("x"), "max_tokens": 2, "priority": 3}
+    )
+    assert status == 429 and resp["error"]["code"] == "queue_full" and int(headers["Retry-After"]) >= 1
+    # A deadline while waiting is answered by its own timer, not when a slot frees up.
+    started = time.monotonic()
+    status, resp, _ = single.post(
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": ask("x"), "max_tokens": 2, "priority": 2},
+        {"X-Timeout-Ms": "300", **NO_CACHE},
+    )
+    assert status == 503 and resp["error"]["code"] == "unavailable" and time.monotonic() - started < 3
+    blocker.close()  # the slot frees: priority 1 goes first although it came later
+    (low_reply, low_done), (high_reply, high_done) = low(), high()
+    assert low_reply[0] == high_reply[0] == 200
+    assert high_done < low_done
+
+
+def test_queue_full_through_the_openai_client(single: ServerThread) -> None:
+    blocker = _blocker(single)
+    waiting = _short(single, 3)
+    wait_for(lambda: snapshot(single)["waiting"] == 1)
+    with pytest.raises(openai.RateLimitError):
+        client(single).chat.completions.create(
+            model=MODEL, messages=ask("x"), max_tokens=2, extra_body={"priority": 3}
+        )
+    blocker.close()
+    assert waiting()[0][0] == 200
+
+
+@pytest.fixture(scope="module")
+def preempting(servers: Callable[..., ServerThread]) -> ServerThread:
+    return servers(
+        "preempting",
+        {
+            "generation": {"max_running_sequences": 1, "preemption": True},
+            "default_response": "The model is resting.",
+        },
+    )
+
+
+def test_preemption_resumes_with_identical_output(preempting: ServerThread) -> None:
+    c = client(preempting, default_headers=NO_CACHE)
+    params: dict[str, Any] = {
+        "model": MODEL,
+        "max_tokens": 30,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},
+    }
+    alone = c.chat.completions.create(messages=ask(OCEAN), **params).choices[0].message.content
+    france = c.chat.completions.create(messages=ask(FRANCE), **params).choices[0].message.content
+    decoding = threading.Event()
+
+    def victim() -> str:
+        stream = c.chat.completions.create(
+            messages=ask(OCEAN), stream=True, **{**params, "extra_body": {"ignore_eos": True, "priority": 3}}
+        )
+        parts = []
+        for ch in stream:
+            parts.append(ch.choices[0].delta.content or "" if ch.choices else "")
+            if len(parts) == 3:
+                decoding.set()
+        return "".join(parts)
+
+    low = in_thread(victim)
+    assert decoding.wait(30)
+    high = c.chat.completions.create(
+        messages=ask(FRANCE), **{**params, "extra_body": {"ignore_eos": True, "priority": 1}}
+    )
+    high_done = time.monotonic()
+    low_text, low_done = low()
+    assert high.choices[0].message.content == france
+    assert low_text == alone
+    assert high_done < low_done
+    assert snapshot(preempting)["preempted"] == 1
+    _, metrics = preempting.get("/metrics")
+    assert f'appliance_preemptions_total{{model="{MODEL}"}} 1.0' in metrics.decode()
+
+
+def test_default_response_when_the_breaker_is_open(preempting: ServerThread) -> None:
+    def force(verb: str) -> None:
+        srv = preempting
+        srv.app[RESILIENCE].action(MODEL, verb, srv.app[MANAGER].tunables(MODEL))
+
+    preempting.call(lambda: force("open"))
+    try:
+        status, resp, headers = preempting.post(
+            "/v1/chat/completions", {"model": MODEL, "messages": ask("x"), "max_tokens": 2}, NO_CACHE
+        )
+        assert status == 200 and headers["X-Appliance-Source"] == "default"
+        assert resp["choices"][0]["message"]["content"] == "The model is resting."
+        chunks = list(
+            client(preempting).chat.completions.create(
+                model=MODEL, messages=ask("x"), max_tokens=2, stream=True
+            )
+        )
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == "The model is resting."
+    finally:
+        preempting.call(lambda: force("reset"))
+
+
+def test_generation_metrics_are_exported(server: ServerThread) -> None:
+    chat(server, "Hello!", max_tokens=3)
+    _, body = server.get("/metrics")
+    text = body.decode()
+    for name in (
+        "appliance_time_to_first_token_seconds_count",
+        "appliance_time_per_output_token_seconds_count",
+        "appliance_generation_duration_seconds_count",
+        "appliance_generation_queue_duration_seconds_count",
+        "appliance_prompt_tokens_total",
+        "appliance_generation_tokens_total",
+        "appliance_waiting_sequences",
+        "appliance_kv_cache_bytes",
+    ):
+        assert f'{name}{{model="{MODEL}"}}' in text, name
+    assert server.app[METRICS] is not None

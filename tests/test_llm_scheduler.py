@@ -1,0 +1,480 @@
+"""The continuous-batching scheduler and the sampling helpers, without HTTP.
+
+Most tests drive the scheduler with a fake decoder whose next token is a function of the whole
+row held in its KV state, so any slip in joining, selecting or trimming rows changes the output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from appliance.batcher import BatchPolicy, DeadlineExceeded, InvalidPriority, QueueFull
+from appliance.engines.base import EngineError, EngineTimeout
+from appliance.llm.runtime import KVState
+from appliance.llm.sampling import (
+    IncrementalDetokenizer,
+    OutputProcessor,
+    SamplingParams,
+    StopMatcher,
+    make_rng,
+    sample,
+)
+from appliance.llm.scheduler import Failed, Finished, GenerationConfig, Scheduler, Seq, Token
+
+V = 40
+
+
+def next_token(context: Sequence[int]) -> int:
+    return 1 + (sum(context) * 7 + len(context)) % (V - 1)
+
+
+def reference(prompt: list[int], n: int) -> list[int]:
+    out: list[int] = []
+    for _ in range(n):
+        out.append(next_token(prompt + out))
+    return out
+
+
+class FakeTokenizer:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def text_of(ids: list[int]) -> str:
+    return FakeTokenizer().decode(ids)
+
+
+class FakeDecoder:
+    """Keys hold the token ids; logits are one-hot at ``next_token`` of each row's real tokens."""
+
+    layers, kv_heads, head_dim = 1, 1, 1
+    kv_dtype = np.dtype(np.float32)
+
+    def __init__(self, prefill_s: float = 0.0, decode_s: float = 0.0) -> None:
+        self.prefill_s = prefill_s
+        self.decode_s = decode_s
+        self.fail_prefill: Callable[[Sequence[int]], bool] | None = None
+        self.fail_decodes = 0
+        self.prefill_sizes: list[int] = []
+        self.decode_sizes: list[int] = []
+        self.prefilling = threading.Event()
+
+    def _logits(self, keys: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        out = np.zeros((mask.shape[0], V), dtype=np.float32)
+        for b in range(mask.shape[0]):
+            ctx = keys[b, 0, mask[b] == 1, 0].astype(int).tolist()
+            out[b, next_token(ctx)] = 1.0
+        return out
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, KVState]:
+        self.prefilling.set()
+        time.sleep(self.prefill_s)
+        self.prefilling.clear()
+        if self.fail_prefill and any(self.fail_prefill(p) for p in prompts):
+            raise RuntimeError("prefill exploded")
+        self.prefill_sizes.append(len(prompts))
+        width = max(len(p) for p in prompts)
+        keys = np.zeros((len(prompts), 1, width, 1), dtype=np.float32)
+        mask = np.zeros((len(prompts), width), dtype=np.int64)
+        for row, p in enumerate(prompts):
+            keys[row, 0, width - len(p) :, 0] = p
+            mask[row, width - len(p) :] = 1
+        return self._logits(keys, mask), KVState([keys], [keys.copy()], mask)
+
+    def decode(self, next_ids: Sequence[int] | np.ndarray, state: KVState) -> np.ndarray:
+        time.sleep(self.decode_s)
+        if self.fail_decodes:
+            self.fail_decodes -= 1
+            raise RuntimeError("decode exploded")
+        b = state.batch
+        self.decode_sizes.append(b)
+        col = np.asarray(next_ids, dtype=np.float32).reshape(b, 1, 1, 1)
+        keys = np.concatenate([state.keys[0], col], axis=2)
+        mask = np.concatenate([state.mask, np.ones((b, 1), dtype=np.int64)], axis=1)
+        state.keys, state.values, state.mask = [keys], [keys.copy()], mask
+        return self._logits(keys, mask)
+
+
+@pytest.fixture
+def executor() -> Iterator[ThreadPoolExecutor]:
+    ex = ThreadPoolExecutor(1)
+    yield ex
+    ex.shutdown(wait=True)
+
+
+def make(
+    executor: ThreadPoolExecutor,
+    decoder: FakeDecoder | None = None,
+    *,
+    max_running: int = 8,
+    kv_cache_bytes: int = 1 << 30,
+    preemption: bool = False,
+    max_queue_size: int = 0,
+    timeout_ms: float = 0.0,
+    engine_timeout_ms: float = 0.0,
+) -> Scheduler:
+    policy = BatchPolicy(priority_levels=3, default_priority=2, max_queue_size=max_queue_size)
+    policy.default_timeout_ms = timeout_ms
+    config = GenerationConfig(max_running=max_running, kv_cache_bytes=kv_cache_bytes, preemption=preemption)
+    tunables = (lambda: {"engine.timeout_ms": engine_timeout_ms}) if engine_timeout_ms else None
+    return Scheduler("fake", decoder or FakeDecoder(), executor, policy, config, tunables=tunables)
+
+
+def seq(prompt: list[int], max_tokens: int = 8, eos: Sequence[int] = (), **kw: Any) -> Seq:
+    params = SamplingParams(max_tokens=max_tokens, temperature=kw.pop("temperature", 0.0), **kw)
+    return Seq(list(prompt), params, OutputProcessor.create(params, FakeTokenizer(), eos))
+
+
+async def drain(s: Seq) -> tuple[str, Finished | Failed]:
+    text = []
+    while True:
+        ev = await asyncio.wait_for(s.events.get(), 10)
+        if isinstance(ev, Token):
+            text.append(ev.text)
+        else:
+            return "".join(text), ev
+
+
+async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.002)
+
+
+# ---------------------------------------------------------------------------------- batching
+
+
+async def test_continuous_batching_equals_one_at_a_time(executor: ThreadPoolExecutor) -> None:
+    dec = FakeDecoder(decode_s=0.002)
+    sch = make(executor, dec, max_running=3)
+    prompts = [[3, 1, 4], [1, 5, 9, 2, 6], [5], [3, 5, 8, 9, 7, 9, 3], [2, 3], [8, 4, 6, 2, 6, 4]]
+    lengths = [5, 9, 3, 12, 7, 4]
+    seqs = []
+    for p, n in zip(prompts, lengths, strict=True):
+        s = seq(p, n)
+        sch.submit(s)
+        seqs.append(s)
+        await asyncio.sleep(0.003)  # staggered arrivals: joins happen mid-batch
+    results = await asyncio.gather(*(drain(s) for s in seqs))
+    for (text, fin), p, n in zip(results, prompts, lengths, strict=True):
+        assert isinstance(fin, Finished) and fin.finish_reason == "length"
+        assert text == text_of(reference(p, n))
+        assert (fin.prompt_tokens, fin.completion_tokens) == (len(p), n)
+    assert max(dec.decode_sizes) == 3  # batched, and never beyond max_running
+    assert sch.generation_snapshot()["running"] == 0
+    await sch.close()
+
+
+async def test_newcomers_are_prefilled_together(executor: ThreadPoolExecutor) -> None:
+    dec = FakeDecoder(decode_s=0.05)
+    sch = make(executor, dec)
+    first = seq([1, 2], 3)
+    sch.submit(first)
+    await until(lambda: bool(dec.decode_sizes))
+    late = [seq([i, i + 1], 3) for i in range(3)]
+    for s in late:
+        sch.submit(s)
+    await asyncio.gather(drain(first), *(drain(s) for s in late))
+    assert dec.prefill_sizes == [1, 3]
+    await sch.close()
+
+
+async def test_eos_stops_and_is_not_text(executor: ThreadPoolExecutor) -> None:
+    sch = make(executor)
+    ref = reference([7, 7], 6)
+    s = seq([7, 7], 6, eos=[ref[2]])
+    sch.submit(s)
+    text, fin = await drain(s)
+    assert isinstance(fin, Finished) and fin.finish_reason == "stop" and fin.completion_tokens == 3
+    assert text == text_of(ref[:2])
+    ignore = seq([7, 7], 6, eos=[ref[2]], ignore_eos=True)
+    sch.submit(ignore)
+    text, fin = await drain(ignore)
+    assert isinstance(fin, Finished) and fin.finish_reason == "length" and text == text_of(ref)
+    await sch.close()
+
+
+async def test_kv_budget_bounds_the_running_batch(executor: ThreadPoolExecutor) -> None:
+    dec = FakeDecoder(decode_s=0.002)
+    # bytes per token here: 1 layer x 2 x 1 head x 1 dim x 4 bytes = 8; reservations are 4 + 6 = 10.
+    sch = make(executor, dec, kv_cache_bytes=2 * 10 * 8)
+    seqs = [seq([1, 2, 3, 4], 6) for _ in range(5)]
+    for s in seqs:
+        sch.submit(s)
+    results = await asyncio.gather(*(drain(s) for s in seqs))
+    assert all(t == text_of(reference([1, 2, 3, 4], 6)) for t, _ in results)
+    assert max(dec.decode_sizes) == 2
+    await sch.close()
+
+
+# ---------------------------------------------------------------------------------- admission
+
+
+async def test_invalid_priority_and_queue_full(executor: ThreadPoolExecutor) -> None:
+    sch = make(executor, FakeDecoder(decode_s=0.01), max_running=1, max_queue_size=1)
+    for bad in (0, 4, True):
+        with pytest.raises(InvalidPriority):
+            sch.submit(seq([1], 2), priority=bad)  # type: ignore[arg-type]
+    running, waiting = seq([1], 50), seq([2], 2)
+    sch.submit(running, priority=3)
+    await until(lambda: sch.generation_snapshot()["running"] == 1)
+    sch.submit(waiting, priority=3)
+    with pytest.raises(QueueFull) as info:
+        sch.submit(seq([3], 2), priority=3)
+    assert info.value.retry_after_s and info.value.retry_after_s > 0
+    sch.submit(seq([4], 1), priority=1)  # another level has its own bound
+    assert sch.snapshot()["rejections"]["queue_full"] == 1
+    await sch.close(drain=False)
+
+
+async def test_waiting_request_times_out_on_its_own_timer(executor: ThreadPoolExecutor) -> None:
+    sch = make(executor, FakeDecoder(decode_s=0.01), max_running=1)
+    blocker = seq([1], 200)
+    sch.submit(blocker)
+    await until(lambda: sch.generation_snapshot()["running"] == 1)
+    late = seq([2], 2)
+    started = time.monotonic()
+    sch.submit(late, timeout_ms=60)
+    _, fin = await drain(late)
+    assert isinstance(fin, Failed) and isinstance(fin.error, DeadlineExceeded)
+    assert time.monotonic() - started < 0.5
+    assert sch.generation_snapshot()["waiting"] == 0
+    await sch.close(drain=False)
+
+
+async def test_higher_priority_is_admitted_first(executor: ThreadPoolExecutor) -> None:
+    sch = make(executor, FakeDecoder(decode_s=0.005), max_running=1)
+    blocker = seq([1], 20)
+    sch.submit(blocker, priority=3)
+    await until(lambda: sch.generation_snapshot()["running"] == 1)
+    low, high = seq([2], 2), seq([3], 2)
+    sch.submit(low, priority=3)
+    sch.submit(high, priority=1)
+    await asyncio.gather(drain(blocker), drain(low), drain(high))
+    assert high.admitted_at is not None and low.admitted_at is not None
+    assert high.admitted_at < low.admitted_at
+    await sch.close()
+
+
+async def test_preemption_evicts_lower_priority_and_resumes_identically(
+    executor: ThreadPoolExecutor,
+) -> None:
+    dec = FakeDecoder(decode_s=0.005)
+    sch = make(executor, dec, max_running=1, preemption=True)
+    victim = seq([5, 6, 7], 30, temperature=1.0, seed=7)
+    sch.submit(victim, priority=3)
+    await until(lambda: len(victim.generated) >= 5)
+    urgent = seq([1, 1], 4)
+    sch.submit(urgent, priority=1)
+    (vtext, vfin), (utext, ufin) = await asyncio.gather(drain(victim), drain(urgent))
+    assert isinstance(vfin, Finished) and isinstance(ufin, Finished)
+    assert victim.preemptions == 1 and sch.generation_snapshot()["preempted"] == 1
+    assert utext == text_of(reference([1, 1], 4))
+    # The same seeded request without contention gives the same tokens.
+    alone = seq([5, 6, 7], 30, temperature=1.0, seed=7)
+    sch.submit(alone, priority=3)
+    atext, _ = await drain(alone)
+    assert vtext == atext and victim.generated == alone.generated
+    await sch.close()
+
+
+async def test_equal_priority_is_never_preempted(executor: ThreadPoolExecutor) -> None:
+    sch = make(executor, FakeDecoder(decode_s=0.005), max_running=1, preemption=True)
+    a, b = seq([1], 10), seq([2], 2)
+    sch.submit(a, priority=2)
+    await until(lambda: len(a.generated) >= 2)
+    sch.submit(b, priority=2)
+    await asyncio.gather(drain(a), drain(b))
+    assert a.preemptions == 0
+    await sch.close()
+
+
+# ---------------------------------------------------------------------------------- cancellation
+
+
+async def test_cancel_while_waiting_and_while_running(executor: ThreadPoolExecutor) -> None:
+    dec = FakeDecoder(decode_s=0.01)
+    sch = make(executor, dec, max_running=1)
+    running, waiting, after = seq([1], 500), seq([2], 5), seq([3], 3)
+    sch.submit(running)
+    await until(lambda: sch.generation_snapshot()["running"] == 1)
+    sch.submit(waiting)
+    sch.cancel(waiting)
+    assert sch.generation_snapshot()["waiting"] == 0
+    assert sch.snapshot()["rejections"]["cancelled"] == 1
+    sch.submit(after)
+    steps = sch.generation_snapshot()["steps"]
+    sch.cancel(running)
+    _, fin = await drain(after)  # the freed slot goes to the next request
+    assert isinstance(fin, Finished)
+    assert sch.generation_snapshot()["steps"] - steps <= 2 + 3  # one step to drop it, then `after`
+    assert len(running.generated) < 500
+    await sch.close()
+
+
+async def test_cancel_during_prefill_drops_the_result(executor: ThreadPoolExecutor) -> None:
+    dec = FakeDecoder(prefill_s=0.2)
+    sch = make(executor, dec)
+    s = seq([1, 2, 3], 5)
+    sch.submit(s)
+    await until(lambda: sch.generation_snapshot()["prefilling"] == 1)
+    sch.cancel(s)
+    await until(lambda: sch.generation_snapshot()["prefilling"] == 0)
+    await asyncio.sleep(0.05)
+    snap = sch.generation_snapshot()
+    assert snap["running"] == 0 and snap["kv_cache_bytes"] == 0
+    assert s.generated == [] and s.events.empty()  # never joined, never decoded
+    assert dec.decode_sizes == []
+    await sch.close()
+
+
+# ---------------------------------------------------------------------------------- failures
+
+
+async def test_engine_errors_fail_only_the_affected_sequences(executor: ThreadPoolExecutor) -> None:
+    dec = FakeDecoder(decode_s=0.005)
+    sch = make(executor, dec)
+    good = seq([1, 2], 20)
+    sch.submit(good)
+    await until(lambda: len(good.generated) >= 2)
+    dec.fail_prefill = lambda p: 13 in p
+    bad = seq([13], 3)
+    sch.submit(bad)
+    _, fin = await drain(bad)
+    assert isinstance(fin, Failed) and isinstance(fin.error, EngineError)
+    text, fin = await drain(good)  # the running sequence was not touched by the failed prefill
+    assert isinstance(fin, Finished) and text == text_of(reference([1, 2], 20))
+    # A failed decode fails the batch it ran, and the scheduler keeps serving.
+    s1 = seq([4], 10)
+    sch.submit(s1)
+    await until(lambda: len(s1.generated) >= 1)
+    dec.fail_decodes = 1
+    _, fin = await drain(s1)
+    assert isinstance(fin, Failed) and isinstance(fin.error, EngineError)
+    s2 = seq([4], 3)
+    sch.submit(s2)
+    text, fin = await drain(s2)
+    assert isinstance(fin, Finished) and text == text_of(reference([4], 3))
+    await sch.close()
+
+
+async def test_a_hung_step_times_out(executor: ThreadPoolExecutor) -> None:
+    dec = FakeDecoder(prefill_s=0.3)
+    sch = make(executor, dec, engine_timeout_ms=50)
+    s = seq([1], 3)
+    sch.submit(s)
+    _, fin = await drain(s)
+    assert isinstance(fin, Failed) and isinstance(fin.error, EngineTimeout)
+    dec.prefill_s = 0.0
+    ok = seq([1], 3)
+    sch.submit(ok)
+    _, fin = await drain(ok)
+    assert isinstance(fin, Finished)
+    await sch.close()
+
+
+async def test_close_without_drain_fails_everything(executor: ThreadPoolExecutor) -> None:
+    sch = make(executor, FakeDecoder(decode_s=0.01), max_running=1)
+    a, b = seq([1], 500), seq([2], 5)
+    sch.submit(a)
+    await until(lambda: sch.generation_snapshot()["running"] == 1)
+    sch.submit(b)
+    await sch.close(drain=False)
+    for s in (a, b):
+        _, fin = await drain(s)
+        assert isinstance(fin, Failed)
+    assert sch.snapshot()["queue_depth"] == {1: 0, 2: 0, 3: 0}
+
+
+# ---------------------------------------------------------------------------------- sampling
+
+
+def test_sampling_is_seeded_and_bounded() -> None:
+    logits = np.random.default_rng(0).normal(size=100).astype(np.float32)
+    p = SamplingParams(max_tokens=1, temperature=1.0, seed=5)
+    draws = [sample(logits, p, make_rng(5)) for _ in range(3)]
+    assert len(set(draws)) == 1
+    many = {sample(logits, p, make_rng(s)) for s in range(50)}
+    assert len(many) > 5
+    best = int(np.argmax(logits))
+    assert sample(logits, SamplingParams(max_tokens=1, temperature=0.0), make_rng(None)) == best
+    assert sample(logits, SamplingParams(max_tokens=1, temperature=1.0, top_k=1), make_rng(1)) == best
+    assert sample(logits, SamplingParams(max_tokens=1, temperature=1.0, top_p=1e-6), make_rng(1)) == best
+    top3 = set(np.argsort(-logits)[:3].tolist())
+    rng = make_rng(2)
+    assert {sample(logits, SamplingParams(1, 2.0, top_k=3), rng) for _ in range(200)} <= top3
+    assert sample(logits, SamplingParams(1, 1.0, seed=-3), make_rng(-3)) >= 0  # negative seeds work
+
+
+def test_stop_strings_hold_back_possible_starts() -> None:
+    m = StopMatcher(["STOP", "xy"])
+    assert m.feed("abc S") == ("abc ", False)  # "S" may begin STOP
+    assert m.feed("T") == ("", False)
+    assert m.feed("ate") == ("STate", False)  # not a stop after all: released
+    assert m.feed(" x") == (" ", False)
+    assert m.feed("yz") == ("", True)  # "xy" found: nothing of it is released
+    assert m.text == "abc STate "
+    m2 = StopMatcher(["end"])
+    assert m2.feed("the e") == ("the ", False)
+    assert m2.finish() == "e"  # the sequence ended: the held tail was never a stop
+
+
+def test_output_processor_length_and_stop() -> None:
+    p = SamplingParams(max_tokens=3, stop=("c",))
+    proc = OutputProcessor.create(p, FakeTokenizer(), [])
+    assert proc.push(0).text == "a"
+    out = proc.push(2)
+    assert out.finish_reason == "stop" and out.text == ""
+    proc = OutputProcessor.create(SamplingParams(max_tokens=2), FakeTokenizer(), [])
+    proc.push(0)
+    assert proc.push(1).finish_reason == "length"
+
+
+def test_detokenizer_never_splits_a_character(smollm_folder: Path) -> None:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(smollm_folder / "tokenizer.json"))
+    text = "héllo 🌊 wörld 日本語 ok"
+    ids = tok.encode(text, add_special_tokens=False).ids
+    detok = IncrementalDetokenizer(tok)
+    deltas = [detok.push(i) for i in ids] + [detok.flush()]
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+    assert len(ids) > len([d for d in deltas if d])  # some tokens were half a character
+
+
+async def test_real_model_greedy_matches_the_reference_fixture(
+    smollm_folder: Path, executor: ThreadPoolExecutor
+) -> None:
+    import json
+
+    from tokenizers import Tokenizer
+
+    from appliance.llm.runtime import DecoderSession
+
+    ref = json.loads((Path(__file__).parent / "fixtures" / "smollm2_reference.json").read_text())
+    session = DecoderSession(smollm_folder, intra_op_threads=2)
+    tok = Tokenizer.from_file(str(smollm_folder / "tokenizer.json"))
+    policy = BatchPolicy(priority_levels=3, default_priority=2)
+    sch = Scheduler("smollm", session, executor, policy, GenerationConfig())
+    seqs = []
+    for case in ref["cases"]:
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        s = Seq(case["prompt_ids"], params, OutputProcessor.create(params, tok, session.eos_ids))
+        sch.submit(s)
+        seqs.append(s)
+    await asyncio.gather(*(drain(s) for s in seqs))
+    for s, case in zip(seqs, ref["cases"], strict=True):
+        assert s.generated == case["greedy_new_ids"][:12]
+    assert sch.bytes_per_token == 30 * 2 * 3 * 64 * 4
+    await sch.close()
