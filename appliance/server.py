@@ -17,6 +17,7 @@ import ssl
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -25,6 +26,7 @@ from appliance.api.app import create_app
 from appliance.api.common import DRAINING, INFLIGHT, MANAGER, RESILIENCE
 from appliance.api.security import KEYS, LimitedRunner, keystore
 from appliance.config import Config, ConfigError, load
+from appliance.llm.scheduler import Scheduler
 from appliance.sdnotify import Notifier, watchdog_loop
 
 log = logging.getLogger(__name__)
@@ -128,16 +130,24 @@ class Server:
         timeout = self.cfg.server.drain_timeout_s
         mgr = self.app[MANAGER]
         started = time.monotonic()
-        await asyncio.gather(
-            *(s.runtime.batcher.close(drain=False) for s in mgr.slots.values() if s.runtime),
-            return_exceptions=True,
-        )
+        await asyncio.gather(*(self._shed(s.runtime.batcher) for s in mgr.slots.values() if s.runtime))
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(0.0, timeout - (time.monotonic() - started))):
                 await self.app[INFLIGHT].wait_idle()
         left = self.app[INFLIGHT].count
         if left:
             log.warning("drain timeout: %d requests still running are cut", left)
+
+    @staticmethod
+    async def _shed(queue: Any) -> None:
+        """Answer what waits with 503; let running batches and streams finish."""
+        try:
+            if isinstance(queue, Scheduler):
+                await queue.close(drain=False, keep_running=True)
+            else:
+                await queue.close(drain=False)  # a Batcher never interrupts running batches
+        except Exception:
+            log.exception("drain: closing a queue failed")
 
     async def stop(self) -> None:
         if not self.app[DRAINING][0]:

@@ -95,10 +95,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def spawn(tmp: Path, extra: dict[str, Any] | None = None) -> tuple[subprocess.Popen[bytes], int, Path]:
+def spawn(
+    tmp: Path, extra: dict[str, Any] | None = None, models: tuple[str, ...] = (MODEL,)
+) -> tuple[subprocess.Popen[bytes], int, Path]:
     repo = tmp / "engines"
     if not repo.exists():
-        make_repository(tmp, {MODEL: ROOT / "engines" / MODEL})
+        make_repository(tmp, {m: ROOT / "engines" / m for m in models})
     port = free_port()
     cfg = tmp / "appliance.yaml"
     raw = {
@@ -140,15 +142,59 @@ def post(port: int, body: dict[str, Any], timeout: float = 60) -> tuple[int, dic
         return e.code, dict(e.headers), e.read()
 
 
-def test_sigterm_drains_every_accepted_request_and_exits_zero(tmp_path: Path, minilm_folder: Path) -> None:
-    proc, port, _ = spawn(tmp_path)
+CHAT = "smollm2-135m-instruct"
+
+
+def stream(port: int, i: int) -> tuple[int, list[Any]]:
+    """A chat stream read to its end: (status, events); events end with "[DONE]" when whole."""
+    body = {
+        "model": CHAT,
+        "messages": [{"role": "user", "content": f"Count to {i + 20}."}],
+        "max_tokens": 48,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Cache-Control": "no-store, no-cache"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            events = [
+                line[6:] if line == "data: [DONE]" else json.loads(line[6:])
+                for line in (raw.decode().strip() for raw in r)
+                if line.startswith("data: ")
+            ]
+            return r.status, events
+    except urllib.error.HTTPError as e:
+        return e.code, [json.loads(e.read())]
+
+
+def test_sigterm_drains_every_accepted_request_and_exits_zero(
+    tmp_path: Path, minilm_folder: Path, smollm_folder: Path
+) -> None:
+    proc, port, _ = spawn(tmp_path, models=(MODEL, CHAT))
     texts = [f"request number {i} " + "words " * 40 for i in range(160)]
-    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+    with concurrent.futures.ThreadPoolExecutor(80) as pool:
+        streams = [pool.submit(stream, port, i) for i in range(6)]
+        time.sleep(1.0)  # the streams are running
         futures = [pool.submit(post, port, {"model": MODEL, "input": t}) for t in texts]
         time.sleep(0.3)
         os.kill(proc.pid, signal.SIGTERM)
         results = [f.result() for f in futures]  # a connection error would raise here: none may
+        streamed = [s.result() for s in streams]
     assert proc.wait(30) == 0
+    for status, events in streamed:
+        if status == 200:
+            # Running streams finish within the drain timeout: whole, no error event, [DONE].
+            assert events[-1] == "[DONE]", events[-3:]
+            assert not [e for e in events if isinstance(e, dict) and "error" in e], events
+            assert any(isinstance(e, dict) and e.get("choices") for e in events)
+        else:
+            assert status == 503 and events[0]["error"]["message"]
+    assert any(status == 200 for status, _ in streamed), "streams in flight were completed"
     statuses = [r[0] for r in results]
     assert set(statuses) <= {200, 503}, statuses
     assert statuses.count(200) > 0

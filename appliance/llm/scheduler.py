@@ -333,8 +333,10 @@ class Scheduler:
             self._counts["cancelled"] += 1
         self._wake.set()
 
-    async def close(self, drain: bool = True) -> None:
-        """Stop accepting; finish everything (drain) or fail it with BatcherClosed; await the driver."""
+    async def close(self, drain: bool = True, *, keep_running: bool = False) -> None:
+        """Stop accepting; finish everything (drain) or fail waiting sequences with BatcherClosed,
+        and running ones too unless ``keep_running`` (a shutdown lets streams finish); await the
+        driver."""
         self._closed = True
         if not drain:
             for queue in self._queues:
@@ -342,8 +344,9 @@ class Scheduler:
                     self._discard(seq)
                     self._count_rejection(seq.priority, "closed")
                     self._fail(seq, BatcherClosed(f"model {self.name!r} closed"))
-            for seq in list(self._rows) + (self._inflight.admit if self._inflight else []):
-                self._fail(seq, BatcherClosed(f"model {self.name!r} closed while generating"))
+            if not keep_running:
+                for seq in list(self._rows) + (self._inflight.admit if self._inflight else []):
+                    self._fail(seq, BatcherClosed(f"model {self.name!r} closed while generating"))
         self._wake.set()
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):

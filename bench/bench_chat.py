@@ -1,0 +1,193 @@
+"""Chat benchmark: the appliance against llama.cpp's llama-server, side by side in one run.
+
+    sh bench/build-llama-server.sh                      # once, ~15-20 min on 2 cores
+    .venv/bin/python bench/bench_chat.py [--llama-server PATH] [--rounds 2]
+
+Both serve SmolLM2-135M-Instruct from the same GGUF (the appliance's ONNX graph is built from it),
+with the same prompts, 128 new tokens each (EOS ignored, greedy), streamed, at concurrency 1 and 8.
+Only one server runs at a time (2 cores); phases alternate and the best round of each is kept,
+because this machine is shared and noisy. llama-server runs with 8 slots and continuous batching
+(``-np 8 -cb``) and 2 threads, the appliance with its default settings (2 ONNX Runtime threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from appliance.llm.builder import locate_gguf  # noqa: E402
+from bench.bench_embeddings import free_port  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+NEW_TOKENS = 128
+TOPICS = ["robots", "the sea", "a lighthouse", "trains", "a garden", "the moon", "a library", "winter"]
+
+
+async def one(session: aiohttp.ClientSession, url: str, model: str, i: int) -> tuple[float, int]:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": f"Write a short story about {TOPICS[i % len(TOPICS)]}."}],
+        "max_tokens": NEW_TOKENS,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
+    started = time.perf_counter()
+    first = 0.0
+    chunks = 0
+    usage = 0
+    headers = {"Cache-Control": "no-cache, no-store"}
+    async with session.post(url + "/v1/chat/completions", json=body, headers=headers) as r:
+        assert r.status == 200, await r.text()
+        async for raw in r.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            doc = json.loads(line[6:])
+            if doc.get("usage"):
+                usage = int(doc["usage"].get("completion_tokens") or 0)
+            for choice in doc.get("choices") or []:
+                if (choice.get("delta") or {}).get("content"):
+                    chunks += 1
+                    if not first:
+                        first = time.perf_counter() - started
+    return first, usage or chunks
+
+
+async def phase(url: str, model: str, concurrency: int, requests: int) -> dict[str, float]:
+    # llama-server closes a connection after a stream; a fresh connection per request is fair to both.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=600)
+    ) as session:
+        await one(session, url, model, 99)  # warm-up
+        sem = asyncio.Semaphore(concurrency)
+        results: list[tuple[float, int]] = []
+
+        async def guarded(i: int) -> None:
+            async with sem:
+                results.append(await one(session, url, model, i))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(guarded(i) for i in range(requests)))
+        wall = time.perf_counter() - started
+    ttft = np.array([r[0] for r in results])
+    tokens = sum(r[1] for r in results)
+    return {
+        "tok_s": tokens / wall,
+        "ttft_p50_ms": float(np.percentile(ttft, 50) * 1e3),
+        "ttft_p99_ms": float(np.percentile(ttft, 99) * 1e3),
+        "tokens": tokens,
+    }
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], path: str) -> None:
+    for _ in range(1200):
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + path, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("server did not become ready")
+
+
+def start_appliance(tmp: Path, port: int) -> subprocess.Popen[bytes]:
+    cfg = tmp / "appliance.yaml"
+    cfg.write_text(
+        json.dumps(
+            {
+                "server": {"port": port, "log_level": "warning", "default_models": [MODEL]},
+                "admin": {"port": -1, "socket": ""},
+                "model_repository": str(ROOT / "engines"),
+                "data_dir": str(tmp / "data"),
+            }
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "serve", "--config", str(cfg)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_ready(f"http://127.0.0.1:{port}", proc, "/readyz")
+    return proc
+
+
+def start_llama(binary: str, port: int) -> subprocess.Popen[bytes]:
+    cmd = [binary, "-m", str(locate_gguf()), "--port", str(port), "--host", "127.0.0.1"]
+    cmd += ["-np", "8", "-cb", "-t", "2", "-c", str(8 * 1024), "--jinja", "--no-webui"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_ready(f"http://127.0.0.1:{port}", proc, "/health")
+    return proc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--llama-server", default=str(ROOT.parent / "llama-build" / "bin" / "llama-server"))
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--json", help="write the results here too")
+    args = ap.parse_args()
+    if not os.access(args.llama_server, os.X_OK):
+        sys.exit(f"no llama-server at {args.llama_server}: run `sh bench/build-llama-server.sh` first")
+    best: dict[tuple[str, int], dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.rounds):
+            for name in ("appliance", "llama-server"):
+                port = free_port()
+                proc = (
+                    start_appliance(Path(tmp), port)
+                    if name == "appliance"
+                    else start_llama(args.llama_server, port)
+                )
+                try:
+                    for conc, n in ((1, 4), (8, 16)):
+                        r = asyncio.run(phase(f"http://127.0.0.1:{port}", MODEL, conc, n))
+                        key = (name, conc)
+                        if key not in best or r["tok_s"] > best[key]["tok_s"]:
+                            best[key] = r
+                        print(
+                            f"{name:12s} c={conc}: {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms",
+                            flush=True,
+                        )
+                finally:
+                    proc.terminate()
+                    proc.wait(60)
+    print()
+    print(
+        "| concurrency | appliance tok/s | llama-server tok/s | ratio | appliance TTFT p50/p99 ms | llama-server TTFT p50/p99 ms |"
+    )
+    print("|---|---|---|---|---|---|")
+    out: dict[str, Any] = {}
+    for conc in (1, 8):
+        a, b = best[("appliance", conc)], best[("llama-server", conc)]
+        print(
+            f"| {conc} | {a['tok_s']:.1f} | {b['tok_s']:.1f} | {a['tok_s'] / b['tok_s']:.2f} | "
+            f"{a['ttft_p50_ms']:.0f} / {a['ttft_p99_ms']:.0f} | {b['ttft_p50_ms']:.0f} / {b['ttft_p99_ms']:.0f} |"
+        )
+        out[str(conc)] = {"appliance": a, "llama_server": b}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
