@@ -66,6 +66,22 @@ class _Observer:
         self.m.queue_depth.labels(self.model, str(priority)).set(depth)
 
 
+def engine_failure(exc: Exception) -> ApplianceError:
+    """Admission refusals and engine errors as API errors; the kind is what the breaker counts."""
+    if isinstance(exc, AdmissionError):
+        return admission_error(exc)
+    if isinstance(exc, ApplianceError):
+        return exc
+    kind = (
+        "oom"
+        if isinstance(exc, EngineOutOfMemory)
+        else "timeout"
+        if isinstance(exc, EngineTimeout)
+        else "exception"
+    )
+    return EngineFailure(f"engine {kind}: {exc}", kind=kind)
+
+
 async def submit_all(
     batcher: Batcher[Any, Any], items: Sequence[Any], priority: int | None, timeout_ms: float | None
 ) -> list[Any]:
@@ -75,17 +91,8 @@ async def submit_all(
     ]
     try:
         return list(await asyncio.gather(*tasks))
-    except AdmissionError as exc:
-        raise admission_error(exc) from None
-    except EngineError as exc:
-        kind = (
-            "oom"
-            if isinstance(exc, EngineOutOfMemory)
-            else "timeout"
-            if isinstance(exc, EngineTimeout)
-            else "exception"
-        )
-        raise EngineFailure(f"engine {kind}: {exc}", kind=kind) from None
+    except (AdmissionError, EngineError) as exc:
+        raise engine_failure(exc) from None
     finally:
         for t in tasks:
             if not t.done():

@@ -52,7 +52,13 @@ class OnnxRuntimeEngine(Engine):
         intra_op_threads: int = 0,
         inter_op_threads: int = 1,
         prefer_gpu: bool = True,
+        session: ort.InferenceSession | None = None,
     ) -> None:
+        """Open ``path``, or wrap a ``session`` already opened on it (the decoder runtime's)."""
+        self._bytes = _file_bytes(path)
+        if session is not None:
+            self._adopt(session)
+            return
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = inter_op_threads
@@ -62,15 +68,16 @@ class OnnxRuntimeEngine(Engine):
         # arena was no faster here: 29 vs 35 ms for a MiniLM batch of 8).
         opts.enable_cpu_mem_arena = False
         try:
-            self._session = ort.InferenceSession(
-                os.fspath(path), sess_options=opts, providers=providers(prefer_gpu)
-            )
+            opened = ort.InferenceSession(os.fspath(path), sess_options=opts, providers=providers(prefer_gpu))
         except Exception as exc:  # ORT raises its own untyped errors
             raise EngineError(f"cannot load {path.name}: {exc}") from exc
-        self._inputs = [_spec(a) for a in self._session.get_inputs()]
-        self._outputs = [_spec(a) for a in self._session.get_outputs()]
-        self._bytes = _file_bytes(path)
-        self.provider = self._session.get_providers()[0]
+        self._adopt(opened)
+
+    def _adopt(self, session: ort.InferenceSession) -> None:
+        self._session = session
+        self._inputs = [_spec(a) for a in session.get_inputs()]
+        self._outputs = [_spec(a) for a in session.get_outputs()]
+        self.provider = session.get_providers()[0]
 
     @property
     def inputs(self) -> Sequence[TensorSpec]:

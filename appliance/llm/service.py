@@ -15,14 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from tokenizers import Tokenizer
 
 from appliance.batcher import AdmissionError
-from appliance.engines.base import Engine, EngineError, EngineOutOfMemory, EngineTimeout, TensorSpec
-from appliance.engines.onnxruntime import _spec, providers
-from appliance.errors import ApplianceError, EngineFailure, InvalidRequest
-from appliance.inference import admission_error
+from appliance.engines.base import Engine, EngineError
+from appliance.engines.onnxruntime import OnnxRuntimeEngine, providers
+from appliance.errors import InvalidRequest
+from appliance.inference import admission_error, engine_failure
 from appliance.llm.chat_template import render_chat
 from appliance.llm.runtime import DecoderSession
 from appliance.llm.sampling import OutputProcessor, SamplingParams
@@ -37,11 +36,9 @@ MAX_STOP = 4
 # -- the engine and runtime of a generate model ------------------------------------------------
 
 
-class DecoderEngine(Engine):
+class DecoderEngine(OnnxRuntimeEngine):
     """A built decoder as an Engine, so the manager loads, describes and closes it like the rest;
     the scheduler drives its ``DecoderSession`` (prefill / decode with a KV state) directly."""
-
-    backend = "onnxruntime"
 
     def __init__(self, folder: Any, *, intra_op_threads: int = 0) -> None:
         try:
@@ -50,37 +47,12 @@ class DecoderEngine(Engine):
             )
         except Exception as exc:  # ORT raises its own untyped errors
             raise EngineError(f"cannot load the decoder in {folder}: {exc}") from exc
-        inner = self.session.session
-        self._inputs = [_spec(a) for a in inner.get_inputs()]
-        self._outputs = [_spec(a) for a in inner.get_outputs()]
-        model = self.session.model_dir / "model.onnx"
-        data = model.with_name("model.onnx.data")
-        self._bytes = model.stat().st_size + (data.stat().st_size if data.exists() else 0)
-
-    @property
-    def inputs(self) -> Sequence[TensorSpec]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> Sequence[TensorSpec]:
-        return self._outputs
-
-    def run(
-        self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
-    ) -> dict[str, np.ndarray]:
-        names = list(output_names) if output_names else [o.name for o in self._outputs]
-        try:
-            results = self.session.session.run(names, dict(feeds))
-        except Exception as exc:
-            raise EngineError(str(exc)) from exc
-        return dict(zip(names, results, strict=True))
-
-    def memory_bytes(self) -> int:
-        return self._bytes
+        super().__init__(self.session.model_dir / "model.onnx", session=self.session.session)
 
     def close(self) -> None:
-        # Dropping the last reference frees the session; ORT has no explicit close.
+        # Dropping the last references frees the session; ORT has no explicit close.
         self.session.session = None
+        super().close()
 
 
 @dataclass
@@ -337,22 +309,6 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
-
-
-def engine_failure(exc: Exception) -> ApplianceError:
-    """The same mapping as ``submit_all``: admission refusals and engine errors to API errors."""
-    if isinstance(exc, AdmissionError):
-        return admission_error(exc)
-    if isinstance(exc, ApplianceError):
-        return exc
-    kind = (
-        "oom"
-        if isinstance(exc, EngineOutOfMemory)
-        else "timeout"
-        if isinstance(exc, EngineTimeout)
-        else "exception"
-    )
-    return EngineFailure(f"engine {kind}: {exc}", kind=kind)
 
 
 class GenerationStream:
