@@ -108,6 +108,7 @@ class ModelManager:
         # Batch sizes learned from out-of-memory errors: never send a batch that big again.
         self.batch_caps: dict[str, int] = {}
         self._keep_alive: asyncio.Task[None] | None = None
+        self._arena: Any = None  # the shared TensorRT activation arena (a cuda.DeviceBuffer)
 
     # -- repository ------------------------------------------------------------------------
     def rescan(self) -> None:
@@ -229,7 +230,14 @@ class ModelManager:
             runtime = factory(self, entry, engine, executor)
             warm = runtime.extras.get("warmup_peak") or runtime.extras.get("warmup")
             activation = 0
-            if callable(warm):
+            if hasattr(engine, "activation_bytes"):
+                # TensorRT knows its scratch need exactly; its weights are the plan, not our RSS.
+                activation = int(engine.activation_bytes())
+                grown = engine.memory_bytes()
+                await loop.run_in_executor(executor, self._share_arena, engine)
+                if callable(runtime.extras.get("warmup")):
+                    await loop.run_in_executor(executor, runtime.extras["warmup"])
+            elif callable(warm):
                 # The run's transient peak above what stays resident. What the allocator keeps after
                 # a first run is the process's heap, reused by every model, not this model's.
                 _, peak = await loop.run_in_executor(executor, measure, warm)
@@ -268,6 +276,23 @@ class ModelManager:
         if opener is not None:
             return opener(entry, values)
         return open_engine(entry, values)
+
+    def _share_arena(self, engine: Any) -> None:
+        """One device arena for every TensorRT engine, sized to the largest need; the engines take
+        turns on it under ``arena_lock``. Grown (never shrunk) when a larger engine arrives."""
+        with self.arena_lock:
+            need = int(engine.activation_bytes())
+            if self._arena is None or self._arena.nbytes < need:
+                from appliance.gpu.cuda import DeviceBuffer
+
+                old, self._arena = self._arena, DeviceBuffer(max(need, 256))
+                for slot in self.slots.values():
+                    other = slot.runtime.engine if slot.runtime else None
+                    if other is not None and hasattr(other, "set_activation"):
+                        other.set_activation(self._arena)
+                if old is not None:
+                    old.close()
+            engine.set_activation(self._arena)
 
     async def unload(self, name: str, *, drain: bool = True, evicted: bool = False) -> None:
         slot = self._slot(name)

@@ -169,3 +169,46 @@ def test_plan_is_lru_and_skips_busy_and_pinned_models() -> None:
     assert err.value.never and "pinned" in str(err.value)
     mm.admit("big-activations", 0, 50, pinned=False)
     assert mm.arena == 50 and mm.used == 350, "one shared arena: the largest need, not the sum"
+
+
+def test_tensorrt_engines_share_one_arena_sized_to_the_largest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TensorRT engines need a GPU, which this machine lacks: stand-ins with the same two methods
+    (activation_bytes, set_activation) and a stand-in device buffer check the manager's wiring."""
+    from appliance.config import parse
+    from appliance.gpu import cuda
+    from appliance.models import ModelManager
+    from appliance.telemetry import Metrics
+
+    class Buffer:
+        def __init__(self, nbytes: int) -> None:
+            self.nbytes, self.closed = nbytes, False
+
+        def close(self) -> None:
+            self.closed = True
+
+    class TrtLike:
+        def __init__(self, need: int) -> None:
+            self.need, self.arena = need, None
+
+        def activation_bytes(self) -> int:
+            return self.need
+
+        def set_activation(self, arena: Any) -> None:
+            assert arena is None or arena.nbytes >= self.need
+            self.arena = arena
+
+    monkeypatch.setattr(cuda, "DeviceBuffer", Buffer)
+    mgr = ModelManager(parse({}, env={}), Metrics())
+    small, large = TrtLike(100 << 20), TrtLike(300 << 20)
+    mgr._share_arena(small)
+    first = small.arena
+    assert first is not None and first.nbytes == 100 << 20
+
+    class Slot:
+        def __init__(self, engine: Any) -> None:
+            self.runtime = type("R", (), {"engine": engine})()
+
+    mgr.slots = {"small": Slot(small)}  # type: ignore[dict-item]
+    mgr._share_arena(large)
+    assert large.arena is small.arena and small.arena.nbytes == 300 << 20
+    assert first.closed, "the smaller arena is freed once everyone moved to the larger one"
