@@ -87,7 +87,7 @@ def test_settings_patch_is_validated_as_a_whole(served: Any) -> None:
     assert status == 400
     assert "queue.aging_ms" in body["error"]["message"] and "0" in body["error"]["message"]
     _, current = admin(srv, "GET", "/admin/settings")
-    assert current["models"][MODEL]["batching.max_batch_size"] == 32, "nothing applied"
+    assert current["models"][MODEL]["batching.max_batch_size"] == 16, "nothing applied"
     status, body = admin(
         srv, "PATCH", "/admin/settings", {"models": {MODEL: {"queue": {"default_priority": 5}}}}
     )
@@ -178,6 +178,6 @@ def test_null_removes_an_override(served: Any) -> None:
         srv, "PATCH", "/admin/settings", {"models": {MODEL: {"batching": {"max_batch_size": None}}}}
     )
     assert status == 200
-    assert view["models"][MODEL]["batching.max_batch_size"] == 32, "back to the model.yaml value"
+    assert view["models"][MODEL]["batching.max_batch_size"] == 16, "back to the model.yaml value"
     assert view["sources"][MODEL]["batching.max_batch_size"] == "model.yaml"
     assert "models" not in yaml.safe_load(path.read_text())

@@ -225,8 +225,8 @@ async def test_tuning_form_reaches_server_and_config_file(tmp_path: Path, minilm
             await wait_until(pilot, lambda: row("queue.aging_ms").current == 5.0, "the model's value")
             settings = await asyncio.to_thread(admin_get, srv, "/admin/settings")
             assert settings["models"][MODEL]["queue.aging_ms"] == 5.0
-            # model.yaml's own max_batch_size (32) outranks the server-wide default set above.
-            assert settings["models"][MODEL]["batching.max_batch_size"] == 32
+            # model.yaml's own max_batch_size (16) outranks the server-wide default set above.
+            assert settings["models"][MODEL]["batching.max_batch_size"] == 16
             assert "model.yaml" in str(row("batching.max_batch_size").query_one(".current").content)
             saved = yaml.safe_load(path.read_text())
             assert saved["models"] == {MODEL: {"queue": {"aging_ms": 5.0}}}
