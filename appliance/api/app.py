@@ -73,7 +73,7 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
     request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
     request["request_id"] = request_id
     if metered:
-        metrics.inflight.labels(api).inc()
+        metrics.child(metrics.inflight, api).inc()
         request.app[INFLIGHT].enter()
     try:
         response = await handler(request)
@@ -98,11 +98,14 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
     finally:
         if metered:
             elapsed = time.perf_counter() - started
-            metrics.inflight.labels(api).dec()
+            metrics.child(metrics.inflight, api).dec()
             request.app[INFLIGHT].leave()
-            model = request.get("model", model)
-            metrics.requests.labels(model, api, str(status)).inc()
-            metrics.request_duration.labels(model, api).observe(elapsed)
+            # Only known models become label values: a client naming random models must not grow
+            # the metrics (and their memory) without bound.
+            named = request.get("model", model)
+            model = named if named in request.app[MANAGER].slots else "-"
+            metrics.child(metrics.requests, model, api, str(status)).inc()
+            metrics.child(metrics.request_duration, model, api).observe(elapsed)
             if model != "-":
                 request.app[ROLLING].record(model, elapsed, status)
             # One structured line per request; never the body (it may hold customer data).
