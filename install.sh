@@ -433,10 +433,21 @@ check_config() {
 
 pull_models() {
     MODELS_FAILED=""
+    step "Default models ($MODEL_REPO)"
+    # Each model folder starts from the model.yaml shipped in the source tree; an operator's
+    # edited copy is kept on upgrade.
+    for spec in "$SRC"/engines/*/model.yaml; do
+        [ -f "$spec" ] || continue
+        name=$(basename "$(dirname "$spec")")
+        if [ ! -e "$D$MODEL_REPO/$name/model.yaml" ]; then
+            run install -d -m 0755 "$D$MODEL_REPO/$name"
+            run install -m 0644 "$spec" "$D$MODEL_REPO/$name/model.yaml"
+        fi
+    done
     if [ "$NO_MODELS" = 1 ]; then
+        own -R appliance:appliance "$D$MODEL_REPO"
         return 0
     fi
-    step "Default models ($MODEL_REPO)"
     for model in all-minilm-l6-v2 smollm2-135m-instruct; do
         if ! run "$BIN" --config "$CONFIG" models pull "$model" --repository "$MODEL_REPO"; then
             MODELS_FAILED="$MODELS_FAILED $model"

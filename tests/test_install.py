@@ -145,6 +145,13 @@ def test_prefix_install_upgrade_uninstall(tmp_path: Path) -> None:
     assert cfg["server"] == {"host": "0.0.0.0", "port": 8000}
     assert cfg["model_repository"] == f"{prefix}/var/lib/appliance/engines"
     assert cfg["data_dir"] == str(data)
+    # The repository starts from the shipped model.yaml files, ready for `models pull`.
+    listed = subprocess.run(
+        [str(entry), "--config", str(config), "models", "list"], capture_output=True, text=True, timeout=120
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "all-minilm-l6-v2" in listed.stdout and "smollm2-135m-instruct" in listed.stdout
+    assert "no (missing" in listed.stdout
     unit_text = unit.read_text()
     assert f"ExecStart={entry} --config {config} serve" in unit_text
     assert f"EnvironmentFile=-{env_file}" in unit_text
