@@ -319,8 +319,9 @@ create_dirs() {
     step "Directories"
     run install -d -m 0755 "$D$OPT_DIR"
     run install -d -m 0755 "$D$UNIT_DIR"
-    # The config holds key hashes: readable by the service, writable by root only.
-    run install -d -m 0750 "$D$ETC_DIR"
+    # The config holds key hashes. The service may rewrite it (the admin API persists live
+    # tuning there, atomically, so it needs the directory too); nobody else may read it.
+    run install -d -m 0770 "$D$ETC_DIR"
     own root:appliance "$D$ETC_DIR"
     for dir in "$STATE_DIR" "$MODEL_REPO" "$DATA_DIR"; do
         run install -d -m 0750 "$D$dir"
@@ -379,7 +380,7 @@ write_config() {
     if [ -e "$D$CONFIG" ]; then
         say "keeping the existing $CONFIG"
     else
-        write_file "$D$CONFIG" 0640 <<EOF
+        write_file "$D$CONFIG" 0660 <<EOF
 # appliance configuration, written once by install.sh; re-running the installer keeps it.
 # Check changes with: appliance --config $CONFIG check-config
 # then apply them with: systemctl restart appliance
@@ -510,7 +511,7 @@ ensure_api_key() {
             printf '%s\n' "$output"
         fi
         # The CLI may have rewritten the file; restore the intended owner and mode.
-        run chmod 0640 "$CONFIG"
+        run chmod 0660 "$CONFIG"
         own root:appliance "$CONFIG"
     else
         printf '%s\n' "$output" >&2

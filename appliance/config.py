@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -60,8 +61,9 @@ class AdminSection(_Strict):
     # The admin plane listens on loopback only; over TCP it also wants this token. Without one
     # configured, a random token is written to <data_dir>/admin.token (mode 0600) at start.
     token: str | None = None
-    # Unix socket path (relative to the config file); "" disables it.
-    socket: str = "data/admin.sock"
+    # Unix socket path (relative to the config file); unset: <data_dir>/admin.sock (the one
+    # place the service may write under ProtectSystem=strict); "" disables it.
+    socket: str | None = None
     # Loopback TCP port; 0 picks a free one, -1 disables TCP.
     port: int = Field(8001, ge=-1, le=65535)
 
@@ -122,6 +124,13 @@ class Config:
     @property
     def data_dir(self) -> Path:
         return (self.base_dir / self.file.data_dir).resolve()
+
+    @property
+    def admin_socket(self) -> Path | None:
+        socket = self.file.admin.socket
+        if socket is None:
+            return self.data_dir / "admin.sock"
+        return (self.base_dir / socket).resolve() if socket else None
 
     def tunables_for(self, model: str, model_yaml: Mapping[str, Any]) -> dict[str, Any]:
         """Registry defaults < appliance.yaml defaults < model.yaml < appliance.yaml models.<m>."""
@@ -230,6 +239,13 @@ def atomic_write(path: Path, data: bytes, *, backup: bool = False) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if path.exists():
+            # The new file keeps the old one's mode and, where allowed, its owner (the config
+            # is root:appliance 0660 on an installed box, whoever rewrites it).
+            st = path.stat()
+            os.chmod(tmp, stat.S_IMODE(st.st_mode))
+            with contextlib.suppress(PermissionError):
+                os.chown(tmp, st.st_uid, st.st_gid)
         if backup and path.exists():
             bak = path.with_name(path.name + ".bak")
             with contextlib.suppress(FileNotFoundError):

@@ -66,8 +66,8 @@ class Server:
         admin = web.AppRunner(self.admin_app, access_log=None, keepalive_timeout=30)
         await admin.setup()
         self._runners.append(admin)
-        if cfg.file.admin.socket:
-            path = (cfg.base_dir / cfg.file.admin.socket).resolve()
+        path = cfg.admin_socket
+        if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()

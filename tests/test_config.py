@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,13 @@ def test_overrides_are_saved_atomically_with_a_backup(tmp_path: Path) -> None:
     assert again.model_overrides == {"m": {"batching.max_batch_size": 4}}
     assert again.server.port == 9001
     assert "operator's comment" in (tmp_path / "appliance.yaml.bak").read_text()
+
+
+def test_a_rewritten_config_keeps_its_mode(tmp_path: Path) -> None:
+    path = write(tmp_path, "server: {port: 9001}\n")
+    path.chmod(0o660)
+    save_settings(load(path, env={}), {}, {"m": {"batching.max_batch_size": 4}})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o660
 
 
 def test_model_yaml_validation_names_the_folder_and_field(tmp_path: Path) -> None:

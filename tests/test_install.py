@@ -79,7 +79,7 @@ def test_dry_run_prints_actions_and_changes_nothing(tmp_path: Path) -> None:
         f"-m venv {venv}",
         f"[dry-run] {venv}/bin/python -m pip install",
         f"{ROOT}[tui]",  # --cpu: no GPU extra
-        f"[dry-run] write {prefix}/etc/appliance/appliance.yaml (mode 0640)",
+        f"[dry-run] write {prefix}/etc/appliance/appliance.yaml (mode 0660)",
         f"[dry-run] write {prefix}/etc/appliance/appliance.env (mode 0640)",
         f"[dry-run] write {prefix}/etc/systemd/system/appliance.service (mode 0644)",
         f"{venv}/bin/appliance --config {prefix}/etc/appliance/appliance.yaml models pull all-minilm-l6-v2"
@@ -139,7 +139,7 @@ def test_prefix_install_upgrade_uninstall(tmp_path: Path) -> None:
     assert os.access(entry, os.X_OK)
     version = subprocess.run([str(entry), "--version"], capture_output=True, text=True, timeout=60)
     assert version.returncode == 0 and "appliance" in version.stdout
-    assert stat.S_IMODE(config.stat().st_mode) == 0o640  # it will hold key hashes
+    assert stat.S_IMODE(config.stat().st_mode) == 0o660  # key hashes: root and the service only
 
     cfg = yaml.safe_load(config.read_text())
     assert cfg["server"] == {"host": "0.0.0.0", "port": 8000}

@@ -34,8 +34,8 @@ def discover(
     if socket:
         return AdminClient(socket=socket, token=token)
     cfg = _load_config(config)
-    if url is None and cfg is not None and cfg.file.admin.socket:
-        path = (cfg.base_dir / cfg.file.admin.socket).resolve()
+    path = cfg.admin_socket if url is None and cfg is not None else None
+    if path is not None:
         if path.exists() and os.access(path, os.R_OK | os.W_OK):
             return AdminClient(socket=path, token=token)
     if url is None:

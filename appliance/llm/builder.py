@@ -8,6 +8,14 @@ CPU and can be handed to TensorRT unchanged. Interface (B batch, S new tokens, P
 - outputs: ``logits`` [B,S,vocab] float32; ``present.{i}.key|value`` [B,kv_heads,P+S,head_dim]
 
 The KV tensors use the model dtype (float32, or float16 with ``float16=True``).
+
+``weights="q4"`` (CPU only, opt-in) instead keeps a GGUF's Q4_1 projection weights 4-bit through
+ONNX Runtime's ``com.microsoft.MatMulNBits`` contrib op, which TensorRT cannot parse. Q4_1 stores
+``w = d*q + m`` per block of 32 inputs; MatMulNBits (no zero points, so q - 8) holds ``d*(q - 8)``
+and the per-block offset ``m + 8d`` is added back by a small float32 MatMul on the input's
+32-element block sums, so the weights are reproduced exactly. The tied Q8_0 embedding stays a
+float32 Gather; the LM head is the float32 Gemm, or with ``q8_head=True`` an 8-bit MatMulNBits
+holding the Q8_0 values exactly (computed with int8 activations, its only fast CPU path).
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from appliance.llm.sources import DecoderConfig, DecoderSource, load_gguf, validate
+from appliance.llm.sources import DecoderConfig, DecoderSource, QuantizedTensor, load_gguf, validate
 
 OPSET = 17
 # Masked scores get this bias instead of -inf: representable in float16, and a fully padded row
@@ -36,6 +44,9 @@ MASK_VALUE = -30000.0
 # Protobuf cannot serialise a message over 2 GiB; above this many weight bytes use external data.
 EXTERNAL_DATA_BYTES = 1_900_000_000
 FORMAT_VERSION = 1
+# MatMulNBits' ``accuracy_level``: 0/1 accumulate in float32, 4 quantises activations to int8.
+ACCURACY_FP32, ACCURACY_INT8 = 1, 4
+QUANT_BLOCK = 32  # ggml's block length for Q4_1 / Q8_0
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,39 @@ class _Graph:
         return names
 
 
+def _ggml_blocks(t: QuantizedTensor, kind: str, block_bytes: int) -> np.ndarray:
+    """uint8 [rows, blocks, block_bytes] from a GGUF tensor of the given ggml type."""
+    if t.kind != kind:
+        raise ValueError(f"expected a {kind} tensor, got {t.kind}")
+    rows = t.blocks.shape[0]
+    return np.ascontiguousarray(t.blocks).reshape(rows, -1, block_bytes)
+
+
+def _f16(blocks: np.ndarray, offset: int) -> np.ndarray:
+    """The float16 at byte ``offset`` of every block, as float32 [rows, blocks]."""
+    return blocks[..., offset : offset + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+
+
+def q4_1_to_nbits(t: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_1 blocks (float16 d, float16 m, 16 bytes: element j in the low nibble of byte j, element
+    j+16 in the high nibble) as MatMulNBits operands: packed [N, K/32, 16] (element 2i low nibble,
+    2i+1 high), scales d [N, K/32] and the block offsets m + 8d [N, K/32], so that
+    ``w = d*(q - 8) + (m + 8d)``, MatMulNBits' implicit zero point being 8."""
+    blocks = _ggml_blocks(t, "Q4_1", 4 + QUANT_BLOCK // 2)
+    d, m, qs = _f16(blocks, 0), _f16(blocks, 2), blocks[..., 4:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    return packed, d, (m + np.float32(8) * d).astype(np.float32)
+
+
+def q8_0_to_nbits(t: QuantizedTensor) -> tuple[np.ndarray, np.ndarray]:
+    """Q8_0 blocks (float16 d, 32 int8) as MatMulNBits 8-bit operands: packed q + 128 [N, K/32, 32]
+    and scales d [N, K/32] (the implicit 8-bit zero point is 128)."""
+    blocks = _ggml_blocks(t, "Q8_0", 2 + QUANT_BLOCK)
+    q = blocks[..., 2:].view(np.int8).astype(np.int16) + 128
+    return q.astype(np.uint8), _f16(blocks, 0)
+
+
 def _rope_tables(config: DecoderConfig, dtype: type) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin [context, head_dim/2], computed in float32 the way transformers computes them."""
     exponent = np.arange(0, config.head_dim, 2, dtype=np.int64).astype(np.float32) / config.head_dim
@@ -96,8 +140,17 @@ def _rope_tables(config: DecoderConfig, dtype: type) -> tuple[np.ndarray, np.nda
 class _DecoderGraph:
     """Writes the decoder into a ``_Graph``; tensors are [B,S,...] unless noted."""
 
-    def __init__(self, source: DecoderSource, float16: bool) -> None:
+    def __init__(
+        self,
+        source: DecoderSource,
+        float16: bool,
+        q4: bool = False,
+        accuracy_level: int = ACCURACY_FP32,
+        q8_head: bool = False,
+    ) -> None:
         self.c, self.w, self.float16 = source.config, source.weights, float16
+        self.quantized, self.q4, self.accuracy, self.q8_head = source.quantized, q4, accuracy_level, q8_head
+        self._block_sums: dict[str, str] = {}
         self.wdt = np.float16 if float16 else np.float32
         self.elem = TensorProto.FLOAT16 if float16 else TensorProto.FLOAT
         self.g = _Graph()
@@ -171,10 +224,14 @@ class _DecoderGraph:
         g, w, c, p, lp = self.g, self.w, self.c, f"l{i}", f"model.layers.{i}.self_attn."
         # One fused QKV MatMul; the softmax scale is folded into the Q rows (RoPE is linear).
         scale = 1.0 / np.sqrt(c.head_dim)
-        wqkv = np.concatenate(
-            [w[lp + "q_proj.weight"] * scale, w[lp + "k_proj.weight"], w[lp + "v_proj.weight"]]
-        )
-        qkv = g.op("MatMul", [x, self.weight(lp + "qkv_proj.weight_t", wqkv.T)], p + ".qkv")
+        if self.q4:
+            parts = [(lp + "q_proj.weight", scale), (lp + "k_proj.weight", 1.0), (lp + "v_proj.weight", 1.0)]
+            qkv = self.nbits_linear(x, parts, lp + "qkv_proj", p + ".qkv")
+        else:
+            wqkv = np.concatenate(
+                [w[lp + "q_proj.weight"] * scale, w[lp + "k_proj.weight"], w[lp + "v_proj.weight"]]
+            )
+            qkv = g.op("MatMul", [x, self.weight(lp + "qkv_proj.weight_t", wqkv.T)], p + ".qkv")
         if c.qkv_bias:
             b = np.concatenate([w[lp + "q_proj.bias"] * scale, w[lp + "k_proj.bias"], w[lp + "v_proj.bias"]])
             qkv = g.op("Add", [qkv, self.weight(lp + "qkv_proj.bias", b)], p + ".qkv_bias")
@@ -203,16 +260,25 @@ class _DecoderGraph:
         ctx = g.op("MatMul", [probs, g.op("Unsqueeze", [values, self.axis2], p + ".v5")], p + ".ctx")
         ctx = g.op("Transpose", [ctx], p + ".ctx_bs", perm=[0, 3, 1, 2, 4])
         ctx = g.op("Reshape", [ctx, self.shape_merge], p + ".ctx_merged")
+        if self.q4:
+            return self.nbits_linear(ctx, [(lp + "o_proj.weight", 1.0)], lp + "o_proj", p + ".o")
         return g.op("MatMul", [ctx, self.weight(lp + "o_proj.weight_t", w[lp + "o_proj.weight"].T)], p + ".o")
 
     def mlp(self, i: int, x: str) -> str:
         g, w, p, lp = self.g, self.w, f"l{i}", f"model.layers.{i}.mlp."
-        wgu = np.concatenate([w[lp + "gate_proj.weight"], w[lp + "up_proj.weight"]]).T
-        gu = g.op("MatMul", [x, self.weight(lp + "gate_up_proj.weight_t", wgu)], p + ".gate_up")
+        if self.q4:
+            parts = [(lp + "gate_proj.weight", 1.0), (lp + "up_proj.weight", 1.0)]
+            gu = self.nbits_linear(x, parts, lp + "gate_up_proj", p + ".gate_up")
+        else:
+            wgu = np.concatenate([w[lp + "gate_proj.weight"], w[lp + "up_proj.weight"]]).T
+            gu = g.op("MatMul", [x, self.weight(lp + "gate_up_proj.weight_t", wgu)], p + ".gate_up")
         gate, up = g.split(gu, self.ffn_sizes, [p + ".gate", p + ".up"], p + ".gate_up_split")
         silu = g.op("Mul", [gate, g.op("Sigmoid", [gate], p + ".sigmoid")], p + ".silu")
+        swiglu = g.op("Mul", [silu, up], p + ".swiglu")
+        if self.q4:
+            return self.nbits_linear(swiglu, [(lp + "down_proj.weight", 1.0)], lp + "down_proj", p + ".down")
         down = self.weight(lp + "down_proj.weight_t", w[lp + "down_proj.weight"].T)
-        return g.op("MatMul", [g.op("Mul", [silu, up], p + ".swiglu"), down], p + ".down")
+        return g.op("MatMul", [swiglu, down], p + ".down")
 
     def lm_head(self, x: str) -> None:
         g, c = self.g, self.c
@@ -221,9 +287,17 @@ class _DecoderGraph:
         if not c.tie_embeddings:
             head = self.weight("lm_head.weight", self.w["lm_head.weight"])
         flat = g.op("Reshape", [x, g.ints("shape_flat", [-1, c.hidden])], "lm_head.flat")
-        logits = self.cast(
-            g.op("Gemm", [flat, head], "lm_head.gemm", transB=1), TensorProto.FLOAT, "lm_head.cast32"
-        )
+        if self.q8_head:
+            source = "model.embed_tokens.weight" if c.tie_embeddings else "lm_head.weight"
+            if source not in self.quantized:
+                raise ValueError(f"q8_head needs {source} stored as Q8_0 in the GGUF")
+            packed, scales = q8_0_to_nbits(self.quantized[source])
+            inputs = [flat, g.init("lm_head.q8", packed), g.init("lm_head.q8_scales", scales.reshape(-1))]
+            logits = self.nbits("lm_head.nbits", inputs, c.hidden, c.vocab, 8, ACCURACY_INT8)
+        else:
+            logits = self.cast(
+                g.op("Gemm", [flat, head], "lm_head.gemm", transB=1), TensorProto.FLOAT, "lm_head.cast32"
+            )
         shape = g.op(
             "Concat",
             [g.op("Shape", ["input_ids"], "lm_head.bs"), g.ints("vocab_dim", [c.vocab])],
@@ -231,6 +305,56 @@ class _DecoderGraph:
             axis=0,
         )
         g.nodes.append(helper.make_node("Reshape", [logits, shape], ["logits"], name="lm_head.logits"))
+
+    def nbits(self, name: str, inputs: Sequence[str], k: int, n: int, bits: int, accuracy: int) -> str:
+        node = helper.make_node(
+            "MatMulNBits",
+            list(inputs),
+            [self.g._unique(name)],
+            name=name,
+            domain="com.microsoft",
+            K=k,
+            N=n,
+            bits=bits,
+            block_size=QUANT_BLOCK,
+            accuracy_level=accuracy,
+        )
+        self.g.nodes.append(node)
+        return name
+
+    def nbits_linear(self, x: str, parts: Sequence[tuple[str, float]], name: str, out: str) -> str:
+        """``x @ W.T`` for the row-concatenation W of the Q4_1 weights ``parts`` (each row-scaled by
+        its factor): MatMulNBits on d*(q - 8), plus the block sums of x times (m + 8d)."""
+        g = self.g
+        encoded = []
+        for weight, factor in parts:
+            if weight not in self.quantized:
+                raise ValueError(f"weights='q4' needs {weight} stored as Q4_1 in the GGUF")
+            packed, d, offset = q4_1_to_nbits(self.quantized[weight])
+            encoded.append((packed, d * np.float32(factor), offset * np.float32(factor)))
+        packed = np.concatenate([e[0] for e in encoded])
+        n, blocks = packed.shape[:2]
+        k = blocks * QUANT_BLOCK
+        scales = np.concatenate([e[1] for e in encoded]).reshape(-1)
+        offsets_t = np.concatenate([e[2] for e in encoded]).T  # [K/32, N]
+        y = self.nbits(
+            out + ".nbits",
+            [x, g.init(name + ".q4", packed), g.init(name + ".q4_scales", scales)],
+            k,
+            n,
+            4,
+            self.accuracy,
+        )
+        if x not in self._block_sums:  # [.., K] -> [.., K/32]; shared by projections of one input
+            shape = g.ints(x + ".block_shape", [0, 0, blocks, QUANT_BLOCK])
+            blocked = g.op("Reshape", [x, shape], x + ".blocked")
+            self._block_sums[x] = g.op(
+                "ReduceSum", [blocked, g.ints(x + ".axes", [-1])], x + ".block_sums", keepdims=0
+            )
+        bias = g.op(
+            "MatMul", [self._block_sums[x], g.init(name + ".q4_offsets_t", offsets_t)], out + ".offsets"
+        )
+        return g.op("Add", [y, bias], out)
 
     def model(self, name: str) -> onnx.ModelProto:
         c, g = self.c, self.g
@@ -265,9 +389,10 @@ class _DecoderGraph:
                 inputs.append(io(f"past_key_values.{i}.{kind}", self.elem, past))
                 outputs.append(io(f"present.{i}.{kind}", self.elem, total))
         graph = helper.make_graph(g.nodes, name, inputs, outputs, g.initializers)
-        model = helper.make_model(
-            graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="appliance"
-        )
+        opsets = [helper.make_opsetid("", OPSET)]
+        if self.q4 or self.q8_head:
+            opsets.append(helper.make_opsetid("com.microsoft", 1))
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="appliance")
         model.ir_version = 8  # enough for opset 17; older runtimes can still load the file
         return model
 
@@ -293,15 +418,32 @@ def _generation_config(source: DecoderSource, dtype: str) -> dict[str, Any]:
     }
 
 
-def build_decoder(source: DecoderSource, out_dir: str | Path, *, float16: bool = False) -> DecoderBuildInfo:
+def build_decoder(
+    source: DecoderSource,
+    out_dir: str | Path,
+    *,
+    float16: bool = False,
+    weights: str = "float",
+    accuracy_level: int = ACCURACY_FP32,
+    q8_head: bool = False,
+) -> DecoderBuildInfo:
     """Write ``model.onnx`` (+ ``model.onnx.data`` when over ~2 GB), ``tokenizer.json`` and
     ``generation.json`` into ``out_dir``. Files are staged and renamed into place, and
-    ``generation.json`` goes last, so its presence means the rest is complete."""
+    ``generation.json`` goes last, so its presence means the rest is complete.
+
+    ``weights="q4"`` keeps Q4_1 GGUF projections 4-bit (``MatMulNBits``, ONNX Runtime CPU only;
+    ``accuracy_level`` 1 accumulates in float32, 4 in int8); ``q8_head`` makes the LM head an
+    8-bit MatMulNBits on the Q8_0 embedding. See the module docstring."""
     started = time.perf_counter()
     validate(source.config, source.weights)
+    if weights not in ("float", "q4"):
+        raise ValueError(f"weights must be 'float' or 'q4', got {weights!r}")
+    if float16 and (weights == "q4" or q8_head):
+        raise ValueError("the 4/8-bit MatMulNBits variant is float32 only")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = _DecoderGraph(source, float16).model(source.name)
+    graph = _DecoderGraph(source, float16, q4=weights == "q4", accuracy_level=accuracy_level, q8_head=q8_head)
+    model = graph.model(source.name)
     external = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
     dtype = "float16" if float16 else "float32"
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
@@ -318,7 +460,10 @@ def build_decoder(source: DecoderSource, out_dir: str | Path, *, float16: bool =
         else:
             onnx.save_model(model, staging / "model.onnx")
         source.tokenizer.save(str(staging / "tokenizer.json"))
-        (staging / "generation.json").write_text(json.dumps(_generation_config(source, dtype), indent=1))
+        generation = _generation_config(source, dtype)
+        if weights == "q4" or q8_head:  # float builds keep the file as it was
+            generation["weights"] = {"projections": weights, "lm_head": "q8" if q8_head else "float"}
+        (staging / "generation.json").write_text(json.dumps(generation, indent=1))
         files = [
             *(["model.onnx.data"] if external else []),
             "model.onnx",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,15 @@ class DecoderConfig:
     rope_freq_factors: tuple[float, ...] | None = None
 
 
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A GGUF weight as stored: ``blocks`` is uint8 [rows, bytes per row], each row a run of ggml
+    blocks (``kind``: "Q4_1", "Q8_0", ...) along the input dimension, rows in HF order."""
+
+    kind: str
+    blocks: np.ndarray
+
+
 @dataclass
 class DecoderSource:
     config: DecoderConfig
@@ -53,6 +62,9 @@ class DecoderSource:
     name: str = "decoder"
     bos_token: str | None = None
     eos_token: str | None = None
+    # The GGUF's quantised 2-D weights as stored (HF names; float ``weights`` holds them dequantised
+    # too), for builders that re-encode them instead of using float32. Empty for HF checkpoints.
+    quantized: dict[str, QuantizedTensor] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -279,6 +291,7 @@ def load_gguf(path: str | Path) -> DecoderSource:
             {"type": scaling, "factor": meta.get(f"{arch}.rope.scaling.factor", 1.0)}, head_dim, theta
         )
     weights: dict[str, np.ndarray] = {}
+    raw: dict[str, QuantizedTensor] = {}
     for t in reader.tensors:
         array = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
         array = array.reshape(tuple(int(d) for d in reversed(t.shape)))  # GGML dims are innermost-first
@@ -287,16 +300,22 @@ def load_gguf(path: str | Path) -> DecoderSource:
             continue
         parts = t.name.split(".")
         if t.name in _GGUF_TENSORS:
-            weights[_GGUF_TENSORS[t.name]] = array
+            hf_name = _GGUF_TENSORS[t.name]
         elif parts[0] == "blk" and parts[2] in _GGUF_BLOCK:
-            weights[f"model.layers.{parts[1]}.{_GGUF_BLOCK[parts[2]]}.{parts[3]}"] = array
+            hf_name = f"model.layers.{parts[1]}.{_GGUF_BLOCK[parts[2]]}.{parts[3]}"
         else:
             raise ValueError(f"{path.name}: unexpected GGUF tensor {t.name!r}")
+        weights[hf_name] = array
+        if t.tensor_type.name.startswith(("Q", "IQ")) and array.ndim == 2:  # quantised block formats
+            raw[hf_name] = QuantizedTensor(t.tensor_type.name, np.asarray(t.data).reshape(array.shape[0], -1))
     kv_heads = int(key("attention.head_count_kv", heads))
     if arch == "llama":  # only the llama converter permutes; qwen2 GGUFs keep HF order (NEOX rope)
         for name in list(weights):
             if ".q_proj." in name or ".k_proj." in name:
-                weights[name] = unpermute_rope_rows(weights[name], heads if ".q_proj." in name else kv_heads)
+                n_head = heads if ".q_proj." in name else kv_heads
+                weights[name] = unpermute_rope_rows(weights[name], n_head)
+                if name in raw:  # whole rows move, so the blocks along each row stay intact
+                    raw[name] = QuantizedTensor(raw[name].kind, unpermute_rope_rows(raw[name].blocks, n_head))
     embed = weights.get("model.embed_tokens.weight")
     if embed is None:
         raise ValueError(f"{path.name}: GGUF has no token_embd.weight")
@@ -355,6 +374,7 @@ def load_gguf(path: str | Path) -> DecoderSource:
         name=str(meta.get("general.name") or path.stem),
         bos_token=None if bos_id is None else tokens[bos_id],
         eos_token=tokens[eos_ids[0]],
+        quantized=raw,
     )
 
 
