@@ -170,3 +170,54 @@ def test_keys_cli_prints_once_and_stores_only_a_hash(tmp_path: Path) -> None:
         [*run, "list", "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT, check=True
     )
     assert "lan-app\trevoked" in listed.stdout
+
+
+def test_tls_serves_https_when_configured(start_server, minilm_folder: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+    import ssl
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    srv = start_server(
+        {MODEL: minilm_folder}, config={"tls": {"certificate": str(cert), "key": str(key)}}, wait_ready=False
+    )
+    ctx = ssl.create_default_context(cafile=str(cert))
+    body = json.dumps({"model": MODEL, "input": "over TLS"}).encode()
+    req = urllib.request.Request(
+        f"https://127.0.0.1:{srv.port}/v1/embeddings", data=body, headers={"Content-Type": "application/json"}
+    )
+    for _ in range(100):  # the model loads in the background
+        try:
+            with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
+                assert r.status == 200 and len(json.loads(r.read())["data"][0]["embedding"]) == 384
+                break
+        except urllib.error.HTTPError as e:
+            assert e.code == 503
+            time.sleep(0.1)
+    else:
+        pytest.fail("no answer over TLS")
+    with pytest.raises(OSError):  # plain HTTP is not answered on the TLS port
+        urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/healthz", timeout=5)
