@@ -52,10 +52,13 @@ SMALL_BATCH = {"batching": {"max_batch_size": 4}}
 
 
 def hold_one(srv: ServerThread, resident: str) -> int:
-    """Shrink the budget, live, to hold the resident model with room for half its weights again:
-    never two models (the activation arena is shared, so it counts once)."""
+    """Shrink the budget, live, to just under "the resident model plus the artefacts of another":
+    a second model never fits (its weights are at least its files' size), while one measured a
+    little differently on its next load still does."""
     weights, activation = lease_of(srv, resident)
-    budget = weights + activation + weights // 2
+    folder = srv.cfg.model_repository / resident
+    files = sum((folder / f).stat().st_size for f in ("model.onnx", "tokenizer.json"))
+    budget = weights + activation + files - (1 << 20)
     from tests.test_admin import admin
 
     status, _ = admin(srv, "PATCH", "/admin/settings", {"defaults": {"memory": {"budget_bytes": budget}}})
@@ -74,6 +77,7 @@ def test_loads_on_demand_and_evicts_the_least_recently_used_idle_model(
     assert (state(srv, A), state(srv, B)) == ("resident", "available")
     assert embed(srv, B)[0] == 200, "B loads on demand"
     assert (state(srv, A), state(srv, B)) == ("evicted", "resident")
+    one_model_budget = hold_one(srv, B)  # footprints are measured per load: re-fit to B's
     assert embed(srv, A)[0] == 200
     assert (state(srv, A), state(srv, B)) == ("resident", "evicted")
     _, metrics = srv.get("/metrics")
