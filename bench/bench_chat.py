@@ -1,13 +1,14 @@
 """Chat benchmark: the appliance against llama.cpp's llama-server, side by side in one run.
 
     sh bench/build-llama-server.sh                      # once, ~15-20 min on 2 cores
-    .venv/bin/python bench/bench_chat.py [--llama-server PATH] [--rounds 2]
+    .venv/bin/python bench/bench_chat.py [--llama-server PATH] [--rounds 2] [--model NAME]
 
 Both serve SmolLM2-135M-Instruct from the same GGUF (the appliance's ONNX graph is built from it),
 with the same prompts, 128 new tokens each (EOS ignored, greedy), streamed, at concurrency 1 and 8.
 Only one server runs at a time (2 cores); phases alternate and the best round of each is kept,
 because this machine is shared and noisy. llama-server runs with 8 slots and continuous batching
 (``-np 8 -cb``) and 2 threads, the appliance with its default settings (2 ONNX Runtime threads).
+``--model smollm2-135m-instruct-q4`` benchmarks the CPU-only 4-bit build instead (pull it first).
 """
 
 from __future__ import annotations
@@ -111,12 +112,12 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], path: str) -> None:
     raise RuntimeError("server did not become ready")
 
 
-def start_appliance(tmp: Path, port: int) -> subprocess.Popen[bytes]:
+def start_appliance(tmp: Path, port: int, model: str = MODEL) -> subprocess.Popen[bytes]:
     cfg = tmp / "appliance.yaml"
     cfg.write_text(
         json.dumps(
             {
-                "server": {"port": port, "log_level": "warning", "default_models": [MODEL]},
+                "server": {"port": port, "log_level": "warning", "default_models": [model]},
                 "admin": {"port": -1, "socket": ""},
                 "model_repository": str(ROOT / "engines"),
                 "data_dir": str(tmp / "data"),
@@ -146,6 +147,7 @@ def main() -> None:
     ap.add_argument("--llama-server", default=str(ROOT.parent / "llama-build" / "bin" / "llama-server"))
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--json", help="write the results here too")
+    ap.add_argument("--model", default=MODEL, help="the appliance model to serve (a built SmolLM2 folder)")
     args = ap.parse_args()
     if not os.access(args.llama_server, os.X_OK):
         sys.exit(f"no llama-server at {args.llama_server}: run `sh bench/build-llama-server.sh` first")
@@ -155,13 +157,14 @@ def main() -> None:
             for name in ("appliance", "llama-server"):
                 port = free_port()
                 proc = (
-                    start_appliance(Path(tmp), port)
+                    start_appliance(Path(tmp), port, args.model)
                     if name == "appliance"
                     else start_llama(args.llama_server, port)
                 )
                 try:
                     for conc, n in ((1, 4), (8, 16)):
-                        r = asyncio.run(phase(f"http://127.0.0.1:{port}", MODEL, conc, n))
+                        model = args.model if name == "appliance" else MODEL
+                        r = asyncio.run(phase(f"http://127.0.0.1:{port}", model, conc, n))
                         key = (name, conc)
                         if key not in best or r["tok_s"] > best[key]["tok_s"]:
                             best[key] = r

