@@ -37,7 +37,10 @@ def sessions(source: DecoderSource, tmp_path_factory: pytest.TempPathFactory) ->
     float_dir, q4_dir = tmp_path_factory.mktemp("smollm2-float"), tmp_path_factory.mktemp("smollm2-q4")
     build_decoder(source, float_dir)
     build_decoder(source, q4_dir, weights="q4", q8_head=True)  # what the gguf-decoder-q4 builder does
-    return {name: DecoderSession(d, intra_op_threads=2) for name, d in (("float", float_dir), ("q4", q4_dir))}
+    out = {name: DecoderSession(d, intra_op_threads=2) for name, d in (("float", float_dir), ("q4", q4_dir))}
+    # The default model's pairing: the float graph, with the q4 build decoding batches of one.
+    out["paired"] = DecoderSession(float_dir, intra_op_threads=2, single_stream=q4_dir)
+    return out
 
 
 def _unpack(packed: np.ndarray) -> np.ndarray:
@@ -105,3 +108,22 @@ def test_q4_matches_fixture_and_float_build(sessions: dict[str, DecoderSession])
         worst = max(worst, float(np.abs(got - want).max()))
     assert agree == total == 115
     assert worst < MAX_LOGIT_DIFF
+
+
+def test_a_lone_stream_decodes_on_the_q4_companion_with_the_same_tokens(
+    sessions: dict[str, DecoderSession],
+) -> None:
+    paired = sessions["paired"]
+    cases = json.loads(FIXTURE.read_text())["cases"]
+    prompts = [c["prompt_ids"] for c in cases]
+    expected = [c["greedy_new_ids"] for c in cases]
+    assert [greedy_generate(paired, [p], 20)[0] for p in prompts] == expected  # batch 1: q4 decode
+    assert greedy_generate(paired, prompts, 20) == expected  # batch 2: the float graph
+    calls = []
+    original = paired.single.run  # type: ignore[union-attr]
+    paired.single = type("Spy", (), {"run": lambda self, *a: calls.append(1) or original(*a)})()  # type: ignore[assignment]
+    try:
+        greedy_generate(paired, prompts[:1], 3)
+    finally:
+        paired.single = type("Real", (), {"run": staticmethod(original)})()  # type: ignore[assignment]
+    assert len(calls) == 2, "prefill on the float graph, then each decode step on the q4 build"

