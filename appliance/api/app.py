@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -46,6 +47,9 @@ from appliance.telemetry import Metrics, RollingStats
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("appliance.access")
+# Request ids: a random per-process prefix and a counter (uuid4 cost 3 % of the event loop).
+_ID_PREFIX = secrets.token_hex(4)
+_ids = itertools.count(1)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 UNMETERED = {"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"}
 
@@ -70,7 +74,7 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
     if request.app[DRAINING][0] and request.path not in UNMETERED:
         return error_response(api, Unavailable("the server is shutting down", retry_after_s=5))
     metered = request.path not in UNMETERED
-    request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+    request_id = request.headers.get("X-Request-Id", "")[:64] or f"{_ID_PREFIX}-{next(_ids):x}"
     request["request_id"] = request_id
     if metered:
         metrics.child(metrics.inflight, api).inc()
