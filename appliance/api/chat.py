@@ -41,20 +41,15 @@ routes = web.RouteTableDef()
 
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    body = await read_json(request)
-    _label(request, body)
-    options = GenerationOptions.from_openai(body)
-    stream, include_usage = _stream_flags(body)
-    priority = priority_of(request, body.get("priority"))
-    timeout_ms = timeout_ms_of(request)
-    service = request.app[CHAT]
-    prepared = await service.prepare_chat(body.get("model"), body.get("messages"), options)
-    wire = _Wire(chat=True, model=prepared.model, include_usage=include_usage)
-    return await _respond(request, service, prepared, wire, stream, priority, timeout_ms)
+    return await _generate(request, chat=True)
 
 
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=False)
+
+
+async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
     body = await read_json(request)
     _label(request, body)
     options = GenerationOptions.from_openai(body)
@@ -62,8 +57,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
     priority = priority_of(request, body.get("priority"))
     timeout_ms = timeout_ms_of(request)
     service = request.app[CHAT]
-    prepared = await service.prepare_completion(body.get("model"), body.get("prompt"), options)
-    wire = _Wire(chat=False, model=prepared.model, include_usage=include_usage)
+    if chat:
+        prepared = await service.prepare_chat(body.get("model"), body.get("messages"), options)
+    else:
+        prepared = await service.prepare_completion(body.get("model"), body.get("prompt"), options)
+    wire = _Wire(chat=chat, model=prepared.model, include_usage=include_usage)
     return await _respond(request, service, prepared, wire, stream, priority, timeout_ms)
 
 
