@@ -13,6 +13,8 @@ class ApplianceError(Exception):
         self.message = message
         self.param = param
         self.retry_after_s = retry_after_s
+        # Every problem found, each naming its field (the admin API's settings validation).
+        self.problems: list[dict[str, str]] = []
 
 
 class InvalidRequest(ApplianceError):

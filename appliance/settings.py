@@ -21,10 +21,12 @@ SettingValue = int | float | bool | str | list[int]
 class SettingError(ValueError):
     """A value that the registry refuses; the message names the setting and the expectation."""
 
-    def __init__(self, name: str, message: str) -> None:
+    def __init__(self, name: str, message: str, problems: list[tuple[str, str]] | None = None) -> None:
         super().__init__(f"{name}: {message}")
         self.name = name
         self.detail = message
+        # Every (setting, message) found, for forms that show each next to its field.
+        self.problems = problems or [(name, message)]
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,7 @@ def validate(
     ``per_model`` refuses server-wide settings (a model cannot have its own cache file size).
     """
     problems: list[str] = []
+    found: list[tuple[str, str]] = []
     clean: dict[str, SettingValue] = {}
     for name, value in values.items():
         setting = REGISTRY.get(name)
@@ -171,16 +174,19 @@ def validate(
             close = [n for n in REGISTRY if n.split(".")[-1] == name.split(".")[-1]]
             hint = f" (did you mean {close[0]}?)" if close else ""
             problems.append(f"{where}{name}: unknown setting{hint}")
+            found.append((name, f"unknown setting{hint}"))
             continue
         if per_model and setting.scope == "server":
             problems.append(f"{where}{name}: a server-wide setting; set it under 'defaults'")
+            found.append((name, "a server-wide setting; set it under 'defaults'"))
             continue
         try:
             clean[name] = setting.coerce(value)
         except SettingError as exc:
             problems.append(f"{where}{exc}")
+            found.append((name, exc.detail))
     if problems:
-        raise SettingError(problems[0].split(":", 1)[0], "; ".join(problems))
+        raise SettingError(found[0][0], "; ".join(problems), found)
     return clean
 
 

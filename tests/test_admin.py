@@ -88,6 +88,16 @@ def test_settings_patch_is_validated_as_a_whole(served: Any) -> None:
     assert "queue.aging_ms" in body["error"]["message"] and "0" in body["error"]["message"]
     _, current = admin(srv, "GET", "/admin/settings")
     assert current["models"][MODEL]["batching.max_batch_size"] == 16, "nothing applied"
+    # Every problem is reported, each naming its setting, for a form to show next to its field.
+    status, body = admin(
+        srv,
+        "PATCH",
+        "/admin/settings",
+        {"models": {MODEL: {"batching": {"max_batch_size": 0}, "queue": {"aging_ms": -1}}}},
+    )
+    problems = {p["setting"]: p["message"] for p in body["error"]["problems"]}
+    assert status == 400 and set(problems) == {"batching.max_batch_size", "queue.aging_ms"}
+    assert "1 to 1024" in problems["batching.max_batch_size"]
     status, body = admin(
         srv, "PATCH", "/admin/settings", {"models": {MODEL: {"queue": {"default_priority": 5}}}}
     )

@@ -58,7 +58,15 @@ async def admin_guard(request: web.Request, handler: Handler) -> web.StreamRespo
                 raise Unauthorized("the admin API over TCP needs 'Authorization: Bearer <admin token>'")
         return await handler(request)
     except ApplianceError as exc:
-        body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+        error: dict[str, Any] = {
+            "message": exc.message,
+            "type": exc.type,
+            "param": exc.param,
+            "code": exc.code,
+        }
+        if exc.problems:
+            error["problems"] = exc.problems
+        body = {"error": error}
         return web.json_response(body, status=exc.status)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -194,7 +202,9 @@ async def patch_settings(request: web.Request) -> web.Response:
             except settings.SettingError as exc:
                 raise settings.SettingError(exc.name, f"model {name}: {exc.detail}") from None
     except settings.SettingError as exc:
-        raise InvalidRequest(str(exc) if not exc.detail else exc.detail, param=exc.name) from None
+        err = InvalidRequest(exc.detail or str(exc), param=exc.name)
+        err.problems = [{"setting": name, "message": message} for name, message in exc.problems]
+        raise err from None
     save_settings(cfg, new_defaults, new_models)
     cfg.defaults, cfg.model_overrides = new_defaults, new_models
     resilience = app[RESILIENCE]
