@@ -111,7 +111,7 @@ async def test_idle_batcher_dispatches_at_once() -> None:
         await asyncio.sleep(0)
     assert engine.batches == [[1]]
     assert await task == ("ok", 1)
-    assert time.monotonic() - start < 0.05
+    assert time.monotonic() - start < 0.2  # generous for a loaded CI machine; no timer waited
 
 
 async def test_requests_accumulate_while_busy_then_go_together() -> None:
@@ -160,7 +160,7 @@ async def test_partial_batch_waits_for_queue_delay_only_while_another_instance_i
     second = submit(batcher, 2)
     await until(lambda: len(engine.batches) == 2)
     waited = time.monotonic() - start
-    assert 0.035 <= waited < 0.1
+    assert 0.035 <= waited < 0.3
     assert engine.batches[1] == [1, 2]
     engine.gate.set()
     await asyncio.gather(first, second)
@@ -272,7 +272,9 @@ async def test_expired_request_is_answered_while_a_long_batch_runs() -> None:
     start = time.monotonic()
     with pytest.raises(DeadlineExceeded) as expired:
         await batcher.submit("waits")
-    assert 0.045 <= time.monotonic() - start < 0.075  # 50 ms timeout, answered within ~20 ms
+    # 50 ms timeout, answered at once (typically within a few ms; the bound is generous for a
+    # loaded CI machine) while the batch is still blocked: it only ends when the gate opens below.
+    assert 0.045 <= time.monotonic() - start < 0.25
     assert isinstance(expired.value, AdmissionError) and expired.value.reason == "deadline"
     engine.gate.set()
     await asyncio.sleep(0.01)
@@ -301,7 +303,7 @@ async def test_aging_lets_low_priority_through_a_steady_high_priority_load() -> 
         flood: list[asyncio.Task[Any]] = []
         low: asyncio.Task[Any] | None = None
         start = time.monotonic()
-        while time.monotonic() - start < 0.15 and not (low and low.done()):
+        while time.monotonic() - start < 0.5 and not (low and low.done()):
             if batcher.snapshot()["queue_depth"][1] < 8:  # the high level never runs dry
                 flood.append(submit(batcher, "hi", priority=1))
             if low is None and time.monotonic() - start > 0.02:
@@ -315,7 +317,7 @@ async def test_aging_lets_low_priority_through_a_steady_high_priority_load() -> 
     assert await low_priority_latency(aging_ms=0) is None  # strict priority starves it
     # Promoted after 10 ms, it then waits only for the (at most 8) high items that arrived before it.
     latency = await low_priority_latency(aging_ms=10)
-    assert latency is not None and latency < 0.1
+    assert latency is not None and latency < 0.4
 
 
 async def test_cancelled_while_queued_is_withdrawn_and_never_executed() -> None:
