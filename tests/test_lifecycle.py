@@ -151,7 +151,7 @@ def stream(port: int, i: int) -> tuple[int, list[Any]]:
     body = {
         "model": CHAT,
         "messages": [{"role": "user", "content": f"Count to {i + 20}."}],
-        "max_tokens": 48,
+        "max_tokens": 160,  # still streaming when SIGTERM arrives, well within the drain timeout
         "temperature": 0,
         "stream": True,
         "ignore_eos": True,
@@ -216,6 +216,16 @@ def test_sigterm_drains_every_accepted_request_and_exits_zero(
     )
 
 
+def eventually(check: Any, timeout: float = 10.0) -> bool:
+    """Signals are handled asynchronously: poll instead of guessing a sleep."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def test_sighup_reloads_a_valid_file_and_keeps_the_old_one_otherwise(
     tmp_path: Path, minilm_folder: Path
 ) -> None:
@@ -225,13 +235,13 @@ def test_sighup_reloads_a_valid_file_and_keeps_the_old_one_otherwise(
         raw["models"] = {MODEL: {"queue": {"priority_levels": 5}}}
         cfg.write_text(yaml.safe_dump(raw))
         os.kill(proc.pid, signal.SIGHUP)
-        time.sleep(0.5)
-        assert post(port, {"model": MODEL, "input": "x", "priority": 5})[0] == 200, "5 levels now"
+        assert eventually(lambda: post(port, {"model": MODEL, "input": "x", "priority": 5})[0] == 200), (
+            "5 levels now"
+        )
         cfg.write_text("server: {port: not-a-port}\n")
         os.kill(proc.pid, signal.SIGHUP)
-        time.sleep(0.5)
+        assert eventually(lambda: "reload refused" in (tmp_path / "server.log").read_text())
         assert post(port, {"model": MODEL, "input": "y", "priority": 5})[0] == 200, "old config kept"
-        assert "reload refused" in (tmp_path / "server.log").read_text()
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
