@@ -86,16 +86,9 @@ def cmd_settings(args: argparse.Namespace) -> int:
 
 def cmd_tui(args: argparse.Namespace) -> int:
     # Imported here: the console's dependencies (textual) are the optional [tui] extra.
-    from tui.app import run
+    from tui.app import run_from
 
-    return run(
-        url=args.url,
-        socket=args.socket,
-        token=args.token,
-        read_only=args.read_only,
-        interval=args.interval,
-        config=args.config,
-    )
+    return run_from(args)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -104,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="appliance-tui", description="Operator console for the appliance.")
     p.add_argument("--config", "-c", help="the server's appliance.yaml, to find its admin socket and token")
     add_arguments(p)
-    args = p.parse_args(argv)
+    return run_from(p.parse_args(argv))
+
+
+def run_from(args: argparse.Namespace) -> int:
+    """Run with the flags ``add_arguments`` defined (plus ``config``)."""
     return run(
         url=args.url,
         socket=args.socket,
