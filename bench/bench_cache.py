@@ -51,19 +51,15 @@ def main() -> None:
         try:
             nocache = {"Cache-Control": "no-cache, no-store"}
             usecache = {"Cache-Control": "max-age=3600"}
-            engine_c1 = asyncio.run(
-                load(url, bodies[:300], concurrency=1, rate=None, max_seconds=args.seconds, headers=nocache)
-            ).summary()
-            engine_cn = asyncio.run(
-                load(
-                    url,
-                    bodies,
-                    concurrency=args.concurrency,
-                    rate=None,
-                    max_seconds=args.seconds,
-                    headers=nocache,
+
+            def run(items: list[bytes], concurrency: int, headers: dict[str, str]) -> dict[str, float]:
+                done = load(
+                    url, items, concurrency=concurrency, rate=None, max_seconds=args.seconds, headers=headers
                 )
-            ).summary()
+                return asyncio.run(done).summary()
+
+            engine_c1 = run(bodies[:300], 1, nocache)
+            engine_cn = run(bodies, args.concurrency, nocache)
             # Store every entry (plain requests), then give the writer a moment to commit them.
             asyncio.run(
                 load(url, bodies, concurrency=args.concurrency, rate=None, max_seconds=60, headers=usecache)
@@ -72,19 +68,8 @@ def main() -> None:
             req = urllib.request.Request(url, data=bodies[0], headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(req) as r:
                 assert r.headers["X-Appliance-Source"] == "cache", r.headers["X-Appliance-Source"]
-            cache_c1 = asyncio.run(
-                load(url, bodies[:300], concurrency=1, rate=None, max_seconds=args.seconds, headers=usecache)
-            ).summary()
-            cache_cn = asyncio.run(
-                load(
-                    url,
-                    bodies,
-                    concurrency=args.concurrency,
-                    rate=None,
-                    max_seconds=args.seconds,
-                    headers=usecache,
-                )
-            ).summary()
+            cache_c1 = run(bodies[:300], 1, usecache)
+            cache_cn = run(bodies, args.concurrency, usecache)
         finally:
             proc.terminate()
             proc.wait(30)

@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from appliance.api.common import CONFIG
-from appliance.auth import ApiKeyRecord, KeyRateLimiter, KeyStore, presented_key
+from appliance.auth import KeyRateLimiter, KeyStore, presented_key
 from appliance.errors import ApplianceError, Overloaded
 
 KEYS = web.AppKey("keys", KeyStore)
@@ -54,11 +54,6 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         raise err
     request[KEY] = record
     return await handler(request)
-
-
-def key_of(request: web.Request) -> ApiKeyRecord | None:
-    record = request.get(KEY)
-    return record if isinstance(record, ApiKeyRecord) else None
 
 
 async def read_body(request: web.Request) -> bytes:

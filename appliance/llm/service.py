@@ -496,40 +496,6 @@ class ChatService:
             raise admission_error(exc) from None
         return GenerationStream(prepared, seq)
 
-    async def chat(
-        self,
-        model: str,
-        messages: Any,
-        params: GenerationOptions,
-        priority: int | None = None,
-        timeout_ms: float | None = None,
-    ) -> GenerationStream:
-        return self.start(
-            await self.prepare_chat(model, messages, params), priority=priority, timeout_ms=timeout_ms
-        )
-
-    async def chat_whole(
-        self,
-        model: str,
-        messages: Any,
-        params: GenerationOptions,
-        priority: int | None = None,
-        timeout_ms: float | None = None,
-    ) -> Completion:
-        stream = await self.chat(model, messages, params, priority, timeout_ms)
-        return await stream.collect()
-
-    async def complete(
-        self,
-        model: str,
-        prompt: Any,
-        params: GenerationOptions,
-        priority: int | None = None,
-        timeout_ms: float | None = None,
-    ) -> GenerationStream:
-        prepared = await self.prepare_completion(model, prompt, params)
-        return self.start(prepared, priority=priority, timeout_ms=timeout_ms)
-
 
 __all__ = [
     "ChatService",
