@@ -53,7 +53,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_models_pull(args: argparse.Namespace) -> int:
-    from appliance.builders.pull import pull
+    from appliance.build.pull import pull
 
     cfg = _config(args)
     for name in args.names:

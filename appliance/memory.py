@@ -18,48 +18,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance import settings
-from appliance.settings import Setting
-
-settings.register(
-    Setting(
-        "memory.budget_bytes",
-        int,
-        0,
-        "Bytes the models may use (0 = memory.budget_fraction of the GPU's or the host's memory).",
-        0,
-        1 << 50,
-        scope="server",
-    ),
-    Setting(
-        "memory.budget_fraction",
-        float,
-        0.8,
-        "Share of device or host memory for models when no byte budget is set.",
-        0.05,
-        1.0,
-        scope="server",
-    ),
-    Setting(
-        "memory.reserve_bytes",
-        int,
-        512 << 20,
-        "Memory kept free for the process itself and the CUDA context.",
-        0,
-        1 << 40,
-        scope="server",
-    ),
-    Setting(
-        "memory.keep_alive_s",
-        float,
-        300.0,
-        "Unload a model idle this long (-1 keeps it loaded, as Ollama's keep_alive).",
-        -1,
-        7 * 86400,
-    ),
-    Setting("memory.pinned", bool, False, "Never evict this model to make room for another."),
-)
-
 
 class DoesNotFit(Exception):
     """The model cannot be made resident, now (``never`` False) or ever (``never`` True)."""

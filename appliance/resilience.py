@@ -17,81 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance import settings
 from appliance.breaker import BreakerConfig, BreakerOpen, BreakerState, CircuitBreaker
 from appliance.cache import ResponseCache, cache_key
 from appliance.errors import ApplianceError, EngineFailure, Unavailable
-from appliance.settings import Setting
 from appliance.telemetry import Metrics
 
 log = logging.getLogger(__name__)
 
-settings.register(
-    Setting("breaker.window_s", float, 10.0, "Rolling window the failure rate is computed over.", 1, 3600),
-    Setting(
-        "breaker.min_requests",
-        int,
-        20,
-        "Calls needed in the window before the breaker may trip.",
-        1,
-        1_000_000,
-    ),
-    Setting("breaker.failure_rate_threshold", float, 0.5, "Failure rate that trips the breaker.", 0.01, 1),
-    Setting(
-        "breaker.slow_call_ms",
-        float,
-        0.0,
-        "A call slower than this is slow (0 = slow calls never trip).",
-        0,
-        3_600_000,
-    ),
-    Setting(
-        "breaker.slow_call_rate_threshold", float, 1.0, "Slow-call rate that trips the breaker.", 0.01, 1
-    ),
-    Setting(
-        "breaker.open_duration_s", float, 5.0, "How long the breaker stays open before probing.", 0.05, 3600
-    ),
-    Setting("breaker.half_open_probes", int, 1, "Calls let through to probe a recovering engine.", 1, 1000),
-    Setting(
-        "engine.timeout_ms",
-        float,
-        60_000.0,
-        "A batch running longer counts as an engine timeout (0 = none).",
-        0,
-        3_600_000,
-    ),
-    Setting("cache.enabled", bool, True, "Answer identical deterministic requests from the response cache."),
-    Setting(
-        "cache.max_bytes",
-        int,
-        256 << 20,
-        "Size bound of the response cache (LRU eviction).",
-        1 << 20,
-        1 << 40,
-        scope="server",
-    ),
-    Setting(
-        "cache.ttl_s", float, 3600.0, "Age until a cached response is stale.", 1, 365 * 86400, scope="server"
-    ),
-    Setting(
-        "cache.max_stale_s",
-        float,
-        86400.0,
-        "How long past its TTL a stale response may still be a fallback.",
-        0,
-        365 * 86400,
-        scope="server",
-    ),
-    Setting(
-        "cache.synchronous",
-        str,
-        "NORMAL",
-        "SQLite durability: NORMAL survives a process crash; FULL also a power cut.",
-        choices=("NORMAL", "FULL"),
-        scope="server",
-        reload=True,
-    ),
-)
 
 SOURCE_HEADER = "X-Appliance-Source"
 _STATE_VALUE = {s: i for i, s in enumerate(BreakerState)}

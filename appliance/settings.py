@@ -1,8 +1,8 @@
 """The registry of tunable settings.
 
 One table (name, type, default, bounds, help) drives the YAML config, the admin API, the README's
-configuration reference and the console's tuning form, as datasette's settings do. Other modules
-add their sections (breaker, cache, memory) by calling :func:`register` at import time.
+configuration reference and the console's tuning form, as datasette's settings do. Every setting
+is declared at the bottom of this module, so nothing needs importing for its side effects.
 
 Every tunable is per model: ``defaults`` in ``appliance.yaml`` sets the server-wide value, a
 model's ``model.yaml`` section overrides it, and ``models.<name>`` in ``appliance.yaml`` (what the
@@ -232,7 +232,8 @@ def _show(value: SettingValue) -> str:
     return str(value)
 
 
-# The serving core's own settings. Breaker, cache and memory register theirs in their modules.
+# The whole table, in one place: importing this module is enough to know every setting, and no
+# module is imported for the side effect of registering its own.
 register(
     Setting("batching.max_batch_size", int, 32, "Largest batch sent to the engine.", 1, 1024),
     Setting(
@@ -308,6 +309,185 @@ register(
         "ONNX Runtime threads across operators.",
         1,
         64,
+        reload=True,
+    ),
+)
+
+# memory
+register(
+    Setting(
+        "memory.budget_bytes",
+        int,
+        0,
+        "Bytes the models may use (0 = memory.budget_fraction of the GPU's or the host's memory).",
+        0,
+        1 << 50,
+        scope="server",
+    ),
+    Setting(
+        "memory.budget_fraction",
+        float,
+        0.8,
+        "Share of device or host memory for models when no byte budget is set.",
+        0.05,
+        1.0,
+        scope="server",
+    ),
+    Setting(
+        "memory.reserve_bytes",
+        int,
+        512 << 20,
+        "Memory kept free for the process itself and the CUDA context.",
+        0,
+        1 << 40,
+        scope="server",
+    ),
+    Setting(
+        "memory.keep_alive_s",
+        float,
+        300.0,
+        "Unload a model idle this long (-1 keeps it loaded, as Ollama's keep_alive).",
+        -1,
+        7 * 86400,
+    ),
+    Setting("memory.pinned", bool, False, "Never evict this model to make room for another."),
+)
+
+# telemetry
+register(
+    Setting(
+        "gpu.sample_interval_s",
+        float,
+        5.0,
+        "How often NVML is read for GPU telemetry.",
+        0.2,
+        3600,
+        scope="server",
+        reload=True,
+    )
+)
+
+# scheduler
+register(
+    Setting(
+        "generation.max_running_sequences",
+        int,
+        8,
+        "Sequences decoded together in one continuous batch (generate models).",
+        1,
+        1024,
+    ),
+    Setting(
+        "generation.kv_cache_bytes",
+        int,
+        512 << 20,
+        "KV-cache budget of the running batch; each sequence reserves prompt + max_tokens tokens.",
+        1 << 20,
+        1 << 40,
+    ),
+    Setting(
+        "generation.max_tokens_default",
+        int,
+        256,
+        "max_tokens of a request that sets none (lowered to what the context has left).",
+        1,
+        1_000_000,
+    ),
+    Setting(
+        "generation.max_tokens_limit",
+        int,
+        4096,
+        "Largest max_tokens a request may ask for.",
+        1,
+        1_000_000,
+    ),
+    Setting(
+        "generation.preemption",
+        bool,
+        False,
+        "Let a waiting request evict running ones of a lower priority (they resume by recomputing).",
+    ),
+    Setting(
+        "generation.single_stream_q4",
+        bool,
+        True,
+        "On the CPU, decode a lone sequence on the model's exact 4-bit companion build (1.4x faster).",
+        reload=True,
+    ),
+    Setting(
+        "generation.max_prefill_tokens",
+        int,
+        4096,
+        "Padded prompt tokens prefilled in one step; bounds how long newcomers stall the batch.",
+        1,
+        1_000_000,
+    ),
+)
+
+# resilience
+register(
+    Setting("breaker.window_s", float, 10.0, "Rolling window the failure rate is computed over.", 1, 3600),
+    Setting(
+        "breaker.min_requests",
+        int,
+        20,
+        "Calls needed in the window before the breaker may trip.",
+        1,
+        1_000_000,
+    ),
+    Setting("breaker.failure_rate_threshold", float, 0.5, "Failure rate that trips the breaker.", 0.01, 1),
+    Setting(
+        "breaker.slow_call_ms",
+        float,
+        0.0,
+        "A call slower than this is slow (0 = slow calls never trip).",
+        0,
+        3_600_000,
+    ),
+    Setting(
+        "breaker.slow_call_rate_threshold", float, 1.0, "Slow-call rate that trips the breaker.", 0.01, 1
+    ),
+    Setting(
+        "breaker.open_duration_s", float, 5.0, "How long the breaker stays open before probing.", 0.05, 3600
+    ),
+    Setting("breaker.half_open_probes", int, 1, "Calls let through to probe a recovering engine.", 1, 1000),
+    Setting(
+        "engine.timeout_ms",
+        float,
+        60_000.0,
+        "A batch running longer counts as an engine timeout (0 = none).",
+        0,
+        3_600_000,
+    ),
+    Setting("cache.enabled", bool, True, "Answer identical deterministic requests from the response cache."),
+    Setting(
+        "cache.max_bytes",
+        int,
+        256 << 20,
+        "Size bound of the response cache (LRU eviction).",
+        1 << 20,
+        1 << 40,
+        scope="server",
+    ),
+    Setting(
+        "cache.ttl_s", float, 3600.0, "Age until a cached response is stale.", 1, 365 * 86400, scope="server"
+    ),
+    Setting(
+        "cache.max_stale_s",
+        float,
+        86400.0,
+        "How long past its TTL a stale response may still be a fallback.",
+        0,
+        365 * 86400,
+        scope="server",
+    ),
+    Setting(
+        "cache.synchronous",
+        str,
+        "NORMAL",
+        "SQLite durability: NORMAL survives a process crash; FULL also a power cut.",
+        choices=("NORMAL", "FULL"),
+        scope="server",
         reload=True,
     ),
 )

@@ -9,21 +9,6 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from appliance import settings
-
-settings.register(
-    settings.Setting(
-        "gpu.sample_interval_s",
-        float,
-        5.0,
-        "How often NVML is read for GPU telemetry.",
-        0.2,
-        3600,
-        scope="server",
-        reload=True,
-    )
-)
-
 # Seconds; from sub-millisecond cache hits to minute-long generations.
 LATENCY_BUCKETS = (
     0.0005,
@@ -59,8 +44,8 @@ class Metrics:
         )
         self.request_duration = Histogram(
             "appliance_request_duration_seconds",
-            "End-to-end request latency.",
-            ["model", "api"],
+            "End-to-end request latency, by model, API and priority level (0 = none resolved).",
+            ["model", "api", "priority"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -218,6 +203,71 @@ class Metrics:
         )
         self.kv_cache_bytes = Gauge(
             "appliance_kv_cache_bytes", "Bytes held by the running batch's KV cache.", ["model"], registry=r
+        )
+
+        # Reliability: supervised workers, the event loop, the watchdog, model loads.
+        self.worker_failures = Counter(
+            "appliance_worker_failures",
+            "Background workers (cache writer, engine workers, schedulers, samplers) that died.",
+            ["worker"],
+            registry=r,
+        )
+        self.worker_up = Gauge(
+            "appliance_worker_up",
+            "1 while the supervised worker runs, 0 while it is down.",
+            ["worker"],
+            registry=r,
+        )
+        self.event_loop_lag = Histogram(
+            "appliance_event_loop_lag_seconds",
+            "How late the event loop ran a timer: time the loop was blocked.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.watchdog_healthy = Gauge(
+            "appliance_watchdog_healthy",
+            "1 while the watchdog keeps pinging (loop and busy engines progress), 0 when it holds back.",
+            registry=r,
+        )
+        self.model_load_failures = Counter(
+            "appliance_model_load_failures", "Model loads that failed.", ["model"], registry=r
+        )
+        self.cache_enabled = Gauge(
+            "appliance_cache_enabled", "1 while the response cache serves, 0 when it is off.", registry=r
+        )
+        self.input_tokens = Histogram(
+            "appliance_input_tokens",
+            "Tokens per input (an embedding text or a prompt), by model.",
+            ["model"],
+            buckets=(1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
+            registry=r,
+        )
+        # The compute arbiter: grants of engine time across models, by priority.
+        self.compute_grants = Counter(
+            "appliance_compute_grants",
+            "Engine calls granted by the compute arbiter, by model and priority.",
+            ["model", "priority"],
+            registry=r,
+        )
+        self.compute_wait = Histogram(
+            "appliance_compute_wait_seconds",
+            "Time an engine call waited for a compute grant, by priority.",
+            ["priority"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.compute_waiting = Gauge(
+            "appliance_compute_waiting",
+            "Engine calls waiting for a grant, by priority.",
+            ["priority"],
+            registry=r,
+        )
+        self.compute_running = Gauge("appliance_compute_running", "Engine calls holding a grant.", registry=r)
+        self.shed = Counter(
+            "appliance_shed",
+            "Requests refused before any work (early shedding and rate ceilings), by reason.",
+            ["reason"],
+            registry=r,
         )
 
     def child(self, metric: Any, *labels: str) -> Any:

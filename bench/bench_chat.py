@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from appliance.llm.builder import locate_gguf  # noqa: E402
+from appliance.build.decoder import locate_gguf  # noqa: E402
 from bench.bench_embeddings import free_port  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from appliance.builders.pull import pull
+from appliance.build.pull import pull
 from appliance.config import parse
 from appliance.engines.base import Engine, EngineError, EngineOutOfMemory, TensorSpec
 from appliance.models import ModelManager

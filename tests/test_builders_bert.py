@@ -1,4 +1,4 @@
-"""Specifications for the BERT sentence-embedding builder (appliance.builders.bert).
+"""Specifications for the BERT sentence-embedding builder (appliance.build.bert).
 
 The reference numbers come from two independent places: sentence-transformers' own output for
 all-MiniLM-L6-v2 (tests/fixtures/minilm_reference.json) and a plain NumPy BERT written below
@@ -21,7 +21,7 @@ from onnx.reference import ReferenceEvaluator
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-from appliance.builders.bert import (
+from appliance.build.bert import (
     EmbeddingBuildInfo,
     build_bert_embedding,
     encode_batch,

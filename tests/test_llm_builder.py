@@ -19,11 +19,9 @@ import pytest
 from safetensors.numpy import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from appliance.llm import builder
-from appliance.llm.builder import build_decoder, locate_gguf
-from appliance.llm.chat_template import render_chat
-from appliance.llm.runtime import DecoderSession, KVState, greedy_generate
-from appliance.llm.sources import (
+from appliance.build import decoder as builder
+from appliance.build.decoder import build_decoder, locate_gguf
+from appliance.build.sources import (
     load_gguf,
     load_hf_checkpoint,
     pre_tokenizer_for,
@@ -31,6 +29,8 @@ from appliance.llm.sources import (
     rope_llama3_factors,
     tokenizer_from_vocab,
 )
+from appliance.llm.chat_template import render_chat
+from appliance.llm.runtime import DecoderSession, KVState, greedy_generate
 
 FIXTURE = Path(__file__).parent / "fixtures" / "smollm2_reference.json"
 SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]

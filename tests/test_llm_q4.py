@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 import pytest
 
-from appliance.llm.builder import build_decoder, locate_gguf, q4_1_to_nbits, q8_0_to_nbits
+from appliance.build.decoder import build_decoder, locate_gguf, q4_1_to_nbits, q8_0_to_nbits
+from appliance.build.sources import DecoderSource, load_gguf
 from appliance.llm.runtime import DecoderSession, KVState, greedy_generate
-from appliance.llm.sources import DecoderSource, load_gguf
 
 FIXTURE = Path(__file__).parent / "fixtures" / "smollm2_reference.json"
 MAX_LOGIT_DIFF = 1e-3  # measured 2.0e-4

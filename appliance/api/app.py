@@ -109,7 +109,8 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
             named = request.get("model", model)
             model = named if named in request.app[MANAGER].slots else "-"
             metrics.child(metrics.requests, model, api, str(status)).inc()
-            metrics.child(metrics.request_duration, model, api).observe(elapsed)
+            level = request.get("priority")
+            metrics.child(metrics.request_duration, model, api, str(level or 0)).observe(elapsed)
             if model != "-":
                 request.app[ROLLING].record(model, elapsed, status)
             # One structured line per request; never the body (it may hold customer data).

@@ -44,7 +44,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from appliance import settings
 from appliance.batcher import (
     REJECT_REASONS,
     AdmissionError,
@@ -58,66 +57,10 @@ from appliance.batcher import (
 from appliance.engines.base import EngineError, EngineOutOfMemory, EngineTimeout
 from appliance.llm.runtime import KVState
 from appliance.llm.sampling import OutputProcessor, SamplingParams, make_rng, sample
-from appliance.settings import Setting
 from appliance.telemetry import Metrics
 
 log = logging.getLogger(__name__)
 
-settings.register(
-    Setting(
-        "generation.max_running_sequences",
-        int,
-        8,
-        "Sequences decoded together in one continuous batch (generate models).",
-        1,
-        1024,
-    ),
-    Setting(
-        "generation.kv_cache_bytes",
-        int,
-        512 << 20,
-        "KV-cache budget of the running batch; each sequence reserves prompt + max_tokens tokens.",
-        1 << 20,
-        1 << 40,
-    ),
-    Setting(
-        "generation.max_tokens_default",
-        int,
-        256,
-        "max_tokens of a request that sets none (lowered to what the context has left).",
-        1,
-        1_000_000,
-    ),
-    Setting(
-        "generation.max_tokens_limit",
-        int,
-        4096,
-        "Largest max_tokens a request may ask for.",
-        1,
-        1_000_000,
-    ),
-    Setting(
-        "generation.preemption",
-        bool,
-        False,
-        "Let a waiting request evict running ones of a lower priority (they resume by recomputing).",
-    ),
-    Setting(
-        "generation.single_stream_q4",
-        bool,
-        True,
-        "On the CPU, decode a lone sequence on the model's exact 4-bit companion build (1.4x faster).",
-        reload=True,
-    ),
-    Setting(
-        "generation.max_prefill_tokens",
-        int,
-        4096,
-        "Padded prompt tokens prefilled in one step; bounds how long newcomers stall the batch.",
-        1,
-        1_000_000,
-    ),
-)
 
 _EWMA_ALPHA = 0.2
 DEFAULT_SEQUENCE_S = 1.0  # assumed time a sequence holds a slot before any has finished

@@ -294,7 +294,7 @@ def build_bert_embedding(
 
     graph = _build_graph(cfg, weights, pooling, normalize, float16)
     opsets = [helper.make_opsetid("", opset)]
-    model = helper.make_model(graph, opset_imports=opsets, producer_name="appliance.builders.bert")
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="appliance.build.bert")
     # Pin the lowest IR version for this opset: onnx stamps its newest by default, which older
     # onnxruntime and TensorRT parsers refuse to load.
     model.ir_version = helper.find_min_ir_version_for(opsets)

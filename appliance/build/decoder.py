@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from appliance.llm.sources import DecoderConfig, DecoderSource, QuantizedTensor, validate
+from appliance.build.sources import DecoderConfig, DecoderSource, QuantizedTensor, validate
 
 OPSET = 17
 # Masked scores get this bias instead of -inf: representable in float16, and a fully padded row

