@@ -16,7 +16,10 @@ import math
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Generic, Protocol, TypeGuard, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeGuard, TypeVar
+
+if TYPE_CHECKING:
+    from appliance.arbiter import ComputeArbiter, Waiter
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -175,7 +178,11 @@ class Batcher(Generic[T, R]):
         instances: int = 1,
         length: Callable[[T], int] | None = None,
         observer: BatcherObserver | None = None,
+        arbiter: ComputeArbiter | None = None,
     ) -> None:
+        """With an ``arbiter``, a batch is formed only once the arbiter grants engine time, at the
+        priority of the most urgent waiting item: the queue fills meanwhile, so batches are fuller
+        under load, and the batch taken is the most urgent one at the moment the engine is free."""
         if not _is_int(instances) or instances < 1:
             raise ValueError(f"instances must be an integer >= 1, got {instances!r}")
         self.name = name
@@ -191,6 +198,9 @@ class Batcher(Generic[T, R]):
         self._starts: dict[int, float] = {}  # running batch id -> dispatch time
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._arbiter = arbiter
+        self._asking: Waiter | None = None  # our pending request for a grant
+        self._asking_task: asyncio.Task[None] | None = None
         self._pump_pending = False
         self._hold: asyncio.TimerHandle | None = None
         self._rate: float | None = None  # EWMA items/s of one instance
@@ -261,6 +271,8 @@ class Batcher(Generic[T, R]):
     async def close(self, drain: bool = True) -> None:
         """Stop accepting; run the queue to empty (drain) or fail it with BatcherClosed; await running."""
         self._closed = True
+        if not drain and self._asking_task is not None:
+            self._asking_task.cancel()  # nothing left to run: stop waiting for engine time
         if self._hold is not None:
             self._hold.cancel()
             self._hold = None
@@ -296,6 +308,14 @@ class Batcher(Generic[T, R]):
             "completed": self._completed,
             "dropped_results": self._dropped,
         }
+
+    def retry_hint(self, level: int) -> float:
+        """Seconds until a request at ``level`` would likely be taken: Retry-After for a refusal."""
+        return max(self._predicted_wait(level, self._rate or DEFAULT_SERVICE_RATE), 0.001)
+
+    def queued(self, level: int) -> int:
+        """Items waiting at ``level`` (cheap: early shedding asks this before any work)."""
+        return len(self._queues[level - 1]) if 1 <= level <= len(self._queues) else 0
 
     # ---- admission --------------------------------------------------------------------------
 
@@ -353,6 +373,9 @@ class Batcher(Generic[T, R]):
         self._pump_pending = False
         self._relevel(self.policy.priority_levels)
         loop = asyncio.get_running_loop()
+        if self._arbiter is not None:
+            self._ask_for_grant(loop)
+            return
         while len(self._starts) < self.instances and (queued := sum(map(len, self._queues))):
             size, ready = self.policy.batch_size(queued)
             # Idle: go now (no added latency). Busy: a partial batch may wait for company, bounded.
@@ -368,6 +391,47 @@ class Batcher(Generic[T, R]):
             batch = self._take(size, loop.time())
             if batch:
                 self._launch(batch, loop)
+
+    def _best_level(self) -> int:
+        return next((i + 1 for i, q in enumerate(self._queues) if q), self.policy.priority_levels)
+
+    def _ask_for_grant(self, loop: asyncio.AbstractEventLoop) -> None:
+        """One pending grant request per free instance slot; it speaks for the best waiting item."""
+        if not any(self._queues) or len(self._starts) >= self.instances:
+            return
+        if self._asking is not None:
+            assert self._arbiter is not None
+            self._arbiter.promote(self._asking, self._best_level())
+            return
+        if self._asking_task is not None and not self._asking_task.done():
+            return
+        task = loop.create_task(self._granted(loop), name=f"grant:{self.name}")
+        self._asking_task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _granted(self, loop: asyncio.AbstractEventLoop) -> None:
+        arbiter = self._arbiter
+        assert arbiter is not None
+        self._asking = arbiter.waiter(self.name, self._best_level())
+        try:
+            await arbiter.acquire(self.name, self._asking.priority, waiter=self._asking)
+        finally:
+            self._asking = None
+        launched = False
+        try:
+            queued = sum(map(len, self._queues))
+            if queued:
+                size, _ = self.policy.batch_size(queued)
+                batch = self._take(size, loop.time())
+                if batch:
+                    self._launch(batch, loop, release=arbiter.release)
+                    launched = True
+        finally:
+            if not launched:
+                arbiter.release()
+        self._asking_task = None
+        self._pump()  # more work and another free instance: ask again
 
     def _on_hold(self) -> None:
         self._hold = None
@@ -411,7 +475,12 @@ class Batcher(Generic[T, R]):
             self._discard(req)
         return chosen
 
-    def _launch(self, batch: list[_Request[T, R]], loop: asyncio.AbstractEventLoop) -> None:
+    def _launch(
+        self,
+        batch: list[_Request[T, R]],
+        loop: asyncio.AbstractEventLoop,
+        release: Callable[[], None] | None = None,
+    ) -> None:
         bid = next(self._seq)
         self._starts[bid] = loop.time()
         work: Awaitable[Sequence[R | BaseException]] | BaseException
@@ -420,7 +489,7 @@ class Batcher(Generic[T, R]):
             work = self._execute([r.item for r in batch])
         except Exception as exc:
             work = exc
-        task = loop.create_task(self._run(bid, batch, work), name=f"batch:{self.name}:{bid}")
+        task = loop.create_task(self._run(bid, batch, work, release), name=f"batch:{self.name}:{bid}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -429,6 +498,7 @@ class Batcher(Generic[T, R]):
         bid: int,
         batch: list[_Request[T, R]],
         work: Awaitable[Sequence[R | BaseException]] | BaseException,
+        release: Callable[[], None] | None = None,
     ) -> None:
         n = len(batch)
         outcome: Sequence[R | BaseException] = [BatcherClosed(f"batch of {self.name!r} was cancelled")] * n
@@ -443,6 +513,8 @@ class Batcher(Generic[T, R]):
         except Exception as exc:  # the whole batch failed; nothing else is affected
             outcome = [exc] * n
         finally:
+            if release is not None:
+                release()  # the engine is free for the most urgent work of any model
             self._complete(bid, batch, outcome, ok)
         self._pump()  # not on cancellation: the loop is shutting down
 

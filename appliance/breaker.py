@@ -247,6 +247,13 @@ class CircuitBreaker:
             self._totals["rejected"] += 1
             raise BreakerOpen(self._retry_after(now), state, self.name)
 
+    def report(self, kind: str) -> None:
+        """A failure seen after the call's permit was resolved (a stream that stalls after its
+        first token): counted in the window as a failed call, outside any probe."""
+        with self._lock:
+            token, now = self._epoch, self._clock()
+        Permit(self, False, token, now).failure(kind)
+
     def _probes_admitted(self) -> int:
         return len(self._probes) + self._probe_successes
 

@@ -55,6 +55,12 @@ class ServerSection(_Strict):
     # Idle and header-trickling connections are closed after this (slowloris).
     keepalive_timeout_s: float = Field(15.0, gt=0)
     max_connections: int = Field(1024, ge=1)
+    # Cheap protection for the event loop, before a body is read: past these request rates a
+    # minimal 503 with Retry-After is answered at once (0 = no ceiling).
+    max_request_rate: float = Field(20000.0, ge=0)
+    max_connection_request_rate: float = Field(5000.0, ge=0)
+    # A stream waiting in the queue sends an SSE comment this often until its first token.
+    sse_keepalive_s: float = Field(15.0, gt=0)
 
 
 class AdminSection(_Strict):

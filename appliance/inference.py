@@ -7,6 +7,7 @@ whatever the request sizes, and variable lengths can be grouped to waste little 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -117,10 +118,16 @@ def engine_call(
     """
     loop = asyncio.get_running_loop()
     component = f"engine:{name}"
+    # The compute arbiter decides who runs when; only engines that share one device arena
+    # (TensorRT) must also never overlap, whatever the arbiter's concurrency.
+    engine = getattr(getattr(fn, "__self__", None), "engine", None)
+    shared: contextlib.AbstractContextManager[Any] = (
+        mgr.arena_lock if hasattr(engine, "activation_bytes") else contextlib.nullcontext()
+    )
 
     def split_on_oom(items: list[Any]) -> list[Any]:
         try:
-            with mgr.arena_lock:  # models take turns on the shared activation budget
+            with shared:
                 return list(fn(items))
         except EngineOutOfMemory:
             if len(items) == 1:
@@ -146,7 +153,7 @@ def engine_call(
             return await fut
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout_ms / 1000)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             raise EngineTimeout(f"a batch of {len(items)} ran past {timeout_ms:.0f} ms") from None
 
     return execute
@@ -164,8 +171,12 @@ class EmbeddingResult:
 class EmbeddingRuntime:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, max_tokens: int) -> None:
         self.engine = engine
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer  # truncates to the model's max_seq_length, as sentence-transformers
         self.max_tokens = max_tokens
+        # The same tokenizer without truncation: counts an input's tokens, so that one too long
+        # is refused (400) instead of silently cut.
+        self.counting = Tokenizer.from_str(tokenizer.to_str())
+        self.counting.no_truncation()
         spec = engine.output_spec("sentence_embedding")
         self.dim = int(spec.shape[-1]) if spec and spec.shape[-1] else 0
 
@@ -208,6 +219,7 @@ def _embedding_runtime(
         instances=int(values["engine.instances"]),
         length=len,
         observer=_Observer(mgr.metrics, entry.name),
+        arbiter=mgr.arbiter,
     )
     return ModelRuntime(
         entry,
@@ -230,15 +242,19 @@ PEAK_PROBE_ROWS = 4
 SERIAL_TOKENIZE = 16
 
 
+# A BERT-family token is rarely longer than a dozen characters; an input longer than this many
+# characters per allowed token is refused (or, with truncation, cut) before it is tokenized, so an
+# absurd input costs nothing. Inputs above OFFLOOP_CHARS in total are tokenized off the event loop.
+CHARS_PER_TOKEN_BOUND = 32
+OFFLOOP_CHARS = 16_384
+
+
 class EmbeddingService:
     def __init__(self, manager: ModelManager) -> None:
         self.manager = manager
 
-    async def dimensions(self, model: str) -> int:
-        return self._runtime_of(await self.manager.runtime(model), model).dim
-
     @staticmethod
-    def _runtime_of(runtime: ModelRuntime, model: str) -> EmbeddingRuntime:
+    def runtime_of(runtime: ModelRuntime, model: str) -> EmbeddingRuntime:
         rt = runtime.extras.get("embedding")
         if not isinstance(rt, EmbeddingRuntime):
             raise InvalidRequest(f"The model '{model}' is not an embedding model", param="model")
@@ -246,14 +262,17 @@ class EmbeddingService:
 
     async def embed(
         self,
-        model: str,
+        runtime: ModelRuntime,
         inputs: Sequence[str] | Sequence[Sequence[int]],
         *,
         priority: int | None = None,
         timeout_ms: float | None = None,
+        truncate: bool | None = None,
     ) -> EmbeddingResult:
-        runtime = await self.manager.runtime(model)
-        rt = self._runtime_of(runtime, model)
+        """Tokenize (with the input limits), queue every text, gather the vectors.
+        ``truncate`` None means the model's ``input.truncate`` setting."""
+        model = runtime.entry.name
+        rt = self.runtime_of(runtime, model)
         if not inputs:
             raise InvalidRequest("'input' must not be empty", param="input")
         if len(inputs) > MAX_EMBEDDING_INPUTS:
@@ -261,49 +280,78 @@ class EmbeddingService:
                 f"'input' has {len(inputs)} items; at most {MAX_EMBEDDING_INPUTS} are allowed",
                 param="input",
             )
-        items = self._tokenize(rt, inputs)
+        cut = bool(self.manager.tunables(model)["input.truncate"]) if truncate is None else truncate
+        if all(isinstance(x, str) for x in inputs) and sum(len(str(x)) for x in inputs) > OFFLOOP_CHARS:
+            # Large inputs are tokenized on a worker thread: the loop keeps serving everyone else.
+            loop = asyncio.get_running_loop()
+            items = await loop.run_in_executor(None, _tokenize, rt, inputs, cut)
+        else:
+            items = _tokenize(rt, inputs, cut)
+        observe = self.manager.metrics.child(self.manager.metrics.input_tokens, model).observe
+        for it in items:
+            observe(len(it))
         vectors = await submit_all(runtime.batcher, items, priority, timeout_ms)
         return EmbeddingResult(np.stack(vectors), sum(len(i) for i in items))
 
-    @staticmethod
-    def _tokenize(rt: EmbeddingRuntime, inputs: Sequence[str] | Sequence[Sequence[int]]) -> list[np.ndarray]:
-        if all(isinstance(x, str) for x in inputs):
-            texts = [str(x) for x in inputs]
-            for i, t in enumerate(texts):
-                if not t:
-                    raise InvalidRequest(f"input[{i}] is an empty string", param="input")
-            # Truncation to the model's max_seq_length happens here, as sentence-transformers does.
-            # encode_batch fans out to the tokenizers thread pool, whose threads wait behind ONNX
-            # Runtime's under load (16 % of the event loop's time in a profile); a few short
-            # texts are cheaper one by one on this thread.
-            encoded = (
-                [rt.tokenizer.encode(t) for t in texts]
-                if len(texts) <= SERIAL_TOKENIZE
-                else rt.tokenizer.encode_batch(texts)
+
+def _too_long(i: int, n: int, unit: str, limit: int) -> InvalidRequest:
+    return InvalidRequest(
+        f"input[{i}] has {n} {unit}; the model takes at most {limit} tokens. Shorten it, or send "
+        "'truncate': true to cut it to the model's context",
+        param="input",
+    )
+
+
+def _tokenize(
+    rt: EmbeddingRuntime, inputs: Sequence[str] | Sequence[Sequence[int]], cut: bool
+) -> list[np.ndarray]:
+    limit = rt.max_tokens
+    if all(isinstance(x, str) for x in inputs):
+        texts = [str(x) for x in inputs]
+        max_chars = limit * CHARS_PER_TOKEN_BOUND
+        for i, t in enumerate(texts):
+            if not t:
+                raise InvalidRequest(f"input[{i}] is an empty string", param="input")
+            if len(t) > max_chars:
+                if not cut:
+                    raise _too_long(
+                        i, len(t), f"characters (more than {max_chars} are refused unread)", limit
+                    )
+                texts[i] = t[:max_chars]  # first by characters, then by tokens below
+        # encode_batch fans out to the tokenizers thread pool, whose threads wait behind ONNX
+        # Runtime's under load (16 % of the event loop's time in a profile); a few short texts
+        # are cheaper one by one on this thread.
+        tok = rt.counting
+        encoded = [tok.encode(t) for t in texts] if len(texts) <= SERIAL_TOKENIZE else tok.encode_batch(texts)
+        out = []
+        for i, e in enumerate(encoded):
+            if len(e.ids) > limit:
+                if not cut:
+                    raise _too_long(i, len(e.ids), "tokens", limit)
+                e = rt.tokenizer.encode(texts[i])  # the model's own truncation keeps [CLS] ... [SEP]
+            out.append(np.array(e.ids, dtype=np.int64))
+        return out
+    vocab = rt.tokenizer.get_vocab_size()
+    items = []
+    for i, seq in enumerate(inputs):
+        if isinstance(seq, str) or not isinstance(seq, list | tuple):
+            raise InvalidRequest(
+                "'input' must be a string, a list of strings or a list of token arrays",
+                param="input",
             )
-            return [np.array(e.ids, dtype=np.int64) for e in encoded]
-        vocab = rt.tokenizer.get_vocab_size()
-        items = []
-        for i, seq in enumerate(inputs):
-            if isinstance(seq, str) or not isinstance(seq, list | tuple):
-                raise InvalidRequest(
-                    "'input' must be a string, a list of strings or a list of token arrays",
-                    param="input",
-                )
-            if not seq:
-                raise InvalidRequest(f"input[{i}] is an empty token array", param="input")
-            if not all(isinstance(t, int) and not isinstance(t, bool) for t in seq):
-                raise InvalidRequest(f"input[{i}] must contain only integers", param="input")
-            if len(seq) > rt.max_tokens:
-                raise InvalidRequest(
-                    f"input[{i}] has {len(seq)} tokens; the model takes at most {rt.max_tokens}",
-                    param="input",
-                )
-            arr = np.array(seq, dtype=np.int64)
-            if arr.min() < 0 or arr.max() >= vocab:
-                raise InvalidRequest(f"input[{i}] has a token id outside 0..{vocab - 1}", param="input")
-            items.append(arr)
-        return items
+        if not seq:
+            raise InvalidRequest(f"input[{i}] is an empty token array", param="input")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in seq):
+            raise InvalidRequest(f"input[{i}] must contain only integers", param="input")
+        if len(seq) > limit:
+            if not cut:
+                raise _too_long(i, len(seq), "tokens", limit)
+            seq = list(seq[:limit])
+        arr = np.array(seq, dtype=np.int64)
+        if arr.min() < 0 or arr.max() >= vocab:
+            raise InvalidRequest(f"input[{i}] has a token id outside 0..{vocab - 1}", param="input")
+        items.append(arr)
+    return items
 
 
 # -- tensor ------------------------------------------------------------------------------------
@@ -366,6 +414,7 @@ def _tensor_runtime(
         execute,
         instances=int(values["engine.instances"]),
         observer=_Observer(mgr.metrics, entry.name),
+        arbiter=mgr.arbiter,
     )
     return ModelRuntime(entry, engine, executor, batcher, entry.digest(), {"tensor": rt})
 
@@ -378,14 +427,14 @@ class TensorService:
 
     async def infer(
         self,
-        model: str,
+        runtime: ModelRuntime,
         feeds: dict[str, np.ndarray],
         outputs: Sequence[str] | None,
         *,
         priority: int | None = None,
         timeout_ms: float | None = None,
     ) -> dict[str, np.ndarray]:
-        runtime = await self.manager.runtime(model)
+        model = runtime.entry.name
         engine = runtime.engine
         check_feeds(engine, feeds)
         names = tuple(outputs) if outputs else tuple(o.name for o in engine.outputs)

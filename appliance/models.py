@@ -18,6 +18,7 @@ from enum import Enum
 from typing import Any
 
 from appliance import settings
+from appliance.arbiter import ComputeArbiter
 from appliance.batcher import BatchPolicy
 from appliance.config import Config
 from appliance.engines.base import Engine
@@ -29,6 +30,22 @@ from appliance.sdnotify import ProgressWatchdog
 from appliance.telemetry import Metrics
 
 log = logging.getLogger(__name__)
+
+
+class _ArbiterMetrics:
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def on_grant(self, model: str, priority: int, waited_s: float) -> None:
+        m = self.m
+        m.child(m.compute_grants, model, str(priority)).inc()
+        m.child(m.compute_wait, str(priority)).observe(waited_s)
+
+    def on_waiting(self, priority: int, count: int) -> None:
+        self.m.child(self.m.compute_waiting, str(priority)).set(count)
+
+    def on_running(self, count: int) -> None:
+        self.m.compute_running.set(count)
 
 
 class ModelState(str, Enum):
@@ -103,8 +120,17 @@ class ModelManager:
         # Loads one at a time: footprints are measured from the process's memory, and two loads
         # at once would blur each other's figures.
         self._load_lock = asyncio.Lock()
-        # Engines take turns on the activation budget (the time-sliced arena).
+        # Engine time across models, by priority (see arbiter.py).
+        self.arbiter = ComputeArbiter(
+            int(server_values["compute.concurrency"]),
+            float(server_values["compute.aging_ms"]),
+            observer=_ArbiterMetrics(metrics),
+        )
+        # Engines that share one device arena (TensorRT) never run at once, whatever the
+        # arbiter's concurrency.
         self.arena_lock = threading.Lock()
+        # The identity of each model's built artefacts, read once (cache keys need it per request).
+        self._identities: dict[str, str] = {}
         # Batch sizes learned from out-of-memory errors: never send a batch that big again.
         self.batch_caps: dict[str, int] = {}
         self._keep_alive: asyncio.Task[None] | None = None
@@ -262,6 +288,7 @@ class ModelManager:
         self.metrics.model_loads.labels(entry.name).inc()
         self._memory_metrics()
         slot.runtime = runtime
+        self._identities[entry.name] = f"{entry.name}@{runtime.identity}"
         slot.state = ModelState.resident
         slot.error = None
         slot.loaded_at = time.time()
@@ -353,10 +380,21 @@ class ModelManager:
         )
 
     # -- live settings ---------------------------------------------------------------------
+    def identity(self, name: str) -> str:
+        """Cache identity of a model: its name and the digest of its built artefacts. Needs no
+        load, so a cache hit never loads (or evicts) anything."""
+        ident = self._identities.get(name)
+        if ident is None:
+            entry = self._slot(name).entry
+            ident = self._identities[name] = f"{name}@{entry.digest()}"
+        return ident
+
     def configure_memory(self) -> None:
         """A new budget applies to the next load (resident models are not evicted for it)."""
-        self.memory.budget = budget_from(self.cfg.tunables_for("", {}), _device_total())
+        values = self.cfg.tunables_for("", {})
+        self.memory.budget = budget_from(values, _device_total())
         self._memory_metrics()
+        self.arbiter.configure(int(values["compute.concurrency"]), float(values["compute.aging_ms"]))
 
     def apply(self, name: str) -> None:
         """Push the current effective tunables of ``name`` into its running batcher."""

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.breaker import BreakerConfig, BreakerOpen, BreakerState, CircuitBreaker
-from appliance.cache import ResponseCache, cache_key
-from appliance.errors import ApplianceError, EngineFailure, Unavailable
+from appliance.breaker import BreakerConfig, BreakerState, CircuitBreaker
+from appliance.cache import ResponseCache
 from appliance.telemetry import Metrics
 
 log = logging.getLogger(__name__)
@@ -59,7 +57,8 @@ def breaker_config(values: Mapping[str, Any]) -> BreakerConfig:
 
 
 class Resilience:
-    """Owns one breaker per model and the server's response cache."""
+    """Owns one breaker per model and the server's response cache; the request pipeline
+    (``appliance.pipeline``) chains them into the fallback order the module docstring gives."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -68,7 +67,7 @@ class Resilience:
         # Per-model cache outcomes for the console (the SQLite cache counts server-wide).
         self._figures: dict[str, dict[str, int]] = {}
 
-    def _count(self, model: str, outcome: str) -> None:
+    def count(self, model: str, outcome: str) -> None:
         f = self._figures.setdefault(model, {"hits": 0, "stale_hits": 0, "misses": 0})
         f[outcome] += 1
 
@@ -142,93 +141,6 @@ class Resilience:
     def _transition(self, name: str, old: BreakerState, new: BreakerState, reason: str) -> None:
         self.metrics.breaker_transitions.labels(name, old.value, new.value).inc()
         self.metrics.breaker_state.labels(name).set(_STATE_VALUE[new])
-
-    # -- the fallback chain ----------------------------------------------------------------
-    async def answer(
-        self,
-        model: str,
-        identity: str,
-        values: Mapping[str, Any],
-        compute: Compute,
-        *,
-        canonical: Mapping[str, Any] | None,
-        blobs: Sequence[bytes] = (),
-        read_cache: bool = True,
-        write_cache: bool = True,
-        default: Default | None = None,
-    ) -> Answer:
-        cache = self.cache if (self.cache is not None and values["cache.enabled"]) else None
-        key = cache_key(identity, canonical, blobs) if (cache and canonical is not None) else None
-        hit = None
-        if cache and key and read_cache:
-            hit = await cache.get(key)
-            if hit is not None and hit.fresh:
-                self._count(model, "hits")
-                return Answer(hit.value, hit.content_type, "cache")
-            self._count(model, "misses")
-        breaker = self.breaker(model, values)
-        try:
-            permit = breaker.acquire()
-        except BreakerOpen as exc:
-            return await self._fallback(
-                model, cache, key, hit, read_cache, default, exc.retry_after_s, "breaker_open"
-            )
-        with permit:
-            started = time.perf_counter()
-            try:
-                body, ctype = await compute()
-            except EngineFailure as exc:
-                permit.failure(exc.kind)
-                log.warning("model %s: engine %s: %s", model, exc.kind, exc.message)
-                return await self._fallback(
-                    model, cache, key, hit, read_cache, default, None, "engine_" + exc.kind
-                )
-            except (ApplianceError, asyncio.CancelledError):
-                # Client errors, admission refusals and disconnects say nothing of engine health.
-                permit.ignore()
-                raise
-            permit.success(time.perf_counter() - started)
-        if cache and key and write_cache:
-            if cache.synchronous == "FULL":
-                # FULL promises that an answered request's entry survives a power cut: wait (without
-                # blocking the loop) for the writer's commit before answering.
-                await cache.put_and_wait(key, model, body, ctype)
-            else:
-                cache.put(key, model, body, ctype)
-        return Answer(body, ctype, "engine")
-
-    async def _fallback(
-        self,
-        model: str,
-        cache: ResponseCache | None,
-        key: str | None,
-        hit: Any,
-        read_cache: bool,
-        default: Default | None,
-        retry_after_s: float | None,
-        why: str,
-    ) -> Answer:
-        if hit is None and cache and key and read_cache:
-            hit = await cache.get(key)
-        if hit is not None:
-            source = "cache" if hit.fresh else "stale-cache"
-            self._count(model, "hits" if hit.fresh else "stale_hits")
-            self.metrics.fallbacks.labels(model, source).inc()
-            return Answer(hit.value, hit.content_type, source)
-        if default is not None:
-            self.metrics.fallbacks.labels(model, "default").inc()
-            body, ctype = default()
-            return Answer(body, ctype, "default")
-        self.metrics.fallbacks.labels(model, "unavailable").inc()
-        b = self.breakers.get(model)
-        if retry_after_s is None and b is not None:
-            retry_after_s = float(b.snapshot().get("open_remaining_s") or 1.0)
-        message = (
-            f"the model '{model}' is failing and its circuit breaker is open"
-            if why == "breaker_open"
-            else f"the model '{model}' failed ({why.removeprefix('engine_')}) and no fallback is available"
-        )
-        raise Unavailable(message, retry_after_s=retry_after_s or 1.0)
 
     # -- operator actions ------------------------------------------------------------------
     def action(self, model: str, verb: str, values: Mapping[str, Any]) -> dict[str, Any]:

@@ -491,3 +491,31 @@ register(
         reload=True,
     ),
 )
+
+# compute arbiter and input limits
+register(
+    Setting(
+        "compute.concurrency",
+        int,
+        1,
+        "Engine calls (batches, prefill chunks, decode steps) of all models that may run at once.",
+        1,
+        64,
+        scope="server",
+    ),
+    Setting(
+        "compute.aging_ms",
+        float,
+        1000.0,
+        "A call waiting for engine time gains one priority level per this many ms (0 = strict).",
+        0,
+        3_600_000,
+        scope="server",
+    ),
+    Setting(
+        "input.truncate",
+        bool,
+        False,
+        "Cut inputs longer than the model's context instead of refusing them (400).",
+    ),
+)

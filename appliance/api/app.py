@@ -25,6 +25,7 @@ from appliance.api.common import (
     INFLIGHT,
     MANAGER,
     METRICS,
+    PIPELINE,
     RESILIENCE,
     ROLLING,
     STARTED,
@@ -42,6 +43,7 @@ from appliance.gpu.nvml import GpuSampler, register_gpu_metrics
 from appliance.inference import EmbeddingService, TensorService
 from appliance.llm.service import ChatService
 from appliance.models import ModelManager
+from appliance.pipeline import Pipeline
 from appliance.resilience import Resilience
 from appliance.telemetry import Metrics, RollingStats
 
@@ -209,6 +211,7 @@ def create_app(cfg: Config) -> web.Application:
     app[ACTIONS] = {}
     resilience = Resilience(metrics)
     app[RESILIENCE] = resilience
+    app[PIPELINE] = Pipeline(manager, resilience, metrics)
     app[EXTRA_STATS]["cache"] = lambda: resilience.cache.stats() if resilience.cache else {"enabled": False}
     app[EXTRA_STATS]["memory"] = manager.memory.snapshot
     # NVML readings, sampled in the background; without a driver it says "no GPU" once.

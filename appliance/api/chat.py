@@ -1,11 +1,13 @@
 """OpenAI chat and text completions, whole or streamed as server-sent events.
 
-Whole responses go through ``guarded`` (breaker, response cache when the output is deterministic,
-the model's default response). Streams have the same chain (``_stream``): a deterministic stream
-is answered from the entry a whole response (or an earlier stream) left, replayed as one chunk,
-and fills that entry when it completes. A stream's headers are sent with its first token, so a request refused or timed out while queued
-still gets a plain JSON error with its status (429, 503); after that, an error is sent as an
-``data: {"error": ...}`` event before ``data: [DONE]``, so a stream never ends silently.
+Both go through the request pipeline (``appliance.pipeline``): priority, early shedding, deadline,
+response cache (deterministic requests: temperature 0 or a seed; a stream reads and fills the same
+entries as a whole answer, replayed as one chunk), breaker judged by time to first token, fallback
+to a stale entry or the model's default response. A stream's headers are sent with its first token
+or its first keep-alive comment (``server.sse_keepalive_s`` while queued), so a request refused or
+timed out before that still gets a plain JSON error with its status (429, 503); after it, an error
+is sent as a ``data: {"error": ...}`` event before ``data: [DONE]``, so a stream never ends
+silently.
 """
 
 from __future__ import annotations
@@ -18,23 +20,20 @@ from typing import Any
 
 from aiohttp import web
 
-from appliance.api.common import (
-    CHAT,
-    MANAGER,
-    METRICS,
-    RESILIENCE,
-    cache_policy,
-    guarded,
-    priority_of,
-    read_json,
-    timeout_ms_of,
-)
-from appliance.breaker import BreakerOpen
-from appliance.cache import cache_key
+from appliance.api.common import CHAT, CONFIG, MANAGER, PIPELINE, admit, read_json, render, requested_priority
 from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, Unavailable
 from appliance.llm.scheduler import Finished, Token
-from appliance.llm.service import ChatService, Completion, GenerationOptions, Prepared
-from appliance.resilience import SOURCE_HEADER
+from appliance.llm.service import (
+    ChatService,
+    Completion,
+    GenerationOptions,
+    GenerationStream,
+    Prepared,
+    normalize_messages,
+)
+from appliance.models import ModelRuntime
+from appliance.pipeline import EventStream, LiveStream, Pipeline, Ticket, follow
+from appliance.resilience import SOURCE_HEADER, Answer
 
 routes = web.RouteTableDef()
 
@@ -51,24 +50,126 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
     body = await read_json(request)
-    _label(request, body)
-    options = GenerationOptions.from_openai(body)
     stream, include_usage = _stream_flags(body)
-    priority = priority_of(request, body.get("priority"))
-    timeout_ms = timeout_ms_of(request)
+    # Admission first: a request its queue would refuse costs no templating or tokenizing.
+    ticket = admit(request, body.get("model"), requested_priority(request, body.get("priority")))
+    options = GenerationOptions.from_openai(body)
     service = request.app[CHAT]
+    source: dict[str, Any]
     if chat:
-        prepared = await service.prepare_chat(body.get("model"), body.get("messages"), options)
+        source = {"messages": normalize_messages(body.get("messages"))}
     else:
-        prepared = await service.prepare_completion(body.get("model"), body.get("prompt"), options)
-    wire = _Wire(chat=chat, model=prepared.model, include_usage=include_usage)
-    return await _respond(request, service, prepared, wire, stream, priority, timeout_ms)
+        source = {"prompt": body.get("prompt")}
+    slot = request.app[MANAGER].slots[ticket.model]
+    work = _Generation(service, ticket.model, chat, source, options, slot.entry.spec.default_response)
+    wire = _Wire(chat=chat, model=ticket.model, include_usage=include_usage)
+    work.wire = wire
+    pipeline = request.app[PIPELINE]
+    if not stream:
+        return render(await pipeline.answer(ticket, work), ticket)
+    return await _stream(request, pipeline, ticket, work, wire)
 
 
-def _label(request: web.Request, body: dict[str, Any]) -> None:
-    model = body.get("model")
-    if isinstance(model, str) and model:
-        request["model"] = model
+class _Generation:
+    """A chat or completion request as the pipeline's Computation (whole) and Generation (stream)."""
+
+    blobs: tuple[bytes, ...] = ()
+    open_ended = True  # bounded by time to first token and stalls, not by its length
+
+    def __init__(
+        self,
+        service: ChatService,
+        model: str,
+        chat: bool,
+        source: dict[str, Any],
+        options: GenerationOptions,
+        fallback: object,
+    ) -> None:
+        self.service = service
+        self.model = model
+        self.chat = chat
+        self.source = source
+        self.options = options
+        self.fallback = fallback if isinstance(fallback, str) else None
+        self.wire: _Wire | None = None
+        o = options
+        deterministic = o.temperature == 0 or o.seed is not None
+        # The key is the request as sent (no model load is needed to compute it).
+        self.canonical = (
+            {
+                "api": "openai.chat" if chat else "openai.completions",
+                **source,
+                "max_tokens": o.max_tokens,
+                "temperature": o.temperature,
+                "top_p": o.top_p,
+                "top_k": o.top_k,
+                "seed": o.seed,
+                "stop": list(o.stop),
+                "ignore_eos": o.ignore_eos,
+            }
+            if deterministic
+            else None
+        )
+
+    async def _prepare(self, runtime: ModelRuntime) -> Prepared:
+        if self.chat:
+            return await self.service.prepare_chat(runtime, self.source["messages"], self.options)
+        return await self.service.prepare_completion(runtime, self.source["prompt"], self.options)
+
+    def start(self, runtime: ModelRuntime, ticket: Ticket) -> EventStream:
+        return _Started(self, runtime, ticket)
+
+    async def compute(self, runtime: ModelRuntime, ticket: Ticket) -> tuple[bytes, str]:
+        assert self.wire is not None
+        parts: list[str] = []
+        live = await follow(ticket, self.start(runtime, ticket))
+        try:
+            async for ev in live:
+                if isinstance(ev, Token):
+                    parts.append(ev.text)
+                elif isinstance(ev, Finished):
+                    done = Completion(
+                        "".join(parts), ev.finish_reason, ev.prompt_tokens, ev.completion_tokens
+                    )
+                    return self.wire.whole(done), "application/json"
+        finally:
+            live.close()
+        raise EngineFailure("the generation ended without a finish event", kind="exception")
+
+    def default(self) -> tuple[bytes, str] | None:
+        if self.fallback is None or self.wire is None:
+            return None
+        return self.wire.whole(Completion(self.fallback, "stop", 0, 0)), "application/json"
+
+
+class _Started:
+    """Prepares (tokenizes) and queues on the first ``__anext__``, so that the pipeline's deadline
+    bounds tokenizing too and a refusal surfaces as the first event's exception."""
+
+    def __init__(self, work: _Generation, runtime: ModelRuntime, ticket: Ticket) -> None:
+        self.work = work
+        self.runtime = runtime
+        self.ticket = ticket
+        self.stream: GenerationStream | None = None
+        self.closed = False
+
+    def __aiter__(self) -> _Started:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self.stream is None:
+            prepared = await self.work._prepare(self.runtime)
+            if self.closed:
+                raise StopAsyncIteration
+            self.stream = self.work.service.start(
+                prepared, priority=self.ticket.level, timeout_ms=self.ticket.timeout_ms()
+            )
+        return await self.stream.__anext__()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.stream is not None:
+            self.stream.close()
 
 
 def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -163,39 +264,6 @@ def _error_event(exc: ApplianceError) -> bytes:
 DONE = b"data: [DONE]\n\n"
 
 
-async def _respond(
-    request: web.Request,
-    service: ChatService,
-    prepared: Prepared,
-    wire: _Wire,
-    stream: bool,
-    priority: int | None,
-    timeout_ms: float | None,
-) -> web.StreamResponse:
-    fallback = prepared.llm.default_response
-    default_completion = None if fallback is None else Completion(fallback, "stop", len(prepared.prompt), 0)
-    if stream:
-        return await _stream(request, service, prepared, wire, priority, timeout_ms, default_completion)
-
-    async def compute() -> tuple[bytes, str]:
-        stream = service.start(prepared, priority=priority, timeout_ms=timeout_ms)
-        return wire.whole(await stream.collect()), "application/json"
-
-    def default() -> tuple[bytes, str]:
-        assert default_completion is not None
-        return wire.whole(default_completion), "application/json"
-
-    api = "openai.chat" if wire.chat else "openai.completions"
-    return await guarded(
-        request,
-        prepared.model,
-        compute,
-        canonical=prepared.canonical(api),
-        priority=priority,
-        default=default if default_completion is not None else None,
-    )
-
-
 def _sse(request: web.Request, source: str) -> web.StreamResponse:
     return web.StreamResponse(
         headers={
@@ -207,154 +275,96 @@ def _sse(request: web.Request, source: str) -> web.StreamResponse:
     )
 
 
-class _StreamCache:
-    """The response cache as a stream sees it. A deterministic stream reads and fills the same
-    entries as the whole response to the same request (a hit is replayed as one chunk), so both
-    kinds of client share answers, and a stream also has the stale-cache fallback."""
-
-    def __init__(self, request: web.Request, prepared: Prepared, api: str) -> None:
-        self.model = prepared.model
-        self.canonical = prepared.canonical(api)
-        self.cache = request.app[RESILIENCE].cache
-        if not request.app[MANAGER].tunables(self.model)["cache.enabled"] or self.canonical is None:
-            self.cache = None
-        self.read, self.write = cache_policy(request)
-        self.key: str | None = None
-
-    async def open(self, request: web.Request) -> None:
-        if self.cache is not None and self.canonical is not None:
-            runtime = await request.app[MANAGER].runtime(self.model)
-            self.key = cache_key(runtime.identity, self.canonical)  # as guarded() keys whole answers
-
-    async def get(self, chat: bool) -> tuple[Completion, bool] | None:
-        """(completion, fresh) from the cache, or None."""
-        if self.cache is None or self.key is None or not self.read:
-            return None
-        hit = await self.cache.get(self.key)
-        if hit is None:
-            return None
-        try:
-            doc = json.loads(hit.value)
-            choice, usage = doc["choices"][0], doc["usage"]
-            text = choice["message"]["content"] if chat else choice["text"]
-            done = Completion(
-                text, choice["finish_reason"], usage["prompt_tokens"], usage["completion_tokens"]
-            )
-        except (ValueError, KeyError, IndexError, TypeError):
-            return None
-        return done, hit.fresh
-
-    async def put(self, body: bytes) -> None:
-        if self.cache is None or self.key is None or not self.write:
-            return
-        if self.cache.synchronous == "FULL":  # the same durability promise as whole answers
-            await self.cache.put_and_wait(self.key, self.model, body, "application/json")
-        else:
-            self.cache.put(self.key, self.model, body, "application/json")
+def _completion_of(body: bytes, chat: bool) -> Completion | None:
+    """The whole answer a cached entry (or the default response) holds, to replay as a stream."""
+    try:
+        doc = json.loads(body)
+        choice, usage = doc["choices"][0], doc["usage"]
+        text = choice["message"]["content"] if chat else choice["text"]
+        return Completion(text, choice["finish_reason"], usage["prompt_tokens"], usage["completion_tokens"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 async def _stream(
-    request: web.Request,
-    service: ChatService,
-    prepared: Prepared,
-    wire: _Wire,
-    priority: int | None,
-    timeout_ms: float | None,
-    default: Completion | None,
+    request: web.Request, pipeline: Pipeline, ticket: Ticket, work: _Generation, wire: _Wire
 ) -> web.StreamResponse:
-    model = prepared.model
-    if priority is not None:  # a bad priority is a 400 even when the cache could answer
-        levels = int(request.app[MANAGER].tunables(model)["queue.priority_levels"])
-        if not 1 <= priority <= levels:
-            raise InvalidRequest(
-                f"priority must be an integer from 1 to {levels}, got {priority}", param="priority"
-            )
-    store = _StreamCache(request, prepared, "openai.chat" if wire.chat else "openai.completions")
-    await store.open(request)
-    hit = await store.get(wire.chat)
-    if hit is not None and hit[1]:
-        return await _replay(request, wire, hit[0], "cache")
-    breaker = request.app[RESILIENCE].breaker(model, request.app[MANAGER].tunables(model))
-    try:
-        permit = breaker.acquire()
-    except BreakerOpen as exc:
-        return await _fallback(
-            request, wire, hit, default, exc.retry_after_s, "is failing and its circuit breaker is open"
-        )
-    with permit:  # left unresolved (refusal, disconnect) it counts nothing
-        started = time.perf_counter()
-        gen = service.start(prepared, priority=priority, timeout_ms=timeout_ms)
-        resp = _sse(request, "engine")
-        try:
-            try:
-                event = await gen.__anext__()
-            except EngineFailure as exc:
-                permit.failure(exc.kind)
-                return await _fallback(request, wire, hit, default, 1.0, f"failed ({exc.kind})")
+    resp: web.StreamResponse | None = None
+
+    async def keepalive() -> None:
+        # An SSE comment: proxies and clients with idle timeouts keep the stream while it queues.
+        nonlocal resp
+        if resp is None:
+            resp = _sse(request, "engine")
             await resp.prepare(request)
-            if wire.chat:
-                await resp.write(wire.chunk("", role=True))
-            text: list[str] = []
-            try:
-                while True:
-                    if isinstance(event, Finished):
-                        await resp.write(wire.chunk(None, event.finish_reason))
-                        if wire.include_usage:
-                            await resp.write(wire.usage_chunk(event.prompt_tokens, event.completion_tokens))
-                        whole = Completion(
-                            "".join(text), event.finish_reason, event.prompt_tokens, event.completion_tokens
-                        )
-                        break
-                    if isinstance(event, Token) and event.text:
-                        text.append(event.text)
-                        await resp.write(wire.chunk(event.text))
-                    event = await gen.__anext__()
-            except ApplianceError as exc:
-                if isinstance(exc, EngineFailure):
-                    permit.failure(exc.kind)
-                await resp.write(_error_event(exc))
-            else:
-                permit.success(time.perf_counter() - started)
-                await store.put(wire.whole(whole))
+        await resp.write(b": keep-alive\n\n")
+
+    try:
+        try:
+            outcome = await pipeline.stream(
+                ticket, work, keepalive_s=request.app[CONFIG].server.sse_keepalive_s, on_wait=keepalive
+            )
+        except ApplianceError as exc:
+            if resp is None:
+                raise  # nothing sent yet: a plain JSON error with its status and Retry-After
+            await resp.write(_error_event(exc))
             await resp.write(DONE)
             await resp.write_eof()
             return resp
-        except ConnectionError:
-            # The client went away between two tokens; the slot is freed below.
-            return resp
-        finally:
-            gen.close()
+        if isinstance(outcome, Answer):
+            completion = _completion_of(outcome.body, wire.chat)
+            if completion is None:
+                raise Unavailable(f"the model '{wire.model}' has no usable fallback", retry_after_s=1.0)
+            return await _replay(request, wire, completion, outcome.source, resp)
+        return await _live(request, wire, outcome, resp)
+    except ConnectionError:
+        return resp if resp is not None else web.StreamResponse()  # the client went away
 
 
-async def _fallback(
-    request: web.Request,
-    wire: _Wire,
-    hit: tuple[Completion, bool] | None,
-    default: Completion | None,
-    retry_after_s: float,
-    why: str,
+async def _live(
+    request: web.Request, wire: _Wire, live: LiveStream, resp: web.StreamResponse | None
 ) -> web.StreamResponse:
-    """The stream's fallback chain, as resilience.py's: cached (even stale), default, else 503."""
-    metrics = request.app[METRICS]
-    if hit is not None:
-        source = "cache" if hit[1] else "stale-cache"
-        metrics.fallbacks.labels(wire.model, source).inc()
-        return await _replay(request, wire, hit[0], source)
-    if default is not None:
-        metrics.fallbacks.labels(wire.model, "default").inc()
-        return await _replay(request, wire, default, "default")
-    metrics.fallbacks.labels(wire.model, "unavailable").inc()
-    raise Unavailable(
-        f"the model '{wire.model}' {why} and no fallback is available", retry_after_s=retry_after_s
-    )
+    try:
+        if resp is None:
+            resp = _sse(request, "engine")
+            await resp.prepare(request)
+        if wire.chat:
+            await resp.write(wire.chunk("", role=True))
+        text: list[str] = []
+        try:
+            async for event in live:
+                if isinstance(event, Finished):
+                    await resp.write(wire.chunk(None, event.finish_reason))
+                    if wire.include_usage:
+                        await resp.write(wire.usage_chunk(event.prompt_tokens, event.completion_tokens))
+                    whole = Completion(
+                        "".join(text), event.finish_reason, event.prompt_tokens, event.completion_tokens
+                    )
+                    await live.finish(wire.whole(whole))
+                    break
+                if isinstance(event, Token) and event.text:
+                    text.append(event.text)
+                    await resp.write(wire.chunk(event.text))
+        except ApplianceError as exc:
+            await resp.write(_error_event(exc))
+        await resp.write(DONE)
+        await resp.write_eof()
+        return resp
+    finally:
+        live.close()
 
 
 async def _replay(
-    request: web.Request, wire: _Wire, completion: Completion, source: str
+    request: web.Request,
+    wire: _Wire,
+    completion: Completion,
+    source: str,
+    resp: web.StreamResponse | None = None,
 ) -> web.StreamResponse:
     """A whole answer (cached, or the model's default response) sent as a stream."""
-    resp = _sse(request, source)
-    await resp.prepare(request)
+    if resp is None:
+        resp = _sse(request, source)
+        await resp.prepare(request)
     if wire.chat:
         await resp.write(wire.chunk("", role=True))
     await resp.write(wire.chunk(completion.text))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import Callable
+import re
 from typing import Any
 
 from aiohttp import web
@@ -16,7 +16,8 @@ from appliance.gpu.nvml import GpuSampler
 from appliance.inference import EmbeddingService, TensorService
 from appliance.llm.service import ChatService
 from appliance.models import ModelManager
-from appliance.resilience import SOURCE_HEADER, Compute, Default, Resilience
+from appliance.pipeline import Pipeline, Ticket
+from appliance.resilience import SOURCE_HEADER, Answer, Resilience
 from appliance.telemetry import Metrics, RollingStats
 
 CONFIG = web.AppKey("config", Config)
@@ -54,6 +55,7 @@ class Inflight:
 INFLIGHT = web.AppKey("inflight", Inflight)
 GPU = web.AppKey("gpu", GpuSampler)
 RESILIENCE = web.AppKey("resilience", Resilience)
+PIPELINE = web.AppKey("pipeline", Pipeline)
 # Optional parts register here as they are enabled: name -> () -> JSON-able (cache, memory, gpu),
 # and admin actions "breaker:<verb>" / "cache:purge" -> async callables.
 EXTRA_STATS = web.AppKey("extra_stats", dict)
@@ -84,9 +86,18 @@ def error_response(api: str, exc: ApplianceError) -> web.Response:
     return web.json_response(body, status=exc.status, headers=retry_after(exc.retry_after_s))
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
-    from appliance.api.security import read_body
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, within ``server.read_timeout_s``: a trickling client cannot hold a slot."""
+    timeout = request.app[CONFIG].server.read_timeout_s
+    try:
+        return await asyncio.wait_for(request.read(), timeout)
+    except asyncio.TimeoutError:
+        err = ApplianceError(f"the request body did not arrive within {timeout:.0f} s")
+        err.status, err.type, err.code = 408, "invalid_request_error", "request_timeout"
+        raise err from None
 
+
+async def read_json(request: web.Request) -> dict[str, Any]:
     try:
         raw = await read_body(request)
     except web.HTTPRequestEntityTooLarge as exc:
@@ -106,73 +117,47 @@ class BodyTooLarge(ApplianceError):
     code = "request_too_large"
 
 
-def priority_of(request: web.Request, body_value: Any) -> int | None:
-    """``priority`` from the body, else the ``X-Priority`` header; the batcher checks the range."""
+_INTEGER = re.compile(r"-?[0-9]{1,9}")  # ASCII digits only: str.isdigit() also accepts '²'
+
+
+def requested_priority(request: web.Request, body_value: Any) -> int | None:
+    """``priority`` from the body, else the ``X-Priority`` header, type-checked; the pipeline
+    resolves the default, the key's cap and the range."""
     value = body_value
     if value is None and "X-Priority" in request.headers:
         text = request.headers["X-Priority"].strip()
-        if not text.lstrip("-").isdigit():
+        if not _INTEGER.fullmatch(text):
             raise InvalidRequest("X-Priority must be an integer", param="priority")
         value = int(text)
     if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
         raise InvalidRequest("'priority' must be an integer", param="priority")
-    # A key may be capped: a LAN app cannot claim a more urgent level than its key allows.
-    record = request.get("api_key")
-    cap = getattr(record, "max_priority", None)
-    if cap is not None:
-        if value is None:
-            value = int(request.app[CONFIG].tunables_for("", {})["queue.default_priority"])
-        value = max(value, cap)
-    request["priority"] = value
     return value
 
 
-def cache_policy(request: web.Request) -> tuple[bool, bool]:
-    """(read, write) from ``Cache-Control``: ``no-cache`` skips reading, ``no-store`` writing."""
-    directives = {d.strip().lower() for d in request.headers.get("Cache-Control", "").split(",")}
-    return "no-cache" not in directives, "no-store" not in directives
-
-
-async def guarded(
-    request: web.Request,
-    model: str,
-    compute: Compute,
-    *,
-    canonical: dict[str, Any] | None,
-    blobs: list[bytes] | tuple[bytes, ...] = (),
-    default: Default | None = None,
-    headers: Callable[[bytes, str], dict[str, str]] | None = None,
-    priority: int | None = None,
-) -> web.Response:
-    """Run ``compute`` behind the model's breaker and the response cache (see resilience.py).
-
-    The priority is checked first: a bad request is a 400 even when the cache could answer it.
-    """
-    mgr = request.app[MANAGER]
-    runtime = await mgr.runtime(model)
-    if priority is not None:
-        levels = int(mgr.tunables(model)["queue.priority_levels"])
-        if not 1 <= priority <= levels:
-            raise InvalidRequest(
-                f"priority must be an integer from 1 to {levels}, got {priority}", param="priority"
-            )
-    read, write = cache_policy(request)
-    answer = await request.app[RESILIENCE].answer(
+def admit(
+    request: web.Request, model: Any, priority: int | None, *, items: int = 1, timeout_ms: float | None = None
+) -> Ticket:
+    """The pipeline's first stages for this request (see appliance.pipeline): cheap, before any
+    tokenizing, hashing or cache lookup."""
+    if isinstance(model, str) and model:
+        request["model"] = model
+    ticket = request.app[PIPELINE].admit(
         model,
-        runtime.identity,
-        mgr.tunables(model),
-        compute,
-        canonical=canonical,
-        blobs=blobs,
-        read_cache=read,
-        write_cache=write,
-        default=default,
+        priority=priority,
+        key=request.get("api_key"),
+        timeout_ms=timeout_ms if timeout_ms is not None else timeout_ms_of(request),
+        items=items,
+        cache_control=request.headers.get("Cache-Control", ""),
     )
-    extra = headers(answer.body, answer.content_type) if headers else {}
-    return web.Response(
-        body=answer.body,
-        headers={"Content-Type": answer.content_type, SOURCE_HEADER: answer.source, **extra},
-    )
+    request["priority"] = ticket.level
+    return ticket
+
+
+def render(answer: Answer, ticket: Ticket, extra: dict[str, str] | None = None) -> web.Response:
+    headers = {"Content-Type": answer.content_type, SOURCE_HEADER: answer.source, **(extra or {})}
+    if ticket.stored is False:
+        headers["X-Appliance-Cache"] = "not-stored"  # FULL durability could not be kept
+    return web.Response(body=answer.body, headers=headers)
 
 
 def timeout_ms_of(request: web.Request) -> float | None:
@@ -183,6 +168,6 @@ def timeout_ms_of(request: web.Request) -> float | None:
         value = float(text)
     except ValueError:
         raise InvalidRequest("X-Timeout-Ms must be a number of milliseconds") from None
-    if not value > 0:
-        raise InvalidRequest("X-Timeout-Ms must be positive")
+    if not 0 < value < math.inf:
+        raise InvalidRequest("X-Timeout-Ms must be a positive, finite number of milliseconds")
     return value

@@ -9,8 +9,7 @@ import numpy as np
 from aiohttp import web
 
 from appliance import __version__
-from appliance.api.common import EMBEDDINGS, MANAGER, TENSORS, guarded, read_json
-from appliance.api.security import read_body
+from appliance.api.common import EMBEDDINGS, MANAGER, PIPELINE, TENSORS, admit, read_body, read_json, render
 from appliance.api.tensors import (
     HEADER_LENGTH,
     datatype_of,
@@ -20,8 +19,9 @@ from appliance.api.tensors import (
     split_body,
 )
 from appliance.errors import InvalidRequest
-from appliance.inference import EmbeddingRuntime
+from appliance.inference import EmbeddingRuntime, EmbeddingService
 from appliance.models import ModelManager, ModelRuntime
+from appliance.pipeline import Ticket
 from appliance.repository import ModelKind
 
 routes = web.RouteTableDef()
@@ -142,7 +142,9 @@ async def model_config(request: web.Request) -> web.Response:
 
 
 def _schedule(doc: dict[str, Any]) -> tuple[int | None, float | None]:
-    params = doc.get("parameters") or {}
+    params = doc.get("parameters")
+    if params is None:
+        params = {}
     if not isinstance(params, dict):
         raise InvalidRequest("'parameters' must be an object")
     priority = params.get("priority")
@@ -159,35 +161,21 @@ def _schedule(doc: dict[str, Any]) -> tuple[int | None, float | None]:
 @routes.post("/v2/models/{model}/versions/{version}/infer")
 async def infer(request: web.Request) -> web.Response:
     name = request.match_info["model"]
-    request["model"] = name
     header = request.headers.get(HEADER_LENGTH)
     if header is None:
         doc = await read_json(request)
         tail = b""
     else:
         doc, tail = split_body(await read_body(request), header)
-    runtime = await request.app[MANAGER].runtime(name)
-    if runtime.entry.kind == ModelKind.generate:
+    priority, timeout_ms = _schedule(doc)
+    # Admission first: a request its queue would refuse costs no decoding, hashing or lookup.
+    ticket = admit(request, name, priority, timeout_ms=timeout_ms)
+    if request.app[MANAGER].slots[name].entry.kind == ModelKind.generate:
         raise InvalidRequest(
             f"model '{name}' generates text: use POST /v1/chat/completions or /v1/completions"
         )
     feeds = decode_inputs(doc, tail)
     outputs, binary = requested_outputs(doc)
-    priority, timeout_ms = _schedule(doc)
-
-    async def compute() -> tuple[bytes, str]:
-        if runtime.entry.kind == ModelKind.embedding:
-            result = await _embed(request, name, feeds, outputs, priority, timeout_ms)
-        else:
-            result = await request.app[TENSORS].infer(
-                name, feeds, outputs, priority=priority, timeout_ms=timeout_ms
-            )
-        header: dict[str, Any] = {"model_name": name, "model_version": "1"}
-        if "id" in doc:
-            header["id"] = doc["id"]
-        body, json_len = encode_response(header, result, outputs or list(result), binary)
-        return body, "application/json" if json_len is None else "application/octet-stream"
-
     # The response echoes the request id, so the id is part of the key (tritonclient sends none).
     canonical = {
         "api": "kserve.infer",
@@ -196,10 +184,48 @@ async def infer(request: web.Request) -> web.Response:
         "outputs": outputs,
         "binary": binary,
     }
-    blobs = [_blob(v) for v in feeds.values()]
-    return await guarded(
-        request, name, compute, canonical=canonical, blobs=blobs, headers=_length_header, priority=priority
-    )
+    work = _Infer(request, name, doc, feeds, outputs, binary, canonical)
+    answer = await request.app[PIPELINE].answer(ticket, work)
+    return render(answer, ticket, _length_header(answer.body, answer.content_type))
+
+
+class _Infer:
+    """A KServe infer request as the pipeline's Computation."""
+
+    def __init__(
+        self,
+        request: web.Request,
+        name: str,
+        doc: dict[str, Any],
+        feeds: dict[str, np.ndarray],
+        outputs: list[str] | None,
+        binary: Any,
+        canonical: dict[str, Any],
+    ) -> None:
+        self.app = request.app
+        self.name = name
+        self.doc = doc
+        self.feeds = feeds
+        self.outputs = outputs
+        self.binary = binary
+        self.canonical = canonical
+        self.blobs = [_blob(v) for v in feeds.values()]
+
+    async def compute(self, runtime: ModelRuntime, ticket: Ticket) -> tuple[bytes, str]:
+        if runtime.entry.kind == ModelKind.embedding:
+            result = await _embed(self.app[EMBEDDINGS], runtime, self.feeds, self.outputs, ticket)
+        else:
+            result = await self.app[TENSORS].infer(
+                runtime, self.feeds, self.outputs, priority=ticket.level, timeout_ms=ticket.timeout_ms()
+            )
+        header: dict[str, Any] = {"model_name": self.name, "model_version": "1"}
+        if "id" in self.doc:
+            header["id"] = self.doc["id"]
+        body, json_len = encode_response(header, result, self.outputs or list(result), self.binary)
+        return body, "application/json" if json_len is None else "application/octet-stream"
+
+    def default(self) -> tuple[bytes, str] | None:
+        return None
 
 
 def _blob(arr: np.ndarray) -> bytes:
@@ -217,13 +243,13 @@ def _length_header(body: bytes, content_type: str) -> dict[str, str]:
 
 
 async def _embed(
-    request: web.Request,
-    name: str,
+    service: EmbeddingService,
+    runtime: ModelRuntime,
     feeds: dict[str, np.ndarray],
     outputs: list[str] | None,
-    priority: int | None,
-    timeout_ms: float | None,
+    ticket: Ticket,
 ) -> dict[str, np.ndarray]:
+    name = runtime.entry.name
     if set(feeds) != {TEXT_INPUT}:
         raise InvalidRequest(f"model '{name}' takes exactly one input, '{TEXT_INPUT}' (BYTES)")
     arr = feeds[TEXT_INPUT]
@@ -238,5 +264,5 @@ async def _embed(
         texts = [b.decode("utf-8") for b in arr.reshape(-1)]
     except UnicodeDecodeError:
         raise InvalidRequest(f"input '{TEXT_INPUT}': elements must be UTF-8 text") from None
-    result = await request.app[EMBEDDINGS].embed(name, texts, priority=priority, timeout_ms=timeout_ms)
+    result = await service.embed(runtime, texts, priority=ticket.level, timeout_ms=ticket.timeout_ms())
     return {EMBEDDING_OUTPUT: result.vectors.astype(np.float32)}

@@ -8,15 +8,11 @@ import json
 import numpy as np
 from aiohttp import web
 
-from appliance.api.common import (
-    EMBEDDINGS,
-    MANAGER,
-    guarded,
-    priority_of,
-    read_json,
-    timeout_ms_of,
-)
+from appliance.api.common import EMBEDDINGS, MANAGER, PIPELINE, admit, read_json, render, requested_priority
 from appliance.errors import InvalidRequest
+from appliance.inference import EmbeddingService
+from appliance.models import ModelRuntime
+from appliance.pipeline import Ticket
 
 routes = web.RouteTableDef()
 
@@ -48,10 +44,6 @@ async def get_model(request: web.Request) -> web.Response:
 @routes.post("/v1/embeddings")
 async def embeddings(request: web.Request) -> web.Response:
     body = await read_json(request)
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("'model' is required and must be a string", param="model")
-    request["model"] = model
     raw = body.get("input")
     inputs: list[str] | list[list[int]]
     if isinstance(raw, str):
@@ -64,49 +56,92 @@ async def embeddings(request: web.Request) -> web.Response:
         raise InvalidRequest(
             "'input' must be a string, a list of strings or a list of token arrays", param="input"
         )
+    # Admission first: a request its queue would refuse costs no tokenizing, hashing or lookup.
+    ticket = admit(
+        request,
+        body.get("model"),
+        requested_priority(request, body.get("priority")),
+        items=max(len(inputs), 1),
+    )
     fmt = body.get("encoding_format", "float")
     if fmt not in ("float", "base64"):
         raise InvalidRequest(
             f"'encoding_format' must be 'float' or 'base64', got {fmt!r}", param="encoding_format"
         )
-    service = request.app[EMBEDDINGS]
+    truncate = body.get("truncate")
+    if truncate is not None and not isinstance(truncate, bool):
+        raise InvalidRequest("'truncate' must be true or false", param="truncate")
     dims = body.get("dimensions")
-    width = await service.dimensions(model)
-    if dims is not None and dims != width:
-        raise InvalidRequest(f"'dimensions' must be {width} for this model, got {dims!r}", param="dimensions")
-    priority = priority_of(request, body.get("priority"))
-    timeout_ms = timeout_ms_of(request)
+    if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or dims < 1):
+        raise InvalidRequest(f"'dimensions' must be a positive integer, got {dims!r}", param="dimensions")
+    work = _Embeddings(request.app[EMBEDDINGS], ticket.model, inputs, fmt, truncate, dims)
+    work.fallback = request.app[MANAGER].slots[ticket.model].entry.spec.default_response
+    return render(await request.app[PIPELINE].answer(ticket, work), ticket)
 
-    async def compute() -> tuple[bytes, str]:
-        result = await service.embed(model, inputs, priority=priority, timeout_ms=timeout_ms)
-        return render(result.vectors, result.prompt_tokens)
 
-    canonical = {"api": "openai.embeddings", "input": inputs, "encoding_format": fmt}
-    fallback = request.app[MANAGER].slots[model].entry.spec.default_response
+class _Embeddings:
+    """An embeddings request as the pipeline's Computation."""
 
-    def default() -> tuple[bytes, str]:
+    blobs: tuple[bytes, ...] = ()
+
+    def __init__(
+        self,
+        service: EmbeddingService,
+        model: str,
+        inputs: list[str] | list[list[int]],
+        fmt: str,
+        truncate: bool | None,
+        dims: int | None,
+    ) -> None:
+        self.service = service
+        self.model = model
+        self.inputs = inputs
+        self.fmt = fmt
+        self.truncate = truncate
+        self.dims = dims
+        self.fallback: object = None
+        self.canonical = {
+            "api": "openai.embeddings",
+            "input": inputs,
+            "encoding_format": fmt,
+            "truncate": truncate,
+        }
+
+    async def compute(self, runtime: ModelRuntime, ticket: Ticket) -> tuple[bytes, str]:
+        width = self.service.runtime_of(runtime, self.model).dim
+        if self.dims is not None and self.dims != width:
+            raise InvalidRequest(
+                f"'dimensions' must be {width} for this model, got {self.dims!r}", param="dimensions"
+            )
+        result = await self.service.embed(
+            runtime,
+            self.inputs,
+            priority=ticket.level,
+            timeout_ms=ticket.timeout_ms(),
+            truncate=self.truncate,
+        )
+        return self.render(result.vectors, result.prompt_tokens)
+
+    def default(self) -> tuple[bytes, str] | None:
         # A configured default vector stands in for every input (say, a neutral embedding).
-        vectors = np.tile(np.asarray(fallback, dtype=np.float32), (len(inputs), 1))
-        return render(vectors, 0)
+        fallback = self.fallback
+        if (
+            not isinstance(fallback, list)
+            or not fallback
+            or (self.dims is not None and len(fallback) != self.dims)
+        ):
+            return None
+        vectors = np.tile(np.asarray(fallback, dtype=np.float32), (len(self.inputs), 1))
+        return self.render(vectors, 0)
 
-    def render(vectors: np.ndarray, prompt_tokens: int) -> tuple[bytes, str]:
+    def render(self, vectors: np.ndarray, prompt_tokens: int) -> tuple[bytes, str]:
         data = []
         for i, vec in enumerate(vectors):
-            if fmt == "base64":
+            if self.fmt == "base64":
                 emb: object = base64.b64encode(vec.astype("<f4").tobytes()).decode()
             else:
                 emb = vec.astype(np.float32).tolist()
             data.append({"object": "embedding", "index": i, "embedding": emb})
         usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
-        doc = {"object": "list", "data": data, "model": model, "usage": usage}
+        doc = {"object": "list", "data": data, "model": self.model, "usage": usage}
         return json.dumps(doc, separators=(",", ":")).encode(), "application/json"
-
-    usable_default = isinstance(fallback, list) and len(fallback) == width
-    return await guarded(
-        request,
-        model,
-        compute,
-        canonical=canonical,
-        priority=priority,
-        default=default if usable_default else None,
-    )

@@ -56,18 +56,6 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     return await handler(request)
 
 
-async def read_body(request: web.Request) -> bytes:
-    """The whole body, within ``server.read_timeout_s``: a trickling client cannot hold a slot."""
-    timeout = request.app[CONFIG].server.read_timeout_s
-    try:
-        async with asyncio.timeout(timeout):
-            return await request.read()
-    except TimeoutError:
-        err = ApplianceError(f"the request body did not arrive within {timeout:.0f} s")
-        err.status, err.type, err.code = 408, "invalid_request_error", "request_timeout"
-        raise err from None
-
-
 _TOO_MANY = (
     b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json\r\n"
     b'Content-Length: 40\r\nConnection: close\r\n\r\n{"error": "too many connections, retry"}'

@@ -22,7 +22,7 @@ from appliance.batcher import AdmissionError
 from appliance.engines.base import Engine, EngineError
 from appliance.engines.onnxruntime import OnnxRuntimeEngine, providers
 from appliance.errors import InvalidRequest
-from appliance.inference import admission_error, engine_failure
+from appliance.inference import CHARS_PER_TOKEN_BOUND, OFFLOOP_CHARS, admission_error, engine_failure
 from appliance.llm.chat_template import render_chat
 from appliance.llm.runtime import DecoderSession
 from appliance.llm.sampling import OutputProcessor, SamplingParams
@@ -391,35 +391,55 @@ class ChatService:
     def __init__(self, manager: ModelManager) -> None:
         self.manager = manager
 
-    async def _llm(self, model: Any) -> LLMRuntime:
-        if not isinstance(model, str) or not model:
-            raise InvalidRequest("'model' is required and must be a string", param="model")
-        runtime = await self.manager.runtime(model)
+    @staticmethod
+    def _llm(runtime: ModelRuntime) -> LLMRuntime:
         llm = runtime.extras.get("llm")
         if not isinstance(llm, LLMRuntime):
             raise InvalidRequest(
-                f"The model '{model}' is a {runtime.entry.kind.value} model; chat and completions "
-                "need a generate model",
+                f"The model '{runtime.entry.name}' is a {runtime.entry.kind.value} model; chat and "
+                "completions need a generate model",
                 param="model",
             )
         return llm
 
-    async def prepare_chat(self, model: Any, messages: Any, options: GenerationOptions) -> Prepared:
-        llm = await self._llm(model)
+    @staticmethod
+    async def _encode(llm: LLMRuntime, text: str, *, special: bool, param: str) -> list[int]:
+        """Token ids of ``text``; an absurd text is refused unread, a large one is tokenized off
+        the event loop so that it stalls nobody else."""
+        bound = llm.context_length * CHARS_PER_TOKEN_BOUND
+        if len(text) > bound:
+            raise InvalidRequest(
+                f"the prompt has {len(text)} characters; the model's context is {llm.context_length} "
+                f"tokens, and prompts over {bound} characters are refused before tokenizing",
+                param=param,
+            )
+        if len(text) <= OFFLOOP_CHARS:
+            return list(llm.tokenizer.encode(text, add_special_tokens=special).ids)
+        loop = asyncio.get_running_loop()
+        enc = await loop.run_in_executor(None, lambda: llm.tokenizer.encode(text, add_special_tokens=special))
+        return list(enc.ids)
+
+    async def prepare_chat(
+        self, runtime: ModelRuntime, messages: Any, options: GenerationOptions
+    ) -> Prepared:
+        llm = self._llm(runtime)
         normalized = normalize_messages(messages)
         text = llm.render(normalized)
         # The template writes the special tokens itself; the tokenizer must not add more.
-        prompt = llm.tokenizer.encode(text, add_special_tokens=False).ids
+        prompt = await self._encode(llm, text, special=False, param="messages")
+        self.manager.metrics.child(self.manager.metrics.input_tokens, llm.name).observe(len(prompt))
         return self._prepared(llm, prompt, options, {"messages": normalized})
 
-    async def prepare_completion(self, model: Any, prompt: Any, options: GenerationOptions) -> Prepared:
-        llm = await self._llm(model)
+    async def prepare_completion(
+        self, runtime: ModelRuntime, prompt: Any, options: GenerationOptions
+    ) -> Prepared:
+        llm = self._llm(runtime)
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
             prompt = prompt[0]  # the client's one-element batch form
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequest("'prompt' must not be empty", param="prompt")
-            ids = llm.tokenizer.encode(prompt).ids
+            ids = await self._encode(llm, prompt, special=True, param="prompt")
         elif (
             isinstance(prompt, list)
             and prompt
@@ -435,6 +455,7 @@ class ChatService:
             )
         if not ids:
             raise InvalidRequest("'prompt' encodes to no tokens", param="prompt")
+        self.manager.metrics.child(self.manager.metrics.input_tokens, llm.name).observe(len(ids))
         return self._prepared(llm, ids, options, {"prompt": prompt})
 
     def _prepared(

@@ -1,0 +1,479 @@
+"""The request pipeline: every data-plane route (OpenAI embeddings, chat and completions whole and
+streamed, KServe infer) goes through it, and it applies every policy in one order:
+
+1. **authenticate** (the HTTP middleware, before the body is read);
+2. **resolve priority**: the request's level, else the model's default; a key's cap lowers it
+   (never refuses), and a cap above the model's levels is lowered to its lowest level;
+3. **shed early**: refuse at once (429 + Retry-After) when that level's queue is full, before any
+   tokenizing, hashing or cache lookup;
+4. **deadline**: the request's own (``X-Timeout-Ms``, KServe ``timeout``), else the model's
+   ``queue.default_timeout_ms``; every later await is bounded by it;
+5. **response-cache read**, keyed by the model's identity (name + artefact digest) without loading
+   the model, so a hit never loads or evicts anything;
+6. **breaker permit**;
+7. **model load** (bounded; a load failure goes down the fallback chain like an engine failure);
+8. **admission and engine** (the route's computation: batcher or scheduler, compute arbiter);
+9. **cache write** (bounded; under FULL durability the answer waits for the commit, but never
+   longer than the deadline, and says so when the entry was not stored);
+10. **render** (the route).
+
+When the breaker is open, the model cannot load or the engine fails, the answer comes from a fresh
+then a stale cache entry, then the model's default response, then a 503 with Retry-After. A stream
+is a first-class outcome of the same chain: the breaker judges it by its time to first token and
+by stalls between tokens (``engine.timeout_ms``), never by its length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from appliance.auth import ApiKeyRecord
+from appliance.breaker import BreakerOpen, CircuitBreaker, Permit
+from appliance.cache import CacheHit, cache_key
+from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, Overloaded, Unavailable
+from appliance.models import ModelManager, ModelRuntime, ModelState
+from appliance.resilience import Answer, Resilience
+from appliance.telemetry import Metrics
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+UNBOUNDED_S = 600.0  # a request with no deadline at all still ends: nothing waits forever
+CACHE_IO_S = 2.0  # a cache read or FULL commit taking longer than this is a miss / not stored
+
+
+class DeadlinePassed(Unavailable):
+    code = "deadline_exceeded"
+
+
+@dataclass
+class Ticket:
+    """One admitted request as the pipeline tracks it."""
+
+    model: str
+    level: int
+    deadline: float  # time.monotonic() by which the request ends
+    explicit_deadline: bool  # the client set it: it bounds a generation end to end
+    read_cache: bool = True
+    write_cache: bool = True
+    values: Mapping[str, Any] = field(default_factory=dict)
+    key: str | None = None
+    stored: bool | None = None  # None: not written; False: a write was dropped
+    # Called by a computation when its first output exists (a generation's first token): the
+    # breaker judges generations by their time to first token.
+    first_output: Callable[[], None] = lambda: None
+    pipeline: Pipeline | None = None
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def timeout_ms(self) -> float:
+        """What is left of the deadline, for the batcher or scheduler queue."""
+        return max(1.0, self.remaining() * 1000)
+
+
+class Computation(Protocol):
+    """A whole answer, as a route hands it to the pipeline."""
+
+    @property
+    def canonical(self) -> Mapping[str, Any] | None: ...  # the cache key's content; None: never cached
+
+    @property
+    def blobs(self) -> Sequence[bytes]: ...
+
+    async def compute(self, runtime: ModelRuntime, ticket: Ticket) -> tuple[bytes, str]: ...
+
+    def default(self) -> tuple[bytes, str] | None: ...
+
+
+class EventStream(Protocol):
+    """A running generation: Token / Finished events; failures raise ApplianceError."""
+
+    def __aiter__(self) -> AsyncIterator[Any]: ...
+
+    async def __anext__(self) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class Generation(Protocol):
+    @property
+    def canonical(self) -> Mapping[str, Any] | None: ...  # the cache key's content; None: never cached
+
+    @property
+    def blobs(self) -> Sequence[bytes]: ...
+
+    def start(self, runtime: ModelRuntime, ticket: Ticket) -> EventStream: ...
+
+    def default(self) -> tuple[bytes, str] | None: ...
+
+
+async def bounded(aw: Awaitable[T], seconds: float, what: str) -> T:
+    """``aw`` within ``seconds``, else a 503 that says what did not finish in time."""
+    if seconds <= 0:
+        if asyncio.iscoroutine(aw):
+            aw.close()
+        raise DeadlinePassed(f"the request's deadline passed before {what}", retry_after_s=1.0)
+    try:
+        return await asyncio.wait_for(aw, seconds)
+    except asyncio.TimeoutError:
+        raise DeadlinePassed(
+            f"the request's deadline passed while {what} ({seconds * 1000:.0f} ms left)", retry_after_s=1.0
+        ) from None
+
+
+class Pipeline:
+    def __init__(self, manager: ModelManager, resilience: Resilience, metrics: Metrics) -> None:
+        self.manager = manager
+        self.resilience = resilience
+        self.metrics = metrics
+
+    # -- 2-4: priority, early shedding, deadline -------------------------------------------------
+
+    def admit(
+        self,
+        model: Any,
+        *,
+        priority: Any = None,
+        key: ApiKeyRecord | None = None,
+        timeout_ms: float | None = None,
+        items: int = 1,
+        cache_control: str = "",
+    ) -> Ticket:
+        """Resolve the request's policies and refuse it now if its queue is full. Cheap: no
+        tokenizing, hashing, cache or model load happens before this answers."""
+        if not isinstance(model, str) or not model:
+            raise InvalidRequest("'model' is required and must be a string", param="model")
+        slot = self.manager._slot(model)  # 404 for an unknown model
+        values = self.manager.tunables(model)
+        levels = int(values["queue.priority_levels"])
+        if priority is not None:
+            if isinstance(priority, bool) or not isinstance(priority, int) or not 1 <= priority <= levels:
+                raise InvalidRequest(
+                    f"priority must be an integer from 1 to {levels}, got {priority!r}", param="priority"
+                )
+            level = priority
+        else:
+            level = int(values["queue.default_priority"])
+        cap = getattr(key, "max_priority", None)
+        if cap is not None:
+            level = max(level, min(int(cap), levels))  # lowered to the cap, never refused
+        # The deadline: Triton's rule, an override may only shorten the default (0 = none).
+        default_ms = float(values["queue.default_timeout_ms"])
+        explicit = timeout_ms is not None and bool(values["queue.allow_timeout_override"])
+        if explicit and timeout_ms is not None:
+            ms = timeout_ms if default_ms == 0 else min(timeout_ms, default_ms)
+        else:
+            ms = default_ms
+        seconds = ms / 1000 if ms > 0 else UNBOUNDED_S
+        runtime = slot.runtime
+        if runtime is not None:
+            self._shed(model, runtime, level, items, values)
+        directives = {d.strip().lower() for d in cache_control.split(",")} if cache_control else set()
+        return Ticket(
+            model,
+            level,
+            time.monotonic() + seconds,
+            explicit,
+            read_cache="no-cache" not in directives,
+            write_cache="no-store" not in directives,
+            values=values,
+            pipeline=self,
+        )
+
+    def _shed(
+        self, model: str, runtime: ModelRuntime, level: int, items: int, values: Mapping[str, Any]
+    ) -> None:
+        limit = int(values["queue.max_queue_size"])
+        queued = getattr(runtime.batcher, "queued", None)
+        if not limit or queued is None:
+            return
+        waiting = int(queued(level))
+        if waiting + items <= limit and not runtime.batcher.closed:
+            return
+        m = self.metrics
+        reason = "closed" if runtime.batcher.closed else "queue_full"
+        m.child(m.rejections, model, str(level), reason).inc()
+        m.child(m.shed, reason).inc()
+        if reason == "closed":
+            raise Unavailable(f"the model '{model}' is unloading or the server stopping", retry_after_s=5)
+        hint = getattr(runtime.batcher, "retry_hint", None)
+        wait = float(hint(level)) if hint is not None else 1.0
+        raise Overloaded(
+            f"queue for priority {level} of '{model}' is full ({limit} waiting)",
+            retry_after_s=max(wait, 0.001),
+        )
+
+    # -- 5-9: whole answers ----------------------------------------------------------------------
+
+    async def answer(self, ticket: Ticket, work: Computation) -> Answer:
+        hit = await self._read(ticket, work)
+        if hit is not None and hit.fresh:
+            return Answer(hit.value, hit.content_type, "cache")
+        breaker = self.resilience.breaker(ticket.model, ticket.values)
+        try:
+            permit = breaker.acquire()
+        except BreakerOpen as exc:
+            return await self._fallback(
+                ticket, work, hit, exc.retry_after_s, "is failing and its circuit breaker is open"
+            )
+        with permit:
+            runtime = await self._runtime(ticket, permit)
+            if runtime is None:
+                return await self._fallback(ticket, work, hit, 5.0, "could not be loaded")
+            started = time.perf_counter()
+            ticket.first_output = lambda: permit.success(time.perf_counter() - started)
+            # An open-ended computation (a whole generation) is bounded by its time to first token
+            # and its stalls (see follow()), unless the client set a deadline of its own.
+            open_ended = getattr(work, "open_ended", False) and not ticket.explicit_deadline
+            limit = UNBOUNDED_S if open_ended else ticket.remaining() + 0.5
+            try:
+                body, ctype = await bounded(work.compute(runtime, ticket), limit, "computing")
+            except EngineFailure as exc:
+                permit.failure(exc.kind)
+                log.warning("model %s: engine %s: %s", ticket.model, exc.kind, exc.message)
+                return await self._fallback(ticket, work, hit, None, f"failed ({exc.kind})")
+            except (ApplianceError, asyncio.CancelledError):
+                # Client errors, admission refusals, deadlines and disconnects say nothing of the
+                # engine's health.
+                permit.ignore()
+                raise
+            permit.success(time.perf_counter() - started)
+        await self.store(ticket, body, ctype)
+        return Answer(body, ctype, "engine")
+
+    # -- 5-8: streams ----------------------------------------------------------------------------
+
+    async def stream(
+        self,
+        ticket: Ticket,
+        work: Generation,
+        *,
+        keepalive_s: float = 0.0,
+        on_wait: Callable[[], Awaitable[None]] | None = None,
+    ) -> Answer | LiveStream:
+        """A live stream whose first event has arrived, or a whole answer to replay (cache,
+        default). ``on_wait`` is called every ``keepalive_s`` while the first token is awaited."""
+        hit = await self._read(ticket, work)
+        if hit is not None and hit.fresh:
+            return Answer(hit.value, hit.content_type, "cache")
+        breaker = self.resilience.breaker(ticket.model, ticket.values)
+        try:
+            permit = breaker.acquire()
+        except BreakerOpen as exc:
+            return await self._fallback(
+                ticket, work, hit, exc.retry_after_s, "is failing and its circuit breaker is open"
+            )
+        with permit:
+            runtime = await self._runtime(ticket, permit)
+            if runtime is None:
+                return await self._fallback(ticket, work, hit, 5.0, "could not be loaded")
+            started = time.perf_counter()
+            events = work.start(runtime, ticket)  # admission refusals raise here (429/503/400)
+            try:
+                first = await self._first(events, ticket, keepalive_s, on_wait)
+            except EngineFailure as exc:
+                events.close()
+                permit.failure(exc.kind)
+                return await self._fallback(ticket, work, hit, 1.0, f"failed ({exc.kind})")
+            except BaseException:
+                events.close()
+                permit.ignore()
+                raise
+            permit.success(time.perf_counter() - started)  # judged by time to first token
+        stall = float(ticket.values["engine.timeout_ms"]) / 1000
+        return LiveStream(self, ticket, breaker, events, first, stall if stall > 0 else UNBOUNDED_S)
+
+    async def _first(
+        self,
+        events: EventStream,
+        ticket: Ticket,
+        keepalive_s: float,
+        on_wait: Callable[[], Awaitable[None]] | None,
+    ) -> Any:
+        # The queue's own deadline timer answers first (503); the grace covers a prefill that
+        # started just before it.
+        nxt = asyncio.ensure_future(events.__anext__())
+        try:
+            while True:
+                left = ticket.remaining() + 1.0
+                if left <= 0:
+                    raise DeadlinePassed("no first token before the request's deadline", retry_after_s=1.0)
+                wait = min(left, keepalive_s) if keepalive_s > 0 and on_wait is not None else left
+                done, _ = await asyncio.wait({nxt}, timeout=wait)
+                if done:
+                    return nxt.result()
+                if on_wait is not None and ticket.remaining() + 1.0 > 0:
+                    await on_wait()
+        finally:
+            if not nxt.done():
+                nxt.cancel()
+
+    # -- pieces ----------------------------------------------------------------------------------
+
+    def _cache(self, ticket: Ticket) -> Any:
+        cache = self.resilience.cache
+        return cache if cache is not None and cache.enabled and ticket.values["cache.enabled"] else None
+
+    async def _read(self, ticket: Ticket, work: Computation | Generation) -> CacheHit | None:
+        cache = self._cache(ticket)
+        if cache is None or work.canonical is None:
+            return None
+        ticket.key = cache_key(self.manager.identity(ticket.model), work.canonical, work.blobs)
+        if not ticket.read_cache:
+            return None
+        try:
+            hit = await asyncio.wait_for(
+                cache.get(ticket.key), min(CACHE_IO_S, max(ticket.remaining(), 0.01))
+            )
+        except asyncio.TimeoutError:
+            return None  # a slow cache is a miss, never a wait
+        self.resilience.count(ticket.model, "misses" if hit is None or not hit.fresh else "hits")
+        return hit
+
+    async def _runtime(self, ticket: Ticket, permit: Permit) -> ModelRuntime | None:
+        """The resident runtime, loading it within the deadline; None when it cannot load."""
+        try:
+            return await bounded(self.manager.runtime(ticket.model), ticket.remaining(), "loading the model")
+        except Unavailable as exc:
+            if isinstance(exc, DeadlinePassed):
+                permit.ignore()
+                raise
+            slot = self.manager.slots.get(ticket.model)
+            if slot is not None and slot.state == ModelState.unbuilt:
+                permit.ignore()
+                raise
+            log.warning("model %s: %s", ticket.model, exc.message)
+            permit.ignore()  # a load failure is the memory manager's, not the engine's
+            return None
+
+    async def store(self, ticket: Ticket, body: bytes, ctype: str) -> None:
+        cache = self._cache(ticket)
+        if cache is None or ticket.key is None or not ticket.write_cache:
+            return
+        if cache.synchronous != "FULL":
+            cache.put(ticket.key, ticket.model, body, ctype)
+            ticket.stored = True
+            return
+        # FULL promises that an answered request's entry survives a power cut: wait for the commit,
+        # bounded; when it cannot be kept the response says so (X-Appliance-Cache: not-stored).
+        try:
+            ticket.stored = await asyncio.wait_for(
+                asyncio.shield(cache.put_and_wait(ticket.key, ticket.model, body, ctype)),
+                min(CACHE_IO_S, max(ticket.remaining(), 0.05)),
+            )
+        except asyncio.TimeoutError:
+            ticket.stored = False
+
+    async def _fallback(
+        self,
+        ticket: Ticket,
+        work: Computation | Generation,
+        hit: CacheHit | None,
+        retry_after_s: float | None,
+        why: str,
+    ) -> Answer:
+        model = ticket.model
+        m = self.metrics
+        cache = self._cache(ticket)
+        if hit is None and cache is not None and ticket.key is not None and ticket.read_cache:
+            try:
+                hit = await asyncio.wait_for(cache.get(ticket.key), CACHE_IO_S)
+            except asyncio.TimeoutError:
+                hit = None
+        if hit is not None:
+            source = "cache" if hit.fresh else "stale-cache"
+            self.resilience.count(model, "hits" if hit.fresh else "stale_hits")
+            m.child(m.fallbacks, model, source).inc()
+            return Answer(hit.value, hit.content_type, source)
+        default = work.default()
+        if default is not None:
+            m.child(m.fallbacks, model, "default").inc()
+            return Answer(default[0], default[1], "default")
+        m.child(m.fallbacks, model, "unavailable").inc()
+        b = self.resilience.breakers.get(model)
+        if retry_after_s is None and b is not None:
+            retry_after_s = float(b.snapshot().get("open_remaining_s") or 1.0)
+        raise Unavailable(
+            f"the model '{model}' {why} and no fallback is available", retry_after_s=retry_after_s or 1.0
+        )
+
+
+class LiveStream:
+    """The events after the first of an admitted generation, each within the stall bound.
+
+    A stall (no event for ``engine.timeout_ms``; with an explicit client deadline, also past it)
+    ends the stream with an EngineFailure the route sends as an error event, and the breaker
+    counts it; so does an engine failure after the first token.
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        ticket: Ticket,
+        breaker: CircuitBreaker,
+        events: EventStream,
+        first: Any,
+        stall_s: float,
+    ) -> None:
+        self.pipeline = pipeline
+        self.ticket = ticket
+        self.breaker = breaker
+        self.events = events
+        self.first: Any = first
+        self.stall_s = stall_s
+
+    def __aiter__(self) -> LiveStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self.first is not None:
+            ev, self.first = self.first, None
+            return ev
+        bound = self.stall_s
+        if self.ticket.explicit_deadline:
+            bound = min(bound, max(self.ticket.remaining(), 0.0))
+        try:
+            return await asyncio.wait_for(self.events.__anext__(), bound if bound > 0 else 0.001)
+        except asyncio.TimeoutError:
+            self.events.close()
+            self.breaker.report("timeout")
+            raise EngineFailure(
+                f"the generation produced no token for {bound * 1000:.0f} ms", kind="timeout"
+            ) from None
+        except EngineFailure as exc:
+            self.breaker.report(exc.kind)
+            raise
+
+    def close(self) -> None:
+        self.events.close()
+
+    async def finish(self, body: bytes, ctype: str = "application/json") -> None:
+        """The whole answer the stream made, for the response cache."""
+        await self.pipeline.store(self.ticket, body, ctype)
+
+
+async def follow(ticket: Ticket, events: EventStream) -> LiveStream:
+    """A whole generation's events with the stream's bounds: the first by the deadline, each
+    later one within the stall bound. Tells the breaker when the first token arrives."""
+    pipeline = ticket.pipeline
+    assert pipeline is not None
+    try:
+        first = await pipeline._first(events, ticket, 0.0, None)
+    except BaseException:
+        events.close()
+        raise
+    ticket.first_output()
+    stall = float(ticket.values["engine.timeout_ms"]) / 1000
+    breaker = pipeline.resilience.breaker(ticket.model, ticket.values)
+    return LiveStream(pipeline, ticket, breaker, events, first, stall if stall > 0 else UNBOUNDED_S)
+
+
+def retry_after_header(seconds: float | None) -> dict[str, str]:
+    return {} if seconds is None else {"Retry-After": str(max(1, math.ceil(seconds)))}
