@@ -32,7 +32,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ _BATCH_MAX = 256  # ops per writer transaction (group commit amortises FULL's fs
 _IDLE_TICK_S = 1.0  # the writer wakes this often to write buffered hit times
 _SWEEP_EVERY_S = 60.0
 _WAL_MAGIC = (0x377F0682, 0x377F0683)
+CLOSE_TIMEOUT_S = 5.0
 _BUSY_CODES = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: a reader that waited 5 s just misses
 
 CacheEventHook = Callable[[str, int], None]
@@ -138,6 +139,7 @@ class ResponseCache:
         self._entries = 0
         self._bytes = 0
         self._writer: threading.Thread | None = None
+        self._current: list[_Op] = []
         self._wconn: sqlite3.Connection | None = None
         self._readers: ThreadPoolExecutor | None = None
         self._reader_local = threading.local()
@@ -160,8 +162,36 @@ class ResponseCache:
             return
         self._enabled = True
         self._readers = ThreadPoolExecutor(self._reader_threads, thread_name_prefix="cache-read")
-        self._writer = threading.Thread(target=self._writer_loop, name="cache-writer", daemon=True)
+        self._start_writer()
+
+    def _start_writer(self) -> None:
+        self._writer = threading.Thread(target=self._writer_main, name="cache-writer", daemon=True)
         self._writer.start()
+
+    def _writer_main(self) -> None:
+        try:
+            self._writer_loop()
+        except BaseException:
+            # A bug past the loop's own guard: everything queued is answered "not stored" so that
+            # nobody waits on a dead thread, and the supervisor sees writer_alive() go False.
+            log.exception("response cache writer thread died")
+            for op in self._current:
+                _resolve(op.future, _FAILED[op.kind])
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    op = self._queue.get_nowait()
+                    _resolve(op.future, _FAILED[op.kind])
+            raise
+
+    def writer_alive(self) -> bool:
+        """False when the writer thread died while the cache is open (the supervisor restarts it)."""
+        return self._closed or not self._enabled or (self._writer is not None and self._writer.is_alive())
+
+    def restart_writer(self) -> None:
+        if self._closed or not self._enabled or (self._writer is not None and self._writer.is_alive()):
+            return
+        log.warning("response cache %s: restarting the writer thread", self.path)
+        self._start_writer()
 
     def _quarantine_bad_files(self) -> None:
         wal = Path(f"{self.path}-wal")
@@ -251,11 +281,13 @@ class ResponseCache:
             await loop.run_in_executor(None, self._readers.shutdown)
             for conn in self._reader_conns:
                 conn.close()
-        if self._writer is not None:
+        if self._writer is not None and self._writer.is_alive():
             future: Future[Any] = Future()
             self._queue.put(_Op("stop", future))
-            await asyncio.wrap_future(future)
-            await loop.run_in_executor(None, self._writer.join)
+            # Bounded: a wedged disk must not hold the shutdown past systemd's stop timeout.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.wrap_future(future), CLOSE_TIMEOUT_S)
+            await loop.run_in_executor(None, self._writer.join, CLOSE_TIMEOUT_S)
 
     async def __aenter__(self) -> ResponseCache:
         self.open()
@@ -339,14 +371,14 @@ class ResponseCache:
         return int(await self._request("expire"))
 
     async def _request(self, kind: str, model: str | None = None) -> Any:
-        if not self.enabled:
+        if not self.enabled or self._writer is None or not self._writer.is_alive():
             return _FAILED[kind]
         future: Future[Any] = Future()
         self._queue.put(_Op(kind, future, model=model))
         return await asyncio.wrap_future(future)
 
     def _enqueue(self, op: _Op) -> bool:
-        if not self.enabled:
+        if not self.enabled or self._writer is None or not self._writer.is_alive():
             return False
         size = _entry_size(op)
         with self._lock:
@@ -371,6 +403,7 @@ class ResponseCache:
                     batch.append(self._queue.get_nowait())
             except queue.Empty:
                 pass
+            self._current = batch  # what a dying thread still owes an answer
             sweep = time.monotonic() >= next_sweep
             if sweep:
                 next_sweep = time.monotonic() + _SWEEP_EVERY_S
@@ -390,8 +423,7 @@ class ResponseCache:
                         batch.append(late)
                         results.append(_FAILED[late.kind])
             for op, result in zip(batch, results, strict=True):
-                if op.future is not None:
-                    op.future.set_result(result)
+                _resolve(op.future, result)
             if stopping:
                 return
 
@@ -532,6 +564,15 @@ class ResponseCache:
                 "read_errors": c["read_errors"],
                 "pending_bytes": self._pending_bytes,
             }
+
+
+def _resolve(future: Future[Any] | None, result: Any) -> None:
+    """Resolve a waiter's future unless it is done already: a client that hung up cancels the
+    future it was waiting on, and resolving that one must not kill the writer thread."""
+    if future is None or future.done():
+        return
+    with contextlib.suppress(InvalidStateError):  # cancelled between the check and the call
+        future.set_result(result)
 
 
 def _entry_size(op: _Op) -> int:

@@ -134,6 +134,7 @@ class ModelManager:
         # Batch sizes learned from out-of-memory errors: never send a batch that big again.
         self.batch_caps: dict[str, int] = {}
         self._keep_alive: asyncio.Task[None] | None = None
+        self.supervisor: Any = None  # set by the server: background tasks run under it
         self._arena: Any = None  # the shared TensorRT activation arena (a cuda.DeviceBuffer)
 
     # -- repository ------------------------------------------------------------------------
@@ -176,6 +177,7 @@ class ModelManager:
             raise Unavailable(
                 f"The model '{name}' is not built yet; run `appliance models pull {name}`",
                 param="model",
+                retry_after_s=60,  # a 503 always says when to come back; a build takes minutes
             )
         await self.load(name)
         assert slot.runtime is not None
@@ -360,7 +362,10 @@ class ModelManager:
     async def start(self) -> None:
         self.rescan()
         self._memory_metrics()
-        self._keep_alive = asyncio.create_task(self._expire_idle())
+        if self.supervisor is not None:
+            self.supervisor.task("keep-alive", self._expire_idle)
+        else:
+            self._keep_alive = asyncio.create_task(self._expire_idle())
         for n in self.default_models():
             if n in self.slots:
                 # Started models count as just used, so keep_alive runs from start-up.

@@ -115,15 +115,29 @@ class ModelEntry:
         return artefact_digest(self.folder, self.spec.artefacts.values())
 
 
-def artefact_digest(folder: Path, files: Any) -> str:
+def sha256_files(paths: Any, *, labelled: bool = False) -> str:
+    """The one SHA-256 of files in this code base (artefact digests, plan keys, build sources).
+
+    Each ONNX file's ``<name>.data`` external weights count with it: a model whose weights change
+    but whose graph file does not must not keep its identity. Missing ``.data`` files are skipped.
+    ``labelled`` mixes each file's name in, so renaming an artefact changes the digest too.
+    """
     h = hashlib.sha256()
-    for name in sorted(files):
-        p = folder / name
-        h.update(name.encode())
-        with p.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()[:32]
+    for path in paths:
+        p = Path(path)
+        for part in (p, p.with_name(p.name + ".data")):
+            if part is not p and not part.exists():
+                continue
+            if labelled:
+                h.update(part.name.encode())
+            with part.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def artefact_digest(folder: Path, files: Any) -> str:
+    return sha256_files([folder / name for name in sorted(files)], labelled=True)[:32]
 
 
 def write_build_record(folder: Path, files: Any, extra: dict[str, Any] | None = None) -> str:

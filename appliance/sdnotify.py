@@ -218,6 +218,11 @@ class ProgressWatchdog:
         self._clock = clock
         self._lock = threading.Lock()
         self._components: dict[str, _Component] = {}
+        # Extra sources of stalls (the supervisor's workers that could not be restarted).
+        self._checks: list[Callable[[], list[Stall]]] = []
+
+    def add_check(self, check: Callable[[], list[Stall]]) -> None:
+        self._checks.append(check)
 
     def register(
         self, component: str, allowance_s: float | None = None, *, always_busy: bool = False
@@ -301,7 +306,10 @@ class ProgressWatchdog:
 
     def stalls(self) -> list[Stall]:
         with self._lock:
-            return [Stall(s.component, s.silent_s, s.allowance_s) for s in self._states() if s.stalled]
+            found = [Stall(s.component, s.silent_s, s.allowance_s) for s in self._states() if s.stalled]
+        for check in self._checks:
+            found.extend(check())
+        return found
 
     def healthy(self) -> bool:
         return not self.stalls()

@@ -71,7 +71,13 @@ class Server:
             path.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-            await web.UnixSite(admin, str(path)).start()
+            # The socket is created with its final mode: a chmod after bind would leave a window
+            # in which any local user could connect without a token.
+            old = os.umask(0o117)
+            try:
+                await web.UnixSite(admin, str(path)).start()
+            finally:
+                os.umask(old)
             os.chmod(path, 0o660)
             self.admin_socket = path
         if cfg.file.admin.port >= 0:
@@ -130,13 +136,26 @@ class Server:
         timeout = self.cfg.server.drain_timeout_s
         mgr = self.app[MANAGER]
         started = time.monotonic()
-        await asyncio.gather(*(self._shed(s.runtime.batcher) for s in mgr.slots.values() if s.runtime))
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(max(0.0, timeout - (time.monotonic() - started))):
-                await self.app[INFLIGHT].wait_idle()
+        shed = asyncio.gather(*(self._shed(s.runtime.batcher) for s in mgr.slots.values() if s.runtime))
+        with contextlib.suppress(asyncio.TimeoutError):
+            # Bounded (a hung engine must not hold the shutdown past drain_timeout_s), and
+            # shielded: the timeout must not cancel a scheduler that is still streaming.
+            await asyncio.wait_for(asyncio.shield(shed), timeout)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(
+                self.app[INFLIGHT].wait_idle(), max(0.0, timeout - (time.monotonic() - started))
+            )
         left = self.app[INFLIGHT].count
         if left:
+            # Out of time: fail what still runs, so that every stream ends with an error event
+            # and [DONE] and every whole request with a 503, before the connections close.
             log.warning("drain timeout: %d requests still running are cut", left)
+            for slot in list(mgr.slots.values()):
+                if slot.runtime is not None:
+                    with contextlib.suppress(Exception, asyncio.TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(slot.runtime.batcher.close(drain=False)), 1.0)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.app[INFLIGHT].wait_idle(), 1.0)
 
     @staticmethod
     async def _shed(queue: Any) -> None:
@@ -160,21 +179,32 @@ class Server:
         self._runners.clear()
 
     def reload(self) -> bool:
-        """SIGHUP: re-read the file with the same validation as at start; keep the old one if bad."""
+        """SIGHUP: re-read the file with the same validation as at start; keep the old one if bad.
+
+        Everything that can fail (the file, the key hashes) is checked before anything is swapped,
+        and nothing escapes into the signal callback."""
         path = self.cfg.path
         if path is None:
             return False
         try:
             new = load(path)
-        except ConfigError as exc:
+            keys = keystore([k.model_dump() for k in new.file.auth.keys])
+        except (ConfigError, ValueError) as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             self.notifier.status("reload refused: invalid configuration")
             return False
+        try:
+            return self._apply(new, keys, path)
+        except Exception:
+            log.exception("reload failed while applying; the previous settings may be partly kept")
+            return False
+
+    def _apply(self, new: Config, keys: Any, path: Any) -> bool:
         if new.file.server != self.cfg.file.server or new.file.admin != self.cfg.file.admin:
             log.warning("reload: server and admin sections change only on restart")
         self.cfg.defaults, self.cfg.model_overrides = new.defaults, new.model_overrides
         self.cfg.file.auth = new.file.auth
-        self.app[KEYS] = keystore([k.model_dump() for k in new.file.auth.keys])
+        self.app[KEYS] = keys
         mgr, resilience = self.app[MANAGER], self.app[RESILIENCE]
         resilience.configure_cache(self.cfg.tunables_for("", {}))
         mgr.configure_memory()

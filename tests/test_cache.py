@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -424,3 +425,54 @@ def test_acknowledged_entries_survive_sigkill(tmp_path: Path, synchronous: str) 
         missing = [k for k in acked if k not in stored]
         assert not missing, f"round {round_}: {len(missing)} acknowledged entries lost: {missing[:5]}"
     assert len(acked) > 20
+
+
+async def test_a_waiter_that_hangs_up_never_kills_the_writer(tmp_path: Path) -> None:
+    """A client that disconnects cancels the future it waits on; the writer resolving it later
+    must shrug that off (it used to die, stranding every later waiter)."""
+    async with ResponseCache(
+        tmp_path / "c.db", max_bytes=1 << 20, ttl_s=60, max_stale_s=0, synchronous="FULL"
+    ) as cache:
+        waits = [asyncio.ensure_future(cache.put_and_wait(f"k{i}", "m", b"v", "t")) for i in range(200)]
+        await asyncio.sleep(0)
+        for w in waits:
+            w.cancel()  # every client hangs up while its entry is being committed
+        await asyncio.gather(*waits, return_exceptions=True)
+        assert await asyncio.wait_for(cache.put_and_wait("after", "m", b"v", "t"), 5) is True
+        assert cache.writer_alive()
+        hit = await cache.get("after")
+        assert hit is not None and hit.value == b"v"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+async def test_a_dead_writer_fails_waiters_fast_and_can_be_restarted(tmp_path: Path) -> None:
+    """A bug past the writer loop's own guard (injected: a BaseException from a batch) kills the
+    thread; waiters get "not stored" at once instead of hanging, and restart_writer() revives it."""
+
+    class Injected(BaseException):
+        pass
+
+    cache = ResponseCache(tmp_path / "c.db", max_bytes=1 << 20, ttl_s=60, max_stale_s=0, synchronous="FULL")
+    cache.open()
+    original = cache._apply
+    calls = {"n": 0}
+
+    def dying(batch: Any, sweep: bool) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1 and batch:
+            raise Injected("injected writer death")
+        return original(batch, sweep)
+
+    cache._apply = dying  # type: ignore[method-assign]
+    first = await asyncio.wait_for(cache.put_and_wait("k", "m", b"v", "t"), 5)
+    assert first is False  # answered "not stored", not left waiting
+    for _ in range(100):
+        if not cache.writer_alive():
+            break
+        await asyncio.sleep(0.01)
+    assert not cache.writer_alive()
+    assert await asyncio.wait_for(cache.put_and_wait("k2", "m", b"v", "t"), 1) is False  # fails fast
+    cache.restart_writer()
+    assert cache.writer_alive()
+    assert await asyncio.wait_for(cache.put_and_wait("k3", "m", b"v", "t"), 5) is True
+    await asyncio.wait_for(cache.close(), 10)

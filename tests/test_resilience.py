@@ -282,9 +282,15 @@ def test_sigkill_during_cache_writes_loses_no_acknowledged_entry(tmp_path: Path,
     db = sqlite3.connect(tmp_path / "data" / "cache.db")
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     stored = {row[0] for row in db.execute("SELECT key FROM entries")}
-    identity = load_model_file(tmp_path / "engines" / MODEL / "model.yaml").digest()
+    identity = f"{MODEL}@{load_model_file(tmp_path / 'engines' / MODEL / 'model.yaml').digest()}"
     for text in acknowledged:
-        key = cache_key(identity, {"api": "openai.embeddings", "input": [text], "encoding_format": "float"})
+        canonical = {
+            "api": "openai.embeddings",
+            "input": [text],
+            "encoding_format": "float",
+            "truncate": None,
+        }
+        key = cache_key(identity, canonical)
         assert key in stored, f"acknowledged entry {text!r} lost"
     # And the restarted server answers them from the cache.
     proc, port = spawn(tmp_path, "FULL")

@@ -51,7 +51,9 @@ async def admin_guard(request: web.Request, handler: Handler) -> web.StreamRespo
     try:
         transport = request.transport
         peer = transport.get_extra_info("peername") if transport is not None else None
-        if isinstance(peer, tuple):  # TCP (IPv4/IPv6); a Unix socket's peer is a str
+        # Fail closed: only a connection known to be on the Unix socket (whose peer name is a str)
+        # goes without the token; a vanished transport or anything else must present it.
+        if not isinstance(peer, str):
             token = request.app[ADMIN_TOKEN]
             given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
             if not token or not hmac.compare_digest(given.encode(), token.encode()):

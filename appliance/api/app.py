@@ -29,13 +29,22 @@ from appliance.api.common import (
     RESILIENCE,
     ROLLING,
     STARTED,
+    SUPERVISOR,
     TENSORS,
     BodyTooLarge,
     Inflight,
     api_of,
     error_response,
 )
-from appliance.api.security import KEYS, LIMITER, authenticate, keystore
+from appliance.api.security import (
+    CEILINGS,
+    KEYS,
+    LIMITER,
+    RateCeilings,
+    authenticate,
+    keystore,
+    rate_ceilings,
+)
 from appliance.auth import KeyRateLimiter
 from appliance.config import Config
 from appliance.errors import ApplianceError, InvalidRequest, ModelNotFound, Unavailable
@@ -45,6 +54,7 @@ from appliance.llm.service import ChatService
 from appliance.models import ModelManager
 from appliance.pipeline import Pipeline
 from appliance.resilience import Resilience
+from appliance.supervisor import Supervisor
 from appliance.telemetry import Metrics, RollingStats
 
 log = logging.getLogger(__name__)
@@ -142,10 +152,24 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     mgr = request.app[MANAGER]
     models = {n: s.state.value for n, s in mgr.slots.items()}
-    ok = mgr.ready() and not request.app[DRAINING][0]
-    return web.json_response(
-        {"ready": ok, "models": models, "errors": mgr.scan_errors}, status=200 if ok else 503
-    )
+    down = request.app[SUPERVISOR].down()
+    ok = mgr.ready() and not request.app[DRAINING][0] and not down
+    body = {"ready": ok, "models": models, "errors": mgr.scan_errors, "workers_down": down}
+    return web.json_response(body, status=200 if ok else 503)
+
+
+LAG_PROBE_S = 0.1
+
+
+async def _loop_lag(metrics: Metrics) -> None:
+    """How late the loop runs a timer is how long it was blocked: anything slow on the loop
+    (a big JSON body, a tokenizer call) shows here before clients notice."""
+    loop = asyncio.get_running_loop()
+    observe = metrics.event_loop_lag.observe
+    while True:
+        due = loop.time() + LAG_PROBE_S
+        await asyncio.sleep(LAG_PROBE_S)
+        observe(max(0.0, loop.time() - due))
 
 
 async def metrics_view(request: web.Request) -> web.Response:
@@ -159,19 +183,32 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     mgr = app[MANAGER]
     cfg = app[CONFIG]
     resilience = app[RESILIENCE]
+    supervisor = app[SUPERVISOR]
     await resilience.open_cache(cfg.data_dir / "cache.db", cfg.tunables_for("", {}))
+    cache = resilience.cache
+    if cache is not None:
+        supervisor.watch("cache-writer", cache.writer_alive, cache.restart_writer)
     sampler = app[GPU]
     sampler.start()
+    supervisor.watch("gpu-sampler", sampler.alive, sampler.restart)
+    supervisor.task("loop-lag", lambda: _loop_lag(app[METRICS]))
+    mgr.supervisor = supervisor
     mgr.rescan()
     loading = asyncio.create_task(mgr.start())
     yield
+    await supervisor.close()
     sampler.stop()
     app[DRAINING][0] = True
     if not loading.done():
         loading.cancel()
     await asyncio.gather(loading, return_exceptions=True)
-    await mgr.close(drain=True)
-    await resilience.close()
+    # Bounded: a hung engine or a dead worker must not hold the shutdown past drain_timeout_s.
+    limit = cfg.server.drain_timeout_s + 1
+    for step in (mgr.close(drain=True), resilience.close()):
+        try:
+            await asyncio.wait_for(step, limit)
+        except asyncio.TimeoutError:
+            log.error("shutdown: a step did not finish within %.0f s; going on without it", limit)
 
 
 def _breaker_action(
@@ -191,8 +228,10 @@ async def _request_id_header(request: web.Request, response: web.StreamResponse)
 
 def create_app(cfg: Config) -> web.Application:
     app = web.Application(
-        middlewares=[errors_and_metrics, authenticate], client_max_size=cfg.server.max_body_bytes
+        middlewares=[rate_ceilings, errors_and_metrics, authenticate],
+        client_max_size=cfg.server.max_body_bytes,
     )
+    app[CEILINGS] = RateCeilings(cfg.server.max_request_rate, cfg.server.max_connection_request_rate)
     app[KEYS] = keystore([k.model_dump() for k in cfg.file.auth.keys])
     app[LIMITER] = KeyRateLimiter()
     metrics = Metrics()
@@ -212,6 +251,9 @@ def create_app(cfg: Config) -> web.Application:
     resilience = Resilience(metrics)
     app[RESILIENCE] = resilience
     app[PIPELINE] = Pipeline(manager, resilience, metrics)
+    app[SUPERVISOR] = Supervisor(metrics, manager.progress)
+    app[EXTRA_STATS]["workers"] = app[SUPERVISOR].snapshot
+    app[EXTRA_STATS]["compute"] = manager.arbiter.snapshot
     app[EXTRA_STATS]["cache"] = lambda: resilience.cache.stats() if resilience.cache else {"enabled": False}
     app[EXTRA_STATS]["memory"] = manager.memory.snapshot
     # NVML readings, sampled in the background; without a driver it says "no GPU" once.

@@ -18,6 +18,7 @@ from appliance.llm.service import ChatService
 from appliance.models import ModelManager
 from appliance.pipeline import Pipeline, Ticket
 from appliance.resilience import SOURCE_HEADER, Answer, Resilience
+from appliance.supervisor import Supervisor
 from appliance.telemetry import Metrics, RollingStats
 
 CONFIG = web.AppKey("config", Config)
@@ -56,6 +57,7 @@ INFLIGHT = web.AppKey("inflight", Inflight)
 GPU = web.AppKey("gpu", GpuSampler)
 RESILIENCE = web.AppKey("resilience", Resilience)
 PIPELINE = web.AppKey("pipeline", Pipeline)
+SUPERVISOR = web.AppKey("supervisor", Supervisor)
 # Optional parts register here as they are enabled: name -> () -> JSON-able (cache, memory, gpu),
 # and admin actions "breaker:<verb>" / "cache:purge" -> async callables.
 EXTRA_STATS = web.AppKey("extra_stats", dict)

@@ -4,13 +4,15 @@ that keep slow or greedy clients from holding the server (connections, body read
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from appliance.api.common import CONFIG
-from appliance.auth import KeyRateLimiter, KeyStore, presented_key
+from appliance.api.common import CONFIG, METRICS
+from appliance.auth import KeyRateLimiter, KeyStore, TokenBucket, presented_key
 from appliance.errors import ApplianceError, Overloaded
 
 KEYS = web.AppKey("keys", KeyStore)
@@ -53,6 +55,54 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         err.code = "rate_limited"
         raise err
     request[KEY] = record
+    return await handler(request)
+
+
+_MAX_TRACKED = 4096
+_RATE_503 = b'{"error":"the server is over its request-rate ceiling; retry"}'
+
+
+class RateCeilings:
+    """Global and per-connection request-rate ceilings, checked before the body is read: when even
+    early shedding cannot keep up, a minimal 503 costs the loop next to nothing."""
+
+    def __init__(self, rate: float, per_connection: float) -> None:
+        self.glob = TokenBucket(rate, max(rate / 10, 1)) if rate > 0 else None
+        self.per_connection = per_connection
+        # Keyed by the connection's handler object; aiohttp's handlers take no weak references,
+        # so idle entries are pruned when the table grows (a bucket idle 10 s is full anyway).
+        self._conns: dict[int, tuple[Any, TokenBucket, float]] = {}
+
+    def check(self, request: web.Request) -> float:
+        wait = self.glob.try_take() if self.glob is not None else 0.0
+        conn = request.protocol
+        if wait == 0.0 and self.per_connection > 0 and conn is not None:
+            now = time.monotonic()
+            entry = self._conns.get(id(conn))
+            if entry is None or entry[0] is not conn:
+                if len(self._conns) >= _MAX_TRACKED:
+                    self._conns = {k: v for k, v in self._conns.items() if now - v[2] < 10.0}
+                entry = (conn, TokenBucket(self.per_connection, max(self.per_connection / 10, 1)), now)
+            self._conns[id(conn)] = (conn, entry[1], now)
+            wait = entry[1].try_take()
+        return wait
+
+
+CEILINGS = web.AppKey("ceilings", RateCeilings)
+
+
+@web.middleware
+async def rate_ceilings(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.method == "POST":
+        wait = request.app[CEILINGS].check(request)
+        if wait > 0:
+            metrics = request.app[METRICS]
+            metrics.child(metrics.shed, "rate_ceiling").inc()
+            return web.Response(
+                status=503,
+                body=_RATE_503,
+                headers={"Retry-After": str(max(1, math.ceil(wait))), "Content-Type": "application/json"},
+            )
     return await handler(request)
 
 

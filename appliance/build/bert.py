@@ -23,6 +23,8 @@ from onnx import TensorProto, helper, numpy_helper
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
+from appliance.repository import sha256_files
+
 ONNX_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 # Large enough to zero a softmax weight, small enough to stay finite in fp16 (max 65504).
@@ -260,11 +262,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_files([path])
 
 
 def build_bert_embedding(

@@ -94,6 +94,15 @@ class GpuSampler:
         while not self._stop.wait(self.interval_s):
             self.sample()
 
+    def alive(self) -> bool:
+        """False when the sampling thread died (the supervisor restarts it)."""
+        return self._thread is None or self._thread.is_alive() or self._stop.is_set()
+
+    def restart(self) -> None:
+        if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
+            self._thread = threading.Thread(target=self._loop, name="gpu-sampler", daemon=True)
+            self._thread.start()
+
     # -- readings --
 
     @property
