@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -143,15 +144,20 @@ def exported_series(metrics_text: str) -> set[str]:
 # -- one box and a second: real appliances on loopback -------------------------------------------
 
 
-def _server(tmp: Path, minilm: Path) -> ServerThread:
-    repo = make_repository(tmp, {MODEL: minilm})
-    cfg = {"model_repository": str(repo), "data_dir": str(tmp / "data"), "admin": {"port": -1}}
-    return ServerThread(cfg).start()
-
-
 @pytest.fixture(scope="module")
 def appliances(tmp_path_factory: pytest.TempPathFactory, minilm_folder: Path) -> Iterator[list[ServerThread]]:
-    servers = [_server(tmp_path_factory.mktemp(f"appliance{i}"), minilm_folder) for i in range(2)]
+    """Two real appliances serving MiniLM, as two boxes (or pods) would; they load side by side."""
+    servers = []
+    for i in range(2):
+        tmp = tmp_path_factory.mktemp(f"appliance{i}")
+        repo = make_repository(tmp, {MODEL: minilm_folder})
+        cfg = {"model_repository": str(repo), "data_dir": str(tmp / "data"), "admin": {"port": -1}}
+        servers.append(ServerThread(cfg).start(wait_ready=False))
+    deadline = time.monotonic() + 120
+    for s in servers:
+        while s.get("/readyz")[0] != 200:
+            assert time.monotonic() < deadline, "appliance not ready"
+            time.sleep(0.05)
     yield servers
     for s in servers:
         s.stop()
@@ -213,7 +219,7 @@ def test_manifests_validate_strictly_against_the_kubernetes_schemas(version: str
     kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate ([dev] extra) not installed")
     target = version or kv.latest_version()
     checked = 0
-    for name, docs in manifests().items():
+    for docs in manifests().values():
         for doc in docs:
             if doc["apiVersion"].startswith("keda.sh/"):
                 continue  # a CRD: checked against KEDA's own schema below
@@ -279,9 +285,10 @@ def test_probes_drain_and_configuration(variant: str) -> None:
     assert Path(config_path).parent == Path(mounts["config"]["mountPath"])
     assert mounts["config"]["readOnly"] is True
     # The model repository: on the shared volume, read-only for the server.
-    assert volumes["models"]["persistentVolumeClaim"]["claimName"] == only("PersistentVolumeClaim")[
-        "metadata"
-    ]["name"]
+    assert (
+        volumes["models"]["persistentVolumeClaim"]["claimName"]
+        == only("PersistentVolumeClaim")["metadata"]["name"]
+    )
     assert cfg.model_repository.is_relative_to(mounts["models"]["mountPath"])
     assert mounts["models"]["readOnly"] is True
     # The data dir (SQLite cache, admin token) is per pod and writable.
@@ -313,7 +320,9 @@ def test_models_are_built_once_into_the_volume_under_a_lock(variant: str) -> Non
 
 def test_gpu_variant_differs_from_cpu_only_by_the_gpu() -> None:
     cpu, gpu = only("Deployment", "cpu"), only("Deployment", "gpu")
-    for c in gpu["spec"]["template"]["spec"]["initContainers"] + gpu["spec"]["template"]["spec"]["containers"]:
+    for c in (
+        gpu["spec"]["template"]["spec"]["initContainers"] + gpu["spec"]["template"]["spec"]["containers"]
+    ):
         assert c["resources"]["limits"]["nvidia.com/gpu"] == 1, c["name"]
     assert "engines build" in gpu["spec"]["template"]["spec"]["initContainers"][0]["command"][-1]
     assert "nvidia.com/gpu" not in json.dumps(cpu)
@@ -374,7 +383,10 @@ def test_scaled_object_scales_the_deployment_on_queue_depth_and_p99() -> None:
         assert 'job="appliance"' in t["metadata"]["query"], "the scrape job of prometheus.yml"
     behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
     assert behavior["scaleDown"]["stabilizationWindowSeconds"] >= 120
-    assert behavior["scaleDown"]["stabilizationWindowSeconds"] > behavior["scaleUp"]["stabilizationWindowSeconds"]
+    assert (
+        behavior["scaleDown"]["stabilizationWindowSeconds"]
+        > behavior["scaleUp"]["stabilizationWindowSeconds"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -569,7 +581,10 @@ def test_every_metric_the_rules_dashboard_and_keda_use_exists(appliances: list[S
     text = urllib.request.urlopen(f"{appliances[0].url}/metrics", timeout=10).read().decode()
     exported = exported_series(text)
     used = {
-        (source, name) for source, exprs in every_expr().items() for e in exprs for name in EXPORTED.findall(e)
+        (source, name)
+        for source, exprs in every_expr().items()
+        for e in exprs
+        for name in EXPORTED.findall(e)
     }
     assert len({n for _, n in used}) >= 40, "the regex finds the names (a sanity check of the check)"
     missing = sorted(f"{name} (in {source})" for source, name in used if name not in exported)
@@ -809,3 +824,70 @@ def test_nginx_answers_503_with_retry_after_when_no_appliance_is_reachable(tmp_p
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# -- what the probes and alerts read from the appliance ---------------------------------------------
+
+
+def test_deep_liveness_fails_while_an_engine_is_stalled(
+    start_server: Any, minilm_folder: Path, faulty: Any
+) -> None:
+    # The watchdog allows a batch twice its engine timeout (2 x 100 ms) before calling it hung.
+    srv = start_server({MODEL: minilm_folder}, overrides={MODEL: {"engine": {"timeout_ms": 100}}})
+    assert srv.get("/healthz?deep=1") == (200, {"status": "ok"})
+    faulty[0].delay_s = 1.2  # the engine call hangs well past its allowance
+    hung = threading.Thread(target=lambda: srv.post("/v1/embeddings", {"model": MODEL, "input": "hang"}))
+    hung.start()
+    time.sleep(0.6)
+    status, body = srv.get("/healthz?deep=1")
+    assert status == 503, body
+    assert body["status"] == "stalled"
+    (stall,) = body["stalled"]
+    assert MODEL in stall["component"] and stall["silent_s"] > stall["allowance_s"]
+    # Plain /healthz stays process liveness (the startup probe's), and readiness is unchanged.
+    assert srv.get("/healthz") == (200, {"status": "ok"})
+    hung.join()
+    deadline = time.monotonic() + 5
+    while srv.get("/healthz?deep=1")[0] != 200:
+        assert time.monotonic() < deadline, "deep liveness must recover once the engine progresses"
+        time.sleep(0.1)
+
+
+def metric_value(srv: ServerThread, series: str) -> float | None:
+    text = urllib.request.urlopen(f"{srv.url}/metrics", timeout=10).read().decode()
+    m = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def test_cache_enabled_gauge_follows_the_response_cache(
+    start_server: Any, minilm_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    srv = start_server({MODEL: minilm_folder})
+    assert metric_value(srv, "appliance_cache_enabled") == 1.0
+
+    def broken_connect(*_: object, **__: object) -> sqlite3.Connection:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    # Cache readers connect on their first lookup: a failing connect stands in for a disk error
+    # there, after which the cache switches itself off and the appliance serves without it.
+    monkeypatch.setattr(sqlite3, "connect", broken_connect)
+    assert embed(srv.url, "served without the cache")[0] == 200
+    monkeypatch.undo()
+    assert metric_value(srv, "appliance_cache_enabled") == 0.0
+
+
+def test_model_load_failures_are_counted(start_server: Any, minilm_folder: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in minilm_folder.iterdir():
+        (broken / f.name).symlink_to(f)
+    (broken / "model.onnx").unlink()
+    (broken / "model.onnx").write_bytes(b"not an ONNX file")
+    srv = start_server({MODEL: broken}, wait_ready=False)
+    series = f'appliance_model_load_failures_total{{model="{MODEL}"}}'
+    deadline = time.monotonic() + 30
+    while metric_value(srv, series) is None:
+        assert time.monotonic() < deadline, "the failed load was not counted"
+        time.sleep(0.1)
+    assert metric_value(srv, series) == 1.0
+    assert srv.get("/readyz")[0] == 503
