@@ -390,10 +390,12 @@ def test_scaled_object_scales_the_deployment_on_queue_depth_and_p99() -> None:
 
 
 @pytest.fixture(scope="module")
-def keda_models(pytestconfig: pytest.Config) -> Path:
+def keda_models(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """KEDA's models from the npm registry, installed once into pytest's cache folder."""
     npm, _ = tool("npm"), tool("node")
-    cache = Path(pytestconfig.cache.mkdir("npm-" + re.sub(r"[^a-z0-9.]+", "-", KEDA_MODELS)))
+    name = "npm-" + re.sub(r"[^a-z0-9.]+", "-", KEDA_MODELS)
+    store = getattr(pytestconfig, "cache", None)  # absent under -p no:cacheprovider
+    cache = Path(store.mkdir(name)) if store is not None else tmp_path_factory.mktemp(name)
     package = cache / "node_modules" / "@kubernetes-models" / "keda" / "package.json"
     if not package.exists():
         proc = subprocess.run(
@@ -572,6 +574,56 @@ def test_recorded_series_used_anywhere_are_defined() -> None:
         for expr in exprs:
             for name in RECORDED.findall(expr):
                 assert name in recorded, f"{source} uses {name}, which no recording rule defines"
+
+
+def test_dashboard_has_instance_and_model_variables_and_the_panels_the_issue_asks_for() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    for name in ("instance", "model"):
+        assert variables[name]["type"] == "query" and variables[name]["includeAll"] is True
+    panels = [p for p in dash["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+    # Panels tile the grid without overlapping (Grafana would silently push them around).
+    cells: set[tuple[int, int]] = set()
+    for p in dash["panels"]:
+        g = p["gridPos"]
+        assert g["x"] + g["w"] <= 24, p["title"]
+        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        assert not cells & mine, f"{p['title']} overlaps another panel"
+        cells |= mine
+    for p in panels:
+        assert p["datasource"]["uid"] == "${datasource}", p["title"]
+        for t in p["targets"]:
+            assert '$instance"' in t["expr"], f"{p['title']}: every query follows the instance variable"
+    # Every panel whose series carry a model label follows the model variable too.
+    model_labelled = {"appliance_requests_total", "appliance_request_duration_seconds_bucket"}
+    for p in panels:
+        for t in p["targets"]:
+            if set(EXPORTED.findall(t["expr"])) & model_labelled:
+                assert 'model=~"$model"' in t["expr"], p["title"]
+    titles = " | ".join(p["title"].lower() for p in panels)
+    for wanted in (
+        "requests per second",
+        "p50 by priority",
+        "p99 by priority",
+        "queue depth by priority",
+        "batch size",
+        "input length",
+        "output tokens",
+        "time to first token",
+        "time per output token",
+        "breaker state",
+        "cache hit rate",
+        "fallbacks by kind",
+        "budget and leases",
+        "evictions",
+        "gpu utilisation",
+        "gpu memory",
+        "gpu temperature",
+        "gpu power",
+    ):
+        assert wanted in titles, wanted
 
 
 # -- a real Prometheus scraping real appliances -----------------------------------------------------
