@@ -729,6 +729,10 @@ def test_recording_rules_evaluate_on_a_real_scrape_of_real_appliances(
         p99 = prom.query(f'appliance:request_duration_seconds:p99{{model="{MODEL}"}}')
         assert p99 and 0 < float(p99[0]["value"][1]) < 30
         assert prom.query("appliance:queue_depth:sum")
+        # KEDA's Prometheus scaler wants each query to answer exactly one number.
+        for query in keda_queries():
+            result = prom.query(query)
+            assert len(result) == 1 and result[0]["value"][1] not in ("NaN", "+Inf"), (query, result)
         # Every rule loaded and evaluated without error in the real server.
         groups = prom.api("rules")["groups"]
         health = {r["name"]: (r["health"], r.get("lastError", "")) for g in groups for r in g["rules"]}
