@@ -147,20 +147,22 @@ def exported_series(metrics_text: str) -> set[str]:
 @pytest.fixture(scope="module")
 def appliances(tmp_path_factory: pytest.TempPathFactory, minilm_folder: Path) -> Iterator[list[ServerThread]]:
     """Two real appliances serving MiniLM, as two boxes (or pods) would; they load side by side."""
-    servers = []
-    for i in range(2):
-        tmp = tmp_path_factory.mktemp(f"appliance{i}")
-        repo = make_repository(tmp, {MODEL: minilm_folder})
-        cfg = {"model_repository": str(repo), "data_dir": str(tmp / "data"), "admin": {"port": -1}}
-        servers.append(ServerThread(cfg).start(wait_ready=False))
-    deadline = time.monotonic() + 120
-    for s in servers:
-        while s.get("/readyz")[0] != 200:
-            assert time.monotonic() < deadline, "appliance not ready"
-            time.sleep(0.05)
-    yield servers
-    for s in servers:
-        s.stop()
+    servers: list[ServerThread] = []
+    try:
+        for i in range(2):
+            tmp = tmp_path_factory.mktemp(f"appliance{i}")
+            repo = make_repository(tmp, {MODEL: minilm_folder})
+            cfg = {"model_repository": str(repo), "data_dir": str(tmp / "data"), "admin": {"port": -1}}
+            servers.append(ServerThread(cfg).start(wait_ready=False))
+        deadline = time.monotonic() + 120
+        for s in servers:
+            while s.get("/readyz")[0] != 200:
+                assert time.monotonic() < deadline, "appliance not ready"
+                time.sleep(0.05)
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
 
 
 def embed(base_url: str, text: str, timeout: float = 30) -> tuple[int, dict[str, Any], dict[str, str]]:
