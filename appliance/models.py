@@ -244,6 +244,8 @@ class ModelManager:
         except DoesNotFit as exc:
             slot.state = ModelState.failed if exc.never else ModelState.available
             slot.error = str(exc)
+            if exc.never:
+                self.metrics.model_load_failures.labels(entry.name).inc()
             log.error("model %s not loaded: %s", entry.name, exc)
             return
         executor = ThreadPoolExecutor(instances, thread_name_prefix=f"engine-{entry.name}")
@@ -284,6 +286,9 @@ class ModelManager:
                 ModelState.failed if never or not isinstance(exc, DoesNotFit) else ModelState.available
             )
             slot.error = str(exc)
+            # Counted when the load is given up; "no room yet" (available again) is not a failure.
+            if slot.state is ModelState.failed:
+                self.metrics.model_load_failures.labels(entry.name).inc()
             log.error("model %s failed to load: %s", entry.name, exc)
             return
         self.memory.admit(entry.name, weights, activation, bool(values["memory.pinned"]) or entry.spec.pinned)

@@ -116,10 +116,14 @@ class Resilience:
             self.cache.max_stale_s = float(values["cache.max_stale_s"])
 
     def refresh_metrics(self) -> None:
+        # 0 when the cache never opened or turned itself off (a corrupt file): an alert's input.
+        enabled = False
         if self.cache is not None:
             st = self.cache.stats()
+            enabled = bool(st["enabled"])
             self.metrics.cache_entries.set(st["entries"])
             self.metrics.cache_bytes.set(st["bytes"])
+        self.metrics.cache_enabled.set(1 if enabled else 0)
         for name, b in self.breakers.items():
             self.metrics.breaker_state.labels(name).set(_STATE_VALUE[b.state])
 

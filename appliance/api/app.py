@@ -146,6 +146,17 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Process liveness; with ``?deep=1``, 503 while the progress watchdog would withhold systemd's
+    ping (a busy engine silent past its allowance), so an orchestrator's liveness probe restarts
+    a hung engine as ``WatchdogSec=`` does under systemd."""
+    if request.query.get("deep") in ("1", "true"):
+        stalls = request.app[MANAGER].progress.stalls()
+        if stalls:
+            detail = [
+                {"component": s.component, "silent_s": round(s.silent_s, 1), "allowance_s": s.allowance_s}
+                for s in stalls
+            ]
+            return web.json_response({"status": "stalled", "stalled": detail}, status=503)
     return web.json_response({"status": "ok"})
 
 
