@@ -155,6 +155,31 @@ class BatchPolicy:
         return (max(fits), True) if fits else (queued, False)
 
 
+class Reservation:
+    """Queue places held for a request between its early admission and its submits, so that a
+    request admitted early is never refused later for a queue that filled meanwhile (and one
+    refused early costs nothing). Unused places go back with ``release()``."""
+
+    __slots__ = ("_batcher", "left", "level")
+
+    def __init__(self, batcher: Batcher[Any, Any], level: int, count: int) -> None:
+        self._batcher = batcher
+        self.level = level
+        self.left = count
+
+    def take(self) -> bool:
+        if self.left <= 0:
+            return False
+        self.left -= 1
+        self._batcher._unreserve(self.level, 1)
+        return True
+
+    def release(self) -> None:
+        if self.left > 0:
+            self._batcher._unreserve(self.level, self.left)
+            self.left = 0
+
+
 @dataclass(eq=False)  # identity equality: requests are dict keys
 class _Request(Generic[T, R]):
     item: T
@@ -201,6 +226,7 @@ class Batcher(Generic[T, R]):
         self._arbiter = arbiter
         self._asking: Waiter | None = None  # our pending request for a grant
         self._asking_task: asyncio.Task[None] | None = None
+        self._reserved: dict[int, int] = {}  # level -> places held by early admissions
         self._pump_pending = False
         self._hold: asyncio.TimerHandle | None = None
         self._rate: float | None = None  # EWMA items/s of one instance
@@ -212,8 +238,40 @@ class Batcher(Generic[T, R]):
 
     # ---- public API -------------------------------------------------------------------------
 
-    async def submit(self, item: T, *, priority: int | None = None, timeout_ms: float | None = None) -> R:
+    def reserve(self, level: int, count: int, timeout_s: float = 0.0) -> Reservation:
+        """Early admission of ``count`` items at ``level``: raise the refusal ``submit`` would give
+        (QueueFull, WouldMissDeadline, BatcherClosed), or hold their places in the queue."""
         policy = self.policy
+        self._relevel(policy.priority_levels)
+        if self._closed:
+            raise self._refuse(BatcherClosed(f"batcher {self.name!r} is closed", priority=level))
+        limit = policy.queue_limit(level)
+        held = len(self._queues[level - 1]) + self._reserved.get(level, 0)
+        if limit and held + count > limit:
+            wait = max(self._predicted_wait(level, self._rate or DEFAULT_SERVICE_RATE), 0.001)
+            msg = f"queue for priority {level} of {self.name!r} is full ({limit} waiting)"
+            raise self._refuse(QueueFull(msg, retry_after_s=wait, priority=level))
+        if timeout_s and self._rate is not None:
+            wait = self._predicted_wait(level, self._rate)
+            if wait > timeout_s:
+                msg = f"predicted wait {wait * 1000:.0f} ms exceeds the {timeout_s * 1000:.0f} ms timeout"
+                raise self._refuse(WouldMissDeadline(msg, retry_after_s=wait - timeout_s, priority=level))
+        self._reserved[level] = self._reserved.get(level, 0) + count
+        return Reservation(self, level, count)
+
+    def _unreserve(self, level: int, count: int) -> None:
+        self._reserved[level] = max(0, self._reserved.get(level, 0) - count)
+
+    async def submit(
+        self,
+        item: T,
+        *,
+        priority: int | None = None,
+        timeout_ms: float | None = None,
+        reservation: Reservation | None = None,
+    ) -> R:
+        policy = self.policy
+        held = reservation is not None and reservation.take()
         self._relevel(policy.priority_levels)
         level = policy.default_priority if priority is None else priority
         if not _is_int(level) or not 1 <= level <= policy.priority_levels:
@@ -225,12 +283,13 @@ class Batcher(Generic[T, R]):
             raise self._refuse(BatcherClosed(f"batcher {self.name!r} is closed", priority=level))
         queue = self._queues[level - 1]
         limit = policy.queue_limit(level)
-        if limit and len(queue) >= limit:
+        if not held and limit and len(queue) + self._reserved.get(level, 0) >= limit:
             wait = max(self._predicted_wait(level, self._rate or DEFAULT_SERVICE_RATE), 0.001)
             msg = f"queue for priority {level} of {self.name!r} is full ({limit} waiting)"
             raise self._refuse(QueueFull(msg, retry_after_s=wait, priority=level))
         # Without observations any prediction is a guess, and refusing on a guess is worse than trying.
-        if timeout_s and self._rate is not None:
+        # An early-admitted item was judged already.
+        if not held and timeout_s and self._rate is not None:
             wait = self._predicted_wait(level, self._rate)
             if wait > timeout_s:
                 msg = f"predicted wait {wait * 1000:.0f} ms exceeds the {timeout_s * 1000:.0f} ms timeout"

@@ -23,6 +23,7 @@ from appliance.batcher import (
     BatcherClosed,
     InvalidPriority,
     QueueFull,
+    Reservation,
 )
 from appliance.engines.base import Engine, EngineError, EngineOutOfMemory, EngineTimeout
 from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, Overloaded, Unavailable
@@ -92,11 +93,18 @@ def engine_failure(exc: Exception) -> ApplianceError:
 
 
 async def submit_all(
-    batcher: Batcher[Any, Any], items: Sequence[Any], priority: int | None, timeout_ms: float | None
+    batcher: Batcher[Any, Any],
+    items: Sequence[Any],
+    priority: int | None,
+    timeout_ms: float | None,
+    reservation: Reservation | None = None,
 ) -> list[Any]:
     """Submit items of one request together; if any is refused, withdraw the rest."""
     tasks = [
-        asyncio.ensure_future(batcher.submit(it, priority=priority, timeout_ms=timeout_ms)) for it in items
+        asyncio.ensure_future(
+            batcher.submit(it, priority=priority, timeout_ms=timeout_ms, reservation=reservation)
+        )
+        for it in items
     ]
     try:
         return list(await asyncio.gather(*tasks))
@@ -268,6 +276,7 @@ class EmbeddingService:
         priority: int | None = None,
         timeout_ms: float | None = None,
         truncate: bool | None = None,
+        reservation: Reservation | None = None,
     ) -> EmbeddingResult:
         """Tokenize (with the input limits), queue every text, gather the vectors.
         ``truncate`` None means the model's ``input.truncate`` setting."""
@@ -290,7 +299,7 @@ class EmbeddingService:
         observe = self.manager.metrics.child(self.manager.metrics.input_tokens, model).observe
         for it in items:
             observe(len(it))
-        vectors = await submit_all(runtime.batcher, items, priority, timeout_ms)
+        vectors = await submit_all(runtime.batcher, items, priority, timeout_ms, reservation)
         return EmbeddingResult(np.stack(vectors), sum(len(i) for i in items))
 
 
@@ -433,6 +442,7 @@ class TensorService:
         *,
         priority: int | None = None,
         timeout_ms: float | None = None,
+        reservation: Reservation | None = None,
     ) -> dict[str, np.ndarray]:
         model = runtime.entry.name
         engine = runtime.engine
@@ -443,7 +453,9 @@ class TensorService:
                 raise InvalidRequest(
                     f"unexpected inference output '{n}' for model '{model}'", param="outputs"
                 )
-        (result,) = await submit_all(runtime.batcher, [TensorItem(feeds, names)], priority, timeout_ms)
+        (result,) = await submit_all(
+            runtime.batcher, [TensorItem(feeds, names)], priority, timeout_ms, reservation
+        )
         return dict(result)
 
 

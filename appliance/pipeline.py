@@ -34,9 +34,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from appliance.auth import ApiKeyRecord
+from appliance.batcher import AdmissionError
 from appliance.breaker import BreakerOpen, CircuitBreaker, Permit
 from appliance.cache import CacheHit, cache_key
-from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, Overloaded, Unavailable
+from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, Unavailable
+from appliance.inference import admission_error
 from appliance.models import ModelManager, ModelRuntime, ModelState
 from appliance.resilience import Answer, Resilience
 from appliance.telemetry import Metrics
@@ -69,6 +71,14 @@ class Ticket:
     # breaker judges generations by their time to first token.
     first_output: Callable[[], None] = lambda: None
     pipeline: Pipeline | None = None
+    # Queue places held since early admission (a Batcher's Reservation); the HTTP layer releases
+    # what is left when the request ends, whatever way it ends.
+    reservation: Any = None
+
+    def release(self) -> None:
+        if self.reservation is not None:
+            self.reservation.release()
+            self.reservation = None
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -173,8 +183,9 @@ class Pipeline:
             ms = default_ms
         seconds = ms / 1000 if ms > 0 else UNBOUNDED_S
         runtime = slot.runtime
-        if runtime is not None:
-            self._shed(model, runtime, level, items, values)
+        reservation = (
+            self._shed(model, runtime, level, items, values, seconds) if runtime is not None else None
+        )
         directives = {d.strip().lower() for d in cache_control.split(",")} if cache_control else set()
         return Ticket(
             model,
@@ -185,30 +196,35 @@ class Pipeline:
             write_cache="no-store" not in directives,
             values=values,
             pipeline=self,
+            reservation=reservation,
         )
 
     def _shed(
-        self, model: str, runtime: ModelRuntime, level: int, items: int, values: Mapping[str, Any]
-    ) -> None:
+        self,
+        model: str,
+        runtime: ModelRuntime,
+        level: int,
+        items: int,
+        values: Mapping[str, Any],
+        seconds: float,
+    ) -> Any:
+        """Early admission: the queue's own refusal (full, would miss the deadline, closed) now,
+        or places held for the request's items."""
+        reserve = getattr(runtime.batcher, "reserve", None)
+        if reserve is None:
+            return None
         limit = int(values["queue.max_queue_size"])
-        queued = getattr(runtime.batcher, "queued", None)
-        if not limit or queued is None:
-            return
-        waiting = int(queued(level))
-        if waiting + items <= limit and not runtime.batcher.closed:
-            return
-        m = self.metrics
-        reason = "closed" if runtime.batcher.closed else "queue_full"
-        m.child(m.rejections, model, str(level), reason).inc()
-        m.child(m.shed, reason).inc()
-        if reason == "closed":
-            raise Unavailable(f"the model '{model}' is unloading or the server stopping", retry_after_s=5)
-        hint = getattr(runtime.batcher, "retry_hint", None)
-        wait = float(hint(level)) if hint is not None else 1.0
-        raise Overloaded(
-            f"queue for priority {level} of '{model}' is full ({limit} waiting)",
-            retry_after_s=max(wait, 0.001),
-        )
+        if limit and items > limit:  # could never be admitted: retrying would not help
+            raise InvalidRequest(
+                f"the request has {items} inputs; the model queues at most {limit} per priority level "
+                "(queue.max_queue_size): split it",
+                param="input",
+            )
+        try:
+            return reserve(level, items, seconds if seconds < UNBOUNDED_S else 0.0)
+        except AdmissionError as exc:
+            self.metrics.child(self.metrics.shed, exc.reason).inc()
+            raise admission_error(exc) from None
 
     # -- 5-9: whole answers ----------------------------------------------------------------------
 
@@ -358,8 +374,12 @@ class Pipeline:
         if cache is None or ticket.key is None or not ticket.write_cache:
             return
         if cache.synchronous != "FULL":
-            cache.put(ticket.key, ticket.model, body, ctype)
-            ticket.stored = True
+            try:
+                cache.put(ticket.key, ticket.model, body, ctype)
+                ticket.stored = True
+            except Exception:
+                log.exception("response cache write failed; the answer goes out unstored")
+                ticket.stored = False
             return
         # FULL promises that an answered request's entry survives a power cut: wait for the commit,
         # bounded; when it cannot be kept the response says so (X-Appliance-Cache: not-stored).
@@ -369,6 +389,9 @@ class Pipeline:
                 min(CACHE_IO_S, max(ticket.remaining(), 0.05)),
             )
         except asyncio.TimeoutError:
+            ticket.stored = False
+        except Exception:
+            log.exception("response cache write failed; the answer goes out unstored")
             ticket.stored = False
 
     async def _fallback(
@@ -385,7 +408,7 @@ class Pipeline:
         if hit is None and cache is not None and ticket.key is not None and ticket.read_cache:
             try:
                 hit = await asyncio.wait_for(cache.get(ticket.key), CACHE_IO_S)
-            except asyncio.TimeoutError:
+            except Exception:  # a slow or failing cache is no fallback; go on down the chain
                 hit = None
         if hit is not None:
             source = "cache" if hit.fresh else "stale-cache"

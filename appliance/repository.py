@@ -18,7 +18,7 @@ from appliance import settings
 MODEL_FILE = "model.yaml"
 BUILD_RECORD = ".build.json"
 # model.yaml sections whose keys are tunable settings (validated by the registry).
-TUNABLE_SECTIONS = ("batching", "queue", "engine", "breaker", "cache", "memory", "generation")
+TUNABLE_SECTIONS = ("batching", "queue", "engine", "breaker", "cache", "memory", "generation", "input")
 
 
 class ModelKind(str, Enum):
@@ -63,6 +63,7 @@ class ModelFile(BaseModel):
     cache: dict[str, Any] = Field(default_factory=dict)
     memory: dict[str, Any] = Field(default_factory=dict)
     generation: dict[str, Any] = Field(default_factory=dict)
+    input: dict[str, Any] = Field(default_factory=dict)
     tensorrt: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("artefacts")

@@ -31,6 +31,7 @@ from appliance.api.common import (
     STARTED,
     SUPERVISOR,
     TENSORS,
+    TICKET,
     BodyTooLarge,
     Inflight,
     api_of,
@@ -112,6 +113,9 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         err = ApplianceError(f"internal error: {type(exc).__name__}")
         return error_response(api, err)
     finally:
+        ticket = request.get(TICKET)
+        if ticket is not None:
+            ticket.release()  # queue places an early admission held and no submit used
         if metered:
             elapsed = time.perf_counter() - started
             metrics.child(metrics.inflight, api).dec()
@@ -185,6 +189,8 @@ async def _loop_lag(metrics: Metrics) -> None:
 
 async def metrics_view(request: web.Request) -> web.Response:
     request.app[RESILIENCE].refresh_metrics()
+    # Read at scrape time, so that it is right outside systemd too (where no ping loop runs).
+    request.app[METRICS].watchdog_healthy.set(1 if request.app[MANAGER].progress.healthy() else 0)
     data = generate_latest(request.app[METRICS].registry)
     return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -63,6 +63,7 @@ SUPERVISOR = web.AppKey("supervisor", Supervisor)
 EXTRA_STATS = web.AppKey("extra_stats", dict)
 ACTIONS = web.AppKey("actions", dict)
 
+TICKET = "ticket"  # request-scoped: the pipeline's Ticket
 OPENAI, KSERVE, OTHER = "openai", "kserve", "other"
 
 
@@ -152,6 +153,7 @@ def admit(
         cache_control=request.headers.get("Cache-Control", ""),
     )
     request["priority"] = ticket.level
+    request[TICKET] = ticket  # released by the middleware when the request ends
     return ticket
 
 

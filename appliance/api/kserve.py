@@ -216,7 +216,12 @@ class _Infer:
             result = await _embed(self.app[EMBEDDINGS], runtime, self.feeds, self.outputs, ticket)
         else:
             result = await self.app[TENSORS].infer(
-                runtime, self.feeds, self.outputs, priority=ticket.level, timeout_ms=ticket.timeout_ms()
+                runtime,
+                self.feeds,
+                self.outputs,
+                priority=ticket.level,
+                timeout_ms=ticket.timeout_ms(),
+                reservation=ticket.reservation,
             )
         header: dict[str, Any] = {"model_name": self.name, "model_version": "1"}
         if "id" in self.doc:
@@ -264,5 +269,7 @@ async def _embed(
         texts = [b.decode("utf-8") for b in arr.reshape(-1)]
     except UnicodeDecodeError:
         raise InvalidRequest(f"input '{TEXT_INPUT}': elements must be UTF-8 text") from None
-    result = await service.embed(runtime, texts, priority=ticket.level, timeout_ms=ticket.timeout_ms())
+    result = await service.embed(
+        runtime, texts, priority=ticket.level, timeout_ms=ticket.timeout_ms(), reservation=ticket.reservation
+    )
     return {EMBEDDING_OUTPUT: result.vectors.astype(np.float32)}

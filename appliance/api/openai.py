@@ -119,6 +119,7 @@ class _Embeddings:
             priority=ticket.level,
             timeout_ms=ticket.timeout_ms(),
             truncate=self.truncate,
+            reservation=ticket.reservation,
         )
         return self.render(result.vectors, result.prompt_tokens)
 

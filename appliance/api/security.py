@@ -13,10 +13,11 @@ from aiohttp import web
 
 from appliance.api.common import CONFIG, METRICS
 from appliance.auth import KeyRateLimiter, KeyStore, TokenBucket, presented_key
-from appliance.errors import ApplianceError, Overloaded
+from appliance.errors import ApplianceError, Overloaded, Unavailable
 
 KEYS = web.AppKey("keys", KeyStore)
 LIMITER = web.AppKey("limiter", KeyRateLimiter)
+AUTH_TIMEOUT_S = 5.0
 KEY = "api_key"  # request-scoped: the authenticated ApiKeyRecord
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -46,7 +47,11 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     presented = presented_key(request.headers)
     if presented is None:
         raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key'")
-    record = await request.app[KEYS].authenticate_async(presented)
+    try:
+        # Bounded: the key check (scrypt on a worker thread) must never hold a request forever.
+        record = await asyncio.wait_for(request.app[KEYS].authenticate_async(presented), AUTH_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise Unavailable("the API key could not be checked in time; retry", retry_after_s=1.0) from None
     if record is None:
         raise Unauthorized("the API key is not valid or has been revoked")
     wait = request.app[LIMITER].check(record)

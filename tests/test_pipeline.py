@@ -1,0 +1,251 @@
+"""The request pipeline (appliance.pipeline) through the real server over loopback: one order of
+policies for every route (priority and key caps, early shedding, deadlines, cache by model
+identity, fallback on load failure), and input limits before any work.
+
+Engine delays and failures cannot be produced on demand from a healthy ONNX model; where a test
+needs one it uses the test-only fault hook ``faulty`` (conftest.FaultyEngine) and says so.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance import inference
+from appliance.api.common import MANAGER, RESILIENCE
+from appliance.auth import KeyStore
+from appliance.models import ModelManager
+from tests.conftest import ServerThread
+
+MODEL = "all-minilm-l6-v2"
+
+
+def metric(srv: ServerThread, line_start: str) -> float:
+    _, text = srv.get("/metrics")
+    for line in text.decode().splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def embed(
+    srv: ServerThread, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, Any, dict[str, str]]:
+    return srv.post("/v1/embeddings", {"model": MODEL, **body}, headers)
+
+
+def infer(
+    srv: ServerThread,
+    text: str,
+    parameters: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any, dict[str, str]]:
+    doc: dict[str, Any] = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [text]}]}
+    if parameters is not None:
+        doc["parameters"] = parameters
+    return srv.post(f"/v2/models/{MODEL}/infer", doc, headers)
+
+
+# -- priority -----------------------------------------------------------------------------------
+
+
+def test_priority_resolves_the_same_on_every_api(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]
+    """A key's cap lowers a claimed level (never refuses), on KServe as on OpenAI; a capped key
+    naming no level gets the model's default before the cap; a cap beyond the model's levels is
+    lowered to its lowest level."""
+    store = KeyStore()
+    mid, _ = store.add("mid", max_priority=2)
+    beyond, _ = store.add("beyond", max_priority=9)
+    srv = start_server(
+        {MODEL: minilm_folder},
+        overrides={MODEL: {"queue": {"priority_levels": 3, "default_priority": 3}}},
+        config={"auth": {"keys": store.to_records()}},
+    )
+    series = 'appliance_request_duration_seconds_count{api="%s",model="all-minilm-l6-v2",priority="%d"}'
+
+    def count(api: str, level: int) -> float:
+        return metric(srv, series % (api, level))
+
+    auth = {"Authorization": f"Bearer {mid}"}
+    assert infer(srv, "claims one", {"priority": 1}, auth)[0] == 200
+    assert count("kserve", 2) == 1 and count("kserve", 1) == 0  # lowered to the cap
+    assert embed(srv, {"input": "names none"}, auth)[0] == 200
+    assert count("openai", 3) == 1  # the model's default (3), not the server's (2), then the cap
+    assert embed(srv, {"input": "claims one", "priority": 1}, {"Authorization": f"Bearer {beyond}"})[0] == 200
+    assert count("openai", 3) == 2  # a cap of 9 on a 3-level model is level 3, not a 400
+    status, body, _ = embed(srv, {"input": "x", "priority": 4}, auth)
+    assert status == 400 and "from 1 to 3" in body["error"]["message"]
+
+
+def test_a_priority_header_takes_only_ascii_digits(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server({MODEL: minilm_folder})
+    status, body, _ = embed(srv, {"input": "x"}, {"X-Priority": "²"})
+    assert status == 400 and body["error"]["param"] == "priority"
+
+
+# -- shedding and deadlines -----------------------------------------------------------------------
+
+
+def test_a_full_queue_refuses_before_any_tokenizing(
+    start_server, minilm_folder: Path, faulty, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The engine is slowed by the test-only fault hook so that the queue fills; refusals then
+    cost no tokenizing (counted by a spy around the real tokenizer function)."""
+    calls = {"n": 0}
+    real = inference._tokenize
+
+    def spy(*args: Any) -> Any:
+        calls["n"] += 1
+        return real(*args)
+
+    monkeypatch.setattr(inference, "_tokenize", spy)
+    srv = start_server(
+        {MODEL: minilm_folder},
+        overrides={
+            MODEL: {
+                "queue": {"max_queue_size": 2},
+                "batching": {"max_batch_size": 1},
+                "cache": {"enabled": False},
+            }
+        },
+    )
+    faulty[0].delay_s = 0.5
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(lambda i: embed(srv, {"input": f"text {i}"}), range(12)))
+    statuses = [r[0] for r in results]
+    refused = [r for r in results if r[0] == 429]
+    assert refused and set(statuses) <= {200, 429}, statuses
+    assert all(int(r[2]["Retry-After"]) >= 1 for r in refused)
+    assert calls["n"] == statuses.count(200)  # only admitted requests were tokenized
+    assert metric(srv, 'appliance_shed_total{reason="queue_full"}') == len(refused)
+
+
+def test_the_deadline_holds_after_admission(start_server, minilm_folder: Path, faulty) -> None:  # type: ignore[no-untyped-def]
+    """A batch that runs past the client's deadline (a hang injected by the test-only fault hook)
+    is answered 503 with Retry-After near the deadline; the next request is answered."""
+    srv = start_server({MODEL: minilm_folder}, overrides={MODEL: {"cache": {"enabled": False}}})
+    faulty[0].delay_s = 4.0
+    started = time.monotonic()
+    status, body, headers = embed(srv, {"input": "slow"}, {"X-Timeout-Ms": "800"})
+    elapsed = time.monotonic() - started
+    assert status == 503 and "deadline" in body["error"]["message"]
+    assert int(headers["Retry-After"]) >= 1
+    assert elapsed < 0.8 + 1.0, elapsed
+    faulty[0].delay_s = 0.0
+    assert embed(srv, {"input": "fast"}, {"X-Timeout-Ms": "30000"})[0] == 200
+
+
+# -- cache by identity, fallbacks ----------------------------------------------------------------
+
+
+def test_a_cache_hit_never_loads_the_model(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server({MODEL: minilm_folder})
+    assert embed(srv, {"input": "remember me"})[0] == 200
+    srv.call(lambda: srv.app[RESILIENCE].cache.flush())
+    srv.call(lambda: srv.app[MANAGER].unload(MODEL, evicted=True))
+    status, _, headers = embed(srv, {"input": "remember me"})
+    assert status == 200 and headers["X-Appliance-Source"] == "cache"
+    assert srv.call(lambda: srv.app[MANAGER].slots[MODEL].state.value) == "evicted"  # not loaded
+
+
+def test_a_model_that_cannot_load_answers_from_the_fallback_chain(
+    start_server, minilm_folder: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server({MODEL: minilm_folder}, overrides={MODEL: {"default_response": [0.0] * 384}})
+    assert embed(srv, {"input": "cached before the failure"})[0] == 200
+    srv.call(lambda: srv.app[RESILIENCE].cache.flush())
+    srv.call(lambda: srv.app[MANAGER].unload(MODEL, evicted=True))
+
+    def broken(entry: Any, values: Any) -> Any:
+        raise RuntimeError("injected: the model's files cannot be opened")
+
+    monkeypatch.setattr(ModelManager, "_open_engine", staticmethod(broken))
+    status, _, headers = embed(srv, {"input": "cached before the failure"})
+    assert (status, headers["X-Appliance-Source"]) == (200, "cache")
+    status, body, headers = embed(srv, {"input": "never seen"})
+    assert (status, headers["X-Appliance-Source"]) == (200, "default")
+    assert body["data"][0]["embedding"] == [0.0] * 384
+
+
+# -- input limits -------------------------------------------------------------------------------
+
+BIG = "customer service " * 250_000  # ~4 MB
+
+
+def test_an_input_past_the_context_is_a_400_naming_the_limit(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server({MODEL: minilm_folder})
+    status, body, _ = embed(srv, {"input": "word " * 400})
+    assert status == 400 and "402 tokens" in body["error"]["message"] and "256" in body["error"]["message"]
+    started = time.monotonic()
+    status, body, _ = embed(srv, {"input": BIG})
+    assert (
+        status == 400 and "characters" in body["error"]["message"] and "truncate" in body["error"]["message"]
+    )
+    assert time.monotonic() - started < 5  # refused unread: no tokenizing of 4 MB
+    status, body, _ = embed(srv, {"input": BIG, "truncate": True})
+    assert status == 200 and body["usage"]["prompt_tokens"] == 256
+
+
+def test_the_model_setting_allows_truncation(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server({MODEL: minilm_folder}, overrides={MODEL: {"input": {"truncate": True}}})
+    status, body, _ = embed(srv, {"input": "word " * 400})
+    assert status == 200 and body["usage"]["prompt_tokens"] == 256
+    assert embed(srv, {"input": "word " * 400, "truncate": False})[0] == 400
+
+
+def test_small_requests_are_answered_while_a_huge_one_is_in_progress(
+    start_server, minilm_folder: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """~4 MB of texts to truncate and embed, next to a stream of small requests: small ones are
+    answered while the big one is still in progress (its tokenizing runs off the event loop, its
+    sentences share batches with everyone else's)."""
+    srv = start_server(
+        {MODEL: minilm_folder},
+        overrides={MODEL: {"cache": {"enabled": False}, "queue": {"default_timeout_ms": 300_000}}},
+    )
+    texts = [f"{i} " + "a long complaint about a parcel " * 8200 for i in range(16)]
+    assert sum(map(len, texts)) > 4_000_000
+    big: dict[str, Any] = {}
+
+    def run_big() -> None:
+        big["status"] = embed(srv, {"input": texts, "truncate": True})[0]
+        big["done"] = time.monotonic()
+
+    thread = threading.Thread(target=run_big)
+    started = time.monotonic()
+    thread.start()
+    small_done: list[float] = []
+    while thread.is_alive() and time.monotonic() - started < 300:
+        status, _, _ = embed(srv, {"input": f"small {len(small_done)}"})
+        assert status == 200
+        small_done.append(time.monotonic())
+    thread.join()
+    assert big["status"] == 200
+    during = [t for t in small_done if t < big["done"]]
+    assert len(during) >= 3, (len(small_done), big)
+    lag = metric(srv, "appliance_event_loop_lag_seconds_count")
+    assert lag > 0  # the probe ran throughout
+
+
+@pytest.mark.parametrize("api", ["openai", "kserve"])
+def test_an_unbuilt_model_is_a_503_with_retry_after(
+    start_server, minilm_folder: Path, tmp_path: Path, api: str
+) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server({MODEL: minilm_folder})
+    folder = Path(srv.cfg.model_repository) / "not-built"
+    folder.mkdir()
+    (folder / "model.yaml").write_text(
+        "name: not-built\nkind: embedding\nartefacts: {model: model.onnx, tokenizer: tokenizer.json}\n"
+    )
+    srv.call(lambda: srv.app[MANAGER].rescan())
+    if api == "openai":
+        status, _, headers = srv.post("/v1/embeddings", {"model": "not-built", "input": "x"})
+    else:
+        doc = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["x"]}]}
+        status, _, headers = srv.post("/v2/models/not-built/infer", doc)
+    assert status == 503 and int(headers["Retry-After"]) >= 1
