@@ -4,6 +4,7 @@ that keep slow or greedy clients from holding the server (connections, body read
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -49,7 +50,11 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key'")
     try:
         # Bounded: the key check (scrypt on a worker thread) must never hold a request forever.
-        record = await asyncio.wait_for(request.app[KEYS].authenticate_async(presented), AUTH_TIMEOUT_S)
+        # ... and within the client's own deadline when it set one.
+        limit = AUTH_TIMEOUT_S
+        with contextlib.suppress(ValueError):
+            limit = min(limit, max(float(request.headers.get("X-Timeout-Ms", "inf")) / 1000, 0.001))
+        record = await asyncio.wait_for(request.app[KEYS].authenticate_async(presented), limit)
     except asyncio.TimeoutError:
         raise Unavailable("the API key could not be checked in time; retry", retry_after_s=1.0) from None
     if record is None:
