@@ -105,9 +105,12 @@ class _Wire:
 
     def whole(self, c: Completion) -> bytes:
         if self.chat:
+            message: dict[str, Any] = {"role": "assistant", "content": c.text}
+            if c.reasoning is not None:
+                message["reasoning_content"] = c.reasoning
             choice: dict[str, Any] = {
                 "index": 0,
-                "message": {"role": "assistant", "content": c.text},
+                "message": message,
                 "logprobs": None,
                 "finish_reason": c.finish_reason,
             }
@@ -116,15 +119,24 @@ class _Wire:
         doc = {
             **self._head("chat.completion" if self.chat else "text_completion"),
             "choices": [choice],
-            "usage": _usage(c.prompt_tokens, c.completion_tokens),
+            "usage": _usage(c.prompt_tokens, c.completion_tokens, c.reasoning_tokens),
             "system_fingerprint": None,
         }
         return _dumps(doc)
 
-    def chunk(self, text: str | None, finish_reason: str | None = None, *, role: bool = False) -> bytes:
+    def chunk(
+        self,
+        text: str | None,
+        finish_reason: str | None = None,
+        *,
+        role: bool = False,
+        reasoning: str | None = None,
+    ) -> bytes:
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
-            if text is not None:
+            if reasoning:  # DeepSeek's delta field for the thinking
+                delta["reasoning_content"] = reasoning
+            if text is not None and (text or not reasoning):
                 delta["content"] = text
             choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None}
         else:
@@ -135,17 +147,26 @@ class _Wire:
             doc["usage"] = None  # OpenAI's convention: only the last chunk carries usage
         return _event(doc)
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+    def usage_chunk(
+        self, prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None
+    ) -> bytes:
         doc = {
             **self._head("chat.completion.chunk" if self.chat else "text_completion"),
             "choices": [],
-            "usage": _usage(prompt_tokens, completion_tokens),
+            "usage": _usage(prompt_tokens, completion_tokens, reasoning_tokens),
         }
         return _event(doc)
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(prompt: int, completion: int, reasoning: int | None = None) -> dict[str, Any]:
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+    if reasoning is not None:  # OpenAI's field for the tokens spent thinking
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return usage
 
 
 def _dumps(doc: Any) -> bytes:
@@ -237,8 +258,15 @@ class _StreamCache:
             doc = json.loads(hit.value)
             choice, usage = doc["choices"][0], doc["usage"]
             text = choice["message"]["content"] if chat else choice["text"]
+            reasoning = choice["message"].get("reasoning_content") if chat else None
+            details = usage.get("completion_tokens_details") or {}
             done = Completion(
-                text, choice["finish_reason"], usage["prompt_tokens"], usage["completion_tokens"]
+                text,
+                choice["finish_reason"],
+                usage["prompt_tokens"],
+                usage["completion_tokens"],
+                reasoning,
+                details.get("reasoning_tokens"),
             )
         except (ValueError, KeyError, IndexError, TypeError):
             return None
@@ -295,19 +323,30 @@ async def _stream(
             if wire.chat:
                 await resp.write(wire.chunk("", role=True))
             text: list[str] = []
+            thinking: list[str] = []
             try:
                 while True:
                     if isinstance(event, Finished):
                         await resp.write(wire.chunk(None, event.finish_reason))
                         if wire.include_usage:
-                            await resp.write(wire.usage_chunk(event.prompt_tokens, event.completion_tokens))
+                            await resp.write(
+                                wire.usage_chunk(
+                                    event.prompt_tokens, event.completion_tokens, event.reasoning_tokens
+                                )
+                            )
                         whole = Completion(
-                            "".join(text), event.finish_reason, event.prompt_tokens, event.completion_tokens
+                            "".join(text),
+                            event.finish_reason,
+                            event.prompt_tokens,
+                            event.completion_tokens,
+                            None if event.reasoning_tokens is None else "".join(thinking),
+                            event.reasoning_tokens,
                         )
                         break
-                    if isinstance(event, Token) and event.text:
+                    if isinstance(event, Token) and (event.text or event.reasoning):
                         text.append(event.text)
-                        await resp.write(wire.chunk(event.text))
+                        thinking.append(event.reasoning)
+                        await resp.write(wire.chunk(event.text, reasoning=event.reasoning))
                     event = await gen.__anext__()
             except ApplianceError as exc:
                 if isinstance(exc, EngineFailure):
@@ -357,10 +396,14 @@ async def _replay(
     await resp.prepare(request)
     if wire.chat:
         await resp.write(wire.chunk("", role=True))
-    await resp.write(wire.chunk(completion.text))
+    await resp.write(wire.chunk(completion.text, reasoning=completion.reasoning))
     await resp.write(wire.chunk(None, completion.finish_reason))
     if wire.include_usage:
-        await resp.write(wire.usage_chunk(completion.prompt_tokens, completion.completion_tokens))
+        await resp.write(
+            wire.usage_chunk(
+                completion.prompt_tokens, completion.completion_tokens, completion.reasoning_tokens
+            )
+        )
     await resp.write(DONE)
     await resp.write_eof()
     return resp
