@@ -290,3 +290,25 @@ def test_earlier_thinking_is_rendered_as_the_template_says(scripted: Any, tiny_r
         {"model": "tiny-r1", "messages": [{"role": "user", "content": "x", "reasoning_content": 3}]},
     )
     assert status == 400 and body["error"]["param"] == "messages[0].reasoning_content"
+
+
+def test_a_cached_answer_keeps_its_reasoning_whole_and_replayed(
+    scripted: Any, tiny_r1: dict[str, Any]
+) -> None:
+    """A deterministic answer is cached as the whole response; a stream of the same request is
+    replayed from it with the same split and usage."""
+    srv, _ = scripted
+    say(scripted, tiny_r1, "Cached plan.\n</think>\n\nCached answer.")
+    body = {"model": "tiny-r1", "messages": [{"role": "user", "content": "Cache me"}], "temperature": 0}
+    status, first, _ = srv.post("/v1/chat/completions", body)
+    assert status == 200 and first["choices"][0]["message"]["reasoning_content"] == "Cached plan."
+    say(scripted, tiny_r1, "Something else entirely")  # a cache miss would now say this
+    stream = client(srv).chat.completions.with_raw_response.create(
+        **body, stream=True, stream_options={"include_usage": True}
+    )
+    assert stream.headers["X-Appliance-Source"] == "cache"
+    reasoning, content, _ = streamed(list(stream.parse()))
+    assert (reasoning, content) == ("Cached plan.", "Cached answer.")
+    status, again, _ = srv.post("/v1/chat/completions", body)
+    assert again["choices"] == first["choices"] and again["usage"] == first["usage"]
+    assert again["usage"]["completion_tokens_details"]["reasoning_tokens"] > 0
