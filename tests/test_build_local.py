@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import openai
 import pytest
 import yaml
@@ -342,3 +343,18 @@ def test_smollm2_gguf_added_by_path_matches_the_pulled_model(smollm_folder: Path
     mine, pulled = greedy(folder, prompts, 12), greedy(smollm_folder, prompts, 12)
     assert mine == pulled
     assert [m[:12] for m in mine] == [c["greedy_new_ids"][:12] for c in cases]
+
+
+def test_precision_fp16_is_recorded_and_kept_by_rebuilds(tiny_r1: dict[str, Any], tmp_path: Path) -> None:
+    repo = tmp_path / "engines"
+    folder = add("tiny-r1-half", tiny_r1["checkpoint"], repo, precision="fp16")
+    assert json.loads((folder / "generation.json").read_text())["dtype"] == "float16"
+    assert main(["models", "build", "tiny-r1-half", "--repository", str(repo)]) == 0
+    entry = load_model_file(folder / "model.yaml")
+    assert entry.spec.source.precision == "fp16" and entry.build_record()["dtype"] == "float16"
+    ids = [tiny_r1["tokenizer"].encode("Where is my order?").ids]
+    half, _ = DecoderSession(folder).prefill(ids)
+    full, _ = DecoderSession(tiny_r1["folder"]).prefill(ids)
+    np.testing.assert_allclose(half, full, atol=0.05)  # the same model, in half precision
+    with pytest.raises(RepositoryError, match="--precision: expected one of fp32, fp16"):
+        add("tiny-r1-int4", tiny_r1["checkpoint"], repo, precision="int4")
