@@ -61,6 +61,14 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_add(args: argparse.Namespace) -> int:
+    from appliance.build.local import add
+
+    cfg = _config(args)
+    add(args.name, Path(args.source), cfg.model_repository, precision=args.precision, force=args.force)
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _config(args)
     models = list(scan(cfg.model_repository))
@@ -120,6 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
         mp.add_argument("--force", action="store_true", default=verb == "build")
         mp.add_argument("--no-install", action="store_true", default=verb == "build")
         mp.set_defaults(func=cmd_models_pull)
+    ma = msub.add_parser(
+        "add",
+        help="serve your own decoder: a Hugging Face Llama/Qwen2 folder or a llama/qwen2 GGUF file",
+    )
+    ma.add_argument("name", help="the new model's name (its folder in the repository)")
+    ma.add_argument("--from", dest="source", required=True, metavar="PATH", help="checkpoint folder or .gguf")
+    ma.add_argument(
+        "--precision", choices=("fp32", "fp16"), default="fp32", help="weights of the built graph"
+    )
+    ma.add_argument("--repository")
+    ma.add_argument("--force", action="store_true", help="replace an existing model of that name")
+    ma.set_defaults(func=cmd_models_add)
 
     c = sub.add_parser("check-config", help="validate the configuration and the model repository")
     c.add_argument("--repository")
@@ -161,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_tui)
 
     # --config is accepted before or after the subcommand.
-    for parser in (s, ml, c, st, ka, kr, kl, eb, *(msub.choices[v] for v in ("pull", "build"))):
+    for parser in (s, ml, c, st, ka, kr, kl, eb, *(msub.choices[v] for v in ("pull", "build", "add"))):
         parser.add_argument("--config", "-c", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 

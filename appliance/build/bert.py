@@ -7,7 +7,6 @@ inside the graph, so the server only tokenizes, pads and copies out ``sentence_e
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile

@@ -435,6 +435,7 @@ def _generation_config(source: DecoderSource, dtype: str) -> dict[str, Any]:
         "vocab": c.vocab,
         "dtype": dtype,
         "chat_template": source.chat_template,
+        "reasoning_parser": source.reasoning_parser,
     }
 
 

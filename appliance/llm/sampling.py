@@ -6,7 +6,9 @@
   level BPE token may hold half of one; the decoder shows that as U+FFFD until the rest arrives).
 - ``StopMatcher``: stop strings on the decoded text, holding back any tail that could still grow
   into a stop string so that a stream never shows part of one.
-- ``OutputProcessor``: the three together plus EOS and ``max_tokens``: one call per sampled token.
+- ``OutputProcessor``: the three together plus EOS and ``max_tokens``: one call per sampled token,
+  and, for reasoning models, the split of the released text into thinking and answer
+  (``appliance.llm.reasoning``; stop strings apply to the raw text, as in vLLM).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+
+from appliance.llm.reasoning import END, DeepSeekR1Parser
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -160,10 +164,12 @@ class StopMatcher:
 
 @dataclass
 class Output:
-    """What one sampled token adds: text to release, and the finish reason if it ended the sequence."""
+    """What one sampled token adds: text to release (the answer part, for a reasoning model, and
+    its thinking part in ``reasoning``), and the finish reason if it ended the sequence."""
 
     text: str
     finish_reason: str | None = None
+    reasoning: str = ""
 
 
 @dataclass
@@ -173,18 +179,29 @@ class OutputProcessor:
     params: SamplingParams
     eos_ids: frozenset[int]
     detok: IncrementalDetokenizer
+    reasoning: DeepSeekR1Parser | None = None
     stops: StopMatcher = field(init=False)
     count: int = 0
     finish_reason: str | None = None
+    # Tokens up to and including the one that closed the thinking (None without a parser).
+    reasoning_tokens: int | None = None
+    _raw_tail: str = ""  # the last characters of raw text, to see </think> split across tokens
+    _thinking: bool = True
 
     def __post_init__(self) -> None:
         self.stops = StopMatcher(self.params.stop)
+        if self.reasoning is not None:
+            self.reasoning_tokens = 0
 
     @classmethod
     def create(
-        cls, params: SamplingParams, tokenizer: TokenDecoder, eos_ids: Sequence[int]
+        cls,
+        params: SamplingParams,
+        tokenizer: TokenDecoder,
+        eos_ids: Sequence[int],
+        reasoning: DeepSeekR1Parser | None = None,
     ) -> OutputProcessor:
-        return cls(params, frozenset(eos_ids), IncrementalDetokenizer(tokenizer))
+        return cls(params, frozenset(eos_ids), IncrementalDetokenizer(tokenizer), reasoning)
 
     @property
     def text(self) -> str:
@@ -197,15 +214,37 @@ class OutputProcessor:
         if token in self.eos_ids and not self.params.ignore_eos:
             # The EOS token itself is not text; whatever was held back is final now.
             return self._end(FINISH_STOP, "")
-        out, stopped = self.stops.feed(self.detok.push(token))
+        piece = self.detok.push(token)
+        self._count_reasoning(piece)
+        out, stopped = self.stops.feed(piece)
         if stopped:
-            self.finish_reason = FINISH_STOP
-            return Output(out, FINISH_STOP)
+            return self._split(out, FINISH_STOP)
         if self.count >= self.params.max_tokens:
             return self._end(FINISH_LENGTH, out)
-        return Output(out)
+        return self._split(out, None)
+
+    def _count_reasoning(self, piece: str) -> None:
+        """Count the token as thinking while no ``</think>`` has appeared in the raw text (the
+        token that completes it counts too), ahead of any hold-back by stop strings."""
+        if self.reasoning_tokens is None or not self._thinking:
+            return
+        self.reasoning_tokens += 1
+        tail = self._raw_tail + piece
+        self._thinking = END not in tail
+        self._raw_tail = tail[-(len(END) - 1) :]
 
     def _end(self, reason: str, out: str) -> Output:
         tail, stopped = self.stops.feed(self.detok.flush())
-        self.finish_reason = FINISH_STOP if stopped else reason
-        return Output(out + tail + ("" if stopped else self.stops.finish()), self.finish_reason)
+        return self._split(
+            out + tail + ("" if stopped else self.stops.finish()), FINISH_STOP if stopped else reason
+        )
+
+    def _split(self, out: str, finish_reason: str | None) -> Output:
+        self.finish_reason = finish_reason
+        if self.reasoning is None:
+            return Output(out, finish_reason)
+        reasoning, content = self.reasoning.feed(out)
+        if finish_reason is not None:
+            more_reasoning, more_content = self.reasoning.finish()
+            reasoning, content = reasoning + more_reasoning, content + more_content
+        return Output(content, finish_reason, reasoning)

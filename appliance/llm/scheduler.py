@@ -105,10 +105,12 @@ class Decoder(Protocol):
 
 @dataclass
 class Token:
-    """New text (may be empty while a stop string or a split character is held back)."""
+    """New text (may be empty while a stop string or a split character is held back); for a
+    reasoning model, ``text`` is the answer and ``reasoning`` the thinking."""
 
     text: str
     completion_tokens: int
+    reasoning: str = ""
 
 
 @dataclass
@@ -116,6 +118,7 @@ class Finished:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    reasoning_tokens: int | None = None  # None: no reasoning parser for this sequence
 
 
 @dataclass
@@ -687,11 +690,12 @@ class Scheduler:
             if self.metrics is not None:
                 self.metrics.time_to_first_token.labels(self.name).observe(seq.first_token_at - seq.arrival)
         events: list[tuple[Seq, Event]] = []
-        if out.text or out.finish_reason is None:
-            events.append((seq, Token(out.text, n)))
+        if out.text or out.reasoning or out.finish_reason is None:
+            events.append((seq, Token(out.text, n, out.reasoning)))
         if out.finish_reason is not None:
             seq.done = True
-            events.append((seq, Finished(out.finish_reason, len(seq.prompt), n)))
+            reasoning_tokens = seq.processor.reasoning_tokens
+            events.append((seq, Finished(out.finish_reason, len(seq.prompt), n, reasoning_tokens)))
         return events
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +24,7 @@ from appliance.engines.onnxruntime import OnnxRuntimeEngine, providers
 from appliance.errors import InvalidRequest
 from appliance.inference import CHARS_PER_TOKEN_BOUND, OFFLOOP_CHARS, admission_error, engine_failure
 from appliance.llm.chat_template import render_chat
+from appliance.llm.reasoning import PARSERS, make_parser
 from appliance.llm.runtime import DecoderSession
 from appliance.llm.sampling import OutputProcessor, SamplingParams
 from appliance.llm.scheduler import Event, Finished, GenerationConfig, Scheduler, Seq, Token
@@ -32,6 +33,9 @@ from appliance.repository import ModelEntry, ModelKind
 
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP = 4
+# A request's ``reasoning_format`` (llama.cpp's field): "none" returns the raw text, "auto" the
+# model's ``generation.reasoning_parser``; "deepseek" is llama.cpp's name for the R1 format.
+REASONING_FORMATS = {"none": "none", "auto": "auto", "deepseek": "deepseek-r1", "deepseek-r1": "deepseek-r1"}
 
 
 # -- the engine and runtime of a generate model ------------------------------------------------
@@ -68,10 +72,21 @@ class LLMRuntime:
     tokenizer: Tokenizer
     scheduler: Scheduler
     default_response: str | None = None
+    tunables: Callable[[], Mapping[str, Any]] | None = None
 
     @property
     def generation(self) -> dict[str, Any]:
         return self.session.generation
+
+    def reasoning_parser(self, requested: str | None = None) -> str:
+        """The reasoning parser of a chat request: its ``reasoning_format``, else the model's
+        ``generation.reasoning_parser``, whose ``auto`` is what the builder recognised."""
+        name = REASONING_FORMATS[requested or "auto"]
+        if name == "auto" and self.tunables is not None:
+            name = str(self.tunables()["generation.reasoning_parser"])
+        if name == "auto":
+            name = str(self.generation.get("reasoning_parser") or "none")
+        return name if name in PARSERS else "none"
 
     @property
     def context_length(self) -> int:
@@ -137,7 +152,12 @@ def _generate_runtime(
     )
     fallback = entry.spec.default_response
     rt = LLMRuntime(
-        entry.name, engine.session, tok, scheduler, fallback if isinstance(fallback, str) else None
+        entry.name,
+        engine.session,
+        tok,
+        scheduler,
+        fallback if isinstance(fallback, str) else None,
+        tunables=lambda: mgr.tunables(entry.name),
     )
     extras = {"llm": rt, "warmup": rt.warmup, "generation_snapshot": scheduler.generation_snapshot}
     return ModelRuntime(entry, engine, executor, scheduler, entry.digest(), extras)
@@ -185,6 +205,7 @@ class GenerationOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    reasoning_format: str | None = None  # chat only; see REASONING_FORMATS
 
     @classmethod
     def from_openai(cls, body: Mapping[str, Any]) -> GenerationOptions:
@@ -215,6 +236,12 @@ class GenerationOptions:
         ignore_eos = body.get("ignore_eos", False)
         if not isinstance(ignore_eos, bool):
             raise InvalidRequest("'ignore_eos' must be true or false", param="ignore_eos")
+        reasoning_format = body.get("reasoning_format")
+        if reasoning_format is not None and reasoning_format not in REASONING_FORMATS:
+            raise InvalidRequest(
+                "'reasoning_format' must be one of " + ", ".join(repr(f) for f in REASONING_FORMATS),
+                param="reasoning_format",
+            )
         return cls(
             max_tokens=max_tokens,
             temperature=_number(body, "temperature", 0.0, 2.0, 1.0),
@@ -223,6 +250,7 @@ class GenerationOptions:
             seed=_integer(body, "seed"),
             stop=_stops(body.get("stop")),
             ignore_eos=ignore_eos,
+            reasoning_format=reasoning_format,
         )
 
 
@@ -240,7 +268,9 @@ def _stops(value: Any) -> tuple[str, ...]:
 
 
 def normalize_messages(raw: Any) -> list[dict[str, str]]:
-    """OpenAI chat messages as {role, content} with text content; 'developer' is a system message."""
+    """OpenAI chat messages as {role, content} with text content; 'developer' is a system message.
+    An assistant turn sent back with its ``reasoning_content`` keeps it: the chat template decides
+    whether the model sees it (DeepSeek-R1's templates drop earlier thinking)."""
     if not isinstance(raw, list):
         raise InvalidRequest("'messages' must be a list of messages", param="messages")
     if not raw:
@@ -258,9 +288,19 @@ def normalize_messages(raw: Any) -> list[dict[str, str]]:
                 f"{where}.role {role!r} is not supported; expected one of {', '.join(ROLES)}",
                 param=f"{where}.role",
             )
-        out.append(
-            {"role": "system" if role == "developer" else role, "content": _content(m.get("content"), where)}
-        )
+        message = {
+            "role": "system" if role == "developer" else role,
+            "content": _content(m.get("content"), where),
+        }
+        thinking = m.get("reasoning_content")
+        if thinking is not None:
+            if role != "assistant" or not isinstance(thinking, str):
+                raise InvalidRequest(
+                    f"{where}.reasoning_content must be a string, and only on an assistant message",
+                    param=f"{where}.reasoning_content",
+                )
+            message["reasoning_content"] = thinking
+        out.append(message)
     return out
 
 
@@ -296,6 +336,7 @@ class Prepared:
     prompt: list[int]
     params: SamplingParams
     source: dict[str, Any] = field(default_factory=dict)  # messages or prompt, for the cache key
+    reasoning: str = "none"  # the reasoning parser that splits the output (chat only)
 
     def canonical(self, api: str) -> dict[str, Any] | None:
         """The cache key's content, or None when the output is sampled (never reuse an answer then)."""
@@ -313,6 +354,8 @@ class Prepared:
             "seed": p.seed,
             "stop": list(p.stop),
             "ignore_eos": p.ignore_eos,
+            # Only when set, so the keys of models without a parser stay what they were.
+            **({"reasoning": self.reasoning} if self.reasoning != "none" else {}),
         }
 
 
@@ -322,6 +365,8 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    reasoning: str | None = None  # the thinking, when a reasoning parser split the output
+    reasoning_tokens: int | None = None
 
 
 class GenerationStream:
@@ -360,7 +405,7 @@ class GenerationStream:
                 if not isinstance(nxt, Token):
                     self._pending = nxt
                     break
-                ev = Token(ev.text + nxt.text, nxt.completion_tokens)
+                ev = Token(ev.text + nxt.text, nxt.completion_tokens, ev.reasoning + nxt.reasoning)
             return ev
         self._done = True
         if isinstance(ev, Finished):
@@ -373,14 +418,20 @@ class GenerationStream:
             self.prepared.llm.scheduler.cancel(self.seq)
 
     async def collect(self) -> Completion:
-        parts = []
+        parts, thinking = [], []
         try:
             async for ev in self:
                 if isinstance(ev, Token):
                     parts.append(ev.text)
+                    thinking.append(ev.reasoning)
                 else:
                     return Completion(
-                        "".join(parts), ev.finish_reason, ev.prompt_tokens, ev.completion_tokens
+                        "".join(parts),
+                        ev.finish_reason,
+                        ev.prompt_tokens,
+                        ev.completion_tokens,
+                        None if ev.reasoning_tokens is None else "".join(thinking),
+                        ev.reasoning_tokens,
                     )
         finally:
             self.close()
@@ -428,7 +479,9 @@ class ChatService:
         # The template writes the special tokens itself; the tokenizer must not add more.
         prompt = await self._encode(llm, text, special=False, param="messages")
         self.manager.metrics.child(self.manager.metrics.input_tokens, llm.name).observe(len(prompt))
-        return self._prepared(llm, prompt, options, {"messages": normalized})
+        prepared = self._prepared(llm, prompt, options, {"messages": normalized})
+        prepared.reasoning = llm.reasoning_parser(options.reasoning_format)
+        return prepared
 
     async def prepare_completion(
         self, runtime: ModelRuntime, prompt: Any, options: GenerationOptions
@@ -509,7 +562,9 @@ class ChatService:
     ) -> GenerationStream:
         """Queue a prepared request; admission refusals raise at once (429 / 503 / 400)."""
         llm = prepared.llm
-        processor = OutputProcessor.create(prepared.params, llm.tokenizer, llm.session.eos_ids)
+        processor = OutputProcessor.create(
+            prepared.params, llm.tokenizer, llm.session.eos_ids, make_parser(prepared.reasoning)
+        )
         seq = Seq(list(prepared.prompt), prepared.params, processor)
         try:
             llm.scheduler.submit(seq, priority=priority, timeout_ms=timeout_ms)
