@@ -299,10 +299,10 @@ class EmbeddingService:
                     f"input[{i}] has {len(seq)} tokens; the model takes at most {rt.max_tokens}",
                     param="input",
                 )
-            arr = np.array(seq, dtype=np.int64)
-            if arr.min() < 0 or arr.max() >= vocab:
+            # Checked on Python integers: an id beyond int64 would overflow the array conversion.
+            if min(seq) < 0 or max(seq) >= vocab:
                 raise InvalidRequest(f"input[{i}] has a token id outside 0..{vocab - 1}", param="input")
-            items.append(arr)
+            items.append(np.array(seq, dtype=np.int64))
         return items
 
 

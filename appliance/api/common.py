@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
+from appliance.api.jsonbody import parse_object
 from appliance.config import Config
 from appliance.errors import ApplianceError, InvalidRequest
 from appliance.gpu.nvml import GpuSampler
@@ -60,6 +61,7 @@ EXTRA_STATS = web.AppKey("extra_stats", dict)
 ACTIONS = web.AppKey("actions", dict)
 
 OPENAI, KSERVE, OTHER = "openai", "kserve", "other"
+_INTEGER = re.compile(r"-?[0-9]{1,18}")
 
 
 def api_of(path: str) -> str:
@@ -91,13 +93,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raw = await read_body(request)
     except web.HTTPRequestEntityTooLarge as exc:
         raise BodyTooLarge(str(exc.text or "request body too large")) from None
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    return doc
+    return parse_object(raw)
 
 
 class BodyTooLarge(ApplianceError):
@@ -111,8 +107,10 @@ def priority_of(request: web.Request, body_value: Any) -> int | None:
     value = body_value
     if value is None and "X-Priority" in request.headers:
         text = request.headers["X-Priority"].strip()
-        if not text.lstrip("-").isdigit():
-            raise InvalidRequest("X-Priority must be an integer", param="priority")
+        # ASCII digits only: str.isdigit() also accepts "²" and other digits int() refuses, and a
+        # bounded length keeps int() below its digit limit.
+        if not _INTEGER.fullmatch(text):
+            raise InvalidRequest(f"X-Priority must be an integer, got {text[:20]!r}", param="priority")
         value = int(text)
     if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
         raise InvalidRequest("'priority' must be an integer", param="priority")
@@ -182,7 +180,10 @@ def timeout_ms_of(request: web.Request) -> float | None:
     try:
         value = float(text)
     except ValueError:
-        raise InvalidRequest("X-Timeout-Ms must be a number of milliseconds") from None
-    if not value > 0:
-        raise InvalidRequest("X-Timeout-Ms must be positive")
+        raise InvalidRequest("X-Timeout-Ms must be a number of milliseconds", param="X-Timeout-Ms") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise InvalidRequest(
+            f"X-Timeout-Ms must be a positive, finite number of milliseconds, got {text[:20]!r}",
+            param="X-Timeout-Ms",
+        )
     return value
