@@ -146,7 +146,7 @@ def engine_call(
             return await fut
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout_ms / 1000)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # wait_for raises this, not TimeoutError, on Python 3.10
             raise EngineTimeout(f"a batch of {len(items)} ran past {timeout_ms:.0f} ms") from None
 
     return execute

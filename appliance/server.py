@@ -131,9 +131,10 @@ class Server:
         mgr = self.app[MANAGER]
         started = time.monotonic()
         await asyncio.gather(*(self._shed(s.runtime.batcher) for s in mgr.slots.values() if s.runtime))
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(max(0.0, timeout - (time.monotonic() - started))):
-                await self.app[INFLIGHT].wait_idle()
+        with contextlib.suppress(asyncio.TimeoutError):  # not TimeoutError: on 3.10 they differ
+            await asyncio.wait_for(
+                self.app[INFLIGHT].wait_idle(), max(0.0, timeout - (time.monotonic() - started))
+            )
         left = self.app[INFLIGHT].count
         if left:
             log.warning("drain timeout: %d requests still running are cut", left)

@@ -60,9 +60,9 @@ async def read_body(request: web.Request) -> bytes:
     """The whole body, within ``server.read_timeout_s``: a trickling client cannot hold a slot."""
     timeout = request.app[CONFIG].server.read_timeout_s
     try:
-        async with asyncio.timeout(timeout):
-            return await request.read()
-    except TimeoutError:
+        # wait_for, not asyncio.timeout (3.11+); on 3.10 its timeout is asyncio.TimeoutError.
+        return await asyncio.wait_for(request.read(), timeout)
+    except asyncio.TimeoutError:
         err = ApplianceError(f"the request body did not arrive within {timeout:.0f} s")
         err.status, err.type, err.code = 408, "invalid_request_error", "request_timeout"
         raise err from None
