@@ -14,7 +14,8 @@ Use::
 
 Only backend health is counted: exceptions, timeouts and OOM are failures; client errors, client
 disconnects (``CancelledError``) and admission rejections are ``ignore()``-d. Keep the breaker
-*outside* ``asyncio.timeout()`` so a timeout reaches it as ``TimeoutError``, not as a cancellation.
+*outside* ``asyncio.wait_for()`` so a timeout reaches it as ``asyncio.TimeoutError``, not as a
+cancellation.
 
 All methods are thread-safe (engine threads may report outcomes). Time comes only from the
 injected monotonic clock, so wall-clock jumps change nothing.

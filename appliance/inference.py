@@ -161,7 +161,7 @@ def engine_call(
             return await fut
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout_ms / 1000)
-        except asyncio.TimeoutError:
+        except asyncio.TimeoutError:  # wait_for raises this, not TimeoutError, on Python 3.10
             raise EngineTimeout(f"a batch of {len(items)} ran past {timeout_ms:.0f} ms") from None
 
     return execute
@@ -356,10 +356,10 @@ def _tokenize(
             if not cut:
                 raise _too_long(i, len(seq), "tokens", limit)
             seq = list(seq[:limit])
-        arr = np.array(seq, dtype=np.int64)
-        if arr.min() < 0 or arr.max() >= vocab:
+        # Checked on Python integers: an id beyond int64 would overflow the array conversion.
+        if min(seq) < 0 or max(seq) >= vocab:
             raise InvalidRequest(f"input[{i}] has a token id outside 0..{vocab - 1}", param="input")
-        items.append(arr)
+        items.append(np.array(seq, dtype=np.int64))
     return items
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from appliance.api import chat, kserve, openai
+from appliance.api import chat, kserve, openai, openapi
 from appliance.api.common import (
     ACTIONS,
     CHAT,
@@ -291,6 +291,7 @@ def create_app(cfg: Config) -> web.Application:
     app.router.add_routes(openai.routes)
     app.router.add_routes(chat.routes)
     app.router.add_routes(kserve.routes)
+    app.router.add_routes(openapi.routes)
     app.cleanup_ctx.append(_services)
     app.on_response_prepare.append(_request_id_header)
     return app

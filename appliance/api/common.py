@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import re
 from typing import Any
 
 from aiohttp import web
 
+from appliance.api.jsonbody import parse_object
 from appliance.config import Config
 from appliance.errors import ApplianceError, InvalidRequest
 from appliance.gpu.nvml import GpuSampler
@@ -65,6 +65,7 @@ ACTIONS = web.AppKey("actions", dict)
 
 TICKET = "ticket"  # request-scoped: the pipeline's Ticket
 OPENAI, KSERVE, OTHER = "openai", "kserve", "other"
+_INTEGER = re.compile(r"-?[0-9]{1,18}")
 
 
 def api_of(path: str) -> str:
@@ -105,13 +106,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raw = await read_body(request)
     except web.HTTPRequestEntityTooLarge as exc:
         raise BodyTooLarge(str(exc.text or "request body too large")) from None
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    return doc
+    return parse_object(raw)
 
 
 class BodyTooLarge(ApplianceError):
@@ -120,7 +115,6 @@ class BodyTooLarge(ApplianceError):
     code = "request_too_large"
 
 
-_INTEGER = re.compile(r"-?[0-9]{1,9}")  # ASCII digits only: str.isdigit() also accepts '²'
 
 
 def requested_priority(request: web.Request, body_value: Any) -> int | None:
@@ -129,8 +123,10 @@ def requested_priority(request: web.Request, body_value: Any) -> int | None:
     value = body_value
     if value is None and "X-Priority" in request.headers:
         text = request.headers["X-Priority"].strip()
+        # ASCII digits only: str.isdigit() also accepts "²" and other digits int() refuses, and a
+        # bounded length keeps int() below its digit limit.
         if not _INTEGER.fullmatch(text):
-            raise InvalidRequest("X-Priority must be an integer", param="priority")
+            raise InvalidRequest(f"X-Priority must be an integer, got {text[:20]!r}", param="priority")
         value = int(text)
     if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
         raise InvalidRequest("'priority' must be an integer", param="priority")
@@ -171,7 +167,10 @@ def timeout_ms_of(request: web.Request) -> float | None:
     try:
         value = float(text)
     except ValueError:
-        raise InvalidRequest("X-Timeout-Ms must be a number of milliseconds") from None
-    if not 0 < value < math.inf:
-        raise InvalidRequest("X-Timeout-Ms must be a positive, finite number of milliseconds")
+        raise InvalidRequest("X-Timeout-Ms must be a number of milliseconds", param="X-Timeout-Ms") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise InvalidRequest(
+            f"X-Timeout-Ms must be a positive, finite number of milliseconds, got {text[:20]!r}",
+            param="X-Timeout-Ms",
+        )
     return value

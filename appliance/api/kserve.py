@@ -15,6 +15,7 @@ from appliance.api.tensors import (
     datatype_of,
     decode_inputs,
     encode_response,
+    parameters_of,
     requested_outputs,
     split_body,
 )
@@ -142,17 +143,16 @@ async def model_config(request: web.Request) -> web.Response:
 
 
 def _schedule(doc: dict[str, Any]) -> tuple[int | None, float | None]:
-    params = doc.get("parameters")
-    if params is None:
-        params = {}
-    if not isinstance(params, dict):
-        raise InvalidRequest("'parameters' must be an object")
+    params = parameters_of(doc, "the request")
     priority = params.get("priority")
     if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
         raise InvalidRequest("Unable to parse 'priority': expected an unsigned integer")
     timeout = params.get("timeout")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0):
-        raise InvalidRequest("Unable to parse 'timeout': expected microseconds as an unsigned integer")
+    # Triton's timeout is a uint64; a larger integer would not even convert to a float.
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 <= timeout < 2**64
+    ):
+        raise InvalidRequest("Unable to parse 'timeout': expected microseconds as an unsigned 64-bit integer")
     # In the v2 protocol priority 0 means "the model's default level".
     return (priority or None), (timeout / 1000.0 if timeout else None)
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from appliance.api.jsonbody import parse_object
 from appliance.errors import InvalidRequest
 
 DTYPES: dict[str, np.dtype] = {
@@ -28,6 +30,7 @@ DTYPES: dict[str, np.dtype] = {
 }
 NAMES = {v: k for k, v in DTYPES.items()}
 HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_DIMS = 32  # numpy's own limit is 64; no model here has more than a handful
 
 
 def datatype_of(dtype: np.dtype) -> str:
@@ -46,16 +49,14 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
         if n < 0 or n > len(body):
             raise InvalidRequest(f"{HEADER_LENGTH} {n} exceeds the body length {len(body)}")
         json_part, tail = body[:n], body[n:]
-    try:
-        doc = json.loads(json_part)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"failed to parse the request JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    return doc, tail
+    return parse_object(json_part, "the request's JSON part"), tail
 
 
 def decode_inputs(doc: dict[str, Any], tail: bytes) -> dict[str, np.ndarray]:
+    """The request's input tensors. Every field's type is checked before it is used, the
+    request-level fields too (``id``, ``parameters``, ``outputs``), so that no malformed request
+    gets further than here."""
+    check_request(doc)
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidRequest("'inputs' must be a non-empty list")
@@ -67,21 +68,22 @@ def decode_inputs(doc: dict[str, Any], tail: bytes) -> dict[str, np.ndarray]:
         name, shape, datatype = t.get("name"), t.get("shape"), t.get("datatype")
         if not isinstance(name, str):
             raise InvalidRequest(f"inputs[{i}].name must be a string")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-        ):
+        if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
             raise InvalidRequest(f"input '{name}': shape must be a list of non-negative integers")
-        if datatype not in DTYPES:
+        if len(shape) > MAX_DIMS:
+            raise InvalidRequest(f"input '{name}': shape has {len(shape)} dimensions; at most {MAX_DIMS}")
+        if not isinstance(datatype, str) or datatype not in DTYPES:
             raise InvalidRequest(
                 f"input '{name}': unknown datatype {datatype!r}; expected one of {sorted(DTYPES)}"
             )
         if name in out:
             raise InvalidRequest(f"input '{name}' given twice")
-        params = t.get("parameters") or {}
-        size = params.get("binary_data_size") if isinstance(params, dict) else None
-        count = int(np.prod(shape)) if shape else 1
+        params = parameters_of(t, f"input '{name}'")
+        size = params.get("binary_data_size")
+        # Python integers: np.prod would wrap around in int64 ([2**32, 2**32] -> 0 elements).
+        count = math.prod(shape)
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(tail):
+            if not _is_uint(size) or offset + size > len(tail):
                 raise InvalidRequest(f"input '{name}': binary_data_size exceeds the binary data")
             raw = tail[offset : offset + size]
             offset += size
@@ -90,14 +92,49 @@ def decode_inputs(doc: dict[str, Any], tail: bytes) -> dict[str, np.ndarray]:
             if "data" not in t:
                 raise InvalidRequest(f"input '{name}' has neither 'data' nor binary_data_size")
             arr = _from_json(name, t["data"], datatype, count)
-        out[name] = arr.reshape(shape)
+        try:
+            out[name] = arr.reshape(shape)
+        except (ValueError, OverflowError) as exc:  # a dimension beyond what numpy can index
+            raise InvalidRequest(f"input '{name}': shape {shape} cannot be used: {exc}") from None
     if offset != len(tail):
         raise InvalidRequest("the binary data is longer than the inputs declare")
     return out
 
 
+def check_request(doc: dict[str, Any]) -> None:
+    """The types of the request-level fields, before any of them is used."""
+    if "id" in doc and not isinstance(doc["id"], str):
+        raise InvalidRequest("'id' must be a string")
+    params = parameters_of(doc, "the request")
+    if "binary_data_output" in params and not isinstance(params["binary_data_output"], bool):
+        raise InvalidRequest("parameters.binary_data_output must be true or false")
+    outputs = doc.get("outputs")
+    if outputs is not None and not isinstance(outputs, list):
+        raise InvalidRequest("'outputs' must be a list")
+    for i, o in enumerate(outputs or []):
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise InvalidRequest(f"outputs[{i}] must be an object with a name")
+        p = parameters_of(o, f"output '{o['name']}'")
+        if "binary_data" in p and not isinstance(p["binary_data"], bool):
+            raise InvalidRequest(f"output '{o['name']}': parameters.binary_data must be true or false")
+
+
+def parameters_of(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    """``obj["parameters"]``: an object, or empty when absent or null."""
+    params = obj.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise InvalidRequest(f"{where}: 'parameters' must be an object, got {type(params).__name__}")
+    return params
+
+
+def _is_uint(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def _from_json(name: str, data: Any, datatype: str, count: int) -> np.ndarray:
-    flat = list(_flatten(data))
+    flat = _flatten(data)
     if len(flat) != count:
         raise InvalidRequest(f"input '{name}': shape holds {count} elements but data has {len(flat)}")
     if datatype == "BYTES":
@@ -116,12 +153,21 @@ def _from_json(name: str, data: Any, datatype: str, count: int) -> np.ndarray:
         raise InvalidRequest(f"input '{name}': a value is out of range for {datatype}") from None
 
 
-def _flatten(data: Any) -> Any:
-    if isinstance(data, list):
-        for x in data:
-            yield from _flatten(x)
-    else:
-        yield data
+def _flatten(data: Any) -> list[Any]:
+    """Nested lists in row-major order (iterative: the nesting is the client's to choose)."""
+    if not isinstance(data, list):
+        return [data]
+    flat: list[Any] = []
+    stack = [iter(data)]
+    while stack:
+        for x in stack[-1]:
+            if isinstance(x, list):
+                stack.append(iter(x))
+                break
+            flat.append(x)
+        else:
+            stack.pop()
+    return flat
 
 
 def _from_binary(name: str, raw: bytes, datatype: str, count: int) -> np.ndarray:
@@ -149,20 +195,16 @@ def _from_binary(name: str, raw: bytes, datatype: str, count: int) -> np.ndarray
 
 def requested_outputs(doc: dict[str, Any]) -> tuple[list[str] | None, dict[str, bool]]:
     """Names of requested outputs (None = all) and which of them go back as binary."""
-    default_binary = bool((doc.get("parameters") or {}).get("binary_data_output", False))
+    check_request(doc)
+    default_binary: bool = parameters_of(doc, "the request").get("binary_data_output", False)
     outputs = doc.get("outputs")
     if outputs is None:
         return None, {"*": default_binary}
-    if not isinstance(outputs, list):
-        raise InvalidRequest("'outputs' must be a list")
     names: list[str] = []
     binary: dict[str, bool] = {"*": default_binary}
-    for i, o in enumerate(outputs):
-        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
-            raise InvalidRequest(f"outputs[{i}] must be an object with a name")
+    for o in outputs:
         names.append(o["name"])
-        p = o.get("parameters") or {}
-        binary[o["name"]] = bool(p.get("binary_data", default_binary))
+        binary[o["name"]] = parameters_of(o, "output").get("binary_data", default_binary)
     return names, binary
 
 

@@ -353,7 +353,7 @@ def load_gguf(path: str | Path) -> DecoderSource:
             raise ValueError(f"{path.name}: unexpected GGUF tensor {t.name!r}")
         weights[hf_name] = array
         if t.tensor_type.name.startswith(("Q", "IQ")) and array.ndim == 2:  # quantised block formats
-            raw[hf_name] = QuantizedTensor(t.tensor_type.name, np.asarray(t.data).reshape(array.shape[0], -1))
+            raw[hf_name] = QuantizedTensor(t.tensor_type.name, np.asarray(t.data).reshape(len(array), -1))
     kv_heads = int(key("attention.head_count_kv", heads))
     if arch == "llama":  # only the llama converter permutes; qwen2 GGUFs keep HF order (NEOX rope)
         for name in list(weights):

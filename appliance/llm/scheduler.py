@@ -536,7 +536,7 @@ class Scheduler:
                 kv, rows = await asyncio.wait_for(asyncio.shield(fut), timeout_ms / 1000)
             else:
                 kv, rows = await fut
-        except TimeoutError:
+        except asyncio.TimeoutError:  # wait_for raises this, not TimeoutError, on Python 3.10
             # The worker cannot be stopped; its late results are dropped (every sequence it held
             # is failed and marked closed), and the next step queues behind it on the executor.
             err = EngineTimeout(f"a generation step ran past {timeout_ms:.0f} ms")

@@ -1,0 +1,50 @@
+"""Parsing a request body as a JSON object, refusing what ``json.loads`` lets through (or raises on)
+that would otherwise fail later as a server error: nesting deep enough to exhaust the recursion
+limit in whatever walks the document next (the cache key, a tensor's data), and lone UTF-16
+surrogates (``"\\ud800"``), which no tokenizer or encoder downstream can take."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from appliance.errors import InvalidRequest
+
+MAX_DEPTH = 100  # far beyond any real request (a tensor has at most 64 dimensions)
+# Only a body that spells a surrogate escape can hold a lone surrogate (raw UTF-8 cannot encode one).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def parse_object(raw: bytes, what: str = "the request body") -> dict[str, Any]:
+    """``raw`` as a JSON object, or InvalidRequest naming what is wrong with it."""
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest(f"{what} is nested more than {MAX_DEPTH} levels deep") from None
+    if not isinstance(doc, dict):
+        raise InvalidRequest(f"{what} must be a JSON object")
+    # Counting brackets is cheap; only a body with many of them needs the walk.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _too_deep(doc):
+        raise InvalidRequest(f"{what} is nested more than {MAX_DEPTH} levels deep")
+    if _SURROGATE_ESCAPE.search(raw):
+        try:
+            # The decoder joined valid pairs; what is left is unpaired and cannot be encoded.
+            json.dumps(doc, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequest(f"{what} holds an unpaired UTF-16 surrogate escape") from None
+    return doc
+
+
+def _too_deep(doc: Any) -> bool:
+    # Iterative, so that the check itself cannot run out of stack.
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False

@@ -1,0 +1,156 @@
+"""Malformed requests are client errors in the API's own shape, never server errors.
+
+Each case here was a 500 before (found by tests/test_fuzz.py or by reading the parsing code): a
+field used before its type was checked, an integer too large for numpy or a float, a header that
+``str.isdigit`` accepts and ``int`` refuses, a body nested past the recursion limit, an unpaired
+surrogate that no tokenizer takes. Over loopback against the real server and real models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ServerThread, make_repository
+from tests.test_api_kserve import build_affine_model
+
+EMB, AFFINE = "all-minilm-l6-v2", "affine"
+X = {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}
+IDS = {"name": "ids", "shape": [1, 3], "datatype": "INT64", "data": [1, 2, 3]}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, minilm_folder: Path) -> Iterator[ServerThread]:
+    tmp = tmp_path_factory.mktemp("malformed")
+    repo = make_repository(tmp, {EMB: minilm_folder, AFFINE: build_affine_model(tmp / "src" / AFFINE)})
+    cfg = {
+        "model_repository": str(repo),
+        "data_dir": str(tmp / "data"),
+        "admin": {"port": 0, "socket": str(tmp / "data" / "admin.sock")},
+    }
+    srv = ServerThread(cfg).start()
+    yield srv
+    srv.stop()
+
+
+def _nested(depth: int) -> bytes:
+    return b'{"inputs": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        pytest.param(
+            {"inputs": [X, IDS], "parameters": [1]}, "'parameters' must be an object", id="params-list"
+        ),
+        pytest.param(
+            {"inputs": [X, IDS], "parameters": "fast"}, "'parameters' must be an object", id="params-str"
+        ),
+        pytest.param(
+            {"inputs": [X, IDS], "outputs": [{"name": "y", "parameters": [1]}]},
+            "output 'y': 'parameters' must be an object",
+            id="output-params-list",
+        ),
+        pytest.param(
+            {"inputs": [{**X, "parameters": 7}, IDS]}, "input 'x': 'parameters'", id="input-params-int"
+        ),
+        pytest.param({"inputs": [{**X, "datatype": ["FP32"]}, IDS]}, "datatype", id="datatype-list"),
+        pytest.param({"inputs": [{**X, "datatype": {"a": 1}}, IDS]}, "datatype", id="datatype-object"),
+        # np.prod wraps around in int64: 2**32 * 2**32 "holds" 0 elements.
+        pytest.param(
+            {"inputs": [{**X, "shape": [4294967296, 4294967296], "data": []}, IDS]},
+            "18446744073709551616 elements",
+            id="shape-product-overflow",
+        ),
+        # Zero elements, so the count matches; numpy cannot make the shape.
+        pytest.param(
+            {"inputs": [{**X, "shape": [2**63, 0], "data": []}, IDS]}, "cannot be used", id="reshape"
+        ),
+        pytest.param(
+            {"inputs": [{**X, "shape": [1] * 40, "data": [1]}, IDS]}, "dimensions", id="too-many-dims"
+        ),
+        pytest.param({"id": {"a": 1}, "inputs": [X, IDS]}, "'id' must be a string", id="id-object"),
+        pytest.param(
+            {"inputs": [X, IDS], "parameters": {"binary_data_output": "yes"}},
+            "binary_data_output",
+            id="binary-output-str",
+        ),
+        pytest.param(
+            {"inputs": [X, IDS], "outputs": [{"name": "y", "parameters": {"binary_data": 1}}]},
+            "binary_data",
+            id="output-binary-int",
+        ),
+        pytest.param({"inputs": [X, IDS], "parameters": {"timeout": 10**30}}, "timeout", id="timeout-huge"),
+        pytest.param(
+            {"inputs": [{**X, "parameters": {"binary_data_size": True}}, IDS]},
+            "binary_data_size",
+            id="size-bool",
+        ),
+        pytest.param(_nested(100_000), "nested", id="nested-past-recursion-limit"),
+        pytest.param(_nested(900), "nested", id="nested-below-the-parser-limit"),
+    ],
+)
+def test_malformed_infer_requests_are_400_in_kserve_shape(
+    server: ServerThread, body: dict[str, Any] | bytes, fragment: str
+) -> None:
+    status, resp, _ = server.post(f"/v2/models/{AFFINE}/infer", body)
+    assert status == 400, resp
+    assert set(resp) == {"error"} and fragment in resp["error"], resp
+
+
+def test_a_malformed_binary_request_header_part_is_400(server: ServerThread) -> None:
+    head = _nested(5000)
+    status, resp, _ = server.post(
+        f"/v2/models/{AFFINE}/infer",
+        head,
+        {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"},
+    )
+    assert status == 400 and "nested" in resp["error"], resp
+
+
+def test_an_unpaired_surrogate_is_400_on_both_apis(server: ServerThread) -> None:
+    raw = b'{"model": "%s", "input": "a\\ud800b"}' % EMB.encode()
+    status, resp, _ = server.post("/v1/embeddings", raw)
+    assert status == 400 and "surrogate" in resp["error"]["message"], resp
+    raw = b'{"inputs": [{"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": ["\\udfff"]}]}'
+    status, resp, _ = server.post(f"/v2/models/{EMB}/infer", raw)
+    assert status == 400 and "surrogate" in resp["error"], resp
+    # A valid pair is one character, and fine.
+    status, _, _ = server.post("/v1/embeddings", b'{"model": "%s", "input": "\\ud83d\\ude00"}' % EMB.encode())
+    assert status == 200
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [
+        # "²" reaches the server as UTF-8; str.isdigit() accepts it, int() does not.
+        pytest.param("X-Priority", "²".encode().decode("latin-1"), id="priority-superscript"),
+        pytest.param("X-Priority", "--5", id="priority-two-signs"),
+        pytest.param("X-Priority", "1" * 5000, id="priority-past-int-digit-limit"),
+        pytest.param("X-Timeout-Ms", "inf", id="timeout-inf"),
+        pytest.param("X-Timeout-Ms", "1e400", id="timeout-overflows-to-inf"),
+        pytest.param("X-Timeout-Ms", "nan", id="timeout-nan"),
+    ],
+)
+def test_malformed_headers_are_400_naming_the_header(server: ServerThread, header: str, value: str) -> None:
+    status, resp, _ = server.post("/v1/embeddings", {"model": EMB, "input": "x"}, {header: value})
+    assert status == 400, resp
+    assert header in resp["error"]["message"]
+
+
+def test_a_token_id_beyond_int64_is_400(server: ServerThread) -> None:
+    status, resp, _ = server.post("/v1/embeddings", {"model": EMB, "input": [[2**70, 1]]})
+    assert status == 400 and "token id" in resp["error"]["message"], resp
+
+
+def test_a_huge_timeout_that_fits_is_served(server: ServerThread) -> None:
+    # The largest Triton timeout and a huge but finite header are deadlines, not errors.
+    body = {"inputs": [X, IDS], "parameters": {"timeout": 2**64 - 1}}
+    status, resp, _ = server.post(f"/v2/models/{AFFINE}/infer", body)
+    assert status == 200, resp
+    status, resp, _ = server.post("/v1/embeddings", {"model": EMB, "input": "x"}, {"X-Timeout-Ms": "1e300"})
+    assert status == 200, resp
+    assert len(resp["data"][0]["embedding"]) == 384
