@@ -53,10 +53,17 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_models_pull(args: argparse.Namespace) -> int:
-    from appliance.build.precision import QualityError
+    from appliance.build.precision import QualityError, read_sentences
     from appliance.build.pull import BuildOptions, pull, variant
 
     cfg = _config(args)
+    if not 0.0 < args.min_cosine <= 1.0:
+        raise ConfigError(f"--min-cosine: expected a number in (0, 1], got {args.min_cosine}")
+    if args.calibration is not None:
+        try:
+            read_sentences(args.calibration)
+        except ValueError as exc:
+            raise ConfigError(f"--calibration: {exc}") from None
     options = BuildOptions(calibration=args.calibration, min_cosine=args.min_cosine)
     for name in args.names:
         if args.precision:

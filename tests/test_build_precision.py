@@ -223,3 +223,15 @@ def test_fp16_decoder_is_gated_on_greedy_tokens_and_matches_the_reference_fixtur
     # The fixture is Hugging Face transformers' float32 greedy output for the same GGUF.
     got = greedy_generate(session, [c["prompt_ids"] for c in cases], 20)
     assert got == [c["greedy_new_ids"] for c in cases]
+
+
+def test_bad_calibration_file_and_threshold_are_refused_before_building(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = _repo_with_base(tmp_path)
+    argv = ["models", "build", BASE, "--precision", "int8", "--repository", str(repo)]
+    assert main([*argv, "--calibration", str(tmp_path / "nope.txt")]) == 2
+    assert "--calibration: cannot read sentences from" in capsys.readouterr().err
+    assert main([*argv, "--min-cosine", "1.5"]) == 2
+    assert "--min-cosine: expected a number in (0, 1], got 1.5" in capsys.readouterr().err
+    assert not (repo / f"{BASE}-int8").exists(), "nothing was made"
