@@ -53,11 +53,32 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_models_pull(args: argparse.Namespace) -> int:
-    from appliance.build.pull import pull
+    from appliance.build.precision import QualityError, read_sentences
+    from appliance.build.pull import BuildOptions, pull, variant
 
     cfg = _config(args)
+    if not 0.0 < args.min_cosine <= 1.0:
+        raise ConfigError(f"--min-cosine: expected a number in (0, 1], got {args.min_cosine}")
+    if args.calibration is not None:
+        try:
+            read_sentences(args.calibration)
+        except ValueError as exc:
+            raise ConfigError(f"--calibration: {exc}") from None
+    options = BuildOptions(calibration=args.calibration, min_cosine=args.min_cosine)
     for name in args.names:
-        pull(name, cfg.model_repository, force=args.force, install_wheel=not args.no_install)
+        if args.precision:
+            name = variant(name, cfg.model_repository, args.precision)
+        try:
+            pull(
+                name,
+                cfg.model_repository,
+                force=args.force,
+                install_wheel=not args.no_install,
+                options=options,
+            )
+        except QualityError as exc:
+            print(f"appliance: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -127,6 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
         mp.add_argument("--repository")
         mp.add_argument("--force", action="store_true", default=verb == "build")
         mp.add_argument("--no-install", action="store_true", default=verb == "build")
+        mp.add_argument(
+            "--precision",
+            choices=("fp32", "fp16", "int8"),
+            help="build the NAME-PRECISION variant (its folder is made from NAME's model.yaml if missing)",
+        )
+        mp.add_argument("--calibration", type=Path, help="INT8 calibration text, one sentence per line")
+        mp.add_argument(
+            "--min-cosine",
+            type=float,
+            default=0.99,
+            help="quality bar: least cosine to the float32 graph on held-out sentences (default 0.99)",
+        )
         mp.set_defaults(func=cmd_models_pull)
     ma = msub.add_parser(
         "add",

@@ -44,7 +44,9 @@ class SourceSection(BaseModel):
     builder: str | None = None
     # Or the operator's own checkpoint (``appliance models add``): a HF folder or a GGUF file.
     path: str | None = None
-    precision: Literal["fp32", "fp16"] | None = None
+    # Numeric precision of the built graph (appliance.build.precision); each variant is its own
+    # model folder, NAME-PRECISION, built from the same weights.
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
 
 
 class ModelFile(BaseModel):

@@ -115,8 +115,6 @@ class BodyTooLarge(ApplianceError):
     code = "request_too_large"
 
 
-
-
 def requested_priority(request: web.Request, body_value: Any) -> int | None:
     """``priority`` from the body, else the ``X-Priority`` header, type-checked; the pipeline
     resolves the default, the key's cap and the range."""
