@@ -281,6 +281,10 @@ class TensorRTEngine(Engine):
     def profiles(self) -> list[Profile]:
         return list(self._profiles)
 
+    @property
+    def on_gpu(self) -> bool:
+        return True
+
     def activation_bytes(self) -> int:
         """Scratch bytes this engine's context needs (max over its profiles)."""
         return self._activation_bytes
