@@ -300,32 +300,45 @@ def host_budget_from(values: dict[str, Any]) -> int:
 
 
 def gpu_check_step(probe: Any) -> tuple[str, str]:
-    """For scripts/gpu-check: the manager evicting between two models under a small budget, with
-    the leases backed by real device allocations, and free memory checked after each step."""
+    """For scripts/gpu-check: the device pool evicting on real device memory. Two models of 256 MiB
+    under a device budget that holds one; each lease is backed by a real allocation, and the free
+    device memory must fall by the allocation on admit and come back when the model is evicted."""
     if not getattr(probe, "ok", False):
         return "SKIPPED", "no CUDA device"
     from appliance.gpu import cuda
 
     size = 256 << 20
-    mm = MemoryManager(budget=size + size // 2)  # room for one model, never two
+    pools = MemoryPools(MemoryManager(1 << 40), MemoryManager(size + size // 2))  # one model, never two
     buffers: dict[str, Any] = {}
-    clock = iter(range(1_000_000))
     used: dict[str, float] = {}
-    for name in ("model-a", "model-b"):
-        victims = mm.plan(name, size, 0, idle=lambda n: True, last_used=lambda n: used.get(n, 0.0))
-        for v in victims:
-            buffers.pop(v).close()
-            mm.release(v, evicted=True)
-        free_before = cuda.mem_info(0)[0]
-        buffers[name] = cuda.DeviceBuffer(size)
-        mm.admit(name, size, 0, pinned=False)
-        used[name] = float(next(clock))
-        taken = free_before - cuda.mem_info(0)[0]
-        if taken < size:
-            return "FAIL", f"allocating {name} took {taken} bytes of device memory, expected >= {size}"
-    ok = list(mm.leases) == ["model-b"] and mm.evictions == 1
-    for b in buffers.values():
-        b.close()
-    if not ok:
-        return "FAIL", f"expected model-a evicted for model-b, leases {list(mm.leases)}"
-    return "PASS", f"budget {_mib(mm.budget)}: model-a evicted to load model-b; device memory tracked"
+    notes = []
+    try:
+        for step, name in enumerate(("model-a", "model-b")):
+            victims = pools.plan(
+                name, size, 0, idle=lambda n: True, last_used=lambda n: used.get(n, 0.0), on_gpu=True
+            )
+            for v in victims:
+                before = cuda.mem_info(0)[0]
+                buffers.pop(v).close()
+                pools.release(v, evicted=True)
+                back = cuda.mem_info(0)[0] - before
+                if back < size:
+                    return "FAIL", f"evicting {v} gave back {back} bytes of device memory, expected >= {size}"
+                notes.append(f"evicting {v} freed {back >> 20} MiB")
+            free_before = cuda.mem_info(0)[0]
+            buffers[name] = cuda.DeviceBuffer(size)
+            pools.admit(name, size, 0, pinned=False, on_gpu=True)
+            used[name] = float(step)
+            taken = free_before - cuda.mem_info(0)[0]
+            if taken < size:
+                return "FAIL", f"allocating {name} took {taken} bytes of device memory, expected >= {size}"
+        assert pools.device is not None
+        if list(pools.device.leases) != ["model-b"] or pools.evictions != 1 or pools.host.leases:
+            return "FAIL", f"expected model-a evicted for model-b, device leases {list(pools.device.leases)}"
+    finally:
+        for b in buffers.values():
+            b.close()
+    return (
+        "PASS",
+        f"device budget {_mib(pools.device.budget)}: model-a evicted to load model-b; " + "; ".join(notes),
+    )

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -200,17 +201,67 @@ def test_gpu_check_cpu_run_skips_cleanly_without_server_dependencies(tmp_path: P
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
     steps = [line for line in lines if line.split(" ", 1)[0] in ("PASS", "FAIL", "SKIPPED")]
-    assert len(steps) == 6 and not any(line.startswith("FAIL") for line in steps)
+    assert len(steps) == 9 and not any(line.startswith("FAIL") for line in steps)
     assert lines[-1].startswith("gpu-check: ")
     if not PROBE.ok:
         skipped = {line.split(":")[0].split(None, 1)[1] for line in steps if line.startswith("SKIPPED")}
-        assert {"cuda probe", "cuda round trip", "tensorrt"} <= skipped
+        assert {"cuda probe", "cuda round trip", "memory manager", "nvml under load", "tensorrt"} <= skipped
         assert "SKIPPED  cuda probe: no CUDA device: " in r.stdout
+        assert (
+            "PASS     backend chain: models run on onnxruntime-cpu (not tensorrt: no CUDA device" in r.stdout
+        )
 
 
 def test_gpu_check_is_importable() -> None:
     module = load_gpu_check()
     assert callable(module.main) and callable(module.tiny_model)
+
+
+@no_gpu_here
+def test_gpu_check_require_gpu_fails_on_a_cpu_box_and_records_nothing(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    shutil.copy(ROOT / "README.md", readme)
+    before = readme.read_text()
+    r = subprocess.run(
+        [sys.executable, str(GPU_CHECK), "--require-gpu", "--record", str(readme)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "FAIL     cuda probe: RuntimeError: no CUDA device" in r.stdout
+    assert "FAIL     backend chain: RuntimeError: models run on onnxruntime-cpu" in r.stdout
+    assert "not recorded in" in r.stdout and readme.read_text() == before  # keeps the last real run
+
+
+def test_gpu_verification_table_is_written_from_a_gpu_run(tmp_path: Path) -> None:
+    module = load_gpu_check()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{module.TABLE_START}\nold\n{module.TABLE_END}\n\nafter\n")
+    check = module.Check(True, tmp_path)
+    # A run as a GPU box reports it (the probe is the only input this test stands in for).
+    check.probe = cuda.GpuProbe(1, (cuda.DeviceInfo(0, "NVIDIA H200", (9, 0), 141 << 30, 132),), 13000, 13000)
+    check.results = [("PASS", "cuda probe", "1 device(s) [0.1s]"), ("SKIPPED", "tensorrt", "a | b [0.0s]")]
+    assert "recorded in" in module.record(readme, check)
+    text = readme.read_text()
+    assert "Last run on a GPU: " in text and "NVIDIA H200, driver " in text and "old" not in text
+    assert (
+        "| cuda probe | PASS | 1 device(s) [0.1s] |" in text
+        and "| tensorrt | SKIPPED | a / b [0.0s] |" in text
+    )
+    assert text.endswith("\n\nafter\n")
+    (tmp_path / "bare.md").write_text("no table here\n")
+    with pytest.raises(SystemExit, match="no <!-- gpu-verification:start -->"):
+        module.record(tmp_path / "bare.md", check)
+
+
+def test_readme_gpu_verification_table_says_whether_a_gpu_run_happened() -> None:
+    module = load_gpu_check()
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index(module.TABLE_START) : text.index(module.TABLE_END)]
+    assert "## GPU verification" in text
+    assert "No run on a GPU yet" in block or "Last run on a GPU: " in block
 
 
 # --- on a GPU ------------------------------------------------------------------------------------

@@ -20,51 +20,31 @@ the reasons travel with the engine (``Engine.backend_reason``) into ``/v1/models
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import threading
 from pathlib import Path
 from typing import Any
 
+from appliance.engines.availability import (
+    gpu_engines_available,
+    onnxruntime_cuda_unavailable,
+    tensorrt_unavailable,
+)
 from appliance.engines.base import Engine, EngineError
 from appliance.engines.onnxruntime import OnnxRuntimeEngine
 from appliance.repository import Backend, ModelEntry
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "gpu_engines_available",
+    "onnxruntime_cuda_unavailable",
+    "open_engine",
+    "tensorrt_unavailable",
+]
+
 _logged: set[tuple[str, str, str]] = set()
 _logged_lock = threading.Lock()
-
-
-def tensorrt_unavailable() -> str | None:
-    """Why TensorRT cannot be used here, or None when it can."""
-    from appliance.gpu import cuda
-
-    probe = cuda.probe()
-    if not probe.ok:
-        return f"no CUDA device ({probe.error})"
-    if importlib.util.find_spec("tensorrt") is None:
-        return "the tensorrt package is not installed (install.sh --gpu installs it)"
-    return None
-
-
-def onnxruntime_cuda_unavailable() -> str | None:
-    """Why ONNX Runtime cannot run on the GPU here, or None when it can."""
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return "this onnxruntime has no CUDA provider (onnxruntime-gpu is not installed)"
-    from appliance.gpu import cuda
-
-    probe = cuda.probe()
-    if not probe.ok:
-        return f"no CUDA device ({probe.error})"
-    return None
-
-
-def gpu_engines_available() -> bool:
-    """Whether any model can run on a GPU engine here: then the memory budget is the device's."""
-    return tensorrt_unavailable() is None or onnxruntime_cuda_unavailable() is None
 
 
 def expected_on_gpu(entry: ModelEntry) -> bool:
