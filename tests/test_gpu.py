@@ -274,6 +274,24 @@ def test_gpu_round_trip_and_nvml(tmp_path: Path) -> None:
     check.run("cuda probe", check.cuda_probe)
     check.run("nvml", check.nvml)
     check.run("cuda round trip", check.round_trip)
+    check.run("memory manager", check.memory_manager)  # device-pool eviction on real device memory
+    check.run("nvml under load", check.nvml_under_load)
+    check.run("backend chain", check.backend_chain)  # a GPU box must not serve from its CPU
+    assert [r[0] for r in check.results] == ["PASS"] * 6, check.results
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_onnxruntime_cuda_matches_the_cpu(tmp_path: Path) -> None:
+    from appliance.engines.availability import onnxruntime_cuda_unavailable
+
+    why = onnxruntime_cuda_unavailable()
+    if why is not None:
+        pytest.skip(why)
+    check = load_gpu_check().Check(True, tmp_path)
+    check.run("cuda probe", check.cuda_probe)
+    check.run("onnx model", check.onnx_model)
+    check.run("onnxruntime cuda", check.onnxruntime_cuda)
     assert [r[0] for r in check.results] == ["PASS"] * 3, check.results
 
 
