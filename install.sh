@@ -838,7 +838,7 @@ summary() {
     fi
     if [ -n "${GPU_RESULTS:-}" ]; then
         say "  GPU:$GPU_RESULTS"
-        say "            each model's engine, and why: $BIN --config $CONFIG models list, or GET /v1/models/NAME"
+        say "            each model's engine, and why not a faster one: GET /v1/models/NAME, or $BIN tui"
     fi
     if [ -n "${MODELS_FAILED:-}" ]; then
         warn "models not pulled:$MODELS_FAILED"
