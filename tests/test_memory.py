@@ -260,3 +260,35 @@ def test_cpu_box_has_one_host_pool() -> None:
     assert pools.device is None and pools.budget == pools.host.budget == 5000  # host_budget: GPU boxes only
     pools.admit("m", 10, 0, False, on_gpu=True)  # no device pool: everything leases from the host
     assert pools.snapshot()["device"] is None and pools.snapshot()["host"]["used_bytes"] == 10
+
+
+def test_gpu_engine_models_lease_device_memory_and_cpu_models_host_memory(
+    start_server, minilm_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """This machine has no GPU: injected are a 10 GiB device and model A's engine saying it runs
+    there; both engines are the real ONNX Runtime ones, and the manager is the server's."""
+    from appliance import models as models_mod
+    from appliance.models import ModelManager
+    from tests.conftest import FaultyEngine
+
+    class OnGpu(FaultyEngine):
+        @property
+        def on_gpu(self) -> bool:
+            return True
+
+    original = ModelManager._open_engine
+
+    def open_engine(entry: Any, values: Any) -> Any:
+        engine = original(entry, values)
+        return OnGpu(engine) if entry.name == A else engine
+
+    monkeypatch.setattr(models_mod, "_device_total", lambda: 10 << 30)
+    monkeypatch.setattr(ModelManager, "_open_engine", staticmethod(open_engine))
+    srv = start_server(two_models(minilm_folder, tmp_path), config={"server": {"default_models": [A, B]}})
+    snap = srv.call(lambda: srv.app[MANAGER].memory.snapshot())
+    assert snap["device"]["models"] == 1 and snap["host"]["models"] == 1
+    assert snap["models"][A]["pool"] == "device" and snap["models"][B]["pool"] == "host"
+    assert snap["device"]["budget_bytes"] == int((10 << 30) * 0.8) - (512 << 20)  # the device's budget
+    _, described = srv.get(f"/v1/models/{A}")
+    assert described["memory_pool"] == "device"
+    assert srv.get(f"/v1/models/{B}")[1]["memory_pool"] == "host"
