@@ -20,6 +20,12 @@ Usage: sh install.sh [options]
                  without root: no system user, no systemd; paths in the config point into DIR
   --dry-run      print every action and change nothing
   --cpu          do not install GPU packages, even when an NVIDIA GPU is present
+  --gpu          install the GPU packages even when no NVIDIA GPU is found
+                 (with --dry-run: print the whole GPU plan on any box)
+  --cuda MAJOR   the CUDA major (12 or 13) of the GPU packages; default: what the driver
+                 reports (nvidia-smi), or 12 when there is no driver to ask
+  --wheels DIR   take the GPU packages from wheels in DIR, not the network (air-gapped
+                 boxes; TensorRT's libraries otherwise come from NVIDIA's index)
   --no-start     install and enable the service but do not (re)start it
   --no-models    do not pull the default models
   --uninstall    remove the program and the service; config and data are kept
@@ -33,6 +39,7 @@ Environment:
   PYTHON                   the Python (>= 3.10, with venv) to build the virtualenv from
   APPLIANCE_PIP_ARGS       extra pip arguments, e.g. "--no-index --find-links /media/wheels"
                            for an offline install
+  APPLIANCE_NVIDIA_INDEX   NVIDIA's package index (default https://pypi.nvidia.com)
   APPLIANCE_READY_TIMEOUT  seconds to wait for the server to report ready (default 300)
 EOF
 }
@@ -101,6 +108,9 @@ parse_args() {
     PREFIX_GIVEN=0
     DRY_RUN=0
     CPU_ONLY=0
+    FORCE_GPU=0
+    CUDA_MAJOR=""
+    WHEELS=""
     NO_START=0
     NO_MODELS=0
     UNINSTALL=0
@@ -120,6 +130,19 @@ parse_args() {
                 ;;
             --dry-run) DRY_RUN=1 ;;
             --cpu) CPU_ONLY=1 ;;
+            --gpu) FORCE_GPU=1 ;;
+            --cuda)
+                [ $# -ge 2 ] || die "--cuda needs a CUDA major version (12 or 13)"
+                CUDA_MAJOR=$2
+                shift
+                ;;
+            --cuda=*) CUDA_MAJOR=${1#--cuda=} ;;
+            --wheels)
+                [ $# -ge 2 ] || die "--wheels needs a directory of wheel files"
+                WHEELS=$2
+                shift
+                ;;
+            --wheels=*) WHEELS=${1#--wheels=} ;;
             --no-start) NO_START=1 ;;
             --no-models) NO_MODELS=1 ;;
             --uninstall) UNINSTALL=1 ;;
@@ -138,6 +161,17 @@ parse_args() {
     done
     if [ "$PURGE" = 1 ] && [ "$UNINSTALL" = 0 ]; then
         die "--purge only makes sense with --uninstall"
+    fi
+    if [ "$FORCE_GPU" = 1 ] && [ "$CPU_ONLY" = 1 ]; then
+        die "--gpu and --cpu contradict each other; give one"
+    fi
+    case $CUDA_MAJOR in
+        "" | 12 | 13) ;;
+        *) die "--cuda must be 12 or 13 (the CUDA major of NVIDIA's wheels), not '$CUDA_MAJOR'" ;;
+    esac
+    if [ -n "$WHEELS" ]; then
+        [ -d "$WHEELS" ] || die "--wheels $WHEELS: no such directory"
+        WHEELS=$(CDPATH='' cd -- "$WHEELS" && pwd -P)
     fi
     if [ "$PREFIX_GIVEN" = 1 ]; then
         [ -n "$PREFIX" ] || die "--prefix needs a directory"
@@ -283,6 +317,52 @@ detect_gpu() {
         say "--cpu given: skipping the GPU packages"
         WANT_GPU=0
     fi
+    if [ "$FORCE_GPU" = 1 ] && [ "$WANT_GPU" = 0 ]; then
+        say "--gpu given: installing the GPU packages anyway"
+        WANT_GPU=1
+    fi
+    if [ "$WANT_GPU" = 1 ]; then
+        detect_cuda_major
+    fi
+}
+
+# The CUDA major of NVIDIA's wheels: what the driver supports. nvidia-smi prints it in its
+# banner ("CUDA Version: 12.4"); failing that, driver r580 and newer run CUDA 13. Without a
+# driver to ask, 12: CUDA 12 builds also run on a CUDA 13 driver, not the other way round.
+detect_cuda_major() {
+    CUDA_SOURCE="--cuda"
+    if [ -n "$CUDA_MAJOR" ]; then
+        return 0
+    fi
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        CUDA_MAJOR=$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9][0-9]*\)\..*/\1/p' | head -n 1 || true)
+        CUDA_SOURCE="the driver (nvidia-smi)"
+        if [ -z "$CUDA_MAJOR" ]; then
+            driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1 || true)
+            case ${driver%%.*} in
+                '' | *[!0-9]*) ;;
+                *) if [ "${driver%%.*}" -ge 580 ]; then CUDA_MAJOR=13; else CUDA_MAJOR=12; fi ;;
+            esac
+            CUDA_SOURCE="driver $driver"
+        fi
+    fi
+    case $CUDA_MAJOR in
+        12 | 13) ;;
+        "")
+            CUDA_MAJOR=12
+            CUDA_SOURCE="assumed, no driver to ask; --cuda 13 for a driver >= 580"
+            ;;
+        *)
+            if [ "$CUDA_MAJOR" -gt 13 ]; then
+                CUDA_SOURCE="the driver reports CUDA $CUDA_MAJOR; using the newest wheels known here"
+                CUDA_MAJOR=13
+            else
+                CUDA_SOURCE="the driver reports CUDA $CUDA_MAJOR, older than 12"
+                warn "the NVIDIA driver supports CUDA $CUDA_MAJOR only; TensorRT 10+ needs CUDA 12: update the driver"
+                CUDA_MAJOR=12
+            fi
+            ;;
+    esac
 }
 
 # ---------------------------------------------------------------- install steps
@@ -341,27 +421,118 @@ install_venv() {
         fi
         run "$PY" -m venv "$D$VENV"
     fi
-    extras=tui
-    if [ "$WANT_GPU" = 1 ]; then
-        extras=gpu,tui
-    fi
-    say "installing appliance[$extras] (downloads dependencies; can take a few minutes)"
+    say "installing appliance[tui] (downloads dependencies; can take a few minutes)"
     # APPLIANCE_PIP_ARGS is split into words on purpose: it carries several pip options.
     # shellcheck disable=SC2086
-    if ! run "$D$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-        ${APPLIANCE_PIP_ARGS:-} --upgrade "${SRC}[$extras]"; then
-        if [ "$WANT_GPU" = 0 ]; then
-            die "pip could not install appliance (see above)"
-        fi
-        warn "the GPU packages failed to install; falling back to CPU (ONNX Runtime)"
-        WANT_GPU=0
-        # shellcheck disable=SC2086
-        run "$D$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-            ${APPLIANCE_PIP_ARGS:-} --upgrade "${SRC}[tui]" ||
-            die "pip could not install appliance (see above)"
+    run "$D$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        ${APPLIANCE_PIP_ARGS:-} --upgrade "${SRC}[tui]" ||
+        die "pip could not install appliance (see above)"
+    GPU_RESULTS=""
+    if [ "$WANT_GPU" = 1 ]; then
+        install_gpu
     fi
     if [ -n "$D" ]; then
         relocate_venv
+    fi
+}
+
+# ---------------------------------------------------------------- GPU packages
+
+# The GPU plan, one pip step per engine so that one failing leaves the others (and the CPU
+# engine) working: the server picks TensorRT, then ONNX Runtime CUDA, then ONNX Runtime CPU
+# per model, and says which it uses and why. All wheels match the driver's CUDA major.
+gpu_plan() {
+    if [ "$CUDA_MAJOR" = 12 ]; then
+        CUDA_SPEC="cuda-python>=12.3,<13"
+    else
+        CUDA_SPEC="cuda-python>=13.0,<14"
+    fi
+    # onnxruntime-gpu is built for CUDA 12 up to 1.26 and for CUDA 13 from 1.27 on. Its extras
+    # pull CUDA's and cuDNN's runtime libraries as wheels (no CUDA toolkit needed).
+    if [ "$CUDA_MAJOR" = 12 ]; then
+        ORT_SPEC="onnxruntime-gpu[cuda,cudnn]>=1.18,<1.27"
+    else
+        ORT_SPEC="onnxruntime-gpu[cuda,cudnn]>=1.27"
+    fi
+    # TensorRT 10.x and 11.x both run here. tensorrt-cuNN-libs is a stub on PyPI that fetches
+    # the libraries from NVIDIA's index when it installs.
+    TRT_SPEC="tensorrt-cu$CUDA_MAJOR>=10,<12"
+    NVIDIA_INDEX=${APPLIANCE_NVIDIA_INDEX:-https://pypi.nvidia.com}
+    if [ -n "$WHEELS" ]; then
+        TRT_SOURCE="wheels in $WHEELS"
+    else
+        TRT_SOURCE="PyPI, libraries from $NVIDIA_INDEX"
+    fi
+    say "GPU plan for CUDA $CUDA_MAJOR ($CUDA_SOURCE):"
+    say "  1. CUDA bindings and NVML:  $CUDA_SPEC nvidia-ml-py>=12.535"
+    say "  2. ONNX Runtime CUDA:       $ORT_SPEC, in place of onnxruntime (the two collide)"
+    say "  3. TensorRT:                $TRT_SPEC ($TRT_SOURCE)"
+    if [ -z "$WHEELS" ]; then
+        say "  Air-gapped? Fetch them elsewhere, then install with --wheels DIR:"
+        say "    pip download -d DIR --extra-index-url $NVIDIA_INDEX '$CUDA_SPEC' nvidia-ml-py '$ORT_SPEC' '$TRT_SPEC'"
+    fi
+}
+
+# gpu_pip ARGS...: pip install into the venv, from --wheels DIR when given (nothing from the
+# network then), else with APPLIANCE_PIP_ARGS like the base install.
+gpu_pip() {
+    if [ -n "$WHEELS" ]; then
+        run "$D$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+            --no-index --find-links "$WHEELS" "$@"
+    else
+        # APPLIANCE_PIP_ARGS is split into words on purpose: it carries several pip options.
+        # shellcheck disable=SC2086
+        run "$D$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+            ${APPLIANCE_PIP_ARGS:-} "$@"
+    fi
+}
+
+# gpu_step NAME COMMAND...: run one step of the plan; on failure say which step and pip's own
+# reason, and carry on. GPU_RESULTS collects "NAME: installed|FAILED (why)" for the summary.
+gpu_step() {
+    name=$1
+    shift
+    if [ "$DRY_RUN" = 1 ]; then
+        "$@"
+        return 0
+    fi
+    log=$(mktemp)
+    if "$@" >"$log" 2>&1; then
+        GPU_RESULTS="$GPU_RESULTS
+  $name: installed"
+        rm -f "$log"
+        return 0
+    fi
+    why=$(grep -E 'ERROR|error:' "$log" | tail -n 2 | tr '\n' ' ' || true)
+    if [ -z "$why" ]; then
+        why=$(tail -n 2 "$log" | tr '\n' ' ')
+    fi
+    rm -f "$log"
+    warn "GPU step '$name' failed: ${why:-pip gave no reason}"
+    warn "carrying on without it; models fall back to the next engine (TensorRT, ONNX Runtime CUDA, CPU)"
+    GPU_RESULTS="$GPU_RESULTS
+  $name: FAILED (${why:-pip gave no reason})"
+    return 1
+}
+
+install_gpu() {
+    step "GPU packages"
+    gpu_plan
+    gpu_step "CUDA bindings ($CUDA_SPEC)" gpu_pip --upgrade "$CUDA_SPEC" "nvidia-ml-py>=12.535" || true
+    # Both distributions install the same `onnxruntime` module: remove both, then install the
+    # GPU build; if that fails, put the CPU build back so the server still starts.
+    run "$D$VENV/bin/python" -m pip uninstall --quiet -y onnxruntime onnxruntime-gpu
+    if ! gpu_step "ONNX Runtime CUDA (onnxruntime-gpu)" gpu_pip "$ORT_SPEC"; then
+        # APPLIANCE_PIP_ARGS is split into words on purpose: it carries several pip options.
+        # shellcheck disable=SC2086
+        run "$D$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+            ${APPLIANCE_PIP_ARGS:-} "onnxruntime>=1.18" ||
+            die "could not put the CPU onnxruntime back (see above); re-run with --cpu"
+    fi
+    if [ -n "$WHEELS" ]; then
+        gpu_step "TensorRT (tensorrt-cu$CUDA_MAJOR)" gpu_pip "$TRT_SPEC" || true
+    else
+        gpu_step "TensorRT (tensorrt-cu$CUDA_MAJOR)" gpu_pip --extra-index-url "$NVIDIA_INDEX" "$TRT_SPEC" || true
     fi
 }
 
@@ -664,6 +835,10 @@ summary() {
         say "  Service:  $SERVICE_STATE   (logs: journalctl -u appliance -f)"
     else
         say "  Run it:   $BIN --config $CONFIG serve"
+    fi
+    if [ -n "${GPU_RESULTS:-}" ]; then
+        say "  GPU:$GPU_RESULTS"
+        say "            each model's engine, and why not a faster one: GET /v1/models/NAME, or $BIN tui"
     fi
     if [ -n "${MODELS_FAILED:-}" ]; then
         warn "models not pulled:$MODELS_FAILED"

@@ -130,6 +130,116 @@ class MemoryManager:
         }
 
 
+@dataclass
+class MemoryPools:
+    """Two budgets: device memory for models on a GPU engine, host RAM for models on a CPU engine.
+
+    Without a GPU engine on this box there is only the host pool. With one, ``memory.budget_bytes``
+    (or ``memory.budget_fraction`` of the GPU) sizes the device pool and ``memory.host_budget_bytes``
+    (or the same fraction of host RAM) the host pool; a model leases from the pool of the engine it
+    runs on, and evicts only models in that pool. The interface is the single manager's, plus
+    ``on_gpu`` to say which pool; ``budget``, ``arena`` and the top-level snapshot figures are the
+    main pool's (the device's when there is one), as before the split.
+    """
+
+    host: MemoryManager
+    device: MemoryManager | None = None
+
+    @classmethod
+    def create(cls, values: dict[str, Any], device_total: int | None) -> MemoryPools:
+        if device_total is None:
+            return cls(MemoryManager(budget_from(values)))
+        return cls(MemoryManager(host_budget_from(values)), MemoryManager(budget_from(values, device_total)))
+
+    def configure(self, values: dict[str, Any], device_total: int | None) -> None:
+        """New budgets for the next load; leases stay (resident models are not evicted for them)."""
+        if device_total is None or self.device is None:
+            self.main.budget = budget_from(values, device_total)
+            return
+        self.device.budget = budget_from(values, device_total)
+        self.host.budget = host_budget_from(values)
+
+    @property
+    def main(self) -> MemoryManager:
+        return self.device if self.device is not None else self.host
+
+    def pool(self, on_gpu: bool) -> MemoryManager:
+        return self.device if on_gpu and self.device is not None else self.host
+
+    @property
+    def budget(self) -> int:
+        return self.main.budget
+
+    @budget.setter
+    def budget(self, value: int) -> None:
+        self.main.budget = value
+
+    @property
+    def arena(self) -> int:
+        return self.main.arena
+
+    @property
+    def leases(self) -> dict[str, Lease]:
+        return {**self.host.leases, **(self.device.leases if self.device else {})}
+
+    @property
+    def loads(self) -> int:
+        return self.host.loads + (self.device.loads if self.device else 0)
+
+    @property
+    def evictions(self) -> int:
+        return self.host.evictions + (self.device.evictions if self.device else 0)
+
+    def plan(
+        self,
+        name: str,
+        weights: int,
+        activation: int,
+        *,
+        idle: Callable[[str], bool],
+        last_used: Callable[[str], float],
+        on_gpu: bool = False,
+    ) -> list[str]:
+        return self.pool(on_gpu).plan(name, weights, activation, idle=idle, last_used=last_used)
+
+    def admit(self, name: str, weights: int, activation: int, pinned: bool, *, on_gpu: bool = False) -> None:
+        # A model that reloaded onto another backend (say TensorRT failed) moves pools: one lease.
+        for other in (self.host, self.device):
+            if other is not None and other is not self.pool(on_gpu):
+                other.leases.pop(name, None)
+        self.pool(on_gpu).admit(name, weights, activation, pinned)
+
+    def release(self, name: str, *, evicted: bool = False) -> None:
+        for pool in (self.host, self.device):
+            if pool is not None:
+                pool.release(name, evicted=evicted)
+
+    def snapshot(self) -> dict[str, Any]:
+        main = self.main.snapshot()
+        models: dict[str, Any] = {}
+        for label, pool in (("host", self.host), ("device", self.device)):
+            if pool is not None:
+                for n, m in pool.snapshot()["models"].items():
+                    models[n] = {**m, "pool": label}
+        return {
+            **{k: v for k, v in main.items() if k != "models"},
+            "loads": self.loads,
+            "evictions": self.evictions,
+            "models": models,
+            "device": _totals(self.device) if self.device is not None else None,
+            "host": _totals(self.host),
+        }
+
+
+def _totals(pool: MemoryManager) -> dict[str, int]:
+    return {
+        "budget_bytes": pool.budget,
+        "used_bytes": pool.used,
+        "arena_bytes": pool.arena,
+        "models": len(pool.leases),
+    }
+
+
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.0f} MiB"
 
@@ -181,33 +291,54 @@ def budget_from(values: dict[str, Any], device_total: int | None = None) -> int:
     return max(0, int(total * float(values["memory.budget_fraction"])) - int(values["memory.reserve_bytes"]))
 
 
+def host_budget_from(values: dict[str, Any]) -> int:
+    """The host pool's budget on a box whose main pool is the GPU's: for CPU-engine models."""
+    configured = int(values["memory.host_budget_bytes"])
+    if configured > 0:
+        return configured
+    return budget_from({**values, "memory.budget_bytes": 0}, None)
+
+
 def gpu_check_step(probe: Any) -> tuple[str, str]:
-    """For scripts/gpu-check: the manager evicting between two models under a small budget, with
-    the leases backed by real device allocations, and free memory checked after each step."""
+    """For scripts/gpu-check: the device pool evicting on real device memory. Two models of 256 MiB
+    under a device budget that holds one; each lease is backed by a real allocation, and the free
+    device memory must fall by the allocation on admit and come back when the model is evicted."""
     if not getattr(probe, "ok", False):
         return "SKIPPED", "no CUDA device"
     from appliance.gpu import cuda
 
     size = 256 << 20
-    mm = MemoryManager(budget=size + size // 2)  # room for one model, never two
+    pools = MemoryPools(MemoryManager(1 << 40), MemoryManager(size + size // 2))  # one model, never two
     buffers: dict[str, Any] = {}
-    clock = iter(range(1_000_000))
     used: dict[str, float] = {}
-    for name in ("model-a", "model-b"):
-        victims = mm.plan(name, size, 0, idle=lambda n: True, last_used=lambda n: used.get(n, 0.0))
-        for v in victims:
-            buffers.pop(v).close()
-            mm.release(v, evicted=True)
-        free_before = cuda.mem_info(0)[0]
-        buffers[name] = cuda.DeviceBuffer(size)
-        mm.admit(name, size, 0, pinned=False)
-        used[name] = float(next(clock))
-        taken = free_before - cuda.mem_info(0)[0]
-        if taken < size:
-            return "FAIL", f"allocating {name} took {taken} bytes of device memory, expected >= {size}"
-    ok = list(mm.leases) == ["model-b"] and mm.evictions == 1
-    for b in buffers.values():
-        b.close()
-    if not ok:
-        return "FAIL", f"expected model-a evicted for model-b, leases {list(mm.leases)}"
-    return "PASS", f"budget {_mib(mm.budget)}: model-a evicted to load model-b; device memory tracked"
+    notes = []
+    try:
+        for step, name in enumerate(("model-a", "model-b")):
+            victims = pools.plan(
+                name, size, 0, idle=lambda n: True, last_used=lambda n: used.get(n, 0.0), on_gpu=True
+            )
+            for v in victims:
+                before = cuda.mem_info(0)[0]
+                buffers.pop(v).close()
+                pools.release(v, evicted=True)
+                back = cuda.mem_info(0)[0] - before
+                if back < size:
+                    return "FAIL", f"evicting {v} gave back {back} bytes of device memory, expected >= {size}"
+                notes.append(f"evicting {v} freed {back >> 20} MiB")
+            free_before = cuda.mem_info(0)[0]
+            buffers[name] = cuda.DeviceBuffer(size)
+            pools.admit(name, size, 0, pinned=False, on_gpu=True)
+            used[name] = float(step)
+            taken = free_before - cuda.mem_info(0)[0]
+            if taken < size:
+                return "FAIL", f"allocating {name} took {taken} bytes of device memory, expected >= {size}"
+        assert pools.device is not None
+        if list(pools.device.leases) != ["model-b"] or pools.evictions != 1 or pools.host.leases:
+            return "FAIL", f"expected model-a evicted for model-b, device leases {list(pools.device.leases)}"
+    finally:
+        for b in buffers.values():
+            b.close()
+    return (
+        "PASS",
+        f"device budget {_mib(pools.device.budget)}: model-a evicted to load model-b; " + "; ".join(notes),
+    )

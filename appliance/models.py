@@ -22,9 +22,9 @@ from appliance.arbiter import ComputeArbiter
 from appliance.batcher import BatchPolicy
 from appliance.config import Config
 from appliance.engines.base import Engine
-from appliance.engines.select import open_engine
+from appliance.engines.select import expected_on_gpu, gpu_engines_available, open_engine
 from appliance.errors import ModelNotFound, Unavailable
-from appliance.memory import DoesNotFit, MemoryManager, budget_from, measure
+from appliance.memory import DoesNotFit, MemoryPools, measure
 from appliance.repository import ModelEntry, ModelKind, RepositoryError, scan
 from appliance.sdnotify import ProgressWatchdog
 from appliance.telemetry import Metrics
@@ -116,7 +116,8 @@ class ModelManager:
         # Engine workers report here; the systemd watchdog pings only while they progress.
         self.progress = ProgressWatchdog()
         server_values = cfg.tunables_for("", {})
-        self.memory = MemoryManager(budget_from(server_values, _device_total()))
+        # Device memory for models on a GPU engine, host RAM for the rest (one pool without a GPU).
+        self.memory = MemoryPools.create(server_values, _device_total())
         # Loads one at a time: footprints are measured from the process's memory, and two loads
         # at once would blur each other's figures.
         self._load_lock = asyncio.Lock()
@@ -215,13 +216,14 @@ class ModelManager:
             total += int(values.get("generation.kv_cache_bytes", 0) or 0)
         return total
 
-    async def _make_room(self, name: str, weights: int, activation: int) -> None:
+    async def _make_room(self, name: str, weights: int, activation: int, on_gpu: bool = False) -> None:
         victims = self.memory.plan(
             name,
             weights,
             activation,
             idle=self.idle,
             last_used=lambda n: self.slots[n].last_used,
+            on_gpu=on_gpu,
         )
         for v in victims:
             log.info("evicting idle model %s to make room for %s", v, name)
@@ -240,7 +242,9 @@ class ModelManager:
         instances = int(values["engine.instances"])
         estimate = self._footprint(entry, values)
         try:
-            await self._make_room(entry.name, estimate, 0)
+            await self._make_room(
+                entry.name, estimate, 0, entry.kind not in ENGINE_OPENERS and expected_on_gpu(entry)
+            )
         except DoesNotFit as exc:
             slot.state = ModelState.failed if exc.never else ModelState.available
             slot.error = str(exc)
@@ -274,7 +278,7 @@ class ModelManager:
                 activation = int(peak * float(runtime.extras.get("peak_scale", 1.0)))
             weights = max(estimate, grown)
             try:
-                await self._make_room(entry.name, weights, activation)
+                await self._make_room(entry.name, weights, activation, engine.on_gpu)
             except DoesNotFit:
                 await runtime.batcher.close(drain=False)
                 engine.close()
@@ -291,7 +295,13 @@ class ModelManager:
                 self.metrics.model_load_failures.labels(entry.name).inc()
             log.error("model %s failed to load: %s", entry.name, exc)
             return
-        self.memory.admit(entry.name, weights, activation, bool(values["memory.pinned"]) or entry.spec.pinned)
+        self.memory.admit(
+            entry.name,
+            weights,
+            activation,
+            bool(values["memory.pinned"]) or entry.spec.pinned,
+            on_gpu=engine.on_gpu,
+        )
         self.metrics.model_loads.labels(entry.name).inc()
         self._memory_metrics()
         slot.runtime = runtime
@@ -302,7 +312,7 @@ class ModelManager:
         elapsed = time.monotonic() - started
         self.metrics.model_loaded.labels(entry.name).set(1)
         self.metrics.model_load_duration.labels(entry.name).observe(elapsed)
-        log.info("model %s resident (%s, %.2fs)", entry.name, engine.backend, elapsed)
+        log.info("model %s resident (%s, %.2fs)", entry.name, engine.backend_name, elapsed)
 
     @staticmethod
     def _open_engine(entry: ModelEntry, values: dict[str, Any]) -> Engine:
@@ -402,7 +412,7 @@ class ModelManager:
     def configure_memory(self) -> None:
         """A new budget applies to the next load (resident models are not evicted for it)."""
         values = self.cfg.tunables_for("", {})
-        self.memory.budget = budget_from(values, _device_total())
+        self.memory.configure(values, _device_total())
         self._memory_metrics()
         self.arbiter.configure(int(values["compute.concurrency"]), float(values["compute.aging_ms"]))
 
@@ -428,25 +438,27 @@ class ModelManager:
         if slot.error:
             d["error"] = slot.error
         if slot.runtime is not None:
-            d["backend"] = slot.runtime.engine.backend
+            engine = slot.runtime.engine
+            d["backend"] = engine.backend_name  # tensorrt, onnxruntime-cuda or onnxruntime-cpu
+            d["backend_reason"] = engine.backend_reason  # why a faster one was skipped, or null
         lease = self.memory.leases.get(name)
         if lease is not None:
             d["memory_bytes"] = lease.weights
             d["activation_bytes"] = lease.activation
+            d["memory_pool"] = (
+                "device" if self.memory.device and name in self.memory.device.leases else "host"
+            )
         d["pinned"] = bool(self.tunables(name)["memory.pinned"]) or slot.entry.spec.pinned
         return d
 
 
 def _device_total() -> int | None:
-    """Total memory of GPU 0 when ONNX Runtime will run there; None means budget host RAM."""
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
+    """Total memory of GPU 0 when any model can run on a GPU engine (TensorRT or ONNX Runtime CUDA);
+    None means there is no device pool, only host RAM."""
+    if not gpu_engines_available():
         return None
     from appliance.gpu import cuda
 
-    if not cuda.probe().ok:
-        return None
     try:
         return cuda.mem_info(0)[1]
     except cuda.CudaError:

@@ -325,6 +325,15 @@ register(
         scope="server",
     ),
     Setting(
+        "memory.host_budget_bytes",
+        int,
+        0,
+        "With a GPU engine: host RAM for models on a CPU engine (0 = memory.budget_fraction of it).",
+        0,
+        1 << 50,
+        scope="server",
+    ),
+    Setting(
         "memory.budget_fraction",
         float,
         0.8,

@@ -224,6 +224,15 @@ class FaultyEngine(Engine):
         self.oom_above: int | None = None  # batches with more rows than this run out of memory
         self.batches: list[int] = []
         self.backend = inner.backend
+        self.backend_reason = inner.backend_reason
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.inner.on_gpu
+
+    @property
+    def backend_name(self) -> str:
+        return self.inner.backend_name
 
     @property
     def inputs(self) -> Sequence[TensorSpec]:

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 import yaml
 
+from appliance.gpu import cuda
 from tests.conftest import ServerThread, make_repository
 
 MODEL = "all-minilm-l6-v2"
@@ -71,7 +72,11 @@ def test_stats_snapshot_after_traffic(served: Any) -> None:
     assert m["state"] == "resident" and m["kind"] == "embedding"
     assert m["requests_per_s"] > 0 and m["p50_ms"] > 0 and m["p99_ms"] >= m["p50_ms"]
     assert set(m["queue_depth"]) == {"1", "2", "3"}
-    assert m["recent_batch_sizes"] and m["backend"] == "onnxruntime"
+    assert m["recent_batch_sizes"] and m["backend"] in ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
+    if not cuda.probe().ok:  # a CPU box: the step downs are named, and there is only a host pool
+        assert m["backend"] == "onnxruntime-cpu"
+        assert "TensorRT: " in m["backend_reason"] and "ONNX Runtime CUDA: " in m["backend_reason"]
+        assert stats["memory"]["host"]["models"] == 1 and stats["memory"]["device"] is None
     assert stats["cache"]["enabled"] is True and stats["uptime_s"] >= 0 and stats["version"]
 
 

@@ -64,6 +64,14 @@ def test_help_and_bad_options() -> None:
     assert run_installer("--frobnicate").returncode != 0
     assert run_installer("--purge").returncode != 0  # only with --uninstall
     assert run_installer("--prefix").returncode != 0
+    for bad, message in (
+        (("--gpu", "--cpu"), "contradict"),
+        (("--cuda", "11"), "--cuda must be 12 or 13"),
+        (("--wheels", "/nonexistent/wheels"), "no such directory"),
+    ):
+        proc = run_installer("--dry-run", *bad)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    assert all(o in run_installer("--help").stdout for o in ("--gpu", "--cuda", "--wheels"))
 
 
 def test_dry_run_prints_actions_and_changes_nothing(tmp_path: Path) -> None:
@@ -96,6 +104,76 @@ def test_dry_run_prints_actions_and_changes_nothing(tmp_path: Path) -> None:
     # --prefix: no system user, no systemd.
     for command in ("useradd", "usermod", "chown", "systemctl"):
         assert f"[dry-run] {command}" not in out, command
+
+
+def fake_nvidia_smi(bin_dir: Path, cuda: str, driver: str) -> dict[str, str]:
+    """An nvidia-smi that answers as a driver supporting CUDA ``cuda`` would (its banner, and the
+    CSV query the installer makes); returns the environment that puts it first on PATH."""
+    bin_dir.mkdir()
+    script = bin_dir / "nvidia-smi"
+    script.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in\n'
+        f'  *--query-gpu*) echo "NVIDIA H200, 143771 MiB, {driver}" ;;\n'
+        f'  *) echo "| NVIDIA-SMI {driver}   Driver Version: {driver}   CUDA Version: {cuda}     |" ;;\n'
+        "esac\n"
+    )
+    script.chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_dry_run_gpu_prints_the_whole_plan_on_a_box_without_one(tmp_path: Path) -> None:
+    prefix = tmp_path / "root"
+    proc = run_installer("--dry-run", "--gpu", "--cuda", "12", "--prefix", str(prefix), "--no-models")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    pip = f"[dry-run] {prefix}/opt/appliance/venv/bin/python -m pip"
+    expected = [
+        "GPU plan for CUDA 12 (--cuda):",
+        f"{pip} install --quiet --disable-pip-version-check --upgrade cuda-python>=12.3,<13 nvidia-ml-py",
+        f"{pip} uninstall --quiet -y onnxruntime onnxruntime-gpu",  # the CPU and GPU builds collide
+        f"{pip} install --quiet --disable-pip-version-check onnxruntime-gpu[cuda,cudnn]>=1.18,<1.27",
+        "--extra-index-url https://pypi.nvidia.com tensorrt-cu12>=10,<12",
+        "Air-gapped? Fetch them elsewhere, then install with --wheels DIR:",
+    ]
+    for text in expected:
+        assert text in out, text
+    # The base install stays the CPU one; the GPU engines come after, one step each.
+    assert out.index("[tui]") < out.index("GPU plan") < out.index("tensorrt-cu12")
+    assert not prefix.exists()
+
+
+def test_gpu_plan_follows_the_drivers_cuda_major_and_uses_local_wheels(tmp_path: Path) -> None:
+    env = fake_nvidia_smi(tmp_path / "bin", "13.0", "580.65.06")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    proc = run_installer(
+        "--dry-run", "--prefix", str(tmp_path / "r"), "--no-models", "--wheels", str(wheels), **env
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "GPU: NVIDIA NVIDIA H200, 143771 MiB, 580.65.06" in out  # detected: no --gpu needed
+    assert "GPU plan for CUDA 13 (the driver (nvidia-smi)):" in out
+    local = f"--no-index --find-links {wheels}"
+    for spec in ("cuda-python>=13.0,<14", "onnxruntime-gpu[cuda,cudnn]>=1.27", "tensorrt-cu13>=10,<12"):
+        line = next(line for line in out.splitlines() if line.startswith("[dry-run]") and f" {spec}" in line)
+        assert local in line, line
+    assert "pypi.nvidia.com" not in out  # air-gapped: nothing from NVIDIA's index
+    cuda12 = run_installer(
+        "--dry-run",
+        "--prefix",
+        str(tmp_path / "r"),
+        "--no-models",
+        **fake_nvidia_smi(tmp_path / "b12", "12.4", "550.54.15"),
+    )
+    assert (
+        "GPU plan for CUDA 12 (the driver (nvidia-smi)):" in cuda12.stdout
+        and "tensorrt-cu12" in cuda12.stdout
+    )
+    forced_cpu = run_installer("--dry-run", "--prefix", str(tmp_path / "r"), "--no-models", "--cpu", **env)
+    assert (
+        "--cpu given: skipping the GPU packages" in forced_cpu.stdout and "GPU plan" not in forced_cpu.stdout
+    )
 
 
 def test_dry_run_no_models(tmp_path: Path) -> None:
@@ -162,8 +240,38 @@ def test_prefix_install_upgrade_uninstall(tmp_path: Path) -> None:
     config.write_text(edited)
     env_file.write_text("APPLIANCE_LOG_LEVEL=debug\n")
     (data / "cache.sqlite").write_bytes(b"precious")
-    second = run_installer(*args, timeout=600)
+    # The upgrade also tries the GPU plan, from an empty wheel folder: each GPU step fails, says
+    # which and why, and the install carries on with the CPU engine in place.
+    empty = tmp_path / "no-wheels"
+    empty.mkdir()
+    gpu_args = (
+        "--prefix",
+        str(prefix),
+        "--gpu",
+        "--cuda",
+        "12",
+        "--wheels",
+        str(empty),
+        "--no-start",
+        "--no-models",
+    )
+    second = run_installer(*gpu_args, timeout=600)
     assert second.returncode == 0, second.stdout + second.stderr
+    for step in (
+        "CUDA bindings (cuda-python>=12.3,<13)",
+        "ONNX Runtime CUDA (onnxruntime-gpu)",
+        "TensorRT (tensorrt-cu12)",
+    ):
+        assert f"WARNING: GPU step '{step}' failed: " in second.stderr, step
+        assert f"{step}: FAILED (" in second.stdout, step
+    assert "No matching distribution" in second.stderr or "Could not find a version" in second.stderr
+    ort = subprocess.run(
+        [str(venv / "bin/python"), "-c", "import onnxruntime as o; print(o.get_available_providers())"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ort.returncode == 0 and "CPUExecutionProvider" in ort.stdout, ort.stderr  # put back
     assert "keeping the existing" in second.stdout
     assert config.read_text() == edited
     assert env_file.read_text() == "APPLIANCE_LOG_LEVEL=debug\n"

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from appliance.api.common import MANAGER
-from appliance.memory import DoesNotFit, MemoryManager
+from appliance.memory import DoesNotFit, MemoryManager, MemoryPools
 from tests.conftest import ServerThread
 
 A, B = "minilm-a", "minilm-b"
@@ -216,3 +216,79 @@ def test_tensorrt_engines_share_one_arena_sized_to_the_largest(monkeypatch: pyte
     mgr._share_arena(large)
     assert large.arena is small.arena and small.arena.nbytes == 300 << 20
     assert first.closed, "the smaller arena is freed once everyone moved to the larger one"
+
+
+def test_gpu_box_has_a_device_pool_and_a_separate_host_pool() -> None:
+    from appliance import settings
+
+    values = {
+        **settings.defaults(),
+        "memory.budget_bytes": 0,
+        "memory.budget_fraction": 0.5,
+        "memory.reserve_bytes": 100,
+        "memory.host_budget_bytes": 1000,
+    }
+    pools = MemoryPools.create(values, device_total=10_000)
+    assert pools.device is not None and pools.device.budget == 4900 and pools.host.budget == 1000
+    assert pools.budget == 4900, "the main pool (metrics, the old figures) is the device's"
+    pools.admit("trt", 3000, 1000, False, on_gpu=True)
+    pools.admit("cpu", 900, 0, False, on_gpu=False)
+    # A GPU model that needs room evicts GPU models only; host RAM is not its budget, and back.
+    assert pools.plan("trt2", 1000, 0, idle=lambda n: True, last_used=lambda n: 0.0, on_gpu=True) == ["trt"]
+    assert pools.plan("cpu2", 900, 0, idle=lambda n: True, last_used=lambda n: 0.0) == ["cpu"]
+    with pytest.raises(DoesNotFit, match="the memory budget is 0 MiB"):
+        pools.plan("cpu-huge", 2000, 0, idle=lambda n: True, last_used=lambda n: 0.0)
+    snap = pools.snapshot()
+    assert snap["device"] == {"budget_bytes": 4900, "used_bytes": 4000, "arena_bytes": 1000, "models": 1}
+    assert snap["host"] == {"budget_bytes": 1000, "used_bytes": 900, "arena_bytes": 0, "models": 1}
+    assert snap["models"]["trt"]["pool"] == "device" and snap["models"]["cpu"]["pool"] == "host"
+    assert snap["budget_bytes"] == 4900 and snap["loads"] == 2
+    # A model that reloads onto the other backend (TensorRT failed this time) moves pools.
+    pools.admit("trt", 800, 0, False, on_gpu=False)
+    assert "trt" not in pools.device.leases and pools.host.leases["trt"].weights == 800
+    pools.release("trt", evicted=True)
+    assert "trt" not in pools.leases and pools.evictions == 1
+    pools.configure({**values, "memory.host_budget_bytes": 2000}, device_total=10_000)
+    assert pools.host.budget == 2000 and pools.device.budget == 4900
+
+
+def test_cpu_box_has_one_host_pool() -> None:
+    from appliance import settings
+
+    values = {**settings.defaults(), "memory.budget_bytes": 5000, "memory.host_budget_bytes": 1}
+    pools = MemoryPools.create(values, device_total=None)
+    assert pools.device is None and pools.budget == pools.host.budget == 5000  # host_budget: GPU boxes only
+    pools.admit("m", 10, 0, False, on_gpu=True)  # no device pool: everything leases from the host
+    assert pools.snapshot()["device"] is None and pools.snapshot()["host"]["used_bytes"] == 10
+
+
+def test_gpu_engine_models_lease_device_memory_and_cpu_models_host_memory(
+    start_server, minilm_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """This machine has no GPU: injected are a 10 GiB device and model A's engine saying it runs
+    there; both engines are the real ONNX Runtime ones, and the manager is the server's."""
+    from appliance import models as models_mod
+    from appliance.models import ModelManager
+    from tests.conftest import FaultyEngine
+
+    class OnGpu(FaultyEngine):
+        @property
+        def on_gpu(self) -> bool:
+            return True
+
+    original = ModelManager._open_engine
+
+    def open_engine(entry: Any, values: Any) -> Any:
+        engine = original(entry, values)
+        return OnGpu(engine) if entry.name == A else engine
+
+    monkeypatch.setattr(models_mod, "_device_total", lambda: 10 << 30)
+    monkeypatch.setattr(ModelManager, "_open_engine", staticmethod(open_engine))
+    srv = start_server(two_models(minilm_folder, tmp_path), config={"server": {"default_models": [A, B]}})
+    snap = srv.call(lambda: srv.app[MANAGER].memory.snapshot())
+    assert snap["device"]["models"] == 1 and snap["host"]["models"] == 1
+    assert snap["models"][A]["pool"] == "device" and snap["models"][B]["pool"] == "host"
+    assert snap["device"]["budget_bytes"] == int((10 << 30) * 0.8) - (512 << 20)  # the device's budget
+    _, described = srv.get(f"/v1/models/{A}")
+    assert described["memory_pool"] == "device"
+    assert srv.get(f"/v1/models/{B}")[1]["memory_pool"] == "host"

@@ -28,6 +28,7 @@ from textual.pilot import Pilot
 from textual.widgets import Input, Select
 
 from appliance.api.common import RESILIENCE
+from appliance.gpu import cuda
 from tests.conftest import ServerThread, make_repository
 from tui import view
 from tui.app import discover
@@ -102,6 +103,8 @@ async def test_dashboard_shows_real_numbers_after_traffic(
     async with app.run_test(size=SIZE) as pilot:
         await wait_until(pilot, lambda: app.snapshot.connected, "the first poll")
         assert cell(app, "state") == "resident"
+        if not cuda.probe().ok:  # the backend, and why nothing faster: what /admin/stats says
+            assert cell(app, "backend") == "ORT CPU ↓" and cell(app, "why") == "no CUDA device"
         await embed(srv, 8)
         await wait_until(pilot, lambda: float(cell(app, "rps")) > 0, "a non-zero request rate")
         assert float(cell(app, "p50")) > 0 and float(cell(app, "p99")) > 0
@@ -394,6 +397,29 @@ def test_field_errors_attribute_server_messages() -> None:
     assert list(found) == ["queue.default_priority"] and not rest
 
 
+def test_backend_and_memory_pools_from_stats() -> None:
+    rows = {r.name: r for r in view.model_rows(fake_stats(0))}
+    assert view.backend_label(rows["yolov8n"].backend) == "ORT CUDA"
+    assert view.short_reason(rows["yolov8n"].backend_reason) == "TensorRT failed: TensorRT build…"
+    assert view.short_reason(rows["smollm2-135m-instruct"].backend_reason) == "the CUDA provider did not load"
+    assert view.short_reason("TensorRT: no CUDA device (cudaErrorInsufficientDriver)") == "no CUDA device"
+    assert rows["reranker"].backend is None and view.backend_label(None) == "—"
+    pools = view.memory_pools(fake_stats(0))
+    assert [(p.pool, p.models) for p in pools] == [("GPU", 2), ("host", 1)]
+    # A CPU-only server has a host pool only; an older server's single budget still shows.
+    cpu = {
+        "memory": {
+            "budget_bytes": 8,
+            "used_bytes": 2,
+            "device": None,
+            "host": {"budget_bytes": 8, "used_bytes": 2},
+        }
+    }
+    assert [p.pool for p in view.memory_pools(cpu)] == ["host"]
+    assert [p.pool for p in view.memory_pools({"memory": {"budget_bytes": 8, "used_bytes": 2}})] == ["budget"]
+    assert view.memory_pools({}) == []
+
+
 def test_api_error_is_typed() -> None:
     err = ApiError(400, "x: bad", "x", "invalid")
     assert err.status == 400 and err.param == "x" and err.message == "x: bad"
@@ -423,6 +449,8 @@ def fake_stats(n: int) -> dict[str, Any]:
                 "p50_ms": 6.5 + i / 4,
                 "p99_ms": 18.0 + 3 * i,
                 "queue_depth": {"1": 0, "2": i % 4, "3": 1},
+                "backend": "tensorrt",
+                "backend_reason": None,
                 "breaker": {"state": "closed", "failure_rate": 0.0, "calls_in_window": 240},
                 "cache": {"hits": 30, "stale_hits": 2, "misses": 90},
             },
@@ -434,6 +462,9 @@ def fake_stats(n: int) -> dict[str, Any]:
                 "p50_ms": 420.0,
                 "p99_ms": 1310.0,
                 "queue_depth": {"1": 0, "2": 2, "3": 0},
+                "backend": "onnxruntime-cpu",
+                "backend_reason": "ONNX Runtime CUDA: the CUDA provider did not load "
+                "(missing CUDA/cuDNN libraries; see ONNX Runtime's log)",
                 "breaker": {"state": "half_open", "failure_rate": 0.25, "calls_in_window": 20},
                 "generation": {"tokens_per_s": 41.5, "active_sequences": 2, "kv_cache_bytes": 48 * 1024**2},
             },
@@ -445,6 +476,8 @@ def fake_stats(n: int) -> dict[str, Any]:
                 "p50_ms": 0.0,
                 "p99_ms": 0.0,
                 "queue_depth": {"1": 0, "2": 0, "3": 0},
+                "backend": "onnxruntime-cuda",
+                "backend_reason": "TensorRT: TensorRT failed: TensorRT build of model.onnx failed (exit 3)",
                 "breaker": {"state": "forced_open", "failure_rate": 0.0, "calls_in_window": 0},
             },
             "reranker": {
@@ -466,7 +499,14 @@ def fake_stats(n: int) -> dict[str, Any]:
             "stale_hits": 2,
             "misses": 90,
         },
-        "memory": {"budget_bytes": 20 * GIB, "used_bytes": 3 * GIB, "evictions": 1},
+        "memory": {
+            "budget_bytes": 20 * GIB,
+            "used_bytes": 3 * GIB,
+            "loads": 4,
+            "evictions": 1,
+            "device": {"budget_bytes": 20 * GIB, "used_bytes": 3 * GIB, "arena_bytes": GIB, "models": 2},
+            "host": {"budget_bytes": 96 * GIB, "used_bytes": 600 * 1024**2, "arena_bytes": 0, "models": 1},
+        },
         "gpu": {
             "available": True,
             "driver_version": "550.54.15",

@@ -20,8 +20,8 @@ from tui.widgets import (
     breaker_lines,
     cache_lines,
     generation_lines,
-    generic_lines,
     gpu_lines,
+    memory_lines,
 )
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ class DashboardScreen(Screen[None]):
         self.query_one("#gpu-panel", Panel).show_lines(gpu_lines(stats))
         self.query_one("#breaker-panel", Panel).show_lines(breaker_lines(stats))
         self.query_one("#cache-panel", Panel).show_lines(cache_lines(stats))
-        self.query_one("#memory-panel", Panel).show_lines(generic_lines(stats.get("memory")))
+        self.query_one("#memory-panel", Panel).show_lines(memory_lines(stats))
         self.query_one("#generation-panel", Panel).show_lines(generation_lines(stats))
         self.query_one("#panels").display = any(p.display for p in self.query(Panel))
         for graph in self.query(HistoryGraph):

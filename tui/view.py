@@ -44,6 +44,63 @@ class ModelRow:
     queue: tuple[int, ...]
     breaker: str | None
     cache_hit_rate: float | None
+    backend: str | None = None  # tensorrt / onnxruntime-cuda / onnxruntime-cpu, while resident
+    backend_reason: str | None = None  # why faster backends were skipped
+
+
+BACKEND_LABELS = {"tensorrt": "TensorRT", "onnxruntime-cuda": "ORT CUDA", "onnxruntime-cpu": "ORT CPU"}
+BACKEND_STYLES = {"tensorrt": "green", "onnxruntime-cuda": "cyan", "onnxruntime-cpu": ""}
+
+
+def backend_label(backend: str | None) -> str:
+    return "—" if not backend else BACKEND_LABELS.get(backend, backend)
+
+
+def short_reason(reason: str | None, limit: int = 32) -> str:
+    """The first step down's cause, without its detail: "TensorRT: no CUDA device (cudaError…);
+    ONNX Runtime CUDA: …" reads "no CUDA device". The full text is in /v1/models/{m}."""
+    if not reason:
+        return ""
+    first = reason.split("; ", 1)[0]
+    cause = first.split(": ", 1)[1] if ": " in first else first
+    cause = cause.split(" (", 1)[0].strip()
+    return cause if len(cause) <= limit else cause[: limit - 1] + "…"
+
+
+@dataclass(frozen=True)
+class MemoryPoolRow:
+    pool: str  # "GPU" or "host"
+    used: int
+    budget: int
+    models: int | None
+
+
+def memory_pools(stats: Mapping[str, Any]) -> list[MemoryPoolRow]:
+    """The device and host budgets of ``stats["memory"]``; one row for a server with one pool
+    (no GPU, or an older server without the split)."""
+    memory = stats.get("memory")
+    if not isinstance(memory, Mapping):
+        return []
+    rows = []
+    for key, label in (("device", "GPU"), ("host", "host")):
+        pool = memory.get(key)
+        if isinstance(pool, Mapping):
+            models = pool.get("models")
+            rows.append(
+                MemoryPoolRow(
+                    label,
+                    int(num(pool.get("used_bytes"))),
+                    int(num(pool.get("budget_bytes"))),
+                    int(num(models)) if isinstance(models, int | float) else None,
+                )
+            )
+    if not rows and "budget_bytes" in memory:
+        rows.append(
+            MemoryPoolRow(
+                "budget", int(num(memory.get("used_bytes"))), int(num(memory.get("budget_bytes"))), None
+            )
+        )
+    return rows
 
 
 @dataclass(frozen=True)
@@ -110,6 +167,8 @@ def model_rows(stats: Mapping[str, Any], breaker_fallback: Mapping[str, str] | N
                 queue=depths,
                 breaker=str(state) if state is not None else None,
                 cache_hit_rate=hit_rate(m.get("cache")),
+                backend=str(m["backend"]) if m.get("backend") else None,
+                backend_reason=str(m["backend_reason"]) if m.get("backend_reason") else None,
             )
         )
     return rows

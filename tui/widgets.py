@@ -92,12 +92,14 @@ class ModelsTable(DataTable[Any]):
         ("model", "model"),
         ("kind", "kind"),
         ("state", "state"),
+        ("backend", "backend"),
         ("rps", "req/s"),
         ("p50", "p50 ms"),
         ("p99", "p99 ms"),
         ("queue", "queue P1/P2/…"),
         ("breaker", "breaker"),
         ("cache", "cache hit"),
+        ("why", "why not faster"),
     )
 
     def on_mount(self) -> None:
@@ -130,6 +132,16 @@ class ModelsTable(DataTable[Any]):
             self.move_cursor(row=list(cells).index(selected))
 
     @staticmethod
+    def _backend(r: view.ModelRow) -> Text:
+        """The backend; a yellow arrow when a faster one was skipped (the last column says why)."""
+        if not r.backend:
+            return Text("—", style="dim")
+        cell = Text(view.backend_label(r.backend), style=view.BACKEND_STYLES.get(r.backend, ""))
+        if r.backend_reason:
+            cell.append(" ↓", style="yellow")
+        return cell
+
+    @staticmethod
     def _cells(r: view.ModelRow) -> tuple[Text | str, ...]:
         breaker = (
             Text(r.breaker.replace("_", " "), style=view.BREAKER_STYLES.get(r.breaker, ""))
@@ -140,12 +152,14 @@ class ModelsTable(DataTable[Any]):
             Text(r.name, style="bold"),
             r.kind,
             Text(r.state, style=view.STATE_STYLES.get(r.state, "")),
+            ModelsTable._backend(r),
             Text(view.fmt_rate(r.requests_per_s), justify="right"),
             Text(view.fmt_ms(r.p50_ms), justify="right"),
             Text(view.fmt_ms(r.p99_ms), justify="right"),
             " / ".join(str(d) for d in r.queue) if r.queue else Text("—", style="dim"),
             breaker,
             Text(view.fmt_percent(r.cache_hit_rate), justify="right"),
+            Text(view.short_reason(r.backend_reason), style="yellow"),
         )
 
 
@@ -215,6 +229,25 @@ def gpu_lines(stats: Mapping[str, Any]) -> list[Text]:
             sensors.append(_kv("power", f"{g.power_w:.0f} W"))
         if sensors:
             out.append(Text("  ").join(sensors))
+    return out
+
+
+def memory_lines(stats: Mapping[str, Any]) -> list[Text]:
+    """Each budget (the GPU's for GPU-engine models, host RAM for CPU-engine ones) used / total,
+    then the load and eviction counts."""
+    memory = stats.get("memory")
+    pools = view.memory_pools(stats)
+    if not pools:
+        return generic_lines(memory)
+    out = []
+    for p in pools:
+        # Narrow panel: "GPU 15% / 20 GiB" (the share of that pool's budget, and the budget).
+        share = view.fmt_percent(p.used / p.budget) if p.budget else view.fmt_bytes(p.used)
+        out.append(_kv(p.pool, f"{share} / {view.fmt_bytes(p.budget).replace('.0 ', ' ')}"))
+    if isinstance(memory, Mapping):
+        for key in ("loads", "evictions"):
+            if isinstance(memory.get(key), int | float):
+                out.append(_kv(key, str(int(memory[key]))))
     return out
 
 

@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from appliance.repository import sha256_files
+from appliance.digest import sha256_files
 
 ONNX_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"

@@ -46,6 +46,19 @@ class Engine(abc.ABC):
     """A loaded model artefact that maps named input arrays to named output arrays."""
 
     backend: str = "abstract"
+    # Why a faster backend was not used for this model (TensorRT -> ONNX Runtime CUDA -> ONNX Runtime
+    # CPU), set by ``engines.select`` when it stepped down; None when nothing faster was skipped.
+    backend_reason: str | None = None
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether this engine's weights and activations live in device memory (its memory budget)."""
+        return False
+
+    @property
+    def backend_name(self) -> str:
+        """The backend as operators see it: ``tensorrt``, ``onnxruntime-cuda`` or ``onnxruntime-cpu``."""
+        return self.backend
 
     @property
     @abc.abstractmethod

@@ -100,6 +100,14 @@ class OnnxRuntimeEngine(Engine):
             raise EngineError(text) from exc
         return dict(zip(names, results, strict=True))
 
+    @property
+    def on_gpu(self) -> bool:
+        return bool(self.provider == "CUDAExecutionProvider")
+
+    @property
+    def backend_name(self) -> str:
+        return "onnxruntime-cuda" if self.on_gpu else "onnxruntime-cpu"
+
     def memory_bytes(self) -> int:
         return self._bytes
 

@@ -1,36 +1,57 @@
-"""Which backend runs a model: TensorRT where it can, ONNX Runtime everywhere else.
+"""Which backend runs a model: the fastest that works here, and why any faster one did not.
 
-TensorRT is used only when the model allows it (``backend: auto`` or ``tensorrt``), the CUDA probe
-found a device (creating TensorRT objects without one segfaults the process) and the ``tensorrt``
-package imports. The plan is built on first load if no valid cached plan exists (in a child
-process, so a builder crash cannot take the server down); ``appliance engines build`` does it
-ahead of time. Anything else falls back to ONNX Runtime, with a log line that says why.
+The chain, per model: TensorRT → ONNX Runtime with the CUDA provider → ONNX Runtime on the CPU.
+
+- TensorRT is tried when the model allows it (``backend: auto`` or ``tensorrt``), the CUDA probe
+  found a device (TensorRT objects created without one segfault the process) and the ``tensorrt``
+  package imports. The plan is built on first load if no valid cached plan exists (in a child
+  process, so a builder crash cannot take the server down); ``appliance engines build`` does it
+  ahead of time.
+- ONNX Runtime CUDA needs the ``onnxruntime-gpu`` build (its CUDA provider) and a device. ONNX
+  Runtime falls back to the CPU by itself when the provider's libraries do not load; that shows as
+  a session whose first provider is the CPU one, and counts as a step down too.
+- ONNX Runtime on the CPU always works.
+
+Each step down is logged once per model and reason (a warning where a GPU is present or the model
+asked for TensorRT, since then it costs speed; info on a CPU-only box, where it is expected), and
+the reasons travel with the engine (``Engine.backend_reason``) into ``/v1/models/{m}``,
+``/admin/stats`` and the console.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
+from appliance.engines.availability import (
+    gpu_engines_available,
+    onnxruntime_cuda_unavailable,
+    tensorrt_unavailable,
+)
 from appliance.engines.base import Engine, EngineError
 from appliance.engines.onnxruntime import OnnxRuntimeEngine
 from appliance.repository import Backend, ModelEntry
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "gpu_engines_available",
+    "onnxruntime_cuda_unavailable",
+    "open_engine",
+    "tensorrt_unavailable",
+]
 
-def tensorrt_unavailable() -> str | None:
-    """Why TensorRT cannot be used here, or None when it can."""
-    from appliance.gpu import cuda
+_logged: set[tuple[str, str, str]] = set()
+_logged_lock = threading.Lock()
 
-    probe = cuda.probe()
-    if not probe.ok:
-        return f"no CUDA device ({probe.error})"
-    if importlib.util.find_spec("tensorrt") is None:
-        return "the tensorrt package is not installed"
-    return None
+
+def expected_on_gpu(entry: ModelEntry) -> bool:
+    """Where ``open_engine`` will most likely put ``entry``, for sizing room before it is loaded."""
+    if entry.spec.backend != Backend.onnxruntime and tensorrt_unavailable() is None:
+        return True
+    return onnxruntime_cuda_unavailable() is None
 
 
 def build_options(entry: ModelEntry, values: dict[str, Any]) -> Any:
@@ -57,7 +78,26 @@ def plan_for(entry: ModelEntry, values: dict[str, Any], *, force: bool = False) 
     )
 
 
+def step_down(model: str, skipped: str, why: str, *, costly: bool) -> str:
+    """Log (once per model, backend and reason) that ``skipped`` is not used; return the reason."""
+    key = (model, skipped, why)
+    with _logged_lock:
+        first = key not in _logged
+        _logged.add(key)
+    if first:
+        log.log(
+            logging.WARNING if costly else logging.INFO, "model %s: not on %s: %s", model, skipped, why
+        )
+    return f"{skipped}: {why}"
+
+
 def open_engine(entry: ModelEntry, values: dict[str, Any]) -> Engine:
+    """The model's engine on the first backend of the chain that works, with ``backend_reason``
+    naming each faster backend skipped and why. Raises EngineError only if the CPU one fails."""
+    reasons: list[str] = []
+    from appliance.gpu import cuda
+
+    gpu_here = cuda.probe().ok
     if entry.spec.backend != Backend.onnxruntime:
         why = tensorrt_unavailable()
         if why is None:
@@ -67,12 +107,25 @@ def open_engine(entry: ModelEntry, values: dict[str, Any]) -> Engine:
                 return TensorRTEngine(plan_for(entry, values))
             except EngineError as exc:
                 why = f"TensorRT failed: {exc}"
-        if entry.spec.backend == Backend.tensorrt:
-            log.warning("model %s asks for TensorRT but %s; using ONNX Runtime", entry.name, why)
+        costly = gpu_here or entry.spec.backend == Backend.tensorrt
+        reasons.append(step_down(entry.name, "TensorRT", why, costly=costly))
+    threads = {
+        "intra_op_threads": int(values["engine.intra_op_threads"]),
+        "inter_op_threads": int(values["engine.inter_op_threads"]),
+    }
+    engine: OnnxRuntimeEngine | None = None
+    why = onnxruntime_cuda_unavailable()
+    if why is None:
+        try:
+            engine = OnnxRuntimeEngine(entry.artefact("model"), prefer_gpu=True, **threads)
+        except EngineError as exc:
+            why = f"the session failed on the GPU: {exc}"
         else:
-            log.debug("model %s: %s; using ONNX Runtime", entry.name, why)
-    return OnnxRuntimeEngine(
-        entry.artefact("model"),
-        intra_op_threads=int(values["engine.intra_op_threads"]),
-        inter_op_threads=int(values["engine.inter_op_threads"]),
-    )
+            if not engine.on_gpu:  # ORT dropped the CUDA provider itself (libraries did not load)
+                why = "the CUDA provider did not load (missing CUDA/cuDNN libraries; see ONNX Runtime's log)"
+    if why is not None:
+        reasons.append(step_down(entry.name, "ONNX Runtime CUDA", why, costly=gpu_here))
+    if engine is None:
+        engine = OnnxRuntimeEngine(entry.artefact("model"), prefer_gpu=False, **threads)
+    engine.backend_reason = "; ".join(reasons) or None
+    return engine

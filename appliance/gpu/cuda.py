@@ -387,6 +387,13 @@ def memcpy_dtoh_async(dst: np.ndarray, src: DeviceBuffer | int, stream: Stream) 
         check(rt.cudaMemcpyAsync(_host_ptr(dst), int(src), dst.nbytes, kind, stream.handle), "memcpy dtoh")
 
 
+def memset_async(dst: DeviceBuffer | int, value: int, nbytes: int, stream: Stream) -> None:
+    """Fill ``nbytes`` of device memory with the byte ``value`` on ``stream`` (a device kernel: the
+    GPU check uses it as load that NVML's utilisation sees)."""
+    if nbytes:
+        check(_runtime().cudaMemsetAsync(int(dst), value, nbytes, stream.handle), "memset")
+
+
 @dataclass
 class ThreadStreams:
     """One stream per thread, created on first use (an engine's context runs on one thread at a time,

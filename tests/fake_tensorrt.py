@@ -1,0 +1,302 @@
+"""A fake ``tensorrt`` module and device memory for wiring tests of ``appliance.engines.tensorrt``.
+
+TensorRT cannot be installed on the CPU machines this project is built on (its libraries come only
+from NVIDIA's index) and its objects segfault without a GPU, so the engine's calls into TensorRT
+are checked against this stand-in. It is strict where NVIDIA documents a rule, and raises
+``ContractViolation`` where real TensorRT would misbehave silently (undefined behaviour, garbage
+output) or fail an enqueue. The rules, with where NVIDIA states them (TensorRT 10.x and 11.x
+``NvInferRuntime.h``, ``IExecutionContext``; the Python docstrings say the same):
+
+- ``setDeviceMemoryV2`` / Python ``set_device_memory``: a USER_MANAGED context needs its device
+  memory before ``enqueueV3``; the block must be CUDA-aligned and "large enough for performing
+  inference with the given network inputs"; ``getDeviceMemorySizeV2`` /
+  ``getDeviceMemorySizeForProfileV2`` "report upper bounds"; the memory "is in use from the
+  invocation of enqueueV3() until network execution is complete", and using it in another
+  context running in parallel is undefined behaviour.
+- ``setOptimizationProfileAsync``: changing the profile "will invalidate all dynamic bindings for
+  the current execution context, so that they have to be set again using setInputShape".
+- ``setInputShape``: returns False (and TensorRT logs an error) for a shape outside the active
+  profile's min..max or of the wrong rank.
+- ``setTensorAddress``: every I/O tensor needs an address before ``enqueueV3``; "the pointer must
+  have at least 256-byte alignment"; it must point at a device buffer of sufficient size.
+- ``getTensorShape`` reports -1 for an output until every input shape is set.
+
+Profile switches do not invalidate the device memory: nothing in those documents says so, and
+NVIDIA's TensorRT-Edge-LLM runner sets one ``getDeviceMemorySizeV2`` block on its prefill and
+decode contexts once and then switches their profiles. The fake therefore accepts memory set once
+at the max-over-profiles size, and rejects a block too small for the active profile.
+
+Compute: ``pooled = bias + sum(input_ids, axis=1)``, ``count = sequence length`` (int32).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import types
+from typing import Any, ClassVar
+
+import numpy as np
+
+from appliance.gpu import cuda
+from appliance.gpu.cuda import CudaError
+
+ALIGN = 256
+
+
+class ContractViolation(AssertionError):
+    """The engine broke a rule NVIDIA documents for TensorRT's runtime API."""
+
+
+# --- device memory -------------------------------------------------------------------------------
+
+
+class FakeDevice(cuda.DeviceBuffer):
+    """Device memory stood in for by host memory with real, 256-byte aligned addresses (as
+    cudaMalloc's), so copies work and the fake context can check what an address points at."""
+
+    fail_over: int | None = None
+    live: ClassVar[dict[int, int]] = {}  # ptr -> nbytes of every allocation not yet freed
+
+    def __init__(self, nbytes: int) -> None:
+        if FakeDevice.fail_over is not None and nbytes > FakeDevice.fail_over:
+            raise CudaError(2, "cudaErrorMemoryAllocation", f"cudaMalloc({nbytes})")
+        self.nbytes = nbytes
+        self._mem = np.zeros(max(nbytes, 1) + ALIGN, np.uint8)
+        base = int(self._mem.ctypes.data)
+        self.ptr = (base + ALIGN - 1) // ALIGN * ALIGN if nbytes else 0
+        if self.ptr:
+            FakeDevice.live[self.ptr] = nbytes
+        self._closed = False
+
+    def _release(self) -> None:
+        FakeDevice.live.pop(self.ptr, None)
+        self.ptr = 0
+
+
+def room_at(ptr: int) -> int | None:
+    """Bytes from ``ptr`` to the end of the live allocation holding it; None if none does."""
+    for base, n in FakeDevice.live.items():
+        if base <= ptr < base + n:
+            return base + n - ptr
+    return None
+
+
+class FakePinned(cuda.PinnedBuffer):
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes, self._mem = nbytes, np.zeros(max(nbytes, 1), np.uint8)
+        self.array = self._mem[:nbytes]
+        self.ptr = int(self._mem.ctypes.data)
+        self._closed = False
+
+    def _release(self) -> None:
+        self.array = np.empty(0, np.uint8)
+
+
+class FakeStream:
+    """A non-default stream (TensorRT adds device syncs on stream 0). ``synchronize`` ends every
+    execution enqueued on it, which frees the scratch memory those executions held."""
+
+    _next: ClassVar[int] = 0x1000
+
+    def __init__(self) -> None:
+        FakeStream._next += 1
+        self.handle = FakeStream._next
+
+    def synchronize(self) -> None:
+        for ptr, stream in list(FakeContext.in_flight.items()):
+            if stream == self.handle:
+                del FakeContext.in_flight[ptr]
+
+    def close(self) -> None: ...
+
+
+def _memory(ptr: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    n = int(np.prod(shape)) * dtype.itemsize
+    return np.frombuffer(memoryview((ctypes.c_char * n).from_address(ptr)), dtype=dtype).reshape(shape)
+
+
+# --- engine and context --------------------------------------------------------------------------
+
+
+class FakeContext:
+    in_flight: ClassVar[dict[int, int]] = {}  # scratch ptr -> stream of the execution using it
+
+    def __init__(self, engine: FakeEngine) -> None:
+        self.engine = engine
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.addresses: dict[str, int] = {}
+        self.profile = 0
+        self.memory: tuple[int, int] | None = None
+        self.calls: list[str] = []  # the order of calls, for tests that read it
+        self.rejected: list[str] = []
+
+    def set_optimization_profile_async(self, index: int, stream: int) -> bool:
+        self.calls.append(f"profile {index}")
+        if not 0 <= index < self.engine.num_optimization_profiles:
+            return False
+        if index != self.profile:
+            self.shapes.clear()  # documented: a profile change invalidates the dynamic bindings
+        self.profile = index
+        return True
+
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        self.calls.append(f"shape {name}")
+        if name not in self.engine.inputs:
+            return False
+        lo, _, hi = self.engine.get_tensor_profile_shape(name, self.profile)
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != len(lo) or not all(a <= s <= b for a, s, b in zip(lo, shape, hi, strict=True)):
+            self.rejected.append(name)
+            self.shapes.pop(name, None)
+            return False  # TensorRT logs an error and keeps the previous shape unusable
+        self.shapes[name] = shape
+        return True
+
+    def infer_shapes(self) -> list[str]:
+        return [n for n in self.engine.inputs if n not in self.shapes]
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        if name in self.engine.inputs:
+            return self.shapes.get(name, self.engine.get_tensor_shape(name))
+        if self.infer_shapes():
+            return tuple(-1 for _ in self.engine.get_tensor_shape(name))
+        batch = self.shapes["input_ids"][0]
+        return {"pooled": (batch, 8), "count": (batch,)}[name]
+
+    def set_tensor_address(self, name: str, ptr: int) -> bool:
+        self.calls.append(f"address {name}")
+        if name not in self.engine.desc:
+            return False
+        if ptr % ALIGN:
+            raise ContractViolation(f"address of {name!r} is not 256-byte aligned: {ptr:#x}")
+        self.addresses[name] = ptr
+        return True
+
+    def set_device_memory(self, ptr: int, nbytes: int) -> None:
+        self.calls.append("memory")
+        if ptr % ALIGN:
+            raise ContractViolation(f"device memory {ptr:#x} is not aligned")
+        if ptr in FakeContext.in_flight:
+            raise ContractViolation("device memory replaced while an execution still uses it")
+        self.memory = (ptr, nbytes)
+
+    def execute_async_v3(self, stream: int) -> bool:
+        self.calls.append("execute")
+        if stream == 0:
+            raise ContractViolation("enqueued on the default stream")
+        if self.memory is None:
+            raise ContractViolation("USER_MANAGED context enqueued before set_device_memory")
+        ptr, nbytes = self.memory
+        need = self.engine.get_device_memory_size_for_profile_v2(self.profile)
+        if nbytes < need or (room_at(ptr) or 0) < need:
+            raise ContractViolation(f"scratch of {nbytes} bytes < {need} needed by profile {self.profile}")
+        if ptr in FakeContext.in_flight:
+            raise ContractViolation("scratch memory shared with an execution that has not completed")
+        missing = self.infer_shapes()
+        if missing:
+            raise ContractViolation(f"enqueued without input shapes for {missing} (profile {self.profile})")
+        for name, (dtype, _, _) in self.engine.desc.items():
+            addr = self.addresses.get(name)
+            if not addr:
+                raise ContractViolation(f"enqueued with no address for {name!r}")
+            need_bytes = int(np.prod(self.get_tensor_shape(name))) * np.dtype(dtype).itemsize
+            room = room_at(addr)
+            if room is None or room < need_bytes:
+                raise ContractViolation(
+                    f"buffer for {name!r} holds {room} bytes, the tensor needs {need_bytes}"
+                )
+        FakeContext.in_flight[ptr] = stream
+        ids = _memory(self.addresses["input_ids"], np.dtype(np.int64), self.shapes["input_ids"])
+        bias = _memory(self.addresses["bias"], np.dtype(np.float32), self.shapes["bias"])
+        batch, seq = ids.shape
+        _memory(self.addresses["pooled"], np.dtype(np.float32), (batch, 8))[:] = bias + ids.sum(1)[:, None]
+        _memory(self.addresses["count"], np.dtype(np.int32), (batch,))[:] = seq
+        return True
+
+
+class FakeEngine:
+    IO: ClassVar[tuple[tuple[str, Any, tuple[int, ...], bool], ...]] = (
+        ("input_ids", np.int64, (-1, -1), True),
+        ("bias", np.float32, (-1, 8), True),
+        ("pooled", np.float32, (-1, 8), False),
+        ("count", np.int32, (-1,), False),
+    )
+    PROFILES: ClassVar[tuple[dict[str, list[tuple[int, ...]]], ...]] = (
+        {"input_ids": [(1, 1), (8, 8), (8, 16)], "bias": [(1, 8), (8, 8), (8, 8)]},
+        {"input_ids": [(1, 1), (32, 64), (32, 128)], "bias": [(1, 8), (32, 8), (32, 8)]},
+    )
+    PROFILE_MEMORY = (2048, 4096)  # scratch per profile: the larger profile needs more
+    num_io_tensors = len(IO)
+    num_optimization_profiles = len(PROFILES)
+
+    def __init__(self, api: int) -> None:
+        self.api = api
+        self.desc = {name: (dt, shape, is_in) for name, dt, shape, is_in in self.IO}
+        self.inputs = [name for name, _, _, is_in in self.IO if is_in]
+        self.contexts: list[FakeContext] = []
+
+    @property
+    def device_memory_size_v2(self) -> int:
+        return max(self.PROFILE_MEMORY)
+
+    def get_device_memory_size_for_profile_v2(self, p: int) -> int:
+        return self.PROFILE_MEMORY[p]
+
+    def __getattr__(self, name: str) -> Any:
+        # The 10.x names that 11.x removed (TensorRT 10.x-to-11.x migration guide).
+        if name == "device_memory_size" and self.api == 10:
+            return self.device_memory_size_v2
+        raise AttributeError(name)
+
+    def get_tensor_name(self, i: int) -> str:
+        return self.IO[i][0]
+
+    def get_tensor_mode(self, name: str) -> str:
+        return "INPUT" if self.desc[name][2] else "OUTPUT"
+
+    def get_tensor_location(self, name: str) -> str:
+        return "DEVICE"
+
+    def get_tensor_dtype(self, name: str) -> Any:
+        return self.desc[name][0]
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        return self.desc[name][1]
+
+    def get_tensor_profile_shape(self, name: str, p: int) -> list[tuple[int, ...]]:
+        return self.PROFILES[p][name]
+
+    def create_execution_context(self, strategy: str = "STATIC") -> FakeContext:
+        if strategy != "USER_MANAGED":
+            raise ContractViolation(f"the appliance supplies scratch memory; strategy {strategy}")
+        ctx = FakeContext(self)
+        self.contexts.append(ctx)
+        return ctx
+
+
+def fake_tensorrt_module(version: str = "11.4.0.106") -> types.ModuleType:
+    m = types.ModuleType("tensorrt")
+    m.__version__ = version  # type: ignore[attr-defined]
+    api = 10 if version.startswith("10.") else 11
+
+    class ILogger:
+        Severity = types.SimpleNamespace(INTERNAL_ERROR=0, ERROR=1, WARNING=2, INFO=3, VERBOSE=4)
+
+        def __init__(self) -> None: ...
+
+    class Runtime:
+        def __init__(self, logger: Any) -> None:
+            if not isinstance(logger, ILogger):
+                raise ContractViolation("trt.Runtime needs an ILogger")
+
+        def deserialize_cuda_engine(self, data: bytes) -> FakeEngine | None:
+            return FakeEngine(api) if data == b"fake-plan" else None  # None, not an exception
+
+    m.ILogger, m.Runtime = ILogger, Runtime  # type: ignore[attr-defined]
+    m.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")  # type: ignore[attr-defined]
+    m.TensorLocation = types.SimpleNamespace(DEVICE="DEVICE", HOST="HOST")  # type: ignore[attr-defined]
+    m.ExecutionContextAllocationStrategy = types.SimpleNamespace(  # type: ignore[attr-defined]
+        STATIC="STATIC", ON_PROFILE_CHANGE="ON_PROFILE_CHANGE", USER_MANAGED="USER_MANAGED"
+    )
+    m.nptype = lambda dt: dt  # type: ignore[attr-defined]
+    return m
