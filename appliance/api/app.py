@@ -7,6 +7,7 @@ import itertools
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -176,15 +177,36 @@ async def readyz(request: web.Request) -> web.Response:
 LAG_PROBE_S = 0.1
 
 
-async def _loop_lag(metrics: Metrics) -> None:
+class LoopLag:
     """How late the loop runs a timer is how long it was blocked: anything slow on the loop
-    (a big JSON body, a tokenizer call) shows here before clients notice."""
-    loop = asyncio.get_running_loop()
-    observe = metrics.event_loop_lag.observe
-    while True:
-        due = loop.time() + LAG_PROBE_S
-        await asyncio.sleep(LAG_PROBE_S)
-        observe(max(0.0, loop.time() - due))
+    (a big JSON body, a tokenizer call) shows here before clients notice. Exported as a histogram
+    and, for the console, as quantiles over the last minute."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.recent: deque[float] = deque(maxlen=int(60 / LAG_PROBE_S))
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        observe = self.metrics.event_loop_lag.observe
+        while True:
+            due = loop.time() + LAG_PROBE_S
+            await asyncio.sleep(LAG_PROBE_S)
+            lag = max(0.0, loop.time() - due)
+            observe(lag)
+            self.recent.append(lag)
+
+    def snapshot(self) -> dict[str, float | int]:
+        values = sorted(self.recent)
+        if not values:
+            return {"samples": 0, "p50_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0}
+        pick = lambda q: values[min(len(values) - 1, int(q * (len(values) - 1) + 0.5))]  # noqa: E731
+        return {
+            "samples": len(values),
+            "p50_ms": round(pick(0.5) * 1000, 3),
+            "p99_ms": round(pick(0.99) * 1000, 3),
+            "max_ms": round(values[-1] * 1000, 3),
+        }
 
 
 async def metrics_view(request: web.Request) -> web.Response:
@@ -208,7 +230,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     sampler = app[GPU]
     sampler.start()
     supervisor.watch("gpu-sampler", sampler.alive, sampler.restart)
-    supervisor.task("loop-lag", lambda: _loop_lag(app[METRICS]))
+    lag = LoopLag(app[METRICS])
+    app[EXTRA_STATS]["loop"] = lag.snapshot
+    supervisor.task("loop-lag", lag.run)
     mgr.supervisor = supervisor
     mgr.rescan()
     loading = asyncio.create_task(mgr.start())
