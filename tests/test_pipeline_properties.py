@@ -27,12 +27,12 @@ request = st.fixed_dictionaries(
     {
         "model": st.sampled_from([0, 1]),
         "priority": st.integers(1, 3),
-        "deadline_ms": st.integers(20, 200),
+        "deadline_ms": st.integers(10, 150),
         "arrive_ms": st.integers(0, 60),
         "hangup_ms": st.none() | st.integers(0, 100),
     }
 )
-engine = st.fixed_dictionaries({"batch_ms": st.integers(0, 30), "fail_every": st.integers(0, 4)})
+engine = st.fixed_dictionaries({"batch_ms": st.integers(0, 80), "fail_every": st.integers(0, 4)})
 
 
 class Engine:
@@ -93,7 +93,7 @@ async def scenario(requests: list[dict[str, Any]], engines: list[dict[str, int]]
     assert snap["running"] == 0 and snap["waiting"] == {}, snap
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(request, min_size=1, max_size=30), st.lists(engine, min_size=2, max_size=2))
 def test_no_request_outlives_its_deadline_and_everything_returns_to_zero(
     requests: list[dict[str, Any]], engines: list[dict[str, int]]
