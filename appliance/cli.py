@@ -26,7 +26,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from appliance.server import serve
+    from appliance.server import run
 
     cfg = _config(args)
     if args.host:
@@ -36,7 +36,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from appliance import logs
 
     logs.setup(cfg.server.log_level, cfg.server.log_format)
-    asyncio.run(serve(cfg))
+    run(cfg)
     return 0
 
 

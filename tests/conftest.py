@@ -21,7 +21,7 @@ from appliance.build.pull import pull
 from appliance.config import parse
 from appliance.engines.base import Engine, EngineError, EngineOutOfMemory, TensorSpec
 from appliance.models import ModelManager
-from appliance.server import Server
+from appliance.server import Server, new_event_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ROOT / "engines"
@@ -53,7 +53,7 @@ class ServerThread:
         config = {"admin": {"port": 0}, **config}
         self.cfg = parse(config, config_path, env={})
         self.server: Server | None = None
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()  # the loop production serves on (uvloop where installed)
         self.port = 0
         self._started = threading.Event()
         self._stop: asyncio.Event | None = None

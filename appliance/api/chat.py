@@ -12,12 +12,12 @@ silently.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from appliance.api.common import CHAT, CONFIG, MANAGER, PIPELINE, admit, read_json, render, requested_priority
@@ -279,7 +279,7 @@ def _usage(prompt: int, completion: int, reasoning: int | None = None) -> dict[s
 
 
 def _dumps(doc: Any) -> bytes:
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    return orjson.dumps(doc)
 
 
 def _event(doc: Any) -> bytes:
@@ -320,7 +320,7 @@ def _completion(text: list[str], thinking: list[str], done: Finished) -> Complet
 def _completion_of(body: bytes, chat: bool) -> Completion | None:
     """The whole answer a cached entry (or the default response) holds, to replay as a stream."""
     try:
-        doc = json.loads(body)
+        doc = orjson.loads(body)
         choice, usage = doc["choices"][0], doc["usage"]
         text = choice["message"]["content"] if chat else choice["text"]
         reasoning = choice["message"].get("reasoning_content") if chat else None

@@ -9,6 +9,8 @@ import json
 import re
 from typing import Any
 
+import orjson
+
 from appliance.errors import InvalidRequest
 
 MAX_DEPTH = 100  # far beyond any real request (a tensor has at most 64 dimensions)
@@ -19,7 +21,9 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 def parse_object(raw: bytes, what: str = "the request body") -> dict[str, Any]:
     """``raw`` as a JSON object, or InvalidRequest naming what is wrong with it."""
     try:
-        doc = json.loads(raw)
+        # orjson: several times faster than json on the hot path; it also refuses what json lets
+        # through and nothing downstream could take (lone surrogates, NaN, integers past 64 bits).
+        doc = orjson.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"{what} is not valid JSON: {exc}") from None
     except RecursionError:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import base64
-import json
 
 import numpy as np
+import orjson
 from aiohttp import web
 
 from appliance.api.common import EMBEDDINGS, MANAGER, PIPELINE, admit, read_json, render, requested_priority
@@ -141,8 +141,8 @@ class _Embeddings:
             if self.fmt == "base64":
                 emb: object = base64.b64encode(vec.astype("<f4").tobytes()).decode()
             else:
-                emb = vec.astype(np.float32).tolist()
+                emb = np.ascontiguousarray(vec, dtype=np.float32)  # orjson writes arrays natively
             data.append({"object": "embedding", "index": i, "embedding": emb})
         usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
         doc = {"object": "list", "data": data, "model": self.model, "usage": usage}
-        return json.dumps(doc, separators=(",", ":")).encode(), "application/json"
+        return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY), "application/json"

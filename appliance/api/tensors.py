@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import orjson
 
 from appliance.api.jsonbody import parse_object
 from appliance.errors import InvalidRequest
@@ -227,7 +227,7 @@ def encode_response(
         else:
             entry["data"] = arr.reshape(-1).tolist()
         out_docs.append(entry)
-    body = json.dumps({**header, "outputs": out_docs}, separators=(",", ":")).encode()
+    body = orjson.dumps({**header, "outputs": out_docs})
     if not blobs:
         return body, None
     return body + b"".join(blobs), len(body)
