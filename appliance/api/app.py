@@ -161,7 +161,9 @@ async def healthz(request: web.Request) -> web.Response:
                 {"component": s.component, "silent_s": round(s.silent_s, 1), "allowance_s": s.allowance_s}
                 for s in stalls
             ]
-            return web.json_response({"status": "stalled", "stalled": detail}, status=503)
+            return web.json_response(
+                {"status": "stalled", "stalled": detail}, status=503, headers={"Retry-After": "5"}
+            )
     return web.json_response({"status": "ok"})
 
 
@@ -171,7 +173,7 @@ async def readyz(request: web.Request) -> web.Response:
     down = request.app[SUPERVISOR].down()
     ok = mgr.ready() and not request.app[DRAINING][0] and not down
     body = {"ready": ok, "models": models, "errors": mgr.scan_errors, "workers_down": down}
-    return web.json_response(body, status=200 if ok else 503)
+    return web.json_response(body, status=200 if ok else 503, headers={} if ok else {"Retry-After": "5"})
 
 
 LAG_PROBE_S = 0.1

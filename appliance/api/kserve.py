@@ -43,7 +43,8 @@ async def live(request: web.Request) -> web.Response:
 
 @routes.get("/v2/health/ready")
 async def ready(request: web.Request) -> web.Response:
-    return web.Response(status=200 if request.app[MANAGER].ready() else 503)
+    ok = request.app[MANAGER].ready()
+    return web.Response(status=200 if ok else 503, headers={} if ok else {"Retry-After": "5"})
 
 
 def _io(runtime: ModelRuntime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -99,7 +100,12 @@ async def model_ready(request: web.Request) -> web.Response:
     if slot is None:
         return web.json_response({"error": f"Request for unknown model: '{name}' is not found"}, status=404)
     is_ready = slot.runtime is not None
-    return web.json_response({"name": name, "ready": is_ready}, status=200 if is_ready else 503)
+    # Every 503 says when to come back, readiness included.
+    return web.json_response(
+        {"name": name, "ready": is_ready},
+        status=200 if is_ready else 503,
+        headers={} if is_ready else {"Retry-After": "5"},
+    )
 
 
 @routes.get("/v2/models/{model}/config")
