@@ -171,6 +171,13 @@ class Outcome:
     latency_s: float
     retry_after: bool
     arrival: float = 0.0  # perf_counter() of the request's (scheduled) arrival
+    service_s: float = 0.0  # from the client actually sending it to the answer
+
+    @property
+    def hung(self) -> bool:
+        # No answer at all, or one later than the deadline + 1 s after it was sent (a late client
+        # on a busy box delays sending; that is not the server's hang).
+        return self.status == 0 or self.service_s > DEADLINE_MS / 1000 + 1
 
 
 @dataclass
@@ -192,8 +199,7 @@ class Series:
             "shed": len(shed),
             "shed_without_retry_after": sum(1 for o in shed if not o.retry_after),
             "other_status": sorted({o.status for o in mine if o.status not in (200, 429, 503)}),
-            # Hung: no answer at all, or any answer later than the deadline + 1 s.
-            "hung": sum(1 for o in mine if o.status == 0 or o.latency_s > DEADLINE_MS / 1000 + 1),
+            "hung": sum(1 for o in mine if o.hung),
             "no_answer": sum(1 for o in mine if o.status == 0),
             "p50_ms": pct(ok, 50) * 1e3,
             "p99_ms": pct(ok, 99) * 1e3,
@@ -213,6 +219,7 @@ class Unique:
 
 
 UNIQUE = Unique()
+REFUSALS: dict[int, str] = {}
 
 
 def session(limit: int = 512) -> aiohttp.ClientSession:
@@ -230,13 +237,18 @@ async def embed(
         "X-Timeout-Ms": str(DEADLINE_MS),
         **NO_CACHE,
     }
+    sent = time.perf_counter()
     try:
         async with http.post(url + "/v1/embeddings", data=body or UNIQUE.body(), headers=headers) as r:
-            await r.read()
-            latency = time.perf_counter() - started
-            return Outcome(priority, r.status, latency, "Retry-After" in r.headers, started)
+            text = await r.read()
+            end = time.perf_counter()
+            if r.status != 200:
+                # One body per status, so that the report says which check refused.
+                REFUSALS.setdefault(r.status, text.decode(errors="replace")[:300])
+            return Outcome(priority, r.status, end - started, "Retry-After" in r.headers, started, end - sent)
     except (aiohttp.ClientError, asyncio.TimeoutError):
-        return Outcome(priority, 0, time.perf_counter() - started, False, started)
+        end = time.perf_counter()
+        return Outcome(priority, 0, end - started, False, started, end - sent)
 
 
 async def closed_loop(url: str, clients: int, seconds: float, priority: int = 2) -> Series:
@@ -485,6 +497,7 @@ async def overload(
     server: Server, cap: dict[str, float], seconds: float, probe_fraction: float
 ) -> dict[str, Any]:
     rate = 3 * cap["embeddings_per_s"]
+    REFUSALS.clear()
     cpu0 = server.cpu_s()
     async with ClientLag() as client_lag:
         mixed, probe, chat = await asyncio.gather(
@@ -507,6 +520,7 @@ async def overload(
         "goodput": answered_per_s / cap["embeddings_per_s"] + chat.tok_s / cap["chat_tok_s"],
         "server_cores": cpu / seconds,
         "client_loop_lag": client_lag.summary(),
+        "refusal_bodies": dict(REFUSALS),
         "gauges": gauges,
     }
 
@@ -525,6 +539,7 @@ async def refusal_cost(tmp: Path, seconds: float) -> dict[str, Any]:
         cpu0 = server.cpu_s()
         solo = await closed_loop(server.url, 1, max(2.0, seconds / 2))
         cpu_per_answer = (server.cpu_s() - cpu0) / max(1, solo.summary()["answered"])
+        REFUSALS.clear()
         cpu0 = server.cpu_s()
         flood = await closed_loop(server.url, 64, seconds, priority=3)
         cpu = server.cpu_s() - cpu0
@@ -538,6 +553,7 @@ async def refusal_cost(tmp: Path, seconds: float) -> dict[str, Any]:
         "cpu_per_answer_ms": cpu_per_answer * 1e3,
         "ms_per_refusal_upper_bound": cpu / refused * 1e3,
         "ms_per_refusal_net": max(0.0, cpu - s["answered"] * cpu_per_answer) / refused * 1e3,
+        "refusal_bodies": dict(REFUSALS),
     }
 
 
