@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -172,6 +173,7 @@ class Outcome:
     retry_after: bool
     arrival: float = 0.0  # perf_counter() of the request's (scheduled) arrival
     service_s: float = 0.0  # from the client actually sending it to the answer
+    kind: str = ""  # status and error code, e.g. "429 queue_full"
 
     @property
     def hung(self) -> bool:
@@ -199,8 +201,11 @@ class Series:
             "shed": len(shed),
             "shed_without_retry_after": sum(1 for o in shed if not o.retry_after),
             "other_status": sorted({o.status for o in mine if o.status not in (200, 429, 503)}),
+            "kinds": dict(sorted(Counter(o.kind for o in mine).items())),
             "hung": sum(1 for o in mine if o.hung),
-            "no_answer": sum(1 for o in mine if o.status == 0),
+            # Which answers came late: a late 429/503 means the refusal itself waited (CPU-starved
+            # loop), a late 200 means the deadline was not enforced.
+            "hung_by_status": {k: v for k, v in sorted(Counter(o.kind for o in mine if o.hung).items())},
             "p50_ms": pct(ok, 50) * 1e3,
             "p99_ms": pct(ok, 99) * 1e3,
         }
@@ -219,7 +224,21 @@ class Unique:
 
 
 UNIQUE = Unique()
-REFUSALS: dict[int, str] = {}
+# One body per kind of refusal ("503 unavailable"), so that the report says which check refused.
+REFUSALS: dict[str, str] = {}
+
+
+def kind_of(status: int, body: bytes) -> str:
+    if status == 200:
+        return "200"
+    try:
+        error = json.loads(body).get("error")
+        code = error.get("code") if isinstance(error, dict) else None
+    except (ValueError, AttributeError):
+        code = None
+    kind = f"{status} {code or '?'}"
+    REFUSALS.setdefault(kind, body.decode(errors="replace")[:300])
+    return kind
 
 
 def session(limit: int = 512) -> aiohttp.ClientSession:
@@ -242,13 +261,13 @@ async def embed(
         async with http.post(url + "/v1/embeddings", data=body or UNIQUE.body(), headers=headers) as r:
             text = await r.read()
             end = time.perf_counter()
-            if r.status != 200:
-                # One body per status, so that the report says which check refused.
-                REFUSALS.setdefault(r.status, text.decode(errors="replace")[:300])
-            return Outcome(priority, r.status, end - started, "Retry-After" in r.headers, started, end - sent)
+            retry = "Retry-After" in r.headers
+            return Outcome(
+                priority, r.status, end - started, retry, started, end - sent, kind_of(r.status, text)
+            )
     except (aiohttp.ClientError, asyncio.TimeoutError):
         end = time.perf_counter()
-        return Outcome(priority, 0, end - started, False, started, end - sent)
+        return Outcome(priority, 0, end - started, False, started, end - sent, "no answer")
 
 
 async def closed_loop(url: str, clients: int, seconds: float, priority: int = 2) -> Series:
@@ -617,8 +636,10 @@ def table(r: dict[str, Any]) -> str:
     rows.append(("goodput (embeddings + chat, shares of solo)", f"{ov['goodput']:.2f}", ">= 0.8"))
     no_ra = ov["all"]["shed_without_retry_after"] + pr["shed_without_retry_after"]
     rows.append(("refusals without Retry-After", str(no_ra), "0"))
-    hung, silent = ov["all"]["hung"] + pr["hung"], ov["all"]["no_answer"] + pr["no_answer"]
-    rows.append(("hung (past deadline + 1 s; of which no answer)", f"{hung} ({silent})", "0"))
+    hung = ov["all"]["hung"] + pr["hung"]
+    late = Counter(ov["all"]["hung_by_status"]) + Counter(pr["hung_by_status"])
+    detail = ", ".join(f"{n} x {k}" for k, n in sorted(late.items())) or "none"
+    rows.append(("hung (answered > deadline + 1 s after sending, by kind)", f"{hung} ({detail})", "0"))
     others = sorted(set(ov["all"]["other_status"]) | set(pr["other_status"]))
     rows.append(("other statuses seen", ", ".join(map(str, others)) or "none", "none"))
     g = ov["gauges"]
