@@ -1,0 +1,744 @@
+"""Overload benchmark (issues 15 and 10): priority under 3x overload with chat, refusal cost, gauges
+back to zero, a memory soak, and the event loop under a ~4 MB input.
+
+    .venv/bin/python bench/bench_overload.py [--seconds 60] [--capacity-seconds 15] [--soak-minutes 0]
+                                             [--json results.json]
+
+``appliance serve`` runs in a child process with both default models (all-minilm-l6-v2 and
+smollm2-135m-instruct) from a temporary repository linking the built models, queues of 32 per level.
+
+1. Solo capacity: embeddings closed loop at 16 clients (unique inputs, cache off); chat tokens/s
+   with 16 streams (2x the 8 running slots), 64 tokens each, greedy, EOS ignored.
+2. Long input: a ~4 MB embedding input with ``truncate: true`` while small requests keep arriving:
+   their p99 during it, and the server's event-loop lag (histogram delta from /metrics, and the
+   admin plane's last-minute quantiles).
+3. Overload: open-loop embedding arrivals at 3x solo capacity (10 % priority 1, 60 % 2, 30 % 3,
+   ``X-Timeout-Ms: 2000``) plus 16 chat streams; per priority answered / shed / p50 / p99; every
+   refusal must carry Retry-After; nothing may outlive its deadline + 1 s. A separate client sends
+   priority-1-only requests at ``--probe-fraction`` x capacity (default 0.1, so the mix's own
+   priority-1 share, 0.3x, plus the probe stays modest) and reports its sheds and p99.
+   Goodput = embeddings answered/s / solo capacity + chat tokens/s / solo chat tokens/s.
+4. Gauges: queue depth, in-flight, running sequences and compute grants are all 0 soon after.
+5. Refusal cost: a second server with a 1-slot queue and batch 1 is flooded (priority 3); server CPU
+   time (utime + stime from /proc) over refusals, as an upper bound (answered work's CPU included)
+   and net of the answered requests' CPU measured on the same server beforehand.
+6. ``--soak-minutes M``: the overload of 3 for M minutes, resident memory at minute 2 and at the end.
+
+Latency is measured from each request's scheduled arrival (open loop), so a client-side backlog
+counts against the server rather than hiding. Chat tokens are counted as streamed content chunks
+(one per decode step here). Latency percentiles are of answered requests only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_embeddings import free_port, pct, sentences  # noqa: E402
+
+EMBED = "all-minilm-l6-v2"
+CHAT = "smollm2-135m-instruct"
+QUEUE = 32
+DEADLINE_MS = 2000
+MIX = ((1, 0.10), (2, 0.60), (3, 0.30))
+CHAT_STREAMS = 16
+CHAT_TOKENS = 64
+ADMIN_TOKEN = "bench-admin-token"
+NO_CACHE = {"Cache-Control": "no-cache, no-store"}
+GAUGES = (
+    "appliance_queue_depth",
+    "appliance_inflight_requests",
+    "appliance_running_sequences",
+    "appliance_compute_running",
+    "appliance_compute_waiting",
+)
+TEXTS = sentences(5000, seed=7)
+
+
+# -- the server ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    url: str
+    admin_url: str
+    proc: subprocess.Popen[bytes]
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds of the server process, all its threads."""
+        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        fields = stat.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+
+def link_repository(tmp: Path, models: list[str]) -> Path:
+    """A repository whose model folders link to the built artefacts (as tests/conftest.py does),
+    so that only these models are scanned; settings go in the config's ``models`` section."""
+    repo = tmp / "engines"
+    repo.mkdir()
+    for name in models:
+        (repo / name).mkdir()
+        for f in (ROOT / "engines" / name).iterdir():
+            (repo / name / f.name).symlink_to(f)
+    return repo
+
+
+@contextmanager
+def serve(tmp: Path, models: dict[str, dict[str, Any]]) -> Iterator[Server]:
+    tmp.mkdir()
+    port, admin_port = free_port(), free_port()
+    cfg = tmp / "appliance.yaml"
+    config = {
+        "server": {"host": "127.0.0.1", "port": port, "log_level": "warning", "default_models": list(models)},
+        "admin": {"port": admin_port, "token": ADMIN_TOKEN, "socket": ""},
+        "model_repository": str(link_repository(tmp, list(models))),
+        "data_dir": str(tmp / "data"),
+        "models": models,
+    }
+    cfg.write_text(yaml.safe_dump(config))
+    log = (tmp / "server.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "--config", str(cfg), "serve"],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    server = Server(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", proc)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"server exited with {proc.returncode}; log:\n{(tmp / 'server.log').read_text()}"
+                )
+            try:
+                with urllib.request.urlopen(server.url + "/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not become ready")
+            time.sleep(0.2)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def queue_settings(**extra: Any) -> dict[str, Any]:
+    return {"queue": {"max_queue_size": QUEUE}, **extra}
+
+
+# -- load -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    priority: int
+    status: int  # 0: the client gave up (no answer within deadline + 5 s) or the connection failed
+    latency_s: float
+    retry_after: bool
+    arrival: float = 0.0  # perf_counter() of the request's (scheduled) arrival
+    service_s: float = 0.0  # from the client actually sending it to the answer
+    kind: str = ""  # status and error code, e.g. "429 queue_full"
+
+    @property
+    def hung(self) -> bool:
+        # No answer at all, or one later than the deadline + 1 s after it was sent (a late client
+        # on a busy box delays sending; that is not the server's hang).
+        return self.status == 0 or self.service_s > DEADLINE_MS / 1000 + 1
+
+
+@dataclass
+class Series:
+    outcomes: list[Outcome] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    def of(self, priority: int | None = None) -> list[Outcome]:
+        return [o for o in self.outcomes if priority is None or o.priority == priority]
+
+    def summary(self, priority: int | None = None) -> dict[str, Any]:
+        mine = self.of(priority)
+        ok = [o.latency_s for o in mine if o.status == 200]
+        shed = [o for o in mine if o.status in (429, 503)]
+        return {
+            "sent": len(mine),
+            "answered": len(ok),
+            "answered_per_s": len(ok) / self.elapsed_s if self.elapsed_s else 0.0,
+            "shed": len(shed),
+            "shed_without_retry_after": sum(1 for o in shed if not o.retry_after),
+            "other_status": sorted({o.status for o in mine if o.status not in (200, 429, 503)}),
+            "kinds": dict(sorted(Counter(o.kind for o in mine).items())),
+            "hung": sum(1 for o in mine if o.hung),
+            # Which answers came late: a late 429/503 means the refusal itself waited (CPU-starved
+            # loop), a late 200 means the deadline was not enforced.
+            "hung_by_status": {k: v for k, v in sorted(Counter(o.kind for o in mine if o.hung).items())},
+            "p50_ms": pct(ok, 50) * 1e3,
+            "p99_ms": pct(ok, 99) * 1e3,
+        }
+
+
+class Unique:
+    """Embedding inputs never seen before in this run, so no layer can answer from memory."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def body(self, **extra: Any) -> bytes:
+        self.n += 1
+        text = f"{TEXTS[self.n % len(TEXTS)]} ({self.n})"
+        return json.dumps({"model": EMBED, "input": text, "encoding_format": "base64", **extra}).encode()
+
+
+UNIQUE = Unique()
+# One body per kind of refusal ("503 unavailable"), so that the report says which check refused.
+REFUSALS: dict[str, str] = {}
+
+
+def kind_of(status: int, body: bytes) -> str:
+    if status == 200:
+        return "200"
+    try:
+        error = json.loads(body).get("error")
+        code = error.get("code") if isinstance(error, dict) else None
+    except (ValueError, AttributeError):
+        code = None
+    kind = f"{status} {code or '?'}"
+    REFUSALS.setdefault(kind, body.decode(errors="replace")[:300])
+    return kind
+
+
+def session(limit: int = 512) -> aiohttp.ClientSession:
+    # The client's own bound: past deadline + 5 s a request counts as hung instead of waiting forever.
+    timeout = aiohttp.ClientTimeout(total=DEADLINE_MS / 1000 + 5)
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit), timeout=timeout)
+
+
+async def embed(
+    http: aiohttp.ClientSession, url: str, priority: int, started: float, body: bytes | None = None
+) -> Outcome:
+    headers = {
+        "Content-Type": "application/json",
+        "X-Priority": str(priority),
+        "X-Timeout-Ms": str(DEADLINE_MS),
+        **NO_CACHE,
+    }
+    sent = time.perf_counter()
+    try:
+        async with http.post(url + "/v1/embeddings", data=body or UNIQUE.body(), headers=headers) as r:
+            text = await r.read()
+            end = time.perf_counter()
+            retry = "Retry-After" in r.headers
+            return Outcome(
+                priority, r.status, end - started, retry, started, end - sent, kind_of(r.status, text)
+            )
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        end = time.perf_counter()
+        return Outcome(priority, 0, end - started, False, started, end - sent, "no answer")
+
+
+async def closed_loop(url: str, clients: int, seconds: float, priority: int = 2) -> Series:
+    series = Series()
+    async with session() as http:
+        end = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            while time.perf_counter() < end:
+                series.outcomes.append(await embed(http, url, priority, time.perf_counter()))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        series.elapsed_s = time.perf_counter() - t0
+    return series
+
+
+async def open_loop(
+    url: str,
+    rate: float,
+    seconds: float,
+    mix: tuple[tuple[int, float], ...],
+    seed: int = 0,
+    stop: asyncio.Event | None = None,
+) -> Series:
+    """Poisson arrivals at ``rate``/s for ``seconds`` (or until ``stop`` is set); each request's
+    latency counts from its scheduled arrival."""
+    rng = random.Random(seed)
+    levels, weights = zip(*mix, strict=True)
+    series = Series()
+    async with session() as http:
+        t0 = time.perf_counter()
+        due = t0
+        tasks: list[asyncio.Task[None]] = []
+
+        async def one(priority: int, at: float) -> None:
+            series.outcomes.append(await embed(http, url, priority, at))
+
+        while True:
+            due += rng.expovariate(rate)
+            if due - t0 > seconds or (stop is not None and stop.is_set()):
+                break
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(rng.choices(levels, weights)[0], due)))
+        series.elapsed_s = time.perf_counter() - t0
+        await asyncio.gather(*tasks)
+    return series
+
+
+@dataclass
+class ChatLoad:
+    tokens: int = 0
+    streams: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.elapsed_s if self.elapsed_s else 0.0
+
+
+async def chat_streams(url: str, streams: int, seconds: float) -> ChatLoad:
+    """``streams`` clients each streaming one answer after another; tokens counted as they arrive
+    within the window, which ends after ``seconds`` (streams still running are abandoned)."""
+    load = ChatLoad()
+    end = time.perf_counter() + seconds
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+
+        async def worker(i: int) -> None:
+            n = 0
+            while time.perf_counter() < end:
+                n += 1
+                body = {
+                    "model": CHAT,
+                    "messages": [{"role": "user", "content": f"Tell story {i}-{n} about a lighthouse."}],
+                    "max_tokens": CHAT_TOKENS,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                    "stream": True,
+                }
+                async with http.post(url + "/v1/chat/completions", json=body, headers=NO_CACHE) as r:
+                    load.statuses[r.status] = load.statuses.get(r.status, 0) + 1
+                    if r.status != 200:
+                        await r.read()
+                        await asyncio.sleep(0.5)
+                        continue
+                    async for raw in r.content:
+                        if time.perf_counter() >= end:
+                            return
+                        line = raw.decode().strip()
+                        if line.startswith("data: {"):
+                            for choice in json.loads(line[6:]).get("choices") or []:
+                                if (choice.get("delta") or {}).get("content"):
+                                    load.tokens += 1
+                    load.streams += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(streams)))
+        load.elapsed_s = time.perf_counter() - t0
+    return load
+
+
+class ClientLag:
+    """The load generator's own event-loop lag: on a shared box a late client inflates every
+    latency it measures, so the figures say how late it ran."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self.task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + 0.05
+            await asyncio.sleep(0.05)
+            self.samples.append(max(0.0, loop.time() - due))
+
+    async def __aenter__(self) -> ClientLag:
+        self.task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.task is not None
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+    def summary(self) -> dict[str, float]:
+        return {"p99_ms": pct(self.samples, 99) * 1e3, "max_ms": max(self.samples, default=0.0) * 1e3}
+
+
+# -- metrics ----------------------------------------------------------------------------------------
+
+
+async def scrape(url: str) -> dict[str, float]:
+    """Every sample on /metrics, summed over labels, keyed by sample name."""
+    async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as r:
+        text = await r.text()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = s.name + (f"{{le={s.labels['le']}}}" if "le" in s.labels else "")
+            out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def lag_from_histogram(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Event-loop lag over an interval from the histogram's bucket deltas: p99 as the upper bound of
+    the bucket it falls in, and the count of probes later than 100 ms."""
+    name = "appliance_event_loop_lag_seconds_bucket"
+    buckets = sorted(
+        (float(k[len(name) + 4 : -1]), after[k] - before.get(k, 0.0))
+        for k in after
+        if k.startswith(name + "{")
+    )
+    total = buckets[-1][1] if buckets else 0.0
+    p99 = next((le for le, n in buckets if total and n >= 0.99 * total), float("nan"))
+    over = total - next((n for le, n in buckets if le >= 0.1), total)
+    return {"probes": total, "p99_bucket_s": p99, "probes_over_100ms": over}
+
+
+async def admin_stats(server: Server) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(server.admin_url + "/admin/stats", headers=headers) as r,
+    ):
+        return dict(await r.json())
+
+
+async def gauges_settle(url: str, within_s: float = 10.0) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    while True:
+        values = await scrape(url)
+        gauges = {g: values.get(g, 0.0) for g in GAUGES}
+        waited = time.perf_counter() - t0
+        if all(v == 0 for v in gauges.values()) or waited > within_s:
+            return {"zero": all(v == 0 for v in gauges.values()), "after_s": waited, "values": gauges}
+        await asyncio.sleep(0.25)
+
+
+# -- phases -----------------------------------------------------------------------------------------
+
+
+async def capacity(server: Server, seconds: float) -> dict[str, float]:
+    await closed_loop(server.url, 16, min(2.0, seconds))  # warm-up
+    emb = await closed_loop(server.url, 16, seconds)
+    await chat_streams(server.url, 2, 2.0)  # warm-up
+    chat = await chat_streams(server.url, CHAT_STREAMS, seconds)
+    return {"embeddings_per_s": emb.summary()["answered_per_s"], "chat_tok_s": chat.tok_s}
+
+
+async def long_input(server: Server, rate: float) -> dict[str, Any]:
+    """Small requests at ``rate``/s before, during and after one ~4 MB input."""
+    big = json.dumps({"model": EMBED, "input": "lighthouse " * 380_000, "truncate": True}).encode()
+    window: list[float] = []
+    stop = asyncio.Event()
+    before = await scrape(server.url)
+
+    async def big_one() -> dict[str, Any]:
+        await asyncio.sleep(1.0)
+        timeout = aiohttp.ClientTimeout(total=120)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            t = time.perf_counter()
+            window.append(t)
+            async with http.post(
+                server.url + "/v1/embeddings",
+                data=big,
+                headers={"Content-Type": "application/json", **NO_CACHE},
+            ) as r:
+                await r.read()
+                window.append(time.perf_counter())
+                await asyncio.sleep(0.5)
+                stop.set()
+                return {"status": r.status, "latency_ms": (window[1] - t) * 1e3, "bytes": len(big)}
+
+    async with ClientLag() as client_lag:
+        big_result, small = await asyncio.gather(
+            big_one(), open_loop(server.url, rate, 300, ((2, 1.0),), stop=stop)
+        )
+    after = await scrape(server.url)
+    loop = (await admin_stats(server)).get("loop", {})
+    return {
+        "big": big_result,
+        "small_rate_per_s": rate,
+        "small_all": small.summary(),
+        "loop_lag_histogram": lag_from_histogram(before, after),
+        "loop_lag_admin_last_minute": loop,
+        "client_loop_lag": client_lag.summary(),
+        "window_s": window[1] - window[0],
+        "_window": window,
+        "_small": small,
+    }
+
+
+def arrived_during(series: Series, window: list[float]) -> Series:
+    """The requests that arrived while the big input was in progress."""
+    out = Series(elapsed_s=window[1] - window[0])
+    out.outcomes = [o for o in series.outcomes if window[0] <= o.arrival <= window[1]]
+    return out
+
+
+async def overload(
+    server: Server, cap: dict[str, float], seconds: float, probe_fraction: float
+) -> dict[str, Any]:
+    rate = 3 * cap["embeddings_per_s"]
+    REFUSALS.clear()
+    cpu0 = server.cpu_s()
+    async with ClientLag() as client_lag:
+        mixed, probe, chat = await asyncio.gather(
+            open_loop(server.url, rate, seconds, MIX, seed=1),
+            open_loop(server.url, probe_fraction * cap["embeddings_per_s"], seconds, ((1, 1.0),), seed=2),
+            chat_streams(server.url, CHAT_STREAMS, seconds),
+        )
+    cpu = server.cpu_s() - cpu0
+    gauges = await gauges_settle(server.url)
+    answered_per_s = (mixed.summary()["answered"] + probe.summary()["answered"]) / seconds
+    return {
+        "offered_per_s": rate,
+        "probe_per_s": probe_fraction * cap["embeddings_per_s"],
+        "by_priority": {str(p): mixed.summary(p) for p, _ in MIX},
+        "all": mixed.summary(),
+        "probe_p1": probe.summary(),
+        "chat_tok_s": chat.tok_s,
+        "chat_statuses": chat.statuses,
+        "embeddings_answered_per_s": answered_per_s,
+        "goodput": answered_per_s / cap["embeddings_per_s"] + chat.tok_s / cap["chat_tok_s"],
+        "server_cores": cpu / seconds,
+        "client_loop_lag": client_lag.summary(),
+        "refusal_bodies": dict(REFUSALS),
+        "gauges": gauges,
+    }
+
+
+async def refusal_cost(tmp: Path, seconds: float) -> dict[str, Any]:
+    """A 1-slot queue and batch 1, flooded by 64 clients: almost every request is refused."""
+    models = {
+        EMBED: {
+            "queue": {"max_queue_size": 1},
+            "batching": {"max_batch_size": 1},
+            "engine": {"intra_op_threads": 1},
+        }
+    }
+    with serve(tmp, models) as server:
+        await closed_loop(server.url, 1, 1.0)  # warm-up
+        cpu0 = server.cpu_s()
+        solo = await closed_loop(server.url, 1, max(2.0, seconds / 2))
+        cpu_per_answer = (server.cpu_s() - cpu0) / max(1, solo.summary()["answered"])
+        REFUSALS.clear()
+        cpu0 = server.cpu_s()
+        flood = await closed_loop(server.url, 64, seconds, priority=3)
+        cpu = server.cpu_s() - cpu0
+    s = flood.summary()
+    refused = max(1, s["shed"])
+    return {
+        "refused": s["shed"],
+        "answered": s["answered"],
+        "refused_without_retry_after": s["shed_without_retry_after"],
+        "server_cpu_s": cpu,
+        "cpu_per_answer_ms": cpu_per_answer * 1e3,
+        "ms_per_refusal_upper_bound": cpu / refused * 1e3,
+        "ms_per_refusal_net": max(0.0, cpu - s["answered"] * cpu_per_answer) / refused * 1e3,
+        "refusal_bodies": dict(REFUSALS),
+    }
+
+
+async def soak(server: Server, cap: dict[str, float], minutes: float) -> dict[str, Any]:
+    # The baseline is taken at minute 2 (warm: arenas, caches and pools grown); a soak shorter than
+    # 4 minutes (a smoke run of this script) takes it half-way instead.
+    mark_s = min(120.0, minutes * 30)
+    t0 = time.perf_counter()
+    rss: dict[str, float] = {}
+    shed = answered = 0
+    while (elapsed := time.perf_counter() - t0) < minutes * 60:
+        if elapsed >= mark_s and "baseline" not in rss:
+            rss["baseline"] = server.rss_mb()
+        chunk = min(
+            30.0, minutes * 60 - elapsed, max(1.0, mark_s - elapsed) if "baseline" not in rss else 30.0
+        )
+        mixed, _ = await asyncio.gather(
+            open_loop(server.url, 3 * cap["embeddings_per_s"], chunk, MIX, seed=int(elapsed)),
+            chat_streams(server.url, CHAT_STREAMS, chunk),
+        )
+        s = mixed.summary()
+        shed, answered = shed + s["shed"], answered + s["answered"]
+    rss["end"] = server.rss_mb()
+    growth = rss["end"] - rss.get("baseline", float("nan"))
+    return {
+        "minutes": minutes,
+        "baseline_at_s": mark_s,
+        "rss_mb": rss,
+        "growth_mb": growth,
+        "answered": answered,
+        "shed": shed,
+    }
+
+
+# -- report -----------------------------------------------------------------------------------------
+
+
+def table(r: dict[str, Any]) -> str:
+    rows: list[tuple[str, str, str]] = []
+    cap, ov, lg = r["capacity"], r["overload"], r["long_input"]
+    rows.append(("solo embedding capacity (16 clients)", f"{cap['embeddings_per_s']:.0f} req/s", ""))
+    rows.append(("solo chat (16 streams, 8 slots)", f"{cap['chat_tok_s']:.1f} tok/s", ""))
+    rows.append(("overload: embeddings offered", f"{ov['offered_per_s']:.0f} req/s (3x)", ""))
+    for p, s in ov["by_priority"].items():
+        rows.append(
+            (
+                f"overload: priority {p} answered / shed / p50 / p99",
+                f"{s['answered']} / {s['shed']} / {s['p50_ms']:.0f} ms / {s['p99_ms']:.0f} ms",
+                "",
+            )
+        )
+    pr = ov["probe_p1"]
+    rows.append((f"priority-1 probe at {ov['probe_per_s']:.0f} req/s: shed", str(pr["shed"]), "0"))
+    rows.append(("priority-1 probe: p99", f"{pr['p99_ms']:.0f} ms", "<= 250 ms"))
+    rows.append(("chat during overload", f"{ov['chat_tok_s']:.1f} tok/s", ""))
+    rows.append(("server CPU during overload", f"{ov['server_cores']:.2f} cores", ""))
+    cl = ov["client_loop_lag"]
+    rows.append(
+        ("load generator's own loop lag: p99 / max", f"{cl['p99_ms']:.0f} / {cl['max_ms']:.0f} ms", "small")
+    )
+    rows.append(("goodput (embeddings + chat, shares of solo)", f"{ov['goodput']:.2f}", ">= 0.8"))
+    no_ra = ov["all"]["shed_without_retry_after"] + pr["shed_without_retry_after"]
+    rows.append(("refusals without Retry-After", str(no_ra), "0"))
+    hung = ov["all"]["hung"] + pr["hung"]
+    late = Counter(ov["all"]["hung_by_status"]) + Counter(pr["hung_by_status"])
+    detail = ", ".join(f"{n} x {k}" for k, n in sorted(late.items())) or "none"
+    rows.append(("hung (answered > deadline + 1 s after sending, by kind)", f"{hung} ({detail})", "0"))
+    others = sorted(set(ov["all"]["other_status"]) | set(pr["other_status"]))
+    rows.append(("other statuses seen", ", ".join(map(str, others)) or "none", "none"))
+    g = ov["gauges"]
+    rows.append(("gauges back to zero", f"{'yes' if g['zero'] else 'NO'} after {g['after_s']:.1f} s", "yes"))
+    rc = r["refusal_cost"]
+    rows.append(
+        (
+            "server CPU per refusal (net / upper bound)",
+            f"{rc['ms_per_refusal_net']:.3f} / {rc['ms_per_refusal_upper_bound']:.3f} ms "
+            f"({rc['refused']} refused, {rc['answered']} answered)",
+            "<= 0.25 ms",
+        )
+    )
+    if "soak" in r:
+        sk = r["soak"]
+        rows.append(
+            (
+                f"RSS growth, {sk['baseline_at_s']:g} s to {sk['minutes']:g} min",
+                f"{sk['growth_mb']:.1f} MB ({sk['rss_mb']['end']:.0f} MB at the end)",
+                "<= 50 MB",
+            )
+        )
+    b = lg["big"]
+    rows.append(("~4 MB input, truncate: true", f"{b['status']} in {b['latency_ms']:.0f} ms", "200"))
+    rows.append(
+        (
+            "small requests during it: answered / p99",
+            f"{lg['small_during']['answered']} / {lg['small_during']['p99_ms']:.0f} ms",
+            "",
+        )
+    )
+    rows.append(
+        ("small requests finished while it was in progress", str(lg["small_finished_before_big"]), "> 0")
+    )
+    h = lg["loop_lag_histogram"]
+    rows.append(
+        (
+            "event-loop lag during long-input phase: p99 bucket / probes > 100 ms",
+            f"<= {h['p99_bucket_s'] * 1e3:.0f} ms / {h['probes_over_100ms']:.0f}",
+            "",
+        )
+    )
+    adm = lg["loop_lag_admin_last_minute"]
+    if adm:
+        rows.append(
+            (
+                "event-loop lag, admin last minute: p99 / max",
+                f"{adm['p99_ms']:.0f} / {adm['max_ms']:.0f} ms",
+                "",
+            )
+        )
+    lines = ["| figure | measured | goal |", "|---|---|---|"]
+    lines += [f"| {a} | {b_} | {c} |" for a, b_, c in rows]
+    return "\n".join(lines)
+
+
+async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    result: dict[str, Any] = {"args": vars(args), "cpu_count": os.cpu_count()}
+    models = {EMBED: queue_settings(), CHAT: queue_settings()}
+    with serve(tmp / "main", models) as server:
+        print("capacity ...", flush=True)
+        cap = result["capacity"] = await capacity(server, args.capacity_seconds)
+        print(f"  {cap}", flush=True)
+        print("long input ...", flush=True)
+        lg = await long_input(server, 0.3 * cap["embeddings_per_s"])
+        window, small = lg.pop("_window"), lg.pop("_small")
+        lg["small_during"] = arrived_during(small, window).summary()
+        # Ordering, not timing: small requests that finished while the big one was still running.
+        lg["small_finished_before_big"] = sum(
+            1 for o in small.outcomes if o.status == 200 and window[0] < o.arrival + o.latency_s < window[1]
+        )
+        result["long_input"] = lg
+        print(f"  big {lg['big']}, small during {lg['small_during']['answered']}", flush=True)
+        print(f"overload {args.seconds:g} s ...", flush=True)
+        result["overload"] = await overload(server, cap, args.seconds, args.probe_fraction)
+        if args.soak_minutes:
+            print(f"soak {args.soak_minutes:g} min ...", flush=True)
+            result["soak"] = await soak(server, cap, args.soak_minutes)
+    print("refusal cost ...", flush=True)
+    result["refusal_cost"] = await refusal_cost(tmp / "refusal", args.refusal_seconds)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=60.0, help="overload phase length")
+    ap.add_argument("--capacity-seconds", type=float, default=15.0, help="each solo capacity phase")
+    ap.add_argument("--refusal-seconds", type=float, default=10.0, help="refusal-only flood length")
+    ap.add_argument("--probe-fraction", type=float, default=0.1, help="priority-1 probe rate, x capacity")
+    ap.add_argument("--soak-minutes", type=float, default=0.0, help="soak length (0: no soak)")
+    ap.add_argument("--json", help="write the results here too")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = asyncio.run(run(args, Path(tmp)))
+    print()
+    print(table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
