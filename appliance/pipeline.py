@@ -134,7 +134,7 @@ async def bounded(aw: Awaitable[T], seconds: float, what: str) -> T:
         return await asyncio.wait_for(aw, seconds)
     except asyncio.TimeoutError:
         raise DeadlinePassed(
-            f"the request's deadline passed while {what} ({seconds * 1000:.0f} ms left)", retry_after_s=1.0
+            f"the request's deadline passed while {what} (it had {seconds * 1000:.0f} ms)", retry_after_s=1.0
         ) from None
 
 
