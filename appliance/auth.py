@@ -224,6 +224,8 @@ class KeyStore:
         self._params = params or ScryptParams()
         self._params.validate()
         self._records: dict[str, ApiKeyRecord] = {}
+        self._version = 0  # bumped on every change of the records
+        self._active: tuple[dict[str, ApiKeyRecord], int, int] | None = None
         self._lock = threading.Lock()
         # sha256(presented key) -> the record's stored hash string. Holding the hash string
         # (not the record) means a revoked, removed or re-issued key misses on its own.
@@ -233,6 +235,7 @@ class KeyStore:
             if record.name in self._records:
                 raise ValueError(f"duplicate key name {record.name!r}")
             self._records[record.name] = record
+            self._version += 1
 
     @classmethod
     def from_records(cls, items: Iterable[Mapping[str, Any]] | None, **kwargs: Any) -> KeyStore:
@@ -254,8 +257,14 @@ class KeyStore:
         return self._records.get(name)
 
     def active_count(self) -> int:
+        # Asked on every request (are keys required?): counted once per change of the records.
+        cached = self._active
+        if cached is not None and cached[0] is self._records and cached[1] == self._version:
+            return cached[2]
         with self._lock:
-            return sum(1 for record in self._records.values() if not record.revoked)
+            n = sum(1 for record in self._records.values() if not record.revoked)
+            self._active = (self._records, self._version, n)
+            return n
 
     def add(
         self, name: str, max_priority: int | None = None, rate: float | None = None
@@ -267,6 +276,7 @@ class KeyStore:
             if name in self._records:
                 raise ValueError(f"a key named {name!r} already exists (revoke or remove it first)")
             self._records[name] = record
+            self._version += 1
         return plaintext, record
 
     def revoke(self, name: str) -> ApiKeyRecord:
@@ -275,6 +285,7 @@ class KeyStore:
             record = self._records[name]
             revoked = replace(record, revoked=True)
             self._records[name] = revoked
+            self._version += 1
             self._forget(record.hash)
         return revoked
 
