@@ -435,6 +435,7 @@ def fake_stats(n: int) -> dict[str, Any]:
     """The n-th poll's payload: a deterministic ramp so the history graphs have a shape."""
     i = n % len(RATES)
     rate = RATES[i]
+    slow, late = min(n, 12), n >= 9
     return {
         "version": "0.1.0",
         "uptime_s": 3725.0,
@@ -453,6 +454,14 @@ def fake_stats(n: int) -> dict[str, Any]:
                 "backend_reason": None,
                 "breaker": {"state": "closed", "failure_rate": 0.0, "calls_in_window": 240},
                 "cache": {"hits": 30, "stale_hits": 2, "misses": 90},
+                "rejected_per_s": 2.5,
+                "rejections": {
+                    "queue_full": 40 * i,
+                    "deadline": 3,
+                    "would_miss_deadline": 12,
+                    "cancelled": 1,
+                    "closed": 0,
+                },
             },
             "smollm2-135m-instruct": {
                 "name": "smollm2-135m-instruct",
@@ -467,6 +476,8 @@ def fake_stats(n: int) -> dict[str, Any]:
                 "(missing CUDA/cuDNN libraries; see ONNX Runtime's log)",
                 "breaker": {"state": "half_open", "failure_rate": 0.25, "calls_in_window": 20},
                 "generation": {"tokens_per_s": 41.5, "active_sequences": 2, "kv_cache_bytes": 48 * 1024**2},
+                "rejected_per_s": 0.5,
+                "rejections": {"queue_full": 5, "deadline": 0},
             },
             "yolov8n": {
                 "name": "yolov8n",
@@ -506,6 +517,27 @@ def fake_stats(n: int) -> dict[str, Any]:
             "evictions": 1,
             "device": {"budget_bytes": 20 * GIB, "used_bytes": 3 * GIB, "arena_bytes": GIB, "models": 2},
             "host": {"budget_bytes": 96 * GIB, "used_bytes": 600 * 1024**2, "arena_bytes": 0, "models": 1},
+        },
+        # The event loop grows slower poll by poll, past the console's alert (p99 > 50 ms) from
+        # the 9th on, when the cache writer is also down for good (given up after five deaths).
+        "loop": {
+            "samples": 240,
+            "p50_ms": 1.2 + slow / 10,
+            "p99_ms": 4.0 + 6 * slow,
+            "max_ms": 9.0 + 8 * slow,
+        },
+        "compute": {
+            "concurrency": 1,
+            "aging_ms": 1000.0,
+            "running": 1,
+            "waiting": {"2": i % 3, "3": 4} if i % 3 else {"3": 4},
+            "granted": 10_000 + 137 * i,
+        },
+        "workers": {
+            "cache-writer": {"up": not late, "given_up": late, "recent_failures": 5 if late else 0},
+            "gpu-sampler": {"up": True, "given_up": False, "recent_failures": 1},
+            "loop-lag": {"up": True, "given_up": False, "recent_failures": 0},
+            "keep-alive": {"up": True, "given_up": False, "recent_failures": 0},
         },
         "gpu": {
             "available": True,
