@@ -492,6 +492,8 @@ def test_health_views_read_what_the_server_sends() -> None:
         (4, 0),
         (5, 2),
     )
+    odd = {"compute": {"waiting": {"²": 1, "1000000": 3}}, "models": {"m": {"queue_depth": {"²": 0, "2": 1}}}}
+    assert view.compute(odd).waiting == ((1, 0), (2, 0), (1000000, 3))  # type: ignore[union-attr]
     rows = view.worker_rows(late)
     assert [(w.name, w.state) for w in rows][:2] == [("cache-writer", "given up"), ("gpu-sampler", "up")]
     assert [w.name for w in view.workers_down(late)] == ["cache-writer"]

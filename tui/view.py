@@ -150,7 +150,7 @@ def model_rows(stats: Mapping[str, Any], breaker_fallback: Mapping[str, str] | N
         depths: tuple[int, ...] = ()
         if isinstance(queue, Mapping):
             depths = tuple(
-                int(num(queue[k])) for k in sorted(queue, key=lambda k: int(k) if k.isdigit() else 0)
+                int(num(queue[k])) for k in sorted(queue, key=lambda k: int(k) if k.isdecimal() else 0)
             )
         breaker = m.get("breaker")
         state = breaker.get("state") if isinstance(breaker, Mapping) else None
@@ -256,8 +256,11 @@ def priority_levels(stats: Mapping[str, Any]) -> int:
     for m in models.values() if isinstance(models, Mapping) else []:
         queue = m.get("queue_depth") if isinstance(m, Mapping) else None
         if isinstance(queue, Mapping):
-            levels = max([levels, *(int(k) for k in queue if str(k).isdigit())])
+            levels = max([levels, *(int(k) for k in queue if str(k).isdecimal())])
     return levels
+
+
+MAX_FILLED_LEVELS = 9
 
 
 def compute(stats: Mapping[str, Any]) -> Compute | None:
@@ -268,13 +271,19 @@ def compute(stats: Mapping[str, Any]) -> Compute | None:
         return None
     raw = c.get("waiting")
     waiting = {
-        int(k): int(num(v)) for k, v in (raw.items() if isinstance(raw, Mapping) else []) if str(k).isdigit()
+        int(k): int(num(v))
+        for k, v in (raw.items() if isinstance(raw, Mapping) else [])
+        if str(k).isdecimal()
     }
-    top = max([priority_levels(stats), *waiting])
+    # Zeros fill in up to MAX_FILLED_LEVELS at most: a stray huge level shows alone.
+    top = min(
+        max([priority_levels(stats), *(lv for lv in waiting if lv <= MAX_FILLED_LEVELS)]), MAX_FILLED_LEVELS
+    )
+    levels = sorted(set(range(1, top + 1)) | set(waiting))
     return Compute(
         concurrency=int(num(c.get("concurrency"), 1)),
         running=int(num(c.get("running"))),
-        waiting=tuple((level, waiting.get(level, 0)) for level in range(1, top + 1)),
+        waiting=tuple((level, waiting.get(level, 0)) for level in levels),
         granted=int(num(c.get("granted"))),
         aging_ms=num(c.get("aging_ms")),
     )
