@@ -38,7 +38,15 @@ from tui.confirm import ConfirmScreen
 from tui.console import ConsoleApp
 from tui.state import CONNECTED, DISCONNECTED
 from tui.tuning import SettingRow, TuningScreen
-from tui.widgets import ModelsTable, StatusBar
+from tui.widgets import (
+    ModelsTable,
+    Panel,
+    StatusBar,
+    compute_lines,
+    loop_lines,
+    refusal_lines,
+    worker_lines,
+)
 
 MODEL = "all-minilm-l6-v2"
 SIZE = (120, 36)
@@ -376,6 +384,143 @@ async def test_console_survives_server_restart(tmp_path: Path, minilm_folder: Pa
             second.stop()
 
 
+def panel_text(app: ConsoleApp, panel: str) -> str:
+    return str(app.screen.query_one(f"#{panel}-panel", Panel).content)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+async def test_health_panels_show_the_servers_loop_compute_workers_and_refusals(
+    start_server: Callable[..., ServerThread], minilm_folder: Path
+) -> None:
+    """Event-loop lag, the compute arbiter, supervised workers and queue refusals, as the real
+    server reports them in /admin/stats; then a worker that dies for good is named on top."""
+    srv = start_server({MODEL: minilm_folder}, overrides={MODEL: {"queue": {"max_queue_size": 1}}})
+    app = ConsoleApp(tcp_client(srv), interval=0.2)
+    async with app.run_test(size=SIZE) as pilot:
+        # A burst of concurrent requests against a one-place queue: some are refused (429) before
+        # any work, and the arbiter grants engine time to the others.
+        refused = 0
+        for burst in range(5):
+
+            def one(i: int, burst: int = burst) -> int:
+                status, _, _ = srv.post("/v1/embeddings", {"model": MODEL, "input": [f"burst {burst} {i}"]})
+                return status
+
+            statuses = await asyncio.gather(*(asyncio.to_thread(one, i) for i in range(12)))
+            assert set(statuses) <= {200, 429}, statuses
+            refused += statuses.count(429)
+            if refused:
+                break
+        assert refused, "no request was refused by a one-place queue"
+
+        def stats() -> dict[str, Any]:
+            return app.snapshot.stats or {}
+
+        def settled() -> bool:
+            s = stats()
+            return (
+                s.get("loop", {}).get("samples", 0) > 0
+                and s["models"][MODEL]["rejections"]["queue_full"] == refused
+                and s["compute"]["granted"] > 0
+            )
+
+        await wait_until(pilot, settled, "loop samples, grants and refusals in the stats")
+        await pilot.pause()
+        s = stats()
+
+        loop = s["loop"]
+        text = panel_text(app, "loop")
+        for key in ("p50", "p99", "max"):
+            assert f"{key} {loop[f'{key}_ms']:.1f} ms" in text or loop[f"{key}_ms"] >= 100, text
+        assert f"samples {loop['samples']} / 1 min" in text
+        assert ("blocked" in text) == (loop["p99_ms"] > 50)
+
+        compute = s["compute"]
+        text = panel_text(app, "compute")
+        assert f"running {compute['running']} / {compute['concurrency']}" in text, text
+        assert f"granted {compute['granted']:,}" in text
+        assert "wait P1 " in text and " P3 " in text  # every level of the model, waiting or not
+
+        text = panel_text(app, "refused")
+        assert f"{refused} queue full" in text, text
+
+        text = panel_text(app, "workers")
+        assert set(s["workers"]) >= {"cache-writer", "loop-lag"}
+        for name in s["workers"]:
+            assert f"● {name}" in text, text
+        assert "workers down" not in status_text(app)
+
+        # The cache writer thread dies, and cannot be started again (a thread the OS refuses):
+        # the supervisor gives up on it, and the console says so on its top line.
+        def break_the_writer() -> None:
+            cache = srv.app[RESILIENCE].cache
+            assert cache is not None
+
+            class Injected(BaseException):
+                pass
+
+            def dying(batch: Any, sweep: bool) -> Any:
+                raise Injected("injected writer death")
+
+            def no_thread() -> None:
+                raise RuntimeError("can't start new thread")
+
+            cache._apply = dying  # type: ignore[method-assign]
+            cache._start_writer = no_thread  # type: ignore[method-assign]
+
+        srv.call(break_the_writer)
+        await embed(srv, 1)  # a new answer to write: the writer takes it and dies
+        await wait_until(pilot, lambda: "workers down" in status_text(app), "the dead worker on top")
+        assert "workers down: cache-writer (given up)" in status_text(app)
+        assert "✖ cache-writer given up" in panel_text(app, "workers")
+        assert stats()["workers"]["cache-writer"] == {"up": False, "given_up": True, "recent_failures": 1}
+
+
+def test_health_views_read_what_the_server_sends() -> None:
+    late = fake_stats(9)
+    assert view.loop_lag(late) == view.LoopLag(240, 2.1, 58.0, 81.0) and view.loop_lag(late).slow  # type: ignore[union-attr]
+    assert not view.LoopLag(10, 1.0, 50.0, 90.0).slow  # the alert is strictly above 50 ms
+    c = view.compute(late)
+    # The arbiter lists only levels with waiters ({"3": 4} here); the console shows every level.
+    assert c == view.Compute(
+        concurrency=1, running=1, waiting=((1, 0), (2, 0), (3, 4)), granted=11233, aging_ms=1000.0
+    )
+    assert view.compute({"compute": {"waiting": {"5": 2}}, "models": {}}).waiting == (  # type: ignore[union-attr]
+        (1, 0),
+        (2, 0),
+        (3, 0),
+        (4, 0),
+        (5, 2),
+    )
+    odd = {"compute": {"waiting": {"²": 1, "1000000": 3}}, "models": {"m": {"queue_depth": {"²": 0, "2": 1}}}}
+    assert view.compute(odd).waiting == ((1, 0), (2, 0), (1000000, 3))  # type: ignore[union-attr]
+    rows = view.worker_rows(late)
+    assert [(w.name, w.state) for w in rows][:2] == [("cache-writer", "given up"), ("gpu-sampler", "up")]
+    assert [w.name for w in view.workers_down(late)] == ["cache-writer"]
+    assert view.workers_down(fake_stats(1)) == []
+    r = view.refusals(late)
+    assert r is not None and r.per_s == 3.0
+    assert r.by_reason == (
+        ("queue_full", 365),
+        ("would_miss_deadline", 12),
+        ("deadline", 3),
+        ("cancelled", 1),
+    )
+    # An older server without these sections: nothing to draw, and no error.
+    old = {"models": {"m": {"kind": "embedding"}}}
+    assert view.loop_lag(old) is None and view.compute(old) is None
+    assert view.worker_rows(old) == [] and view.refusals(old) is None
+    assert loop_lines(old) == compute_lines(old) == worker_lines(old) == refusal_lines(old) == []
+    assert [str(t) for t in refusal_lines(late)] == [
+        "now 3.0/s",
+        "365 queue full",
+        "12 would miss deadline",
+        "4 other",
+    ]
+    many = {"workers": {f"w{i}": {"up": True} for i in range(9)}}
+    assert [str(t) for t in worker_lines(many)][-1] == "+4 more up"
+
+
 def test_field_errors_attribute_server_messages() -> None:
     names = ["batching.max_batch_size", "queue.default_priority", "queue.priority_levels"]
     found, rest = view.field_errors(
@@ -435,6 +580,7 @@ def fake_stats(n: int) -> dict[str, Any]:
     """The n-th poll's payload: a deterministic ramp so the history graphs have a shape."""
     i = n % len(RATES)
     rate = RATES[i]
+    slow, late = min(n, 12), n >= 9
     return {
         "version": "0.1.0",
         "uptime_s": 3725.0,
@@ -453,6 +599,14 @@ def fake_stats(n: int) -> dict[str, Any]:
                 "backend_reason": None,
                 "breaker": {"state": "closed", "failure_rate": 0.0, "calls_in_window": 240},
                 "cache": {"hits": 30, "stale_hits": 2, "misses": 90},
+                "rejected_per_s": 2.5,
+                "rejections": {
+                    "queue_full": 40 * i,
+                    "deadline": 3,
+                    "would_miss_deadline": 12,
+                    "cancelled": 1,
+                    "closed": 0,
+                },
             },
             "smollm2-135m-instruct": {
                 "name": "smollm2-135m-instruct",
@@ -467,6 +621,8 @@ def fake_stats(n: int) -> dict[str, Any]:
                 "(missing CUDA/cuDNN libraries; see ONNX Runtime's log)",
                 "breaker": {"state": "half_open", "failure_rate": 0.25, "calls_in_window": 20},
                 "generation": {"tokens_per_s": 41.5, "active_sequences": 2, "kv_cache_bytes": 48 * 1024**2},
+                "rejected_per_s": 0.5,
+                "rejections": {"queue_full": 5, "deadline": 0},
             },
             "yolov8n": {
                 "name": "yolov8n",
@@ -506,6 +662,27 @@ def fake_stats(n: int) -> dict[str, Any]:
             "evictions": 1,
             "device": {"budget_bytes": 20 * GIB, "used_bytes": 3 * GIB, "arena_bytes": GIB, "models": 2},
             "host": {"budget_bytes": 96 * GIB, "used_bytes": 600 * 1024**2, "arena_bytes": 0, "models": 1},
+        },
+        # The event loop grows slower poll by poll, past the console's alert (p99 > 50 ms) from
+        # the 9th on, when the cache writer is also down for good (given up after five deaths).
+        "loop": {
+            "samples": 240,
+            "p50_ms": 1.2 + slow / 10,
+            "p99_ms": 4.0 + 6 * slow,
+            "max_ms": 9.0 + 8 * slow,
+        },
+        "compute": {
+            "concurrency": 1,
+            "aging_ms": 1000.0,
+            "running": 1,
+            "waiting": {"2": i % 3, "3": 4} if i % 3 else {"3": 4},
+            "granted": 10_000 + 137 * i,
+        },
+        "workers": {
+            "cache-writer": {"up": not late, "given_up": late, "recent_failures": 5 if late else 0},
+            "gpu-sampler": {"up": True, "given_up": False, "recent_failures": 1},
+            "loop-lag": {"up": True, "given_up": False, "recent_failures": 0},
+            "keep-alive": {"up": True, "given_up": False, "recent_failures": 0},
         },
         "gpu": {
             "available": True,

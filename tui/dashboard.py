@@ -19,9 +19,13 @@ from tui.widgets import (
     StatusBar,
     breaker_lines,
     cache_lines,
+    compute_lines,
     generation_lines,
     gpu_lines,
+    loop_lines,
     memory_lines,
+    refusal_lines,
+    worker_lines,
 )
 
 if TYPE_CHECKING:
@@ -58,6 +62,11 @@ class DashboardScreen(Screen[None]):
             yield Panel("Cache", id="cache-panel")
             yield Panel("Memory", id="memory-panel")
             yield Panel("Generation", id="generation-panel")
+        with Horizontal(id="health"):
+            yield Panel("Event loop lag", id="loop-panel")
+            yield Panel("Compute", id="compute-panel")
+            yield Panel("Workers", id="workers-panel")
+            yield Panel("Refused", id="refused-panel")
         yield ModelsTable(id="models")
         with Grid(id="history"):
             yield HistoryGraph("requests_per_s", "req/s", view.fmt_rate, "cyan")
@@ -65,6 +74,7 @@ class DashboardScreen(Screen[None]):
             yield HistoryGraph("queue_depth", "queued", lambda x: f"{x:.0f}", "yellow")
             yield HistoryGraph("gpu_utilization", "GPU util", lambda x: f"{x:.0f}%", "green", 100.0)
             yield HistoryGraph("gpu_memory", "GPU mem", view.fmt_bytes, "blue")
+            yield HistoryGraph("loop_p99_ms", "loop lag p99 ms", view.fmt_ms, "red")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -83,7 +93,12 @@ class DashboardScreen(Screen[None]):
         self.query_one("#cache-panel", Panel).show_lines(cache_lines(stats))
         self.query_one("#memory-panel", Panel).show_lines(memory_lines(stats))
         self.query_one("#generation-panel", Panel).show_lines(generation_lines(stats))
-        self.query_one("#panels").display = any(p.display for p in self.query(Panel))
+        self.query_one("#loop-panel", Panel).show_lines(loop_lines(stats))
+        self.query_one("#compute-panel", Panel).show_lines(compute_lines(stats))
+        self.query_one("#workers-panel", Panel).show_lines(worker_lines(stats))
+        self.query_one("#refused-panel", Panel).show_lines(refusal_lines(stats))
+        for row in ("#panels", "#health"):
+            self.query_one(row).display = any(p.display for p in self.query_one(row).query(Panel))
         for graph in self.query(HistoryGraph):
             graph.show(app.history.values(graph.metric))
 

@@ -150,7 +150,7 @@ def model_rows(stats: Mapping[str, Any], breaker_fallback: Mapping[str, str] | N
         depths: tuple[int, ...] = ()
         if isinstance(queue, Mapping):
             depths = tuple(
-                int(num(queue[k])) for k in sorted(queue, key=lambda k: int(k) if k.isdigit() else 0)
+                int(num(queue[k])) for k in sorted(queue, key=lambda k: int(k) if k.isdecimal() else 0)
             )
         breaker = m.get("breaker")
         state = breaker.get("state") if isinstance(breaker, Mapping) else None
@@ -204,6 +204,157 @@ def device_label(stats: Mapping[str, Any]) -> str:
         return "CPU only"
     names = sorted({g.name for g in gpus})
     return names[0] if len(gpus) == 1 else f"{len(gpus)}× {' / '.join(names)}"
+
+
+# -- server health: event loop, compute arbiter, supervised workers, refusals ---------------
+
+# Above this p99, the loop is visibly blocked: every client's latency grows by about this much.
+LOOP_LAG_ALERT_MS = 50.0
+
+
+@dataclass(frozen=True)
+class LoopLag:
+    """``stats["loop"]``: how late the server's event loop ran a timer, over the last minute."""
+
+    samples: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+
+    @property
+    def slow(self) -> bool:
+        return self.p99_ms > LOOP_LAG_ALERT_MS
+
+
+def loop_lag(stats: Mapping[str, Any]) -> LoopLag | None:
+    loop = stats.get("loop")
+    if not isinstance(loop, Mapping):
+        return None
+    return LoopLag(
+        samples=int(num(loop.get("samples"))),
+        p50_ms=num(loop.get("p50_ms")),
+        p99_ms=num(loop.get("p99_ms")),
+        max_ms=num(loop.get("max_ms")),
+    )
+
+
+@dataclass(frozen=True)
+class Compute:
+    """``stats["compute"]``: the arbiter that grants engine time across models by priority."""
+
+    concurrency: int
+    running: int
+    waiting: tuple[tuple[int, int], ...]  # (priority level, waiters), every level from 1 up
+    granted: int
+    aging_ms: float
+
+
+def priority_levels(stats: Mapping[str, Any]) -> int:
+    """The most priority levels any model queues by (their queue_depth keys)."""
+    models = stats.get("models")
+    levels = 0
+    for m in models.values() if isinstance(models, Mapping) else []:
+        queue = m.get("queue_depth") if isinstance(m, Mapping) else None
+        if isinstance(queue, Mapping):
+            levels = max([levels, *(int(k) for k in queue if str(k).isdecimal())])
+    return levels
+
+
+MAX_FILLED_LEVELS = 9
+
+
+def compute(stats: Mapping[str, Any]) -> Compute | None:
+    """The arbiter's state; its ``waiting`` names only levels with waiters (JSON keys are
+    strings), so the levels in between, and up to the models' own, are filled with zeros."""
+    c = stats.get("compute")
+    if not isinstance(c, Mapping):
+        return None
+    raw = c.get("waiting")
+    waiting = {
+        int(k): int(num(v))
+        for k, v in (raw.items() if isinstance(raw, Mapping) else [])
+        if str(k).isdecimal()
+    }
+    # Zeros fill in up to MAX_FILLED_LEVELS at most: a stray huge level shows alone.
+    top = min(
+        max([priority_levels(stats), *(lv for lv in waiting if lv <= MAX_FILLED_LEVELS)]), MAX_FILLED_LEVELS
+    )
+    levels = sorted(set(range(1, top + 1)) | set(waiting))
+    return Compute(
+        concurrency=int(num(c.get("concurrency"), 1)),
+        running=int(num(c.get("running"))),
+        waiting=tuple((level, waiting.get(level, 0)) for level in levels),
+        granted=int(num(c.get("granted"))),
+        aging_ms=num(c.get("aging_ms")),
+    )
+
+
+@dataclass(frozen=True)
+class WorkerRow:
+    """One supervised background worker of ``stats["workers"]``."""
+
+    name: str
+    up: bool
+    given_up: bool
+    recent_failures: int
+
+    @property
+    def down(self) -> bool:
+        return self.given_up or not self.up
+
+    @property
+    def state(self) -> str:
+        return "given up" if self.given_up else "up" if self.up else "down"
+
+
+def worker_rows(stats: Mapping[str, Any]) -> list[WorkerRow]:
+    """Workers that are down (given up first) before those that are up; by name within each."""
+    workers = stats.get("workers")
+    rows = [
+        WorkerRow(
+            name=str(name),
+            up=w.get("up") is not False,
+            given_up=w.get("given_up") is True,
+            recent_failures=int(num(w.get("recent_failures"))),
+        )
+        for name, w in (workers.items() if isinstance(workers, Mapping) else [])
+        if isinstance(w, Mapping)
+    ]
+    return sorted(rows, key=lambda r: (not r.given_up, not r.down, r.name))
+
+
+def workers_down(stats: Mapping[str, Any]) -> list[WorkerRow]:
+    return [r for r in worker_rows(stats) if r.down]
+
+
+@dataclass(frozen=True)
+class Refusals:
+    """Requests the models' queues refused: the rate now and the counts since start by reason
+    (early shedding counts here too: a full queue or a missed deadline refused before any work)."""
+
+    per_s: float
+    by_reason: tuple[tuple[str, int], ...]  # non-zero reasons, most first
+
+
+def refusals(stats: Mapping[str, Any]) -> Refusals | None:
+    """None for a server whose model stats carry no ``rejections``."""
+    models = stats.get("models")
+    totals: dict[str, int] = {}
+    per_s = 0.0
+    seen = False
+    for m in models.values() if isinstance(models, Mapping) else []:
+        if not isinstance(m, Mapping):
+            continue
+        per_s += num(m.get("rejected_per_s"))
+        rejections = m.get("rejections")
+        if isinstance(rejections, Mapping):
+            seen = True
+            for reason, count in rejections.items():
+                totals[str(reason)] = totals.get(str(reason), 0) + int(num(count))
+    if not seen:
+        return None
+    ranked = sorted(((r, n) for r, n in totals.items() if n), key=lambda rn: (-rn[1], rn[0]))
+    return Refusals(per_s, tuple(ranked))
 
 
 # -- formatting ------------------------------------------------------------------------------
@@ -313,6 +464,9 @@ class History:
         used = [g.memory_used for g in gpus if g.memory_used is not None]
         if used:
             self.add("gpu_memory", float(sum(used)))
+        lag = loop_lag(stats)
+        if lag is not None:
+            self.add("loop_p99_ms", lag.p99_ms)
 
 
 # -- tuning ----------------------------------------------------------------------------------

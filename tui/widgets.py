@@ -75,6 +75,11 @@ class StatusBar(Static):
             sep,
             status,
         ]
+        down = view.workers_down(stats)
+        if down:
+            # A dead worker is the one thing on this line that needs someone: it goes first.
+            names = ", ".join(f"{w.name} (given up)" if w.given_up else w.name for w in down)
+            parts[1:1] = [sep, Text(f" ✖ workers down: {names} ", style="bold reverse red")]
         if stats.get("draining"):
             parts += [sep, Text("draining", style="bold yellow")]
         elif stats and not stats.get("ready", True):
@@ -248,6 +253,94 @@ def memory_lines(stats: Mapping[str, Any]) -> list[Text]:
         for key in ("loads", "evictions"):
             if isinstance(memory.get(key), int | float):
                 out.append(_kv(key, str(int(memory[key]))))
+    return out
+
+
+def fmt_lag(ms: float) -> str:
+    return f"{ms:.1f} ms" if ms < 100 else f"{ms:.0f} ms"
+
+
+def loop_lines(stats: Mapping[str, Any]) -> list[Text]:
+    """p50/p99/max of the event loop's lag over the last minute; red when p99 is past the alert."""
+    lag = view.loop_lag(stats)
+    if lag is None:
+        return []
+    if not lag.samples:
+        return [Text("no samples yet", style="dim")]
+    alert = "bold red" if lag.slow else "bold"
+    return [
+        _kv("p50", fmt_lag(lag.p50_ms)),
+        _kv("p99", fmt_lag(lag.p99_ms), alert) + (Text(" blocked", style="red") if lag.slow else Text()),
+        _kv("max", fmt_lag(lag.max_ms), "bold red" if lag.max_ms > view.LOOP_LAG_ALERT_MS else "bold"),
+        _kv("samples", f"{lag.samples} / 1 min", ""),
+    ]
+
+
+def compute_lines(stats: Mapping[str, Any]) -> list[Text]:
+    """Engine grants running out of the arbiter's concurrency, waiters per priority, grants."""
+    c = view.compute(stats)
+    if c is None:
+        return []
+    busy = "bold yellow" if c.running >= c.concurrency else "bold"
+    waiting = Text(" ").join(
+        Text.assemble((f"P{level} ", "dim"), (str(n), "bold yellow" if n else "")) for level, n in c.waiting
+    )
+    return [
+        _kv("running", f"{c.running} / {c.concurrency}", busy),
+        Text.assemble(("wait ", "dim"), waiting if c.waiting else Text("0", style="bold")),
+        _kv("granted", f"{c.granted:,}"),
+        _kv("aging", f"{c.aging_ms:g} ms" if c.aging_ms > 0 else "off", ""),
+    ]
+
+
+WORKER_LINES = 6  # the panel's height less its border
+
+
+def worker_lines(stats: Mapping[str, Any]) -> list[Text]:
+    """Down workers first, red, with their recent failures; then the ones that are up."""
+    rows = view.worker_rows(stats)
+    out = []
+    for w in rows:
+        if w.down:
+            out.append(
+                Text.assemble(
+                    ("✖ ", "bold red"),
+                    (w.name, "bold red"),
+                    (f" {w.state}", "red"),
+                    (f" ×{w.recent_failures}" if w.recent_failures else "", "red"),
+                )
+            )
+        else:
+            out.append(
+                Text.assemble(
+                    ("● ", "green"),
+                    w.name,
+                    (f" ×{w.recent_failures}" if w.recent_failures else "", "yellow"),
+                )
+            )
+    if len(out) > WORKER_LINES:
+        rest = out[WORKER_LINES - 1 :]
+        out = [*out[: WORKER_LINES - 1], Text(f"+{len(rest)} more up", style="dim")]
+    return out
+
+
+REFUSAL_REASONS = 3  # lines for reasons, under the rate
+
+
+def refusal_lines(stats: Mapping[str, Any]) -> list[Text]:
+    """The models' queue refusals (early shedding included): rate now, counts since start."""
+    r = view.refusals(stats)
+    if r is None:
+        return []
+    out = [_kv("now", f"{view.fmt_rate(r.per_s)}/s", "bold yellow" if r.per_s else "bold")]
+    shown = list(r.by_reason)
+    if len(shown) > REFUSAL_REASONS:  # the rarest reasons share one line: the row stays 4 high
+        rest = shown[REFUSAL_REASONS - 1 :]
+        shown = [*shown[: REFUSAL_REASONS - 1], ("other", sum(n for _, n in rest))]
+    # Count first: a narrow panel cuts the reason's words, never the number.
+    out += [Text.assemble((f"{n:,} ", "bold"), (reason.replace("_", " "), "dim")) for reason, n in shown]
+    if not r.by_reason:
+        out.append(Text("none since start", style="dim"))
     return out
 
 
