@@ -25,6 +25,8 @@ def parse_object(raw: bytes, what: str = "the request body") -> dict[str, Any]:
         # through and nothing downstream could take (lone surrogates, NaN, integers past 64 bits).
         doc = orjson.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
+        if "depth limit" in str(exc):
+            raise InvalidRequest(f"{what} is nested more than {MAX_DEPTH} levels deep") from None
         raise InvalidRequest(f"{what} is not valid JSON: {exc}") from None
     except RecursionError:
         raise InvalidRequest(f"{what} is nested more than {MAX_DEPTH} levels deep") from None

@@ -1,0 +1,152 @@
+"""One specification per defect found in review (reliability issue, item 7), each through the real
+parts: a reload with a bad key hash, artefact digests and their external weights, cache identity
+per model, FULL durability that could not be kept, the breaker judging a stream by its first token,
+the admin plane failing closed, and the rate ceilings before a body is read."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+
+from appliance.api.admin import admin_guard
+from appliance.api.common import MANAGER, RESILIENCE
+from appliance.breaker import BreakerState
+from appliance.config import load
+from appliance.repository import artefact_digest
+from appliance.server import Server
+from tests.conftest import ServerThread
+
+MODEL = "all-minilm-l6-v2"
+
+
+def test_a_reload_with_a_bad_key_hash_changes_nothing(tmp_path: Path, minilm_folder: Path) -> None:
+    """The key hashes are checked before anything is swapped, and nothing escapes the handler."""
+    cfg_file = tmp_path / "appliance.yaml"
+    raw: dict[str, Any] = {"model_repository": str(tmp_path / "engines"), "data_dir": str(tmp_path / "data")}
+    (tmp_path / "engines").mkdir()
+    cfg_file.write_text(yaml.safe_dump(raw))
+    server = Server(load(cfg_file))
+    before = dict(server.cfg.defaults)
+    raw["defaults"] = {"queue": {"priority_levels": 5}}
+    raw["auth"] = {"keys": [{"name": "broken", "hash": "scrypt$not-a-hash"}]}
+    cfg_file.write_text(yaml.safe_dump(raw))
+    assert server.reload() is False
+    assert server.cfg.defaults == before  # not half-applied
+
+
+def test_the_artefact_digest_covers_external_weights(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"graph")
+    (tmp_path / "model.onnx.data").write_bytes(b"weights v1")
+    first = artefact_digest(tmp_path, ["model.onnx"])
+    (tmp_path / "model.onnx.data").write_bytes(b"weights v2")
+    assert artefact_digest(tmp_path, ["model.onnx"]) != first
+
+
+def test_two_models_with_the_same_artefacts_never_share_cache_entries(
+    start_server, minilm_folder: Path
+) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server({MODEL: minilm_folder, "twin": minilm_folder}, overrides={"twin": {"name": "twin"}})
+    status, body, headers = srv.post("/v1/embeddings", {"model": MODEL, "input": "same words"})
+    assert status == 200
+    srv.call(lambda: srv.app[RESILIENCE].cache.flush())
+    status, body, headers = srv.post("/v1/embeddings", {"model": "twin", "input": "same words"})
+    assert status == 200 and headers["X-Appliance-Source"] == "engine" and body["model"] == "twin"
+
+
+def test_a_full_durability_write_that_was_not_kept_says_so(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server({MODEL: minilm_folder}, config={"defaults": {"cache": {"synchronous": "FULL"}}})
+    cache = srv.app[RESILIENCE].cache
+
+    async def dropped(*args: Any) -> bool:  # test-only fault hook: the writer's queue is full
+        return False
+
+    srv.call(lambda: setattr(cache, "put_and_wait", dropped))
+    status, _, headers = srv.post("/v1/embeddings", {"model": MODEL, "input": "not durable"})
+    assert status == 200 and headers.get("X-Appliance-Cache") == "not-stored"
+    srv.call(lambda: delattr(cache, "put_and_wait"))
+    status, _, headers = srv.post("/v1/embeddings", {"model": MODEL, "input": "durable"})
+    assert status == 200 and "X-Appliance-Cache" not in headers
+
+
+def test_a_stream_probe_is_judged_by_its_first_token_not_its_length(
+    start_server, smollm_folder: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A half-open breaker's probe is a stream: the breaker closes at its first token, while the
+    generation goes on (it used to hold the probe for the whole generation, so one longer than the
+    probe timeout re-tripped a healthy engine)."""
+    chat = "smollm2-135m-instruct"
+    srv = start_server({chat: smollm_folder}, overrides={chat: {"breaker": {"open_duration_s": 0.05}}})
+    breaker = srv.call(lambda: srv.app[RESILIENCE].breaker(chat, srv.app[MANAGER].tunables(chat)))
+    # Test-only: trip it as a failure rate would (OPEN, not operator-forced), so that the next call
+    # after 50 ms is the half-open probe.
+    srv.call(lambda: breaker._trip("test", breaker._clock()))
+    time.sleep(0.1)
+    body = {
+        "model": chat,
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": 2000,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=60)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+    seen = b""
+    while seen.count(b"data: {") < 3:  # the role chunk and the first tokens
+        chunk = sock.recv(65536)
+        assert chunk, seen
+        seen += chunk
+    assert srv.call(lambda: breaker.state) == BreakerState.CLOSED  # while the stream goes on
+    assert b"[DONE]" not in seen
+    sock.close()
+
+
+async def test_the_admin_plane_fails_closed_without_a_transport() -> None:
+    """A request whose transport is gone is not taken for the Unix socket (token required)."""
+    app = web.Application()
+    from appliance.api.admin import ADMIN_TOKEN
+
+    app[ADMIN_TOKEN] = "secret"
+    request = make_mocked_request("GET", "/admin/stats", app=app)
+    request._protocol.transport = None  # the connection went away while the request was queued
+
+    async def handler(req: web.Request) -> web.Response:
+        return web.Response(text="stats")
+
+    resp = await admin_guard(request, handler)
+    assert resp.status == 401
+
+
+def test_the_admin_socket_is_never_open_to_other_users(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]
+    srv: ServerThread = start_server({MODEL: minilm_folder})
+    assert srv.server is not None and srv.server.admin_socket is not None
+    mode = stat.S_IMODE(os.stat(srv.server.admin_socket).st_mode)
+    assert mode & 0o007 == 0, oct(mode)
+    old = os.umask(0o022)
+    os.umask(old)
+    assert old != 0o117  # the server put the process umask back after binding
+
+
+def test_rate_ceilings_answer_before_the_body_is_read(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server({MODEL: minilm_folder}, config={"server": {"max_request_rate": 5}})
+    statuses = []
+    for i in range(20):
+        status, body, headers = srv.post("/v1/embeddings", {"model": MODEL, "input": f"r{i}"})
+        statuses.append(status)
+        if status == 503:
+            assert int(headers["Retry-After"]) >= 1 and "rate" in body["error"]
+    assert 503 in statuses and 200 in statuses
+    assert srv.get("/healthz")[0] == 200  # probes are not rate-limited
