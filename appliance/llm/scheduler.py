@@ -38,9 +38,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
-from contextlib import AbstractContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -60,6 +60,8 @@ from appliance.llm.sampling import OutputProcessor, SamplingParams, make_rng, sa
 from appliance.telemetry import Metrics
 
 log = logging.getLogger(__name__)
+
+_R = TypeVar("_R")
 
 
 _EWMA_ALPHA = 0.2
@@ -187,13 +189,18 @@ class Scheduler:
         metrics: Metrics | None = None,
         tunables: Callable[[], Mapping[str, Any]] | None = None,
         progress: Callable[[float], AbstractContextManager[Any]] | None = None,
+        grant: Callable[[int], AbstractAsyncContextManager[None]] | None = None,
     ) -> None:
+        """``grant(level)``: the compute arbiter's permit for one engine call whose most urgent row
+        has priority ``level``; held around the call, awaited on the event loop. None: no
+        arbitration."""
         self.name = name
         self.session = session
         self.executor = executor
         self.config = config or GenerationConfig()
         self._tunables = tunables
         self._progress = progress
+        self._grant = grant
         self.metrics = metrics
         self.bytes_per_token = (
             session.layers * 2 * session.kv_heads * session.head_dim * np.dtype(session.kv_dtype).itemsize
@@ -204,7 +211,9 @@ class Scheduler:
         self._order = itertools.count()
         self._rows: list[Seq] = []  # batch order of the KV rows
         self._kv: KVState | None = None
-        self._inflight: _Plan | None = None
+        self._inflight: _Plan | None = None  # the step the driver is running
+        self._prefilling: list[Seq] = []  # admitted, their prompt not yet wholly prefilled
+        self._last_crash_steps = -1
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -212,7 +221,9 @@ class Scheduler:
         self._tok_rate: float | None = None  # EWMA generated tokens per second of the batch
         self._recent: deque[int] = deque(maxlen=64)
         self._rejections = dict.fromkeys(REJECT_REASONS, 0)
-        self._counts = dict.fromkeys(("completed", "cancelled", "preempted", "failed", "steps"), 0)
+        self._counts = dict.fromkeys(
+            ("completed", "cancelled", "preempted", "failed", "steps", "driver_failures"), 0
+        )
 
     # ---- settings --------------------------------------------------------------------------
 
@@ -267,7 +278,7 @@ class Scheduler:
         queue.append(seq)
         self._queue_changed(level)
         if self._task is None or self._task.done():
-            self._task = loop.create_task(self._drive(), name=f"scheduler:{self.name}")
+            self._task = loop.create_task(self._supervise(), name=f"scheduler:{self.name}")
         self._wake.set()
 
     def cancel(self, seq: Seq) -> None:
@@ -496,52 +507,93 @@ class Scheduler:
 
     # ---- the driver (event loop) -----------------------------------------------------------
 
+    async def _supervise(self) -> None:
+        """Run the driver; if it dies, fail what it held (every such sequence gets an event), count
+        and log the death once, and start it again. A driver that keeps dying without completing a
+        step fails the waiting sequences too, so nobody waits on a loop that cannot make progress."""
+        worker = f"scheduler:{self.name}"
+        m = self.metrics
+        failures = 0
+        while True:
+            if m is not None:
+                m.worker_up.labels(worker).set(1)
+            try:
+                await self._drive()
+                return
+            except asyncio.CancelledError:
+                self._abort(BatcherClosed(f"model {self.name!r} stopped"), waiting=True)
+                raise
+            except Exception as exc:
+                failures += 1
+                self._counts["driver_failures"] += 1
+                log.exception("model %s: the scheduler loop died (restart %d)", self.name, failures)
+                if m is not None:
+                    m.worker_failures.labels(worker).inc()
+                    m.worker_up.labels(worker).set(0)
+                err = EngineError(f"scheduler error: {type(exc).__name__}: {exc}")
+                steps = self._counts["steps"]
+                self._abort(err, waiting=failures > 1 and steps == self._last_crash_steps)
+                self._last_crash_steps = steps
+                # Back off a little so a persistent bug does not spin the loop at 100 %.
+                await asyncio.sleep(min(0.01 * 2 ** min(failures, 7), 1.0))
+
+    def _abort(self, error: Exception, *, waiting: bool) -> None:
+        """Fail every sequence the driver holds (running rows, the step in flight, prefilling), and
+        with ``waiting`` the queued ones as well; the KV state goes with them."""
+        held = list(self._rows) + list(self._prefilling)
+        if self._inflight is not None:
+            held += self._inflight.keep + self._inflight.admit
+        for seq in held:
+            self._fail(seq, error)
+        if waiting:
+            for queue in self._queues:
+                for seq in list(queue):
+                    self._discard(seq)
+                    self._fail(seq, error)
+        self._rows, self._kv, self._inflight, self._prefilling = [], None, None, []
+        self._set_gauges()
+
     async def _drive(self) -> None:
         while True:
-            try:
-                plan = self._plan()
-                if plan is None:
-                    if self._closed and not any(self._queues):
-                        return
-                    self._wake.clear()
-                    await self._wake.wait()
-                    continue
-                await self._step(plan)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a bug here must not leave requests hanging forever
-                log.exception("model %s: scheduler step failed", self.name)
-                for seq in self._rows + (self._inflight.admit if self._inflight else []):
-                    self._fail(seq, EngineError(f"scheduler error: {type(exc).__name__}: {exc}"))
-                self._rows, self._kv, self._inflight = [], None, None
+            plan = self._plan()
+            if plan is None:
+                if self._closed and not any(self._queues):
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            self._inflight = plan
+            await self._step(plan)
+            self._inflight = None
 
     async def _step(self, plan: _Plan) -> None:
-        loop = asyncio.get_running_loop()
+        """Two engine calls: prefill the newcomers (sampling their first tokens), then join them
+        and decode every running row. Each call takes a compute grant and is bounded (see
+        ``_engine_call``); a call that times out fails the sequences it held."""
         for seq in plan.admit:
             seq.evicted = False
-        self._inflight = plan
-        began: asyncio.Future[None] = loop.create_future()
-        fut = loop.run_in_executor(self.executor, self._execute, loop, began, self._kv, self._rows, plan)
-        timeout_ms = float(self._tunables()["engine.timeout_ms"]) if self._tunables else 0.0
         started = time.monotonic()
-        try:
-            if timeout_ms > 0:
-                # The clock starts when the worker does: a step queued behind a hung one is not
-                # blamed for it (it waits, as a batch waits for a busy engine instance).
-                either: list[asyncio.Future[Any]] = [began, fut]
-                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-                kv, rows = await asyncio.wait_for(asyncio.shield(fut), timeout_ms / 1000)
-            else:
-                kv, rows = await fut
-        except TimeoutError:
-            # The worker cannot be stopped; its late results are dropped (every sequence it held
-            # is failed and marked closed), and the next step queues behind it on the executor.
-            err = EngineTimeout(f"a generation step ran past {timeout_ms:.0f} ms")
-            for seq in plan.keep + plan.admit:
-                self._fail(seq, err)
+        kv, rows = self._kv, self._rows
+        admit = [s for s in plan.admit if not s.cancelled]
+        new: tuple[KVState | None, list[Seq]] = (None, [])
+        if admit:
+            try:
+                new = await self._engine_call(_level(admit), self._prefill, admit)
+            except EngineTimeout as err:
+                for seq in admit:
+                    self._fail(seq, err)
+        keep = [s for s in plan.keep if not s.cancelled]
+        if keep or new[1]:
+            try:
+                kv, rows = await self._engine_call(
+                    _level(keep + new[1]), self._decode, kv, rows, keep, new[0], new[1]
+                )
+            except EngineTimeout as err:
+                for seq in keep + new[1]:
+                    self._fail(seq, err)
+                kv, rows = None, []
+        else:
             kv, rows = None, []
-        finally:
-            self._inflight = None
         elapsed = time.monotonic() - started
         self._kv, self._rows = kv, rows
         self._counts["steps"] += 1
@@ -552,6 +604,44 @@ class Scheduler:
             if rows:
                 self.metrics.batch_size.labels(self.name).observe(len(rows))
         self._set_gauges()
+
+    async def _engine_call(self, level: int, fn: Callable[..., _R], *args: Any) -> _R:
+        """Run ``fn(loop, *args)`` on the model's worker under a compute grant for ``level``.
+
+        With ``engine.timeout_ms`` set, three waits are bounded: the grant and the call itself by
+        it, the worker starting (it may still be busy with an earlier call that hung) by twice it. The
+        clock of the call starts when the worker does, so a call queued behind another is not blamed
+        for it. A call given up on is marked abandoned: if it has not started it never runs, and if
+        it hung its late result is dropped. Raises EngineTimeout."""
+        loop = asyncio.get_running_loop()
+        timeout_ms = float(self._tunables()["engine.timeout_ms"]) if self._tunables else 0.0
+        limit = timeout_ms / 1000 if timeout_ms > 0 else None
+        async with contextlib.AsyncExitStack() as stack:
+            if self._grant is not None:
+                try:
+                    await asyncio.wait_for(stack.enter_async_context(self._grant(level)), limit)
+                except asyncio.TimeoutError:
+                    raise EngineTimeout(f"no compute grant within {timeout_ms:.0f} ms") from None
+            job = _Job()
+            began: asyncio.Future[None] = loop.create_future()
+            fut: asyncio.Future[_R] = loop.run_in_executor(
+                self.executor, self._in_worker, loop, began, job, fn, args
+            )
+            if limit is None:
+                return await fut
+            # The worker may be finishing a call that hung (it cannot be stopped): wait for it as
+            # long as the watchdog would before calling the engine hung, then give up.
+            either: list[asyncio.Future[Any]] = [began, fut]
+            await asyncio.wait(either, timeout=2 * limit, return_when=asyncio.FIRST_COMPLETED)
+            if not began.done():
+                job.abandoned = True
+                raise EngineTimeout(f"the engine worker stayed busy past {2 * timeout_ms:.0f} ms")
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), limit)
+            except asyncio.TimeoutError:
+                job.abandoned = True
+                raise EngineTimeout(f"a generation step ran past {timeout_ms:.0f} ms") from None
+        raise AssertionError("unreachable")  # for mypy: the stack never swallows an exception
 
     def _set_gauges(self) -> None:
         if self.metrics is None:
@@ -600,55 +690,58 @@ class Scheduler:
 
     # ---- one step (worker thread) ----------------------------------------------------------
 
-    def _execute(
+    def _in_worker(
         self,
         loop: asyncio.AbstractEventLoop,
         began: asyncio.Future[None],
-        kv: KVState | None,
-        rows: list[Seq],
-        plan: _Plan,
-    ) -> tuple[KVState | None, list[Seq]]:
+        job: _Job,
+        fn: Callable[..., _R],
+        args: tuple[Any, ...],
+    ) -> _R:
+        if job.abandoned:  # given up on while it waited behind a hung call: nobody wants it now
+            raise EngineTimeout("abandoned before it started")
         loop.call_soon_threadsafe(_resolve, began)
         timeout_ms = float(self._tunables()["engine.timeout_ms"]) if self._tunables else 0.0
-        # A step may take up to twice the engine timeout before the watchdog calls the engine hung.
+        # A call may take up to twice the engine timeout before the watchdog calls the engine hung.
         watch = self._progress(2 * timeout_ms / 1000 if timeout_ms > 0 else 300.0) if self._progress else None
         with watch if watch is not None else contextlib.nullcontext():
-            return self._execute_step(loop, kv, rows, plan)
+            return fn(loop, *args)
 
-    def _execute_step(
-        self, loop: asyncio.AbstractEventLoop, kv: KVState | None, rows: list[Seq], plan: _Plan
+    def _decode(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        kv: KVState | None,
+        rows: list[Seq],
+        keep: list[Seq],
+        new_kv: KVState | None,
+        joined: list[Seq],
     ) -> tuple[KVState | None, list[Seq]]:
-        kv, rows = _select(kv, rows, [s for s in plan.keep if not s.cancelled])
-        started = time.monotonic()
-        produced = 0
-        if plan.admit:
-            new_kv, joined = self._prefill(loop, [s for s in plan.admit if not s.cancelled])
-            produced += len(joined)
-            if joined and new_kv is not None:
-                kv = new_kv if kv is None else KVState.join([kv, new_kv])
-                rows = rows + joined
+        """Drop rows that left, append the freshly prefilled ones, decode one token for each."""
+        kv, rows = _select(kv, rows, [s for s in keep if not s.cancelled])
+        if joined and new_kv is not None:
+            kv = new_kv if kv is None else KVState.join([kv, new_kv])
+            rows = rows + joined
         # Rows whose client left during the prefill go now, before paying for their decode.
         kv, rows = _select(kv, rows, [s for s in rows if not s.cancelled])
-        if rows and kv is not None:
-            events: list[tuple[Seq, Event]] = []
-            try:
-                logits = self.session.decode([s.generated[-1] for s in rows], kv)
-            except Exception as exc:
-                err = _engine_error(exc)
-                log.error("model %s: decode of %d rows failed: %s", self.name, len(rows), err)
-                loop.call_soon_threadsafe(self._deliver, _failures(rows, err))
-                return None, []
-            for row, seq in enumerate(rows):
-                events.extend(self._advance(seq, logits[row]))
-            produced += len(rows)
-            loop.call_soon_threadsafe(self._deliver, events)
-            kv, rows = _select(kv, rows, [s for s in rows if not (s.done or s.cancelled)])
+        if not rows or kv is None:
+            return None, []
+        started = time.monotonic()
+        try:
+            logits = self.session.decode([s.generated[-1] for s in rows], kv)
+        except Exception as exc:
+            err = _engine_error(exc)
+            log.error("model %s: decode of %d rows failed: %s", self.name, len(rows), err)
+            loop.call_soon_threadsafe(self._deliver, _failures(rows, err))
+            return None, []
+        events: list[tuple[Seq, Event]] = []
+        for row, seq in enumerate(rows):
+            events.extend(self._advance(seq, logits[row]))
+        loop.call_soon_threadsafe(self._deliver, events)
         elapsed = time.monotonic() - started
-        if produced and elapsed > 0:
-            rate = produced / elapsed
-            r = self._tok_rate
+        if elapsed > 0:
+            rate, r = len(rows) / elapsed, self._tok_rate
             self._tok_rate = rate if r is None else r + _EWMA_ALPHA * (rate - r)
-        return kv, rows
+        return _select(kv, rows, [s for s in rows if not (s.done or s.cancelled)])
 
     def _prefill(self, loop: asyncio.AbstractEventLoop, admit: list[Seq]) -> tuple[KVState | None, list[Seq]]:
         """Prefill newcomers together; return the KV rows and sequences that go on decoding."""
@@ -703,6 +796,17 @@ def _select(kv: KVState | None, rows: list[Seq], keep: list[Seq]) -> tuple[KVSta
         return None, []
     index = {id(s): i for i, s in enumerate(rows)}
     return kv.select([index[id(s)] for s in keep]), keep
+
+
+def _level(seqs: Sequence[Seq]) -> int:
+    """The most urgent priority level among the rows of one engine call (1 is the most urgent)."""
+    return min(s.priority for s in seqs)
+
+
+class _Job:
+    """One engine call handed to the worker; ``abandoned`` once the driver stopped waiting for it."""
+
+    abandoned = False
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
