@@ -20,7 +20,7 @@ import pytest
 
 from appliance.batcher import BatchPolicy, DeadlineExceeded, InvalidPriority, QueueFull
 from appliance.engines.base import EngineError, EngineTimeout
-from appliance.llm.runtime import KVState
+from appliance.llm.kv import KVState
 from appliance.llm.sampling import (
     IncrementalDetokenizer,
     OutputProcessor,
@@ -67,6 +67,7 @@ class FakeDecoder:
         self.fail_prefill: Callable[[Sequence[int]], bool] | None = None
         self.fail_decodes = 0
         self.prefill_sizes: list[int] = []
+        self.prefill_tokens: list[int] = []  # tokens computed per prefill call
         self.decode_sizes: list[int] = []
         self.prefilling = threading.Event()
 
@@ -77,13 +78,22 @@ class FakeDecoder:
             out[b, next_token(ctx)] = 1.0
         return out
 
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, KVState]:
+    def prefill(
+        self, prompts: Sequence[Sequence[int]], past: KVState | None = None
+    ) -> tuple[np.ndarray, KVState]:
         self.prefilling.set()
         time.sleep(self.prefill_s)
         self.prefilling.clear()
         if self.fail_prefill and any(self.fail_prefill(p) for p in prompts):
             raise RuntimeError("prefill exploded")
         self.prefill_sizes.append(len(prompts))
+        self.prefill_tokens.append(sum(len(p) for p in prompts))
+        if past is not None:  # the real session's contract: one row continues from its past
+            assert len(prompts) == 1 and past.batch == 1
+            col = np.asarray(prompts[0], dtype=np.float32).reshape(1, 1, -1, 1)
+            keys = np.concatenate([past.ops.to_host(past.keys[0]), col], axis=2)
+            mask = np.concatenate([past.mask, np.ones((1, len(prompts[0])), dtype=np.int64)], axis=1)
+            return self._logits(keys, mask), KVState([keys], [keys.copy()], mask)
         width = max(len(p) for p in prompts)
         keys = np.zeros((len(prompts), 1, width, 1), dtype=np.float32)
         mask = np.zeros((len(prompts), width), dtype=np.int64)
@@ -482,8 +492,8 @@ async def test_a_fault_in_any_phase_ends_every_sequence(
     assert isinstance(fin, Finished) and text == text_of(reference([4], 3))
     if died:
         assert worker_metric(metrics, "appliance_worker_up") == 1.0
-    snap = sch.generation_snapshot()
-    assert snap["running"] == 0 and snap["waiting"] == 0 and snap["kv_cache_bytes"] == 0
+    snap = sch.generation_snapshot
+    await until(lambda: snap()["running"] == 0 and snap()["waiting"] == 0 and snap()["kv_cache_bytes"] == 0)
     await sch.close()
 
 

@@ -55,7 +55,8 @@ from appliance.batcher import (
     WouldMissDeadline,
 )
 from appliance.engines.base import EngineError, EngineOutOfMemory, EngineTimeout
-from appliance.llm.runtime import KVState
+from appliance.llm.kv import KVState
+from appliance.llm.prefix import PrefixCache, PrefixStats
 from appliance.llm.sampling import OutputProcessor, SamplingParams, make_rng, sample
 from appliance.telemetry import Metrics
 
@@ -76,6 +77,9 @@ class GenerationConfig:
     max_tokens_limit: int = 4096
     preemption: bool = False
     max_prefill_tokens: int = 4096
+    prefill_chunk_tokens: int = 0  # 0: a prompt is prefilled whole in one step
+    prefix_cache: bool = False
+    prefix_block_tokens: int = 16
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> GenerationConfig:
@@ -86,6 +90,9 @@ class GenerationConfig:
             max_tokens_limit=int(values["generation.max_tokens_limit"]),
             preemption=bool(values["generation.preemption"]),
             max_prefill_tokens=int(values["generation.max_prefill_tokens"]),
+            prefill_chunk_tokens=int(values["generation.prefill_chunk_tokens"]),
+            prefix_cache=bool(values["generation.prefix_cache"]),
+            prefix_block_tokens=int(values["generation.prefix_block_tokens"]),
         )
 
 
@@ -97,7 +104,11 @@ class Decoder(Protocol):
     head_dim: int
     kv_dtype: np.dtype
 
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, KVState]: ...
+    def prefill(
+        self, prompts: Sequence[Sequence[int]], past: KVState | None = None
+    ) -> tuple[np.ndarray, KVState]:
+        """Whole prompts as one left-padded batch, or with ``past`` one row's next tokens."""
+        ...
 
     def decode(self, next_ids: Sequence[int] | np.ndarray, state: KVState) -> np.ndarray: ...
 
@@ -151,6 +162,9 @@ class Seq:
     done: bool = False  # worker: finished; no more tokens
     closed: bool = False  # loop: a terminal event was delivered
     preemptions: int = 0
+    partial: KVState | None = None  # worker: one row of KV for context()[:filled] while prefilling
+    filled: int = 0  # worker: context tokens whose KV is held (prefix-cache hit, earlier chunks)
+    prefix_checked: bool = False  # worker: the prefix cache was consulted for this admission
 
     def __post_init__(self) -> None:
         self.rng = make_rng(self.params.seed)
@@ -213,6 +227,9 @@ class Scheduler:
         self._kv: KVState | None = None
         self._inflight: _Plan | None = None  # the step the driver is running
         self._prefilling: list[Seq] = []  # admitted, their prompt not yet wholly prefilled
+        self.prefix: PrefixCache | None = None
+        self._published = PrefixStats()  # prefix-cache counts already added to the metrics
+        self._configure_prefix()
         self._last_crash_steps = -1
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -238,7 +255,17 @@ class Scheduler:
         self._relevel(policy.priority_levels)
         if self._tunables is not None:
             self.config = GenerationConfig.from_values(self._tunables())
+            self._configure_prefix()
         self._wake.set()
+
+    def _configure_prefix(self) -> None:
+        cfg = self.config
+        if not cfg.prefix_cache:
+            if self.prefix is not None:
+                self.prefix.clear()
+            self.prefix = None
+        elif self.prefix is None or self.prefix.block_tokens != cfg.prefix_block_tokens:
+            self.prefix = PrefixCache(cfg.prefix_block_tokens)
 
     def kv_bytes(self, tokens: int) -> int:
         return tokens * self.bytes_per_token
@@ -341,14 +368,31 @@ class Scheduler:
         return {
             "running": len(running),
             "waiting": sum(len(q) for q in self._queues),
-            "prefilling": len(self._inflight.admit) if self._inflight else 0,
+            "prefilling": len(self._prefilling) + (len(self._inflight.admit) if self._inflight else 0),
             "max_running": self.config.max_running,
             "kv_cache_bytes": self._kv_used(),
             "kv_reserved_bytes": self._charge(running),
             "kv_budget_bytes": self.config.kv_cache_bytes,
             "tokens_per_s": self._tok_rate,
             "preemption": self.config.preemption,
+            "prefill_chunk_tokens": self.config.prefill_chunk_tokens,
+            "prefix_cache": self._prefix_snapshot(),
             **self._counts,
+        }
+
+    def _prefix_snapshot(self) -> dict[str, Any] | None:
+        cache = self.prefix
+        if cache is None:
+            return None
+        st = cache.stats
+        return {
+            "blocks": len(cache),
+            "bytes": cache.nbytes,
+            "block_tokens": cache.block_tokens,
+            "query_tokens": st.query_tokens,
+            "hit_tokens": st.hit_tokens,
+            "hit_rate": st.hit_tokens / st.query_tokens if st.query_tokens else None,
+            "evictions": st.evictions,
         }
 
     # ---- admission --------------------------------------------------------------------------
@@ -448,12 +492,14 @@ class Scheduler:
 
     def _plan(self) -> _Plan | None:
         keep = self._active()
+        self._prefilling = [s for s in self._prefilling if not s.cancelled]
+        held = self._prefilling  # admitted earlier, still prefilling: they hold their reservation
         admit: list[Seq] = []
         evicted: list[Seq] = []  # requeued by this plan: not candidates again until the next
         for cand in list(self._candidates()):
             if any(cand is v for v in evicted):
                 continue
-            group = keep + admit + [cand]
+            group = keep + held + admit + [cand]
             if admit:
                 width = max(len(s.context()) for s in [*admit, cand])
                 if (len(admit) + 1) * width > self.config.max_prefill_tokens:
@@ -461,7 +507,7 @@ class Scheduler:
             if self._fits(group):
                 admit.append(cand)
                 continue
-            victims = self._victims(keep, admit, cand) if self.config.preemption else None
+            victims = self._victims(keep, held + admit, cand) if self.config.preemption else None
             if victims is None:
                 break  # strict order: nobody overtakes a waiting request that does not fit yet
             for v in victims:
@@ -477,7 +523,9 @@ class Scheduler:
                     self.metrics.generation_queue_duration.labels(self.name).observe(
                         seq.admitted_at - seq.arrival
                     )
-        if not keep and not admit:
+        if self.prefix is not None:  # the cache lives in what the batch's reservations leave
+            self.prefix.shrink(self.config.kv_cache_bytes - self._charge(keep + held + admit))
+        if not keep and not admit and not held:
             self._rows, self._kv = [], None
             self._set_gauges()
             return None
@@ -550,6 +598,8 @@ class Scheduler:
                 for seq in list(queue):
                     self._discard(seq)
                     self._fail(seq, error)
+        for seq in held:
+            seq.partial = None
         self._rows, self._kv, self._inflight, self._prefilling = [], None, None, []
         self._set_gauges()
 
@@ -572,16 +622,23 @@ class Scheduler:
         ``_engine_call``); a call that times out fails the sequences it held."""
         for seq in plan.admit:
             seq.evicted = False
+            seq.partial, seq.filled, seq.prefix_checked = None, 0, False
         started = time.monotonic()
         kv, rows = self._kv, self._rows
-        admit = [s for s in plan.admit if not s.cancelled]
+        work = [s for s in self._prefilling + plan.admit if not s.cancelled]
         new: tuple[KVState | None, list[Seq]] = (None, [])
-        if admit:
+        if work:
+            allowance = self.config.kv_cache_bytes - self._charge(plan.keep + work)
             try:
-                new = await self._engine_call(_level(admit), self._prefill, admit)
+                new_kv, joined, pending = await self._engine_call(
+                    _level(work), self._prefill, work, allowance
+                )
+                new, self._prefilling = (new_kv, joined), pending
             except EngineTimeout as err:
-                for seq in admit:
+                for seq in work:
+                    seq.partial = None
                     self._fail(seq, err)
+                self._prefilling = []
         keep = [s for s in plan.keep if not s.cancelled]
         if keep or new[1]:
             try:
@@ -644,16 +701,22 @@ class Scheduler:
         raise AssertionError("unreachable")  # for mypy: the stack never swallows an exception
 
     def _set_gauges(self) -> None:
-        if self.metrics is None:
+        m = self.metrics
+        if m is None:
             return
-        self.metrics.running_sequences.labels(self.name).set(len(self._active()))
-        self.metrics.kv_cache_bytes.labels(self.name).set(self._kv_used())
+        m.running_sequences.labels(self.name).set(len(self._active()))
+        m.kv_cache_bytes.labels(self.name).set(self._kv_used())
+        cache = self.prefix
+        if cache is not None:
+            st, old = cache.stats, self._published
+            m.prefix_cache_query_tokens.labels(self.name).inc(st.query_tokens - old.query_tokens)
+            m.prefix_cache_hit_tokens.labels(self.name).inc(st.hit_tokens - old.hit_tokens)
+            m.prefix_cache_evictions.labels(self.name).inc(st.evictions - old.evictions)
+            m.prefix_cache_blocks.labels(self.name).set(len(cache))
+            self._published = PrefixStats(st.query_tokens, st.hit_tokens, st.evictions)
 
     def _kv_used(self) -> int:
-        kv = self._kv
-        if kv is None:
-            return 0
-        return sum(int(a.nbytes) for a in kv.keys) + sum(int(a.nbytes) for a in kv.values)
+        return 0 if self._kv is None else self._kv.nbytes()
 
     def _fail(self, seq: Seq, error: Exception) -> None:
         seq.cancelled = True
@@ -743,29 +806,102 @@ class Scheduler:
             self._tok_rate = rate if r is None else r + _EWMA_ALPHA * (rate - r)
         return _select(kv, rows, [s for s in rows if not (s.done or s.cancelled)])
 
-    def _prefill(self, loop: asyncio.AbstractEventLoop, admit: list[Seq]) -> tuple[KVState | None, list[Seq]]:
-        """Prefill newcomers together; return the KV rows and sequences that go on decoding."""
-        if not admit:
-            return None, []
-        try:
-            logits, kv = self.session.prefill([s.context() for s in admit])
-        except Exception as exc:
-            err = _engine_error(exc)
-            log.error("model %s: prefill of %d sequences failed: %s", self.name, len(admit), err)
-            loop.call_soon_threadsafe(self._deliver, _failures(admit, err))
-            return None, []
+    def _prefill(
+        self, loop: asyncio.AbstractEventLoop, work: list[Seq], allowance: int
+    ) -> tuple[KVState | None, list[Seq], list[Seq]]:
+        """Prefill what this step's token budget allows of ``work`` (sequences still prefilling
+        first, then newcomers); sample the first token of each whose context is now complete.
+
+        A sequence's context starts from its longest cached prefix. With
+        ``prefill_chunk_tokens`` set, at most that many tokens are computed in this call (the rest
+        continues next step, after a decode of the running batch). Newcomers that need their
+        whole context computed in one go are prefilled together as one left-padded batch; the
+        others one row at a time, continuing from their past. Returns the KV rows and sequences
+        that go on decoding, and those still prefilling."""
+        cfg, cache = self.config, self.prefix
+        budget = cfg.prefill_chunk_tokens or None
+        whole: list[Seq] = []
+        pieces: list[tuple[Seq, int]] = []
+        for seq in work:
+            if budget is not None and budget <= 0:
+                break
+            ctx = seq.context()
+            if cache is not None and not seq.prefix_checked:
+                seq.prefix_checked = True
+                blocks = cache.lookup(ctx)
+                if blocks:
+                    seq.partial = KVState.concat_columns(blocks)
+                    seq.filled = seq.partial.width
+            remaining = len(ctx) - seq.filled
+            take = remaining if budget is None else min(remaining, budget)
+            if budget is not None:
+                budget -= take
+            if seq.partial is None and take == remaining:
+                whole.append(seq)
+            else:
+                pieces.append((seq, take))
         events: list[tuple[Seq, Event]] = []
-        for row, seq in enumerate(admit):
-            if seq.cancelled:  # left while its prompt was being read: drop the result
+        done: list[tuple[list[Seq], KVState]] = []  # groups of completed rows and their KV
+        if whole:
+            try:
+                logits, kv = self.session.prefill([s.context() for s in whole])
+            except Exception as exc:
+                self._prefill_failed(loop, whole, exc)
+            else:
+                for row, seq in enumerate(whole):
+                    if cache is not None and not seq.cancelled:
+                        self._remember(seq, kv.select([row]) if len(whole) > 1 else kv)
+                    if not seq.cancelled:  # else it left while its prompt was being read
+                        events.extend(self._first_token(seq, logits[row]))
+                done.append((whole, kv))
+        for seq, take in pieces:
+            ctx = seq.context()
+            try:
+                logits, kv = self.session.prefill([ctx[seq.filled : seq.filled + take]], past=seq.partial)
+            except Exception as exc:
+                seq.partial = None
+                self._prefill_failed(loop, [seq], exc)
                 continue
-            if self.metrics is not None and not seq.preemptions:
-                self.metrics.prompt_tokens.labels(self.name).inc(len(seq.prompt))
-            events.extend(self._advance(seq, logits[row]))
+            seq.partial, seq.filled = kv, seq.filled + take
+            if seq.filled == len(ctx):
+                seq.partial, seq.filled = None, 0
+                if not seq.cancelled:
+                    self._remember(seq, kv)
+                    events.extend(self._first_token(seq, logits[0]))
+                    done.append(([seq], kv))
+        if cache is not None:
+            cache.shrink(allowance)
         loop.call_soon_threadsafe(self._deliver, events)
-        live = [i for i, s in enumerate(admit) if not (s.done or s.cancelled)]
-        if not live:
-            return None, []
-        return (kv.select(live) if len(live) < len(admit) else kv), [admit[i] for i in live]
+        pending = [s for s in work if s.partial is not None and not s.cancelled]
+        parts: list[KVState] = []
+        joined: list[Seq] = []
+        for seqs, kv in done:
+            live = [i for i, s in enumerate(seqs) if not (s.done or s.cancelled)]
+            if live:
+                parts.append(kv.select(live) if len(live) < len(seqs) else kv)
+                joined.extend(seqs[i] for i in live)
+        if not parts:
+            return None, [], pending
+        return (parts[0] if len(parts) == 1 else KVState.join(parts)), joined, pending
+
+    def _prefill_failed(self, loop: asyncio.AbstractEventLoop, seqs: list[Seq], exc: Exception) -> None:
+        err = _engine_error(exc)
+        log.error("model %s: prefill of %d sequences failed: %s", self.name, len(seqs), err)
+        loop.call_soon_threadsafe(self._deliver, _failures(seqs, err))
+
+    def _first_token(self, seq: Seq, logits: np.ndarray) -> list[tuple[Seq, Event]]:
+        if self.metrics is not None and not seq.preemptions:
+            self.metrics.prompt_tokens.labels(self.name).inc(len(seq.prompt))
+        return self._advance(seq, logits)
+
+    def _remember(self, seq: Seq, row: KVState) -> None:
+        """Offer a freshly prefilled row's whole prompt blocks to the prefix cache (before its
+        first token is sampled: the row holds the KV of ``context()`` as it is then)."""
+        if self.prefix is not None and len(seq.prompt) > self.prefix.block_tokens:
+            # The row holds context(): the prompt, then what was generated before a preemption.
+            if seq.generated:
+                row = row.columns(0, row.width - len(seq.generated))
+            self.prefix.insert(seq.prompt, row)
 
     def _advance(self, seq: Seq, logits: np.ndarray) -> list[tuple[Seq, Event]]:
         """Sample the next token of ``seq`` and say what it means for the client."""

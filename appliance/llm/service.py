@@ -42,12 +42,17 @@ class DecoderEngine(OnnxRuntimeEngine):
     the scheduler drives its ``DecoderSession`` (prefill / decode with a KV state) directly."""
 
     def __init__(self, folder: Any, *, intra_op_threads: int = 0, single_stream: Path | None = None) -> None:
+        chosen = providers(prefer_gpu=True)
+        # Under the CUDA provider the KV cache stays on the GPU between steps (OrtValue + I/O
+        # binding, edited there); on the CPU provider host NumPy arrays are the cheapest store.
+        kv_device = "cuda" if "CUDAExecutionProvider" in chosen else None
         try:
             self.session = DecoderSession(
                 folder,
                 intra_op_threads=intra_op_threads or None,
-                providers=providers(prefer_gpu=True),
+                providers=chosen,
                 single_stream=single_stream,
+                kv_device=kv_device,
             )
         except Exception as exc:  # ORT raises its own untyped errors
             raise EngineError(f"cannot load the decoder in {folder}: {exc}") from exc
