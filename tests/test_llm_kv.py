@@ -61,11 +61,26 @@ def same_bits(a: KVState, b: KVState) -> None:
         assert x.tobytes() == y.tobytes()
 
 
+def _cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not _cuda(), reason="no CUDA provider in ONNX Runtime")],
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_device_row_edits_are_bit_exact_with_the_host(dtype: Any) -> None:
-    dev = OrtKVOps(np.dtype(dtype), "cpu")
-    for ops in (HOST, dev):
-        assert ops.placement in ("host", "cpu:0")
+def test_device_row_edits_are_bit_exact_with_the_host(dtype: Any, device: str) -> None:
+    dev = OrtKVOps(np.dtype(dtype), device)
+    assert dev.placement == f"{device}:0" and HOST.placement == "host"
 
     def both(lengths: list[int], width: int, seed: int) -> tuple[KVState, KVState]:
         return state(HOST, lengths, width, dtype, seed), state(dev, lengths, width, dtype, seed)
