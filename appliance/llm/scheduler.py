@@ -1,12 +1,20 @@
 """Continuous batching for one generate model.
 
-Sequences join and leave the running batch at step boundaries. One step, on the model's worker
-thread (never on the event loop), does: drop the rows of finished, cancelled and preempted
-sequences (``KVState.select``); prefill the newcomers together and sample their first token;
-append them to the batch (``KVState.join``, so nobody else is recomputed); one decode step for
-every running row. Tokens reach each request's ``asyncio.Queue`` from the worker through
-``loop.call_soon_threadsafe`` as soon as a phase ends, so a newcomer's first token does not wait
-for the decode that follows its prefill.
+Sequences join and leave the running batch at step boundaries. A step is two engine calls on the
+model's worker thread (never on the event loop), each under a compute grant (``grant``) and each
+bounded by ``engine.timeout_ms``: (1) prefill: newcomers start from their longest cached prefix
+(``appliance.llm.prefix``), and at most ``generation.prefill_chunk_tokens`` prompt tokens are
+computed per step, so a long prompt is read over several steps; a sequence whose context is
+complete samples its first token; (2) decode: drop the rows of finished, cancelled and preempted
+sequences, append the freshly prefilled rows (``KVState.join``: nobody else is recomputed), one
+decode step for every running row. Tokens reach each request's ``asyncio.Queue`` from the worker
+through ``loop.call_soon_threadsafe`` as soon as a call ends, so a newcomer's first token does not
+wait for the decode that follows. The KV cache and its row edits are ``appliance.llm.kv``: on the
+host or on the device, the same code.
+
+The driver loop is supervised: an exception anywhere in a step fails every sequence the step
+held with an event, is logged and counted (``appliance_worker_failures_total``), and the loop is
+restarted; a call that times out fails the sequences it held.
 
 Admission has the serving core batcher's semantics and exceptions (``appliance.batcher``):
 priority levels 1..N with a bounded queue per level (``QueueFull``), a deadline while waiting
@@ -333,7 +341,8 @@ class Scheduler:
                     self._count_rejection(seq.priority, "closed")
                     self._fail(seq, BatcherClosed(f"model {self.name!r} closed"))
             if not keep_running:
-                for seq in list(self._rows) + (self._inflight.admit if self._inflight else []):
+                held = self._rows + self._prefilling + (self._inflight.admit if self._inflight else [])
+                for seq in held:
                     self._fail(seq, BatcherClosed(f"model {self.name!r} closed while generating"))
         self._wake.set()
         if self._task is not None:
