@@ -184,6 +184,21 @@ async def test_chunked_prefill_interleaves_with_decode(executor: ThreadPoolExecu
     await sch.close()
 
 
+async def test_newcomers_beyond_the_chunk_budget_wait_their_turn(executor: ThreadPoolExecutor) -> None:
+    """Several newcomers, a budget smaller than their prompts together: each is prefilled over
+    the next steps in arrival order, none is lost, every output is exact."""
+    dec = FakeDecoder()
+    policy = BatchPolicy(priority_levels=3, default_priority=2)
+    sch = Scheduler("fake", dec, executor, policy, GenerationConfig(prefill_chunk_tokens=8))
+    prompts = [[i, i + 1, i + 2, i + 3, i + 4, i + 5, i + 6, i + 7, i + 8, i + 9] for i in range(1, 6)]
+    results = await asyncio.wait_for(generate_all(sch, [seq(p, 4) for p in prompts]), 5)
+    for (text, fin), p in zip(results, prompts, strict=True):
+        assert isinstance(fin, Finished) and text == text_of(reference(p, 4))
+    assert max(dec.prefill_tokens) <= 8 and sum(dec.prefill_tokens) == 50
+    await until(lambda: sch.generation_snapshot()["prefilling"] == 0)
+    await sch.close()
+
+
 async def test_real_model_on_device_placement_with_prefix_cache_and_chunks(
     smollm_folder: Path, executor: ThreadPoolExecutor
 ) -> None:

@@ -851,11 +851,13 @@ class Scheduler:
                 pieces.append((seq, take))
         events: list[tuple[Seq, Event]] = []
         done: list[tuple[list[Seq], KVState]] = []  # groups of completed rows and their KV
+        failed: list[Seq] = []
         if whole:
             try:
                 logits, kv = self.session.prefill([s.context() for s in whole])
             except Exception as exc:
                 self._prefill_failed(loop, whole, exc)
+                failed += whole
             else:
                 for row, seq in enumerate(whole):
                     if cache is not None and not seq.cancelled:
@@ -870,18 +872,23 @@ class Scheduler:
             except Exception as exc:
                 seq.partial = None
                 self._prefill_failed(loop, [seq], exc)
+                failed.append(seq)
                 continue
             seq.partial, seq.filled = kv, seq.filled + take
             if seq.filled == len(ctx):
                 seq.partial, seq.filled = None, 0
                 if not seq.cancelled:
                     self._remember(seq, kv)
-                    events.extend(self._first_token(seq, logits[0]))
+                    # Its first token goes out now, not after the other rows of this call.
+                    loop.call_soon_threadsafe(self._deliver, self._first_token(seq, logits[0]))
                     done.append(([seq], kv))
         if cache is not None:
             cache.shrink(allowance)
         loop.call_soon_threadsafe(self._deliver, events)
-        pending = [s for s in work if s.partial is not None and not s.cancelled]
+        # Everything not finished here stays admitted: part-way through its context, or not
+        # reached by this step's budget (it keeps its reservation and goes first next step).
+        ended = {id(s) for seqs, _ in done for s in seqs} | {id(s) for s in failed}
+        pending = [s for s in work if id(s) not in ended and not s.cancelled]
         parts: list[KVState] = []
         joined: list[Seq] = []
         for seqs, kv in done:
