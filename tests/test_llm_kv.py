@@ -199,6 +199,32 @@ async def test_newcomers_beyond_the_chunk_budget_wait_their_turn(executor: Threa
     await sch.close()
 
 
+async def test_preempted_sequence_resumes_from_its_cached_prompt(executor: ThreadPoolExecutor) -> None:
+    """With the prefix cache and chunks on, an evicted sequence resumes exactly: its readmission
+    starts from its own cached prompt blocks and recomputes only the rest."""
+    dec = FakeDecoder(decode_s=0.003)
+    policy = BatchPolicy(priority_levels=3, default_priority=2)
+    config = GenerationConfig(
+        max_running=1, preemption=True, prefix_cache=True, prefix_block_tokens=4, prefill_chunk_tokens=8
+    )
+    sch = Scheduler("fake", dec, executor, policy, config)
+    prompt = [(3 * i) % 29 + 1 for i in range(18)]
+    victim = seq(prompt, 30, temperature=1.0, seed=3)
+    sch.submit(victim, priority=3)
+    await until(lambda: len(victim.generated) >= 6)
+    urgent = seq([1, 1], 3)
+    sch.submit(urgent, priority=1)
+    (vtext, vfin), (utext, _) = await asyncio.wait_for(asyncio.gather(drain(victim), drain(urgent)), 10)
+    assert isinstance(vfin, Finished) and victim.preemptions == 1
+    assert utext == text_of(reference([1, 1], 3))
+    assert sch.prefix is not None and sch.prefix.stats.hit_tokens >= 16  # its 4 whole prompt blocks
+    alone = seq(prompt, 30, temperature=1.0, seed=3)
+    sch.submit(alone)
+    atext, _ = await drain(alone)
+    assert vtext == atext and victim.generated == alone.generated
+    await sch.close()
+
+
 async def test_real_model_on_device_placement_with_prefix_cache_and_chunks(
     smollm_folder: Path, executor: ThreadPoolExecutor
 ) -> None:
