@@ -390,7 +390,7 @@ register(
         "generation.kv_cache_bytes",
         int,
         512 << 20,
-        "KV-cache budget of the running batch; each sequence reserves prompt + max_tokens tokens.",
+        "KV-cache budget: running sequences reserve prompt + max_tokens tokens; the prefix cache uses the rest.",
         1 << 20,
         1 << 40,
     ),
@@ -438,6 +438,28 @@ register(
         "Split chat answers into reasoning_content and content (deepseek-r1: <think>...</think>); "
         "auto: as the builder recognised the model's family.",
         choices=("auto", "none", "deepseek-r1"),
+    ),
+    Setting(
+        "generation.prefill_chunk_tokens",
+        int,
+        512,
+        "Prompt tokens computed per step, between decode steps of the running batch (0 = whole prompts).",
+        0,
+        1_000_000,
+    ),
+    Setting(
+        "generation.prefix_cache",
+        bool,
+        True,
+        "Reuse the KV of whole prompt blocks shared with earlier requests (within kv_cache_bytes).",
+    ),
+    Setting(
+        "generation.prefix_block_tokens",
+        int,
+        16,
+        "Tokens per prefix-cache block; only whole blocks after an identical prefix are reused.",
+        1,
+        4096,
     ),
 )
 

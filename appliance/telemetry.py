@@ -204,6 +204,27 @@ class Metrics:
         self.kv_cache_bytes = Gauge(
             "appliance_kv_cache_bytes", "Bytes held by the running batch's KV cache.", ["model"], registry=r
         )
+        self.prefix_cache_query_tokens = Counter(
+            "appliance_prefix_cache_query_tokens",
+            "Prompt tokens looked up in the prefix cache (hit rate = hit / query tokens).",
+            ["model"],
+            registry=r,
+        )
+        self.prefix_cache_hit_tokens = Counter(
+            "appliance_prefix_cache_hit_tokens",
+            "Prompt tokens whose KV came from cached blocks instead of being computed.",
+            ["model"],
+            registry=r,
+        )
+        self.prefix_cache_blocks = Gauge(
+            "appliance_prefix_cache_blocks", "Blocks held by the prefix cache.", ["model"], registry=r
+        )
+        self.prefix_cache_evictions = Counter(
+            "appliance_prefix_cache_evictions",
+            "Prefix-cache blocks evicted (least recently used first) to stay in the KV budget.",
+            ["model"],
+            registry=r,
+        )
 
         # Reliability: supervised workers, the event loop, the watchdog, model loads.
         self.worker_failures = Counter(

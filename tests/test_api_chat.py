@@ -16,6 +16,8 @@ import pytest
 from tokenizers import Tokenizer
 
 from appliance.api.common import MANAGER, METRICS, RESILIENCE
+from appliance.llm.chat_template import render_chat
+from appliance.llm.runtime import DecoderSession, greedy_generate
 from tests.conftest import ServerThread, copy_fixture, make_repository
 
 MODEL = "smollm2-135m-instruct"
@@ -526,6 +528,49 @@ def test_default_response_when_the_breaker_is_open(preempting: ServerThread) -> 
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == "The model is resting."
     finally:
         preempting.call(lambda: force("reset"))
+
+
+def test_shared_system_prompt_reuses_prefix_blocks_with_identical_output(
+    server: ServerThread, smollm_folder: Path, tokenizer: Tokenizer
+) -> None:
+    """Two requests with one system prompt and different user turns: the second reads the shared
+    blocks from the prefix cache (on by default), and both answers are the tokens of a plain greedy
+    run of the model without any cache."""
+    system = "You are the help desk of a small library. Loans last three weeks. " * 4
+    turns = ["When do I return a book?", "Can I renew a loan online?"]
+    before = snapshot(server)["prefix_cache"]
+    answers = []
+    for turn in turns:
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": turn}],
+            "max_tokens": 8,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        status, resp, _ = server.post("/v1/chat/completions", body, NO_CACHE)
+        assert status == 200, resp
+        answers.append(resp["choices"][0]["message"]["content"])
+    after = snapshot(server)["prefix_cache"]
+    block = after["block_tokens"]
+    shared = len(tokenizer.encode(f"<|im_start|>system\n{system}", add_special_tokens=False).ids)
+    assert after["hit_tokens"] - before["hit_tokens"] >= (shared // block - 1) * block
+    assert (after["hit_tokens"] - before["hit_tokens"]) % block == 0  # whole blocks, not whole prompts
+    session = DecoderSession(smollm_folder, intra_op_threads=1)
+    template = session.generation["chat_template"]
+    for turn, answer in zip(turns, answers, strict=True):
+        text = render_chat(
+            template,
+            [{"role": "system", "content": system}, {"role": "user", "content": turn}],
+            add_generation_prompt=True,
+            bos_token="<|im_start|>",
+            eos_token="<|im_end|>",
+        )
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        (plain,) = greedy_generate(session, [ids], 8)
+        assert answer == tokenizer.decode(plain)
+    _, metrics = server.get("/metrics")
+    assert f'appliance_prefix_cache_hit_tokens_total{{model="{MODEL}"}}' in metrics.decode()
 
 
 def test_generation_metrics_are_exported(server: ServerThread) -> None:

@@ -7,9 +7,10 @@ row held in its KV state, so any slip in joining, selecting or trimming rows cha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import pytest
 
 from appliance.batcher import BatchPolicy, DeadlineExceeded, InvalidPriority, QueueFull
 from appliance.engines.base import EngineError, EngineTimeout
-from appliance.llm.runtime import KVState
+from appliance.llm.kv import KVState
 from appliance.llm.sampling import (
     IncrementalDetokenizer,
     OutputProcessor,
@@ -29,6 +30,7 @@ from appliance.llm.sampling import (
     sample,
 )
 from appliance.llm.scheduler import Failed, Finished, GenerationConfig, Scheduler, Seq, Token
+from appliance.telemetry import Metrics
 
 V = 40
 
@@ -65,6 +67,7 @@ class FakeDecoder:
         self.fail_prefill: Callable[[Sequence[int]], bool] | None = None
         self.fail_decodes = 0
         self.prefill_sizes: list[int] = []
+        self.prefill_tokens: list[int] = []  # tokens computed per prefill call
         self.decode_sizes: list[int] = []
         self.prefilling = threading.Event()
 
@@ -75,13 +78,22 @@ class FakeDecoder:
             out[b, next_token(ctx)] = 1.0
         return out
 
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, KVState]:
+    def prefill(
+        self, prompts: Sequence[Sequence[int]], past: KVState | None = None
+    ) -> tuple[np.ndarray, KVState]:
         self.prefilling.set()
         time.sleep(self.prefill_s)
         self.prefilling.clear()
         if self.fail_prefill and any(self.fail_prefill(p) for p in prompts):
             raise RuntimeError("prefill exploded")
         self.prefill_sizes.append(len(prompts))
+        self.prefill_tokens.append(sum(len(p) for p in prompts))
+        if past is not None:  # the real session's contract: one row continues from its past
+            assert len(prompts) == 1 and past.batch == 1
+            col = np.asarray(prompts[0], dtype=np.float32).reshape(1, 1, -1, 1)
+            keys = np.concatenate([past.ops.to_host(past.keys[0]), col], axis=2)
+            mask = np.concatenate([past.mask, np.ones((1, len(prompts[0])), dtype=np.int64)], axis=1)
+            return self._logits(keys, mask), KVState([keys], [keys.copy()], mask)
         width = max(len(p) for p in prompts)
         keys = np.zeros((len(prompts), 1, width, 1), dtype=np.float32)
         mask = np.zeros((len(prompts), width), dtype=np.int64)
@@ -115,6 +127,7 @@ def make(
     executor: ThreadPoolExecutor,
     decoder: FakeDecoder | None = None,
     *,
+    metrics: Metrics | None = None,
     max_running: int = 8,
     kv_cache_bytes: int = 1 << 30,
     preemption: bool = False,
@@ -126,7 +139,9 @@ def make(
     policy.default_timeout_ms = timeout_ms
     config = GenerationConfig(max_running=max_running, kv_cache_bytes=kv_cache_bytes, preemption=preemption)
     tunables = (lambda: {"engine.timeout_ms": engine_timeout_ms}) if engine_timeout_ms else None
-    return Scheduler("fake", decoder or FakeDecoder(), executor, policy, config, tunables=tunables)
+    return Scheduler(
+        "fake", decoder or FakeDecoder(), executor, policy, config, tunables=tunables, metrics=metrics
+    )
 
 
 def seq(prompt: list[int], max_tokens: int = 8, eos: Sequence[int] = (), **kw: Any) -> Seq:
@@ -370,16 +385,213 @@ async def test_engine_errors_fail_only_the_affected_sequences(executor: ThreadPo
 
 async def test_a_hung_step_times_out(executor: ThreadPoolExecutor) -> None:
     dec = FakeDecoder(prefill_s=0.3)
-    sch = make(executor, dec, engine_timeout_ms=50)
+    sch = make(executor, dec, engine_timeout_ms=150)
     s = seq([1], 3)
     sch.submit(s)
     _, fin = await drain(s)
     assert isinstance(fin, Failed) and isinstance(fin.error, EngineTimeout)
     dec.prefill_s = 0.0
+    # Queued behind the hung call (still running for ~150 ms): not blamed for it.
     ok = seq([1], 3)
     sch.submit(ok)
     _, fin = await drain(ok)
     assert isinstance(fin, Finished)
+    await sch.close()
+
+
+# ---------------------------------------------------------------------------------- fault injection
+# Faults outside the engine calls (sampler, detokenizer, a MemoryError joining KV rows, the
+# driver itself) are injected with monkeypatch; each must end every admitted, running and waiting
+# sequence with a terminal event within a bound, and the scheduler must serve the next request.
+
+BOUND_S = 3.0
+
+
+class Boom(Exception):
+    pass
+
+
+class BrokenTokenizer(FakeTokenizer):
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "detokenizer broke")
+
+
+def worker_metric(metrics: Metrics, name: str) -> float | None:
+    return metrics.registry.get_sample_value(name, {"worker": "scheduler:fake"})
+
+
+async def ends(seqs: Sequence[Seq]) -> list[Finished | Failed]:
+    """Every sequence's terminal event, each within BOUND_S."""
+    results = await asyncio.wait_for(asyncio.gather(*(drain(s) for s in seqs)), BOUND_S)
+    return [fin for _, fin in results]
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode", "join", "sampler", "detokenizer"])
+async def test_a_fault_in_any_phase_ends_every_sequence(
+    executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch, phase: str
+) -> None:
+    import appliance.llm.scheduler as scheduler_module
+
+    dec = FakeDecoder(decode_s=0.002)
+    metrics = Metrics()
+    sch = make(executor, dec, max_running=2, metrics=metrics)
+    running = seq([1, 2], 200)
+    sch.submit(running)
+    await until(lambda: len(running.generated) >= 3)
+    armed = threading.Event()
+    armed.set()
+    if phase == "prefill":
+        dec.fail_prefill = lambda p: 13 in p
+    elif phase == "decode":
+        real_decode = dec.decode
+
+        def decode(next_ids: Sequence[int] | np.ndarray, state: KVState) -> np.ndarray:
+            if state.batch > 1 and armed.is_set():  # the first decode with the newcomer joined
+                armed.clear()
+                raise RuntimeError("decode exploded")
+            return real_decode(next_ids, state)
+
+        monkeypatch.setattr(dec, "decode", decode)
+    elif phase == "join":
+        real_join = KVState.join
+
+        def join(states: Sequence[KVState]) -> KVState:
+            if armed.is_set():
+                armed.clear()
+                raise MemoryError("no room to join the rows")
+            return real_join(states)
+
+        monkeypatch.setattr(KVState, "join", staticmethod(join))
+    elif phase == "sampler":
+        real_sample = scheduler_module.sample
+
+        def faulty(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+            if params.max_tokens == 13 and armed.is_set():
+                armed.clear()
+                raise Boom("sampler broke")
+            return real_sample(logits, params, rng)
+
+        monkeypatch.setattr(scheduler_module, "sample", faulty)
+
+    newcomer, waiting = seq([13], 13), seq([3], 5)
+    if phase == "detokenizer":
+        newcomer.processor = OutputProcessor.create(newcomer.params, BrokenTokenizer(), [])
+    sch.submit(newcomer)
+    sch.submit(waiting)  # max_running=2: waits for a slot
+    results = await ends([running, newcomer, waiting])
+    assert isinstance(results[1], Failed)  # the sequence the fault hit always fails
+    assert all(isinstance(r, Finished | Failed) for r in results)
+    # A fault outside the engine calls kills the driver: counted once, and it is restarted.
+    died = phase in ("join", "sampler", "detokenizer")
+    assert worker_metric(metrics, "appliance_worker_failures_total") == (1.0 if died else None)
+    monkeypatch.undo()
+    dec.fail_prefill = None
+    after = seq([4], 3)
+    sch.submit(after)
+    text, fin = await drain(after)
+    assert isinstance(fin, Finished) and text == text_of(reference([4], 3))
+    if died:
+        assert worker_metric(metrics, "appliance_worker_up") == 1.0
+    snap = sch.generation_snapshot
+    await until(lambda: snap()["running"] == 0 and snap()["waiting"] == 0 and snap()["kv_cache_bytes"] == 0)
+    await sch.close()
+
+
+async def test_a_driver_that_keeps_dying_fails_waiting_sequences(
+    executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metrics = Metrics()
+    sch = make(executor, FakeDecoder(), metrics=metrics)
+    broken = True
+    real_plan = Scheduler._plan
+
+    def plan(self: Scheduler) -> Any:
+        if broken:
+            raise Boom("planning broke")
+        return real_plan(self)
+
+    monkeypatch.setattr(Scheduler, "_plan", plan)
+    waiting = [seq([i], 3) for i in range(3)]  # no deadline: only the supervisor can end them
+    for s in waiting:
+        sch.submit(s)
+    results = await ends(waiting)
+    assert all(isinstance(r, Failed) and "planning broke" in str(r.error) for r in results)
+    assert (worker_metric(metrics, "appliance_worker_failures_total") or 0) >= 2
+    assert worker_metric(metrics, "appliance_worker_up") == 0.0
+    broken = False
+    ok = seq([5], 3)
+    sch.submit(ok)
+    (fin,) = await ends([ok])
+    assert isinstance(fin, Finished)
+    assert worker_metric(metrics, "appliance_worker_up") == 1.0
+    await sch.close()
+
+
+async def test_a_hung_engine_ends_running_admitted_and_waiting_sequences(
+    executor: ThreadPoolExecutor,
+) -> None:
+    """A decode that never returns (the worker thread is stuck): the rows it held fail at the
+    engine timeout, the next call gives up waiting for the worker, nobody hangs."""
+    release = threading.Event()
+    dec = FakeDecoder(decode_s=0.002)
+    sch = make(executor, dec, max_running=2, engine_timeout_ms=100)
+    running = seq([1, 2], 500)
+    sch.submit(running)
+    await until(lambda: len(running.generated) >= 2)
+    real_decode = dec.decode
+
+    def stuck(next_ids: Sequence[int] | np.ndarray, state: KVState) -> np.ndarray:
+        release.wait(10)
+        return real_decode(next_ids, state)
+
+    dec.decode = stuck  # type: ignore[method-assign]
+    admitted, waiting = seq([7], 5), seq([8], 5)
+    sch.submit(admitted)
+    sch.submit(waiting)
+    started = time.monotonic()
+    try:
+        results = await ends([running, admitted, waiting])
+        assert all(isinstance(r, Failed) and isinstance(r.error, EngineTimeout) for r in results)
+        # Each engine call is bounded: timeout for a call, twice it waiting for a busy worker.
+        assert time.monotonic() - started < 1.5
+    finally:
+        release.set()
+    dec.decode = real_decode  # type: ignore[method-assign]
+    ok = seq([4], 3)
+    sch.submit(ok)
+    text, fin = await drain(ok)
+    assert isinstance(fin, Finished) and text == text_of(reference([4], 3))
+    await sch.close()
+
+
+async def test_every_engine_call_takes_a_grant_at_its_most_urgent_level(
+    executor: ThreadPoolExecutor,
+) -> None:
+    levels: list[int] = []
+    held = 0
+
+    @contextlib.asynccontextmanager
+    async def grant(level: int) -> AsyncIterator[None]:
+        nonlocal held
+        levels.append(level)
+        held += 1
+        try:
+            yield
+        finally:
+            held -= 1
+
+    dec = FakeDecoder(decode_s=0.01)
+    policy = BatchPolicy(priority_levels=3, default_priority=2)
+    sch = Scheduler("fake", dec, executor, policy, GenerationConfig(), grant=grant)
+    low = seq([1], 6)
+    sch.submit(low, priority=3)
+    await until(lambda: len(low.generated) >= 2)
+    high = seq([2], 3)
+    sch.submit(high, priority=1)
+    await asyncio.gather(drain(low), drain(high))
+    assert levels[0] == 3  # the low request's prefill
+    assert 1 in levels  # the high one's prefill, and the decode calls it shares with the low one
+    assert len(levels) == len(dec.prefill_sizes) + len(dec.decode_sizes) and held == 0
     await sch.close()
 
 

@@ -249,3 +249,62 @@ def test_an_unbuilt_model_is_a_503_with_retry_after(
         doc = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["x"]}]}
         status, _, headers = srv.post("/v2/models/not-built/infer", doc)
     assert status == 503 and int(headers["Retry-After"]) >= 1
+
+
+def test_a_priority_1_embedding_overtakes_priority_3_decode_steps(
+    start_server, minilm_folder: Path, smollm_folder: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Both models share the compute arbiter. The test holds the one grant itself (standing in
+    for the step running when the embedding arrives) while a priority-3 generation's next decode
+    step waits; then a priority-1 embedding arrives, later than that step. When the grant is
+    released, the embedding goes first. A spy around the arbiter's real metrics observer records
+    the order of grants."""
+    chat = "smollm2-135m-instruct"
+    srv = start_server(
+        {MODEL: minilm_folder, chat: smollm_folder}, overrides={MODEL: {"cache": {"enabled": False}}}
+    )
+    arbiter = srv.app[MANAGER].arbiter
+    grants: list[tuple[str, int]] = []
+    real = arbiter.observer
+
+    class Spy:
+        def on_grant(self, model: str, priority: int, waited_s: float) -> None:
+            grants.append((model, priority))
+            real.on_grant(model, priority, waited_s)
+
+        def on_waiting(self, priority: int, count: int) -> None:
+            real.on_waiting(priority, count)
+
+        def on_running(self, count: int) -> None:
+            real.on_running(count)
+
+    srv.call(lambda: setattr(arbiter, "observer", Spy()))
+    body = {
+        "model": chat,
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": 200,
+        "ignore_eos": True,
+        "priority": 3,
+    }
+    generation = threading.Thread(
+        target=lambda: srv.post("/v1/chat/completions", body, {"Cache-Control": "no-store"})
+    )
+    generation.start()
+    deadline = time.monotonic() + 60
+    while sum(1 for g in grants if g[0] == chat) < 3:  # decoding steadily
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    srv.call(lambda: arbiter.acquire("test", 1))  # now the test holds the one grant
+    while srv.call(lambda: arbiter.snapshot()["waiting"]) != {3: 1}:  # the next decode step waits
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    urgent = threading.Thread(target=lambda: embed(srv, {"input": "urgent question", "priority": 1}))
+    urgent.start()
+    while srv.call(lambda: arbiter.snapshot()["waiting"]) != {1: 1, 3: 1}:  # and now the embedding
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    mark = len(grants)
+    srv.call(arbiter.release)
+    urgent.join(60)
+    assert grants[mark] == (MODEL, 1), grants[mark:]  # ahead of the step that waited longer
+    generation.join(120)

@@ -358,7 +358,17 @@ def generation_lines(stats: Mapping[str, Any]) -> list[Text]:
         if lines:
             out.append(Text(str(name), style="bold"))
             out.extend(lines[:4])
+        prefix = gen.get("prefix_cache") if isinstance(gen, Mapping) else None
+        if isinstance(prefix, Mapping):
+            out.append(prefix_cache_line(prefix))
     return out
+
+
+def prefix_cache_line(p: Mapping[str, Any]) -> Text:
+    """The prefix cache of one model: token hit rate, blocks held, evictions."""
+    rate = p.get("hit_rate")
+    shown = "–" if not isinstance(rate, int | float) else f"{rate * 100:.0f}%"
+    return _kv("prefix cache", f"hit {shown} · {p.get('blocks', 0)} blocks · {p.get('evictions', 0)} evicted")
 
 
 class Graph(Widget):

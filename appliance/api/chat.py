@@ -170,7 +170,10 @@ class _Started:
             if self.closed:
                 raise StopAsyncIteration
             self.stream = self.work.service.start(
-                prepared, priority=self.ticket.level, timeout_ms=self.ticket.timeout_ms()
+                prepared,
+                priority=self.ticket.level,
+                timeout_ms=self.ticket.timeout_ms(),
+                reservation=self.ticket.reservation,
             )
         return await self.stream.__anext__()
 

@@ -1,74 +1,25 @@
-"""A minimal ONNX Runtime driver for graphs written by ``builder.build_decoder``.
+"""A minimal ONNX Runtime driver for graphs written by ``appliance.build.decoder``.
 
-Batches are left-padded: every row's tokens form a contiguous run that ends at the last column,
-so one new column per decode step serves all rows, and positions are ``cumsum(mask) - 1``.
-``KVState`` keeps that invariant under the edits a continuous-batching scheduler needs: drop
-rows (``select``), add separately prefilled rows (``join``, which left-pads the narrower side),
-and drop columns that became padding in every row (``trim``). None of these recomputes anything.
+Batches are left-padded: every row's tokens end at the last column, so one new column per decode
+step serves all rows, and a row's next position is the number of real tokens it holds. The KV
+cache is an ``appliance.llm.kv.KVState`` on the session's placement: NumPy arrays on the host, or
+``OrtValue`` tensors that stay on the device between steps (I/O binding: the past is bound as
+device tensors, the presents are bound to the device, only ids, positions, mask and logits cross).
+``prefill`` may continue from a past (a prefix-cache hit, the previous chunk of a chunked
+prefill): the graph takes P cached and S new tokens with the causal mask offset by P.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-
-@dataclass
-class KVState:
-    """Per-layer K/V [B, kv_heads, T, head_dim] and the mask [B, T] that says which are real."""
-
-    keys: list[np.ndarray]
-    values: list[np.ndarray]
-    mask: np.ndarray  # int64, rows of the form 0..0 1..1
-
-    @property
-    def batch(self) -> int:
-        return int(self.mask.shape[0])
-
-    @property
-    def width(self) -> int:
-        return int(self.mask.shape[1])
-
-    def lengths(self) -> np.ndarray:
-        """Tokens held per row, which is also the position of each row's next token."""
-        return np.asarray(self.mask.sum(axis=1))
-
-    def select(self, rows: Sequence[int]) -> KVState:
-        """The given rows in the given order (e.g. without finished sequences), trimmed."""
-        idx = np.asarray(rows, dtype=np.int64)
-        return KVState([k[idx] for k in self.keys], [v[idx] for v in self.values], self.mask[idx]).trim()
-
-    def trim(self) -> KVState:
-        """Drop leading columns that are padding in every row."""
-        drop = self.width - int(self.lengths().max(initial=0))
-        if drop <= 0:
-            return self
-        return KVState(
-            [k[:, :, drop:] for k in self.keys], [v[:, :, drop:] for v in self.values], self.mask[:, drop:]
-        )
-
-    @staticmethod
-    def join(states: Sequence[KVState]) -> KVState:
-        """Stack batches row-wise, left-padding narrower ones so all stay aligned at the right."""
-        width = max(s.width for s in states)
-
-        def pad(a: np.ndarray, axis: int) -> np.ndarray:
-            widths = [(0, 0)] * a.ndim
-            widths[axis] = (width - a.shape[axis], 0)
-            return np.pad(a, widths)
-
-        layers = range(len(states[0].keys))
-        return KVState(
-            [np.concatenate([pad(s.keys[i], 2) for s in states]) for i in layers],
-            [np.concatenate([pad(s.values[i], 2) for s in states]) for i in layers],
-            np.concatenate([pad(s.mask, 1) for s in states]),
-        )
+from appliance.llm.kv import HOST, KVOps, KVState, OrtKVOps, empty_state
 
 
 class DecoderSession:
@@ -81,8 +32,13 @@ class DecoderSession:
         intra_op_threads: int | None = None,
         providers: Sequence[str] | None = None,
         single_stream: str | Path | None = None,
+        kv_device: str | None = None,
     ) -> None:
-        """``single_stream``: the folder of a 4-bit build of the same weights (same inputs and
+        """``kv_device``: None keeps the KV cache in host NumPy arrays; "cuda" (or "cpu", which CI
+        uses to run the device code path with host placement) keeps it in ``OrtValue`` tensors on
+        that device, edited there by ``OrtKVOps``.
+
+        ``single_stream``: the folder of a 4-bit build of the same weights (same inputs and
         outputs, logits within 2e-4): a batch of one decodes there, where it is 1.4x faster; larger
         batches and prefill stay on the float graph, which is faster for them."""
         self.model_dir = model_dir = Path(model_dir)
@@ -99,8 +55,9 @@ class DecoderSession:
         self.session = ort.InferenceSession(
             str(model_dir / "model.onnx"), options, providers=list(providers or ["CPUExecutionProvider"])
         )
+        self.kv: KVOps = HOST if kv_device is None else OrtKVOps(self.kv_dtype, kv_device)
         self.single: ort.InferenceSession | None = None
-        if single_stream is not None:
+        if single_stream is not None and kv_device is None:
             self.single = ort.InferenceSession(
                 str(Path(single_stream) / "model.onnx"), options, providers=["CPUExecutionProvider"]
             )
@@ -115,19 +72,63 @@ class DecoderSession:
     ) -> tuple[np.ndarray, KVState]:
         if int(positions.max(initial=0)) >= self.context_length:
             raise ValueError(f"sequence exceeds the model context of {self.context_length} tokens")
+        sess = session or self.session
+        if isinstance(self.kv, OrtKVOps):
+            return self._run_bound(sess, ids, positions, mask, past, self.kv)
         feeds: dict[str, np.ndarray] = {"input_ids": ids, "position_ids": positions, "attention_mask": mask}
         for i in range(self.layers):
             feeds[f"past_key_values.{i}.key"] = past.keys[i]
             feeds[f"past_key_values.{i}.value"] = past.values[i]
-        out = (session or self.session).run(None, feeds)
+        out = sess.run(None, feeds)
         # Outputs follow the graph order: logits, then present.{i}.key / .value per layer.
         return out[0], KVState(list(out[1::2]), list(out[2::2]), mask)
 
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, KVState]:
-        """Run whole prompts (left-padded into one batch). Returns the last-position logits [B, vocab]
-        as float32 and the KV state to continue from."""
+    def _run_bound(
+        self,
+        sess: ort.InferenceSession,
+        ids: np.ndarray,
+        positions: np.ndarray,
+        mask: np.ndarray,
+        past: KVState,
+        ops: OrtKVOps,
+    ) -> tuple[np.ndarray, KVState]:
+        """One run with the KV cache bound on the device: logits come back to the host, the
+        presents stay where the past was."""
+        io = sess.io_binding()
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("position_ids", positions)
+        io.bind_cpu_input("attention_mask", mask)
+        for i in range(self.layers):
+            io.bind_ortvalue_input(f"past_key_values.{i}.key", past.keys[i])
+            io.bind_ortvalue_input(f"past_key_values.{i}.value", past.values[i])
+        io.bind_output("logits", "cpu")
+        for i in range(self.layers):
+            io.bind_output(f"present.{i}.key", ops.device, ops.device_id)
+            io.bind_output(f"present.{i}.value", ops.device, ops.device_id)
+        sess.run_with_iobinding(io)
+        out = io.get_outputs()
+        return out[0].numpy(), KVState(list(out[1::2]), list(out[2::2]), mask, ops)
+
+    def empty(self, batch: int) -> KVState:
+        return empty_state(self.kv, self.layers, batch, self.kv_heads, self.head_dim, self.kv_dtype)
+
+    def prefill(
+        self, prompts: Sequence[Sequence[int]], past: KVState | None = None
+    ) -> tuple[np.ndarray, KVState]:
+        """Run whole prompts (left-padded into one batch), or, with ``past``, one row's next
+        tokens after what ``past`` holds. Returns the last-position logits [B, vocab] as float32
+        and the KV state to continue from."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prefill needs at least one prompt and no empty prompt")
+        if past is not None and past.width:
+            if len(prompts) != 1 or past.batch != 1:
+                raise ValueError("a prefill that continues from a past takes one row")
+            new = np.asarray(prompts[0], dtype=np.int64).reshape(1, -1)
+            start = int(past.lengths()[0])
+            positions = np.arange(start, start + new.shape[1], dtype=np.int64).reshape(1, -1)
+            mask = np.concatenate([past.mask, np.ones_like(new)], axis=1)
+            logits, state = self._run(new, positions, mask, past)
+            return logits[:, -1, :], state
         width = max(len(p) for p in prompts)
         ids = np.full((len(prompts), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(prompts), width), dtype=np.int64)
@@ -135,10 +136,7 @@ class DecoderSession:
             ids[row, width - len(prompt) :] = prompt
             mask[row, width - len(prompt) :] = 1
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-        empty = np.zeros((len(prompts), self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
-        logits, state = self._run(
-            ids, positions, mask, KVState([empty] * self.layers, [empty] * self.layers, mask)
-        )
+        logits, state = self._run(ids, positions, mask, self.empty(len(prompts)))
         return logits[:, -1, :], state
 
     def decode(self, next_ids: Sequence[int] | np.ndarray, state: KVState) -> np.ndarray:

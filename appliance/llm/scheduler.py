@@ -1,12 +1,20 @@
 """Continuous batching for one generate model.
 
-Sequences join and leave the running batch at step boundaries. One step, on the model's worker
-thread (never on the event loop), does: drop the rows of finished, cancelled and preempted
-sequences (``KVState.select``); prefill the newcomers together and sample their first token;
-append them to the batch (``KVState.join``, so nobody else is recomputed); one decode step for
-every running row. Tokens reach each request's ``asyncio.Queue`` from the worker through
-``loop.call_soon_threadsafe`` as soon as a phase ends, so a newcomer's first token does not wait
-for the decode that follows its prefill.
+Sequences join and leave the running batch at step boundaries. A step is two engine calls on the
+model's worker thread (never on the event loop), each under a compute grant (``grant``) and each
+bounded by ``engine.timeout_ms``: (1) prefill: newcomers start from their longest cached prefix
+(``appliance.llm.prefix``), and at most ``generation.prefill_chunk_tokens`` prompt tokens are
+computed per step, so a long prompt is read over several steps; a sequence whose context is
+complete samples its first token; (2) decode: drop the rows of finished, cancelled and preempted
+sequences, append the freshly prefilled rows (``KVState.join``: nobody else is recomputed), one
+decode step for every running row. Tokens reach each request's ``asyncio.Queue`` from the worker
+through ``loop.call_soon_threadsafe`` as soon as a call ends, so a newcomer's first token does not
+wait for the decode that follows. The KV cache and its row edits are ``appliance.llm.kv``: on the
+host or on the device, the same code.
+
+The driver loop is supervised: an exception anywhere in a step fails every sequence the step
+held with an event, is logged and counted (``appliance_worker_failures_total``), and the loop is
+restarted; a call that times out fails the sequences it held.
 
 Admission has the serving core batcher's semantics and exceptions (``appliance.batcher``):
 priority levels 1..N with a bounded queue per level (``QueueFull``), a deadline while waiting
@@ -38,28 +46,33 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
-from contextlib import AbstractContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from appliance.batcher import (
+from appliance.admission import (
     REJECT_REASONS,
     AdmissionError,
     BatcherClosed,
     BatchPolicy,
     DeadlineExceeded,
+    EarlyAdmission,
     InvalidPriority,
     QueueFull,
+    Reservation,
     WouldMissDeadline,
 )
 from appliance.engines.base import EngineError, EngineOutOfMemory, EngineTimeout
-from appliance.llm.runtime import KVState
+from appliance.llm.kv import KVState
+from appliance.llm.prefix import PrefixCache, PrefixStats
 from appliance.llm.sampling import OutputProcessor, SamplingParams, make_rng, sample
 from appliance.telemetry import Metrics
 
 log = logging.getLogger(__name__)
+
+_R = TypeVar("_R")
 
 
 _EWMA_ALPHA = 0.2
@@ -74,6 +87,9 @@ class GenerationConfig:
     max_tokens_limit: int = 4096
     preemption: bool = False
     max_prefill_tokens: int = 4096
+    prefill_chunk_tokens: int = 0  # 0: a prompt is prefilled whole in one step
+    prefix_cache: bool = False
+    prefix_block_tokens: int = 16
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> GenerationConfig:
@@ -84,6 +100,9 @@ class GenerationConfig:
             max_tokens_limit=int(values["generation.max_tokens_limit"]),
             preemption=bool(values["generation.preemption"]),
             max_prefill_tokens=int(values["generation.max_prefill_tokens"]),
+            prefill_chunk_tokens=int(values["generation.prefill_chunk_tokens"]),
+            prefix_cache=bool(values["generation.prefix_cache"]),
+            prefix_block_tokens=int(values["generation.prefix_block_tokens"]),
         )
 
 
@@ -95,7 +114,11 @@ class Decoder(Protocol):
     head_dim: int
     kv_dtype: np.dtype
 
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, KVState]: ...
+    def prefill(
+        self, prompts: Sequence[Sequence[int]], past: KVState | None = None
+    ) -> tuple[np.ndarray, KVState]:
+        """Whole prompts as one left-padded batch, or with ``past`` one row's next tokens."""
+        ...
 
     def decode(self, next_ids: Sequence[int] | np.ndarray, state: KVState) -> np.ndarray: ...
 
@@ -152,6 +175,9 @@ class Seq:
     done: bool = False  # worker: finished; no more tokens
     closed: bool = False  # loop: a terminal event was delivered
     preemptions: int = 0
+    partial: KVState | None = None  # worker: one row of KV for context()[:filled] while prefilling
+    filled: int = 0  # worker: context tokens whose KV is held (prefix-cache hit, earlier chunks)
+    prefix_checked: bool = False  # worker: the prefix cache was consulted for this admission
 
     def __post_init__(self) -> None:
         self.rng = make_rng(self.params.seed)
@@ -172,7 +198,7 @@ class _Plan:
     admit: list[Seq]  # newcomers to prefill
 
 
-class Scheduler:
+class Scheduler(EarlyAdmission):
     """The continuous-batching scheduler of one generate model.
 
     It sits in ``ModelRuntime.batcher``: ``policy`` (settable), ``close(drain=...)`` and
@@ -190,13 +216,18 @@ class Scheduler:
         metrics: Metrics | None = None,
         tunables: Callable[[], Mapping[str, Any]] | None = None,
         progress: Callable[[float], AbstractContextManager[Any]] | None = None,
+        grant: Callable[[int], AbstractAsyncContextManager[Any]] | None = None,
     ) -> None:
+        """``grant(level)``: the compute arbiter's permit for one engine call whose most urgent row
+        has priority ``level``; held around the call, awaited on the event loop. None: no
+        arbitration."""
         self.name = name
         self.session = session
         self.executor = executor
         self.config = config or GenerationConfig()
         self._tunables = tunables
         self._progress = progress
+        self._grant = grant
         self.metrics = metrics
         self.bytes_per_token = (
             session.layers * 2 * session.kv_heads * session.head_dim * np.dtype(session.kv_dtype).itemsize
@@ -207,7 +238,12 @@ class Scheduler:
         self._order = itertools.count()
         self._rows: list[Seq] = []  # batch order of the KV rows
         self._kv: KVState | None = None
-        self._inflight: _Plan | None = None
+        self._inflight: _Plan | None = None  # the step the driver is running
+        self._prefilling: list[Seq] = []  # admitted, their prompt not yet wholly prefilled
+        self.prefix: PrefixCache | None = None
+        self._published = PrefixStats()  # prefix-cache counts already added to the metrics
+        self._configure_prefix()
+        self._last_crash_steps = -1
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -215,7 +251,10 @@ class Scheduler:
         self._tok_rate: float | None = None  # EWMA generated tokens per second of the batch
         self._recent: deque[int] = deque(maxlen=64)
         self._rejections = dict.fromkeys(REJECT_REASONS, 0)
-        self._counts = dict.fromkeys(("completed", "cancelled", "preempted", "failed", "steps"), 0)
+        self._reserved: dict[int, int] = {}  # level -> places held by early admissions
+        self._counts = dict.fromkeys(
+            ("completed", "cancelled", "preempted", "failed", "steps", "driver_failures"), 0
+        )
 
     # ---- settings --------------------------------------------------------------------------
 
@@ -230,15 +269,44 @@ class Scheduler:
         self._relevel(policy.priority_levels)
         if self._tunables is not None:
             self.config = GenerationConfig.from_values(self._tunables())
+            self._configure_prefix()
         self._wake.set()
+
+    def _configure_prefix(self) -> None:
+        cfg = self.config
+        if not cfg.prefix_cache:
+            if self.prefix is not None:
+                self.prefix.clear()
+            self.prefix = None
+        elif self.prefix is None or self.prefix.block_tokens != cfg.prefix_block_tokens:
+            self.prefix = PrefixCache(cfg.prefix_block_tokens)
 
     def kv_bytes(self, tokens: int) -> int:
         return tokens * self.bytes_per_token
 
     # ---- public API -------------------------------------------------------------------------
 
-    def submit(self, seq: Seq, *, priority: int | None = None, timeout_ms: float | None = None) -> None:
-        """Queue ``seq`` or raise an AdmissionError; its events arrive on ``seq.events``."""
+    def queued(self, level: int) -> int:
+        return len(self._queues[level - 1]) if 1 <= level <= len(self._queues) else 0
+
+    def retry_hint(self, level: int) -> float:
+        return max(self._predicted_wait(level, assume=True), 0.001)
+
+    def predicted_wait(self, level: int) -> float | None:
+        # Without an observed sequence time any prediction is a guess; refusing on a guess is worse.
+        return None if self._seq_s is None else self._predicted_wait(level)
+
+    def submit(
+        self,
+        seq: Seq,
+        *,
+        priority: int | None = None,
+        timeout_ms: float | None = None,
+        reservation: Reservation | None = None,
+    ) -> None:
+        """Queue ``seq`` or raise an AdmissionError; its events arrive on ``seq.events``. A
+        ``reservation`` from early admission holds its place: it was judged already."""
+        held = reservation is not None and reservation.take()
         policy = self._policy
         self._relevel(policy.priority_levels)
         level = policy.default_priority if priority is None else priority
@@ -251,12 +319,12 @@ class Scheduler:
             raise self._refuse(BatcherClosed(f"model {self.name!r} is closed", priority=level))
         queue = self._queues[level - 1]
         limit = policy.queue_limit(level)
-        if limit and len(queue) >= limit:
+        if not held and limit and len(queue) + self.held(level) >= limit:
             wait = max(self._predicted_wait(level, assume=True), 0.001)
             msg = f"queue for priority {level} of {self.name!r} is full ({limit} waiting)"
             raise self._refuse(QueueFull(msg, retry_after_s=wait, priority=level))
         # Without an observed sequence time any prediction is a guess; refusing on a guess is worse.
-        if timeout_s and self._seq_s is not None:
+        if not held and timeout_s and self._seq_s is not None:
             wait = self._predicted_wait(level)
             if wait > timeout_s:
                 msg = f"predicted wait {wait * 1000:.0f} ms exceeds the {timeout_s * 1000:.0f} ms timeout"
@@ -270,7 +338,7 @@ class Scheduler:
         queue.append(seq)
         self._queue_changed(level)
         if self._task is None or self._task.done():
-            self._task = loop.create_task(self._drive(), name=f"scheduler:{self.name}")
+            self._task = loop.create_task(self._supervise(), name=f"scheduler:{self.name}")
         self._wake.set()
 
     def cancel(self, seq: Seq) -> None:
@@ -298,7 +366,8 @@ class Scheduler:
                     self._count_rejection(seq.priority, "closed")
                     self._fail(seq, BatcherClosed(f"model {self.name!r} closed"))
             if not keep_running:
-                for seq in list(self._rows) + (self._inflight.admit if self._inflight else []):
+                held = self._rows + self._prefilling + (self._inflight.admit if self._inflight else [])
+                for seq in held:
                     self._fail(seq, BatcherClosed(f"model {self.name!r} closed while generating"))
         self._wake.set()
         if self._task is not None:
@@ -333,14 +402,31 @@ class Scheduler:
         return {
             "running": len(running),
             "waiting": sum(len(q) for q in self._queues),
-            "prefilling": len(self._inflight.admit) if self._inflight else 0,
+            "prefilling": len(self._prefilling) + (len(self._inflight.admit) if self._inflight else 0),
             "max_running": self.config.max_running,
             "kv_cache_bytes": self._kv_used(),
             "kv_reserved_bytes": self._charge(running),
             "kv_budget_bytes": self.config.kv_cache_bytes,
             "tokens_per_s": self._tok_rate,
             "preemption": self.config.preemption,
+            "prefill_chunk_tokens": self.config.prefill_chunk_tokens,
+            "prefix_cache": self._prefix_snapshot(),
             **self._counts,
+        }
+
+    def _prefix_snapshot(self) -> dict[str, Any] | None:
+        cache = self.prefix
+        if cache is None:
+            return None
+        st = cache.stats
+        return {
+            "blocks": len(cache),
+            "bytes": cache.nbytes,
+            "block_tokens": cache.block_tokens,
+            "query_tokens": st.query_tokens,
+            "hit_tokens": st.hit_tokens,
+            "hit_rate": st.hit_tokens / st.query_tokens if st.query_tokens else None,
+            "evictions": st.evictions,
         }
 
     # ---- admission --------------------------------------------------------------------------
@@ -440,12 +526,14 @@ class Scheduler:
 
     def _plan(self) -> _Plan | None:
         keep = self._active()
+        self._prefilling = [s for s in self._prefilling if not s.cancelled]
+        held = self._prefilling  # admitted earlier, still prefilling: they hold their reservation
         admit: list[Seq] = []
         evicted: list[Seq] = []  # requeued by this plan: not candidates again until the next
         for cand in list(self._candidates()):
             if any(cand is v for v in evicted):
                 continue
-            group = keep + admit + [cand]
+            group = keep + held + admit + [cand]
             if admit:
                 width = max(len(s.context()) for s in [*admit, cand])
                 if (len(admit) + 1) * width > self.config.max_prefill_tokens:
@@ -453,7 +541,7 @@ class Scheduler:
             if self._fits(group):
                 admit.append(cand)
                 continue
-            victims = self._victims(keep, admit, cand) if self.config.preemption else None
+            victims = self._victims(keep, held + admit, cand) if self.config.preemption else None
             if victims is None:
                 break  # strict order: nobody overtakes a waiting request that does not fit yet
             for v in victims:
@@ -469,7 +557,9 @@ class Scheduler:
                     self.metrics.generation_queue_duration.labels(self.name).observe(
                         seq.admitted_at - seq.arrival
                     )
-        if not keep and not admit:
+        if self.prefix is not None:  # the cache lives in what the batch's reservations leave
+            self.prefix.shrink(self.config.kv_cache_bytes - self._charge(keep + held + admit))
+        if not keep and not admit and not held:
             self._rows, self._kv = [], None
             self._set_gauges()
             return None
@@ -499,52 +589,102 @@ class Scheduler:
 
     # ---- the driver (event loop) -----------------------------------------------------------
 
+    async def _supervise(self) -> None:
+        """Run the driver; if it dies, fail what it held (every such sequence gets an event), count
+        and log the death once, and start it again. A driver that keeps dying without completing a
+        step fails the waiting sequences too, so nobody waits on a loop that cannot make progress."""
+        worker = f"scheduler:{self.name}"
+        m = self.metrics
+        failures = 0
+        while True:
+            if m is not None:
+                m.worker_up.labels(worker).set(1)
+            try:
+                await self._drive()
+                return
+            except asyncio.CancelledError:
+                self._abort(BatcherClosed(f"model {self.name!r} stopped"), waiting=True)
+                raise
+            except Exception as exc:
+                failures += 1
+                self._counts["driver_failures"] += 1
+                log.exception("model %s: the scheduler loop died (restart %d)", self.name, failures)
+                if m is not None:
+                    m.worker_failures.labels(worker).inc()
+                    m.worker_up.labels(worker).set(0)
+                err = EngineError(f"scheduler error: {type(exc).__name__}: {exc}")
+                steps = self._counts["steps"]
+                self._abort(err, waiting=failures > 1 and steps == self._last_crash_steps)
+                self._last_crash_steps = steps
+                # Back off a little so a persistent bug does not spin the loop at 100 %.
+                await asyncio.sleep(min(0.01 * 2 ** min(failures, 7), 1.0))
+
+    def _abort(self, error: Exception, *, waiting: bool) -> None:
+        """Fail every sequence the driver holds (running rows, the step in flight, prefilling), and
+        with ``waiting`` the queued ones as well; the KV state goes with them."""
+        held = list(self._rows) + list(self._prefilling)
+        if self._inflight is not None:
+            held += self._inflight.keep + self._inflight.admit
+        for seq in held:
+            self._fail(seq, error)
+        if waiting:
+            for queue in self._queues:
+                for seq in list(queue):
+                    self._discard(seq)
+                    self._fail(seq, error)
+        for seq in held:
+            seq.partial = None
+        self._rows, self._kv, self._inflight, self._prefilling = [], None, None, []
+        self._set_gauges()
+
     async def _drive(self) -> None:
         while True:
-            try:
-                plan = self._plan()
-                if plan is None:
-                    if self._closed and not any(self._queues):
-                        return
-                    self._wake.clear()
-                    await self._wake.wait()
-                    continue
-                await self._step(plan)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a bug here must not leave requests hanging forever
-                log.exception("model %s: scheduler step failed", self.name)
-                for seq in self._rows + (self._inflight.admit if self._inflight else []):
-                    self._fail(seq, EngineError(f"scheduler error: {type(exc).__name__}: {exc}"))
-                self._rows, self._kv, self._inflight = [], None, None
+            plan = self._plan()
+            if plan is None:
+                if self._closed and not any(self._queues):
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            self._inflight = plan
+            await self._step(plan)
+            self._inflight = None
 
     async def _step(self, plan: _Plan) -> None:
-        loop = asyncio.get_running_loop()
+        """Two engine calls: prefill the newcomers (sampling their first tokens), then join them
+        and decode every running row. Each call takes a compute grant and is bounded (see
+        ``_engine_call``); a call that times out fails the sequences it held."""
         for seq in plan.admit:
             seq.evicted = False
-        self._inflight = plan
-        began: asyncio.Future[None] = loop.create_future()
-        fut = loop.run_in_executor(self.executor, self._execute, loop, began, self._kv, self._rows, plan)
-        timeout_ms = float(self._tunables()["engine.timeout_ms"]) if self._tunables else 0.0
+            seq.partial, seq.filled, seq.prefix_checked = None, 0, False
         started = time.monotonic()
-        try:
-            if timeout_ms > 0:
-                # The clock starts when the worker does: a step queued behind a hung one is not
-                # blamed for it (it waits, as a batch waits for a busy engine instance).
-                either: list[asyncio.Future[Any]] = [began, fut]
-                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-                kv, rows = await asyncio.wait_for(asyncio.shield(fut), timeout_ms / 1000)
-            else:
-                kv, rows = await fut
-        except asyncio.TimeoutError:  # wait_for raises this, not TimeoutError, on Python 3.10
-            # The worker cannot be stopped; its late results are dropped (every sequence it held
-            # is failed and marked closed), and the next step queues behind it on the executor.
-            err = EngineTimeout(f"a generation step ran past {timeout_ms:.0f} ms")
-            for seq in plan.keep + plan.admit:
-                self._fail(seq, err)
+        kv, rows = self._kv, self._rows
+        work = [s for s in self._prefilling + plan.admit if not s.cancelled]
+        new: tuple[KVState | None, list[Seq]] = (None, [])
+        if work:
+            allowance = self.config.kv_cache_bytes - self._charge(plan.keep + work)
+            try:
+                new_kv, joined, pending = await self._engine_call(
+                    _level(work), self._prefill, work, allowance
+                )
+                new, self._prefilling = (new_kv, joined), pending
+            except EngineTimeout as err:
+                for seq in work:
+                    seq.partial = None
+                    self._fail(seq, err)
+                self._prefilling = []
+        keep = [s for s in plan.keep if not s.cancelled]
+        if keep or new[1]:
+            try:
+                kv, rows = await self._engine_call(
+                    _level(keep + new[1]), self._decode, kv, rows, keep, new[0], new[1]
+                )
+            except EngineTimeout as err:
+                for seq in keep + new[1]:
+                    self._fail(seq, err)
+                kv, rows = None, []
+        else:
             kv, rows = None, []
-        finally:
-            self._inflight = None
         elapsed = time.monotonic() - started
         self._kv, self._rows = kv, rows
         self._counts["steps"] += 1
@@ -556,17 +696,61 @@ class Scheduler:
                 self.metrics.batch_size.labels(self.name).observe(len(rows))
         self._set_gauges()
 
+    async def _engine_call(self, level: int, fn: Callable[..., _R], *args: Any) -> _R:
+        """Run ``fn(loop, *args)`` on the model's worker under a compute grant for ``level``.
+
+        With ``engine.timeout_ms`` set, three waits are bounded: the grant and the call itself by
+        it, the worker starting (it may still be busy with an earlier call that hung) by twice it. The
+        clock of the call starts when the worker does, so a call queued behind another is not blamed
+        for it. A call given up on is marked abandoned: if it has not started it never runs, and if
+        it hung its late result is dropped. Raises EngineTimeout."""
+        loop = asyncio.get_running_loop()
+        timeout_ms = float(self._tunables()["engine.timeout_ms"]) if self._tunables else 0.0
+        limit = timeout_ms / 1000 if timeout_ms > 0 else None
+        async with contextlib.AsyncExitStack() as stack:
+            if self._grant is not None:
+                try:
+                    await asyncio.wait_for(stack.enter_async_context(self._grant(level)), limit)
+                except asyncio.TimeoutError:
+                    raise EngineTimeout(f"no compute grant within {timeout_ms:.0f} ms") from None
+            job = _Job()
+            began: asyncio.Future[None] = loop.create_future()
+            fut: asyncio.Future[_R] = loop.run_in_executor(
+                self.executor, self._in_worker, loop, began, job, fn, args
+            )
+            if limit is None:
+                return await fut
+            # The worker may be finishing a call that hung (it cannot be stopped): wait for it as
+            # long as the watchdog would before calling the engine hung, then give up.
+            either: list[asyncio.Future[Any]] = [began, fut]
+            await asyncio.wait(either, timeout=2 * limit, return_when=asyncio.FIRST_COMPLETED)
+            if not began.done():
+                job.abandoned = True
+                raise EngineTimeout(f"the engine worker stayed busy past {2 * timeout_ms:.0f} ms")
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), limit)
+            except asyncio.TimeoutError:
+                job.abandoned = True
+                raise EngineTimeout(f"a generation step ran past {timeout_ms:.0f} ms") from None
+        raise AssertionError("unreachable")  # for mypy: the stack never swallows an exception
+
     def _set_gauges(self) -> None:
-        if self.metrics is None:
+        m = self.metrics
+        if m is None:
             return
-        self.metrics.running_sequences.labels(self.name).set(len(self._active()))
-        self.metrics.kv_cache_bytes.labels(self.name).set(self._kv_used())
+        m.running_sequences.labels(self.name).set(len(self._active()))
+        m.kv_cache_bytes.labels(self.name).set(self._kv_used())
+        cache = self.prefix
+        if cache is not None:
+            st, old = cache.stats, self._published
+            m.prefix_cache_query_tokens.labels(self.name).inc(st.query_tokens - old.query_tokens)
+            m.prefix_cache_hit_tokens.labels(self.name).inc(st.hit_tokens - old.hit_tokens)
+            m.prefix_cache_evictions.labels(self.name).inc(st.evictions - old.evictions)
+            m.prefix_cache_blocks.labels(self.name).set(len(cache))
+            self._published = PrefixStats(st.query_tokens, st.hit_tokens, st.evictions)
 
     def _kv_used(self) -> int:
-        kv = self._kv
-        if kv is None:
-            return 0
-        return sum(int(a.nbytes) for a in kv.keys) + sum(int(a.nbytes) for a in kv.values)
+        return 0 if self._kv is None else self._kv.nbytes()
 
     def _fail(self, seq: Seq, error: Exception) -> None:
         seq.cancelled = True
@@ -603,79 +787,162 @@ class Scheduler:
 
     # ---- one step (worker thread) ----------------------------------------------------------
 
-    def _execute(
+    def _in_worker(
         self,
         loop: asyncio.AbstractEventLoop,
         began: asyncio.Future[None],
-        kv: KVState | None,
-        rows: list[Seq],
-        plan: _Plan,
-    ) -> tuple[KVState | None, list[Seq]]:
+        job: _Job,
+        fn: Callable[..., _R],
+        args: tuple[Any, ...],
+    ) -> _R:
+        if job.abandoned:  # given up on while it waited behind a hung call: nobody wants it now
+            raise EngineTimeout("abandoned before it started")
         loop.call_soon_threadsafe(_resolve, began)
         timeout_ms = float(self._tunables()["engine.timeout_ms"]) if self._tunables else 0.0
-        # A step may take up to twice the engine timeout before the watchdog calls the engine hung.
+        # A call may take up to twice the engine timeout before the watchdog calls the engine hung.
         watch = self._progress(2 * timeout_ms / 1000 if timeout_ms > 0 else 300.0) if self._progress else None
         with watch if watch is not None else contextlib.nullcontext():
-            return self._execute_step(loop, kv, rows, plan)
+            return fn(loop, *args)
 
-    def _execute_step(
-        self, loop: asyncio.AbstractEventLoop, kv: KVState | None, rows: list[Seq], plan: _Plan
+    def _decode(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        kv: KVState | None,
+        rows: list[Seq],
+        keep: list[Seq],
+        new_kv: KVState | None,
+        joined: list[Seq],
     ) -> tuple[KVState | None, list[Seq]]:
-        kv, rows = _select(kv, rows, [s for s in plan.keep if not s.cancelled])
-        started = time.monotonic()
-        produced = 0
-        if plan.admit:
-            new_kv, joined = self._prefill(loop, [s for s in plan.admit if not s.cancelled])
-            produced += len(joined)
-            if joined and new_kv is not None:
-                kv = new_kv if kv is None else KVState.join([kv, new_kv])
-                rows = rows + joined
+        """Drop rows that left, append the freshly prefilled ones, decode one token for each."""
+        kv, rows = _select(kv, rows, [s for s in keep if not s.cancelled])
+        if joined and new_kv is not None:
+            kv = new_kv if kv is None else KVState.join([kv, new_kv])
+            rows = rows + joined
         # Rows whose client left during the prefill go now, before paying for their decode.
         kv, rows = _select(kv, rows, [s for s in rows if not s.cancelled])
-        if rows and kv is not None:
-            events: list[tuple[Seq, Event]] = []
-            try:
-                logits = self.session.decode([s.generated[-1] for s in rows], kv)
-            except Exception as exc:
-                err = _engine_error(exc)
-                log.error("model %s: decode of %d rows failed: %s", self.name, len(rows), err)
-                loop.call_soon_threadsafe(self._deliver, _failures(rows, err))
-                return None, []
-            for row, seq in enumerate(rows):
-                events.extend(self._advance(seq, logits[row]))
-            produced += len(rows)
-            loop.call_soon_threadsafe(self._deliver, events)
-            kv, rows = _select(kv, rows, [s for s in rows if not (s.done or s.cancelled)])
-        elapsed = time.monotonic() - started
-        if produced and elapsed > 0:
-            rate = produced / elapsed
-            r = self._tok_rate
-            self._tok_rate = rate if r is None else r + _EWMA_ALPHA * (rate - r)
-        return kv, rows
-
-    def _prefill(self, loop: asyncio.AbstractEventLoop, admit: list[Seq]) -> tuple[KVState | None, list[Seq]]:
-        """Prefill newcomers together; return the KV rows and sequences that go on decoding."""
-        if not admit:
+        if not rows or kv is None:
             return None, []
+        started = time.monotonic()
         try:
-            logits, kv = self.session.prefill([s.context() for s in admit])
+            logits = self.session.decode([s.generated[-1] for s in rows], kv)
         except Exception as exc:
             err = _engine_error(exc)
-            log.error("model %s: prefill of %d sequences failed: %s", self.name, len(admit), err)
-            loop.call_soon_threadsafe(self._deliver, _failures(admit, err))
+            log.error("model %s: decode of %d rows failed: %s", self.name, len(rows), err)
+            loop.call_soon_threadsafe(self._deliver, _failures(rows, err))
             return None, []
         events: list[tuple[Seq, Event]] = []
-        for row, seq in enumerate(admit):
-            if seq.cancelled:  # left while its prompt was being read: drop the result
-                continue
-            if self.metrics is not None and not seq.preemptions:
-                self.metrics.prompt_tokens.labels(self.name).inc(len(seq.prompt))
+        for row, seq in enumerate(rows):
             events.extend(self._advance(seq, logits[row]))
         loop.call_soon_threadsafe(self._deliver, events)
-        live = [i for i, s in enumerate(admit) if not (s.done or s.cancelled)]
-        if not live:
-            return None, []
-        return (kv.select(live) if len(live) < len(admit) else kv), [admit[i] for i in live]
+        elapsed = time.monotonic() - started
+        if elapsed > 0:
+            rate, r = len(rows) / elapsed, self._tok_rate
+            self._tok_rate = rate if r is None else r + _EWMA_ALPHA * (rate - r)
+        return _select(kv, rows, [s for s in rows if not (s.done or s.cancelled)])
+
+    def _prefill(
+        self, loop: asyncio.AbstractEventLoop, work: list[Seq], allowance: int
+    ) -> tuple[KVState | None, list[Seq], list[Seq]]:
+        """Prefill what this step's token budget allows of ``work`` (sequences still prefilling
+        first, then newcomers); sample the first token of each whose context is now complete.
+
+        A sequence's context starts from its longest cached prefix. With
+        ``prefill_chunk_tokens`` set, at most that many tokens are computed in this call (the rest
+        continues next step, after a decode of the running batch). Newcomers that need their
+        whole context computed in one go are prefilled together as one left-padded batch; the
+        others one row at a time, continuing from their past. Returns the KV rows and sequences
+        that go on decoding, and those still prefilling."""
+        cfg, cache = self.config, self.prefix
+        budget = cfg.prefill_chunk_tokens or None
+        whole: list[Seq] = []
+        pieces: list[tuple[Seq, int]] = []
+        for seq in work:
+            if budget is not None and budget <= 0:
+                break
+            ctx = seq.context()
+            if cache is not None and not seq.prefix_checked:
+                seq.prefix_checked = True
+                blocks = cache.lookup(ctx)
+                if blocks:
+                    seq.partial = KVState.concat_columns(blocks)
+                    seq.filled = seq.partial.width
+            remaining = len(ctx) - seq.filled
+            take = remaining if budget is None else min(remaining, budget)
+            if budget is not None:
+                budget -= take
+            if seq.partial is None and take == remaining:
+                whole.append(seq)
+            else:
+                pieces.append((seq, take))
+        events: list[tuple[Seq, Event]] = []
+        done: list[tuple[list[Seq], KVState]] = []  # groups of completed rows and their KV
+        failed: list[Seq] = []
+        if whole:
+            try:
+                logits, kv = self.session.prefill([s.context() for s in whole])
+            except Exception as exc:
+                self._prefill_failed(loop, whole, exc)
+                failed += whole
+            else:
+                for row, seq in enumerate(whole):
+                    if cache is not None and not seq.cancelled:
+                        self._remember(seq, kv.select([row]) if len(whole) > 1 else kv)
+                    if not seq.cancelled:  # else it left while its prompt was being read
+                        events.extend(self._first_token(seq, logits[row]))
+                done.append((whole, kv))
+        for seq, take in pieces:
+            ctx = seq.context()
+            try:
+                logits, kv = self.session.prefill([ctx[seq.filled : seq.filled + take]], past=seq.partial)
+            except Exception as exc:
+                seq.partial = None
+                self._prefill_failed(loop, [seq], exc)
+                failed.append(seq)
+                continue
+            seq.partial, seq.filled = kv, seq.filled + take
+            if seq.filled == len(ctx):
+                seq.partial, seq.filled = None, 0
+                if not seq.cancelled:
+                    self._remember(seq, kv)
+                    # Its first token goes out now, not after the other rows of this call.
+                    loop.call_soon_threadsafe(self._deliver, self._first_token(seq, logits[0]))
+                    done.append(([seq], kv))
+        if cache is not None:
+            cache.shrink(allowance)
+        loop.call_soon_threadsafe(self._deliver, events)
+        # Everything not finished here stays admitted: part-way through its context, or not
+        # reached by this step's budget (it keeps its reservation and goes first next step).
+        ended = {id(s) for seqs, _ in done for s in seqs} | {id(s) for s in failed}
+        pending = [s for s in work if id(s) not in ended and not s.cancelled]
+        parts: list[KVState] = []
+        joined: list[Seq] = []
+        for seqs, kv in done:
+            live = [i for i, s in enumerate(seqs) if not (s.done or s.cancelled)]
+            if live:
+                parts.append(kv.select(live) if len(live) < len(seqs) else kv)
+                joined.extend(seqs[i] for i in live)
+        if not parts:
+            return None, [], pending
+        return (parts[0] if len(parts) == 1 else KVState.join(parts)), joined, pending
+
+    def _prefill_failed(self, loop: asyncio.AbstractEventLoop, seqs: list[Seq], exc: Exception) -> None:
+        err = _engine_error(exc)
+        log.error("model %s: prefill of %d sequences failed: %s", self.name, len(seqs), err)
+        loop.call_soon_threadsafe(self._deliver, _failures(seqs, err))
+
+    def _first_token(self, seq: Seq, logits: np.ndarray) -> list[tuple[Seq, Event]]:
+        if self.metrics is not None and not seq.preemptions:
+            self.metrics.prompt_tokens.labels(self.name).inc(len(seq.prompt))
+        return self._advance(seq, logits)
+
+    def _remember(self, seq: Seq, row: KVState) -> None:
+        """Offer a freshly prefilled row's whole prompt blocks to the prefix cache (before its
+        first token is sampled: the row holds the KV of ``context()`` as it is then)."""
+        if self.prefix is not None and len(seq.prompt) > self.prefix.block_tokens:
+            # The row holds context(): the prompt, then what was generated before a preemption.
+            if seq.generated:
+                row = row.columns(0, row.width - len(seq.generated))
+            self.prefix.insert(seq.prompt, row)
 
     def _advance(self, seq: Seq, logits: np.ndarray) -> list[tuple[Seq, Event]]:
         """Sample the next token of ``seq`` and say what it means for the client."""
@@ -707,6 +974,17 @@ def _select(kv: KVState | None, rows: list[Seq], keep: list[Seq]) -> tuple[KVSta
         return None, []
     index = {id(s): i for i, s in enumerate(rows)}
     return kv.select([index[id(s)] for s in keep]), keep
+
+
+def _level(seqs: Sequence[Seq]) -> int:
+    """The most urgent priority level among the rows of one engine call (1 is the most urgent)."""
+    return min(s.priority for s in seqs)
+
+
+class _Job:
+    """One engine call handed to the worker; ``abandoned`` once the driver stopped waiting for it."""
+
+    abandoned = False
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from appliance.batcher import AdmissionError
+from appliance.admission import AdmissionError, Reservation
 from appliance.engines.base import Engine, EngineError
 from appliance.engines.onnxruntime import OnnxRuntimeEngine, providers
 from appliance.errors import InvalidRequest
@@ -46,12 +46,17 @@ class DecoderEngine(OnnxRuntimeEngine):
     the scheduler drives its ``DecoderSession`` (prefill / decode with a KV state) directly."""
 
     def __init__(self, folder: Any, *, intra_op_threads: int = 0, single_stream: Path | None = None) -> None:
+        chosen = providers(prefer_gpu=True)
+        # Under the CUDA provider the KV cache stays on the GPU between steps (OrtValue + I/O
+        # binding, edited there); on the CPU provider host NumPy arrays are the cheapest store.
+        kv_device = "cuda" if "CUDAExecutionProvider" in chosen else None
         try:
             self.session = DecoderSession(
                 folder,
                 intra_op_threads=intra_op_threads or None,
-                providers=providers(prefer_gpu=True),
+                providers=chosen,
                 single_stream=single_stream,
+                kv_device=kv_device,
             )
         except Exception as exc:  # ORT raises its own untyped errors
             raise EngineError(f"cannot load the decoder in {folder}: {exc}") from exc
@@ -149,6 +154,8 @@ def _generate_runtime(
         metrics=mgr.metrics,
         tunables=lambda: mgr.tunables(entry.name),
         progress=lambda allowance: mgr.progress.working(component, allowance),
+        # Every prefill chunk and decode step takes engine time from the arbiter, by priority.
+        grant=lambda level: mgr.arbiter.grant(entry.name, level),
     )
     fallback = entry.spec.default_response
     rt = LLMRuntime(
@@ -558,7 +565,12 @@ class ChatService:
         return Prepared(llm.name, llm, prompt, params, source)
 
     def start(
-        self, prepared: Prepared, *, priority: int | None = None, timeout_ms: float | None = None
+        self,
+        prepared: Prepared,
+        *,
+        priority: int | None = None,
+        timeout_ms: float | None = None,
+        reservation: Reservation | None = None,
     ) -> GenerationStream:
         """Queue a prepared request; admission refusals raise at once (429 / 503 / 400)."""
         llm = prepared.llm
@@ -567,7 +579,7 @@ class ChatService:
         )
         seq = Seq(list(prepared.prompt), prepared.params, processor)
         try:
-            llm.scheduler.submit(seq, priority=priority, timeout_ms=timeout_ms)
+            llm.scheduler.submit(seq, priority=priority, timeout_ms=timeout_ms, reservation=reservation)
         except AdmissionError as exc:
             raise admission_error(exc) from None
         return GenerationStream(prepared, seq)
