@@ -406,7 +406,10 @@ class ModelManager:
         ident = self._identities.get(name)
         if ident is None:
             entry = self._slot(name).entry
-            ident = self._identities[name] = f"{name}@{entry.digest()}"
+            try:
+                ident = self._identities[name] = f"{name}@{entry.digest()}"
+            except OSError:  # artefacts missing or unreadable: nothing cached can be this model's
+                return f"{name}@unreadable"
         return ident
 
     def configure_memory(self) -> None:

@@ -74,6 +74,7 @@ class Ticket:
     # Queue places held since early admission (a Batcher's Reservation); the HTTP layer releases
     # what is left when the request ends, whatever way it ends.
     reservation: Any = None
+    load_error: str = ""
 
     def release(self) -> None:
         if self.reservation is not None:
@@ -161,6 +162,12 @@ class Pipeline:
         if not isinstance(model, str) or not model:
             raise InvalidRequest("'model' is required and must be a string", param="model")
         slot = self.manager._slot(model)  # 404 for an unknown model
+        if slot.state == ModelState.unbuilt:
+            raise Unavailable(
+                f"The model '{model}' is not built yet; run `appliance models pull {model}`",
+                param="model",
+                retry_after_s=60,  # a 503 always says when to come back; a build takes minutes
+            )
         values = self.manager.tunables(model)
         levels = int(values["queue.priority_levels"])
         if priority is not None:
@@ -242,7 +249,9 @@ class Pipeline:
         with permit:
             runtime = await self._runtime(ticket, permit)
             if runtime is None:
-                return await self._fallback(ticket, work, hit, 5.0, "could not be loaded")
+                return await self._fallback(
+                    ticket, work, hit, 5.0, f"could not be loaded ({ticket.load_error})"
+                )
             started = time.perf_counter()
             ticket.first_output = lambda: permit.success(time.perf_counter() - started)
             # An open-ended computation (a whole generation) is bounded by its time to first token
@@ -289,7 +298,9 @@ class Pipeline:
         with permit:
             runtime = await self._runtime(ticket, permit)
             if runtime is None:
-                return await self._fallback(ticket, work, hit, 5.0, "could not be loaded")
+                return await self._fallback(
+                    ticket, work, hit, 5.0, f"could not be loaded ({ticket.load_error})"
+                )
             started = time.perf_counter()
             events = work.start(runtime, ticket)  # admission refusals raise here (429/503/400)
             try:
@@ -354,7 +365,8 @@ class Pipeline:
         return hit
 
     async def _runtime(self, ticket: Ticket, permit: Permit) -> ModelRuntime | None:
-        """The resident runtime, loading it within the deadline; None when it cannot load."""
+        """The resident runtime, loading it within the deadline; None when it cannot load (the
+        reason is kept in ``ticket.load_error`` for the 503 when no fallback answers)."""
         try:
             return await bounded(self.manager.runtime(ticket.model), ticket.remaining(), "loading the model")
         except Unavailable as exc:
@@ -366,6 +378,7 @@ class Pipeline:
                 permit.ignore()
                 raise
             log.warning("model %s: %s", ticket.model, exc.message)
+            ticket.load_error = exc.message
             permit.ignore()  # a load failure is the memory manager's, not the engine's
             return None
 

@@ -110,8 +110,11 @@ class ScriptedDecoder:
         self.step += 1
         return out
 
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, KVState]:
-        logits, state = self.inner.prefill(prompts)
+    def prefill(
+        self, prompts: Sequence[Sequence[int]], past: KVState | None = None
+    ) -> tuple[np.ndarray, KVState]:
+        # One whole prefill per request here: the fixture turns chunking and the prefix cache off.
+        logits, state = self.inner.prefill(prompts, past)
         self.step = 0
         return self._choose(logits), state
 
@@ -136,7 +139,13 @@ def scripted(
     repo = make_repository(
         tmp,
         {"tiny-r1": folder, "tiny-r1-raw": folder},
-        {"tiny-r1-raw": {"name": "tiny-r1-raw", "generation": {"reasoning_parser": "none"}}},
+        {
+            "tiny-r1": {"generation": {"prefill_chunk_tokens": 0, "prefix_cache": False}},
+            "tiny-r1-raw": {
+                "name": "tiny-r1-raw",
+                "generation": {"reasoning_parser": "none", "prefill_chunk_tokens": 0, "prefix_cache": False},
+            },
+        },
     )
     cfg = {
         "model_repository": str(repo),
