@@ -441,6 +441,9 @@ class ModelManager:
             engine = slot.runtime.engine
             d["backend"] = engine.backend_name  # tensorrt, onnxruntime-cuda or onnxruntime-cpu
             d["backend_reason"] = engine.backend_reason  # why a faster one was skipped, or null
+            measured = slot.runtime.extras.get("measured_batch_size")
+            if measured is not None:
+                d["measured_batch_size"] = measured  # chosen at load: inference.best_batch
         lease = self.memory.leases.get(name)
         if lease is not None:
             d["memory_bytes"] = lease.weights

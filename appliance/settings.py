@@ -237,6 +237,14 @@ def _show(value: SettingValue) -> str:
 register(
     Setting("batching.max_batch_size", int, 32, "Largest batch sent to the engine.", 1, 1024),
     Setting(
+        "batching.measure_batch_size",
+        bool,
+        True,
+        "Embedding models: time batch sizes up to max_batch_size at load and cap batches at the "
+        "fastest (sentences/s) on this machine.",
+        reload=True,
+    ),
+    Setting(
         "batching.max_queue_delay_ms",
         float,
         2.0,
