@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -117,14 +118,18 @@ def engine_phase(folder: Path, texts: list[str], threads: int, seconds: float) -
         run([np.array(tok.encode(t).ids, dtype=np.int64)])
         lat.append(time.perf_counter() - s)
     per_batch: dict[int, float] = {}
+    per_cpu: dict[int, float] = {}
     for bs in ENGINE_BATCHES:
         n = 0
-        s = time.perf_counter()
+        s, cpu = time.perf_counter(), time.process_time()
         while time.perf_counter() - s < seconds:
             start = (n * bs) % (len(enc) - bs)
             run(enc[start : start + bs])
             n += 1
         per_batch[bs] = n * bs / (time.perf_counter() - s)
+        # Sentences per CPU-second (every thread of this process): what a sentence costs, which
+        # other sessions' load on the cores disturbs far less than sentences per second.
+        per_cpu[bs] = n * bs / (time.process_time() - cpu)
     engine.close()
     best_bs = max(per_batch, key=lambda b: per_batch[b])
     return {
@@ -132,6 +137,8 @@ def engine_phase(folder: Path, texts: list[str], threads: int, seconds: float) -
         "best_per_s": per_batch[best_bs],
         "best_batch": best_bs,
         "per_batch": per_batch,
+        "per_cpu_s": per_cpu[best_bs],
+        "best_per_cpu_s": max(per_cpu.values()),
     }
 
 
@@ -198,10 +205,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(config: Path, port: int) -> subprocess.Popen[bytes]:
+def start_server(config: Path, port: int, checkout: Path | None = None) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    if checkout is not None:
+        env["PYTHONPATH"] = str(checkout)
     proc = subprocess.Popen(
         [sys.executable, "-m", "appliance", "--config", str(config), "serve", "--port", str(port)],
-        cwd=ROOT,
+        cwd=checkout or ROOT,
+        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -307,19 +318,73 @@ def check_answers(port: int, apis: dict[str, tuple[str, list[bytes]]]) -> None:
             raise RuntimeError(f"{api} answered a vector of {n} values, expected 384")
 
 
+@dataclass
+class Variant:
+    """One server configuration measured in every round: a label, model settings, and optionally
+    another checkout whose ``appliance`` package the server runs (a before/after in one run)."""
+
+    label: str
+    settings: dict[str, Any]
+    checkout: Path | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> Variant:
+        """``LABEL[@CHECKOUT]:KEY=JSON,KEY=JSON`` e.g. ``b64:batching.max_batch_size=64``."""
+        head, _, kvs = spec.partition(":")
+        label, _, checkout = head.partition("@")
+        settings: dict[str, Any] = {}
+        for kv in filter(None, kvs.split(",")):
+            key, _, value = kv.partition("=")
+            section, _, leaf = key.partition(".")
+            settings.setdefault(section, {})[leaf] = json.loads(value)
+        return cls(label, settings, Path(checkout).resolve() if checkout else None)
+
+
+@dataclass
+class Server:
+    variant: Variant
+    proc: subprocess.Popen[bytes]
+    port: int
+    at_ready: set[int]
+    names: dict[int, str]
+
+
+def launch(variant: Variant, threads: int, tmp: Path) -> Server:
+    model: dict[str, Any] = {"engine": {"intra_op_threads": threads}}
+    for section, values in variant.settings.items():
+        model.setdefault(section, {}).update(values)
+    folder = tmp / (variant.label or "default")
+    folder.mkdir()
+    cfg = folder / "appliance.yaml"
+    cfg.write_text(
+        json.dumps(
+            {
+                "server": {"host": "127.0.0.1", "log_level": "warning", "default_models": [MODEL]},
+                "admin": {"port": -1},
+                "model_repository": str(ROOT / "engines"),
+                "data_dir": str(folder / "data"),
+                "models": {MODEL: model},
+            }
+        )
+    )
+    port = free_port()
+    proc = start_server(cfg, port, variant.checkout)
+    return Server(variant, proc, port, set(thread_times(proc.pid)), {})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=6.0, help="duration of each loaded server phase")
     ap.add_argument("--engine-seconds", type=float, default=1.5, help="per batch size, engine alone")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
-    ap.add_argument("--max-batch", type=int, help="override the model's batching.max_batch_size")
     ap.add_argument(
-        "--set",
+        "--variant",
         action="append",
         default=[],
-        metavar="KEY=JSON",
-        help="any model setting for the server, e.g. --set batching.max_queue_delay_ms=0",
+        metavar="LABEL[@CHECKOUT]:KEY=JSON,...",
+        help="a server configuration to measure (repeatable; default: the model's own settings), "
+        "e.g. --variant fixed16:batching.max_batch_size=16,batching.measure_batch_size=false",
     )
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
@@ -334,115 +399,135 @@ def main() -> None:
     texts = sentences(20000)
     apis = bodies(texts)
     reqs = {api: [request_bytes(path, b) for b in bs] for api, (path, bs) in apis.items()}
-    model: dict[str, Any] = {"engine": {"intra_op_threads": args.threads}}
-    if args.max_batch:
-        model["batching"] = {"max_batch_size": args.max_batch}
-    for kv in args.set:
-        key, _, value = kv.partition("=")
-        section, _, leaf = key.partition(".")
-        model.setdefault(section, {})[leaf] = json.loads(value)
+    variants = [Variant.parse(v) for v in args.variant] or [Variant("", {})]
 
     engines: list[dict[str, Any]] = []
-    runs: dict[tuple[str, int], list[dict[str, float]]] = {}
-    cpu: dict[str, list[tuple[float, dict[str, float]]]] = {}
+    runs: dict[tuple[str, str, int], list[dict[str, float]]] = {}
+    cpu: dict[tuple[str, str], list[tuple[float, dict[str, float]]]] = {}
     load_avg = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = Path(tmp) / "appliance.yaml"
-        cfg.write_text(
-            json.dumps(
-                {
-                    "server": {"host": "127.0.0.1", "log_level": "warning", "default_models": [MODEL]},
-                    "admin": {"port": -1},
-                    "model_repository": str(ROOT / "engines"),
-                    "data_dir": str(Path(tmp) / "data"),
-                    "models": {MODEL: model},
-                }
-            )
-        )
-        port = free_port()
-        proc = start_server(cfg, port)
+        servers: list[Server] = []
         try:
-            at_ready = set(thread_times(proc.pid))
-            check_answers(port, apis)
-            names = python_thread_names(proc.pid)
+            for v in variants:
+                servers.append(launch(v, args.threads, Path(tmp)))
+                check_answers(servers[-1].port, apis)
+                servers[-1].names = python_thread_names(servers[-1].proc.pid)
             offset = 0
             for rnd in range(args.rounds):
                 engines.append(engine_phase(folder, texts[:600], args.threads, args.engine_seconds))
-                order = list(reqs) if rnd % 2 == 0 else list(reversed(reqs))
-                for api in order:
+                order = [(srv, api) for srv in servers for api in reqs]
+                for srv, api in order if rnd % 2 == 0 else reversed(order):
+                    pid, label = srv.proc.pid, srv.variant.label
                     for c in CONCURRENCY:
-                        n = 400 if c == 1 else 100_000
-                        batch = reqs[api][offset % 10000 :][:n] if c == 1 else reqs[api] * 10
+                        batch = reqs[api][offset % 10000 :][:400] if c == 1 else reqs[api] * 10
                         offset += 97
-                        before, t0 = thread_times(proc.pid), time.perf_counter()
-                        res = asyncio.run(closed_loop(port, batch, c, 3.0 if c == 1 else args.seconds))
+                        before, t0 = thread_times(pid), time.perf_counter()
+                        res = asyncio.run(closed_loop(srv.port, batch, c, 3.0 if c == 1 else args.seconds))
                         wall = time.perf_counter() - t0
-                        runs.setdefault((api, c), []).append(res)
+                        after = thread_times(pid)
+                        server_cpu = sum(after.values()) - sum(before.get(t, 0.0) for t in after)
+                        res["per_cpu_s"] = res["per_s"] * wall / server_cpu if server_cpu > 0 else 0.0
+                        res["server_cores"] = server_cpu / wall
+                        runs.setdefault((label, api, c), []).append(res)
                         if c == CONCURRENCY[-1]:
-                            after = thread_times(proc.pid)
-                            names = names or python_thread_names(proc.pid)
-                            cpu.setdefault(api, []).append(
-                                (res["per_s"], breakdown(proc.pid, before, after, wall, names, at_ready))
+                            srv.names = srv.names or python_thread_names(pid)
+                            cpu.setdefault((label, api), []).append(
+                                (res["per_s"], breakdown(pid, before, after, wall, srv.names, srv.at_ready))
                             )
                 print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
+            described = {s.variant.label: describe(s.port) for s in servers}
         finally:
-            proc.terminate()
-            proc.wait(30)
-    report(args, engines, runs, cpu, load_avg)
+            for srv in servers:
+                srv.proc.terminate()
+                srv.proc.wait(30)
+    report(args, variants, engines, runs, cpu, load_avg, described)
+
+
+def describe(port: int) -> Any:
+    """The batch size the server measured at load (``GET /v1/models/{model}``), or None."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models/{MODEL}", timeout=10) as r:
+            return json.loads(r.read()).get("measured_batch_size")
+    except (OSError, ValueError):
+        return None
 
 
 def report(
     args: argparse.Namespace,
+    variants: list[Variant],
     engines: list[dict[str, Any]],
-    runs: dict[tuple[str, int], list[dict[str, float]]],
-    cpu: dict[str, list[tuple[float, dict[str, float]]]],
+    runs: dict[tuple[str, str, int], list[dict[str, float]]],
+    cpu: dict[tuple[str, str], list[tuple[float, dict[str, float]]]],
     load_avg: tuple[float, float, float],
+    described: dict[str, Any],
 ) -> None:
     eng_p50 = min(e["p50_ms"] for e in engines)
     eng_best = max(engines, key=lambda e: e["best_per_s"])
     best = eng_best["best_per_s"]
+    eng_cpu = max(e["best_per_cpu_s"] for e in engines)
     result: dict[str, Any] = {
-        "engine": {"p50_ms": eng_p50, "best_per_s": best, "best_batch": eng_best["best_batch"]},
+        "engine": {
+            "p50_ms": eng_p50,
+            "best_per_s": best,
+            "best_batch": eng_best["best_batch"],
+            "best_per_cpu_s": eng_cpu,
+        },
         "engine_per_batch": {str(b): max(e["per_batch"][b] for e in engines) for b in ENGINE_BATCHES},
         "rounds": args.rounds,
         "load_average_at_start": load_avg,
         "cpu_count": os.cpu_count(),
+        "servers": {},
     }
     per_b = ", ".join(f"{b}: {v:.0f}" for b, v in result["engine_per_batch"].items())
     print(f"engine alone, sentences/s by batch size (best of {args.rounds}): {per_b}")
+    for v in variants:
+        m = described.get(v.label)
+        if m:
+            print(
+                f"server {v.label or ''}: batch size measured at load {m['chosen']} (of {m['sentences_per_s']})"
+            )
     print()
     print(
-        "| | c=1 p50 ms (added over engine batch-1) | c=16 sent/s (× engine best) | c=64 sent/s (× engine best) |"
+        "| | c=1 p50 ms (added over engine batch-1) | c=16 sent/s (× engine best) | c=64 sent/s (× engine best) "
+        "| c=64 sent per CPU-s (× engine best) |"
     )
-    print("|---|---|---|---|")
+    print("|---|---|---|---|---|")
     print(
         f"| engine alone (batch-1 tokenize+run; best batch {eng_best['best_batch']}) | {eng_p50:.2f} | "
-        f"{best:.0f} (1.00) | {best:.0f} (1.00) |"
+        f"{best:.0f} (1.00) | {best:.0f} (1.00) | {eng_cpu:.0f} (1.00) |"
     )
-    for api in ("OpenAI", "KServe"):
-        c1 = min(runs[(api, 1)], key=lambda r: r["p50_ms"])
-        cells = [f"{c1['p50_ms']:.2f} (+{c1['p50_ms'] - eng_p50:.2f})"]
-        result[api] = {"c1_p50_ms": c1["p50_ms"], "added_ms": c1["p50_ms"] - eng_p50}
-        for c in CONCURRENCY[1:]:
-            r = max(runs[(api, c)], key=lambda r: r["per_s"])
-            med = statistics.median(x["per_s"] for x in runs[(api, c)])
-            cells.append(f"{r['per_s']:.0f} ({r['per_s'] / best:.2f})")
-            result[api][f"c{c}_per_s"] = r["per_s"]
-            result[api][f"c{c}_ratio"] = r["per_s"] / best
-            result[api][f"c{c}_median_per_s"] = med
-            result[api][f"c{c}_p99_ms"] = r["p99_ms"]
-            result[api][f"c{c}_failed"] = sum(x["failed"] for x in runs[(api, c)])
-            result[api][f"c{c}_client_cores"] = r["client_cores"]
-        print(f"| appliance, {api} | " + " | ".join(cells) + " |")
+    for v in variants:
+        for api in ("OpenAI", "KServe"):
+            key = f"{api} {v.label}".strip()
+            c1 = min(runs[(v.label, api, 1)], key=lambda r: r["p50_ms"])
+            cells = [f"{c1['p50_ms']:.2f} (+{c1['p50_ms'] - eng_p50:.2f})"]
+            res: dict[str, Any] = {"c1_p50_ms": c1["p50_ms"], "added_ms": c1["p50_ms"] - eng_p50}
+            for c in CONCURRENCY[1:]:
+                samples = runs[(v.label, api, c)]
+                r = max(samples, key=lambda r: r["per_s"])
+                cells.append(f"{r['per_s']:.0f} ({r['per_s'] / best:.2f})")
+                res[f"c{c}_per_s"] = r["per_s"]
+                res[f"c{c}_ratio"] = r["per_s"] / best
+                res[f"c{c}_median_per_s"] = statistics.median(x["per_s"] for x in samples)
+                res[f"c{c}_p99_ms"] = r["p99_ms"]
+                res[f"c{c}_failed"] = sum(x["failed"] for x in samples)
+                res[f"c{c}_client_cores"] = r["client_cores"]
+            eff = max(x["per_cpu_s"] for x in runs[(v.label, api, CONCURRENCY[-1])])
+            cells.append(f"{eff:.0f} ({eff / eng_cpu:.2f})")
+            res["c64_per_cpu_s"] = eff
+            res["c64_cpu_ratio"] = eff / eng_cpu
+            result["servers"][key] = res
+            print(f"| appliance, {key} | " + " | ".join(cells) + " |")
     print()
-    for api, samples in cpu.items():
-        per_s, groups = max(samples, key=lambda s: s[0])
-        result[api]["threads_c64"] = groups
-        client = result[api][f"c{CONCURRENCY[-1]}_client_cores"]
-        print(f"{api}, c={CONCURRENCY[-1]} ({per_s:.0f} sent/s): server CPU by thread, in cores")
-        for label, cores in groups.items():
+    for (label, api), shares in cpu.items():
+        key = f"{api} {label}".strip()
+        per_s, groups = max(shares, key=lambda s: s[0])
+        result["servers"][key]["threads_c64"] = groups
+        client = result["servers"][key][f"c{CONCURRENCY[-1]}_client_cores"]
+        print(f"{key}, c={CONCURRENCY[-1]} ({per_s:.0f} sent/s): server CPU by thread, in cores")
+        for name, cores in groups.items():
             if cores >= 0.005:
-                print(f"  {cores:5.2f}  {label}")
+                print(f"  {cores:5.2f}  {name}")
         print(f"  {sum(groups.values()):5.2f}  server total; load generator {client:.2f}")
     failed = {k: sum(x["failed"] for x in v) for k, v in runs.items() if any(x["failed"] for x in v)}
     if failed:
