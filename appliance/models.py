@@ -421,7 +421,11 @@ class ModelManager:
         slot = self._slot(name)
         if slot.runtime is not None:
             policy = batch_policy(self.tunables(name))
-            cap = self.batch_caps.get(name)
+            caps = [
+                self.batch_caps.get(name),
+                slot.runtime.extras.get("measured_batch_size", {}).get("chosen"),
+            ]
+            cap = min((c for c in caps if c is not None), default=None)  # OOM cap, measured best
             if cap is not None and policy.max_batch_size > cap:
                 policy.max_batch_size = cap
                 policy.preferred_batch_sizes = [b for b in policy.preferred_batch_sizes if b <= cap]
