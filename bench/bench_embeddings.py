@@ -484,7 +484,7 @@ def report(
         m = described.get(v.label)
         if m:
             print(
-                f"server {v.label or ''}: batch size measured at load {m['chosen']} (of {m['sentences_per_s']})"
+                f"server {v.label or ''}: batch size measured at load {m['chosen']} (of {m['sentences_per_cpu_s']})"
             )
     print()
     print(

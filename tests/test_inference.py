@@ -50,7 +50,7 @@ def test_a_server_caps_batches_at_the_measured_size_and_reports_it(start_server,
     measured = model["measured_batch_size"]
     assert measured["upper_bound"] == 8
     assert 1 <= measured["chosen"] <= 8
-    assert set(measured["sentences_per_s"]) <= {"1", "2", "4", "8"}
+    assert set(measured["sentences_per_cpu_s"]) <= {"1", "2", "4", "8"}
     batcher = srv.app[MANAGER].slots[MODEL].runtime.batcher  # type: ignore[union-attr]
     assert batcher.policy.max_batch_size == measured["chosen"]
     # A live settings change keeps the measured cap (ModelManager.apply).
