@@ -36,10 +36,11 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 from tokenizers import Tokenizer
 
@@ -94,7 +95,7 @@ def pct(values: list[float], q: float) -> float:
 # -- engine alone --------------------------------------------------------------------------------
 
 
-def engine_phase(folder: Path, texts: list[str], threads: int, seconds: float) -> dict[str, Any]:
+def engine_phase(folder: Path, texts: list[str], threads: int, seconds: float = 2.0) -> dict[str, Any]:
     engine = OnnxRuntimeEngine(folder / "model.onnx", intra_op_threads=threads)
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tok.no_padding()
@@ -194,6 +195,81 @@ async def closed_loop(port: int, requests: list[bytes], concurrency: int, second
         "failed": sum(n for s, n in statuses.items() if s != 200),
         "client_cores": (time.process_time() - cpu0) / elapsed,
     }
+
+
+# -- aiohttp load (bench_cache.py: response headers, or an open loop at a fixed rate) -----------
+
+
+@dataclass
+class LoadResult:
+    latencies: list[float] = field(default_factory=list)
+    statuses: dict[int, int] = field(default_factory=dict)
+    elapsed: float = 0.0
+
+    @property
+    def ok(self) -> int:
+        return self.statuses.get(200, 0)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "ok_per_s": self.ok / self.elapsed if self.elapsed else 0.0,
+            "p50_ms": pct(self.latencies, 50) * 1e3,
+            "p95_ms": pct(self.latencies, 95) * 1e3,
+            "p99_ms": pct(self.latencies, 99) * 1e3,
+            "rejected": sum(v for k, v in self.statuses.items() if k in (429, 503)),
+            "errors": sum(v for k, v in self.statuses.items() if k not in (200, 429, 503)),
+        }
+
+
+async def load(
+    url: str,
+    bodies: list[bytes],
+    *,
+    concurrency: int,
+    rate: float | None,
+    max_seconds: float,
+    headers: dict[str, str] | None = None,
+) -> LoadResult:
+    """Closed loop at ``concurrency``, or open loop at ``rate`` arrivals/s (bounded in-flight)."""
+    res = LoadResult()
+    conn = aiohttp.TCPConnector(limit=max(concurrency, 1) * 2)
+    # The engine path is what is measured here: never the response cache (bench_cache.py does that).
+    headers = {"Content-Type": "application/json", "Cache-Control": "no-cache, no-store", **(headers or {})}
+    deadline = time.perf_counter() + max_seconds
+    async with aiohttp.ClientSession(connector=conn) as session:
+
+        async def one(body: bytes) -> None:
+            s = time.perf_counter()
+            async with session.post(url, data=body, headers=headers) as r:
+                await r.read()
+                res.statuses[r.status] = res.statuses.get(r.status, 0) + 1
+                if r.status == 200:
+                    res.latencies.append(time.perf_counter() - s)
+
+        started = time.perf_counter()
+        if rate is None:
+            it = iter(bodies)
+
+            async def worker() -> None:
+                for body in it:
+                    if time.perf_counter() > deadline:
+                        return
+                    await one(body)
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        else:
+            tasks = []
+            for i, body in enumerate(bodies):
+                due = started + i / rate
+                now = time.perf_counter()
+                if now > deadline:
+                    break
+                if due > now:
+                    await asyncio.sleep(due - now)
+                tasks.append(asyncio.create_task(one(body)))
+            await asyncio.gather(*tasks)
+        res.elapsed = time.perf_counter() - started
+    return res
 
 
 # -- server and its threads ----------------------------------------------------------------------
