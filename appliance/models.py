@@ -424,7 +424,11 @@ class ModelManager:
         slot = self._slot(name)
         if slot.runtime is not None:
             policy = batch_policy(self.tunables(name))
-            cap = self.batch_caps.get(name)
+            caps = [
+                self.batch_caps.get(name),
+                slot.runtime.extras.get("measured_batch_size", {}).get("chosen"),
+            ]
+            cap = min((c for c in caps if c is not None), default=None)  # OOM cap, measured best
             if cap is not None and policy.max_batch_size > cap:
                 policy.max_batch_size = cap
                 policy.preferred_batch_sizes = [b for b in policy.preferred_batch_sizes if b <= cap]
@@ -444,6 +448,9 @@ class ModelManager:
             engine = slot.runtime.engine
             d["backend"] = engine.backend_name  # tensorrt, onnxruntime-cuda or onnxruntime-cpu
             d["backend_reason"] = engine.backend_reason  # why a faster one was skipped, or null
+            measured = slot.runtime.extras.get("measured_batch_size")
+            if measured is not None:
+                d["measured_batch_size"] = measured  # chosen at load: inference.best_batch
         lease = self.memory.leases.get(name)
         if lease is not None:
             d["memory_bytes"] = lease.weights

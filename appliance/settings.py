@@ -190,8 +190,16 @@ def validate(
     return clean
 
 
+_defaults: dict[str, SettingValue] = {}
+
+
 def defaults() -> dict[str, SettingValue]:
-    return {name: s.default for name, s in REGISTRY.items()}
+    """A fresh dict of every setting's default. The request path asks for a model's tunables
+    several times per request: a copy of a cached dict costs a tenth of rebuilding it."""
+    global _defaults
+    if len(_defaults) != len(REGISTRY):  # settings register on import; never removed
+        _defaults = {name: s.default for name, s in REGISTRY.items()}
+    return dict(_defaults)
 
 
 def table(rows: Iterable[Setting] | None = None) -> str:
@@ -236,6 +244,14 @@ def _show(value: SettingValue) -> str:
 # module is imported for the side effect of registering its own.
 register(
     Setting("batching.max_batch_size", int, 32, "Largest batch sent to the engine.", 1, 1024),
+    Setting(
+        "batching.measure_batch_size",
+        bool,
+        True,
+        "Embedding models: time batch sizes up to max_batch_size at load and cap batches at the "
+        "cheapest (CPU time per sentence) on this machine.",
+        reload=True,
+    ),
     Setting(
         "batching.max_queue_delay_ms",
         float,
