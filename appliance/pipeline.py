@@ -350,8 +350,8 @@ class Pipeline:
 
     async def _read(self, ticket: Ticket, work: Computation | Generation) -> CacheHit | None:
         cache = self._cache(ticket)
-        if cache is None or work.canonical is None:
-            return None
+        if cache is None or work.canonical is None or not (ticket.read_cache or ticket.write_cache):
+            return None  # no key to compute: this request neither reads nor fills the cache
         ticket.key = cache_key(self.manager.identity(ticket.model), work.canonical, work.blobs)
         if not ticket.read_cache:
             return None
@@ -367,6 +367,10 @@ class Pipeline:
     async def _runtime(self, ticket: Ticket, permit: Permit) -> ModelRuntime | None:
         """The resident runtime, loading it within the deadline; None when it cannot load (the
         reason is kept in ``ticket.load_error`` for the 503 when no fallback answers)."""
+        slot = self.manager.slots.get(ticket.model)
+        if slot is not None and slot.runtime is not None:  # resident: nothing to wait for
+            slot.last_used = time.monotonic()
+            return slot.runtime
         try:
             return await bounded(self.manager.runtime(ticket.model), ticket.remaining(), "loading the model")
         except Unavailable as exc:
