@@ -550,6 +550,14 @@ register(
 # compute arbiter and input limits
 register(
     Setting(
+        "engine.spin_wait",
+        bool,
+        False,
+        "Let ONNX Runtime's threads spin between runs (faster for one model alone; off, models taking "
+        "turns on the cores do not steal them from each other).",
+        reload=True,
+    ),
+    Setting(
         "compute.concurrency",
         int,
         1,

@@ -51,6 +51,7 @@ class OnnxRuntimeEngine(Engine):
         *,
         intra_op_threads: int = 0,
         inter_op_threads: int = 1,
+        spin_wait: bool = False,
         prefer_gpu: bool = True,
         session: ort.InferenceSession | None = None,
     ) -> None:
@@ -67,6 +68,7 @@ class OnnxRuntimeEngine(Engine):
         # manager can then share one activation budget between models taking turns (and the
         # arena was no faster here: 29 vs 35 ms for a MiniLM batch of 8).
         opts.enable_cpu_mem_arena = False
+        spinning(opts, spin_wait)
         try:
             opened = ort.InferenceSession(os.fspath(path), sess_options=opts, providers=providers(prefer_gpu))
         except Exception as exc:  # ORT raises its own untyped errors
@@ -114,6 +116,15 @@ class OnnxRuntimeEngine(Engine):
     def close(self) -> None:
         # Dropping the last reference frees the session; ORT has no explicit close.
         del self._session
+
+
+def spinning(opts: ort.SessionOptions, spin_wait: bool) -> None:
+    """ORT's intra-op threads spin after a run, waiting for the next. That helps one model running
+    batch after batch, but when models take turns on the cores (the compute arbiter) the idle
+    model's spinning threads steal the cores the running model needs: measured with
+    ``bench/bench_overload.py`` (both default models, 3x embedding load plus chat), goodput 0.41
+    with spinning and 0.80 without. ``engine.spin_wait`` turns it back on for a one-model box."""
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
 
 
 def _file_bytes(path: Path) -> int:

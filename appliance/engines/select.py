@@ -109,15 +109,19 @@ def open_engine(entry: ModelEntry, values: dict[str, Any]) -> Engine:
                 why = f"TensorRT failed: {exc}"
         costly = gpu_here or entry.spec.backend == Backend.tensorrt
         reasons.append(step_down(entry.name, "TensorRT", why, costly=costly))
-    threads = {
-        "intra_op_threads": int(values["engine.intra_op_threads"]),
-        "inter_op_threads": int(values["engine.inter_op_threads"]),
-    }
+    intra, inter = int(values["engine.intra_op_threads"]), int(values["engine.inter_op_threads"])
+    spin = bool(values["engine.spin_wait"])
     engine: OnnxRuntimeEngine | None = None
     why = onnxruntime_cuda_unavailable()
     if why is None:
         try:
-            engine = OnnxRuntimeEngine(entry.artefact("model"), prefer_gpu=True, **threads)
+            engine = OnnxRuntimeEngine(
+                entry.artefact("model"),
+                prefer_gpu=True,
+                intra_op_threads=intra,
+                inter_op_threads=inter,
+                spin_wait=spin,
+            )
         except EngineError as exc:
             why = f"the session failed on the GPU: {exc}"
         else:
@@ -126,6 +130,12 @@ def open_engine(entry: ModelEntry, values: dict[str, Any]) -> Engine:
     if why is not None:
         reasons.append(step_down(entry.name, "ONNX Runtime CUDA", why, costly=gpu_here))
     if engine is None:
-        engine = OnnxRuntimeEngine(entry.artefact("model"), prefer_gpu=False, **threads)
+        engine = OnnxRuntimeEngine(
+            entry.artefact("model"),
+            prefer_gpu=False,
+            intra_op_threads=intra,
+            inter_op_threads=inter,
+            spin_wait=spin,
+        )
     engine.backend_reason = "; ".join(reasons) or None
     return engine

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from appliance.engines.onnxruntime import spinning
 from appliance.llm.kv import HOST, KVOps, KVState, OrtKVOps, empty_state
 
 
@@ -33,6 +34,7 @@ class DecoderSession:
         providers: Sequence[str] | None = None,
         single_stream: str | Path | None = None,
         kv_device: str | None = None,
+        spin_wait: bool = False,
     ) -> None:
         """``kv_device``: None keeps the KV cache in host NumPy arrays; "cuda" (or "cpu", which CI
         uses to run the device code path with host placement) keeps it in ``OrtValue`` tensors on
@@ -50,6 +52,7 @@ class DecoderSession:
         self.pad_id = int(g["pad"])
         self.kv_dtype = np.dtype(g["dtype"])
         options = ort.SessionOptions()
+        spinning(options, spin_wait)
         if intra_op_threads is not None:
             options.intra_op_num_threads = intra_op_threads
         self.session = ort.InferenceSession(

@@ -45,7 +45,14 @@ class DecoderEngine(OnnxRuntimeEngine):
     """A built decoder as an Engine, so the manager loads, describes and closes it like the rest;
     the scheduler drives its ``DecoderSession`` (prefill / decode with a KV state) directly."""
 
-    def __init__(self, folder: Any, *, intra_op_threads: int = 0, single_stream: Path | None = None) -> None:
+    def __init__(
+        self,
+        folder: Any,
+        *,
+        intra_op_threads: int = 0,
+        single_stream: Path | None = None,
+        spin_wait: bool = False,
+    ) -> None:
         chosen = providers(prefer_gpu=True)
         # Under the CUDA provider the KV cache stays on the GPU between steps (OrtValue + I/O
         # binding, edited there); on the CPU provider host NumPy arrays are the cheapest store.
@@ -57,6 +64,7 @@ class DecoderEngine(OnnxRuntimeEngine):
                 providers=chosen,
                 single_stream=single_stream,
                 kv_device=kv_device,
+                spin_wait=spin_wait,
             )
         except Exception as exc:  # ORT raises its own untyped errors
             raise EngineError(f"cannot load the decoder in {folder}: {exc}") from exc
@@ -128,7 +136,10 @@ def _open_decoder(entry: ModelEntry, values: dict[str, Any]) -> Engine:
         if (folder / "model.onnx").exists() and "CUDAExecutionProvider" not in providers(prefer_gpu=True):
             single = folder
     return DecoderEngine(
-        entry.folder, intra_op_threads=int(values["engine.intra_op_threads"]), single_stream=single
+        entry.folder,
+        intra_op_threads=int(values["engine.intra_op_threads"]),
+        single_stream=single,
+        spin_wait=bool(values["engine.spin_wait"]),
     )
 
 
