@@ -235,7 +235,11 @@ class Pipeline:
 
     # -- 5-9: whole answers ----------------------------------------------------------------------
 
-    async def answer(self, ticket: Ticket, work: Computation) -> Answer:
+    async def _engine(
+        self, ticket: Ticket, work: Computation | Generation
+    ) -> Answer | tuple[Permit, ModelRuntime, CacheHit | None]:
+        """Stages 5-7, shared by whole answers and streams: a fresh cache hit or a fallback
+        answer, else the breaker's permit and the resident runtime to compute with."""
         hit = await self._read(ticket, work)
         if hit is not None and hit.fresh:
             return Answer(hit.value, hit.content_type, "cache")
@@ -246,12 +250,21 @@ class Pipeline:
             return await self._fallback(
                 ticket, work, hit, exc.retry_after_s, "is failing and its circuit breaker is open"
             )
-        with permit:
+        try:
             runtime = await self._runtime(ticket, permit)
-            if runtime is None:
-                return await self._fallback(
-                    ticket, work, hit, 5.0, f"could not be loaded ({ticket.load_error})"
-                )
+        except BaseException:
+            permit.ignore()
+            raise
+        if runtime is None:  # _runtime resolved the permit: a load failure is not the engine's
+            return await self._fallback(ticket, work, hit, 5.0, f"could not be loaded ({ticket.load_error})")
+        return permit, runtime, hit
+
+    async def answer(self, ticket: Ticket, work: Computation) -> Answer:
+        got = await self._engine(ticket, work)
+        if isinstance(got, Answer):
+            return got
+        permit, runtime, hit = got
+        with permit:
             started = time.perf_counter()
             ticket.first_output = lambda: permit.success(time.perf_counter() - started)
             # An open-ended computation (a whole generation) is bounded by its time to first token
@@ -285,22 +298,12 @@ class Pipeline:
     ) -> Answer | LiveStream:
         """A live stream whose first event has arrived, or a whole answer to replay (cache,
         default). ``on_wait`` is called every ``keepalive_s`` while the first token is awaited."""
-        hit = await self._read(ticket, work)
-        if hit is not None and hit.fresh:
-            return Answer(hit.value, hit.content_type, "cache")
+        got = await self._engine(ticket, work)
+        if isinstance(got, Answer):
+            return got
+        permit, runtime, hit = got
         breaker = self.resilience.breaker(ticket.model, ticket.values)
-        try:
-            permit = breaker.acquire()
-        except BreakerOpen as exc:
-            return await self._fallback(
-                ticket, work, hit, exc.retry_after_s, "is failing and its circuit breaker is open"
-            )
         with permit:
-            runtime = await self._runtime(ticket, permit)
-            if runtime is None:
-                return await self._fallback(
-                    ticket, work, hit, 5.0, f"could not be loaded ({ticket.load_error})"
-                )
             started = time.perf_counter()
             events = work.start(runtime, ticket)  # admission refusals raise here (429/503/400)
             try:
