@@ -157,7 +157,7 @@ async def test_dashboard_shows_real_numbers_after_traffic(
     slow = ConsoleApp(slow_client, interval=0.05)
     async with slow.run_test(size=SIZE) as pilot:
         await pilot.pause(1.0)
-        assert slow_client.most == 1 and slow.skipped_ticks > 5 and 2 <= slow.polls <= 4
+        assert slow_client.most == 1 and slow.skipped_ticks >= 3 and 2 <= slow.polls <= 4
 
     # The client's typed errors, against the same real server.
     wrong = await AdminClient(srv.admin_url, token="not-the-token").stats()
