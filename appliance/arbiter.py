@@ -73,12 +73,12 @@ class ComputeArbiter:
     # -- public API ----------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def grant(self, model: str, priority: int) -> AsyncIterator[Waiter | None]:
-        """Hold a grant for the body. Yields the waiter (None when granted at once), whose
-        ``priority`` the caller may lower (more urgent) while it waits via :meth:`promote`."""
-        waiter = await self.acquire(model, priority)
+    async def grant(self, model: str, priority: int) -> AsyncIterator[None]:
+        """Hold a grant for the body (callers that promote while waiting use :meth:`waiter`,
+        :meth:`acquire` and :meth:`release` instead)."""
+        await self.acquire(model, priority)
         try:
-            yield waiter
+            yield
         finally:
             self.release()
 

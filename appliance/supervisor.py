@@ -151,7 +151,6 @@ class Supervisor:
                     continue
                 try:
                     worker.restart()
-                except Exception as exc:
+                except Exception:
                     log.exception("worker %s could not be restarted", worker.name)
                     worker.given_up = True
-                    del exc
