@@ -65,6 +65,8 @@ class BatchPolicy:
     default_timeout_ms: float = 0.0  # 0 = no deadline
     allow_timeout_override: bool = True
     aging_ms: float = 0.0  # 0 = strict priority
+    # A batch that holds priority-1 work takes nothing of lower priority, so that it stays short.
+    priority_1_alone: bool = True
 
     def __post_init__(self) -> None:
         self.validate()

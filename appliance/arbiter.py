@@ -12,6 +12,14 @@ Urgency is the call's priority level improved by one level per ``compute.aging_m
 go to the originally more urgent call, then to the earlier one. A priority-1 call therefore waits
 at most for the calls already running when it arrives, unless a lower level has aged past it.
 
+The urgent lane: ``compute.urgent_lane`` extra grants that only priority-1 work may take, so that
+a priority-1 call never waits for lower-priority work already running (a chat decode step of 8
+rows, an embedding batch full of priority-2 sentences). A model's own batches still never overlap
+beyond its ``engine.instances``; a batcher that gets an urgent grant takes only priority-1 items,
+which keeps that batch short. On the CPU the urgent call shares the cores with the running one for
+its duration; on a GPU the two run as concurrent streams, except TensorRT engines that share one
+device arena, which never overlap.
+
 A waiter's priority may be raised while it waits (a batcher asks with its most urgent queued item,
 and a more urgent one may arrive meanwhile). Cancelling a waiter withdraws it; a grant handed to a
 waiter that was cancelled at the same time passes on, so no grant is ever lost.
@@ -30,18 +38,34 @@ from typing import Protocol
 class ArbiterObserver(Protocol):
     """Metrics hooks, called on the event loop; must be cheap and must not raise."""
 
-    def on_grant(self, model: str, priority: int, waited_s: float) -> None: ...
+    def on_grant(self, model: str, priority: int, waited_s: float, urgent: bool) -> None: ...
 
     def on_waiting(self, priority: int, count: int) -> None: ...
 
     def on_running(self, count: int) -> None: ...
 
 
+class Grant:
+    """Engine time held: one normal grant, or one of the urgent lane (priority 1 only)."""
+
+    __slots__ = ("urgent",)
+
+    def __init__(self, urgent: bool = False) -> None:
+        self.urgent = urgent
+
+    def __repr__(self) -> str:
+        return f"Grant(urgent={self.urgent})"
+
+
+NORMAL = Grant(False)
+URGENT = Grant(True)
+
+
 class Waiter:
     __slots__ = ("future", "model", "priority", "seq", "since")
 
     def __init__(
-        self, model: str, priority: int, seq: int, since: float, future: asyncio.Future[None]
+        self, model: str, priority: int, seq: int, since: float, future: asyncio.Future[Grant]
     ) -> None:
         self.model = model
         self.priority = priority
@@ -55,6 +79,7 @@ class ComputeArbiter:
         self,
         concurrency: int = 1,
         aging_ms: float = 1000.0,
+        urgent_lane: int = 0,
         *,
         observer: ArbiterObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -63,44 +88,49 @@ class ComputeArbiter:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self.concurrency = concurrency
         self.aging_ms = aging_ms
+        self.urgent_lane = max(0, urgent_lane)
         self.observer = observer
         self._clock = clock
         self._running = 0
+        self._urgent_running = 0
         self._waiters: list[Waiter] = []
         self._seq = itertools.count()
         self.granted = 0
+        self._granted_at: dict[int, float] = {}  # priority -> when a call of it last got a grant
 
     # -- public API ----------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def grant(self, model: str, priority: int) -> AsyncIterator[None]:
+    async def grant(self, model: str, priority: int) -> AsyncIterator[Grant]:
         """Hold a grant for the body (callers that promote while waiting use :meth:`waiter`,
         :meth:`acquire` and :meth:`release` instead)."""
-        await self.acquire(model, priority)
+        held = await self.acquire(model, priority)
         try:
-            yield
+            yield held
         finally:
-            self.release()
+            self.release(held)
 
-    async def acquire(self, model: str, priority: int, *, waiter: Waiter | None = None) -> Waiter | None:
-        """Take a grant (release it with :meth:`release`). Cancelling the wait withdraws it."""
-        if self._running < self.concurrency and not self._waiters:
-            self._take(model, priority, 0.0)
-            return None
+    async def acquire(self, model: str, priority: int, *, waiter: Waiter | None = None) -> Grant:
+        """Take a grant (give it back with :meth:`release`). Cancelling the wait withdraws it."""
+        if not self._waiters:
+            if self._running < self.concurrency:
+                return self._take(model, priority, 0.0, urgent=False)
+            if priority == 1 and self._urgent_running < self.urgent_lane:
+                return self._take(model, priority, 0.0, urgent=True)
         loop = asyncio.get_running_loop()
         w = waiter or Waiter(model, priority, next(self._seq), self._clock(), loop.create_future())
         self._waiters.append(w)
         self._observe_waiting(w.priority)
+        self._dispatch()  # a priority-1 arrival may take the urgent lane past the queued others
         try:
-            await w.future
+            return await w.future
         except asyncio.CancelledError:
             if w in self._waiters:
                 self._waiters.remove(w)
                 self._observe_waiting(w.priority)
             elif w.future.done() and not w.future.cancelled():
-                self.release()  # granted in the same turn as the cancellation: pass it on
+                self.release(w.future.result())  # granted as it was cancelled: pass it on
             raise
-        return w
 
     def waiter(self, model: str, priority: int) -> Waiter:
         """A waiter to pass to :meth:`acquire`, for callers that promote it while it waits."""
@@ -108,18 +138,30 @@ class ComputeArbiter:
         return Waiter(model, priority, next(self._seq), self._clock(), loop.create_future())
 
     def promote(self, waiter: Waiter | None, priority: int) -> None:
-        """A waiter now speaks for more urgent work."""
+        """A waiter now speaks for more urgent work (at priority 1 it may take the urgent lane)."""
         if waiter is not None and priority < waiter.priority and waiter in self._waiters:
             old = waiter.priority
             waiter.priority = priority
             self._observe_waiting(old)
             self._observe_waiting(priority)
+            self._dispatch()
 
-    def release(self) -> None:
-        self._running -= 1
+    def release(self, held: Grant = NORMAL) -> None:
+        if held.urgent:
+            self._urgent_running -= 1
+        else:
+            self._running -= 1
         self._dispatch()
         if self.observer is not None:
-            self.observer.on_running(self._running)
+            self.observer.on_running(self._running + self._urgent_running)
+
+    def pressed(self, priority: int, within_s: float = 1.0) -> bool:
+        """Whether work more urgent than ``priority`` is waiting, or was granted within the last
+        ``within_s``: a long call of ``priority`` started now would likely hold it up."""
+        if any(w.priority < priority for w in self._waiters):
+            return True
+        since = self._clock() - within_s
+        return any(at >= since for p, at in self._granted_at.items() if p < priority)
 
     def snapshot(self) -> dict[str, object]:
         waiting: dict[int, int] = {}
@@ -129,13 +171,17 @@ class ComputeArbiter:
             "concurrency": self.concurrency,
             "aging_ms": self.aging_ms,
             "running": self._running,
+            "urgent_lane": self.urgent_lane,
+            "urgent_running": self._urgent_running,
             "waiting": dict(sorted(waiting.items())),
             "granted": self.granted,
         }
 
-    def configure(self, concurrency: int, aging_ms: float) -> None:
+    def configure(self, concurrency: int, aging_ms: float, urgent_lane: int | None = None) -> None:
         self.concurrency = max(1, int(concurrency))
         self.aging_ms = float(aging_ms)
+        if urgent_lane is not None:
+            self.urgent_lane = max(0, int(urgent_lane))
         self._dispatch()
 
     # -- internals -----------------------------------------------------------------------------
@@ -145,22 +191,37 @@ class ComputeArbiter:
         return (w.priority - aged, w.priority, w.seq)
 
     def _dispatch(self) -> None:
-        while self._running < self.concurrency and self._waiters:
+        while self._waiters:
             now = self._clock()
-            best = min(self._waiters, key=lambda w: self._urgency(w, now))
+            urgent = False
+            if self._running < self.concurrency:
+                best = min(self._waiters, key=lambda w: self._urgency(w, now))
+            elif self._urgent_running < self.urgent_lane:
+                # By priority as asked, not as aged: aging orders the normal grants, it does not
+                # open the urgent lane to priority 3.
+                first = [w for w in self._waiters if w.priority == 1]
+                if not first:
+                    return
+                best, urgent = min(first, key=lambda w: w.seq), True
+            else:
+                return
             self._waiters.remove(best)
             self._observe_waiting(best.priority)
             if best.future.done():  # cancelled: its handler runs later and finds it gone
                 continue
-            self._take(best.model, best.priority, now - best.since)
-            best.future.set_result(None)
+            best.future.set_result(self._take(best.model, best.priority, now - best.since, urgent=urgent))
 
-    def _take(self, model: str, priority: int, waited_s: float) -> None:
-        self._running += 1
+    def _take(self, model: str, priority: int, waited_s: float, *, urgent: bool) -> Grant:
+        if urgent:
+            self._urgent_running += 1
+        else:
+            self._running += 1
         self.granted += 1
+        self._granted_at[priority] = self._clock()
         if self.observer is not None:
-            self.observer.on_grant(model, priority, waited_s)
-            self.observer.on_running(self._running)
+            self.observer.on_grant(model, priority, waited_s, urgent)
+            self.observer.on_running(self._running + self._urgent_running)
+        return URGENT if urgent else NORMAL
 
     def _observe_waiting(self, priority: int) -> None:
         if self.observer is not None:

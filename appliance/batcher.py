@@ -334,21 +334,23 @@ class Batcher(EarlyAdmission, Generic[T, R]):
         assert arbiter is not None
         self._asking = arbiter.waiter(self.name, self._best_level())
         try:
-            await arbiter.acquire(self.name, self._asking.priority, waiter=self._asking)
+            held = await arbiter.acquire(self.name, self._asking.priority, waiter=self._asking)
         finally:
             self._asking = None
         launched = False
         try:
-            queued = sum(map(len, self._queues))
+            # An urgent-lane grant is for priority-1 work only.
+            levels = 1 if held.urgent else len(self._queues)
+            queued = sum(map(len, self._queues[:levels]))
             if queued:
                 size, _ = self.policy.batch_size(queued)
-                batch = self._take(size, loop.time())
+                batch = self._take(size, loop.time(), levels)
                 if batch:
-                    self._launch(batch, loop, release=arbiter.release)
+                    self._launch(batch, loop, release=lambda: arbiter.release(held))
                     launched = True
         finally:
             if not launched:
-                arbiter.release()
+                arbiter.release(held)
         self._asking_task = None
         self._pump()  # more work and another free instance: ask again
 
@@ -360,7 +362,12 @@ class Batcher(EarlyAdmission, Generic[T, R]):
         aging = self.policy.aging_ms
         return req.priority if not aging else max(1, req.priority - int((now - req.arrival) * 1000 // aging))
 
-    def _take(self, size: int, now: float) -> list[_Request[T, R]]:
+    def _take(self, size: int, now: float, levels: int | None = None) -> list[_Request[T, R]]:
+        """The next batch: up to ``size`` items, most urgent first, from the first ``levels``.
+
+        With ``priority_1_alone``, a batch headed by priority-1 work (as asked, or aged to it)
+        takes nothing less urgent: filled with priority-2 and 3 items it would take as long as a
+        full batch, and the priority-1 items would wait for all of it."""
         dead: list[_Request[T, R]] = []
 
         def live(queue: OrderedDict[_Request[T, R], None]) -> Iterator[tuple[int, int, _Request[T, R]]]:
@@ -372,7 +379,9 @@ class Batcher(EarlyAdmission, Generic[T, R]):
 
         # Aging keeps each level ordered by (effective priority, arrival), so a k-way merge is exact.
         window = size * _LENGTH_WINDOW if self._length else size
-        ranked = list(itertools.islice(heapq.merge(*map(live, self._queues)), window))
+        ranked = list(itertools.islice(heapq.merge(*map(live, self._queues[:levels])), window))
+        if self.policy.priority_1_alone and ranked and ranked[0][0] == 1:
+            ranked = list(itertools.takewhile(lambda c: c[0] == 1, ranked))
         for req in dead:
             if self._discard(req):
                 self._count(req.priority, "cancelled")

@@ -36,9 +36,11 @@ class _ArbiterMetrics:
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
 
-    def on_grant(self, model: str, priority: int, waited_s: float) -> None:
+    def on_grant(self, model: str, priority: int, waited_s: float, urgent: bool) -> None:
         m = self.m
         m.child(m.compute_grants, model, str(priority)).inc()
+        if urgent:
+            m.child(m.compute_urgent_grants, model).inc()
         m.child(m.compute_wait, str(priority)).observe(waited_s)
 
     def on_waiting(self, priority: int, count: int) -> None:
@@ -95,6 +97,7 @@ def batch_policy(values: dict[str, Any]) -> BatchPolicy:
         default_timeout_ms=float(values["queue.default_timeout_ms"]),
         allow_timeout_override=bool(values["queue.allow_timeout_override"]),
         aging_ms=float(values["queue.aging_ms"]),
+        priority_1_alone=bool(values["batching.priority_1_alone"]),
     )
 
 
@@ -125,6 +128,7 @@ class ModelManager:
         self.arbiter = ComputeArbiter(
             int(server_values["compute.concurrency"]),
             float(server_values["compute.aging_ms"]),
+            int(server_values["compute.urgent_lane"]),
             observer=_ArbiterMetrics(metrics),
         )
         # Engines that share one device arena (TensorRT) never run at once, whatever the
@@ -417,7 +421,11 @@ class ModelManager:
         values = self.cfg.tunables_for("", {})
         self.memory.configure(values, _device_total())
         self._memory_metrics()
-        self.arbiter.configure(int(values["compute.concurrency"]), float(values["compute.aging_ms"]))
+        self.arbiter.configure(
+            int(values["compute.concurrency"]),
+            float(values["compute.aging_ms"]),
+            int(values["compute.urgent_lane"]),
+        )
 
     def apply(self, name: str) -> None:
         """Push the current effective tunables of ``name`` into its running batcher."""

@@ -261,6 +261,13 @@ register(
         10_000,
     ),
     Setting(
+        "batching.priority_1_alone",
+        bool,
+        True,
+        "A batch that holds priority-1 work takes no lower-priority items, so that it stays short "
+        "(off: fill it to max_batch_size, more throughput, slower priority 1 under load).",
+    ),
+    Setting(
         "batching.preferred_batch_sizes",
         list,
         [],
@@ -464,6 +471,16 @@ register(
         1_000_000,
     ),
     Setting(
+        "generation.urgent_prefill_ms",
+        float,
+        100.0,
+        "While more urgent work has used the engine within the last second, prefill chunks are cut "
+        "to about this many ms of compute (measured), so that it waits at most about one chunk "
+        "(0 = chunks by prefill_chunk_tokens only).",
+        0,
+        60_000,
+    ),
+    Setting(
         "generation.prefix_cache",
         bool,
         True,
@@ -573,6 +590,16 @@ register(
         "A call waiting for engine time gains one priority level per this many ms (0 = strict).",
         0,
         3_600_000,
+        scope="server",
+    ),
+    Setting(
+        "compute.urgent_lane",
+        int,
+        0,
+        "Extra engine calls only priority-1 work may run, so it never waits for lower-priority work "
+        "already running (0 = none).",
+        0,
+        16,
         scope="server",
     ),
     Setting(

@@ -270,6 +270,12 @@ class Metrics:
             ["model", "priority"],
             registry=r,
         )
+        self.compute_urgent_grants = Counter(
+            "appliance_compute_urgent_grants",
+            "Engine calls granted on the urgent lane (priority 1 past lower-priority work), by model.",
+            ["model"],
+            registry=r,
+        )
         self.compute_wait = Histogram(
             "appliance_compute_wait_seconds",
             "Time an engine call waited for a compute grant, by priority.",

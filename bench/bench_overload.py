@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -91,11 +92,21 @@ class Server:
         fields = stat.rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def loop_cpu_s(self) -> float:
+        """CPU seconds of the main thread alone: the event loop, where refusals are handled."""
+        return thread_cpu_s(self.proc.pid, self.proc.pid)
+
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         return float("nan")
+
+
+def thread_cpu_s(pid: int, tid: int) -> float:
+    stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def link_repository(tmp: Path, models: list[str]) -> Path:
@@ -559,12 +570,15 @@ async def refusal_cost(tmp: Path, seconds: float) -> dict[str, Any]:
         solo = await closed_loop(server.url, 1, max(2.0, seconds / 2))
         cpu_per_answer = (server.cpu_s() - cpu0) / max(1, solo.summary()["answered"])
         REFUSALS.clear()
-        cpu0 = server.cpu_s()
+        cpu0, loop0 = server.cpu_s(), server.loop_cpu_s()
         flood = await closed_loop(server.url, 64, seconds, priority=3)
-        cpu = server.cpu_s() - cpu0
+        cpu, loop_cpu = server.cpu_s() - cpu0, server.loop_cpu_s() - loop0
     s = flood.summary()
     refused = max(1, s["shed"])
+    bare = await bare_refusal_cost(seconds)
     return {
+        "ms_per_refusal_loop_thread": loop_cpu / refused * 1e3,
+        "bare_aiohttp_ms_per_refusal": bare,
         "refused": s["shed"],
         "answered": s["answered"],
         "refused_without_retry_after": s["shed_without_retry_after"],
@@ -574,6 +588,31 @@ async def refusal_cost(tmp: Path, seconds: float) -> dict[str, Any]:
         "ms_per_refusal_net": max(0.0, cpu - s["answered"] * cpu_per_answer) / refused * 1e3,
         "refusal_bodies": dict(REFUSALS),
     }
+
+
+async def bare_refusal_cost(seconds: float) -> float:
+    """CPU ms per request of a bare aiohttp server answering every POST with a 429 (see
+    bench/bare_refusal_server.py), flooded the same way: the floor aiohttp itself sets here."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "bare_refusal_server.py"), str(port)])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url + "/v1/embeddings", b"{}"), timeout=1):
+                    pass
+            except urllib.error.HTTPError:
+                break  # the 429: it is up
+            except OSError:
+                time.sleep(0.1)
+        await closed_loop(url, 64, 1.0, priority=3)  # warm-up
+        cpu0 = thread_cpu_s(proc.pid, proc.pid)
+        flood = await closed_loop(url, 64, seconds, priority=3)
+        cpu = thread_cpu_s(proc.pid, proc.pid) - cpu0
+        return cpu / max(1, flood.summary()["shed"]) * 1e3
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 async def soak(server: Server, cap: dict[str, float], minutes: float) -> dict[str, Any]:
@@ -647,10 +686,18 @@ def table(r: dict[str, Any]) -> str:
     rc = r["refusal_cost"]
     rows.append(
         (
-            "server CPU per refusal (net / upper bound)",
-            f"{rc['ms_per_refusal_net']:.3f} / {rc['ms_per_refusal_upper_bound']:.3f} ms "
-            f"({rc['refused']} refused, {rc['answered']} answered)",
+            "server CPU per refusal (net / upper bound / event-loop thread)",
+            f"{rc['ms_per_refusal_net']:.3f} / {rc['ms_per_refusal_upper_bound']:.3f} / "
+            f"{rc['ms_per_refusal_loop_thread']:.3f} ms ({rc['refused']} refused, {rc['answered']} answered)",
             "<= 0.25 ms",
+        )
+    )
+    rows.append(
+        (
+            "bare aiohttp 429, same flood (the floor here)",
+            f"{rc['bare_aiohttp_ms_per_refusal']:.3f} ms "
+            f"(appliance loop thread = {rc['ms_per_refusal_loop_thread'] / rc['bare_aiohttp_ms_per_refusal']:.2f}x)",
+            "",
         )
     )
     if "soak" in r:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from appliance.arbiter import ComputeArbiter
+from appliance.arbiter import ComputeArbiter, Grant
 from appliance.batcher import Batcher, BatchPolicy
 
 
@@ -84,24 +84,32 @@ async def test_without_aging_priority_is_strict() -> None:
 async def test_a_cancelled_waiter_never_loses_the_grant() -> None:
     arbiter = ComputeArbiter(1, aging_ms=0)
     holder = await arbiter.acquire("a", 1)
-    assert holder is None  # granted at once
+    assert not holder.urgent  # granted at once
     victim = asyncio.create_task(arbiter.acquire("b", 1))
     heir = asyncio.create_task(arbiter.acquire("c", 2))
     await asyncio.sleep(0)
-    arbiter.release()  # hands the grant to "b" ...
+    arbiter.release(holder)  # hands the grant to "b" ...
     victim.cancel()  # ... which is cancelled in the same loop turn
     with pytest.raises(asyncio.CancelledError):
         await victim
     await asyncio.wait_for(heir, 1)  # the grant passed on
     assert arbiter.snapshot()["running"] == 1
     arbiter.release()
-    assert arbiter.snapshot() == {"concurrency": 1, "aging_ms": 0, "running": 0, "waiting": {}, "granted": 3}
+    assert arbiter.snapshot() == {
+        "concurrency": 1,
+        "aging_ms": 0,
+        "running": 0,
+        "urgent_lane": 0,
+        "urgent_running": 0,
+        "waiting": {},
+        "granted": 3,
+    }
 
 
 async def test_concurrency_allows_several_grants() -> None:
     arbiter = ComputeArbiter(2, aging_ms=0)
-    assert await arbiter.acquire("a", 3) is None
-    assert await arbiter.acquire("b", 3) is None
+    assert isinstance(await arbiter.acquire("a", 3), Grant)
+    assert isinstance(await arbiter.acquire("b", 3), Grant)
     third = asyncio.create_task(arbiter.acquire("c", 1))
     await asyncio.sleep(0.01)
     assert not third.done()
@@ -154,11 +162,90 @@ async def test_a_batcher_forms_its_batch_when_the_grant_arrives() -> None:
 
     b = Batcher("m", BatchPolicy(max_batch_size=8), execute, arbiter=arbiter)
     other = await arbiter.acquire("other", 1)
-    assert other is None
     tasks = [asyncio.create_task(b.submit(i)) for i in range(5)]
     await asyncio.sleep(0.01)
     assert sizes == []
-    arbiter.release()
+    arbiter.release(other)
     assert await asyncio.gather(*tasks) == [0, 1, 2, 3, 4]
     assert sizes == [5]
     await b.close()
+
+
+# -- the urgent lane ------------------------------------------------------------------------------
+
+
+async def test_the_urgent_lane_lets_priority_1_run_beside_lower_priority_work() -> None:
+    """With ``compute.urgent_lane`` 1, a priority-1 call does not wait for the priority-3 call
+    running, while a priority-2 call still does; a second priority-1 call waits for the first."""
+    arbiter = ComputeArbiter(1, aging_ms=0, urgent_lane=1)
+    low = await arbiter.acquire("chat", 3)
+    assert not low.urgent
+    second = asyncio.create_task(arbiter.acquire("embed", 2))
+    await asyncio.sleep(0)
+    first = await asyncio.wait_for(arbiter.acquire("embed", 1), 1)  # past the queued priority 2
+    assert first.urgent
+    again = asyncio.create_task(arbiter.acquire("other", 1))
+    await asyncio.sleep(0.01)
+    assert not second.done() and not again.done()
+    assert arbiter.snapshot()["urgent_running"] == 1
+    arbiter.release(first)
+    assert (await asyncio.wait_for(again, 1)).urgent
+    arbiter.release(low)
+    assert not (await asyncio.wait_for(second, 1)).urgent
+    snap = arbiter.snapshot()
+    assert snap["running"] == 1 and snap["urgent_running"] == 1
+
+
+async def test_aging_never_opens_the_urgent_lane_to_lower_priorities() -> None:
+    clock = Clock()
+    arbiter = ComputeArbiter(1, aging_ms=100, urgent_lane=1, clock=clock)
+    held = await arbiter.acquire("a", 2)
+    old = asyncio.create_task(arbiter.acquire("old", 3))
+    await asyncio.sleep(0)
+    clock.now = 10.0  # aged far past priority 1 for the normal grant, still priority 3 as asked
+    other = asyncio.create_task(arbiter.acquire("other", 2))  # every arrival dispatches
+    await asyncio.sleep(0.01)
+    assert not old.done() and arbiter.snapshot()["urgent_running"] == 0
+    arbiter.release(held)
+    assert not (await asyncio.wait_for(old, 1)).urgent  # first by aging
+    assert not other.done()
+    other.cancel()
+
+
+async def test_a_waiter_promoted_to_priority_1_takes_the_urgent_lane() -> None:
+    arbiter = ComputeArbiter(1, aging_ms=0, urgent_lane=1)
+    held = await arbiter.acquire("chat", 2)
+    waiter = arbiter.waiter("embed", 2)
+    asking = asyncio.create_task(arbiter.acquire("embed", 2, waiter=waiter))
+    await asyncio.sleep(0.01)
+    assert not asking.done()
+    arbiter.promote(waiter, 1)  # a priority-1 item joined the batcher's queue
+    assert (await asyncio.wait_for(asking, 1)).urgent
+    arbiter.release(held)
+
+
+async def test_a_batch_on_the_urgent_lane_takes_only_priority_1_items() -> None:
+    """A chat step (priority 2) holds the only normal grant; the embedding batcher has priority-2
+    and priority-1 items queued. The urgent-lane batch runs at once with the priority-1 items only;
+    the priority-2 items wait for the normal grant."""
+    arbiter = ComputeArbiter(1, aging_ms=0, urgent_lane=1)
+    ran: list[list[Any]] = []
+
+    async def execute(items: list[Any]) -> list[Any]:
+        ran.append(list(items))
+        return items
+
+    policy = BatchPolicy(max_batch_size=8, priority_levels=3, default_priority=2)
+    embed = Batcher("embed", policy, execute, arbiter=arbiter, instances=2)
+    chat = await arbiter.acquire("chat", 2)
+    later = [asyncio.create_task(embed.submit(f"p2-{i}", priority=2)) for i in range(3)]
+    await asyncio.sleep(0.01)
+    assert ran == []  # the normal grant is the chat step's
+    urgent = [asyncio.create_task(embed.submit(f"p1-{i}", priority=1)) for i in range(2)]
+    assert await asyncio.wait_for(asyncio.gather(*urgent), 1) == ["p1-0", "p1-1"]
+    assert ran == [["p1-0", "p1-1"]]
+    assert not any(t.done() for t in later)
+    arbiter.release(chat)
+    assert await asyncio.wait_for(asyncio.gather(*later), 1) == ["p2-0", "p2-1", "p2-2"]
+    assert ran[1] == ["p2-0", "p2-1", "p2-2"]
+    await embed.close()

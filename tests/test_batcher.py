@@ -147,6 +147,20 @@ async def test_strict_priority_first_then_fifo_within_a_level() -> None:
     assert engine.batches[1:] == [["c", "e"], ["b", "f"], ["a", "d"]]
 
 
+@pytest.mark.parametrize("alone", [True, False])
+async def test_a_batch_holding_priority_1_takes_no_lower_priority_items(alone: bool) -> None:
+    """``batching.priority_1_alone`` (on by default): a priority-1 batch filled with priority-2
+    and 3 items would take as long as a full one; alone it stays short. Off: filled as usual."""
+    policy = BatchPolicy(max_batch_size=4, priority_levels=3, default_priority=2, priority_1_alone=alone)
+    batcher, engine, _ = await blocked(policy)
+    order = [("a", 2), ("b", 1), ("c", 3), ("d", 1)]
+    tasks = [submit(batcher, name, priority=p) for name, p in order]
+    await asyncio.sleep(0)
+    engine.gate.set()
+    await asyncio.gather(*tasks)
+    assert engine.batches[1:] == ([["b", "d"], ["a", "c"]] if alone else [["b", "d", "a", "c"]])
+
+
 async def test_partial_batch_waits_for_queue_delay_only_while_another_instance_is_busy() -> None:
     engine = FakeEngine(gated=True)
     batcher: Batcher[Any, Any] = Batcher(
@@ -167,7 +181,8 @@ async def test_partial_batch_waits_for_queue_delay_only_while_another_instance_i
 
 
 async def test_length_grouping_fills_with_the_closest_lengths_without_crossing_levels() -> None:
-    policy = BatchPolicy(max_batch_size=3, priority_levels=2)
+    # Mixed levels in one batch, as with priority_1_alone off (or for levels below 1).
+    policy = BatchPolicy(max_batch_size=3, priority_levels=2, priority_1_alone=False)
     engine = FakeEngine(gated=True)
     batcher: Batcher[Any, Any] = Batcher("m", policy, engine, length=len)
     submit(batcher, "blocker")
@@ -196,10 +211,12 @@ async def test_raising_max_batch_size_live_takes_effect_for_the_next_batch() -> 
 
 
 async def test_a_replaced_policy_with_fewer_levels_moves_waiting_items_to_the_lowest() -> None:
-    batcher, engine, _ = await blocked(BatchPolicy(priority_levels=3, max_batch_size=8))
+    policy = BatchPolicy(priority_levels=3, max_batch_size=8, priority_1_alone=False)
+    batcher, engine, _ = await blocked(policy)
     tasks = [submit(batcher, "p3", priority=3), submit(batcher, "p1", priority=1)]
     await asyncio.sleep(0)
-    batcher.policy = BatchPolicy(priority_levels=2, max_batch_size=8)  # as a config reload does
+    # As a config reload does.
+    batcher.policy = BatchPolicy(priority_levels=2, max_batch_size=8, priority_1_alone=False)
     later = submit(batcher, "p2", priority=2)
     await asyncio.sleep(0)
     assert batcher.snapshot()["queue_depth"] == {1: 1, 2: 2}

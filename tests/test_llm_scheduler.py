@@ -581,6 +581,16 @@ async def test_every_engine_call_takes_a_grant_at_its_most_urgent_level(
             held -= 1
 
     dec = FakeDecoder(decode_s=0.01)
+    ungranted: list[str] = []  # engine calls made while no grant was held
+    for name in ("prefill", "decode"):
+        call = getattr(dec, name)
+
+        def checked(*args: Any, _call: Any = call, _name: str = name, **kw: Any) -> Any:
+            if held <= 0:
+                ungranted.append(_name)
+            return _call(*args, **kw)
+
+        setattr(dec, name, checked)
     policy = BatchPolicy(priority_levels=3, default_priority=2)
     sch = Scheduler("fake", dec, executor, policy, GenerationConfig(), grant=grant)
     low = seq([1], 6)
@@ -591,7 +601,42 @@ async def test_every_engine_call_takes_a_grant_at_its_most_urgent_level(
     await asyncio.gather(drain(low), drain(high))
     assert levels[0] == 3  # the low request's prefill
     assert 1 in levels  # the high one's prefill, and the decode calls it shares with the low one
-    assert len(levels) == len(dec.prefill_sizes) + len(dec.decode_sizes) and held == 0
+    await sch.close()  # the last step may still hold its grant when the last token is out
+    # Every call ran under a grant; a step whose rows all ended meanwhile may hold one unused.
+    assert ungranted == [] and held == 0
+    assert len(levels) >= len(dec.prefill_sizes) + len(dec.decode_sizes)
+
+
+@pytest.mark.parametrize("pressed", [True, False])
+async def test_prefill_is_cut_to_urgent_prefill_ms_while_more_urgent_work_is_about(
+    executor: ThreadPoolExecutor, pressed: bool
+) -> None:
+    """A priority-1 embedding batch waits for the engine call running when it arrives; while the
+    arbiter says such work is about, a prompt is prefilled in chunks of about
+    ``urgent_prefill_ms`` (from the measured prefill rate), not of ``prefill_chunk_tokens``."""
+    dec = FakeDecoder(prefill_s=0.01)  # every prefill call takes ~10 ms, whatever its size
+    config = GenerationConfig(prefill_chunk_tokens=512, urgent_prefill_ms=2.0)
+    policy = BatchPolicy(priority_levels=3, default_priority=2)
+    asked: list[int] = []
+
+    def arbiter_says(level: int) -> bool:
+        asked.append(level)
+        return pressed
+
+    sch = Scheduler("fake", dec, executor, policy, config, pressed=arbiter_says)
+    first = seq(list(range(1, 41)), 1)  # measures the rate: ~40 tokens in ~10 ms (<= 4000/s)
+    sch.submit(first)
+    await drain(first)
+    assert dec.prefill_tokens == [40]
+    long = seq(list(range(1, 101)), 1)
+    sch.submit(long, priority=2)
+    text, fin = await drain(long)
+    assert isinstance(fin, Finished) and text == text_of(reference(list(range(1, 101)), 1))
+    if pressed:  # ~2 ms at <= 4000 tokens/s is < 16 tokens: the smallest chunk, 16
+        assert dec.prefill_tokens[1:] == [16] * 6 + [4]
+    else:
+        assert dec.prefill_tokens[1:] == [100]
+    assert 2 in asked
     await sch.close()
 
 

@@ -268,9 +268,9 @@ def test_a_priority_1_embedding_overtakes_priority_3_decode_steps(
     real = arbiter.observer
 
     class Spy:
-        def on_grant(self, model: str, priority: int, waited_s: float) -> None:
+        def on_grant(self, model: str, priority: int, waited_s: float, urgent: bool) -> None:
             grants.append((model, priority))
-            real.on_grant(model, priority, waited_s)
+            real.on_grant(model, priority, waited_s, urgent)
 
         def on_waiting(self, priority: int, count: int) -> None:
             real.on_waiting(priority, count)

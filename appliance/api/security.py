@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -21,7 +20,6 @@ LIMITER = web.AppKey("limiter", KeyRateLimiter)
 AUTH_TIMEOUT_S = 5.0
 KEY = "api_key"  # request-scoped: the authenticated ApiKeyRecord
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Unauthorized(ApplianceError):
@@ -39,12 +37,18 @@ def keys_required(app: web.Application) -> bool:
     return app[KEYS].active_count() > 0 if required is None else required
 
 
-@web.middleware
-async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+def needs_key(request: web.Request) -> bool:
+    """Whether this request must present an API key (cheap: most boxes run without keys)."""
     path = request.path
     cfg = request.app[CONFIG].file.auth
-    if path in OPEN_PATHS or (path == "/metrics" and cfg.metrics_public) or not keys_required(request.app):
-        return await handler(request)
+    return not (
+        path in OPEN_PATHS or (path == "/metrics" and cfg.metrics_public) or not keys_required(request.app)
+    )
+
+
+async def authenticate(request: web.Request) -> None:
+    """Check the presented key and its rate limit (raises the API error); remembers the key on the
+    request for the pipeline's priority cap. Call only when :func:`needs_key` says so."""
     presented = presented_key(request.headers)
     if presented is None:
         raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key'")
@@ -65,7 +69,6 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         err.code = "rate_limited"
         raise err
     request[KEY] = record
-    return await handler(request)
 
 
 _MAX_TRACKED = 4096
@@ -101,19 +104,18 @@ class RateCeilings:
 CEILINGS = web.AppKey("ceilings", RateCeilings)
 
 
-@web.middleware
-async def rate_ceilings(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.method == "POST":
-        wait = request.app[CEILINGS].check(request)
-        if wait > 0:
-            metrics = request.app[METRICS]
-            metrics.child(metrics.shed, "rate_ceiling").inc()
-            return web.Response(
-                status=503,
-                body=_RATE_503,
-                headers={"Retry-After": str(max(1, math.ceil(wait))), "Content-Type": "application/json"},
-            )
-    return await handler(request)
+def over_ceiling(request: web.Request) -> web.Response | None:
+    """The minimal 503 for a POST over a rate ceiling (before its body is read), else None."""
+    wait = request.app[CEILINGS].check(request)
+    if wait <= 0:
+        return None
+    metrics = request.app[METRICS]
+    metrics.child(metrics.shed, "rate_ceiling").inc()
+    return web.Response(
+        status=503,
+        body=_RATE_503,
+        headers={"Retry-After": str(max(1, math.ceil(wait))), "Content-Type": "application/json"},
+    )
 
 
 _TOO_MANY = (

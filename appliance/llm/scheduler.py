@@ -4,7 +4,8 @@ Sequences join and leave the running batch at step boundaries. A step is two eng
 model's worker thread (never on the event loop), each under a compute grant (``grant``) and each
 bounded by ``engine.timeout_ms``: (1) prefill: newcomers start from their longest cached prefix
 (``appliance.llm.prefix``), and at most ``generation.prefill_chunk_tokens`` prompt tokens are
-computed per step, so a long prompt is read over several steps; a sequence whose context is
+computed per step (fewer, about ``generation.urgent_prefill_ms`` of compute, while the arbiter
+says more urgent work is about), so a long prompt is read over several steps; a sequence whose context is
 complete samples its first token; (2) decode: drop the rows of finished, cancelled and preempted
 sequences, append the freshly prefilled rows (``KVState.join``: nobody else is recomputed), one
 decode step for every running row. Tokens reach each request's ``asyncio.Queue`` from the worker
@@ -76,6 +77,8 @@ _R = TypeVar("_R")
 
 
 _EWMA_ALPHA = 0.2
+# The smallest prefill chunk cut for more urgent work: below it, per-call overhead dominates.
+_MIN_URGENT_CHUNK = 16
 DEFAULT_SEQUENCE_S = 1.0  # assumed time a sequence holds a slot before any has finished
 
 
@@ -88,6 +91,7 @@ class GenerationConfig:
     preemption: bool = False
     max_prefill_tokens: int = 4096
     prefill_chunk_tokens: int = 0  # 0: a prompt is prefilled whole in one step
+    urgent_prefill_ms: float = 0.0  # 0: chunks are not cut for more urgent work
     prefix_cache: bool = False
     prefix_block_tokens: int = 16
 
@@ -101,6 +105,7 @@ class GenerationConfig:
             preemption=bool(values["generation.preemption"]),
             max_prefill_tokens=int(values["generation.max_prefill_tokens"]),
             prefill_chunk_tokens=int(values["generation.prefill_chunk_tokens"]),
+            urgent_prefill_ms=float(values["generation.urgent_prefill_ms"]),
             prefix_cache=bool(values["generation.prefix_cache"]),
             prefix_block_tokens=int(values["generation.prefix_block_tokens"]),
         )
@@ -217,10 +222,12 @@ class Scheduler(EarlyAdmission):
         tunables: Callable[[], Mapping[str, Any]] | None = None,
         progress: Callable[[float], AbstractContextManager[Any]] | None = None,
         grant: Callable[[int], AbstractAsyncContextManager[Any]] | None = None,
+        pressed: Callable[[int], bool] | None = None,
     ) -> None:
         """``grant(level)``: the compute arbiter's permit for one engine call whose most urgent row
         has priority ``level``; held around the call, awaited on the event loop. None: no
-        arbitration."""
+        arbitration. ``pressed(level)``: whether work more urgent than ``level`` is about (the
+        arbiter's word), so that a prefill chunk is cut to ``urgent_prefill_ms``."""
         self.name = name
         self.session = session
         self.executor = executor
@@ -228,6 +235,8 @@ class Scheduler(EarlyAdmission):
         self._tunables = tunables
         self._progress = progress
         self._grant = grant
+        self._pressed = pressed
+        self._prefill_rate: float | None = None  # EWMA prompt tokens per second of prefill calls
         self.metrics = metrics
         self.bytes_per_token = (
             session.layers * 2 * session.kv_heads * session.head_dim * np.dtype(session.kv_dtype).itemsize
@@ -663,9 +672,10 @@ class Scheduler(EarlyAdmission):
         new: tuple[KVState | None, list[Seq]] = (None, [])
         if work:
             allowance = self.config.kv_cache_bytes - self._charge(plan.keep + work)
+            level = _level(work)
             try:
                 new_kv, joined, pending = await self._engine_call(
-                    _level(work), self._prefill, work, allowance
+                    level, self._prefill, work, allowance, self._prefill_budget(level)
                 )
                 new, self._prefilling = (new_kv, joined), pending
             except EngineTimeout as err:
@@ -695,6 +705,23 @@ class Scheduler(EarlyAdmission):
             if rows:
                 self.metrics.batch_size.labels(self.name).observe(len(rows))
         self._set_gauges()
+
+    def _prefill_budget(self, level: int) -> int | None:
+        """Prompt tokens this step may compute: ``prefill_chunk_tokens``, cut to about
+        ``urgent_prefill_ms`` of measured prefill time while more urgent work is about (a
+        priority-1 embedding batch then waits for a short chunk, not for a 512-token one)."""
+        cfg = self.config
+        budget = cfg.prefill_chunk_tokens or None
+        rate = self._prefill_rate
+        if (
+            cfg.urgent_prefill_ms > 0
+            and rate is not None
+            and self._pressed is not None
+            and self._pressed(level)
+        ):
+            cut = max(_MIN_URGENT_CHUNK, int(rate * cfg.urgent_prefill_ms / 1000))
+            budget = cut if budget is None else min(budget, cut)
+        return budget
 
     async def _engine_call(self, level: int, fn: Callable[..., _R], *args: Any) -> _R:
         """Run ``fn(loop, *args)`` on the model's worker under a compute grant for ``level``.
@@ -841,7 +868,7 @@ class Scheduler(EarlyAdmission):
         return _select(kv, rows, [s for s in rows if not (s.done or s.cancelled)])
 
     def _prefill(
-        self, loop: asyncio.AbstractEventLoop, work: list[Seq], allowance: int
+        self, loop: asyncio.AbstractEventLoop, work: list[Seq], allowance: int, budget: int | None
     ) -> tuple[KVState | None, list[Seq], list[Seq]]:
         """Prefill what this step's token budget allows of ``work`` (sequences still prefilling
         first, then newcomers); sample the first token of each whose context is now complete.
@@ -852,8 +879,8 @@ class Scheduler(EarlyAdmission):
         whole context computed in one go are prefilled together as one left-padded batch; the
         others one row at a time, continuing from their past. Returns the KV rows and sequences
         that go on decoding, and those still prefilling."""
-        cfg, cache = self.config, self.prefix
-        budget = cfg.prefill_chunk_tokens or None
+        cache = self.prefix
+        started, computed = time.perf_counter(), 0
         whole: list[Seq] = []
         pieces: list[tuple[Seq, int]] = []
         for seq in work:
@@ -870,6 +897,7 @@ class Scheduler(EarlyAdmission):
             take = remaining if budget is None else min(remaining, budget)
             if budget is not None:
                 budget -= take
+            computed += take
             if seq.partial is None and take == remaining:
                 whole.append(seq)
             else:
@@ -907,6 +935,10 @@ class Scheduler(EarlyAdmission):
                     # Its first token goes out now, not after the other rows of this call.
                     loop.call_soon_threadsafe(self._deliver, self._first_token(seq, logits[0]))
                     done.append(([seq], kv))
+        if computed and not failed:
+            rate = computed / max(time.perf_counter() - started, 1e-6)
+            old = self._prefill_rate
+            self._prefill_rate = rate if old is None else old + _EWMA_ALPHA * (rate - old)
         if cache is not None:
             cache.shrink(allowance)
         loop.call_soon_threadsafe(self._deliver, events)

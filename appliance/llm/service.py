@@ -167,6 +167,7 @@ def _generate_runtime(
         progress=lambda allowance: mgr.progress.working(component, allowance),
         # Every prefill chunk and decode step takes engine time from the arbiter, by priority.
         grant=lambda level: mgr.arbiter.grant(entry.name, level),
+        pressed=mgr.arbiter.pressed,
     )
     fallback = entry.spec.default_response
     rt = LLMRuntime(
