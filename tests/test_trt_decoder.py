@@ -167,14 +167,18 @@ def model_dir(smollm_folder: Path, tmp_path: Path) -> Path:
     return folder
 
 
-def open_session(model_dir: Path, max_running: int = 4, chunk: int = 16) -> trt_decoder.TensorRTDecoderSession:
+def open_session(
+    model_dir: Path, max_running: int = 4, chunk: int = 16
+) -> trt_decoder.TensorRTDecoderSession:
     generation = json.loads((model_dir / "generation.json").read_text())
     plan = trt_decoder.decoder_plan(model_dir, generation, max_running=max_running, prefill_tokens=chunk)
     return trt_decoder.TensorRTDecoderSession(model_dir, plan, gpu=FAKE_GPU)
 
 
 @pytest.mark.slow
-def test_trt_decoder_wiring_greedy_tokens_match_the_fixture(fake_trt: list[list[str]], model_dir: Path) -> None:
+def test_trt_decoder_wiring_greedy_tokens_match_the_fixture(
+    fake_trt: list[list[str]], model_dir: Path
+) -> None:
     session = open_session(model_dir, chunk=64)
     assert len(fake_trt) == 1  # built once; the second open finds the cached plan
     again = open_session(model_dir, chunk=64)
@@ -221,7 +225,9 @@ async def test_trt_decoder_wiring_scheduler_with_prefix_cache_and_chunks(
     session = open_session(model_dir, chunk=16)
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     executor = ThreadPoolExecutor(1)
-    config = GenerationConfig(prefix_cache=True, prefix_block_tokens=8, prefill_chunk_tokens=16, max_running=4)
+    config = GenerationConfig(
+        prefix_cache=True, prefix_block_tokens=8, prefill_chunk_tokens=16, max_running=4
+    )
     sch = Scheduler("smollm", session, executor, BatchPolicy(priority_levels=3, default_priority=2), config)
     n = 8
     try:
@@ -239,10 +245,14 @@ async def test_trt_decoder_wiring_scheduler_with_prefix_cache_and_chunks(
 
 
 @pytest.mark.slow
-def test_trt_decoder_wiring_refuses_steps_outside_its_profiles(fake_trt: list[list[str]], model_dir: Path) -> None:
+def test_trt_decoder_wiring_refuses_steps_outside_its_profiles(
+    fake_trt: list[list[str]], model_dir: Path
+) -> None:
     session = open_session(model_dir, max_running=2, chunk=8)
     ctx = session._context
-    with pytest.raises(EngineError, match=r"prefill step outside the plan's prefill profile: input_ids \(1, 9\)"):
+    with pytest.raises(
+        EngineError, match=r"prefill step outside the plan's prefill profile: input_ids \(1, 9\)"
+    ):
         session.prefill([list(range(1, 10))])  # longer than the 8-token chunk the plan was built for
     with pytest.raises(EngineError, match=r"input_ids \(3, 2\) not in \[1, 1\]..\[2, 8\]"):
         session.prefill([[1, 2], [3, 4], [5, 6]])  # more rows than max_running
@@ -296,7 +306,7 @@ def test_trt_decoder_wiring_cpu_box_names_both_step_downs(decoder_entry: Any) ->
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fake_trt", ["10.16.1.11", "11.4.0.106"], indirect=True)
+@pytest.mark.parametrize("fake_trt", ["10.16.1.11"], indirect=True)  # 11.x: the tests above
 def test_trt_decoder_wiring_gpu_box_serves_chat_on_tensorrt(
     fake_trt: list[list[str]], decoder_entry: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -318,6 +328,45 @@ def test_trt_decoder_wiring_gpu_box_serves_chat_on_tensorrt(
     engine = _open_decoder(decoder_entry, values())
     try:
         assert engine.backend_name.startswith("onnxruntime")
-        assert (engine.backend_reason or "").startswith("TensorRT: TensorRT failed: TensorRT build of model.onnx crashed")
+        assert (engine.backend_reason or "").startswith(
+            "TensorRT: TensorRT failed: TensorRT build of model.onnx crashed"
+        )
     finally:
         engine.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(cuda.probe().ok, reason="this machine has a GPU")
+def test_decoder_backend_and_reason_in_models_and_stats(smollm_folder: Path, tmp_path: Path) -> None:
+    """The real server on this CPU box: a chat model says where it runs and why not faster, in
+    ``/v1/models/{m}`` and ``/admin/stats``, as the encoders do."""
+    from tests.conftest import ServerThread
+    from tests.test_admin import admin
+
+    repo = make_repository(tmp_path, {"smollm": smollm_folder}, {"smollm": {"name": "smollm"}})
+    srv = ServerThread(
+        {"model_repository": str(repo), "data_dir": str(tmp_path / "data"), "admin": {"port": 0}}
+    ).start()
+    try:
+        body = {"model": "smollm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        status, _, _ = srv.post("/v1/chat/completions", body)
+        assert status == 200
+        status, model = srv.get("/v1/models/smollm")
+        assert status == 200 and model["backend"] == "onnxruntime-cpu"
+        assert model["backend_reason"].startswith("TensorRT: no CUDA device")
+        assert "; ONNX Runtime CUDA: " in model["backend_reason"]
+        status, stats = admin(srv, "GET", "/admin/stats")
+        m = stats["models"]["smollm"]
+        assert (m["backend"], m["backend_reason"]) == (model["backend"], model["backend_reason"])
+    finally:
+        srv.stop()
+
+
+def test_trt_decoder_wiring_module_import_never_imports_tensorrt() -> None:
+    import subprocess
+
+    code = (
+        "import sys, appliance.llm.trt_decoder, appliance.llm.service; assert 'tensorrt' not in sys.modules"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

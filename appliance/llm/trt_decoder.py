@@ -111,6 +111,7 @@ def decoder_plan(
     prefill_tokens: int,
     workspace_bytes: int = 1 << 30,
     force: bool = False,
+    timeout_s: float = 3600.0,
     progress: Callable[[str], None] | None = None,
     gpu: GpuProbe | None = None,
 ) -> Path:
@@ -121,7 +122,15 @@ def decoder_plan(
 
     profiles = decoder_profiles(generation, max_running=max_running, prefill_tokens=prefill_tokens)
     options = BuildOptions(workspace_bytes=workspace_bytes, profiles=profiles)
-    return build_plan(model_dir / "model.onnx", model_dir, options, force=force, progress=progress, gpu=gpu)
+    return build_plan(
+        model_dir / "model.onnx",
+        model_dir,
+        options,
+        force=force,
+        timeout_s=timeout_s,
+        progress=progress,
+        gpu=gpu,
+    )
 
 
 class _Staging:
@@ -189,7 +198,8 @@ class TensorRTDecoderSession(DecoderBase):
         self._profile = PREFILL  # a new context starts on profile 0
         self.device_kv = CudaKVOps(self.kv_dtype, self._stream, device)
         self.kv = self.device_kv
-        self._logits_dtype = next(d.dtype for d in self.io if d.name == "logits")
+        self._dtypes = {d.name: d.dtype for d in self.io}
+        self._logits_dtype = self._dtypes["logits"]
 
     def _check_plan(self) -> None:
         names = {d.name for d in self.io if d.is_input}
@@ -256,8 +266,9 @@ class TensorRTDecoderSession(DecoderBase):
         logits_dev, logits_host = self._stage("logits").fit(batch * seq * self.vocab * itemsize)
         try:
             for name, array in fed.items():
-                dev, host = self._stage(name).fit(array.nbytes)
-                staged = host.view(np.int64, array.shape)
+                dtype = self._dtypes[name]  # int64 unless the graph says otherwise
+                dev, host = self._stage(name).fit(array.size * dtype.itemsize)
+                staged = host.view(dtype, array.shape)
                 np.copyto(staged, array, casting="same_kind")
                 cuda.memcpy_htod_async(dev, staged, stream)
                 self._address(name, dev.ptr)
