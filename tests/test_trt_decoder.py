@@ -250,6 +250,13 @@ def test_trt_decoder_wiring_refuses_steps_outside_its_profiles(
 ) -> None:
     session = open_session(model_dir, max_running=2, chunk=8)
     ctx = session._context
+    # The fake holds the decoder to the contract too: a tensor left without an address is refused.
+    bind = session._address
+    session._address = lambda name, ptr: None if name == "logits" else bind(name, ptr)  # type: ignore[method-assign]
+    with pytest.raises(ContractViolation, match="no address for 'logits'"):
+        session.prefill([[1, 2, 3]])
+    session._address = bind  # type: ignore[method-assign]
+    ctx.calls.clear()
     with pytest.raises(
         EngineError, match=r"prefill step outside the plan's prefill profile: input_ids \(1, 9\)"
     ):
