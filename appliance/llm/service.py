@@ -189,9 +189,11 @@ def _open_decoder(entry: ModelEntry, values: dict[str, Any]) -> Engine:
 def _generate_runtime(
     mgr: ModelManager, entry: ModelEntry, engine: Engine, executor: ThreadPoolExecutor
 ) -> ModelRuntime:
-    session = getattr(engine, "session", None)
-    if not isinstance(session, DecoderBase):
+    from appliance.llm.trt_decoder import TensorRTDecoderEngine
+
+    if not isinstance(engine, DecoderEngine | TensorRTDecoderEngine):
         raise TypeError(f"a generate model needs a decoder engine, got {type(engine).__name__}")
+    session: DecoderBase = engine.session
     roles = entry.spec.artefacts
     tok = Tokenizer.from_file(
         str(entry.artefact("tokenizer") if "tokenizer" in roles else entry.folder / "tokenizer.json")
