@@ -134,18 +134,27 @@ def decoder_plan(
 
 
 class _Staging:
-    """Device memory for one host-fed tensor (or the logits read back) and its pinned host twin,
-    grown to the largest step seen."""
+    """Device memory for one host-fed tensor (or the logits) and its pinned host side, each grown
+    to the largest step seen. The logits' host side holds only the last position of each row."""
 
     def __init__(self) -> None:
         self.device: cuda.DeviceBuffer | None = None
         self.host: cuda.PinnedBuffer | None = None
 
-    def fit(self, nbytes: int) -> tuple[cuda.DeviceBuffer, cuda.PinnedBuffer]:
-        if self.device is None or self.host is None or self.device.nbytes < nbytes:
-            size = (max(nbytes, 256, 2 * (self.device.nbytes if self.device else 0)) + 255) // 256 * 256
-            self.close()
-            self.device, self.host = cuda.DeviceBuffer(size), cuda.PinnedBuffer(size)
+    @staticmethod
+    def _size(need: int, current: int) -> int:
+        return (max(need, 256, 2 * current) + 255) // 256 * 256  # doubling: few regrowths
+
+    def fit(self, nbytes: int, host_nbytes: int | None = None) -> tuple[cuda.DeviceBuffer, cuda.PinnedBuffer]:
+        host_nbytes = nbytes if host_nbytes is None else host_nbytes
+        if self.device is None or self.device.nbytes < nbytes:
+            if self.device is not None:
+                self.device.close()
+            self.device = cuda.DeviceBuffer(self._size(nbytes, self.device.nbytes if self.device else 0))
+        if self.host is None or self.host.nbytes < host_nbytes:
+            if self.host is not None:
+                self.host.close()
+            self.host = cuda.PinnedBuffer(self._size(host_nbytes, self.host.nbytes if self.host else 0))
         return self.device, self.host
 
     def nbytes(self) -> int:
@@ -263,7 +272,9 @@ class TensorRTDecoderSession(DecoderBase):
                 raise EngineError(f"present.{i}.key shape {got}, expected {present_shape}")
         presents = device_arrays([present_shape] * (2 * self.layers), self.kv_dtype)
         itemsize = self._logits_dtype.itemsize
-        logits_dev, logits_host = self._stage("logits").fit(batch * seq * self.vocab * itemsize)
+        logits_dev, logits_host = self._stage("logits").fit(
+            batch * seq * self.vocab * itemsize, batch * self.vocab * itemsize
+        )
         try:
             for name, array in fed.items():
                 dtype = self._dtypes[name]  # int64 unless the graph says otherwise
