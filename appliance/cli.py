@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_engines_build(args: argparse.Namespace) -> int:
     import appliance.api.app  # noqa: F401  (registers every setting)
     from appliance.engines.select import plan_for, tensorrt_unavailable
-    from appliance.repository import MODEL_FILE, load_model_file
+    from appliance.repository import MODEL_FILE, ModelKind, load_model_file
 
     why = tensorrt_unavailable()
     if why is not None:
@@ -231,7 +231,22 @@ def cmd_engines_build(args: argparse.Namespace) -> int:
     cfg = _config(args)
     for name in args.names:
         entry = load_model_file(cfg.model_repository / name / MODEL_FILE)
-        plan = plan_for(entry, cfg.tunables_for(name, entry.tunables), force=args.force)
+        values = cfg.tunables_for(name, entry.tunables)
+        if entry.kind == ModelKind.generate:  # the decoder's prefill and decode profiles
+            import json
+
+            from appliance.llm.trt_decoder import decoder_plan
+
+            plan = decoder_plan(
+                entry.folder,
+                json.loads((entry.folder / "generation.json").read_text()),
+                max_running=int(values["generation.max_running_sequences"]),
+                prefill_tokens=int(values["generation.prefill_chunk_tokens"]),
+                force=args.force,
+                progress=lambda line: print(line, flush=True),
+            )
+        else:
+            plan = plan_for(entry, values, force=args.force)
         print(f"{name}: {plan}")
     return 0
 

@@ -32,7 +32,11 @@ Compute: ``pooled = bias + sum(input_ids, axis=1)``, ``count = sequence length``
 from __future__ import annotations
 
 import ctypes
+import importlib.machinery
+import json
 import types
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -81,6 +85,12 @@ def room_at(ptr: int) -> int | None:
     return None
 
 
+def device_range(ptr: int, nbytes: int, what: str) -> None:
+    """``nbytes`` from ``ptr`` must lie inside one live device allocation."""
+    if nbytes and (room_at(ptr) or 0) < nbytes:
+        raise ContractViolation(f"{what}: {nbytes} bytes at {ptr:#x} are not inside live device memory")
+
+
 class FakePinned(cuda.PinnedBuffer):
     def __init__(self, nbytes: int) -> None:
         self.nbytes, self._mem = nbytes, np.zeros(max(nbytes, 1), np.uint8)
@@ -102,7 +112,10 @@ class FakeStream:
         FakeStream._next += 1
         self.handle = FakeStream._next
 
+    pending: ClassVar[dict[int, list[Callable[[], None]]]] = {}  # queued copies per stream
+
     def synchronize(self) -> None:
+        flush(self.handle)
         for ptr, stream in list(FakeContext.in_flight.items()):
             if stream == self.handle:
                 del FakeContext.in_flight[ptr]
@@ -160,8 +173,7 @@ class FakeContext:
             return self.shapes.get(name, self.engine.get_tensor_shape(name))
         if self.infer_shapes():
             return tuple(-1 for _ in self.engine.get_tensor_shape(name))
-        batch = self.shapes["input_ids"][0]
-        return {"pooled": (batch, 8), "count": (batch,)}[name]
+        return self.engine.output_shape(name, self.shapes)
 
     def set_tensor_address(self, name: str, ptr: int) -> bool:
         self.calls.append(f"address {name}")
@@ -205,13 +217,14 @@ class FakeContext:
                 raise ContractViolation(
                     f"buffer for {name!r} holds {room} bytes, the tensor needs {need_bytes}"
                 )
+        flush(stream)  # stream order: what was queued before this execution has run
         FakeContext.in_flight[ptr] = stream
-        ids = _memory(self.addresses["input_ids"], np.dtype(np.int64), self.shapes["input_ids"])
-        bias = _memory(self.addresses["bias"], np.dtype(np.float32), self.shapes["bias"])
-        batch, seq = ids.shape
-        _memory(self.addresses["pooled"], np.dtype(np.float32), (batch, 8))[:] = bias + ids.sum(1)[:, None]
-        _memory(self.addresses["count"], np.dtype(np.int32), (batch,))[:] = seq
+        self.engine.compute(self)
         return True
+
+    def tensor(self, name: str) -> np.ndarray:
+        """The bound memory of ``name`` as an array of its current shape (what a kernel sees)."""
+        return _memory(self.addresses[name], np.dtype(self.engine.desc[name][0]), self.get_tensor_shape(name))
 
 
 class FakeEngine:
@@ -266,6 +279,15 @@ class FakeEngine:
     def get_tensor_profile_shape(self, name: str, p: int) -> list[tuple[int, ...]]:
         return self.PROFILES[p][name]
 
+    def output_shape(self, name: str, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+        batch = shapes["input_ids"][0]
+        return {"pooled": (batch, 8), "count": (batch,)}[name]
+
+    def compute(self, ctx: FakeContext) -> None:
+        ids, bias = ctx.tensor("input_ids"), ctx.tensor("bias")
+        ctx.tensor("pooled")[:] = bias + ids.sum(1)[:, None]
+        ctx.tensor("count")[:] = ids.shape[1]
+
     def create_execution_context(self, strategy: str = "STATIC") -> FakeContext:
         if strategy != "USER_MANAGED":
             raise ContractViolation(f"the appliance supplies scratch memory; strategy {strategy}")
@@ -276,6 +298,7 @@ class FakeEngine:
 
 def fake_tensorrt_module(version: str = "11.4.0.106") -> types.ModuleType:
     m = types.ModuleType("tensorrt")
+    m.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # importlib.util.find_spec finds it
     m.__version__ = version  # type: ignore[attr-defined]
     api = 10 if version.startswith("10.") else 11
 
@@ -289,7 +312,9 @@ def fake_tensorrt_module(version: str = "11.4.0.106") -> types.ModuleType:
             if not isinstance(logger, ILogger):
                 raise ContractViolation("trt.Runtime needs an ILogger")
 
-        def deserialize_cuda_engine(self, data: bytes) -> FakeEngine | None:
+        def deserialize_cuda_engine(self, data: bytes) -> Any:
+            if data.startswith(DECODER_PLAN):
+                return FakeDecoderEngine(api, json.loads(data[len(DECODER_PLAN) :]))
             return FakeEngine(api) if data == b"fake-plan" else None  # None, not an exception
 
     m.ILogger, m.Runtime = ILogger, Runtime  # type: ignore[attr-defined]
@@ -300,3 +325,174 @@ def fake_tensorrt_module(version: str = "11.4.0.106") -> types.ModuleType:
     )
     m.nptype = lambda dt: dt  # type: ignore[attr-defined]
     return m
+
+
+# --- CUDA copies on fake streams -----------------------------------------------------------------
+# Asynchronous as CUDA's: a copy is queued on its stream and runs at the stream's next
+# synchronize (or before an execution enqueued after it), reading its source only then. So a
+# source freed or a staging buffer rewritten before the stream is synchronised shows as a
+# ContractViolation or as wrong numbers, as it would on a GPU.
+
+
+def flush(handle: int) -> None:
+    for op in FakeStream.pending.pop(handle, []):
+        op()
+
+
+def _enqueue(stream: Any, op: Callable[[], None]) -> None:
+    if stream.handle == 0:
+        raise ContractViolation("copy on the default stream (it serialises with every other stream)")
+    FakeStream.pending.setdefault(stream.handle, []).append(op)
+
+
+def _move(dst: int, src: int, n: int) -> None:
+    ctypes.memmove(dst, src, n)
+
+
+def fake_memcpy_htod_async(dst: Any, src: np.ndarray, stream: Any) -> None:
+    ptr, n = int(dst), src.nbytes
+    device_range(ptr, n, "memcpy htod")
+
+    def op() -> None:
+        device_range(ptr, n, "memcpy htod (at execution)")
+        _move(ptr, src.ctypes.data, n)
+
+    _enqueue(stream, op)
+
+
+def fake_memcpy_dtoh_async(dst: np.ndarray, src: Any, stream: Any) -> None:
+    ptr, n = int(src), dst.nbytes
+    device_range(ptr, n, "memcpy dtoh")
+
+    def op() -> None:
+        device_range(ptr, n, "memcpy dtoh (at execution)")
+        _move(dst.ctypes.data, ptr, n)
+
+    _enqueue(stream, op)
+
+
+def fake_memcpy_dtod_async(dst: Any, src: Any, nbytes: int, stream: Any) -> None:
+    d, s = int(dst), int(src)
+    device_range(d, nbytes, "memcpy dtod destination")
+    device_range(s, nbytes, "memcpy dtod source")
+
+    def op() -> None:
+        device_range(s, nbytes, "memcpy dtod source (at execution)")
+        device_range(d, nbytes, "memcpy dtod destination (at execution)")
+        _move(d, s, nbytes)
+
+    _enqueue(stream, op)
+
+
+def fake_memcpy2d_async(
+    dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, kind: str, stream: Any
+) -> None:
+    """cudaMemcpy2DAsync: pitches at least the width (else cudaErrorInvalidPitchValue), and each
+    device side spans (height - 1) * pitch + width bytes of one allocation."""
+    if not (width and height):
+        return
+    if dpitch < width or spitch < width:
+        raise ContractViolation(f"memcpy2d pitch {dpitch}/{spitch} < width {width}")
+    span_s, span_d = (height - 1) * spitch + width, (height - 1) * dpitch + width
+    device_range(src, span_s, "memcpy2d source")
+    if kind == "dtod":
+        device_range(dst, span_d, "memcpy2d destination")
+    elif kind != "dtoh":
+        raise ContractViolation(f"memcpy2d kind {kind!r}")
+
+    def op() -> None:
+        device_range(src, span_s, "memcpy2d source (at execution)")
+        for r in range(height):
+            _move(dst + r * dpitch, src + r * spitch, width)
+
+    _enqueue(stream, op)
+
+
+def fake_memset_async(dst: Any, value: int, nbytes: int, stream: Any) -> None:
+    ptr = int(dst)
+    device_range(ptr, nbytes, "memset")
+
+    def op() -> None:
+        device_range(ptr, nbytes, "memset (at execution)")
+        ctypes.memset(ptr, value, nbytes)
+
+    _enqueue(stream, op)
+
+
+def install_fake_cuda(monkeypatch: Any) -> None:
+    """Point ``appliance.gpu.cuda``'s allocations, streams and copies at the fakes above."""
+    monkeypatch.setattr(cuda, "DeviceBuffer", FakeDevice)
+    monkeypatch.setattr(cuda, "PinnedBuffer", FakePinned)
+    monkeypatch.setattr(cuda, "Stream", FakeStream)
+    monkeypatch.setattr(cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(cuda, "memcpy_htod_async", fake_memcpy_htod_async)
+    monkeypatch.setattr(cuda, "memcpy_dtoh_async", fake_memcpy_dtoh_async)
+    monkeypatch.setattr(cuda, "memcpy_dtod_async", fake_memcpy_dtod_async)
+    monkeypatch.setattr(cuda, "memcpy2d_async", fake_memcpy2d_async)
+    monkeypatch.setattr(cuda, "memset_async", fake_memset_async)
+    monkeypatch.setattr(FakeContext, "in_flight", {})
+    monkeypatch.setattr(FakeStream, "pending", {})
+    monkeypatch.setattr(FakeDevice, "fail_over", None)
+
+
+# --- a decoder plan whose execution is the real ONNX graph ---------------------------------------
+
+DECODER_PLAN = b"fake-decoder-plan\n"
+_ORT_TYPES = {"tensor(int64)": np.int64, "tensor(float)": np.float32, "tensor(float16)": np.float16}
+_SESSIONS: dict[str, Any] = {}
+
+
+def decoder_plan_bytes(onnx_path: Path, options: dict[str, Any]) -> bytes:
+    """What the fake build child writes: the ONNX it was built from and the profiles it was given
+    (``BuildOptions.to_json``), so the fake engine holds exactly the profiles the build asked for."""
+    return DECODER_PLAN + json.dumps({"onnx": str(onnx_path), "profiles": options["profiles"]}).encode()
+
+
+class FakeDecoderEngine(FakeEngine):
+    """A decoder plan: I/O and profiles as TensorRT would report them for the ONNX graph (symbolic
+    dims as -1), checked like ``FakeEngine``; an execution runs the same ONNX graph on ONNX
+    Runtime's CPU provider, reading inputs from and writing outputs to the bound device addresses.
+    ``runs`` records (profile, input_ids shape) per execution."""
+
+    def __init__(self, api: int, spec: dict[str, Any]) -> None:
+        import onnxruntime as ort
+
+        path = spec["onnx"]
+        if path not in _SESSIONS:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 2
+            _SESSIONS[path] = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.session = _SESSIONS[path]
+        self.symbols: dict[str, list[Any]] = {}
+        io = []
+        for arg, is_in in [(a, True) for a in self.session.get_inputs()] + [
+            (a, False) for a in self.session.get_outputs()
+        ]:
+            self.symbols[arg.name] = list(arg.shape)
+            shape = tuple(d if isinstance(d, int) else -1 for d in arg.shape)
+            io.append((arg.name, _ORT_TYPES[arg.type], shape, is_in))
+        self.IO = tuple(io)  # type: ignore[misc]
+        self.PROFILES = tuple(  # type: ignore[misc]
+            {n: [tuple(r["min"]), tuple(r["opt"]), tuple(r["max"])] for n, r in p.items()}
+            for p in spec["profiles"]
+        )
+        self.PROFILE_MEMORY = tuple((1 << 20) if i == 0 else (1 << 16) for i in range(len(self.PROFILES)))  # type: ignore[misc]
+        self.num_io_tensors = len(self.IO)  # type: ignore[misc]
+        self.num_optimization_profiles = len(self.PROFILES)  # type: ignore[misc]
+        self.runs: list[tuple[int, tuple[int, ...]]] = []
+        super().__init__(api)
+
+    def output_shape(self, name: str, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+        values: dict[str, int] = {}
+        for n, shape in shapes.items():
+            for sym, v in zip(self.symbols[n], shape, strict=True):
+                if isinstance(sym, str) and values.setdefault(sym, v) != v:
+                    raise ContractViolation(f"dimension {sym} is {values[sym]} and {v} across the inputs")
+        return tuple(d if isinstance(d, int) else values[d] for d in self.symbols[name])
+
+    def compute(self, ctx: FakeContext) -> None:
+        self.runs.append((ctx.profile, ctx.shapes["input_ids"]))
+        feeds = {n: ctx.tensor(n).copy() for n in self.inputs}
+        names = [d[0] for d in self.IO if not d[3]]
+        for name, value in zip(names, self.session.run(names, feeds), strict=True):
+            ctx.tensor(name)[...] = value

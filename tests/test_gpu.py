@@ -201,11 +201,14 @@ def test_gpu_check_cpu_run_skips_cleanly_without_server_dependencies(tmp_path: P
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
     steps = [line for line in lines if line.split(" ", 1)[0] in ("PASS", "FAIL", "SKIPPED")]
-    assert len(steps) == 9 and not any(line.startswith("FAIL") for line in steps)
+    assert len(steps) == 12 and not any(line.startswith("FAIL") for line in steps)
     assert lines[-1].startswith("gpu-check: ")
     if not PROBE.ok:
         skipped = {line.split(":")[0].split(None, 1)[1] for line in steps if line.startswith("SKIPPED")}
         assert {"cuda probe", "cuda round trip", "memory manager", "nvml under load", "tensorrt"} <= skipped
+        # Chat on the device: each step says SKIPPED with its reason on a CPU box.
+        assert {"device kv edits", "onnxruntime cuda decoder", "tensorrt decoder"} <= skipped
+        assert "SKIPPED  tensorrt decoder: no CUDA device: " in r.stdout
         assert "SKIPPED  cuda probe: no CUDA device: " in r.stdout
         assert (
             "PASS     backend chain: models run on onnxruntime-cpu (not tensorrt: no CUDA device" in r.stdout
@@ -304,3 +307,40 @@ def test_gpu_tensorrt_matches_onnxruntime(tmp_path: Path) -> None:
     check.run("onnx model", check.onnx_model)
     check.run("tensorrt", check.tensorrt)
     assert [r[0] for r in check.results] == ["PASS"] * 3, check.results
+
+
+# Chat on the device: the KV store's device edits, then the real decoder on each GPU engine, whose
+# greedy tokens must equal the CPU reference fixture (tests/test_trt_decoder.py has the wiring).
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_device_kv_edits_are_bit_exact(tmp_path: Path) -> None:
+    check = load_gpu_check().Check(True, tmp_path)
+    check.run("cuda probe", check.cuda_probe)
+    check.run("device kv edits", check.device_kv_edits)
+    assert [r[0] for r in check.results] == ["PASS"] * 2, check.results
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_onnxruntime_cuda_decoder_greedy_tokens(tmp_path: Path, smollm_folder: Path) -> None:
+    from appliance.engines.availability import onnxruntime_cuda_unavailable
+
+    why = onnxruntime_cuda_unavailable()
+    if why is not None:
+        pytest.skip(why)
+    check = load_gpu_check().Check(True, tmp_path, smollm_folder)
+    check.run("cuda probe", check.cuda_probe)
+    check.run("onnxruntime cuda decoder", check.onnxruntime_cuda_decoder)
+    assert [r[0] for r in check.results] == ["PASS"] * 2, check.results
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="tensorrt is not installed")
+def test_gpu_tensorrt_decoder_greedy_tokens(tmp_path: Path, smollm_folder: Path) -> None:
+    check = load_gpu_check().Check(True, tmp_path, smollm_folder)
+    check.run("cuda probe", check.cuda_probe)
+    check.run("tensorrt decoder", check.tensorrt_decoder)
+    assert [r[0] for r in check.results] == ["PASS"] * 2, check.results

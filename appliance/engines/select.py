@@ -85,9 +85,7 @@ def step_down(model: str, skipped: str, why: str, *, costly: bool) -> str:
         first = key not in _logged
         _logged.add(key)
     if first:
-        log.log(
-            logging.WARNING if costly else logging.INFO, "model %s: not on %s: %s", model, skipped, why
-        )
+        log.log(logging.WARNING if costly else logging.INFO, "model %s: not on %s: %s", model, skipped, why)
     return f"{skipped}: {why}"
 
 

@@ -387,6 +387,32 @@ def memcpy_dtoh_async(dst: np.ndarray, src: DeviceBuffer | int, stream: Stream) 
         check(rt.cudaMemcpyAsync(_host_ptr(dst), int(src), dst.nbytes, kind, stream.handle), "memcpy dtoh")
 
 
+def memcpy_dtod_async(dst: DeviceBuffer | int, src: DeviceBuffer | int, nbytes: int, stream: Stream) -> None:
+    """Copy ``nbytes`` between device addresses on ``stream`` (the data never leaves the device)."""
+    if nbytes:
+        rt = _runtime()
+        kind = rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        check(rt.cudaMemcpyAsync(int(dst), int(src), nbytes, kind, stream.handle), "memcpy dtod")
+
+
+def memcpy2d_async(
+    dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, kind: str, stream: Stream
+) -> None:
+    """``height`` rows of ``width`` bytes from ``src`` (rows ``spitch`` apart) to ``dst`` (rows
+    ``dpitch`` apart): one strided copy cuts a column range out of every [batch, head] row of a KV
+    tensor. ``kind``: "dtod" or "dtoh" (the host side pinned, for a truly async copy)."""
+    if width and height:
+        rt = _runtime()
+        kinds = {
+            "dtod": rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
+            "dtoh": rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+        }
+        check(
+            rt.cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, kinds[kind], stream.handle),
+            "memcpy2d " + kind,
+        )
+
+
 def memset_async(dst: DeviceBuffer | int, value: int, nbytes: int, stream: Stream) -> None:
     """Fill ``nbytes`` of device memory with the byte ``value`` on ``stream`` (a device kernel: the
     GPU check uses it as load that NVML's utilisation sees)."""

@@ -19,6 +19,11 @@ data, never recompute it. They are expressed over ``KVOps``, the five primitives
   copies KV to the host. With ``device="cpu"`` the same graphs run on the CPU provider: CI checks
   them bit-exact against ``HOST`` and runs the whole scheduler on them; only the placement differs
   on a GPU.
+- ``CudaKVOps(dtype, stream)``: raw device memory (``DeviceArray``) for the TensorRT decoder, which
+  binds tensors by address. Every edit is a copy on the device: rows are contiguous blocks
+  (``cudaMemcpyAsync``), a column range of every [batch, head] row is one strided copy
+  (``cudaMemcpy2DAsync``), padding is a ``cudaMemsetAsync`` to zero. CI runs it on fake device
+  memory (host memory behind the same calls, tests/fake_tensorrt.py) bit-exact against ``HOST``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
+
+from appliance.gpu import cuda
 
 
 class KVOps(Protocol):
@@ -196,6 +203,144 @@ class OrtKVOps:
         return np.asarray(a.numpy())
 
 
+_ALIGN = 256  # TensorRT wants every tensor address 256-byte aligned; cudaMalloc gives at least that
+
+
+@dataclass(eq=False)
+class DeviceArray:
+    """A C-contiguous array at ``buffer.ptr + offset`` in device memory. Several arrays may share
+    one buffer (a step's presents are one allocation); it is freed when the last one is dropped."""
+
+    buffer: cuda.DeviceBuffer
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def ptr(self) -> int:
+        return int(self.buffer.ptr) + self.offset
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def device_arrays(shapes: Sequence[tuple[int, ...]], dtype: np.dtype) -> list[DeviceArray]:
+    """Arrays of ``shapes`` in one device allocation, each at a 256-byte aligned offset (an empty
+    array still gets its own 256 bytes: TensorRT takes no null tensor address)."""
+    dtype = np.dtype(dtype)
+    offsets, total = [], 0
+    for shape in shapes:
+        offsets.append(total)
+        n = max(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, 1)
+        total += (n + _ALIGN - 1) // _ALIGN * _ALIGN
+    buffer = cuda.DeviceBuffer(total)
+    return [DeviceArray(buffer, o, tuple(s), dtype) for o, s in zip(offsets, shapes, strict=True)]
+
+
+class CudaKVOps:
+    """The primitives as copies in device memory on ``stream`` (the decoder's own stream, so an edit
+    is ordered before the next step that reads it without a host sync). Arrays are [B, H, T, D]
+    ``DeviceArray``; a [b, h] row of T*D elements is contiguous, which is what makes every edit one
+    copy per row (take, concat rows) or one strided copy (columns, concat and pad columns)."""
+
+    def __init__(self, dtype: np.dtype, stream: Any, device_id: int = 0) -> None:
+        self.dtype = np.dtype(dtype)
+        self.stream, self.device_id = stream, device_id
+        self.placement = f"cuda:{device_id}"
+        # Sources of copies still queued on the stream: kept alive (not freed under the copy)
+        # until the owner has synchronised the stream and calls ``synced``.
+        self._held: list[DeviceArray] = []
+
+    def synced(self) -> None:
+        """The stream has been synchronised: every queued copy is done."""
+        self._held.clear()
+
+    def _new(self, shape: tuple[int, ...], *sources: DeviceArray) -> DeviceArray:
+        self._held.extend(sources)
+        return device_arrays([shape], self.dtype)[0]
+
+    def _rows(self, a: DeviceArray) -> tuple[int, int, int]:
+        """(batch*heads strided rows, bytes per row, bytes per column) of a [B, H, T, D] array."""
+        b, h, t, d = a.shape
+        col = d * self.dtype.itemsize
+        return b * h, t * col, col
+
+    def take_rows(self, a: DeviceArray, rows: np.ndarray) -> DeviceArray:
+        out = self._new((len(rows), *a.shape[1:]), a)
+        block = int(np.prod(a.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        for i, r in enumerate(np.asarray(rows, dtype=np.int64)):
+            if not 0 <= r < a.shape[0]:
+                raise IndexError(f"row {r} of a batch of {a.shape[0]}")
+            cuda.memcpy_dtod_async(out.ptr + i * block, a.ptr + int(r) * block, block, self.stream)
+        return out
+
+    def columns(self, a: DeviceArray, start: int, stop: int) -> DeviceArray:
+        b, h, t, d = a.shape
+        start, stop = max(0, min(start, t)), max(0, min(stop, t))
+        stop = max(start, stop)
+        out = self._new((b, h, stop - start, d), a)
+        height, pitch, col = self._rows(a)
+        width = (stop - start) * col
+        cuda.memcpy2d_async(out.ptr, width, a.ptr + start * col, pitch, width, height, "dtod", self.stream)
+        return out
+
+    def concat(self, arrays: Sequence[DeviceArray], axis: int) -> DeviceArray:
+        if len(arrays) == 1:
+            return arrays[0]
+        first = arrays[0]
+        if axis == 0:
+            out = self._new((sum(a.shape[0] for a in arrays), *first.shape[1:]), *arrays)
+            at = out.ptr
+            for a in arrays:
+                cuda.memcpy_dtod_async(at, a.ptr, a.nbytes, self.stream)
+                at += a.nbytes
+            return out
+        if axis != 2:
+            raise ValueError(f"KV arrays are joined on axis 0 or 2, not {axis}")
+        b, h, _, d = first.shape
+        out = self._new((b, h, sum(a.shape[2] for a in arrays), d), *arrays)
+        height, pitch, col = self._rows(out)
+        at = 0
+        for a in arrays:
+            width = a.shape[2] * col
+            cuda.memcpy2d_async(out.ptr + at, pitch, a.ptr, width, width, height, "dtod", self.stream)
+            at += width
+        return out
+
+    def pad_left(self, a: DeviceArray, n: int) -> DeviceArray:
+        if not n:
+            return a
+        b, h, t, d = a.shape
+        out = self._new((b, h, t + n, d), a)
+        cuda.memset_async(out.ptr, 0, out.nbytes, self.stream)  # zeros: masked scores stay finite
+        height, pitch, col = self._rows(out)
+        width = t * col
+        cuda.memcpy2d_async(out.ptr + n * col, pitch, a.ptr, width, width, height, "dtod", self.stream)
+        return out
+
+    def empty(self, batch: int, heads: int, head_dim: int, dtype: np.dtype) -> DeviceArray:
+        return self._new((batch, heads, 0, head_dim))
+
+    def nbytes(self, a: DeviceArray) -> int:
+        return a.nbytes
+
+    def from_host(self, a: np.ndarray) -> DeviceArray:
+        host = np.ascontiguousarray(a, dtype=self.dtype)
+        out = self._new(tuple(host.shape))
+        cuda.memcpy_htod_async(out.ptr, host, self.stream)
+        self.stream.synchronize()  # ``host`` may go as soon as this returns
+        self.synced()
+        return out
+
+    def to_host(self, a: DeviceArray) -> np.ndarray:
+        host = np.empty(a.shape, dtype=self.dtype)
+        cuda.memcpy_dtoh_async(host, a.ptr, self.stream)
+        self.stream.synchronize()
+        self.synced()
+        return host
+
+
 @dataclass
 class KVState:
     """Per-layer K/V [B, kv_heads, T, head_dim] on ``ops``' placement and the host mask [B, T]."""
@@ -279,4 +424,4 @@ def empty_state(ops: KVOps, layers: int, batch: int, heads: int, head_dim: int, 
     return KVState([empty] * layers, [empty] * layers, np.zeros((batch, 0), dtype=np.int64), ops)
 
 
-__all__ = ["HOST", "KVOps", "KVState", "OrtKVOps", "empty_state"]
+__all__ = ["HOST", "CudaKVOps", "DeviceArray", "KVOps", "KVState", "OrtKVOps", "device_arrays", "empty_state"]

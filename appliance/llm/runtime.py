@@ -23,7 +23,75 @@ from appliance.engines.onnxruntime import spinning
 from appliance.llm.kv import HOST, KVOps, KVState, OrtKVOps, empty_state
 
 
-class DecoderSession:
+class DecoderBase:
+    """A built decoder directory's shape facts (``generation.json``) and the batch logic of prefill
+    and decode, over one ``_run`` that each engine implements (ONNX Runtime here, TensorRT in
+    ``appliance.llm.trt_decoder``): the scheduler sees the same interface on every backend."""
+
+    kv: KVOps
+
+    def _read_generation(self, model_dir: str | Path) -> None:
+        self.model_dir = model_dir = Path(model_dir)
+        self.generation: dict[str, Any] = json.loads((model_dir / "generation.json").read_text())
+        g = self.generation
+        self.layers, self.kv_heads, self.head_dim = int(g["layers"]), int(g["kv_heads"]), int(g["head_dim"])
+        self.context_length, self.vocab = int(g["context_length"]), int(g["vocab"])
+        self.eos_ids: list[int] = [int(i) for i in g["eos_ids"]]
+        self.pad_id = int(g["pad"])
+        self.kv_dtype = np.dtype(g["dtype"])
+
+    def _run(
+        self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, past: KVState, step: str
+    ) -> tuple[np.ndarray, KVState]:
+        """One engine call: logits [B, S or 1, vocab] on the host (at least the last position) and
+        the presents as the new KV state. ``step`` is "prefill" or "decode"."""
+        raise NotImplementedError
+
+    def _check_context(self, positions: np.ndarray) -> None:
+        if int(positions.max(initial=0)) >= self.context_length:
+            raise ValueError(f"sequence exceeds the model context of {self.context_length} tokens")
+
+    def empty(self, batch: int) -> KVState:
+        return empty_state(self.kv, self.layers, batch, self.kv_heads, self.head_dim, self.kv_dtype)
+
+    def prefill(
+        self, prompts: Sequence[Sequence[int]], past: KVState | None = None
+    ) -> tuple[np.ndarray, KVState]:
+        """Run whole prompts (left-padded into one batch), or, with ``past``, one row's next
+        tokens after what ``past`` holds. Returns the last-position logits [B, vocab] as float32
+        and the KV state to continue from."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("prefill needs at least one prompt and no empty prompt")
+        if past is not None and past.width:
+            if len(prompts) != 1 or past.batch != 1:
+                raise ValueError("a prefill that continues from a past takes one row")
+            new = np.asarray(prompts[0], dtype=np.int64).reshape(1, -1)
+            start = int(past.lengths()[0])
+            positions = np.arange(start, start + new.shape[1], dtype=np.int64).reshape(1, -1)
+            mask = np.concatenate([past.mask, np.ones_like(new)], axis=1)
+            logits, state = self._run(new, positions, mask, past, "prefill")
+            return logits[:, -1, :], state
+        width = max(len(p) for p in prompts)
+        ids = np.full((len(prompts), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(prompts), width), dtype=np.int64)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt) :] = prompt
+            mask[row, width - len(prompt) :] = 1
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        logits, state = self._run(ids, positions, mask, self.empty(len(prompts)), "prefill")
+        return logits[:, -1, :], state
+
+    def decode(self, next_ids: Sequence[int] | np.ndarray, state: KVState) -> np.ndarray:
+        """Feed one token per row; advances ``state`` in place and returns logits [B, vocab]."""
+        ids = np.asarray(next_ids, dtype=np.int64).reshape(state.batch, 1)
+        positions = state.lengths().astype(np.int64).reshape(state.batch, 1)
+        mask = np.concatenate([state.mask, np.ones((state.batch, 1), dtype=np.int64)], axis=1)
+        logits, new = self._run(ids, positions, mask, state, "decode")
+        state.keys, state.values, state.mask = new.keys, new.values, new.mask
+        return logits[:, -1, :]
+
+
+class DecoderSession(DecoderBase):
     """An ``onnxruntime.InferenceSession`` over a built decoder directory."""
 
     def __init__(
@@ -43,14 +111,8 @@ class DecoderSession:
         ``single_stream``: the folder of a 4-bit build of the same weights (same inputs and
         outputs, logits within 2e-4): a batch of one decodes there, where it is 1.4x faster; larger
         batches and prefill stay on the float graph, which is faster for them."""
-        self.model_dir = model_dir = Path(model_dir)
-        self.generation: dict[str, Any] = json.loads((model_dir / "generation.json").read_text())
-        g = self.generation
-        self.layers, self.kv_heads, self.head_dim = int(g["layers"]), int(g["kv_heads"]), int(g["head_dim"])
-        self.context_length, self.vocab = int(g["context_length"]), int(g["vocab"])
-        self.eos_ids: list[int] = [int(i) for i in g["eos_ids"]]
-        self.pad_id = int(g["pad"])
-        self.kv_dtype = np.dtype(g["dtype"])
+        self._read_generation(model_dir)
+        model_dir = self.model_dir
         options = ort.SessionOptions()
         spinning(options, spin_wait)
         if intra_op_threads is not None:
@@ -58,7 +120,7 @@ class DecoderSession:
         self.session = ort.InferenceSession(
             str(model_dir / "model.onnx"), options, providers=list(providers or ["CPUExecutionProvider"])
         )
-        self.kv: KVOps = HOST if kv_device is None else OrtKVOps(self.kv_dtype, kv_device)
+        self.kv = HOST if kv_device is None else OrtKVOps(self.kv_dtype, kv_device)
         self.single: ort.InferenceSession | None = None
         if single_stream is not None and kv_device is None:
             self.single = ort.InferenceSession(
@@ -71,11 +133,12 @@ class DecoderSession:
         positions: np.ndarray,
         mask: np.ndarray,
         past: KVState,
-        session: ort.InferenceSession | None = None,
+        step: str = "prefill",
     ) -> tuple[np.ndarray, KVState]:
-        if int(positions.max(initial=0)) >= self.context_length:
-            raise ValueError(f"sequence exceeds the model context of {self.context_length} tokens")
-        sess = session or self.session
+        self._check_context(positions)
+        sess = (
+            self.single if step == "decode" and past.batch == 1 and self.single is not None else self.session
+        )
         if isinstance(self.kv, OrtKVOps):
             return self._run_bound(sess, ids, positions, mask, past, self.kv)
         feeds: dict[str, np.ndarray] = {"input_ids": ids, "position_ids": positions, "attention_mask": mask}
@@ -112,49 +175,9 @@ class DecoderSession:
         out = io.get_outputs()
         return out[0].numpy(), KVState(list(out[1::2]), list(out[2::2]), mask, ops)
 
-    def empty(self, batch: int) -> KVState:
-        return empty_state(self.kv, self.layers, batch, self.kv_heads, self.head_dim, self.kv_dtype)
-
-    def prefill(
-        self, prompts: Sequence[Sequence[int]], past: KVState | None = None
-    ) -> tuple[np.ndarray, KVState]:
-        """Run whole prompts (left-padded into one batch), or, with ``past``, one row's next
-        tokens after what ``past`` holds. Returns the last-position logits [B, vocab] as float32
-        and the KV state to continue from."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("prefill needs at least one prompt and no empty prompt")
-        if past is not None and past.width:
-            if len(prompts) != 1 or past.batch != 1:
-                raise ValueError("a prefill that continues from a past takes one row")
-            new = np.asarray(prompts[0], dtype=np.int64).reshape(1, -1)
-            start = int(past.lengths()[0])
-            positions = np.arange(start, start + new.shape[1], dtype=np.int64).reshape(1, -1)
-            mask = np.concatenate([past.mask, np.ones_like(new)], axis=1)
-            logits, state = self._run(new, positions, mask, past)
-            return logits[:, -1, :], state
-        width = max(len(p) for p in prompts)
-        ids = np.full((len(prompts), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(prompts), width), dtype=np.int64)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt) :] = prompt
-            mask[row, width - len(prompt) :] = 1
-        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-        logits, state = self._run(ids, positions, mask, self.empty(len(prompts)))
-        return logits[:, -1, :], state
-
-    def decode(self, next_ids: Sequence[int] | np.ndarray, state: KVState) -> np.ndarray:
-        """Feed one token per row; advances ``state`` in place and returns logits [B, vocab]."""
-        ids = np.asarray(next_ids, dtype=np.int64).reshape(state.batch, 1)
-        positions = state.lengths().astype(np.int64).reshape(state.batch, 1)
-        mask = np.concatenate([state.mask, np.ones((state.batch, 1), dtype=np.int64)], axis=1)
-        single = self.single if state.batch == 1 else None
-        logits, new = self._run(ids, positions, mask, state, single)
-        state.keys, state.values, state.mask = new.keys, new.values, new.mask
-        return logits[:, -1, :]
-
 
 def greedy_generate(
-    session: DecoderSession,
+    session: DecoderBase,
     prompts_ids: Sequence[Sequence[int]],
     max_new_tokens: int,
     stop_on_eos: bool = False,

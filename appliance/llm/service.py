@@ -9,6 +9,7 @@ to change, and nothing invalid ever reaches the worker thread.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,11 +26,13 @@ from appliance.errors import InvalidRequest
 from appliance.inference import CHARS_PER_TOKEN_BOUND, OFFLOOP_CHARS, admission_error, engine_failure
 from appliance.llm.chat_template import render_chat
 from appliance.llm.reasoning import PARSERS, make_parser
-from appliance.llm.runtime import DecoderSession
+from appliance.llm.runtime import DecoderBase, DecoderSession
 from appliance.llm.sampling import OutputProcessor, SamplingParams
 from appliance.llm.scheduler import Event, Finished, GenerationConfig, Scheduler, Seq, Token
 from appliance.models import ENGINE_OPENERS, RUNTIME_FACTORIES, ModelManager, ModelRuntime, batch_policy
-from appliance.repository import ModelEntry, ModelKind
+from appliance.repository import Backend, ModelEntry, ModelKind
+
+log = logging.getLogger(__name__)
 
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP = 4
@@ -52,8 +55,9 @@ class DecoderEngine(OnnxRuntimeEngine):
         intra_op_threads: int = 0,
         single_stream: Path | None = None,
         spin_wait: bool = False,
+        prefer_gpu: bool = True,
     ) -> None:
-        chosen = providers(prefer_gpu=True)
+        chosen = providers(prefer_gpu=prefer_gpu)
         # Under the CUDA provider the KV cache stays on the GPU between steps (OrtValue + I/O
         # binding, edited there); on the CPU provider host NumPy arrays are the cheapest store.
         kv_device = "cuda" if "CUDAExecutionProvider" in chosen else None
@@ -81,7 +85,7 @@ class LLMRuntime:
     """The parts of a resident generate model the service needs (``ModelRuntime.extras["llm"]``)."""
 
     name: str
-    session: DecoderSession
+    session: DecoderBase  # ONNX Runtime's DecoderSession or TensorRT's TensorRTDecoderSession
     tokenizer: Tokenizer
     scheduler: Scheduler
     default_response: str | None = None
@@ -128,26 +132,68 @@ class LLMRuntime:
 
 
 def _open_decoder(entry: ModelEntry, values: dict[str, Any]) -> Engine:
-    single = None
-    # A CPU-only 4-bit companion for batches of one (see DecoderSession); never on a GPU, where
-    # the float graph runs under CUDA or TensorRT.
-    if "single_stream" in entry.spec.artefacts and values["generation.single_stream_q4"]:
-        folder = entry.artefact("single_stream").parent
-        if (folder / "model.onnx").exists() and "CUDAExecutionProvider" not in providers(prefer_gpu=True):
-            single = folder
-    return DecoderEngine(
-        entry.folder,
-        intra_op_threads=int(values["engine.intra_op_threads"]),
-        single_stream=single,
-        spin_wait=bool(values["engine.spin_wait"]),
-    )
+    """The decoder on the first backend of the chain that works (TensorRT, ONNX Runtime CUDA,
+    ONNX Runtime CPU), with ``backend_reason`` naming each faster one skipped and why, as
+    ``engines.select.open_engine`` does for the other models."""
+    from appliance.engines.availability import onnxruntime_cuda_unavailable, tensorrt_unavailable
+    from appliance.engines.select import step_down
+    from appliance.gpu import cuda
+
+    reasons: list[str] = []
+    gpu_here = cuda.probe().ok
+    if entry.spec.backend != Backend.onnxruntime:
+        why = tensorrt_unavailable()
+        if why is None:
+            from appliance.llm.trt_decoder import open_tensorrt_decoder
+
+            try:
+                return open_tensorrt_decoder(
+                    entry.folder,
+                    max_running=int(values["generation.max_running_sequences"]),
+                    prefill_tokens=int(values["generation.prefill_chunk_tokens"]),
+                    progress=lambda line: log.info("tensorrt: %s", line),
+                )
+            except EngineError as exc:
+                why = f"TensorRT failed: {exc}"
+        costly = gpu_here or entry.spec.backend == Backend.tensorrt
+        reasons.append(step_down(entry.name, "TensorRT", why, costly=costly))
+    why = onnxruntime_cuda_unavailable()
+    engine: DecoderEngine | None = None
+    intra, spin = int(values["engine.intra_op_threads"]), bool(values["engine.spin_wait"])
+    if why is None:
+        try:
+            engine = DecoderEngine(entry.folder, prefer_gpu=True, intra_op_threads=intra, spin_wait=spin)
+        except EngineError as exc:
+            why = f"the session failed on the GPU: {exc}"
+        else:
+            if not engine.on_gpu:  # ORT dropped the CUDA provider itself (libraries did not load)
+                why = "the CUDA provider did not load (missing CUDA/cuDNN libraries; see ONNX Runtime's log)"
+                engine.close()
+                engine = None
+    if why is not None:
+        reasons.append(step_down(entry.name, "ONNX Runtime CUDA", why, costly=gpu_here))
+    if engine is None:
+        single = None
+        # A CPU-only 4-bit companion for batches of one (see DecoderSession).
+        if "single_stream" in entry.spec.artefacts and values["generation.single_stream_q4"]:
+            folder = entry.artefact("single_stream").parent
+            if (folder / "model.onnx").exists():
+                single = folder
+        engine = DecoderEngine(
+            entry.folder, prefer_gpu=False, single_stream=single, intra_op_threads=intra, spin_wait=spin
+        )
+    engine.backend_reason = "; ".join(reasons) or None
+    return engine
 
 
 def _generate_runtime(
     mgr: ModelManager, entry: ModelEntry, engine: Engine, executor: ThreadPoolExecutor
 ) -> ModelRuntime:
-    if not isinstance(engine, DecoderEngine):
-        raise TypeError(f"a generate model needs a DecoderEngine, got {type(engine).__name__}")
+    from appliance.llm.trt_decoder import TensorRTDecoderEngine
+
+    if not isinstance(engine, DecoderEngine | TensorRTDecoderEngine):
+        raise TypeError(f"a generate model needs a decoder engine, got {type(engine).__name__}")
+    session: DecoderBase = engine.session
     roles = entry.spec.artefacts
     tok = Tokenizer.from_file(
         str(entry.artefact("tokenizer") if "tokenizer" in roles else entry.folder / "tokenizer.json")
@@ -158,7 +204,7 @@ def _generate_runtime(
     component = f"engine:{entry.name}"
     scheduler = Scheduler(
         entry.name,
-        engine.session,
+        session,
         executor,
         batch_policy(values),
         GenerationConfig.from_values(values),
@@ -172,7 +218,7 @@ def _generate_runtime(
     fallback = entry.spec.default_response
     rt = LLMRuntime(
         entry.name,
-        engine.session,
+        session,
         tok,
         scheduler,
         fallback if isinstance(fallback, str) else None,

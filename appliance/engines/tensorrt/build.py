@@ -324,4 +324,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(plan)
     return 0
-

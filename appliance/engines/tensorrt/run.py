@@ -145,13 +145,41 @@ def set_context_memory(ctx: Any, ptr: int, nbytes: int) -> None:
         ctx.device_memory = ptr
 
 
+def describe_io(trt: Any, eng: Any) -> list[IoDesc]:
+    """The engine's I/O tensors in its own dtypes (refusing shape tensors and types numpy lacks)."""
+    io = []
+    for i in range(eng.num_io_tensors):
+        name = eng.get_tensor_name(i)
+        is_input = eng.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+        if is_input and eng.get_tensor_location(name) == trt.TensorLocation.HOST:
+            raise EngineError(f"input {name!r} is a shape tensor; those are not supported")
+        try:
+            dtype = np.dtype(trt.nptype(eng.get_tensor_dtype(name)))
+        except TypeError as exc:  # BF16/FP8/INT4 I/O: keep graph I/O at FP32/FP16
+            raise EngineError(f"{name!r} has type {eng.get_tensor_dtype(name)} with no numpy type") from exc
+        io.append(IoDesc(name, dtype, tuple(int(d) for d in eng.get_tensor_shape(name)), is_input))
+    return io
+
+
+def read_profiles(eng: Any, io: Sequence[IoDesc]) -> list[Profile]:
+    """Each optimization profile's min/opt/max of every dynamic input, as the plan holds them."""
+    dynamic = [d.name for d in io if d.is_input and any(s < 0 for s in d.shape)]
+    return [
+        {
+            n: ShapeRange(*(tuple(int(x) for x in s) for s in eng.get_tensor_profile_shape(n, p)))
+            for n in dynamic
+        }
+        for p in range(eng.num_optimization_profiles)
+    ]
+
+
 # --- execution -----------------------------------------------------------------------------------
 
 _logger_lock = threading.Lock()
 _trt_logger: Any = None
 
 
-def _process_logger(trt: Any) -> Any:
+def process_logger(trt: Any) -> Any:
     """One ILogger per process: TensorRT keeps a single logger pointer and calls it from its threads."""
     global _trt_logger
     with _logger_lock:
@@ -220,7 +248,7 @@ class TensorRTEngine(Engine):
         self._own_arena: DeviceBuffer | None = None
         try:
             cuda.set_device(device)
-            self._runtime = trt.Runtime(_process_logger(trt))
+            self._runtime = trt.Runtime(process_logger(trt))
             self._engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
         except (OSError, CudaError) as exc:
             raise EngineError(f"cannot load {plan_path.name}: {exc}") from exc
@@ -239,33 +267,10 @@ class TensorRTEngine(Engine):
             self.set_activation(activation)
 
     def _describe_io(self) -> list[IoDesc]:
-        trt, eng = self._trt, self._engine
-        io = []
-        for i in range(eng.num_io_tensors):
-            name = eng.get_tensor_name(i)
-            is_input = eng.get_tensor_mode(name) == trt.TensorIOMode.INPUT
-            if is_input and eng.get_tensor_location(name) == trt.TensorLocation.HOST:
-                raise EngineError(f"input {name!r} is a shape tensor; those are not supported")
-            try:
-                dtype = np.dtype(trt.nptype(eng.get_tensor_dtype(name)))
-            except TypeError as exc:  # BF16/FP8/INT4 I/O: keep graph I/O at FP32/FP16
-                raise EngineError(
-                    f"{name!r} has type {eng.get_tensor_dtype(name)} with no numpy type"
-                ) from exc
-            io.append(IoDesc(name, dtype, tuple(int(d) for d in eng.get_tensor_shape(name)), is_input))
-        return io
+        return describe_io(self._trt, self._engine)
 
     def _read_profiles(self) -> list[Profile]:
-        dynamic = [d.name for d in self._io if d.is_input and any(s < 0 for s in d.shape)]
-        return [
-            {
-                n: ShapeRange(
-                    *(tuple(int(x) for x in s) for s in self._engine.get_tensor_profile_shape(n, p))
-                )
-                for n in dynamic
-            }
-            for p in range(self._engine.num_optimization_profiles)
-        ]
+        return read_profiles(self._engine, self._io)
 
     # -- Engine interface --
 
