@@ -492,6 +492,11 @@ def test_health_views_read_what_the_server_sends() -> None:
         (4, 0),
         (5, 2),
     )
+    # The urgent lane shows only where it is on (compute.urgent_lane).
+    assert not any(str(t).startswith("urgent") for t in compute_lines(late))
+    lane = {"compute": {"running": 1, "urgent_lane": 1, "urgent_running": 1}, "models": {}}
+    assert view.compute(lane).urgent_running == 1  # type: ignore[union-attr]
+    assert [str(t) for t in compute_lines(lane)][:2] == ["running 1 / 1", "urgent 1 / 1"]
     odd = {"compute": {"waiting": {"²": 1, "1000000": 3}}, "models": {"m": {"queue_depth": {"²": 0, "2": 1}}}}
     assert view.compute(odd).waiting == ((1, 0), (2, 0), (1000000, 3))  # type: ignore[union-attr]
     rows = view.worker_rows(late)

@@ -247,6 +247,8 @@ class Compute:
     waiting: tuple[tuple[int, int], ...]  # (priority level, waiters), every level from 1 up
     granted: int
     aging_ms: float
+    urgent_lane: int = 0  # extra grants only priority-1 work may take (compute.urgent_lane)
+    urgent_running: int = 0
 
 
 def priority_levels(stats: Mapping[str, Any]) -> int:
@@ -286,6 +288,8 @@ def compute(stats: Mapping[str, Any]) -> Compute | None:
         waiting=tuple((level, waiting.get(level, 0)) for level in levels),
         granted=int(num(c.get("granted"))),
         aging_ms=num(c.get("aging_ms")),
+        urgent_lane=int(num(c.get("urgent_lane"))),
+        urgent_running=int(num(c.get("urgent_running"))),
     )
 
 

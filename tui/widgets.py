@@ -285,12 +285,15 @@ def compute_lines(stats: Mapping[str, Any]) -> list[Text]:
     waiting = Text(" ").join(
         Text.assemble((f"P{level} ", "dim"), (str(n), "bold yellow" if n else "")) for level, n in c.waiting
     )
-    return [
+    lines = [
         _kv("running", f"{c.running} / {c.concurrency}", busy),
         Text.assemble(("wait ", "dim"), waiting if c.waiting else Text("0", style="bold")),
         _kv("granted", f"{c.granted:,}"),
         _kv("aging", f"{c.aging_ms:g} ms" if c.aging_ms > 0 else "off", ""),
     ]
+    if c.urgent_lane:  # shown only where an operator turned the lane on
+        lines.insert(1, _kv("urgent", f"{c.urgent_running} / {c.urgent_lane}", "bold"))
+    return lines
 
 
 WORKER_LINES = 6  # the panel's height less its border
