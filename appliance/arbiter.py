@@ -84,8 +84,7 @@ class ComputeArbiter:
 
     async def acquire(self, model: str, priority: int, *, waiter: Waiter | None = None) -> Waiter | None:
         """Take a grant (release it with :meth:`release`). Cancelling the wait withdraws it."""
-        if self._running < self.concurrency and not self._waiters:
-            self._take(model, priority, 0.0)
+        if self.try_acquire(model, priority):
             return None
         loop = asyncio.get_running_loop()
         w = waiter or Waiter(model, priority, next(self._seq), self._clock(), loop.create_future())
@@ -101,6 +100,14 @@ class ComputeArbiter:
                 self.release()  # granted in the same turn as the cancellation: pass it on
             raise
         return w
+
+    def try_acquire(self, model: str, priority: int) -> bool:
+        """A grant at once when one is free and nobody waits (release it with :meth:`release`),
+        else False: the uncontended case costs the caller no task and no loop turn."""
+        if self._running < self.concurrency and not self._waiters:
+            self._take(model, priority, 0.0)
+            return True
+        return False
 
     def waiter(self, model: str, priority: int) -> Waiter:
         """A waiter to pass to :meth:`acquire`, for callers that promote it while it waits."""

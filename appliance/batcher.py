@@ -324,6 +324,16 @@ class Batcher(EarlyAdmission, Generic[T, R]):
             return
         if self._asking_task is not None and not self._asking_task.done():
             return
+        arbiter = self._arbiter
+        assert arbiter is not None
+        # Uncontended (nobody else waits for engine time): granted now, and the batch starts in
+        # this turn, without a task or a loop turn (at saturation the next batch so starts
+        # before the loop renders the last one's answers, not after).
+        while arbiter.try_acquire(self.name, self._best_level()):
+            if not self._start(loop, arbiter.release):
+                return
+            if not any(self._queues) or len(self._starts) >= self.instances:
+                return
         task = loop.create_task(self._granted(loop), name=f"grant:{self.name}")
         self._asking_task = task
         self._tasks.add(task)
@@ -337,6 +347,13 @@ class Batcher(EarlyAdmission, Generic[T, R]):
             await arbiter.acquire(self.name, self._asking.priority, waiter=self._asking)
         finally:
             self._asking = None
+        self._start(loop, arbiter.release)
+        self._asking_task = None
+        self._pump()  # more work and another free instance: ask again
+
+    def _start(self, loop: asyncio.AbstractEventLoop, release: Callable[[], None]) -> bool:
+        """With a grant held: launch the most urgent batch (which releases the grant when it
+        ends), or release the grant at once when nothing is queued any more."""
         launched = False
         try:
             queued = sum(map(len, self._queues))
@@ -344,13 +361,12 @@ class Batcher(EarlyAdmission, Generic[T, R]):
                 size, _ = self.policy.batch_size(queued)
                 batch = self._take(size, loop.time())
                 if batch:
-                    self._launch(batch, loop, release=arbiter.release)
+                    self._launch(batch, loop, release=release)
                     launched = True
         finally:
             if not launched:
-                arbiter.release()
-        self._asking_task = None
-        self._pump()  # more work and another free instance: ask again
+                release()
+        return launched
 
     def _on_hold(self) -> None:
         self._hold = None
