@@ -190,7 +190,7 @@ def engine_call(
 
 # Load-time batch-size measurement: a short customer-service sentence (~14 tokens), every size
 # timed (process CPU time) in TUNE_PASSES interleaved passes, cheapest run kept; stops after TUNE_BUDGET_S;
-# sizes within TUNE_TIE of the best count as ties (the largest wins: see best_batch).
+# sizes within TUNE_TIE of the best count as ties (the smallest wins: see best_batch).
 TUNE_SENTENCE = "my order has not arrived yet, can you check the delivery status please"
 TUNE_PASSES = 2
 TUNE_BUDGET_S = 1.5
@@ -245,12 +245,12 @@ class EmbeddingRuntime:
 
         Powers of two up to ``upper`` (and ``upper`` itself) on a short sentence (the common case,
         and the one where batching matters most), timed in TUNE_PASSES interleaved passes, each
-        size keeping its cheapest run. Near-ties go to the larger size: the server adds a fixed
-        cost per batch that this timing does not see (the hand-off to the engine's thread and
-        back, and the event loop's turn between batches: 3-7 ms a batch on the loaded 2-core box),
-        so at saturation fewer, larger batches serve more; under light load a batch takes only
-        what is queued, so the cap adds no latency there. Cost: about 3 x (2 x upper) sentences,
-        bounded by ``budget_s``."""
+        size keeping its cheapest run. Near-ties go to the smaller size: on the loaded 2-core box
+        the engine alone served 122 sentences/s at batch 8, 89 at 16 and 58 at 32 while this
+        timing had them within 5 %, and a server capped at 32 (the largest near-tie) served
+        0.46-0.91x what one capped at 16 did (bench/bench_embeddings.py, one run); the per-batch
+        hand-off that larger batches save (3-7 ms a batch there) is the smaller effect. Cost:
+        about 3 x (2 x upper) sentences, bounded by ``budget_s``."""
         sizes = sorted({1 << k for k in range(upper.bit_length()) if 1 << k <= upper} | {upper})
         row = np.array(self.tokenizer.encode(TUNE_SENTENCE).ids, dtype=np.int64)
         fastest = dict.fromkeys(sizes, float("inf"))
@@ -266,7 +266,7 @@ class EmbeddingRuntime:
                 fastest[size] = min(fastest[size], time.process_time() - started)
         rates = {s: s / t for s, t in fastest.items() if t < float("inf")}
         top = max(rates.values())
-        chosen = max(s for s, r in rates.items() if r >= TUNE_TIE * top)
+        chosen = min(s for s, r in rates.items() if r >= TUNE_TIE * top)
         return chosen, rates
 
 

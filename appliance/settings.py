@@ -249,7 +249,7 @@ register(
         bool,
         True,
         "Embedding models: time batch sizes up to max_batch_size at load and cap batches at the "
-        "largest of the cheapest (CPU time per sentence, within 5 %) on this machine.",
+        "cheapest (CPU time per sentence) on this machine.",
         reload=True,
     ),
     Setting(
