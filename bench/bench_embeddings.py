@@ -155,7 +155,7 @@ def request_bytes(path: str, body: bytes) -> bytes:
     return head.encode() + body
 
 
-async def closed_loop(port: int, requests: list[bytes], concurrency: int, seconds: float) -> dict[str, float]:
+async def closed_loop(port: int, requests: list[bytes], concurrency: int, seconds: float) -> dict[str, Any]:
     """``concurrency`` keep-alive connections, each sending its next request when the last answers."""
     latencies: list[float] = []
     statuses: dict[int, int] = {}
@@ -193,6 +193,7 @@ async def closed_loop(port: int, requests: list[bytes], concurrency: int, second
         "p50_ms": pct(latencies, 50) * 1e3,
         "p99_ms": pct(latencies, 99) * 1e3,
         "failed": sum(n for s, n in statuses.items() if s != 200),
+        "statuses": {s: n for s, n in statuses.items() if s != 200},
         "client_cores": (time.process_time() - cpu0) / elapsed,
     }
 
@@ -490,7 +491,7 @@ def main() -> None:
     variants = [Variant.parse(v) for v in args.variant] or [Variant("", {})]
 
     engines: list[dict[str, Any]] = []
-    runs: dict[tuple[str, str, int], list[dict[str, float]]] = {}
+    runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     cpu: dict[tuple[str, str], list[tuple[float, dict[str, float]]]] = {}
     load_avg = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -547,7 +548,7 @@ def report(
     args: argparse.Namespace,
     variants: list[Variant],
     engines: list[dict[str, Any]],
-    runs: dict[tuple[str, str, int], list[dict[str, float]]],
+    runs: dict[tuple[str, str, int], list[dict[str, Any]]],
     cpu: dict[tuple[str, str], list[tuple[float, dict[str, float]]]],
     load_avg: tuple[float, float, float],
     described: dict[str, Any],
@@ -622,9 +623,14 @@ def report(
             if cores >= 0.005:
                 print(f"  {cores:5.2f}  {name}")
         print(f"  {sum(groups.values()):5.2f}  server total; load generator {client:.2f}")
-    failed = {k: sum(x["failed"] for x in v) for k, v in runs.items() if any(x["failed"] for x in v)}
-    if failed:
-        print(f"non-200 answers: {failed}")
+    failed: dict[str, dict[int, int]] = {}
+    for (label, api, c), samples in runs.items():
+        for x in samples:
+            for status, n in x.get("statuses", {}).items():
+                row = failed.setdefault(f"{api} {label} c={c}".replace("  ", " "), {})
+                row[status] = row.get(status, 0) + n
+    if failed:  # 429/503 are the admission control's answers (a stall on a loaded box), not errors
+        print(f"non-200 answers by status: {failed}")
     print(
         f"load average at start: {load_avg[0]:.1f} / {load_avg[1]:.1f} / {load_avg[2]:.1f} on {os.cpu_count()} cores"
     )
