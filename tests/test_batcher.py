@@ -316,6 +316,28 @@ async def test_expired_request_is_answered_while_a_long_batch_runs() -> None:
     assert batcher.snapshot()["queue_depth"] == {1: 0}
 
 
+async def test_each_queued_request_expires_at_its_own_deadline_whatever_the_arrival_order() -> None:
+    """Deadlines that arrive out of order (a later request with a shorter override) each answer
+    at their own time; a request taken into a batch first never expires."""
+    batcher, engine, _ = await blocked(BatchPolicy(max_batch_size=1, default_timeout_ms=1000))
+    start = time.monotonic()
+    ended: dict[str, float] = {}
+
+    async def waits(name: str, timeout_ms: float) -> None:
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(name, timeout_ms=timeout_ms)
+        ended[name] = time.monotonic() - start
+
+    first = submit(batcher, "first", timeout_ms=300)  # next in line: taken when the gate opens
+    tasks = [asyncio.ensure_future(waits(n, ms)) for n, ms in (("slow", 150), ("fast", 50), ("mid", 100))]
+    await asyncio.gather(*tasks)
+    assert sorted(ended, key=ended.__getitem__) == ["fast", "mid", "slow"]
+    assert ended["fast"] >= 0.045 and ended["slow"] < 0.5  # generous for a loaded CI machine
+    engine.gate.set()
+    assert await first == ("ok", "first")
+    assert batcher.snapshot()["queue_depth"] == {1: 0}
+
+
 async def test_request_that_would_miss_its_deadline_is_refused_on_arrival() -> None:
     engine = FakeEngine(seconds=0.05)
     batcher: Batcher[Any, Any] = Batcher("m", BatchPolicy(max_batch_size=1), engine)
