@@ -112,11 +112,9 @@ class ComputeArbiter:
 
     async def acquire(self, model: str, priority: int, *, waiter: Waiter | None = None) -> Grant:
         """Take a grant (give it back with :meth:`release`). Cancelling the wait withdraws it."""
-        if not self._waiters:
-            if self._running < self.concurrency:
-                return self._take(model, priority, 0.0, urgent=False)
-            if priority == 1 and self._urgent_running < self.urgent_lane:
-                return self._take(model, priority, 0.0, urgent=True)
+        held = self.try_acquire(model, priority)
+        if held is not None:
+            return held
         loop = asyncio.get_running_loop()
         w = waiter or Waiter(model, priority, next(self._seq), self._clock(), loop.create_future())
         self._waiters.append(w)
@@ -131,6 +129,16 @@ class ComputeArbiter:
             elif w.future.done() and not w.future.cancelled():
                 self.release(w.future.result())  # granted as it was cancelled: pass it on
             raise
+
+    def try_acquire(self, model: str, priority: int) -> Grant | None:
+        """A grant at once when one is free and nobody waits (give it back with :meth:`release`),
+        else None: the uncontended case costs the caller no task and no loop turn."""
+        if not self._waiters:
+            if self._running < self.concurrency:
+                return self._take(model, priority, 0.0, urgent=False)
+            if priority == 1 and self._urgent_running < self.urgent_lane:
+                return self._take(model, priority, 0.0, urgent=True)
+        return None
 
     def waiter(self, model: str, priority: int) -> Waiter:
         """A waiter to pass to :meth:`acquire`, for callers that promote it while it waits."""

@@ -32,7 +32,7 @@ from appliance.admission import (
 )
 
 if TYPE_CHECKING:
-    from appliance.arbiter import ComputeArbiter, Waiter
+    from appliance.arbiter import ComputeArbiter, Grant, Waiter
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -67,7 +67,6 @@ class _Request(Generic[T, R]):
     arrival: float
     length: int
     future: asyncio.Future[R]
-    timer: asyncio.TimerHandle | None = None
 
 
 class Batcher(EarlyAdmission, Generic[T, R]):
@@ -108,6 +107,13 @@ class Batcher(EarlyAdmission, Generic[T, R]):
         self._reserved: dict[int, int] = {}  # level -> places held by early admissions
         self._pump_pending = False
         self._hold: asyncio.TimerHandle | None = None
+        # Queue deadlines: one timer for the batcher, at the earliest, over a heap of (due, seq),
+        # instead of a loop timer per request (uvloop's call_at and cancel per request were 5.6 %
+        # of the event loop's time at 64 clients). Entries of requests no longer queued are
+        # dropped lazily; ``_timed`` holds the queued requests that have a deadline.
+        self._deadlines: list[tuple[float, int]] = []
+        self._timed: dict[int, _Request[T, R]] = {}
+        self._deadline_timer: asyncio.TimerHandle | None = None
         self._rate: float | None = None  # EWMA items/s of one instance
         self._batch_s: float | None = None  # EWMA seconds per batch
         self._recent: deque[int] = deque(maxlen=64)
@@ -160,7 +166,7 @@ class Batcher(EarlyAdmission, Generic[T, R]):
             item, level, next(self._seq), now, self._length(item) if self._length else 0, loop.create_future()
         )
         if timeout_s:
-            req.timer = loop.call_at(now + timeout_s, self._expire, req)
+            self._add_deadline(req, now + timeout_s, loop)
         queue[req] = None
         self.observer.on_queue_depth(level, len(queue))
         # Deferred one loop turn so that requests arriving together share a batch, at no added latency.
@@ -254,8 +260,32 @@ class Batcher(EarlyAdmission, Generic[T, R]):
             remaining = max(0.0, soonest - asyncio.get_running_loop().time())
         return ahead / (rate * self.instances) + remaining
 
+    def _add_deadline(self, req: _Request[T, R], due: float, loop: asyncio.AbstractEventLoop) -> None:
+        heap = self._deadlines
+        while heap and heap[0][1] not in self._timed:  # answered or withdrawn since
+            heapq.heappop(heap)
+        heapq.heappush(heap, (due, req.seq))
+        self._timed[req.seq] = req
+        timer = self._deadline_timer
+        if timer is None or due < timer.when():
+            if timer is not None:
+                timer.cancel()
+            self._deadline_timer = loop.call_at(due, self._on_deadlines)
+
+    def _on_deadlines(self) -> None:
+        """Expire every queued request whose deadline has come; re-arm for the next one."""
+        self._deadline_timer = None
+        loop = asyncio.get_running_loop()
+        heap, now = self._deadlines, loop.time()
+        while heap and (heap[0][0] <= now or heap[0][1] not in self._timed):
+            _, seq = heapq.heappop(heap)
+            req = self._timed.get(seq)
+            if req is not None:
+                self._expire(req)
+        if heap:
+            self._deadline_timer = loop.call_at(heap[0][0], self._on_deadlines)
+
     def _expire(self, req: _Request[T, R]) -> None:
-        req.timer = None
         if req.future.done():  # cancelled: submit's handler withdraws and counts it
             return
         if self._discard(req):
@@ -270,9 +300,7 @@ class Batcher(EarlyAdmission, Generic[T, R]):
         if req not in queue:
             return False
         del queue[req]
-        if req.timer is not None:
-            req.timer.cancel()
-            req.timer = None
+        self._timed.pop(req.seq, None)
         self.observer.on_queue_depth(req.priority, len(queue))
         return True
 
@@ -324,6 +352,16 @@ class Batcher(EarlyAdmission, Generic[T, R]):
             return
         if self._asking_task is not None and not self._asking_task.done():
             return
+        arbiter = self._arbiter
+        assert arbiter is not None
+        # Uncontended (nobody else waits for engine time): granted now, and the batch starts in
+        # this turn, without a task or a loop turn (at saturation the next batch so starts
+        # before the loop renders the last one's answers, not after).
+        while (held := arbiter.try_acquire(self.name, self._best_level())) is not None:
+            if not self._start(loop, arbiter, held):
+                return
+            if not any(self._queues) or len(self._starts) >= self.instances:
+                return
         task = loop.create_task(self._granted(loop), name=f"grant:{self.name}")
         self._asking_task = task
         self._tasks.add(task)
@@ -337,6 +375,13 @@ class Batcher(EarlyAdmission, Generic[T, R]):
             held = await arbiter.acquire(self.name, self._asking.priority, waiter=self._asking)
         finally:
             self._asking = None
+        self._start(loop, arbiter, held)
+        self._asking_task = None
+        self._pump()  # more work and another free instance: ask again
+
+    def _start(self, loop: asyncio.AbstractEventLoop, arbiter: ComputeArbiter, held: Grant) -> bool:
+        """With ``held``: launch the most urgent batch (which gives the grant back when it ends),
+        or give it back at once when nothing is queued any more."""
         launched = False
         try:
             # An urgent-lane grant is for priority-1 work only.
@@ -351,8 +396,7 @@ class Batcher(EarlyAdmission, Generic[T, R]):
         finally:
             if not launched:
                 arbiter.release(held)
-        self._asking_task = None
-        self._pump()  # more work and another free instance: ask again
+        return launched
 
     def _on_hold(self) -> None:
         self._hold = None

@@ -155,7 +155,7 @@ def request_bytes(path: str, body: bytes) -> bytes:
     return head.encode() + body
 
 
-async def closed_loop(port: int, requests: list[bytes], concurrency: int, seconds: float) -> dict[str, float]:
+async def closed_loop(port: int, requests: list[bytes], concurrency: int, seconds: float) -> dict[str, Any]:
     """``concurrency`` keep-alive connections, each sending its next request when the last answers."""
     latencies: list[float] = []
     statuses: dict[int, int] = {}
@@ -193,6 +193,7 @@ async def closed_loop(port: int, requests: list[bytes], concurrency: int, second
         "p50_ms": pct(latencies, 50) * 1e3,
         "p99_ms": pct(latencies, 99) * 1e3,
         "failed": sum(n for s, n in statuses.items() if s != 200),
+        "statuses": {s: n for s, n in statuses.items() if s != 200},
         "client_cores": (time.process_time() - cpu0) / elapsed,
     }
 
@@ -315,6 +316,18 @@ def thread_times(pid: int) -> dict[int, float]:
         fields = stat[stat.rindex(")") + 2 :].split()
         out[int(tid)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
     return out
+
+
+def batches(port: int) -> tuple[float, float]:
+    """Sentences and batches the server has run so far (``appliance_batch_size`` sum and count)."""
+    total = count = 0.0
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("appliance_batch_size_sum"):
+                total += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("appliance_batch_size_count"):
+                count += float(line.rsplit(" ", 1)[1])
+    return total, count
 
 
 def python_thread_names(pid: int) -> dict[int, str]:
@@ -478,7 +491,7 @@ def main() -> None:
     variants = [Variant.parse(v) for v in args.variant] or [Variant("", {})]
 
     engines: list[dict[str, Any]] = []
-    runs: dict[tuple[str, str, int], list[dict[str, float]]] = {}
+    runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     cpu: dict[tuple[str, str], list[tuple[float, dict[str, float]]]] = {}
     load_avg = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -497,10 +510,13 @@ def main() -> None:
                     for c in CONCURRENCY:
                         batch = reqs[api][offset % 10000 :][:400] if c == 1 else reqs[api] * 10
                         offset += 97
+                        ran = batches(srv.port)
                         before, t0 = thread_times(pid), time.perf_counter()
                         res = asyncio.run(closed_loop(srv.port, batch, c, 3.0 if c == 1 else args.seconds))
                         wall = time.perf_counter() - t0
                         after = thread_times(pid)
+                        sent, runs_ = (a - b for a, b in zip(batches(srv.port), ran, strict=True))
+                        res["mean_batch"] = sent / runs_ if runs_ else 0.0
                         server_cpu = sum(after.values()) - sum(before.get(t, 0.0) for t in after)
                         res["per_cpu_s"] = res["per_s"] * wall / server_cpu if server_cpu > 0 else 0.0
                         res["server_cores"] = server_cpu / wall
@@ -532,7 +548,7 @@ def report(
     args: argparse.Namespace,
     variants: list[Variant],
     engines: list[dict[str, Any]],
-    runs: dict[tuple[str, str, int], list[dict[str, float]]],
+    runs: dict[tuple[str, str, int], list[dict[str, Any]]],
     cpu: dict[tuple[str, str], list[tuple[float, dict[str, float]]]],
     load_avg: tuple[float, float, float],
     described: dict[str, Any],
@@ -565,12 +581,12 @@ def report(
     print()
     print(
         "| | c=1 p50 ms (added over engine batch-1) | c=16 sent/s (× engine best) | c=64 sent/s (× engine best) "
-        "| c=64 sent per CPU-s (× engine best) |"
+        "| c=64 sent per CPU-s (× engine best) | c=64 mean batch |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     print(
         f"| engine alone (batch-1 tokenize+run; best batch {eng_best['best_batch']}) | {eng_p50:.2f} | "
-        f"{best:.0f} (1.00) | {best:.0f} (1.00) | {eng_cpu:.0f} (1.00) |"
+        f"{best:.0f} (1.00) | {best:.0f} (1.00) | {eng_cpu:.0f} (1.00) | {eng_best['best_batch']} |"
     )
     for v in variants:
         for api in ("OpenAI", "KServe"):
@@ -588,8 +604,10 @@ def report(
                 res[f"c{c}_p99_ms"] = r["p99_ms"]
                 res[f"c{c}_failed"] = sum(x["failed"] for x in samples)
                 res[f"c{c}_client_cores"] = r["client_cores"]
+                res[f"c{c}_mean_batch"] = r["mean_batch"]
             eff = max(x["per_cpu_s"] for x in runs[(v.label, api, CONCURRENCY[-1])])
             cells.append(f"{eff:.0f} ({eff / eng_cpu:.2f})")
+            cells.append(f"{res[f'c{CONCURRENCY[-1]}_mean_batch']:.1f}")
             res["c64_per_cpu_s"] = eff
             res["c64_cpu_ratio"] = eff / eng_cpu
             result["servers"][key] = res
@@ -605,9 +623,14 @@ def report(
             if cores >= 0.005:
                 print(f"  {cores:5.2f}  {name}")
         print(f"  {sum(groups.values()):5.2f}  server total; load generator {client:.2f}")
-    failed = {k: sum(x["failed"] for x in v) for k, v in runs.items() if any(x["failed"] for x in v)}
-    if failed:
-        print(f"non-200 answers: {failed}")
+    failed: dict[str, dict[int, int]] = {}
+    for (label, api, c), samples in runs.items():
+        for x in samples:
+            for status, n in x.get("statuses", {}).items():
+                row = failed.setdefault(f"{api} {label} c={c}".replace("  ", " "), {})
+                row[status] = row.get(status, 0) + n
+    if failed:  # 429/503 are the admission control's answers (a stall on a loaded box), not errors
+        print(f"non-200 answers by status: {failed}")
     print(
         f"load average at start: {load_avg[0]:.1f} / {load_avg[1]:.1f} / {load_avg[2]:.1f} on {os.cpu_count()} cores"
     )

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from appliance.arbiter import ComputeArbiter
 from appliance.batcher import (
     AdmissionError,
     Batcher,
@@ -112,6 +113,39 @@ async def test_idle_batcher_dispatches_at_once() -> None:
     assert engine.batches == [[1]]
     assert await task == ("ok", 1)
     assert time.monotonic() - start < 0.2  # generous for a loaded CI machine; no timer waited
+
+
+async def test_an_uncontended_grant_starts_the_engine_in_the_turn_that_forms_the_batch() -> None:
+    """With the compute arbiter free, no task waits for the grant, and an engine whose execute is
+    a plain function (the server's hands the batch to its worker thread) gets the batch in the
+    dispatch turn: at saturation the next batch starts before the loop renders the last one's
+    answers. Contended, the batch waits for the grant as before."""
+    started: list[list[Any]] = []
+    loop = asyncio.get_running_loop()
+
+    def execute(items: list[Any]) -> asyncio.Future[list[Any]]:
+        started.append(list(items))
+        done: asyncio.Future[list[Any]] = loop.create_future()
+        done.set_result([("ok", i) for i in items])
+        return done
+
+    arbiter = ComputeArbiter(1, aging_ms=0)
+    batcher: Batcher[Any, Any] = Batcher("m", BatchPolicy(), execute, arbiter=arbiter)
+    task = submit(batcher, 1)
+    for _ in range(2):  # submit, then the dispatch it schedules
+        await asyncio.sleep(0)
+    assert started == [[1]] and arbiter.snapshot()["running"] == 1
+    assert await task == ("ok", 1)
+    await until(lambda: arbiter.snapshot()["running"] == 0)
+
+    await arbiter.acquire("other", 1)  # another model's batch holds the engine
+    task = submit(batcher, 2)
+    await asyncio.sleep(0.01)
+    assert started == [[1]] and not task.done()
+    arbiter.release()
+    assert await task == ("ok", 2)
+    assert started == [[1], [2]]
+    await until(lambda: arbiter.snapshot()["running"] == 0)
 
 
 async def test_requests_accumulate_while_busy_then_go_together() -> None:
@@ -296,6 +330,28 @@ async def test_expired_request_is_answered_while_a_long_batch_runs() -> None:
     engine.gate.set()
     await asyncio.sleep(0.01)
     assert ["waits"] not in engine.batches
+    assert batcher.snapshot()["queue_depth"] == {1: 0}
+
+
+async def test_each_queued_request_expires_at_its_own_deadline_whatever_the_arrival_order() -> None:
+    """Deadlines that arrive out of order (a later request with a shorter override) each answer
+    at their own time; a request taken into a batch first never expires."""
+    batcher, engine, _ = await blocked(BatchPolicy(max_batch_size=1, default_timeout_ms=1000))
+    start = time.monotonic()
+    ended: dict[str, float] = {}
+
+    async def waits(name: str, timeout_ms: float) -> None:
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(name, timeout_ms=timeout_ms)
+        ended[name] = time.monotonic() - start
+
+    first = submit(batcher, "first", timeout_ms=300)  # next in line: taken when the gate opens
+    tasks = [asyncio.ensure_future(waits(n, ms)) for n, ms in (("slow", 150), ("fast", 50), ("mid", 100))]
+    await asyncio.gather(*tasks)
+    assert sorted(ended, key=ended.__getitem__) == ["fast", "mid", "slow"]
+    assert ended["fast"] >= 0.045 and ended["slow"] < 0.5  # generous for a loaded CI machine
+    engine.gate.set()
+    assert await first == ("ok", "first")
     assert batcher.snapshot()["queue_depth"] == {1: 0}
 
 
