@@ -22,7 +22,6 @@ from appliance.arbiter import ComputeArbiter
 from appliance.batcher import BatchPolicy
 from appliance.config import Config
 from appliance.engines.base import Engine
-from appliance.engines.onnxruntime import share_cpu_threads
 from appliance.engines.select import expected_on_gpu, gpu_engines_available, open_engine
 from appliance.errors import ModelNotFound, Unavailable
 from appliance.memory import DoesNotFit, MemoryPools, measure
@@ -125,9 +124,6 @@ class ModelManager:
         # Loads one at a time: footprints are measured from the process's memory, and two loads
         # at once would blur each other's figures.
         self._load_lock = asyncio.Lock()
-        if bool(server_values["compute.shared_cpu_pool"]):
-            # Before any session opens: ONNX Runtime makes the shared pool with its environment.
-            share_cpu_threads(int(server_values["compute.cpu_threads"]))
         # Engine time across models, by priority (see arbiter.py).
         self.arbiter = ComputeArbiter(
             int(server_values["compute.concurrency"]),

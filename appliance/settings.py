@@ -593,24 +593,6 @@ register(
         scope="server",
     ),
     Setting(
-        "compute.shared_cpu_pool",
-        bool,
-        True,
-        "ONNX Runtime sessions of every model share one intra-op thread pool (compute.cpu_threads), "
-        "so models taking turns never leave idle threads spinning on each other's cores; "
-        "engine.intra_op_threads and engine.spin_wait apply only when off (at start).",
-        scope="server",
-    ),
-    Setting(
-        "compute.cpu_threads",
-        int,
-        0,
-        "Threads of the shared pool (0 = one per CPU the process may use; at start).",
-        0,
-        1024,
-        scope="server",
-    ),
-    Setting(
         "compute.urgent_lane",
         int,
         0,

@@ -61,12 +61,14 @@ class OnnxRuntimeEngine(Engine):
             self._adopt(session)
             return
         opts = ort.SessionOptions()
-        thread_options(opts, intra_op_threads, spin_wait, inter_op_threads)
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = inter_op_threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Without ORT's CPU arena, a run's working memory is returned when it ends: the memory
         # manager can then share one activation budget between models taking turns (and the
         # arena was no faster here: 29 vs 35 ms for a MiniLM batch of 8).
         opts.enable_cpu_mem_arena = False
+        spinning(opts, spin_wait)
         try:
             opened = ort.InferenceSession(os.fspath(path), sess_options=opts, providers=providers(prefer_gpu))
         except Exception as exc:  # ORT raises its own untyped errors
@@ -116,46 +118,12 @@ class OnnxRuntimeEngine(Engine):
         del self._session
 
 
-_SHARED_POOL: list[int] = []  # the threads of the process-wide pool, once it is made
-
-
-def share_cpu_threads(threads: int = 0) -> int:
-    """From now on, sessions share one intra-op thread pool of ``threads`` (0: one per CPU this
-    process may use) instead of each opening its own. Once per process (ONNX Runtime makes the
-    pool with its environment); returns the pool's size.
-
-    Why: models take turns on the cores (the compute arbiter). With a pool per session, the model
-    that just finished leaves its threads spinning on the cores the next one needs, and with
-    spinning off every operator pays a thread wake-up instead. One shared pool has neither cost: the
-    threads that spin are the ones the next call runs on. Measured with
-    ``bench/bench_overload.py`` (both default models, 3x embedding load beside chat), see README."""
-    if not _SHARED_POOL:
-        try:
-            cpus = len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            cpus = os.cpu_count() or 1
-        n = threads if threads > 0 else cpus
-        ort.set_global_thread_pool_sizes(n, 1)
-        _SHARED_POOL.append(n)
-    return _SHARED_POOL[0]
-
-
-def thread_options(
-    opts: ort.SessionOptions, intra_op_threads: int | None, spin_wait: bool, inter_op_threads: int = 1
-) -> None:
-    """The session's threads: the shared pool when there is one (see :func:`share_cpu_threads`),
-    else its own ``intra_op_threads`` (0/None: ONNX Runtime's default).
-
-    A session of its own does not spin between runs unless ``spin_wait``: when models take turns,
-    the idle model's spinning threads steal the cores the running one needs (measured with
-    ``bench/bench_overload.py``: goodput 0.41 with spinning and 0.80 without, before the shared
-    pool)."""
-    if _SHARED_POOL:
-        opts.use_per_session_threads = False
-        return
-    if intra_op_threads:
-        opts.intra_op_num_threads = intra_op_threads
-    opts.inter_op_num_threads = inter_op_threads
+def spinning(opts: ort.SessionOptions, spin_wait: bool) -> None:
+    """ORT's intra-op threads spin after a run, waiting for the next. That helps one model running
+    batch after batch, but when models take turns on the cores (the compute arbiter) the idle
+    model's spinning threads steal the cores the running model needs: measured with
+    ``bench/bench_overload.py`` (both default models, 3x embedding load plus chat), goodput 0.41
+    with spinning and 0.80 without. ``engine.spin_wait`` turns it back on for a one-model box."""
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from appliance.engines.onnxruntime import thread_options
+from appliance.engines.onnxruntime import spinning
 from appliance.llm.kv import HOST, KVOps, KVState, OrtKVOps, empty_state
 
 
@@ -114,7 +114,9 @@ class DecoderSession(DecoderBase):
         self._read_generation(model_dir)
         model_dir = self.model_dir
         options = ort.SessionOptions()
-        thread_options(options, intra_op_threads, spin_wait)
+        spinning(options, spin_wait)
+        if intra_op_threads is not None:
+            options.intra_op_num_threads = intra_op_threads
         self.session = ort.InferenceSession(
             str(model_dir / "model.onnx"), options, providers=list(providers or ["CPUExecutionProvider"])
         )
