@@ -18,7 +18,7 @@ import pytest
 
 from appliance.build.decoder import build_decoder, locate_gguf, q4_1_to_nbits, q8_0_to_nbits
 from appliance.build.sources import DecoderSource, load_gguf
-from appliance.llm.runtime import DecoderSession, KVState, greedy_generate
+from appliance.llm.runtime import DecoderSession, greedy_generate
 
 FIXTURE = Path(__file__).parent / "fixtures" / "smollm2_reference.json"
 MAX_LOGIT_DIFF = 1e-3  # measured 2.0e-4
@@ -80,13 +80,13 @@ def test_q4_needs_quantized_blocks(source: DecoderSource, tmp_path: Path) -> Non
 
 
 def _all_logits(session: DecoderSession, ids: list[int]) -> np.ndarray:
-    """Teacher-forced logits [S, vocab] of one sequence in a single prefill."""
-    batch = np.asarray([ids], dtype=np.int64)
-    mask = np.ones_like(batch)
-    empty = np.zeros((1, session.kv_heads, 0, session.head_dim), dtype=np.float32)
-    past = KVState([empty] * session.layers, [empty] * session.layers, mask)
-    logits, _ = session._run(batch, np.arange(len(ids), dtype=np.int64)[None], mask, past)
-    return logits[0]
+    """Teacher-forced logits [S, vocab] of one sequence, one position per call (the graph
+    returns the last position's logits only)."""
+    logits, state = session.prefill([ids[:1]])
+    rows = [logits[0]]
+    for token in ids[1:]:
+        rows.append(session.decode([token], state)[0])
+    return np.stack(rows)
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@ CPU and can be handed to TensorRT unchanged. Interface (B batch, S new tokens, P
 
 - inputs: ``input_ids``, ``position_ids`` [B,S] int64; ``attention_mask`` [B,P+S] int64 (0 = pad);
   ``past_key_values.{i}.key|value`` [B,kv_heads,P,head_dim] (P may be 0 for the prefill)
-- outputs: ``logits`` [B,S,vocab] float32; ``present.{i}.key|value`` [B,kv_heads,P+S,head_dim]
+- outputs: ``logits`` [B,1,vocab] float32, of the last position only (the one sampled from);
+  ``present.{i}.key|value`` [B,kv_heads,P+S,head_dim]
 
 The KV tensors use the model dtype (float32, or float16 with ``float16=True``).
 
@@ -301,7 +302,7 @@ class _DecoderGraph:
             )
         shape = g.op(
             "Concat",
-            [g.op("Shape", ["input_ids"], "lm_head.bs"), g.ints("vocab_dim", [c.vocab])],
+            [g.op("Shape", ["input_ids"], "lm_head.b", end=1), g.ints("one_vocab", [1, c.vocab])],
             "lm_head.shape",
             axis=0,
         )
@@ -391,7 +392,20 @@ class _DecoderGraph:
             x = g.op("Add", [x, self.attention(i, h, mask)], f"l{i}.attn_residual")
             h = self.rmsnorm(x, lp + "post_attention_layernorm.weight", f"l{i}.ffn_norm")
             x = g.op("Add", [x, self.mlp(i, h)], f"l{i}.ffn_residual")
-        self.lm_head(self.rmsnorm(x, "model.norm.weight", "final_norm"))
+        # Only the last position's logits are ever sampled from: the head (a [vocab, hidden]
+        # matrix, a fifth of this model's weights) runs on that position alone, which saves a
+        # fifth of a short prompt's prefill and a [S, vocab] output for a long one.
+        last = g.op(
+            "Slice",
+            [
+                x,
+                g.ints("last_start", [-1]),
+                g.ints("last_end", [np.iinfo(np.int64).max]),
+                g.ints("last_axes", [1]),
+            ],
+            "last_position",
+        )
+        self.lm_head(self.rmsnorm(last, "model.norm.weight", "final_norm"))
 
         def io(name: str, elem: int, shape: Sequence[str | int]) -> onnx.ValueInfoProto:
             return helper.make_tensor_value_info(name, elem, list(shape))
@@ -403,7 +417,7 @@ class _DecoderGraph:
             io("position_ids", TensorProto.INT64, ["batch", "sequence"]),
             io("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
         ]
-        outputs = [io("logits", TensorProto.FLOAT, ["batch", "sequence", c.vocab])]
+        outputs = [io("logits", TensorProto.FLOAT, ["batch", 1, c.vocab])]
         for i in range(c.layers):
             for kind in ("key", "value"):
                 inputs.append(io(f"past_key_values.{i}.{kind}", self.elem, past))
