@@ -440,6 +440,14 @@ register(
         reload=True,
     ),
     Setting(
+        "generation.single_stream_int8",
+        bool,
+        False,
+        "Run that 4-bit companion with int8 activations, as llama.cpp does (2.6x faster decode on "
+        "AVX2; logits within ~2 of the float graph instead of 2e-4, so near-tied tokens may differ).",
+        reload=True,
+    ),
+    Setting(
         "generation.max_prefill_tokens",
         int,
         4096,

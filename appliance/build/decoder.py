@@ -186,7 +186,9 @@ class _DecoderGraph:
         xf = self.cast(x, TensorProto.FLOAT, p + ".cast32")
         # Pow(x, 2) rather than Mul(x, x): ONNX Runtime recognises Pow-ReduceMean-Add-Sqrt-Div-Mul
         # and runs it as one SimplifiedLayerNormalization kernel (seven nodes fewer per norm).
-        mean = g.op("ReduceMean", [g.op("Pow", [xf, self.two], p + ".sq")], p + ".mean", axes=[-1], keepdims=1)
+        mean = g.op(
+            "ReduceMean", [g.op("Pow", [xf, self.two], p + ".sq")], p + ".mean", axes=[-1], keepdims=1
+        )
         std = g.op("Sqrt", [g.op("Add", [mean, self.eps], p + ".add_eps")], p + ".sqrt")
         y = self.cast(g.op("Div", [xf, std], p + ".div"), self.elem, p + ".cast16")
         return g.op("Mul", [y, self.weight(weight_name, self.w[weight_name])], p + ".scale")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from appliance.engines.onnxruntime import spinning
@@ -35,6 +36,7 @@ class DecoderSession:
         single_stream: str | Path | None = None,
         kv_device: str | None = None,
         spin_wait: bool = False,
+        single_stream_int8: bool = False,
     ) -> None:
         """``kv_device``: None keeps the KV cache in host NumPy arrays; "cuda" (or "cpu", which CI
         uses to run the device code path with host placement) keeps it in ``OrtValue`` tensors on
@@ -42,7 +44,9 @@ class DecoderSession:
 
         ``single_stream``: the folder of a 4-bit build of the same weights (same inputs and
         outputs, logits within 2e-4): a batch of one decodes there, where it is 1.4x faster; larger
-        batches and prefill stay on the float graph, which is faster for them."""
+        batches and prefill stay on the float graph, which is faster for them.
+
+        ``single_stream_int8``: run that companion with int8 activations (see ``int8_activations``)."""
         self.model_dir = model_dir = Path(model_dir)
         self.generation: dict[str, Any] = json.loads((model_dir / "generation.json").read_text())
         g = self.generation
@@ -61,9 +65,9 @@ class DecoderSession:
         self.kv: KVOps = HOST if kv_device is None else OrtKVOps(self.kv_dtype, kv_device)
         self.single: ort.InferenceSession | None = None
         if single_stream is not None and kv_device is None:
-            self.single = ort.InferenceSession(
-                str(Path(single_stream) / "model.onnx"), options, providers=["CPUExecutionProvider"]
-            )
+            path = Path(single_stream) / "model.onnx"
+            graph: str | bytes = int8_activations(path) if single_stream_int8 else str(path)
+            self.single = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
     def _run(
         self,
@@ -151,6 +155,22 @@ class DecoderSession:
         logits, new = self._run(ids, positions, mask, state, single)
         state.keys, state.values, state.mask = new.keys, new.values, new.mask
         return logits[:, -1, :]
+
+
+def int8_activations(path: Path) -> bytes:
+    """The 4-bit graph at ``path`` with its MatMulNBits nodes set to ``accuracy_level`` 4: each
+    32-value block of the activations is quantised to int8 and multiplied with integer dot
+    products, which is what llama.cpp does for Q4_1 weights (Q8_1 activations). Measured on a
+    2-core AVX2 EPYC: a lone decode step 2.6x faster than with float32 accumulation; logits differ
+    from the float32 graph by up to 2.3 (float32 accumulation: 2e-4), so a token whose top two
+    logits are closer than ~0.1 may flip (the greedy fixtures stay equal)."""
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for attr in node.attribute:
+                if attr.name == "accuracy_level":
+                    attr.i = 4
+    return model.SerializeToString()
 
 
 def greedy_generate(
