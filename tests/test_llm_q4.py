@@ -40,9 +40,9 @@ def sessions(source: DecoderSource, tmp_path_factory: pytest.TempPathFactory) ->
     out = {name: DecoderSession(d, intra_op_threads=2) for name, d in (("float", float_dir), ("q4", q4_dir))}
     # The default model's pairing: the float graph, with the q4 build decoding batches of one.
     out["paired"] = DecoderSession(float_dir, intra_op_threads=2, single_stream=q4_dir)
-    # generation.single_stream_int8: the same companion with int8 activations (llama.cpp's numerics).
+    # generation.q4_int8_decode: the same companion with int8 activations (llama.cpp's numerics).
     out["paired_int8"] = DecoderSession(
-        float_dir, intra_op_threads=2, single_stream=q4_dir, single_stream_int8=True
+        float_dir, intra_op_threads=2, single_stream=q4_dir, q4_int8_decode=True
     )
     return out
 
@@ -137,13 +137,13 @@ def test_a_lone_stream_decodes_on_the_q4_companion_with_the_same_tokens(
 
 def test_int8_activations_keep_the_greedy_fixtures(sessions: dict[str, DecoderSession]) -> None:
     """int8 activations move logits by up to ~2 (not 2e-4), so only greedy agreement is promised:
-    the fixtures' lone streams prefill on the float graph and decode on the int8 companion."""
+    the fixtures prefill on the float graph and decode on the int8 companion, alone and batched."""
     paired = sessions["paired_int8"]
     assert paired.single is not None
     cases = json.loads(FIXTURE.read_text())["cases"]
-    assert [greedy_generate(paired, [c["prompt_ids"]], 20)[0] for c in cases] == [
-        c["greedy_new_ids"] for c in cases
-    ]
+    prompts, expected = [c["prompt_ids"] for c in cases], [c["greedy_new_ids"] for c in cases]
+    assert [greedy_generate(paired, [p], 20)[0] for p in prompts] == expected
+    assert greedy_generate(paired, prompts, 20) == expected  # a batch of 2 decodes there too
     model = onnx.load_from_string(int8_activations(sessions["q4"].model_dir / "model.onnx"))
     levels = {
         a.i

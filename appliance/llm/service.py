@@ -52,7 +52,7 @@ class DecoderEngine(OnnxRuntimeEngine):
         intra_op_threads: int = 0,
         single_stream: Path | None = None,
         spin_wait: bool = False,
-        single_stream_int8: bool = False,
+        q4_int8_decode: bool = False,
     ) -> None:
         chosen = providers(prefer_gpu=True)
         # Under the CUDA provider the KV cache stays on the GPU between steps (OrtValue + I/O
@@ -66,7 +66,7 @@ class DecoderEngine(OnnxRuntimeEngine):
                 single_stream=single_stream,
                 kv_device=kv_device,
                 spin_wait=spin_wait,
-                single_stream_int8=single_stream_int8,
+                q4_int8_decode=q4_int8_decode,
             )
         except Exception as exc:  # ORT raises its own untyped errors
             raise EngineError(f"cannot load the decoder in {folder}: {exc}") from exc
@@ -142,7 +142,7 @@ def _open_decoder(entry: ModelEntry, values: dict[str, Any]) -> Engine:
         intra_op_threads=int(values["engine.intra_op_threads"]),
         single_stream=single,
         spin_wait=bool(values["engine.spin_wait"]),
-        single_stream_int8=bool(values["generation.single_stream_int8"]),
+        q4_int8_decode=bool(values["generation.q4_int8_decode"]),
     )
 
 
