@@ -1,13 +1,15 @@
 """Chat benchmark: the appliance against llama.cpp's llama-server, side by side in one run.
 
     sh bench/build-llama-server.sh                      # once, ~15-20 min on 2 cores
-    .venv/bin/python bench/bench_chat.py [--llama-server PATH] [--rounds 2] [--model NAME]
+    .venv/bin/python bench/bench_chat.py [--llama-server PATH] [--rounds 3] [--int8] [--model NAME]
 
 Both serve SmolLM2-135M-Instruct from the same GGUF (the appliance's ONNX graph is built from it),
 with the same prompts, 128 new tokens each (EOS ignored, greedy), streamed, at concurrency 1 and 8.
-Only one server runs at a time (2 cores); phases alternate and the best round of each is kept,
-because this machine is shared and noisy. llama-server runs with 8 slots and continuous batching
-(``-np 8 -cb``) and 2 threads, the appliance with its default settings (2 ONNX Runtime threads).
+Only one server runs at a time (2 cores); servers alternate within each round, and the table gives
+the median over rounds of each figure and of each round's appliance / llama-server ratio, because
+this machine is shared and noisy. llama-server runs with 8 slots and continuous batching
+(``-np 8 -cb``) and 2 threads, the appliance with its default settings (2 ONNX Runtime threads);
+``--int8`` adds the appliance with ``generation.q4_int8_decode``.
 ``--model smollm2-135m-instruct-q4`` benchmarks the CPU-only 4-bit build instead (pull it first).
 """
 
@@ -112,7 +114,9 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], path: str) -> None:
     raise RuntimeError("server did not become ready")
 
 
-def start_appliance(tmp: Path, port: int, model: str = MODEL) -> subprocess.Popen[bytes]:
+def start_appliance(
+    tmp: Path, port: int, model: str = MODEL, settings: dict[str, Any] | None = None
+) -> subprocess.Popen[bytes]:
     cfg = tmp / "appliance.yaml"
     cfg.write_text(
         json.dumps(
@@ -121,6 +125,7 @@ def start_appliance(tmp: Path, port: int, model: str = MODEL) -> subprocess.Pope
                 "admin": {"port": -1, "socket": ""},
                 "model_repository": str(ROOT / "engines"),
                 "data_dir": str(tmp / "data"),
+                **({"defaults": settings} if settings else {}),
             }
         )
     )
@@ -142,52 +147,84 @@ def start_llama(binary: str, port: int) -> subprocess.Popen[bytes]:
     return proc
 
 
+# The appliance's variants: its defaults, and (--int8) decoding on the 4-bit companion with int8
+# activations as llama.cpp does (generation.q4_int8_decode).
+INT8 = ("appliance int8", {"generation.q4_int8_decode": True}, (1, 8))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-server", default=str(ROOT.parent / "llama-build" / "bin" / "llama-server"))
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--json", help="write the results here too")
     ap.add_argument("--model", default=MODEL, help="the appliance model to serve (a built SmolLM2 folder)")
+    ap.add_argument(
+        "--int8", action="store_true", help="also run the appliance with generation.q4_int8_decode"
+    )
     args = ap.parse_args()
     if not os.access(args.llama_server, os.X_OK):
         sys.exit(f"no llama-server at {args.llama_server}: run `sh bench/build-llama-server.sh` first")
-    best: dict[tuple[str, int], dict[str, float]] = {}
+    servers: list[tuple[str, dict[str, Any] | None, tuple[int, ...]]] = [("appliance", {}, (1, 8))]
+    if args.int8:
+        servers.append(INT8)
+    servers.append(("llama-server", None, (1, 8)))
+    runs: dict[tuple[str, int], list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.rounds):
-            for name in ("appliance", "llama-server"):
+            for name, settings, levels in servers:
                 port = free_port()
                 proc = (
-                    start_appliance(Path(tmp), port, args.model)
-                    if name == "appliance"
+                    start_appliance(Path(tmp), port, args.model, settings)
+                    if settings is not None
                     else start_llama(args.llama_server, port)
                 )
                 try:
-                    for conc, n in ((1, 4), (8, 16)):
-                        model = args.model if name == "appliance" else MODEL
-                        r = asyncio.run(phase(f"http://127.0.0.1:{port}", model, conc, n))
-                        key = (name, conc)
-                        if key not in best or r["tok_s"] > best[key]["tok_s"]:
-                            best[key] = r
+                    for conc in levels:
+                        model = args.model if settings is not None else MODEL
+                        r = asyncio.run(
+                            phase(f"http://127.0.0.1:{port}", model, conc, 4 if conc == 1 else 16)
+                        )
+                        runs.setdefault((name, conc), []).append(r)
                         print(
-                            f"{name:12s} c={conc}: {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms",
+                            f"{name:14s} c={conc}: {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms",
                             flush=True,
                         )
                 finally:
                     proc.terminate()
                     proc.wait(60)
+    # Each round ran every server back to back, so a round's ratio compares like with like on a
+    # shared machine; the table gives medians over rounds of the figures and of those ratios.
     print()
     print(
-        "| concurrency | appliance tok/s | llama-server tok/s | ratio | appliance TTFT p50/p99 ms | llama-server TTFT p50/p99 ms |"
+        "| concurrency | server | tok/s | llama-server tok/s | ratio | TTFT p50 / p99 ms | "
+        "llama-server TTFT p50 / p99 ms | TTFT p50 ratio |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     out: dict[str, Any] = {}
     for conc in (1, 8):
-        a, b = best[("appliance", conc)], best[("llama-server", conc)]
-        print(
-            f"| {conc} | {a['tok_s']:.1f} | {b['tok_s']:.1f} | {a['tok_s'] / b['tok_s']:.2f} | "
-            f"{a['ttft_p50_ms']:.0f} / {a['ttft_p99_ms']:.0f} | {b['ttft_p50_ms']:.0f} / {b['ttft_p99_ms']:.0f} |"
-        )
-        out[str(conc)] = {"appliance": a, "llama_server": b}
+        peer = runs[("llama-server", conc)]
+        for name, _, levels in servers[:-1]:
+            if conc not in levels:
+                continue
+            mine = runs[(name, conc)]
+            pairs = list(zip(mine, peer, strict=True))
+            ratio = float(np.median([a["tok_s"] / b["tok_s"] for a, b in pairs]))
+            ttft_ratio = float(np.median([a["ttft_p50_ms"] / b["ttft_p50_ms"] for a, b in pairs]))
+
+            def med(rs: list[dict[str, float]], key: str) -> float:
+                return float(np.median([r[key] for r in rs]))
+
+            print(
+                f"| {conc} | {name} | {med(mine, 'tok_s'):.1f} | {med(peer, 'tok_s'):.1f} | **{ratio:.2f}** | "
+                f"{med(mine, 'ttft_p50_ms'):.0f} / {med(mine, 'ttft_p99_ms'):.0f} | "
+                f"{med(peer, 'ttft_p50_ms'):.0f} / {med(peer, 'ttft_p99_ms'):.0f} | {ttft_ratio:.2f} |"
+            )
+            out[f"{conc}:{name}"] = {
+                "appliance": mine,
+                "llama_server": peer,
+                "ratio": ratio,
+                "ttft_ratio": ttft_ratio,
+            }
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

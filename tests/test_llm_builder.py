@@ -171,7 +171,7 @@ def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 
 def full_logits(session: DecoderSession, ids: list[int]) -> np.ndarray:
-    """Raw graph call for one prompt: logits at every position [S, vocab]."""
+    """Raw graph call for one prompt; the graph returns the last position's logits only [vocab]."""
     empty = np.zeros((1, session.kv_heads, 0, session.head_dim), session.kv_dtype)
     feeds = {
         "input_ids": np.array([ids], np.int64),
@@ -179,7 +179,9 @@ def full_logits(session: DecoderSession, ids: list[int]) -> np.ndarray:
         "attention_mask": np.ones((1, len(ids)), np.int64),
     }
     feeds |= {f"past_key_values.{i}.{k}": empty for i in range(session.layers) for k in ("key", "value")}
-    return np.asarray(session.session.run(["logits"], feeds)[0][0])
+    logits = np.asarray(session.session.run(["logits"], feeds)[0])
+    assert logits.shape == (1, 1, session.vocab)  # the head runs on the sampled position alone
+    return logits[0, 0]
 
 
 # ----------------------------------------------------------------------------- tiny models
@@ -201,7 +203,7 @@ def test_tiny_prefill_and_decode_match_numpy(tiny: dict[str, Any]) -> None:
     session = DecoderSession(tiny["info"].out_dir, intra_op_threads=1)
     ids = [0, 7, 42, 99, 13, 200, 5]
     ref = reference_logits(tiny["cfg"], tiny["weights"], ids)
-    np.testing.assert_allclose(full_logits(session, ids), ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(full_logits(session, ids), ref[-1], atol=1e-4, rtol=0)
     logits, state = session.prefill([ids])
     np.testing.assert_allclose(logits[0], ref[-1], atol=1e-4, rtol=0)
     for step, token in enumerate([17, 250, 3, 88, 64]):  # cached decode against full recompute

@@ -56,6 +56,7 @@ class DecoderEngine(OnnxRuntimeEngine):
         single_stream: Path | None = None,
         spin_wait: bool = False,
         prefer_gpu: bool = True,
+        q4_int8_decode: bool = False,
     ) -> None:
         chosen = providers(prefer_gpu=prefer_gpu)
         # Under the CUDA provider the KV cache stays on the GPU between steps (OrtValue + I/O
@@ -69,6 +70,7 @@ class DecoderEngine(OnnxRuntimeEngine):
                 single_stream=single_stream,
                 kv_device=kv_device,
                 spin_wait=spin_wait,
+                q4_int8_decode=q4_int8_decode,
             )
         except Exception as exc:  # ORT raises its own untyped errors
             raise EngineError(f"cannot load the decoder in {folder}: {exc}") from exc
@@ -180,7 +182,12 @@ def _open_decoder(entry: ModelEntry, values: dict[str, Any]) -> Engine:
             if (folder / "model.onnx").exists():
                 single = folder
         engine = DecoderEngine(
-            entry.folder, prefer_gpu=False, single_stream=single, intra_op_threads=intra, spin_wait=spin
+            entry.folder,
+            prefer_gpu=False,
+            single_stream=single,
+            intra_op_threads=intra,
+            spin_wait=spin,
+            q4_int8_decode=bool(values["generation.q4_int8_decode"]),
         )
     engine.backend_reason = "; ".join(reasons) or None
     return engine

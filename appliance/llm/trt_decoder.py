@@ -264,8 +264,13 @@ class TensorRTDecoderSession(DecoderBase):
         batch, seq = ids.shape
         present_shape = (batch, self.kv_heads, mask.shape[1], self.head_dim)
         logits_shape = tuple(int(s) for s in ctx.get_tensor_shape("logits"))
-        if logits_shape != (batch, seq, self.vocab):
-            raise EngineError(f"logits shape {logits_shape}, expected {(batch, seq, self.vocab)}")
+        # Every position's logits, or (decoders built since the LM head runs on the last position
+        # only) just the last one's: [B, S, vocab] or [B, 1, vocab].
+        out_seq = logits_shape[1] if len(logits_shape) == 3 else -1
+        if logits_shape not in ((batch, seq, self.vocab), (batch, 1, self.vocab)):
+            raise EngineError(
+                f"logits shape {logits_shape}, expected {(batch, seq, self.vocab)} or {(batch, 1, self.vocab)}"
+            )
         for i in range(self.layers):
             got = tuple(int(s) for s in ctx.get_tensor_shape(f"present.{i}.key"))
             if got != present_shape:
@@ -273,7 +278,7 @@ class TensorRTDecoderSession(DecoderBase):
         presents = device_arrays([present_shape] * (2 * self.layers), self.kv_dtype)
         itemsize = self._logits_dtype.itemsize
         logits_dev, logits_host = self._stage("logits").fit(
-            batch * seq * self.vocab * itemsize, batch * self.vocab * itemsize
+            batch * out_seq * self.vocab * itemsize, batch * self.vocab * itemsize
         )
         try:
             for name, array in fed.items():
@@ -295,7 +300,14 @@ class TensorRTDecoderSession(DecoderBase):
             row = self.vocab * itemsize
             out = logits_host.view(self._logits_dtype, (batch, 1, self.vocab))
             cuda.memcpy2d_async(
-                out.ctypes.data, row, logits_dev.ptr + (seq - 1) * row, seq * row, row, batch, "dtoh", stream
+                out.ctypes.data,
+                row,
+                logits_dev.ptr + (out_seq - 1) * row,
+                out_seq * row,
+                row,
+                batch,
+                "dtoh",
+                stream,
             )
         except BaseException:
             with contextlib.suppress(CudaError):
