@@ -1,7 +1,7 @@
 """Chat benchmark: the appliance against llama.cpp's llama-server, side by side in one run.
 
     sh bench/build-llama-server.sh                      # once, ~15-20 min on 2 cores
-    .venv/bin/python bench/bench_chat.py [--llama-server PATH] [--rounds 3] [--int8] [--model NAME]
+    .venv/bin/python bench/bench_chat.py [--llama-server PATH] [--rounds 3] [--exact] [--model NAME]
 
 Both serve SmolLM2-135M-Instruct from the same GGUF (the appliance's ONNX graph is built from it),
 with the same prompts, 128 new tokens each (EOS ignored, greedy), streamed, at concurrency 1 and 8.
@@ -9,7 +9,8 @@ Only one server runs at a time (2 cores); servers alternate within each round, a
 the median over rounds of each figure and of each round's appliance / llama-server ratio, because
 this machine is shared and noisy. llama-server runs with 8 slots and continuous batching
 (``-np 8 -cb``) and 2 threads, the appliance with its default settings (2 ONNX Runtime threads);
-``--int8`` adds the appliance with ``generation.q4_int8_decode``.
+(``generation.q4_int8_decode`` on: decode with int8 activations, as llama.cpp does);
+``--exact`` adds the appliance with it off (float accumulation).
 ``--model smollm2-135m-instruct-q4`` benchmarks the CPU-only 4-bit build instead (pull it first).
 """
 
@@ -147,9 +148,9 @@ def start_llama(binary: str, port: int) -> subprocess.Popen[bytes]:
     return proc
 
 
-# The appliance's variants: its defaults, and (--int8) decoding on the 4-bit companion with int8
-# activations as llama.cpp does (generation.q4_int8_decode).
-INT8 = ("appliance int8", {"generation.q4_int8_decode": True}, (1, 8))
+# The appliance's variants: its defaults (decoding on the 4-bit companion with int8 activations,
+# as llama.cpp does), and (--exact) with float accumulation (generation.q4_int8_decode off).
+EXACT = ("appliance exact", {"generation.q4_int8_decode": False}, (1, 8))
 
 
 def main() -> None:
@@ -159,14 +160,14 @@ def main() -> None:
     ap.add_argument("--json", help="write the results here too")
     ap.add_argument("--model", default=MODEL, help="the appliance model to serve (a built SmolLM2 folder)")
     ap.add_argument(
-        "--int8", action="store_true", help="also run the appliance with generation.q4_int8_decode"
+        "--exact", action="store_true", help="also run the appliance with generation.q4_int8_decode off"
     )
     args = ap.parse_args()
     if not os.access(args.llama_server, os.X_OK):
         sys.exit(f"no llama-server at {args.llama_server}: run `sh bench/build-llama-server.sh` first")
     servers: list[tuple[str, dict[str, Any] | None, tuple[int, ...]]] = [("appliance", {}, (1, 8))]
-    if args.int8:
-        servers.append(INT8)
+    if args.exact:
+        servers.append(EXACT)
     servers.append(("llama-server", None, (1, 8)))
     runs: dict[tuple[str, int], list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
