@@ -106,14 +106,18 @@ class Batcher(EarlyAdmission, Generic[T, R]):
         self._asking_task: asyncio.Task[None] | None = None
         self._reserved: dict[int, int] = {}  # level -> places held by early admissions
         self._pump_pending = False
-        self._hold: asyncio.TimerHandle | None = None
+        self._hold: asyncio.Handle | None = None
+        self._hold_at = 0.0
         # Queue deadlines: one timer for the batcher, at the earliest, over a heap of (due, seq),
         # instead of a loop timer per request (uvloop's call_at and cancel per request were 5.6 %
         # of the event loop's time at 64 clients). Entries of requests no longer queued are
         # dropped lazily; ``_timed`` holds the queued requests that have a deadline.
         self._deadlines: list[tuple[float, int]] = []
         self._timed: dict[int, _Request[T, R]] = {}
-        self._deadline_timer: asyncio.TimerHandle | None = None
+        # uvloop's call_at returns a plain Handle, without when(), for a time within its 1 ms
+        # resolution: the timers' due times are kept here instead.
+        self._deadline_timer: asyncio.Handle | None = None
+        self._deadline_at = 0.0
         self._rate: float | None = None  # EWMA items/s of one instance
         self._batch_s: float | None = None  # EWMA seconds per batch
         self._recent: deque[int] = deque(maxlen=64)
@@ -267,10 +271,10 @@ class Batcher(EarlyAdmission, Generic[T, R]):
         heapq.heappush(heap, (due, req.seq))
         self._timed[req.seq] = req
         timer = self._deadline_timer
-        if timer is None or due < timer.when():
+        if timer is None or due < self._deadline_at:
             if timer is not None:
                 timer.cancel()
-            self._deadline_timer = loop.call_at(due, self._on_deadlines)
+            self._deadline_timer, self._deadline_at = loop.call_at(due, self._on_deadlines), due
 
     def _on_deadlines(self) -> None:
         """Expire every queued request whose deadline has come; re-arm for the next one."""
@@ -283,7 +287,7 @@ class Batcher(EarlyAdmission, Generic[T, R]):
             if req is not None:
                 self._expire(req)
         if heap:
-            self._deadline_timer = loop.call_at(heap[0][0], self._on_deadlines)
+            self._deadline_timer, self._deadline_at = loop.call_at(heap[0][0], self._on_deadlines), heap[0][0]
 
     def _expire(self, req: _Request[T, R]) -> None:
         if req.future.done():  # cancelled: submit's handler withdraws and counts it
@@ -330,10 +334,10 @@ class Batcher(EarlyAdmission, Generic[T, R]):
                 oldest = min(next(iter(q)).arrival for q in self._queues if q)
                 due = oldest + self.policy.max_queue_delay_ms / 1000
                 if loop.time() < due:
-                    if self._hold is None or self._hold.when() > due:
+                    if self._hold is None or self._hold_at > due:
                         if self._hold is not None:
                             self._hold.cancel()
-                        self._hold = loop.call_at(due, self._on_hold)
+                        self._hold, self._hold_at = loop.call_at(due, self._on_hold), due
                     return
             batch = self._take(size, loop.time())
             if batch:

@@ -566,3 +566,30 @@ def test_every_item_completes_once_and_batches_respect_size_and_priority(
         assert snap["queue_depth"] == {1: 0, 2: 0, 3: 0} and snap["running_batches"] == 0
 
     asyncio.run(scenario())
+
+
+def test_deadlines_under_uvloop_within_its_timer_resolution() -> None:
+    """uvloop runs a timer due within its 1 ms resolution as a plain Handle (no ``when()``): a
+    request whose deadline is that close, then one with a later deadline, must both be answered
+    (the second once crashed the batcher with AttributeError, a 500 under overload)."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> list[Any]:
+        engine = FakeEngine(gated=True)
+        batcher: Batcher[Any, Any] = Batcher("m", BatchPolicy(max_batch_size=1), engine)
+        running = submit(batcher, "blocker")
+        await asyncio.sleep(0)
+        close = submit(batcher, "close", timeout_ms=0.4)
+        later = submit(batcher, "later", timeout_ms=10_000)
+        await asyncio.sleep(0.05)
+        engine.gate.set()
+        return await asyncio.gather(running, close, later, return_exceptions=True)
+
+    loop = uvloop.new_event_loop()
+    try:
+        blocker, close, later = loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+    assert blocker == ("ok", "blocker")
+    assert isinstance(close, (DeadlineExceeded, WouldMissDeadline)), close
+    assert later == ("ok", "later")
