@@ -115,11 +115,22 @@ class ComputeArbiter:
         held = self.try_acquire(model, priority)
         if held is not None:
             return held
+        return await self.wait(self.ask(model, priority, waiter=waiter))
+
+    def ask(self, model: str, priority: int, *, waiter: Waiter | None = None) -> Waiter:
+        """Queue a request for a grant now, without awaiting it (await it with :meth:`wait`): a
+        batcher asks for its next batch before giving back the grant of the last one, so that the
+        arbiter weighs its queued work against the other models' waiters instead of handing the
+        grant to whoever was already waiting."""
         loop = asyncio.get_running_loop()
         w = waiter or Waiter(model, priority, next(self._seq), self._clock(), loop.create_future())
         self._waiters.append(w)
         self._observe_waiting(w.priority)
         self._dispatch()  # a priority-1 arrival may take the urgent lane past the queued others
+        return w
+
+    async def wait(self, w: Waiter) -> Grant:
+        """The grant :meth:`ask` queued for. Cancelling the wait withdraws it."""
         try:
             return await w.future
         except asyncio.CancelledError:

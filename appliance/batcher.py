@@ -366,17 +366,19 @@ class Batcher(EarlyAdmission, Generic[T, R]):
                 return
             if not any(self._queues) or len(self._starts) >= self.instances:
                 return
-        task = loop.create_task(self._granted(loop), name=f"grant:{self.name}")
+        # Queued now, not when the task first runs: a batch that just ended asks before it gives
+        # its grant back (see _run), so its queue competes for that very grant.
+        self._asking = arbiter.ask(self.name, self._best_level())
+        task = loop.create_task(self._granted(loop, self._asking), name=f"grant:{self.name}")
         self._asking_task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _granted(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _granted(self, loop: asyncio.AbstractEventLoop, waiter: Waiter) -> None:
         arbiter = self._arbiter
         assert arbiter is not None
-        self._asking = arbiter.waiter(self.name, self._best_level())
         try:
-            held = await arbiter.acquire(self.name, self._asking.priority, waiter=self._asking)
+            held = await arbiter.wait(waiter)
         finally:
             self._asking = None
         self._start(loop, arbiter, held)
@@ -489,9 +491,13 @@ class Batcher(EarlyAdmission, Generic[T, R]):
         except Exception as exc:  # the whole batch failed; nothing else is affected
             outcome = [exc] * n
         finally:
-            if release is not None:
-                release()  # the engine is free for the most urgent work of any model
             self._complete(bid, batch, outcome, ok)
+            if release is not None:
+                if not self._closed:
+                    # Ask for the next batch before the grant goes back: otherwise another model's
+                    # waiter, there first, would take it even when this queue is more urgent.
+                    self._pump()
+                release()  # the engine is free for the most urgent work of any model
         self._pump()  # not on cancellation: the loop is shutting down
 
     def _complete(

@@ -249,3 +249,38 @@ async def test_a_batch_on_the_urgent_lane_takes_only_priority_1_items() -> None:
     assert await asyncio.wait_for(asyncio.gather(*later), 1) == ["p2-0", "p2-1", "p2-2"]
     assert ran[1] == ["p2-0", "p2-1", "p2-2"]
     await embed.close()
+
+
+async def test_a_batcher_asks_for_its_next_batch_before_giving_its_grant_back() -> None:
+    """A priority-1 batch ends while another model's priority-2 call has been waiting: the next
+    priority-1 batch of the same model, queued meanwhile, goes first. (Were the grant given back
+    before the batcher asked again, the waiter already queued would take it, and under load
+    priority-1 batches would alternate with lower-priority calls.)"""
+    arbiter = ComputeArbiter(1, aging_ms=0)
+    ran: list[list[Any]] = []
+    gate = asyncio.Event()
+
+    async def execute(items: list[Any]) -> list[Any]:
+        ran.append(list(items))
+        await gate.wait()
+        return items
+
+    policy = BatchPolicy(max_batch_size=1, priority_levels=3, default_priority=2)
+    embed = Batcher("embed", policy, execute, arbiter=arbiter)
+    first = asyncio.create_task(embed.submit("a", priority=1))
+    while not ran:
+        await asyncio.sleep(0)
+    seen_by_chat: list[list[list[Any]]] = []
+
+    async def chat_step() -> None:
+        async with arbiter.grant("chat", 2):
+            seen_by_chat.append([list(b) for b in ran])
+
+    chat = asyncio.create_task(chat_step())
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(embed.submit("b", priority=1))
+    await asyncio.sleep(0.01)
+    gate.set()
+    assert (await asyncio.wait_for(asyncio.gather(first, second, chat), 2))[:2] == ["a", "b"]
+    assert seen_by_chat == [[["a"], ["b"]]]
+    await embed.close()
