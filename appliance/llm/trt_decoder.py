@@ -35,12 +35,12 @@ from typing import Any
 import numpy as np
 
 from appliance.engines.base import Engine, EngineError, EngineOutOfMemory, TensorSpec
-from appliance.engines.tensorrt.plan import PlanIncompatible, Profile, ShapeRange, require_gpu
+from appliance.engines.tensorrt.plan import Profile, ShapeRange, require_gpu
 from appliance.engines.tensorrt.run import (
     activation_size,
     create_user_managed_context,
     describe_io,
-    process_logger,
+    deserialize,
     read_profiles,
     set_context_memory,
 )
@@ -185,14 +185,7 @@ class TensorRTDecoderSession(DecoderBase):
         self._trt, self._device, self.plan_path = trt, device, plan_path
         self._closed = False
         self._staging: dict[str, _Staging] = {}
-        try:
-            cuda.set_device(device)
-            self._runtime = trt.Runtime(process_logger(trt))
-            self._engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
-        except (OSError, CudaError) as exc:
-            raise EngineError(f"cannot load {plan_path.name}: {exc}") from exc
-        if self._engine is None:
-            raise PlanIncompatible(f"TensorRT {trt.__version__} cannot load {plan_path.name}; rebuild it")
+        self._runtime, self._engine = deserialize(trt, device, plan_path)
         self.io = describe_io(trt, self._engine)
         self.profiles = read_profiles(self._engine, self.io)
         self._check_plan()

@@ -179,6 +179,21 @@ _logger_lock = threading.Lock()
 _trt_logger: Any = None
 
 
+def deserialize(trt: Any, device: int, plan_path: Path) -> tuple[Any, Any]:
+    """A TensorRT runtime and the engine it deserializes from ``plan_path`` on ``device``.
+    Raises EngineError when the file or the device fails, PlanIncompatible when this TensorRT
+    cannot load the plan (another version or GPU built it: rebuild)."""
+    try:
+        cuda.set_device(device)
+        runtime = trt.Runtime(process_logger(trt))
+        engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
+    except (OSError, CudaError) as exc:
+        raise EngineError(f"cannot load {plan_path.name}: {exc}") from exc
+    if engine is None:
+        raise PlanIncompatible(f"TensorRT {trt.__version__} cannot load {plan_path.name}; rebuild it")
+    return runtime, engine
+
+
 def process_logger(trt: Any) -> Any:
     """One ILogger per process: TensorRT keeps a single logger pointer and calls it from its threads."""
     global _trt_logger
@@ -246,14 +261,7 @@ class TensorRTEngine(Engine):
         self._slots: dict[str, _Slot] = {}
         self._arena: DeviceBuffer | None = None
         self._own_arena: DeviceBuffer | None = None
-        try:
-            cuda.set_device(device)
-            self._runtime = trt.Runtime(process_logger(trt))
-            self._engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
-        except (OSError, CudaError) as exc:
-            raise EngineError(f"cannot load {plan_path.name}: {exc}") from exc
-        if self._engine is None:
-            raise PlanIncompatible(f"TensorRT {trt.__version__} cannot load {plan_path.name}; rebuild it")
+        self._runtime, self._engine = deserialize(trt, device, plan_path)
         self._io = self._describe_io()
         self._profiles = self._read_profiles()
         self._activation_bytes = activation_size(self._engine)
