@@ -102,28 +102,28 @@ class ComputeArbiter:
 
     @contextlib.asynccontextmanager
     async def grant(self, model: str, priority: int) -> AsyncIterator[Grant]:
-        """Hold a grant for the body (callers that promote while waiting use :meth:`waiter`,
-        :meth:`acquire` and :meth:`release` instead)."""
+        """Hold a grant for the body (callers that promote while waiting use :meth:`ask`,
+        :meth:`wait` and :meth:`release` instead)."""
         held = await self.acquire(model, priority)
         try:
             yield held
         finally:
             self.release(held)
 
-    async def acquire(self, model: str, priority: int, *, waiter: Waiter | None = None) -> Grant:
+    async def acquire(self, model: str, priority: int) -> Grant:
         """Take a grant (give it back with :meth:`release`). Cancelling the wait withdraws it."""
         held = self.try_acquire(model, priority)
         if held is not None:
             return held
-        return await self.wait(self.ask(model, priority, waiter=waiter))
+        return await self.wait(self.ask(model, priority))
 
-    def ask(self, model: str, priority: int, *, waiter: Waiter | None = None) -> Waiter:
+    def ask(self, model: str, priority: int) -> Waiter:
         """Queue a request for a grant now, without awaiting it (await it with :meth:`wait`): a
         batcher asks for its next batch before giving back the grant of the last one, so that the
         arbiter weighs its queued work against the other models' waiters instead of handing the
         grant to whoever was already waiting."""
         loop = asyncio.get_running_loop()
-        w = waiter or Waiter(model, priority, next(self._seq), self._clock(), loop.create_future())
+        w = Waiter(model, priority, next(self._seq), self._clock(), loop.create_future())
         self._waiters.append(w)
         self._observe_waiting(w.priority)
         self._dispatch()  # a priority-1 arrival may take the urgent lane past the queued others
@@ -150,11 +150,6 @@ class ComputeArbiter:
             if priority == 1 and self._urgent_running < self.urgent_lane:
                 return self._take(model, priority, 0.0, urgent=True)
         return None
-
-    def waiter(self, model: str, priority: int) -> Waiter:
-        """A waiter to pass to :meth:`acquire`, for callers that promote it while it waits."""
-        loop = asyncio.get_running_loop()
-        return Waiter(model, priority, next(self._seq), self._clock(), loop.create_future())
 
     def promote(self, waiter: Waiter | None, priority: int) -> None:
         """A waiter now speaks for more urgent work (at priority 1 it may take the urgent lane)."""

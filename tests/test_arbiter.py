@@ -215,8 +215,8 @@ async def test_aging_never_opens_the_urgent_lane_to_lower_priorities() -> None:
 async def test_a_waiter_promoted_to_priority_1_takes_the_urgent_lane() -> None:
     arbiter = ComputeArbiter(1, aging_ms=0, urgent_lane=1)
     held = await arbiter.acquire("chat", 2)
-    waiter = arbiter.waiter("embed", 2)
-    asking = asyncio.create_task(arbiter.acquire("embed", 2, waiter=waiter))
+    waiter = arbiter.ask("embed", 2)
+    asking = asyncio.create_task(arbiter.wait(waiter))
     await asyncio.sleep(0.01)
     assert not asking.done()
     arbiter.promote(waiter, 1)  # a priority-1 item joined the batcher's queue
