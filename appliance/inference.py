@@ -95,6 +95,19 @@ def engine_failure(exc: Exception) -> ApplianceError:
     return EngineFailure(f"engine {kind}: {exc}", kind=kind)
 
 
+def batcher_of(runtime: ModelRuntime) -> Batcher[Any, Any]:
+    """The dynamic batcher of an embedding or tensor model (a generate model queues in the LLM
+    scheduler, and the request is refused by name)."""
+    batcher = runtime.batcher
+    if not isinstance(batcher, Batcher):
+        raise InvalidRequest(
+            f"The model '{runtime.entry.name}' is a {runtime.entry.kind.value} model; this API needs "
+            "an embedding or tensor model",
+            param="model",
+        )
+    return batcher
+
+
 async def submit_all(
     batcher: Batcher[Any, Any],
     items: Sequence[Any],
@@ -281,7 +294,6 @@ def _embedding_runtime(
     execute = engine_call(mgr, entry.name, executor, rt.run_batch)
     values = mgr.tunables(entry.name)
     loop = asyncio.get_running_loop()
-    extras: dict[str, Any] = {"embedding": rt, "warmup": rt.warmup}
     batcher: Batcher[np.ndarray, np.ndarray] = Batcher(
         entry.name,
         batch_policy(values),
@@ -302,7 +314,7 @@ def _embedding_runtime(
         upper = int(values["batching.max_batch_size"])
         started = time.perf_counter()
         size, rates = rt.best_batch(upper)
-        extras["measured_batch_size"] = {
+        runtime.measured_batch_size = {
             "chosen": size,
             "upper_bound": upper,
             "sentences_per_cpu_s": {str(b): round(r, 1) for b, r in rates.items()},
@@ -315,10 +327,19 @@ def _embedding_runtime(
             # ModelManager.apply keeps this cap when settings change live (until a reload).
             loop.call_soon_threadsafe(_cap_policy, batcher, size)
 
-    extras["warmup_peak"] = warm_and_measure
-    # Working memory grows with the batch: the probe's peak, scaled to the largest batch.
-    extras["peak_scale"] = int(values["batching.max_batch_size"]) / PEAK_PROBE_ROWS
-    return ModelRuntime(entry, engine, executor, batcher, entry.digest(), extras)
+    runtime = ModelRuntime(
+        entry,
+        engine,
+        executor,
+        batcher,
+        entry.digest(),
+        service=rt,
+        warmup=rt.warmup,
+        peak_probe=warm_and_measure,
+        # Working memory grows with the batch: the probe's peak, scaled to the largest batch.
+        peak_scale=int(values["batching.max_batch_size"]) / PEAK_PROBE_ROWS,
+    )
+    return runtime
 
 
 def _cap_policy(batcher: Batcher[Any, Any], size: int) -> None:
@@ -347,7 +368,7 @@ class EmbeddingService:
 
     @staticmethod
     def runtime_of(runtime: ModelRuntime, model: str) -> EmbeddingRuntime:
-        rt = runtime.extras.get("embedding")
+        rt = runtime.service
         if not isinstance(rt, EmbeddingRuntime):
             raise InvalidRequest(f"The model '{model}' is not an embedding model", param="model")
         return rt
@@ -383,7 +404,7 @@ class EmbeddingService:
         observe = self.manager.metrics.child(self.manager.metrics.input_tokens, model).observe
         for it in items:
             observe(len(it))
-        vectors = await submit_all(runtime.batcher, items, priority, timeout_ms, reservation)
+        vectors = await submit_all(batcher_of(runtime), items, priority, timeout_ms, reservation)
         return EmbeddingResult(np.stack(vectors), sum(len(i) for i in items))
 
 
@@ -509,7 +530,7 @@ def _tensor_runtime(
         observer=_Observer(mgr.metrics, entry.name),
         arbiter=mgr.arbiter,
     )
-    return ModelRuntime(entry, engine, executor, batcher, entry.digest(), {"tensor": rt})
+    return ModelRuntime(entry, engine, executor, batcher, entry.digest(), service=rt)
 
 
 class TensorService:
@@ -538,7 +559,7 @@ class TensorService:
                     f"unexpected inference output '{n}' for model '{model}'", param="outputs"
                 )
         (result,) = await submit_all(
-            runtime.batcher, [TensorItem(feeds, names)], priority, timeout_ms, reservation
+            batcher_of(runtime), [TensorItem(feeds, names)], priority, timeout_ms, reservation
         )
         return dict(result)
 

@@ -13,11 +13,12 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
 from appliance import settings
+from appliance.admission import Reservation
 from appliance.arbiter import ComputeArbiter
 from appliance.batcher import BatchPolicy
 from appliance.config import Config
@@ -59,18 +60,48 @@ class ModelState(str, Enum):
     failed = "failed"
 
 
+class ServingQueue(Protocol):
+    """What the manager, the pipeline and the admin plane use of a model's queue: the dynamic
+    ``Batcher``, or for generate models the LLM ``Scheduler`` (both ``EarlyAdmission``)."""
+
+    @property
+    def policy(self) -> BatchPolicy: ...
+
+    @policy.setter
+    def policy(self, value: BatchPolicy) -> None: ...
+
+    async def close(self, drain: bool = True) -> None: ...
+
+    def snapshot(self) -> dict[str, Any]:
+        """Keys common to both: queue_depth, running_batches, recent_batch_sizes, rejections,
+        service_rate."""
+        ...
+
+    def reserve(self, level: int, count: int, timeout_s: float = 0.0) -> Reservation: ...
+
+
 @dataclass
 class ModelRuntime:
-    """What a resident model needs to serve: engine, worker threads, batcher, kind-specific parts."""
+    """What a resident model needs to serve: engine, worker threads, queue, kind-specific parts."""
 
     entry: ModelEntry
     engine: Engine
     executor: ThreadPoolExecutor
-    # A Batcher, or for generate models the LLM scheduler: both have ``policy``, ``close(drain=)``
-    # and ``snapshot()`` with the same keys.
-    batcher: Any
+    batcher: ServingQueue
     identity: str
-    extras: dict[str, Any] = field(default_factory=dict)
+    # The kind's own runtime (``EmbeddingRuntime``, ``TensorRuntime``, ``LLMRuntime``): each
+    # service checks it is the kind it serves, and refuses the request by name otherwise.
+    service: object = None
+    # A first run on the worker thread, so that the first request does not pay for it.
+    warmup: Callable[[], None] | None = None
+    # A run at a known batch (``PEAK_PROBE_ROWS``) whose transient memory peak, times
+    # ``peak_scale``, sizes the model's activation lease; replaces ``warmup`` where present.
+    peak_probe: Callable[[], None] | None = None
+    peak_scale: float = 1.0
+    # Set by an embedding model's load-time measurement (``inference.best_batch``).
+    measured_batch_size: dict[str, Any] | None = None
+    # The LLM scheduler's running/waiting figures, for /admin/stats.
+    generation_snapshot: Callable[[], dict[str, Any]] | None = None
 
 
 @dataclass
@@ -266,20 +297,20 @@ class ModelManager:
             engine = holder[0]
             factory = RUNTIME_FACTORIES[entry.kind]
             runtime = factory(self, entry, engine, executor)
-            warm = runtime.extras.get("warmup_peak") or runtime.extras.get("warmup")
+            warm = runtime.peak_probe or runtime.warmup
             activation = 0
             if hasattr(engine, "activation_bytes"):
                 # TensorRT knows its scratch need exactly; its weights are the plan, not our RSS.
                 activation = int(engine.activation_bytes())
                 grown = engine.memory_bytes()
                 await loop.run_in_executor(executor, self._share_arena, engine)
-                if callable(runtime.extras.get("warmup")):
-                    await loop.run_in_executor(executor, runtime.extras["warmup"])
-            elif callable(warm):
+                if runtime.warmup is not None:
+                    await loop.run_in_executor(executor, runtime.warmup)
+            elif warm is not None:
                 # The run's transient peak above what stays resident. What the allocator keeps after
                 # a first run is the process's heap, reused by every model, not this model's.
                 _, peak = await loop.run_in_executor(executor, measure, warm)
-                activation = int(peak * float(runtime.extras.get("peak_scale", 1.0)))
+                activation = int(peak * runtime.peak_scale)
             weights = max(estimate, grown)
             try:
                 await self._make_room(entry.name, weights, activation, engine.on_gpu)
@@ -434,7 +465,7 @@ class ModelManager:
             policy = batch_policy(self.tunables(name))
             caps = [
                 self.batch_caps.get(name),
-                slot.runtime.extras.get("measured_batch_size", {}).get("chosen"),
+                (slot.runtime.measured_batch_size or {}).get("chosen"),
             ]
             cap = min((c for c in caps if c is not None), default=None)  # OOM cap, measured best
             if cap is not None and policy.max_batch_size > cap:
@@ -456,7 +487,7 @@ class ModelManager:
             engine = slot.runtime.engine
             d["backend"] = engine.backend_name  # tensorrt, onnxruntime-cuda or onnxruntime-cpu
             d["backend_reason"] = engine.backend_reason  # why a faster one was skipped, or null
-            measured = slot.runtime.extras.get("measured_batch_size")
+            measured = slot.runtime.measured_batch_size
             if measured is not None:
                 d["measured_batch_size"] = measured  # chosen at load: inference.best_batch
         lease = self.memory.leases.get(name)

@@ -33,8 +33,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from appliance.admission import AdmissionError, Reservation
 from appliance.auth import ApiKeyRecord
-from appliance.batcher import AdmissionError
 from appliance.breaker import BreakerOpen, CircuitBreaker, Permit
 from appliance.cache import CacheHit, cache_key
 from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, Unavailable
@@ -71,9 +71,9 @@ class Ticket:
     # breaker judges generations by their time to first token.
     first_output: Callable[[], None] = lambda: None
     pipeline: Pipeline | None = None
-    # Queue places held since early admission (a Batcher's Reservation); the HTTP layer releases
-    # what is left when the request ends, whatever way it ends.
-    reservation: Any = None
+    # Queue places held since early admission; the HTTP layer releases what is left when the
+    # request ends, whatever way it ends.
+    reservation: Reservation | None = None
     load_error: str = ""
 
     def release(self) -> None:
@@ -214,12 +214,9 @@ class Pipeline:
         items: int,
         values: Mapping[str, Any],
         seconds: float,
-    ) -> Any:
+    ) -> Reservation:
         """Early admission: the queue's own refusal (full, would miss the deadline, closed) now,
         or places held for the request's items."""
-        reserve = getattr(runtime.batcher, "reserve", None)
-        if reserve is None:
-            return None
         limit = int(values["queue.max_queue_size"])
         if limit and items > limit:  # could never be admitted: retrying would not help
             raise InvalidRequest(
@@ -228,7 +225,7 @@ class Pipeline:
                 param="input",
             )
         try:
-            return reserve(level, items, seconds if seconds < UNBOUNDED_S else 0.0)
+            return runtime.batcher.reserve(level, items, seconds if seconds < UNBOUNDED_S else 0.0)
         except AdmissionError as exc:
             self.metrics.child(self.metrics.shed, exc.reason).inc()
             raise admission_error(exc) from None

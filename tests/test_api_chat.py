@@ -85,7 +85,7 @@ def snapshot(srv: ServerThread) -> dict[str, Any]:
     def snap() -> dict[str, Any]:
         runtime = srv.app[MANAGER].slots[MODEL].runtime
         assert runtime is not None
-        return dict(runtime.extras["generation_snapshot"]())
+        return dict(runtime.generation_snapshot())
 
     return dict(srv.call(snap))
 

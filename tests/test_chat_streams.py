@@ -40,7 +40,7 @@ def running(srv: ServerThread) -> int:
     def snap() -> int:
         runtime = srv.app[MANAGER].slots[MODEL].runtime
         assert runtime is not None
-        return int(runtime.extras["generation_snapshot"]()["running"])
+        return int(runtime.generation_snapshot()["running"])
 
     return int(srv.call(snap))
 

@@ -107,8 +107,8 @@ async def stats(request: web.Request) -> web.Response:
             m["rejections"] = snap["rejections"]
             m["running_batches"] = snap["running_batches"]
             m["service_rate_per_s"] = snap["service_rate"]
-            fn = slot.runtime.extras.get("generation_snapshot")
-            if callable(fn):
+            fn = slot.runtime.generation_snapshot
+            if fn is not None:
                 m["generation"] = fn()
         resilience = app[RESILIENCE]
         breaker = resilience.breakers.get(name)

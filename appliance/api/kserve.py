@@ -49,7 +49,7 @@ async def ready(request: web.Request) -> web.Response:
 
 def _io(runtime: ModelRuntime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The model's tensors as clients see them (full shapes, -1 for dynamic dims)."""
-    rt = runtime.extras.get("embedding")
+    rt = runtime.service
     if isinstance(rt, EmbeddingRuntime):
         return (
             [{"name": TEXT_INPUT, "datatype": "BYTES", "shape": [-1, 1]}],

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ __all__ = [
     "gpu_engines_available",
     "onnxruntime_cuda_unavailable",
     "open_engine",
+    "open_on_chain",
     "tensorrt_unavailable",
 ]
 
@@ -89,9 +91,13 @@ def step_down(model: str, skipped: str, why: str, *, costly: bool) -> str:
     return f"{skipped}: {why}"
 
 
-def open_engine(entry: ModelEntry, values: dict[str, Any]) -> Engine:
-    """The model's engine on the first backend of the chain that works, with ``backend_reason``
-    naming each faster backend skipped and why. Raises EngineError only if the CPU one fails."""
+def open_on_chain(
+    entry: ModelEntry, tensorrt: Callable[[], Engine], onnxruntime: Callable[[bool], Engine]
+) -> Engine:
+    """Walk the chain for ``entry``: ``tensorrt()`` opens its TensorRT engine, ``onnxruntime(gpu)``
+    its ONNX Runtime engine with (``True``) or without the CUDA provider. Each may raise
+    EngineError to step down; the CPU one's error is the only one that propagates. The engine
+    returned carries ``backend_reason``: each faster backend skipped, and why."""
     reasons: list[str] = []
     from appliance.gpu import cuda
 
@@ -99,41 +105,48 @@ def open_engine(entry: ModelEntry, values: dict[str, Any]) -> Engine:
     if entry.spec.backend != Backend.onnxruntime:
         why = tensorrt_unavailable()
         if why is None:
-            from appliance.engines.tensorrt import TensorRTEngine
-
             try:
-                return TensorRTEngine(plan_for(entry, values))
+                return tensorrt()
             except EngineError as exc:
                 why = f"TensorRT failed: {exc}"
         costly = gpu_here or entry.spec.backend == Backend.tensorrt
         reasons.append(step_down(entry.name, "TensorRT", why, costly=costly))
-    intra, inter = int(values["engine.intra_op_threads"]), int(values["engine.inter_op_threads"])
-    spin = bool(values["engine.spin_wait"])
-    engine: OnnxRuntimeEngine | None = None
     why = onnxruntime_cuda_unavailable()
     if why is None:
         try:
-            engine = OnnxRuntimeEngine(
-                entry.artefact("model"),
-                prefer_gpu=True,
-                intra_op_threads=intra,
-                inter_op_threads=inter,
-                spin_wait=spin,
-            )
+            engine = onnxruntime(True)
         except EngineError as exc:
             why = f"the session failed on the GPU: {exc}"
         else:
-            if not engine.on_gpu:  # ORT dropped the CUDA provider itself (libraries did not load)
-                why = "the CUDA provider did not load (missing CUDA/cuDNN libraries; see ONNX Runtime's log)"
-    if why is not None:
-        reasons.append(step_down(entry.name, "ONNX Runtime CUDA", why, costly=gpu_here))
-    if engine is None:
-        engine = OnnxRuntimeEngine(
+            if engine.on_gpu:
+                return engine
+            # ORT dropped the CUDA provider itself (its libraries did not load). The session is
+            # reopened with the CPU path's own options (a decoder's CPU-only 4-bit companion).
+            engine.close()
+            why = "the CUDA provider did not load (missing CUDA/cuDNN libraries; see ONNX Runtime's log)"
+    reasons.append(step_down(entry.name, "ONNX Runtime CUDA", why, costly=gpu_here))
+    engine = onnxruntime(False)
+    engine.backend_reason = "; ".join(reasons) or None
+    return engine
+
+
+def open_engine(entry: ModelEntry, values: dict[str, Any]) -> Engine:
+    """The model's engine (an encoder or tensor model) on the first backend that works."""
+    intra, inter = int(values["engine.intra_op_threads"]), int(values["engine.inter_op_threads"])
+    spin = bool(values["engine.spin_wait"])
+
+    def tensorrt() -> Engine:
+        from appliance.engines.tensorrt import TensorRTEngine
+
+        return TensorRTEngine(plan_for(entry, values))
+
+    def onnxruntime(gpu: bool) -> Engine:
+        return OnnxRuntimeEngine(
             entry.artefact("model"),
-            prefer_gpu=False,
+            prefer_gpu=gpu,
             intra_op_threads=intra,
             inter_op_threads=inter,
             spin_wait=spin,
         )
-    engine.backend_reason = "; ".join(reasons) or None
-    return engine
+
+    return open_on_chain(entry, tensorrt, onnxruntime)

@@ -30,7 +30,7 @@ from appliance.llm.runtime import DecoderBase, DecoderSession
 from appliance.llm.sampling import OutputProcessor, SamplingParams
 from appliance.llm.scheduler import Event, Finished, GenerationConfig, Scheduler, Seq, Token
 from appliance.models import ENGINE_OPENERS, RUNTIME_FACTORIES, ModelManager, ModelRuntime, batch_policy
-from appliance.repository import Backend, ModelEntry, ModelKind
+from appliance.repository import ModelEntry, ModelKind
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class DecoderEngine(OnnxRuntimeEngine):
 
 @dataclass
 class LLMRuntime:
-    """The parts of a resident generate model the service needs (``ModelRuntime.extras["llm"]``)."""
+    """The parts of a resident generate model the service needs (``ModelRuntime.service``)."""
 
     name: str
     session: DecoderBase  # ONNX Runtime's DecoderSession or TensorRT's TensorRTDecoderSession
@@ -134,54 +134,32 @@ class LLMRuntime:
 
 
 def _open_decoder(entry: ModelEntry, values: dict[str, Any]) -> Engine:
-    """The decoder on the first backend of the chain that works (TensorRT, ONNX Runtime CUDA,
-    ONNX Runtime CPU), with ``backend_reason`` naming each faster one skipped and why, as
-    ``engines.select.open_engine`` does for the other models."""
-    from appliance.engines.availability import onnxruntime_cuda_unavailable, tensorrt_unavailable
-    from appliance.engines.select import step_down
-    from appliance.gpu import cuda
+    """The decoder on the first backend of the chain that works (``engines.select.open_on_chain``:
+    TensorRT, ONNX Runtime CUDA, ONNX Runtime CPU)."""
+    from appliance.engines.select import open_on_chain
 
-    reasons: list[str] = []
-    gpu_here = cuda.probe().ok
-    if entry.spec.backend != Backend.onnxruntime:
-        why = tensorrt_unavailable()
-        if why is None:
-            from appliance.llm.trt_decoder import open_tensorrt_decoder
-
-            try:
-                return open_tensorrt_decoder(
-                    entry.folder,
-                    max_running=int(values["generation.max_running_sequences"]),
-                    prefill_tokens=int(values["generation.prefill_chunk_tokens"]),
-                    progress=lambda line: log.info("tensorrt: %s", line),
-                )
-            except EngineError as exc:
-                why = f"TensorRT failed: {exc}"
-        costly = gpu_here or entry.spec.backend == Backend.tensorrt
-        reasons.append(step_down(entry.name, "TensorRT", why, costly=costly))
-    why = onnxruntime_cuda_unavailable()
-    engine: DecoderEngine | None = None
     intra, spin = int(values["engine.intra_op_threads"]), bool(values["engine.spin_wait"])
-    if why is None:
-        try:
-            engine = DecoderEngine(entry.folder, prefer_gpu=True, intra_op_threads=intra, spin_wait=spin)
-        except EngineError as exc:
-            why = f"the session failed on the GPU: {exc}"
-        else:
-            if not engine.on_gpu:  # ORT dropped the CUDA provider itself (libraries did not load)
-                why = "the CUDA provider did not load (missing CUDA/cuDNN libraries; see ONNX Runtime's log)"
-                engine.close()
-                engine = None
-    if why is not None:
-        reasons.append(step_down(entry.name, "ONNX Runtime CUDA", why, costly=gpu_here))
-    if engine is None:
+
+    def tensorrt() -> Engine:
+        from appliance.llm.trt_decoder import open_tensorrt_decoder
+
+        return open_tensorrt_decoder(
+            entry.folder,
+            max_running=int(values["generation.max_running_sequences"]),
+            prefill_tokens=int(values["generation.prefill_chunk_tokens"]),
+            progress=lambda line: log.info("tensorrt: %s", line),
+        )
+
+    def onnxruntime(gpu: bool) -> Engine:
+        if gpu:
+            return DecoderEngine(entry.folder, prefer_gpu=True, intra_op_threads=intra, spin_wait=spin)
         single = None
         # A CPU-only 4-bit companion for batches of one (see DecoderSession).
         if "single_stream" in entry.spec.artefacts and values["generation.single_stream_q4"]:
             folder = entry.artefact("single_stream").parent
             if (folder / "model.onnx").exists():
                 single = folder
-        engine = DecoderEngine(
+        return DecoderEngine(
             entry.folder,
             prefer_gpu=False,
             single_stream=single,
@@ -189,8 +167,8 @@ def _open_decoder(entry: ModelEntry, values: dict[str, Any]) -> Engine:
             spin_wait=spin,
             q4_int8_decode=bool(values["generation.q4_int8_decode"]),
         )
-    engine.backend_reason = "; ".join(reasons) or None
-    return engine
+
+    return open_on_chain(entry, tensorrt, onnxruntime)
 
 
 def _generate_runtime(
@@ -231,8 +209,16 @@ def _generate_runtime(
         fallback if isinstance(fallback, str) else None,
         tunables=lambda: mgr.tunables(entry.name),
     )
-    extras = {"llm": rt, "warmup": rt.warmup, "generation_snapshot": scheduler.generation_snapshot}
-    return ModelRuntime(entry, engine, executor, scheduler, entry.digest(), extras)
+    return ModelRuntime(
+        entry,
+        engine,
+        executor,
+        scheduler,
+        entry.digest(),
+        service=rt,
+        warmup=rt.warmup,
+        generation_snapshot=scheduler.generation_snapshot,
+    )
 
 
 ENGINE_OPENERS[ModelKind.generate] = _open_decoder
@@ -516,7 +502,7 @@ class ChatService:
 
     @staticmethod
     def _llm(runtime: ModelRuntime) -> LLMRuntime:
-        llm = runtime.extras.get("llm")
+        llm = runtime.service
         if not isinstance(llm, LLMRuntime):
             raise InvalidRequest(
                 f"The model '{runtime.entry.name}' is a {runtime.entry.kind.value} model; chat and "
