@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import uvloop
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -58,6 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_embeddings import free_port, pct, sentences  # noqa: E402
+from bench.lean_http import LeanClient  # noqa: E402
 
 EMBED = "all-minilm-l6-v2"
 CHAT = "smollm2-135m-instruct"
@@ -253,15 +255,13 @@ def kind_of(status: int, body: bytes) -> str:
     return kind
 
 
-def session(limit: int = 512) -> aiohttp.ClientSession:
+def session(url: str, limit: int = 512) -> LeanClient:
     # The client's own bound: past deadline + 5 s a request counts as hung instead of waiting forever.
-    timeout = aiohttp.ClientTimeout(total=DEADLINE_MS / 1000 + 5)
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit), timeout=timeout)
+    host, _, port = url.removeprefix("http://").partition(":")
+    return LeanClient(host, int(port), limit=limit, timeout_s=DEADLINE_MS / 1000 + 5)
 
 
-async def embed(
-    http: aiohttp.ClientSession, url: str, priority: int, started: float, body: bytes | None = None
-) -> Outcome:
+async def embed(http: LeanClient, priority: int, started: float, body: bytes | None = None) -> Outcome:
     headers = {
         "Content-Type": "application/json",
         "X-Priority": str(priority),
@@ -270,26 +270,23 @@ async def embed(
     }
     sent = time.perf_counter()
     try:
-        async with http.post(url + "/v1/embeddings", data=body or UNIQUE.body(), headers=headers) as r:
-            text = await r.read()
-            end = time.perf_counter()
-            retry = "Retry-After" in r.headers
-            return Outcome(
-                priority, r.status, end - started, retry, started, end - sent, kind_of(r.status, text)
-            )
-    except (aiohttp.ClientError, asyncio.TimeoutError):
-        end = time.perf_counter()
+        r = await http.post("/v1/embeddings", body or UNIQUE.body(), headers)
+    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+        end = time.perf_counter()  # TimeoutError is an OSError: the client's bound
         return Outcome(priority, 0, end - started, False, started, end - sent, "no answer")
+    end = time.perf_counter()
+    retry = r.has_header(b"retry-after")
+    return Outcome(priority, r.status, end - started, retry, started, end - sent, kind_of(r.status, r.body))
 
 
 async def closed_loop(url: str, clients: int, seconds: float, priority: int = 2) -> Series:
     series = Series()
-    async with session() as http:
+    async with session(url) as http:
         end = time.perf_counter() + seconds
 
         async def worker() -> None:
             while time.perf_counter() < end:
-                series.outcomes.append(await embed(http, url, priority, time.perf_counter()))
+                series.outcomes.append(await embed(http, priority, time.perf_counter()))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
@@ -312,13 +309,13 @@ async def open_loop(
     series = Series()
     if rate <= 0:
         return series
-    async with session() as http:
+    async with session(url) as http:
         t0 = time.perf_counter()
         due = t0
         tasks: list[asyncio.Task[None]] = []
 
         async def one(priority: int, at: float) -> None:
-            series.outcomes.append(await embed(http, url, priority, at))
+            series.outcomes.append(await embed(http, priority, at))
 
         while True:
             due += rng.expovariate(rate)
@@ -531,14 +528,14 @@ async def overload(
 ) -> dict[str, Any]:
     rate = 3 * cap["embeddings_per_s"]
     REFUSALS.clear()
-    cpu0 = server.cpu_s()
+    cpu0, client0 = server.cpu_s(), time.process_time()
     async with ClientLag() as client_lag:
         mixed, probe, chat = await asyncio.gather(
             open_loop(server.url, rate, seconds, MIX, seed=1),
             open_loop(server.url, probe_fraction * cap["embeddings_per_s"], seconds, ((1, 1.0),), seed=2),
             chat_streams(server.url, CHAT_STREAMS, seconds),
         )
-    cpu = server.cpu_s() - cpu0
+    cpu, client_cpu = server.cpu_s() - cpu0, time.process_time() - client0
     gauges = await gauges_settle(server.url)
     answered_per_s = (mixed.summary()["answered"] + probe.summary()["answered"]) / seconds
     return {
@@ -552,6 +549,7 @@ async def overload(
         "embeddings_answered_per_s": answered_per_s,
         "goodput": answered_per_s / cap["embeddings_per_s"] + chat.tok_s / cap["chat_tok_s"],
         "server_cores": cpu / seconds,
+        "client_cores": client_cpu / seconds,
         "client_loop_lag": client_lag.summary(),
         "refusal_bodies": dict(REFUSALS),
         "gauges": gauges,
@@ -672,6 +670,7 @@ def table(r: dict[str, Any]) -> str:
         rows.append(("extra priority-1 probe: p99", f"{pr['p99_ms']:.0f} ms", ""))
     rows.append(("chat during overload", f"{ov['chat_tok_s']:.1f} tok/s", ""))
     rows.append(("server CPU during overload", f"{ov['server_cores']:.2f} cores", ""))
+    rows.append(("load generator CPU during overload", f"{ov['client_cores']:.2f} cores", ""))
     cl = ov["client_loop_lag"]
     rows.append(
         ("load generator's own loop lag: p99 / max", f"{cl['p99_ms']:.0f} / {cl['max_ms']:.0f} ms", "small")
@@ -784,6 +783,8 @@ def main() -> None:
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        # uvloop for the load generator too: every cycle it spends is taken from the server.
+        uvloop.install()
         result = asyncio.run(run(args, Path(tmp)))
     print()
     print(table(result))
