@@ -125,7 +125,9 @@ def link_repository(tmp: Path, models: list[str]) -> Path:
 
 
 @contextmanager
-def serve(tmp: Path, models: dict[str, dict[str, Any]]) -> Iterator[Server]:
+def serve(
+    tmp: Path, models: dict[str, dict[str, Any]], defaults: dict[str, Any] | None = None
+) -> Iterator[Server]:
     tmp.mkdir()
     port, admin_port = free_port(), free_port()
     cfg = tmp / "appliance.yaml"
@@ -135,6 +137,7 @@ def serve(tmp: Path, models: dict[str, dict[str, Any]]) -> Iterator[Server]:
         "model_repository": str(link_repository(tmp, list(models))),
         "data_dir": str(tmp / "data"),
         "models": models,
+        "defaults": defaults or {},
     }
     cfg.write_text(yaml.safe_dump(config))
     log = (tmp / "server.log").open("wb")
@@ -749,7 +752,12 @@ def table(r: dict[str, Any]) -> str:
 async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"args": vars(args), "cpu_count": os.cpu_count()}
     models = {EMBED: queue_settings(), CHAT: queue_settings()}
-    with serve(tmp / "main", models) as server:
+    defaults: dict[str, Any] = {}
+    for kv in args.set:
+        key, _, value = kv.partition("=")
+        section, _, leaf = key.partition(".")
+        defaults.setdefault(section, {})[leaf] = json.loads(value)
+    with serve(tmp / "main", models, defaults) as server:
         print("capacity ...", flush=True)
         cap = result["capacity"] = await capacity(server, args.capacity_seconds)
         print(f"  {cap}", flush=True)
@@ -780,6 +788,13 @@ def main() -> None:
     ap.add_argument("--refusal-seconds", type=float, default=10.0, help="refusal-only flood length")
     ap.add_argument("--probe-fraction", type=float, default=0.0, help="extra priority-1 rate, x capacity")
     ap.add_argument("--soak-minutes", type=float, default=0.0, help="soak length (0: no soak)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="a tunable for the main server's defaults, e.g. compute.urgent_lane=1 (repeatable)",
+    )
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
