@@ -67,6 +67,9 @@ class BatchPolicy:
     aging_ms: float = 0.0  # 0 = strict priority
     # A batch that holds priority-1 work takes nothing of lower priority, so that it stays short.
     priority_1_alone: bool = True
+    # While more urgent work is about (the compute arbiter's word), a less urgent batch is cut to
+    # about this many ms of measured compute, so the urgent work waits at most about that. 0: off.
+    urgent_batch_ms: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -101,6 +104,7 @@ class BatchPolicy:
         check(_is_ms(self.default_timeout_ms), "default_timeout_ms", "a number >= 0 (0 = no deadline)")
         check(isinstance(self.allow_timeout_override, bool), "allow_timeout_override", "a bool")
         check(_is_ms(self.aging_ms), "aging_ms", "a number >= 0 (0 = strict priority)")
+        check(_is_ms(self.urgent_batch_ms), "urgent_batch_ms", "a number >= 0 (0 = off)")
 
     def queue_limit(self, priority: int) -> int:
         m = self.max_queue_size

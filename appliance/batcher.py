@@ -395,6 +395,7 @@ class Batcher(EarlyAdmission, Generic[T, R]):
             queued = sum(map(len, self._queues[:levels]))
             if queued:
                 size, _ = self.policy.batch_size(queued)
+                size = self._urgent_cut(size, arbiter)
                 batch = self._take(size, loop.time(), levels)
                 if batch:
                     self._launch(batch, loop, release=lambda: arbiter.release(held))
@@ -403,6 +404,18 @@ class Batcher(EarlyAdmission, Generic[T, R]):
             if not launched:
                 arbiter.release(held)
         return launched
+
+    def _urgent_cut(self, size: int, arbiter: ComputeArbiter) -> int:
+        """``size``, or fewer items, about ``urgent_batch_ms`` of compute at the measured rate,
+        while work more urgent than this batch's head is about: it waits for this batch."""
+        ms = self.policy.urgent_batch_ms
+        rate = self._rate
+        if not ms or rate is None or size <= 1:
+            return size
+        head = self._best_level()
+        if head <= 1 or not arbiter.pressed(head):
+            return size
+        return max(1, min(size, int(rate * ms / 1000)))
 
     def _on_hold(self) -> None:
         self._hold = None

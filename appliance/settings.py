@@ -268,6 +268,16 @@ register(
         "(off: fill it to max_batch_size, more throughput, slower priority 1 under load).",
     ),
     Setting(
+        "batching.urgent_batch_ms",
+        float,
+        0.0,
+        "While more urgent work (of any model) has used the engine within the last second, a batch "
+        "of less urgent work is cut to about this many ms of compute (from the measured rate), so "
+        "that the urgent work waits at most about that long (0 = batches by max_batch_size only).",
+        0,
+        60_000,
+    ),
+    Setting(
         "batching.preferred_batch_sizes",
         list,
         [],

@@ -195,6 +195,26 @@ async def test_a_batch_holding_priority_1_takes_no_lower_priority_items(alone: b
     assert engine.batches[1:] == ([["b", "d"], ["a", "c"]] if alone else [["b", "d", "a", "c"]])
 
 
+async def test_while_more_urgent_work_is_about_a_less_urgent_batch_is_cut_to_urgent_batch_ms() -> None:
+    """``batching.urgent_batch_ms``: while more urgent work (of any model) has had the engine
+    within the last second, a batch of less urgent work is cut to about that many ms of compute
+    at the rate measured so far, so that the urgent work waits for a short batch, not a full one.
+    With nothing more urgent about, batches stay full."""
+    arbiter = ComputeArbiter(1, aging_ms=0)
+    engine = FakeEngine(seconds=0.05)
+    policy = BatchPolicy(max_batch_size=4, priority_levels=3, default_priority=2, urgent_batch_ms=30)
+    batcher: Batcher[Any, Any] = Batcher("m", policy, engine, arbiter=arbiter)
+    await asyncio.gather(*(submit(batcher, i) for i in range(4)))
+    assert engine.batches == [[0, 1, 2, 3]]  # and the rate: 4 items in >= 50 ms, <= 80 items/s
+    async with arbiter.grant("other-model", 1):  # another model's priority-1 call holds the engine
+        tasks = [submit(batcher, i) for i in range(4, 8)]
+        await asyncio.sleep(0.01)
+    await asyncio.gather(*tasks)
+    # 30 ms at <= 80 items/s: at most 2 items a batch; every item still runs, once.
+    assert all(len(b) <= 2 for b in engine.batches[1:])
+    assert sorted(i for b in engine.batches[1:] for i in b) == [4, 5, 6, 7]
+
+
 async def test_partial_batch_waits_for_queue_delay_only_while_another_instance_is_busy() -> None:
     engine = FakeEngine(gated=True)
     batcher: Batcher[Any, Any] = Batcher(
