@@ -39,7 +39,7 @@ from appliance.breaker import BreakerOpen, CircuitBreaker, Permit
 from appliance.cache import CacheHit, cache_key
 from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, Unavailable
 from appliance.inference import admission_error
-from appliance.models import ModelManager, ModelRuntime, ModelState
+from appliance.models import ModelManager, ModelRuntime, ModelSlot, ModelState
 from appliance.resilience import Answer, Resilience
 from appliance.telemetry import Metrics
 
@@ -159,6 +159,56 @@ class Pipeline:
     ) -> Ticket:
         """Resolve the request's policies and refuse it now if its queue is full. Cheap: no
         tokenizing, hashing, cache or model load happens before this answers."""
+        slot, values, level, seconds, explicit = self._resolve(model, priority, key, timeout_ms)
+        runtime = slot.runtime
+        reservation = (
+            self._shed(model, runtime, level, items, values, seconds) if runtime is not None else None
+        )
+        directives = {d.strip().lower() for d in cache_control.split(",")} if cache_control else set()
+        return Ticket(
+            model,
+            level,
+            time.monotonic() + seconds,
+            explicit,
+            read_cache="no-cache" not in directives,
+            write_cache="no-store" not in directives,
+            values=values,
+            pipeline=self,
+            reservation=reservation,
+        )
+
+    def refusal(
+        self,
+        model: str,
+        *,
+        priority: Any = None,
+        key: ApiKeyRecord | None = None,
+        timeout_ms: float | None = None,
+    ) -> tuple[ApplianceError, int] | None:
+        """Shed before work: the refusal early admission would give a request for ``model`` at this
+        priority and deadline even with a single item, and its level; None when its queue would
+        take it, or when anything about it is unusual (``admit`` then gives the precise answer).
+        Holds nothing: a request this lets through is admitted as usual."""
+        try:
+            slot, _, level, seconds, _ = self._resolve(model, priority, key, timeout_ms)
+        except ApplianceError:
+            return None
+        runtime = slot.runtime
+        refusal = getattr(runtime.batcher, "refusal", None) if runtime is not None else None
+        if refusal is None:
+            return None
+        exc = refusal(level, 1, seconds if seconds < UNBOUNDED_S else 0.0)
+        if exc is None:
+            return None
+        self.metrics.child(self.metrics.shed, exc.reason).inc()
+        return admission_error(exc), level
+
+    def _resolve(
+        self, model: Any, priority: Any, key: ApiKeyRecord | None, timeout_ms: float | None
+    ) -> tuple[ModelSlot, Mapping[str, Any], int, float, bool]:
+        """Stages 2 and 4: the model's slot and settings, the level (the request's, else the
+        model's default; lowered to the key's cap), the deadline in seconds and whether the
+        client set it."""
         if not isinstance(model, str) or not model:
             raise InvalidRequest("'model' is required and must be a string", param="model")
         slot = self.manager._slot(model)  # 404 for an unknown model
@@ -189,22 +239,7 @@ class Pipeline:
         else:
             ms = default_ms
         seconds = ms / 1000 if ms > 0 else UNBOUNDED_S
-        runtime = slot.runtime
-        reservation = (
-            self._shed(model, runtime, level, items, values, seconds) if runtime is not None else None
-        )
-        directives = {d.strip().lower() for d in cache_control.split(",")} if cache_control else set()
-        return Ticket(
-            model,
-            level,
-            time.monotonic() + seconds,
-            explicit,
-            read_cache="no-cache" not in directives,
-            write_cache="no-store" not in directives,
-            values=values,
-            pipeline=self,
-            reservation=reservation,
-        )
+        return slot, values, level, seconds, explicit
 
     def _shed(
         self,

@@ -65,6 +65,7 @@ EXTRA_STATS = web.AppKey("extra_stats", dict)
 ACTIONS = web.AppKey("actions", dict)
 
 TICKET = "ticket"  # request-scoped: the pipeline's Ticket
+BODY = "json_body"  # request-scoped: the JSON body, parsed once (see appliance.api.shedding)
 OPENAI, KSERVE, OTHER = "openai", "kserve", "other"
 _INTEGER = re.compile(r"-?[0-9]{1,18}")
 
@@ -83,13 +84,34 @@ def retry_after(seconds: float | None) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
+# Rendered error bodies and headers, by everything that goes into them: under overload the same
+# few refusals are rendered thousands of times a second. Bounded; cleared when full.
+_RENDERED: dict[tuple[Any, ...], tuple[bytes, dict[str, str]]] = {}
+_RENDERED_MAX = 512
+
+
 def error_response(api: str, exc: ApplianceError) -> web.Response:
-    if api == KSERVE:
-        body: dict[str, Any] = {"error": exc.message}
-    else:
-        body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
-    headers = {"Content-Type": "application/json", **retry_after(exc.retry_after_s)}
-    return web.Response(body=orjson.dumps(body), status=exc.status, headers=headers)
+    wait = exc.retry_after_s
+    key = (
+        api,
+        exc.status,
+        exc.message,
+        exc.type,
+        exc.param,
+        exc.code,
+        None if wait is None else max(1, math.ceil(wait)),
+    )
+    rendered = _RENDERED.get(key)
+    if rendered is None:
+        if api == KSERVE:
+            body: dict[str, Any] = {"error": exc.message}
+        else:
+            body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+        headers = {"Content-Type": "application/json", **retry_after(wait)}
+        if len(_RENDERED) >= _RENDERED_MAX:
+            _RENDERED.clear()
+        rendered = _RENDERED[key] = (orjson.dumps(body), headers)
+    return web.Response(body=rendered[0], status=exc.status, headers=rendered[1])
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -109,6 +131,9 @@ async def read_body(request: web.Request) -> bytes:
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
+    parsed: dict[str, Any] | None = request.get(BODY)
+    if parsed is not None:
+        return parsed
     try:
         raw = await read_body(request)
     except web.HTTPRequestEntityTooLarge as exc:

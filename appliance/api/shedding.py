@@ -1,0 +1,51 @@
+"""Shed before work: the refusal a request's queue would give, decided in the front door from what
+the request says about itself (its model, priority and deadline), before the route's handler runs.
+
+Under overload most requests are refused, and each refusal's cost is paid thousands of times a
+second on the event loop: this path reads only the fields admission needs, raises nothing and
+renders a refusal body it has rendered before. A request it does not refuse goes to its route as
+usual (which reuses the parsed body), and anything unusual about it (a body still arriving,
+invalid JSON, a malformed priority or deadline, an unknown model) is left to the route, which
+answers it precisely.
+
+It covers the OpenAI routes, whose body names the model; the priority may be in the body or in
+``X-Priority``. A refused request is never validated further: with its queue full, a request
+with a malformed ``input`` gets the 429, not the 400 it would get once admitted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from appliance.api.common import BODY, PIPELINE, requested_priority, timeout_ms_of
+from appliance.api.jsonbody import parse_object
+from appliance.api.security import KEY
+from appliance.errors import ApplianceError, InvalidRequest
+
+SHED_EARLY = frozenset({"/v1/embeddings", "/v1/chat/completions", "/v1/completions"})
+
+
+async def early_refusal(request: web.Request) -> tuple[ApplianceError, int] | None:
+    """The refusal for a POST to one of ``SHED_EARLY`` and its priority level, or None."""
+    length = request.content_length
+    if length is None or request.content.total_bytes < length:
+        return None  # still arriving: the route reads it within server.read_timeout_s
+    try:
+        doc: dict[str, Any] = parse_object(await request.read())
+        priority = requested_priority(request, doc.get("priority"))
+        timeout_ms = timeout_ms_of(request)
+    except (InvalidRequest, web.HTTPException):
+        return None
+    request[BODY] = doc
+    model = doc.get("model")
+    if not isinstance(model, str):
+        return None
+    found = request.app[PIPELINE].refusal(
+        model, priority=priority, key=request.get(KEY), timeout_ms=timeout_ms
+    )
+    if found is not None:
+        request["model"] = model
+        request["priority"] = found[1]
+    return found
