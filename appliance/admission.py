@@ -199,6 +199,11 @@ class EarlyAdmission:
         self._reserved[level] = self._reserved.get(level, 0) + count
         return Reservation(self, level, count)
 
+    def full(self: Any, level: int) -> bool:
+        """Whether ``level``'s queue is full (refusing even one more item) and still open."""
+        limit = self.policy.queue_limit(level)
+        return bool(limit) and not self.closed and self.queued(level) + self._reserved.get(level, 0) >= limit
+
     def held(self, level: int) -> int:
         """Places held at ``level`` by early admissions that have not submitted yet."""
         return self._reserved.get(level, 0)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from appliance.auth import ApiKeyRecord
-from appliance.batcher import AdmissionError
+from appliance.batcher import AdmissionError, QueueFull
 from appliance.breaker import BreakerOpen, CircuitBreaker, Permit
 from appliance.cache import CacheHit, cache_key
 from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, Unavailable
@@ -139,11 +139,33 @@ async def bounded(aw: Awaitable[T], seconds: float, what: str) -> T:
         ) from None
 
 
+@dataclass
+class _Refused:
+    """A full-queue refusal as decided once for a (model, priority, key cap, deadline), replayed
+    for the next identical requests while the same queue is still full, under the same settings,
+    for at most ``REPLAY_S`` (its Retry-After is that fresh)."""
+
+    runtime: ModelRuntime
+    entry: Any  # the slot's ModelEntry, and the settings the level was resolved under
+    defaults: Any
+    overrides: Any
+    level: int
+    cause: AdmissionError
+    error: ApplianceError
+    shed: Any  # the shed counter's labelled child
+    until: float
+
+
+REPLAY_S = 0.1
+_REFUSED_MAX = 256
+
+
 class Pipeline:
     def __init__(self, manager: ModelManager, resilience: Resilience, metrics: Metrics) -> None:
         self.manager = manager
         self.resilience = resilience
         self.metrics = metrics
+        self._refused: dict[tuple[Any, ...], _Refused] = {}
 
     # -- 2-4: priority, early shedding, deadline -------------------------------------------------
 
@@ -188,7 +210,28 @@ class Pipeline:
         """Shed before work: the refusal early admission would give a request for ``model`` at this
         priority and deadline even with a single item, and its level; None when its queue would
         take it, or when anything about it is unusual (``admit`` then gives the precise answer).
-        Holds nothing: a request this lets through is admitted as usual."""
+        Holds nothing: a request this lets through is admitted as usual. Under a flood, most calls
+        replay a full-queue refusal decided moments before (``_Refused``)."""
+        cap = getattr(key, "max_priority", None)
+        memo = (model, priority, cap, timeout_ms)
+        now = time.monotonic()
+        hit = self._refused.get(memo)
+        if hit is not None:
+            slot = self.manager.slots.get(model)
+            cfg = self.manager.cfg
+            if (
+                hit.until > now
+                and slot is not None
+                and slot.runtime is hit.runtime
+                and slot.entry is hit.entry
+                and cfg.defaults is hit.defaults
+                and cfg.model_overrides is hit.overrides
+                and hit.runtime.batcher.full(hit.level)
+            ):
+                hit.runtime.batcher._refuse(hit.cause)  # counted as the queue counts any refusal
+                hit.shed.inc()
+                return hit.error, hit.level
+            del self._refused[memo]
         try:
             slot, _, level, seconds, _ = self._resolve(model, priority, key, timeout_ms)
         except ApplianceError:
@@ -200,8 +243,25 @@ class Pipeline:
         exc = refusal(level, 1, seconds if seconds < UNBOUNDED_S else 0.0)
         if exc is None:
             return None
-        self.metrics.child(self.metrics.shed, exc.reason).inc()
-        return admission_error(exc), level
+        shed = self.metrics.child(self.metrics.shed, exc.reason)
+        shed.inc()
+        error = admission_error(exc)
+        if isinstance(exc, QueueFull) and runtime is not None:
+            if len(self._refused) >= _REFUSED_MAX:
+                self._refused.clear()
+            cfg = self.manager.cfg
+            self._refused[memo] = _Refused(
+                runtime,
+                slot.entry,
+                cfg.defaults,
+                cfg.model_overrides,
+                level,
+                exc,
+                error,
+                shed,
+                now + REPLAY_S,
+            )
+        return error, level
 
     def _resolve(
         self, model: Any, priority: Any, key: ApiKeyRecord | None, timeout_ms: float | None

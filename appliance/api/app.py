@@ -113,7 +113,7 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
                 app[INFLIGHT].enter()
                 entered = True
             await authenticate(request)
-        early = await early_refusal(request) if post and path in SHED_EARLY else None
+        early = early_refusal(request) if post and path in SHED_EARLY else None
         if early is not None:
             # Refused before work: never counted in flight, as nothing of it is left to drain.
             status = early[0].status

@@ -65,7 +65,8 @@ EXTRA_STATS = web.AppKey("extra_stats", dict)
 ACTIONS = web.AppKey("actions", dict)
 
 TICKET = "ticket"  # request-scoped: the pipeline's Ticket
-BODY = "json_body"  # request-scoped: the JSON body, parsed once (see appliance.api.shedding)
+# Request-scoped: the body as read, and as parsed, by the front door (see appliance.api.shedding).
+RAW_BODY, BODY = "raw_body", "json_body"
 OPENAI, KSERVE, OTHER = "openai", "kserve", "other"
 _INTEGER = re.compile(r"-?[0-9]{1,18}")
 
@@ -116,6 +117,9 @@ def error_response(api: str, exc: ApplianceError) -> web.Response:
 
 async def read_body(request: web.Request) -> bytes:
     """The whole body, within ``server.read_timeout_s``: a trickling client cannot hold a slot."""
+    raw: bytes | None = request.get(RAW_BODY)
+    if raw is not None:
+        return raw
     length = request.content_length
     if length is not None and request.content.total_bytes >= length:
         # Already all here (the usual small request): nothing to wait for, so no timer either

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from appliance.api.common import BODY, PIPELINE, requested_priority, timeout_ms_of
+from appliance.api.common import BODY, PIPELINE, RAW_BODY, requested_priority, timeout_ms_of
 from appliance.api.jsonbody import parse_object
 from appliance.api.security import KEY
 from appliance.errors import ApplianceError, InvalidRequest
@@ -27,13 +27,17 @@ from appliance.errors import ApplianceError, InvalidRequest
 SHED_EARLY = frozenset({"/v1/embeddings", "/v1/chat/completions", "/v1/completions"})
 
 
-async def early_refusal(request: web.Request) -> tuple[ApplianceError, int] | None:
+def early_refusal(request: web.Request) -> tuple[ApplianceError, int] | None:
     """The refusal for a POST to one of ``SHED_EARLY`` and its priority level, or None."""
     length = request.content_length
-    if length is None or request.content.total_bytes < length:
-        return None  # still arriving: the route reads it within server.read_timeout_s
+    content = request.content
+    if length is None or content.total_bytes < length or length > request.client_max_size:
+        return None  # still arriving (the route reads it within server.read_timeout_s), or a 413
+    # All here: taken as is, without request.read()'s loop of awaits; the route reads it from
+    # the request (read_body).
+    raw = request[RAW_BODY] = content.read_nowait()
     try:
-        doc: dict[str, Any] = parse_object(await request.read())
+        doc: dict[str, Any] = parse_object(raw)
         priority = requested_priority(request, doc.get("priority"))
         timeout_ms = timeout_ms_of(request)
     except (InvalidRequest, web.HTTPException):
