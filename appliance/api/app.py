@@ -40,6 +40,7 @@ from appliance.api.common import (
 )
 from appliance.api.security import (
     CEILINGS,
+    KEY,
     KEYS,
     LIMITER,
     RateCeilings,
@@ -104,7 +105,8 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
     request_id = request.headers.get("X-Request-Id", "")[:64] or f"{_ID_PREFIX}-{next(_ids):x}"
     request["request_id"] = request_id
     key_needed = needs_key(request)
-    entered = False
+    entered = handled = False
+    key = None
     response: web.StreamResponse
     try:
         if key_needed:
@@ -113,7 +115,9 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
                 app[INFLIGHT].enter()
                 entered = True
             await authenticate(request)
-        early = early_refusal(request) if post and path in SHED_EARLY else None
+        # (request.get() of a missing key raises and catches a KeyError inside: not on this path.)
+        key = request[KEY] if key_needed else None
+        early = early_refusal(request, key) if post and path in SHED_EARLY else None
         if early is not None:
             # Refused before work: never counted in flight, as nothing of it is left to drain.
             status = early[0].status
@@ -123,6 +127,7 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
                 metrics.child(metrics.inflight, api).inc()
                 app[INFLIGHT].enter()
                 entered = True
+            handled = True
             response = await handler(request)
             status = response.status
     except asyncio.CancelledError:
@@ -142,7 +147,7 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
         err = ApplianceError(f"internal error: {type(exc).__name__}")
         response = error_response(api, err)
     finally:
-        ticket = request.get(TICKET)
+        ticket = request.get(TICKET) if handled else None
         if ticket is not None:
             ticket.release()  # queue places an early admission held and no submit used
         if entered:
@@ -174,7 +179,7 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
                             "priority": request.get("priority"),
                             "status": status,
                             "duration_ms": round(elapsed * 1000, 2),
-                            "key": getattr(request.get("api_key"), "name", None),
+                            "key": getattr(key, "name", None),
                         }
                     },
                 )

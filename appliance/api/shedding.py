@@ -21,14 +21,15 @@ from aiohttp import web
 
 from appliance.api.common import BODY, PIPELINE, RAW_BODY, requested_priority, timeout_ms_of
 from appliance.api.jsonbody import parse_object
-from appliance.api.security import KEY
+from appliance.auth import ApiKeyRecord
 from appliance.errors import ApplianceError, InvalidRequest
 
 SHED_EARLY = frozenset({"/v1/embeddings", "/v1/chat/completions", "/v1/completions"})
 
 
-def early_refusal(request: web.Request) -> tuple[ApplianceError, int] | None:
-    """The refusal for a POST to one of ``SHED_EARLY`` and its priority level, or None."""
+def early_refusal(request: web.Request, key: ApiKeyRecord | None) -> tuple[ApplianceError, int] | None:
+    """The refusal for a POST to one of ``SHED_EARLY`` by ``key`` (when keys are on) and its
+    priority level, or None."""
     length = request.content_length
     content = request.content
     if length is None or content.total_bytes < length or length > request.client_max_size:
@@ -46,9 +47,7 @@ def early_refusal(request: web.Request) -> tuple[ApplianceError, int] | None:
     model = doc.get("model")
     if not isinstance(model, str):
         return None
-    found = request.app[PIPELINE].refusal(
-        model, priority=priority, key=request.get(KEY), timeout_ms=timeout_ms
-    )
+    found = request.app[PIPELINE].refusal(model, priority=priority, key=key, timeout_ms=timeout_ms)
     if found is not None:
         request["model"] = model
         request["priority"] = found[1]
