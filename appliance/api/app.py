@@ -117,7 +117,7 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
             await authenticate(request)
         # (request.get() of a missing key raises and catches a KeyError inside: not on this path.)
         key = request[KEY] if key_needed else None
-        early = early_refusal(request, key) if post and path in SHED_EARLY else None
+        early = await early_refusal(request, key) if post and path in SHED_EARLY else None
         if early is not None:
             # Refused before work: never counted in flight, as nothing of it is left to drain.
             status = early[0].status

@@ -4,9 +4,9 @@ the request says about itself (its model, priority and deadline), before the rou
 Under overload most requests are refused, and each refusal's cost is paid thousands of times a
 second on the event loop: this path reads only the fields admission needs, raises nothing and
 renders a refusal body it has rendered before. A request it does not refuse goes to its route as
-usual (which reuses the parsed body), and anything unusual about it (a body still arriving,
-invalid JSON, a malformed priority or deadline, an unknown model) is left to the route, which
-answers it precisely.
+usual (which reuses the parsed body), and anything unusual about it (a chunked body, invalid
+JSON, a malformed priority or deadline, an unknown model) is left to the route, which answers it
+precisely.
 
 It covers the OpenAI routes, whose body names the model; the priority may be in the body or in
 ``X-Priority``. A refused request is never validated further: with its queue full, a request
@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from appliance.api.common import BODY, PIPELINE, RAW_BODY, requested_priority, timeout_ms_of
+from appliance.api.common import BODY, PIPELINE, RAW_BODY, read_body, requested_priority, timeout_ms_of
 from appliance.api.jsonbody import parse_object
 from appliance.auth import ApiKeyRecord
 from appliance.errors import ApplianceError, InvalidRequest
@@ -27,16 +27,21 @@ from appliance.errors import ApplianceError, InvalidRequest
 SHED_EARLY = frozenset({"/v1/embeddings", "/v1/chat/completions", "/v1/completions"})
 
 
-def early_refusal(request: web.Request, key: ApiKeyRecord | None) -> tuple[ApplianceError, int] | None:
+async def early_refusal(request: web.Request, key: ApiKeyRecord | None) -> tuple[ApplianceError, int] | None:
     """The refusal for a POST to one of ``SHED_EARLY`` by ``key`` (when keys are on) and its
     priority level, or None."""
     length = request.content_length
+    if length is None or length > request.client_max_size:
+        return None  # chunked, or a 413: the route's to answer
     content = request.content
-    if length is None or content.total_bytes < length or length > request.client_max_size:
-        return None  # still arriving (the route reads it within server.read_timeout_s), or a 413
-    # All here: taken as is, without request.read()'s loop of awaits; the route reads it from
-    # the request (read_body).
-    raw = request[RAW_BODY] = content.read_nowait()
+    if content.total_bytes >= length:
+        # All here (the usual small request): taken as is, without request.read()'s awaits.
+        raw = content.read_nowait()
+    else:
+        # Clients often send the headers and the body in two writes: wait for the rest, within
+        # server.read_timeout_s, as the route would.
+        raw = await read_body(request)
+    request[RAW_BODY] = raw  # the route reads it from here (read_body)
     try:
         doc: dict[str, Any] = parse_object(raw)
         priority = requested_priority(request, doc.get("priority"))
