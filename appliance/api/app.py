@@ -49,7 +49,7 @@ from appliance.api.security import (
     needs_key,
     over_ceiling,
 )
-from appliance.api.shedding import SHED_EARLY, early_refusal
+from appliance.api.shedding import SHED_EARLY, early_refusal, refusal_response
 from appliance.auth import KeyRateLimiter
 from appliance.config import Config
 from appliance.errors import ApplianceError, InvalidRequest, ModelNotFound, Unavailable
@@ -121,7 +121,7 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
         if early is not None:
             # Refused before work: never counted in flight, as nothing of it is left to drain.
             status = early[0].status
-            response = error_response(api, early[0])
+            response = refusal_response(api, early[0])
         else:
             if metered and not entered:
                 metrics.child(metrics.inflight, api).inc()
@@ -159,9 +159,8 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
             # the metrics (and their memory) without bound.
             named = request.get("model", model)
             model = named if named in request.app[MANAGER].slots else "-"
-            metrics.child(metrics.requests, model, api, str(status)).inc()
             level = request.get("priority")
-            metrics.child(metrics.request_duration, model, api, str(level or 0)).observe(elapsed)
+            metrics.request_stats.record(model, api, str(status), str(level or 0), elapsed)
             if model != "-":
                 request.app[ROLLING].record(model, elapsed, status)
             # One structured line per request; never the body (it may hold customer data).

@@ -91,7 +91,8 @@ _RENDERED: dict[tuple[Any, ...], tuple[bytes, dict[str, str]]] = {}
 _RENDERED_MAX = 512
 
 
-def error_response(api: str, exc: ApplianceError) -> web.Response:
+def rendered_error(api: str, exc: ApplianceError) -> tuple[bytes, dict[str, str]]:
+    """The body and headers of ``exc``'s response in ``api``'s shape."""
     wait = exc.retry_after_s
     key = (
         api,
@@ -112,7 +113,12 @@ def error_response(api: str, exc: ApplianceError) -> web.Response:
         if len(_RENDERED) >= _RENDERED_MAX:
             _RENDERED.clear()
         rendered = _RENDERED[key] = (orjson.dumps(body), headers)
-    return web.Response(body=rendered[0], status=exc.status, headers=rendered[1])
+    return rendered
+
+
+def error_response(api: str, exc: ApplianceError) -> web.Response:
+    body, headers = rendered_error(api, exc)
+    return web.Response(body=body, status=exc.status, headers=headers)
 
 
 async def read_body(request: web.Request) -> bytes:

@@ -19,7 +19,15 @@ from typing import Any
 
 from aiohttp import web
 
-from appliance.api.common import BODY, PIPELINE, RAW_BODY, read_body, requested_priority, timeout_ms_of
+from appliance.api.common import (
+    BODY,
+    PIPELINE,
+    RAW_BODY,
+    read_body,
+    rendered_error,
+    requested_priority,
+    timeout_ms_of,
+)
 from appliance.api.jsonbody import parse_object
 from appliance.auth import ApiKeyRecord
 from appliance.errors import ApplianceError, InvalidRequest
@@ -57,3 +65,17 @@ async def early_refusal(request: web.Request, key: ApiKeyRecord | None) -> tuple
         request["model"] = model
         request["priority"] = found[1]
     return found
+
+
+# By the refusal itself: the pipeline replays one refusal object while its queue stays full.
+_BY_REFUSAL: dict[tuple[str, ApplianceError], tuple[bytes, dict[str, str]]] = {}
+
+
+def refusal_response(api: str, error: ApplianceError) -> web.Response:
+    """``error_response`` for an early refusal."""
+    rendered = _BY_REFUSAL.get((api, error))
+    if rendered is None:
+        if len(_BY_REFUSAL) >= 64:
+            _BY_REFUSAL.clear()
+        rendered = _BY_REFUSAL[(api, error)] = rendered_error(api, error)
+    return web.Response(body=rendered[0], status=error.status, headers=rendered[1])
