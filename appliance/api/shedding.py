@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from appliance.api.common import (
     BODY,
@@ -68,7 +69,7 @@ async def early_refusal(request: web.Request, key: ApiKeyRecord | None) -> tuple
 
 
 # By the refusal itself: the pipeline replays one refusal object while its queue stays full.
-_BY_REFUSAL: dict[tuple[str, ApplianceError], tuple[bytes, dict[str, str]]] = {}
+_BY_REFUSAL: dict[tuple[str, ApplianceError], tuple[bytes, CIMultiDict[str]]] = {}
 
 
 def refusal_response(api: str, error: ApplianceError) -> web.Response:
