@@ -37,6 +37,7 @@ from appliance.api.common import (
     Inflight,
     api_of,
     error_response,
+    read_body,
 )
 from appliance.api.security import (
     CEILINGS,
@@ -49,7 +50,7 @@ from appliance.api.security import (
     needs_key,
     over_ceiling,
 )
-from appliance.api.shedding import SHED_EARLY, early_refusal, refusal_response
+from appliance.api.shedding import SHED_EARLY, body_here, early_refusal, refusal_response
 from appliance.auth import KeyRateLimiter
 from appliance.config import Config
 from appliance.errors import ApplianceError, InvalidRequest, ModelNotFound, Unavailable
@@ -117,7 +118,14 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
             await authenticate(request)
         # (request.get() of a missing key raises and catches a KeyError inside: not on this path.)
         key = request[KEY] if key_needed else None
-        early = await early_refusal(request, key) if post and path in SHED_EARLY else None
+        early = None
+        if post and path in SHED_EARLY:
+            here = body_here(request)
+            if here is not None:
+                # All here (the usual small request): taken as is, without request.read()'s
+                # awaits; else the rest is awaited within server.read_timeout_s, as the route would.
+                raw = request.content.read_nowait() if here else await read_body(request)
+                early = early_refusal(request, key, raw)
         if early is not None:
             # Refused before work: never counted in flight, as nothing of it is left to drain.
             status = early[0].status

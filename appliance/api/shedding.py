@@ -24,7 +24,6 @@ from appliance.api.common import (
     BODY,
     PIPELINE,
     RAW_BODY,
-    read_body,
     rendered_error,
     requested_priority,
     timeout_ms_of,
@@ -36,26 +35,27 @@ from appliance.errors import ApplianceError, InvalidRequest
 SHED_EARLY = frozenset({"/v1/embeddings", "/v1/chat/completions", "/v1/completions"})
 
 
-async def early_refusal(request: web.Request, key: ApiKeyRecord | None) -> tuple[ApplianceError, int] | None:
-    """The refusal for a POST to one of ``SHED_EARLY`` by ``key`` (when keys are on) and its
-    priority level, or None."""
+def body_here(request: web.Request) -> bool | None:
+    """Whether all of the body is here (False: more is coming; clients often send the headers and
+    the body in two writes); None when early shedding leaves the request to its route (a chunked
+    body, or one over the size limit: a 413)."""
     length = request.content_length
     if length is None or length > request.client_max_size:
-        return None  # chunked, or a 413: the route's to answer
-    content = request.content
-    if content.total_bytes >= length:
-        # All here (the usual small request): taken as is, without request.read()'s awaits.
-        raw = content.read_nowait()
-    else:
-        # Clients often send the headers and the body in two writes: wait for the rest, within
-        # server.read_timeout_s, as the route would.
-        raw = await read_body(request)
+        return None
+    return request.content.total_bytes >= length
+
+
+def early_refusal(
+    request: web.Request, key: ApiKeyRecord | None, raw: bytes
+) -> tuple[ApplianceError, int] | None:
+    """The refusal for a POST to one of ``SHED_EARLY`` with body ``raw``, by ``key`` (when keys are
+    on), and its priority level, or None. Synchronous: an await costs a coroutine per request."""
     request[RAW_BODY] = raw  # the route reads it from here (read_body)
     try:
         doc: dict[str, Any] = parse_object(raw)
         priority = requested_priority(request, doc.get("priority"))
         timeout_ms = timeout_ms_of(request)
-    except (InvalidRequest, web.HTTPException):
+    except InvalidRequest:
         return None
     request[BODY] = doc
     model = doc.get("model")
