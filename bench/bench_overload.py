@@ -3,6 +3,8 @@ back to zero, a memory soak, and the event loop under a ~4 MB input.
 
     .venv/bin/python bench/bench_overload.py [--seconds 60] [--capacity-seconds 15] [--soak-minutes 0]
                                              [--json results.json]
+    .venv/bin/python bench/bench_overload.py --only refusal [--refusal-seconds 8] [--rounds 3]
+                                             [--baseline ../older-checkout]
 
 ``appliance serve`` runs in a child process with both default models (all-minilm-l6-v2 and
 smollm2-135m-instruct) from a temporary repository linking the built models, queues of 32 per level.
@@ -22,7 +24,11 @@ smollm2-135m-instruct) from a temporary repository linking the built models, que
 4. Gauges: queue depth, in-flight, running sequences and compute grants are all 0 soon after.
 5. Refusal cost: a second server with a 1-slot queue and batch 1 is flooded (priority 3); server CPU
    time (utime + stime from /proc) over refusals, as an upper bound (answered work's CPU included)
-   and net of the answered requests' CPU measured on the same server beforehand.
+   and net of the answered requests' CPU measured on the same server beforehand (the event-loop
+   thread's too). ``--only refusal`` runs this phase alone, ``--rounds N`` times, each beside the
+   bare aiohttp server; ``--baseline DIR`` floods another checkout's server (say, a
+   ``git worktree`` of an older commit) alternately with this one's, so that the box's load hits
+   both alike; medians are reported.
 6. ``--soak-minutes M``: the overload of 3 for M minutes, resident memory at minute 2 and at the end.
 
 Latency is measured from each request's scheduled arrival (open loop), so a client-side backlog
