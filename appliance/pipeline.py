@@ -5,7 +5,8 @@ streamed, KServe infer) goes through it, and it applies every policy in one orde
 2. **resolve priority**: the request's level, else the model's default; a key's cap lowers it
    (never refuses), and a cap above the model's levels is lowered to its lowest level;
 3. **shed early**: refuse at once (429 + Retry-After) when that level's queue is full, before any
-   tokenizing, hashing or cache lookup;
+   tokenizing, hashing or cache lookup (on the OpenAI routes, before the route even runs:
+   ``Pipeline.refusal``, asked by the HTTP front door with the model, priority and deadline);
 4. **deadline**: the request's own (``X-Timeout-Ms``, KServe ``timeout``), else the model's
    ``queue.default_timeout_ms``; every later await is bounded by it;
 5. **response-cache read**, keyed by the model's identity (name + artefact digest) without loading
