@@ -146,7 +146,7 @@ def serve(tmp: Path, models: dict[str, dict[str, Any]], root: Path = ROOT) -> It
     proc = subprocess.Popen(
         [sys.executable, "-m", "appliance", "--config", str(cfg), "serve"],
         cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("EXTRA_PYTHONPATH", "")},
+        env={**os.environ, "PYTHONPATH": str(root)},
         stdout=log,
         stderr=subprocess.STDOUT,
     )
