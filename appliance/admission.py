@@ -178,21 +178,40 @@ class EarlyAdmission:
 
     _reserved: dict[int, int]
 
-    def reserve(self: Any, level: int, count: int, timeout_s: float = 0.0) -> Reservation:
-        """Raise the refusal ``submit`` would give (QueueFull, WouldMissDeadline, BatcherClosed),
-        or hold ``count`` places at ``level``."""
+    def refusal(self: Any, level: int, count: int, timeout_s: float = 0.0) -> AdmissionError | None:
+        """The refusal ``submit`` would give now (QueueFull, WouldMissDeadline, BatcherClosed),
+        counted as a rejection and returned, not raised (a raise costs the flooded loop); else
+        None, holding nothing."""
         if self.closed:
-            raise self._refuse(BatcherClosed(f"{self.name!r} is closed", priority=level))
+            return self._refuse(BatcherClosed(f"{self.name!r} is closed", priority=level))
         limit = self.policy.queue_limit(level)
         if limit and self.queued(level) + self._reserved.get(level, 0) + count > limit:
             msg = f"queue for priority {level} of {self.name!r} is full ({limit} waiting)"
-            raise self._refuse(QueueFull(msg, retry_after_s=self.retry_hint(level), priority=level))
+            return self._refuse(QueueFull(msg, retry_after_s=self.retry_hint(level), priority=level))
         wait = self.predicted_wait(level) if timeout_s else None
         if wait is not None and wait > timeout_s:
             msg = f"predicted wait {wait * 1000:.0f} ms exceeds the {timeout_s * 1000:.0f} ms timeout"
-            raise self._refuse(WouldMissDeadline(msg, retry_after_s=wait - timeout_s, priority=level))
+            return self._refuse(WouldMissDeadline(msg, retry_after_s=wait - timeout_s, priority=level))
+        return None
+
+    def reserve(self: Any, level: int, count: int, timeout_s: float = 0.0) -> Reservation:
+        """Raise the refusal ``submit`` would give (see ``refusal``), or hold ``count`` places at
+        ``level``."""
+        refused = self.refusal(level, count, timeout_s)
+        if refused is not None:
+            raise refused
         self._reserved[level] = self._reserved.get(level, 0) + count
         return Reservation(self, level, count)
+
+    def full(self: Any, level: int) -> bool:
+        """Whether ``level``'s queue is full (refusing even one more item) and still open."""
+        limit = self.policy.queue_limit(level)
+        return bool(limit) and not self.closed and self.queued(level) + self._reserved.get(level, 0) >= limit
+
+    def count_refusal(self: Any, error: AdmissionError) -> None:
+        """Count a refusal decided moments before and replayed (``Pipeline.refusal``) as this
+        queue counts any of its own."""
+        self._refuse(error)
 
     def held(self, level: int) -> int:
         """Places held at ``level`` by early admissions that have not submitted yet."""

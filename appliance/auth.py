@@ -387,11 +387,19 @@ class TokenBucket:
         """Take ``cost`` tokens: 0.0 when allowed, else the seconds until it would be (Retry-After)."""
         if cost > self.burst:
             raise ValueError(f"cost {cost} exceeds the bucket size {self.burst}")
-        self._refill()
-        if self._tokens >= cost:
-            self._tokens -= cost
+        # _refill() inlined: the rate ceilings take from two buckets on every POST.
+        now = self._clock()
+        tokens = self._tokens
+        if now > self._stamp:
+            tokens += (now - self._stamp) * self.rate
+            if tokens > self.burst:
+                tokens = self.burst
+        self._stamp = now
+        if tokens >= cost:
+            self._tokens = tokens - cost
             return 0.0
-        return (cost - self._tokens) / self.rate
+        self._tokens = tokens
+        return (cost - tokens) / self.rate
 
 
 class KeyRateLimiter:

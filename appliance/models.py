@@ -18,7 +18,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from appliance import settings
-from appliance.admission import Reservation
+from appliance.admission import AdmissionError, Reservation
 from appliance.arbiter import ComputeArbiter
 from appliance.batcher import BatchPolicy
 from appliance.config import Config
@@ -78,6 +78,12 @@ class ServingQueue(Protocol):
         ...
 
     def reserve(self, level: int, count: int, timeout_s: float = 0.0) -> Reservation: ...
+
+    def refusal(self, level: int, count: int, timeout_s: float = 0.0) -> AdmissionError | None: ...
+
+    def full(self, level: int) -> bool: ...
+
+    def count_refusal(self, error: AdmissionError) -> None: ...
 
 
 @dataclass

@@ -5,7 +5,8 @@ streamed, KServe infer) goes through it, and it applies every policy in one orde
 2. **resolve priority**: the request's level, else the model's default; a key's cap lowers it
    (never refuses), and a cap above the model's levels is lowered to its lowest level;
 3. **shed early**: refuse at once (429 + Retry-After) when that level's queue is full, before any
-   tokenizing, hashing or cache lookup;
+   tokenizing, hashing or cache lookup (on the OpenAI routes, before the route even runs:
+   ``Pipeline.refusal``, asked by the HTTP front door with the model, priority and deadline);
 4. **deadline**: the request's own (``X-Timeout-Ms``, KServe ``timeout``), else the model's
    ``queue.default_timeout_ms``; every later await is bounded by it;
 5. **response-cache read**, keyed by the model's identity (name + artefact digest) without loading
@@ -33,13 +34,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from appliance.admission import AdmissionError, Reservation
+from appliance.admission import AdmissionError, QueueFull, Reservation
 from appliance.auth import ApiKeyRecord
 from appliance.breaker import BreakerOpen, CircuitBreaker, Permit
 from appliance.cache import CacheHit, cache_key
 from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, Unavailable
 from appliance.inference import admission_error
-from appliance.models import ModelManager, ModelRuntime, ModelState
+from appliance.models import ModelManager, ModelRuntime, ModelSlot, ModelState
 from appliance.resilience import Answer, Resilience
 from appliance.telemetry import Metrics
 
@@ -139,11 +140,33 @@ async def bounded(aw: Awaitable[T], seconds: float, what: str) -> T:
         ) from None
 
 
+@dataclass
+class _Refused:
+    """A full-queue refusal as decided once for a (model, priority, key cap, deadline), replayed
+    for the next identical requests while the same queue is still full, under the same settings,
+    for at most ``REPLAY_S`` (its Retry-After is that fresh)."""
+
+    runtime: ModelRuntime
+    entry: Any  # the slot's ModelEntry, and the settings the level was resolved under
+    defaults: Any
+    overrides: Any
+    level: int
+    cause: AdmissionError
+    error: ApplianceError
+    shed: Any  # the shed counter's labelled child
+    until: float
+
+
+REPLAY_S = 0.1
+_REFUSED_MAX = 256
+
+
 class Pipeline:
     def __init__(self, manager: ModelManager, resilience: Resilience, metrics: Metrics) -> None:
         self.manager = manager
         self.resilience = resilience
         self.metrics = metrics
+        self._refused: dict[tuple[Any, ...], _Refused] = {}
 
     # -- 2-4: priority, early shedding, deadline -------------------------------------------------
 
@@ -159,6 +182,93 @@ class Pipeline:
     ) -> Ticket:
         """Resolve the request's policies and refuse it now if its queue is full. Cheap: no
         tokenizing, hashing, cache or model load happens before this answers."""
+        slot, values, level, seconds, explicit = self._resolve(model, priority, key, timeout_ms)
+        runtime = slot.runtime
+        reservation = (
+            self._shed(model, runtime, level, items, values, seconds) if runtime is not None else None
+        )
+        directives = {d.strip().lower() for d in cache_control.split(",")} if cache_control else set()
+        return Ticket(
+            model,
+            level,
+            time.monotonic() + seconds,
+            explicit,
+            read_cache="no-cache" not in directives,
+            write_cache="no-store" not in directives,
+            values=values,
+            pipeline=self,
+            reservation=reservation,
+        )
+
+    def refusal(
+        self,
+        model: str,
+        *,
+        priority: Any = None,
+        key: ApiKeyRecord | None = None,
+        timeout_ms: float | None = None,
+    ) -> tuple[ApplianceError, int] | None:
+        """Shed before work: the refusal early admission would give a request for ``model`` at this
+        priority and deadline even with a single item, and its level; None when its queue would
+        take it, or when anything about it is unusual (``admit`` then gives the precise answer).
+        Holds nothing: a request this lets through is admitted as usual. Under a flood, most calls
+        replay a full-queue refusal decided moments before (``_Refused``)."""
+        cap = getattr(key, "max_priority", None)
+        memo = (model, priority, cap, timeout_ms)
+        now = time.monotonic()
+        hit = self._refused.get(memo)
+        if hit is not None:
+            slot = self.manager.slots.get(model)
+            cfg = self.manager.cfg
+            if (
+                hit.until > now
+                and slot is not None
+                and slot.runtime is hit.runtime
+                and slot.entry is hit.entry
+                and cfg.defaults is hit.defaults
+                and cfg.model_overrides is hit.overrides
+                and hit.runtime.batcher.full(hit.level)
+            ):
+                hit.runtime.batcher.count_refusal(hit.cause)
+                hit.shed.inc()
+                return hit.error, hit.level
+            del self._refused[memo]
+        try:
+            slot, _, level, seconds, _ = self._resolve(model, priority, key, timeout_ms)
+        except ApplianceError:
+            return None
+        runtime = slot.runtime
+        if runtime is None:
+            return None  # not loaded: admit loads it, or answers why not
+        exc = runtime.batcher.refusal(level, 1, seconds if seconds < UNBOUNDED_S else 0.0)
+        if exc is None:
+            return None
+        shed = self.metrics.child(self.metrics.shed, exc.reason)
+        shed.inc()
+        error = admission_error(exc)
+        if isinstance(exc, QueueFull):
+            if len(self._refused) >= _REFUSED_MAX:
+                self._refused.clear()
+            cfg = self.manager.cfg
+            self._refused[memo] = _Refused(
+                runtime,
+                slot.entry,
+                cfg.defaults,
+                cfg.model_overrides,
+                level,
+                exc,
+                error,
+                shed,
+                now + REPLAY_S,
+            )
+        return error, level
+
+    def _resolve(
+        self, model: Any, priority: Any, key: ApiKeyRecord | None, timeout_ms: float | None
+    ) -> tuple[ModelSlot, Mapping[str, Any], int, float, bool]:
+        """Stages 2 and 4: the model's slot and settings, the level (the request's, else the
+        model's default; lowered to the key's cap), the deadline in seconds and whether the
+        client set it."""
         if not isinstance(model, str) or not model:
             raise InvalidRequest("'model' is required and must be a string", param="model")
         slot = self.manager._slot(model)  # 404 for an unknown model
@@ -189,22 +299,7 @@ class Pipeline:
         else:
             ms = default_ms
         seconds = ms / 1000 if ms > 0 else UNBOUNDED_S
-        runtime = slot.runtime
-        reservation = (
-            self._shed(model, runtime, level, items, values, seconds) if runtime is not None else None
-        )
-        directives = {d.strip().lower() for d in cache_control.split(",")} if cache_control else set()
-        return Ticket(
-            model,
-            level,
-            time.monotonic() + seconds,
-            explicit,
-            read_cache="no-cache" not in directives,
-            write_cache="no-store" not in directives,
-            values=values,
-            pipeline=self,
-            reservation=reservation,
-        )
+        return slot, values, level, seconds, explicit
 
     def _shed(
         self,

@@ -4,10 +4,14 @@ several servers in one test process never share counters."""
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 # Seconds; from sub-millisecond cache hits to minute-long generations.
 LATENCY_BUCKETS = (
@@ -36,19 +40,8 @@ class Metrics:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
-            "appliance_requests",
-            "Requests answered, by model, API and HTTP status.",
-            ["model", "api", "status"],
-            registry=r,
-        )
-        self.request_duration = Histogram(
-            "appliance_request_duration_seconds",
-            "End-to-end request latency, by model, API and priority level (0 = none resolved).",
-            ["model", "api", "priority"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
+        # appliance_requests_total and appliance_request_duration_seconds: see RequestMetrics.
+        self.request_stats = RequestMetrics(r)
         self.queue_duration = Histogram(
             "appliance_queue_duration_seconds",
             "Time an item waited in the batcher's queue.",
@@ -305,6 +298,70 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+
+class RequestMetrics:
+    """``appliance_requests_total`` (by model, API and status) and
+    ``appliance_request_duration_seconds`` (by model, API and priority), counted in plain lists on
+    the event loop and handed to prometheus_client at scrape time as a custom collector: every
+    request, each of thousands of refusals a second under overload included, recorded both, and a
+    Counter and a Histogram take a lock and several calls each. Same names, labels, buckets and
+    ``_created`` series as the Counter and Histogram they replace. Event-loop thread only."""
+
+    _LE = [floatToGoString(b) for b in LATENCY_BUCKETS] + ["+Inf"]
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._counts: dict[tuple[str, str, str], list[float]] = {}  # -> [count, created]
+        # -> per-bucket counts (the last for +Inf), then the sum, then created
+        self._durations: dict[tuple[str, str, str], list[float]] = {}
+        registry.register(self)
+
+    def record(self, model: str, api: str, status: str, priority: str, seconds: float) -> None:
+        count = self._counts.get((model, api, status))
+        if count is None:
+            count = self._counts[(model, api, status)] = [0.0, time.time()]
+        count[0] += 1
+        hist = self._durations.get((model, api, priority))
+        if hist is None:
+            hist = self._durations[(model, api, priority)] = [0.0] * (len(LATENCY_BUCKETS) + 2) + [
+                time.time()
+            ]
+        hist[bisect_left(LATENCY_BUCKETS, seconds)] += 1  # the first bucket whose bound is >= it
+        hist[-2] += seconds
+
+    def describe(self) -> list[Metric]:
+        return [
+            CounterMetricFamily("appliance_requests", "", labels=("model", "api", "status")),
+            HistogramMetricFamily(
+                "appliance_request_duration_seconds", "", labels=("model", "api", "priority")
+            ),
+        ]
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "appliance_requests",
+            "Requests answered, by model, API and HTTP status.",
+            labels=("model", "api", "status"),
+        )
+        for labels, (count, created) in list(self._counts.items()):
+            requests.add_metric(labels, count, created=created)
+        yield requests
+        name = "appliance_request_duration_seconds"
+        duration = HistogramMetricFamily(
+            name,
+            "End-to-end request latency, by model, API and priority level (0 = none resolved).",
+            labels=("model", "api", "priority"),
+        )
+        for labels, hist in list(self._durations.items()):
+            cumulative, buckets = 0.0, []
+            for le, n in zip(self._LE, hist[:-2], strict=True):
+                cumulative += n
+                buckets.append((le, cumulative))
+            duration.add_metric(labels, buckets, hist[-2])
+            duration.add_sample(
+                f"{name}_created", dict(zip(("model", "api", "priority"), labels, strict=True)), hist[-1]
+            )
+        yield duration
 
 
 class RollingStats:

@@ -3,6 +3,8 @@ back to zero, a memory soak, and the event loop under a ~4 MB input.
 
     .venv/bin/python bench/bench_overload.py [--seconds 60] [--capacity-seconds 15] [--soak-minutes 0]
                                              [--json results.json]
+    .venv/bin/python bench/bench_overload.py --only refusal [--refusal-seconds 8] [--rounds 3]
+                                             [--baseline ../older-checkout]
 
 ``appliance serve`` runs in a child process with both default models (all-minilm-l6-v2 and
 smollm2-135m-instruct) from a temporary repository linking the built models, queues of 32 per level.
@@ -22,7 +24,11 @@ smollm2-135m-instruct) from a temporary repository linking the built models, que
 4. Gauges: queue depth, in-flight, running sequences and compute grants are all 0 soon after.
 5. Refusal cost: a second server with a 1-slot queue and batch 1 is flooded (priority 3); server CPU
    time (utime + stime from /proc) over refusals, as an upper bound (answered work's CPU included)
-   and net of the answered requests' CPU measured on the same server beforehand.
+   and net of the answered requests' CPU measured on the same server beforehand (the event-loop
+   thread's too). ``--only refusal`` runs this phase alone, ``--rounds N`` times, each beside the
+   bare aiohttp server; ``--baseline DIR`` floods another checkout's server (say, a
+   ``git worktree`` of an older commit) alternately with this one's, so that the box's load hits
+   both alike; medians are reported.
 6. ``--soak-minutes M``: the overload of 3 for M minutes, resident memory at minute 2 and at the end.
 
 Latency is measured from each request's scheduled arrival (open loop), so a client-side backlog
@@ -126,8 +132,10 @@ def link_repository(tmp: Path, models: list[str]) -> Path:
 
 @contextmanager
 def serve(
-    tmp: Path, models: dict[str, dict[str, Any]], defaults: dict[str, Any] | None = None
+    tmp: Path, models: dict[str, dict[str, Any]], root: Path = ROOT, defaults: dict[str, Any] | None = None
 ) -> Iterator[Server]:
+    """``appliance serve`` from the checkout at ``root`` (another commit's, to compare), with
+    ``defaults`` as the config's tunable defaults."""
     tmp.mkdir()
     port, admin_port = free_port(), free_port()
     cfg = tmp / "appliance.yaml"
@@ -143,7 +151,8 @@ def serve(
     log = (tmp / "server.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "appliance", "--config", str(cfg), "serve"],
-        cwd=ROOT,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -559,7 +568,7 @@ async def overload(
     }
 
 
-async def refusal_cost(tmp: Path, seconds: float) -> dict[str, Any]:
+async def refusal_cost(tmp: Path, seconds: float, root: Path = ROOT, bare: bool = True) -> dict[str, Any]:
     """A 1-slot queue and batch 1, flooded by 64 clients: almost every request is refused."""
     models = {
         EMBED: {
@@ -568,23 +577,28 @@ async def refusal_cost(tmp: Path, seconds: float) -> dict[str, Any]:
             "engine": {"intra_op_threads": 1},
         }
     }
-    with serve(tmp, models) as server:
+    with serve(tmp, models, root) as server:
         await closed_loop(server.url, 1, 1.0)  # warm-up
-        cpu0 = server.cpu_s()
+        cpu0, loop0 = server.cpu_s(), server.loop_cpu_s()
         solo = await closed_loop(server.url, 1, max(2.0, seconds / 2))
         cpu_per_answer = (server.cpu_s() - cpu0) / max(1, solo.summary()["answered"])
+        loop_per_answer = (server.loop_cpu_s() - loop0) / max(1, solo.summary()["answered"])
         REFUSALS.clear()
         cpu0, loop0 = server.cpu_s(), server.loop_cpu_s()
         flood = await closed_loop(server.url, 64, seconds, priority=3)
         cpu, loop_cpu = server.cpu_s() - cpu0, server.loop_cpu_s() - loop0
     s = flood.summary()
     refused = max(1, s["shed"])
-    bare = await bare_refusal_cost(seconds)
     return {
         "ms_per_refusal_loop_thread": loop_cpu / refused * 1e3,
-        "bare_aiohttp_ms_per_refusal": bare,
+        # The answered requests' share of the loop thread taken out, as measured solo.
+        "ms_per_refusal_loop_thread_net": max(0.0, loop_cpu - s["answered"] * loop_per_answer)
+        / refused
+        * 1e3,
+        "bare_aiohttp_ms_per_refusal": await bare_refusal_cost(seconds) if bare else None,
         "refused": s["shed"],
         "answered": s["answered"],
+        "refused_per_s": s["shed"] / flood.elapsed_s,
         "refused_without_retry_after": s["shed_without_retry_after"],
         "server_cpu_s": cpu,
         "cpu_per_answer_ms": cpu_per_answer * 1e3,
@@ -592,6 +606,50 @@ async def refusal_cost(tmp: Path, seconds: float) -> dict[str, Any]:
         "ms_per_refusal_net": max(0.0, cpu - s["answered"] * cpu_per_answer) / refused * 1e3,
         "refusal_bodies": dict(REFUSALS),
     }
+
+
+async def refusal_rounds(tmp: Path, seconds: float, rounds: int, baseline: Path | None) -> dict[str, Any]:
+    """The refusal phase alone, ``rounds`` times; with a baseline checkout, its server and this
+    one alternate (then the bare aiohttp server), so that the box's load hits each alike."""
+    runs: dict[str, list[dict[str, Any]]] = {"this": [], "bare": []}
+    if baseline is not None:
+        runs["baseline"] = []
+    for i in range(rounds):
+        if baseline is not None:
+            print(f"  round {i + 1}: baseline ({baseline}) ...", flush=True)
+            runs["baseline"].append(await refusal_cost(tmp / f"baseline{i}", seconds, baseline, bare=False))
+        print(f"  round {i + 1}: this checkout ...", flush=True)
+        runs["this"].append(await refusal_cost(tmp / f"this{i}", seconds, bare=False))
+        runs["bare"].append({"ms_per_refusal_loop_thread": await bare_refusal_cost(seconds)})
+        for name, got in runs.items():
+            print(f"    {name}: {_cost_line(got[-1])}", flush=True)
+    med = {name: _medians(got) for name, got in runs.items()}
+    result = dict(runs["this"][-1])
+    result.update(med["this"])
+    result["bare_aiohttp_ms_per_refusal"] = med["bare"]["ms_per_refusal_loop_thread"]
+    result["rounds"] = runs
+    result["medians"] = med
+    return result
+
+
+def _cost_line(r: dict[str, Any]) -> str:
+    if "ms_per_refusal_net" not in r:
+        return f"loop thread {r['ms_per_refusal_loop_thread']:.3f} ms"
+    return (
+        f"net {r['ms_per_refusal_net']:.3f} / loop thread {r['ms_per_refusal_loop_thread']:.3f} "
+        f"(net {r['ms_per_refusal_loop_thread_net']:.3f}) ms "
+        f"({r['refused']} refused, {r['refused_per_s']:.0f}/s, {r['answered']} answered)"
+    )
+
+
+def _medians(runs: list[dict[str, Any]]) -> dict[str, float]:
+    keys = (
+        "ms_per_refusal_net",
+        "ms_per_refusal_upper_bound",
+        "ms_per_refusal_loop_thread",
+        "ms_per_refusal_loop_thread_net",
+    )
+    return {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in keys if k in runs[0]}
 
 
 async def bare_refusal_cost(seconds: float) -> float:
@@ -757,7 +815,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         key, _, value = kv.partition("=")
         section, _, leaf = key.partition(".")
         defaults.setdefault(section, {})[leaf] = json.loads(value)
-    with serve(tmp / "main", models, defaults) as server:
+    with serve(tmp / "main", models, defaults=defaults) as server:
         print("capacity ...", flush=True)
         cap = result["capacity"] = await capacity(server, args.capacity_seconds)
         print(f"  {cap}", flush=True)
@@ -781,6 +839,24 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     return result
 
 
+def refusal_table(rc: dict[str, Any]) -> str:
+    med = rc["medians"]
+    bare = med["bare"]["ms_per_refusal_loop_thread"]
+    lines = [
+        f"| median of {len(rc['rounds']['this'])} rounds | net ms | event-loop thread ms (net) | loop thread / bare |",
+        "|---|---|---|---|",
+    ]
+    for name in ("baseline", "this"):
+        if name in med:
+            m = med[name]
+            lines.append(
+                f"| {name} | {m['ms_per_refusal_net']:.3f} | {m['ms_per_refusal_loop_thread']:.3f} "
+                f"({m['ms_per_refusal_loop_thread_net']:.3f}) | {m['ms_per_refusal_loop_thread'] / bare:.2f}x |"
+            )
+    lines.append(f"| bare aiohttp 429 | | {bare:.3f} | 1.00x |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=60.0, help="overload phase length")
@@ -796,13 +872,27 @@ def main() -> None:
         help="a tunable for the main server's defaults, e.g. compute.urgent_lane=1 (repeatable)",
     )
     ap.add_argument("--json", help="write the results here too")
+    ap.add_argument("--only", choices=["refusal"], help="run only this phase")
+    ap.add_argument("--rounds", type=int, default=1, help="with --only refusal: rounds (medians reported)")
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        help="with --only refusal: another checkout (say, a `git worktree` of an older commit) whose "
+        "server is flooded alternately with this one's",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         # uvloop for the load generator too: every cycle it spends is taken from the server.
         uvloop.install()
-        result = asyncio.run(run(args, Path(tmp)))
-    print()
-    print(table(result))
+        if args.only == "refusal":
+            rc = asyncio.run(refusal_rounds(Path(tmp), args.refusal_seconds, args.rounds, args.baseline))
+            result: dict[str, Any] = {"args": vars(args), "cpu_count": os.cpu_count(), "refusal_cost": rc}
+            print()
+            print(refusal_table(rc))
+        else:
+            result = asyncio.run(run(args, Path(tmp)))
+            print()
+            print(table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=str))
 

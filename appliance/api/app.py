@@ -37,9 +37,11 @@ from appliance.api.common import (
     Inflight,
     api_of,
     error_response,
+    read_body,
 )
 from appliance.api.security import (
     CEILINGS,
+    KEY,
     KEYS,
     LIMITER,
     RateCeilings,
@@ -48,6 +50,7 @@ from appliance.api.security import (
     needs_key,
     over_ceiling,
 )
+from appliance.api.shedding import SHED_EARLY, body_here, early_refusal, refusal_response
 from appliance.auth import KeyRateLimiter
 from appliance.config import Config
 from appliance.errors import ApplianceError, InvalidRequest, ModelNotFound, Unavailable
@@ -82,12 +85,13 @@ def _http_error(exc: web.HTTPException) -> ApplianceError:
 @web.middleware
 async def front_door(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every request, in order: the rate ceilings (a POST, before its body is read), the drain,
-    a request id, metrics and the access log, the API key, then the handler; any error rendered
-    in the API's own shape. One middleware rather than three: under overload each layer's cost
-    is paid by thousands of refusals a second."""
+    a request id, the API key, shedding before work (appliance.api.shedding), metrics and the
+    access log, then the handler; any error rendered in the API's own shape. One middleware rather
+    than three: under overload each layer's cost is paid by thousands of refusals a second."""
     app = request.app
     path = request.path
-    if request.method == "POST":
+    post = request.method == "POST"
+    if post:
         refused = over_ceiling(request)
         if refused is not None:
             return refused
@@ -101,46 +105,70 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
         return error_response(api, Unavailable("the server is shutting down", retry_after_s=5))
     request_id = request.headers.get("X-Request-Id", "")[:64] or f"{_ID_PREFIX}-{next(_ids):x}"
     request["request_id"] = request_id
-    if metered:
-        metrics.child(metrics.inflight, api).inc()
-        app[INFLIGHT].enter()
+    key_needed = needs_key(request)
+    entered = handled = False
+    key = None
+    response: web.StreamResponse
     try:
-        if needs_key(request):
+        if key_needed:
+            if metered:  # counted while its key is checked (on a worker thread), for the drain
+                metrics.child(metrics.inflight, api).inc()
+                app[INFLIGHT].enter()
+                entered = True
             await authenticate(request)
-        response = await handler(request)
-        status = response.status
-        return response
+        # (request.get() of a missing key raises and catches a KeyError inside: not on this path.)
+        key = request[KEY] if key_needed else None
+        early = None
+        if post and path in SHED_EARLY:
+            here = body_here(request)
+            if here is not None:
+                # All here (the usual small request): taken as is, without request.read()'s
+                # awaits; else the rest is awaited within server.read_timeout_s, as the route would.
+                raw = request.content.read_nowait() if here else await read_body(request)
+                early = early_refusal(request, key, raw)
+        if early is not None:
+            # Refused before work: never counted in flight, as nothing of it is left to drain.
+            status = early[0].status
+            response = refusal_response(api, early[0])
+        else:
+            if metered and not entered:
+                metrics.child(metrics.inflight, api).inc()
+                app[INFLIGHT].enter()
+                entered = True
+            handled = True
+            response = await handler(request)
+            status = response.status
     except asyncio.CancelledError:
         status = 499  # the client went away (nginx's convention); not a server error
         raise
     except ApplianceError as exc:
         status = exc.status
-        return error_response(api, exc)
+        response = error_response(api, exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         err = _http_error(exc)
         status = err.status
-        return error_response(api, err)
+        response = error_response(api, err)
     except Exception as exc:  # the process keeps serving whatever a handler did
         log.exception("unhandled error on %s %s", request.method, request.path)
         err = ApplianceError(f"internal error: {type(exc).__name__}")
-        return error_response(api, err)
+        response = error_response(api, err)
     finally:
-        ticket = request.get(TICKET)
+        ticket = request.get(TICKET) if handled else None
         if ticket is not None:
             ticket.release()  # queue places an early admission held and no submit used
+        if entered:
+            metrics.child(metrics.inflight, api).dec()
+            app[INFLIGHT].leave()
         if metered:
             elapsed = time.perf_counter() - started
-            metrics.child(metrics.inflight, api).dec()
-            request.app[INFLIGHT].leave()
             # Only known models become label values: a client naming random models must not grow
             # the metrics (and their memory) without bound.
             named = request.get("model", model)
             model = named if named in request.app[MANAGER].slots else "-"
-            metrics.child(metrics.requests, model, api, str(status)).inc()
             level = request.get("priority")
-            metrics.child(metrics.request_duration, model, api, str(level or 0)).observe(elapsed)
+            metrics.request_stats.record(model, api, str(status), str(level or 0), elapsed)
             if model != "-":
                 request.app[ROLLING].record(model, elapsed, status)
             # One structured line per request; never the body (it may hold customer data).
@@ -158,10 +186,13 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
                             "priority": request.get("priority"),
                             "status": status,
                             "duration_ms": round(elapsed * 1000, 2),
-                            "key": getattr(request.get("api_key"), "name", None),
+                            "key": getattr(key, "name", None),
                         }
                     },
                 )
+    if not response.prepared:  # a stream sent its headers already, with the id (chat._sse)
+        response.headers["X-Request-Id"] = request_id
+    return response
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -277,12 +308,6 @@ def _breaker_action(
     return act
 
 
-async def _request_id_header(request: web.Request, response: web.StreamResponse) -> None:
-    # At prepare time, so that streamed responses (whose headers leave early) carry it too.
-    if "request_id" in request:
-        response.headers["X-Request-Id"] = request["request_id"]
-
-
 def create_app(cfg: Config) -> web.Application:
     app = web.Application(
         middlewares=[front_door],
@@ -333,5 +358,4 @@ def create_app(cfg: Config) -> web.Application:
     app.router.add_routes(kserve.routes)
     app.router.add_routes(openapi.routes)
     app.cleanup_ctx.append(_services)
-    app.on_response_prepare.append(_request_id_header)
     return app

@@ -297,14 +297,15 @@ DONE = b"data: [DONE]\n\n"
 
 
 def _sse(request: web.Request, source: str) -> web.StreamResponse:
-    return web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",  # a reverse proxy must not hold tokens back
-            SOURCE_HEADER: source,
-        }
-    )
+    headers = {
+        "Content-Type": "text/event-stream",
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",  # a reverse proxy must not hold tokens back
+        SOURCE_HEADER: source,
+    }
+    if "request_id" in request:  # its headers leave before the front door sees the response
+        headers["X-Request-Id"] = request["request_id"]
+    return web.StreamResponse(headers=headers)
 
 
 def _completion(text: list[str], thinking: list[str], done: Finished) -> Completion:

@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 from appliance.api.jsonbody import parse_object
 from appliance.config import Config
@@ -65,6 +66,8 @@ EXTRA_STATS = web.AppKey("extra_stats", dict)
 ACTIONS = web.AppKey("actions", dict)
 
 TICKET = "ticket"  # request-scoped: the pipeline's Ticket
+# Request-scoped: the body as read, and as parsed, by the front door (see appliance.api.shedding).
+RAW_BODY, BODY = "raw_body", "json_body"
 OPENAI, KSERVE, OTHER = "openai", "kserve", "other"
 _INTEGER = re.compile(r"-?[0-9]{1,18}")
 
@@ -83,17 +86,49 @@ def retry_after(seconds: float | None) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
+# Rendered error bodies and headers, by everything that goes into them: under overload the same
+# few refusals are rendered thousands of times a second. Bounded; cleared when full.
+_RENDERED: dict[tuple[Any, ...], tuple[bytes, CIMultiDict[str]]] = {}
+_RENDERED_MAX = 512
+
+
+def rendered_error(api: str, exc: ApplianceError) -> tuple[bytes, CIMultiDict[str]]:
+    """The body and headers of ``exc``'s response in ``api``'s shape."""
+    wait = exc.retry_after_s
+    key = (
+        api,
+        exc.status,
+        exc.message,
+        exc.type,
+        exc.param,
+        exc.code,
+        None if wait is None else max(1, math.ceil(wait)),
+    )
+    rendered = _RENDERED.get(key)
+    if rendered is None:
+        if api == KSERVE:
+            body: dict[str, Any] = {"error": exc.message}
+        else:
+            body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+        # A CIMultiDict: what the response copies its headers into anyway (a dict costs a
+        # conversion more per response).
+        headers = CIMultiDict({"Content-Type": "application/json", **retry_after(wait)})
+        if len(_RENDERED) >= _RENDERED_MAX:
+            _RENDERED.clear()
+        rendered = _RENDERED[key] = (orjson.dumps(body), headers)
+    return rendered
+
+
 def error_response(api: str, exc: ApplianceError) -> web.Response:
-    if api == KSERVE:
-        body: dict[str, Any] = {"error": exc.message}
-    else:
-        body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
-    headers = {"Content-Type": "application/json", **retry_after(exc.retry_after_s)}
-    return web.Response(body=orjson.dumps(body), status=exc.status, headers=headers)
+    body, headers = rendered_error(api, exc)
+    return web.Response(body=body, status=exc.status, headers=headers)
 
 
 async def read_body(request: web.Request) -> bytes:
     """The whole body, within ``server.read_timeout_s``: a trickling client cannot hold a slot."""
+    raw: bytes | None = request.get(RAW_BODY)
+    if raw is not None:
+        return raw
     length = request.content_length
     if length is not None and request.content.total_bytes >= length:
         # Already all here (the usual small request): nothing to wait for, so no timer either
@@ -109,6 +144,9 @@ async def read_body(request: web.Request) -> bytes:
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
+    parsed: dict[str, Any] | None = request.get(BODY)
+    if parsed is not None:
+        return parsed
     try:
         raw = await read_body(request)
     except web.HTTPRequestEntityTooLarge as exc:

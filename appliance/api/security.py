@@ -82,23 +82,26 @@ class RateCeilings:
     def __init__(self, rate: float, per_connection: float) -> None:
         self.glob = TokenBucket(rate, max(rate / 10, 1)) if rate > 0 else None
         self.per_connection = per_connection
-        # Keyed by the connection's handler object; aiohttp's handlers take no weak references,
-        # so idle entries are pruned when the table grows (a bucket idle 10 s is full anyway).
-        self._conns: dict[int, tuple[Any, TokenBucket, float]] = {}
+        # Keyed by the connection's handler object (hashed by identity): its bucket and when it
+        # was last used; idle entries are pruned when the table grows (a bucket idle 10 s is full).
+        self._conns: dict[Any, list[Any]] = {}
 
     def check(self, request: web.Request) -> float:
         wait = self.glob.try_take() if self.glob is not None else 0.0
         conn = request.protocol
-        if wait == 0.0 and self.per_connection > 0 and conn is not None:
-            now = time.monotonic()
-            entry = self._conns.get(id(conn))
-            if entry is None or entry[0] is not conn:
-                if len(self._conns) >= _MAX_TRACKED:
-                    self._conns = {k: v for k, v in self._conns.items() if now - v[2] < 10.0}
-                entry = (conn, TokenBucket(self.per_connection, max(self.per_connection / 10, 1)), now)
-            self._conns[id(conn)] = (conn, entry[1], now)
-            wait = entry[1].try_take()
-        return wait
+        if wait or self.per_connection <= 0 or conn is None:
+            return wait
+        now = time.monotonic()
+        entry = self._conns.get(conn)
+        if entry is None:
+            if len(self._conns) >= _MAX_TRACKED:
+                self._conns = {k: v for k, v in self._conns.items() if now - v[1] < 10.0}
+            bucket = TokenBucket(self.per_connection, max(self.per_connection / 10, 1))
+            entry = self._conns[conn] = [bucket, now]
+        else:
+            entry[1] = now
+        taken: float = entry[0].try_take()
+        return taken
 
 
 CEILINGS = web.AppKey("ceilings", RateCeilings)

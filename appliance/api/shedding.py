@@ -1,0 +1,82 @@
+"""Shed before work: the refusal a request's queue would give, decided in the front door from what
+the request says about itself (its model, priority and deadline), before the route's handler runs.
+
+Under overload most requests are refused, and each refusal's cost is paid thousands of times a
+second on the event loop: this path reads only the fields admission needs, raises nothing and
+renders a refusal body it has rendered before. A request it does not refuse goes to its route as
+usual (which reuses the parsed body), and anything unusual about it (a chunked body, invalid
+JSON, a malformed priority or deadline, an unknown model) is left to the route, which answers it
+precisely.
+
+It covers the OpenAI routes, whose body names the model; the priority may be in the body or in
+``X-Priority``. A refused request is never validated further: with its queue full, a request
+with a malformed ``input`` gets the 429, not the 400 it would get once admitted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from appliance.api.common import (
+    BODY,
+    PIPELINE,
+    RAW_BODY,
+    rendered_error,
+    requested_priority,
+    timeout_ms_of,
+)
+from appliance.api.jsonbody import parse_object
+from appliance.auth import ApiKeyRecord
+from appliance.errors import ApplianceError, InvalidRequest
+
+SHED_EARLY = frozenset({"/v1/embeddings", "/v1/chat/completions", "/v1/completions"})
+
+
+def body_here(request: web.Request) -> bool | None:
+    """Whether all of the body is here (False: more is coming; clients often send the headers and
+    the body in two writes); None when early shedding leaves the request to its route (a chunked
+    body, or one over the size limit: a 413)."""
+    length = request.content_length
+    if length is None or length > request.client_max_size:
+        return None
+    return request.content.total_bytes >= length
+
+
+def early_refusal(
+    request: web.Request, key: ApiKeyRecord | None, raw: bytes
+) -> tuple[ApplianceError, int] | None:
+    """The refusal for a POST to one of ``SHED_EARLY`` with body ``raw``, by ``key`` (when keys are
+    on), and its priority level, or None. Synchronous: an await costs a coroutine per request."""
+    request[RAW_BODY] = raw  # the route reads it from here (read_body)
+    try:
+        doc: dict[str, Any] = parse_object(raw)
+        priority = requested_priority(request, doc.get("priority"))
+        timeout_ms = timeout_ms_of(request)
+    except InvalidRequest:
+        return None
+    request[BODY] = doc
+    model = doc.get("model")
+    if not isinstance(model, str):
+        return None
+    found = request.app[PIPELINE].refusal(model, priority=priority, key=key, timeout_ms=timeout_ms)
+    if found is not None:
+        request["model"] = model
+        request["priority"] = found[1]
+    return found
+
+
+# By the refusal itself: the pipeline replays one refusal object while its queue stays full.
+_BY_REFUSAL: dict[tuple[str, ApplianceError], tuple[bytes, CIMultiDict[str]]] = {}
+
+
+def refusal_response(api: str, error: ApplianceError) -> web.Response:
+    """``error_response`` for an early refusal."""
+    rendered = _BY_REFUSAL.get((api, error))
+    if rendered is None:
+        if len(_BY_REFUSAL) >= 64:
+            _BY_REFUSAL.clear()
+        rendered = _BY_REFUSAL[(api, error)] = rendered_error(api, error)
+    return web.Response(body=rendered[0], status=error.status, headers=rendered[1])

@@ -1,0 +1,155 @@
+"""Shedding before work (appliance.api.shedding) through the real server over loopback: a request
+whose priority level's queue is full is refused in the front door from its model, priority and
+deadline alone, with everything a refusal carries, and a request it lets through is served as
+before.
+
+A full queue needs a busy engine: the test-only fault hook (conftest.FaultyEngine) slows the real
+engine so that a batch of one runs while one more request waits in the priority-3 queue.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import http.client
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.api.common import MANAGER
+from tests.conftest import ServerThread
+
+MODEL = "all-minilm-l6-v2"
+BUSY_S = 1.5  # how long the engine holds each batch while a test runs
+
+
+def metric(srv: ServerThread, line_start: str) -> float:
+    _, text = srv.get("/metrics")
+    for line in text.decode().splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def queued(srv: ServerThread, level: int) -> int:
+    return int(srv.call(lambda: srv.app[MANAGER].slots[MODEL].runtime.batcher.queued(level)))
+
+
+def embed(
+    srv: ServerThread, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, Any, dict[str, str]]:
+    return srv.post("/v1/embeddings", {"model": MODEL, **body}, headers)
+
+
+@pytest.fixture
+def full(start_server, minilm_folder: Path, faulty) -> Iterator[ServerThread]:  # type: ignore[no-untyped-def]
+    """A server whose priority-3 queue (one place) is full: one batch of one in the slowed engine,
+    one request waiting behind it."""
+    srv = start_server(
+        {MODEL: minilm_folder},
+        overrides={
+            MODEL: {
+                "queue": {"priority_levels": 3, "default_priority": 2, "max_queue_size": 1},
+                "batching": {"max_batch_size": 1},
+                "cache": {"enabled": False},
+            }
+        },
+        config={"server": {"max_body_bytes": 4096}},
+    )
+    faulty[0].delay_s = BUSY_S
+    before = faulty[0].rows  # the model's warm-up ran rows too
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        running = pool.submit(embed, srv, {"input": "runs first"}, {"X-Priority": "3"})
+        deadline = time.monotonic() + 10
+        while faulty[0].rows == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        waiting = pool.submit(embed, srv, {"input": "waits"}, {"X-Priority": "3"})
+        while queued(srv, 3) < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert queued(srv, 3) == 1
+        yield srv
+        faulty[0].delay_s = 0.0
+        assert running.result()[0] == 200 and waiting.result()[0] == 200
+
+
+def test_a_request_for_a_full_level_is_refused_with_everything_a_refusal_carries(full: ServerThread) -> None:
+    status, body, headers = embed(full, {"input": "no room"}, {"X-Priority": "3", "X-Request-Id": "r-42"})
+    assert status == 429
+    assert int(headers["Retry-After"]) >= 1
+    assert headers["X-Request-Id"] == "r-42"
+    error = body["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "queue_full"), error
+    assert "priority 3" in error["message"] and set(error) == {"message", "type", "param", "code"}
+    # Generated when the client sends none.
+    assert embed(full, {"input": "no room"}, {"X-Priority": "3"})[2]["X-Request-Id"]
+    assert metric(full, 'appliance_shed_total{reason="queue_full"}') == 2
+    assert (
+        metric(full, 'appliance_rejections_total{model="all-minilm-l6-v2",priority="3",reason="queue_full"}')
+        == 2
+    )
+    assert metric(full, 'appliance_requests_total{api="openai",model="all-minilm-l6-v2",status="429"}') == 2
+    series = 'appliance_request_duration_seconds_count{api="openai",model="all-minilm-l6-v2",priority="3"}'
+    assert metric(full, series) == 2
+    # Refused before work: never in flight, so the gauge counts only the two that are.
+    assert metric(full, 'appliance_inflight_requests{api="openai"}') == 2
+
+
+def test_the_priority_in_the_body_wins_over_the_header(full: ServerThread) -> None:
+    assert embed(full, {"input": "no room at 3", "priority": 3}, {"X-Priority": "1"})[0] == 429
+    assert embed(full, {"input": "room at 1", "priority": 1}, {"X-Priority": "3"})[0] == 200
+    # No level named: the model's default (2), whose queue has room.
+    assert embed(full, {"input": "room at the default"})[0] == 200
+
+
+def test_a_refused_request_is_not_validated_further(full: ServerThread) -> None:
+    """Shedding reads only the model, priority and deadline: with its level full, a request with a
+    malformed input is refused, as it would have cost work to find out more."""
+    status, body, _ = embed(full, {"input": 5}, {"X-Priority": "3"})
+    assert status == 429 and body["error"]["code"] == "queue_full"
+
+
+def test_what_shedding_cannot_read_is_answered_by_the_route(full: ServerThread) -> None:
+    """Invalid JSON, a malformed priority or deadline, an unknown model, a body over the size limit:
+    the route's precise answer, not a refusal."""
+    status, body, _ = full.post("/v1/embeddings", b'{"model": ', {"X-Priority": "3"})
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    status, body, _ = embed(full, {"input": "x"}, {"X-Priority": "three"})
+    assert status == 400 and body["error"]["param"] == "priority"
+    status, body, _ = embed(full, {"input": "x"}, {"X-Priority": "3", "X-Timeout-Ms": "-1"})
+    assert status == 400 and body["error"]["param"] == "X-Timeout-Ms"
+    status, body, _ = full.post("/v1/embeddings", {"model": "nope", "input": "x"}, {"X-Priority": "3"})
+    assert status == 404
+    status, body, _ = embed(full, {"input": "x" * 5000}, {"X-Priority": "3"})
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+
+
+def test_refusals_keep_the_connection_and_end_when_the_queue_drains(full: ServerThread) -> None:
+    """The body of a refused request is consumed: the next request on the same keep-alive
+    connection is read correctly. Once the queue has room the same request is admitted (a
+    refusal is replayed only while its queue stays full)."""
+    conn = http.client.HTTPConnection("127.0.0.1", full.port, timeout=30)
+    body = json.dumps({"model": MODEL, "input": "again and again"})
+    headers = {"Content-Type": "application/json", "X-Priority": "3"}
+    statuses = []
+    for _ in range(5):
+        conn.request("POST", "/v1/embeddings", body, headers)
+        response = conn.getresponse()
+        payload = json.loads(response.read())
+        statuses.append(response.status)
+        assert "error" in payload
+    assert statuses == [429] * 5
+    deadline = time.monotonic() + 3 * BUSY_S + 5
+    while queued(full, 3) > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    while True:  # the waiting request may still be in the engine: room at level 3 once it is
+        conn.request("POST", "/v1/embeddings", body, headers)
+        response = conn.getresponse()
+        payload = json.loads(response.read())
+        if response.status == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert response.status == 200 and payload["data"][0]["object"] == "embedding"
+    conn.close()
