@@ -456,6 +456,25 @@ register(
         reload=True,
     ),
     Setting(
+        "generation.fused_decode",
+        bool,
+        True,
+        "With q4_int8_decode, decode on that companion rewritten at load (CPU only): each layer's "
+        "attention as one ONNX Runtime GroupQueryAttention node, the LM head as one 8-bit "
+        "MatMulNBits (fewer kernels per step; same tokens on the greedy fixtures).",
+        reload=True,
+    ),
+    Setting(
+        "generation.decode_steps_per_call",
+        int,
+        8,
+        "Decode steps the engine worker runs in one hand-off while nothing else is due: no "
+        "sequence waiting, joining or leaving, and no other engine call waiting for the compute "
+        "grant; tokens still stream one by one (1 = one step per hand-off).",
+        1,
+        64,
+    ),
+    Setting(
         "generation.max_prefill_tokens",
         int,
         4096,
