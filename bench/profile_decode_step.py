@@ -1,12 +1,12 @@
 """One decode step of the CPU chat engine, without HTTP: graph variants x intra-op threads x rows.
 
     .venv/bin/python bench/profile_decode_step.py [--rows 1 8] [--threads 1 2] [--rounds 4]
-        [--variants plain fused] [--ops]
+        [--variants plain head8 gqa] [--ops]
 
 Prefills the greedy fixture's first prompt (repeated to ``rows`` rows) on the float graph, then
 times ``DecoderSession.decode`` steps on the int8 4-bit companion, as served: ``plain`` is the
-companion as built, ``head8`` with the 8-bit LM head only, ``fused`` with both load-time rewrites
-of ``appliance.llm.fused_decode`` (the default), ``rotary-inside`` with GroupQueryAttention's own
+companion as built, ``head8`` with the 8-bit LM head (as served by default), ``gqa`` with the fused
+attention too (``generation.fused_attention``), ``rotary-inside`` with GroupQueryAttention's own
 rotary embedding (flips a near-tie fixture token; for comparison only). Variants and thread counts
 alternate within each round, so a shared machine's load falls on all alike; prints the median wall
 and CPU milliseconds per step of each round (CPU time counts every thread of this process, so with
@@ -46,7 +46,7 @@ def variants(session: DecoderSession, names: list[str]) -> dict[str, bytes]:
     rewrites: dict[str, Callable[[onnx.ModelProto], object]] = {
         "plain": lambda m: m,
         "head8": eight_bit_head,
-        "fused": lambda m: eight_bit_head(fuse_attention(m, *dims)),
+        "gqa": lambda m: eight_bit_head(fuse_attention(m, *dims)),
         "rotary-inside": lambda m: eight_bit_head(fuse_attention(m, *dims, rotary_inside=True)),
     }
     out = {}
@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("--model-dir", default=str(ROOT / "engines" / "smollm2-135m-instruct"))
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--variants", nargs="+", default=["plain", "fused"])
+    ap.add_argument("--variants", nargs="+", default=["plain", "head8", "gqa"])
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--ops", action="store_true", help="also print ONNX Runtime's per-operator shares")

@@ -1,8 +1,9 @@
-"""The CPU decode graph rewritten at load (``appliance.llm.fused_decode``, ``generation.fused_decode``).
+"""The CPU decode graph rewritten at load (``appliance.llm.fused_decode``): ``generation.fused_decode``
+(the 8-bit LM head, on) and ``generation.fused_attention`` (off).
 
-The 4-bit companion with int8 activations is rewritten in memory: each layer's attention becomes one
-``GroupQueryAttention`` node (KV append and masked softmax inside; Q and K rotated by the graph's own
-rotary nodes), and the split Q8_0 LM head one 8-bit ``MatMulNBits``. Promised: the same inputs, outputs and KV layout; the same
+The 4-bit companion with int8 activations is rewritten in memory: the split Q8_0 LM head becomes one
+8-bit ``MatMulNBits``, and optionally each layer's attention one ``GroupQueryAttention`` node (KV
+append and masked softmax inside; Q and K rotated by the graph's own rotary nodes). Promised: the same inputs, outputs and KV layout; the same
 weights bit for bit; with float accumulation the fused attention within 1e-3 of the unfused graph
 (measured 1e-4, left-padded batch included); with int8 activations the greedy fixtures, alone and
 batched; a graph without the builder's names is left as it was.
@@ -34,10 +35,15 @@ def folder(smollm_folder: Path) -> Path:
     return smollm_folder
 
 
-@pytest.fixture(scope="module")
-def fused(folder: Path) -> DecoderSession:
+@pytest.fixture(scope="module", params=[False, True], ids=["head", "head+attention"])
+def fused(folder: Path, request: pytest.FixtureRequest) -> DecoderSession:
     return DecoderSession(
-        folder, intra_op_threads=2, single_stream=folder / "q4", q4_int8_decode=True, fused_decode=True
+        folder,
+        intra_op_threads=2,
+        single_stream=folder / "q4",
+        q4_int8_decode=True,
+        fused_decode=True,
+        fused_attention=request.param,
     )
 
 
@@ -50,7 +56,7 @@ def test_the_rewrite_keeps_the_interface_and_fuses_each_layer(folder: Path, fuse
     before = _int8_model(folder / "q4" / "model.onnx")
     names = ([i.name for i in before.graph.input], [o.name for o in before.graph.output])
     count = len(before.graph.node)
-    after = fused_decode_graph(before, fused.layers, fused.kv_heads, fused.head_dim)
+    after = fused_decode_graph(before, fused.layers, fused.kv_heads, fused.head_dim, attention=True)
     assert ([i.name for i in after.graph.input], [o.name for o in after.graph.output]) == names
     ops = [(n.domain, n.op_type) for n in after.graph.node]
     assert ops.count(("com.microsoft", "GroupQueryAttention")) == fused.layers
@@ -142,6 +148,6 @@ def test_a_graph_without_the_builders_names_is_left_as_it_was(caplog: pytest.Log
     )
     model = helper.make_model(graph)
     with caplog.at_level(logging.WARNING, logger="appliance.llm.fused_decode"):
-        fused_decode_graph(model, layers=2, kv_heads=1, head_dim=4)
+        fused_decode_graph(model, layers=2, kv_heads=1, head_dim=4, attention=True)
     assert [n.op_type for n in model.graph.node] == ["Identity"]
     assert "fused attention left out" in caplog.text and "8-bit LM head left out" in caplog.text

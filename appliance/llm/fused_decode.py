@@ -1,29 +1,33 @@
-"""A CPU-only decode graph with fused attention, rewritten at load time from a built decoder graph.
+"""CPU-only decode graphs rewritten at load time from a built decoder's 4-bit companion.
 
 The decoder graphs of ``appliance.build.decoder`` spell attention in standard ONNX ops (so that
-TensorRT parses the float graph): per layer a QKV split, two rotary embeddings of eight nodes
-each, the KV ``Concat``, grouped-head reshapes and transposes, the masked softmax and its matmuls.
-At one row a decode step is many small kernels: the 4-bit companion ran ~1860 per step, and the
-LM head (49152 x 576, a 4-bit pair over the input repeated twice plus an offset term) alone took
-about a fifth of the step. Two rewrites, for ONNX Runtime's CPU provider and decode steps only
-(one new token per row); the float graph that TensorRT parses is never touched:
+TensorRT parses the float graph), and the 4-bit companion's LM head (49152 x 576 for SmolLM2) is a
+4-bit pair over the input repeated twice plus an offset term. At one row a decode step is ~1860
+small kernels, and the head alone took about a fifth of it. Two rewrites, for ONNX Runtime's CPU
+provider and decode steps only (one new token per row); the float graph is never touched:
 
-- ``fuse_attention``: each layer's attention from the rotated Q/K and V to the merged context as
-  one ``GroupQueryAttention`` contrib node (KV append and masked softmax inside; the padding of
-  left-padded rows as an additive attention bias). The KV layout ([batch, kv_heads, tokens,
-  head_dim], rows right-aligned) and the graph's inputs and outputs stay as they were.
-- ``eight_bit_head``: the Q8_0 LM head as one 8-bit ``MatMulNBits`` holding the same weights.
+- ``eight_bit_head`` (``generation.fused_decode``, on): the Q8_0 head as one 8-bit
+  ``MatMulNBits`` holding the same weights, one node instead of five.
+- ``fuse_attention`` (``generation.fused_attention``, off): each layer's attention from the
+  rotated Q/K and V to the merged context as one ``GroupQueryAttention`` contrib node (KV append
+  and masked softmax inside; the padding of left-padded rows as an additive attention bias). The
+  KV layout ([batch, kv_heads, tokens, head_dim], rows right-aligned) and the graph's inputs and
+  outputs stay as they were. Off by default: with int8 activations its different summation order
+  makes a row's greedy tokens depend on its batch near ties ("What is 2 + 2?" alone and batched
+  in tests/test_api_chat.py), which the plain graph does not.
 
-Measured on 2 shared AVX2 cores, one intra-op thread, CPU time per decode step (medians of
-interleaved rounds): 1 row 22.6 -> 21.2 ms, 8 rows ~66 -> 55 ms. The rewrites rely on the node and
-value names the builder writes (``l{i}.qkv``, ``l{i}.q_rope.out``, ``present.{i}.key``,
-``lm_head.nbits`` ...) and raise ``ValueError`` on a graph without them; ``fused_decode_graph``
-then leaves that part as it was.
+Measured on 2 shared AVX2 cores, one intra-op thread, CPU ms per decode step (medians of 4-6
+interleaved rounds, ``bench/profile_decode_step.py``): 1 row 22.6 as built, 22.5 with the 8-bit
+head, 21.2 with both; 8 rows ~66, ~55, ~55. The rewrites rely on the node and value names the
+builder writes (``l{i}.qkv``, ``l{i}.q_rope.out``, ``present.{i}.key``, ``lm_head.nbits`` ...)
+and raise ``ValueError`` on a graph without them; ``fused_decode_graph`` then leaves that part as
+it was.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -34,13 +38,16 @@ log = logging.getLogger(__name__)
 _PREFIX = "gqa."
 
 
-def fused_decode_graph(model: onnx.ModelProto, layers: int, kv_heads: int, head_dim: int) -> onnx.ModelProto:
-    """Both rewrites of this module on a 4-bit companion with int8 activations (edited in place and
-    returned); one that does not apply to this graph is skipped with a warning."""
-    for name, rewrite in (
-        ("fused attention", lambda m: fuse_attention(m, layers, kv_heads, head_dim)),
-        ("8-bit LM head", eight_bit_head),
-    ):
+def fused_decode_graph(
+    model: onnx.ModelProto, layers: int, kv_heads: int, head_dim: int, *, attention: bool = False
+) -> onnx.ModelProto:
+    """The 8-bit head, and with ``attention`` the fused attention, on a 4-bit companion with int8
+    activations (edited in place and returned); a rewrite that does not apply to this graph is
+    skipped with a warning."""
+    rewrites: list[tuple[str, Callable[[onnx.ModelProto], object]]] = [("8-bit LM head", eight_bit_head)]
+    if attention:
+        rewrites.insert(0, ("fused attention", lambda m: fuse_attention(m, layers, kv_heads, head_dim)))
+    for name, rewrite in rewrites:
         try:
             rewrite(model)
         except ValueError as exc:

@@ -111,6 +111,7 @@ class DecoderSession(DecoderBase):
         spin_wait: bool = False,
         q4_int8_decode: bool = False,
         fused_decode: bool = False,
+        fused_attention: bool = False,
     ) -> None:
         """``kv_device``: None keeps the KV cache in host NumPy arrays; "cuda" (or "cpu", which CI
         uses to run the device code path with host placement) keeps it in ``OrtValue`` tensors on
@@ -123,9 +124,9 @@ class DecoderSession(DecoderBase):
         ``q4_int8_decode``: run that companion with int8 activations (see ``int8_activations``),
         and decode batches of up to ``INT8_DECODE_MAX_BATCH`` rows there too.
 
-        ``fused_decode`` (with ``q4_int8_decode``): decode on that companion rewritten by
-        ``appliance.llm.fused_decode`` (one GroupQueryAttention node per layer, an 8-bit LM head),
-        which runs fewer, cheaper kernels per step; the file on disk is not changed."""
+        ``fused_decode`` (with ``q4_int8_decode``): decode on that companion with its LM head
+        rewritten as one 8-bit MatMulNBits, and with ``fused_attention`` each layer's attention as
+        one GroupQueryAttention node (``appliance.llm.fused_decode``); the file is not changed."""
         self._read_generation(model_dir)
         model_dir = self.model_dir
         options = ort.SessionOptions()
@@ -144,7 +145,8 @@ class DecoderSession(DecoderBase):
             if q4_int8_decode:
                 model = _int8_model(path)
                 if fused_decode:
-                    fused_decode_graph(model, self.layers, self.kv_heads, self.head_dim)
+                    dims = (self.layers, self.kv_heads, self.head_dim)
+                    fused_decode_graph(model, *dims, attention=fused_attention)
                 graph = model.SerializeToString()
             self.single = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
             # With int8 activations the companion beats the float graph at every batch measured

@@ -58,6 +58,7 @@ class DecoderEngine(OnnxRuntimeEngine):
         prefer_gpu: bool = True,
         q4_int8_decode: bool = False,
         fused_decode: bool = False,
+        fused_attention: bool = False,
     ) -> None:
         chosen = providers(prefer_gpu=prefer_gpu)
         # Under the CUDA provider the KV cache stays on the GPU between steps (OrtValue + I/O
@@ -73,6 +74,7 @@ class DecoderEngine(OnnxRuntimeEngine):
                 spin_wait=spin_wait,
                 q4_int8_decode=q4_int8_decode,
                 fused_decode=fused_decode,
+                fused_attention=fused_attention,
             )
         except Exception as exc:  # ORT raises its own untyped errors
             raise EngineError(f"cannot load the decoder in {folder}: {exc}") from exc
@@ -191,6 +193,7 @@ def _open_decoder(entry: ModelEntry, values: dict[str, Any]) -> Engine:
             spin_wait=spin,
             q4_int8_decode=bool(values["generation.q4_int8_decode"]),
             fused_decode=bool(values["generation.fused_decode"]),
+            fused_attention=bool(values["generation.fused_attention"]),
         )
     engine.backend_reason = "; ".join(reasons) or None
     return engine
