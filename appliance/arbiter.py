@@ -177,6 +177,10 @@ class ComputeArbiter:
         since = self._clock() - within_s
         return any(at >= since for p, at in self._granted_at.items() if p < priority)
 
+    def waiting(self) -> int:
+        """How many calls wait for a grant now (any model, any priority)."""
+        return len(self._waiters)
+
     def snapshot(self) -> dict[str, object]:
         waiting: dict[int, int] = {}
         for w in self._waiters:

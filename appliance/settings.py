@@ -466,6 +466,33 @@ register(
         reload=True,
     ),
     Setting(
+        "generation.fused_decode",
+        bool,
+        True,
+        "With q4_int8_decode, decode with that companion's LM head rewritten at load as one 8-bit "
+        "MatMulNBits (the same weights; 0.55-0.7x the head's time at 8 rows; CPU only).",
+        reload=True,
+    ),
+    Setting(
+        "generation.fused_attention",
+        bool,
+        False,
+        "Also fuse each layer's decode attention into one ONNX Runtime GroupQueryAttention node "
+        "(~6% less CPU per step at 1 row), at the cost of a row's tokens depending on its batch "
+        "near ties (int8 activations amplify the different summation order).",
+        reload=True,
+    ),
+    Setting(
+        "generation.decode_steps_per_call",
+        int,
+        8,
+        "Decode steps the engine worker runs in one hand-off while nothing else is due: no "
+        "sequence waiting, joining or leaving, and no other engine call waiting for the compute "
+        "grant; tokens still stream one by one (1 = one step per hand-off).",
+        1,
+        64,
+    ),
+    Setting(
         "generation.max_prefill_tokens",
         int,
         4096,

@@ -10,7 +10,9 @@ the median over rounds of each figure and of each round's appliance / llama-serv
 this machine is shared and noisy. llama-server runs with 8 slots and continuous batching
 (``-np 8 -cb``) and 2 threads, the appliance with its default settings (2 ONNX Runtime threads);
 (``generation.q4_int8_decode`` on: decode with int8 activations, as llama.cpp does);
-``--exact`` adds the appliance with it off (float accumulation).
+``--exact`` adds the appliance with it off (float accumulation); ``--before`` adds it with
+``generation.fused_decode`` off and ``generation.decode_steps_per_call`` 1 (the defaults before
+those), ``--variant NAME=JSON`` with any settings, so a change is measured side by side in one run.
 ``--model smollm2-135m-instruct-q4`` benchmarks the CPU-only 4-bit build instead (pull it first).
 """
 
@@ -151,6 +153,8 @@ def start_llama(binary: str, port: int) -> subprocess.Popen[bytes]:
 # The appliance's variants: its defaults (decoding on the 4-bit companion with int8 activations,
 # as llama.cpp does), and (--exact) with float accumulation (generation.q4_int8_decode off).
 EXACT = ("appliance exact", {"generation.q4_int8_decode": False}, (1, 8))
+# --before: the defaults before the load-time decode graph and several decode steps per hand-off.
+BEFORE = {"generation.fused_decode": False, "generation.decode_steps_per_call": 1}
 
 
 def main() -> None:
@@ -162,10 +166,27 @@ def main() -> None:
     ap.add_argument(
         "--exact", action="store_true", help="also run the appliance with generation.q4_int8_decode off"
     )
+    ap.add_argument(
+        "--before",
+        action="store_true",
+        help="also run the appliance with generation.fused_decode off and decode_steps_per_call 1",
+    )
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="also run the appliance with these settings, e.g. steps1='{\"generation.decode_steps_per_call\": 1}'",
+    )
     args = ap.parse_args()
     if not os.access(args.llama_server, os.X_OK):
         sys.exit(f"no llama-server at {args.llama_server}: run `sh bench/build-llama-server.sh` first")
     servers: list[tuple[str, dict[str, Any] | None, tuple[int, ...]]] = [("appliance", {}, (1, 8))]
+    if args.before:
+        servers.append(("appliance before", BEFORE, (1, 8)))
+    for spec in args.variant:
+        name, _, settings = spec.partition("=")
+        servers.append((f"appliance {name}", json.loads(settings), (1, 8)))
     if args.exact:
         servers.append(EXACT)
     servers.append(("llama-server", None, (1, 8)))

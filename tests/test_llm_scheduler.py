@@ -735,3 +735,128 @@ async def test_real_model_greedy_matches_the_reference_fixture(
         assert s.generated == case["greedy_new_ids"][:12]
     assert sch.bytes_per_token == 30 * 2 * 3 * 64 * 4
     await sch.close()
+
+
+# ------------------------------------------------------------- several decode steps per call
+
+
+def multi(
+    executor: ThreadPoolExecutor,
+    dec: FakeDecoder,
+    *,
+    steps: int = 8,
+    contended: Callable[[], bool] | None = None,
+    engine_timeout_ms: float = 0.0,
+    max_running: int = 8,
+) -> tuple[Scheduler, list[bool]]:
+    """A scheduler with ``decode_steps_per_call = steps``; the list holds, per engine call, True
+    while its grant is held (one entry per call, cleared when released)."""
+    calls: list[bool] = []
+
+    @contextlib.asynccontextmanager
+    async def grant(level: int) -> AsyncIterator[None]:
+        calls.append(True)
+        try:
+            yield
+        finally:
+            calls[-1] = False
+
+    policy = BatchPolicy(priority_levels=3, default_priority=2)
+    config = GenerationConfig(max_running=max_running, decode_steps=steps)
+    tunables = (lambda: {"engine.timeout_ms": engine_timeout_ms}) if engine_timeout_ms else None
+    sch = Scheduler(
+        "fake", dec, executor, policy, config, grant=grant, contended=contended, tunables=tunables
+    )
+    return sch, calls
+
+
+async def test_several_decode_steps_per_call_still_stream_token_by_token(
+    executor: ThreadPoolExecutor,
+) -> None:
+    dec = FakeDecoder(decode_s=0.005)
+    sch, calls = multi(executor, dec, steps=8)
+    s = seq([3, 1, 4], 20)
+    sch.submit(s)
+    counts, during_a_call = [], 0
+    while True:
+        ev = await asyncio.wait_for(s.events.get(), 10)
+        if not isinstance(ev, Token):
+            break
+        counts.append(ev.completion_tokens)
+        during_a_call += bool(calls and calls[-1])
+    assert isinstance(ev, Finished) and ev.completion_tokens == 20
+    assert counts == list(range(1, 21)), "one event per token, in order"
+    assert len(dec.decode_sizes) == 19 and len(calls) == 1 + 3, "prefill, then 19 steps in 8 + 8 + 3"
+    assert during_a_call >= 10, "tokens reach the request while their call is still running"
+    await sch.close()
+
+
+async def test_a_newcomer_joins_a_multi_step_call_within_one_step(executor: ThreadPoolExecutor) -> None:
+    dec = FakeDecoder(decode_s=0.01)
+    sch, _ = multi(executor, dec, steps=64)
+    long = seq([1, 2], 200)
+    sch.submit(long)
+    await until(lambda: len(long.generated) >= 5)
+    late = seq([5, 6], 3)
+    sch.submit(late)
+    at_submit = len(long.generated)
+    await until(lambda: bool(late.generated))
+    assert len(long.generated) - at_submit <= 2, "the running call ended at the next step boundary"
+    text, fin = await drain(late)
+    assert isinstance(fin, Finished) and text == text_of(reference([5, 6], 3))
+    sch.cancel(long)
+    await sch.close()
+
+
+async def test_cancel_stop_and_eos_end_a_multi_step_call(executor: ThreadPoolExecutor) -> None:
+    dec = FakeDecoder(decode_s=0.01)
+    sch, _ = multi(executor, dec, steps=64)
+    ref = reference([7, 7], 30)
+    at = max(i for i in range(30) if ref[i] not in ref[:i])  # the latest first occurrence (3 here)
+    ends = seq([7, 7], 30, eos=[ref[at]])
+    sch.submit(ends)
+    text, fin = await drain(ends)
+    assert isinstance(fin, Finished) and fin.finish_reason == "stop" and fin.completion_tokens == at + 1
+    assert text == text_of(ref[:at]) and len(dec.decode_sizes) == at, "no step after the EOS"
+    stopped = seq([7, 7], 30, stop=(text_of(ref[2:4]),))
+    sch.submit(stopped)
+    text, fin = await drain(stopped)
+    assert isinstance(fin, Finished) and fin.finish_reason == "stop" and text == text_of(ref[:2])
+    assert fin.completion_tokens == 4 and len(dec.decode_sizes) == at + 3, "no step after the stop"
+    cancelled = seq([1], 500)
+    sch.submit(cancelled)
+    await until(lambda: len(cancelled.generated) >= 5)
+    sch.cancel(cancelled)
+    steps = len(dec.decode_sizes)
+    await until(lambda: sch.generation_snapshot()["running"] == 0)
+    assert len(dec.decode_sizes) - steps <= 1, "a cancelled row stops the call at the step boundary"
+    await sch.close()
+
+
+@pytest.mark.parametrize("waiting", [True, False])
+async def test_a_call_waiting_for_the_grant_gets_it_within_one_step(
+    executor: ThreadPoolExecutor, waiting: bool
+) -> None:
+    """While the arbiter has a waiter (another model's batch, any priority), every engine call is
+    one decode step, as before; otherwise up to ``decode_steps_per_call``."""
+    dec = FakeDecoder(decode_s=0.002)
+    sch, calls = multi(executor, dec, steps=4, contended=lambda: waiting)
+    s = seq([2, 7], 13)
+    sch.submit(s)
+    text, fin = await drain(s)
+    assert isinstance(fin, Finished) and text == text_of(reference([2, 7], 13))
+    assert len(dec.decode_sizes) == 12
+    assert len(calls) - 1 == (12 if waiting else 3)
+    await sch.close()
+
+
+async def test_the_steps_of_one_call_stay_within_a_quarter_of_the_engine_timeout(
+    executor: ThreadPoolExecutor,
+) -> None:
+    dec = FakeDecoder(decode_s=0.02)  # a quarter of 100 ms holds one 20 ms step, not two
+    sch, calls = multi(executor, dec, steps=8, engine_timeout_ms=100)
+    s = seq([4], 6)
+    sch.submit(s)
+    _, fin = await drain(s)
+    assert isinstance(fin, Finished) and len(dec.decode_sizes) == 5 and len(calls) - 1 == 5
+    await sch.close()

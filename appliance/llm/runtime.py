@@ -21,6 +21,7 @@ import onnx
 import onnxruntime as ort
 
 from appliance.engines.onnxruntime import spinning
+from appliance.llm.fused_decode import fused_decode_graph
 from appliance.llm.kv import HOST, KVOps, KVState, OrtKVOps, empty_state
 
 # Largest batch the int8-activation companion decodes (measured on 2 AVX2 cores up to 8 rows, the
@@ -109,6 +110,8 @@ class DecoderSession(DecoderBase):
         kv_device: str | None = None,
         spin_wait: bool = False,
         q4_int8_decode: bool = False,
+        fused_decode: bool = False,
+        fused_attention: bool = False,
     ) -> None:
         """``kv_device``: None keeps the KV cache in host NumPy arrays; "cuda" (or "cpu", which CI
         uses to run the device code path with host placement) keeps it in ``OrtValue`` tensors on
@@ -119,7 +122,11 @@ class DecoderSession(DecoderBase):
         batches and prefill stay on the float graph, which is faster for them.
 
         ``q4_int8_decode``: run that companion with int8 activations (see ``int8_activations``),
-        and decode batches of up to ``INT8_DECODE_MAX_BATCH`` rows there too."""
+        and decode batches of up to ``INT8_DECODE_MAX_BATCH`` rows there too.
+
+        ``fused_decode`` (with ``q4_int8_decode``): decode on that companion with its LM head
+        rewritten as one 8-bit MatMulNBits, and with ``fused_attention`` each layer's attention as
+        one GroupQueryAttention node (``appliance.llm.fused_decode``); the file is not changed."""
         self._read_generation(model_dir)
         model_dir = self.model_dir
         options = ort.SessionOptions()
@@ -134,7 +141,13 @@ class DecoderSession(DecoderBase):
         self.single_max_batch = 0
         if single_stream is not None and kv_device is None:
             path = Path(single_stream) / "model.onnx"
-            graph: str | bytes = int8_activations(path) if q4_int8_decode else str(path)
+            graph: str | bytes = str(path)
+            if q4_int8_decode:
+                model = _int8_model(path)
+                if fused_decode:
+                    dims = (self.layers, self.kv_heads, self.head_dim)
+                    fused_decode_graph(model, *dims, attention=fused_attention)
+                graph = model.SerializeToString()
             self.single = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
             # With int8 activations the companion beats the float graph at every batch measured
             # (2.2x at 2 rows, 1.4x at 8); with float32 accumulation only a lone row gains.
@@ -198,13 +211,17 @@ def int8_activations(path: Path) -> bytes:
     2-core AVX2 EPYC: a lone decode step 2.6x faster than with float32 accumulation; logits differ
     from the float32 graph by up to 2.3 (float32 accumulation: 2e-4), so a token whose top two
     logits are closer than ~0.1 may flip (the greedy fixtures stay equal)."""
+    return _int8_model(path).SerializeToString()
+
+
+def _int8_model(path: Path) -> onnx.ModelProto:
     model = onnx.load(str(path))
     for node in model.graph.node:
         if node.op_type == "MatMulNBits":
             for attr in node.attribute:
                 if attr.name == "accuracy_level":
                     attr.i = 4
-    return model.SerializeToString()
+    return model
 
 
 def greedy_generate(

@@ -57,6 +57,8 @@ class DecoderEngine(OnnxRuntimeEngine):
         spin_wait: bool = False,
         prefer_gpu: bool = True,
         q4_int8_decode: bool = False,
+        fused_decode: bool = False,
+        fused_attention: bool = False,
     ) -> None:
         chosen = providers(prefer_gpu=prefer_gpu)
         # Under the CUDA provider the KV cache stays on the GPU between steps (OrtValue + I/O
@@ -71,6 +73,8 @@ class DecoderEngine(OnnxRuntimeEngine):
                 kv_device=kv_device,
                 spin_wait=spin_wait,
                 q4_int8_decode=q4_int8_decode,
+                fused_decode=fused_decode,
+                fused_attention=fused_attention,
             )
         except Exception as exc:  # ORT raises its own untyped errors
             raise EngineError(f"cannot load the decoder in {folder}: {exc}") from exc
@@ -166,6 +170,8 @@ def _open_decoder(entry: ModelEntry, values: dict[str, Any]) -> Engine:
             intra_op_threads=intra,
             spin_wait=spin,
             q4_int8_decode=bool(values["generation.q4_int8_decode"]),
+            fused_decode=bool(values["generation.fused_decode"]),
+            fused_attention=bool(values["generation.fused_attention"]),
         )
 
     return open_on_chain(entry, tensorrt, onnxruntime)
@@ -199,6 +205,8 @@ def _generate_runtime(
         # Every prefill chunk and decode step takes engine time from the arbiter, by priority.
         grant=lambda level: mgr.arbiter.grant(entry.name, level),
         pressed=mgr.arbiter.pressed,
+        # Several decode steps run in one engine call only while nobody waits for a grant.
+        contended=lambda: mgr.arbiter.waiting() > 0,
     )
     fallback = entry.spec.default_response
     rt = LLMRuntime(
