@@ -50,7 +50,7 @@ from appliance.api.security import (
     needs_key,
     over_ceiling,
 )
-from appliance.api.shedding import SHED_EARLY, body_here, early_refusal, refusal_response
+from appliance.api.shedding import body_here, early_refusal, refusal_response, sheds
 from appliance.auth import KeyRateLimiter
 from appliance.config import Config
 from appliance.errors import ApplianceError, InvalidRequest, ModelNotFound, Unavailable
@@ -119,7 +119,7 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
         # (request.get() of a missing key raises and catches a KeyError inside: not on this path.)
         key = request[KEY] if key_needed else None
         early = None
-        if post and path in SHED_EARLY:
+        if post and sheds(path):
             here = body_here(request)
             if here is not None:
                 # All here (the usual small request): taken as is, without request.read()'s

@@ -8,9 +8,12 @@ usual (which reuses the parsed body), and anything unusual about it (a chunked b
 JSON, a malformed priority or deadline, an unknown model) is left to the route, which answers it
 precisely.
 
-It covers the OpenAI routes, whose body names the model; the priority may be in the body or in
-``X-Priority``. A refused request is never validated further: with its queue full, a request
-with a malformed ``input`` gets the 429, not the 400 it would get once admitted.
+It covers the OpenAI routes, whose body names the model (the priority may be in the body or in
+``X-Priority``), and KServe's infer, whose path names the model (the priority and deadline are in
+the body's ``parameters``, the deadline else in ``X-Timeout-Ms``; with the binary extension, in
+the JSON part that ``Inference-Header-Content-Length`` delimits). A refused request is never
+validated further: with its queue full, a request with a malformed ``input`` gets the 429, not the
+400 it would get once admitted.
 """
 
 from __future__ import annotations
@@ -29,10 +32,18 @@ from appliance.api.common import (
     timeout_ms_of,
 )
 from appliance.api.jsonbody import parse_object
+from appliance.api.kserve import schedule_of
+from appliance.api.tensors import HEADER_LENGTH
 from appliance.auth import ApiKeyRecord
 from appliance.errors import ApplianceError, InvalidRequest
 
 SHED_EARLY = frozenset({"/v1/embeddings", "/v1/chat/completions", "/v1/completions"})
+_MODELS, _INFER = "/v2/models/", "/infer"
+
+
+def sheds(path: str) -> bool:
+    """Whether a POST to ``path`` is shed before work (its route matched: see ``early_refusal``)."""
+    return path in SHED_EARLY or (path.endswith(_INFER) and path.startswith(_MODELS))
 
 
 def body_here(request: web.Request) -> bool | None:
@@ -48,19 +59,39 @@ def body_here(request: web.Request) -> bool | None:
 def early_refusal(
     request: web.Request, key: ApiKeyRecord | None, raw: bytes
 ) -> tuple[ApplianceError, int] | None:
-    """The refusal for a POST to one of ``SHED_EARLY`` with body ``raw``, by ``key`` (when keys are
-    on), and its priority level, or None. Synchronous: an await costs a coroutine per request."""
+    """The refusal for a POST that ``sheds`` with body ``raw``, by ``key`` (when keys are on), and
+    its priority level, or None. Synchronous: an await costs a coroutine per request."""
     request[RAW_BODY] = raw  # the route reads it from here (read_body)
-    try:
-        doc: dict[str, Any] = parse_object(raw)
-        priority = requested_priority(request, doc.get("priority"))
-        timeout_ms = timeout_ms_of(request)
-    except InvalidRequest:
-        return None
-    request[BODY] = doc
-    model = doc.get("model")
-    if not isinstance(model, str):
-        return None
+    if request.path in SHED_EARLY:
+        try:
+            doc: dict[str, Any] = parse_object(raw)
+            priority = requested_priority(request, doc.get("priority"))
+            timeout_ms = timeout_ms_of(request)
+        except InvalidRequest:
+            return None
+        request[BODY] = doc
+        model = doc.get("model")
+        if not isinstance(model, str):
+            return None
+    else:
+        model = request.match_info.get("model")
+        if model is None:  # no route matched: the router's 404 or 405
+            return None
+        json_length = request.headers.get(HEADER_LENGTH)
+        try:
+            if json_length is None:
+                doc = parse_object(raw)
+                request[BODY] = doc  # the route reads it from here (read_json)
+            else:
+                n = int(json_length)
+                if not 0 <= n <= len(raw):
+                    return None
+                doc = parse_object(raw[:n])  # only the JSON part (the route splits the body again)
+            priority, timeout_ms = schedule_of(doc)
+            if timeout_ms is None:
+                timeout_ms = timeout_ms_of(request)
+        except (InvalidRequest, ValueError):
+            return None
     found = request.app[PIPELINE].refusal(model, priority=priority, key=key, timeout_ms=timeout_ms)
     if found is not None:
         request["model"] = model
