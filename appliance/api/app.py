@@ -104,7 +104,6 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
     if metered and app[DRAINING][0]:
         return error_response(api, Unavailable("the server is shutting down", retry_after_s=5))
     request_id = request.headers.get("X-Request-Id", "")[:64] or f"{_ID_PREFIX}-{next(_ids):x}"
-    request["request_id"] = request_id
     key_needed = needs_key(request)
     entered = handled = False
     key = None
@@ -136,6 +135,7 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
                 app[INFLIGHT].enter()
                 entered = True
             handled = True
+            request["request_id"] = request_id  # for a stream's early headers (chat._sse)
             response = await handler(request)
             status = response.status
     except asyncio.CancelledError:

@@ -61,7 +61,26 @@ def early_refusal(
 ) -> tuple[ApplianceError, int] | None:
     """The refusal for a POST that ``sheds`` with body ``raw``, by ``key`` (when keys are on), and
     its priority level, or None. Synchronous: an await costs a coroutine per request."""
-    request[RAW_BODY] = raw  # the route reads it from here (read_body)
+    said = _admission_fields(request, raw)
+    if said is not None:
+        model, priority, timeout_ms, doc = said
+        found = request.app[PIPELINE].refusal(model, priority=priority, key=key, timeout_ms=timeout_ms)
+        if found is not None:
+            # (A refusal's body is not kept: nothing reads it.)
+            request["model"] = model
+            request["priority"] = found[1]
+            return found
+        if doc is not None:
+            request[BODY] = doc  # the route reads it from here (read_json)
+    request[RAW_BODY] = raw  # and this (read_body): the body has been read off the stream
+    return None
+
+
+def _admission_fields(
+    request: web.Request, raw: bytes
+) -> tuple[str, int | None, float | None, dict[str, Any] | None] | None:
+    """The model, priority and deadline the request names, and its parsed body when the route
+    can reuse it; None when anything about them is unusual."""
     if request.path in SHED_EARLY:
         try:
             doc: dict[str, Any] = parse_object(raw)
@@ -69,34 +88,28 @@ def early_refusal(
             timeout_ms = timeout_ms_of(request)
         except InvalidRequest:
             return None
-        request[BODY] = doc
         model = doc.get("model")
-        if not isinstance(model, str):
-            return None
-    else:
-        model = request.match_info.get("model")
-        if model is None:  # no route matched: the router's 404 or 405
-            return None
-        json_length = request.headers.get(HEADER_LENGTH)
-        try:
-            if json_length is None:
-                doc = parse_object(raw)
-                request[BODY] = doc  # the route reads it from here (read_json)
-            else:
-                n = int(json_length)
-                if not 0 <= n <= len(raw):
-                    return None
-                doc = parse_object(raw[:n])  # only the JSON part (the route splits the body again)
-            priority, timeout_ms = schedule_of(doc)
-            if timeout_ms is None:
-                timeout_ms = timeout_ms_of(request)
-        except (InvalidRequest, ValueError):
-            return None
-    found = request.app[PIPELINE].refusal(model, priority=priority, key=key, timeout_ms=timeout_ms)
-    if found is not None:
-        request["model"] = model
-        request["priority"] = found[1]
-    return found
+        return (model, priority, timeout_ms, doc) if isinstance(model, str) else None
+    model = request.match_info.get("model")
+    if model is None:  # no route matched: the router's 404 or 405
+        return None
+    json_length = request.headers.get(HEADER_LENGTH)
+    try:
+        if json_length is None:
+            doc = parse_object(raw)
+            whole: dict[str, Any] | None = doc
+        else:
+            n = int(json_length)
+            if not 0 <= n <= len(raw):
+                return None
+            doc = parse_object(raw[:n])  # only the JSON part (the route splits the body again)
+            whole = None
+        priority, timeout_ms = schedule_of(doc)
+        if timeout_ms is None:
+            timeout_ms = timeout_ms_of(request)
+    except (InvalidRequest, ValueError):
+        return None
+    return model, priority, timeout_ms, whole
 
 
 # By the refusal itself: the pipeline replays one refusal object while its queue stays full.
