@@ -31,7 +31,7 @@ from appliance.api.common import (
     requested_priority,
     timeout_ms_of,
 )
-from appliance.api.jsonbody import parse_object
+from appliance.api.jsonbody import check_object, loads_object
 from appliance.api.kserve import schedule_of
 from appliance.api.tensors import HEADER_LENGTH
 from appliance.auth import ApiKeyRecord
@@ -71,7 +71,12 @@ def early_refusal(
             request["priority"] = found[1]
             return found
         if doc is not None:
-            request[BODY] = doc  # the route reads it from here (read_json)
+            try:
+                check_object(raw, doc)
+            except InvalidRequest:
+                pass  # the route parses it again, and says what is wrong with it
+            else:
+                request[BODY] = doc  # the route reads it from here (read_json)
     request[RAW_BODY] = raw  # and this (read_body): the body has been read off the stream
     return None
 
@@ -83,7 +88,7 @@ def _admission_fields(
     can reuse it; None when anything about them is unusual."""
     if request.path in SHED_EARLY:
         try:
-            doc: dict[str, Any] = parse_object(raw)
+            doc: dict[str, Any] = loads_object(raw)
             priority = requested_priority(request, doc.get("priority"))
             timeout_ms = timeout_ms_of(request)
         except InvalidRequest:
@@ -96,13 +101,13 @@ def _admission_fields(
     json_length = request.headers.get(HEADER_LENGTH)
     try:
         if json_length is None:
-            doc = parse_object(raw)
+            doc = loads_object(raw)
             whole: dict[str, Any] | None = doc
         else:
             n = int(json_length)
             if not 0 <= n <= len(raw):
                 return None
-            doc = parse_object(raw[:n])  # only the JSON part (the route splits the body again)
+            doc = loads_object(raw[:n])  # only the JSON part (the route splits the body again)
             whole = None
         priority, timeout_ms = schedule_of(doc)
         if timeout_ms is None:
