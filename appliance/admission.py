@@ -203,15 +203,15 @@ class EarlyAdmission:
         self._reserved[level] = self._reserved.get(level, 0) + count
         return Reservation(self, level, count)
 
-    def full(self: Any, level: int) -> bool:
-        """Whether ``level``'s queue is full (refusing even one more item) and still open."""
+    def refused_again(self: Any, level: int, error: AdmissionError) -> bool:
+        """Whether ``level``'s queue is still full (refusing even one more item) and
+        open; if so ``error``, a refusal decided moments before and replayed (``Pipeline.refusal``),
+        is counted as this queue counts any of its own. One call per replay, not two."""
         limit = self.policy.queue_limit(level)
-        return bool(limit) and not self.closed and self.queued(level) + self._reserved.get(level, 0) >= limit
-
-    def count_refusal(self: Any, error: AdmissionError) -> None:
-        """Count a refusal decided moments before and replayed (``Pipeline.refusal``) as this
-        queue counts any of its own."""
-        self._refuse(error)
+        if limit and not self.closed and self.queued(level) + self._reserved.get(level, 0) >= limit:
+            self._refuse(error)
+            return True
+        return False
 
     def held(self, level: int) -> int:
         """Places held at ``level`` by early admissions that have not submitted yet."""

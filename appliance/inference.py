@@ -61,6 +61,7 @@ class _Observer:
         self._compute = metrics.compute_duration.labels(model)
         self._queue = metrics.queue_duration.labels(model)
         self._depth: dict[int, Any] = {}
+        self._rejected: dict[tuple[int, str], Any] = {}
 
     def on_batch(self, size: int, queue_wait_s: Sequence[float], compute_s: float) -> None:
         self._batch.observe(size)
@@ -69,8 +70,13 @@ class _Observer:
             self._queue.observe(w)
 
     def on_reject(self, priority: int, reason: str) -> None:
-        # Cached: refusals come by the thousand per second under overload.
-        self.m.child(self.m.rejections, self.model, str(priority), reason).inc()
+        # Cached here: refusals come by the thousand per second under overload.
+        counter = self._rejected.get((priority, reason))
+        if counter is None:
+            counter = self._rejected[priority, reason] = self.m.rejections.labels(
+                self.model, str(priority), reason
+            )
+        counter.inc()
 
     def on_queue_depth(self, priority: int, depth: int) -> None:
         gauge = self._depth.get(priority)

@@ -227,9 +227,8 @@ class Pipeline:
                 and slot.entry is hit.entry
                 and cfg.defaults is hit.defaults
                 and cfg.model_overrides is hit.overrides
-                and hit.runtime.batcher.full(hit.level)
+                and hit.runtime.batcher.refused_again(hit.level, hit.cause)
             ):
-                hit.runtime.batcher.count_refusal(hit.cause)
                 hit.shed.inc()
                 return hit.error, hit.level
             del self._refused[memo]

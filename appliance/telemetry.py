@@ -378,7 +378,9 @@ class RollingStats:
         self._events: dict[str, deque[tuple[float, float, int]]] = {}
 
     def record(self, model: str, seconds: float, status: int, now: float | None = None) -> None:
-        q = self._events.setdefault(model, deque(maxlen=self.cap))
+        q = self._events.get(model)
+        if q is None:  # (not setdefault: that would build a deque on every call)
+            q = self._events[model] = deque(maxlen=self.cap)
         q.append((time.monotonic() if now is None else now, seconds, status))
 
     def snapshot(self, now: float | None = None) -> dict[str, dict[str, float | int]]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from appliance.api.common import MANAGER
+from appliance.api.common import MANAGER, PIPELINE
 from tests.conftest import ServerThread
 
 MODEL = "all-minilm-l6-v2"
@@ -153,3 +153,97 @@ def test_refusals_keep_the_connection_and_end_when_the_queue_drains(full: Server
         time.sleep(0.2)
     assert response.status == 200 and payload["data"][0]["object"] == "embedding"
     conn.close()
+
+
+# KServe infer: the model is in the path; the priority and deadline in the body's ``parameters``.
+INFER = f"/v2/models/{MODEL}/infer"
+
+
+def infer_doc(text: str, parameters: Any = None) -> dict[str, Any]:
+    doc: dict[str, Any] = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1, 1], "data": [text]}]}
+    if parameters is not None:
+        doc["parameters"] = parameters
+    return doc
+
+
+def binary_infer(text: str, priority: int) -> tuple[bytes, dict[str, str]]:
+    """An infer request with the binary tensor data extension: a JSON part, then the tensor."""
+    data = text.encode()
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "text",
+                    "datatype": "BYTES",
+                    "shape": [1, 1],
+                    "parameters": {"binary_data_size": 4 + len(data)},
+                }
+            ],
+            "parameters": {"priority": priority},
+        }
+    ).encode()
+    body = head + len(data).to_bytes(4, "little") + data
+    return body, {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(len(head)),
+    }
+
+
+def test_a_kserve_infer_for_a_full_level_is_refused_in_kserves_shape(full: ServerThread) -> None:
+    """Refused in the front door: the route (whose first step is the pipeline's admission) never
+    runs. A spy on the real ``Pipeline.admit`` counts its calls."""
+    pipeline = full.app[PIPELINE]
+    admitted: list[str] = []
+    real_admit = pipeline.admit
+
+    def spy(model: str, **kwargs: Any) -> Any:
+        admitted.append(model)
+        return real_admit(model, **kwargs)
+
+    pipeline.admit = spy  # type: ignore[method-assign]
+    status, body, headers = full.post(INFER, infer_doc("no room", {"priority": 3}), {"X-Request-Id": "k-7"})
+    assert status == 429
+    assert int(headers["Retry-After"]) >= 1 and headers["X-Request-Id"] == "k-7"
+    assert set(body) == {"error"} and isinstance(body["error"], str) and "priority 3" in body["error"]
+    # The binary extension: the priority is read from the JSON part alone.
+    raw, binary_headers = binary_infer("no room either", 3)
+    status, body, headers = full.post(INFER, raw, binary_headers)
+    assert status == 429 and set(body) == {"error"} and headers["X-Request-Id"]
+    # And the versioned path.
+    assert full.post(f"/v2/models/{MODEL}/versions/1/infer", infer_doc("no", {"priority": 3}))[0] == 429
+    assert metric(full, 'appliance_shed_total{reason="queue_full"}') == 3
+    assert metric(full, 'appliance_requests_total{api="kserve",model="all-minilm-l6-v2",status="429"}') == 3
+    series = 'appliance_request_duration_seconds_count{api="kserve",model="all-minilm-l6-v2",priority="3"}'
+    assert metric(full, series) == 3
+    assert metric(full, 'appliance_inflight_requests{api="kserve"}') == 0
+    assert admitted == []
+
+
+def test_a_kserve_infer_with_room_at_its_level_is_served(full: ServerThread) -> None:
+    """Priority 1, and no priority (the model's default, 2; priority 0 means the same in KServe),
+    have room: served as before, from the body the front door read, binary extension included."""
+    for parameters in ({"priority": 1}, None, {"priority": 0, "timeout": 30_000_000}):
+        status, body, _ = full.post(INFER, infer_doc("room", parameters))
+        assert status == 200, body
+        assert body["outputs"][0]["name"] == "sentence_embedding" and body["outputs"][0]["shape"] == [1, 384]
+    raw, headers = binary_infer("room", 1)
+    status, body, response_headers = full.post(INFER, raw, headers)
+    assert status == 200 and response_headers["Content-Type"] == "application/json", body
+
+
+def test_what_shedding_cannot_read_in_a_kserve_infer_is_answered_by_the_route(full: ServerThread) -> None:
+    """A malformed priority, timeout or ``parameters``, a bad JSON-part length, an unknown model:
+    KServe's precise error from the route, even at a full level."""
+    status, body, _ = full.post(INFER, infer_doc("x", {"priority": "3"}))
+    assert status == 400 and "priority" in body["error"]
+    status, body, _ = full.post(INFER, infer_doc("x", {"priority": 3, "timeout": -5}))
+    assert status == 400 and "timeout" in body["error"]
+    status, body, _ = full.post(INFER, infer_doc("x", [3]))
+    assert status == 400 and "'parameters' must be an object" in body["error"]
+    status, body, _ = full.post(INFER, infer_doc("x", {"priority": 3}), {"X-Timeout-Ms": "soon"})
+    assert status == 400 and "X-Timeout-Ms" in body["error"]
+    raw, headers = binary_infer("x", 3)
+    status, body, _ = full.post(INFER, raw, {**headers, "Inference-Header-Content-Length": "99999"})
+    assert status == 400 and "exceeds the body length" in body["error"]
+    status, body, _ = full.post("/v2/models/nope/infer", infer_doc("x", {"priority": 3}))
+    assert status == 404 and set(body) == {"error"}

@@ -50,7 +50,7 @@ from appliance.api.security import (
     needs_key,
     over_ceiling,
 )
-from appliance.api.shedding import SHED_EARLY, body_here, early_refusal, refusal_response
+from appliance.api.shedding import body_here, early_refusal, refusal_response, sheds
 from appliance.auth import KeyRateLimiter
 from appliance.config import Config
 from appliance.errors import ApplianceError, InvalidRequest, ModelNotFound, Unavailable
@@ -104,7 +104,6 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
     if metered and app[DRAINING][0]:
         return error_response(api, Unavailable("the server is shutting down", retry_after_s=5))
     request_id = request.headers.get("X-Request-Id", "")[:64] or f"{_ID_PREFIX}-{next(_ids):x}"
-    request["request_id"] = request_id
     key_needed = needs_key(request)
     entered = handled = False
     key = None
@@ -119,7 +118,7 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
         # (request.get() of a missing key raises and catches a KeyError inside: not on this path.)
         key = request[KEY] if key_needed else None
         early = None
-        if post and path in SHED_EARLY:
+        if post and sheds(path):
             here = body_here(request)
             if here is not None:
                 # All here (the usual small request): taken as is, without request.read()'s
@@ -136,6 +135,7 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
                 app[INFLIGHT].enter()
                 entered = True
             handled = True
+            request["request_id"] = request_id  # for a stream's early headers (chat._sse)
             response = await handler(request)
             status = response.status
     except asyncio.CancelledError:

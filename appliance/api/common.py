@@ -70,6 +70,8 @@ TICKET = "ticket"  # request-scoped: the pipeline's Ticket
 RAW_BODY, BODY = "raw_body", "json_body"
 OPENAI, KSERVE, OTHER = "openai", "kserve", "other"
 _INTEGER = re.compile(r"-?[0-9]{1,18}")
+# The usual X-Priority values, parsed once (under a flood every request sends one).
+_HEADER_PRIORITY = {str(n): n for n in range(1, 10)}
 
 
 def api_of(path: str) -> str:
@@ -164,13 +166,19 @@ def requested_priority(request: web.Request, body_value: Any) -> int | None:
     """``priority`` from the body, else the ``X-Priority`` header, type-checked; the pipeline
     resolves the default, the key's cap and the range."""
     value = body_value
-    if value is None and "X-Priority" in request.headers:
-        text = request.headers["X-Priority"].strip()
-        # ASCII digits only: str.isdigit() also accepts "²" and other digits int() refuses, and a
-        # bounded length keeps int() below its digit limit.
-        if not _INTEGER.fullmatch(text):
-            raise InvalidRequest(f"X-Priority must be an integer, got {text[:20]!r}", param="priority")
-        value = int(text)
+    if value is None:
+        header = request.headers.get("X-Priority")
+        if header is not None:
+            value = _HEADER_PRIORITY.get(header)
+            if value is None:
+                text = header.strip()
+                # ASCII digits only: str.isdigit() also accepts "²" and other digits int() refuses,
+                # and a bounded length keeps int() below its digit limit.
+                if not _INTEGER.fullmatch(text):
+                    raise InvalidRequest(
+                        f"X-Priority must be an integer, got {text[:20]!r}", param="priority"
+                    )
+                value = int(text)
     if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
         raise InvalidRequest("'priority' must be an integer", param="priority")
     return value

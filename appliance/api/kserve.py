@@ -148,7 +148,9 @@ async def model_config(request: web.Request) -> web.Response:
     )
 
 
-def _schedule(doc: dict[str, Any]) -> tuple[int | None, float | None]:
+def schedule_of(doc: dict[str, Any]) -> tuple[int | None, float | None]:
+    """The priority and deadline (ms) a request's ``parameters`` name, None for each it leaves to
+    the model's default (the deadline: to ``X-Timeout-Ms``); read here and by early shedding."""
     params = parameters_of(doc, "the request")
     priority = params.get("priority")
     if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
@@ -173,7 +175,7 @@ async def infer(request: web.Request) -> web.Response:
         tail = b""
     else:
         doc, tail = split_body(await read_body(request), header)
-    priority, timeout_ms = _schedule(doc)
+    priority, timeout_ms = schedule_of(doc)
     # Admission first: a request its queue would refuse costs no decoding, hashing or lookup.
     ticket = admit(request, name, priority, timeout_ms=timeout_ms)
     if request.app[MANAGER].slots[name].entry.kind == ModelKind.generate:

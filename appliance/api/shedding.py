@@ -8,9 +8,12 @@ usual (which reuses the parsed body), and anything unusual about it (a chunked b
 JSON, a malformed priority or deadline, an unknown model) is left to the route, which answers it
 precisely.
 
-It covers the OpenAI routes, whose body names the model; the priority may be in the body or in
-``X-Priority``. A refused request is never validated further: with its queue full, a request
-with a malformed ``input`` gets the 429, not the 400 it would get once admitted.
+It covers the OpenAI routes, whose body names the model (the priority may be in the body or in
+``X-Priority``), and KServe's infer, whose path names the model (the priority and deadline are in
+the body's ``parameters``, the deadline else in ``X-Timeout-Ms``; with the binary extension, in
+the JSON part that ``Inference-Header-Content-Length`` delimits). A refused request is never
+validated further: with its queue full, a request with a malformed ``input`` gets the 429, not the
+400 it would get once admitted.
 """
 
 from __future__ import annotations
@@ -28,11 +31,19 @@ from appliance.api.common import (
     requested_priority,
     timeout_ms_of,
 )
-from appliance.api.jsonbody import parse_object
+from appliance.api.jsonbody import check_object, loads_object
+from appliance.api.kserve import schedule_of
+from appliance.api.tensors import HEADER_LENGTH
 from appliance.auth import ApiKeyRecord
 from appliance.errors import ApplianceError, InvalidRequest
 
 SHED_EARLY = frozenset({"/v1/embeddings", "/v1/chat/completions", "/v1/completions"})
+_MODELS, _INFER = "/v2/models/", "/infer"
+
+
+def sheds(path: str) -> bool:
+    """Whether a POST to ``path`` is shed before work (its route matched: see ``early_refusal``)."""
+    return path in SHED_EARLY or (path.endswith(_INFER) and path.startswith(_MODELS))
 
 
 def body_here(request: web.Request) -> bool | None:
@@ -48,24 +59,62 @@ def body_here(request: web.Request) -> bool | None:
 def early_refusal(
     request: web.Request, key: ApiKeyRecord | None, raw: bytes
 ) -> tuple[ApplianceError, int] | None:
-    """The refusal for a POST to one of ``SHED_EARLY`` with body ``raw``, by ``key`` (when keys are
-    on), and its priority level, or None. Synchronous: an await costs a coroutine per request."""
-    request[RAW_BODY] = raw  # the route reads it from here (read_body)
+    """The refusal for a POST that ``sheds`` with body ``raw``, by ``key`` (when keys are on), and
+    its priority level, or None. Synchronous: an await costs a coroutine per request."""
+    said = _admission_fields(request, raw)
+    if said is not None:
+        model, priority, timeout_ms, doc = said
+        found = request.app[PIPELINE].refusal(model, priority=priority, key=key, timeout_ms=timeout_ms)
+        if found is not None:
+            # (A refusal's body is not kept: nothing reads it.)
+            request["model"] = model
+            request["priority"] = found[1]
+            return found
+        if doc is not None:
+            try:
+                check_object(raw, doc)
+            except InvalidRequest:
+                pass  # the route parses it again, and says what is wrong with it
+            else:
+                request[BODY] = doc  # the route reads it from here (read_json)
+    request[RAW_BODY] = raw  # and this (read_body): the body has been read off the stream
+    return None
+
+
+def _admission_fields(
+    request: web.Request, raw: bytes
+) -> tuple[str, int | None, float | None, dict[str, Any] | None] | None:
+    """The model, priority and deadline the request names, and its parsed body when the route
+    can reuse it; None when anything about them is unusual."""
+    if request.path in SHED_EARLY:
+        try:
+            doc: dict[str, Any] = loads_object(raw)
+            priority = requested_priority(request, doc.get("priority"))
+            timeout_ms = timeout_ms_of(request)
+        except InvalidRequest:
+            return None
+        model = doc.get("model")
+        return (model, priority, timeout_ms, doc) if isinstance(model, str) else None
+    model = request.match_info.get("model")
+    if model is None:  # no route matched: the router's 404 or 405
+        return None
+    json_length = request.headers.get(HEADER_LENGTH)
     try:
-        doc: dict[str, Any] = parse_object(raw)
-        priority = requested_priority(request, doc.get("priority"))
-        timeout_ms = timeout_ms_of(request)
-    except InvalidRequest:
+        if json_length is None:
+            doc = loads_object(raw)
+            whole: dict[str, Any] | None = doc
+        else:
+            n = int(json_length)
+            if not 0 <= n <= len(raw):
+                return None
+            doc = loads_object(raw[:n])  # only the JSON part (the route splits the body again)
+            whole = None
+        priority, timeout_ms = schedule_of(doc)
+        if timeout_ms is None:
+            timeout_ms = timeout_ms_of(request)
+    except (InvalidRequest, ValueError):
         return None
-    request[BODY] = doc
-    model = doc.get("model")
-    if not isinstance(model, str):
-        return None
-    found = request.app[PIPELINE].refusal(model, priority=priority, key=key, timeout_ms=timeout_ms)
-    if found is not None:
-        request["model"] = model
-        request["priority"] = found[1]
-    return found
+    return model, priority, timeout_ms, whole
 
 
 # By the refusal itself: the pipeline replays one refusal object while its queue stays full.
