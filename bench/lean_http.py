@@ -6,8 +6,9 @@ tenth of the box taken from the server under test (and counted against its goodp
 writes a request in one call and reads the head and a ``Content-Length`` body, nothing more: enough
 for the appliance's JSON answers and refusals (chat streams keep aiohttp).
 
-Connections are pooled and reused; a reused connection that the server closed meanwhile (keep-alive
-timeout) is retried once on a fresh one, so only a real failure reads as "no answer". Every request
+Connections are pooled and reused; an idle one the server has closed (its keep-alive timeout) is
+dropped, and a request on a reused connection that the server closed at that very moment is sent
+once more on a fresh one, so only a real failure reads as "no answer". Every request
 is bounded by ``timeout_s``: past it the connection is aborted and the call raises TimeoutError.
 """
 
@@ -42,10 +43,9 @@ class LeanClient:
         async with self._open:
             loop = asyncio.get_running_loop()
             for attempt in (0, 1):
-                fresh = not self._idle
-                reader, writer = (
-                    self._idle.pop() if not fresh else await asyncio.open_connection(self.host, self.port)
-                )
+                conn = self._reuse() if attempt == 0 else None
+                fresh = conn is None
+                reader, writer = conn or await asyncio.open_connection(self.host, self.port)
                 due = loop.time() + self.timeout_s
                 timer = loop.call_at(due, writer.transport.abort)
                 try:
@@ -72,6 +72,16 @@ class LeanClient:
                     self._idle.append((reader, writer))
                 return Reply(int(head[9:12]), head, data)
         raise AssertionError("unreachable")
+
+    def _reuse(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """An idle connection the server has not closed (its keep-alive timeout closes the ones
+        idle longest: those are dropped here, not tried)."""
+        while self._idle:
+            reader, writer = self._idle.pop()
+            if not reader.at_eof() and not writer.is_closing():
+                return reader, writer
+            writer.close()
+        return None
 
     async def close(self) -> None:
         while self._idle:
