@@ -152,6 +152,15 @@ class ServerThread:
         return self.request("POST", path, body, headers)
 
 
+def metric(srv: ServerThread, line_start: str) -> float:
+    """The value of the first /metrics line that starts with ``line_start`` (0.0 when none does)."""
+    _, text = srv.get("/metrics")
+    for line in text.decode().splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def make_repository(
     tmp: Path, models: dict[str, Path], overrides: dict[str, dict[str, Any]] | None = None
 ) -> Path:

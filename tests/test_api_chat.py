@@ -381,8 +381,22 @@ def test_disconnect_during_decode_frees_the_slot(server: ServerThread) -> None:
 
 
 def test_disconnect_during_prefill_frees_the_slot(server: ServerThread) -> None:
+    # Idle first: a sequence an earlier test left prefilling would satisfy the wait below before
+    # this request is even admitted.
+    wait_for(lambda: (s := snapshot(server))["prefilling"] == 0 and s["running"] == 0, timeout=30)
     before = snapshot(server)
-    body = {"model": MODEL, "messages": ask("tell me more " * 150), "max_tokens": 50, "temperature": 0}
+    # ignore_eos: the answer cannot end by itself within the first decode call (which runs up to
+    # generation.decode_steps_per_call steps), however late the server sees the hang-up. Priority
+    # 1: the prompt is prefilled in one chunk, never cut for more urgent work that earlier tests
+    # sent (generation.urgent_prefill_ms).
+    body = {
+        "model": MODEL,
+        "messages": ask("tell me more " * 150),
+        "max_tokens": 50,
+        "temperature": 0,
+        "ignore_eos": True,
+        "priority": 1,
+    }
     sock = _raw_request(server, {**body, "seed": 1})  # seed: a distinct cache key, never a cache hit
     wait_for(lambda: snapshot(server)["prefilling"] == 1, timeout=10)
     sock.close()
@@ -390,7 +404,8 @@ def test_disconnect_during_prefill_frees_the_slot(server: ServerThread) -> None:
     wait_for(lambda: snapshot(server)["running"] == 0, timeout=5)
     after = snapshot(server)
     assert after["cancelled"] == before["cancelled"] + 1 and after["completed"] == before["completed"]
-    # The prefill's result was dropped: no decode step ran for it.
+    # One scheduler step and no more: the prefill's (its result dropped, or, when the hang-up is
+    # seen only after it, its decode call cut at the next token).
     assert after["steps"] - before["steps"] == 1
 
 

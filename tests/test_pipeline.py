@@ -20,17 +20,9 @@ from appliance import inference
 from appliance.api.common import MANAGER, RESILIENCE
 from appliance.auth import KeyStore
 from appliance.models import ModelManager
-from tests.conftest import ServerThread
+from tests.conftest import ServerThread, metric
 
 MODEL = "all-minilm-l6-v2"
-
-
-def metric(srv: ServerThread, line_start: str) -> float:
-    _, text = srv.get("/metrics")
-    for line in text.decode().splitlines():
-        if line.startswith(line_start):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def embed(

@@ -20,18 +20,10 @@ from typing import Any
 import pytest
 
 from appliance.api.common import MANAGER, PIPELINE
-from tests.conftest import ServerThread
+from tests.conftest import ServerThread, metric
 
 MODEL = "all-minilm-l6-v2"
 BUSY_S = 1.5  # how long the engine holds each batch while a test runs
-
-
-def metric(srv: ServerThread, line_start: str) -> float:
-    _, text = srv.get("/metrics")
-    for line in text.decode().splitlines():
-        if line.startswith(line_start):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def queued(srv: ServerThread, level: int) -> int:
