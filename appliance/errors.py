@@ -29,6 +29,14 @@ class ModelNotFound(ApplianceError):
     code = "model_not_found"
 
 
+class NotFound(ApplianceError):
+    """No route for the path (a model that does not exist is ``ModelNotFound``)."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
 class Overloaded(ApplianceError):
     """The queue is full: the client should come back after ``retry_after_s``."""
 

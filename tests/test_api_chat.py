@@ -313,6 +313,7 @@ def test_deterministic_whole_responses_are_cached_sampled_ones_not(server: Serve
         ({"model": MODEL, "messages": ask("x"), "temperature": 3}, 400, "temperature"),
         ({"model": MODEL, "messages": ask("x"), "top_p": 0}, 400, "top_p"),
         ({"model": MODEL, "messages": ask("x"), "top_k": -5}, 400, "top_k"),
+        ({"model": MODEL, "messages": ask("x"), "seed": 2**80}, 400, "seed"),  # past 64 bits
         ({"model": MODEL, "messages": ask("x"), "n": 2}, 400, "n"),
         ({"model": MODEL, "messages": ask("x"), "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
         ({"model": MODEL, "messages": ask("x"), "stop": 7}, 400, "stop"),

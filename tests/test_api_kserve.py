@@ -204,6 +204,28 @@ def test_unknown_model_and_truncated_binary_data(server: ServerThread) -> None:
     assert status == 400 and "binary" in resp["error"]
 
 
+def test_a_version_in_the_path_must_be_one_the_model_has(server: ServerThread) -> None:
+    """Triton's rule: version 1 (the only one a repository holds) is served; any other is
+    "not found", never silently answered by version 1."""
+    body = {
+        "inputs": [
+            {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]},
+            {"name": "ids", "shape": [1, 3], "datatype": "INT64", "data": [1, 2, 3]},
+        ]
+    }
+    status, resp, _ = server.post(f"/v2/models/{AFFINE}/versions/1/infer", body)
+    assert status == 200 and resp["model_version"] == "1", resp
+    for path in (
+        f"/v2/models/{AFFINE}/versions/2/infer",
+        f"/v2/models/{AFFINE}/versions/2",
+        f"/v2/models/{AFFINE}/versions/2/config",
+        f"/v2/models/{AFFINE}/versions/2/ready",
+    ):
+        status, resp, _ = server.post(path, body) if path.endswith("infer") else (*server.get(path), None)
+        assert status == 404 and "version 2 is not found" in resp["error"], (path, resp)
+    assert server.get(f"/v2/models/{AFFINE}/versions/1/ready")[0] == 200
+
+
 def test_client_sees_a_clean_exception_for_errors(server: ServerThread) -> None:
     inp = httpclient.InferInput("x", [1, 4], "FP32")
     inp.set_data_from_numpy(np.zeros((1, 4), dtype=np.float32))

@@ -100,7 +100,9 @@ def test_malformed_json_and_oversized_bodies_are_400_and_413(start_server, minil
     status, resp, _ = srv.post("/v1/embeddings", {"model": MODEL, "input": "x" * 10_000})
     assert status == 413 and resp["error"]["code"] == "request_too_large"
     status, resp, _ = srv.request("GET", "/v1/nowhere")
-    assert status == 404 and "error" in resp
+    # A path with no route is "not_found", not "model_not_found" (a client may key on the code).
+    assert status == 404 and resp["error"]["code"] == "not_found", resp
+    assert resp["error"]["message"] == "no route for GET /v1/nowhere"
 
 
 def test_priority_header_is_honoured_and_checked(server: ServerThread) -> None:

@@ -53,7 +53,7 @@ from appliance.api.security import (
 from appliance.api.shedding import body_here, early_refusal, refusal_response, sheds
 from appliance.auth import KeyRateLimiter
 from appliance.config import Config
-from appliance.errors import ApplianceError, InvalidRequest, ModelNotFound, Unavailable
+from appliance.errors import ApplianceError, InvalidRequest, NotFound, Unavailable
 from appliance.gpu.nvml import GpuSampler, register_gpu_metrics
 from appliance.inference import EmbeddingService, TensorService
 from appliance.llm.service import ChatService
@@ -72,11 +72,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 UNMETERED = {"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"}
 
 
-def _http_error(exc: web.HTTPException) -> ApplianceError:
+def _http_error(request: web.Request, exc: web.HTTPException) -> ApplianceError:
     if exc.status == 413:
         return BodyTooLarge(exc.text or "request body too large")
-    if exc.status == 404:
-        return ModelNotFound(f"no route for this path: {exc.reason}")
+    if exc.status == 404:  # the router's: no such path (an unknown model is ModelNotFound)
+        return NotFound(f"no route for {request.method} {request.path[:200]}")
     err = InvalidRequest(exc.text or exc.reason)
     err.status = exc.status
     return err
@@ -147,7 +147,7 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        err = _http_error(exc)
+        err = _http_error(request, exc)
         status = err.status
         response = error_response(api, err)
     except Exception as exc:  # the process keeps serving whatever a handler did

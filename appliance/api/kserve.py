@@ -19,7 +19,7 @@ from appliance.api.tensors import (
     requested_outputs,
     split_body,
 )
-from appliance.errors import InvalidRequest
+from appliance.errors import InvalidRequest, ModelNotFound
 from appliance.inference import EmbeddingRuntime, EmbeddingService
 from appliance.models import ModelManager, ModelRuntime
 from appliance.pipeline import Ticket
@@ -69,9 +69,21 @@ def _io(runtime: ModelRuntime) -> tuple[list[dict[str, Any]], list[dict[str, Any
     return view(runtime.engine.inputs), view(runtime.engine.outputs)
 
 
+VERSIONS = ("1",)  # a repository holds one version of each model
+
+
+def _check_version(request: web.Request, name: str) -> None:
+    """A path that names a version names one the model has (Triton: "not found" otherwise),
+    rather than being served by whatever version there is."""
+    version = request.match_info.get("version")
+    if version is not None and version not in VERSIONS:
+        raise ModelNotFound(f"Request for unknown model: '{name}' version {version} is not found")
+
+
 async def _runtime(request: web.Request) -> ModelRuntime:
     name = request.match_info["model"]
     request["model"] = name
+    _check_version(request, name)
     return await request.app[MANAGER].runtime(name)
 
 
@@ -83,7 +95,7 @@ async def model_metadata(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "name": runtime.entry.name,
-            "versions": ["1"],
+            "versions": list(VERSIONS),
             "platform": "onnxruntime_onnx" if runtime.engine.backend == "onnxruntime" else "tensorrt_plan",
             "inputs": inputs,
             "outputs": outputs,
@@ -99,6 +111,7 @@ async def model_ready(request: web.Request) -> web.Response:
     slot = mgr.slots.get(name)
     if slot is None:
         return web.json_response({"error": f"Request for unknown model: '{name}' is not found"}, status=404)
+    _check_version(request, name)
     is_ready = slot.runtime is not None
     # Every 503 says when to come back, readiness included.
     return web.json_response(
@@ -169,6 +182,7 @@ def schedule_of(doc: dict[str, Any]) -> tuple[int | None, float | None]:
 @routes.post("/v2/models/{model}/versions/{version}/infer")
 async def infer(request: web.Request) -> web.Response:
     name = request.match_info["model"]
+    _check_version(request, name)
     header = request.headers.get(HEADER_LENGTH)
     if header is None:
         doc = await read_json(request)
@@ -231,7 +245,7 @@ class _Infer:
                 timeout_ms=ticket.timeout_ms(),
                 reservation=ticket.reservation,
             )
-        header: dict[str, Any] = {"model_name": self.name, "model_version": "1"}
+        header: dict[str, Any] = {"model_name": self.name, "model_version": VERSIONS[0]}
         if "id" in self.doc:
             header["id"] = self.doc["id"]
         body, json_len = encode_response(header, result, self.outputs or list(result), self.binary)

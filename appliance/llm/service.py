@@ -255,7 +255,9 @@ def _integer(body: Mapping[str, Any], name: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"'{name}' must be an integer", param=name)
+        # (An integer past 64 bits arrives as a float: JSON parsers make it one.)
+        shown = repr(value) if isinstance(value, int | float) else type(value).__name__
+        raise InvalidRequest(f"'{name}' must be an integer of at most 64 bits, got {shown[:40]}", param=name)
     return value
 
 
