@@ -8,13 +8,16 @@ surrogate that no tokenizer takes. Over loopback against the real server and rea
 
 from __future__ import annotations
 
+import logging
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import ServerThread, make_repository
+from tests.conftest import ServerThread, make_repository, metric
 from tests.test_api_kserve import build_affine_model
 
 EMB, AFFINE = "all-minilm-l6-v2", "affine"
@@ -155,3 +158,31 @@ def test_a_huge_timeout_that_fits_is_served(server: ServerThread) -> None:
     status, resp, _ = server.post("/v1/embeddings", {"model": EMB, "input": "x"}, {"X-Timeout-Ms": "1e300"})
     assert status == 200, resp
     assert len(resp["data"][0]["embedding"]) == 384
+
+
+def test_a_client_that_hangs_up_mid_body_is_a_499_not_a_server_error(
+    server: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Headers and half a body, then the connection closes: the read fails with a reset. That is
+    the client's doing (nginx's 499), not an unhandled error with a traceback and a 500."""
+    body = b'{"model": "%s", "input": "%s"}' % (EMB.encode(), b"x" * 4000)
+    counted = 'appliance_requests_total{api="openai",model="-",status="%d"}'  # no model read yet
+    before_499, before_500 = metric(server, counted % 499), metric(server, counted % 500)
+    with caplog.at_level(logging.ERROR):
+        for cut in (0, 10, len(body) // 2):
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            head = (
+                f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            )
+            sock.sendall(head.encode() + body[:cut])
+            time.sleep(0.05)  # the route is reading the rest when the client goes
+            sock.close()
+        deadline = time.monotonic() + 10
+        while metric(server, counted % 499) < before_499 + 3:
+            assert time.monotonic() < deadline, "the hang-ups were never counted"
+            time.sleep(0.05)
+    assert metric(server, counted % 500) == before_500
+    assert not [r for r in caplog.records if "unhandled error" in r.getMessage()]
+    status, resp, _ = server.post("/v1/embeddings", {"model": EMB, "input": "still here"})
+    assert status == 200, resp
