@@ -181,11 +181,17 @@ def engine_call(
             loop.call_soon_threadsafe(mgr.apply, name)
             return split_on_oom(items[:half]) + split_on_oom(items[half:])
 
+    busy = mgr.metrics.engine_busy.labels(name)
+
     def watched(items: list[Any]) -> Any:
         timeout_ms = float(mgr.tunables(name)["engine.timeout_ms"])
         # A batch may take up to twice its timeout before the watchdog calls the engine hung.
         with mgr.progress.working(component, 2 * timeout_ms / 1000 if timeout_ms > 0 else 300.0):
-            return split_on_oom(items)
+            began = time.perf_counter()
+            try:
+                return split_on_oom(items)
+            finally:
+                busy.inc(time.perf_counter() - began)
 
     def execute(items: list[Any]) -> Awaitable[Any]:
         # A plain function, not a coroutine: the batch goes to the worker thread now, in the turn

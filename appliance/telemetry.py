@@ -56,6 +56,15 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        # Measured on the engine's worker thread around the engine call itself, so its rate is the
+        # engine's utilisation (nvitop's "GPU util" for this process): a rate well under 1 while
+        # work waits means time lost between calls, not in them.
+        self.engine_busy = Counter(
+            "appliance_engine_busy_seconds",
+            "Seconds the model's engine spent inside engine calls, measured on its worker thread.",
+            ["model"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "appliance_batch_size",
             "Items per engine batch.",

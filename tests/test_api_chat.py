@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from appliance.api.common import MANAGER, METRICS, RESILIENCE
 from appliance.llm.chat_template import render_chat
 from appliance.llm.runtime import DecoderSession, greedy_generate
-from tests.conftest import ServerThread, copy_fixture, make_repository
+from tests.conftest import ServerThread, copy_fixture, make_repository, metric
 
 MODEL = "smollm2-135m-instruct"
 REF = copy_fixture("smollm2_reference.json")
@@ -377,8 +377,11 @@ def test_disconnect_during_decode_frees_the_slot(server: ServerThread) -> None:
     wait_for(lambda: (s := snapshot(server))["running"] == 0 and s["kv_cache_bytes"] == 0, timeout=30)
     after = snapshot(server)
     assert after["cancelled"] == before["cancelled"] + 1 and after["completed"] == before["completed"]
-    _, metrics = server.get("/metrics")
-    assert f'appliance_running_sequences{{model="{MODEL}"}} 0.0' in metrics.decode()
+    # The gauge follows at the end of the step in flight (up to decode_steps_per_call steps).
+    gauge = f'appliance_running_sequences{{model="{MODEL}"}} 0.0'
+    wait_for(lambda: gauge in server.get("/metrics")[1].decode(), timeout=30)
+    # Its prefill and decode steps ran on the engine's worker thread, and were timed there.
+    assert metric(server, f'appliance_engine_busy_seconds_total{{model="{MODEL}"}}') > 0
 
 
 def test_disconnect_during_prefill_frees_the_slot(server: ServerThread) -> None:

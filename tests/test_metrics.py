@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
-from tests.conftest import ServerThread
+from tests.conftest import ServerThread, metric
 
 PINNED = {
     "appliance_requests_total": "counter",
@@ -12,6 +13,7 @@ PINNED = {
     "appliance_queue_duration_seconds": "histogram",
     "appliance_compute_duration_seconds": "histogram",
     "appliance_batch_size": "histogram",
+    "appliance_engine_busy_seconds_total": "counter",
     "appliance_queue_depth": "gauge",
     "appliance_rejections_total": "counter",
     "appliance_inflight_requests": "gauge",
@@ -41,7 +43,9 @@ def families(text: str) -> dict[str, str]:
 
 def test_metric_names_and_types_are_pinned(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]
     srv: ServerThread = start_server({"all-minilm-l6-v2": minilm_folder})
+    sent = time.perf_counter()
     srv.post("/v1/embeddings", {"model": "all-minilm-l6-v2", "input": ["a", "b"]})
+    took = time.perf_counter() - sent
     srv.post("/v1/embeddings", {"model": "all-minilm-l6-v2", "input": "a", "priority": 7})
     _, body = srv.get("/metrics")
     text = body.decode()
@@ -53,3 +57,6 @@ def test_metric_names_and_types_are_pinned(start_server, minilm_folder: Path) ->
     assert 'appliance_requests_total{api="openai",model="all-minilm-l6-v2",status="200"} 1.0' in text
     assert 'status="400"' in text
     assert 'appliance_queue_depth{model="all-minilm-l6-v2",priority="2"}' in text
+    # The engine's own time (on its worker thread): some, and never more than the request took.
+    busy = metric(srv, 'appliance_engine_busy_seconds_total{model="all-minilm-l6-v2"}')
+    assert 0 < busy <= took

@@ -838,8 +838,13 @@ class Scheduler(EarlyAdmission):
         timeout_ms = float(self._tunables()["engine.timeout_ms"]) if self._tunables else 0.0
         # A call may take up to twice the engine timeout before the watchdog calls the engine hung.
         watch = self._progress(2 * timeout_ms / 1000 if timeout_ms > 0 else 300.0) if self._progress else None
-        with watch if watch is not None else contextlib.nullcontext():
-            return fn(loop, *args)
+        entered = time.perf_counter()
+        try:
+            with watch if watch is not None else contextlib.nullcontext():
+                return fn(loop, *args)
+        finally:
+            if self.metrics is not None:
+                self.metrics.engine_busy.labels(self.name).inc(time.perf_counter() - entered)
 
     def _decode(
         self,
