@@ -318,6 +318,15 @@ register(
         3_600_000,
     ),
     Setting(
+        "queue.observed_drain",
+        bool,
+        True,
+        "Predict a request's wait also from how fast its level's queue (and the more urgent ones) "
+        "was seen to drain lately, not only from the engine's rate, so that a level starved of "
+        "engine time by more urgent work is refused on arrival (503, Retry-After) instead of "
+        "timing out in the queue (embedding and tensor models).",
+    ),
+    Setting(
         "engine.instances",
         int,
         1,
