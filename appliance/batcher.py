@@ -326,7 +326,9 @@ class Batcher(EarlyAdmission, Generic[T, R]):
             return
         if self._discard(req):
             self._count(req.priority, "deadline")
-            waited = asyncio.get_running_loop().time() - req.arrival
+            now = asyncio.get_running_loop().time()
+            self._drain.expired(req.priority, now)  # the evidence that the level is starved
+            waited = now - req.arrival
             # Come back when a newcomer at this level would be taken, as now predicted (at least 1 s).
             retry = self._predicted_wait(req.priority, self._rate or DEFAULT_SERVICE_RATE, observed=True)
             req.future.set_exception(

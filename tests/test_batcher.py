@@ -415,8 +415,9 @@ async def test_aging_lets_low_priority_through_a_steady_high_priority_load() -> 
 
 class Starved:
     """Level 1 kept busy (about 4 items queued at any time, each a 4 ms batch of its own), so that
-    level 2 gets no engine time at all under strict priority, with 8 level-2 items waiting.
-    Measured over windows of 50 ms (the server's are 1 s) to keep the test short."""
+    level 2 gets no engine time at all under strict priority: 2 level-2 items time out (the
+    evidence of starvation) and 8 wait. Measured over windows of 50 ms (the server's are 1 s) to
+    keep the test short."""
 
     def __init__(self, observed: bool) -> None:
         policy = BatchPolicy(max_batch_size=1, priority_levels=2, observed_drain=observed)
@@ -430,8 +431,12 @@ class Starved:
         await self.batcher.submit("warm-up", priority=1)  # a measured compute rate
         self.feeder = asyncio.ensure_future(self._feed())
         await until(lambda: self.batcher.queued(1) >= 2)
+        missed = [submit(self.batcher, f"miss{i}", priority=2, timeout_ms=30) for i in range(2)]
         self.waiting = [submit(self.batcher, f"lo{i}", priority=2, timeout_ms=2000) for i in range(8)]
         await asyncio.sleep(0.15)  # three windows of level-2 backlog with nothing taken
+        for t in missed:
+            with pytest.raises(DeadlineExceeded):
+                await t
 
     async def _feed(self) -> None:
         while not self.stop:
@@ -467,7 +472,7 @@ async def test_a_level_starved_by_more_urgent_work_is_refused_on_arrival_then_re
     assert await batcher.submit("urgent", priority=1, timeout_ms=200) == ("ok", "urgent")
     drain = batcher.snapshot()["observed_drain"]
     assert drain[1] > 3 * drain[2]  # what the console shows: level 2 starved, level 1 not
-    assert batcher.snapshot()["rejections"]["deadline"] == 0
+    assert batcher.snapshot()["rejections"]["deadline"] == 2  # the two short deadlines only
 
     await starved.end()
     assert [await t for t in starved.waiting] == [("ok", f"lo{i}") for i in range(8)]
@@ -488,6 +493,27 @@ async def test_without_observed_drain_a_starved_level_admits_what_then_times_out
     assert expired.value.retry_after_s is not None and expired.value.retry_after_s >= 1.0
     await starved.end()
     await asyncio.gather(*starved.waiting)
+
+
+async def test_a_stall_without_missed_deadlines_refuses_nothing() -> None:
+    """A level that merely waits for the engine (its queue is taken whole once the running batch
+    ends) drains only as fast as it fills, which looks like starvation; until one of its items
+    misses its deadline, a newcomer is judged by the compute rate alone."""
+    policy = BatchPolicy(priority_levels=2)
+    engine = FakeEngine()
+    batcher: Batcher[Any, Any] = Batcher("m", policy, engine, drain_window_s=0.05)
+    await batcher.submit("warm-up")
+    engine.gate.clear()
+    blocker = submit(batcher, "blocker")
+    await until(lambda: len(engine.batches) == 2)
+    queued = [submit(batcher, i, timeout_ms=2000) for i in range(8)]
+    await asyncio.sleep(0.15)  # 8 items, nothing taken for three windows
+    late = submit(batcher, "late", timeout_ms=250)
+    await asyncio.sleep(0)
+    engine.gate.set()
+    assert await late == ("ok", "late")
+    await asyncio.gather(blocker, *queued)
+    assert batcher.snapshot()["rejections"]["would_miss_deadline"] == 0
 
 
 async def test_cancelled_while_queued_is_withdrawn_and_never_executed() -> None:

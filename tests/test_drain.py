@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.drain import DrainMeter
+from appliance.drain import EVIDENCE_WINDOWS, DrainMeter
 
 
 def test_no_backlog_is_no_evidence_and_predicts_no_wait() -> None:
@@ -26,6 +26,8 @@ def test_a_level_served_as_fast_as_it_fills_drains_at_its_rate() -> None:
         meter.taken(1, 1, k / 100)
     rate = meter.rate(1, 1.0)
     assert rate is not None and 99 <= rate <= 101
+    assert meter.wait([10], 1.0) == 0.0  # no deadline missed: no evidence it is starved
+    meter.expired(1, 1.0)
     assert meter.wait([10], 1.0) == pytest.approx(10 / rate)
 
 
@@ -34,6 +36,7 @@ def test_a_starved_level_predicts_a_long_but_finite_wait() -> None:
     two windows), so 5 queued items predict about 9.5 s, not infinity."""
     meter = DrainMeter(2, window_s=1.0)
     meter.backlogged(2, 0.0)
+    meter.expired(2, 0.5)
     meter.rate(2, 1.0)  # the first window closes here
     assert meter.rate(2, 1.9) == pytest.approx(1 / 1.9)
     assert meter.wait([0, 5], 1.9) == pytest.approx(9.5)
@@ -41,6 +44,7 @@ def test_a_starved_level_predicts_a_long_but_finite_wait() -> None:
     # A newcomer at level 3 would wait at least for level 2's backlog; one at level 1 not at all.
     meter3 = DrainMeter(3, window_s=1.0)
     meter3.backlogged(2, 0.0)
+    meter3.expired(2, 0.5)
     assert meter3.wait([0, 5, 0], 0.9) == pytest.approx(4.5)
     assert meter3.wait([0], 0.9) == 0.0
 
@@ -48,6 +52,7 @@ def test_a_starved_level_predicts_a_long_but_finite_wait() -> None:
 def test_starvation_evidence_is_forgotten_within_two_windows_of_draining() -> None:
     meter = DrainMeter(1, window_s=1.0)
     meter.backlogged(1, 0.0)
+    meter.expired(1, 1.5)
     meter.rate(1, 1.0)
     assert meter.wait([5], 1.99) > 9  # starved
     # The engine comes back: the backlog is taken at 50 items/s for a second.
@@ -84,3 +89,18 @@ def test_the_backlog_is_counted_only_while_the_level_has_items() -> None:
     meter.taken(1, 3, 1.1)
     meter.emptied(1, 1.1)
     assert meter.rate(1, 5.0) == pytest.approx((6 + 1) / 0.2)
+
+
+def test_a_stall_without_missed_deadlines_is_not_starvation() -> None:
+    """A level served in bursts drains only as fast as it fills: its backlog's ``queued / rate``
+    grows until the engine comes back. Without an item timed out, that predicts nothing; a timeout
+    counts as evidence for ``EVIDENCE_WINDOWS`` windows."""
+    meter = DrainMeter(1, window_s=1.0)
+    meter.backlogged(1, 0.0)
+    meter.rate(1, 1.0)
+    assert meter.rate(1, 1.9) == pytest.approx(1 / 1.9)  # as slow as a starved level ...
+    assert meter.wait([20], 1.9) == 0.0  # ... but nothing missed its deadline
+    meter.expired(1, 1.9)
+    assert meter.wait([20], 1.9) == pytest.approx(20 * 1.9)
+    assert meter.wait([20], 1.9 + EVIDENCE_WINDOWS - 0.01) > 0
+    assert meter.wait([20], 1.9 + EVIDENCE_WINDOWS) == 0.0  # evidence too old
