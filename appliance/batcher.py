@@ -277,7 +277,7 @@ class Batcher(EarlyAdmission, Generic[T, R]):
     def _predicted_wait(self, level: int, rate: float, *, observed: bool = False) -> float:
         """From the compute rate: the items ahead at the rate the engine runs them, after the
         running batch. With ``observed`` (and ``policy.observed_drain``), at least the wait the
-        levels' observed drain predicts (``DrainMeter.wait``): the compute rate holds only while
+        levels' observed takes predict (``DrainMeter.wait``): the compute rate holds only while
         the level gets the engine, which more urgent work may not leave it."""
         queues = self._queues[:level]
         ahead = sum(map(len, queues))
@@ -291,7 +291,8 @@ class Batcher(EarlyAdmission, Generic[T, R]):
         if observed and ahead and self.policy.observed_drain:
             counts = [len(q) for q in queues]
             counts[-1] += self.held(level)
-            seen = self._drain.wait(counts, asyncio.get_running_loop().time() if now is None else now)
+            now = asyncio.get_running_loop().time() if now is None else now
+            seen = self._drain.wait(counts, level, self.policy.max_batch_size, now)
             if seen > wait:
                 return seen
         return wait
@@ -510,10 +511,12 @@ class Batcher(EarlyAdmission, Generic[T, R]):
                 chosen.extend(members)
                 if len(chosen) == size:
                     break
-        drain = self._drain
+        taken: dict[int, int] = {}
         for req in chosen:
-            drain.taken(req.priority, 1, now)
+            taken[req.priority] = taken.get(req.priority, 0) + 1
             self._discard(req)
+        for level, count in taken.items():
+            self._drain.taken(level, count, now)
         return chosen
 
     def _launch(

@@ -431,7 +431,7 @@ class Starved:
         await self.batcher.submit("warm-up", priority=1)  # a measured compute rate
         self.feeder = asyncio.ensure_future(self._feed())
         await until(lambda: self.batcher.queued(1) >= 2)
-        missed = [submit(self.batcher, f"miss{i}", priority=2, timeout_ms=30) for i in range(2)]
+        missed = [submit(self.batcher, f"miss{i}", priority=2, timeout_ms=120) for i in range(2)]
         self.waiting = [submit(self.batcher, f"lo{i}", priority=2, timeout_ms=2000) for i in range(8)]
         await asyncio.sleep(0.15)  # three windows of level-2 backlog with nothing taken
         for t in missed:
