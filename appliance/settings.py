@@ -321,10 +321,10 @@ register(
         "queue.observed_drain",
         bool,
         True,
-        "Predict a request's wait also from how fast its level's queue (and the more urgent ones) "
-        "was seen to drain lately, not only from the engine's rate, so that a level starved of "
-        "engine time by more urgent work is refused on arrival (503, Retry-After) instead of "
-        "timing out in the queue (embedding and tensor models).",
+        "Predict a request's wait also from how often its level (and each more urgent one) was "
+        "seen to get the engine lately, once that level's requests have timed out in the queue, "
+        "not only from the engine's rate: a level starved by more urgent work is then refused on "
+        "arrival (503, Retry-After) instead of timing out in the queue (embedding and tensor models).",
     ),
     Setting(
         "engine.instances",
