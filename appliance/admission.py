@@ -44,6 +44,14 @@ class BatcherClosed(AdmissionError):
     reason = "closed"
 
 
+def retry_after(wait_s: float, timeout_s: float) -> float:
+    """Retry-After for a request refused because its predicted wait exceeds its deadline: when
+    the queue ahead of it will have drained enough, but no later than one deadline (or 1 s): by
+    then every item queued now has been taken or has expired, and a prediction from a starved
+    level's backlog (``appliance.drain``) may be long."""
+    return min(wait_s - timeout_s, max(timeout_s, 1.0))
+
+
 def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -70,6 +78,9 @@ class BatchPolicy:
     # While more urgent work is about (the compute arbiter's word), a less urgent batch is cut to
     # about this many ms of measured compute, so the urgent work waits at most about that. 0: off.
     urgent_batch_ms: float = 0.0
+    # Predict a wait from each level's observed drain too (``appliance.drain``), not only from
+    # the compute rate, so that a level starved of engine time is refused on arrival.
+    observed_drain: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -105,6 +116,7 @@ class BatchPolicy:
         check(isinstance(self.allow_timeout_override, bool), "allow_timeout_override", "a bool")
         check(_is_ms(self.aging_ms), "aging_ms", "a number >= 0 (0 = strict priority)")
         check(_is_ms(self.urgent_batch_ms), "urgent_batch_ms", "a number >= 0 (0 = off)")
+        check(isinstance(self.observed_drain, bool), "observed_drain", "a bool")
 
     def queue_limit(self, priority: int) -> int:
         m = self.max_queue_size
@@ -191,7 +203,8 @@ class EarlyAdmission:
         wait = self.predicted_wait(level) if timeout_s else None
         if wait is not None and wait > timeout_s:
             msg = f"predicted wait {wait * 1000:.0f} ms exceeds the {timeout_s * 1000:.0f} ms timeout"
-            return self._refuse(WouldMissDeadline(msg, retry_after_s=wait - timeout_s, priority=level))
+            retry = retry_after(wait, timeout_s)
+            return self._refuse(WouldMissDeadline(msg, retry_after_s=retry, priority=level))
         return None
 
     def reserve(self: Any, level: int, count: int, timeout_s: float = 0.0) -> Reservation:

@@ -29,7 +29,9 @@ from appliance.admission import (
     Reservation,
     WouldMissDeadline,
     _is_int,
+    retry_after,
 )
+from appliance.drain import WINDOW_S, DrainMeter
 
 if TYPE_CHECKING:
     from appliance.arbiter import ComputeArbiter, Grant, Waiter
@@ -82,6 +84,7 @@ class Batcher(EarlyAdmission, Generic[T, R]):
         length: Callable[[T], int] | None = None,
         observer: BatcherObserver | None = None,
         arbiter: ComputeArbiter | None = None,
+        drain_window_s: float = WINDOW_S,
     ) -> None:
         """With an ``arbiter``, a batch is formed only once the arbiter grants engine time, at the
         priority of the most urgent waiting item: the queue fills meanwhile, so batches are fuller
@@ -96,6 +99,8 @@ class Batcher(EarlyAdmission, Generic[T, R]):
         self._length = length
         # OrderedDict: FIFO iteration plus O(1) removal for cancellations and expiries.
         self._queues: list[OrderedDict[_Request[T, R], None]] = []
+        self._drain_window_s = drain_window_s  # of the observed drain (appliance.drain)
+        self._drain = DrainMeter(0, drain_window_s)
         self._relevel(policy.priority_levels)
         self._seq = itertools.count()
         self._starts: dict[int, float] = {}  # running batch id -> dispatch time
@@ -130,7 +135,7 @@ class Batcher(EarlyAdmission, Generic[T, R]):
     def predicted_wait(self, level: int) -> float | None:
         """Seconds a new item at ``level`` would wait; None before any batch was observed (refusing
         on a guess is worse than trying)."""
-        return None if self._rate is None else self._predicted_wait(level, self._rate)
+        return None if self._rate is None else self._predicted_wait(level, self._rate, observed=True)
 
     async def submit(
         self,
@@ -160,10 +165,11 @@ class Batcher(EarlyAdmission, Generic[T, R]):
         # Without observations any prediction is a guess, and refusing on a guess is worse than trying.
         # An early-admitted item was judged already.
         if not held and timeout_s and self._rate is not None:
-            wait = self._predicted_wait(level, self._rate)
+            wait = self._predicted_wait(level, self._rate, observed=True)
             if wait > timeout_s:
                 msg = f"predicted wait {wait * 1000:.0f} ms exceeds the {timeout_s * 1000:.0f} ms timeout"
-                raise self._refuse(WouldMissDeadline(msg, retry_after_s=wait - timeout_s, priority=level))
+                retry = retry_after(wait, timeout_s)
+                raise self._refuse(WouldMissDeadline(msg, retry_after_s=retry, priority=level))
         loop = asyncio.get_running_loop()
         now = loop.time()
         req: _Request[T, R] = _Request(
@@ -171,6 +177,8 @@ class Batcher(EarlyAdmission, Generic[T, R]):
         )
         if timeout_s:
             self._add_deadline(req, now + timeout_s, loop)
+        if not queue:
+            self._drain.backlogged(level, now)
         queue[req] = None
         self.observer.on_queue_depth(level, len(queue))
         # Deferred one loop turn so that requests arriving together share a batch, at no added latency.
@@ -233,10 +241,20 @@ class Batcher(EarlyAdmission, Generic[T, R]):
             "service_rate": None if self._rate is None else self._rate * self.instances,
             "batch_seconds": self._batch_s,
             "recent_batch_sizes": list(self._recent),
+            # Items per second each level was seen to drain while it had items queued (None: not
+            # backlogged lately); far below service_rate, the level is starved of engine time.
+            "observed_drain": self._observed_drain(),
             "rejections": dict(self._rejections),
             "completed": self._completed,
             "dropped_results": self._dropped,
         }
+
+    def _observed_drain(self) -> dict[int, float | None]:
+        try:
+            now = asyncio.get_running_loop().time()
+        except RuntimeError:  # no loop: the meter's clock is the loop's
+            return {}
+        return self._drain.rates(now)
 
     def retry_hint(self, level: int) -> float:
         """Seconds until a request at ``level`` would likely be taken: Retry-After for a refusal."""
@@ -256,13 +274,28 @@ class Batcher(EarlyAdmission, Generic[T, R]):
         self._rejections[reason] += 1
         self.observer.on_reject(priority, reason)
 
-    def _predicted_wait(self, level: int, rate: float) -> float:
-        ahead = sum(len(q) for q in self._queues[:level])
+    def _predicted_wait(self, level: int, rate: float, *, observed: bool = False) -> float:
+        """From the compute rate: the items ahead at the rate the engine runs them, after the
+        running batch. With ``observed`` (and ``policy.observed_drain``), at least the wait the
+        levels' observed takes predict (``DrainMeter.wait``): the compute rate holds only while
+        the level gets the engine, which more urgent work may not leave it."""
+        queues = self._queues[:level]
+        ahead = sum(map(len, queues))
         remaining = 0.0
+        now = None
         if len(self._starts) >= self.instances and self._batch_s is not None:
             soonest = min(self._starts.values()) + self._batch_s
-            remaining = max(0.0, soonest - asyncio.get_running_loop().time())
-        return ahead / (rate * self.instances) + remaining
+            now = asyncio.get_running_loop().time()
+            remaining = max(0.0, soonest - now)
+        wait = ahead / (rate * self.instances) + remaining
+        if observed and ahead and self.policy.observed_drain:
+            counts = [len(q) for q in queues]
+            counts[-1] += self.held(level)
+            now = asyncio.get_running_loop().time() if now is None else now
+            seen = self._drain.wait(counts, level, self.policy.max_batch_size, now)
+            if seen > wait:
+                return seen
+        return wait
 
     def _add_deadline(self, req: _Request[T, R], due: float, loop: asyncio.AbstractEventLoop) -> None:
         heap = self._deadlines
@@ -294,9 +327,17 @@ class Batcher(EarlyAdmission, Generic[T, R]):
             return
         if self._discard(req):
             self._count(req.priority, "deadline")
-            waited = asyncio.get_running_loop().time() - req.arrival
+            now = asyncio.get_running_loop().time()
+            self._drain.expired(req.priority, now)  # the evidence that the level is starved
+            waited = now - req.arrival
+            # Come back when a newcomer at this level would be taken, as now predicted (at least 1 s).
+            retry = self._predicted_wait(req.priority, self._rate or DEFAULT_SERVICE_RATE, observed=True)
             req.future.set_exception(
-                DeadlineExceeded(f"timed out after {waited * 1000:.0f} ms in queue", priority=req.priority)
+                DeadlineExceeded(
+                    f"timed out after {waited * 1000:.0f} ms in queue",
+                    retry_after_s=min(max(retry, 1.0), max(waited, 1.0)),
+                    priority=req.priority,
+                )
             )
 
     def _discard(self, req: _Request[T, R]) -> bool:
@@ -305,6 +346,8 @@ class Batcher(EarlyAdmission, Generic[T, R]):
             return False
         del queue[req]
         self._timed.pop(req.seq, None)
+        if not queue:
+            self._drain.emptied(req.priority, asyncio.get_running_loop().time())
         self.observer.on_queue_depth(req.priority, len(queue))
         return True
 
@@ -314,9 +357,15 @@ class Batcher(EarlyAdmission, Generic[T, R]):
             return
         waiting = sorted((r for q in self._queues for r in q), key=lambda r: r.seq)
         self._queues = [OrderedDict() for _ in range(levels)]
+        self._drain = DrainMeter(levels, self._drain_window_s)  # the levels' history no longer applies
         for req in waiting:
             req.priority = min(req.priority, levels)
             self._queues[req.priority - 1][req] = None
+        if waiting:
+            now = asyncio.get_running_loop().time()
+            for i, queue in enumerate(self._queues):
+                if queue:
+                    self._drain.backlogged(i + 1, now)
 
     # ---- dispatch ---------------------------------------------------------------------------
 
@@ -462,8 +511,12 @@ class Batcher(EarlyAdmission, Generic[T, R]):
                 chosen.extend(members)
                 if len(chosen) == size:
                     break
+        taken: dict[int, int] = {}
         for req in chosen:
+            taken[req.priority] = taken.get(req.priority, 0) + 1
             self._discard(req)
+        for level, count in taken.items():
+            self._drain.taken(level, count, now)
         return chosen
 
     def _launch(

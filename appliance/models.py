@@ -134,6 +134,7 @@ def batch_policy(values: dict[str, Any]) -> BatchPolicy:
         aging_ms=float(values["queue.aging_ms"]),
         priority_1_alone=bool(values["batching.priority_1_alone"]),
         urgent_batch_ms=float(values["batching.urgent_batch_ms"]),
+        observed_drain=bool(values["queue.observed_drain"]),
     )
 
 

@@ -318,6 +318,15 @@ register(
         3_600_000,
     ),
     Setting(
+        "queue.observed_drain",
+        bool,
+        True,
+        "Predict a request's wait also from how often its level (and each more urgent one) was "
+        "seen to get the engine lately, once that level's requests have timed out in the queue, "
+        "not only from the engine's rate: a level starved by more urgent work is then refused on "
+        "arrival (503, Retry-After) instead of timing out in the queue (embedding and tensor models).",
+    ),
+    Setting(
         "engine.instances",
         int,
         1,

@@ -254,15 +254,24 @@ UNIQUE = Unique()
 REFUSALS: dict[str, str] = {}
 
 
+# 503s that share the code "unavailable", told apart by their message: refused on arrival for a
+# predicted wait past the deadline, or admitted and timed out in the queue (what early refusal
+# should spare).
+_WHY = (("predicted wait", "would miss deadline"), ("timed out after", "timed out in queue"))
+
+
 def kind_of(status: int, body: bytes) -> str:
     if status == 200:
         return "200"
+    message = ""
     try:
         error = json.loads(body).get("error")
         code = error.get("code") if isinstance(error, dict) else None
+        message = str(error.get("message", "")) if isinstance(error, dict) else str(error)
     except (ValueError, AttributeError):
         code = None
-    kind = f"{status} {code or '?'}"
+    why = next((f" ({label})" for prefix, label in _WHY if message.startswith(prefix)), "")
+    kind = f"{status} {code or '?'}{why}"
     REFUSALS.setdefault(kind, body.decode(errors="replace")[:300])
     return kind
 
@@ -725,6 +734,9 @@ def table(r: dict[str, Any]) -> str:
                 "priority 1 (0.3x capacity): 0 shed, p99 <= 250 ms" if p == "1" else "",
             )
         )
+    for p, s in ov["by_priority"].items():
+        refused = ", ".join(f"{n} x {k}" for k, n in s["kinds"].items() if k != "200") or "none"
+        rows.append((f"overload: priority {p} refusals by kind", refused, ""))
     pr = ov["probe_p1"]
     if ov["probe_per_s"] > 0:
         rows.append((f"extra priority-1 probe at {ov['probe_per_s']:.0f} req/s: shed", str(pr["shed"]), ""))

@@ -413,6 +413,109 @@ async def test_aging_lets_low_priority_through_a_steady_high_priority_load() -> 
     assert latency is not None and latency < 0.4
 
 
+class Starved:
+    """Level 1 kept busy (about 4 items queued at any time, each a 4 ms batch of its own), so that
+    level 2 gets no engine time at all under strict priority: 2 level-2 items time out (the
+    evidence of starvation) and 8 wait. Measured over windows of 50 ms (the server's are 1 s) to
+    keep the test short."""
+
+    def __init__(self, observed: bool) -> None:
+        policy = BatchPolicy(max_batch_size=1, priority_levels=2, observed_drain=observed)
+        self.batcher: Batcher[Any, Any] = Batcher("m", policy, FakeEngine(seconds=0.004), drain_window_s=0.05)
+        self.urgent: list[asyncio.Task[Any]] = []
+        self.waiting: list[asyncio.Task[Any]] = []
+        self.stop = False
+        self.feeder: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.batcher.submit("warm-up", priority=1)  # a measured compute rate
+        self.feeder = asyncio.ensure_future(self._feed())
+        await until(lambda: self.batcher.queued(1) >= 2)
+        missed = [submit(self.batcher, f"miss{i}", priority=2, timeout_ms=120) for i in range(2)]
+        self.waiting = [submit(self.batcher, f"lo{i}", priority=2, timeout_ms=2000) for i in range(8)]
+        await asyncio.sleep(0.15)  # three windows of level-2 backlog with nothing taken
+        for t in missed:
+            with pytest.raises(DeadlineExceeded):
+                await t
+
+    async def _feed(self) -> None:
+        while not self.stop:
+            if self.batcher.queued(1) < 4:
+                self.urgent.append(submit(self.batcher, "hi", priority=1, timeout_ms=500))
+            await asyncio.sleep(0.001)
+
+    async def end(self) -> None:
+        self.stop = True
+        assert self.feeder is not None
+        await self.feeder
+        # Priority 1, never short of engine time, was never refused and always answered.
+        assert {await t for t in self.urgent} == {("ok", "hi")}
+
+
+async def test_a_level_starved_by_more_urgent_work_is_refused_on_arrival_then_recovers() -> None:
+    """``queue.observed_drain``: the compute rate alone (about 250 items/s here) predicts a short
+    wait for level 2, but level 2 is observed to drain nothing: a newcomer that would wait longer
+    than its deadline is refused on arrival (submit, and early admission alike), with a
+    Retry-After no longer than its deadline (or 1 s). Level 1 is not affected. Once the engine
+    is free for level 2 again, its queue drains and the same arrivals are admitted."""
+    starved = Starved(observed=True)
+    await starved.start()
+    batcher = starved.batcher
+    begin = time.monotonic()
+    with pytest.raises(WouldMissDeadline) as refused:
+        await batcher.submit("late", priority=2, timeout_ms=200)
+    assert time.monotonic() - begin < 0.05  # on arrival, not at its deadline
+    assert refused.value.retry_after_s is not None and 0 < refused.value.retry_after_s <= 1.0
+    early = batcher.refusal(2, 1, 0.2)
+    assert isinstance(early, WouldMissDeadline) and early.retry_after_s is not None
+    assert batcher.refusal(1, 1, 0.2) is None
+    assert await batcher.submit("urgent", priority=1, timeout_ms=200) == ("ok", "urgent")
+    drain = batcher.snapshot()["observed_drain"]
+    assert drain[1] > 3 * drain[2]  # what the console shows: level 2 starved, level 1 not
+    assert batcher.snapshot()["rejections"]["deadline"] == 2  # the two short deadlines only
+
+    await starved.end()
+    assert [await t for t in starved.waiting] == [("ok", f"lo{i}") for i in range(8)]
+    # Right after the starvation ends, a burst of the size refused before is admitted in full.
+    burst = [submit(batcher, f"again{i}", priority=2, timeout_ms=200) for i in range(8)]
+    assert await asyncio.gather(*burst) == [("ok", f"again{i}") for i in range(8)]
+
+
+async def test_without_observed_drain_a_starved_level_admits_what_then_times_out() -> None:
+    """The same starvation with ``observed_drain`` off: the compute rate predicts a short wait, the
+    request is admitted and times out in the queue, answered with a Retry-After of its own."""
+    starved = Starved(observed=False)
+    await starved.start()
+    begin = time.monotonic()
+    with pytest.raises(DeadlineExceeded) as expired:
+        await starved.batcher.submit("late", priority=2, timeout_ms=200)
+    assert time.monotonic() - begin >= 0.19
+    assert expired.value.retry_after_s is not None and expired.value.retry_after_s >= 1.0
+    await starved.end()
+    await asyncio.gather(*starved.waiting)
+
+
+async def test_a_stall_without_missed_deadlines_refuses_nothing() -> None:
+    """A level that merely waits for the engine (its queue is taken whole once the running batch
+    ends) drains only as fast as it fills, which looks like starvation; until one of its items
+    misses its deadline, a newcomer is judged by the compute rate alone."""
+    policy = BatchPolicy(priority_levels=2)
+    engine = FakeEngine()
+    batcher: Batcher[Any, Any] = Batcher("m", policy, engine, drain_window_s=0.05)
+    await batcher.submit("warm-up")
+    engine.gate.clear()
+    blocker = submit(batcher, "blocker")
+    await until(lambda: len(engine.batches) == 2)
+    queued = [submit(batcher, i, timeout_ms=2000) for i in range(8)]
+    await asyncio.sleep(0.15)  # 8 items, nothing taken for three windows
+    late = submit(batcher, "late", timeout_ms=250)
+    await asyncio.sleep(0)
+    engine.gate.set()
+    assert await late == ("ok", "late")
+    await asyncio.gather(blocker, *queued)
+    assert batcher.snapshot()["rejections"]["would_miss_deadline"] == 0
+
+
 async def test_cancelled_while_queued_is_withdrawn_and_never_executed() -> None:
     depths: list[tuple[int, int]] = []
     rejects: list[tuple[int, str]] = []

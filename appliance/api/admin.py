@@ -107,6 +107,8 @@ async def stats(request: web.Request) -> web.Response:
             m["rejections"] = snap["rejections"]
             m["running_batches"] = snap["running_batches"]
             m["service_rate_per_s"] = snap["service_rate"]
+            if "observed_drain" in snap:  # a batcher's: how fast each level drained lately
+                m["observed_drain_per_s"] = {str(k): v for k, v in snap["observed_drain"].items()}
             fn = slot.runtime.generation_snapshot
             if fn is not None:
                 m["generation"] = fn()
