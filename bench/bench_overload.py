@@ -549,6 +549,7 @@ async def overload(
 ) -> dict[str, Any]:
     rate = 3 * cap["embeddings_per_s"]
     REFUSALS.clear()
+    busy0 = (await scrape(server.url)).get("appliance_engine_busy_seconds_total", 0.0)
     cpu0, client0 = server.cpu_s(), time.process_time()
     async with ClientLag() as client_lag:
         mixed, probe, chat = await asyncio.gather(
@@ -557,6 +558,8 @@ async def overload(
             chat_streams(server.url, CHAT_STREAMS, seconds),
         )
     cpu, client_cpu = server.cpu_s() - cpu0, time.process_time() - client0
+    # Engine time (timed on the workers, all models): what is left of 1 was lost between calls.
+    busy = (await scrape(server.url)).get("appliance_engine_busy_seconds_total", 0.0) - busy0
     gauges = await gauges_settle(server.url)
     answered_per_s = (mixed.summary()["answered"] + probe.summary()["answered"]) / seconds
     return {
@@ -570,6 +573,7 @@ async def overload(
         "embeddings_answered_per_s": answered_per_s,
         "goodput": answered_per_s / cap["embeddings_per_s"] + chat.tok_s / cap["chat_tok_s"],
         "server_cores": cpu / seconds,
+        "engine_busy": busy / seconds,
         "client_cores": client_cpu / seconds,
         "client_loop_lag": client_lag.summary(),
         "refusal_bodies": dict(REFUSALS),
@@ -743,6 +747,7 @@ def table(r: dict[str, Any]) -> str:
         rows.append(("extra priority-1 probe: p99", f"{pr['p99_ms']:.0f} ms", ""))
     rows.append(("chat during overload", f"{ov['chat_tok_s']:.1f} tok/s", ""))
     rows.append(("server CPU during overload", f"{ov['server_cores']:.2f} cores", ""))
+    rows.append(("engine busy during overload (all models, worker-timed)", f"{ov['engine_busy']:.2f}", ""))
     rows.append(("load generator CPU during overload", f"{ov['client_cores']:.2f} cores", ""))
     cl = ov["client_loop_lag"]
     rows.append(
