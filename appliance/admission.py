@@ -216,15 +216,22 @@ class EarlyAdmission:
         self._reserved[level] = self._reserved.get(level, 0) + count
         return Reservation(self, level, count)
 
-    def refused_again(self: Any, level: int, error: AdmissionError) -> bool:
-        """Whether ``level``'s queue is still full (refusing even one more item) and
-        open; if so ``error``, a refusal decided moments before and replayed (``Pipeline.refusal``),
-        is counted as this queue counts any of its own. One call per replay, not two."""
-        limit = self.policy.queue_limit(level)
-        if limit and not self.closed and self.queued(level) + self._reserved.get(level, 0) >= limit:
+    def refused_again(self: Any, level: int, error: AdmissionError, timeout_s: float = 0.0) -> bool:
+        """Whether ``error``, a refusal decided moments before and replayed (``Pipeline.refusal``),
+        still holds: ``level``'s queue is still full (refusing even one more item), or, for a
+        predicted wait past the deadline, the wait predicted now still exceeds ``timeout_s``; if so
+        it is counted as this queue counts any of its own. One call per replay, not two."""
+        if self.closed:
+            return False
+        if isinstance(error, WouldMissDeadline):
+            wait = self.predicted_wait(level) if timeout_s else None
+            again = wait is not None and wait > timeout_s
+        else:
+            limit = self.policy.queue_limit(level)
+            again = bool(limit) and self.queued(level) + self._reserved.get(level, 0) >= limit
+        if again:
             self._refuse(error)
-            return True
-        return False
+        return again
 
     def held(self, level: int) -> int:
         """Places held at ``level`` by early admissions that have not submitted yet."""

@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from appliance.admission import AdmissionError, QueueFull, Reservation
+from appliance.admission import AdmissionError, QueueFull, Reservation, WouldMissDeadline
 from appliance.auth import ApiKeyRecord
 from appliance.breaker import BreakerOpen, CircuitBreaker, Permit
 from appliance.cache import CacheHit, cache_key
@@ -142,15 +142,17 @@ async def bounded(aw: Awaitable[T], seconds: float, what: str) -> T:
 
 @dataclass
 class _Refused:
-    """A full-queue refusal as decided once for a (model, priority, key cap, deadline), replayed
-    for the next identical requests while the same queue is still full, under the same settings,
-    for at most ``REPLAY_S`` (its Retry-After is that fresh)."""
+    """A full-queue or predicted-wait refusal as decided once for a (model, priority, key cap,
+    deadline), replayed for the next identical requests while the same queue would still refuse
+    them so (still full; still predicting a wait past the deadline), under the same settings, for
+    at most ``REPLAY_S`` (its Retry-After and the wait its message names are that fresh)."""
 
     runtime: ModelRuntime
     entry: Any  # the slot's ModelEntry, and the settings the level was resolved under
     defaults: Any
     overrides: Any
     level: int
+    timeout_s: float  # the deadline the prediction was judged against (0: none)
     cause: AdmissionError
     error: ApplianceError
     shed: Any  # the shed counter's labelled child
@@ -227,7 +229,7 @@ class Pipeline:
                 and slot.entry is hit.entry
                 and cfg.defaults is hit.defaults
                 and cfg.model_overrides is hit.overrides
-                and hit.runtime.batcher.refused_again(hit.level, hit.cause)
+                and hit.runtime.batcher.refused_again(hit.level, hit.cause, hit.timeout_s)
             ):
                 hit.shed.inc()
                 return hit.error, hit.level
@@ -239,13 +241,16 @@ class Pipeline:
         runtime = slot.runtime
         if runtime is None:
             return None  # not loaded: admit loads it, or answers why not
-        exc = runtime.batcher.refusal(level, 1, seconds if seconds < UNBOUNDED_S else 0.0)
+        timeout_s = seconds if seconds < UNBOUNDED_S else 0.0
+        exc = runtime.batcher.refusal(level, 1, timeout_s)
         if exc is None:
             return None
         shed = self.metrics.child(self.metrics.shed, exc.reason)
         shed.inc()
         error = admission_error(exc)
-        if isinstance(exc, QueueFull):
+        # Both kinds a flood repeats: a level that is full, or starved (appliance.drain). Each
+        # replay skips resolving, deciding and rendering the error body anew.
+        if isinstance(exc, QueueFull | WouldMissDeadline):
             if len(self._refused) >= _REFUSED_MAX:
                 self._refused.clear()
             cfg = self.manager.cfg
@@ -255,6 +260,7 @@ class Pipeline:
                 cfg.defaults,
                 cfg.model_overrides,
                 level,
+                timeout_s,
                 exc,
                 error,
                 shed,

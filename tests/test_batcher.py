@@ -468,6 +468,11 @@ async def test_a_level_starved_by_more_urgent_work_is_refused_on_arrival_then_re
     assert refused.value.retry_after_s is not None and 0 < refused.value.retry_after_s <= 1.0
     early = batcher.refusal(2, 1, 0.2)
     assert isinstance(early, WouldMissDeadline) and early.retry_after_s is not None
+    # Replayed (Pipeline.refusal's memo) while the prediction still refuses, and counted as such.
+    counted = batcher.snapshot()["rejections"]["would_miss_deadline"]
+    assert batcher.refused_again(2, early, 0.2)
+    assert batcher.snapshot()["rejections"]["would_miss_deadline"] == counted + 1
+    assert not batcher.refused_again(2, early, 60.0)  # not against a deadline the wait fits in
     assert batcher.refusal(1, 1, 0.2) is None
     assert await batcher.submit("urgent", priority=1, timeout_ms=200) == ("ok", "urgent")
     drain = batcher.snapshot()["observed_drain"]
@@ -479,6 +484,7 @@ async def test_a_level_starved_by_more_urgent_work_is_refused_on_arrival_then_re
     # Right after the starvation ends, a burst of the size refused before is admitted in full.
     burst = [submit(batcher, f"again{i}", priority=2, timeout_ms=200) for i in range(8)]
     assert await asyncio.gather(*burst) == [("ok", f"again{i}") for i in range(8)]
+    assert not batcher.refused_again(2, early, 0.2)  # a replay ends with the starvation
 
 
 async def test_without_observed_drain_a_starved_level_admits_what_then_times_out() -> None:
