@@ -469,8 +469,9 @@ register(
         "generation.fused_decode",
         bool,
         True,
-        "With q4_int8_decode, decode with that companion's LM head rewritten at load as one 8-bit "
-        "MatMulNBits (the same weights; 0.55-0.7x the head's time at 8 rows; CPU only).",
+        "With q4_int8_decode, decode with that companion rewritten at load: its LM head as one 8-bit "
+        "MatMulNBits (the same weights; 0.55-0.7x the head's time at 8 rows) and its rotary "
+        "embedding and attention layout in ~30% fewer kernels (the same logits bit for bit); CPU only.",
         reload=True,
     ),
     Setting(
