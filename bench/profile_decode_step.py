@@ -90,11 +90,15 @@ def op_shares(session: DecoderSession, graph: bytes, threads: int, prompt: list[
         events = json.loads(Path(session.single.end_profiling()).read_text())
     by_op: dict[str, float] = collections.defaultdict(float)
     by_node: dict[str, float] = collections.defaultdict(float)
+    kernels = 0
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
             by_op[e["args"]["op_name"]] += e["dur"]
             by_node[re.sub(r"^l\d+\.", "l*.", e["name"][: -len("_kernel_time")])] += e["dur"]
+            kernels += 1
+    runs = sum(1 for e in events if e.get("name") == "model_run")
     total = sum(by_op.values())
+    print(f"  {kernels / max(runs, 1):.0f} kernels per decode step")
     print(
         "  by operator:",
         ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(by_op.items(), key=lambda x: -x[1])[:8]),

@@ -21,17 +21,21 @@ provider and decode steps only (one new token per row); the float graph is never
   in tests/test_api_chat.py), which the plain graph does not.
 
 ONNX Runtime already fuses the builder's RMSNorm (``SimplifiedLayerNormalization``) and SiLU
-(``QuickGelu``) by itself. Tried and left out, because they change the int8 logits (by up to 1.4,
-enough to flip near ties): residual Add + norm as ``SkipSimplifiedLayerNormalization``
-(``onnxruntime.transformers``' fusion), and one [kv_heads, group, tokens] matrix product per KV
-head instead of one per query head (another summation order in MLAS).
+(``QuickGelu``) by itself. Tried and left out, because they change the int8 logits (by up to 1.4)
+enough to flip near ties: residual Add + norm as ``SkipSimplifiedLayerNormalization``
+(``onnxruntime.transformers``' fusion; "What is 2 + 2?" then answers differently alone and
+batched), and one [group, head_dim] matrix product per KV head instead of one per query head
+(another summation order in MLAS). What is left per layer is mostly the four projections and
+their Q4_1 offset terms (block sums x offsets: Reshape, ReduceSum, MatMul, Add each), which no
+exact rewrite shortens.
 
 Measured on 2 shared AVX2 cores, one intra-op thread, CPU ms per decode step (medians of 4-6
 interleaved rounds, ``bench/profile_decode_step.py``): 1 row 22.6 as built, 22.5 with the 8-bit
-head, 21.2 with head and fused attention; 8 rows ~66, ~55, ~55. The rewrites rely on the node and
-value names the builder writes (``l{i}.qkv``, ``l{i}.q_rope.out``, ``present.{i}.key``,
-``lm_head.nbits`` ...) and raise ``ValueError`` on a graph without them; ``fused_decode_graph``
-then leaves that part as it was.
+head, 21.2 with head and fused attention; 8 rows ~66, ~55, ~55. In a later run (6 rounds, a
+busier box): 1 row 19.8 with the 8-bit head, 18.4 with the one-token layout too; 8 rows 66.8 and
+67.2. The rewrites rely on the node and value names the builder writes (``l{i}.qkv``,
+``l{i}.q_rope.out``, ``present.{i}.key``, ``lm_head.nbits`` ...) and raise ``ValueError`` on a
+graph without them; ``fused_decode_graph`` then leaves that part as it was.
 """
 
 from __future__ import annotations
@@ -176,6 +180,8 @@ def one_token_layout(model: onnx.ModelProto, layers: int, kv_heads: int, head_di
     if cos.shape[-1] != half or sin.shape != cos.shape:
         raise ValueError(f"rotary tables of {cos.shape[-1]} columns, not half of head_dim {head_dim}")
     heads = _query_heads(produced, kv_heads, head_dim)
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads do not share {kv_heads} KV heads evenly")
     total = heads + 2 * kv_heads
     rotated = np.zeros((total, 1, 1), np.float32)  # 1 for Q and K heads, 0 for V heads
     rotated[: heads + kv_heads] = 1
