@@ -536,8 +536,9 @@ register(
     Setting(
         "generation.prefix_block_tokens",
         int,
-        16,
-        "Tokens per prefix-cache block; only whole blocks after an identical prefix are reused.",
+        8,
+        "Tokens per prefix-cache block; only whole blocks after an identical prefix are reused "
+        "(8: a prompt recomputes at most 7 tokens past the longest shared prefix, not 15).",
         1,
         4096,
     ),
