@@ -478,8 +478,9 @@ register(
         "generation.fused_decode",
         bool,
         True,
-        "With q4_int8_decode, decode with that companion's LM head rewritten at load as one 8-bit "
-        "MatMulNBits (the same weights; 0.55-0.7x the head's time at 8 rows; CPU only).",
+        "With q4_int8_decode, decode with that companion rewritten at load: its LM head as one 8-bit "
+        "MatMulNBits (the same weights; 0.55-0.7x the head's time at 8 rows) and its rotary "
+        "embedding and attention layout in ~30% fewer kernels (the same logits bit for bit); CPU only.",
         reload=True,
     ),
     Setting(
@@ -544,8 +545,9 @@ register(
     Setting(
         "generation.prefix_block_tokens",
         int,
-        16,
-        "Tokens per prefix-cache block; only whole blocks after an identical prefix are reused.",
+        8,
+        "Tokens per prefix-cache block; only whole blocks after an identical prefix are reused "
+        "(8: a prompt recomputes at most 7 tokens past the longest shared prefix, not 15).",
         1,
         4096,
     ),

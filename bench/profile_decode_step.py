@@ -5,8 +5,9 @@
 
 Prefills the greedy fixture's first prompt (repeated to ``rows`` rows) on the float graph, then
 times ``DecoderSession.decode`` steps on the int8 4-bit companion, as served: ``plain`` is the
-companion as built, ``head8`` with the 8-bit LM head (as served by default), ``gqa`` with the fused
-attention too (``generation.fused_attention``), ``rotary-inside`` with GroupQueryAttention's own
+companion as built, ``head8`` with the 8-bit LM head, ``layout`` with the one-token layout too (as
+served by default), ``gqa`` with the 8-bit head and the fused attention
+(``generation.fused_attention``), ``rotary-inside`` with GroupQueryAttention's own
 rotary embedding (flips a near-tie fixture token; for comparison only). Variants and thread counts
 alternate within each round, so a shared machine's load falls on all alike; prints the median wall
 and CPU milliseconds per step of each round (CPU time counts every thread of this process, so with
@@ -34,7 +35,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from appliance.llm.fused_decode import eight_bit_head, fuse_attention  # noqa: E402
+from appliance.llm.fused_decode import eight_bit_head, fuse_attention, one_token_layout  # noqa: E402
 from appliance.llm.runtime import DecoderSession, _int8_model  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "smollm2_reference.json"
@@ -46,6 +47,7 @@ def variants(session: DecoderSession, names: list[str]) -> dict[str, bytes]:
     rewrites: dict[str, Callable[[onnx.ModelProto], object]] = {
         "plain": lambda m: m,
         "head8": eight_bit_head,
+        "layout": lambda m: one_token_layout(eight_bit_head(m), *dims),
         "gqa": lambda m: eight_bit_head(fuse_attention(m, *dims)),
         "rotary-inside": lambda m: eight_bit_head(fuse_attention(m, *dims, rotary_inside=True)),
     }
@@ -88,11 +90,15 @@ def op_shares(session: DecoderSession, graph: bytes, threads: int, prompt: list[
         events = json.loads(Path(session.single.end_profiling()).read_text())
     by_op: dict[str, float] = collections.defaultdict(float)
     by_node: dict[str, float] = collections.defaultdict(float)
+    kernels = 0
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
             by_op[e["args"]["op_name"]] += e["dur"]
             by_node[re.sub(r"^l\d+\.", "l*.", e["name"][: -len("_kernel_time")])] += e["dur"]
+            kernels += 1
+    runs = sum(1 for e in events if e.get("name") == "model_run")
     total = sum(by_op.values())
+    print(f"  {kernels / max(runs, 1):.0f} kernels per decode step")
     print(
         "  by operator:",
         ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(by_op.items(), key=lambda x: -x[1])[:8]),
@@ -106,7 +112,7 @@ def main() -> None:
     ap.add_argument("--model-dir", default=str(ROOT / "engines" / "smollm2-135m-instruct"))
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--variants", nargs="+", default=["plain", "head8", "gqa"])
+    ap.add_argument("--variants", nargs="+", default=["plain", "head8", "layout", "gqa"])
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--ops", action="store_true", help="also print ONNX Runtime's per-operator shares")

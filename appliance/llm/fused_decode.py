@@ -3,11 +3,15 @@
 The decoder graphs of ``appliance.build.decoder`` spell attention in standard ONNX ops (so that
 TensorRT parses the float graph), and the 4-bit companion's LM head (49152 x 576 for SmolLM2) is a
 4-bit pair over the input repeated twice plus an offset term. At one row a decode step is ~1860
-small kernels, and the head alone took about a fifth of it. Two rewrites, for ONNX Runtime's CPU
+small kernels, and the head alone took about a fifth of it. Three rewrites, for ONNX Runtime's CPU
 provider and decode steps only (one new token per row); the float graph is never touched:
 
 - ``eight_bit_head`` (``generation.fused_decode``, on): the Q8_0 head as one 8-bit
   ``MatMulNBits`` holding the same weights, one node instead of five.
+- ``one_token_layout`` (``generation.fused_decode``, on, unless the fused attention is): the
+  rotary embedding and the attention's head layout spelled for one token per row, ~19 fewer
+  nodes per layer (2220 -> 1672 in the file, ~1850 -> ~1300 kernels per step after ONNX Runtime's
+  own fusions) and the same arithmetic: logits and presents equal bit for bit.
 - ``fuse_attention`` (``generation.fused_attention``, off): each layer's attention from the
   rotated Q/K and V to the merged context as one ``GroupQueryAttention`` contrib node (KV append
   and masked softmax inside; the padding of left-padded rows as an additive attention bias). The
@@ -16,12 +20,22 @@ provider and decode steps only (one new token per row); the float graph is never
   makes a row's greedy tokens depend on its batch near ties ("What is 2 + 2?" alone and batched
   in tests/test_api_chat.py), which the plain graph does not.
 
+ONNX Runtime already fuses the builder's RMSNorm (``SimplifiedLayerNormalization``) and SiLU
+(``QuickGelu``) by itself. Tried and left out, because they change the int8 logits (by up to 1.4)
+enough to flip near ties: residual Add + norm as ``SkipSimplifiedLayerNormalization``
+(``onnxruntime.transformers``' fusion; "What is 2 + 2?" then answers differently alone and
+batched), and one [group, head_dim] matrix product per KV head instead of one per query head
+(another summation order in MLAS). What is left per layer is mostly the four projections and
+their Q4_1 offset terms (block sums x offsets: Reshape, ReduceSum, MatMul, Add each), which no
+exact rewrite shortens.
+
 Measured on 2 shared AVX2 cores, one intra-op thread, CPU ms per decode step (medians of 4-6
 interleaved rounds, ``bench/profile_decode_step.py``): 1 row 22.6 as built, 22.5 with the 8-bit
-head, 21.2 with both; 8 rows ~66, ~55, ~55. The rewrites rely on the node and value names the
-builder writes (``l{i}.qkv``, ``l{i}.q_rope.out``, ``present.{i}.key``, ``lm_head.nbits`` ...)
-and raise ``ValueError`` on a graph without them; ``fused_decode_graph`` then leaves that part as
-it was.
+head, 21.2 with head and fused attention; 8 rows ~66, ~55, ~55. In a later run (6 rounds, a
+busier box): 1 row 19.8 with the 8-bit head, 18.4 with the one-token layout too; 8 rows 66.8 and
+67.2. The rewrites rely on the node and value names the builder writes (``l{i}.qkv``,
+``l{i}.q_rope.out``, ``present.{i}.key``, ``lm_head.nbits`` ...) and raise ``ValueError`` on a
+graph without them; ``fused_decode_graph`` then leaves that part as it was.
 """
 
 from __future__ import annotations
@@ -41,12 +55,14 @@ _PREFIX = "gqa."
 def fused_decode_graph(
     model: onnx.ModelProto, layers: int, kv_heads: int, head_dim: int, *, attention: bool = False
 ) -> onnx.ModelProto:
-    """The 8-bit head, and with ``attention`` the fused attention, on a 4-bit companion with int8
-    activations (edited in place and returned); a rewrite that does not apply to this graph is
-    skipped with a warning."""
+    """The 8-bit head, and with ``attention`` the fused attention (otherwise the one-token layout),
+    on a 4-bit companion with int8 activations (edited in place and returned); a rewrite that does
+    not apply to this graph is skipped with a warning."""
     rewrites: list[tuple[str, Callable[[onnx.ModelProto], object]]] = [("8-bit LM head", eight_bit_head)]
     if attention:
         rewrites.insert(0, ("fused attention", lambda m: fuse_attention(m, layers, kv_heads, head_dim)))
+    else:
+        rewrites.insert(0, ("one-token layout", lambda m: one_token_layout(m, layers, kv_heads, head_dim)))
     for name, rewrite in rewrites:
         try:
             rewrite(model)
@@ -76,13 +92,7 @@ def fuse_attention(
         missing += [v for v in names if v not in produced]
     if missing:
         raise ValueError(f"not a graph of appliance.build.decoder: no {', '.join(missing[:4])}")
-    projection = produced["l0.qkv"]
-    if projection.op_type == "Add":  # MatMulNBits + block offsets: the 4-bit projection's N
-        projection = produced[projection.input[0]]
-    width = {a.name: helper.get_attribute_value(a) for a in projection.attribute}.get("N")
-    if not isinstance(width, int) or width % head_dim or width // head_dim <= 2 * kv_heads:
-        raise ValueError(f"cannot tell the query heads from l0.qkv ({projection.op_type}, N={width})")
-    heads = width // head_dim - 2 * kv_heads
+    heads = _query_heads(produced, kv_heads, head_dim)
     p = _PREFIX
     # Shared by every layer: the batch's total length (past + this token; rows are left-padded to
     # the same width, so every row's "sequence length" is the width), and the padding as a bias.
@@ -136,6 +146,121 @@ def fuse_attention(
         )
     _replace_nodes(graph, [n for n in graph.node if id(n) not in replaced] + nodes)
     return model
+
+
+def one_token_layout(model: onnx.ModelProto, layers: int, kv_heads: int, head_dim: int) -> onnx.ModelProto:
+    """``model`` (edited in place and returned) with each layer's rotary embedding and attention
+    layout spelled in fewer nodes, valid when every row feeds one new token (a decode step); the
+    same arithmetic, so the same logits and presents bit for bit.
+
+    The builder spells these for any sequence length: Q and K each rotated by their own 9 nodes
+    (Split, four Mul, Sub, Add, Concat, after a Reshape), heads transposed in and out of
+    ``[batch, heads, tokens, head_dim]``, and a causal mask built from ranges. With one token, a
+    transpose that moves the length-1 token axis is a reshape, the causal mask is all true (the
+    padding mask alone is left), and the last position is the only one. The rotation becomes
+    ``x * cos2 + rotate_half(x) * sin2`` over all heads at once (``cos2 = [cos, cos]``,
+    ``sin2 = [-sin, sin]``; ``rotate_half`` one Gather): ``a - b * s`` and ``a + b * (-s)`` are the
+    same IEEE operation. V rides along with ``cos 1, sin 0`` (``v + u * 0 == v`` for any finite
+    ``u``, except the sign of an exact -0.0, which no product or sum downstream can tell). About
+    19 fewer nodes per layer."""
+    graph = model.graph
+    produced = {out: node for node in graph.node for out in node.output}
+    inits = {t.name: t for t in graph.initializer}
+    missing = [n for n in ("cos_table", "sin_table", "mask_zero", "mask_neg") if n not in inits]
+    missing += [v for v in ("mask.keep5", "mask.bias", "last_position") if v not in produced]
+    for i in range(layers):
+        names = [f"l{i}.qkv", f"l{i}.q5", f"l{i}.ctx", f"l{i}.ctx_merged"]
+        names += [f"present.{i}.key", f"present.{i}.value"]
+        missing += [v for v in names if v not in produced]
+    if missing:
+        raise ValueError(f"not a graph of appliance.build.decoder: no {', '.join(missing[:4])}")
+    cos = numpy_helper.to_array(inits["cos_table"])
+    sin = numpy_helper.to_array(inits["sin_table"])
+    half = head_dim // 2
+    if cos.shape[-1] != half or sin.shape != cos.shape:
+        raise ValueError(f"rotary tables of {cos.shape[-1]} columns, not half of head_dim {head_dim}")
+    heads = _query_heads(produced, kv_heads, head_dim)
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads do not share {kv_heads} KV heads evenly")
+    total = heads + 2 * kv_heads
+    rotated = np.zeros((total, 1, 1), np.float32)  # 1 for Q and K heads, 0 for V heads
+    rotated[: heads + kv_heads] = 1
+    p = "one."
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.concatenate([cos, cos], axis=-1), p + "cos2_table"),
+            numpy_helper.from_array(np.concatenate([-sin, sin], axis=-1), p + "sin2_table"),
+            numpy_helper.from_array(rotated, p + "rotated"),
+            numpy_helper.from_array(1 - rotated, p + "kept"),
+            numpy_helper.from_array(
+                np.r_[np.arange(half, head_dim), np.arange(half)].astype(np.int64), p + "swap"
+            ),
+            numpy_helper.from_array(np.array([0, total, 1, head_dim], np.int64), p + "heads_shape"),
+            numpy_helper.from_array(np.array([heads, kv_heads, kv_heads], np.int64), p + "split"),
+            numpy_helper.from_array(
+                np.array([0, kv_heads, heads // kv_heads, 1, head_dim], np.int64), p + "groups_shape"
+            ),
+            numpy_helper.from_array(np.array([0, 1, heads * head_dim], np.int64), p + "merge_shape"),
+            numpy_helper.from_array(np.array([1], np.int64), p + "axis_1"),
+        ]
+    )
+    # Once per step: [batch, heads, 1, head_dim] tables at each row's position.
+    nodes = [
+        helper.make_node("Gather", [p + "cos2_table", "position_ids"], [p + "cos_rows"]),
+        helper.make_node("Unsqueeze", [p + "cos_rows", p + "axis_1"], [p + "cos4"]),
+        helper.make_node("Mul", [p + "cos4", p + "rotated"], [p + "cos_qk"]),
+        helper.make_node("Add", [p + "cos_qk", p + "kept"], [p + "cos"]),
+        helper.make_node("Gather", [p + "sin2_table", "position_ids"], [p + "sin_rows"]),
+        helper.make_node("Unsqueeze", [p + "sin_rows", p + "axis_1"], [p + "sin4"]),
+        helper.make_node("Mul", [p + "sin4", p + "rotated"], [p + "sin"]),
+    ]
+    replace: dict[str, onnx.NodeProto] = {}
+    for i in range(layers):
+        q = f"l{i}."
+        heads_x, swapped = p + q + "heads", p + q + "swapped"
+        nodes += [
+            helper.make_node("Reshape", [f"l{i}.qkv", p + "heads_shape"], [heads_x]),
+            helper.make_node("Gather", [heads_x, p + "swap"], [swapped], axis=-1),
+            helper.make_node("Mul", [heads_x, p + "cos"], [p + q + "xc"]),
+            helper.make_node("Mul", [swapped, p + "sin"], [p + q + "ys"]),
+            helper.make_node("Add", [p + q + "xc", p + q + "ys"], [p + q + "rotated"]),
+            helper.make_node(
+                "Split", [p + q + "rotated", p + "split"], [p + q + "q", p + q + "k", p + q + "v"], axis=1
+            ),
+        ]
+        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        replace[f"present.{i}.key"] = helper.make_node(
+            "Concat", [past_k, p + q + "k"], [f"present.{i}.key"], name=f"present.{i}.key", axis=2
+        )
+        replace[f"present.{i}.value"] = helper.make_node(
+            "Concat", [past_v, p + q + "v"], [f"present.{i}.value"], name=f"present.{i}.value", axis=2
+        )
+        replace[f"l{i}.q5"] = helper.make_node(
+            "Reshape", [p + q + "q", p + "groups_shape"], [f"l{i}.q5"], name=f"l{i}.q5"
+        )
+        replace[f"l{i}.ctx_merged"] = helper.make_node(
+            "Reshape", [f"l{i}.ctx", p + "merge_shape"], [f"l{i}.ctx_merged"], name=f"l{i}.ctx_merged"
+        )
+    bias = produced["mask.bias"]
+    replace["mask.bias"] = helper.make_node(
+        "Where", ["mask.keep5", *bias.input[1:]], ["mask.bias"], name="mask.bias"
+    )
+    last = produced["last_position"]
+    replace["last_position"] = helper.make_node("Identity", [last.input[0]], ["last_position"])
+    kept = [replace.get(n.output[0], n) for n in graph.node]
+    _replace_nodes(graph, kept + nodes)
+    return model
+
+
+def _query_heads(produced: dict[str, onnx.NodeProto], kv_heads: int, head_dim: int) -> int:
+    """The query heads, from the width ``N`` of the fused Q/K/V projection ``l0.qkv``."""
+    projection = produced["l0.qkv"]
+    if projection.op_type == "Add":  # MatMulNBits + block offsets: the 4-bit projection's N
+        projection = produced.get(projection.input[0], projection)
+    width = {a.name: helper.get_attribute_value(a) for a in projection.attribute}.get("N")
+    if not isinstance(width, int) or width % head_dim or width // head_dim <= 2 * kv_heads:
+        raise ValueError(f"cannot tell the query heads from l0.qkv ({projection.op_type}, N={width})")
+    return width // head_dim - 2 * kv_heads
 
 
 def eight_bit_head(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -125,8 +125,9 @@ class DecoderSession(DecoderBase):
         and decode batches of up to ``INT8_DECODE_MAX_BATCH`` rows there too.
 
         ``fused_decode`` (with ``q4_int8_decode``): decode on that companion with its LM head
-        rewritten as one 8-bit MatMulNBits, and with ``fused_attention`` each layer's attention as
-        one GroupQueryAttention node (``appliance.llm.fused_decode``); the file is not changed."""
+        rewritten as one 8-bit MatMulNBits and its attention laid out for one token per row, or
+        with ``fused_attention`` each layer's attention as one GroupQueryAttention node
+        (``appliance.llm.fused_decode``); the file is not changed."""
         self._read_generation(model_dir)
         model_dir = self.model_dir
         options = ort.SessionOptions()

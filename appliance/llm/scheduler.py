@@ -97,7 +97,7 @@ class GenerationConfig:
     prefill_chunk_tokens: int = 0  # 0: a prompt is prefilled whole in one step
     urgent_prefill_ms: float = 0.0  # 0: chunks are not cut for more urgent work
     prefix_cache: bool = False
-    prefix_block_tokens: int = 16
+    prefix_block_tokens: int = 8
     decode_steps: int = 1  # decode steps per worker hand-off while nothing else is due
 
     @classmethod
