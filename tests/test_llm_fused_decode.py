@@ -24,6 +24,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from appliance.llm.fused_decode import eight_bit_head, fuse_attention, fused_decode_graph, one_token_layout
+from appliance.llm.kv import KVState
 from appliance.llm.runtime import DecoderSession, _int8_model, greedy_generate
 
 FIXTURE = Path(__file__).parent / "fixtures" / "smollm2_reference.json"
@@ -103,18 +104,10 @@ def test_the_one_token_layout_is_the_same_arithmetic_in_fewer_nodes(folder: Path
     assert not any(n.op_type == "Transpose" and n.name.endswith("_bhsd") for n in compact.graph.node)
     laid_out = ort.InferenceSession(compact.SerializeToString(), providers=["CPUExecutionProvider"])
     for batch in ([prompts[1]], [prompts[0], prompts[1][:20], prompts[1]]):
-        runs = []
-        for single in (plain, laid_out):
-            session.single = single
-            logits, state = session.prefill(batch)
-            tokens, steps = logits.argmax(-1), []
-            for _ in range(8):
-                logits = session.decode(tokens, state)
-                steps.append(logits)
-                tokens = logits.argmax(-1)
-            runs.append((np.stack(steps), state.keys + state.values))
-        assert np.array_equal(runs[0][0], runs[1][0])
-        assert all(np.array_equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+        (before, old), (after, new) = (_greedy(session, single, batch, 8) for single in (plain, laid_out))
+        assert np.array_equal(before, after)
+        pairs = zip(old.keys + old.values, new.keys + new.values, strict=True)
+        assert all(np.array_equal(a, b) for a, b in pairs)
 
 
 @pytest.mark.parametrize("rotary_inside", [False, True])
@@ -136,16 +129,7 @@ def test_fused_attention_matches_the_unfused_graph_with_float_accumulation(
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     fused_session = ort.InferenceSession(fused_graph, options, providers=["CPUExecutionProvider"])
-    runs = []
-    for single in (plain, fused_session):
-        session.single = single
-        logits, state = session.prefill(batch)
-        tokens, steps = logits.argmax(-1), []
-        for _ in range(12):
-            logits = session.decode(tokens, state)
-            steps.append(logits)
-            tokens = logits.argmax(-1)
-        runs.append((np.stack(steps), state))
+    runs = [_greedy(session, single, batch, 12) for single in (plain, fused_session)]
     assert float(np.abs(runs[0][0] - runs[1][0]).max()) < MAX_ATTENTION_DIFF
     for a, b in zip(runs[0][1].keys + runs[0][1].values, runs[1][1].keys + runs[1][1].values, strict=True):
         assert a.shape == b.shape  # [rows, kv_heads, tokens, head_dim], rows right-aligned as before
@@ -187,3 +171,18 @@ def test_a_graph_without_the_builders_names_is_left_as_it_was(caplog: pytest.Log
     assert [n.op_type for n in model.graph.node] == ["Identity"]
     assert "fused attention left out" in caplog.text and "8-bit LM head left out" in caplog.text
     assert "one-token layout left out: not a graph of appliance.build.decoder" in caplog.text
+
+
+def _greedy(
+    session: DecoderSession, single: ort.InferenceSession, batch: list[list[int]], steps: int
+) -> tuple[np.ndarray, KVState]:
+    """Prefill ``batch``, then ``steps`` greedy decode steps on ``single`` (the one-row graph the
+    session decodes with): every step's logits, stacked, and the KV state after them."""
+    session.single = single
+    logits, state = session.prefill(batch)
+    tokens, out = logits.argmax(-1), []
+    for _ in range(steps):
+        logits = session.decode(tokens, state)
+        out.append(logits)
+        tokens = logits.argmax(-1)
+    return np.stack(out), state
