@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from appliance.batcher import BatchPolicy, DeadlineExceeded, InvalidPriority, QueueFull
+from appliance.batcher import BatchPolicy, DeadlineExceeded, InvalidPriority, QueueFull, WouldMissDeadline
 from appliance.engines.base import EngineError, EngineTimeout
 from appliance.llm.kv import KVState
 from appliance.llm.sampling import (
@@ -233,6 +233,24 @@ async def test_kv_budget_bounds_the_running_batch(executor: ThreadPoolExecutor) 
 
 
 # ---------------------------------------------------------------------------------- admission
+
+
+async def test_a_predicted_wait_past_the_deadline_is_refused_on_arrival(executor: ThreadPoolExecutor) -> None:
+    """Once a sequence's time in a slot is known, a request that would wait longer than its
+    deadline is refused now, with a Retry-After no longer than one deadline (or 1 s), the same
+    bound early admission gives: a long prediction must not send a client away for minutes."""
+    sch = make(executor, FakeDecoder(decode_s=0.01), max_running=1)
+    first = seq([1], 150)
+    sch.submit(first)
+    await drain(first)  # a measured time per sequence: ~1.5 s, so the predicted wait is longer
+    running = seq([2], 400)
+    sch.submit(running)
+    await until(lambda: sch.generation_snapshot()["running"] == 1)
+    with pytest.raises(WouldMissDeadline) as info:
+        sch.submit(seq([3], 2), timeout_ms=5)
+    assert info.value.retry_after_s is not None and 0 < info.value.retry_after_s <= 1.0
+    assert sch.snapshot()["rejections"]["would_miss_deadline"] == 1
+    await sch.close(drain=False)
 
 
 async def test_invalid_priority_and_queue_full(executor: ThreadPoolExecutor) -> None:

@@ -68,6 +68,7 @@ from appliance.admission import (
     QueueFull,
     Reservation,
     WouldMissDeadline,
+    retry_after,
 )
 from appliance.engines.base import EngineError, EngineOutOfMemory, EngineTimeout
 from appliance.llm.kv import KVState
@@ -347,7 +348,8 @@ class Scheduler(EarlyAdmission):
             wait = self._predicted_wait(level)
             if wait > timeout_s:
                 msg = f"predicted wait {wait * 1000:.0f} ms exceeds the {timeout_s * 1000:.0f} ms timeout"
-                raise self._refuse(WouldMissDeadline(msg, retry_after_s=wait - timeout_s, priority=level))
+                retry = retry_after(wait, timeout_s)  # as early admission says it: at most a deadline
+                raise self._refuse(WouldMissDeadline(msg, retry_after_s=retry, priority=level))
         loop = asyncio.get_running_loop()
         seq.priority = level
         seq.order = next(self._order)
