@@ -196,16 +196,32 @@ class EarlyAdmission:
         None, holding nothing."""
         if self.closed:
             return self._refuse(BatcherClosed(f"{self.name!r} is closed", priority=level))
-        limit = self.policy.queue_limit(level)
-        if limit and self.queued(level) + self._reserved.get(level, 0) + count > limit:
+        return self._queue_refusal(level, count, timeout_s)
+
+    def _queue_refusal(self: Any, level: int, count: int, timeout_s: float) -> AdmissionError | None:
+        """``refusal`` for an open queue; its ``submit`` raises the same for an item nothing holds
+        a place for (one decision, whether taken early or on arrival)."""
+        if self._full(level, count):
+            limit = self.policy.queue_limit(level)
             msg = f"queue for priority {level} of {self.name!r} is full ({limit} waiting)"
             return self._refuse(QueueFull(msg, retry_after_s=self.retry_hint(level), priority=level))
-        wait = self.predicted_wait(level) if timeout_s else None
-        if wait is not None and wait > timeout_s:
+        wait = self._late(level, timeout_s)
+        if wait is not None:
             msg = f"predicted wait {wait * 1000:.0f} ms exceeds the {timeout_s * 1000:.0f} ms timeout"
             retry = retry_after(wait, timeout_s)
             return self._refuse(WouldMissDeadline(msg, retry_after_s=retry, priority=level))
         return None
+
+    def _full(self: Any, level: int, count: int) -> bool:
+        """Whether ``count`` more items would overflow ``level``'s queue (places held included)."""
+        limit = self.policy.queue_limit(level)
+        return bool(limit) and self.queued(level) + self._reserved.get(level, 0) + count > limit
+
+    def _late(self: Any, level: int, timeout_s: float) -> float | None:
+        """The wait predicted for a newcomer at ``level`` when it exceeds ``timeout_s`` (0: no
+        deadline), else None; None too before any observation (refusing on a guess is worse)."""
+        wait = self.predicted_wait(level) if timeout_s else None
+        return wait if wait is not None and wait > timeout_s else None
 
     def reserve(self: Any, level: int, count: int, timeout_s: float = 0.0) -> Reservation:
         """Raise the refusal ``submit`` would give (see ``refusal``), or hold ``count`` places at
@@ -224,11 +240,9 @@ class EarlyAdmission:
         if self.closed:
             return False
         if isinstance(error, WouldMissDeadline):
-            wait = self.predicted_wait(level) if timeout_s else None
-            again = wait is not None and wait > timeout_s
+            again = self._late(level, timeout_s) is not None
         else:
-            limit = self.policy.queue_limit(level)
-            again = bool(limit) and self.queued(level) + self._reserved.get(level, 0) >= limit
+            again = self._full(level, 1)
         if again:
             self._refuse(error)
         return again

@@ -25,12 +25,11 @@ from appliance.admission import (
     DeadlineExceeded,
     EarlyAdmission,
     InvalidPriority,
-    QueueFull,
     Reservation,
-    WouldMissDeadline,
     _is_int,
-    retry_after,
 )
+from appliance.admission import QueueFull as QueueFull  # re-exported: admission's refusals, by name
+from appliance.admission import WouldMissDeadline as WouldMissDeadline
 from appliance.drain import WINDOW_S, DrainMeter
 
 if TYPE_CHECKING:
@@ -157,19 +156,10 @@ class Batcher(EarlyAdmission, Generic[T, R]):
         if self._closed:
             raise self._refuse(BatcherClosed(f"batcher {self.name!r} is closed", priority=level))
         queue = self._queues[level - 1]
-        limit = policy.queue_limit(level)
-        if not held and limit and len(queue) + self.held(level) >= limit:
-            wait = max(self._predicted_wait(level, self._rate or DEFAULT_SERVICE_RATE), 0.001)
-            msg = f"queue for priority {level} of {self.name!r} is full ({limit} waiting)"
-            raise self._refuse(QueueFull(msg, retry_after_s=wait, priority=level))
-        # Without observations any prediction is a guess, and refusing on a guess is worse than trying.
         # An early-admitted item was judged already.
-        if not held and timeout_s and self._rate is not None:
-            wait = self._predicted_wait(level, self._rate, observed=True)
-            if wait > timeout_s:
-                msg = f"predicted wait {wait * 1000:.0f} ms exceeds the {timeout_s * 1000:.0f} ms timeout"
-                retry = retry_after(wait, timeout_s)
-                raise self._refuse(WouldMissDeadline(msg, retry_after_s=retry, priority=level))
+        refused = None if held else self._queue_refusal(level, 1, timeout_s)
+        if refused is not None:
+            raise refused
         loop = asyncio.get_running_loop()
         now = loop.time()
         req: _Request[T, R] = _Request(

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from appliance.llm.fused_decode import eight_bit_head, fuse_attention, one_token_layout  # noqa: E402
-from appliance.llm.runtime import DecoderSession, _int8_model  # noqa: E402
+from appliance.llm.runtime import DecoderSession, int8_model  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "smollm2_reference.json"
 
@@ -53,7 +53,7 @@ def variants(session: DecoderSession, names: list[str]) -> dict[str, bytes]:
     }
     out = {}
     for name in names:
-        model = _int8_model(path)
+        model = int8_model(path)
         rewrites[name](model)
         out[name] = model.SerializeToString()
     return out

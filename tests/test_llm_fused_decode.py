@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from appliance.llm.fused_decode import eight_bit_head, fuse_attention, fused_decode_graph, one_token_layout
 from appliance.llm.kv import KVState
-from appliance.llm.runtime import DecoderSession, _int8_model, greedy_generate
+from appliance.llm.runtime import DecoderSession, greedy_generate, int8_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "smollm2_reference.json"
 MAX_ATTENTION_DIFF = 1e-3  # measured 1.0e-4 on a left-padded batch of 3, 20 steps
@@ -56,7 +56,7 @@ def _cases() -> tuple[list[list[int]], list[list[int]]]:
 
 
 def test_the_rewrite_keeps_the_interface_and_fuses_each_layer(folder: Path, fused: DecoderSession) -> None:
-    before = _int8_model(folder / "q4" / "model.onnx")
+    before = int8_model(folder / "q4" / "model.onnx")
     names = ([i.name for i in before.graph.input], [o.name for o in before.graph.output])
     count = len(before.graph.node)
     after = fused_decode_graph(before, fused.layers, fused.kv_heads, fused.head_dim, attention=True)
@@ -72,7 +72,7 @@ def test_the_rewrite_keeps_the_interface_and_fuses_each_layer(folder: Path, fuse
 
 
 def test_the_8bit_head_holds_the_same_weights(folder: Path) -> None:
-    model = _int8_model(folder / "q4" / "model.onnx")
+    model = int8_model(folder / "q4" / "model.onnx")
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     packed, scales = inits["lm_head.q8"], inits["lm_head.q8_scales"]
     offsets = inits["lm_head.q8_offsets_t"].T.astype(np.float64)  # [N, K/32]: 8d
@@ -94,7 +94,7 @@ def test_the_one_token_layout_is_the_same_arithmetic_in_fewer_nodes(folder: Path
     prompts, _ = _cases()
     session = DecoderSession(folder, intra_op_threads=2, single_stream=folder / "q4", q4_int8_decode=True)
     dims = (session.layers, session.kv_heads, session.head_dim)
-    built = eight_bit_head(_int8_model(folder / "q4" / "model.onnx"))
+    built = eight_bit_head(int8_model(folder / "q4" / "model.onnx"))
     count = len(built.graph.node)
     names = ([i.name for i in built.graph.input], [o.name for o in built.graph.output])
     plain = ort.InferenceSession(built.SerializeToString(), providers=["CPUExecutionProvider"])

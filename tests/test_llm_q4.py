@@ -18,7 +18,7 @@ import pytest
 
 from appliance.build.decoder import build_decoder, locate_gguf, q4_1_to_nbits, q8_0_to_nbits
 from appliance.build.sources import DecoderSource, load_gguf
-from appliance.llm.runtime import DecoderSession, greedy_generate, int8_activations
+from appliance.llm.runtime import DecoderSession, greedy_generate, int8_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "smollm2_reference.json"
 MAX_LOGIT_DIFF = 1e-3  # measured 2.0e-4
@@ -144,7 +144,7 @@ def test_int8_activations_keep_the_greedy_fixtures(sessions: dict[str, DecoderSe
     prompts, expected = [c["prompt_ids"] for c in cases], [c["greedy_new_ids"] for c in cases]
     assert [greedy_generate(paired, [p], 20)[0] for p in prompts] == expected
     assert greedy_generate(paired, prompts, 20) == expected  # a batch of 2 decodes there too
-    model = onnx.load_from_string(int8_activations(sessions["q4"].model_dir / "model.onnx"))
+    model = int8_model(sessions["q4"].model_dir / "model.onnx")
     levels = {
         a.i
         for n in model.graph.node

@@ -121,7 +121,7 @@ class DecoderSession(DecoderBase):
         outputs, logits within 2e-4): a batch of one decodes there, where it is 1.4x faster; larger
         batches and prefill stay on the float graph, which is faster for them.
 
-        ``q4_int8_decode``: run that companion with int8 activations (see ``int8_activations``),
+        ``q4_int8_decode``: run that companion with int8 activations (see ``int8_model``),
         and decode batches of up to ``INT8_DECODE_MAX_BATCH`` rows there too.
 
         ``fused_decode`` (with ``q4_int8_decode``): decode on that companion with its LM head
@@ -144,7 +144,7 @@ class DecoderSession(DecoderBase):
             path = Path(single_stream) / "model.onnx"
             graph: str | bytes = str(path)
             if q4_int8_decode:
-                model = _int8_model(path)
+                model = int8_model(path)
                 if fused_decode:
                     dims = (self.layers, self.kv_heads, self.head_dim)
                     fused_decode_graph(model, *dims, attention=fused_attention)
@@ -205,17 +205,15 @@ class DecoderSession(DecoderBase):
         return out[0].numpy(), KVState(list(out[1::2]), list(out[2::2]), mask, ops)
 
 
-def int8_activations(path: Path) -> bytes:
+def int8_model(path: Path) -> onnx.ModelProto:
     """The 4-bit graph at ``path`` with its MatMulNBits nodes set to ``accuracy_level`` 4: each
     32-value block of the activations is quantised to int8 and multiplied with integer dot
     products, which is what llama.cpp does for Q4_1 weights (Q8_1 activations). Measured on a
     2-core AVX2 EPYC: a lone decode step 2.6x faster than with float32 accumulation; logits differ
     from the float32 graph by up to 2.3 (float32 accumulation: 2e-4), so a token whose top two
-    logits are closer than ~0.1 may flip (the greedy fixtures stay equal)."""
-    return _int8_model(path).SerializeToString()
-
-
-def _int8_model(path: Path) -> onnx.ModelProto:
+    logits are closer than ~0.1 may flip (the greedy fixtures stay equal). In memory: the load
+    may rewrite it further (``appliance.llm.fused_decode``) before it is serialised for ONNX
+    Runtime."""
     model = onnx.load(str(path))
     for node in model.graph.node:
         if node.op_type == "MatMulNBits":

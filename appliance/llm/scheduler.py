@@ -65,10 +65,7 @@ from appliance.admission import (
     DeadlineExceeded,
     EarlyAdmission,
     InvalidPriority,
-    QueueFull,
     Reservation,
-    WouldMissDeadline,
-    retry_after,
 )
 from appliance.engines.base import EngineError, EngineOutOfMemory, EngineTimeout
 from appliance.llm.kv import KVState
@@ -249,6 +246,7 @@ class Scheduler(EarlyAdmission):
         self._contended = contended
         self._prefill_rate: float | None = None  # EWMA prompt tokens per second of prefill calls
         self.metrics = metrics
+        self._busy = None if metrics is None else metrics.engine_busy.labels(name)  # worker-timed
         self.bytes_per_token = (
             session.layers * 2 * session.kv_heads * session.head_dim * np.dtype(session.kv_dtype).itemsize
         )
@@ -338,18 +336,10 @@ class Scheduler(EarlyAdmission):
         if self._closed:
             raise self._refuse(BatcherClosed(f"model {self.name!r} is closed", priority=level))
         queue = self._queues[level - 1]
-        limit = policy.queue_limit(level)
-        if not held and limit and len(queue) + self.held(level) >= limit:
-            wait = max(self._predicted_wait(level, assume=True), 0.001)
-            msg = f"queue for priority {level} of {self.name!r} is full ({limit} waiting)"
-            raise self._refuse(QueueFull(msg, retry_after_s=wait, priority=level))
-        # Without an observed sequence time any prediction is a guess; refusing on a guess is worse.
-        if not held and timeout_s and self._seq_s is not None:
-            wait = self._predicted_wait(level)
-            if wait > timeout_s:
-                msg = f"predicted wait {wait * 1000:.0f} ms exceeds the {timeout_s * 1000:.0f} ms timeout"
-                retry = retry_after(wait, timeout_s)  # as early admission says it: at most a deadline
-                raise self._refuse(WouldMissDeadline(msg, retry_after_s=retry, priority=level))
+        # An early-admitted sequence was judged already.
+        refused = None if held else self._queue_refusal(level, 1, timeout_s)
+        if refused is not None:
+            raise refused
         loop = asyncio.get_running_loop()
         seq.priority = level
         seq.order = next(self._order)
@@ -845,8 +835,8 @@ class Scheduler(EarlyAdmission):
             with watch if watch is not None else contextlib.nullcontext():
                 return fn(loop, *args)
         finally:
-            if self.metrics is not None:
-                self.metrics.engine_busy.labels(self.name).inc(time.perf_counter() - entered)
+            if self._busy is not None:
+                self._busy.inc(time.perf_counter() - entered)
 
     def _decode(
         self,
