@@ -8,9 +8,11 @@ surrogate that no tokenizer takes. Over loopback against the real server and rea
 
 from __future__ import annotations
 
+import gzip
 import logging
 import socket
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -186,3 +188,114 @@ def test_a_client_that_hangs_up_mid_body_is_a_499_not_a_server_error(
     assert not [r for r in caplog.records if "unhandled error" in r.getMessage()]
     status, resp, _ = server.post("/v1/embeddings", {"model": EMB, "input": "still here"})
     assert status == 200, resp
+
+
+def _raw_exchange(server: ServerThread, head: str, body: bytes = b"", wait_s: float = 5.0) -> bytes:
+    """One request over a raw socket; what came back within ``wait_s`` (the server may keep the
+    connection open to read a body it refused, so this does not wait for the close)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=wait_s) as sock:
+        sock.sendall(head.encode() + body)
+        got = b""
+        deadline = time.monotonic() + wait_s
+        while b"\r\n\r\n" not in got.split(b"100 Continue\r\n\r\n")[-1] and time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+
+def test_a_compressed_body_is_decoded_whole_on_both_apis(server: ServerThread) -> None:
+    """Triton's and KServe's clients can gzip or deflate a request. The body's Content-Length
+    counts compressed bytes; a body that decodes to far more than that is read whole (it was cut
+    at the first decoded piece and refused as invalid JSON)."""
+    # The padding comes first: a body cut short is then not valid JSON.
+    body = b"{" + b" " * 4_000_000 + b'"model": "%s", "input": "a compressed request"}' % EMB.encode()
+    plain = server.post("/v1/embeddings", body)
+    assert plain[0] == 200, plain[1]
+    for encoding, packed in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body))):
+        status, resp, _ = server.post(
+            "/v1/embeddings", packed, {"Content-Encoding": encoding, "Cache-Control": "no-cache"}
+        )
+        assert status == 200, (encoding, resp)
+        assert resp["data"][0]["embedding"] == pytest.approx(plain[1]["data"][0]["embedding"], abs=1e-6)
+    infer = b'{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}'
+    status, resp, _ = server.post(
+        f"/v2/models/{EMB}/infer", gzip.compress(b" " * 4_000_000 + infer), {"Content-Encoding": "gzip"}
+    )
+    assert status == 200 and resp["outputs"][0]["shape"] == [1, 384], resp
+
+
+def test_a_zip_bomb_is_a_413_and_the_server_keeps_serving(server: ServerThread) -> None:
+    """64 MB of spaces gzip to ~64 kB: under the size limit on the wire, four times over it
+    decoded. The decoder stops at the limit (server.max_body_bytes, 16 MB here)."""
+    bomb = gzip.compress(b" " * (64 << 20), compresslevel=1)
+    assert len(bomb) < 1 << 20
+    status, resp, _ = server.post("/v1/embeddings", bomb, {"Content-Encoding": "gzip"})
+    assert status == 413 and resp["error"]["code"] == "request_too_large", resp
+    status, resp, _ = server.post("/v1/embeddings", {"model": EMB, "input": "still here"})
+    assert status == 200, resp
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body", "status", "fragment"),
+    [
+        pytest.param("deflate", b"not deflate data", 400, "could not be read", id="bad-deflate"),
+        pytest.param("gzip", b"\x1f\x8b not gzip at all", 400, "could not be read", id="bad-gzip"),
+        pytest.param("br", b"{}", 415, "'br' is not supported", id="brotli"),
+        pytest.param("gzip, gzip", b"{}", 415, "is not supported", id="stacked"),
+    ],
+)
+def test_a_body_that_does_not_decode_is_a_client_error(
+    server: ServerThread, encoding: str, body: bytes, status: int, fragment: str
+) -> None:
+    """Undecodable data and encodings the server does not decode were 500s ("internal error:
+    RequestPayloadError"): the client's mistake, said as such."""
+    got, resp, _ = server.post("/v1/embeddings", body, {"Content-Encoding": encoding})
+    assert got == status and fragment in resp["error"]["message"], resp
+    got, resp, _ = server.post(f"/v2/models/{EMB}/infer", body, {"Content-Encoding": encoding})
+    assert got == status and fragment in resp["error"], resp
+
+
+def test_a_body_declared_too_large_is_refused_before_it_is_sent(server: ServerThread) -> None:
+    """A client that asks first (Expect: 100-continue) with a length over the limit gets its 413
+    without a 100 Continue; one that does not ask gets the 413 before sending a byte of it."""
+    head = (
+        "POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "Content-Length: 99999999999\r\n{}\r\n"
+    )
+    started = time.monotonic()
+    asked = _raw_exchange(server, head.format("Expect: 100-continue\r\n"))
+    assert asked.startswith(b"HTTP/1.1 413 "), asked[:200]
+    assert b"99999999999 bytes" in asked and b"server.max_body_bytes" in asked
+    unasked = _raw_exchange(server, head.format(""))
+    assert unasked.startswith(b"HTTP/1.1 413 "), unasked[:200]
+    assert time.monotonic() - started < 4  # no wait for a body that will never come
+    # A body within the limit is asked for, and served.
+    body = b'{"model": "%s", "input": "asked first"}' % EMB.encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(
+            (
+                "POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            ).encode()
+        )
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+
+
+def test_an_unknown_expectation_is_417_in_the_apis_shape(server: ServerThread) -> None:
+    status, resp, _ = server.post("/v1/embeddings", {"model": EMB, "input": "x"}, {"Expect": "gimme"})
+    assert status == 417 and "only 100-continue" in resp["error"]["message"], resp
+
+
+def test_a_wrong_method_is_405_naming_the_allowed_ones(server: ServerThread) -> None:
+    status, resp, headers = server.request("PUT", "/v1/embeddings", {"model": EMB, "input": "x"})
+    assert status == 405 and headers["Allow"] == "POST", resp
+    assert resp["error"]["message"] == "PUT is not allowed on /v1/embeddings; it takes POST"
+    status, resp, headers = server.request("DELETE", f"/v2/models/{EMB}/infer")
+    assert status == 405 and "it takes POST" in resp["error"], resp

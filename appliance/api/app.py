@@ -36,6 +36,7 @@ from appliance.api.common import (
     BodyTooLarge,
     Inflight,
     api_of,
+    body_refusal,
     error_response,
     read_body,
 )
@@ -77,9 +78,31 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> ApplianceError:
         return BodyTooLarge(exc.text or "request body too large")
     if exc.status == 404:  # the router's: no such path (an unknown model is ModelNotFound)
         return NotFound(f"no route for {request.method} {request.path[:200]}")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        err = InvalidRequest(
+            f"{request.method[:20]} is not allowed on {request.path[:200]}; it takes "
+            + ", ".join(sorted(exc.allowed_methods))
+        )
+        err.status = 405
+        return err
     err = InvalidRequest(exc.text or exc.reason)
     err.status = exc.status
     return err
+
+
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue``: the client holds its body back until told to send it. A body
+    the front door refuses unread (too large, an encoding it does not decode) is not asked for:
+    no 100, and the front door's final answer follows at once (RFC 9110, 10.1.1)."""
+    expect = request.headers.get("Expect", "")
+    if expect.lower() != "100-continue":
+        err = InvalidRequest(f"Expect {expect[:40]!r} is not supported; only 100-continue is")
+        err.status = 417
+        return error_response(api_of(request.path), err)
+    if request.version >= (1, 1) and body_refusal(request) is None:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the 100 is not part of the response's size
+    return None
 
 
 @web.middleware
@@ -118,6 +141,10 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
         # (request.get() of a missing key raises and catches a KeyError inside: not on this path.)
         key = request[KEY] if key_needed else None
         early = None
+        if post:
+            refused_body = body_refusal(request)
+            if refused_body is not None:
+                raise refused_body
         if post and sheds(path):
             here = body_here(request)
             if here is not None:
@@ -155,6 +182,8 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
         err = _http_error(request, exc)
         status = err.status
         response = error_response(api, err)
+        if "Allow" in exc.headers:  # a 405 says which methods the path takes
+            response.headers["Allow"] = exc.headers["Allow"]
     except Exception as exc:  # the process keeps serving whatever a handler did
         log.exception("unhandled error on %s %s", request.method, request.path)
         err = ApplianceError(f"internal error: {type(exc).__name__}")
@@ -358,9 +387,11 @@ def create_app(cfg: Config) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
-    app.router.add_routes(openai.routes)
-    app.router.add_routes(chat.routes)
-    app.router.add_routes(kserve.routes)
-    app.router.add_routes(openapi.routes)
+    for table in (openai.routes, chat.routes, kserve.routes, openapi.routes):
+        for route in table:
+            assert isinstance(route, web.RouteDef)
+            app.router.add_route(
+                route.method, route.path, route.handler, expect_handler=_expect, **route.kwargs
+            )
     app.cleanup_ctx.append(_services)
     return app

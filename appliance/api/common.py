@@ -126,23 +126,57 @@ def error_response(api: str, exc: ApplianceError) -> web.Response:
     return web.Response(body=body, status=exc.status, headers=headers)
 
 
+# Request bodies aiohttp decodes as they arrive (Triton's and KServe's clients can gzip or
+# deflate a request); its decoder stops at the body size limit, so a zip bomb is a 413.
+DECODED_ENCODINGS = frozenset({"identity", "gzip", "deflate"})
+
+
+def body_refusal(request: web.Request) -> ApplianceError | None:
+    """Why a request's body is refused before any of it is read, or None: a declared length over
+    ``server.max_body_bytes`` (413: a client need not send gigabytes to learn that), or a
+    Content-Encoding the server does not decode (415)."""
+    length = request.content_length
+    if length is not None and length > request.client_max_size:
+        return BodyTooLarge(
+            f"the request body is {length} bytes; the server accepts at most "
+            f"{request.client_max_size} (server.max_body_bytes)"
+        )
+    encoding = request.headers.get("Content-Encoding")
+    if encoding is not None and encoding.strip().lower() not in DECODED_ENCODINGS:
+        return UnsupportedEncoding(
+            f"Content-Encoding {encoding[:40]!r} is not supported; send the body as identity, gzip or deflate"
+        )
+    return None
+
+
+def encoded(request: web.Request) -> bool:
+    """Whether the body arrives compressed: its Content-Length then counts compressed bytes, and
+    what has been decoded so far says nothing about whether all of it is here."""
+    encoding = request.headers.get("Content-Encoding")
+    return encoding is not None and encoding.strip().lower() != "identity"
+
+
 async def read_body(request: web.Request) -> bytes:
     """The whole body, within ``server.read_timeout_s``: a trickling client cannot hold a slot."""
     raw: bytes | None = request.get(RAW_BODY)
     if raw is not None:
         return raw
     length = request.content_length
-    if length is not None and request.content.total_bytes >= length:
-        # Already all here (the usual small request): nothing to wait for, so no timer either
-        # (wait_for costs a task; at thousands of refusals a second that shows).
-        return await request.read()
-    timeout = request.app[CONFIG].server.read_timeout_s
     try:
-        return await asyncio.wait_for(request.read(), timeout)
-    except asyncio.TimeoutError:
-        err = ApplianceError(f"the request body did not arrive within {timeout:.0f} s")
-        err.status, err.type, err.code = 408, "invalid_request_error", "request_timeout"
-        raise err from None
+        if length is not None and request.content.total_bytes >= length and not encoded(request):
+            # Already all here (the usual small request): nothing to wait for, so no timer
+            # either (wait_for costs a task; at thousands of refusals a second that shows).
+            return await request.read()
+        timeout = request.app[CONFIG].server.read_timeout_s
+        try:
+            return await asyncio.wait_for(request.read(), timeout)
+        except asyncio.TimeoutError:
+            err = ApplianceError(f"the request body did not arrive within {timeout:.0f} s")
+            err.status, err.type, err.code = 408, "invalid_request_error", "request_timeout"
+            raise err from None
+    except web.RequestPayloadError as exc:
+        # A body that does not decode (bad gzip or deflate data, a broken chunked framing).
+        raise InvalidRequest(f"the request body could not be read: {exc}") from None
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
@@ -160,6 +194,12 @@ class BodyTooLarge(ApplianceError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class UnsupportedEncoding(ApplianceError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_content_encoding"
 
 
 def requested_priority(request: web.Request, body_value: Any) -> int | None:
