@@ -608,3 +608,34 @@ def test_generation_metrics_are_exported(server: ServerThread) -> None:
     ):
         assert f'{name}{{model="{MODEL}"}}' in text, name
     assert server.app[METRICS] is not None
+
+
+def test_changing_the_prefix_cache_live_keeps_chat_answering(server: ServerThread) -> None:
+    """An operator changes the prefix cache's block size while chat runs. The new cache counts
+    from zero; measured against the old one's counts, the metrics went backwards, the counter
+    raised at every step, the scheduler's driver died at every restart and chat stopped
+    answering (found by setting every tunable to its extremes under traffic)."""
+    from tests.test_admin import admin
+
+    chat(server, "Tell me about the sea.", max_tokens=4)  # the old cache has counted something
+    try:
+        for block in (4, 16):
+            status, body = admin(
+                server,
+                "PATCH",
+                "/admin/settings",
+                {"models": {MODEL: {"generation": {"prefix_block_tokens": block}}}},
+            )
+            assert status == 200, body
+            started = time.monotonic()
+            resp = chat(server, f"Tell me about the sea, block {block}.", max_tokens=4)
+            assert resp["choices"][0]["finish_reason"] == "length"
+            assert time.monotonic() - started < 15
+        assert metric(server, f'appliance_worker_failures_total{{worker="scheduler:{MODEL}"}}') == 0
+    finally:
+        admin(
+            server,
+            "PATCH",
+            "/admin/settings",
+            {"models": {MODEL: {"generation": {"prefix_block_tokens": None}}}},
+        )

@@ -545,6 +545,37 @@ async def test_a_driver_that_keeps_dying_fails_waiting_sequences(
     await sch.close()
 
 
+async def test_a_supervisor_whose_clean_up_also_fails_still_ends_every_sequence(
+    executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver's gauges raise (as a counter that went backwards once did): the driver dies,
+    and so does its clean-up, which sets the same gauges. The supervisor must outlive both, or
+    the sequences it holds wait forever and the next submit starts a driver that dies again."""
+    metrics = Metrics()
+    sch = make(executor, FakeDecoder(), metrics=metrics)
+    broken = True
+    real_gauges = Scheduler._set_gauges
+
+    def gauges(self: Scheduler) -> None:
+        if broken:
+            raise Boom("gauges broke")
+        real_gauges(self)
+
+    monkeypatch.setattr(Scheduler, "_set_gauges", gauges)
+    waiting = [seq([i], 3) for i in range(3)]  # no deadline: only the supervisor can end them
+    for s in waiting:
+        sch.submit(s)
+    results = await ends(waiting)
+    assert all(isinstance(r, Failed) and "gauges broke" in str(r.error) for r in results)
+    assert sch._task is not None and not sch._task.done()  # still supervising
+    broken = False
+    ok = seq([5], 3)
+    sch.submit(ok)
+    (fin,) = await ends([ok])
+    assert isinstance(fin, Finished)
+    await sch.close()
+
+
 async def test_a_hung_engine_ends_running_admitted_and_waiting_sequences(
     executor: ThreadPoolExecutor,
 ) -> None:

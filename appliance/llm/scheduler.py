@@ -298,6 +298,9 @@ class Scheduler(EarlyAdmission):
             self.prefix = None
         elif self.prefix is None or self.prefix.block_tokens != cfg.prefix_block_tokens:
             self.prefix = PrefixCache(cfg.prefix_block_tokens)
+            # A new cache counts from zero: the metrics take its counts as they come (measured
+            # against the old cache's, they went backwards and killed the driver at every step).
+            self._published = PrefixStats()
 
     def kv_bytes(self, tokens: int) -> int:
         return tokens * self.bytes_per_token
@@ -625,7 +628,14 @@ class Scheduler(EarlyAdmission):
                     m.worker_up.labels(worker).set(0)
                 err = EngineError(f"scheduler error: {type(exc).__name__}: {exc}")
                 steps = self._counts["steps"]
-                self._abort(err, waiting=failures > 1 and steps == self._last_crash_steps)
+                try:
+                    self._abort(err, waiting=failures > 1 and steps == self._last_crash_steps)
+                except Exception:
+                    # The clean-up broke too (it shares the code that failed): the supervisor
+                    # must live on regardless, or every sequence it holds waits forever. Fail
+                    # them all, as a driver that cannot make progress would.
+                    log.exception("model %s: cleaning up after the scheduler loop failed", self.name)
+                    self._fail_all(err)
                 self._last_crash_steps = steps
                 # Back off a little so a persistent bug does not spin the loop at 100 %.
                 await asyncio.sleep(min(0.01 * 2 ** min(failures, 7), 1.0))
@@ -777,6 +787,22 @@ class Scheduler(EarlyAdmission):
             m.prefix_cache_evictions.labels(self.name).inc(st.evictions - old.evictions)
             m.prefix_cache_blocks.labels(self.name).set(len(cache))
             self._published = PrefixStats(st.query_tokens, st.hit_tokens, st.evictions)
+
+    def _fail_all(self, error: Exception) -> None:
+        """Fail every sequence, held or queued, without touching metrics or the prefix cache."""
+        held = list(self._rows) + list(self._prefilling)
+        if self._inflight is not None:
+            held += self._inflight.keep + self._inflight.admit
+        for queue in self._queues:
+            held += list(queue)
+            queue.clear()
+        for seq in held:
+            if seq.timer is not None:
+                seq.timer.cancel()
+                seq.timer = None
+            self._fail(seq, error)
+            seq.partial = None
+        self._rows, self._kv, self._inflight, self._prefilling = [], None, None, []
 
     def _kv_used(self) -> int:
         return 0 if self._kv is None else self._kv.nbytes()
