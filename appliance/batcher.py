@@ -547,13 +547,20 @@ class Batcher(EarlyAdmission, Generic[T, R]):
         except Exception as exc:  # the whole batch failed; nothing else is affected
             outcome = [exc] * n
         finally:
-            self._complete(bid, batch, outcome, ok)
-            if release is not None:
-                if not self._closed:
-                    # Ask for the next batch before the grant goes back: otherwise another model's
-                    # waiter, there first, would take it even when this queue is more urgent.
-                    self._pump()
-                release()  # the engine is free for the most urgent work of any model
+            try:
+                self._complete(bid, batch, outcome, ok)
+            finally:
+                # Whatever _complete or _pump raise (a metric, an observer), the grant goes back:
+                # a grant kept would stall every model's engine calls for good.
+                if release is not None:
+                    try:
+                        if not self._closed:
+                            # Ask for the next batch before the grant goes back: otherwise another
+                            # model's waiter, there first, would take it even when this queue is
+                            # more urgent.
+                            self._pump()
+                    finally:
+                        release()  # the engine is free for the most urgent work of any model
         self._pump()  # not on cancellation: the loop is shutting down
 
     def _complete(

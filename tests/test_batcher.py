@@ -302,6 +302,35 @@ async def test_snapshot_and_observer_report_batches() -> None:
     assert all(compute >= 0.004 for _, _, compute in seen)
 
 
+async def test_an_observer_that_raises_never_keeps_the_compute_grant() -> None:
+    """A batch's end reports to its observer (the metrics). If that raises, the batch's callers
+    still get their answers, and the compute grant still goes back: kept, it would stall every
+    model's engine calls for good."""
+
+    class Broken:
+        def on_batch(self, size: int, queue_wait_s: Sequence[float], compute_s: float) -> None:
+            raise Boom("the metrics broke")
+
+        def on_reject(self, priority: int, reason: str) -> None:
+            pass
+
+        def on_queue_depth(self, priority: int, depth: int) -> None:
+            pass
+
+    arbiter = ComputeArbiter(1, aging_ms=0)
+    batcher: Batcher[Any, Any] = Batcher("m", BatchPolicy(), FakeEngine(), arbiter=arbiter, observer=Broken())
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, _ctx: None)  # the task's error is expected
+    try:
+        assert await asyncio.wait_for(batcher.submit(1), 2) == ("ok", 1)
+        await asyncio.wait_for(arbiter.acquire("other", 1), 2)  # the grant came back
+        arbiter.release()
+        assert await asyncio.wait_for(batcher.submit(2), 2) == ("ok", 2)
+    finally:
+        loop.set_exception_handler(None)
+    await batcher.close()
+
+
 async def test_execute_returning_the_wrong_number_of_results_fails_that_batch() -> None:
     async def short(items: list[int]) -> list[int]:
         return items[:-1]
