@@ -38,11 +38,7 @@ BLOCK = 32
 
 def projection(k: int, n: int, form: str, rng: np.random.Generator) -> bytes:
     blocks = k // BLOCK
-    inits = [
-        numpy_helper.from_array(np.array([0, 0, blocks, BLOCK], np.int64), "blocked"),
-        numpy_helper.from_array(np.array([-1], np.int64), "last"),
-        numpy_helper.from_array(rng.random((blocks, n), dtype=np.float32) * 0.01, "offsets"),
-    ]
+    inits = []
     nodes = []
 
     def nbits(name: str, out: str, cols: int, bits: int = 4, zp: str | None = None) -> None:
@@ -78,6 +74,11 @@ def projection(k: int, n: int, form: str, rng: np.random.Generator) -> bytes:
         nbits("w", "y", n)
     elif form == "q4+offsets":
         nbits("w", "nb", n)
+        inits += [
+            numpy_helper.from_array(np.array([0, 0, blocks, BLOCK], np.int64), "blocked"),
+            numpy_helper.from_array(np.array([-1], np.int64), "last"),
+            numpy_helper.from_array(rng.random((blocks, n), dtype=np.float32) * 0.01, "offsets"),
+        ]
         nodes += [
             helper.make_node("Reshape", ["x", "blocked"], ["xb"]),
             helper.make_node("ReduceSum", ["xb", "last"], ["sums"], keepdims=0),
