@@ -118,12 +118,23 @@ class OnnxRuntimeEngine(Engine):
         del self._session
 
 
-def spinning(opts: ort.SessionOptions, spin_wait: bool) -> None:
+def spinning(opts: ort.SessionOptions, spin_wait: bool, spin_us: int = 0) -> None:
     """ORT's intra-op threads spin after a run, waiting for the next. That helps one model running
     batch after batch, but when models take turns on the cores (the compute arbiter) the idle
     model's spinning threads steal the cores the running model needs: measured with
     ``bench/bench_overload.py`` (both default models, 3x embedding load plus chat), goodput 0.41
-    with spinning and 0.80 without. ``engine.spin_wait`` turns it back on for a one-model box."""
+    with spinning and 0.80 without. ``engine.spin_wait`` turns it back on for a one-model box.
+
+    ``spin_us`` (without ``spin_wait``): spin at most that many microseconds for the next piece of
+    work, then sleep (``session.intra_op.spin_duration_us``, backing off up to 8 pauses between
+    checks). Inside one run of ~1300 small kernels (a chat decode step) the worker thread then
+    catches the next parallel kernel without a futex wake-up; a millisecond after the run it
+    sleeps, so an idle model does not keep a core."""
+    if spin_us > 0 and not spin_wait:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        opts.add_session_config_entry("session.intra_op.spin_duration_us", str(int(spin_us)))
+        opts.add_session_config_entry("session.intra_op.spin_backoff_max", "8")
+        return
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
 
 

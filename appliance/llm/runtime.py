@@ -109,6 +109,7 @@ class DecoderSession(DecoderBase):
         single_stream: str | Path | None = None,
         kv_device: str | None = None,
         spin_wait: bool = False,
+        spin_us: int = 0,
         q4_int8_decode: bool = False,
         fused_decode: bool = False,
         fused_attention: bool = False,
@@ -121,6 +122,9 @@ class DecoderSession(DecoderBase):
         outputs, logits within 2e-4): a batch of one decodes there, where it is 1.4x faster; larger
         batches and prefill stay on the float graph, which is faster for them.
 
+        ``spin_us``: let both sessions' intra-op threads spin up to that long for their next
+        kernel before sleeping (``appliance.engines.onnxruntime.spinning``); 0: they sleep at once.
+
         ``q4_int8_decode``: run that companion with int8 activations (see ``int8_model``),
         and decode batches of up to ``INT8_DECODE_MAX_BATCH`` rows there too.
 
@@ -131,7 +135,7 @@ class DecoderSession(DecoderBase):
         self._read_generation(model_dir)
         model_dir = self.model_dir
         options = ort.SessionOptions()
-        spinning(options, spin_wait)
+        spinning(options, spin_wait, spin_us)
         if intra_op_threads is not None:
             options.intra_op_num_threads = intra_op_threads
         self.session = ort.InferenceSession(
