@@ -324,17 +324,9 @@ def _embedding_runtime(
         if not bool(values["batching.measure_batch_size"]):
             return
         upper = int(values["batching.max_batch_size"])
-        started = time.perf_counter()
-        size, rates = rt.best_batch(upper)
-        runtime.measured_batch_size = {
-            "chosen": size,
-            "upper_bound": upper,
-            "sentences_per_cpu_s": {str(b): round(r, 1) for b, r in rates.items()},
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-        log.info(
-            "model %s: batch size %d measured best (of %s sentences per CPU-second)", entry.name, size, rates
-        )
+        measured = measure_once(mgr, runtime, values, rt)
+        runtime.measured_batch_size = measured
+        size = int(measured["chosen"])
         if size < upper:
             # ModelManager.apply keeps this cap when settings change live (until a reload).
             loop.call_soon_threadsafe(_cap_policy, batcher, size)
@@ -352,6 +344,52 @@ def _embedding_runtime(
         peak_scale=int(values["batching.max_batch_size"]) / PEAK_PROBE_ROWS,
     )
     return runtime
+
+
+def measure_once(
+    mgr: ModelManager, runtime: ModelRuntime, values: dict[str, Any], rt: EmbeddingRuntime
+) -> dict[str, Any]:
+    """The batch size to cap ``entry``'s batches at, timed (``best_batch``) only on an idle
+    process, and once per model, engine and bound.
+
+    The timing counts the process's CPU time, which is the engine's only while nothing else
+    runs. A model that ``memory.keep_alive_s`` unloaded and a request loads again under traffic
+    is timed while other engines run: that picked batch 1 (the loop and the chat decoder's CPU
+    time charged to it), the model then served a fraction of its throughput, and its queue timed
+    out. So a load reuses the earlier measurement, and a timing that other engine calls
+    overlapped (the compute arbiter granted any) is not trusted: the configured maximum stays,
+    and the next load on an idle process measures again."""
+    entry = runtime.entry
+    upper = int(values["batching.max_batch_size"])
+    key = (upper, runtime.engine.backend_name, int(values["engine.intra_op_threads"]), runtime.identity)
+    earlier = mgr.batch_measurements.get(entry.name)
+    if earlier is not None and earlier[0] == key:
+        log.info("model %s: batch size %d, as measured at an earlier load", entry.name, earlier[1]["chosen"])
+        return {**earlier[1], "from_earlier_load": True}
+    arbiter = mgr.arbiter
+    granted_before = arbiter.granted
+    started = time.perf_counter()
+    size, rates = rt.best_batch(upper)
+    measured: dict[str, Any] = {
+        "chosen": size,
+        "upper_bound": upper,
+        "sentences_per_cpu_s": {str(b): round(r, 1) for b, r in rates.items()},
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    # Read from the worker thread: a count that moved, or a call still running, is all this asks.
+    if arbiter.granted != granted_before or arbiter.snapshot()["running"]:
+        log.warning(
+            "model %s: other engine calls ran while batch sizes were timed; keeping "
+            "batching.max_batch_size %d (a load on an idle process measures again)",
+            entry.name,
+            upper,
+        )
+        return {**measured, "chosen": upper, "untrusted": "other engine calls ran during the timing"}
+    log.info(
+        "model %s: batch size %d measured best (of %s sentences per CPU-second)", entry.name, size, rates
+    )
+    mgr.batch_measurements[entry.name] = (key, measured)
+    return measured
 
 
 def _cap_policy(batcher: Batcher[Any, Any], size: int) -> None:

@@ -102,7 +102,7 @@ class ModelRuntime:
     # ``peak_scale``, sizes the model's activation lease; replaces ``warmup`` where present.
     peak_probe: Callable[[], None] | None = None
     peak_scale: float = 1.0
-    # Set by an embedding model's load-time measurement (``inference.best_batch``).
+    # Set by an embedding model's load-time measurement (``inference.measure_once``).
     measured_batch_size: dict[str, Any] | None = None
     # The LLM scheduler's running/waiting figures, for /admin/stats.
     generation_snapshot: Callable[[], dict[str, Any]] | None = None
@@ -175,6 +175,10 @@ class ModelManager:
         self._identities: dict[str, str] = {}
         # Batch sizes learned from out-of-memory errors: never send a batch that big again.
         self.batch_caps: dict[str, int] = {}
+        # Each embedding model's load-time batch-size measurement, with what it was measured for
+        # (inference.measure_once): a model unloaded when idle and loaded again under traffic
+        # reuses it instead of timing batches while other engines share the cores.
+        self.batch_measurements: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self._keep_alive: asyncio.Task[None] | None = None
         self.supervisor: Any = None  # set by the server: background tasks run under it
         self._arena: Any = None  # the shared TensorRT activation arena (a cuda.DeviceBuffer)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -68,3 +70,44 @@ def test_measuring_can_be_turned_off(start_server, minilm_folder: Path) -> None:
     status, model = srv.get(f"/v1/models/{MODEL}")
     assert status == 200 and "measured_batch_size" not in model
     assert srv.app[MANAGER].slots[MODEL].runtime.batcher.policy.max_batch_size == 8  # type: ignore[union-attr]
+
+
+def test_a_reload_reuses_the_measured_batch_size_and_a_busy_timing_is_not_trusted(
+    start_server: Callable[..., ServerThread], minilm_folder: Path
+) -> None:
+    """The timing counts the process's CPU, which is the engine's only while nothing else runs.
+    A model unloaded when idle (memory.keep_alive_s) and loaded again under traffic was timed
+    while the chat decoder and the loop ran too: it picked batch 1, served a fraction of its
+    throughput and its queue timed out. A reload reuses the first measurement; a timing that
+    other engine calls overlapped keeps the configured maximum."""
+    srv: ServerThread = start_server(
+        {MODEL: minilm_folder}, overrides={MODEL: {"batching": {"max_batch_size": 8}}}
+    )
+    mgr = srv.app[MANAGER]
+
+    def reload() -> dict[str, Any]:
+        srv.call(lambda: mgr.unload(MODEL))
+        srv.call(lambda: mgr.load(MODEL))
+        status, model = srv.get(f"/v1/models/{MODEL}")
+        assert status == 200
+        return dict(model["measured_batch_size"])
+
+    _, first = srv.get(f"/v1/models/{MODEL}")
+    first = first["measured_batch_size"]
+    assert "from_earlier_load" not in first and "untrusted" not in first
+    again = reload()
+    assert again["from_earlier_load"] is True and again["chosen"] == first["chosen"]
+    assert mgr.slots[MODEL].runtime.batcher.policy.max_batch_size == first["chosen"]  # type: ignore[union-attr]
+
+    # Another model's engine call holds the compute grant through the whole load.
+    mgr.batch_measurements.clear()
+    srv.call(lambda: mgr.arbiter.acquire("another-model", 1))
+    try:
+        busy = reload()
+    finally:
+        srv.call(mgr.arbiter.release)
+    assert busy["chosen"] == 8 and "other engine calls" in busy["untrusted"]
+    assert mgr.slots[MODEL].runtime.batcher.policy.max_batch_size == 8  # type: ignore[union-attr]
+    assert MODEL not in mgr.batch_measurements  # the next idle load measures again
+    status, body, _ = srv.post("/v1/embeddings", {"model": MODEL, "input": ["a", "b"]})
+    assert status == 200 and len(body["data"]) == 2
