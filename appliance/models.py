@@ -173,6 +173,8 @@ class ModelManager:
         self.arena_lock = threading.Lock()
         # The identity of each model's built artefacts, read once (cache keys need it per request).
         self._identities: dict[str, str] = {}
+        # Models that have been resident since start: unloaded, they still count as ready.
+        self._served: set[str] = set()
         # Batch sizes learned from out-of-memory errors: never send a batch that big again.
         self.batch_caps: dict[str, int] = {}
         # Each embedding model's load-time batch-size measurement, with what it was measured for
@@ -352,6 +354,7 @@ class ModelManager:
         slot.runtime = runtime
         self._identities[entry.name] = f"{entry.name}@{runtime.identity}"
         slot.state = ModelState.resident
+        self._served.add(entry.name)
         slot.error = None
         slot.loaded_at = time.time()
         elapsed = time.monotonic() - started
@@ -440,8 +443,19 @@ class ModelManager:
         await asyncio.gather(*(self.unload(n, drain=drain) for n in list(self.slots)))
 
     def ready(self) -> bool:
+        """Whether every default model serves: resident, or, once it has been, unloaded by
+        keep-alive or eviction and loaded again by its next request. Readiness that followed
+        residency flipped to 503 five idle minutes after start (memory.keep_alive_s), and an
+        orchestrator that routes by it (the Kubernetes Service) then sent no request that could
+        load the model again."""
+        again = (ModelState.available, ModelState.evicted, ModelState.loading)
         return all(
-            n in self.slots and self.slots[n].state == ModelState.resident for n in self.default_models()
+            n in self.slots
+            and (
+                self.slots[n].state == ModelState.resident
+                or (n in self._served and self.slots[n].state in again)
+            )
+            for n in self.default_models()
         )
 
     # -- live settings ---------------------------------------------------------------------

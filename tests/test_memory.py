@@ -150,7 +150,7 @@ def test_out_of_memory_batches_are_split_retried_and_capped(
     assert cap <= 2, "later batches are capped below the size that failed"
 
 
-def test_keep_alive_unloads_idle_models_and_they_load_again(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]
+def test_keep_alive_unloads_idle_models_which_stay_ready_and_load_again(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]
     # Not waiting for /readyz: on a loaded box the model may load and be unloaded again (1 s idle)
     # between two polls, and readiness then never shows. Loaded once and back to "available" is
     # what the test waits for.
@@ -164,6 +164,11 @@ def test_keep_alive_unloads_idle_models_and_they_load_again(start_server, minilm
     while not (slot.loaded_at is not None and state(srv, "all-minilm-l6-v2") == "available"):
         assert time.monotonic() < deadline, "the model was not loaded and then unloaded"
         time.sleep(0.1)
+    # Unloaded when idle, still ready: its next request loads it. (Readiness followed residency,
+    # so a Kubernetes Service dropped the pod after five idle minutes, and no request came back
+    # to load the model again.)
+    status, ready = srv.get("/readyz")
+    assert status == 200 and ready["ready"] is True, ready
     assert embed(srv, "all-minilm-l6-v2")[0] == 200
     assert state(srv, "all-minilm-l6-v2") == "resident"
 
