@@ -150,7 +150,9 @@ def test_out_of_memory_batches_are_split_retried_and_capped(
     assert cap <= 2, "later batches are capped below the size that failed"
 
 
-def test_keep_alive_unloads_idle_models_which_stay_ready_and_load_again(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]
+def test_keep_alive_unloads_idle_models_which_stay_ready_and_load_again(
+    start_server, minilm_folder: Path
+) -> None:  # type: ignore[no-untyped-def]
     # Not waiting for /readyz: on a loaded box the model may load and be unloaded again (1 s idle)
     # between two polls, and readiness then never shows. Loaded once and back to "available" is
     # what the test waits for.
