@@ -7,6 +7,8 @@ import logging
 import sys
 import time
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -25,6 +27,28 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+class MalformedRequests(logging.Filter):
+    """aiohttp logs each request its parser refuses (a bad chunk size, a header line too long, a
+    control character in a header) as an error with a traceback, after answering it 400. That is
+    the client's fault, not the server's: here it is one info line, as any refused request is in
+    the access log, and a fuzzer cannot flood the log with tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 400) < 500:
+            first = (exc.message or type(exc).__name__).splitlines()[0][:200]
+            record.msg, record.args = "malformed request refused (%d): %s", (exc.code, first)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_malformed_requests() -> None:
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequests) for f in server.filters):
+        server.addFilter(MalformedRequests())
+
+
 def setup(level: str, fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stdout)
     if fmt == "json":
@@ -36,3 +60,4 @@ def setup(level: str, fmt: str = "json") -> None:
     root.setLevel(level.upper())
     # aiohttp's own access log would duplicate ours, without the model and priority.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    quiet_malformed_requests()

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from appliance.logs import quiet_malformed_requests
 from tests.conftest import ServerThread, make_repository, metric
 from tests.test_api_kserve import build_affine_model
 
@@ -299,3 +300,29 @@ def test_a_wrong_method_is_405_naming_the_allowed_ones(server: ServerThread) -> 
     assert resp["error"]["message"] == "PUT is not allowed on /v1/embeddings; it takes POST"
     status, resp, headers = server.request("DELETE", f"/v2/models/{EMB}/infer")
     assert status == 405 and "it takes POST" in resp["error"], resp
+
+
+def test_a_request_the_http_parser_refuses_is_one_info_line_not_a_traceback(
+    server: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp answers 400 to a request it cannot parse and logs an error with a traceback; a
+    fuzzer turned that into a flood of tracebacks. The serving process's logging (logs.setup)
+    makes each one info line naming what was wrong."""
+    quiet_malformed_requests()
+    bad = [
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Request-Id: a\x01b\r\n\r\n",
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"a" * 9000 + b"\r\n\r\n",
+    ]
+    with caplog.at_level(logging.INFO, logger="aiohttp.server"):
+        for raw in bad:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                sock.sendall(raw)
+                assert b" 400 " in sock.recv(100).split(b"\r\n", 1)[0]
+        deadline = time.monotonic() + 5
+        while len([r for r in caplog.records if "malformed request refused (400)" in r.getMessage()]) < 3:
+            assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+            time.sleep(0.05)
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert records and all(r.levelno == logging.INFO and not r.exc_info for r in records)
+    assert "Invalid character in chunk size" in records[0].getMessage()
