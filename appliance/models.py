@@ -25,6 +25,7 @@ from appliance.config import Config
 from appliance.engines.base import Engine
 from appliance.engines.select import expected_on_gpu, gpu_engines_available, open_engine
 from appliance.errors import ModelNotFound, Unavailable
+from appliance.heap import freeze_startup_heap
 from appliance.memory import DoesNotFit, MemoryPools, measure
 from appliance.repository import ModelEntry, ModelKind, RepositoryError, scan
 from appliance.sdnotify import ProgressWatchdog
@@ -428,6 +429,8 @@ class ModelManager:
                 self.slots[n].last_used = time.monotonic()
                 with contextlib.suppress(Exception):
                     await self.load(n)
+        # Start-up state lives until exit: out of every later full collection (appliance.heap).
+        freeze_startup_heap()
 
     async def close(self, *, drain: bool = True) -> None:
         if self._keep_alive is not None:

@@ -57,6 +57,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from appliance import tracing
 from appliance.admission import (
     REJECT_REASONS,
     AdmissionError,
@@ -676,8 +677,12 @@ class Scheduler(EarlyAdmission):
             allowance = self.config.kv_cache_bytes - self._charge(plan.keep + work)
             level = _level(work)
             try:
+                # The chunk is sized once the grant is held, not when it is asked for: a call
+                # that waited (it may have aged past priority 1) runs while more urgent work
+                # queued meanwhile, and a chunk sized before the wait ran uncut (a 1.1-1.9 s
+                # prefill of 8 prompts at the start of the overload benchmark).
                 new_kv, joined, pending = await self._engine_call(
-                    level, self._prefill, work, allowance, self._prefill_budget(level)
+                    level, self._prefill, work, allowance, granted=lambda: (self._prefill_budget(level),)
                 )
                 new, self._prefilling = (new_kv, joined), pending
             except EngineTimeout as err:
@@ -725,8 +730,15 @@ class Scheduler(EarlyAdmission):
             budget = cut if budget is None else min(budget, cut)
         return budget
 
-    async def _engine_call(self, level: int, fn: Callable[..., _R], *args: Any) -> _R:
-        """Run ``fn(loop, *args)`` on the model's worker under a compute grant for ``level``.
+    async def _engine_call(
+        self,
+        level: int,
+        fn: Callable[..., _R],
+        *args: Any,
+        granted: Callable[[], tuple[Any, ...]] | None = None,
+    ) -> _R:
+        """Run ``fn(loop, *args)`` on the model's worker under a compute grant for ``level``;
+        ``granted()``, called on the loop once the grant is held, gives the call's last arguments.
 
         With ``engine.timeout_ms`` set, three waits are bounded: the grant and the call itself by
         it, the worker starting (it may still be busy with an earlier call that hung) by twice it. The
@@ -742,6 +754,8 @@ class Scheduler(EarlyAdmission):
                     await asyncio.wait_for(stack.enter_async_context(self._grant(level)), limit)
                 except asyncio.TimeoutError:
                     raise EngineTimeout(f"no compute grant within {timeout_ms:.0f} ms") from None
+            if granted is not None:
+                args = (*args, *granted())
             job = _Job()
             began: asyncio.Future[None] = loop.create_future()
             fut: asyncio.Future[_R] = loop.run_in_executor(
@@ -831,12 +845,21 @@ class Scheduler(EarlyAdmission):
         # A call may take up to twice the engine timeout before the watchdog calls the engine hung.
         watch = self._progress(2 * timeout_ms / 1000 if timeout_ms > 0 else 300.0) if self._progress else None
         entered = time.perf_counter()
+        if tracing.ON:
+            tracing.ev(
+                "call",
+                self.name,
+                fn.__name__,
+                len(args[1]) if fn.__name__ == "_decode" else [len(args[0]), args[2]],
+            )
         try:
             with watch if watch is not None else contextlib.nullcontext():
                 return fn(loop, *args)
         finally:
             if self._busy is not None:
                 self._busy.inc(time.perf_counter() - entered)
+            if tracing.ON:
+                tracing.ev("call_end", self.name, fn.__name__)
 
     def _decode(
         self,
@@ -871,6 +894,8 @@ class Scheduler(EarlyAdmission):
             for row, seq in enumerate(rows):
                 events.extend(self._advance(seq, logits[row]))
             loop.call_soon_threadsafe(self._deliver, events)  # each token streams as it is made
+            if tracing.ON:
+                tracing.ev("step", self.name, len(rows))
             now = time.monotonic()
             elapsed = now - started
             if elapsed > 0:
