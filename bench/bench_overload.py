@@ -883,9 +883,13 @@ async def overload_rounds(args: argparse.Namespace, tmp: Path) -> dict[str, Any]
         if args.baseline is not None:
             base = _defaults(args.baseline_set)
             servers["baseline"] = stack.enter_context(serve(tmp / "baseline", models, args.baseline, base))
-        print("capacity ...", flush=True)
-        cap = await capacity(servers["this"], args.capacity_seconds)
-        print(f"  {cap}", flush=True)
+        if args.assume_capacity:
+            emb, tok = args.assume_capacity
+            cap = {"embeddings_per_s": emb, "chat_tok_s": tok}
+        else:
+            print("capacity ...", flush=True)
+            cap = await capacity(servers["this"], args.capacity_seconds)
+        print(f"  capacity {cap}", flush=True)
         for server in servers.values():  # warm both alike (first-call costs, lazy imports)
             await closed_loop(server.url, 16, 2.0)
         names = list(servers)
@@ -965,6 +969,14 @@ def main() -> None:
         metavar="KEY=JSON",
         help="with --only overload --baseline: a tunable for the baseline server (repeatable); "
         "`--baseline . --baseline-set ...` compares settings on one checkout",
+    )
+    ap.add_argument(
+        "--assume-capacity",
+        type=float,
+        nargs=2,
+        metavar=("EMB_PER_S", "CHAT_TOK_S"),
+        help="with --only overload: solo capacities taken as given, not measured (on a box other "
+        "sessions load on and off, a capacity measured in a quiet minute overloads every round)",
     )
     ap.add_argument("--trace", type=Path, help="write each server's event trace (appliance/tracing.py) here")
     args = ap.parse_args()
