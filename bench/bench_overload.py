@@ -892,6 +892,7 @@ async def overload_rounds(args: argparse.Namespace, tmp: Path) -> dict[str, Any]
         print(f"  capacity {cap}", flush=True)
         for server in servers.values():  # warm both alike (first-call costs, lazy imports)
             await closed_loop(server.url, 16, 2.0)
+            await chat_streams(server.url, 2, 2.0)
         names = list(servers)
         for i in range(args.rounds):
             for name in names if i % 2 == 0 else names[::-1]:

@@ -659,6 +659,30 @@ async def test_prefill_is_cut_to_urgent_prefill_ms_while_more_urgent_work_is_abo
     await sch.close()
 
 
+async def test_prefill_is_cut_to_max_prefill_ms_with_nothing_urgent_about(
+    executor: ThreadPoolExecutor,
+) -> None:
+    """Urgent work that arrives while a chunk runs waits for all of it: even while the arbiter
+    says nothing more urgent is about, a chunk is about ``max_prefill_ms`` of measured prefill,
+    not a whole ``prefill_chunk_tokens``."""
+    dec = FakeDecoder(prefill_s=0.01)  # every prefill call takes ~10 ms, whatever its size
+    config = GenerationConfig(prefill_chunk_tokens=512, urgent_prefill_ms=2.0, max_prefill_ms=5.0)
+    policy = BatchPolicy(priority_levels=3, default_priority=2)
+    sch = Scheduler("fake", dec, executor, policy, config, pressed=lambda level: False)
+    first = seq(list(range(1, 41)), 1)  # measures the rate: ~40 tokens in >= 10 ms (<= 4000/s)
+    sch.submit(first)
+    await drain(first)
+    assert dec.prefill_tokens == [40]
+    long = seq(list(range(1, 101)), 1)
+    sch.submit(long, priority=2)
+    text, fin = await drain(long)
+    assert isinstance(fin, Finished) and text == text_of(reference(list(range(1, 101)), 1))
+    chunks = dec.prefill_tokens[1:]
+    # ~5 ms at <= 4000 tokens/s is <= 20 tokens a chunk (16 at least).
+    assert sum(chunks) == 100 and len(chunks) >= 5 and max(chunks) <= 20
+    await sch.close()
+
+
 async def test_prefill_is_sized_when_its_grant_comes_not_when_it_asks(executor: ThreadPoolExecutor) -> None:
     """A prefill that waited for the engine runs when more urgent work came meanwhile: its chunk
     is sized from the arbiter's word once the grant is held. Here the prompt asks while only
