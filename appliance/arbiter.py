@@ -34,8 +34,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
-from appliance import tracing
-
 
 class ArbiterObserver(Protocol):
     """Metrics hooks, called on the event loop; must be cheap and must not raise."""
@@ -163,8 +161,6 @@ class ComputeArbiter:
             self._dispatch()
 
     def release(self, held: Grant = NORMAL) -> None:
-        if tracing.ON:
-            tracing.ev("release", held.urgent)
         if held.urgent:
             self._urgent_running -= 1
         else:
@@ -239,8 +235,6 @@ class ComputeArbiter:
         else:
             self._running += 1
         self.granted += 1
-        if tracing.ON:
-            tracing.ev("grant", model, priority, waited_s, urgent, len(self._waiters))
         self._granted_at[priority] = self._clock()
         if self.observer is not None:
             self.observer.on_grant(model, priority, waited_s, urgent)

@@ -12,13 +12,11 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from appliance import tracing
 from appliance.admission import (
     REJECT_REASONS,
     AdmissionError,
@@ -178,13 +176,7 @@ class Batcher(EarlyAdmission, Generic[T, R]):
             self._pump_pending = True
             loop.call_soon(self._pump)
         try:
-            result = await req.future
-            if tracing.ON and level == 1:
-                bid, at = tracing.done.pop(id(req), (-1, 0.0))
-                slot = tracing.ctx.get()
-                if slot is not None:
-                    slot.update(arrival=req.arrival, bid=bid, resolved=at, back=time.monotonic())
-            return result
+            return await req.future
         except asyncio.CancelledError:
             # Client went away. Still queued: withdraw it. Already running: the result is dropped later.
             if self._discard(req):
@@ -409,14 +401,12 @@ class Batcher(EarlyAdmission, Generic[T, R]):
         # this turn, without a task or a loop turn (at saturation the next batch so starts
         # before the loop renders the last one's answers, not after).
         while (held := arbiter.try_acquire(self.name, self._best_level())) is not None:
-            self._t_ask = self._t_grant = time.monotonic()
             if not self._start(loop, arbiter, held):
                 return
             if not any(self._queues) or len(self._starts) >= self.instances:
                 return
         # Queued now, not when the task first runs: a batch that just ended asks before it gives
         # its grant back (see _run), so its queue competes for that very grant.
-        self._t_ask = time.monotonic()
         self._asking = arbiter.ask(self.name, self._best_level())
         task = loop.create_task(self._granted(loop, self._asking), name=f"grant:{self.name}")
         self._asking_task = task
@@ -428,7 +418,6 @@ class Batcher(EarlyAdmission, Generic[T, R]):
         assert arbiter is not None
         try:
             held = await arbiter.wait(waiter)
-            self._t_grant = time.monotonic()
         finally:
             self._asking = None
         self._start(loop, arbiter, held)
@@ -483,7 +472,7 @@ class Batcher(EarlyAdmission, Generic[T, R]):
         full batch, and the priority-1 items would wait for all of it. A batch headed by
         priority-1 work is taken in arrival order, never grouped by length: grouping let later
         arrivals of a similar length overtake an earlier one for up to four batches, and under
-        the overload benchmark 16-21 % of priority-1 requests were so overtaken, by up to 1.4 s
+        the overload benchmark 16-22 % of priority-1 requests were so overtaken, by up to 1.4 s
         (most of its p99); the padding a short urgent batch saves is the smaller effect."""
         dead: list[_Request[T, R]] = []
 
@@ -533,19 +522,6 @@ class Batcher(EarlyAdmission, Generic[T, R]):
     ) -> None:
         bid = next(self._seq)
         self._starts[bid] = loop.time()
-        if tracing.ON:
-            levels: dict[int, int] = {}
-            for r in batch:
-                levels[r.priority] = levels.get(r.priority, 0) + 1
-            tracing.ev(
-                "batch",
-                self.name,
-                bid,
-                getattr(self, "_t_ask", 0.0),
-                getattr(self, "_t_grant", 0.0),
-                levels,
-                [r.arrival for r in batch if r.priority == 1],
-            )
         work: Awaitable[Sequence[R | BaseException]] | BaseException
         try:
             # Called now rather than inside the task so an engine can start work without a loop turn.
@@ -590,12 +566,6 @@ class Batcher(EarlyAdmission, Generic[T, R]):
     ) -> None:
         start = self._starts.pop(bid)
         compute_s = asyncio.get_running_loop().time() - start
-        if tracing.ON:
-            at = time.monotonic()
-            tracing.ev("batch_end", self.name, bid)
-            for req in batch:
-                if req.priority == 1:
-                    tracing.done[id(req)] = (bid, at)
         for req, result in zip(batch, outcome, strict=True):
             if req.future.done():  # client cancelled while its batch ran
                 self._dropped += 1

@@ -162,6 +162,10 @@ class ModelManager:
         # Loads one at a time: footprints are measured from the process's memory, and two loads
         # at once would blur each other's figures.
         self._load_lock = asyncio.Lock()
+        # The serving process sets this (appliance.server.serve): its start-up heap is frozen
+        # once the default models are loaded (appliance.heap). Not in-process test servers,
+        # whose heap is the test runner's.
+        self.freeze_heap = False
         # Engine time across models, by priority (see arbiter.py).
         self.arbiter = ComputeArbiter(
             int(server_values["compute.concurrency"]),
@@ -429,8 +433,8 @@ class ModelManager:
                 self.slots[n].last_used = time.monotonic()
                 with contextlib.suppress(Exception):
                     await self.load(n)
-        # Start-up state lives until exit: out of every later full collection (appliance.heap).
-        freeze_startup_heap()
+        if self.freeze_heap:  # start-up state lives until exit: out of every later full collection
+            freeze_startup_heap()
 
     async def close(self, *, drain: bool = True) -> None:
         if self._keep_alive is not None:

@@ -85,7 +85,6 @@ GAUGES = (
     "appliance_compute_waiting",
 )
 TEXTS = sentences(5000, seed=7)
-TRACE_DIR: Path | None = None
 
 
 # -- the server ---------------------------------------------------------------------------------
@@ -154,12 +153,7 @@ def serve(
     proc = subprocess.Popen(
         [sys.executable, "-m", "appliance", "--config", str(cfg), "serve"],
         cwd=root,
-        env={
-            **os.environ,
-            "PYTHONPATH": str(root),
-            # --trace: the server's opt-in event trace (appliance/tracing.py), one file per server.
-            **({"APPLIANCE_TRACE": str(TRACE_DIR / f"{tmp.name}.jsonl")} if TRACE_DIR else {}),
-        },
+        env={**os.environ, "PYTHONPATH": str(root)},
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -979,10 +973,7 @@ def main() -> None:
         help="with --only overload: solo capacities taken as given, not measured (on a box other "
         "sessions load on and off, a capacity measured in a quiet minute overloads every round)",
     )
-    ap.add_argument("--trace", type=Path, help="write each server's event trace (appliance/tracing.py) here")
     args = ap.parse_args()
-    global TRACE_DIR
-    TRACE_DIR = args.trace.resolve() if args.trace else None
     with tempfile.TemporaryDirectory() as tmp:
         # uvloop for the load generator too: every cycle it spends is taken from the server.
         uvloop.install()

@@ -14,7 +14,6 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from appliance import tracing
 from appliance.api import chat, kserve, openai, openapi
 from appliance.api.common import (
     ACTIONS,
@@ -99,9 +98,6 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
     api = api_of(path)
     metrics = app[METRICS]
     started = time.perf_counter()
-    t_in = time.monotonic() if tracing.ON else 0.0
-    if tracing.ON:
-        tracing.ctx.set({})  # the same dict in the tasks the handler may start: submit fills it
     model = "-"
     status = 500
     metered = path not in UNMETERED
@@ -178,8 +174,6 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
             model = named if named in request.app[MANAGER].slots else "-"
             level = request.get("priority")
             metrics.request_stats.record(model, api, str(status), str(level or 0), elapsed)
-            if tracing.ON and request.headers.get("X-Priority") == "1" and path == "/v1/embeddings":
-                tracing.ev("http", t_in, status, handled, tracing.ctx.get())
             if model != "-":
                 request.app[ROLLING].record(model, elapsed, status)
             # One structured line per request; never the body (it may hold customer data).
@@ -288,7 +282,6 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     sampler = app[GPU]
     sampler.start()
     supervisor.watch("gpu-sampler", sampler.alive, sampler.restart)
-    tracing.start()
     lag = LoopLag(app[METRICS])
     app[EXTRA_STATS]["loop"] = lag.snapshot
     supervisor.task("loop-lag", lag.run)

@@ -57,7 +57,6 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from appliance import tracing
 from appliance.admission import (
     REJECT_REASONS,
     AdmissionError,
@@ -851,21 +850,12 @@ class Scheduler(EarlyAdmission):
         # A call may take up to twice the engine timeout before the watchdog calls the engine hung.
         watch = self._progress(2 * timeout_ms / 1000 if timeout_ms > 0 else 300.0) if self._progress else None
         entered = time.perf_counter()
-        if tracing.ON:
-            tracing.ev(
-                "call",
-                self.name,
-                fn.__name__,
-                len(args[1]) if fn.__name__ == "_decode" else [len(args[0]), args[2]],
-            )
         try:
             with watch if watch is not None else contextlib.nullcontext():
                 return fn(loop, *args)
         finally:
             if self._busy is not None:
                 self._busy.inc(time.perf_counter() - entered)
-            if tracing.ON:
-                tracing.ev("call_end", self.name, fn.__name__)
 
     def _decode(
         self,
@@ -900,8 +890,6 @@ class Scheduler(EarlyAdmission):
             for row, seq in enumerate(rows):
                 events.extend(self._advance(seq, logits[row]))
             loop.call_soon_threadsafe(self._deliver, events)  # each token streams as it is made
-            if tracing.ON:
-                tracing.ev("step", self.name, len(rows))
             now = time.monotonic()
             elapsed = now - started
             if elapsed > 0:
