@@ -3,8 +3,8 @@
 A full (generation-2) collection walks every tracked object: after start-up that is the modules,
 the models' Python-side state and the tokenizers, some 100,000 objects that live as long as the
 process. Walking them took 75-200 ms on the 2-core box, holding the GIL, so each such collection
-under load stalled the event loop and every engine worker's Python side at once (one per 30-s
-overload run; the priority-1 requests queued behind it were its p99). Frozen once the default
+under load stalled the event loop and every engine worker's Python side at once (one or two per
+30-s overload run, 151-198 ms each while the box was shared). Frozen once the default
 models are loaded (``gc.freeze``), they are left out of every later collection; what the process
 allocates while serving is collected as before.
 """
