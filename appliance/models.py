@@ -25,6 +25,7 @@ from appliance.config import Config
 from appliance.engines.base import Engine
 from appliance.engines.select import expected_on_gpu, gpu_engines_available, open_engine
 from appliance.errors import ModelNotFound, Unavailable
+from appliance.heap import freeze_startup_heap
 from appliance.memory import DoesNotFit, MemoryPools, measure
 from appliance.repository import ModelEntry, ModelKind, RepositoryError, scan
 from appliance.sdnotify import ProgressWatchdog
@@ -161,6 +162,10 @@ class ModelManager:
         # Loads one at a time: footprints are measured from the process's memory, and two loads
         # at once would blur each other's figures.
         self._load_lock = asyncio.Lock()
+        # The serving process sets this (appliance.server.serve): its start-up heap is frozen
+        # once the default models are loaded (appliance.heap). Not in-process test servers,
+        # whose heap is the test runner's.
+        self.freeze_heap = False
         # Engine time across models, by priority (see arbiter.py).
         self.arbiter = ComputeArbiter(
             int(server_values["compute.concurrency"]),
@@ -435,6 +440,8 @@ class ModelManager:
                 self.slots[n].last_used = time.monotonic()
                 with contextlib.suppress(Exception):
                     await self.load(n)
+        if self.freeze_heap:  # start-up state lives until exit: out of every later full collection
+            freeze_startup_heap()
 
     async def close(self, *, drain: bool = True) -> None:
         if self._keep_alive is not None:

@@ -248,6 +248,7 @@ def run(cfg: Config) -> None:
 
 async def serve(cfg: Config) -> None:
     server = Server(cfg)
+    server.app[MANAGER].freeze_heap = True  # see appliance.heap
     # Children (pip during a pull, say) must not talk to systemd in our name.
     os.environ.pop("NOTIFY_SOCKET", None)
     await server.start()

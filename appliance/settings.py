@@ -550,6 +550,16 @@ register(
         60_000,
     ),
     Setting(
+        "generation.max_prefill_ms",
+        float,
+        200.0,
+        "Prefill chunks are cut to about this many ms of compute (measured) even while nothing "
+        "more urgent is about, so that urgent work arriving during one waits at most about that "
+        "long (0 = chunks by prefill_chunk_tokens only).",
+        0,
+        60_000,
+    ),
+    Setting(
         "generation.prefix_cache",
         bool,
         True,

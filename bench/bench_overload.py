@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -549,7 +550,9 @@ async def overload(
 ) -> dict[str, Any]:
     rate = 3 * cap["embeddings_per_s"]
     REFUSALS.clear()
-    busy0 = (await scrape(server.url)).get("appliance_engine_busy_seconds_total", 0.0)
+    before = await scrape(server.url)
+    busy0 = before.get("appliance_engine_busy_seconds_total", 0.0)
+    window = [time.perf_counter()]
     cpu0, client0 = server.cpu_s(), time.process_time()
     async with ClientLag() as client_lag:
         mixed, probe, chat = await asyncio.gather(
@@ -558,8 +561,10 @@ async def overload(
             chat_streams(server.url, CHAT_STREAMS, seconds),
         )
     cpu, client_cpu = server.cpu_s() - cpu0, time.process_time() - client0
+    window.append(time.perf_counter())
+    after = await scrape(server.url)
     # Engine time (timed on the workers, all models): what is left of 1 was lost between calls.
-    busy = (await scrape(server.url)).get("appliance_engine_busy_seconds_total", 0.0) - busy0
+    busy = after.get("appliance_engine_busy_seconds_total", 0.0) - busy0
     gauges = await gauges_settle(server.url)
     answered_per_s = (mixed.summary()["answered"] + probe.summary()["answered"]) / seconds
     return {
@@ -576,6 +581,9 @@ async def overload(
         "engine_busy": busy / seconds,
         "client_cores": client_cpu / seconds,
         "client_loop_lag": client_lag.summary(),
+        "server_loop_lag": lag_from_histogram(before, after),
+        "window": window,
+        "p1_latencies_ms": sorted(o.latency_s * 1e3 for o in mixed.of(1) if o.status == 200),
         "refusal_bodies": dict(REFUSALS),
         "gauges": gauges,
     }
@@ -856,6 +864,58 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     return result
 
 
+async def overload_rounds(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """The overload phase alone, ``--rounds`` times on this checkout's server and, with
+    ``--baseline DIR``, on that checkout's too, alternating (ABBA...) so that the shared box's load
+    hits both alike. Both servers stay up; capacity is measured once, on this one, so that both are
+    offered the same load and their goodputs share one denominator."""
+    models = {EMBED: queue_settings(), CHAT: queue_settings()}
+    servers: dict[str, Server] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    with contextlib.ExitStack() as stack:
+        servers["this"] = stack.enter_context(serve(tmp / "this", models, defaults=_defaults(args.set)))
+        if args.baseline is not None:
+            base = _defaults(args.baseline_set)
+            servers["baseline"] = stack.enter_context(serve(tmp / "baseline", models, args.baseline, base))
+        if args.assume_capacity:
+            emb, tok = args.assume_capacity
+            cap = {"embeddings_per_s": emb, "chat_tok_s": tok}
+        else:
+            print("capacity ...", flush=True)
+            cap = await capacity(servers["this"], args.capacity_seconds)
+        print(f"  capacity {cap}", flush=True)
+        for server in servers.values():  # warm both alike (first-call costs, lazy imports)
+            await closed_loop(server.url, 16, 2.0)
+            await chat_streams(server.url, 2, 2.0)
+        names = list(servers)
+        for i in range(args.rounds):
+            for name in names if i % 2 == 0 else names[::-1]:
+                ov = await overload(servers[name], cap, args.seconds, args.probe_fraction)
+                runs.setdefault(name, []).append(ov)
+                print(f"  round {i + 1} {name}: {_overload_line(ov)}", flush=True)
+    return {"capacity": cap, "runs": runs}
+
+
+def _overload_line(ov: dict[str, Any]) -> str:
+    p = ov["by_priority"]
+    lag = ov["server_loop_lag"]
+    return (
+        f"p1 {p['1']['answered']} ok / {p['1']['shed']} shed / p50 {p['1']['p50_ms']:.0f} / "
+        f"p99 {p['1']['p99_ms']:.0f} ms; p2 {p['2']['answered']} p3 {p['3']['answered']} ok; "
+        f"chat {ov['chat_tok_s']:.1f} tok/s; goodput {ov['goodput']:.2f}; "
+        f"loop lag p99 <= {lag['p99_bucket_s'] * 1e3:.0f} ms, {lag['probes_over_100ms']:.0f} > 100 ms"
+    )
+
+
+def _defaults(pairs: list[str]) -> dict[str, Any]:
+    defaults: dict[str, Any] = {}
+    for kv in pairs:
+        key, _, value = kv.partition("=")
+        section, _, leaf = key.partition(".")
+        defaults.setdefault(section, {})[leaf] = json.loads(value)
+    return defaults
+
+
 def refusal_table(rc: dict[str, Any]) -> str:
     med = rc["medians"]
     bare = med["bare"]["ms_per_refusal_loop_thread"]
@@ -889,19 +949,41 @@ def main() -> None:
         help="a tunable for the main server's defaults, e.g. compute.urgent_lane=1 (repeatable)",
     )
     ap.add_argument("--json", help="write the results here too")
-    ap.add_argument("--only", choices=["refusal"], help="run only this phase")
-    ap.add_argument("--rounds", type=int, default=1, help="with --only refusal: rounds (medians reported)")
+    ap.add_argument("--only", choices=["refusal", "overload"], help="run only this phase")
+    ap.add_argument("--rounds", type=int, default=1, help="with --only: rounds (medians reported)")
     ap.add_argument(
         "--baseline",
         type=Path,
-        help="with --only refusal: another checkout (say, a `git worktree` of an older commit) whose "
+        help="with --only: another checkout (say, a `git worktree` of an older commit) whose "
         "server is flooded alternately with this one's",
+    )
+    ap.add_argument(
+        "--baseline-set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="with --only overload --baseline: a tunable for the baseline server (repeatable); "
+        "`--baseline . --baseline-set ...` compares settings on one checkout",
+    )
+    ap.add_argument(
+        "--assume-capacity",
+        type=float,
+        nargs=2,
+        metavar=("EMB_PER_S", "CHAT_TOK_S"),
+        help="with --only overload: solo capacities taken as given, not measured (on a box other "
+        "sessions load on and off, a capacity measured in a quiet minute overloads every round)",
     )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         # uvloop for the load generator too: every cycle it spends is taken from the server.
         uvloop.install()
-        if args.only == "refusal":
+        if args.only == "overload":
+            result = {
+                "args": vars(args),
+                "cpu_count": os.cpu_count(),
+                **asyncio.run(overload_rounds(args, Path(tmp))),
+            }
+        elif args.only == "refusal":
             rc = asyncio.run(refusal_rounds(Path(tmp), args.refusal_seconds, args.rounds, args.baseline))
             result: dict[str, Any] = {"args": vars(args), "cpu_count": os.cpu_count(), "refusal_cost": rc}
             print()

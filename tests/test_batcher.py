@@ -235,8 +235,27 @@ async def test_partial_batch_waits_for_queue_delay_only_while_another_instance_i
 
 
 async def test_length_grouping_fills_with_the_closest_lengths_without_crossing_levels() -> None:
-    # Mixed levels in one batch, as with priority_1_alone off (or for levels below 1).
-    policy = BatchPolicy(max_batch_size=3, priority_levels=2, priority_1_alone=False)
+    # Mixed levels below priority 1 in one batch.
+    policy = BatchPolicy(max_batch_size=3, priority_levels=3)
+    engine = FakeEngine(gated=True)
+    batcher: Batcher[Any, Any] = Batcher("m", policy, engine, length=len)
+    submit(batcher, "blocker")
+    await until(lambda: engine.batches)
+    items = [("x" * 10, 2), ("x" * 90, 2), ("x" * 11, 3), ("x" * 88, 2), ("x" * 12, 2), ("x" * 9, 3)]
+    tasks = [submit(batcher, s, priority=p) for s, p in items]
+    await asyncio.sleep(0)
+    engine.gate.set()
+    await asyncio.gather(*tasks)
+    lengths = [[len(s) for s in batch] for batch in engine.batches[1:]]
+    # Head 10 takes its closest same-level peers (12, then 88 over 90); level 3 never jumps level 2.
+    assert lengths == [[10, 12, 88], [90, 11, 9]]
+
+
+@pytest.mark.parametrize("alone", [True, False])
+async def test_priority_1_is_taken_in_arrival_order_whatever_its_lengths(alone: bool) -> None:
+    """Grouping by length would let a later priority-1 item of a closer length overtake an
+    earlier one; an urgent batch is taken first come, first served."""
+    policy = BatchPolicy(max_batch_size=3, priority_levels=2, priority_1_alone=alone)
     engine = FakeEngine(gated=True)
     batcher: Batcher[Any, Any] = Batcher("m", policy, engine, length=len)
     submit(batcher, "blocker")
@@ -247,8 +266,9 @@ async def test_length_grouping_fills_with_the_closest_lengths_without_crossing_l
     engine.gate.set()
     await asyncio.gather(*tasks)
     lengths = [[len(s) for s in batch] for batch in engine.batches[1:]]
-    # Head 10 takes its closest same-level peers (12, then 88 over 90); level 2 never jumps level 1.
-    assert lengths == [[10, 12, 88], [90, 11, 9]]
+    # Alone: priority 1 by itself, in arrival order, then level 2 (grouped by length: one batch).
+    # Not alone: the urgent batch filled in rank order, the rest grouped by length from head 12.
+    assert lengths == ([[10, 90, 88], [12], [11, 9]] if alone else [[10, 90, 88], [12, 11, 9]])
 
 
 async def test_raising_max_batch_size_live_takes_effect_for_the_next_batch() -> None:

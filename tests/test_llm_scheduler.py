@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from appliance.arbiter import ComputeArbiter
 from appliance.batcher import BatchPolicy, DeadlineExceeded, InvalidPriority, QueueFull, WouldMissDeadline
 from appliance.engines.base import EngineError, EngineTimeout
 from appliance.llm.kv import KVState
@@ -686,6 +687,67 @@ async def test_prefill_is_cut_to_urgent_prefill_ms_while_more_urgent_work_is_abo
     else:
         assert dec.prefill_tokens[1:] == [100]
     assert 2 in asked
+    await sch.close()
+
+
+async def test_prefill_is_cut_to_max_prefill_ms_with_nothing_urgent_about(
+    executor: ThreadPoolExecutor,
+) -> None:
+    """Urgent work that arrives while a chunk runs waits for all of it: even while the arbiter
+    says nothing more urgent is about, a chunk is about ``max_prefill_ms`` of measured prefill,
+    not a whole ``prefill_chunk_tokens``."""
+    dec = FakeDecoder(prefill_s=0.01)  # every prefill call takes ~10 ms, whatever its size
+    config = GenerationConfig(prefill_chunk_tokens=512, urgent_prefill_ms=2.0, max_prefill_ms=5.0)
+    policy = BatchPolicy(priority_levels=3, default_priority=2)
+    sch = Scheduler("fake", dec, executor, policy, config, pressed=lambda level: False)
+    first = seq(list(range(1, 41)), 1)  # measures the rate: ~40 tokens in >= 10 ms (<= 4000/s)
+    sch.submit(first)
+    await drain(first)
+    assert dec.prefill_tokens == [40]
+    long = seq(list(range(1, 101)), 1)
+    sch.submit(long, priority=2)
+    text, fin = await drain(long)
+    assert isinstance(fin, Finished) and text == text_of(reference(list(range(1, 101)), 1))
+    chunks = dec.prefill_tokens[1:]
+    # ~5 ms at <= 4000 tokens/s is <= 20 tokens a chunk (16 at least).
+    assert sum(chunks) == 100 and len(chunks) >= 5 and max(chunks) <= 20
+    await sch.close()
+
+
+async def test_prefill_is_sized_when_its_grant_comes_not_when_it_asks(executor: ThreadPoolExecutor) -> None:
+    """A prefill that waited for the engine runs when more urgent work came meanwhile: its chunk
+    is sized from the arbiter's word once the grant is held. Here the prompt asks while only
+    priority-3 work holds the engine (nothing more urgent about: a whole 100-token chunk), then a
+    priority-1 call takes the engine first; the prefill that follows it is cut to the smallest
+    chunk (before, the 1.1-1.9 s prefill of 8 prompts that opened each overload run)."""
+    arbiter = ComputeArbiter(concurrency=1, aging_ms=0)
+    dec = FakeDecoder(prefill_s=0.01)  # every prefill call takes ~10 ms, whatever its size
+    config = GenerationConfig(prefill_chunk_tokens=512, urgent_prefill_ms=2.0)
+    policy = BatchPolicy(priority_levels=3, default_priority=2)
+    sch = Scheduler(
+        "fake",
+        dec,
+        executor,
+        policy,
+        config,
+        grant=lambda level: arbiter.grant("fake", level),
+        pressed=arbiter.pressed,
+    )
+    first = seq(list(range(1, 41)), 1)  # measures the rate: ~40 tokens in ~10 ms (<= 4000/s)
+    sch.submit(first)
+    await drain(first)
+    assert dec.prefill_tokens == [40]
+    low = await arbiter.acquire("embedder", 3)
+    long = seq(list(range(1, 101)), 1)
+    sch.submit(long, priority=2)
+    await until(lambda: arbiter.waiting() == 1)  # the prefill asks; nothing more urgent is about
+    assert not arbiter.pressed(2)
+    urgent = arbiter.ask("embedder", 1)
+    arbiter.release(low)  # the priority-1 call goes first ...
+    arbiter.release(await arbiter.wait(urgent))  # ... and is done
+    text, fin = await drain(long)
+    assert isinstance(fin, Finished) and text == text_of(reference(list(range(1, 101)), 1))
+    assert dec.prefill_tokens[1:] == [16] * 6 + [4]
     await sch.close()
 
 

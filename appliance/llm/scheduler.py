@@ -94,6 +94,7 @@ class GenerationConfig:
     max_prefill_tokens: int = 4096
     prefill_chunk_tokens: int = 0  # 0: a prompt is prefilled whole in one step
     urgent_prefill_ms: float = 0.0  # 0: chunks are not cut for more urgent work
+    max_prefill_ms: float = 0.0  # 0: chunks are not cut by time while nothing more urgent is about
     prefix_cache: bool = False
     prefix_block_tokens: int = 8
     decode_steps: int = 1  # decode steps per worker hand-off while nothing else is due
@@ -109,6 +110,7 @@ class GenerationConfig:
             max_prefill_tokens=int(values["generation.max_prefill_tokens"]),
             prefill_chunk_tokens=int(values["generation.prefill_chunk_tokens"]),
             urgent_prefill_ms=float(values["generation.urgent_prefill_ms"]),
+            max_prefill_ms=float(values["generation.max_prefill_ms"]),
             prefix_cache=bool(values["generation.prefix_cache"]),
             prefix_block_tokens=int(values["generation.prefix_block_tokens"]),
             decode_steps=int(values["generation.decode_steps_per_call"]),
@@ -686,8 +688,12 @@ class Scheduler(EarlyAdmission):
             allowance = self.config.kv_cache_bytes - self._charge(plan.keep + work)
             level = _level(work)
             try:
+                # The chunk is sized once the grant is held, not when it is asked for: a call
+                # that waited (it may have aged past priority 1) runs while more urgent work
+                # queued meanwhile, and a chunk sized before the wait ran uncut (a 1.1-1.9 s
+                # prefill of 8 prompts at the start of the overload benchmark).
                 new_kv, joined, pending = await self._engine_call(
-                    level, self._prefill, work, allowance, self._prefill_budget(level)
+                    level, self._prefill, work, allowance, granted=lambda: (self._prefill_budget(level),)
                 )
                 new, self._prefilling = (new_kv, joined), pending
             except EngineTimeout as err:
@@ -721,22 +727,33 @@ class Scheduler(EarlyAdmission):
     def _prefill_budget(self, level: int) -> int | None:
         """Prompt tokens this step may compute: ``prefill_chunk_tokens``, cut to about
         ``urgent_prefill_ms`` of measured prefill time while more urgent work is about (a
-        priority-1 embedding batch then waits for a short chunk, not for a 512-token one)."""
+        priority-1 embedding batch then waits for a short chunk, not for a 512-token one), and
+        to about ``max_prefill_ms`` otherwise: urgent work that arrives while a chunk runs waits
+        for all of it, and with nothing urgent about when it started, the 8 prompts of a burst of
+        chats were one 0.6-1.9 s call at the start of each overload run (its priority-1 queue of
+        32 filled behind it)."""
         cfg = self.config
         budget = cfg.prefill_chunk_tokens or None
         rate = self._prefill_rate
-        if (
-            cfg.urgent_prefill_ms > 0
-            and rate is not None
-            and self._pressed is not None
-            and self._pressed(level)
-        ):
-            cut = max(_MIN_URGENT_CHUNK, int(rate * cfg.urgent_prefill_ms / 1000))
+        if rate is None:
+            return budget
+        ms = cfg.max_prefill_ms
+        if cfg.urgent_prefill_ms > 0 and self._pressed is not None and self._pressed(level):
+            ms = min(ms, cfg.urgent_prefill_ms) if ms > 0 else cfg.urgent_prefill_ms
+        if ms > 0:
+            cut = max(_MIN_URGENT_CHUNK, int(rate * ms / 1000))
             budget = cut if budget is None else min(budget, cut)
         return budget
 
-    async def _engine_call(self, level: int, fn: Callable[..., _R], *args: Any) -> _R:
-        """Run ``fn(loop, *args)`` on the model's worker under a compute grant for ``level``.
+    async def _engine_call(
+        self,
+        level: int,
+        fn: Callable[..., _R],
+        *args: Any,
+        granted: Callable[[], tuple[Any, ...]] | None = None,
+    ) -> _R:
+        """Run ``fn(loop, *args)`` on the model's worker under a compute grant for ``level``;
+        ``granted()``, called on the loop once the grant is held, gives the call's last arguments.
 
         With ``engine.timeout_ms`` set, three waits are bounded: the grant and the call itself by
         it, the worker starting (it may still be busy with an earlier call that hung) by twice it. The
@@ -752,6 +769,8 @@ class Scheduler(EarlyAdmission):
                     await asyncio.wait_for(stack.enter_async_context(self._grant(level)), limit)
                 except asyncio.TimeoutError:
                     raise EngineTimeout(f"no compute grant within {timeout_ms:.0f} ms") from None
+            if granted is not None:
+                args = (*args, *granted())
             job = _Job()
             began: asyncio.Future[None] = loop.create_future()
             fut: asyncio.Future[_R] = loop.run_in_executor(
