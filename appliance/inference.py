@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -220,6 +221,13 @@ TUNE_SENTENCE = "my order has not arrived yet, can you check the delivery status
 TUNE_PASSES = 2
 TUNE_BUDGET_S = 1.5
 TUNE_TIE = 0.95
+# What a batch costs in serving beyond its engine run: the gap between one batch's end and the
+# next one's start (its results handed to the event loop, the next batch launched), 2.3-3.4 ms p50
+# measured here, during which the engine's threads idle. The timing charges each batch that gap
+# times the engine's threads, so near-ties go to the size that pays it fewer times per sentence
+# (without it, 8 and 16 read within 4 % on a quiet box, 8 was chosen, and 64 clients got 0.88 of
+# the engine's best instead of 0.95).
+TUNE_BATCH_GAP_S = 0.0025
 
 
 @dataclass
@@ -261,7 +269,9 @@ class EmbeddingRuntime:
         longest = np.array((ids[:-1] * self.max_tokens)[: self.max_tokens - 1] + ids[-1:], dtype=np.int64)
         self.run_batch([longest] * PEAK_PROBE_ROWS)
 
-    def best_batch(self, upper: int, budget_s: float = TUNE_BUDGET_S) -> tuple[int, dict[int, float]]:
+    def best_batch(
+        self, upper: int, budget_s: float = TUNE_BUDGET_S, per_batch_s: float = 0.0
+    ) -> tuple[int, dict[int, float]]:
         """The batch size, at most ``upper``, that costs the least CPU per sentence on this engine
         and machine: at saturation the cores are the limit, so sentences per CPU-second is the
         throughput a batch size allows. CPU time, not wall time: another process's load on the
@@ -275,7 +285,8 @@ class EmbeddingRuntime:
         timing had them within 5 %, and a server capped at 32 (the largest near-tie) served
         0.46-0.91x what one capped at 16 did (bench/bench_embeddings.py, one run); the per-batch
         hand-off that larger batches save (3-7 ms a batch there) is the smaller effect. Cost:
-        about 3 x (2 x upper) sentences, bounded by ``budget_s``."""
+        about 3 x (2 x upper) sentences, bounded by ``budget_s``. ``per_batch_s``: CPU time each
+        batch costs in serving beyond the run (see TUNE_BATCH_GAP_S), added to every size's."""
         sizes = sorted({1 << k for k in range(upper.bit_length()) if 1 << k <= upper} | {upper})
         row = np.array(self.tokenizer.encode(TUNE_SENTENCE).ids, dtype=np.int64)
         fastest = dict.fromkeys(sizes, float("inf"))
@@ -289,7 +300,7 @@ class EmbeddingRuntime:
                 started = time.process_time()
                 self.run_batch([row] * size)
                 fastest[size] = min(fastest[size], time.process_time() - started)
-        rates = {s: s / t for s, t in fastest.items() if t < float("inf")}
+        rates = {s: s / (t + per_batch_s) for s, t in fastest.items() if t < float("inf")}
         top = max(rates.values())
         chosen = min(s for s, r in rates.items() if r >= TUNE_TIE * top)
         return chosen, rates
@@ -369,7 +380,8 @@ def measure_once(
     arbiter = mgr.arbiter
     granted_before = arbiter.granted
     started = time.perf_counter()
-    size, rates = rt.best_batch(upper)
+    threads = int(values["engine.intra_op_threads"]) or os.cpu_count() or 1
+    size, rates = rt.best_batch(upper, per_batch_s=TUNE_BATCH_GAP_S * threads)
     measured: dict[str, Any] = {
         "chosen": size,
         "upper_bound": upper,

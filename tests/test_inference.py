@@ -43,6 +43,18 @@ def test_best_batch_times_powers_of_two_up_to_the_bound_and_picks_the_smallest_n
     assert elapsed < 10  # budgeted at 1.5 s; a busy shared machine stretches it, not tenfold
 
 
+def test_a_per_batch_cost_moves_near_ties_to_the_larger_size(minilm_folder: Path) -> None:
+    """Serving pays a gap per batch that the engine run alone does not show; charged to each
+    batch, it favours sizes that pay it fewer times per sentence. A cost far above any run's
+    makes the largest size the cheapest per sentence, whatever the machine's noise."""
+    rt = runtime(minilm_folder)
+    try:
+        chosen, rates = rt.best_batch(8, per_batch_s=1.0)
+    finally:
+        rt.engine.close()
+    assert chosen == 8 and max(rates, key=lambda s: rates[s]) == 8
+
+
 def test_a_server_caps_batches_at_the_measured_size_and_reports_it(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]
     srv: ServerThread = start_server(
         {MODEL: minilm_folder}, overrides={MODEL: {"batching": {"max_batch_size": 8}}}
