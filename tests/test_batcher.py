@@ -234,19 +234,25 @@ async def test_partial_batch_waits_for_queue_delay_only_while_another_instance_i
     await asyncio.gather(first, second)
 
 
-async def test_length_grouping_fills_with_the_closest_lengths_without_crossing_levels() -> None:
-    # Mixed levels below priority 1 in one batch.
-    policy = BatchPolicy(max_batch_size=3, priority_levels=3)
+async def lengths_batched(policy: BatchPolicy, items: list[tuple[str, int]]) -> list[list[int]]:
+    """The lengths of each batch that ``items`` (text, priority), all queued behind a running
+    blocker batch, are taken in, with the batcher grouping by length."""
     engine = FakeEngine(gated=True)
     batcher: Batcher[Any, Any] = Batcher("m", policy, engine, length=len)
     submit(batcher, "blocker")
     await until(lambda: engine.batches)
-    items = [("x" * 10, 2), ("x" * 90, 2), ("x" * 11, 3), ("x" * 88, 2), ("x" * 12, 2), ("x" * 9, 3)]
     tasks = [submit(batcher, s, priority=p) for s, p in items]
     await asyncio.sleep(0)
     engine.gate.set()
     await asyncio.gather(*tasks)
-    lengths = [[len(s) for s in batch] for batch in engine.batches[1:]]
+    return [[len(s) for s in batch] for batch in engine.batches[1:]]
+
+
+async def test_length_grouping_fills_with_the_closest_lengths_without_crossing_levels() -> None:
+    # Mixed levels below priority 1 in one batch.
+    policy = BatchPolicy(max_batch_size=3, priority_levels=3)
+    items = [("x" * 10, 2), ("x" * 90, 2), ("x" * 11, 3), ("x" * 88, 2), ("x" * 12, 2), ("x" * 9, 3)]
+    lengths = await lengths_batched(policy, items)
     # Head 10 takes its closest same-level peers (12, then 88 over 90); level 3 never jumps level 2.
     assert lengths == [[10, 12, 88], [90, 11, 9]]
 
@@ -256,16 +262,8 @@ async def test_priority_1_is_taken_in_arrival_order_whatever_its_lengths(alone: 
     """Grouping by length would let a later priority-1 item of a closer length overtake an
     earlier one; an urgent batch is taken first come, first served."""
     policy = BatchPolicy(max_batch_size=3, priority_levels=2, priority_1_alone=alone)
-    engine = FakeEngine(gated=True)
-    batcher: Batcher[Any, Any] = Batcher("m", policy, engine, length=len)
-    submit(batcher, "blocker")
-    await until(lambda: engine.batches)
     items = [("x" * 10, 1), ("x" * 90, 1), ("x" * 11, 2), ("x" * 88, 1), ("x" * 12, 1), ("x" * 9, 2)]
-    tasks = [submit(batcher, s, priority=p) for s, p in items]
-    await asyncio.sleep(0)
-    engine.gate.set()
-    await asyncio.gather(*tasks)
-    lengths = [[len(s) for s in batch] for batch in engine.batches[1:]]
+    lengths = await lengths_batched(policy, items)
     # Alone: priority 1 by itself, in arrival order, then level 2 (grouped by length: one batch).
     # Not alone: the urgent batch filled in rank order, the rest grouped by length from head 12.
     assert lengths == ([[10, 90, 88], [12], [11, 9]] if alone else [[10, 90, 88], [12, 11, 9]])

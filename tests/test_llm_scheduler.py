@@ -516,64 +516,41 @@ async def test_a_fault_in_any_phase_ends_every_sequence(
     await sch.close()
 
 
+@pytest.mark.parametrize("method", ["_plan", "_set_gauges"])
 async def test_a_driver_that_keeps_dying_fails_waiting_sequences(
-    executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+    executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
+    """``_plan`` broken: the driver dies at every turn, and the second death that made no
+    progress fails the waiting sequences. ``_set_gauges`` broken (as a counter that went
+    backwards once did): the driver's clean-up, which sets the same gauges, dies too; the
+    supervisor must outlive both and fail everything at once, or the sequences it holds wait
+    forever. Either way a fixed driver serves again."""
     metrics = Metrics()
     sch = make(executor, FakeDecoder(), metrics=metrics)
     broken = True
-    real_plan = Scheduler._plan
+    real = getattr(Scheduler, method)
 
-    def plan(self: Scheduler) -> Any:
+    def breaks(self: Scheduler) -> Any:
         if broken:
-            raise Boom("planning broke")
-        return real_plan(self)
+            raise Boom(f"{method} broke")
+        return real(self)
 
-    monkeypatch.setattr(Scheduler, "_plan", plan)
+    monkeypatch.setattr(Scheduler, method, breaks)
     waiting = [seq([i], 3) for i in range(3)]  # no deadline: only the supervisor can end them
     for s in waiting:
         sch.submit(s)
     results = await ends(waiting)
-    assert all(isinstance(r, Failed) and "planning broke" in str(r.error) for r in results)
-    assert (worker_metric(metrics, "appliance_worker_failures_total") or 0) >= 2
+    assert all(isinstance(r, Failed) and f"{method} broke" in str(r.error) for r in results)
+    deaths = 2 if method == "_plan" else 1
+    assert (worker_metric(metrics, "appliance_worker_failures_total") or 0) >= deaths
     assert worker_metric(metrics, "appliance_worker_up") == 0.0
-    broken = False
-    ok = seq([5], 3)
-    sch.submit(ok)
-    (fin,) = await ends([ok])
-    assert isinstance(fin, Finished)
-    assert worker_metric(metrics, "appliance_worker_up") == 1.0
-    await sch.close()
-
-
-async def test_a_supervisor_whose_clean_up_also_fails_still_ends_every_sequence(
-    executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The driver's gauges raise (as a counter that went backwards once did): the driver dies,
-    and so does its clean-up, which sets the same gauges. The supervisor must outlive both, or
-    the sequences it holds wait forever and the next submit starts a driver that dies again."""
-    metrics = Metrics()
-    sch = make(executor, FakeDecoder(), metrics=metrics)
-    broken = True
-    real_gauges = Scheduler._set_gauges
-
-    def gauges(self: Scheduler) -> None:
-        if broken:
-            raise Boom("gauges broke")
-        real_gauges(self)
-
-    monkeypatch.setattr(Scheduler, "_set_gauges", gauges)
-    waiting = [seq([i], 3) for i in range(3)]  # no deadline: only the supervisor can end them
-    for s in waiting:
-        sch.submit(s)
-    results = await ends(waiting)
-    assert all(isinstance(r, Failed) and "gauges broke" in str(r.error) for r in results)
     assert sch._task is not None and not sch._task.done()  # still supervising
     broken = False
     ok = seq([5], 3)
     sch.submit(ok)
     (fin,) = await ends([ok])
     assert isinstance(fin, Finished)
+    assert worker_metric(metrics, "appliance_worker_up") == 1.0
     await sch.close()
 
 
