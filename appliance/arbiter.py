@@ -177,6 +177,10 @@ class ComputeArbiter:
         since = self._clock() - within_s
         return any(at >= since for p, at in self._granted_at.items() if p < priority)
 
+    def held(self) -> int:
+        """Grants held now (the urgent lane's included)."""
+        return self._running + self._urgent_running
+
     def waiting(self) -> int:
         """How many calls wait for a grant now (any model, any priority)."""
         return len(self._waiters)

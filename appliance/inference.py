@@ -389,7 +389,7 @@ def measure_once(
         "seconds": round(time.perf_counter() - started, 3),
     }
     # Read from the worker thread: a count that moved, or a call still running, is all this asks.
-    if arbiter.granted != granted_before or arbiter.snapshot()["running"]:
+    if arbiter.granted != granted_before or arbiter.held():
         log.warning(
             "model %s: other engine calls ran while batch sizes were timed; keeping "
             "batching.max_batch_size %d (a load on an idle process measures again)",

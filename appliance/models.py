@@ -456,14 +456,14 @@ class ModelManager:
         orchestrator that routes by it (the Kubernetes Service) then sent no request that could
         load the model again."""
         again = (ModelState.available, ModelState.evicted, ModelState.loading)
-        return all(
-            n in self.slots
-            and (
-                self.slots[n].state == ModelState.resident
-                or (n in self._served and self.slots[n].state in again)
-            )
-            for n in self.default_models()
-        )
+
+        def serves(name: str) -> bool:
+            slot = self.slots.get(name)
+            if slot is None:
+                return False
+            return slot.state == ModelState.resident or (name in self._served and slot.state in again)
+
+        return all(serves(n) for n in self.default_models())
 
     # -- live settings ---------------------------------------------------------------------
     def identity(self, name: str) -> str:

@@ -634,6 +634,21 @@ async def test_every_engine_call_takes_a_grant_at_its_most_urgent_level(
     assert len(levels) >= len(dec.prefill_sizes) + len(dec.decode_sizes)
 
 
+async def chunks_of_a_100_token_prompt(sch: Scheduler, dec: FakeDecoder) -> list[int]:
+    """A 40-token prompt first (it measures the prefill rate: ~40 tokens in >= 10 ms, <= 4000
+    tokens/s), then the prefill chunks of a 100-token one at priority 2, whose answer must be
+    the same as if prefilled whole."""
+    first = seq(list(range(1, 41)), 1)
+    sch.submit(first)
+    await drain(first)
+    assert dec.prefill_tokens == [40]
+    long = seq(list(range(1, 101)), 1)
+    sch.submit(long, priority=2)
+    text, fin = await drain(long)
+    assert isinstance(fin, Finished) and text == text_of(reference(list(range(1, 101)), 1))
+    return dec.prefill_tokens[1:]
+
+
 @pytest.mark.parametrize("pressed", [True, False])
 async def test_prefill_is_cut_to_urgent_prefill_ms_while_more_urgent_work_is_about(
     executor: ThreadPoolExecutor, pressed: bool
@@ -651,18 +666,11 @@ async def test_prefill_is_cut_to_urgent_prefill_ms_while_more_urgent_work_is_abo
         return pressed
 
     sch = Scheduler("fake", dec, executor, policy, config, pressed=arbiter_says)
-    first = seq(list(range(1, 41)), 1)  # measures the rate: ~40 tokens in ~10 ms (<= 4000/s)
-    sch.submit(first)
-    await drain(first)
-    assert dec.prefill_tokens == [40]
-    long = seq(list(range(1, 101)), 1)
-    sch.submit(long, priority=2)
-    text, fin = await drain(long)
-    assert isinstance(fin, Finished) and text == text_of(reference(list(range(1, 101)), 1))
+    chunks = await chunks_of_a_100_token_prompt(sch, dec)
     if pressed:  # ~2 ms at <= 4000 tokens/s is < 16 tokens: the smallest chunk, 16
-        assert dec.prefill_tokens[1:] == [16] * 6 + [4]
+        assert chunks == [16] * 6 + [4]
     else:
-        assert dec.prefill_tokens[1:] == [100]
+        assert chunks == [100]
     assert 2 in asked
     await sch.close()
 
@@ -677,15 +685,7 @@ async def test_prefill_is_cut_to_max_prefill_ms_with_nothing_urgent_about(
     config = GenerationConfig(prefill_chunk_tokens=512, urgent_prefill_ms=2.0, max_prefill_ms=5.0)
     policy = BatchPolicy(priority_levels=3, default_priority=2)
     sch = Scheduler("fake", dec, executor, policy, config, pressed=lambda level: False)
-    first = seq(list(range(1, 41)), 1)  # measures the rate: ~40 tokens in >= 10 ms (<= 4000/s)
-    sch.submit(first)
-    await drain(first)
-    assert dec.prefill_tokens == [40]
-    long = seq(list(range(1, 101)), 1)
-    sch.submit(long, priority=2)
-    text, fin = await drain(long)
-    assert isinstance(fin, Finished) and text == text_of(reference(list(range(1, 101)), 1))
-    chunks = dec.prefill_tokens[1:]
+    chunks = await chunks_of_a_100_token_prompt(sch, dec)
     # ~5 ms at <= 4000 tokens/s is <= 20 tokens a chunk (16 at least).
     assert sum(chunks) == 100 and len(chunks) >= 5 and max(chunks) <= 20
     await sch.close()

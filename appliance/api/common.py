@@ -141,10 +141,11 @@ def body_refusal(request: web.Request) -> ApplianceError | None:
             f"the request body is {length} bytes; the server accepts at most "
             f"{request.client_max_size} (server.max_body_bytes)"
         )
-    encoding = request.headers.get("Content-Encoding")
-    if encoding is not None and encoding.strip().lower() not in DECODED_ENCODINGS:
+    encoding = _content_encoding(request)
+    if encoding is not None and encoding not in DECODED_ENCODINGS:
         return UnsupportedEncoding(
-            f"Content-Encoding {encoding[:40]!r} is not supported; send the body as identity, gzip or deflate"
+            f"Content-Encoding {request.headers['Content-Encoding'][:40]!r} is not supported; send "
+            "the body as identity, gzip or deflate"
         )
     return None
 
@@ -152,8 +153,13 @@ def body_refusal(request: web.Request) -> ApplianceError | None:
 def encoded(request: web.Request) -> bool:
     """Whether the body arrives compressed: its Content-Length then counts compressed bytes, and
     what has been decoded so far says nothing about whether all of it is here."""
+    encoding = _content_encoding(request)
+    return encoding is not None and encoding != "identity"
+
+
+def _content_encoding(request: web.Request) -> str | None:
     encoding = request.headers.get("Content-Encoding")
-    return encoding is not None and encoding.strip().lower() != "identity"
+    return None if encoding is None else encoding.strip().lower()
 
 
 async def read_body(request: web.Request) -> bytes:

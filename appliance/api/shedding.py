@@ -50,10 +50,11 @@ def sheds(path: str) -> bool:
 def body_here(request: web.Request) -> bool | None:
     """Whether all of the body is here (False: more is coming; clients often send the headers and
     the body in two writes); None when early shedding leaves the request to its route (a chunked
-    body, or one over the size limit: a 413). A compressed body is never taken as all here: its
-    length counts bytes on the wire, not the decoded bytes the stream holds."""
+    body). A compressed body is never taken as all here: its length counts bytes on the wire, not
+    the decoded bytes the stream holds. (A length over the size limit was refused before this:
+    ``common.body_refusal``.)"""
     length = request.content_length
-    if length is None or length > request.client_max_size:
+    if length is None:
         return None
     return request.content.total_bytes >= length and not encoded(request)
 

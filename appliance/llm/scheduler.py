@@ -645,9 +645,7 @@ class Scheduler(EarlyAdmission):
     def _abort(self, error: Exception, *, waiting: bool) -> None:
         """Fail every sequence the driver holds (running rows, the step in flight, prefilling), and
         with ``waiting`` the queued ones as well; the KV state goes with them."""
-        held = list(self._rows) + list(self._prefilling)
-        if self._inflight is not None:
-            held += self._inflight.keep + self._inflight.admit
+        held = self._release_held()
         for seq in held:
             self._fail(seq, error)
         if waiting:
@@ -655,10 +653,18 @@ class Scheduler(EarlyAdmission):
                 for seq in list(queue):
                     self._discard(seq)
                     self._fail(seq, error)
+        self._set_gauges()
+
+    def _release_held(self) -> list[Seq]:
+        """The sequences the driver holds (running rows, the step in flight, prefilling), let go
+        of: their partial prefills and the KV state are dropped."""
+        held = list(self._rows) + list(self._prefilling)
+        if self._inflight is not None:
+            held += self._inflight.keep + self._inflight.admit
         for seq in held:
             seq.partial = None
         self._rows, self._kv, self._inflight, self._prefilling = [], None, None, []
-        self._set_gauges()
+        return held
 
     async def _drive(self) -> None:
         while True:
@@ -809,9 +815,7 @@ class Scheduler(EarlyAdmission):
 
     def _fail_all(self, error: Exception) -> None:
         """Fail every sequence, held or queued, without touching metrics or the prefix cache."""
-        held = list(self._rows) + list(self._prefilling)
-        if self._inflight is not None:
-            held += self._inflight.keep + self._inflight.admit
+        held = self._release_held()
         for queue in self._queues:
             held += list(queue)
             queue.clear()
@@ -820,8 +824,6 @@ class Scheduler(EarlyAdmission):
                 seq.timer.cancel()
                 seq.timer = None
             self._fail(seq, error)
-            seq.partial = None
-        self._rows, self._kv, self._inflight, self._prefilling = [], None, None, []
 
     def _kv_used(self) -> int:
         return 0 if self._kv is None else self._kv.nbytes()
