@@ -41,6 +41,54 @@ def load_gpu_check() -> types.ModuleType:
     return module
 
 
+# --- ONNX Runtime's CUDA libraries ----------------------------------------------------------------
+
+
+def test_cuda_libraries_are_loaded_once_before_the_first_cuda_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    """install.sh's onnxruntime-gpu finds CUDA and cuDNN in the nvidia-* wheels only once they are
+    loaded (``preload_dlls``); otherwise its CUDA provider quietly falls back to the CPU. Picking
+    the CUDA provider loads them, once per process; a CPU-only choice never does. (onnxruntime-gpu
+    cannot install here: the provider list and ``preload_dlls`` are stand-ins with ORT's
+    signatures.)"""
+    import onnxruntime as ort
+
+    from appliance.engines import onnxruntime as ort_engine
+
+    calls: list[bool] = []
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "preload_dlls", lambda cuda=True, cudnn=True, msvc=True, directory=None: calls.append(cuda))
+    ort_engine.load_cuda_libraries.cache_clear()
+    try:
+        assert ort_engine.providers(prefer_gpu=False) == ["CPUExecutionProvider"]
+        assert calls == []
+        assert ort_engine.providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        assert ort_engine.providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        assert calls == [True]
+    finally:
+        ort_engine.load_cuda_libraries.cache_clear()
+
+
+def test_a_failed_preload_is_logged_and_leaves_the_choice_to_the_loader(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import onnxruntime as ort
+
+    from appliance.engines import onnxruntime as ort_engine
+
+    def broken(**_: object) -> None:
+        raise OSError("libcudnn.so.9: cannot open shared object file")
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "preload_dlls", broken)
+    ort_engine.load_cuda_libraries.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="appliance.engines.onnxruntime"):
+            assert ort_engine.providers()[0] == "CUDAExecutionProvider"
+    finally:
+        ort_engine.load_cuda_libraries.cache_clear()
+    assert "libcudnn.so.9" in caplog.text
+
+
 # --- CUDA layer without a GPU --------------------------------------------------------------------
 
 

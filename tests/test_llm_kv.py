@@ -248,3 +248,20 @@ async def test_real_model_on_device_placement_with_prefix_cache_and_chunks(
     assert snap["hit_tokens"] >= 8  # the chat template's shared opening was reused
     assert isinstance(session.kv, OrtKVOps)
     await sch.close()
+
+
+def test_a_decoder_whose_cuda_provider_did_not_load_keeps_its_kv_on_the_host(smollm_folder: Path) -> None:
+    """ONNX Runtime runs a session on the CPU when the CUDA provider cannot load (its libraries
+    missing). Asked for a device KV cache, the decoder then keeps the cache on the host instead
+    of failing at its first step, and still gives the reference fixture's greedy tokens. (The
+    session here is a CPU one, which is what such a fallback leaves.)"""
+    from appliance.llm.runtime import greedy_generate
+
+    ref = json.loads(REFERENCE.read_text())
+    session = DecoderSession(
+        smollm_folder, intra_op_threads=2, providers=["CPUExecutionProvider"], kv_device="cuda"
+    )
+    assert session.kv is HOST
+    case = ref["cases"][0]
+    got = greedy_generate(session, [case["prompt_ids"]], 6)
+    assert got[0] == case["greedy_new_ids"][:6]

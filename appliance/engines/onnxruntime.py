@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -33,10 +34,29 @@ def _spec(arg: ort.NodeArg) -> TensorSpec:
     return TensorSpec(arg.name, _ORT_DTYPES.get(arg.type, np.dtype(object)), shape)
 
 
+@functools.cache
+def load_cuda_libraries() -> None:
+    """Load CUDA and cuDNN before the first CUDA session, once per process.
+
+    install.sh installs ``onnxruntime-gpu[cuda,cudnn]``: the CUDA and cuDNN libraries come as
+    ``nvidia-*`` wheels, which the dynamic loader does not search. Unless they are loaded first
+    (ONNX Runtime >= 1.21: ``preload_dlls``), the CUDA provider fails to load and the session
+    quietly runs on the CPU. Libraries already on the loader's path (a system CUDA) are found
+    either way; a failure here is logged and leaves that path to decide."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as exc:  # ORT's helper raises whatever ctypes does
+        log.warning("could not preload CUDA/cuDNN libraries for ONNX Runtime: %s", exc)
+
+
 def providers(prefer_gpu: bool = True) -> list[str]:
     available = ort.get_available_providers()
     chosen = []
     if prefer_gpu and "CUDAExecutionProvider" in available:
+        load_cuda_libraries()
         chosen.append("CUDAExecutionProvider")
     chosen.append("CPUExecutionProvider")
     return chosen

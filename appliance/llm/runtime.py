@@ -12,6 +12,7 @@ prefill): the graph takes P cached and S new tokens with the causal mask offset 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ import onnxruntime as ort
 from appliance.engines.onnxruntime import spinning
 from appliance.llm.fused_decode import fused_decode_graph
 from appliance.llm.kv import HOST, KVOps, KVState, OrtKVOps, empty_state
+
+log = logging.getLogger(__name__)
 
 # Largest batch the int8-activation companion decodes (measured on 2 AVX2 cores up to 8 rows, the
 # default generation.max_running_sequences; larger batches stay on the float graph, unmeasured).
@@ -141,6 +144,11 @@ class DecoderSession(DecoderBase):
         self.session = ort.InferenceSession(
             str(model_dir / "model.onnx"), options, providers=list(providers or ["CPUExecutionProvider"])
         )
+        if kv_device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            # ORT falls back to the CPU when the CUDA provider cannot load (libraries missing):
+            # a device KV cache would then fail at the first step, so keep it on the host.
+            log.warning("%s: the CUDA provider did not load; the decoder and its KV cache run on the CPU", model_dir)
+            kv_device = None
         self.kv = HOST if kv_device is None else OrtKVOps(self.kv_dtype, kv_device)
         self.single: ort.InferenceSession | None = None
         self.single_max_batch = 0
