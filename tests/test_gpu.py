@@ -44,7 +44,9 @@ def load_gpu_check() -> types.ModuleType:
 # --- ONNX Runtime's CUDA libraries ----------------------------------------------------------------
 
 
-def test_cuda_libraries_are_loaded_once_before_the_first_cuda_session(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cuda_libraries_are_loaded_once_before_the_first_cuda_session(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """install.sh's onnxruntime-gpu finds CUDA and cuDNN in the nvidia-* wheels only once they are
     loaded (``preload_dlls``); otherwise its CUDA provider quietly falls back to the CPU. Picking
     the CUDA provider loads them, once per process; a CPU-only choice never does. (onnxruntime-gpu
@@ -55,8 +57,12 @@ def test_cuda_libraries_are_loaded_once_before_the_first_cuda_session(monkeypatc
     from appliance.engines import onnxruntime as ort_engine
 
     calls: list[bool] = []
-    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(ort, "preload_dlls", lambda cuda=True, cudnn=True, msvc=True, directory=None: calls.append(cuda))
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr(
+        ort, "preload_dlls", lambda cuda=True, cudnn=True, msvc=True, directory=None: calls.append(cuda)
+    )
     ort_engine.load_cuda_libraries.cache_clear()
     try:
         assert ort_engine.providers(prefer_gpu=False) == ["CPUExecutionProvider"]
@@ -78,7 +84,9 @@ def test_a_failed_preload_is_logged_and_leaves_the_choice_to_the_loader(
     def broken(**_: object) -> None:
         raise OSError("libcudnn.so.9: cannot open shared object file")
 
-    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
     monkeypatch.setattr(ort, "preload_dlls", broken)
     ort_engine.load_cuda_libraries.cache_clear()
     try:

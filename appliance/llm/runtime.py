@@ -147,7 +147,9 @@ class DecoderSession(DecoderBase):
         if kv_device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             # ORT falls back to the CPU when the CUDA provider cannot load (libraries missing):
             # a device KV cache would then fail at the first step, so keep it on the host.
-            log.warning("%s: the CUDA provider did not load; the decoder and its KV cache run on the CPU", model_dir)
+            log.warning(
+                "%s: the CUDA provider did not load; the decoder and its KV cache run on the CPU", model_dir
+            )
             kv_device = None
         self.kv = HOST if kv_device is None else OrtKVOps(self.kv_dtype, kv_device)
         self.single: ort.InferenceSession | None = None
