@@ -111,11 +111,42 @@ def test_admin_plane_is_not_on_the_data_plane_and_needs_its_token(
         assert json.loads(r.read())["models"][MODEL]["state"] == "resident"
 
 
-def test_connections_beyond_the_cap_get_503(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]
+def test_at_the_connection_cap_a_newcomer_replaces_the_connection_idle_longest(
+    start_server, minilm_folder: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A client holding idle sockets cannot lock others out: at the cap the one idle longest is
+    closed (as nginx reuses idle keep-alive connections) and the newcomer is served."""
+    srv = start_server({MODEL: minilm_folder}, config={"server": {"max_connections": 2}})
+    oldest = socket.create_connection(("127.0.0.1", srv.port))
+    time.sleep(0.05)
+    younger = socket.create_connection(("127.0.0.1", srv.port))
+    try:
+        time.sleep(0.1)
+        newcomer = socket.create_connection(("127.0.0.1", srv.port))
+        newcomer.settimeout(5)
+        newcomer.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert newcomer.recv(200).startswith(b"HTTP/1.1 200")
+        oldest.settimeout(5)
+        assert oldest.recv(200) == b""  # closed, without a reply
+        younger.settimeout(5)
+        younger.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert younger.recv(200).startswith(b"HTTP/1.1 200")
+        newcomer.close()
+    finally:
+        oldest.close()
+        younger.close()
+
+
+def test_connections_beyond_the_cap_get_503_when_every_one_is_busy(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]
     srv = start_server({MODEL: minilm_folder}, config={"server": {"max_connections": 2}})
     held = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(2)]
     try:
-        time.sleep(0.1)
+        for s in held:  # a request in flight on each: its body is still arriving
+            s.sendall(
+                b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 100\r\n\r\n{"model":'
+            )
+        time.sleep(0.2)
         extra = socket.create_connection(("127.0.0.1", srv.port))
         extra.settimeout(5)
         reply = extra.recv(200)

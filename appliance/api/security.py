@@ -130,8 +130,12 @@ _TOO_MANY = (
 class LimitedRunner(web.AppRunner):
     """An AppRunner whose server caps open connections.
 
-    aiohttp has no such knob; past the cap a new connection gets a plain 503 with Retry-After and
-    is closed, instead of piling up until clients time out.
+    aiohttp has no such knob. At the cap a new connection takes the place of the one idle longest
+    (waiting for its next request, or for the rest of a request's head), as nginx reuses idle
+    keep-alive connections when it runs out: a client holding a thousand idle sockets cannot lock
+    others out for the keep-alive timeout, and the client of an idle one just reconnects. Only
+    when every connection has a request in flight does the newcomer get a plain 503 with
+    Retry-After and close, instead of piling up until clients time out.
     """
 
     def __init__(self, app: web.Application, *, max_connections: int, **kwargs: Any) -> None:
@@ -145,9 +149,34 @@ class LimitedRunner(web.AppRunner):
 
         def connection_made(handler: Any, transport: asyncio.Transport) -> None:
             accept(handler, transport)
-            if len(server.connections) > limit:
+            if len(server.connections) > limit and not _close_idlest(server.connections, handler):
                 transport.write(_TOO_MANY)
                 transport.close()
 
         server.connection_made = connection_made  # type: ignore[method-assign]
         return server
+
+
+def _close_idlest(connections: list[Any], newcomer: Any) -> bool:
+    """Close the connection idle longest, other than ``newcomer``; False when none is idle.
+
+    aiohttp's RequestHandler does not say whether it is idle, so this reads what its keep-alive
+    check reads (``_process_keepalive``): a request in flight or queued makes it busy, and its
+    keep-alive deadline orders the idle ones. Where an aiohttp release lacks those attributes,
+    every connection reads as busy, which is the plain 503 above.
+    """
+    idlest, deadline = None, math.inf
+    for handler in connections:
+        if handler is newcomer or getattr(handler, "_force_close", True):
+            continue
+        if getattr(handler, "_request_in_progress", True) or getattr(handler, "_messages", True):
+            continue
+        due = getattr(handler, "_next_keepalive_close_time", math.inf)
+        if due < deadline:
+            idlest, deadline = handler, due
+    if idlest is None:
+        return False
+    idlest.force_close()
+    if idlest.transport is not None:
+        idlest.transport.close()
+    return True
