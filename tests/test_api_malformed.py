@@ -139,6 +139,10 @@ def test_an_unpaired_surrogate_is_400_on_both_apis(server: ServerThread) -> None
         pytest.param("X-Timeout-Ms", "inf", id="timeout-inf"),
         pytest.param("X-Timeout-Ms", "1e400", id="timeout-overflows-to-inf"),
         pytest.param("X-Timeout-Ms", "nan", id="timeout-nan"),
+        # float() takes these; no client means them, and a proxy or a log reads them otherwise.
+        pytest.param("X-Timeout-Ms", "1_000", id="timeout-underscore"),
+        pytest.param("X-Timeout-Ms", "١٠٠٠".encode().decode("latin-1"), id="timeout-arabic-indic-digits"),
+        pytest.param("X-Timeout-Ms", "0x10", id="timeout-hex"),
     ],
 )
 def test_malformed_headers_are_400_naming_the_header(server: ServerThread, header: str, value: str) -> None:

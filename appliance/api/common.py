@@ -70,6 +70,9 @@ TICKET = "ticket"  # request-scoped: the pipeline's Ticket
 RAW_BODY, BODY = "raw_body", "json_body"
 OPENAI, KSERVE, OTHER = "openai", "kserve", "other"
 _INTEGER = re.compile(r"-?[0-9]{1,18}")
+# Milliseconds in ASCII decimal notation (an exponent allowed): float() would also take "1_000",
+# "infinity" and other scripts' digits, which a proxy or a log reader would read differently.
+_MILLISECONDS = re.compile(r"[0-9]{1,400}(?:\.[0-9]{1,20})?(?:[eE][+-]?[0-9]{1,4})?")
 # The usual X-Priority values, parsed once (under a flood every request sends one).
 _HEADER_PRIORITY = {str(n): n for n in range(1, 10)}
 
@@ -261,13 +264,12 @@ def timeout_ms_of(request: web.Request) -> float | None:
     text = request.headers.get("X-Timeout-Ms")
     if text is None:
         return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise InvalidRequest("X-Timeout-Ms must be a number of milliseconds", param="X-Timeout-Ms") from None
+    digits = text.strip()
+    value = float(digits) if _MILLISECONDS.fullmatch(digits) else 0.0
     if not (value > 0 and math.isfinite(value)):
         raise InvalidRequest(
-            f"X-Timeout-Ms must be a positive, finite number of milliseconds, got {text[:20]!r}",
+            f"X-Timeout-Ms must be a positive, finite number of milliseconds in ASCII digits "
+            f"(e.g. 2000 or 2.5), got {text[:20]!r}",
             param="X-Timeout-Ms",
         )
     return value
