@@ -324,6 +324,10 @@ def test_deterministic_whole_responses_are_cached_sampled_ones_not(server: Serve
         ),
         ({"model": MODEL, "messages": ask("x"), "priority": 9}, 400, "priority"),
         ({"model": MODEL, "messages": ask("x"), "logprobs": True}, 400, "logprobs"),
+        # Tools cannot be honoured, so neither can a demand for a call, nor audio output.
+        ({"model": MODEL, "messages": ask("x"), "tool_choice": "required"}, 400, "tool_choice"),
+        ({"model": MODEL, "messages": ask("x"), "functions": [{"name": "f"}]}, 400, "functions"),
+        ({"model": MODEL, "messages": ask("x"), "modalities": ["text", "audio"]}, 400, "modalities"),
     ],
 )
 def test_bad_input_gets_a_clear_error(

@@ -264,6 +264,21 @@ def _integer(body: Mapping[str, Any], name: str) -> int | None:
     return value
 
 
+# OpenAI parameters this server cannot honour: a request that sets one is refused, not answered as
+# if it had not (a client relying on tools or logprobs must not get plain prose back).
+_UNSUPPORTED = (
+    "logprobs",
+    "top_logprobs",
+    "echo",
+    "suffix",
+    "best_of",
+    "logit_bias",
+    "tools",
+    "functions",
+    "audio",
+)
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
     """Generation parameters of an OpenAI request, checked for type and range. ``max_tokens`` stays
@@ -283,10 +298,21 @@ class GenerationOptions:
         n = body.get("n")
         if n is not None and n != 1:
             raise InvalidRequest("only n=1 is supported (one choice per request)", param="n")
-        for name in ("logprobs", "top_logprobs", "echo", "suffix", "best_of", "logit_bias", "tools"):
+        for name in _UNSUPPORTED:
             value = body.get(name)
             if value and not (name == "best_of" and value == 1):
                 raise InvalidRequest(f"'{name}' is not supported", param=name)
+        for name in ("tool_choice", "function_call"):
+            # Without tools only "none" (or "auto", which then means none) can be honoured; a
+            # client that requires a call must hear that none will come rather than get prose.
+            value = body.get(name)
+            if value is not None and value not in ("none", "auto"):
+                raise InvalidRequest(
+                    f"'{name}' must be 'none' or 'auto': tools are not supported", param=name
+                )
+        modalities = body.get("modalities")
+        if modalities is not None and modalities != ["text"]:
+            raise InvalidRequest("only modalities ['text'] is supported", param="modalities")
         for name in ("presence_penalty", "frequency_penalty"):
             if _number(body, name, -2.0, 2.0, 0.0) != 0.0:
                 raise InvalidRequest(f"'{name}' is not supported (only 0)", param=name)
