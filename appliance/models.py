@@ -455,15 +455,17 @@ class ModelManager:
         residency flipped to 503 five idle minutes after start (memory.keep_alive_s), and an
         orchestrator that routes by it (the Kubernetes Service) then sent no request that could
         load the model again."""
+        return all(self.serves(n) for n in self.default_models())
+
+    def serves(self, name: str) -> bool:
+        """Whether ``name`` answers its next request: resident, or unloaded (keep-alive, eviction,
+        an admin unload) after it has served, so that its next request loads it again. A model
+        that has never loaded is not vouched for: its first load may still fail."""
+        slot = self.slots.get(name)
+        if slot is None:
+            return False
         again = (ModelState.available, ModelState.evicted, ModelState.loading)
-
-        def serves(name: str) -> bool:
-            slot = self.slots.get(name)
-            if slot is None:
-                return False
-            return slot.state == ModelState.resident or (name in self._served and slot.state in again)
-
-        return all(serves(n) for n in self.default_models())
+        return slot.state == ModelState.resident or (name in self._served and slot.state in again)
 
     # -- live settings ---------------------------------------------------------------------
     def identity(self, name: str) -> str:

@@ -123,6 +123,10 @@ def test_a_model_that_can_never_fit_is_refused_with_a_clear_error(
         time.sleep(0.05)
     status, ready = srv.get("/readyz")
     assert status == 503 and ready["models"][A] == "failed"
+    # KServe's readiness answers "no" with a 4xx, as the protocol and Triton do.
+    assert srv.get("/v2/health/ready")[0] == 400
+    status, model_ready = srv.get(f"/v2/models/{A}/ready")
+    assert status == 400 and model_ready == {"name": A, "ready": False}
     status, body, _ = embed(srv, A)
     assert status == 503 and "memory budget is 10 MiB" in body["error"]["message"]
 
@@ -171,6 +175,10 @@ def test_keep_alive_unloads_idle_models_which_stay_ready_and_load_again(
     # to load the model again.)
     status, ready = srv.get("/readyz")
     assert status == 200 and ready["ready"] is True, ready
+    # So does KServe's readiness, of the server and of the model: a client that checks the model
+    # before it sends would otherwise never send again.
+    assert srv.get("/v2/health/ready")[0] == 200
+    assert srv.get("/v2/models/all-minilm-l6-v2/ready") == (200, {"name": "all-minilm-l6-v2", "ready": True})
     assert embed(srv, "all-minilm-l6-v2")[0] == 200
     assert state(srv, "all-minilm-l6-v2") == "resident"
 

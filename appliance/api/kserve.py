@@ -43,8 +43,9 @@ async def live(request: web.Request) -> web.Response:
 
 @routes.get("/v2/health/ready")
 async def ready(request: web.Request) -> web.Response:
-    ok = request.app[MANAGER].ready()
-    return web.Response(status=200 if ok else 503, headers={} if ok else {"Retry-After": "5"})
+    # The protocol answers "false" with a 4xx (Triton: 400), not a 5xx: a readiness check that
+    # says no is an answer, not a failure. Orchestrators read any non-2xx as not ready.
+    return web.Response(status=200 if request.app[MANAGER].ready() else 400)
 
 
 def _io(runtime: ModelRuntime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -112,13 +113,11 @@ async def model_ready(request: web.Request) -> web.Response:
     if slot is None:
         return web.json_response({"error": f"Request for unknown model: '{name}' is not found"}, status=404)
     _check_version(request, name)
-    is_ready = slot.runtime is not None
-    # Every 503 says when to come back, readiness included.
-    return web.json_response(
-        {"name": name, "ready": is_ready},
-        status=200 if is_ready else 503,
-        headers={} if is_ready else {"Retry-After": "5"},
-    )
+    # Ready as long as the next request is served: resident, or unloaded by keep-alive after it
+    # has served (its next request loads it). Following residency alone, a client that checks
+    # readiness before it sends (as Triton's clients may) never sent again once the model idled.
+    is_ready = mgr.serves(name)
+    return web.json_response({"name": name, "ready": is_ready}, status=200 if is_ready else 400)
 
 
 @routes.get("/v2/models/{model}/config")
