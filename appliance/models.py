@@ -180,6 +180,7 @@ class ModelManager:
         self._identities: dict[str, str] = {}
         # Models that have been resident since start: unloaded, they still count as ready.
         self._served: set[str] = set()
+        self._restarting: set[str] = set()
         # Batch sizes learned from out-of-memory errors: never send a batch that big again.
         self.batch_caps: dict[str, int] = {}
         # Each embedding model's load-time batch-size measurement, with what it was measured for
@@ -405,6 +406,22 @@ class ModelManager:
         self.metrics.model_loaded.labels(name).set(0)
         self._memory_metrics()
         log.info("model %s %s", name, "evicted" if evicted else "unloaded")
+
+    async def restart(self, name: str, timeout_s: float = 60.0) -> None:
+        """Replace ``name``'s engine: unloaded now, loaded fresh by its next request (the breaker's
+        next probe). For an engine whose failures outlast the breaker's probes. Bounded: the
+        unload drains the queue and waits for the worker thread, which a hung engine never
+        frees (the watchdog's case: its pings stop and systemd restarts the process)."""
+        if name in self._restarting:
+            return
+        self._restarting.add(name)
+        try:
+            await asyncio.wait_for(self.unload(name), timeout_s)
+            log.warning("model %s: engine replaced; its next request loads a fresh one", name)
+        except Exception:  # a background step: log it, never lose it
+            log.exception("model %s: replacing its engine failed", name)
+        finally:
+            self._restarting.discard(name)
 
     def _memory_metrics(self) -> None:
         m = self.metrics

@@ -66,6 +66,11 @@ class Resilience:
         self.cache: ResponseCache | None = None
         # Per-model cache outcomes for the console (the SQLite cache counts server-wide).
         self._figures: dict[str, dict[str, int]] = {}
+        # Called (under a breaker's lock, from any thread: it must only schedule) with a model's
+        # name when its probes have failed breaker.restart_engine_after times in a row.
+        self.on_engine_sick: Callable[[str], None] | None = None
+        self._failed_probes: dict[str, int] = {}
+        self._restart_after: dict[str, int] = {}
 
     def count(self, model: str, outcome: str) -> None:
         f = self._figures.setdefault(model, {"hits": 0, "stale_hits": 0, "misses": 0})
@@ -134,6 +139,7 @@ class Resilience:
             b = CircuitBreaker(model, breaker_config(values), on_transition=self._transition)
             self.breakers[model] = b
             self.metrics.breaker_state.labels(model).set(_STATE_VALUE[b.state])
+            self._restart_after[model] = int(values["breaker.restart_engine_after"])
         return b
 
     def configure(self, model: str, values: Mapping[str, Any]) -> None:
@@ -141,10 +147,29 @@ class Resilience:
         if b is not None:
             cfg = breaker_config(values)
             b.reconfigure(**{f: getattr(cfg, f) for f in vars(cfg)})
+            self._restart_after[model] = int(values["breaker.restart_engine_after"])
 
     def _transition(self, name: str, old: BreakerState, new: BreakerState, reason: str) -> None:
         self.metrics.breaker_transitions.labels(name, old.value, new.value).inc()
         self.metrics.breaker_state.labels(name).set(_STATE_VALUE[new])
+        if new is BreakerState.HALF_OPEN:
+            return  # a probe is on its way
+        if new is not BreakerState.OPEN:
+            self._failed_probes.pop(name, None)  # recovered, or an operator took over
+            return
+        if old is not BreakerState.HALF_OPEN:
+            return  # the first trip: probes have not had their say yet
+        # A probe failed. The breaker alone waits ever longer for an engine that may never
+        # recover: a fault stuck in one instance (a poisoned CUDA context, a corrupted session)
+        # fails every probe until the engine is replaced.
+        failed = self._failed_probes.get(name, 0) + 1
+        limit = self._restart_after.get(name, 0)
+        if limit and failed >= limit and self.on_engine_sick is not None:
+            log.warning("model %s: %d probes failed in a row; replacing its engine", name, failed)
+            self.metrics.engine_restarts.labels(name).inc()
+            self.on_engine_sick(name)
+            failed = 0
+        self._failed_probes[name] = failed
 
     # -- operator actions ------------------------------------------------------------------
     def action(self, model: str, verb: str, values: Mapping[str, Any]) -> dict[str, Any]:

@@ -604,6 +604,16 @@ register(
     ),
     Setting("breaker.half_open_probes", int, 1, "Calls let through to probe a recovering engine.", 1, 1000),
     Setting(
+        "breaker.restart_engine_after",
+        int,
+        3,
+        "Failed probes in a row after which the model's engine is replaced (unloaded; its next "
+        "request loads a fresh one), so that a fault stuck in one engine instance, such as a CUDA "
+        "error that poisons its context, heals without restarting the process (0 = never).",
+        0,
+        1000,
+    ),
+    Setting(
         "engine.timeout_ms",
         float,
         60_000.0,

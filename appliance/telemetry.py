@@ -108,6 +108,12 @@ class Metrics:
             ["model", "from_state", "to_state"],
             registry=r,
         )
+        self.engine_restarts = Counter(
+            "appliance_engine_restarts",
+            "Engines replaced after failing breaker.restart_engine_after probes in a row.",
+            ["model"],
+            registry=r,
+        )
         self.fallbacks = Counter(
             "appliance_fallbacks",
             "Answers not from the engine because it failed or its breaker was open, by kind.",

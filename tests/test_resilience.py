@@ -26,7 +26,7 @@ import pytest
 
 from appliance.cache import cache_key
 from appliance.repository import load_model_file
-from tests.conftest import ROOT, ServerThread, make_repository
+from tests.conftest import ROOT, ServerThread, make_repository, metric
 
 MODEL = "all-minilm-l6-v2"
 
@@ -140,6 +140,46 @@ def test_half_open_admits_exactly_the_probes_under_a_burst_then_recovers(
     assert breaker_state(srv)["state"] == "closed"
     engine.delay_s = 0
     assert embed(srv, "after recovery")[0] == 200
+
+
+def test_an_engine_whose_fault_outlasts_the_probes_is_replaced_and_serves_again(
+    start_server, minilm_folder, faulty
+) -> None:  # type: ignore[no-untyped-def]
+    """A fault stuck in one engine instance (a CUDA error that poisons its context, a corrupted
+    session) fails every probe, and the breaker alone would wait ever longer. After
+    ``breaker.restart_engine_after`` failed probes in a row the engine is replaced: its next
+    request (the next probe) loads a fresh one, and the model serves again without a process
+    restart."""
+    srv = start(start_server, minilm_folder, {"restart_engine_after": 2})
+    sick = faulty[0]
+    sick.mode = "raise"  # stays with this instance; a freshly opened engine is healthy
+    for i in range(4):
+        embed(srv, f"trip {i}")
+    assert breaker_state(srv)["state"] == "open"
+    deadline = time.monotonic() + 60
+    i = 0
+    while embed(srv, f"probe {i}")[0] != 200:
+        assert time.monotonic() < deadline, f"no recovery: {breaker_state(srv)}, {len(faulty)} engines"
+        i += 1
+        time.sleep(0.1)
+    assert len(faulty) == 2 and faulty[1] is not sick  # replaced once, and the fresh one served
+    assert sick.mode == "raise"
+    assert metric(srv, 'appliance_engine_restarts_total{model="all-minilm-l6-v2"}') == 1.0
+    assert embed(srv, "the second probe")[0] == 200  # two probes (BREAKER) close it
+    assert breaker_state(srv)["state"] == "closed"
+
+
+def test_with_restarts_off_a_stuck_engine_is_only_probed(start_server, minilm_folder, faulty) -> None:  # type: ignore[no-untyped-def]
+    srv = start(start_server, minilm_folder, {"restart_engine_after": 0, "open_duration_s": 0.1})
+    faulty[0].mode = "raise"
+    deadline = time.monotonic() + 3
+    i = 0
+    while time.monotonic() < deadline:
+        assert embed(srv, f"x {i}")[0] == 503
+        i += 1
+        time.sleep(0.05)
+    assert len(faulty) == 1
+    assert metric(srv, 'appliance_engine_restarts_total{model="all-minilm-l6-v2"}') == 0.0
 
 
 def test_client_disconnects_are_not_failures(start_server, minilm_folder, faulty) -> None:  # type: ignore[no-untyped-def]

@@ -315,9 +315,25 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     app[EXTRA_STATS]["loop"] = lag.snapshot
     supervisor.task("loop-lag", lag.run)
     mgr.supervisor = supervisor
+    loop = asyncio.get_running_loop()
+    restarts: set[asyncio.Task[None]] = set()
+
+    def replace_engine(name: str) -> None:  # on the loop
+        task = loop.create_task(mgr.restart(name))
+        restarts.add(task)  # held until done: the loop keeps only weak references to tasks
+        task.add_done_callback(restarts.discard)
+
+    def engine_sick(name: str) -> None:
+        # A breaker reports under its lock, perhaps from an engine thread: only schedule here.
+        loop.call_soon_threadsafe(replace_engine, name)
+
+    resilience.on_engine_sick = engine_sick
     mgr.rescan()
     loading = asyncio.create_task(mgr.start())
     yield
+    resilience.on_engine_sick = None
+    for task in restarts:
+        task.cancel()
     await supervisor.close()
     sampler.stop()
     app[DRAINING][0] = True
