@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -236,6 +236,28 @@ class EmbeddingResult:
     prompt_tokens: int
 
 
+@dataclass(frozen=True)
+class TextItem:
+    """A sentence queued untokenized: the batch's worker tokenizes it with the rest of its batch.
+    Tokenizing one request's sentence on the event loop was its largest single cost there (a fifth
+    of the loop's time in a py-spy profile), and on a GPU the loop, not the engine, bounds
+    embeddings. ``index`` is its place in the request, for the error that names it."""
+
+    text: str
+    index: int
+    cut: bool
+
+    def __len__(self) -> int:
+        # What the batcher groups by, before there are tokens: about 4 characters a token, plus
+        # [CLS] and [SEP].
+        return len(self.text) // 4 + 2
+
+
+class Embedded(NamedTuple):
+    vector: np.ndarray
+    tokens: int
+
+
 class EmbeddingRuntime:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, max_tokens: int) -> None:
         self.engine = engine
@@ -248,7 +270,29 @@ class EmbeddingRuntime:
         spec = engine.output_spec("sentence_embedding")
         self.dim = int(spec.shape[-1]) if spec and spec.shape[-1] else 0
 
-    def run_batch(self, items: list[np.ndarray]) -> list[np.ndarray]:
+    def run_batch(self, items: Sequence[np.ndarray | TextItem]) -> list[Embedded | BaseException]:
+        """Embed a batch of token arrays and sentences; the sentences are tokenized here, on the
+        worker thread, all at once. A sentence over the context (without truncation) fails alone,
+        as a 400 naming it."""
+        rows: list[np.ndarray | BaseException] = []
+        texts = [it for it in items if isinstance(it, TextItem)]
+        encoded = iter(self.encode([t.text for t in texts]) if texts else [])
+        for it in items:
+            rows.append(self.ids_of(next(encoded), it) if isinstance(it, TextItem) else it)
+        batch = [r for r in rows if isinstance(r, np.ndarray)]
+        emb = self._embed(batch) if batch else None
+        out: list[Embedded | BaseException] = []
+        k = 0
+        for r in rows:
+            if isinstance(r, np.ndarray):
+                assert emb is not None
+                out.append(Embedded(emb[k], len(r)))
+                k += 1
+            else:
+                out.append(r)
+        return out
+
+    def _embed(self, items: list[np.ndarray]) -> np.ndarray:
         width = max(len(i) for i in items)
         ids = np.zeros((len(items), width), dtype=np.int64)
         mask = np.zeros((len(items), width), dtype=np.int64)
@@ -256,8 +300,22 @@ class EmbeddingRuntime:
             ids[row, : len(toks)] = toks
             mask[row, : len(toks)] = 1
         out = self.engine.run({"input_ids": ids, "attention_mask": mask}, ["sentence_embedding"])
-        emb = out["sentence_embedding"]
-        return [emb[i] for i in range(len(items))]
+        return out["sentence_embedding"]
+
+    def encode(self, texts: list[str]) -> list[Any]:
+        """Token counts and ids of ``texts`` without truncation. One batch call: it releases the
+        GIL (the event loop serves meanwhile) and skips the character offsets (``_fast``)."""
+        fast = getattr(self.counting, "encode_batch_fast", None)  # tokenizers >= 0.21
+        return list(fast(texts) if fast is not None else self.counting.encode_batch(texts))
+
+    def ids_of(self, encoding: Any, item: TextItem) -> np.ndarray | InvalidRequest:
+        """A sentence's token ids, cut to the context when it asks, else the 400 it earns."""
+        ids = encoding.ids
+        if len(ids) > self.max_tokens:
+            if not item.cut:
+                return _too_long(item.index, len(ids), "tokens", self.max_tokens)
+            ids = self.tokenizer.encode(item.text).ids  # the model's own truncation keeps [CLS] ... [SEP]
+        return np.array(ids, dtype=np.int64)
 
     def warmup(self) -> None:
         self.run_batch([np.array(self.tokenizer.encode("warm up").ids, dtype=np.int64)])
@@ -317,7 +375,7 @@ def _embedding_runtime(
     execute = engine_call(mgr, entry.name, executor, rt.run_batch)
     values = mgr.tunables(entry.name)
     loop = asyncio.get_running_loop()
-    batcher: Batcher[np.ndarray, np.ndarray] = Batcher(
+    batcher: Batcher[np.ndarray | TextItem, Embedded] = Batcher(
         entry.name,
         batch_policy(values),
         execute,
@@ -414,7 +472,6 @@ def _cap_policy(batcher: Batcher[Any, Any], size: int) -> None:
 
 MAX_EMBEDDING_INPUTS = 2048
 PEAK_PROBE_ROWS = 4
-SERIAL_TOKENIZE = 16
 
 
 # A BERT-family token is rarely longer than a dozen characters; an input longer than this many
@@ -457,17 +514,23 @@ class EmbeddingService:
                 param="input",
             )
         cut = bool(self.manager.tunables(model)["input.truncate"]) if truncate is None else truncate
-        if all(isinstance(x, str) for x in inputs) and sum(len(str(x)) for x in inputs) > OFFLOOP_CHARS:
-            # Large inputs are tokenized on a worker thread: the loop keeps serving everyone else.
-            loop = asyncio.get_running_loop()
-            items = await loop.run_in_executor(None, _tokenize, rt, inputs, cut)
+        items: Sequence[np.ndarray | TextItem]
+        if all(isinstance(x, str) for x in inputs):
+            texts = _checked_texts(rt, [str(x) for x in inputs], cut)
+            if sum(len(t) for t in texts) > OFFLOOP_CHARS:
+                # Large inputs are tokenized up front on another thread, not inside an engine call
+                # (which holds the compute grant): the loop and the engine serve everyone else.
+                loop = asyncio.get_running_loop()
+                items = await loop.run_in_executor(None, _encode_texts, rt, texts, cut)
+            else:
+                items = [TextItem(t, i, cut) for i, t in enumerate(texts)]
         else:
-            items = _tokenize(rt, inputs, cut)
+            items = _token_arrays(rt, inputs, cut)
+        results = await submit_all(batcher_of(runtime), items, priority, timeout_ms, reservation)
         observe = self.manager.metrics.child(self.manager.metrics.input_tokens, model).observe
-        for it in items:
-            observe(len(it))
-        vectors = await submit_all(batcher_of(runtime), items, priority, timeout_ms, reservation)
-        return EmbeddingResult(np.stack(vectors), sum(len(i) for i in items))
+        for r in results:
+            observe(r.tokens)
+        return EmbeddingResult(np.stack([r.vector for r in results]), sum(r.tokens for r in results))
 
 
 def _too_long(i: int, n: int, unit: str, limit: int) -> InvalidRequest:
@@ -478,35 +541,33 @@ def _too_long(i: int, n: int, unit: str, limit: int) -> InvalidRequest:
     )
 
 
-def _tokenize(
-    rt: EmbeddingRuntime, inputs: Sequence[str] | Sequence[Sequence[int]], cut: bool
-) -> list[np.ndarray]:
+def _checked_texts(rt: EmbeddingRuntime, texts: list[str], cut: bool) -> list[str]:
+    """The limits that need no tokenizer: no empty string, and no text longer than
+    CHARS_PER_TOKEN_BOUND characters per allowed token (refused unread, or cut to that first)."""
     limit = rt.max_tokens
-    if all(isinstance(x, str) for x in inputs):
-        texts = [str(x) for x in inputs]
-        max_chars = limit * CHARS_PER_TOKEN_BOUND
-        for i, t in enumerate(texts):
-            if not t:
-                raise InvalidRequest(f"input[{i}] is an empty string", param="input")
-            if len(t) > max_chars:
-                if not cut:
-                    raise _too_long(
-                        i, len(t), f"characters (more than {max_chars} are refused unread)", limit
-                    )
-                texts[i] = t[:max_chars]  # first by characters, then by tokens below
-        # encode_batch fans out to the tokenizers thread pool, whose threads wait behind ONNX
-        # Runtime's under load (16 % of the event loop's time in a profile); a few short texts
-        # are cheaper one by one on this thread.
-        tok = rt.counting
-        encoded = [tok.encode(t) for t in texts] if len(texts) <= SERIAL_TOKENIZE else tok.encode_batch(texts)
-        out = []
-        for i, e in enumerate(encoded):
-            if len(e.ids) > limit:
-                if not cut:
-                    raise _too_long(i, len(e.ids), "tokens", limit)
-                e = rt.tokenizer.encode(texts[i])  # the model's own truncation keeps [CLS] ... [SEP]
-            out.append(np.array(e.ids, dtype=np.int64))
-        return out
+    max_chars = limit * CHARS_PER_TOKEN_BOUND
+    for i, t in enumerate(texts):
+        if not t:
+            raise InvalidRequest(f"input[{i}] is an empty string", param="input")
+        if len(t) > max_chars:
+            if not cut:
+                raise _too_long(i, len(t), f"characters (more than {max_chars} are refused unread)", limit)
+            texts[i] = t[:max_chars]  # first by characters, then by tokens
+    return texts
+
+
+def _encode_texts(rt: EmbeddingRuntime, texts: list[str], cut: bool) -> list[np.ndarray]:
+    out = []
+    for i, e in enumerate(rt.encode(texts)):
+        ids = rt.ids_of(e, TextItem(texts[i], i, cut))
+        if isinstance(ids, InvalidRequest):
+            raise ids
+        out.append(ids)
+    return out
+
+
+def _token_arrays(rt: EmbeddingRuntime, inputs: Sequence[Any], cut: bool) -> list[np.ndarray]:
+    limit = rt.max_tokens
     vocab = rt.tokenizer.get_vocab_size()
     items = []
     for i, seq in enumerate(inputs):

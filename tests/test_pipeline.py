@@ -87,15 +87,15 @@ def test_a_full_queue_refuses_before_any_tokenizing(
     start_server, minilm_folder: Path, faulty, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
     """The engine is slowed by the test-only fault hook so that the queue fills; refusals then
-    cost no tokenizing (counted by a spy around the real tokenizer function)."""
+    cost no tokenizing (sentences counted by a spy around the real tokenizer call)."""
     calls = {"n": 0}
-    real = inference._tokenize
+    real = inference.EmbeddingRuntime.encode
 
-    def spy(*args: Any) -> Any:
-        calls["n"] += 1
-        return real(*args)
+    def spy(self: Any, texts: list[str]) -> Any:
+        calls["n"] += len(texts)
+        return real(self, texts)
 
-    monkeypatch.setattr(inference, "_tokenize", spy)
+    monkeypatch.setattr(inference.EmbeddingRuntime, "encode", spy)
     srv = start_server(
         {MODEL: minilm_folder},
         overrides={
@@ -181,6 +181,27 @@ def test_an_input_past_the_context_is_a_400_naming_the_limit(start_server, minil
     assert time.monotonic() - started < 5  # refused unread: no tokenizing of 4 MB
     status, body, _ = embed(srv, {"input": BIG, "truncate": True})
     assert status == 200 and body["usage"]["prompt_tokens"] == 256
+
+
+def test_sentences_are_tokenized_with_their_batch_and_one_past_the_context_is_a_400_naming_it(
+    start_server, minilm_folder: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Sentences are tokenized by the model's worker, a batch at a time, not on the event loop.
+    One over the context still fails its request with a 400 that names it, and is no engine
+    failure: the breaker counts nothing. Usage counts the tokens the worker found."""
+    from tokenizers import Tokenizer
+
+    srv = start_server({MODEL: minilm_folder})
+    status, body, _ = embed(srv, {"input": ["a short one", "word " * 400, "another"]})
+    assert status == 400 and body["error"]["message"].startswith("input[1] has 402 tokens"), body
+    assert body["error"]["param"] == "input"
+    breaker = srv.call(lambda: srv.app[RESILIENCE].breakers[MODEL].snapshot())
+    assert breaker["failures_in_window"] == 0 and breaker["state"] == "closed"
+    texts = ["a short one", "another short sentence", "Where is my parcel?"]
+    status, body, _ = embed(srv, {"input": texts})
+    assert status == 200 and [d["index"] for d in body["data"]] == [0, 1, 2]
+    tok = Tokenizer.from_file(str(minilm_folder / "tokenizer.json"))
+    assert body["usage"]["prompt_tokens"] == sum(len(tok.encode(t).ids) for t in texts)
 
 
 def test_the_model_setting_allows_truncation(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]
