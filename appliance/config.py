@@ -61,6 +61,10 @@ class ServerSection(_Strict):
     max_connection_request_rate: float = Field(5000.0, ge=0)
     # A stream waiting in the queue sends an SSE comment this often until its first token.
     sse_keepalive_s: float = Field(15.0, gt=0)
+    # How long a thread may hold the GIL while another waits for it (sys.setswitchinterval;
+    # Python's default is 5 ms). An engine worker whose call has returned waits that long for the
+    # GIL behind a busy event loop before it can hand its batch back and start the next one.
+    gil_switch_interval_ms: float = Field(0.5, gt=0, le=100)
 
 
 class AdminSection(_Strict):

@@ -14,6 +14,7 @@ import os
 import secrets
 import signal
 import ssl
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -249,6 +250,7 @@ def run(cfg: Config) -> None:
 async def serve(cfg: Config) -> None:
     server = Server(cfg)
     server.app[MANAGER].freeze_heap = True  # see appliance.heap
+    sys.setswitchinterval(cfg.server.gil_switch_interval_ms / 1000)  # the serving process only
     # Children (pip during a pull, say) must not talk to systemd in our name.
     os.environ.pop("NOTIFY_SOCKET", None)
     await server.start()

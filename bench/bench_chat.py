@@ -121,14 +121,17 @@ def start_appliance(
     tmp: Path, port: int, model: str = MODEL, settings: dict[str, Any] | None = None
 ) -> subprocess.Popen[bytes]:
     cfg = tmp / "appliance.yaml"
+    # "server.*" keys are the server section's (appliance.yaml), the rest model settings.
+    server = {k.partition(".")[2]: v for k, v in (settings or {}).items() if k.startswith("server.")}
+    defaults = {k: v for k, v in (settings or {}).items() if not k.startswith("server.")}
     cfg.write_text(
         json.dumps(
             {
-                "server": {"port": port, "log_level": "warning", "default_models": [model]},
+                "server": {"port": port, "log_level": "warning", "default_models": [model], **server},
                 "admin": {"port": -1, "socket": ""},
                 "model_repository": str(ROOT / "engines"),
                 "data_dir": str(tmp / "data"),
-                **({"defaults": settings} if settings else {}),
+                **({"defaults": defaults} if defaults else {}),
             }
         )
     )

@@ -440,15 +440,17 @@ class Server:
 
 def launch(variant: Variant, threads: int, tmp: Path) -> Server:
     model: dict[str, Any] = {"engine": {"intra_op_threads": threads}}
+    server: dict[str, Any] = {"host": "127.0.0.1", "log_level": "warning", "default_models": [MODEL]}
     for section, values in variant.settings.items():
-        model.setdefault(section, {}).update(values)
+        # server.* keys are the server section's (appliance.yaml), the rest the model's settings.
+        (server if section == "server" else model.setdefault(section, {})).update(values)
     folder = tmp / (variant.label or "default")
     folder.mkdir()
     cfg = folder / "appliance.yaml"
     cfg.write_text(
         json.dumps(
             {
-                "server": {"host": "127.0.0.1", "log_level": "warning", "default_models": [MODEL]},
+                "server": server,
                 "admin": {"port": -1},
                 "model_repository": str(ROOT / "engines"),
                 "data_dir": str(folder / "data"),

@@ -23,6 +23,8 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert cfg.server.port == 9001
     assert cfg.server.host == "127.0.0.1"
     assert cfg.model_repository == tmp_path / "models"
+    # The serving process hands the GIL on after 0.5 ms, not Python's 5 (README, Performance).
+    assert cfg.server.gil_switch_interval_ms == 0.5
 
 
 @pytest.mark.parametrize(
@@ -31,6 +33,7 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
         ("server: {prot: 1}\n", "appliance.yaml: server.prot: unknown key"),
         ("server: {port: high}\n", "appliance.yaml: server.port"),
         ("server: {port: 70000}\n", "less than or equal to 65535"),
+        ("server: {gil_switch_interval_ms: 0}\n", "server.gil_switch_interval_ms"),
         ("colour: blue\n", "appliance.yaml: colour: unknown key"),
         (
             "defaults: {batching: {max_batch_size: 0}}\n",
