@@ -140,13 +140,21 @@ def serve(
     tmp.mkdir()
     port, admin_port = free_port(), free_port()
     cfg = tmp / "appliance.yaml"
+    defaults = dict(defaults or {})
+    server = defaults.pop("server", {})  # server.* keys are the server section's, not tunables
     config = {
-        "server": {"host": "127.0.0.1", "port": port, "log_level": "warning", "default_models": list(models)},
+        "server": {
+            "host": "127.0.0.1",
+            "port": port,
+            "log_level": "warning",
+            "default_models": list(models),
+            **server,
+        },
         "admin": {"port": admin_port, "token": ADMIN_TOKEN, "socket": ""},
         "model_repository": str(link_repository(tmp, list(models))),
         "data_dir": str(tmp / "data"),
         "models": models,
-        "defaults": defaults or {},
+        "defaults": defaults,
     }
     cfg.write_text(yaml.safe_dump(config))
     log = (tmp / "server.log").open("wb")
