@@ -412,7 +412,14 @@ class ModelManager:
         next probe). For an engine whose failures outlast the breaker's probes. Bounded: the
         unload drains the queue and waits for the worker thread, which a hung engine never
         frees (the watchdog's case: its pings stop and systemd restarts the process)."""
-        if name in self._restarting:
+        slot = self.slots.get(name)
+        if name in self._restarting or slot is None or slot.runtime is None:
+            return
+        if slot.runtime.batcher.snapshot()["running_batches"]:
+            # The breaker admits only probes while open, so a call still running is one that has
+            # not come back: unloading would wait on it, and a fresh engine beside a hung one
+            # would double the memory. That is the watchdog's case.
+            log.warning("model %s: an engine call is still running; not replacing the engine under it", name)
             return
         self._restarting.add(name)
         try:

@@ -7,6 +7,7 @@ run out of memory when told to. Everything else is real: the model, the batcher,
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import os
@@ -167,6 +168,30 @@ def test_an_engine_whose_fault_outlasts_the_probes_is_replaced_and_serves_again(
     assert metric(srv, 'appliance_engine_restarts_total{model="all-minilm-l6-v2"}') == 1.0
     assert embed(srv, "the second probe")[0] == 200  # two probes (BREAKER) close it
     assert breaker_state(srv)["state"] == "closed"
+
+
+def test_an_engine_with_a_call_still_running_is_not_replaced_under_it(
+    start_server, minilm_folder, faulty, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    """A probe that never came back leaves its call running on the worker (a hung engine).
+    Replacing the engine then would wait on that call and put a fresh engine beside the hung one,
+    so the replacement declines: a hang is the watchdog's case (its pings stop)."""
+    from appliance.api.common import MANAGER
+
+    srv = start(start_server, minilm_folder)
+    faulty[0].delay_s = 3.0
+    hung = threading.Thread(target=embed, args=(srv, "hangs"))
+    hung.start()
+    mgr = srv.app[MANAGER]
+    deadline = time.monotonic() + 10
+    while not mgr.slots[MODEL].runtime.batcher.snapshot()["running_batches"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    runtime = mgr.slots[MODEL].runtime
+    asyncio.run_coroutine_threadsafe(mgr.restart(MODEL), srv.loop).result(10)
+    assert mgr.slots[MODEL].runtime is runtime and len(faulty) == 1
+    assert "an engine call is still running" in caplog.text
+    hung.join(10)
 
 
 def test_with_restarts_off_a_stuck_engine_is_only_probed(start_server, minilm_folder, faulty) -> None:  # type: ignore[no-untyped-def]
