@@ -274,23 +274,12 @@ class EmbeddingRuntime:
         """Embed a batch of token arrays and sentences; the sentences are tokenized here, on the
         worker thread, all at once. A sentence over the context (without truncation) fails alone,
         as a 400 naming it."""
-        rows: list[np.ndarray | BaseException] = []
-        texts = [it for it in items if isinstance(it, TextItem)]
-        encoded = iter(self.encode([t.text for t in texts]) if texts else [])
-        for it in items:
-            rows.append(self.ids_of(next(encoded), it) if isinstance(it, TextItem) else it)
-        batch = [r for r in rows if isinstance(r, np.ndarray)]
-        emb = self._embed(batch) if batch else None
-        out: list[Embedded | BaseException] = []
-        k = 0
-        for r in rows:
-            if isinstance(r, np.ndarray):
-                assert emb is not None
-                out.append(Embedded(emb[k], len(r)))
-                k += 1
-            else:
-                out.append(r)
-        return out
+        texts = [it.text for it in items if isinstance(it, TextItem)]
+        encoded = iter(self.encode(texts) if texts else [])
+        rows = [self.ids_of(next(encoded), it) if isinstance(it, TextItem) else it for it in items]
+        runnable = [r for r in rows if isinstance(r, np.ndarray)]
+        vectors = iter(self._embed(runnable) if runnable else [])
+        return [Embedded(next(vectors), len(r)) if isinstance(r, np.ndarray) else r for r in rows]
 
     def _embed(self, items: list[np.ndarray]) -> np.ndarray:
         width = max(len(i) for i in items)

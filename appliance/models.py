@@ -424,6 +424,7 @@ class ModelManager:
         self._restarting.add(name)
         try:
             await asyncio.wait_for(self.unload(name), timeout_s)
+            self.metrics.engine_restarts.labels(name).inc()  # counted when done, not when asked
             log.warning("model %s: engine replaced; its next request loads a fresh one", name)
         except Exception:  # a background step: log it, never lose it
             log.exception("model %s: replacing its engine failed", name)

@@ -165,8 +165,7 @@ class Resilience:
         failed = self._failed_probes.get(name, 0) + 1
         limit = self._restart_after.get(name, 0)
         if limit and failed >= limit and self.on_engine_sick is not None:
-            log.warning("model %s: %d probes failed in a row; replacing its engine", name, failed)
-            self.metrics.engine_restarts.labels(name).inc()
+            log.warning("model %s: %d probes failed in a row; asking for a fresh engine", name, failed)
             self.on_engine_sick(name)
             failed = 0
         self._failed_probes[name] = failed
