@@ -55,6 +55,10 @@ class ServerSection(_Strict):
     # Idle and header-trickling connections are closed after this (slowloris).
     keepalive_timeout_s: float = Field(15.0, gt=0)
     max_connections: int = Field(1024, ge=1)
+    # A connection whose client has received nothing of a pending response for this long is
+    # aborted (nginx's send_timeout): a client that stops reading would otherwise hold its
+    # handler, its buffered response and a busy connection slot forever.
+    send_timeout_s: float = Field(60.0, gt=0)
     # Cheap protection for the event loop, before a body is read: past these request rates a
     # minimal 503 with Retry-After is answered at once (0 = no ceiling).
     max_request_rate: float = Field(20000.0, ge=0)

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from appliance.api.admin import ADMIN_TOKEN, create_admin_app
 from appliance.api.app import create_app
-from appliance.api.common import DRAINING, INFLIGHT, MANAGER, RESILIENCE
+from appliance.api.common import DRAINING, INFLIGHT, MANAGER, RESILIENCE, SUPERVISOR
 from appliance.api.security import KEYS, LimitedRunner, keystore
 from appliance.config import Config, ConfigError, load
 from appliance.llm.scheduler import Scheduler
@@ -51,6 +51,7 @@ class Server:
         data = LimitedRunner(
             self.app,
             max_connections=cfg.server.max_connections,
+            send_timeout_s=cfg.server.send_timeout_s,
             handler_cancellation=True,
             shutdown_timeout=cfg.server.drain_timeout_s,
             keepalive_timeout=cfg.server.keepalive_timeout_s,
@@ -58,6 +59,7 @@ class Server:
         )
         await data.setup()
         self._runners.append(data)
+        self.app[SUPERVISOR].task("send-timeout", data.reap_stalled_sends)
         site = web.TCPSite(data, cfg.server.host, cfg.server.port, ssl_context=self._tls(), backlog=128)
         await site.start()
         self.port = _bound_port(site)

@@ -304,6 +304,14 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.connections_closed = Counter(
+            "appliance_connections_closed",
+            "Connections the server closed to protect itself, by reason: over_cap (503 at the "
+            "connection cap), idle_evicted (the idlest one, for a newcomer at the cap), "
+            "send_timeout (its client received nothing for server.send_timeout_s).",
+            ["reason"],
+            registry=r,
+        )
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, looked up once: labels() locks on every call, and the

@@ -135,6 +135,8 @@ def test_at_the_connection_cap_a_newcomer_replaces_the_connection_idle_longest(
     finally:
         oldest.close()
         younger.close()
+    time.sleep(0.1)
+    assert 'appliance_connections_closed_total{reason="idle_evicted"} 1.0' in srv.get("/metrics")[1].decode()
 
 
 def test_connections_beyond_the_cap_get_503_when_every_one_is_busy(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]
@@ -157,6 +159,68 @@ def test_connections_beyond_the_cap_get_503_when_every_one_is_busy(start_server,
             s.close()
     time.sleep(0.1)
     assert srv.get("/healthz")[0] == 200
+    assert 'appliance_connections_closed_total{reason="over_cap"} 1.0' in srv.get("/metrics")[1].decode()
+
+
+def test_a_client_that_stops_reading_is_cut_off_after_the_send_timeout(
+    start_server, minilm_folder: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A client that sends requests and never reads the answers cannot hold a busy connection,
+    its handler and its buffered output forever: once it has received nothing for
+    ``server.send_timeout_s`` the server aborts the connection (nginx's send_timeout), counts it,
+    and keeps serving everyone else."""
+    srv = start_server({MODEL: minilm_folder}, config={"server": {"send_timeout_s": 0.5}})
+    with urllib.request.urlopen(srv.url + "/openapi.json", timeout=10) as r:
+        doc = r.read()
+    pipelined = 400  # ~19 KB each: several times what the two sockets' buffers hold
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", srv.port))
+    try:
+        s.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * pipelined)
+        time.sleep(2.5)  # reading nothing meanwhile
+        received = 0
+        s.settimeout(10)
+        try:
+            while chunk := s.recv(1 << 16):
+                received += len(chunk)
+        except ConnectionResetError:
+            pass  # the abort's RST overtook the rest of the buffered bytes
+        except TimeoutError:
+            pytest.fail(f"the connection is still open after {received} bytes")
+    finally:
+        s.close()
+    assert received < pipelined * len(doc) / 2
+    metrics = srv.get("/metrics")[1].decode()
+    assert 'appliance_connections_closed_total{reason="send_timeout"} 1.0' in metrics
+    assert srv.get("/healthz")[0] == 200
+
+
+def test_a_slow_reader_that_keeps_reading_is_not_cut_off(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]
+    """The send timeout is between two receptions, not for the whole answer: a client that reads
+    slowly but keeps reading gets everything, however long that takes."""
+    srv = start_server({MODEL: minilm_folder}, config={"server": {"send_timeout_s": 0.2}})
+    with urllib.request.urlopen(srv.url + "/openapi.json", timeout=10) as r:
+        doc = r.read()
+    pipelined = 250
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    s.connect(("127.0.0.1", srv.port))
+    received = 0
+    try:
+        s.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * pipelined)
+        s.settimeout(10)
+        while received < pipelined * len(doc):
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                break
+            received += len(chunk)
+            time.sleep(0.05)  # a quarter of the timeout between reads
+    finally:
+        s.close()
+    assert received > pipelined * len(doc)  # every answer, headers included
+    metrics = srv.get("/metrics")[1].decode()
+    assert 'appliance_connections_closed_total{reason="send_timeout"} 0.0' in metrics
 
 
 def test_a_trickling_body_is_cut_off(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]

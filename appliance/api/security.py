@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import logging
 import math
+import sys
+import termios
 import time
 from typing import Any
 
@@ -14,6 +18,8 @@ from aiohttp import web
 from appliance.api.common import CONFIG, METRICS
 from appliance.auth import KeyRateLimiter, KeyStore, TokenBucket, presented_key
 from appliance.errors import ApplianceError, Overloaded, Unavailable
+
+log = logging.getLogger(__name__)
 
 KEYS = web.AppKey("keys", KeyStore)
 LIMITER = web.AppKey("limiter", KeyRateLimiter)
@@ -128,33 +134,117 @@ _TOO_MANY = (
 
 
 class LimitedRunner(web.AppRunner):
-    """An AppRunner whose server caps open connections.
+    """An AppRunner whose server caps open connections and aborts the ones that stopped reading.
 
-    aiohttp has no such knob. At the cap a new connection takes the place of the one idle longest
+    aiohttp has no such knobs. At the cap a new connection takes the place of the one idle longest
     (waiting for its next request, or for the rest of a request's head), as nginx reuses idle
     keep-alive connections when it runs out: a client holding a thousand idle sockets cannot lock
     others out for the keep-alive timeout, and the client of an idle one just reconnects. Only
     when every connection has a request in flight does the newcomer get a plain 503 with
     Retry-After and close, instead of piling up until clients time out.
+
+    A connection is busy while its response is being written, and aiohttp awaits the socket's
+    drain without a bound: a client that sends requests and never reads the answers would hold a
+    busy slot, its handler and the buffered response forever (a slow-read attack, or a client
+    stuck in a bug). :meth:`reap_stalled_sends` aborts a connection whose client has received
+    nothing of its pending output for ``send_timeout_s``, as nginx's ``send_timeout`` does.
     """
 
-    def __init__(self, app: web.Application, *, max_connections: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        max_connections: int,
+        send_timeout_s: float = 60.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(app, **kwargs)
         self._max_connections = max_connections
+        self.send_timeout_s = send_timeout_s
+        # Per connection with output pending: (bytes buffered, writing paused, since when no
+        # progress). Keyed by the handler object (hashed by identity); pruned every sweep.
+        self._pending: dict[Any, tuple[int, bool, float]] = {}
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         accept = server.connection_made
         limit = self._max_connections
+        closed = self._app[METRICS].connections_closed
+        over_cap, evicted = closed.labels("over_cap"), closed.labels("idle_evicted")
 
         def connection_made(handler: Any, transport: asyncio.Transport) -> None:
             accept(handler, transport)
-            if len(server.connections) > limit and not _close_idlest(server.connections, handler):
+            if len(server.connections) <= limit:
+                return
+            if _close_idlest(server.connections, handler):
+                evicted.inc()
+            else:
+                over_cap.inc()
                 transport.write(_TOO_MANY)
                 transport.close()
 
         server.connection_made = connection_made  # type: ignore[method-assign]
         return server
+
+    async def reap_stalled_sends(self) -> None:
+        """Run for the server's life (a supervised task): every eighth of the timeout, abort the
+        connections whose pending output made no progress for ``send_timeout_s``."""
+        reaped = self._app[METRICS].connections_closed.labels("send_timeout")
+        while True:
+            await asyncio.sleep(self.send_timeout_s / 8)
+            server = self.server
+            if server is None:
+                continue
+            for handler in self.stalled_sends(server.connections, time.monotonic()):
+                log.warning(
+                    "aborting a connection whose client received nothing for %.0f s (server.send_timeout_s)",
+                    self.send_timeout_s,
+                )
+                reaped.inc()
+                # abort, not close: close() would wait to flush the very buffer nobody reads.
+                handler.transport.abort()
+                handler.force_close()
+
+    def stalled_sends(self, connections: list[Any], now: float) -> list[Any]:
+        """The connections (handlers) whose pending output made no progress for the timeout.
+
+        A connection is pending while its transport buffers output, i.e. its writer may be
+        waiting on the drain. Progress is the output not yet taken by the client shrinking: the
+        transport's buffer plus the socket's unacknowledged send queue (the kernel refills its
+        queue from the transport only once a third of it is free, so the transport's buffer alone
+        stands still for a slow reader's first megabytes). Output only grows when the handler
+        writes more, which it can do while writing is not paused; once it was paused above the
+        high-water mark, any change means the client drained it below the low-water mark.
+        """
+        pending, stalled = {}, []
+        for handler in connections:
+            transport = handler.transport
+            if transport is None or transport.get_write_buffer_size() == 0:
+                continue
+            size = transport.get_write_buffer_size() + _unacknowledged(transport)
+            paused = bool(getattr(handler, "writing_paused", False))
+            last = self._pending.get(handler)
+            if last is None or size < last[0] or (last[1] and size != last[0]):
+                pending[handler] = (size, paused, now)
+                continue
+            pending[handler] = (size, paused, last[2])
+            if now - last[2] >= self.send_timeout_s:
+                stalled.append(handler)
+        self._pending = pending
+        return stalled
+
+
+def _unacknowledged(transport: asyncio.BaseTransport) -> int:
+    """Bytes in the socket's send queue the client has not acknowledged (Linux's SIOCOUTQ);
+    0 where the platform or the transport cannot say."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or not hasattr(termios, "TIOCOUTQ"):
+        return 0
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int.from_bytes(raw, sys.byteorder, signed=True)
 
 
 def _close_idlest(connections: list[Any], newcomer: Any) -> bool:
