@@ -13,6 +13,13 @@ scrypt with N=2**14, r=8, p=1 costs ~30 ms and 16 MiB. The secret already carrie
 entropy, so the KDF is defence in depth for a leaked config file, not the primary barrier.
 Only the first use of a key pays it: a verified key is remembered by the SHA-256 of the
 presented string, so later requests cost one hash and one dict lookup.
+
+A key id is not secret (it is the start of every key its holder sends), so whoever has seen one
+could send it with made-up secrets, each costing a KDF run: a CPU and memory flood aimed at the
+engines' cores. So the KDF runs at most ``kdf_rate`` times a second per key id (after a burst of
+``kdf_burst``); past that, presented keys not verified before are answered :class:`Throttled`
+without running it. A key already verified is never throttled, and simultaneous first uses of the
+same key share one KDF run.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ __all__ = [
     "KeyRateLimiter",
     "KeyStore",
     "ScryptParams",
+    "Throttled",
     "TokenBucket",
     "generate_key",
     "hash_key",
@@ -211,8 +219,17 @@ class ApiKeyRecord:
         )
 
 
+@dataclass(frozen=True)
+class Throttled:
+    """A presented key was not checked: its key id's KDF budget is spent (answer 429)."""
+
+    key_id: str
+    retry_after_s: float
+
+
 class KeyStore:
-    """The set of API keys, with a verification cache so only a key's first use runs scrypt."""
+    """The set of API keys, with a verification cache so only a key's first use runs scrypt, and
+    a budget of KDF runs per key id so that made-up secrets for a known id cannot flood it."""
 
     def __init__(
         self,
@@ -220,6 +237,9 @@ class KeyStore:
         *,
         params: ScryptParams | None = None,
         cache_size: int = 4096,
+        kdf_rate: float = 1.0,
+        kdf_burst: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._params = params or ScryptParams()
         self._params.validate()
@@ -231,6 +251,11 @@ class KeyStore:
         # (not the record) means a revoked, removed or re-issued key misses on its own.
         self._verified: OrderedDict[bytes, str] = OrderedDict()
         self._cache_size = cache_size
+        # key id -> its budget of KDF runs (taken under _lock: TokenBucket is not thread-safe).
+        self._kdf_budget: dict[str, TokenBucket] = {}
+        self._kdf_rate, self._kdf_burst, self._clock = kdf_rate, kdf_burst, clock
+        # sha256(presented key) -> the KDF run in progress for it (event loop only).
+        self._checking: dict[bytes, asyncio.Future[ApiKeyRecord | Throttled | None]] = {}
         for record in records:
             if record.name in self._records:
                 raise ValueError(f"duplicate key name {record.name!r}")
@@ -322,8 +347,9 @@ class KeyStore:
             return False
         return self._cached(hashlib.sha256(presented.encode()).digest()) is not None
 
-    def authenticate(self, presented: str) -> ApiKeyRecord | None:
-        """The active record matching ``presented``, or None (unknown, wrong or revoked).
+    def authenticate(self, presented: str) -> ApiKeyRecord | Throttled | None:
+        """The active record matching ``presented``, None (unknown, wrong or revoked), or
+        :class:`Throttled` when its key id's KDF budget is spent.
 
         An unknown key id is refused without running the KDF. That reveals whether an id
         exists, which is harmless: the id is not the secret, and refusing cheaply is what
@@ -335,7 +361,13 @@ class KeyStore:
         hit = self._cached(digest)
         if hit is not None:
             return hit
-        for record in self._candidates(presented):
+        candidates = self._candidates(presented)
+        if not candidates:
+            return None
+        wait = self._take_kdf(_key_id(presented))
+        if wait > 0:
+            return Throttled(_key_id(presented), wait)
+        for record in candidates:
             if verify_key(presented, record.hash):
                 with self._lock:
                     # Re-check: a revoke may have raced the ~30 ms KDF.
@@ -348,11 +380,29 @@ class KeyStore:
                 return current
         return None
 
-    async def authenticate_async(self, presented: str) -> ApiKeyRecord | None:
-        """``authenticate`` that runs a first-use KDF in a thread, off the event loop."""
+    def _take_kdf(self, key_id: str) -> float:
+        with self._lock:
+            bucket = self._kdf_budget.get(key_id)
+            if bucket is None:  # only ids of existing keys get here: the table stays small
+                bucket = self._kdf_budget[key_id] = TokenBucket(
+                    self._kdf_rate, self._kdf_burst, clock=self._clock
+                )
+            return bucket.try_take()
+
+    async def authenticate_async(self, presented: str) -> ApiKeyRecord | Throttled | None:
+        """``authenticate`` that runs a first-use KDF in a thread, off the event loop; callers
+        presenting the same key meanwhile wait for that run instead of starting their own."""
         if self.is_cached(presented):
             return self.authenticate(presented)
-        return await asyncio.to_thread(self.authenticate, presented)
+        digest = hashlib.sha256(presented.encode()).digest()
+        check = self._checking.get(digest)
+        if check is None:
+            # A task of its own: a caller that gives up (its deadline, its client gone) must not
+            # cancel the run the others wait for.
+            check = asyncio.ensure_future(asyncio.to_thread(self.authenticate, presented))
+            self._checking[digest] = check
+            check.add_done_callback(lambda _: self._checking.pop(digest, None))
+        return await asyncio.shield(check)
 
 
 class TokenBucket:

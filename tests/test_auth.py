@@ -18,6 +18,7 @@ from appliance.auth import (
     KeyRateLimiter,
     KeyStore,
     ScryptParams,
+    Throttled,
     TokenBucket,
     generate_key,
     hash_key,
@@ -206,6 +207,62 @@ def test_authenticate_async_runs(store: KeyStore) -> None:
         return [first, second, wrong]
 
     assert asyncio.run(go()) == [record, record, None]
+
+
+def _with_secret(plaintext: str, secret: str) -> str:
+    """A key with ``plaintext``'s id and another secret: what a client that has seen a key can make."""
+    return plaintext[: len(auth.KEY_PREFIX) + 8] + secret
+
+
+def test_made_up_secrets_for_a_known_id_are_throttled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key id is no secret, so made-up secrets with it must not each cost a KDF run: past the
+    id's budget they are answered Throttled without one; a key verified before never is."""
+    clock = FakeClock()
+    store = KeyStore(params=FAST, kdf_rate=1.0, kdf_burst=3, clock=clock)
+    plaintext, record = store.add("frontend")
+    other, other_record = store.add("other")
+    calls = _count_calls(monkeypatch, auth, "_scrypt")
+    assert store.authenticate(other) == other_record  # verified: cached from now on
+    clock.now += 10
+    answers = [store.authenticate(_with_secret(plaintext, f"{i:043d}")) for i in range(10)]
+    assert answers[:3] == [None, None, None]
+    assert all(isinstance(a, Throttled) and a.key_id == record.key_id for a in answers[3:])
+    assert all(0 < a.retry_after_s <= 1.0 for a in answers[3:] if isinstance(a, Throttled))
+    assert len(calls) == 1 + 3
+    assert isinstance(store.authenticate(plaintext), Throttled)  # not verified yet: waits its turn
+    assert store.authenticate(other) == other_record  # another id's budget is its own
+    clock.now += 1.0
+    assert store.authenticate(plaintext) == record
+    for i in range(5):
+        store.authenticate(_with_secret(plaintext, f"{i:043d}"))
+    assert store.authenticate(plaintext) == record  # cached: the spent budget does not matter
+    assert len(calls) == 1 + 3 + 1
+
+
+def test_simultaneous_first_uses_of_a_key_share_one_kdf_run(
+    store: KeyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plaintext, record = store.add("fleet")
+    calls = _count_calls(monkeypatch, auth, "_scrypt")
+
+    async def go() -> list[ApiKeyRecord | Throttled | None]:
+        return list(await asyncio.gather(*(store.authenticate_async(plaintext) for _ in range(30))))
+
+    assert asyncio.run(go()) == [record] * 30
+    assert len(calls) == 1
+
+
+def test_a_caller_giving_up_does_not_cancel_the_check_others_wait_for(store: KeyStore) -> None:
+    plaintext, record = store.add("fleet")
+
+    async def go() -> ApiKeyRecord | Throttled | None:
+        impatient = asyncio.ensure_future(store.authenticate_async(plaintext))
+        patient = asyncio.ensure_future(store.authenticate_async(plaintext))
+        await asyncio.sleep(0)
+        impatient.cancel()
+        return await patient
+
+    assert asyncio.run(go()) == record
 
 
 class FakeClock:

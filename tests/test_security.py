@@ -57,6 +57,29 @@ def test_keys_are_required_once_configured(keyed: tuple[ServerThread, dict[str, 
     assert status == 401 and isinstance(body["error"], str)
 
 
+def test_made_up_secrets_for_a_known_key_id_get_429_without_costing_a_kdf_each(
+    keyed: tuple[ServerThread, dict[str, str]],
+) -> None:
+    """Whoever has seen a key knows its id; a flood of made-up secrets with it is answered 429
+    with Retry-After once the id's budget of KDF runs is spent, while the key's real holder
+    (verified before) is served throughout."""
+    srv, keys = keyed
+    assert call(srv, keys["app"])[0] == 200
+    prefix = keys["app"][:12]  # "apl_" and the 8-character id
+    statuses = []
+    started = time.monotonic()
+    for i in range(20):
+        status, body, headers = call(srv, prefix + f"{i:043d}")
+        statuses.append(status)
+        if status == 429:
+            assert body["error"]["code"] == "key_checks_throttled" and int(headers["Retry-After"]) >= 1
+    elapsed = time.monotonic() - started
+    # A burst of 10 KDF runs per id (the real key's first use took one), then 1 a second.
+    assert statuses[:9] == [401] * 9 and set(statuses) == {401, 429}
+    assert statuses.count(401) <= 9 + elapsed + 1
+    assert call(srv, keys["app"])[0] == 200
+
+
 def test_official_client_sends_its_key(keyed: tuple[ServerThread, dict[str, str]]) -> None:
     srv, keys = keyed
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key=keys["app"], max_retries=0)

@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from appliance.api.common import CONFIG, METRICS
-from appliance.auth import KeyRateLimiter, KeyStore, TokenBucket, presented_key
+from appliance.auth import KeyRateLimiter, KeyStore, Throttled, TokenBucket, presented_key
 from appliance.errors import ApplianceError, Overloaded, Unavailable
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,13 @@ async def authenticate(request: web.Request) -> None:
         record = await asyncio.wait_for(request.app[KEYS].authenticate_async(presented), limit)
     except asyncio.TimeoutError:
         raise Unavailable("the API key could not be checked in time; retry", retry_after_s=1.0) from None
+    if isinstance(record, Throttled):
+        err = Overloaded(
+            f"too many keys with id '{record.key_id}' that were never verified: retry later",
+            retry_after_s=record.retry_after_s,
+        )
+        err.code = "key_checks_throttled"
+        raise err
     if record is None:
         raise Unauthorized("the API key is not valid or has been revoked")
     wait = request.app[LIMITER].check(record)
