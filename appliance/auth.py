@@ -227,6 +227,11 @@ class Throttled:
     retry_after_s: float
 
 
+def _well_formed(presented: str) -> bool:
+    """In the key format (ASCII only, so it can be hashed; anything else is no key of ours)."""
+    return len(presented) <= _MAX_PRESENTED and _KEY_RE.fullmatch(presented) is not None
+
+
 class KeyStore:
     """The set of API keys, with a verification cache so only a key's first use runs scrypt, and
     a budget of KDF runs per key id so that made-up secrets for a known id cannot flood it."""
@@ -343,7 +348,7 @@ class KeyStore:
 
     def is_cached(self, presented: str) -> bool:
         """True when ``authenticate`` will not need the KDF (lets async code skip a thread hop)."""
-        if len(presented) > _MAX_PRESENTED:
+        if not _well_formed(presented):
             return False
         return self._cached(hashlib.sha256(presented.encode()).digest()) is not None
 
@@ -355,7 +360,7 @@ class KeyStore:
         exists, which is harmless: the id is not the secret, and refusing cheaply is what
         keeps random keys from being a CPU-exhaustion attack.
         """
-        if len(presented) > _MAX_PRESENTED or not _KEY_RE.match(presented):
+        if not _well_formed(presented):
             return None
         digest = hashlib.sha256(presented.encode()).digest()
         hit = self._cached(digest)
@@ -392,8 +397,8 @@ class KeyStore:
     async def authenticate_async(self, presented: str) -> ApiKeyRecord | Throttled | None:
         """``authenticate`` that runs a first-use KDF in a thread, off the event loop; callers
         presenting the same key meanwhile wait for that run instead of starting their own."""
-        if self.is_cached(presented):
-            return self.authenticate(presented)
+        if not _well_formed(presented) or self.is_cached(presented):
+            return self.authenticate(presented)  # refused or found at once: no thread hop
         digest = hashlib.sha256(presented.encode()).digest()
         check = self._checking.get(digest)
         if check is None:

@@ -8,6 +8,7 @@ import time
 
 import orjson
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web import RequestPayloadError
 
 
 class JsonFormatter(logging.Formatter):
@@ -37,12 +38,22 @@ class JsonFormatter(logging.Formatter):
 
 class MalformedRequests(logging.Filter):
     """aiohttp logs each request its parser refuses (a bad chunk size, a header line too long, a
-    control character in a header) as an error with a traceback, after answering it 400. That is
+    control character in a header, a body that does not decode) as an error with a traceback,
+    after answering it 4xx. That is
     the client's fault, not the server's: here it is one info line, as any refused request is in
     the access log, and a fuzzer cannot flood the log with tracebacks."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, RequestPayloadError):
+            # A body that does not decode (bad gzip, deflate or brotli data), met again when
+            # aiohttp drains the rest of a body the route had already answered with a 4xx.
+            cause = exc.__cause__
+            exc = (
+                cause
+                if isinstance(cause, HttpProcessingError)
+                else HttpProcessingError(code=400, message=str(exc))
+            )
         if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 400) < 500:
             first = (exc.message or type(exc).__name__).splitlines()[0][:200]
             record.msg, record.args = "malformed request refused (%d): %s", (exc.code, first)

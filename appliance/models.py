@@ -242,6 +242,13 @@ class ModelManager:
         slot = self._slot(name)
         if slot.runtime is not None:
             return
+        if slot.state == ModelState.unbuilt:
+            # Not "failed": nothing went wrong, and loading cannot help until it is built.
+            raise Unavailable(
+                f"The model '{name}' is not built yet; run `appliance models pull {name}`",
+                param="model",
+                retry_after_s=60,
+            )
         if slot.load_task is None or slot.load_task.done():
             slot.load_task = asyncio.create_task(self._load(slot))
         await asyncio.shield(slot.load_task)

@@ -548,9 +548,10 @@ class Pipeline:
 class LiveStream:
     """The events after the first of an admitted generation, each within the stall bound.
 
-    A stall (no event for ``engine.timeout_ms``; with an explicit client deadline, also past it)
-    ends the stream with an EngineFailure the route sends as an error event, and the breaker
-    counts it; so does an engine failure after the first token.
+    A stall (no event for ``engine.timeout_ms``) ends the stream with an EngineFailure the route
+    sends as an error event, and the breaker counts it; so does an engine failure after the first
+    token. An explicit client deadline passing first ends it with DeadlinePassed, which the
+    breaker does not count.
     """
 
     def __init__(
@@ -577,12 +578,21 @@ class LiveStream:
             ev, self.first = self.first, None
             return ev
         bound = self.stall_s
+        deadline_first = False
         if self.ticket.explicit_deadline:
-            bound = min(bound, max(self.ticket.remaining(), 0.0))
+            remaining = max(self.ticket.remaining(), 0.0)
+            deadline_first = remaining < bound
+            bound = min(bound, remaining)
         try:
             return await asyncio.wait_for(self.events.__anext__(), bound if bound > 0 else 0.001)
         except asyncio.TimeoutError:
             self.events.close()
+            if deadline_first:
+                # The client's own deadline, not a stall: it says nothing of the engine's health
+                # (counted, a client sending short deadlines would open the breaker for everyone).
+                raise DeadlinePassed(
+                    "the request's deadline passed during the generation", retry_after_s=1.0
+                ) from None
             self.breaker.report("timeout")
             raise EngineFailure(
                 f"the generation produced no token for {bound * 1000:.0f} ms", kind="timeout"

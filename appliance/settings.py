@@ -440,7 +440,7 @@ register(
         "generation.max_tokens_default",
         int,
         256,
-        "max_tokens of a request that sets none (lowered to what the context has left).",
+        "max_tokens of a request that sets none (lowered to max_tokens_limit and to what the context has left).",
         1,
         1_000_000,
     ),

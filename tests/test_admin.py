@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -198,3 +199,28 @@ def test_null_removes_an_override(served: Any) -> None:
     assert view["models"][MODEL]["batching.max_batch_size"] == 16, "back to the model.yaml value"
     assert view["sources"][MODEL]["batching.max_batch_size"] == "model.yaml"
     assert "models" not in yaml.safe_load(path.read_text())
+
+
+def test_hostile_admin_bodies_and_tokens_get_json_errors_not_500s(served: Any) -> None:
+    """Found by fuzzing: sections of the wrong type, a model name that is no string, and a token
+    whose bytes are not UTF-8 each raised inside a handler, and aiohttp answered its plain-text
+    500. Each is now a 400 or 401 in the admin API's JSON shape, naming the field."""
+    start, _ = served
+    srv = start()
+    for body, param in (
+        ({"defaults": [1]}, "defaults"),
+        ({"defaults": "x"}, "defaults"),
+        ({"models": 5}, "models"),
+        ({"models": True}, "models"),
+    ):
+        status, resp = admin(srv, "PATCH", "/admin/settings", body)
+        assert status == 400 and resp["error"]["param"] == param, (body, resp)
+    for model in (["x"], {}):
+        status, resp = admin(srv, "POST", "/admin/cache/purge", {"model": model})
+        assert status == 400 and resp["error"]["param"] == "model", resp
+    port = int(srv.admin_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /admin/settings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n\r\n")
+        head = sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 401") and b"application/json" in head, head
+    assert admin(srv, "GET", "/admin/settings")[0] == 200

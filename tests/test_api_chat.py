@@ -328,6 +328,20 @@ def test_deterministic_whole_responses_are_cached_sampled_ones_not(server: Serve
         ({"model": MODEL, "messages": ask("x"), "tool_choice": "required"}, 400, "tool_choice"),
         ({"model": MODEL, "messages": ask("x"), "functions": [{"name": "f"}]}, 400, "functions"),
         ({"model": MODEL, "messages": ask("x"), "modalities": ["text", "audio"]}, 400, "modalities"),
+        # Found by fuzzing: a list raised TypeError (a 500); JSON's 0, "" and true are no booleans
+        # or counts here, and an error names the field the client used.
+        ({"model": MODEL, "messages": ask("x"), "reasoning_format": ["auto"]}, 400, "reasoning_format"),
+        ({"model": MODEL, "messages": ask("x"), "reasoning_format": {"a": 1}}, 400, "reasoning_format"),
+        ({"model": MODEL, "messages": ask("x"), "stream": 0}, 400, "stream"),
+        ({"model": MODEL, "messages": ask("x"), "stream": ""}, 400, "stream"),
+        ({"model": MODEL, "messages": ask("x"), "n": True}, 400, "n"),
+        ({"model": MODEL, "messages": ask("x"), "best_of": True}, 400, "best_of"),
+        ({"model": MODEL, "messages": ask("x"), "user": 7}, 400, "user"),
+        (
+            {"model": MODEL, "messages": ask("x"), "max_completion_tokens": 100_000},
+            400,
+            "max_completion_tokens",
+        ),
     ],
 )
 def test_bad_input_gets_a_clear_error(
@@ -643,3 +657,60 @@ def test_changing_the_prefix_cache_live_keeps_chat_answering(server: ServerThrea
             "/admin/settings",
             {"models": {MODEL: {"generation": {"prefix_block_tokens": None}}}},
         )
+
+
+def test_the_token_limit_bounds_the_default_too(server: ServerThread) -> None:
+    """An operator lowers generation.max_tokens_limit below max_tokens_default: a request that
+    sets no max_tokens gets at most the limit, as one that sets it is held to it (found by a
+    fuzzer: the default used to bypass the limit)."""
+    from tests.test_admin import admin
+
+    try:
+        status, body = admin(
+            server,
+            "PATCH",
+            "/admin/settings",
+            {"models": {MODEL: {"generation": {"max_tokens_default": 64, "max_tokens_limit": 3}}}},
+        )
+        assert status == 200, body
+        resp = server.post(
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": ask("Count to fifty."), "ignore_eos": True},
+        )[1]
+        assert resp["usage"]["completion_tokens"] == 3 and resp["choices"][0]["finish_reason"] == "length"
+    finally:
+        admin(
+            server,
+            "PATCH",
+            "/admin/settings",
+            {"models": {MODEL: {"generation": {"max_tokens_default": None, "max_tokens_limit": None}}}},
+        )
+
+
+def test_a_client_deadline_passing_mid_generation_is_not_held_against_the_engine(
+    server: ServerThread,
+) -> None:
+    """A client's X-Timeout-Ms passing after its first token ends the generation with
+    deadline_exceeded, streamed or whole, and the breaker counts nothing (found by a probe: it
+    was an engine timeout, and waves of short-deadline streams opened the breaker for everyone)."""
+    srv = server
+    breaker = srv.app[RESILIENCE].breaker(MODEL, srv.app[MANAGER].tunables(MODEL))
+    before = srv.call(lambda: breaker.snapshot())
+    long = {
+        "model": MODEL,
+        "messages": ask("Tell a very long story."),
+        "max_tokens": 1500,
+        "ignore_eos": True,
+    }
+    status, raw, _ = srv.post(
+        "/v1/chat/completions", {**long, "stream": True}, {"X-Timeout-Ms": "1500", **NO_CACHE}
+    )
+    events = [json.loads(e[6:]) for e in raw.decode().split("\n\n") if e.startswith("data: {")]
+    tokens = [e for e in events if "choices" in e and e["choices"][0]["delta"].get("content")]
+    assert status == 200 and tokens  # some came before the deadline
+    assert [e["error"]["code"] for e in events if "error" in e] == ["deadline_exceeded"], raw[-400:]
+    status, resp, _ = srv.post("/v1/chat/completions", long, {"X-Timeout-Ms": "1500", **NO_CACHE})
+    assert status == 503 and resp["error"]["code"] == "deadline_exceeded", resp
+    after = srv.call(lambda: breaker.snapshot())
+    assert after["failures_in_window"] == before["failures_in_window"]
+    assert after["totals"].get("timeout", 0) == before["totals"].get("timeout", 0)

@@ -231,3 +231,14 @@ def test_client_sees_a_clean_exception_for_errors(server: ServerThread) -> None:
     inp.set_data_from_numpy(np.zeros((1, 4), dtype=np.float32))
     with pytest.raises(InferenceServerException, match="missing"):
         triton(server).infer(AFFINE, [inp])
+
+
+def test_a_batch_larger_than_the_queue_is_400_not_a_429_no_retry_can_fix(server: ServerThread) -> None:
+    """An embedding model queues each row: 513 rows can never fit a queue of 512, so, as on
+    /v1/embeddings, the answer is a 400 saying to split it (found by fuzzing: it was a 429 with
+    Retry-After, which a client would retry forever)."""
+    rows = 513
+    body = {"inputs": [{"name": "text", "shape": [rows, 1], "datatype": "BYTES", "data": ["x"] * rows}]}
+    status, resp, headers = server.post("/v2/models/all-minilm-l6-v2/infer", body)
+    assert status == 400 and "513 inputs" in resp["error"] and "split" in resp["error"], resp
+    assert "Retry-After" not in headers

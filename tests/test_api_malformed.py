@@ -9,6 +9,7 @@ surrogate that no tokenizer takes. Over loopback against the real server and rea
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import socket
 import time
@@ -115,6 +116,20 @@ def test_a_malformed_binary_request_header_part_is_400(server: ServerThread) -> 
         {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"},
     )
     assert status == 400 and "nested" in resp["error"], resp
+
+
+@pytest.mark.parametrize("length", ["1_0", "+10", "\u0661\u0660", "-1", "ten", ""])
+def test_the_binary_header_length_is_ascii_digits_only(server: ServerThread, length: str) -> None:
+    """As HTTP's Content-Length: Python's int() would also take underscores, signs and other
+    scripts' digits (X-Timeout-Ms and X-Priority are held to ASCII the same way)."""
+    raw = (
+        b"POST /v2/models/%s/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+        b"Inference-Header-Content-Length: %s\r\nContent-Length: 12\r\n\r\n{}0123456789"
+    ) % (AFFINE.encode(), length.encode())
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(raw)
+        reply = sock.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 400") and b"decimal byte count" in reply, reply
 
 
 def test_an_unpaired_surrogate_is_400_on_both_apis(server: ServerThread) -> None:
@@ -330,3 +345,57 @@ def test_a_request_the_http_parser_refuses_is_one_info_line_not_a_traceback(
     records = [r for r in caplog.records if r.name == "aiohttp.server"]
     assert records and all(r.levelno == logging.INFO and not r.exc_info for r in records)
     assert "Invalid character in chunk size" in records[0].getMessage()
+
+
+def test_a_body_that_does_not_decode_is_a_400_and_one_info_line(
+    server: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gzip label over a plain body, or gzip data with garbage after it: the route answers 400,
+    and when aiohttp then drains the rest of the body it meets the decoding error again, which it
+    logged as an error with a traceback. That is one info line too."""
+    quiet_malformed_requests()
+    plain = json.dumps({"model": EMB, "input": "x"}).encode()
+    bodies = [plain, gzip.compress(plain) + b"garbage" * 100]
+    with caplog.at_level(logging.INFO, logger="aiohttp.server"):
+        for body in bodies:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                sock.sendall(
+                    b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+                )
+                assert b" 400 " in sock.recv(100).split(b"\r\n", 1)[0]
+        deadline = time.monotonic() + 5
+        while len([r for r in caplog.records if "malformed request refused" in r.getMessage()]) < 2:
+            assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+            time.sleep(0.05)
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert all(r.levelno == logging.INFO and not r.exc_info for r in records), [
+        r.getMessage() for r in records
+    ]
+    assert "Can not decode content-encoding: gzip" in records[0].getMessage()
+
+
+def test_a_client_hanging_up_before_its_100_continue_logs_no_traceback(
+    server: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by a hang-up probe: a client that sent ``Expect: 100-continue`` and reset the
+    connection before the 100 came made aiohttp log an error with a traceback, one per hang-up
+    (the 100 is written outside the middlewares, where nothing caught it)."""
+    body = json.dumps({"model": EMB, "input": "x"}).encode()
+    head = (
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    with caplog.at_level(logging.WARNING):
+        for _ in range(20):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            sock.sendall(head)
+            sock.close()  # linger 0: a reset, before the server's 100
+            time.sleep(0.02)
+        time.sleep(0.5)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [
+        r.getMessage() for r in caplog.records
+    ]
+    status, _, _ = server.post("/v1/embeddings", {"model": EMB, "input": "still serving"})
+    assert status == 200

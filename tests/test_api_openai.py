@@ -78,6 +78,7 @@ def test_models_are_listed(server: ServerThread) -> None:
         ({"model": MODEL, "input": "x", "dimensions": 3}, 400, "dimensions"),
         ({"model": MODEL, "input": "x", "priority": 9}, 400, "priority"),
         ({"model": MODEL, "input": "x", "priority": "high"}, 400, "priority"),
+        ({"model": MODEL, "input": "x", "user": {"id": 1}}, 400, "user"),
     ],
 )
 def test_bad_input_gets_an_openai_error_envelope(
@@ -91,6 +92,17 @@ def test_bad_input_gets_an_openai_error_envelope(
     # The process keeps serving after every bad request.
     ok, _, _ = server.post("/v1/embeddings", {"model": MODEL, "input": "still alive"})
     assert ok == 200
+
+
+def test_a_cached_answer_never_stands_in_for_dimensions_the_model_refuses(server: ServerThread) -> None:
+    """Found by fuzzing: after an input was answered (and cached) without 'dimensions', the same
+    input with dimensions 100 was answered from the cache with 384 numbers."""
+    body = {"model": MODEL, "input": "a sentence cached without dimensions"}
+    assert server.post("/v1/embeddings", body)[0] == 200
+    status, resp, _ = server.post("/v1/embeddings", {**body, "dimensions": 100})
+    assert status == 400 and resp["error"]["param"] == "dimensions", resp
+    status, resp, _ = server.post("/v1/embeddings", {**body, "dimensions": 384})
+    assert status == 200 and len(resp["data"][0]["embedding"]) == 384
 
 
 def test_malformed_json_and_oversized_bodies_are_400_and_413(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]

@@ -262,6 +262,14 @@ def test_an_unbuilt_model_is_a_503_with_retry_after(
         doc = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["x"]}]}
         status, _, headers = srv.post("/v2/models/not-built/infer", doc)
     assert status == 503 and int(headers["Retry-After"]) >= 1
+    if api == "openai":
+        # An operator's load is refused the same way, and the model stays "unbuilt", not "failed"
+        # (found by fuzzing the admin API).
+        from tests.test_admin import admin
+
+        status, resp = admin(srv, "POST", "/admin/models/not-built/load")
+        assert status == 503 and "models pull not-built" in resp["error"]["message"], resp
+        assert srv.app[MANAGER].slots["not-built"].state.value == "unbuilt"
 
 
 def test_a_priority_1_embedding_overtakes_priority_3_decode_steps(

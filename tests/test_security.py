@@ -80,6 +80,25 @@ def test_made_up_secrets_for_a_known_key_id_get_429_without_costing_a_kdf_each(
     assert call(srv, keys["app"])[0] == 200
 
 
+def test_a_key_whose_bytes_are_not_ascii_is_401_not_500(keyed: tuple[ServerThread, dict[str, str]]) -> None:
+    """Found by fuzzing: a presented key with non-UTF-8 bytes (aiohttp decodes them to lone
+    surrogates) raised while being hashed, a 500 to a client without any key."""
+    srv, _ = keyed
+    for header in (
+        b"Authorization: Bearer \xff\xfe",
+        b"X-API-Key: \xc3(abc",
+        b"Authorization: Bearer caf\xe9",
+    ):
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + header
+                + b"\r\nContent-Length: 2\r\n\r\n{}"
+            )
+            head = sock.recv(4096)
+        assert head.startswith(b"HTTP/1.1 401"), head
+
+
 def test_official_client_sends_its_key(keyed: tuple[ServerThread, dict[str, str]]) -> None:
     srv, keys = keyed
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key=keys["app"], max_retries=0)

@@ -7,6 +7,7 @@ socket and on loopback TCP, and over TCP every request must carry the admin toke
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -29,6 +30,8 @@ from appliance.api.common import (
 from appliance.config import save_settings
 from appliance.errors import ApplianceError, InvalidRequest
 from appliance.models import ModelState, validate_model_settings
+
+log = logging.getLogger(__name__)
 
 DATA_APP = web.AppKey("data_app", web.Application)
 ADMIN_TOKEN = web.AppKey("admin_token", str)
@@ -56,7 +59,9 @@ async def admin_guard(request: web.Request, handler: Handler) -> web.StreamRespo
         if not isinstance(peer, str):
             token = request.app[ADMIN_TOKEN]
             given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            if not token or not hmac.compare_digest(given.encode(), token.encode()):
+            # surrogateescape: aiohttp decodes a header's non-UTF-8 bytes to lone surrogates,
+            # which a plain encode() would raise on (a 500 for anyone without the token).
+            if not token or not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token.encode()):
                 raise Unauthorized("the admin API over TCP needs 'Authorization: Bearer <admin token>'")
         return await handler(request)
     except ApplianceError as exc:
@@ -83,6 +88,19 @@ async def admin_guard(request: web.Request, handler: Handler) -> web.StreamRespo
                 }
             },
             status=exc.status,
+        )
+    except Exception as exc:  # the admin plane answers in its own shape, whatever a handler did
+        log.exception("unhandled error on admin %s %s", request.method, request.path)
+        return web.json_response(
+            {
+                "error": {
+                    "message": f"internal error: {type(exc).__name__}",
+                    "type": "server_error",
+                    "param": None,
+                    "code": "internal_error",
+                }
+            },
+            status=500,
         )
 
 
@@ -175,6 +193,11 @@ async def patch_settings(request: web.Request) -> web.Response:
     unknown = set(body) - {"defaults", "models"}
     if unknown:
         raise InvalidRequest(f"unknown keys {sorted(unknown)}; expected 'defaults' and/or 'models'")
+    for section in ("defaults", "models"):
+        if not isinstance(body.get(section) or {}, dict):
+            raise InvalidRequest(
+                f"{section}: expected a mapping, got {type(body[section]).__name__}", param=section
+            )
     app = _data(request)
     mgr, cfg = app[MANAGER], app[CONFIG]
     try:
@@ -276,6 +299,8 @@ async def breaker_action(request: web.Request) -> web.Response:
 async def cache_purge(request: web.Request) -> web.Response:
     body = await read_json(request) if request.can_read_body else {}
     model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequest(f"model: expected a model name, got {type(model).__name__}", param="model")
     if model is not None and model not in _data(request)[MANAGER].slots:
         raise InvalidRequest(f"no such model '{model}'", param="model")
     fn = _data(request)[ACTIONS].get("cache:purge")

@@ -100,7 +100,12 @@ async def _expect(request: web.Request) -> web.StreamResponse | None:
         err.status = 417
         return error_response(api_of(request.path), err)
     if request.version >= (1, 1) and body_refusal(request) is None:
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        try:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        except ConnectionResetError:
+            # The client hung up before its 100. aiohttp runs this outside the middlewares, so
+            # a raise here was logged as an error with a traceback, one per hang-up.
+            return web.Response(status=499)
         request.writer.output_size = 0  # the 100 is not part of the response's size
     return None
 

@@ -184,7 +184,8 @@ class _Started:
 
 
 def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
-    stream = body.get("stream") or False
+    stream = body.get("stream")
+    stream = False if stream is None else stream  # null is unset; 0, "" or [] are not booleans
     if not isinstance(stream, bool):
         raise InvalidRequest("'stream' must be true or false", param="stream")
     opts = body.get("stream_options")

@@ -189,8 +189,11 @@ async def infer(request: web.Request) -> web.Response:
     else:
         doc, tail = split_body(await read_body(request), header)
     priority, timeout_ms = schedule_of(doc)
+    slot = request.app[MANAGER].slots.get(name)
+    # An embedding model queues each row as an item; any other model the request as one.
+    items = _rows_declared(doc) if slot is not None and slot.entry.kind == ModelKind.embedding else 1
     # Admission first: a request its queue would refuse costs no decoding, hashing or lookup.
-    ticket = admit(request, name, priority, timeout_ms=timeout_ms)
+    ticket = admit(request, name, priority, items=items, timeout_ms=timeout_ms)
     if request.app[MANAGER].slots[name].entry.kind == ModelKind.generate:
         raise InvalidRequest(
             f"model '{name}' generates text: use POST /v1/chat/completions or /v1/completions"
@@ -208,6 +211,20 @@ async def infer(request: web.Request) -> web.Response:
     work = _Infer(request, name, doc, feeds, outputs, binary, canonical)
     answer = await request.app[PIPELINE].answer(ticket, work)
     return render(answer, ticket, _length_header(answer.body, answer.content_type))
+
+
+def _rows_declared(doc: dict[str, Any]) -> int:
+    """The rows the first input's shape declares, for admission (at least 1; a malformed shape
+    counts 1 here and gets its precise 400 from decoding)."""
+    inputs = doc.get("inputs")
+    first = inputs[0] if isinstance(inputs, list) and inputs else None
+    shape = first.get("shape") if isinstance(first, dict) else None
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        return 1
+    rows = 1
+    for d in shape:
+        rows = min(rows * d, 1 << 31)  # bounded: a hostile shape must not build a huge int
+    return max(rows, 1)
 
 
 class _Infer:

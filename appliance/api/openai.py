@@ -71,6 +71,9 @@ async def embeddings(request: web.Request) -> web.Response:
     truncate = body.get("truncate")
     if truncate is not None and not isinstance(truncate, bool):
         raise InvalidRequest("'truncate' must be true or false", param="truncate")
+    user = body.get("user")  # an end-user id for abuse tracking; unused here, but typed
+    if user is not None and not isinstance(user, str):
+        raise InvalidRequest("'user' must be a string", param="user")
     dims = body.get("dimensions")
     if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or dims < 1):
         raise InvalidRequest(f"'dimensions' must be a positive integer, got {dims!r}", param="dimensions")
@@ -100,12 +103,16 @@ class _Embeddings:
         self.truncate = truncate
         self.dims = dims
         self.fallback: object = None
-        self.canonical = {
+        self.canonical: dict[str, object] = {
             "api": "openai.embeddings",
             "input": inputs,
             "encoding_format": fmt,
             "truncate": truncate,
         }
+        if dims is not None:
+            # Checked against the model's width only when computed: part of the key, so that a
+            # cached answer never stands in for a 'dimensions' the model would refuse.
+            self.canonical["dimensions"] = dims
 
     async def compute(self, runtime: ModelRuntime, ticket: Ticket) -> tuple[bytes, str]:
         width = self.service.runtime_of(runtime, self.model).dim

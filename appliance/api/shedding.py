@@ -34,7 +34,7 @@ from appliance.api.common import (
 )
 from appliance.api.jsonbody import check_object, loads_object
 from appliance.api.kserve import schedule_of
-from appliance.api.tensors import HEADER_LENGTH
+from appliance.api.tensors import HEADER_LENGTH, header_length_of
 from appliance.auth import ApiKeyRecord
 from appliance.errors import ApplianceError, InvalidRequest
 
@@ -107,8 +107,8 @@ def _admission_fields(
             doc = loads_object(raw)
             whole: dict[str, Any] | None = doc
         else:
-            n = int(json_length)
-            if not 0 <= n <= len(raw):
+            n = header_length_of(json_length)
+            if n is None or n > len(raw):
                 return None
             doc = loads_object(raw[:n])  # only the JSON part (the route splits the body again)
             whole = None

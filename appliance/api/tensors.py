@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -37,16 +38,24 @@ def datatype_of(dtype: np.dtype) -> str:
     return NAMES.get(dtype, "BYTES")
 
 
+_DECIMAL = re.compile(r"[0-9]{1,18}")
+
+
+def header_length_of(text: str) -> int | None:
+    """The JSON part's length from ``Inference-Header-Content-Length``: ASCII digits only, as
+    HTTP's Content-Length (``int()`` would also take ``1_0``, ``+5`` and other scripts' digits)."""
+    return int(text) if _DECIMAL.fullmatch(text) else None
+
+
 def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
     """JSON part and binary tail of an infer request."""
     if header_length is None:
         json_part, tail = body, b""
     else:
-        try:
-            n = int(header_length)
-        except ValueError:
-            raise InvalidRequest(f"{HEADER_LENGTH} must be an integer") from None
-        if n < 0 or n > len(body):
+        n = header_length_of(header_length)
+        if n is None:
+            raise InvalidRequest(f"{HEADER_LENGTH} must be a decimal byte count, got {header_length[:40]!r}")
+        if n > len(body):
             raise InvalidRequest(f"{HEADER_LENGTH} {n} exceeds the body length {len(body)}")
         json_part, tail = body[:n], body[n:]
     return parse_object(json_part, "the request's JSON part"), tail

@@ -292,15 +292,16 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     reasoning_format: str | None = None  # chat only; see REASONING_FORMATS
+    max_tokens_field: str = "max_tokens"  # the field the client set it with, for its errors
 
     @classmethod
     def from_openai(cls, body: Mapping[str, Any]) -> GenerationOptions:
         n = body.get("n")
-        if n is not None and n != 1:
+        if n is not None and (type(n) is not int or n != 1):  # (True == 1 in Python)
             raise InvalidRequest("only n=1 is supported (one choice per request)", param="n")
         for name in _UNSUPPORTED:
             value = body.get(name)
-            if value and not (name == "best_of" and value == 1):
+            if value and not (name == "best_of" and type(value) is int and value == 1):
                 raise InvalidRequest(f"'{name}' is not supported", param=name)
         for name in ("tool_choice", "function_call"):
             # Without tools only "none" (or "auto", which then means none) can be honoured; a
@@ -310,6 +311,9 @@ class GenerationOptions:
                 raise InvalidRequest(
                     f"'{name}' must be 'none' or 'auto': tools are not supported", param=name
                 )
+        user = body.get("user")  # an end-user id for abuse tracking; unused here, but typed
+        if user is not None and not isinstance(user, str):
+            raise InvalidRequest("'user' must be a string", param="user")
         modalities = body.get("modalities")
         if modalities is not None and modalities != ["text"]:
             raise InvalidRequest("only modalities ['text'] is supported", param="modalities")
@@ -334,7 +338,9 @@ class GenerationOptions:
         if not isinstance(ignore_eos, bool):
             raise InvalidRequest("'ignore_eos' must be true or false", param="ignore_eos")
         reasoning_format = body.get("reasoning_format")
-        if reasoning_format is not None and reasoning_format not in REASONING_FORMATS:
+        if reasoning_format is not None and (
+            not isinstance(reasoning_format, str) or reasoning_format not in REASONING_FORMATS
+        ):
             raise InvalidRequest(
                 "'reasoning_format' must be one of " + ", ".join(repr(f) for f in REASONING_FORMATS),
                 param="reasoning_format",
@@ -348,6 +354,7 @@ class GenerationOptions:
             stop=_stops(body.get("stop")),
             ignore_eos=ignore_eos,
             reasoning_format=reasoning_format,
+            max_tokens_field=name,
         )
 
 
@@ -613,10 +620,10 @@ class ChatService:
     ) -> Prepared:
         cfg = llm.scheduler.config
         context = llm.context_length
-        name = "max_tokens"
+        name = options.max_tokens_field
         if options.max_tokens is not None and options.max_tokens > cfg.max_tokens_limit:
             raise InvalidRequest(
-                f"'max_tokens' is {options.max_tokens}; this server allows at most {cfg.max_tokens_limit}",
+                f"'{name}' is {options.max_tokens}; this server allows at most {cfg.max_tokens_limit}",
                 param=name,
             )
         if len(prompt) >= context:
@@ -626,14 +633,15 @@ class ChatService:
                 param="messages" if "messages" in source else "prompt",
             )
         if options.max_tokens is None:
-            max_tokens = min(cfg.max_tokens_default, context - len(prompt))
+            # The limit bounds the default too (an operator may lower it below the default).
+            max_tokens = min(cfg.max_tokens_default, cfg.max_tokens_limit, context - len(prompt))
         else:
             max_tokens = options.max_tokens
             over = len(prompt) + max_tokens - context
             if over > 0:
                 raise InvalidRequest(
-                    f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
-                    f"context of {context} tokens by {over}; shorten the prompt or lower max_tokens",
+                    f"the prompt ({len(prompt)} tokens) plus {name} ({max_tokens}) exceeds the model's "
+                    f"context of {context} tokens by {over}; shorten the prompt or lower {name}",
                     param=name,
                 )
         need = llm.scheduler.kv_bytes(len(prompt) + max_tokens)
