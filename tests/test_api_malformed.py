@@ -329,15 +329,24 @@ def test_a_request_the_http_parser_refuses_is_one_info_line_not_a_traceback(
     makes each one info line naming what was wrong."""
     quiet_malformed_requests()
     bad = [
-        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Request-Id: a\x01b\r\n\r\n",
-        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"a" * 9000 + b"\r\n\r\n",
+        (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+        (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Request-Id: a\x01b\r\n\r\n", 400),
+        (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"a" * 9000 + b"\r\n\r\n", 431),
     ]
     with caplog.at_level(logging.INFO, logger="aiohttp.server"):
-        for raw in bad:
+        for raw, status in bad:
             with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
                 sock.sendall(raw)
-                assert b" 400 " in sock.recv(100).split(b"\r\n", 1)[0]
+                reply = b""
+                while chunk := sock.recv(4096):
+                    reply += chunk
+            head, _, body = reply.partition(b"\r\n\r\n")
+            # Answered in the APIs' JSON error shape, not aiohttp's text/plain.
+            assert b" %d " % status in head.split(b"\r\n")[0] and b"application/json" in head, reply
+            error = json.loads(body)["error"]
+            assert error["code"] == "malformed_request" and error["message"].startswith(
+                "the request could not"
+            )
         deadline = time.monotonic() + 5
         while len([r for r in caplog.records if "malformed request refused (400)" in r.getMessage()]) < 3:
             assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]

@@ -14,8 +14,11 @@ import time
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
-from appliance.api.common import CONFIG, METRICS
+from appliance.api.common import CONFIG, METRICS, OPENAI, error_response
 from appliance.auth import KeyRateLimiter, KeyStore, Throttled, TokenBucket, presented_key
 from appliance.errors import ApplianceError, Overloaded, Unavailable
 
@@ -174,6 +177,7 @@ class LimitedRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
+        server.__class__ = _Server  # its connections' handlers answer parser errors as JSON
         accept = server.connection_made
         limit = self._max_connections
         closed = self._app[METRICS].connections_closed
@@ -239,6 +243,38 @@ class LimitedRunner(web.AppRunner):
                 stalled.append(handler)
         self._pending = pending
         return stalled
+
+
+class _JsonErrors(RequestHandler):
+    """aiohttp answers a request its HTTP parser refuses (a bad chunk size, a header line too
+    long, a malformed request line) here, before any route or middleware, in text/plain. This
+    answers in the APIs' JSON error shape instead (the path is not known after a parse error, so
+    the OpenAI shape), with 431 for a header too long. aiohttp still logs it (logs.py makes that
+    one info line) and closes the connection."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        plain = super().handle_error(request, status, exc, message)  # logs; raises once sending began
+        if isinstance(exc, LineTooLong):
+            status = 431
+        text = (message or plain.reason or "").strip().splitlines()
+        err = ApplianceError(f"the request could not be parsed: {text[0][:200] if text else status}")
+        err.status = status
+        if status < 500:
+            err.type, err.code = "invalid_request_error", "malformed_request"
+        resp = error_response(OPENAI, err)
+        resp.force_close()
+        return resp
+
+
+class _Server(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JsonErrors(self, loop=self._loop, **self._kwargs)
 
 
 def _unacknowledged(transport: asyncio.BaseTransport) -> int:
