@@ -173,6 +173,10 @@ class ApiKeyRecord:
         _parse_hash(self.hash)
         if self.rate_per_s is not None and not (self.rate_per_s > 0 and math.isfinite(self.rate_per_s)):
             raise ValueError(f"rate_per_s must be a positive number, got {self.rate_per_s!r}")
+        if self.max_priority is not None and not (type(self.max_priority) is int and self.max_priority >= 1):
+            raise ValueError(
+                f"max_priority must be an integer of at least 1 (1 = top), got {self.max_priority!r}"
+            )
 
     @property
     def key_id(self) -> str:
@@ -303,8 +307,13 @@ class KeyStore:
         plaintext = generate_key()
         record = ApiKeyRecord(name, hash_key(plaintext, self._params), max_priority, rate)
         with self._lock:
-            if name in self._records:
-                raise ValueError(f"a key named {name!r} already exists (revoke or remove it first)")
+            existing = self._records.get(name)
+            if existing is not None:
+                how = "remove it" if existing.revoked else "revoke it, then remove it,"
+                raise ValueError(
+                    f"a{' revoked' if existing.revoked else ''} key named {name!r} already exists: "
+                    f"{how} to use the name again (appliance keys remove {name})"
+                )
             self._records[name] = record
             self._version += 1
         return plaintext, record

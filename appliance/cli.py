@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     kr = ksub.add_parser("revoke", help="revoke a key by name")
     kr.add_argument("name")
     kr.set_defaults(func=cmd_keys_revoke)
+    krm = ksub.add_parser("remove", help="delete a key's entry by name (its name can then be reused)")
+    krm.add_argument("name")
+    krm.set_defaults(func=cmd_keys_remove)
     kl = ksub.add_parser("list", help="list keys (names and limits, never secrets)")
     kl.set_defaults(func=cmd_keys_list)
 
@@ -214,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_tui)
 
     # --config is accepted before or after the subcommand.
-    for parser in (s, ml, c, st, ka, kr, kl, eb, *(msub.choices[v] for v in ("pull", "build", "add"))):
+    for parser in (s, ml, c, st, ka, kr, krm, kl, eb, *(msub.choices[v] for v in ("pull", "build", "add"))):
         parser.add_argument("--config", "-c", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
@@ -284,8 +287,23 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_remove(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    store = _keystore(cfg)
+    try:
+        store.remove(args.name)
+    except KeyError:
+        raise ConfigError(f"keys remove: no key named {args.name!r}") from None
+    save_keys(cfg, store.to_records())
+    print(f"key '{args.name}' removed", file=sys.stderr)
+    return 0
+
+
 def cmd_keys_list(args: argparse.Namespace) -> int:
-    for r in _config(args).file.auth.keys:
+    keys = _config(args).file.auth.keys
+    if not keys:
+        print("no keys: the data plane is open (appliance keys add NAME creates one)", file=sys.stderr)
+    for r in keys:
         state = "revoked" if r.revoked else "active"
         print(f"{r.name}\t{state}\tmax_priority={r.max_priority}\trate_per_s={r.rate_per_s}")
     return 0

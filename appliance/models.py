@@ -367,6 +367,9 @@ class ModelManager:
         slot.runtime = runtime
         self._identities[entry.name] = f"{entry.name}@{runtime.identity}"
         slot.state = ModelState.resident
+        # A load counts as a use: keep_alive runs from here, or an operator's load of a model
+        # idle for long would be undone by the next keep-alive check, within a second.
+        slot.last_used = time.monotonic()
         self._served.add(entry.name)
         slot.error = None
         slot.loaded_at = time.time()

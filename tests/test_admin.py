@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -224,3 +225,27 @@ def test_hostile_admin_bodies_and_tokens_get_json_errors_not_500s(served: Any) -
         head = sock.recv(4096)
     assert head.startswith(b"HTTP/1.1 401") and b"application/json" in head, head
     assert admin(srv, "GET", "/admin/settings")[0] == 200
+
+
+def test_an_operators_load_is_not_undone_by_keep_alive(served: Any) -> None:
+    """Found by a new user: a model that keep_alive had unloaded and an operator loaded again was
+    unloaded within a second, because its last use was still the old one. A load counts as a use."""
+    start, _ = served
+    srv = start()
+    status, body = admin(
+        srv, "PATCH", "/admin/settings", {"models": {MODEL: {"memory": {"keep_alive_s": 2}}}}
+    )
+    assert status == 200, body
+
+    def state() -> str:
+        return str(admin(srv, "GET", "/admin/stats")[1]["models"][MODEL]["state"])
+
+    deadline = time.monotonic() + 15
+    while state() == "resident":
+        assert time.monotonic() < deadline, "keep_alive never unloaded the idle model"
+        time.sleep(0.2)
+    time.sleep(1.0)  # idle longer than keep_alive since its last use
+    status, body = admin(srv, "POST", f"/admin/models/{MODEL}/load")
+    assert status == 200 and body["state"] == "resident", body
+    time.sleep(1.5)  # past a keep-alive check, within keep_alive_s of the load
+    assert state() == "resident"

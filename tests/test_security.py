@@ -307,6 +307,28 @@ def test_keys_cli_prints_once_and_stores_only_a_hash(tmp_path: Path) -> None:
         [*run, "list", "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT, check=True
     )
     assert "lan-app\trevoked" in listed.stdout
+    # A revoked name is taken until its entry is removed; the message says how.
+    again = subprocess.run(
+        [*run, "add", "lan-app", "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert again.returncode == 2 and "appliance keys remove lan-app" in again.stderr
+    subprocess.run(
+        [*run, "remove", "lan-app", "--config", str(cfg)], check=True, cwd=ROOT, capture_output=True
+    )
+    assert yaml.safe_load(cfg.read_text())["auth"]["keys"] == []
+    # A cap below the top level would write a file nothing could load (found by a new user).
+    bad = subprocess.run(
+        [*run, "add", "x", "--max-priority", "0", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert bad.returncode == 2 and "max_priority" in bad.stderr and "Traceback" not in bad.stderr
+    assert yaml.safe_load(cfg.read_text())["auth"]["keys"] == []
+    listed = subprocess.run(
+        [*run, "list", "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert listed.stdout == "" and "no keys" in listed.stderr
 
 
 def test_tls_serves_https_when_configured(start_server, minilm_folder: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
