@@ -524,8 +524,8 @@ class EmbeddingService:
 
 def _too_long(i: int, n: int, unit: str, limit: int) -> InvalidRequest:
     return InvalidRequest(
-        f"input[{i}] has {n} {unit}; the model takes at most {limit} tokens. Shorten it, or send "
-        "'truncate': true to cut it to the model's context",
+        f"input[{i}] has {n} {unit}; the model takes at most {limit} tokens. Shorten it, or ask to "
+        "cut it to the model's context ('truncate': true; on KServe, in the request's parameters)",
         param="input",
     )
 

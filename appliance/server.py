@@ -87,13 +87,14 @@ class Server:
             asite = web.TCPSite(admin, "127.0.0.1", cfg.file.admin.port)
             await asite.start()
             self.admin_port = _bound_port(asite)
+        admin_on = [f"127.0.0.1:{self.admin_port}"] if self.admin_port else []
+        admin_on += [str(self.admin_socket)] if self.admin_socket is not None else []
         log.info(
-            "serving on %s://%s:%d; admin on 127.0.0.1:%d and %s",
+            "serving on %s://%s:%d; admin on %s",
             "https" if cfg.file.tls.certificate else "http",
             cfg.server.host,
             self.port,
-            self.admin_port,
-            self.admin_socket,
+            " and ".join(admin_on) or 'nothing (admin.port -1 and admin.socket "": disabled)',
         )
         self._tasks.append(asyncio.create_task(self._announce_ready()))
         self._tasks.append(asyncio.create_task(watchdog_loop(self.notifier, self.app[MANAGER].progress)))

@@ -11,6 +11,7 @@ admin API writes) overrides both.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -209,7 +210,10 @@ def table(rows: Iterable[Setting] | None = None) -> str:
     lines = [header]
     for s in rows:
         d = s.describe()
-        lines.append((s.name, d["type"], _show(s.default), s.bounds(), s.help))
+        when = "at restart" if s.scope == "server" else "when the model is next loaded"
+        scope = "server-wide" if s.scope == "server" else "per model"
+        note = f" ({scope}; applies {when})" if s.reload else f" ({scope})"
+        lines.append((s.name, d["type"], _show(s.default), s.bounds(), s.help + note))
     widths = [max(len(r[i]) for r in lines) for i in range(4)]
     out = []
     for i, r in enumerate(lines):
@@ -225,9 +229,12 @@ def markdown_table() -> str:
     for s in REGISTRY.values():
         when = "at restart" if s.scope == "server" else "when the model is next loaded"
         note = f" (applies {when})" if s.reload else ""
+        # A choice's "|" would split the cell, and an <html-like> help text would be hidden.
+        bounds = " / ".join(f"`{c}`" for c in s.choices) if s.choices else s.bounds()
+        text = re.sub(r"(<[^<>]+>(?:\.\.\.<[^<>]+>)?)", r"`\1`", s.help)
         out.append(
             f"| `{s.name}` | {s.scope} | {s.describe()['type']} | `{_show(s.default)}` | "
-            f"{s.bounds()} | {s.help}{note} |"
+            f"{bounds} | {text}{note} |"
         )
     return "\n".join(out)
 

@@ -80,7 +80,8 @@ class Metrics:
         )
         self.rejections = Counter(
             "appliance_rejections",
-            "Requests refused or dropped, by model, priority and reason.",
+            "Queue items refused or dropped, by model, priority and reason: each input of an "
+            "embedding request counts (a refused 16-sentence request adds 16), a generation one.",
             ["model", "priority", "reason"],
             registry=r,
         )

@@ -151,7 +151,7 @@ def test_model_breaker_and_cache_actions(served: Any) -> None:
     status, ready = srv.get("/readyz")
     assert status == 200 and ready["models"][MODEL] == "available"
     assert admin(srv, "POST", f"/admin/models/{MODEL}/load")[1]["state"] == "resident"
-    assert admin(srv, "POST", "/admin/models/ghost/load")[0] == 400
+    assert admin(srv, "POST", "/admin/models/ghost/load")[0] == 404
 
     status, snap = admin(srv, "POST", f"/admin/breakers/{MODEL}/open")
     assert status == 200 and snap["state"] == "forced_open"

@@ -242,3 +242,22 @@ def test_a_batch_larger_than_the_queue_is_400_not_a_429_no_retry_can_fix(server:
     status, resp, headers = server.post("/v2/models/all-minilm-l6-v2/infer", body)
     assert status == 400 and "513 inputs" in resp["error"] and "split" in resp["error"], resp
     assert "Retry-After" not in headers
+
+
+def test_kserve_takes_truncate_in_the_request_parameters(server: ServerThread) -> None:
+    """An input over the context is a 400 that says how to have it cut; on KServe that is the
+    request's parameters (found by a new user: the error named a field KServe cannot send)."""
+    long = {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["lighthouse keeper " * 600]}
+    status, resp, _ = server.post("/v2/models/all-minilm-l6-v2/infer", {"inputs": [long]})
+    assert status == 400 and "parameters" in resp["error"], resp
+    status, resp, _ = server.post(
+        "/v2/models/all-minilm-l6-v2/infer", {"inputs": [long], "parameters": {"truncate": True}}
+    )
+    assert status == 200 and resp["outputs"][0]["shape"] == [1, 384], resp
+    status, resp, _ = server.post(
+        "/v2/models/all-minilm-l6-v2/infer", {"inputs": [long], "parameters": {"truncate": "yes"}}
+    )
+    assert status == 400 and "truncate" in resp["error"]
+    # The cut answer is cached under its own key: the uncut request is still refused.
+    status, _, _ = server.post("/v2/models/all-minilm-l6-v2/infer", {"inputs": [long]})
+    assert status == 400

@@ -28,7 +28,7 @@ from appliance.api.common import (
     read_json,
 )
 from appliance.config import save_settings
-from appliance.errors import ApplianceError, InvalidRequest
+from appliance.errors import ApplianceError, InvalidRequest, ModelNotFound
 from appliance.models import ModelState, validate_model_settings
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,7 @@ def _unset(flat: dict[str, Any]) -> list[str]:
 def _model(request: web.Request) -> str:
     name = request.match_info["model"]
     if name not in _data(request)[MANAGER].slots:
-        raise InvalidRequest(f"no such model '{name}'", param="model")
+        raise ModelNotFound(f"no such model '{name}'", param="model")  # as the data plane says
     return name
 
 
@@ -302,7 +302,7 @@ async def cache_purge(request: web.Request) -> web.Response:
     if model is not None and not isinstance(model, str):
         raise InvalidRequest(f"model: expected a model name, got {type(model).__name__}", param="model")
     if model is not None and model not in _data(request)[MANAGER].slots:
-        raise InvalidRequest(f"no such model '{model}'", param="model")
+        raise ModelNotFound(f"no such model '{model}'", param="model")
     fn = _data(request)[ACTIONS].get("cache:purge")
     if fn is None:
         raise InvalidRequest("the response cache is not enabled")

@@ -98,7 +98,11 @@ async def _expect(request: web.Request) -> web.StreamResponse | None:
     if expect.lower() != "100-continue":
         err = InvalidRequest(f"Expect {expect[:40]!r} is not supported; only 100-continue is")
         err.status = 417
-        return error_response(api_of(request.path), err)
+        refused = error_response(api_of(request.path), err)
+        refused.headers["X-Request-Id"] = (
+            request.headers.get("X-Request-Id", "")[:64] or f"{_ID_PREFIX}-{next(_ids):x}"
+        )
+        return refused
     if request.version >= (1, 1) and body_refusal(request) is None:
         try:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -129,9 +133,11 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
     model = "-"
     status = 500
     metered = path not in UNMETERED
-    if metered and app[DRAINING][0]:
-        return error_response(api, Unavailable("the server is shutting down", retry_after_s=5))
     request_id = request.headers.get("X-Request-Id", "")[:64] or f"{_ID_PREFIX}-{next(_ids):x}"
+    if metered and app[DRAINING][0]:
+        refused = error_response(api, Unavailable("the server is shutting down", retry_after_s=5))
+        refused.headers["X-Request-Id"] = request_id
+        return refused
     key_needed = needs_key(request)
     entered = handled = False
     key = None

@@ -27,7 +27,9 @@ from appliance.repository import ModelKind
 
 routes = web.RouteTableDef()
 
-EXTENSIONS = ["binary_tensor_data", "schedule_policy", "model_configuration", "model_repository"]
+# What this server implements (the model repository extension is not: models are managed through
+# the admin API).
+EXTENSIONS = ["binary_tensor_data", "schedule_policy", "model_configuration"]
 TEXT_INPUT, EMBEDDING_OUTPUT = "text", "sentence_embedding"
 
 
@@ -200,6 +202,9 @@ async def infer(request: web.Request) -> web.Response:
         )
     feeds = decode_inputs(doc, tail)
     outputs, binary = requested_outputs(doc)
+    truncate = parameters_of(doc, "the request").get("truncate")  # as OpenAI's 'truncate' field
+    if truncate is not None and not isinstance(truncate, bool):
+        raise InvalidRequest("Unable to parse 'truncate': expected true or false")
     # The response echoes the request id, so the id is part of the key (tritonclient sends none).
     canonical = {
         "api": "kserve.infer",
@@ -208,6 +213,8 @@ async def infer(request: web.Request) -> web.Response:
         "outputs": outputs,
         "binary": binary,
     }
+    if truncate is not None:
+        canonical["truncate"] = truncate  # a cut answer must not stand in for an uncut request
     work = _Infer(request, name, doc, feeds, outputs, binary, canonical)
     answer = await request.app[PIPELINE].answer(ticket, work)
     return render(answer, ticket, _length_header(answer.body, answer.content_type))
@@ -251,7 +258,8 @@ class _Infer:
 
     async def compute(self, runtime: ModelRuntime, ticket: Ticket) -> tuple[bytes, str]:
         if runtime.entry.kind == ModelKind.embedding:
-            result = await _embed(self.app[EMBEDDINGS], runtime, self.feeds, self.outputs, ticket)
+            truncate = parameters_of(self.doc, "the request").get("truncate")
+            result = await _embed(self.app[EMBEDDINGS], runtime, self.feeds, self.outputs, ticket, truncate)
         else:
             result = await self.app[TENSORS].infer(
                 runtime,
@@ -291,6 +299,7 @@ async def _embed(
     feeds: dict[str, np.ndarray],
     outputs: list[str] | None,
     ticket: Ticket,
+    truncate: bool | None = None,
 ) -> dict[str, np.ndarray]:
     name = runtime.entry.name
     if set(feeds) != {TEXT_INPUT}:
@@ -308,6 +317,11 @@ async def _embed(
     except UnicodeDecodeError:
         raise InvalidRequest(f"input '{TEXT_INPUT}': elements must be UTF-8 text") from None
     result = await service.embed(
-        runtime, texts, priority=ticket.level, timeout_ms=ticket.timeout_ms(), reservation=ticket.reservation
+        runtime,
+        texts,
+        priority=ticket.level,
+        timeout_ms=ticket.timeout_ms(),
+        truncate=truncate,
+        reservation=ticket.reservation,
     )
     return {EMBEDDING_OUTPUT: result.vectors.astype(np.float32)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -17,6 +18,14 @@ from appliance.pipeline import Ticket
 routes = web.RouteTableDef()
 
 
+def _created(folder: Path) -> int:
+    """When the model's folder last changed (OpenAI's ``created``); 0 if it is gone meanwhile."""
+    try:
+        return int(folder.stat().st_mtime)
+    except OSError:
+        return 0
+
+
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
     mgr = request.app[MANAGER]
@@ -26,7 +35,7 @@ async def list_models(request: web.Request) -> web.Response:
             {
                 "id": name,
                 "object": "model",
-                "created": int(slot.entry.folder.stat().st_mtime),
+                "created": _created(slot.entry.folder),
                 "owned_by": "appliance",
                 "kind": slot.entry.kind.value,
                 "state": slot.state.value,
@@ -37,8 +46,12 @@ async def list_models(request: web.Request) -> web.Response:
 
 @routes.get("/v1/models/{model}")
 async def get_model(request: web.Request) -> web.Response:
-    d = request.app[MANAGER].describe(request.match_info["model"])
-    return web.json_response({"id": d["name"], "object": "model", "owned_by": "appliance", **d})
+    mgr = request.app[MANAGER]
+    d = mgr.describe(request.match_info["model"])
+    created = _created(mgr.slots[d["name"]].entry.folder)
+    return web.json_response(
+        {"id": d["name"], "object": "model", "created": created, "owned_by": "appliance", **d}
+    )
 
 
 @routes.post("/v1/embeddings")
