@@ -12,7 +12,7 @@ from pathlib import Path
 from appliance import __version__, settings
 from appliance.auth import KeyStore
 from appliance.config import Config, ConfigError, find_default_config, load, save_keys
-from appliance.repository import RepositoryError, scan
+from appliance.repository import RepositoryError, scan, scan_repository
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -91,9 +91,31 @@ def cmd_models_add(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """The file (its own validation, in ``load``), then what only the repository can tell: every
+    model file readable, default models and per-model overrides naming models that exist, and
+    each model's combined settings (the admin API's cross-field checks). Every problem at once."""
+    import appliance.api.app  # noqa: F401  (registers every setting)
+    from appliance.models import validate_model_settings
+
     cfg = _config(args)
-    models = list(scan(cfg.model_repository))
+    models, problems = scan_repository(cfg.model_repository)
+    names = {m.name for m in models}
+    for name in cfg.server.default_models or []:
+        if name not in names:
+            problems.append(f"server.default_models: no model '{name}' in {cfg.model_repository}")
+    for name in cfg.model_overrides:
+        if name not in names:
+            problems.append(f"models.{name}: no model '{name}' in {cfg.model_repository}")
+    for m in models:
+        try:
+            validate_model_settings(cfg.tunables_for(m.name, m.tunables))
+        except settings.SettingError as exc:
+            problems.append(f"model {m.name}: {exc.detail or exc}")
     where = cfg.path or "built-in defaults"
+    if problems:
+        for problem in problems:
+            print(f"appliance: {where}: {problem}", file=sys.stderr)
+        return 2
     print(f"{where}: ok ({len(models)} models in {cfg.model_repository})")
     return 0
 

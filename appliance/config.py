@@ -159,14 +159,16 @@ def _where(path: Path | None) -> str:
     return f"{path.name if path else '<defaults>'}: "
 
 
-def _format_pydantic(where: str, exc: ValidationError) -> str:
+def _format_pydantic(where: str, exc: ValidationError, from_env: Mapping[str, str] | None = None) -> str:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
+        var = (from_env or {}).get(loc)
+        source = f"{var} (overrides {loc})" if var else f"{where}{loc}"
         if err["type"] == "extra_forbidden":
-            parts.append(f"{where}{loc}: unknown key")
+            parts.append(f"{source}: unknown key")
         else:
-            parts.append(f"{where}{loc}: {err['msg'].lower()}, got {err.get('input')!r}")
+            parts.append(f"{source}: {err['msg'].lower()}, got {err.get('input')!r}")
     return "; ".join(parts)
 
 
@@ -176,11 +178,14 @@ def parse(raw: Any, path: Path | None = None, env: Mapping[str, str] | None = No
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}expected a mapping at the top level, got {type(raw).__name__}")
-    raw = _apply_env(dict(raw), os.environ if env is None else env)
+    environ = os.environ if env is None else env
+    raw = _apply_env(dict(raw), environ)
     try:
         file = FileConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_pydantic(where, exc)) from None
+        # A value an environment variable set is that variable's fault, not the file's.
+        from_env = {".".join(keys): var for var, keys in ENV_OVERRIDES.items() if var in environ}
+        raise ConfigError(_format_pydantic(where, exc, from_env)) from None
     try:
         defaults = settings.validate(settings.flatten(file.defaults), where=f"{where}defaults.")
         overrides = {

@@ -27,7 +27,7 @@ from appliance.engines.select import expected_on_gpu, gpu_engines_available, ope
 from appliance.errors import ModelNotFound, Unavailable
 from appliance.heap import freeze_startup_heap
 from appliance.memory import DoesNotFit, MemoryPools, measure
-from appliance.repository import ModelEntry, ModelKind, RepositoryError, scan
+from appliance.repository import ModelEntry, ModelKind, scan_repository
 from appliance.sdnotify import ProgressWatchdog
 from appliance.telemetry import Metrics
 
@@ -193,12 +193,10 @@ class ModelManager:
 
     # -- repository ------------------------------------------------------------------------
     def rescan(self) -> None:
-        try:
-            entries = list(scan(self.cfg.model_repository))
-        except RepositoryError as exc:
-            self.scan_errors = [str(exc)]
-            log.error("model repository: %s", exc)
-            return
+        entries, errors = scan_repository(self.cfg.model_repository)
+        self.scan_errors = errors
+        for error in errors:
+            log.error("model repository: %s", error)
         for e in entries:
             if e.name not in self.slots:
                 state = ModelState.available if e.built else ModelState.unbuilt
@@ -491,6 +489,20 @@ class ModelManager:
         orchestrator that routes by it (the Kubernetes Service) then sent no request that could
         load the model again."""
         return all(self.serves(n) for n in self.default_models())
+
+    def readiness_errors(self) -> list[str]:
+        """Why ``ready()`` may never come: the repository's broken model files, and each default
+        model that does not exist, is not built, or failed to load (with its reason)."""
+        errors = list(self.scan_errors)
+        for name in self.default_models():
+            slot = self.slots.get(name)
+            if slot is None:
+                errors.append(f"server.default_models: no model '{name}' in {self.cfg.model_repository}")
+            elif slot.state == ModelState.unbuilt:
+                errors.append(f"{name}: not built; run `appliance models pull {name}`")
+            elif slot.state == ModelState.failed:
+                errors.append(f"{name}: failed to load: {slot.error}")
+        return errors
 
     def serves(self, name: str) -> bool:
         """Whether ``name`` answers its next request: resident, or unloaded (keep-alive, eviction,

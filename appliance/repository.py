@@ -163,9 +163,25 @@ def load_model_file(path: Path) -> ModelEntry:
 
 def scan(root: Path) -> Iterator[ModelEntry]:
     """Every model folder under ``root``; a broken model.yaml raises, naming the file."""
+    entries, errors = scan_repository(root)
+    if errors:
+        raise RepositoryError(errors[0])
+    yield from entries
+
+
+def scan_repository(root: Path) -> tuple[list[ModelEntry], list[str]]:
+    """Every model folder under ``root`` that loads, and an error naming the file for each that
+    does not: one broken model.yaml must not take every other model down with it."""
     if not root.is_dir():
-        return
+        return [], [f"model_repository: {root} is not a folder"]
+    entries, errors = [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         path = folder / MODEL_FILE
-        if path.exists():
-            yield load_model_file(path)
+        try:
+            if path.exists():
+                entries.append(load_model_file(path))
+        except RepositoryError as exc:
+            errors.append(str(exc))
+        except OSError as exc:  # unreadable, a directory, a symlink loop
+            errors.append(f"{path}: cannot be read ({exc.strerror or exc})")
+    return entries, errors

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from appliance import settings
 from appliance.config import ConfigError, load, parse, save_settings
 from appliance.repository import RepositoryError, load_model_file
+from tests.conftest import ROOT
 
 
 def write(tmp: Path, text: str) -> Path:
@@ -60,8 +63,29 @@ def test_environment_overrides(tmp_path: Path) -> None:
         env={"APPLIANCE_PORT": "9100", "APPLIANCE_HOST": "0.0.0.0", "APPLIANCE_DATA_DIR": "/srv/x"},
     )
     assert (cfg.server.port, cfg.server.host, str(cfg.data_dir)) == (9100, "0.0.0.0", "/srv/x")
-    with pytest.raises(ConfigError, match="server.port"):
+    with pytest.raises(ConfigError, match=r"APPLIANCE_PORT \(overrides server.port\)"):
         parse({}, None, env={"APPLIANCE_PORT": "eighty"})
+
+
+def test_check_config_reports_every_problem_the_repository_reveals(tmp_path: Path) -> None:
+    """What the file alone cannot tell: default models and overrides that name no model, a
+    repository that is not there, a broken model file (found by a new user: each said "ok")."""
+    repo = tmp_path / "engines"
+    (repo / "broken").mkdir(parents=True)
+    (repo / "broken" / "model.yaml").write_text("name: broken\nkind: sorcery\n")
+    cfg = write(
+        tmp_path,
+        "model_repository: engines\nserver: {default_models: [nope]}\nmodels: {ghost: {queue: {aging_ms: 5}}}\n",
+    )
+    run = [sys.executable, "-m", "appliance", "--config", str(cfg), "check-config"]
+    out = subprocess.run(run, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "broken/model.yaml: kind" in out.stderr
+    assert "server.default_models: no model 'nope'" in out.stderr
+    assert "models.ghost: no model 'ghost'" in out.stderr
+    write(tmp_path, "model_repository: nowhere\n")
+    out = subprocess.run(run, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and "nowhere is not a folder" in out.stderr
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:

@@ -272,6 +272,27 @@ def test_an_unbuilt_model_is_a_503_with_retry_after(
         assert srv.app[MANAGER].slots["not-built"].state.value == "unbuilt"
 
 
+def test_readyz_says_why_it_is_not_ready_and_a_broken_model_file_harms_only_its_model(
+    start_server, minilm_folder: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A default model that does not exist kept /readyz at 503 forever with no reason given; a
+    broken model.yaml dropped every model of the repository (found by a new user)."""
+    srv = start_server(
+        {MODEL: minilm_folder, "broken": minilm_folder},  # its model.yaml names another folder
+        config={"server": {"default_models": [MODEL, "nope"]}},
+        wait_ready=False,
+    )
+    deadline = time.monotonic() + 60
+    while MODEL not in srv.app[MANAGER].slots or srv.app[MANAGER].slots[MODEL].state.value != "resident":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    status, body, _ = srv.request("GET", "/readyz")
+    assert status == 503 and not body["ready"]
+    errors = "\n".join(body["errors"])
+    assert "server.default_models: no model 'nope'" in errors and "broken/model.yaml" in errors
+    assert srv.post("/v1/embeddings", {"model": MODEL, "input": "still serving"})[0] == 200
+
+
 def test_a_priority_1_embedding_overtakes_priority_3_decode_steps(
     start_server, minilm_folder: Path, smollm_folder: Path
 ) -> None:  # type: ignore[no-untyped-def]

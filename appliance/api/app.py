@@ -262,7 +262,7 @@ async def readyz(request: web.Request) -> web.Response:
     models = {n: s.state.value for n, s in mgr.slots.items()}
     down = request.app[SUPERVISOR].down()
     ok = mgr.ready() and not request.app[DRAINING][0] and not down
-    body = {"ready": ok, "models": models, "errors": mgr.scan_errors, "workers_down": down}
+    body = {"ready": ok, "models": models, "errors": mgr.readiness_errors(), "workers_down": down}
     return web.json_response(body, status=200 if ok else 503, headers={} if ok else {"Retry-After": "5"})
 
 
