@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -599,4 +600,11 @@ def validate_model_settings(values: dict[str, Any]) -> None:
     try:
         batch_policy({**settings.defaults(), **values}).validate()
     except ValueError as exc:
-        raise settings.SettingError(str(exc).split(":", 1)[0], str(exc)) from None
+        # "BatchPolicy.<field> must be ...": named by the setting an operator knows, not the class.
+        text = str(exc)
+        found = re.match(r"BatchPolicy\.(\w+) (.*)", text, re.S)
+        if found is None:
+            raise settings.SettingError("settings", text) from None
+        field, rest = found.groups()
+        name = next((n for n in settings.REGISTRY if n.endswith("." + field)), field)
+        raise settings.SettingError(name, f"{name} {rest}") from None

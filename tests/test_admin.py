@@ -111,6 +111,29 @@ def test_settings_patch_is_validated_as_a_whole(served: Any) -> None:
     assert status == 400 and "default_priority" in body["error"]["message"]
     status, body = admin(srv, "PATCH", "/admin/settings", {"models": {"ghost": {}}})
     assert status == 400 and "ghost" in body["error"]["message"]
+    # Problems in several sections are all reported, each with its setting (and model), and a
+    # combination is named by its setting, not by an internal class.
+    status, body = admin(
+        srv,
+        "PATCH",
+        "/admin/settings",
+        {
+            "defaults": {"queue": {"aging_ms": -1}},
+            "models": {MODEL: {"batching": {"max_batch_size": 0}}, "ghost": {}},
+        },
+    )
+    problems = body["error"]["problems"]
+    assert status == 400 and {p["setting"] for p in problems} == {
+        "queue.aging_ms",
+        "batching.max_batch_size",
+        "models.ghost",
+    }, problems
+    assert [p.get("model") for p in problems if p["setting"] == "batching.max_batch_size"] == [MODEL]
+    status, body = admin(
+        srv, "PATCH", "/admin/settings", {"models": {MODEL: {"queue": {"default_priority": 5}}}}
+    )
+    (problem,) = body["error"]["problems"]
+    assert problem["setting"] == "queue.default_priority" and "BatchPolicy" not in problem["message"]
     status, body = admin(srv, "PATCH", "/admin/settings", {"models": {MODEL: {"cache": {"ttl_s": 5}}}})
     assert status == 400 and "server-wide" in body["error"]["message"]
 

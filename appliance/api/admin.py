@@ -200,23 +200,41 @@ async def patch_settings(request: web.Request) -> web.Response:
             )
     app = _data(request)
     mgr, cfg = app[MANAGER], app[CONFIG]
+    # Every problem, of every section and model, is gathered before refusing: a form shows each
+    # next to its field (and, for a model's override, says which model).
+    problems: list[dict[str, str]] = []
+    details: list[str] = []  # the message: each section's refusal, naming its settings
+
+    def refused(exc: settings.SettingError, model: str | None = None) -> None:
+        details.append(exc.detail or str(exc))
+        for name, message in exc.problems:
+            problems.append({"setting": name, "message": message, **({"model": model} if model else {})})
+
+    # A null value removes an override, so the value below it applies again.
+    flat = settings.flatten(body.get("defaults") or {})
+    new_defaults = dict(cfg.defaults)
     try:
-        # A null value removes an override, so the value below it applies again.
-        flat = settings.flatten(body.get("defaults") or {})
-        new_defaults = {**cfg.defaults, **settings.validate(_set(flat), "defaults.")}
-        for key in _unset(flat):
-            new_defaults.pop(key, None)
-        new_models = {m: dict(v) for m, v in cfg.model_overrides.items()}
-        for name, tree in (body.get("models") or {}).items():
-            if name not in mgr.slots:
-                raise InvalidRequest(f"models.{name}: no such model", param=f"models.{name}")
-            if not isinstance(tree, dict):
-                raise InvalidRequest(f"models.{name}: expected a mapping of settings", param=f"models.{name}")
-            flat = settings.flatten(tree)
-            target = new_models.setdefault(name, {})
+        new_defaults.update(settings.validate(_set(flat), "defaults."))
+    except settings.SettingError as exc:
+        refused(exc)
+    for key in _unset(flat):
+        new_defaults.pop(key, None)
+    new_models = {m: dict(v) for m, v in cfg.model_overrides.items()}
+    for name, tree in (body.get("models") or {}).items():
+        if name not in mgr.slots or not isinstance(tree, dict):
+            what = "no such model" if name not in mgr.slots else "expected a mapping of settings"
+            details.append(f"models.{name}: {what}")
+            problems.append({"setting": f"models.{name}", "message": details[-1]})
+            continue
+        flat = settings.flatten(tree)
+        target = new_models.setdefault(name, {})
+        try:
             target.update(settings.validate(_set(flat), f"models.{name}.", per_model=True))
-            for key in _unset(flat):
-                target.pop(key, None)
+        except settings.SettingError as exc:
+            refused(exc, name)
+        for key in _unset(flat):
+            target.pop(key, None)
+    if not problems:  # the combinations, once every value is known to be valid on its own
         for name, slot in mgr.slots.items():
             merged = {
                 **settings.defaults(),
@@ -227,11 +245,12 @@ async def patch_settings(request: web.Request) -> web.Response:
             try:
                 validate_model_settings(merged)
             except settings.SettingError as exc:
-                raise settings.SettingError(exc.name, f"model {name}: {exc.detail}") from None
-    except settings.SettingError as exc:
-        err = InvalidRequest(exc.detail or str(exc), param=exc.name)
-        err.problems = [{"setting": name, "message": message} for name, message in exc.problems]
-        raise err from None
+                details.append(f"model {name}: {exc.detail}")
+                problems.append({"setting": exc.name, "message": details[-1], "model": name})
+    if problems:
+        err = InvalidRequest("; ".join(details), param=problems[0]["setting"])
+        err.problems = problems
+        raise err
     save_settings(cfg, new_defaults, new_models)
     cfg.defaults, cfg.model_overrides = new_defaults, new_models
     resilience = app[RESILIENCE]
