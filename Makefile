@@ -38,4 +38,4 @@ lint: setup
 ci: lint test
 
 clean:
-	rm -rf $(VENV) engines/*/model.onnx engines/*/tokenizer.json engines/*/generation.json engines/*/.build.json
+	rm -rf $(VENV) engines/*/model.onnx engines/*/tokenizer.json engines/*/generation.json engines/*/.build.json engines/*/q4

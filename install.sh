@@ -54,15 +54,29 @@ die() {
     exit 1
 }
 
+# The words of a command as a shell would need them pasted: a dry run's lines can be run as
+# printed (unquoted, "pkg>=1,<2" would be two redirections).
+quoted() {
+    out=""
+    for word in "$@"; do
+        case "$word" in
+            "" | *[!A-Za-z0-9_./:=@%+,-]*)
+                word="'$(printf '%s' "$word" | sed "s/'/'\\\\''/g")'" ;;
+        esac
+        out="$out${out:+ }$word"
+    done
+    printf '%s' "$out"
+}
+
 # Every change to the system goes through run or write_file, which is what makes
 # --dry-run complete.
 run() {
     if [ "$DRY_RUN" = 1 ]; then
-        printf '[dry-run] %s\n' "$*"
+        printf '[dry-run] %s\n' "$(quoted "$@")"
         return 0
     fi
     if [ "$VERBOSE" = 1 ]; then
-        printf '+ %s\n' "$*"
+        printf '+ %s\n' "$(quoted "$@")"
     fi
     "$@"
 }

@@ -130,10 +130,11 @@ def test_dry_run_gpu_prints_the_whole_plan_on_a_box_without_one(tmp_path: Path) 
     pip = f"[dry-run] {prefix}/opt/appliance/venv/bin/python -m pip"
     expected = [
         "GPU plan for CUDA 12 (--cuda):",
-        f"{pip} install --quiet --disable-pip-version-check --upgrade cuda-python>=12.3,<13 nvidia-ml-py",
+        # Quoted as a shell needs them: a dry run's lines can be pasted and run.
+        f"{pip} install --quiet --disable-pip-version-check --upgrade 'cuda-python>=12.3,<13' 'nvidia-ml-py",
         f"{pip} uninstall --quiet -y onnxruntime onnxruntime-gpu",  # the CPU and GPU builds collide
-        f"{pip} install --quiet --disable-pip-version-check onnxruntime-gpu[cuda,cudnn]>=1.18,<1.27",
-        "--extra-index-url https://pypi.nvidia.com tensorrt-cu12>=10,<12",
+        f"{pip} install --quiet --disable-pip-version-check 'onnxruntime-gpu[cuda,cudnn]>=1.18,<1.27'",
+        "--extra-index-url https://pypi.nvidia.com 'tensorrt-cu12>=10,<12'",
         "Air-gapped? Fetch them elsewhere, then install with --wheels DIR:",
     ]
     for text in expected:
@@ -156,7 +157,7 @@ def test_gpu_plan_follows_the_drivers_cuda_major_and_uses_local_wheels(tmp_path:
     assert "GPU plan for CUDA 13 (the driver (nvidia-smi)):" in out
     local = f"--no-index --find-links {wheels}"
     for spec in ("cuda-python>=13.0,<14", "onnxruntime-gpu[cuda,cudnn]>=1.27", "tensorrt-cu13>=10,<12"):
-        line = next(line for line in out.splitlines() if line.startswith("[dry-run]") and f" {spec}" in line)
+        line = next(line for line in out.splitlines() if line.startswith("[dry-run]") and f" '{spec}'" in line)
         assert local in line, line
     assert "pypi.nvidia.com" not in out  # air-gapped: nothing from NVIDIA's index
     cuda12 = run_installer(
