@@ -127,8 +127,12 @@ def cmd_settings(args: argparse.Namespace) -> int:
         path = Path(args.update_readme)
         text = path.read_text(encoding="utf-8")
         start, end = "<!-- settings:start -->\n", "\n<!-- settings:end -->"
-        head, _, rest = text.partition(start)
-        _, _, tail = rest.partition(end)
+        head, found, rest = text.partition(start)
+        _, found_end, tail = rest.partition(end)
+        if not (found and found_end):
+            raise ConfigError(
+                f"{path}: no '<!-- settings:start -->' ... '<!-- settings:end -->' markers to replace"
+            )
         path.write_text(head + start + settings.markdown_table() + end + tail, encoding="utf-8")
         return 0
     print(settings.markdown_table() if args.markdown else settings.table())
@@ -318,6 +322,8 @@ def cmd_keys_remove(args: argparse.Namespace) -> int:
         raise ConfigError(f"keys remove: no key named {args.name!r}") from None
     save_keys(cfg, store.to_records())
     print(f"key '{args.name}' removed", file=sys.stderr)
+    if not store.active_count() and cfg.file.auth.required is not True:
+        print("no active key is left: after a reload the data plane is open to every client", file=sys.stderr)
     return 0
 
 
@@ -339,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except (ConfigError, RepositoryError) as exc:
         print(f"appliance: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk, a read-only folder, a path that is a directory
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"appliance: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

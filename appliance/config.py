@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import reprlib
 import stat
 import tempfile
 from collections.abc import Mapping
@@ -18,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from appliance import settings
+from appliance import settings, yamlfile
 
 DEFAULT_CONFIG_NAME = "appliance.yaml"
 
@@ -168,7 +169,7 @@ def _format_pydantic(where: str, exc: ValidationError, from_env: Mapping[str, st
         if err["type"] == "extra_forbidden":
             parts.append(f"{source}: unknown key")
         else:
-            parts.append(f"{source}: {err['msg'].lower()}, got {err.get('input')!r}")
+            parts.append(f"{source}: {err['msg'].lower()}, got {reprlib.repr(err.get('input'))}")
     return "; ".join(parts)
 
 
@@ -214,15 +215,31 @@ def load(path: Path | None, env: Mapping[str, str] | None = None) -> Config:
     """Load ``path`` (or built-in defaults when None)."""
     if path is None:
         return parse({}, None, env)
+    if not os.path.lexists(path):
+        raise ConfigError(f"{path}: no such configuration file")
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such configuration file") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path.name}: not valid YAML: {exc}") from None
+        raw = yamlfile.read(path)
+    except yamlfile.YamlFileError as exc:
+        raise ConfigError(str(exc)) from None
     return parse(raw, path.resolve(), env)
+
+
+def _on_disk(cfg: Config) -> dict[str, Any]:
+    """The configuration file as it is now, to rewrite one part of it. Refuses (ConfigError)
+    when it is gone or no longer a valid mapping: rewriting it from the running values would
+    silently drop the server, admin and path sections, or an operator's edit."""
+    assert cfg.path is not None
+    if not os.path.lexists(cfg.path):
+        raise ConfigError(f"{cfg.path}: the configuration file is gone; restore it, nothing was saved")
+    try:
+        raw = yamlfile.read(cfg.path)
+    except yamlfile.YamlFileError as exc:
+        raise ConfigError(f"{exc}; fix it (or reload), nothing was saved") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{cfg.path}: expected a mapping at the top level; fix it, nothing was saved")
+    return raw
 
 
 def save_settings(
@@ -237,8 +254,7 @@ def save_settings(
     """
     if cfg.path is None:
         return
-    raw = yaml.safe_load(cfg.path.read_text(encoding="utf-8")) if cfg.path.exists() else {}
-    raw = raw or {}
+    raw = _on_disk(cfg)
     for key, tree in (
         ("defaults", settings.nest(defaults)),
         ("models", {m: settings.nest(v) for m, v in sorted(overrides.items()) if v}),
@@ -286,9 +302,11 @@ def save_keys(cfg: Config, records: list[dict[str, Any]]) -> None:
     """Write ``auth.keys`` into the config file atomically (with a backup), nothing else."""
     if cfg.path is None:
         raise ConfigError("no configuration file to store keys in; pass --config")
-    raw = yaml.safe_load(cfg.path.read_text(encoding="utf-8")) if cfg.path.exists() else {}
-    raw = raw or {}
-    raw.setdefault("auth", {})["keys"] = records
+    raw = _on_disk(cfg)
+    auth = raw.setdefault("auth", {})
+    if not isinstance(auth, dict):
+        raise ConfigError(f"{cfg.path}: auth: expected a mapping; fix it, nothing was saved")
+    auth["keys"] = records
     atomic_write(cfg.path, yaml.safe_dump(raw, sort_keys=False).encode("utf-8"), backup=True)
 
 

@@ -9,10 +9,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from appliance import settings
+from appliance import settings, yamlfile
 from appliance.digest import sha256_files
 
 MODEL_FILE = "model.yaml"
@@ -135,9 +134,9 @@ def write_build_record(folder: Path, files: Any, extra: dict[str, Any] | None = 
 def load_model_file(path: Path) -> ModelEntry:
     where = f"{path.parent.name}/{path.name}: "
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise RepositoryError(f"{where}not valid YAML: {exc}") from None
+        raw = yamlfile.read(path)
+    except yamlfile.YamlFileError as exc:
+        raise RepositoryError(f"{where}{str(exc).split(': ', 1)[-1]}") from None
     if not isinstance(raw, dict):
         raise RepositoryError(f"{where}expected a mapping at the top level")
     try:

@@ -22,11 +22,12 @@ from typing import Any
 
 from aiohttp import web
 
+from appliance import yamlfile
 from appliance.api.admin import ADMIN_TOKEN, create_admin_app
 from appliance.api.app import create_app
 from appliance.api.common import DRAINING, INFLIGHT, MANAGER, RESILIENCE, SUPERVISOR
 from appliance.api.security import KEYS, LimitedRunner, keystore
-from appliance.config import Config, ConfigError, load
+from appliance.config import Config, ConfigError, parse
 from appliance.llm.scheduler import Scheduler
 from appliance.sdnotify import Notifier, watchdog_loop
 
@@ -191,7 +192,12 @@ class Server:
         if path is None:
             return False
         try:
-            new = load(path)
+            raw = yamlfile.read(path)
+            if not raw:
+                # An empty file is most likely one being rewritten (or truncated by a full disk):
+                # taken at its word it would reset every setting and drop every API key.
+                raise ConfigError(f"{path}: the file is empty")
+            new = parse(raw, path.resolve())
             keys = keystore([k.model_dump() for k in new.file.auth.keys])
         except (ConfigError, ValueError) as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
@@ -204,14 +210,18 @@ class Server:
             return False
 
     def _apply(self, new: Config, keys: Any, path: Any) -> bool:
-        if new.file.server != self.cfg.file.server or new.file.admin != self.cfg.file.admin:
-            log.warning("reload: server and admin sections change only on restart")
+        later = _restart_only_changes(self.cfg, new)
+        if later:
+            log.warning("reload: %s change only on restart", ", ".join(later))
+        if self.cfg.file.auth.keys and not new.file.auth.keys and new.file.auth.required is not True:
+            log.warning("reload: no API keys are configured any more: the data plane is open to every client")
         self.cfg.defaults, self.cfg.model_overrides = new.defaults, new.model_overrides
         self.cfg.file.auth = new.file.auth
         self.app[KEYS] = keys
         mgr, resilience = self.app[MANAGER], self.app[RESILIENCE]
         resilience.configure_cache(self.cfg.tunables_for("", {}))
         mgr.configure_memory()
+        mgr.rescan()  # model folders added since start (an edited model.yaml applies on restart)
         for name in mgr.slots:
             mgr.apply(name)
             resilience.configure(name, mgr.tunables(name))
@@ -222,6 +232,21 @@ class Server:
     @property
     def ready(self) -> bool:
         return self.app[MANAGER].ready()
+
+
+def _restart_only_changes(old: Config, new: Config) -> list[str]:
+    """The dotted names of changed fields that a reload cannot apply (listening sockets, paths)."""
+    changed = []
+    for section in ("server", "admin", "tls"):
+        before = getattr(old.file, section).model_dump()
+        after = getattr(new.file, section).model_dump()
+        changed += [
+            f"{section}.{k}" for k in sorted(before.keys() | after.keys()) if before.get(k) != after.get(k)
+        ]
+    for field in ("model_repository", "data_dir"):
+        if getattr(old.file, field) != getattr(new.file, field):
+            changed.append(field)
+    return changed
 
 
 def _bound_port(site: web.TCPSite) -> int:

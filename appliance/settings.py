@@ -12,11 +12,16 @@ admin API writes) overrides both.
 from __future__ import annotations
 
 import re
+import reprlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 SettingValue = int | float | bool | str | list[int]
+
+
+class _Bad(Exception):
+    """A value a Setting refuses (turned into the SettingError that names it)."""
 
 
 class SettingError(ValueError):
@@ -71,7 +76,16 @@ class Setting:
 
     def coerce(self, value: Any) -> SettingValue:
         """Validate one value; raise SettingError naming this setting otherwise."""
-        bad = SettingError(self.name, f"expected {self.expectation()}, got {value!r}")
+        try:
+            return self._coerce(value)
+        except _Bad:
+            # Built only on failure, and abbreviated: a hostile value's repr may be huge.
+            raise SettingError(
+                self.name, f"expected {self.expectation()}, got {reprlib.repr(value)}"
+            ) from None
+
+    def _coerce(self, value: Any) -> SettingValue:
+        bad = _Bad()
         if self.type is bool:
             if not isinstance(value, bool):
                 raise bad
@@ -102,7 +116,7 @@ class Setting:
             self._check_bounds(v, bad)
         return list(value)
 
-    def _check_bounds(self, value: float, bad: SettingError) -> None:
+    def _check_bounds(self, value: float, bad: _Bad) -> None:
         if self.minimum is not None and value < self.minimum:
             raise bad
         if self.maximum is not None and value > self.maximum:

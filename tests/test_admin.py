@@ -272,3 +272,27 @@ def test_an_operators_load_is_not_undone_by_keep_alive(served: Any) -> None:
     assert status == 200 and body["state"] == "resident", body
     time.sleep(1.5)  # past a keep-alive check, within keep_alive_s of the load
     assert state() == "resident"
+
+
+def test_settings_are_not_saved_over_a_config_file_that_is_gone_or_broken(served: Any) -> None:
+    """Found by an operator-side probe: with the file deleted, a PATCH wrote a new one holding only
+    the tunables (the server, admin and path sections lost for the next restart); with invalid
+    YAML on disk it was a 500. Now it is a 409 naming the file, and nothing is applied."""
+    start, path = served
+    srv = start()
+    good = path.read_text()
+    change = {"defaults": {"queue": {"aging_ms": 123}}}
+    try:
+        for broken in ("server: [unclosed\n", None):
+            if broken is None:
+                path.unlink()
+            else:
+                path.write_text(broken)
+            status, body = admin(srv, "PATCH", "/admin/settings", change)
+            assert status == 409 and body["error"]["code"] == "config_file_conflict", body
+            assert str(path.name) in body["error"]["message"]
+            assert admin(srv, "GET", "/admin/settings")[1]["defaults"]["queue.aging_ms"] != 123
+        assert not path.exists()
+    finally:
+        path.write_text(good)
+    assert admin(srv, "PATCH", "/admin/settings", change)[0] == 200

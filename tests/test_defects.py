@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
@@ -41,6 +42,67 @@ def test_a_reload_with_a_bad_key_hash_changes_nothing(tmp_path: Path, minilm_fol
     cfg_file.write_text(yaml.safe_dump(raw))
     assert server.reload() is False
     assert server.cfg.defaults == before  # not half-applied
+
+
+def test_a_reload_from_an_empty_or_hostile_file_changes_nothing(
+    tmp_path: Path, minilm_folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by an operator-side probe. An empty file (truncated by a full disk, or caught
+    mid-write) was taken at its word: every setting reset and every API key dropped, opening the
+    data plane. An alias bomb hung the event loop; a directory, a duplicated key or non-UTF-8
+    bytes raised out of the signal callback or were silently half-read."""
+    cfg_file = tmp_path / "appliance.yaml"
+    raw: dict[str, Any] = {
+        "model_repository": str(tmp_path / "engines"),
+        "data_dir": str(tmp_path / "data"),
+        "defaults": {"queue": {"aging_ms": 7}},
+    }
+    (tmp_path / "engines").mkdir()
+    cfg_file.write_text(yaml.safe_dump(raw))
+    server = Server(load(cfg_file))
+    before = dict(server.cfg.defaults)
+    bomb = "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+    for text in (
+        "",
+        "# only a comment\n",
+        bomb + "defaults: {queue: {aging_ms: *b}}\n",
+        "server: {}\nserver: {}\n",
+    ):
+        cfg_file.write_text(text)
+        assert server.reload() is False, text
+    cfg_file.write_bytes(b"\xff\xfe" * 10)
+    assert server.reload() is False
+    cfg_file.unlink()
+    cfg_file.mkdir()
+    assert server.reload() is False
+    assert server.cfg.defaults == before
+    refusals = [r.getMessage() for r in caplog.records if "reload refused" in r.getMessage()]
+    assert len(refusals) == 6 and "the file is empty" in refusals[0] and "aliases" in refusals[2]
+
+
+def test_a_reload_names_what_waits_for_a_restart_and_warns_when_keys_go(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from appliance.auth import KeyStore
+
+    store = KeyStore()
+    store.add("app")
+    cfg_file = tmp_path / "appliance.yaml"
+    raw: dict[str, Any] = {
+        "model_repository": str(tmp_path / "engines"),
+        "data_dir": str(tmp_path / "data"),
+        "auth": {"keys": store.to_records()},
+    }
+    (tmp_path / "engines").mkdir()
+    cfg_file.write_text(yaml.safe_dump(raw))
+    server = Server(load(cfg_file))
+    raw["server"] = {"port": 9123, "log_level": "debug"}
+    raw["auth"] = {"keys": []}
+    cfg_file.write_text(yaml.safe_dump(raw))
+    assert server.reload() is True
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "server.log_level, server.port change only on restart" in messages
+    assert "the data plane is open to every client" in messages
 
 
 def test_the_artefact_digest_covers_external_weights(tmp_path: Path) -> None:

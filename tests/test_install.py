@@ -157,7 +157,9 @@ def test_gpu_plan_follows_the_drivers_cuda_major_and_uses_local_wheels(tmp_path:
     assert "GPU plan for CUDA 13 (the driver (nvidia-smi)):" in out
     local = f"--no-index --find-links {wheels}"
     for spec in ("cuda-python>=13.0,<14", "onnxruntime-gpu[cuda,cudnn]>=1.27", "tensorrt-cu13>=10,<12"):
-        line = next(line for line in out.splitlines() if line.startswith("[dry-run]") and f" '{spec}'" in line)
+        line = next(
+            line for line in out.splitlines() if line.startswith("[dry-run]") and f" '{spec}'" in line
+        )
         assert local in line, line
     assert "pypi.nvidia.com" not in out  # air-gapped: nothing from NVIDIA's index
     cuda12 = run_installer(

@@ -27,7 +27,7 @@ from appliance.api.common import (
     STARTED,
     read_json,
 )
-from appliance.config import save_settings
+from appliance.config import ConfigError, save_settings
 from appliance.errors import ApplianceError, InvalidRequest, ModelNotFound
 from appliance.models import ModelState, validate_model_settings
 
@@ -251,7 +251,14 @@ async def patch_settings(request: web.Request) -> web.Response:
         err = InvalidRequest("; ".join(details), param=problems[0]["setting"])
         err.problems = problems
         raise err
-    save_settings(cfg, new_defaults, new_models)
+    try:
+        save_settings(cfg, new_defaults, new_models)
+    except (ConfigError, OSError) as exc:
+        # The file on disk is gone, invalid, or cannot be written: nothing is applied either,
+        # so that what runs and what a restart would load never differ.
+        conflict = ApplianceError(f"the settings were not saved: {exc}")
+        conflict.status, conflict.type, conflict.code = 409, "invalid_request_error", "config_file_conflict"
+        raise conflict from None
     cfg.defaults, cfg.model_overrides = new_defaults, new_models
     resilience = app[RESILIENCE]
     resilience.configure_cache(cfg.tunables_for("", {}))

@@ -1,0 +1,67 @@
+"""Reading the operator's YAML files (appliance.yaml, each model.yaml) strictly and within bounds.
+
+These files are small, hand-edited mappings. What PyYAML's safe loader allows beyond that only
+hurts here: an alias bomb (a few lines of ``&a [*b, *b, ...]`` that expand to billions of items)
+hung start-up, ``check-config`` and a SIGHUP reload on the event loop; a duplicated key silently
+let the last one win; a 200-MB file blocked the loop for minutes. So: at most ``MAX_BYTES``, UTF-8,
+no aliases, no duplicate keys, and every failure is one :class:`YamlFileError` naming the file and
+the line, whatever it was (unreadable, a directory, a symlink loop, not UTF-8, not YAML).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MAX_BYTES = 1 << 20
+
+
+class YamlFileError(ValueError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed here", mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Hashable] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {str(key)[:80]!r}", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def loads(text: str) -> Any:
+    """``yaml.safe_load`` without aliases or duplicate keys (raises yaml.YAMLError)."""
+    return yaml.load(text, Loader=_StrictLoader)
+
+
+def read(path: Path, *, max_bytes: int = MAX_BYTES) -> Any:
+    """The parsed file; YamlFileError naming ``path`` for anything that keeps it from parsing."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise YamlFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if len(data) > max_bytes:
+        raise YamlFileError(f"{path}: larger than {max_bytes} bytes; not a configuration file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise YamlFileError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        return loads(text)
+    except yaml.YAMLError as exc:
+        raise YamlFileError(f"{path.name}: not valid YAML: {exc}") from None
