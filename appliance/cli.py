@@ -12,7 +12,7 @@ from pathlib import Path
 from appliance import __version__, settings
 from appliance.auth import KeyStore
 from appliance.config import Config, ConfigError, find_default_config, load, save_keys
-from appliance.repository import RepositoryError, scan, scan_repository
+from appliance.repository import RepositoryError, scan_repository
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -43,7 +43,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_models_list(args: argparse.Namespace) -> int:
     cfg = _config(args)
     rows = [("model", "kind", "backend", "built", "folder")]
-    for e in scan(cfg.model_repository):
+    entries, errors = scan_repository(cfg.model_repository)
+    for error in errors:  # one broken model file hides no other model
+        print(f"appliance: {error}", file=sys.stderr)
+    for e in entries:
         built = "yes" if e.built else "no (missing " + ", ".join(e.missing()) + ")"
         rows.append((e.name, e.kind.value, e.spec.backend.value, built, str(e.folder)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]

@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -353,10 +354,18 @@ class EmbeddingRuntime:
         return chosen, rates
 
 
+def load_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer file; a failure names it (the library's own message does not say which)."""
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:
+        raise ValueError(f"{path.parent.name}/{path.name}: not a usable tokenizer: {exc}") from None
+
+
 def _embedding_runtime(
     mgr: ModelManager, entry: ModelEntry, engine: Engine, executor: ThreadPoolExecutor
 ) -> ModelRuntime:
-    tok = Tokenizer.from_file(str(entry.artefact("tokenizer")))
+    tok = load_tokenizer(entry.artefact("tokenizer"))
     tok.no_padding()
     trunc = tok.truncation
     max_tokens = int(trunc["max_length"]) if trunc else 512

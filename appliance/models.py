@@ -119,6 +119,14 @@ class ModelSlot:
     loaded_at: float | None = None
     last_used: float = 0.0
     load_task: asyncio.Task[None] | None = None
+    # Set while an unload drains the old engine: a load waits for it, so that two engines of one
+    # model never run side by side and the memory lease released is the old engine's.
+    unloading: asyncio.Future[None] | None = None
+    failed_at: float = 0.0  # time.monotonic() of the last failed load
+
+
+# After a failed load, requests are answered 503 for this long before one tries again.
+LOAD_RETRY_S = 30.0
 
 
 def batch_policy(values: dict[str, Any]) -> BatchPolicy:
@@ -232,6 +240,13 @@ class ModelManager:
                 param="model",
                 retry_after_s=60,  # a 503 always says when to come back; a build takes minutes
             )
+        wait = slot.failed_at + LOAD_RETRY_S - time.monotonic()
+        if slot.state == ModelState.failed and wait > 0:
+            # A load that failed is not tried again by every request (each would take the load
+            # lock for the whole attempt, a large model's for seconds); an operator's load is.
+            raise Unavailable(
+                f"The model '{name}' failed to load: {slot.error}", param="model", retry_after_s=wait
+            )
         await self.load(name)
         assert slot.runtime is not None
         return slot.runtime
@@ -239,6 +254,8 @@ class ModelManager:
     # -- lifecycle -------------------------------------------------------------------------
     async def load(self, name: str) -> None:
         slot = self._slot(name)
+        while slot.unloading is not None:
+            await asyncio.shield(slot.unloading)
         if slot.runtime is not None:
             return
         if slot.state == ModelState.unbuilt:
@@ -351,6 +368,7 @@ class ModelManager:
             slot.error = str(exc)
             # Counted when the load is given up; "no room yet" (available again) is not a failure.
             if slot.state is ModelState.failed:
+                slot.failed_at = time.monotonic()
                 self.metrics.model_load_failures.labels(entry.name).inc()
             log.error("model %s failed to load: %s", entry.name, exc)
             return
@@ -408,13 +426,18 @@ class ModelManager:
             return
         slot.runtime = None
         slot.state = ModelState.evicted if evicted else ModelState.available
-        await runtime.batcher.close(drain=drain)
-        await asyncio.get_running_loop().run_in_executor(None, runtime.executor.shutdown, True)
-        runtime.engine.close()
-        self.memory.release(name, evicted=evicted)
-        self.metrics.model_loaded.labels(name).set(0)
-        self._memory_metrics()
-        log.info("model %s %s", name, "evicted" if evicted else "unloaded")
+        done = slot.unloading = asyncio.get_running_loop().create_future()
+        try:
+            await runtime.batcher.close(drain=drain)
+            await asyncio.get_running_loop().run_in_executor(None, runtime.executor.shutdown, True)
+            runtime.engine.close()
+            self.memory.release(name, evicted=evicted)
+            self.metrics.model_loaded.labels(name).set(0)
+            self._memory_metrics()
+            log.info("model %s %s", name, "evicted" if evicted else "unloaded")
+        finally:
+            slot.unloading = None
+            done.set_result(None)
 
     async def restart(self, name: str, timeout_s: float = 60.0) -> None:
         """Replace ``name``'s engine: unloaded now, loaded fresh by its next request (the breaker's

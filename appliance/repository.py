@@ -79,6 +79,13 @@ class ModelFile(BaseModel):
         return v
 
 
+def _non_empty_file(path: Path) -> bool:
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False
+
+
 @dataclass
 class ModelEntry:
     """One model folder, validated."""
@@ -100,10 +107,12 @@ class ModelEntry:
 
     @property
     def built(self) -> bool:
-        return all((self.folder / f).exists() for f in self.spec.artefacts.values())
+        return not self.missing()
 
     def missing(self) -> list[str]:
-        return [f for f in self.spec.artefacts.values() if not (self.folder / f).exists()]
+        """Artefacts that are not a non-empty file (a 0-byte model.onnx, or a folder by that
+        name, is no more built than a missing one)."""
+        return [f for f in self.spec.artefacts.values() if not _non_empty_file(self.folder / f)]
 
     def build_record(self) -> dict[str, Any]:
         try:

@@ -96,7 +96,7 @@ class Resilience:
             if counter is not None:
                 counter.inc(n)
 
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # (ResponseCache.open makes the folder, and serves without a cache if it cannot.)
         cache = ResponseCache(
             path,
             max_bytes=int(values["cache.max_bytes"]),

@@ -124,14 +124,23 @@ class Server:
         if self.cfg.file.admin.token:
             return self.cfg.file.admin.token
         data = self.cfg.data_dir
-        data.mkdir(parents=True, exist_ok=True)
         path = data / "admin.token"
-        if path.exists():
-            return path.read_text().strip()
-        token = secrets.token_urlsafe(24)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
+        try:
+            data.mkdir(parents=True, exist_ok=True)
+            if path.exists():
+                token = path.read_text().strip()
+                if token:
+                    return token
+                # Empty (a crash or a full disk while it was written): every admin call would
+                # get a 401 with nothing logged. Written anew.
+                log.warning("%s is empty; writing a new admin token", path)
+                path.unlink()
+            token = secrets.token_urlsafe(24)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(token + "\n")
+        except OSError as exc:
+            raise ConfigError(f"data_dir: {data} is not a writable folder ({exc.strerror or exc})") from None
         return token
 
     async def drain(self) -> None:
@@ -222,6 +231,11 @@ class Server:
         resilience.configure_cache(self.cfg.tunables_for("", {}))
         mgr.configure_memory()
         mgr.rescan()  # model folders added since start (an edited model.yaml applies on restart)
+        unknown = sorted(set(new.model_overrides) - set(mgr.slots))
+        if unknown:
+            log.warning(
+                "reload: models.%s: no such model in the repository (kept, unused)", ", models.".join(unknown)
+            )
         for name in mgr.slots:
             mgr.apply(name)
             resilience.configure(name, mgr.tunables(name))

@@ -647,7 +647,7 @@ register(
         "cache.max_bytes",
         int,
         256 << 20,
-        "Size bound of the response cache (LRU eviction).",
+        "Size bound of the response cache's entries (LRU eviction); SQLite keeps freed pages for reuse, so the file may stay larger.",
         1 << 20,
         1 << 40,
         scope="server",

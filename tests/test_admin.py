@@ -296,3 +296,33 @@ def test_settings_are_not_saved_over_a_config_file_that_is_gone_or_broken(served
     finally:
         path.write_text(good)
     assert admin(srv, "PATCH", "/admin/settings", change)[0] == 200
+
+
+def test_an_unload_under_traffic_leaves_one_engine_and_its_memory_counted(served: Any) -> None:
+    """Found by an operator-side probe: requests arriving while an unload drained the old engine
+    loaded a new one beside it, and the unload then released the new engine's memory lease, so
+    the budget no longer saw a resident model. A load now waits for the unload to finish."""
+    import threading
+
+    start, _ = served
+    srv = start()
+    statuses: list[int] = []
+
+    def traffic(i: int) -> None:
+        for j in range(6):
+            body = {"model": MODEL, "input": [f"sentence {i} {j} {k} " * 10 for k in range(16)]}
+            statuses.append(srv.post("/v1/embeddings", body, {"Cache-Control": "no-store"})[0])
+
+    threads = [threading.Thread(target=traffic, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    assert admin(srv, "POST", f"/admin/models/{MODEL}/unload")[0] == 200
+    for t in threads:
+        t.join()
+    assert set(statuses) == {200}
+    stats = admin(srv, "GET", "/admin/stats")[1]
+    model = stats["models"][MODEL]
+    assert model["state"] == "resident" and model["memory_bytes"], model
+    assert stats["memory"]["used_bytes"] > 0
+    assert 'appliance_model_loaded{model="all-minilm-l6-v2"} 1.0' in srv.get("/metrics")[1].decode()

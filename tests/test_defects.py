@@ -212,3 +212,42 @@ def test_rate_ceilings_answer_before_the_body_is_read(start_server, minilm_folde
             assert int(headers["Retry-After"]) >= 1 and "rate" in body["error"]
     assert 503 in statuses and 200 in statuses
     assert srv.get("/healthz")[0] == 200  # probes are not rate-limited
+
+
+def test_an_empty_admin_token_file_is_replaced_and_an_unusable_data_dir_is_one_line(
+    tmp_path: Path, start_server, minilm_folder: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Found by an operator-side probe: an empty admin.token (a crash while it was written) locked
+    the admin API with 401s and nothing logged; a data_dir that could not be created (a file in
+    its place) killed start-up with a traceback."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "admin.token").write_text("")
+    srv = start_server({MODEL: minilm_folder})
+    assert srv.server is not None and srv.server.admin_token
+    assert (data / "admin.token").read_text().strip() == srv.server.admin_token
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the data folder should be")
+    cfg = tmp_path / "blocked.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model_repository": str(tmp_path / "none"),
+                "data_dir": str(blocked),
+                "server": {"port": 0},
+                "admin": {"port": -1, "socket": ""},
+            }
+        )
+    )
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "appliance", "--config", str(cfg), "serve"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "data_dir" in out.stderr and "Traceback" not in out.stderr, out.stderr[
+        -2000:
+    ]

@@ -948,4 +948,15 @@ def test_model_load_failures_are_counted(start_server: Any, minilm_folder: Path,
         assert time.monotonic() < deadline, "the failed load was not counted"
         time.sleep(0.1)
     assert metric_value(srv, series) == 1.0
-    assert srv.get("/readyz")[0] == 503
+    status, body = srv.get("/readyz")
+    assert status == 503 and any("failed to load" in e for e in body["errors"]), body
+    # Requests meanwhile get a 503 with Retry-After without trying the load again each time
+    # (every try holds the load lock for the whole attempt); an operator's load does try.
+    for _ in range(3):
+        status, resp, headers = srv.post("/v1/embeddings", {"model": MODEL, "input": "x"})
+        assert (
+            status == 503
+            and "failed to load" in resp["error"]["message"]
+            and int(headers["Retry-After"]) >= 1
+        )
+    assert metric_value(srv, series) == 1.0

@@ -23,7 +23,13 @@ from appliance.admission import AdmissionError, Reservation
 from appliance.engines.base import Engine, EngineError
 from appliance.engines.onnxruntime import OnnxRuntimeEngine, providers
 from appliance.errors import InvalidRequest
-from appliance.inference import CHARS_PER_TOKEN_BOUND, OFFLOOP_CHARS, admission_error, engine_failure
+from appliance.inference import (
+    CHARS_PER_TOKEN_BOUND,
+    OFFLOOP_CHARS,
+    admission_error,
+    engine_failure,
+    load_tokenizer,
+)
 from appliance.llm.chat_template import render_chat
 from appliance.llm.reasoning import PARSERS, make_parser
 from appliance.llm.runtime import DecoderBase, DecoderSession
@@ -189,8 +195,8 @@ def _generate_runtime(
         raise TypeError(f"a generate model needs a decoder engine, got {type(engine).__name__}")
     session: DecoderBase = engine.session
     roles = entry.spec.artefacts
-    tok = Tokenizer.from_file(
-        str(entry.artefact("tokenizer") if "tokenizer" in roles else entry.folder / "tokenizer.json")
+    tok = load_tokenizer(
+        entry.artefact("tokenizer") if "tokenizer" in roles else entry.folder / "tokenizer.json"
     )
     tok.no_padding()
     tok.no_truncation()
