@@ -305,26 +305,23 @@ def cmd_keys_add(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    store = _keystore(cfg)
-    try:
-        store.revoke(args.name)
-    except KeyError:
-        raise ConfigError(f"keys revoke: no key named {args.name!r}") from None
-    save_keys(cfg, store.to_records())
-    print(f"key '{args.name}' revoked", file=sys.stderr)
-    return 0
+    return _change_key(args, "revoke")
 
 
 def cmd_keys_remove(args: argparse.Namespace) -> int:
+    return _change_key(args, "remove")
+
+
+def _change_key(args: argparse.Namespace, verb: str) -> int:
+    """Revoke a key (its entry stays, refused) or remove it (its name is free again)."""
     cfg = _config(args)
     store = _keystore(cfg)
     try:
-        store.remove(args.name)
+        store.revoke(args.name) if verb == "revoke" else store.remove(args.name)
     except KeyError:
-        raise ConfigError(f"keys remove: no key named {args.name!r}") from None
+        raise ConfigError(f"keys {verb}: no key named {args.name!r}") from None
     save_keys(cfg, store.to_records())
-    print(f"key '{args.name}' removed", file=sys.stderr)
+    print(f"key '{args.name}' {verb}d", file=sys.stderr)
     if not store.active_count() and cfg.file.auth.required is not True:
         print("no active key is left: after a reload the data plane is open to every client", file=sys.stderr)
     return 0
