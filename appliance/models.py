@@ -203,9 +203,10 @@ class ModelManager:
     # -- repository ------------------------------------------------------------------------
     def rescan(self) -> None:
         entries, errors = scan_repository(self.cfg.model_repository)
-        self.scan_errors = errors
         for error in errors:
-            log.error("model repository: %s", error)
+            if error not in self.scan_errors:  # once each, however often it is rescanned
+                log.error("model repository: %s", error)
+        self.scan_errors = errors
         for e in entries:
             if e.name not in self.slots:
                 state = ModelState.available if e.built else ModelState.unbuilt
