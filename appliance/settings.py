@@ -491,8 +491,9 @@ register(
         bool,
         True,
         "Decode on that 4-bit companion with int8 activations, as llama.cpp does, up to 8 rows "
-        "(2.6x faster at 1 row, 1.4x at 8 on AVX2; logits within ~2 of the float graph, not 2e-4; "
-        "off: float accumulation, 1 row only).",
+        "(2.6x faster at 1 row, 1.4x at 8 on AVX2; logits within ~2 of the float graph, not 2e-4, "
+        "and greedy answers may differ with the batch; off: float accumulation, 1 row only, "
+        "batch-independent).",
         reload=True,
     ),
     Setting(

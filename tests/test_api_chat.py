@@ -276,7 +276,11 @@ def test_deterministic_whole_responses_are_cached_sampled_ones_not(server: Serve
     assert h1["X-Appliance-Source"] == "engine"
     server.call(lambda: server.app[RESILIENCE].cache.flush())  # the cache writes behind the answer
     _, second, h2 = server.post("/v1/chat/completions", body)
-    assert h2["X-Appliance-Source"] == "cache" and first == second
+    assert h2["X-Appliance-Source"] == "cache"
+    # The same answer, as a new response (its own id and time).
+    assert (first["choices"], first["usage"]) == (second["choices"], second["usage"]) and first[
+        "id"
+    ] != second["id"]
     # A deterministic stream is answered from the same entry...
     _, raw, h3 = server.post("/v1/chat/completions", {**body, "stream": True})
     assert h3["X-Appliance-Source"] == "cache"
@@ -714,3 +718,40 @@ def test_a_client_deadline_passing_mid_generation_is_not_held_against_the_engine
     after = srv.call(lambda: breaker.snapshot())
     assert after["failures_in_window"] == before["failures_in_window"]
     assert after["totals"].get("timeout", 0) == before["totals"].get("timeout", 0)
+
+
+def test_a_cached_answer_is_a_new_response_and_a_new_default_is_a_new_key(server: ServerThread) -> None:
+    """Found by a chat probe: a whole answer from the cache repeated the stored response's id and
+    created time, and with max_tokens unset the key did not hold the default it ran with, so a
+    changed max_tokens_default was answered from entries made under the old one."""
+    from tests.test_admin import admin
+
+    body = {"model": MODEL, "messages": ask("Name a colour."), "temperature": 0}
+    first = server.post("/v1/chat/completions", body)
+    flush = lambda: server.call(lambda: server.app[RESILIENCE].cache.flush())  # noqa: E731 (writes trail the answer)
+    flush()
+    again = server.post("/v1/chat/completions", body)
+    assert again[2]["X-Appliance-Source"] == "cache"
+    assert again[1]["choices"] == first[1]["choices"] and again[1]["id"] != first[1]["id"]
+    try:
+        status, resp = admin(
+            server, "PATCH", "/admin/settings", {"models": {MODEL: {"generation": {"max_tokens_default": 2}}}}
+        )
+        assert status == 200, resp
+        status, resp, headers = server.post("/v1/chat/completions", {**body, "ignore_eos": True})
+        assert headers["X-Appliance-Source"] == "engine" and resp["usage"]["completion_tokens"] == 2
+        flush()
+        status, resp, headers = server.post("/v1/chat/completions", {**body, "ignore_eos": True})
+        assert headers["X-Appliance-Source"] == "cache"
+        admin(
+            server, "PATCH", "/admin/settings", {"models": {MODEL: {"generation": {"max_tokens_default": 3}}}}
+        )
+        status, resp, headers = server.post("/v1/chat/completions", {**body, "ignore_eos": True})
+        assert headers["X-Appliance-Source"] == "engine" and resp["usage"]["completion_tokens"] == 3
+    finally:
+        admin(
+            server,
+            "PATCH",
+            "/admin/settings",
+            {"models": {MODEL: {"generation": {"max_tokens_default": None}}}},
+        )

@@ -12,6 +12,7 @@ silently.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -62,12 +63,27 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
         source = {"prompt": body.get("prompt")}
     slot = request.app[MANAGER].slots[ticket.model]
     parser = str(ticket.values.get("generation.reasoning_parser", "auto"))
+    if options.max_tokens is None:
+        # The key holds the limit the generation will run with, not "unset": an operator's new
+        # default must not be answered from entries made under the old one.
+        default = min(
+            int(ticket.values["generation.max_tokens_default"]),
+            int(ticket.values["generation.max_tokens_limit"]),
+        )
+        options = dataclasses.replace(options, max_tokens_default=default)
     work = _Generation(service, ticket.model, chat, source, options, slot.entry.spec.default_response, parser)
     wire = _Wire(chat=chat, model=ticket.model, include_usage=include_usage)
     work.wire = wire
     pipeline = request.app[PIPELINE]
     if not stream:
-        return render(await pipeline.answer(ticket, work), ticket)
+        answer = await pipeline.answer(ticket, work)
+        if answer.source in ("cache", "stale-cache"):
+            # A stored answer carries the id and time of the response it was; this one is new
+            # (a client that dedupes by id would drop it).
+            completion = _completion_of(answer.body, chat)
+            if completion is not None:
+                answer = dataclasses.replace(answer, body=wire.whole(completion))
+        return render(answer, ticket)
     return await _stream(request, pipeline, ticket, work, wire)
 
 
@@ -102,6 +118,7 @@ class _Generation:
                 "api": "openai.chat" if chat else "openai.completions",
                 **source,
                 "max_tokens": o.max_tokens,
+                **({"default_max_tokens": o.max_tokens_default} if o.max_tokens is None else {}),
                 "temperature": o.temperature,
                 "top_p": o.top_p,
                 "top_k": o.top_k,

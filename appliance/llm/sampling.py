@@ -110,13 +110,15 @@ class IncrementalDetokenizer:
         return ""
 
     def flush(self) -> str:
-        """Whatever is still held back (at the end of the sequence, even a lone U+FFFD)."""
+        """Whatever is still held back, at the end of the sequence. The bytes of a character
+        the sequence ended in the middle of (a length cut through an emoji) are dropped: they
+        would show as U+FFFD, a character the model never wrote."""
         if self.read == len(self.ids):
             return ""
         before = self._decode(self.ids[self.prefix : self.read])
         after = self._decode(self.ids[self.prefix :])
         self.prefix = self.read = len(self.ids)
-        return after[len(before) :]
+        return after[len(before) :].rstrip("\ufffd")
 
 
 class StopMatcher:
