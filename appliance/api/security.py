@@ -252,6 +252,8 @@ class _JsonErrors(RequestHandler):
     the OpenAI shape), with 431 for a header too long. aiohttp still logs it (logs.py makes that
     one info line) and closes the connection."""
 
+    __slots__ = ()  # as aiohttp's handler: no per-connection __dict__
+
     def handle_error(
         self,
         request: BaseRequest,
