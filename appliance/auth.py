@@ -309,10 +309,9 @@ class KeyStore:
         with self._lock:
             existing = self._records.get(name)
             if existing is not None:
-                how = "remove it" if existing.revoked else "revoke it, then remove it,"
                 raise ValueError(
                     f"a{' revoked' if existing.revoked else ''} key named {name!r} already exists: "
-                    f"{how} to use the name again (appliance keys remove {name})"
+                    f"remove it to use the name again (appliance keys remove {name})"
                 )
             self._records[name] = record
             self._version += 1
