@@ -52,6 +52,14 @@ def retry_after(wait_s: float, timeout_s: float) -> float:
     return min(wait_s - timeout_s, max(timeout_s, 1.0))
 
 
+class PolicyError(ValueError):
+    """A BatchPolicy field out of its range; ``field`` names it (for the setting behind it)."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(f"BatchPolicy.{field} {detail}")
+        self.field, self.detail = field, detail
+
+
 def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -88,7 +96,7 @@ class BatchPolicy:
     def validate(self) -> None:
         def check(ok: bool, name: str, expected: str) -> None:
             if not ok:
-                raise ValueError(f"BatchPolicy.{name} must be {expected}, got {getattr(self, name)!r}")
+                raise PolicyError(name, f"must be {expected}, got {getattr(self, name)!r}")
 
         check(_is_int(self.max_batch_size) and self.max_batch_size >= 1, "max_batch_size", "an integer >= 1")
         check(_is_ms(self.max_queue_delay_ms), "max_queue_delay_ms", "a number >= 0")

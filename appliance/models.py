@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from appliance import settings
-from appliance.admission import AdmissionError, Reservation
+from appliance.admission import AdmissionError, PolicyError, Reservation
 from appliance.arbiter import ComputeArbiter
 from appliance.batcher import BatchPolicy
 from appliance.config import Config
@@ -623,12 +622,6 @@ def validate_model_settings(values: dict[str, Any]) -> None:
     """Cross-field checks the registry's per-setting bounds cannot express."""
     try:
         batch_policy({**settings.defaults(), **values}).validate()
-    except ValueError as exc:
-        # "BatchPolicy.<field> must be ...": named by the setting an operator knows, not the class.
-        text = str(exc)
-        found = re.match(r"BatchPolicy\.(\w+) (.*)", text, re.S)
-        if found is None:
-            raise settings.SettingError("settings", text) from None
-        field, rest = found.groups()
-        name = next((n for n in settings.REGISTRY if n.endswith("." + field)), field)
-        raise settings.SettingError(name, f"{name} {rest}") from None
+    except PolicyError as exc:  # named by the setting an operator knows, not the class's field
+        name = next((n for n in settings.REGISTRY if n.endswith("." + exc.field)), exc.field)
+        raise settings.SettingError(name, f"{name} {exc.detail}") from None

@@ -145,7 +145,7 @@ def load_model_file(path: Path) -> ModelEntry:
     try:
         raw = yamlfile.read(path)
     except yamlfile.YamlFileError as exc:
-        raise RepositoryError(f"{where}{str(exc).split(': ', 1)[-1]}") from None
+        raise RepositoryError(f"{where}{exc.reason}") from None
     if not isinstance(raw, dict):
         raise RepositoryError(f"{where}expected a mapping at the top level")
     try:

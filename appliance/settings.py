@@ -224,10 +224,10 @@ def table(rows: Iterable[Setting] | None = None) -> str:
     lines = [header]
     for s in rows:
         d = s.describe()
-        when = "at restart" if s.scope == "server" else "when the model is next loaded"
         scope = "server-wide" if s.scope == "server" else "per model"
-        note = f" ({scope}; applies {when})" if s.reload else f" ({scope})"
-        lines.append((s.name, d["type"], _show(s.default), s.bounds(), s.help + note))
+        lines.append(
+            (s.name, d["type"], _show(s.default), s.bounds(), f"{s.help} ({scope}{_applies(s, '; ')})")
+        )
     widths = [max(len(r[i]) for r in lines) for i in range(4)]
     out = []
     for i, r in enumerate(lines):
@@ -241,8 +241,7 @@ def markdown_table() -> str:
     """The README's configuration reference is generated from (and checked against) this."""
     out = ["| setting | scope | type | default | bounds | help |", "|---|---|---|---|---|---|"]
     for s in REGISTRY.values():
-        when = "at restart" if s.scope == "server" else "when the model is next loaded"
-        note = f" (applies {when})" if s.reload else ""
+        note = f" ({_applies(s)})" if s.reload else ""
         # A choice's "|" would split the cell, and an <html-like> help text would be hidden.
         bounds = " / ".join(f"`{c}`" for c in s.choices) if s.choices else s.bounds()
         text = re.sub(r"(<[^<>]+>(?:\.\.\.<[^<>]+>)?)", r"`\1`", s.help)
@@ -251,6 +250,13 @@ def markdown_table() -> str:
             f"{bounds} | {text}{note} |"
         )
     return "\n".join(out)
+
+
+def _applies(s: Setting, lead: str = "") -> str:
+    """When a setting that needs a reload takes effect ("" for one that applies at once)."""
+    if not s.reload:
+        return ""
+    return lead + ("applies at restart" if s.scope == "server" else "applies when the model is next loaded")
 
 
 def _show(value: SettingValue) -> str:

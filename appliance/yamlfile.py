@@ -20,7 +20,11 @@ MAX_BYTES = 1 << 20
 
 
 class YamlFileError(ValueError):
-    pass
+    """``path: reason``; callers that name the file their own way use ``reason``."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -54,14 +58,14 @@ def read(path: Path, *, max_bytes: int = MAX_BYTES) -> Any:
         with path.open("rb") as f:
             data = f.read(max_bytes + 1)
     except OSError as exc:
-        raise YamlFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+        raise YamlFileError(path, f"cannot be read ({exc.strerror or exc})") from None
     if len(data) > max_bytes:
-        raise YamlFileError(f"{path}: larger than {max_bytes} bytes; not a configuration file")
+        raise YamlFileError(path, f"larger than {max_bytes} bytes; not a configuration file")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise YamlFileError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+        raise YamlFileError(path, f"not UTF-8 text (byte {exc.start})") from None
     try:
         return loads(text)
     except yaml.YAMLError as exc:
-        raise YamlFileError(f"{path.name}: not valid YAML: {exc}") from None
+        raise YamlFileError(path, f"not valid YAML: {exc}") from None

@@ -90,6 +90,11 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> ApplianceError:
     return err
 
 
+def _request_id(request: web.Request) -> str:
+    """The client's X-Request-Id (at most 64 characters), else a new one."""
+    return request.headers.get("X-Request-Id", "")[:64] or f"{_ID_PREFIX}-{next(_ids):x}"
+
+
 async def _expect(request: web.Request) -> web.StreamResponse | None:
     """``Expect: 100-continue``: the client holds its body back until told to send it. A body
     the front door refuses unread (too large, an encoding it does not decode) is not asked for:
@@ -99,9 +104,7 @@ async def _expect(request: web.Request) -> web.StreamResponse | None:
         err = InvalidRequest(f"Expect {expect[:40]!r} is not supported; only 100-continue is")
         err.status = 417
         refused = error_response(api_of(request.path), err)
-        refused.headers["X-Request-Id"] = (
-            request.headers.get("X-Request-Id", "")[:64] or f"{_ID_PREFIX}-{next(_ids):x}"
-        )
+        refused.headers["X-Request-Id"] = _request_id(request)
         return refused
     if request.version >= (1, 1) and body_refusal(request) is None:
         try:
@@ -133,7 +136,7 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
     model = "-"
     status = 500
     metered = path not in UNMETERED
-    request_id = request.headers.get("X-Request-Id", "")[:64] or f"{_ID_PREFIX}-{next(_ids):x}"
+    request_id = _request_id(request)
     if metered and app[DRAINING][0]:
         refused = error_response(api, Unavailable("the server is shutting down", retry_after_s=5))
         refused.headers["X-Request-Id"] = request_id

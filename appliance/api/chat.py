@@ -63,15 +63,19 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
         source = {"prompt": body.get("prompt")}
     slot = request.app[MANAGER].slots[ticket.model]
     parser = str(ticket.values.get("generation.reasoning_parser", "auto"))
-    if options.max_tokens is None:
-        # The key holds the limit the generation will run with, not "unset": an operator's new
-        # default must not be answered from entries made under the old one.
-        default = min(
-            int(ticket.values["generation.max_tokens_default"]),
-            int(ticket.values["generation.max_tokens_limit"]),
-        )
-        options = dataclasses.replace(options, max_tokens_default=default)
-    work = _Generation(service, ticket.model, chat, source, options, slot.entry.spec.default_response, parser)
+    default_max_tokens = min(
+        int(ticket.values["generation.max_tokens_default"]), int(ticket.values["generation.max_tokens_limit"])
+    )
+    work = _Generation(
+        service,
+        ticket.model,
+        chat,
+        source,
+        options,
+        slot.entry.spec.default_response,
+        parser,
+        default_max_tokens,
+    )
     wire = _Wire(chat=chat, model=ticket.model, include_usage=include_usage)
     work.wire = wire
     pipeline = request.app[PIPELINE]
@@ -102,6 +106,7 @@ class _Generation:
         options: GenerationOptions,
         fallback: object,
         parser: str = "auto",
+        default_max_tokens: int | None = None,
     ) -> None:
         self.service = service
         self.model = model
@@ -118,7 +123,9 @@ class _Generation:
                 "api": "openai.chat" if chat else "openai.completions",
                 **source,
                 "max_tokens": o.max_tokens,
-                **({"default_max_tokens": o.max_tokens_default} if o.max_tokens is None else {}),
+                # Unset, it is the server's default: the key holds the limit the generation runs
+                # with, so an operator's new default is not answered from the old one's entries.
+                **({"default_max_tokens": default_max_tokens} if o.max_tokens is None else {}),
                 "temperature": o.temperature,
                 "top_p": o.top_p,
                 "top_k": o.top_k,

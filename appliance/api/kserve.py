@@ -196,7 +196,8 @@ async def infer(request: web.Request) -> web.Response:
     items = _rows_declared(doc) if slot is not None and slot.entry.kind == ModelKind.embedding else 1
     # Admission first: a request its queue would refuse costs no decoding, hashing or lookup.
     ticket = admit(request, name, priority, items=items, timeout_ms=timeout_ms)
-    if request.app[MANAGER].slots[name].entry.kind == ModelKind.generate:
+    assert slot is not None  # admission refused an unknown model
+    if slot.entry.kind == ModelKind.generate:
         raise InvalidRequest(
             f"model '{name}' generates text: use POST /v1/chat/completions or /v1/completions"
         )
@@ -215,7 +216,7 @@ async def infer(request: web.Request) -> web.Response:
     }
     if truncate is not None:
         canonical["truncate"] = truncate  # a cut answer must not stand in for an uncut request
-    work = _Infer(request, name, doc, feeds, outputs, binary, canonical)
+    work = _Infer(request, name, doc, feeds, outputs, binary, canonical, truncate)
     answer = await request.app[PIPELINE].answer(ticket, work)
     return render(answer, ticket, _length_header(answer.body, answer.content_type))
 
@@ -246,6 +247,7 @@ class _Infer:
         outputs: list[str] | None,
         binary: Any,
         canonical: dict[str, Any],
+        truncate: bool | None = None,
     ) -> None:
         self.app = request.app
         self.name = name
@@ -254,12 +256,14 @@ class _Infer:
         self.outputs = outputs
         self.binary = binary
         self.canonical = canonical
+        self.truncate = truncate  # the request's parameters.truncate (embedding models)
         self.blobs = [_blob(v) for v in feeds.values()]
 
     async def compute(self, runtime: ModelRuntime, ticket: Ticket) -> tuple[bytes, str]:
         if runtime.entry.kind == ModelKind.embedding:
-            truncate = parameters_of(self.doc, "the request").get("truncate")
-            result = await _embed(self.app[EMBEDDINGS], runtime, self.feeds, self.outputs, ticket, truncate)
+            result = await _embed(
+                self.app[EMBEDDINGS], runtime, self.feeds, self.outputs, ticket, self.truncate
+            )
         else:
             result = await self.app[TENSORS].infer(
                 runtime,

@@ -230,9 +230,10 @@ class LimitedRunner(web.AppRunner):
         pending, stalled = {}, []
         for handler in connections:
             transport = handler.transport
-            if transport is None or transport.get_write_buffer_size() == 0:
+            buffered = transport.get_write_buffer_size() if transport is not None else 0
+            if buffered == 0:
                 continue
-            size = transport.get_write_buffer_size() + _unacknowledged(transport)
+            size = buffered + _unacknowledged(transport)
             paused = bool(getattr(handler, "writing_paused", False))
             last = self._pending.get(handler)
             if last is None or size < last[0] or (last[1] and size != last[0]):

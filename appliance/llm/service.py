@@ -299,7 +299,6 @@ class GenerationOptions:
     ignore_eos: bool = False
     reasoning_format: str | None = None  # chat only; see REASONING_FORMATS
     max_tokens_field: str = "max_tokens"  # the field the client set it with, for its errors
-    max_tokens_default: int | None = None  # what an unset max_tokens means here (for cache keys)
 
     @classmethod
     def from_openai(cls, body: Mapping[str, Any]) -> GenerationOptions:
