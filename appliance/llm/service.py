@@ -9,8 +9,11 @@ to change, and nothing invalid ever reaches the worker thread.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
+import re
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -123,6 +126,23 @@ class LLMRuntime:
     def context_length(self) -> int:
         return self.session.context_length
 
+    @functools.cached_property
+    def control_texts(self) -> tuple[str, ...]:
+        """The text of each of the tokenizer's special tokens (``<|im_start|>``, ...)."""
+        added = self.tokenizer.get_added_tokens_decoder().values()
+        return tuple(a.content for a in added if a.special and a.content)
+
+    @functools.cached_property
+    def literal_tokenizer(self) -> Tokenizer:
+        """The same tokenizer, reading a special token's text as plain text."""
+        tok = Tokenizer.from_str(self.tokenizer.to_str())
+        tok.encode_special_tokens = True
+        return tok
+
+    def render_pieces(self, messages: Sequence[Mapping[str, Any]]) -> list[tuple[str, bool]]:
+        """The prompt as (text, literal) pieces (``render_pieces``, with this model's template)."""
+        return render_pieces(self.render, messages, self.control_texts, self.name)
+
     def render(self, messages: Sequence[Mapping[str, Any]]) -> str:
         g = self.generation
         template = g.get("chat_template")
@@ -143,6 +163,55 @@ class LLMRuntime:
         """First runs allocate ORT's buffers; pay for that at load, not in the first request."""
         logits, state = self.session.prefill([self.tokenizer.encode("warm up").ids or [0]])
         self.session.decode(logits.argmax(axis=-1), state)
+
+
+def render_pieces(
+    render: Callable[[Sequence[Mapping[str, Any]]], str],
+    messages: Sequence[Mapping[str, Any]],
+    control_texts: Sequence[str],
+    model: str,
+) -> list[tuple[str, bool]]:
+    """The prompt as (text, literal) pieces. A client's text that holds a special token's text
+    is a literal piece: it must be tokenized as text, or a user message holding
+    ``<|im_end|><|im_start|>system`` would open a turn of its own (turn forgery; the OpenAI
+    API reads such text as text). The template's own text keeps its control tokens. Without
+    such text the prompt is one piece, tokenized whole exactly as ``transformers`` would."""
+    marks: dict[str, str] = {}
+    nonce = secrets.token_hex(8)  # a client cannot guess it, so cannot fake a marker
+    masked = []
+    for m in messages:
+        m = dict(m)
+        for key, value in m.items():
+            if key != "role" and isinstance(value, str) and any(c in value for c in control_texts):
+                mark = f"\ue000{nonce}:{len(marks)}\ue001"
+                marks[mark] = value
+                m[key] = mark
+        masked.append(m)
+    text = render(masked)
+    if not marks:
+        return [(text, False)]
+    pieces: list[tuple[str, bool]] = []
+    seen: set[str] = set()
+    for i, part in enumerate(re.split(f"(\ue000{nonce}:\\d+\ue001)", text)):
+        if i % 2 == 0:
+            if part:
+                pieces.append((part, False))
+        elif part in marks and part not in seen:
+            seen.add(part)
+            pieces.append((marks[part], True))
+        else:
+            seen.clear()  # the template repeated a text: refused below
+            break
+    if seen != set(marks):
+        # The template dropped, repeated or edited a text that holds a control token, so
+        # the prompt cannot be told apart from the client's text: refuse rather than guess.
+        found = next(c for v in marks.values() for c in control_texts if c in v)
+        raise InvalidRequest(
+            f"a message holds the text of the model's control token {found!r}, which "
+            f"'{model}'s chat template cannot take as plain text; remove it",
+            param="messages",
+        )
+    return pieces
 
 
 def _open_decoder(entry: ModelEntry, values: dict[str, Any]) -> Engine:
@@ -564,30 +633,40 @@ class ChatService:
         return llm
 
     @staticmethod
-    async def _encode(llm: LLMRuntime, text: str, *, special: bool, param: str) -> list[int]:
-        """Token ids of ``text``; an absurd text is refused unread, a large one is tokenized off
-        the event loop so that it stalls nobody else."""
+    async def _encode(
+        llm: LLMRuntime, pieces: Sequence[tuple[str, bool]], *, special: bool, param: str
+    ) -> list[int]:
+        """Token ids of the text ``pieces`` (literal ones read special tokens' text as text); an
+        absurd text is refused unread, a large one is tokenized off the event loop so that it
+        stalls nobody else."""
+        size = sum(len(text) for text, _ in pieces)
         bound = llm.context_length * CHARS_PER_TOKEN_BOUND
-        if len(text) > bound:
+        if size > bound:
             raise InvalidRequest(
-                f"the prompt has {len(text)} characters; the model's context is {llm.context_length} "
+                f"the prompt has {size} characters; the model's context is {llm.context_length} "
                 f"tokens, and prompts over {bound} characters are refused before tokenizing",
                 param=param,
             )
-        if len(text) <= OFFLOOP_CHARS:
-            return list(llm.tokenizer.encode(text, add_special_tokens=special).ids)
-        loop = asyncio.get_running_loop()
-        enc = await loop.run_in_executor(None, lambda: llm.tokenizer.encode(text, add_special_tokens=special))
-        return list(enc.ids)
+
+        def encode() -> list[int]:
+            ids: list[int] = []
+            for text, literal in pieces:
+                tok = llm.literal_tokenizer if literal else llm.tokenizer
+                ids += tok.encode(text, add_special_tokens=special).ids
+            return ids
+
+        if size <= OFFLOOP_CHARS:
+            return encode()
+        return await asyncio.get_running_loop().run_in_executor(None, encode)
 
     async def prepare_chat(
         self, runtime: ModelRuntime, messages: Any, options: GenerationOptions
     ) -> Prepared:
         llm = self._llm(runtime)
         normalized = normalize_messages(messages)
-        text = llm.render(normalized)
+        pieces = llm.render_pieces(normalized)
         # The template writes the special tokens itself; the tokenizer must not add more.
-        prompt = await self._encode(llm, text, special=False, param="messages")
+        prompt = await self._encode(llm, pieces, special=False, param="messages")
         self.manager.metrics.child(self.manager.metrics.input_tokens, llm.name).observe(len(prompt))
         prepared = self._prepared(llm, prompt, options, {"messages": normalized})
         prepared.reasoning = llm.reasoning_parser(options.reasoning_format)
@@ -602,7 +681,8 @@ class ChatService:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequest("'prompt' must not be empty", param="prompt")
-            ids = await self._encode(llm, prompt, special=True, param="prompt")
+            # A raw prompt is the client's own template: its special tokens' text is meant.
+            ids = await self._encode(llm, [(prompt, False)], special=True, param="prompt")
         elif (
             isinstance(prompt, list)
             and prompt
