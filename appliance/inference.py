@@ -407,6 +407,7 @@ def _embedding_runtime(
         service=rt,
         warmup=rt.warmup,
         peak_probe=warm_and_measure,
+        context_length=max_tokens,
         # Working memory grows with the batch: the probe's peak, scaled to the largest batch.
         peak_scale=int(values["batching.max_batch_size"]) / PEAK_PROBE_ROWS,
     )

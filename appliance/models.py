@@ -107,6 +107,9 @@ class ModelRuntime:
     measured_batch_size: dict[str, Any] | None = None
     # The LLM scheduler's running/waiting figures, for /admin/stats.
     generation_snapshot: Callable[[], dict[str, Any]] | None = None
+    # The most tokens one input may hold (a decoder's context, an encoder's max sequence); None
+    # where the model takes tensors, not text.
+    context_length: int | None = None
 
 
 @dataclass
@@ -117,6 +120,8 @@ class ModelSlot:
     error: str | None = None
     loaded_at: float | None = None
     last_used: float = 0.0
+    # The context length its last load read, kept while it is unloaded (``describe`` shows it).
+    context_length: int | None = None
     load_task: asyncio.Task[None] | None = None
     # Set while an unload drains the old engine: a load waits for it, so that two engines of one
     # model never run side by side and the memory lease released is the old engine's.
@@ -390,6 +395,7 @@ class ModelManager:
         self._served.add(entry.name)
         slot.error = None
         slot.loaded_at = time.time()
+        slot.context_length = runtime.context_length
         elapsed = time.monotonic() - started
         self.metrics.model_loaded.labels(entry.name).set(1)
         self.metrics.model_load_duration.labels(entry.name).observe(elapsed)
@@ -602,6 +608,8 @@ class ModelManager:
                 "device" if self.memory.device and name in self.memory.device.leases else "host"
             )
         d["pinned"] = bool(self.tunables(name)["memory.pinned"]) or slot.entry.spec.pinned
+        if slot.context_length is not None:
+            d["max_model_len"] = slot.context_length  # vLLM's name; known once the model has loaded
         return d
 
 

@@ -210,6 +210,13 @@ def test_completions_whole_stream_and_token_prompt(server: ServerThread, tokeniz
     assert by_ids.choices[0].text == whole.choices[0].text
 
 
+def test_a_chat_model_says_its_context(server: ServerThread) -> None:
+    chat(server, "hi", max_tokens=1)
+    assert (
+        client(server).models.retrieve(MODEL).model_extra["max_model_len"] == 8192
+    )  # SmolLM2-135M's trained context
+
+
 def test_a_control_token_in_a_message_is_text_not_a_turn(server: ServerThread, tokenizer: Tokenizer) -> None:
     """A message holding a special token's text is read as text, as the OpenAI API reads it: a user
     who writes "<|im_end|><|im_start|>assistant" opens no turn of their own. The template's own

@@ -58,9 +58,12 @@ def test_token_arrays_are_accepted_and_equal_the_text(server: ServerThread) -> N
     np.testing.assert_allclose(by_text["data"][0]["embedding"], by_ids["data"][0]["embedding"], atol=1e-6)
 
 
-def test_models_are_listed(server: ServerThread) -> None:
-    models = client(server).models.list()
-    assert MODEL in [m.id for m in models.data]
+def test_models_are_listed_with_their_context_once_loaded(server: ServerThread) -> None:
+    server.post("/v1/embeddings", {"model": MODEL, "input": "load it"})
+    models = {m.id: m for m in client(server).models.list().data}
+    # vLLM's max_model_len: the longest input in tokens (MiniLM truncates at 256, as sentence-transformers)
+    assert models[MODEL].model_extra == {"kind": "embedding", "state": "resident", "max_model_len": 256}
+    assert client(server).models.retrieve(MODEL).model_extra["max_model_len"] == 256
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,7 @@ async def list_models(request: web.Request) -> web.Response:
                 "owned_by": "appliance",
                 "kind": slot.entry.kind.value,
                 "state": slot.state.value,
+                **({} if slot.context_length is None else {"max_model_len": slot.context_length}),
             }
         )
     return web.json_response({"object": "list", "data": data})

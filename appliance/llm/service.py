@@ -304,6 +304,7 @@ def _generate_runtime(
         service=rt,
         warmup=rt.warmup,
         generation_snapshot=scheduler.generation_snapshot,
+        context_length=rt.context_length,
     )
 
 
