@@ -510,6 +510,12 @@ class ModelManager:
         if self._keep_alive is not None:
             self._keep_alive.cancel()
             await asyncio.gather(self._keep_alive, return_exceptions=True)
+        # A load still going (a stop during start-up): cancelled, not abandoned to the closing
+        # loop; a model that has already reached its slot is unloaded below.
+        loading = [s.load_task for s in self.slots.values() if s.load_task and not s.load_task.done()]
+        for task in loading:
+            task.cancel()
+        await asyncio.gather(*loading, return_exceptions=True)
         await asyncio.gather(*(self.unload(n, drain=drain) for n in list(self.slots)))
 
     def ready(self) -> bool:

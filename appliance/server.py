@@ -295,7 +295,14 @@ async def serve(cfg: Config) -> None:
     sys.setswitchinterval(cfg.server.gil_switch_interval_ms / 1000)  # the serving process only
     # Children (pip during a pull, say) must not talk to systemd in our name.
     os.environ.pop("NOTIFY_SOCKET", None)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        # A port in use, say: what start had set going (the models' loads, the workers) is
+        # stopped before the error is reported, not left to die as "pending task" errors.
+        with contextlib.suppress(Exception):
+            await server.stop()
+        raise
     print(f"appliance: serving on http://{cfg.server.host}:{server.port}", flush=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

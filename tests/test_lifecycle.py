@@ -259,3 +259,32 @@ def test_notify_reaches_abstract_and_path_sockets(tmp_path: Path, abstract: bool
     assert Notifier({"NOTIFY_SOCKET": addr}).ready("up")
     assert sock.recv(100).decode().splitlines()[0] == "READY=1"
     sock.close()
+
+
+def test_a_port_in_use_is_one_clear_error_and_exit_status_2(tmp_path: Path, minilm_folder: Path) -> None:
+    """What start had set going (the default model's load) is stopped before the error is
+    reported: no "Task was destroyed but it is pending!" lines after it."""
+    make_repository(tmp_path, {MODEL: minilm_folder})
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    cfg = tmp_path / "appliance.yaml"
+    raw = {
+        "server": {"port": port, "log_level": "info"},
+        "admin": {"port": -1},
+        "model_repository": str(tmp_path / "engines"),
+        "data_dir": str(tmp_path / "data"),
+    }
+    cfg.write_text(yaml.safe_dump(raw))
+    with taken:
+        done = subprocess.run(
+            [sys.executable, "-m", "appliance", "serve", "--config", str(cfg)],
+            cwd=ROOT,
+            capture_output=True,
+            timeout=120,
+        )
+    out = done.stdout.decode() + done.stderr.decode()
+    assert done.returncode == 2, out
+    assert f"('127.0.0.1', {port}): address already in use" in out
+    assert '"level":"error"' not in out and "Traceback" not in out, out
