@@ -184,6 +184,31 @@ async def test_chunked_prefill_interleaves_with_decode(executor: ThreadPoolExecu
     await sch.close()
 
 
+async def test_a_long_prompt_abandoned_part_way_resumes_from_its_computed_chunks(
+    executor: ThreadPoolExecutor,
+) -> None:
+    """A client that hangs up (or runs out of deadline) during a long chunked prefill and asks
+    again does not pay for the chunks already computed: they entered the prefix cache."""
+    dec = FakeDecoder(prefill_s=0.05)
+    policy = BatchPolicy(priority_levels=3, default_priority=2)
+    config = GenerationConfig(prefix_cache=True, prefix_block_tokens=4, prefill_chunk_tokens=8)
+    sch = Scheduler("fake", dec, executor, policy, config)
+    prompt = [(5 * i) % 31 + 1 for i in range(50)]
+    first = seq(prompt, 4)
+    sch.submit(first)
+    await until(lambda: sum(dec.prefill_tokens) >= 24)  # three chunks computed, then it leaves
+    sch.cancel(first)
+    await until(lambda: sch.generation_snapshot()["prefilling"] == 0)
+    computed = sum(dec.prefill_tokens)
+    again = seq(prompt, 4)
+    sch.submit(again)
+    text, fin = await drain(again)
+    assert isinstance(fin, Finished) and text == text_of(reference(prompt, 4))
+    assert sch.prefix is not None and sch.prefix.stats.hit_tokens >= 24
+    assert sum(dec.prefill_tokens) - computed == len(prompt) - (computed // 4) * 4
+    await sch.close()
+
+
 async def test_newcomers_beyond_the_chunk_budget_wait_their_turn(executor: ThreadPoolExecutor) -> None:
     """Several newcomers, a budget smaller than their prompts together: each is prefilled over
     the next steps in arrival order, none is lost, every output is exact."""

@@ -1015,6 +1015,12 @@ class Scheduler(EarlyAdmission):
                 failed.append(seq)
                 continue
             seq.partial, seq.filled = kv, seq.filled + take
+            if cache is not None and seq.filled < len(ctx) and seq.filled <= len(seq.prompt):
+                # Each chunk's whole blocks are cached as they come (vLLM's prefix caching keeps
+                # a request's computed blocks too): a long prompt whose client hangs up, or whose
+                # deadline passes, part-way through resumes from there when it is asked again.
+                # Only new blocks are copied, so the prompt's KV is copied once in all.
+                cache.insert(ctx[: seq.filled], kv)
             if seq.filled == len(ctx):
                 seq.partial, seq.filled = None, 0
                 if not seq.cancelled:
