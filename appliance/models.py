@@ -131,6 +131,9 @@ class ModelSlot:
 
 # After a failed load, requests are answered 503 for this long before one tries again.
 LOAD_RETRY_S = 30.0
+# How often a request for an unknown or unbuilt model may read the repository again (a flood of
+# requests for made-up names must not read every model.yaml each time).
+RESCAN_MIN_S = 1.0
 
 
 def batch_policy(values: dict[str, Any]) -> BatchPolicy:
@@ -167,6 +170,7 @@ class ModelManager:
         self.metrics = metrics
         self.slots: dict[str, ModelSlot] = {}
         self.scan_errors: list[str] = []
+        self._scanned_at = -RESCAN_MIN_S
         # Engine workers report here; the systemd watchdog pings only while they progress.
         self.progress = ProgressWatchdog()
         server_values = cfg.tunables_for("", {})
@@ -206,15 +210,44 @@ class ModelManager:
 
     # -- repository ------------------------------------------------------------------------
     def rescan(self) -> None:
+        """Take the repository as it is now: new model folders are added, and a model that is not
+        resident takes its folder's current ``model.yaml`` and build state, so a model pulled or
+        edited while the server runs serves at its next load (a resident one keeps what it
+        loaded with until it is unloaded)."""
+        self._scanned_at = time.monotonic()
         entries, errors = scan_repository(self.cfg.model_repository)
         for error in errors:
             if error not in self.scan_errors:  # once each, however often it is rescanned
                 log.error("model repository: %s", error)
         self.scan_errors = errors
         for e in entries:
-            if e.name not in self.slots:
+            slot = self.slots.get(e.name)
+            if slot is None:
                 state = ModelState.available if e.built else ModelState.unbuilt
                 self.slots[e.name] = ModelSlot(entry=e, state=state)
+                continue
+            if slot.runtime is not None or (slot.load_task is not None and not slot.load_task.done()):
+                continue
+            changed = (e.spec, e.tunables) != (slot.entry.spec, slot.entry.tunables)
+            if changed:
+                slot.entry = e
+            if not e.built:
+                slot.state = ModelState.unbuilt
+            elif slot.state == ModelState.unbuilt or (changed and slot.state == ModelState.failed):
+                # Built since, or its file was changed after a failed load: worth a load now.
+                slot.state, slot.error, slot.failed_at = ModelState.available, None, 0.0
+
+    def request_slot(self, name: str) -> ModelSlot:
+        """The slot a request for ``name`` goes to (404 for none). A name not in the repository
+        when it was last read, or a model not built then, looks at the repository again (at most
+        once every ``RESCAN_MIN_S``): the 503 "run `appliance models pull`" must stop once the
+        user has, without a reload, and a folder copied in serves as in Ollama."""
+        slot = self.slots.get(name)
+        if (slot is None or slot.state == ModelState.unbuilt) and (
+            time.monotonic() - self._scanned_at >= RESCAN_MIN_S
+        ):
+            self.rescan()
+        return self._slot(name)
 
     def default_models(self) -> list[str]:
         names = self.cfg.server.default_models
@@ -235,7 +268,7 @@ class ModelManager:
 
     async def runtime(self, name: str) -> ModelRuntime:
         """The resident runtime of ``name``, loading it on demand."""
-        slot = self._slot(name)
+        slot = self.request_slot(name)
         slot.last_used = time.monotonic()
         if slot.runtime is not None:
             return slot.runtime

@@ -276,7 +276,7 @@ class Pipeline:
         client set it."""
         if not isinstance(model, str) or not model:
             raise InvalidRequest("'model' is required and must be a string", param="model")
-        slot = self.manager._slot(model)  # 404 for an unknown model
+        slot = self.manager.request_slot(model)  # 404 for an unknown model
         if slot.state == ModelState.unbuilt:
             raise Unavailable(
                 f"The model '{model}' is not built yet; run `appliance models pull {model}`",

@@ -230,7 +230,7 @@ class Server:
         mgr, resilience = self.app[MANAGER], self.app[RESILIENCE]
         resilience.configure_cache(self.cfg.tunables_for("", {}))
         mgr.configure_memory()
-        mgr.rescan()  # model folders added since start (an edited model.yaml applies on restart)
+        mgr.rescan()  # new model folders; edited model.yaml files of models not resident
         unknown = sorted(set(new.model_overrides) - set(mgr.slots))
         if unknown:
             log.warning(

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from appliance import inference
+from appliance import models as models_module
 from appliance.api.common import MANAGER, RESILIENCE
 from appliance.auth import KeyStore
 from appliance.models import ModelManager
@@ -270,6 +271,39 @@ def test_an_unbuilt_model_is_a_503_with_retry_after(
         status, resp = admin(srv, "POST", "/admin/models/not-built/load")
         assert status == 503 and "models pull not-built" in resp["error"]["message"], resp
         assert srv.app[MANAGER].slots["not-built"].state.value == "unbuilt"
+
+
+def test_a_model_pulled_or_copied_in_while_serving_serves_without_a_reload(
+    start_server, minilm_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The 503 says "run `appliance models pull`"; once the user has, the next request is served
+    (Ollama serves a model as soon as it is pulled). A folder copied into the repository serves
+    the same way, and a model that is not resident takes its edited model.yaml at its next load."""
+    monkeypatch.setattr(models_module, "RESCAN_MIN_S", 0.0)
+    srv = start_server({MODEL: minilm_folder})
+    repo = Path(srv.cfg.model_repository)
+    spec = "name: {n}\nkind: embedding\nartefacts: {{model: model.onnx, tokenizer: tokenizer.json}}\n"
+    (repo / "late").mkdir()
+    (repo / "late" / "model.yaml").write_text(spec.format(n="late"))
+    status, body, _ = srv.post("/v1/embeddings", {"model": "late", "input": "x"})
+    assert status == 503 and "models pull late" in body["error"]["message"]
+    for f in ("model.onnx", "tokenizer.json"):  # the build finishes
+        (repo / "late" / f).symlink_to(minilm_folder / f)
+    status, body, _ = srv.post("/v1/embeddings", {"model": "late", "input": "x"})
+    assert status == 200 and len(body["data"][0]["embedding"]) == 384
+    (repo / "copied").mkdir()
+    for f in ("model.onnx", "tokenizer.json"):
+        (repo / "copied" / f).symlink_to(minilm_folder / f)
+    (repo / "copied" / "model.yaml").write_text(spec.format(n="copied") + "queue: {max_queue_size: 7}\n")
+    status, _, _ = srv.post("/v1/embeddings", {"model": "copied", "input": "x"})
+    assert status == 200
+    mgr = srv.app[MANAGER]
+    srv.call(lambda: mgr.unload("copied"))
+    (repo / "copied" / "model.yaml").write_text(spec.format(n="copied") + "queue: {max_queue_size: 9}\n")
+    srv.call(lambda: mgr.rescan())  # what a reload does; a resident model would keep its file
+    assert mgr.tunables("copied")["queue.max_queue_size"] == 9
+    status, _, _ = srv.post("/v1/embeddings", {"model": "copied", "input": "x"})
+    assert status == 200
 
 
 def test_readyz_says_why_it_is_not_ready_and_a_broken_model_file_harms_only_its_model(
