@@ -441,6 +441,11 @@ class Pipeline:
         finally:
             if not nxt.done():
                 nxt.cancel()
+            elif not nxt.cancelled():
+                # Done in the same turn as a hang-up or a failed keep-alive write: its outcome
+                # (the queue's deadline 503, say) goes to nobody, and asyncio would log it at
+                # error level with a traceback ("Task exception was never retrieved").
+                nxt.exception()
 
     # -- pieces ----------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ needs one it uses the test-only fault hook ``faulty`` (conftest.FaultyEngine) an
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import threading
 import time
@@ -384,3 +385,38 @@ def test_a_priority_1_embedding_overtakes_priority_3_decode_steps(
     urgent.join(60)
     assert grants[mark] == (MODEL, 1), grants[mark:]  # ahead of the step that waited longer
     generation.join(120)
+
+
+async def test_a_first_event_that_fails_as_the_client_leaves_is_not_an_unretrieved_error() -> None:
+    """The queue's deadline 503 and a hang-up (a keep-alive write that fails) in the same turn:
+    the 503 goes to nobody, and must not be logged as "Task exception was never retrieved"."""
+    import gc
+
+    from appliance.errors import Unavailable
+    from appliance.pipeline import Pipeline, Ticket
+
+    unretrieved: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, ctx: unretrieved.append(ctx))
+
+    class Events:
+        def __aiter__(self) -> Events:
+            return self
+
+        async def __anext__(self) -> Any:
+            await asyncio.sleep(0.02)
+            raise Unavailable("timed out after 20 ms in queue", retry_after_s=1.0)
+
+    async def keepalive_write() -> None:
+        await asyncio.sleep(0.05)  # the first event fails meanwhile
+        raise ConnectionResetError("the client hung up")
+
+    ticket = Ticket("m", 2, time.monotonic() + 5.0, True)
+    try:
+        with pytest.raises(ConnectionResetError):
+            await Pipeline.__new__(Pipeline)._first(Events(), ticket, 0.005, keepalive_write)  # type: ignore[arg-type]
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert unretrieved == []
