@@ -44,6 +44,13 @@ class BatcherClosed(AdmissionError):
     reason = "closed"
 
 
+class ComputeStarved(AdmissionError):
+    """No compute grant came within ``engine.timeout_ms``: more urgent work held the engines.
+    An overload, never counted against the engine's health."""
+
+    reason = "compute_starved"
+
+
 def retry_after(wait_s: float, timeout_s: float) -> float:
     """Retry-After for a request refused because its predicted wait exceeds its deadline: when
     the queue ahead of it will have drained enough, but no later than one deadline (or 1 s): by

@@ -113,6 +113,9 @@ class EventStream(Protocol):
 
     def close(self) -> None: ...
 
+    # Whether an engine call has been running for ``seconds`` (a stall is then the engine's).
+    def engine_stalled(self, seconds: float) -> bool: ...
+
 
 class Generation(Protocol):
     @property
@@ -553,10 +556,11 @@ class Pipeline:
 class LiveStream:
     """The events after the first of an admitted generation, each within the stall bound.
 
-    A stall (no event for ``engine.timeout_ms``) ends the stream with an EngineFailure the route
-    sends as an error event, and the breaker counts it; so does an engine failure after the first
-    token. An explicit client deadline passing first ends it with DeadlinePassed, which the
-    breaker does not count.
+    A stall (no event for ``engine.timeout_ms``) while an engine call runs long ends the stream
+    with an EngineFailure the route sends as an error event, and the breaker counts it; so does an
+    engine failure after the first token. A stall with no such call (the generation waited for
+    compute that more urgent work held, or was preempted) ends it with a 503, and an explicit
+    client deadline passing first with DeadlinePassed; the breaker counts neither.
     """
 
     def __init__(
@@ -597,6 +601,15 @@ class LiveStream:
                 # (counted, a client sending short deadlines would open the breaker for everyone).
                 raise DeadlinePassed(
                     "the request's deadline passed during the generation", retry_after_s=1.0
+                ) from None
+            if not self.events.engine_stalled(bound / 2):
+                # No engine call ran long: the generation waited for compute that more urgent
+                # work held, or was preempted. Overload, said as such (503), not held against
+                # the engine: counted, it opened the breaker on a healthy model under load.
+                raise Unavailable(
+                    f"the generation got no compute time for {bound * 1000:.0f} ms: more urgent "
+                    "work holds the engines; retry",
+                    retry_after_s=min(5.0, max(1.0, bound)),
                 ) from None
             self.breaker.report("timeout")
             raise EngineFailure(

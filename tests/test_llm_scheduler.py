@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from appliance.admission import ComputeStarved
 from appliance.arbiter import ComputeArbiter
 from appliance.batcher import BatchPolicy, DeadlineExceeded, InvalidPriority, QueueFull, WouldMissDeadline
 from appliance.engines.base import EngineError, EngineTimeout
@@ -632,6 +633,36 @@ async def test_every_engine_call_takes_a_grant_at_its_most_urgent_level(
     # Every call ran under a grant; a step whose rows all ended meanwhile may hold one unused.
     assert ungranted == [] and held == 0
     assert len(levels) >= len(dec.prefill_sizes) + len(dec.decode_sizes)
+
+
+async def test_no_compute_grant_in_time_is_overload_not_an_engine_fault(executor: ThreadPoolExecutor) -> None:
+    """More urgent work holding every grant past ``engine.timeout_ms`` fails the generation with a
+    503-kind refusal (ComputeStarved, with a retry hint), not an EngineTimeout that the breaker
+    would count against a healthy engine (it opened on a probe's strict-priority overload)."""
+    held_by_others = asyncio.Event()  # never set: more urgent work keeps the engines
+
+    @contextlib.asynccontextmanager
+    async def grant(level: int) -> AsyncIterator[None]:
+        await held_by_others.wait()
+        yield
+
+    policy = BatchPolicy(priority_levels=3, default_priority=2)
+    sch = Scheduler(
+        "fake",
+        FakeDecoder(),
+        executor,
+        policy,
+        GenerationConfig(),
+        grant=grant,
+        tunables=lambda: {"engine.timeout_ms": 100.0},
+    )
+    s = seq([1, 2], 4)
+    sch.submit(s, priority=3)
+    _, fin = await drain(s)
+    assert isinstance(fin, Failed) and isinstance(fin.error, ComputeStarved), fin
+    assert fin.error.retry_after_s is not None and fin.error.retry_after_s >= 1
+    assert sch.engine_call_s() == 0.0  # no engine call ran: nothing to blame the engine for
+    await sch.close(drain=False)
 
 
 async def chunks_of_a_100_token_prompt(sch: Scheduler, dec: FakeDecoder) -> list[int]:

@@ -420,3 +420,41 @@ async def test_a_first_event_that_fails_as_the_client_leaves_is_not_an_unretriev
     finally:
         loop.set_exception_handler(None)
     assert unretrieved == []
+
+
+@pytest.mark.parametrize("engine_running", [False, True])
+async def test_a_stream_stall_counts_against_the_engine_only_while_an_engine_call_runs(
+    engine_running: bool,
+) -> None:
+    """No token for ``engine.timeout_ms``: with an engine call running that long, a stalled engine
+    (EngineFailure, counted by the breaker); with none, the generation waited for compute that
+    more urgent work held, or was preempted: a 503 with Retry-After, not counted (counted, a
+    probe's strict-priority overload opened the breaker of a healthy chat model)."""
+    from appliance.breaker import CircuitBreaker
+    from appliance.errors import EngineFailure, Unavailable
+    from appliance.pipeline import LiveStream, Ticket
+
+    class Silent:
+        def __aiter__(self) -> Silent:
+            return self
+
+        async def __anext__(self) -> Any:
+            await asyncio.sleep(30)
+
+        def close(self) -> None:
+            pass
+
+        def engine_stalled(self, seconds: float) -> bool:
+            return engine_running
+
+    breaker = CircuitBreaker("m")
+    ticket = Ticket("m", 3, time.monotonic() + 60, False)
+    stream = LiveStream(None, ticket, breaker, Silent(), None, 0.05)  # type: ignore[arg-type]
+    with pytest.raises(Unavailable if not engine_running else EngineFailure) as caught:
+        await stream.__anext__()
+    failures = breaker.snapshot()["failures_in_window"]
+    if engine_running:
+        assert failures == 1
+    else:
+        assert failures == 0 and not isinstance(caught.value, EngineFailure)
+        assert caught.value.retry_after_s is not None and caught.value.retry_after_s >= 1

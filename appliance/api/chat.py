@@ -206,6 +206,9 @@ class _Started:
         if self.stream is not None:
             self.stream.close()
 
+    def engine_stalled(self, seconds: float) -> bool:
+        return self.stream is not None and self.stream.engine_stalled(seconds)
+
 
 def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
     stream = body.get("stream")

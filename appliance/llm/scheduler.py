@@ -62,6 +62,7 @@ from appliance.admission import (
     AdmissionError,
     BatcherClosed,
     BatchPolicy,
+    ComputeStarved,
     DeadlineExceeded,
     EarlyAdmission,
     InvalidPriority,
@@ -249,6 +250,7 @@ class Scheduler(EarlyAdmission):
         self._prefill_rate: float | None = None  # EWMA prompt tokens per second of prefill calls
         self.metrics = metrics
         self._busy = None if metrics is None else metrics.engine_busy.labels(name)  # worker-timed
+        self._call_since: float | None = None  # worker: time.monotonic() the running call began
         self.bytes_per_token = (
             session.layers * 2 * session.kv_heads * session.head_dim * np.dtype(session.kv_dtype).itemsize
         )
@@ -702,7 +704,7 @@ class Scheduler(EarlyAdmission):
                     level, self._prefill, work, allowance, granted=lambda: (self._prefill_budget(level),)
                 )
                 new, self._prefilling = (new_kv, joined), pending
-            except EngineTimeout as err:
+            except (EngineTimeout, ComputeStarved) as err:
                 for seq in work:
                     seq.partial = None
                     self._fail(seq, err)
@@ -713,7 +715,7 @@ class Scheduler(EarlyAdmission):
                 kv, rows = await self._engine_call(
                     _level(keep + new[1]), self._decode, kv, rows, keep, new[0], new[1]
                 )
-            except EngineTimeout as err:
+            except (EngineTimeout, ComputeStarved) as err:
                 for seq in keep + new[1]:
                     self._fail(seq, err)
                 kv, rows = None, []
@@ -751,6 +753,13 @@ class Scheduler(EarlyAdmission):
             budget = cut if budget is None else min(budget, cut)
         return budget
 
+    def engine_call_s(self) -> float:
+        """How long the engine call in progress has run (0 when none runs: the driver waits for
+        work or for a compute grant). A stream's stall is the engine's fault only while a call
+        runs; without one, the sequence waited for compute (overload) or was preempted."""
+        since = self._call_since
+        return 0.0 if since is None else max(0.0, time.monotonic() - since)
+
     async def _engine_call(
         self,
         level: int,
@@ -774,7 +783,14 @@ class Scheduler(EarlyAdmission):
                 try:
                     await asyncio.wait_for(stack.enter_async_context(self._grant(level)), limit)
                 except asyncio.TimeoutError:
-                    raise EngineTimeout(f"no compute grant within {timeout_ms:.0f} ms") from None
+                    # More urgent work held the engines (strict priority, or a flood): overload,
+                    # not a fault of this engine, so the breaker never hears of it.
+                    raise ComputeStarved(
+                        f"the generation got no compute time within {timeout_ms:.0f} ms: more urgent "
+                        "work holds the engines",
+                        retry_after_s=min(5.0, max(1.0, timeout_ms / 1000)),
+                        priority=level,
+                    ) from None
             if granted is not None:
                 args = (*args, *granted())
             job = _Job()
@@ -878,10 +894,12 @@ class Scheduler(EarlyAdmission):
         # A call may take up to twice the engine timeout before the watchdog calls the engine hung.
         watch = self._progress(2 * timeout_ms / 1000 if timeout_ms > 0 else 300.0) if self._progress else None
         entered = time.perf_counter()
+        self._call_since = time.monotonic()
         try:
             with watch if watch is not None else contextlib.nullcontext():
                 return fn(loop, *args)
         finally:
+            self._call_since = None
             if self._busy is not None:
                 self._busy.inc(time.perf_counter() - entered)
 

@@ -597,6 +597,10 @@ class GenerationStream:
             self._done = True
             self.prepared.llm.scheduler.cancel(self.seq)
 
+    def engine_stalled(self, seconds: float) -> bool:
+        """Whether the model's engine call in progress has run for ``seconds`` or more."""
+        return self.prepared.llm.scheduler.engine_call_s() >= seconds
+
     async def collect(self) -> Completion:
         parts, thinking = [], []
         try:
