@@ -446,8 +446,9 @@ class TokenBucket:
         self._refill()
         return self._tokens
 
-    def try_take(self, cost: float = 1.0) -> float:
-        """Take ``cost`` tokens: 0.0 when allowed, else the seconds until it would be (Retry-After)."""
+    def try_take(self, cost: float = 1.0, keep: float = 0.0) -> float:
+        """Take ``cost`` tokens, leaving at least ``keep`` (held back for more urgent takers): 0.0
+        when allowed, else the seconds until it would be (Retry-After)."""
         if cost > self.burst:
             raise ValueError(f"cost {cost} exceeds the bucket size {self.burst}")
         # _refill() inlined: the rate ceilings take from two buckets on every POST.
@@ -458,11 +459,11 @@ class TokenBucket:
             if tokens > self.burst:
                 tokens = self.burst
         self._stamp = now
-        if tokens >= cost:
+        if tokens - keep >= cost:
             self._tokens = tokens - cost
             return 0.0
         self._tokens = tokens
-        return (cost - tokens) / self.rate
+        return (cost + keep - tokens) / self.rate
 
 
 class KeyRateLimiter:

@@ -203,15 +203,39 @@ def test_the_admin_socket_is_never_open_to_other_users(start_server, minilm_fold
 
 
 def test_rate_ceilings_answer_before_the_body_is_read(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]
+    """In the API's own error shape, with a request id, as every other refusal."""
     srv = start_server({MODEL: minilm_folder}, config={"server": {"max_request_rate": 5}})
     statuses = []
+    kserve = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["x"]}]}
     for i in range(20):
         status, body, headers = srv.post("/v1/embeddings", {"model": MODEL, "input": f"r{i}"})
         statuses.append(status)
         if status == 503:
-            assert int(headers["Retry-After"]) >= 1 and "rate" in body["error"]
+            assert int(headers["Retry-After"]) >= 1 and headers["X-Request-Id"]
+            assert body["error"]["code"] == "rate_ceiling" and "rate" in body["error"]["message"]
+        status, body, _ = srv.post(f"/v2/models/{MODEL}/infer", kserve)
+        if status == 503:
+            assert isinstance(body["error"], str) and "rate" in body["error"]  # KServe's shape
     assert 503 in statuses and 200 in statuses
     assert srv.get("/healthz")[0] == 200  # probes are not rate-limited
+
+
+def test_the_global_rate_ceiling_keeps_what_is_left_for_the_most_urgent() -> None:
+    """Under a flood the global bucket runs low; priority 3 must leave two thirds of what its burst
+    holds beyond one request, priority 2 (and no header) a third, and priority 1 may take the
+    last token. A full bucket admits anyone."""
+    from aiohttp.test_utils import make_mocked_request
+
+    from appliance.api.security import RateCeilings
+
+    ceilings = RateCeilings(30.0, 0.0)  # a burst of 3
+
+    def allowed(priority: str | None) -> bool:
+        headers = {} if priority is None else {"X-Priority": priority}
+        return ceilings.check(make_mocked_request("POST", "/v1/embeddings", headers=headers)) == 0.0
+
+    taken = [allowed(p) for p in ("3", "3", "2", None, "1", "1")]
+    assert taken == [True, False, True, False, True, False]
 
 
 def test_an_empty_admin_token_file_is_replaced_and_an_unusable_data_dir_is_one_line(

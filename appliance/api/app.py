@@ -129,6 +129,7 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
     if post:
         refused = over_ceiling(request)
         if refused is not None:
+            refused.headers["X-Request-Id"] = _request_id(request)
             return refused
     api = api_of(path)
     metrics = app[METRICS]

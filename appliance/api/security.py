@@ -18,7 +18,7 @@ from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from appliance.api.common import CONFIG, METRICS, OPENAI, error_response
+from appliance.api.common import CONFIG, METRICS, OPENAI, api_of, error_response
 from appliance.auth import KeyRateLimiter, KeyStore, Throttled, TokenBucket, presented_key
 from appliance.errors import ApplianceError, Overloaded, Unavailable
 
@@ -88,7 +88,11 @@ async def authenticate(request: web.Request) -> None:
 
 
 _MAX_TRACKED = 4096
-_RATE_503 = b'{"error":"the server is over its request-rate ceiling; retry"}'
+# The share of the global ceiling's burst (beyond one request) each X-Priority must leave behind: under a flood
+# the bucket runs low, and what is left goes to the most urgent first (priority 1 takes the last
+# token; a request without the header counts as the usual default, 2).
+_KEEP_SHARE = {"1": 0.0, "2": 1 / 3, None: 1 / 3}
+_LOW_KEEP_SHARE = 2 / 3  # priority 3 and below
 
 
 class RateCeilings:
@@ -103,7 +107,12 @@ class RateCeilings:
         self._conns: dict[Any, list[Any]] = {}
 
     def check(self, request: web.Request) -> float:
-        wait = self.glob.try_take() if self.glob is not None else 0.0
+        glob = self.glob
+        wait = 0.0
+        if glob is not None:
+            share = _KEEP_SHARE.get(request.headers.get("X-Priority"), _LOW_KEEP_SHARE)
+            # A share of what the burst holds beyond one request: a full bucket admits anyone.
+            wait = glob.try_take(1.0, share * (glob.burst - 1.0))
         conn = request.protocol
         if wait or self.per_connection <= 0 or conn is None:
             return wait
@@ -124,23 +133,28 @@ CEILINGS = web.AppKey("ceilings", RateCeilings)
 
 
 def over_ceiling(request: web.Request) -> web.Response | None:
-    """The minimal 503 for a POST over a rate ceiling (before its body is read), else None."""
+    """The 503 for a POST over a rate ceiling (before its body is read), in the API's own error
+    shape (rendered once per distinct Retry-After), else None."""
     wait = request.app[CEILINGS].check(request)
     if wait <= 0:
         return None
     metrics = request.app[METRICS]
     metrics.child(metrics.shed, "rate_ceiling").inc()
-    return web.Response(
-        status=503,
-        body=_RATE_503,
-        headers={"Retry-After": str(max(1, math.ceil(wait))), "Content-Type": "application/json"},
-    )
+    err = Unavailable("the server is over its request-rate ceiling; retry", retry_after_s=wait)
+    err.code = "rate_ceiling"
+    return error_response(api_of(request.path), err)
 
 
+# Sent before the request is read, so its API is unknown: OpenAI's error object, whose
+# ``error`` a KServe client (tritonclient) also reads, as the message.
+_TOO_MANY_BODY = (
+    b'{"error":{"message":"too many connections; retry","type":"service_unavailable",'
+    b'"param":null,"code":"too_many_connections"}}'
+)
 _TOO_MANY = (
     b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json\r\n"
-    b'Content-Length: 40\r\nConnection: close\r\n\r\n{"error": "too many connections, retry"}'
-)
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_TOO_MANY_BODY)
+) + _TOO_MANY_BODY
 
 
 class LimitedRunner(web.AppRunner):
