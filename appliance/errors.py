@@ -29,6 +29,18 @@ class ModelNotFound(ApplianceError):
     code = "model_not_found"
 
 
+class ModelNotBuilt(ModelNotFound):
+    """In the repository, but not built: not usable until ``appliance models pull``, so a 404 as
+    OpenAI (and Ollama, "try pulling it first") answers for a model one cannot use. A 503 with
+    Retry-After had clients that honour it (the openai SDK) wait minutes for what only a pull
+    fixes."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"The model '{name}' is not built yet; run `appliance models pull {name}`", param="model"
+        )
+
+
 class NotFound(ApplianceError):
     """No route for the path (a model that does not exist is ``ModelNotFound``)."""
 

@@ -24,7 +24,7 @@ from appliance.batcher import BatchPolicy
 from appliance.config import Config
 from appliance.engines.base import Engine
 from appliance.engines.select import expected_on_gpu, gpu_engines_available, open_engine
-from appliance.errors import ModelNotFound, Unavailable
+from appliance.errors import ModelNotBuilt, ModelNotFound, Unavailable
 from appliance.heap import freeze_startup_heap
 from appliance.memory import DoesNotFit, MemoryPools, measure
 from appliance.repository import ModelEntry, ModelKind, scan_repository
@@ -273,11 +273,7 @@ class ModelManager:
         if slot.runtime is not None:
             return slot.runtime
         if slot.state == ModelState.unbuilt:
-            raise Unavailable(
-                f"The model '{name}' is not built yet; run `appliance models pull {name}`",
-                param="model",
-                retry_after_s=60,  # a 503 always says when to come back; a build takes minutes
-            )
+            raise ModelNotBuilt(name)
         wait = slot.failed_at + LOAD_RETRY_S - time.monotonic()
         if slot.state == ModelState.failed and wait > 0:
             # A load that failed is not tried again by every request (each would take the load
@@ -298,11 +294,7 @@ class ModelManager:
             return
         if slot.state == ModelState.unbuilt:
             # Not "failed": nothing went wrong, and loading cannot help until it is built.
-            raise Unavailable(
-                f"The model '{name}' is not built yet; run `appliance models pull {name}`",
-                param="model",
-                retry_after_s=60,
-            )
+            raise ModelNotBuilt(name)
         if slot.load_task is None or slot.load_task.done():
             slot.load_task = asyncio.create_task(self._load(slot))
         await asyncio.shield(slot.load_task)

@@ -38,7 +38,7 @@ from appliance.admission import AdmissionError, QueueFull, Reservation, WouldMis
 from appliance.auth import ApiKeyRecord
 from appliance.breaker import BreakerOpen, CircuitBreaker, Permit
 from appliance.cache import CacheHit, cache_key
-from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, Unavailable
+from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, ModelNotBuilt, Unavailable
 from appliance.inference import admission_error
 from appliance.models import ModelManager, ModelRuntime, ModelSlot, ModelState
 from appliance.resilience import Answer, Resilience
@@ -281,11 +281,7 @@ class Pipeline:
             raise InvalidRequest("'model' is required and must be a string", param="model")
         slot = self.manager.request_slot(model)  # 404 for an unknown model
         if slot.state == ModelState.unbuilt:
-            raise Unavailable(
-                f"The model '{model}' is not built yet; run `appliance models pull {model}`",
-                param="model",
-                retry_after_s=60,  # a 503 always says when to come back; a build takes minutes
-            )
+            raise ModelNotBuilt(model)
         values = self.manager.tunables(model)
         levels = int(values["queue.priority_levels"])
         if priority is not None:

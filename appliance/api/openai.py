@@ -10,9 +10,9 @@ import orjson
 from aiohttp import web
 
 from appliance.api.common import EMBEDDINGS, MANAGER, PIPELINE, admit, read_json, render, requested_priority
-from appliance.errors import InvalidRequest
+from appliance.errors import InvalidRequest, ModelNotBuilt
 from appliance.inference import EmbeddingService
-from appliance.models import ModelRuntime
+from appliance.models import ModelRuntime, ModelState
 from appliance.pipeline import Ticket
 
 routes = web.RouteTableDef()
@@ -31,6 +31,8 @@ async def list_models(request: web.Request) -> web.Response:
     mgr = request.app[MANAGER]
     data = []
     for name, slot in mgr.slots.items():
+        if slot.state == ModelState.unbuilt:
+            continue  # not usable until pulled (the admin API and `appliance models list` show it)
         data.append(
             {
                 "id": name,
@@ -48,7 +50,10 @@ async def list_models(request: web.Request) -> web.Response:
 @routes.get("/v1/models/{model}")
 async def get_model(request: web.Request) -> web.Response:
     mgr = request.app[MANAGER]
-    d = mgr.describe(request.match_info["model"])
+    name = request.match_info["model"]
+    if mgr.request_slot(name).state == ModelState.unbuilt:
+        raise ModelNotBuilt(name)
+    d = mgr.describe(name)
     created = _created(mgr.slots[d["name"]].entry.folder)
     return web.json_response(
         {"id": d["name"], "object": "model", "created": created, "owned_by": "appliance", **d}
