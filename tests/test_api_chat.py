@@ -208,6 +208,11 @@ def test_completions_whole_stream_and_token_prompt(server: ServerThread, tokeniz
     ids = tokenizer.encode("Once upon a time").ids
     by_ids = c.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0)
     assert by_ids.choices[0].text == whole.choices[0].text
+    # The legacy logprobs is a count, and 0 asks for the sampled tokens' own: refused, not ignored.
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        c.completions.create(model=MODEL, prompt="Once", max_tokens=2, logprobs=0)
+    chat_false = c.chat.completions.create(model=MODEL, messages=ask("hi"), max_tokens=1, logprobs=False)
+    assert chat_false.choices[0].logprobs is None
 
 
 def test_a_chat_model_says_its_context(server: ServerThread) -> None:

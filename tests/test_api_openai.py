@@ -46,6 +46,11 @@ def test_float_and_base64_encodings_carry_the_same_vector(server: ServerThread) 
     raw = np.frombuffer(base64.b64decode(as_b64["data"][0]["embedding"]), dtype="<f4")
     assert vec.shape == (384,)
     np.testing.assert_allclose(vec, raw, atol=1e-7)
+    # null is unset (clients that write every field send it), as for every other optional field
+    status, as_null, _ = server.post(
+        "/v1/embeddings", {"model": MODEL, "input": "hello world", "encoding_format": None}
+    )
+    assert status == 200 and as_null["data"][0]["embedding"] == as_float["data"][0]["embedding"]
 
 
 def test_token_arrays_are_accepted_and_equal_the_text(server: ServerThread) -> None:

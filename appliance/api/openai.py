@@ -82,7 +82,8 @@ async def embeddings(request: web.Request) -> web.Response:
         requested_priority(request, body.get("priority")),
         items=max(len(inputs), 1),
     )
-    fmt = body.get("encoding_format", "float")
+    fmt = body.get("encoding_format")
+    fmt = "float" if fmt is None else fmt  # null is unset, as for every other optional field
     if fmt not in ("float", "base64"):
         raise InvalidRequest(
             f"'encoding_format' must be 'float' or 'base64', got {fmt!r}", param="encoding_format"

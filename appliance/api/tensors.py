@@ -213,7 +213,15 @@ def requested_outputs(doc: dict[str, Any]) -> tuple[list[str] | None, dict[str, 
     binary: dict[str, bool] = {"*": default_binary}
     for o in outputs:
         names.append(o["name"])
-        binary[o["name"]] = parameters_of(o, "output").get("binary_data", default_binary)
+        params = parameters_of(o, "output")
+        if params.get("classification"):
+            # Triton's classification extension (top-k "score:index" strings); not declared in
+            # /v2's extensions. Silently returning the raw tensor broke clients expecting strings.
+            raise InvalidRequest(
+                f"output '{o['name']}': parameters.classification is not supported (the server "
+                "does not implement Triton's classification extension); request the raw output"
+            )
+        binary[o["name"]] = params.get("binary_data", default_binary)
     return names, binary
 
 

@@ -377,7 +377,9 @@ class GenerationOptions:
             raise InvalidRequest("only n=1 is supported (one choice per request)", param="n")
         for name in _UNSUPPORTED:
             value = body.get(name)
-            if value and not (name == "best_of" and type(value) is int and value == 1):
+            # The completions API's logprobs is a count: 0 asks for the sampled tokens' own.
+            asked = value is not None and value is not False if name == "logprobs" else bool(value)
+            if asked and not (name == "best_of" and type(value) is int and value == 1):
                 raise InvalidRequest(f"'{name}' is not supported", param=name)
         for name in ("tool_choice", "function_call"):
             # Without tools only "none" (or "auto", which then means none) can be honoured; a
