@@ -482,8 +482,9 @@ register(
     Setting(
         "generation.preemption",
         bool,
-        False,
-        "Let a waiting request evict running ones of a lower priority (they resume by recomputing).",
+        True,
+        "Let a waiting request evict running ones of a lower priority (they resume by recomputing; "
+        "off, two long low-priority generations can hold the KV budget from priority 1 for minutes).",
     ),
     Setting(
         "generation.single_stream_q4",

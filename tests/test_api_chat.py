@@ -514,11 +514,12 @@ def test_disconnect_during_prefill_frees_the_slot(server: ServerThread) -> None:
 
 @pytest.fixture(scope="module")
 def single(servers: Callable[..., ServerThread]) -> ServerThread:
-    """One running sequence at a time, one waiting request per priority level."""
+    """One running sequence at a time, one waiting request per priority level; no preemption, so
+    that waiting requests queue behind the running one in priority order."""
     return servers(
         "single",
         {
-            "generation": {"max_running_sequences": 1},
+            "generation": {"max_running_sequences": 1, "preemption": False},
             "queue": {"max_queue_size": 1, "default_timeout_ms": 60000},
         },
     )
@@ -579,7 +580,7 @@ def preempting(servers: Callable[..., ServerThread]) -> ServerThread:
     return servers(
         "preempting",
         {
-            "generation": {"max_running_sequences": 1, "preemption": True},
+            "generation": {"max_running_sequences": 1},  # preemption is on by default
             "default_response": "The model is resting.",
         },
     )

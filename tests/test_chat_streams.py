@@ -21,9 +21,15 @@ MODEL = "smollm2-135m-instruct"
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory: pytest.TempPathFactory, smollm_folder: Path) -> Iterator[ServerThread]:
-    """One running sequence at a time; queued streams send a keep-alive every 0.2 s."""
+    """One running sequence at a time, no preemption (a newcomer waits behind the priority-3
+    blocker); queued streams send a keep-alive every 0.2 s."""
     tmp = tmp_path_factory.mktemp("streams")
-    overrides = {MODEL: {"generation": {"max_running_sequences": 1}, "queue": {"max_queue_size": 2}}}
+    overrides = {
+        MODEL: {
+            "generation": {"max_running_sequences": 1, "preemption": False},
+            "queue": {"max_queue_size": 2},
+        }
+    }
     repo = make_repository(tmp, {MODEL: smollm_folder}, overrides)
     cfg = {
         "model_repository": str(repo),

@@ -323,6 +323,35 @@ async def test_preemption_evicts_lower_priority_and_resumes_identically(
     await sch.close()
 
 
+async def test_by_default_an_urgent_request_preempts_low_priority_hogs_of_the_kv_budget(
+    executor: ThreadPoolExecutor,
+) -> None:
+    """Two priority-3 generations with a long max_tokens reserve the KV budget (a batch is charged
+    rows x the longest reservation, as its KV is one padded tensor); a short priority-1 request
+    that does not fit evicts one of them at once (a probe's two 120-byte requests held every
+    priority-1 chat back for minutes), and the evicted one resumes with the same output."""
+    from appliance import settings
+
+    dec = FakeDecoder(decode_s=0.002)
+    preemption = bool(settings.REGISTRY["generation.preemption"].default)
+    # 8 bytes a token (fake); each hog reserves 2 + 200 tokens: two fit in 4,000 bytes, three not.
+    sch = make(executor, dec, kv_cache_bytes=4000, preemption=preemption)
+    hogs = [seq([i, i + 1], 200) for i in (1, 3)]
+    for h in hogs:
+        sch.submit(h, priority=3)
+    await until(lambda: all(len(h.generated) >= 2 for h in hogs))
+    urgent = seq([5, 6], 3)
+    sch.submit(urgent, priority=1)
+    text, fin = await asyncio.wait_for(drain(urgent), 5)
+    assert isinstance(fin, Finished) and text == text_of(reference([5, 6], 3))
+    assert min(len(h.generated) for h in hogs) < 200  # it did not wait for a hog to finish
+    results = await asyncio.wait_for(asyncio.gather(*(drain(h) for h in hogs)), 20)
+    for (htext, _), h in zip(results, hogs, strict=True):
+        assert htext == text_of(reference(h.prompt, 200))
+    assert sch.generation_snapshot()["preempted"] >= 1
+    await sch.close()
+
+
 async def test_equal_priority_is_never_preempted(executor: ThreadPoolExecutor) -> None:
     sch = make(executor, FakeDecoder(decode_s=0.005), max_running=1, preemption=True)
     a, b = seq([1], 10), seq([2], 2)
