@@ -255,6 +255,28 @@ async def test_a_predicted_wait_past_the_deadline_is_refused_on_arrival(executor
     await sch.close(drain=False)
 
 
+async def test_a_kv_budget_full_of_long_reservations_leaves_no_free_slot(
+    executor: ThreadPoolExecutor,
+) -> None:
+    """Free rows are not free slots when the budget cannot take another row as long as the
+    batch's longest reservation: a newcomer at the hogs' priority is told it would wait (and is
+    refused on arrival past its deadline), not admitted to hang until its deadline. A more urgent
+    one, which preempts them, is not."""
+    sch = make(executor, FakeDecoder(decode_s=0.01), max_running=8, kv_cache_bytes=4000, preemption=True)
+    first = seq([1], 20)
+    sch.submit(first)
+    await drain(first)  # a measured time per sequence
+    hogs = [seq([i], 240) for i in (2, 3)]  # 241 tokens x 8 bytes each: two fill 4,000 bytes
+    for h in hogs:
+        sch.submit(h, priority=3)
+    await until(lambda: sch.generation_snapshot()["running"] == 2)
+    assert sch.predicted_wait(3) and sch.predicted_wait(3) > 0  # six rows free, but no room
+    with pytest.raises(WouldMissDeadline):
+        sch.submit(seq([4], 2), priority=3, timeout_ms=5)
+    assert sch.predicted_wait(1) == 0.0  # priority 1 evicts a hog instead
+    await sch.close(drain=False)
+
+
 async def test_invalid_priority_and_queue_full(executor: ThreadPoolExecutor) -> None:
     sch = make(executor, FakeDecoder(decode_s=0.01), max_running=1, max_queue_size=1)
     for bad in (0, 4, True):

@@ -478,8 +478,17 @@ class Scheduler(EarlyAdmission):
 
     def _predicted_wait(self, level: int, assume: bool = False) -> float:
         """Seconds until a new request at ``level`` gets a slot: slots free up at about
-        max_running / (mean time a sequence holds one)."""
-        free = self.config.max_running - len(self._active())
+        max_running / (mean time a sequence holds one). A slot is free only if the KV budget has
+        room for one more row as long as the running batch's longest reservation (the batch is
+        one padded tensor): two long generations can fill the budget with rows to spare, and a
+        prediction that counted those rows told a newcomer it would wait for nothing."""
+        active = self._active()
+        if self.config.preemption:  # rows of a lower priority make way for it
+            active = [s for s in active if s.priority <= level]
+        free = self.config.max_running - len(active)
+        if active and free > 0:
+            row = max(s.reserved for s in active) * self.bytes_per_token
+            free = min(free, self.config.kv_cache_bytes // max(row, 1) - len(active))
         ahead = sum(len(q) for q in self._queues[:level])
         if ahead < free:
             return 0.0
