@@ -70,6 +70,7 @@ class _Observer:
         self._compute.observe(compute_s)
         for w in queue_wait_s:
             self._queue.observe(w)
+        self.m.model_stats.executed(self.model, size, queue_wait_s, compute_s)
 
     def on_reject(self, priority: int, reason: str) -> None:
         # Cached here: refusals come by the thousand per second under overload.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -42,6 +42,7 @@ class Metrics:
         r = self.registry
         # appliance_requests_total and appliance_request_duration_seconds: see RequestMetrics.
         self.request_stats = RequestMetrics(r)
+        self.model_stats = ModelStats()  # Triton's statistics extension (GET /v2/models/stats)
         self.queue_duration = Histogram(
             "appliance_queue_duration_seconds",
             "Time an item waited in the batcher's queue.",
@@ -386,6 +387,103 @@ class RequestMetrics:
                 f"{name}_created", dict(zip(("model", "api", "priority"), labels, strict=True)), hist[-1]
             )
         yield duration
+
+
+class _Model:
+    __slots__ = ("batches", "compute", "executions", "fail", "inferences", "last_ms", "queue", "success")
+
+    def __init__(self) -> None:
+        self.last_ms = 0
+        self.inferences = self.executions = 0
+        # [count, seconds] each; batches by size
+        self.success, self.fail, self.queue, self.compute = [0, 0.0], [0, 0.0], [0, 0.0], [0, 0.0]
+        self.batches: dict[int, list[float]] = {}
+
+
+def _duration(pair: list[float]) -> dict[str, int]:
+    return {"count": int(pair[0]), "ns": int(pair[1] * 1e9)}
+
+
+class ModelStats:
+    """Per-model counts and durations since start in the shape of Triton's statistics extension
+    (``GET /v2/models[/{m}]/stats``: what ``tritonclient``'s ``get_inference_statistics`` and
+    perf_analyzer read). Fed by the front door (each answered request) and the batchers and the
+    LLM scheduler (each engine execution); plain numbers, event-loop thread only. Only known
+    models are recorded (the caller checks), so made-up names cannot grow it."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, _Model] = {}
+
+    def _of(self, model: str) -> _Model:
+        found = self._models.get(model)
+        if found is None:
+            found = self._models[model] = _Model()
+        return found
+
+    def answered(self, model: str, ok: bool, seconds: float) -> None:
+        m = self._of(model)
+        pair = m.success if ok else m.fail
+        pair[0] += 1
+        pair[1] += seconds
+        if ok:
+            m.last_ms = int(time.time() * 1000)
+
+    def executed(self, model: str, size: int, queue_waits: Sequence[float], compute_s: float) -> None:
+        """One engine execution of ``size`` inferences; each one's request waited ``queue_waits``."""
+        m = self._of(model)
+        m.inferences += size
+        m.queue[0] += len(queue_waits)
+        m.queue[1] += sum(queue_waits)
+        self.stepped(model, size, compute_s)
+
+    def admitted(self, model: str, waited_s: float) -> None:
+        """A generation taken from its queue: one inference however many steps it runs."""
+        m = self._of(model)
+        m.inferences += 1
+        m.queue[0] += 1
+        m.queue[1] += waited_s
+
+    def stepped(self, model: str, size: int, compute_s: float) -> None:
+        """One engine execution (a batch, or a generation step) of ``size`` rows."""
+        m = self._of(model)
+        m.executions += 1
+        m.compute[0] += size  # per row, as Triton counts compute_infer per inference
+        m.compute[1] += compute_s * size
+        batch = m.batches.get(size)
+        if batch is None:
+            batch = m.batches[size] = [0, 0.0]
+        batch[0] += 1
+        batch[1] += compute_s
+
+    def triton(self, model: str, version: str = "1") -> dict[str, Any]:
+        m = self._models.get(model) or _Model()
+        zero = {"count": 0, "ns": 0}
+        return {
+            "name": model,
+            "version": version,
+            "last_inference": m.last_ms,
+            "inference_count": m.inferences,
+            "execution_count": m.executions,
+            "inference_stats": {
+                "success": _duration(m.success),
+                "fail": _duration(m.fail),
+                "queue": _duration(m.queue),
+                # One engine call does all of it here: inputs and outputs are not timed apart.
+                "compute_input": zero,
+                "compute_infer": _duration(m.compute),
+                "compute_output": zero,
+                "cache_hit": zero,
+            },
+            "batch_stats": [
+                {
+                    "batch_size": size,
+                    "compute_input": {"count": int(b[0]), "ns": 0},
+                    "compute_infer": _duration(b),
+                    "compute_output": {"count": int(b[0]), "ns": 0},
+                }
+                for size, b in sorted(m.batches.items())
+            ],
+        }
 
 
 class RollingStats:

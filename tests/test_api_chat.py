@@ -705,6 +705,11 @@ def test_generation_metrics_are_exported(server: ServerThread) -> None:
     ):
         assert f'{name}{{model="{MODEL}"}}' in text, name
     assert server.app[METRICS] is not None
+    # Triton's statistics: a generation is one inference however many engine calls it takes.
+    _, stats = server.get(f"/v2/models/{MODEL}/stats")
+    (stat,) = stats["model_stats"]
+    assert stat["inference_count"] >= 1 and stat["execution_count"] >= 1
+    assert stat["inference_stats"]["success"]["count"] >= 1 and stat["batch_stats"]
 
 
 def test_changing_the_prefix_cache_live_keeps_chat_answering(server: ServerThread) -> None:

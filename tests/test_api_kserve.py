@@ -272,3 +272,26 @@ def test_kserve_takes_truncate_in_the_request_parameters(server: ServerThread) -
     # The cut answer is cached under its own key: the uncut request is still refused.
     status, _, _ = server.post("/v2/models/all-minilm-l6-v2/infer", {"inputs": [long]})
     assert status == 400
+
+
+def test_statistics_in_tritons_shape_for_tritonclient(server: ServerThread) -> None:
+    """Triton's statistics extension, as ``get_inference_statistics`` (and perf_analyzer) read it:
+    inferences count rows, executions count engine batches, durations are in nanoseconds."""
+    c = triton(server)
+    before = c.get_inference_statistics(model_name=EMB)["model_stats"][0]
+    inp = httpclient.InferInput("text", [3], "BYTES")
+    inp.set_data_from_numpy(np.array([b"one", b"two", b"three"], dtype=object))
+    c.infer(EMB, [inp])
+    (stat,) = c.get_inference_statistics(model_name=EMB)["model_stats"]
+    assert stat["name"] == EMB and stat["version"] == "1" and stat["last_inference"] > 0
+    assert stat["inference_count"] - before["inference_count"] == 3
+    assert 1 <= stat["execution_count"] - before["execution_count"] <= 3
+    infer = stat["inference_stats"]
+    assert infer["success"]["count"] - before["inference_stats"]["success"]["count"] == 1
+    assert infer["success"]["ns"] > 0 and infer["compute_infer"]["ns"] > 0
+    assert sum(b["compute_infer"]["count"] for b in stat["batch_stats"]) == stat["execution_count"]
+    everything = c.get_inference_statistics()["model_stats"]
+    assert EMB in [m["name"] for m in everything]
+    assert "statistics" in c.get_server_metadata()["extensions"]
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        c.get_inference_statistics(model_name="nope")

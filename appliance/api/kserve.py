@@ -9,7 +9,17 @@ import numpy as np
 from aiohttp import web
 
 from appliance import __version__
-from appliance.api.common import EMBEDDINGS, MANAGER, PIPELINE, TENSORS, admit, read_body, read_json, render
+from appliance.api.common import (
+    EMBEDDINGS,
+    MANAGER,
+    METRICS,
+    PIPELINE,
+    TENSORS,
+    admit,
+    read_body,
+    read_json,
+    render,
+)
 from appliance.api.tensors import (
     HEADER_LENGTH,
     datatype_of,
@@ -21,7 +31,7 @@ from appliance.api.tensors import (
 )
 from appliance.errors import InvalidRequest, ModelNotFound
 from appliance.inference import EmbeddingRuntime, EmbeddingService
-from appliance.models import ModelManager, ModelRuntime
+from appliance.models import ModelManager, ModelRuntime, ModelState
 from appliance.pipeline import Ticket
 from appliance.repository import ModelKind
 
@@ -29,7 +39,7 @@ routes = web.RouteTableDef()
 
 # What this server implements (the model repository extension is not: models are managed through
 # the admin API).
-EXTENSIONS = ["binary_tensor_data", "schedule_policy", "model_configuration"]
+EXTENSIONS = ["binary_tensor_data", "schedule_policy", "model_configuration", "statistics"]
 TEXT_INPUT, EMBEDDING_OUTPUT = "text", "sentence_embedding"
 
 
@@ -88,6 +98,26 @@ async def _runtime(request: web.Request) -> ModelRuntime:
     request["model"] = name
     _check_version(request, name)
     return await request.app[MANAGER].runtime(name)
+
+
+# Registered before /v2/models/{model}, which would take "stats" for a model's name.
+@routes.get("/v2/models/stats")
+@routes.get("/v2/models/{model}/stats")
+@routes.get("/v2/models/{model}/versions/{version}/stats")
+async def statistics(request: web.Request) -> web.Response:
+    """Triton's statistics extension: counts and durations since start, for every model the
+    repository holds or for one (``telemetry.ModelStats``)."""
+    mgr: ModelManager = request.app[MANAGER]
+    name = request.match_info.get("model")
+    if name is None:
+        names = [n for n, s in mgr.slots.items() if s.state != ModelState.unbuilt]
+    else:
+        if name not in mgr.slots:
+            raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
+        _check_version(request, name)
+        names = [name]
+    stats = request.app[METRICS].model_stats
+    return web.json_response({"model_stats": [stats.triton(n, VERSIONS[0]) for n in names]})
 
 
 @routes.get("/v2/models/{model}")

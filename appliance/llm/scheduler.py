@@ -584,6 +584,7 @@ class Scheduler(EarlyAdmission):
                     self.metrics.generation_queue_duration.labels(self.name).observe(
                         seq.admitted_at - seq.arrival
                     )
+                    self.metrics.model_stats.admitted(self.name, seq.admitted_at - seq.arrival)
         if self.prefix is not None:  # the cache lives in what the batch's reservations leave
             self.prefix.shrink(self.config.kv_cache_bytes - self._charge(keep + held + admit))
         if not keep and not admit and not held:
@@ -719,7 +720,8 @@ class Scheduler(EarlyAdmission):
                     self._fail(seq, err)
                 self._prefilling = []
         keep = [s for s in plan.keep if not s.cancelled]
-        if keep or new[1]:
+        decoded = len(keep) + len(new[1])
+        if decoded:
             try:
                 kv, rows = await self._engine_call(
                     _level(keep + new[1]), self._decode, kv, rows, keep, new[0], new[1]
@@ -739,6 +741,8 @@ class Scheduler(EarlyAdmission):
             self.metrics.compute_duration.labels(self.name).observe(elapsed)
             if rows:
                 self.metrics.batch_size.labels(self.name).observe(len(rows))
+            if decoded:  # rows that ended within the call count too
+                self.metrics.model_stats.stepped(self.name, decoded, elapsed)
         self._set_gauges()
 
     def _prefill_budget(self, level: int) -> int | None:
