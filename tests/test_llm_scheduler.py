@@ -374,6 +374,29 @@ async def test_by_default_an_urgent_request_preempts_low_priority_hogs_of_the_kv
     await sch.close()
 
 
+async def test_fewer_priority_levels_live_then_a_preemption_keeps_the_driver_alive(
+    executor: ThreadPoolExecutor,
+) -> None:
+    """A probe lowered queue.priority_levels from 3 to 2 while a priority-3 stream ran, then a
+    priority-1 request preempted it: requeued on a level that no longer existed, the IndexError
+    killed the driver and failed every stream it held. The running row moves down with its queue
+    and resumes with its own output."""
+    dec = FakeDecoder(decode_s=0.003)
+    sch = make(executor, dec, max_running=1, preemption=True)
+    victim = seq([3, 4], 40)
+    sch.submit(victim, priority=3)
+    await until(lambda: len(victim.generated) >= 3)
+    sch.policy = BatchPolicy(priority_levels=2, default_priority=2)
+    urgent = seq([5, 6], 3)
+    sch.submit(urgent, priority=1)
+    (vtext, vfin), (utext, ufin) = await asyncio.wait_for(asyncio.gather(drain(victim), drain(urgent)), 10)
+    assert isinstance(vfin, Finished) and isinstance(ufin, Finished), (vfin, ufin)
+    assert vtext == text_of(reference([3, 4], 40)) and utext == text_of(reference([5, 6], 3))
+    snap = sch.generation_snapshot()
+    assert snap["driver_failures"] == 0 and snap["preempted"] == 1 and victim.priority == 2
+    await sch.close()
+
+
 async def test_equal_priority_is_never_preempted(executor: ThreadPoolExecutor) -> None:
     sch = make(executor, FakeDecoder(decode_s=0.005), max_running=1, preemption=True)
     a, b = seq([1], 10), seq([2], 2)

@@ -450,14 +450,29 @@ class Scheduler(EarlyAdmission):
     # ---- admission --------------------------------------------------------------------------
 
     def _relevel(self, levels: int) -> None:
-        """Resize the per-level queues; requests on a removed level join the new lowest level."""
+        """Resize the per-level queues; requests on a removed level join the new lowest level.
+        Running and prefilling sequences move down too: one evicted later is requeued at its
+        level, and a removed level's queue no longer exists (an IndexError there killed the
+        driver and every stream it held)."""
         if len(self._queues) == levels:
             return
+        old = len(self._queues)
         waiting = sorted((s for q in self._queues for s in q), key=lambda s: s.order)
         self._queues = [[] for _ in range(levels)]
         for seq in waiting:
             seq.priority = min(seq.priority, levels)
             self._queues[seq.priority - 1].append(seq)
+        if not old:
+            return  # the first sizing, from __init__: nothing is held yet
+        plan = self._inflight
+        held = [*self._rows, *self._prefilling, *(plan.keep + plan.admit if plan is not None else [])]
+        for seq in held:
+            seq.priority = min(seq.priority, levels)
+        if self.metrics is not None:
+            for level in range(levels + 1, old + 1):  # removed levels hold nothing now
+                self.metrics.queue_depth.labels(self.name, str(level)).set(0)
+            for level in range(1, levels + 1):
+                self._queue_changed(level)
 
     def _refuse(self, error: AdmissionError) -> AdmissionError:
         self._count_rejection(error.priority or 0, error.reason)
@@ -518,6 +533,7 @@ class Scheduler(EarlyAdmission):
 
     def _requeue(self, seq: Seq) -> None:
         """A preempted sequence goes back ahead of every later arrival at its level."""
+        seq.priority = min(seq.priority, len(self._queues))
         queue = self._queues[seq.priority - 1]
         pos = next((i for i, s in enumerate(queue) if s.order > seq.order), len(queue))
         queue.insert(pos, seq)
