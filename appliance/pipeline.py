@@ -298,10 +298,13 @@ class Pipeline:
         # The deadline: Triton's rule, an override may only shorten the default (0 = none).
         default_ms = float(values["queue.default_timeout_ms"])
         explicit = timeout_ms is not None and bool(values["queue.allow_timeout_override"])
-        if explicit and timeout_ms is not None:
-            ms = timeout_ms if default_ms == 0 else min(timeout_ms, default_ms)
+        if explicit and timeout_ms is not None and (default_ms == 0 or timeout_ms < default_ms):
+            ms = timeout_ms
         else:
-            ms = default_ms
+            # No override, or one at or past the default: the default applies, as if none had
+            # been sent. Kept "explicit", a longer deadline asked for was stricter than none: the
+            # default queue deadline became an end-to-end one, and a 200-s generation was cut at 60.
+            ms, explicit = default_ms, False
         seconds = ms / 1000 if ms > 0 else UNBOUNDED_S
         return slot, values, level, seconds, explicit
 

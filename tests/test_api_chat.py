@@ -800,6 +800,23 @@ def test_a_client_deadline_passing_mid_generation_is_not_held_against_the_engine
     assert after["totals"].get("timeout", 0) == before["totals"].get("timeout", 0)
 
 
+def test_asking_for_a_longer_deadline_than_the_default_is_never_stricter_than_none(
+    servers: Callable[..., ServerThread],
+) -> None:
+    """Triton's rule: an X-Timeout-Ms may only shorten the model's queue.default_timeout_ms. One
+    at or past the default is as if none were sent: the default bounds the queue wait and the
+    generation stays bounded by its stalls, not cut at the default (a probe's 200-s generation
+    with X-Timeout-Ms 300000 was cut at 60 s; without the header it finished)."""
+    srv = servers("short-default", {"queue": {"default_timeout_ms": 1000}})
+    body = {"model": MODEL, "messages": ask(OCEAN), "max_tokens": 150, "ignore_eos": True, "temperature": 0}
+    started = time.monotonic()
+    status, none_sent, _ = srv.post("/v1/chat/completions", body, NO_CACHE)
+    assert status == 200 and time.monotonic() - started > 1.0  # it ran past the default
+    status, longer, _ = srv.post("/v1/chat/completions", body, {"X-Timeout-Ms": "300000", **NO_CACHE})
+    assert status == 200 and longer["usage"]["completion_tokens"] == 150, longer
+    assert longer["choices"][0]["message"]["content"] == none_sent["choices"][0]["message"]["content"]
+
+
 def test_a_cached_answer_is_a_new_response_and_a_new_default_is_a_new_key(server: ServerThread) -> None:
     """Found by a chat probe: a whole answer from the cache repeated the stored response's id and
     created time, and with max_tokens unset the key did not hold the default it ran with, so a
