@@ -864,6 +864,10 @@ def test_sampling_is_seeded_and_bounded() -> None:
     rng = make_rng(2)
     assert {sample(logits, SamplingParams(1, 2.0, top_k=3), rng) for _ in range(200)} <= top3
     assert sample(logits, SamplingParams(1, 1.0, seed=-3), make_rng(-3)) >= 0  # negative seeds work
+    # A vanishing temperature is greedy (vLLM's rule); divided by 1e-320 the logits overflowed and
+    # every draw was the last token id.
+    for tiny in (1e-320, 1e-300, 1e-6):
+        assert sample(logits, SamplingParams(1, tiny, seed=1), make_rng(1)) == best
 
 
 def test_stop_strings_hold_back_possible_starts() -> None:

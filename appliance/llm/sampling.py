@@ -25,6 +25,10 @@ FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 
 
+# Temperatures below this sample greedily (vLLM's _SAMPLING_EPS).
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Everything that decides which tokens a sequence gets (validated by the service)."""
@@ -39,7 +43,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # vLLM's rule: a temperature this small is greedy. Divided by a subnormal one (1e-320)
+        # the logits overflowed to inf, the probabilities to NaN, and every token was the last id.
+        return self.temperature < GREEDY_BELOW
 
     @property
     def deterministic(self) -> bool:
