@@ -344,6 +344,20 @@ def test_context_length_errors_say_by_how_much(server: ServerThread) -> None:
     assert status == 400 and "more than the model's context of 8192" in resp["error"]["message"]
 
 
+def test_messages_that_cannot_fit_the_context_are_refused_before_templating(server: ServerThread) -> None:
+    """More messages than the context has tokens, or more text than it could hold, is a 400 before
+    any message is templated: a probe's 350,000 empty messages (11 MB) held the event loop for
+    seconds while the template rendered them, and every stream with it."""
+    chat(server, "hi", max_tokens=1)  # loaded: its context (8192) is known
+    many = [{"role": "user", "content": ""}] * 9000
+    status, resp, _ = server.post("/v1/chat/completions", {"model": MODEL, "messages": many, "max_tokens": 1})
+    assert status == 400 and resp["error"]["param"] == "messages"
+    assert "9000 messages" in resp["error"]["message"] and "8192" in resp["error"]["message"]
+    long = [{"role": "user", "content": "x" * 100_000}] * 3  # 300,000 characters > 8192 x 32
+    status, resp, _ = server.post("/v1/chat/completions", {"model": MODEL, "messages": long, "max_tokens": 1})
+    assert status == 400 and "refused before tokenizing" in resp["error"]["message"]
+
+
 def test_deterministic_whole_responses_are_cached_sampled_ones_not(server: ServerThread) -> None:
     body = {"model": MODEL, "messages": ask("Say hi."), "max_tokens": 4, "temperature": 0}
     _, first, h1 = server.post("/v1/chat/completions", body)

@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from appliance.api.jsonbody import _depth
 from appliance.logs import quiet_malformed_requests
 from tests.conftest import ServerThread, make_repository, metric
 from tests.test_api_kserve import build_affine_model
@@ -408,3 +411,29 @@ def test_a_client_hanging_up_before_its_100_continue_logs_no_traceback(
     ]
     status, _, _ = server.post("/v1/embeddings", {"model": EMB, "input": "still serving"})
     assert status == 200
+
+
+_JSON = st.recursive(
+    st.none() | st.integers() | st.text(alphabet='[]{}"\\ab'),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(alphabet='[]{}"\\k'), inner, max_size=4)
+    ),
+    max_leaves=40,
+)
+
+
+def _tree_depth(doc: Any) -> int:
+    if isinstance(doc, dict):
+        return 1 + max((_tree_depth(v) for v in doc.values()), default=0)
+    if isinstance(doc, list):
+        return 1 + max((_tree_depth(v) for v in doc), default=0)
+    return 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(_JSON, st.booleans())
+def test_the_nesting_depth_is_read_from_the_bytes_as_the_document_has_it(doc: Any, indent: bool) -> None:
+    """Brackets and quotes inside strings (escaped or not) nest nothing. Measured from the bytes:
+    walking the parsed document took 2.7 s of the event loop for 350,000 small objects."""
+    raw = json.dumps(doc, indent=1 if indent else None).encode()
+    assert _depth(raw) == _tree_depth(doc)

@@ -25,6 +25,7 @@ from appliance.api.common import CHAT, CONFIG, MANAGER, PIPELINE, admit, read_js
 from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, Unavailable
 from appliance.llm.scheduler import Finished, Token
 from appliance.llm.service import (
+    UNKNOWN_CONTEXT,
     ChatService,
     Completion,
     GenerationOptions,
@@ -57,11 +58,13 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
     options = GenerationOptions.from_openai(body)
     service = request.app[CHAT]
     source: dict[str, Any]
+    slot = request.app[MANAGER].slots[ticket.model]
     if chat:
-        source = {"messages": normalize_messages(body.get("messages"))}
+        # Bounded by the model's context where a load has told it (else a generous default).
+        context = slot.context_length or UNKNOWN_CONTEXT
+        source = {"messages": normalize_messages(body.get("messages"), context)}
     else:
         source = {"prompt": body.get("prompt")}
-    slot = request.app[MANAGER].slots[ticket.model]
     parser = str(ticket.values.get("generation.reasoning_parser", "auto"))
     default_max_tokens = min(
         int(ticket.values["generation.max_tokens_default"]), int(ticket.values["generation.max_tokens_limit"])

@@ -9,6 +9,7 @@ import json
 import re
 from typing import Any
 
+import numpy as np
 import orjson
 
 from appliance.errors import InvalidRequest
@@ -45,8 +46,8 @@ def loads_object(raw: bytes, what: str = "the request body") -> dict[str, Any]:
 
 def check_object(raw: bytes, doc: dict[str, Any], what: str = "the request body") -> None:
     """Refuse what orjson takes but nothing downstream can: deep nesting, lone surrogates."""
-    # Counting brackets is cheap; only a body with many of them needs the walk.
-    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _too_deep(doc):
+    # Counting brackets is cheap; only a body with many of them needs the depth measured.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(raw) > MAX_DEPTH:
         raise InvalidRequest(f"{what} is nested more than {MAX_DEPTH} levels deep")
     if _SURROGATE_ESCAPE.search(raw):
         try:
@@ -56,13 +57,23 @@ def check_object(raw: bytes, doc: dict[str, Any], what: str = "the request body"
             raise InvalidRequest(f"{what} holds an unpaired UTF-16 surrogate escape") from None
 
 
-def _too_deep(doc: Any) -> bool:
-    # Iterative, so that the check itself cannot run out of stack.
-    stack: list[tuple[Any, int]] = [(doc, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            return True
-        children = node.values() if isinstance(node, dict) else node
-        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
-    return False
+def _depth(raw: bytes) -> int:
+    """The deepest nesting of a valid JSON text, from its bytes, vectorized: the brackets outside
+    strings (after an even number of unescaped quotes), then a running sum of openings and
+    closings. Walking the parsed document instead took 2.7 s of the event loop for a body of
+    350,000 small objects (a probe's chat request), stalling every other client."""
+    a = np.frombuffer(raw, np.uint8)
+    quotes = np.flatnonzero(a == 0x22)
+    slashes = np.flatnonzero(a == 0x5C)
+    if len(slashes) and len(quotes):
+        # A quote after an odd run of backslashes is escaped: inside its string, not a bound.
+        starts = np.flatnonzero(np.diff(slashes, prepend=-2) != 1)  # where each run begins
+        run_start = slashes[starts][np.searchsorted(starts, np.arange(len(slashes)), side="right") - 1]
+        i = np.minimum(np.searchsorted(slashes, quotes - 1), len(slashes) - 1)
+        after_slash = slashes[i] == quotes - 1
+        run = np.where(after_slash, quotes - run_start[i], 0)
+        quotes = quotes[run % 2 == 0]
+    brackets = np.flatnonzero((a == 0x7B) | (a == 0x5B) | (a == 0x7D) | (a == 0x5D))
+    kind = a[brackets[np.searchsorted(quotes, brackets) % 2 == 0]]
+    steps = np.where((kind == 0x7B) | (kind == 0x5B), 1, -1).astype(np.int32)
+    return int(steps.cumsum().max(initial=0))

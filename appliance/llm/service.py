@@ -44,6 +44,8 @@ from appliance.repository import ModelEntry, ModelKind
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "developer", "user", "assistant")
+# The context assumed for bounding a chat request before its model has loaded once.
+UNKNOWN_CONTEXT = 32768
 MAX_STOP = 4
 # A request's ``reasoning_format`` (llama.cpp's field): "none" returns the raw text, "auto" the
 # model's ``generation.reasoning_parser``; "deepseek" is llama.cpp's name for the R1 format.
@@ -449,14 +451,24 @@ def _stops(value: Any) -> tuple[str, ...]:
     return tuple(items)
 
 
-def normalize_messages(raw: Any) -> list[dict[str, str]]:
+def normalize_messages(raw: Any, context: int = UNKNOWN_CONTEXT) -> list[dict[str, str]]:
     """OpenAI chat messages as {role, content} with text content; 'developer' is a system message.
     An assistant turn sent back with its ``reasoning_content`` keeps it: the chat template decides
-    whether the model sees it (DeepSeek-R1's templates drop earlier thinking)."""
+    whether the model sees it (DeepSeek-R1's templates drop earlier thinking).
+
+    Messages that cannot fit a ``context`` of that many tokens (more messages than tokens, or more
+    text than ``CHARS_PER_TOKEN_BOUND`` characters a token) are refused here, before any of them
+    is templated: 350,000 empty messages held the event loop for seconds, every stream with it."""
     if not isinstance(raw, list):
         raise InvalidRequest("'messages' must be a list of messages", param="messages")
     if not raw:
         raise InvalidRequest("'messages' must not be empty", param="messages")
+    if len(raw) > context:
+        raise InvalidRequest(
+            f"'messages' has {len(raw)} messages; the model's context of {context} tokens cannot hold them",
+            param="messages",
+        )
+    chars, bound = 0, context * CHARS_PER_TOKEN_BOUND
     out = []
     for i, m in enumerate(raw):
         where = f"messages[{i}]"
@@ -482,6 +494,13 @@ def normalize_messages(raw: Any) -> list[dict[str, str]]:
                     param=f"{where}.reasoning_content",
                 )
             message["reasoning_content"] = thinking
+        chars += len(message["content"]) + len(thinking or "")
+        if chars > bound:
+            raise InvalidRequest(
+                f"the messages hold over {bound} characters; the model's context is {context} tokens, "
+                f"and prompts over {bound} characters are refused before tokenizing",
+                param="messages",
+            )
         out.append(message)
     return out
 
@@ -670,7 +689,7 @@ class ChatService:
         self, runtime: ModelRuntime, messages: Any, options: GenerationOptions
     ) -> Prepared:
         llm = self._llm(runtime)
-        normalized = normalize_messages(messages)
+        normalized = normalize_messages(messages, llm.context_length)
         pieces = llm.render_pieces(normalized)
         # The template writes the special tokens itself; the tokenizer must not add more.
         prompt = await self._encode(llm, pieces, special=False, param="messages")
