@@ -226,8 +226,8 @@ def load(path: Path | None, env: Mapping[str, str] | None = None) -> Config:
 
 def _on_disk(cfg: Config) -> dict[str, Any]:
     """The configuration file as it is now, to rewrite one part of it. Refuses (ConfigError)
-    when it is gone or no longer a valid mapping: rewriting it from the running values would
-    silently drop the server, admin and path sections, or an operator's edit."""
+    when it is gone, empty or no longer a valid mapping: rewriting it from the running values
+    would silently drop the server, admin and path sections, or an operator's edit."""
     assert cfg.path is not None
     if not os.path.lexists(cfg.path):
         raise ConfigError(f"{cfg.path}: the configuration file is gone; restore it, nothing was saved")
@@ -235,8 +235,13 @@ def _on_disk(cfg: Config) -> dict[str, Any]:
         raw = yamlfile.read(cfg.path)
     except yamlfile.YamlFileError as exc:
         raise ConfigError(f"{exc}; fix it (or reload), nothing was saved") from None
-    if raw is None:
-        return {}
+    if raw is None or raw == {}:
+        # As a reload refuses it: an empty file (or one of comments only) is most likely one being
+        # rewritten, or truncated by a full disk. Rewritten from it, the file would keep only the
+        # part being saved, and the .bak would hold the empty file.
+        raise ConfigError(
+            f"{cfg.path}: the file is empty (being rewritten, or truncated?); restore it, nothing was saved"
+        )
     if not isinstance(raw, dict):
         raise ConfigError(f"{cfg.path}: expected a mapping at the top level; fix it, nothing was saved")
     return raw

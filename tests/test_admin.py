@@ -326,3 +326,20 @@ def test_an_unload_under_traffic_leaves_one_engine_and_its_memory_counted(served
     assert model["state"] == "resident" and model["memory_bytes"], model
     assert stats["memory"]["used_bytes"] > 0
     assert 'appliance_model_loaded{model="all-minilm-l6-v2"} 1.0' in srv.get("/metrics")[1].decode()
+
+
+def test_settings_are_not_saved_over_an_empty_config_file(served: Any) -> None:
+    """Found by an operator-side probe: with the file empty (caught mid-write, or truncated by a
+    full disk) a PATCH wrote one holding only the tunables, the server, admin and path sections
+    lost for the next restart, and the .bak became the empty file. It is refused as a reload
+    refuses it: a 409, nothing written, nothing applied."""
+    start, path = served
+    srv = start()
+    bak = path.parent / "appliance.yaml.bak"
+    for empty in ("", "# only a comment\n", "{}\n"):
+        path.write_text(empty)
+        status, body = admin(srv, "PATCH", "/admin/settings", {"defaults": {"queue": {"aging_ms": 123}}})
+        assert status == 409 and body["error"]["code"] == "config_file_conflict", body
+        assert "empty" in body["error"]["message"] and path.name in body["error"]["message"]
+        assert path.read_text() == empty and not bak.exists()
+        assert admin(srv, "GET", "/admin/settings")[1]["defaults"]["queue.aging_ms"] != 123

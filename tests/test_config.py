@@ -156,3 +156,18 @@ def test_readme_configuration_reference_matches_the_registry() -> None:
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert settings.markdown_table() in readme, "run `appliance settings --update-readme README.md`"
+
+
+def test_keys_are_not_saved_into_an_empty_config_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by an operator-side probe: `appliance keys add` on an empty file (caught mid-write,
+    or truncated) wrote one holding only auth.keys. It is refused in one line, exit 2, as a
+    reload refuses the file; nothing is written."""
+    from appliance.cli import main
+
+    path = write(tmp_path, "")
+    assert main(["--config", str(path), "keys", "add", "app"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "appliance.yaml: the file is empty" in err, err
+    assert path.read_text() == "" and not (tmp_path / "appliance.yaml.bak").exists()
