@@ -343,3 +343,31 @@ def test_settings_are_not_saved_over_an_empty_config_file(served: Any) -> None:
         assert "empty" in body["error"]["message"] and path.name in body["error"]["message"]
         assert path.read_text() == empty and not bak.exists()
         assert admin(srv, "GET", "/admin/settings")[1]["defaults"]["queue.aging_ms"] != 123
+
+
+def test_saving_settings_never_loses_the_operators_comments(served: Any) -> None:
+    """Found by an operator-side probe: two PATCHes of `{}` destroyed the file's comments for
+    good, the first moving them to the .bak, the second replacing the .bak with its own copy. A
+    PATCH that changes nothing writes nothing; a save replaces the .bak only when the file on disk
+    is not the program's own copy, so the .bak keeps the operator's last hand-written file."""
+    start, path = served
+    srv = start()
+    bak = path.parent / "appliance.yaml.bak"
+    hand_written = path.read_text()
+    nothing = {"models": {MODEL: {"batching": {"max_batch_size": None}}}}  # no such override
+    for body in ({}, {}, {"defaults": {}}, nothing):
+        status, view = admin(srv, "PATCH", "/admin/settings", body)
+        assert status == 200 and view["models"][MODEL]["batching.max_batch_size"] == 16, view
+    assert path.read_text() == hand_written and not bak.exists()
+    for size in (4, 8, 2):
+        status, _ = admin(
+            srv, "PATCH", "/admin/settings", {"models": {MODEL: {"batching": {"max_batch_size": size}}}}
+        )
+        assert status == 200
+    assert bak.read_text() == hand_written, "the operator's file, not the program's first copy"
+    assert yaml.safe_load(path.read_text())["models"][MODEL]["batching"]["max_batch_size"] == 2
+    assert "appliance.yaml.bak" in path.read_text().splitlines()[0], "the file says where its comments went"
+    # Edited by hand again, the file is the operator's: the next save keeps that edit as the .bak.
+    path.write_text(path.read_text() + "# batch of 2 for the night shift\n")
+    assert admin(srv, "PATCH", "/admin/settings", {"defaults": {"queue": {"aging_ms": 50}}})[0] == 200
+    assert "night shift" in bak.read_text() and "night shift" not in path.read_text()

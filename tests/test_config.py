@@ -171,3 +171,23 @@ def test_keys_are_not_saved_into_an_empty_config_file(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "appliance.yaml: the file is empty" in err, err
     assert path.read_text() == "" and not (tmp_path / "appliance.yaml.bak").exists()
+
+
+def test_the_backup_keeps_the_last_hand_written_file_across_processes(tmp_path: Path) -> None:
+    """`appliance keys add` (its own process) after a settings save, then a save by a restarted
+    server: neither knows what the other wrote, and the .bak still holds the operator's file,
+    because the program's copy says so itself (a digest on its first line)."""
+    from appliance.config import save_keys
+
+    path = write(tmp_path, "# operator's comment\nserver: {port: 9001}\n")
+    bak = tmp_path / "appliance.yaml.bak"
+    save_settings(load(path, env={}), {}, {"m": {"batching.max_batch_size": 4}})
+    save_keys(load(path, env={}), [])
+    save_settings(load(path, env={}), {}, {"m": {"batching.max_batch_size": 8}})
+    assert "operator's comment" in bak.read_text()
+    again = load(path, env={})
+    assert again.server.port == 9001 and again.model_overrides == {"m": {"batching.max_batch_size": 8}}
+    # One character changed by hand, and it is the operator's file again.
+    path.write_text(path.read_text().replace("9001", "9002"))
+    save_keys(load(path, env={}), [])
+    assert "9002" in bak.read_text() and "operator's comment" not in bak.read_text()

@@ -27,7 +27,7 @@ from appliance.api.common import (
     STARTED,
     read_json,
 )
-from appliance.config import ConfigError, save_settings
+from appliance.config import ConfigError, changed_sections, save_settings
 from appliance.errors import ApplianceError, InvalidRequest, ModelNotFound
 from appliance.models import ModelState, validate_model_settings
 
@@ -252,7 +252,9 @@ async def patch_settings(request: web.Request) -> web.Response:
         err.problems = problems
         raise err
     try:
-        save_settings(cfg, new_defaults, new_models)
+        # A PATCH that changes nothing writes nothing: each rewrite drops the file's comments.
+        if changed_sections(cfg, new_defaults, new_models):
+            save_settings(cfg, new_defaults, new_models)
     except (ConfigError, OSError) as exc:
         # The file on disk is gone, invalid, or cannot be written: nothing is applied either,
         # so that what runs and what a restart would load never differ.
