@@ -288,6 +288,23 @@ def _rewrite(path: Path, raw: dict[str, Any], before: str) -> None:
     atomic_write(path, (header + body).encode("utf-8"), backup=not _written_by_us(before))
 
 
+def _refuse_edits_not_reloaded(cfg: Config, raw: dict[str, Any]) -> None:
+    """Refuses (ConfigError) when the file's defaults or models are not the running ones: edited
+    on disk and not reloaded yet. A save rewrites those sections from the running values, so it
+    would silently revert such an edit."""
+    reload = "reload first (systemctl reload appliance, or SIGHUP), then apply the change again"
+    try:
+        on_disk = parse({k: raw[k] for k in ("defaults", "models") if k in raw}, cfg.path, env={})
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (edited and not reloaded?); fix it, {reload}; nothing was saved") from None
+    changed = changed_sections(cfg, on_disk.defaults, on_disk.model_overrides)
+    if changed:
+        raise ConfigError(
+            f"{cfg.path}: {' and '.join(changed)} in the file differ from the running configuration "
+            f"(edited and not reloaded?); {reload}; nothing was saved"
+        )
+
+
 def save_settings(
     cfg: Config,
     defaults: Mapping[str, settings.SettingValue],
@@ -301,10 +318,14 @@ def save_settings(
     saving over the program's copy keeps the ``.bak`` as it is, or a second save would replace
     the operator's file, comments and all, with the first save's copy. Callers save only what
     changes (a no-op PATCH writes nothing), so an untouched file keeps its comments in place.
+
+    Refuses (ConfigError, nothing written) when the file's ``defaults`` or ``models`` are not the
+    running ones: an edit on disk that a reload has not applied yet would be reverted.
     """
     if cfg.path is None:
         return
     raw, before = _on_disk(cfg)
+    _refuse_edits_not_reloaded(cfg, raw)
     for key, tree in (
         ("defaults", settings.nest(defaults)),
         ("models", {m: settings.nest(v) for m, v in sorted(overrides.items()) if v}),

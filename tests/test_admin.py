@@ -371,3 +371,29 @@ def test_saving_settings_never_loses_the_operators_comments(served: Any) -> None
     path.write_text(path.read_text() + "# batch of 2 for the night shift\n")
     assert admin(srv, "PATCH", "/admin/settings", {"defaults": {"queue": {"aging_ms": 50}}})[0] == 200
     assert "night shift" in bak.read_text() and "night shift" not in path.read_text()
+
+
+def test_a_patch_never_reverts_an_edit_on_disk_that_is_not_reloaded(served: Any) -> None:
+    """Found by an operator-side probe: with defaults edited in the file but not reloaded yet, a
+    PATCH of an unrelated model override rewrote the file's defaults from memory, silently
+    reverting the edit. It is a 409 that says to reload first, and nothing is written or applied;
+    once reloaded, the same PATCH is saved beside the edit."""
+    start, path = served
+    srv = start()
+    raw = yaml.safe_load(path.read_text())
+    raw["defaults"] = {"queue": {"default_priority": 1}}
+    edited = "# priority 1 by default from Monday\n" + yaml.safe_dump(raw)
+    path.write_text(edited)
+    change = {"models": {MODEL: {"batching": {"max_batch_size": 4}}}}
+    status, body = admin(srv, "PATCH", "/admin/settings", change)
+    assert status == 409 and body["error"]["code"] == "config_file_conflict", body
+    message = body["error"]["message"]
+    assert "defaults" in message and "systemctl reload appliance" in message and "SIGHUP" in message
+    assert path.read_text() == edited and not (path.parent / "appliance.yaml.bak").exists()
+    assert admin(srv, "GET", "/admin/settings")[1]["models"][MODEL]["batching.max_batch_size"] == 16
+    assert srv.server is not None and srv.call(srv.server.reload) is True
+    status, body = admin(srv, "PATCH", "/admin/settings", change)
+    assert status == 200, body
+    saved = yaml.safe_load(path.read_text())
+    assert saved["defaults"] == {"queue": {"default_priority": 1}}
+    assert saved["models"][MODEL]["batching"]["max_batch_size"] == 4
