@@ -397,3 +397,69 @@ def test_a_patch_never_reverts_an_edit_on_disk_that_is_not_reloaded(served: Any)
     saved = yaml.safe_load(path.read_text())
     assert saved["defaults"] == {"queue": {"default_priority": 1}}
     assert saved["models"][MODEL]["batching"]["max_batch_size"] == 4
+
+
+def test_an_unload_during_a_load_waits_for_it_and_unloads(
+    served: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by an operator-side probe: an unload while the model was loading answered 200
+    "loading" and did nothing, and the model ended resident. The unload waits for the load and
+    then unloads, answering the final state; a load that outlasts the wait is a 409 saying the
+    model is still loading, and the unload is not half done."""
+    import threading
+
+    from appliance.api import admin as admin_api
+    from appliance.models import ModelManager
+
+    start, _ = served
+    srv = start()
+    assert admin(srv, "POST", f"/admin/models/{MODEL}/unload")[1]["state"] == "available"
+    gate = threading.Event()
+    original = ModelManager._open_engine
+
+    def slow_open(entry: Any, values: Any) -> Any:  # test-only hook: a load that takes a while
+        gate.wait(30)
+        return original(entry, values)
+
+    monkeypatch.setattr(ModelManager, "_open_engine", staticmethod(slow_open))
+
+    def state() -> str:
+        return str(admin(srv, "GET", "/admin/stats")[1]["models"][MODEL]["state"])
+
+    def in_background(path: str) -> tuple[threading.Thread, list[tuple[int, Any]]]:
+        answers: list[tuple[int, Any]] = []
+        thread = threading.Thread(target=lambda: answers.append(admin(srv, "POST", path)))
+        thread.start()
+        return thread, answers
+
+    def load_started() -> threading.Thread:
+        loader, _ = in_background(f"/admin/models/{MODEL}/load")
+        deadline = time.monotonic() + 10
+        while state() != "loading":
+            assert time.monotonic() < deadline, "the load never started"
+            time.sleep(0.05)
+        return loader
+
+    # Past the wait: a 409, and the load goes on to make the model resident.
+    monkeypatch.setattr(admin_api, "UNLOAD_WAITS_FOR_LOAD_S", 0.3)
+    loader = load_started()
+    status, body = admin(srv, "POST", f"/admin/models/{MODEL}/unload")
+    assert status == 409 and body["error"]["code"] == "model_loading", body
+    assert "still loading" in body["error"]["message"] and body["error"]["param"] == "model"
+    gate.set()
+    loader.join(30)
+    assert state() == "resident"
+
+    # Within the wait: the unload answers once the load is done, with the model unloaded.
+    monkeypatch.setattr(admin_api, "UNLOAD_WAITS_FOR_LOAD_S", 30.0)
+    assert admin(srv, "POST", f"/admin/models/{MODEL}/unload")[1]["state"] == "available"
+    gate.clear()
+    loader = load_started()
+    unloader, answers = in_background(f"/admin/models/{MODEL}/unload")
+    time.sleep(0.5)
+    assert unloader.is_alive(), f"the unload answered before the load was done: {answers}"
+    gate.set()
+    unloader.join(30)
+    loader.join(30)
+    assert answers[0][0] == 200 and answers[0][1]["state"] == "available", answers
+    assert state() == "available"

@@ -6,6 +6,7 @@ socket and on loopback TCP, and over TCP every request must carry the admin toke
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -33,6 +34,10 @@ from appliance.models import ModelState, validate_model_settings
 
 log = logging.getLogger(__name__)
 
+# How long an unload asked for while the model loads waits for that load: within the console's
+# 60 s for an unload, leaving time for the drain that follows.
+UNLOAD_WAITS_FOR_LOAD_S = 30.0
+
 DATA_APP = web.AppKey("data_app", web.Application)
 ADMIN_TOKEN = web.AppKey("admin_token", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -42,6 +47,17 @@ class Unauthorized(ApplianceError):
     status = 401
     type = "authentication_error"
     code = "admin_token_required"
+
+
+class Conflict(ApplianceError):
+    """The request is valid but the state of the file or the model does not allow it now."""
+
+    status = 409
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, code: str, *, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.code = code
 
 
 def _data(request: web.Request) -> web.Application:
@@ -258,9 +274,7 @@ async def patch_settings(request: web.Request) -> web.Response:
     except (ConfigError, OSError) as exc:
         # The file on disk is gone, invalid, or cannot be written: nothing is applied either,
         # so that what runs and what a restart would load never differ.
-        conflict = ApplianceError(f"the settings were not saved: {exc}")
-        conflict.status, conflict.type, conflict.code = 409, "invalid_request_error", "config_file_conflict"
-        raise conflict from None
+        raise Conflict(f"the settings were not saved: {exc}", "config_file_conflict") from None
     cfg.defaults, cfg.model_overrides = new_defaults, new_models
     resilience = app[RESILIENCE]
     resilience.configure_cache(cfg.tunables_for("", {}))
@@ -306,6 +320,18 @@ async def load_model(request: web.Request) -> web.Response:
 async def unload_model(request: web.Request) -> web.Response:
     name = _model(request)
     mgr = _data(request)[MANAGER]
+    loading = mgr.slots[name].load_task
+    if loading is not None and not loading.done():
+        # The unload is meant for what that load brings: answering "loading" at once and doing
+        # nothing left the model resident. Waited for, not cancelled (requests may wait on it).
+        done, _ = await asyncio.wait({loading}, timeout=UNLOAD_WAITS_FOR_LOAD_S)
+        if not done:
+            raise Conflict(
+                f"the model '{name}' is still loading after {UNLOAD_WAITS_FOR_LOAD_S:g} s; "
+                "unload it once it is resident",
+                "model_loading",
+                param="model",
+            )
     if mgr.slots[name].state == ModelState.resident:
         await mgr.unload(name)
     return web.json_response(mgr.describe(name))
