@@ -228,7 +228,9 @@ def test_null_removes_an_override(served: Any) -> None:
 def test_hostile_admin_bodies_and_tokens_get_json_errors_not_500s(served: Any) -> None:
     """Found by fuzzing: sections of the wrong type, a model name that is no string, and a token
     whose bytes are not UTF-8 each raised inside a handler, and aiohttp answered its plain-text
-    500. Each is now a 400 or 401 in the admin API's JSON shape, naming the field."""
+    500. Each is now a 400 or 401 in the admin API's JSON shape, naming the field. A section that
+    is an empty list, a 0 or false (an operator-side probe) was taken for an empty one, a 200: it
+    is a 400 as well; null stays an absent section."""
     start, _ = served
     srv = start()
     for body, param in (
@@ -236,9 +238,16 @@ def test_hostile_admin_bodies_and_tokens_get_json_errors_not_500s(served: Any) -
         ({"defaults": "x"}, "defaults"),
         ({"models": 5}, "models"),
         ({"models": True}, "models"),
+        ({"defaults": []}, "defaults"),
+        ({"models": []}, "models"),
+        ({"defaults": 0}, "defaults"),
+        ({"models": False}, "models"),
+        ({"defaults": ""}, "defaults"),
     ):
         status, resp = admin(srv, "PATCH", "/admin/settings", body)
         assert status == 400 and resp["error"]["param"] == param, (body, resp)
+        assert resp["error"]["message"].startswith(f"{param}: expected a mapping, got "), resp
+    assert admin(srv, "PATCH", "/admin/settings", {"defaults": None, "models": None})[0] == 200
     for model in (["x"], {}):
         status, resp = admin(srv, "POST", "/admin/cache/purge", {"model": model})
         assert status == 400 and resp["error"]["param"] == "model", resp

@@ -209,11 +209,16 @@ async def patch_settings(request: web.Request) -> web.Response:
     unknown = set(body) - {"defaults", "models"}
     if unknown:
         raise InvalidRequest(f"unknown keys {sorted(unknown)}; expected 'defaults' and/or 'models'")
+    sections: dict[str, dict[str, Any]] = {}
     for section in ("defaults", "models"):
-        if not isinstance(body.get(section) or {}, dict):
-            raise InvalidRequest(
-                f"{section}: expected a mapping, got {type(body[section]).__name__}", param=section
-            )
+        # null is an absent section, as every optional field's null; any other value that is not
+        # a mapping is refused, an empty list or a 0 too (`or {}` had taken those for empty).
+        value = body.get(section)
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise InvalidRequest(f"{section}: expected a mapping, got {type(value).__name__}", param=section)
+        sections[section] = value
     app = _data(request)
     mgr, cfg = app[MANAGER], app[CONFIG]
     # Every problem, of every section and model, is gathered before refusing: a form shows each
@@ -227,7 +232,7 @@ async def patch_settings(request: web.Request) -> web.Response:
             problems.append({"setting": name, "message": message, **({"model": model} if model else {})})
 
     # A null value removes an override, so the value below it applies again.
-    flat = settings.flatten(body.get("defaults") or {})
+    flat = settings.flatten(sections["defaults"])
     new_defaults = dict(cfg.defaults)
     try:
         new_defaults.update(settings.validate(_set(flat), "defaults."))
@@ -236,7 +241,7 @@ async def patch_settings(request: web.Request) -> web.Response:
     for key in _unset(flat):
         new_defaults.pop(key, None)
     new_models = {m: dict(v) for m, v in cfg.model_overrides.items()}
-    for name, tree in (body.get("models") or {}).items():
+    for name, tree in sections["models"].items():
         if name not in mgr.slots or not isinstance(tree, dict):
             what = "no such model" if name not in mgr.slots else "expected a mapping of settings"
             details.append(f"models.{name}: {what}")
@@ -283,8 +288,8 @@ async def patch_settings(request: web.Request) -> web.Response:
     for name in mgr.slots:
         mgr.apply(name)
         resilience.configure(name, mgr.tunables(name))
-        changed = set(settings.flatten((body.get("models") or {}).get(name, {}))) | set(
-            settings.flatten(body.get("defaults") or {})
+        changed = set(settings.flatten(sections["models"].get(name, {}))) | set(
+            settings.flatten(sections["defaults"])
         )
         if any(settings.REGISTRY[c].reload for c in changed if c in settings.REGISTRY):
             restart_needed.append(name)
