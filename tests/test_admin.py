@@ -181,6 +181,10 @@ def test_model_breaker_and_cache_actions(served: Any) -> None:
     assert admin(srv, "GET", "/admin/stats")[1]["models"][MODEL]["breaker"]["state"] == "forced_open"
     status, body, headers = srv.post("/v1/embeddings", {"model": MODEL, "input": "while forced open"})
     assert status == 503 and "Retry-After" in headers
+    # Not "is failing" (an operator-side probe): it stays open until an operator closes it.
+    message = body["error"]["message"]
+    assert "an operator" in message and "until an operator closes it" in message, message
+    assert "is failing" not in message
     assert admin(srv, "POST", f"/admin/breakers/{MODEL}/close")[1]["state"] == "closed"
     assert admin(srv, "POST", f"/admin/breakers/{MODEL}/disable")[1]["state"] == "disabled"
     assert admin(srv, "POST", f"/admin/breakers/{MODEL}/reset")[1]["state"] == "closed"
