@@ -7,7 +7,9 @@ typo that is silently ignored is the worst kind of configuration bug.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import reprlib
 import stat
 import tempfile
@@ -224,22 +226,83 @@ def load(path: Path | None, env: Mapping[str, str] | None = None) -> Config:
     return parse(raw, path.resolve(), env)
 
 
-def _on_disk(cfg: Config) -> dict[str, Any]:
+def changed_sections(
+    cfg: Config,
+    defaults: Mapping[str, settings.SettingValue],
+    overrides: Mapping[str, Mapping[str, settings.SettingValue]],
+) -> list[str]:
+    """Which of ``defaults`` and ``models`` differ from the running configuration's. A model with
+    no override left counts as absent, as the file leaves it out."""
+    changed = ["defaults"] if dict(defaults) != cfg.defaults else []
+    if {m: dict(v) for m, v in overrides.items() if v} != {m: v for m, v in cfg.model_overrides.items() if v}:
+        changed.append("models")
+    return changed
+
+
+def _on_disk(cfg: Config) -> tuple[dict[str, Any], str]:
     """The configuration file as it is now, to rewrite one part of it. Refuses (ConfigError)
-    when it is gone or no longer a valid mapping: rewriting it from the running values would
-    silently drop the server, admin and path sections, or an operator's edit."""
+    when it is gone, empty or no longer a valid mapping: rewriting it from the running values
+    would silently drop the server, admin and path sections, or an operator's edit."""
     assert cfg.path is not None
     if not os.path.lexists(cfg.path):
         raise ConfigError(f"{cfg.path}: the configuration file is gone; restore it, nothing was saved")
     try:
-        raw = yamlfile.read(cfg.path)
+        text = yamlfile.read_text(cfg.path)
+        raw = yamlfile.parse(cfg.path, text)
     except yamlfile.YamlFileError as exc:
         raise ConfigError(f"{exc}; fix it (or reload), nothing was saved") from None
-    if raw is None:
-        return {}
+    if raw is None or raw == {}:
+        # As a reload refuses it: an empty file (or one of comments only) is most likely one being
+        # rewritten, or truncated by a full disk. Rewritten from it, the file would keep only the
+        # part being saved, and the .bak would hold the empty file.
+        raise ConfigError(
+            f"{cfg.path}: the file is empty (being rewritten, or truncated?); restore it, nothing was saved"
+        )
     if not isinstance(raw, dict):
         raise ConfigError(f"{cfg.path}: expected a mapping at the top level; fix it, nothing was saved")
-    return raw
+    return raw, text
+
+
+# The first line of a file this program rewrote, with the digest of the rest. A file that still
+# matches it is the program's own copy; one that does not (or has no such line) was written or
+# edited by hand, and it is what the .bak keeps. In the file itself, it holds across restarts and
+# between the server and the `appliance keys` commands.
+_WRITTEN_BY = (
+    "# Written by appliance, which does not keep comments: the last hand-edited file is {bak}. "
+    "sha256:{digest}\n"
+)
+_WRITTEN_BY_RE = re.compile(r"# Written by appliance\b[^\n]* sha256:([0-9a-f]{64})\n")
+
+
+def _written_by_us(text: str) -> bool:
+    """Whether ``text`` is a file this program wrote that nobody has edited since."""
+    match = _WRITTEN_BY_RE.match(text)
+    return match is not None and hashlib.sha256(text[match.end() :].encode()).hexdigest() == match[1]
+
+
+def _rewrite(path: Path, raw: dict[str, Any], before: str) -> None:
+    """Write ``raw`` over ``path``, whose text was ``before``: atomically, and with ``before`` kept
+    as ``.bak`` unless it is only this program's own copy (see save_settings)."""
+    body = yaml.safe_dump(raw, sort_keys=False, default_flow_style=False)
+    header = _WRITTEN_BY.format(bak=f"{path.name}.bak", digest=hashlib.sha256(body.encode()).hexdigest())
+    atomic_write(path, (header + body).encode("utf-8"), backup=not _written_by_us(before))
+
+
+def _refuse_edits_not_reloaded(cfg: Config, raw: dict[str, Any]) -> None:
+    """Refuses (ConfigError) when the file's defaults or models are not the running ones: edited
+    on disk and not reloaded yet. A save rewrites those sections from the running values, so it
+    would silently revert such an edit."""
+    reload = "reload first (systemctl reload appliance, or SIGHUP), then apply the change again"
+    try:
+        on_disk = parse({k: raw[k] for k in ("defaults", "models") if k in raw}, cfg.path, env={})
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (edited and not reloaded?); fix it, {reload}; nothing was saved") from None
+    changed = changed_sections(cfg, on_disk.defaults, on_disk.model_overrides)
+    if changed:
+        raise ConfigError(
+            f"{cfg.path}: {' and '.join(changed)} in the file differ from the running configuration "
+            f"(edited and not reloaded?); {reload}; nothing was saved"
+        )
 
 
 def save_settings(
@@ -249,12 +312,20 @@ def save_settings(
 ) -> None:
     """Persist tunables (server-wide and per model) into the config file atomically, with a backup.
 
-    PyYAML does not keep comments; the previous file stays next to it as ``.bak`` so an operator's
-    comments are never lost silently (the README says so).
+    PyYAML does not keep comments, so the operator's last hand-written file stays next to it as
+    ``.bak`` (the README says so). A save replaces ``.bak`` only when the file on disk is not
+    this program's own last copy (its first line's digest no longer matches, or it has none):
+    saving over the program's copy keeps the ``.bak`` as it is, or a second save would replace
+    the operator's file, comments and all, with the first save's copy. Callers save only what
+    changes (a no-op PATCH writes nothing), so an untouched file keeps its comments in place.
+
+    Refuses (ConfigError, nothing written) when the file's ``defaults`` or ``models`` are not the
+    running ones: an edit on disk that a reload has not applied yet would be reverted.
     """
     if cfg.path is None:
         return
-    raw = _on_disk(cfg)
+    raw, before = _on_disk(cfg)
+    _refuse_edits_not_reloaded(cfg, raw)
     for key, tree in (
         ("defaults", settings.nest(defaults)),
         ("models", {m: settings.nest(v) for m, v in sorted(overrides.items()) if v}),
@@ -263,8 +334,7 @@ def save_settings(
             raw[key] = tree
         else:
             raw.pop(key, None)
-    text = yaml.safe_dump(raw, sort_keys=False, default_flow_style=False)
-    atomic_write(cfg.path, text.encode("utf-8"), backup=True)
+    _rewrite(cfg.path, raw, before)
 
 
 def atomic_write(path: Path, data: bytes, *, backup: bool = False) -> None:
@@ -299,15 +369,16 @@ def atomic_write(path: Path, data: bytes, *, backup: bool = False) -> None:
 
 
 def save_keys(cfg: Config, records: list[dict[str, Any]]) -> None:
-    """Write ``auth.keys`` into the config file atomically (with a backup), nothing else."""
+    """Write ``auth.keys`` into the config file atomically (with a backup as save_settings
+    keeps one), nothing else."""
     if cfg.path is None:
         raise ConfigError("no configuration file to store keys in; pass --config")
-    raw = _on_disk(cfg)
+    raw, before = _on_disk(cfg)
     auth = raw.setdefault("auth", {})
     if not isinstance(auth, dict):
         raise ConfigError(f"{cfg.path}: auth: expected a mapping; fix it, nothing was saved")
     auth["keys"] = records
-    atomic_write(cfg.path, yaml.safe_dump(raw, sort_keys=False).encode("utf-8"), backup=True)
+    _rewrite(cfg.path, raw, before)
 
 
 def find_default_config() -> Path | None:

@@ -36,7 +36,7 @@ from typing import Any, Protocol, TypeVar
 
 from appliance.admission import AdmissionError, QueueFull, Reservation, WouldMissDeadline
 from appliance.auth import ApiKeyRecord
-from appliance.breaker import BreakerOpen, CircuitBreaker, Permit
+from appliance.breaker import BreakerOpen, BreakerState, CircuitBreaker, Permit
 from appliance.cache import CacheHit, cache_key
 from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, ModelNotBuilt, Unavailable
 from appliance.inference import admission_error
@@ -346,9 +346,15 @@ class Pipeline:
         try:
             permit = breaker.acquire()
         except BreakerOpen as exc:
-            return await self._fallback(
-                ticket, work, hit, exc.retry_after_s, "is failing and its circuit breaker is open"
+            # An operator's open is no failure and has no schedule: it lasts until they close it.
+            # Retry-After stays (a 503 carries one), the breaker's hint of one open period.
+            why = (
+                "was taken out of service by an operator (its circuit breaker is held open until "
+                "an operator closes it)"
+                if exc.state is BreakerState.FORCED_OPEN
+                else "is failing and its circuit breaker is open"
             )
+            return await self._fallback(ticket, work, hit, exc.retry_after_s, why)
         try:
             runtime = await self._runtime(ticket, permit)
         except BaseException:

@@ -54,6 +54,12 @@ def loads(text: str) -> Any:
 
 def read(path: Path, *, max_bytes: int = MAX_BYTES) -> Any:
     """The parsed file; YamlFileError naming ``path`` for anything that keeps it from parsing."""
+    return parse(path, read_text(path, max_bytes=max_bytes))
+
+
+def read_text(path: Path, *, max_bytes: int = MAX_BYTES) -> str:
+    """The file's text, within the same bounds as :func:`read` (for a caller that also needs the
+    exact text it parsed, read once)."""
     try:
         with path.open("rb") as f:
             data = f.read(max_bytes + 1)
@@ -65,6 +71,11 @@ def read(path: Path, *, max_bytes: int = MAX_BYTES) -> Any:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise YamlFileError(path, f"not UTF-8 text (byte {exc.start})") from None
+    return text
+
+
+def parse(path: Path, text: str) -> Any:
+    """``text``, read from ``path``, parsed as :func:`read` does."""
     try:
         return loads(text)
     except yaml.YAMLError as exc:

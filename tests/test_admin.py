@@ -181,6 +181,10 @@ def test_model_breaker_and_cache_actions(served: Any) -> None:
     assert admin(srv, "GET", "/admin/stats")[1]["models"][MODEL]["breaker"]["state"] == "forced_open"
     status, body, headers = srv.post("/v1/embeddings", {"model": MODEL, "input": "while forced open"})
     assert status == 503 and "Retry-After" in headers
+    # Not "is failing" (an operator-side probe): it stays open until an operator closes it.
+    message = body["error"]["message"]
+    assert "an operator" in message and "until an operator closes it" in message, message
+    assert "is failing" not in message
     assert admin(srv, "POST", f"/admin/breakers/{MODEL}/close")[1]["state"] == "closed"
     assert admin(srv, "POST", f"/admin/breakers/{MODEL}/disable")[1]["state"] == "disabled"
     assert admin(srv, "POST", f"/admin/breakers/{MODEL}/reset")[1]["state"] == "closed"
@@ -228,7 +232,9 @@ def test_null_removes_an_override(served: Any) -> None:
 def test_hostile_admin_bodies_and_tokens_get_json_errors_not_500s(served: Any) -> None:
     """Found by fuzzing: sections of the wrong type, a model name that is no string, and a token
     whose bytes are not UTF-8 each raised inside a handler, and aiohttp answered its plain-text
-    500. Each is now a 400 or 401 in the admin API's JSON shape, naming the field."""
+    500. Each is now a 400 or 401 in the admin API's JSON shape, naming the field. A section that
+    is an empty list, a 0 or false (an operator-side probe) was taken for an empty one, a 200: it
+    is a 400 as well; null stays an absent section."""
     start, _ = served
     srv = start()
     for body, param in (
@@ -236,9 +242,16 @@ def test_hostile_admin_bodies_and_tokens_get_json_errors_not_500s(served: Any) -
         ({"defaults": "x"}, "defaults"),
         ({"models": 5}, "models"),
         ({"models": True}, "models"),
+        ({"defaults": []}, "defaults"),
+        ({"models": []}, "models"),
+        ({"defaults": 0}, "defaults"),
+        ({"models": False}, "models"),
+        ({"defaults": ""}, "defaults"),
     ):
         status, resp = admin(srv, "PATCH", "/admin/settings", body)
         assert status == 400 and resp["error"]["param"] == param, (body, resp)
+        assert resp["error"]["message"].startswith(f"{param}: expected a mapping, got "), resp
+    assert admin(srv, "PATCH", "/admin/settings", {"defaults": None, "models": None})[0] == 200
     for model in (["x"], {}):
         status, resp = admin(srv, "POST", "/admin/cache/purge", {"model": model})
         assert status == 400 and resp["error"]["param"] == "model", resp
@@ -326,3 +339,140 @@ def test_an_unload_under_traffic_leaves_one_engine_and_its_memory_counted(served
     assert model["state"] == "resident" and model["memory_bytes"], model
     assert stats["memory"]["used_bytes"] > 0
     assert 'appliance_model_loaded{model="all-minilm-l6-v2"} 1.0' in srv.get("/metrics")[1].decode()
+
+
+def test_settings_are_not_saved_over_an_empty_config_file(served: Any) -> None:
+    """Found by an operator-side probe: with the file empty (caught mid-write, or truncated by a
+    full disk) a PATCH wrote one holding only the tunables, the server, admin and path sections
+    lost for the next restart, and the .bak became the empty file. It is refused as a reload
+    refuses it: a 409, nothing written, nothing applied."""
+    start, path = served
+    srv = start()
+    bak = path.parent / "appliance.yaml.bak"
+    for empty in ("", "# only a comment\n", "{}\n"):
+        path.write_text(empty)
+        status, body = admin(srv, "PATCH", "/admin/settings", {"defaults": {"queue": {"aging_ms": 123}}})
+        assert status == 409 and body["error"]["code"] == "config_file_conflict", body
+        assert "empty" in body["error"]["message"] and path.name in body["error"]["message"]
+        assert path.read_text() == empty and not bak.exists()
+        assert admin(srv, "GET", "/admin/settings")[1]["defaults"]["queue.aging_ms"] != 123
+
+
+def test_saving_settings_never_loses_the_operators_comments(served: Any) -> None:
+    """Found by an operator-side probe: two PATCHes of `{}` destroyed the file's comments for
+    good, the first moving them to the .bak, the second replacing the .bak with its own copy. A
+    PATCH that changes nothing writes nothing; a save replaces the .bak only when the file on disk
+    is not the program's own copy, so the .bak keeps the operator's last hand-written file."""
+    start, path = served
+    srv = start()
+    bak = path.parent / "appliance.yaml.bak"
+    hand_written = path.read_text()
+    nothing = {"models": {MODEL: {"batching": {"max_batch_size": None}}}}  # no such override
+    for body in ({}, {}, {"defaults": {}}, nothing):
+        status, view = admin(srv, "PATCH", "/admin/settings", body)
+        assert status == 200 and view["models"][MODEL]["batching.max_batch_size"] == 16, view
+    assert path.read_text() == hand_written and not bak.exists()
+    for size in (4, 8, 2):
+        status, _ = admin(
+            srv, "PATCH", "/admin/settings", {"models": {MODEL: {"batching": {"max_batch_size": size}}}}
+        )
+        assert status == 200
+    assert bak.read_text() == hand_written, "the operator's file, not the program's first copy"
+    assert yaml.safe_load(path.read_text())["models"][MODEL]["batching"]["max_batch_size"] == 2
+    assert "appliance.yaml.bak" in path.read_text().splitlines()[0], "the file says where its comments went"
+    # Edited by hand again, the file is the operator's: the next save keeps that edit as the .bak.
+    path.write_text(path.read_text() + "# batch of 2 for the night shift\n")
+    assert admin(srv, "PATCH", "/admin/settings", {"defaults": {"queue": {"aging_ms": 50}}})[0] == 200
+    assert "night shift" in bak.read_text() and "night shift" not in path.read_text()
+
+
+def test_a_patch_never_reverts_an_edit_on_disk_that_is_not_reloaded(served: Any) -> None:
+    """Found by an operator-side probe: with defaults edited in the file but not reloaded yet, a
+    PATCH of an unrelated model override rewrote the file's defaults from memory, silently
+    reverting the edit. It is a 409 that says to reload first, and nothing is written or applied;
+    once reloaded, the same PATCH is saved beside the edit."""
+    start, path = served
+    srv = start()
+    raw = yaml.safe_load(path.read_text())
+    raw["defaults"] = {"queue": {"default_priority": 1}}
+    edited = "# priority 1 by default from Monday\n" + yaml.safe_dump(raw)
+    path.write_text(edited)
+    change = {"models": {MODEL: {"batching": {"max_batch_size": 4}}}}
+    status, body = admin(srv, "PATCH", "/admin/settings", change)
+    assert status == 409 and body["error"]["code"] == "config_file_conflict", body
+    message = body["error"]["message"]
+    assert "defaults" in message and "systemctl reload appliance" in message and "SIGHUP" in message
+    assert path.read_text() == edited and not (path.parent / "appliance.yaml.bak").exists()
+    assert admin(srv, "GET", "/admin/settings")[1]["models"][MODEL]["batching.max_batch_size"] == 16
+    assert srv.server is not None and srv.call(srv.server.reload) is True
+    status, body = admin(srv, "PATCH", "/admin/settings", change)
+    assert status == 200, body
+    saved = yaml.safe_load(path.read_text())
+    assert saved["defaults"] == {"queue": {"default_priority": 1}}
+    assert saved["models"][MODEL]["batching"]["max_batch_size"] == 4
+
+
+def test_an_unload_during_a_load_waits_for_it_and_unloads(
+    served: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by an operator-side probe: an unload while the model was loading answered 200
+    "loading" and did nothing, and the model ended resident. The unload waits for the load and
+    then unloads, answering the final state; a load that outlasts the wait is a 409 saying the
+    model is still loading, and the unload is not half done."""
+    import threading
+
+    from appliance.api import admin as admin_api
+    from appliance.models import ModelManager
+
+    start, _ = served
+    srv = start()
+    assert admin(srv, "POST", f"/admin/models/{MODEL}/unload")[1]["state"] == "available"
+    gate = threading.Event()
+    original = ModelManager._open_engine
+
+    def slow_open(entry: Any, values: Any) -> Any:  # test-only hook: a load that takes a while
+        gate.wait(30)
+        return original(entry, values)
+
+    monkeypatch.setattr(ModelManager, "_open_engine", staticmethod(slow_open))
+
+    def state() -> str:
+        return str(admin(srv, "GET", "/admin/stats")[1]["models"][MODEL]["state"])
+
+    def in_background(path: str) -> tuple[threading.Thread, list[tuple[int, Any]]]:
+        answers: list[tuple[int, Any]] = []
+        thread = threading.Thread(target=lambda: answers.append(admin(srv, "POST", path)))
+        thread.start()
+        return thread, answers
+
+    def load_started() -> threading.Thread:
+        loader, _ = in_background(f"/admin/models/{MODEL}/load")
+        deadline = time.monotonic() + 10
+        while state() != "loading":
+            assert time.monotonic() < deadline, "the load never started"
+            time.sleep(0.05)
+        return loader
+
+    # Past the wait: a 409, and the load goes on to make the model resident.
+    monkeypatch.setattr(admin_api, "UNLOAD_WAITS_FOR_LOAD_S", 0.3)
+    loader = load_started()
+    status, body = admin(srv, "POST", f"/admin/models/{MODEL}/unload")
+    assert status == 409 and body["error"]["code"] == "model_loading", body
+    assert "still loading" in body["error"]["message"] and body["error"]["param"] == "model"
+    gate.set()
+    loader.join(30)
+    assert state() == "resident"
+
+    # Within the wait: the unload answers once the load is done, with the model unloaded.
+    monkeypatch.setattr(admin_api, "UNLOAD_WAITS_FOR_LOAD_S", 30.0)
+    assert admin(srv, "POST", f"/admin/models/{MODEL}/unload")[1]["state"] == "available"
+    gate.clear()
+    loader = load_started()
+    unloader, answers = in_background(f"/admin/models/{MODEL}/unload")
+    time.sleep(0.5)
+    assert unloader.is_alive(), f"the unload answered before the load was done: {answers}"
+    gate.set()
+    unloader.join(30)
+    loader.join(30)
+    assert answers[0][0] == 200 and answers[0][1]["state"] == "available", answers
+    assert state() == "available"

@@ -156,3 +156,38 @@ def test_readme_configuration_reference_matches_the_registry() -> None:
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert settings.markdown_table() in readme, "run `appliance settings --update-readme README.md`"
+
+
+def test_keys_are_not_saved_into_an_empty_config_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by an operator-side probe: `appliance keys add` on an empty file (caught mid-write,
+    or truncated) wrote one holding only auth.keys. It is refused in one line, exit 2, as a
+    reload refuses the file; nothing is written."""
+    from appliance.cli import main
+
+    path = write(tmp_path, "")
+    assert main(["--config", str(path), "keys", "add", "app"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "appliance.yaml: the file is empty" in err, err
+    assert path.read_text() == "" and not (tmp_path / "appliance.yaml.bak").exists()
+
+
+def test_the_backup_keeps_the_last_hand_written_file_across_processes(tmp_path: Path) -> None:
+    """`appliance keys add` (its own process) after a settings save, then a save by a restarted
+    server: neither knows what the other wrote, and the .bak still holds the operator's file,
+    because the program's copy says so itself (a digest on its first line)."""
+    from appliance.config import save_keys
+
+    path = write(tmp_path, "# operator's comment\nserver: {port: 9001}\n")
+    bak = tmp_path / "appliance.yaml.bak"
+    save_settings(load(path, env={}), {}, {"m": {"batching.max_batch_size": 4}})
+    save_keys(load(path, env={}), [])
+    save_settings(load(path, env={}), {}, {"m": {"batching.max_batch_size": 8}})
+    assert "operator's comment" in bak.read_text()
+    again = load(path, env={})
+    assert again.server.port == 9001 and again.model_overrides == {"m": {"batching.max_batch_size": 8}}
+    # One character changed by hand, and it is the operator's file again.
+    path.write_text(path.read_text().replace("9001", "9002"))
+    save_keys(load(path, env={}), [])
+    assert "9002" in bak.read_text() and "operator's comment" not in bak.read_text()

@@ -6,6 +6,7 @@ socket and on loopback TCP, and over TCP every request must carry the admin toke
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -27,11 +28,15 @@ from appliance.api.common import (
     STARTED,
     read_json,
 )
-from appliance.config import ConfigError, save_settings
+from appliance.config import ConfigError, changed_sections, save_settings
 from appliance.errors import ApplianceError, InvalidRequest, ModelNotFound
 from appliance.models import ModelState, validate_model_settings
 
 log = logging.getLogger(__name__)
+
+# How long an unload asked for while the model loads waits for that load: within the console's
+# 60 s for an unload, leaving time for the drain that follows.
+UNLOAD_WAITS_FOR_LOAD_S = 30.0
 
 DATA_APP = web.AppKey("data_app", web.Application)
 ADMIN_TOKEN = web.AppKey("admin_token", str)
@@ -42,6 +47,17 @@ class Unauthorized(ApplianceError):
     status = 401
     type = "authentication_error"
     code = "admin_token_required"
+
+
+class Conflict(ApplianceError):
+    """The request is valid but the state of the file or the model does not allow it now."""
+
+    status = 409
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, code: str, *, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.code = code
 
 
 def _data(request: web.Request) -> web.Application:
@@ -193,11 +209,16 @@ async def patch_settings(request: web.Request) -> web.Response:
     unknown = set(body) - {"defaults", "models"}
     if unknown:
         raise InvalidRequest(f"unknown keys {sorted(unknown)}; expected 'defaults' and/or 'models'")
+    sections: dict[str, dict[str, Any]] = {}
     for section in ("defaults", "models"):
-        if not isinstance(body.get(section) or {}, dict):
-            raise InvalidRequest(
-                f"{section}: expected a mapping, got {type(body[section]).__name__}", param=section
-            )
+        # null is an absent section, as every optional field's null; any other value that is not
+        # a mapping is refused, an empty list or a 0 too (`or {}` had taken those for empty).
+        value = body.get(section)
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise InvalidRequest(f"{section}: expected a mapping, got {type(value).__name__}", param=section)
+        sections[section] = value
     app = _data(request)
     mgr, cfg = app[MANAGER], app[CONFIG]
     # Every problem, of every section and model, is gathered before refusing: a form shows each
@@ -211,7 +232,7 @@ async def patch_settings(request: web.Request) -> web.Response:
             problems.append({"setting": name, "message": message, **({"model": model} if model else {})})
 
     # A null value removes an override, so the value below it applies again.
-    flat = settings.flatten(body.get("defaults") or {})
+    flat = settings.flatten(sections["defaults"])
     new_defaults = dict(cfg.defaults)
     try:
         new_defaults.update(settings.validate(_set(flat), "defaults."))
@@ -220,7 +241,7 @@ async def patch_settings(request: web.Request) -> web.Response:
     for key in _unset(flat):
         new_defaults.pop(key, None)
     new_models = {m: dict(v) for m, v in cfg.model_overrides.items()}
-    for name, tree in (body.get("models") or {}).items():
+    for name, tree in sections["models"].items():
         if name not in mgr.slots or not isinstance(tree, dict):
             what = "no such model" if name not in mgr.slots else "expected a mapping of settings"
             details.append(f"models.{name}: {what}")
@@ -252,13 +273,13 @@ async def patch_settings(request: web.Request) -> web.Response:
         err.problems = problems
         raise err
     try:
-        save_settings(cfg, new_defaults, new_models)
+        # A PATCH that changes nothing writes nothing: each rewrite drops the file's comments.
+        if changed_sections(cfg, new_defaults, new_models):
+            save_settings(cfg, new_defaults, new_models)
     except (ConfigError, OSError) as exc:
         # The file on disk is gone, invalid, or cannot be written: nothing is applied either,
         # so that what runs and what a restart would load never differ.
-        conflict = ApplianceError(f"the settings were not saved: {exc}")
-        conflict.status, conflict.type, conflict.code = 409, "invalid_request_error", "config_file_conflict"
-        raise conflict from None
+        raise Conflict(f"the settings were not saved: {exc}", "config_file_conflict") from None
     cfg.defaults, cfg.model_overrides = new_defaults, new_models
     resilience = app[RESILIENCE]
     resilience.configure_cache(cfg.tunables_for("", {}))
@@ -267,8 +288,8 @@ async def patch_settings(request: web.Request) -> web.Response:
     for name in mgr.slots:
         mgr.apply(name)
         resilience.configure(name, mgr.tunables(name))
-        changed = set(settings.flatten((body.get("models") or {}).get(name, {}))) | set(
-            settings.flatten(body.get("defaults") or {})
+        changed = set(settings.flatten(sections["models"].get(name, {}))) | set(
+            settings.flatten(sections["defaults"])
         )
         if any(settings.REGISTRY[c].reload for c in changed if c in settings.REGISTRY):
             restart_needed.append(name)
@@ -304,6 +325,18 @@ async def load_model(request: web.Request) -> web.Response:
 async def unload_model(request: web.Request) -> web.Response:
     name = _model(request)
     mgr = _data(request)[MANAGER]
+    loading = mgr.slots[name].load_task
+    if loading is not None and not loading.done():
+        # The unload is meant for what that load brings: answering "loading" at once and doing
+        # nothing left the model resident. Waited for, not cancelled (requests may wait on it).
+        done, _ = await asyncio.wait({loading}, timeout=UNLOAD_WAITS_FOR_LOAD_S)
+        if not done:
+            raise Conflict(
+                f"the model '{name}' is still loading after {UNLOAD_WAITS_FOR_LOAD_S:g} s; "
+                "unload it once it is resident",
+                "model_loading",
+                param="model",
+            )
     if mgr.slots[name].state == ModelState.resident:
         await mgr.unload(name)
     return web.json_response(mgr.describe(name))
