@@ -330,8 +330,19 @@ class KeyStore:
     def remove(self, name: str) -> ApiKeyRecord:
         with self._lock:
             record = self._records.pop(name)
+            self._version += 1  # active_count() is cached by version
             self._forget(record.hash)
         return record
+
+    def adopt(self, other: KeyStore) -> None:
+        """Take ``other``'s keys (a reload). The store stays the same object: aiohttp wants an
+        application's state set before it starts. A verified key whose record is gone, revoked
+        or re-issued misses the cache on its own (it holds the record's hash)."""
+        with other._lock:
+            records = dict(other._records)
+        with self._lock:
+            self._records = records
+            self._version += 1
 
     def _forget(self, stored: str) -> None:
         for digest in [d for d, h in self._verified.items() if h == stored]:

@@ -226,7 +226,7 @@ class Server:
             log.warning("reload: no API keys are configured any more: the data plane is open to every client")
         self.cfg.defaults, self.cfg.model_overrides = new.defaults, new.model_overrides
         self.cfg.file.auth = new.file.auth
-        self.app[KEYS] = keys
+        self.app[KEYS].adopt(keys)
         mgr, resilience = self.app[MANAGER], self.app[RESILIENCE]
         resilience.configure_cache(self.cfg.tunables_for("", {}))
         mgr.configure_memory()
