@@ -4,9 +4,11 @@ The behaviour tests run the real in-process server with the real all-MiniLM-L6-v
 to it over HTTP (TCP with the admin token, or the Unix socket), exactly as ``appliance tui`` does;
 the server runs on its own loop in a thread while the console runs on pytest's loop.
 
-The snapshot tests at the end are the exception: they need pixel-stable screens (no uptimes, no
-measured latencies, a GPU on a CPU-only box), so they talk to a tiny fake admin server that serves
-fixed payloads. Nothing else here uses it.
+Two exceptions. The scripted tests talk over HTTP to a scripted admin API on the test's own loop
+(``ScriptedAdmin``), for what the real server never does on request: hundreds of models, numbers
+JSON cannot hold, a stall, a restart, a load that lasts as long as the test wants. The snapshot
+tests at the end need pixel-stable screens (no uptimes, no measured latencies, a GPU on a CPU-only
+box), so they talk to a tiny fake admin server that serves fixed payloads; nothing else uses it.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import textual.widgets._data_table as data_table_module
 import yaml
 from aiohttp import web
 from textual.pilot import Pilot
 from textual.widgets import Input, Select
+from textual.widgets.data_table import ColumnKey
 
 from appliance.api.common import RESILIENCE
 from appliance.gpu import cuda
@@ -577,6 +581,125 @@ def test_backend_and_memory_pools_from_stats() -> None:
 def test_api_error_is_typed() -> None:
     err = ApiError(400, "x: bad", "x", "invalid")
     assert err.status == 400 and err.param == "x" and err.message == "x: bad"
+
+
+# -- scripted admin API (what the real server does not do on request) -------------------------
+
+
+class ScriptedAdmin:
+    """An admin API on the test's own loop whose answers the test sets: ``body`` is the raw JSON
+    text of /admin/stats (so ``1e400`` and ``Infinity`` reach the console's JSON parser as such)."""
+
+    def __init__(self) -> None:
+        self.body = "{}"
+        self.stats_requests = 0
+        self.url = ""
+        self._runner = web.AppRunner(self._app())
+
+    def _app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/admin/stats", self._stats)
+        return app
+
+    def serve(self, doc: Any) -> None:
+        self.body = json.dumps(doc)
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        self.stats_requests += 1
+        return web.Response(text=self.body, content_type="application/json")
+
+    async def __aenter__(self) -> ScriptedAdmin:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._runner.cleanup()
+
+
+def scripted_app(admin: ScriptedAdmin, **kw: Any) -> ConsoleApp:
+    # An hour-long interval: the console polls once at start, then when the test presses "r".
+    return ConsoleApp(AdminClient(admin.url, token="t"), interval=3600, **kw)
+
+
+async def poll(pilot: Pilot[Any]) -> None:
+    app = pilot.app
+    assert isinstance(app, ConsoleApp)
+    polls = app.polls
+    await wait_until(pilot, lambda: not app._in_flight, "the poll in flight")
+    await pilot.press("r")
+    await wait_until(pilot, lambda: app.polls > polls and not app._in_flight, "the poll")
+    await pilot.pause()  # the redraw, and the table's width updates when the loop is idle
+
+
+def model_stats(n: int, rps: float = 1.0, changes: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """/admin/stats with n models, ``model-0`` to ``model-{n-1}``, alike but for ``changes``."""
+    models = {
+        f"model-{i}": {
+            "kind": "embedding",
+            "state": "resident",
+            "requests_per_s": rps,
+            "p50_ms": 1.0,
+            "p99_ms": 2.0,
+            "queue_depth": {"1": 0, "2": 1, "3": 0},
+            "breaker": {"state": "closed"},
+            "cache": {"hits": 1, "misses": 1},
+        }
+        for i in range(n)
+    }
+    for name, fields in (changes or {}).items():
+        models[name].update(fields)
+    return {"version": "x", "started_at": 1000.0, "uptime_s": 100, "ready": True, "models": models}
+
+
+async def test_300_models_refresh_in_one_pass_over_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each poll measures cells at most once per cell of the table, however many change (it was
+    once per changed cell per cell of its column: 68 s of frozen UI per poll at 200 models);
+    columns still grow to fit new content and shrink when it goes."""
+    n, columns = 300, len(ModelsTable.COLUMNS)
+    budget = n * columns
+    measured = 0
+    real_measure = data_table_module.measure
+
+    def counting(*args: Any, **kwargs: Any) -> int:
+        nonlocal measured
+        measured += 1
+        # Past the budget the test has failed already: do not spend minutes finding out by how much.
+        return real_measure(*args, **kwargs) if measured <= budget else 1
+
+    monkeypatch.setattr(data_table_module, "measure", counting)
+    async with ScriptedAdmin() as admin:
+        admin.serve(model_stats(n))
+        app = scripted_app(admin)
+        async with app.run_test(size=SIZE) as pilot:
+            table = app.screen.query_one(ModelsTable)
+            await wait_until(pilot, lambda: table.row_count == n, "the models table")
+            await pilot.pause()
+            p99 = table.columns[ColumnKey("p99")]
+            assert p99.content_width == len("p99 ms")
+
+            # Every rate changes and one p99 needs a wider column.
+            admin.serve(model_stats(n, rps=2.0, changes={"model-7": {"p99_ms": 12345678.0}}))
+            measured = 0
+            await poll(pilot)
+            assert measured <= budget, f"{measured} cells measured for a table of {budget}"
+            assert cell(app, "rps", "model-0") == cell(app, "rps", f"model-{n - 1}") == "2.0"
+            assert cell(app, "p99", "model-7") == "12345678" and p99.content_width == 8
+            assert cell(app, "p99", "model-8") == "2.0"
+
+            # The wide value goes: the column shrinks back to its label.
+            admin.serve(model_stats(n, rps=2.0))
+            measured = 0
+            await poll(pilot)
+            assert measured <= budget, f"{measured} cells measured for a table of {budget}"
+            assert cell(app, "p99", "model-7") == "2.0" and p99.content_width == len("p99 ms")
+
+            # Nothing changed: nothing is measured.
+            measured = 0
+            await poll(pilot)
+            assert measured == 0
 
 
 # -- snapshots (fixed payloads from a fake admin server) ---------------------------------------
