@@ -36,7 +36,7 @@ from appliance.gpu import cuda
 from tests.conftest import ServerThread, make_repository
 from tui import view
 from tui.app import discover
-from tui.client import AdminClient, ApiError, Disconnected, Unauthorized
+from tui.client import AdminClient, ApiError, Disconnected, TimedOut, Unauthorized
 from tui.commands import ConsoleCommands
 from tui.confirm import ConfirmScreen
 from tui.console import ConsoleApp
@@ -593,8 +593,11 @@ class ScriptedAdmin:
     def __init__(self) -> None:
         self.body = "{}"
         self.stats_requests = 0
+        self.stall = False  # /admin/stats never answers
+        self.resets = 0  # this many next /admin/stats drop the connection without an answer
         self.url = ""
-        self._runner = web.AppRunner(self._app())
+        # A handler still stalled at the end is cancelled at once, not awaited for a minute.
+        self._runner = web.AppRunner(self._app(), shutdown_timeout=0.1)
 
     def _app(self) -> web.Application:
         app = web.Application()
@@ -606,6 +609,12 @@ class ScriptedAdmin:
 
     async def _stats(self, request: web.Request) -> web.Response:
         self.stats_requests += 1
+        if self.resets and request.transport is not None:
+            self.resets -= 1
+            request.transport.close()  # what a keep-alive connection to a stopped server gets
+            await asyncio.Event().wait()
+        if self.stall:
+            await asyncio.Event().wait()
         return web.Response(text=self.body, content_type="application/json")
 
     async def __aenter__(self) -> ScriptedAdmin:
@@ -700,6 +709,30 @@ async def test_300_models_refresh_in_one_pass_over_the_table(monkeypatch: pytest
             measured = 0
             await poll(pilot)
             assert measured == 0
+
+
+async def test_a_stalled_server_costs_one_timeout_and_a_reset_connection_is_retried() -> None:
+    """A read is retried when its connection was reset (a keep-alive connection from before a
+    restart), never after a timeout: that doubled the time a stalled server still looked
+    connected, past the timeout the error names."""
+    async with ScriptedAdmin() as admin:
+        admin.serve(model_stats(1))
+        client = AdminClient(admin.url, token="t", timeout_s=0.5)
+        try:
+            assert (await client.stats()).ok and admin.stats_requests == 1
+
+            admin.stall = True
+            res = await client.stats()
+            assert isinstance(res.error, TimedOut) and isinstance(res.error, Disconnected)
+            assert res.error.message == "no answer within 0.5 s"
+            assert admin.stats_requests == 2, "one request, no retry after the timeout"
+
+            # A reset connection, on the other hand, is answered on a new one.
+            admin.stall, admin.resets = False, 1
+            res = await client.stats()
+            assert res.ok and admin.stats_requests > 3
+        finally:
+            await client.close()
 
 
 # -- snapshots (fixed payloads from a fake admin server) ---------------------------------------
