@@ -595,6 +595,8 @@ class ScriptedAdmin:
         self.stats_requests = 0
         self.stall = False  # /admin/stats never answers
         self.resets = 0  # this many next /admin/stats drop the connection without an answer
+        self.loads: list[str] = []
+        self.loaded = asyncio.Event()  # loads are answered once the test sets it
         self.url = ""
         # A handler still stalled at the end is cancelled at once, not awaited for a minute.
         self._runner = web.AppRunner(self._app(), shutdown_timeout=0.1)
@@ -602,6 +604,7 @@ class ScriptedAdmin:
     def _app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/admin/stats", self._stats)
+        app.router.add_post("/admin/models/{model}/load", self._load)
         return app
 
     def serve(self, doc: Any) -> None:
@@ -617,6 +620,12 @@ class ScriptedAdmin:
             await asyncio.Event().wait()
         return web.Response(text=self.body, content_type="application/json")
 
+    async def _load(self, request: web.Request) -> web.Response:
+        model = request.match_info["model"]
+        self.loads.append(model)
+        await self.loaded.wait()
+        return web.json_response({"model": model, "state": "resident"})
+
     async def __aenter__(self) -> ScriptedAdmin:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -631,6 +640,19 @@ class ScriptedAdmin:
 def scripted_app(admin: ScriptedAdmin, **kw: Any) -> ConsoleApp:
     # An hour-long interval: the console polls once at start, then when the test presses "r".
     return ConsoleApp(AdminClient(admin.url, token="t"), interval=3600, **kw)
+
+
+def notifications(app: ConsoleApp) -> list[str]:
+    """The text of every notification the console sends from now on."""
+    notes: list[str] = []
+    notify = app.notify
+
+    def record(message: str, **kwargs: Any) -> None:
+        notes.append(message)
+        notify(message, **kwargs)
+
+    app.notify = record  # type: ignore[method-assign]
+    return notes
 
 
 async def poll(pilot: Pilot[Any]) -> None:
@@ -733,6 +755,48 @@ async def test_a_stalled_server_costs_one_timeout_and_a_reset_connection_is_retr
             assert res.ok and admin.stats_requests > 3
         finally:
             await client.close()
+
+
+async def test_an_action_says_it_started_and_is_not_sent_again_while_it_runs() -> None:
+    """A load can take minutes before its answer: the console says at once that it is loading,
+    and the same action asked for again meanwhile is refused with why, not sent in parallel."""
+    async with ScriptedAdmin() as admin:
+        admin.serve(model_stats(2))
+        app = scripted_app(admin)
+        notes = notifications(app)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.screen.query_one(ModelsTable).row_count == 2, "the table")
+            # Two confirmations of one load open at once (palette and key): the first yes sends it.
+            app.ask("model:load", "model-0")
+            app.ask("model:load", "model-0")
+            await pilot.press("y")
+            await wait_until(pilot, lambda: admin.loads == ["model-0"], "the load request")
+            assert "loading model-0…" in notes
+            await pilot.press("y")
+            assert notes[-1].startswith("already loading model-0 (for ") and notes[-1].endswith(
+                "s): not sent again"
+            )
+
+            # Asked again while it runs: refused before any confirmation.
+            notes.clear()
+            await pilot.press("l")
+            assert not isinstance(app.screen, ConfirmScreen)
+            assert len(notes) == 1 and notes[0].startswith("already loading model-0")
+
+            # Another model's load is another action: it runs alongside.
+            await pilot.press("down", "l", "y")
+            await wait_until(pilot, lambda: admin.loads == ["model-0", "model-1"], "the second load")
+            assert "loading model-1…" in notes
+
+            admin.loaded.set()
+            await wait_until(
+                pilot, lambda: {"model-0: resident", "model-1: resident"} <= set(notes), "both answers"
+            )
+            # Answered: the same load may be asked for again.
+            await pilot.press("l")
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press("n")
+        assert admin.loads == ["model-0", "model-1"]
 
 
 # -- snapshots (fixed payloads from a fake admin server) ---------------------------------------
