@@ -799,6 +799,36 @@ async def test_an_action_says_it_started_and_is_not_sent_again_while_it_runs() -
         assert admin.loads == ["model-0", "model-1"]
 
 
+async def test_a_restart_is_told_by_started_at_though_the_new_process_is_up_longer() -> None:
+    """A process that restarted between polls and has been up longer than the old one was at the
+    last poll is still a new process: warned about, graphs and remembered breakers cleared."""
+    async with ScriptedAdmin() as admin:
+        admin.serve({**model_stats(1, rps=5.0), "started_at": 1000.0, "uptime_s": 5})
+        app = scripted_app(admin)
+        notes = notifications(app)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.snapshot.connected, "the first poll")
+            await poll(pilot)
+            assert app.history.values("requests_per_s") == [5.0, 5.0]
+            app.breaker_seen["model-0"] = "forced_open"  # what a breaker action answered
+
+            admin.serve({**model_stats(1, rps=0.0), "started_at": 1100.0, "uptime_s": 60})
+            await poll(pilot)
+            assert "the server restarted" in notes
+            assert app.history.values("requests_per_s") == [0.0] and app.breaker_seen == {}
+
+
+def test_restarted_compares_started_at_and_falls_back_to_uptime() -> None:
+    assert not view.restarted(None, {"started_at": 1.0})  # the first poll
+    assert not view.restarted({"started_at": 1.0, "uptime_s": 5}, {"started_at": 1.0, "uptime_s": 6})
+    assert view.restarted({"started_at": 1.0, "uptime_s": 5}, {"started_at": 2.0, "uptime_s": 60})
+    # Without started_at on both sides (an older server): by uptime going down.
+    assert view.restarted({"uptime_s": 60}, {"uptime_s": 5})
+    assert view.restarted({"uptime_s": 60}, {"started_at": 2.0, "uptime_s": 5})
+    assert not view.restarted({"uptime_s": 5}, {"uptime_s": 60})
+    assert not view.restarted({"uptime_s": 5}, {"uptime_s": "soon"})
+
+
 # -- snapshots (fixed payloads from a fake admin server) ---------------------------------------
 
 GIB = 1024**3

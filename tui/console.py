@@ -90,7 +90,6 @@ class ConsoleApp(App[None]):
         # Actions sent and not answered yet, (verb, model) -> when: the same one is not sent twice.
         self._pending_actions: dict[tuple[str, str | None], float] = {}
         self._timer: Timer | None = None
-        self._last_uptime: float | None = None
         self.set_reactive(ConsoleApp.interval, max(0.05, float(interval)))
         if read_only:
             self.sub_title = "read-only"
@@ -137,15 +136,13 @@ class ConsoleApp(App[None]):
         self.polls += 1
         if res.value is not None:
             stats = res.value
-            uptime = view.num(stats.get("uptime_s"))
-            if self._last_uptime is not None and uptime < self._last_uptime:
+            if view.restarted(prev.stats, stats):
                 # A new server process: its breakers and rolling windows started from scratch.
                 self.history.clear()
                 self.breaker_seen.clear()
                 self.notify("the server restarted", title="reconnected", severity="warning")
             elif prev.status not in (CONNECTED, CONNECTING):
                 self.notify(f"connected to {self.client.address}", title="reconnected")
-            self._last_uptime = uptime
             self.history.record(stats)
             self.snapshot = Snapshot(stats=stats, status=CONNECTED)
             return

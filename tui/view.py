@@ -121,6 +121,29 @@ def num(value: Any, default: float = 0.0) -> float:
     return float(value)
 
 
+def number(value: Any) -> float | None:
+    """A JSON number as float; None for anything else (missing, null, a bool, a string, NaN, ±inf)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def restarted(before: Mapping[str, Any] | None, now: Mapping[str, Any]) -> bool:
+    """Whether ``now`` comes from another server process than ``before``.
+
+    ``started_at`` names the process; uptime cannot, as a new process may have been up longer by
+    the next poll than the old one was at the last. A server that does not send ``started_at``
+    is taken to have restarted when its uptime went down.
+    """
+    if before is None:
+        return False
+    then, started = number(before.get("started_at")), number(now.get("started_at"))
+    if then is not None and started is not None:
+        return started != then
+    up_then, up = number(before.get("uptime_s")), number(now.get("uptime_s"))
+    return up_then is not None and up is not None and up < up_then
+
+
 def _optnum(value: Any) -> float | None:
     return None if value is None or isinstance(value, bool) else num(value)
 
