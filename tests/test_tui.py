@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sys
 import threading
 import time
 import urllib.request
@@ -40,14 +41,21 @@ from tui.client import AdminClient, ApiError, Disconnected, TimedOut, Unauthoriz
 from tui.commands import ConsoleCommands
 from tui.confirm import ConfirmScreen
 from tui.console import ConsoleApp
-from tui.state import CONNECTED, DISCONNECTED
+from tui.state import CONNECTED, DISCONNECTED, ERROR
 from tui.tuning import SettingRow, TuningScreen
 from tui.widgets import (
     ModelsTable,
     Panel,
     StatusBar,
+    bar_levels,
+    breaker_lines,
+    cache_lines,
     compute_lines,
+    generation_lines,
+    gpu_lines,
     loop_lines,
+    memory_lines,
+    nice_ceiling,
     refusal_lines,
     worker_lines,
 )
@@ -827,6 +835,132 @@ def test_restarted_compares_started_at_and_falls_back_to_uptime() -> None:
     assert view.restarted({"uptime_s": 60}, {"started_at": 2.0, "uptime_s": 5})
     assert not view.restarted({"uptime_s": 5}, {"uptime_s": 60})
     assert not view.restarted({"uptime_s": 5}, {"uptime_s": "soon"})
+
+
+# Answers a probe sent the console, as raw JSON text: 1e400 and Infinity parse as inf.
+ODD_STATS = [
+    '{"models": [1, 2], "uptime_s": 5}',
+    '{"models": "abc", "uptime_s": 5}',
+    '{"models": {"m": {"p99_ms": 1e308, "requests_per_s": 1}, "n": {"p99_ms": 1e308}}}',
+    '{"models": {"m": {"p99_ms": Infinity, "requests_per_s": 1e308}, "n": {"requests_per_s": 1e308}}}',
+    '{"models": {"m": {"queue_depth": {"1": 1e400}}}, "uptime_s": 1e400}',
+    '{"models": {"m": "resident"}, "uptime_s": "x", "version": null}',
+    '{"gpu": {"available": true, "gpus": [{"index": "a", "memory_total_bytes": 1e400}]}}',
+    '{"gpu": {"available": true, "gpus": 5}, "cache": {"enabled": true, "bytes": "x"}, "loop": []}',
+    '{"memory": {"device": {"used_bytes": 1, "budget_bytes": 1e400}}, "uptime_s": 100000000000000000000}',
+]
+
+
+async def test_stats_it_cannot_fully_read_are_drawn_as_far_as_they_go() -> None:
+    """Numbers past a float's range are missing and sections of the wrong type absent: the
+    console draws the rest and stays connected, instead of crashing or freezing on old data."""
+    async with ScriptedAdmin() as admin:
+        admin.serve(model_stats(2))
+        app = scripted_app(admin)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.snapshot.connected, "the first poll")
+            for body in ODD_STATS:
+                admin.body = body
+                await poll(pilot)
+                await pilot.pause()  # drawn: the graphs render here
+                assert app.is_running, body
+                assert app.snapshot.status == CONNECTED and "● connected" in status_text(app), body
+                if body in ODD_STATS[:2]:  # no models: none in the table, nor their breakers
+                    assert app.screen.query_one(ModelsTable).row_count == 0
+                    assert not app.screen.query_one("#breaker-panel").display
+                if body == ODD_STATS[2]:  # finite, only huge: shown as it is, graphed
+                    assert cell(app, "p99", "m") == f"{1e308:.0f}"
+                    assert app.history.values("p99_ms")[-1] == 1e308
+                if body == ODD_STATS[4]:
+                    assert cell(app, "queue", "m") == "0" and "up —" in status_text(app)
+            assert app.screen.query_one(ModelsTable).row_count == 0  # the last one has no models
+
+
+async def test_a_snapshot_the_console_cannot_take_shows_error() -> None:
+    """Whatever still goes wrong while taking the stats is an ERROR on the status bar, over the
+    last stats it could draw, until a poll succeeds again; not a worker dying in silence."""
+    async with ScriptedAdmin() as admin:
+        admin.serve(model_stats(1))
+        app = scripted_app(admin)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.snapshot.connected, "the first poll")
+            good = app.snapshot.stats
+
+            def broken(stats: Any) -> None:
+                raise RuntimeError("a view that cannot read this")
+
+            app.history.record = broken  # type: ignore[method-assign]
+            await poll(pilot)
+            assert app.snapshot.status == ERROR and app.snapshot.stats == good
+            text = status_text(app)
+            assert "✖ ERROR" in text and "RuntimeError: a view that cannot read this" in text, text
+            assert app.screen.has_class("-stale")
+
+            del app.history.record
+            await poll(pilot)
+            assert app.snapshot.status == CONNECTED and "● connected" in status_text(app)
+
+
+def test_clean_stats_drops_what_the_console_cannot_read() -> None:
+    stats = fake_stats(3)
+    assert view.clean_stats(stats) == stats  # what the server sends goes through unchanged
+    odd = json.loads(
+        '{"uptime_s": 1e400, "started_at": "x", "version": 3, "loop": [1], "cache": "on",'
+        ' "models": {"m": {"p99_ms": Infinity, "queue_depth": {"1": -1e999, "2": 2},'
+        ' "kv": [1, NaN, 1e308]}, "n": 7}, "memory": {"device": {"used_bytes": 1' + "0" * 400 + "}}}"
+    )
+    assert view.clean_stats(odd) == {
+        "version": 3,
+        "models": {"m": {"p99_ms": None, "queue_depth": {"1": None, "2": 2}, "kv": [1, None, 1e308]}},
+        "memory": {"device": {"used_bytes": None}},
+    }
+    assert view.num(float("inf")) == view.num(10**400) == 0.0 and view.number(True) is None
+    # The views stand on their own too.
+    assert breaker_lines({"models": [1, 2]}) == breaker_lines({"models": "ab"}) == []
+    assert nice_ceiling(1e308 * 1.25) == nice_ceiling(float("inf")) == sys.float_info.max
+    assert nice_ceiling(45) == 50 and nice_ceiling(float("nan")) == 1
+    assert bar_levels([0.0, 1e308, 1.7e308], 3) == [0, 13, 23]
+
+
+def test_every_view_draws_any_value_of_any_type_once_cleaned() -> None:
+    """Each value of a full /admin/stats (to four levels down) replaced by each of a set of
+    wrong types and out-of-range numbers: every view and panel draws it without raising."""
+    wrong: list[Any] = [None, "x", [1], {"a": 1}, True, -1, 1e308, float("inf"), 10**400]
+    lines = (breaker_lines, cache_lines, gpu_lines, memory_lines, generation_lines)
+    lines += (loop_lines, compute_lines, worker_lines, refusal_lines)
+
+    def paths(node: Any, depth: int = 0) -> Iterator[tuple[Any, ...]]:
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+        for key, child in items:
+            yield (key,)
+            if depth < 3:
+                yield from ((key, *rest) for rest in paths(child, depth + 1))
+
+    base = fake_stats(9)
+    for path in [*paths(base), ("added",)]:
+        for value in wrong:
+            doc = json.loads(json.dumps(base))
+            node = doc
+            for key in path[:-1]:
+                node = node[key]
+            node[path[-1]] = value
+            try:
+                stats = view.clean_stats(doc)
+                for row in view.model_rows(stats, {"m": "open"}):
+                    ModelsTable._cells(row)
+                history = view.History()
+                history.record(stats)
+                for metric in history.series:
+                    bar_levels(history.values(metric), 3)
+                (
+                    view.device_label(stats),
+                    view.fmt_duration(stats.get("uptime_s")),
+                    view.restarted(stats, stats),
+                )
+                for draw in lines:
+                    draw(stats)
+            except Exception as exc:
+                raise AssertionError(f"{path} = {value!r}: {exc!r}") from exc
 
 
 # -- snapshots (fixed payloads from a fake admin server) ---------------------------------------

@@ -127,7 +127,19 @@ class ConsoleApp(App[None]):
     async def _poll(self) -> None:
         try:
             res = await self.client.stats()
-            self._take(res)
+            prev = self.snapshot
+            try:
+                self._take(res)
+            except Exception as exc:
+                # The worker does not exit the app on error: without this the status bar would
+                # go on saying "connected" over the last numbers it could draw, forever.
+                self.log.error("could not take the server's stats", exc)
+                self.snapshot = Snapshot(
+                    stats=prev.stats,
+                    status=ERROR,
+                    error=f"cannot show the server's stats: {type(exc).__name__}: {exc}",
+                    failures=prev.failures + 1,
+                )
         finally:
             self._in_flight = False
 
@@ -135,7 +147,7 @@ class ConsoleApp(App[None]):
         prev = self.snapshot
         self.polls += 1
         if res.value is not None:
-            stats = res.value
+            stats = view.clean_stats(res.value)
             if view.restarted(prev.stats, stats):
                 # A new server process: its breakers and rolling windows started from scratch.
                 self.history.clear()

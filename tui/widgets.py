@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
@@ -213,7 +214,7 @@ def _kv(key: str, value: str, value_style: str = "bold") -> Text:
 def breaker_lines(stats: Mapping[str, Any]) -> list[Text]:
     # State first, in a fixed width: a long model name is cut by the panel, the state never is.
     out = []
-    for name, m in (stats.get("models") or {}).items():
+    for name, m in view.models(stats).items():
         b = m.get("breaker") if isinstance(m, Mapping) else None
         if not isinstance(b, Mapping):
             continue
@@ -236,7 +237,8 @@ def cache_lines(stats: Mapping[str, Any]) -> list[Text]:
     return [
         _kv("hit rate", view.fmt_percent(view.hit_rate(c))),
         _kv("entries", str(c.get("entries", 0))),
-        _kv("size", view.fmt_bytes(c.get("bytes"))) + _kv(" /", view.fmt_bytes(c.get("max_bytes")), ""),
+        _kv("size", view.fmt_bytes(view.number(c.get("bytes"))))
+        + _kv(" /", view.fmt_bytes(view.number(c.get("max_bytes"))), ""),
         _kv("hit/stale/miss", f"{c.get('hits', 0)}/{c.get('stale_hits', 0)}/{c.get('misses', 0)}"),
     ]
 
@@ -379,7 +381,7 @@ def generic_lines(section: Any) -> list[Text]:
 
 def generation_lines(stats: Mapping[str, Any]) -> list[Text]:
     out: list[Text] = []
-    for name, m in (stats.get("models") or {}).items():
+    for name, m in view.models(stats).items():
         gen = m.get("generation") if isinstance(m, Mapping) else None
         lines = generic_lines(gen)
         if lines:
@@ -424,8 +426,7 @@ class Graph(Widget):
     def render(self) -> Text:
         width, height = max(1, self.size.width), max(1, self.size.height)
         shown = self.values[-width:]
-        peak = self.ceiling or nice_ceiling(max(shown, default=0.0) * 1.25)
-        levels = [round(max(0.0, v) / peak * height * 8) for v in shown]
+        levels = bar_levels(shown, height, self.ceiling)
         rows = []
         for row in reversed(range(height)):
             line = Text(" " * (width - len(shown)))
@@ -441,11 +442,21 @@ class Graph(Widget):
         return Text("\n").join(rows)
 
 
+def bar_levels(values: list[float], height: int, ceiling: float | None = None) -> list[int]:
+    """How many eighths of a cell each sample fills, in a graph ``height`` rows high."""
+    peak = ceiling or nice_ceiling(max(values, default=0.0) * 1.25)
+    return [round(max(0.0, v) / peak * height * 8) for v in values]
+
+
 def nice_ceiling(x: float) -> float:
-    """The smallest of 1, 2, 5 × 10^n that is >= x (1 for x <= 0)."""
-    if x <= 0:
+    """The smallest of 1, 2, 5 × 10^n that is >= x (1 for x <= 0 or NaN); the largest float for
+    x past 1e308, where the next round number is not a float."""
+    if not x > 0:
         return 1.0
-    scale = 10 ** math.floor(math.log10(x))
+    if x > 1e308:
+        return sys.float_info.max
+    # A float scale: an int 10**308 times 2 is past every float, and dividing by it raises.
+    scale = 10.0 ** math.floor(math.log10(x))
     return next(m * scale for m in (1, 2, 5, 10) if m * scale >= x)
 
 
