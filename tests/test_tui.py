@@ -4,9 +4,11 @@ The behaviour tests run the real in-process server with the real all-MiniLM-L6-v
 to it over HTTP (TCP with the admin token, or the Unix socket), exactly as ``appliance tui`` does;
 the server runs on its own loop in a thread while the console runs on pytest's loop.
 
-The snapshot tests at the end are the exception: they need pixel-stable screens (no uptimes, no
-measured latencies, a GPU on a CPU-only box), so they talk to a tiny fake admin server that serves
-fixed payloads. Nothing else here uses it.
+Two exceptions. The scripted tests talk over HTTP to a scripted admin API on the test's own loop
+(``ScriptedAdmin``), for what the real server never does on request: hundreds of models, numbers
+JSON cannot hold, a stall, a restart, a load that lasts as long as the test wants. The snapshot
+tests at the end need pixel-stable screens (no uptimes, no measured latencies, a GPU on a CPU-only
+box), so they talk to a tiny fake admin server that serves fixed payloads; nothing else uses it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sys
 import threading
 import time
 import urllib.request
@@ -22,28 +25,37 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import textual.widgets._data_table as data_table_module
 import yaml
 from aiohttp import web
 from textual.pilot import Pilot
 from textual.widgets import Input, Select
+from textual.widgets.data_table import ColumnKey
 
 from appliance.api.common import RESILIENCE
 from appliance.gpu import cuda
 from tests.conftest import ServerThread, make_repository
 from tui import view
 from tui.app import discover
-from tui.client import AdminClient, ApiError, Disconnected, Unauthorized
+from tui.client import AdminClient, ApiError, Disconnected, TimedOut, Unauthorized
 from tui.commands import ConsoleCommands
 from tui.confirm import ConfirmScreen
 from tui.console import ConsoleApp
-from tui.state import CONNECTED, DISCONNECTED
+from tui.state import CONNECTED, DISCONNECTED, ERROR
 from tui.tuning import SettingRow, TuningScreen
 from tui.widgets import (
     ModelsTable,
     Panel,
     StatusBar,
+    bar_levels,
+    breaker_lines,
+    cache_lines,
     compute_lines,
+    generation_lines,
+    gpu_lines,
     loop_lines,
+    memory_lines,
+    nice_ceiling,
     refusal_lines,
     worker_lines,
 )
@@ -577,6 +589,378 @@ def test_backend_and_memory_pools_from_stats() -> None:
 def test_api_error_is_typed() -> None:
     err = ApiError(400, "x: bad", "x", "invalid")
     assert err.status == 400 and err.param == "x" and err.message == "x: bad"
+
+
+# -- scripted admin API (what the real server does not do on request) -------------------------
+
+
+class ScriptedAdmin:
+    """An admin API on the test's own loop whose answers the test sets: ``body`` is the raw JSON
+    text of /admin/stats (so ``1e400`` and ``Infinity`` reach the console's JSON parser as such)."""
+
+    def __init__(self) -> None:
+        self.body = "{}"
+        self.stats_requests = 0
+        self.stall = False  # /admin/stats never answers
+        self.resets = 0  # this many next /admin/stats drop the connection without an answer
+        self.loads: list[str] = []
+        self.loaded = asyncio.Event()  # loads are answered once the test sets it
+        self.url = ""
+        # A handler still stalled at the end is cancelled at once, not awaited for a minute.
+        self._runner = web.AppRunner(self._app(), shutdown_timeout=0.1)
+
+    def _app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/admin/stats", self._stats)
+        app.router.add_post("/admin/models/{model}/load", self._load)
+        return app
+
+    def serve(self, doc: Any) -> None:
+        self.body = json.dumps(doc)
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        self.stats_requests += 1
+        if self.resets and request.transport is not None:
+            self.resets -= 1
+            request.transport.close()  # what a keep-alive connection to a stopped server gets
+            await asyncio.Event().wait()
+        if self.stall:
+            await asyncio.Event().wait()
+        return web.Response(text=self.body, content_type="application/json")
+
+    async def _load(self, request: web.Request) -> web.Response:
+        model = request.match_info["model"]
+        self.loads.append(model)
+        await self.loaded.wait()
+        return web.json_response({"model": model, "state": "resident"})
+
+    async def __aenter__(self) -> ScriptedAdmin:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._runner.cleanup()
+
+
+def scripted_app(admin: ScriptedAdmin, **kw: Any) -> ConsoleApp:
+    # An hour-long interval: the console polls once at start, then when the test presses "r".
+    return ConsoleApp(AdminClient(admin.url, token="t"), interval=3600, **kw)
+
+
+def notifications(app: ConsoleApp) -> list[str]:
+    """The text of every notification the console sends from now on."""
+    notes: list[str] = []
+    notify = app.notify
+
+    def record(message: str, **kwargs: Any) -> None:
+        notes.append(message)
+        notify(message, **kwargs)
+
+    app.notify = record  # type: ignore[method-assign]
+    return notes
+
+
+async def poll(pilot: Pilot[Any]) -> None:
+    app = pilot.app
+    assert isinstance(app, ConsoleApp)
+    polls = app.polls
+    await wait_until(pilot, lambda: not app._in_flight, "the poll in flight")
+    await pilot.press("r")
+    await wait_until(pilot, lambda: app.polls > polls and not app._in_flight, "the poll")
+    await pilot.pause()  # the redraw, and the table's width updates when the loop is idle
+
+
+def model_stats(n: int, rps: float = 1.0, changes: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """/admin/stats with n models, ``model-0`` to ``model-{n-1}``, alike but for ``changes``."""
+    models = {
+        f"model-{i}": {
+            "kind": "embedding",
+            "state": "resident",
+            "requests_per_s": rps,
+            "p50_ms": 1.0,
+            "p99_ms": 2.0,
+            "queue_depth": {"1": 0, "2": 1, "3": 0},
+            "breaker": {"state": "closed"},
+            "cache": {"hits": 1, "misses": 1},
+        }
+        for i in range(n)
+    }
+    for name, fields in (changes or {}).items():
+        models[name].update(fields)
+    return {"version": "x", "started_at": 1000.0, "uptime_s": 100, "ready": True, "models": models}
+
+
+async def test_300_models_refresh_in_one_pass_over_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each poll measures cells at most once per cell of the table, however many change (it was
+    once per changed cell per cell of its column: 68 s of frozen UI per poll at 200 models);
+    columns still grow to fit new content and shrink when it goes."""
+    n, columns = 300, len(ModelsTable.COLUMNS)
+    budget = n * columns
+    measured = 0
+    real_measure = data_table_module.measure
+
+    def counting(*args: Any, **kwargs: Any) -> int:
+        nonlocal measured
+        measured += 1
+        # Past the budget the test has failed already: do not spend minutes finding out by how much.
+        return real_measure(*args, **kwargs) if measured <= budget else 1
+
+    monkeypatch.setattr(data_table_module, "measure", counting)
+    async with ScriptedAdmin() as admin:
+        admin.serve(model_stats(n))
+        app = scripted_app(admin)
+        async with app.run_test(size=SIZE) as pilot:
+            table = app.screen.query_one(ModelsTable)
+            await wait_until(pilot, lambda: table.row_count == n, "the models table")
+            await pilot.pause()
+            p99 = table.columns[ColumnKey("p99")]
+            assert p99.content_width == len("p99 ms")
+
+            # Every rate changes and one p99 needs a wider column.
+            admin.serve(model_stats(n, rps=2.0, changes={"model-7": {"p99_ms": 12345678.0}}))
+            measured = 0
+            await poll(pilot)
+            assert measured <= budget, f"{measured} cells measured for a table of {budget}"
+            assert cell(app, "rps", "model-0") == cell(app, "rps", f"model-{n - 1}") == "2.0"
+            assert cell(app, "p99", "model-7") == "12345678" and p99.content_width == 8
+            assert cell(app, "p99", "model-8") == "2.0"
+
+            # The wide value goes: the column shrinks back to its label.
+            admin.serve(model_stats(n, rps=2.0))
+            measured = 0
+            await poll(pilot)
+            assert measured <= budget, f"{measured} cells measured for a table of {budget}"
+            assert cell(app, "p99", "model-7") == "2.0" and p99.content_width == len("p99 ms")
+
+            # Nothing changed: nothing is measured.
+            measured = 0
+            await poll(pilot)
+            assert measured == 0
+
+
+async def test_a_stalled_server_costs_one_timeout_and_a_reset_connection_is_retried() -> None:
+    """A read is retried when its connection was reset (a keep-alive connection from before a
+    restart), never after a timeout: that doubled the time a stalled server still looked
+    connected, past the timeout the error names."""
+    async with ScriptedAdmin() as admin:
+        admin.serve(model_stats(1))
+        client = AdminClient(admin.url, token="t", timeout_s=0.5)
+        try:
+            assert (await client.stats()).ok and admin.stats_requests == 1
+
+            admin.stall = True
+            res = await client.stats()
+            assert isinstance(res.error, TimedOut) and isinstance(res.error, Disconnected)
+            assert res.error.message == "no answer within 0.5 s"
+            assert admin.stats_requests == 2, "one request, no retry after the timeout"
+
+            # A reset connection, on the other hand, is answered on a new one.
+            admin.stall, admin.resets = False, 1
+            res = await client.stats()
+            assert res.ok and admin.stats_requests > 3
+        finally:
+            await client.close()
+
+
+async def test_an_action_says_it_started_and_is_not_sent_again_while_it_runs() -> None:
+    """A load can take minutes before its answer: the console says at once that it is loading,
+    and the same action asked for again meanwhile is refused with why, not sent in parallel."""
+    async with ScriptedAdmin() as admin:
+        admin.serve(model_stats(2))
+        app = scripted_app(admin)
+        notes = notifications(app)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.screen.query_one(ModelsTable).row_count == 2, "the table")
+            # Two confirmations of one load open at once (palette and key): the first yes sends it.
+            app.ask("model:load", "model-0")
+            app.ask("model:load", "model-0")
+            await pilot.press("y")
+            await wait_until(pilot, lambda: admin.loads == ["model-0"], "the load request")
+            assert "loading model-0…" in notes
+            await pilot.press("y")
+            assert notes[-1].startswith("already loading model-0 (for ") and notes[-1].endswith(
+                "s): not sent again"
+            )
+
+            # Asked again while it runs: refused before any confirmation.
+            notes.clear()
+            await pilot.press("l")
+            assert not isinstance(app.screen, ConfirmScreen)
+            assert len(notes) == 1 and notes[0].startswith("already loading model-0")
+
+            # Another model's load is another action: it runs alongside.
+            await pilot.press("down", "l", "y")
+            await wait_until(pilot, lambda: admin.loads == ["model-0", "model-1"], "the second load")
+            assert "loading model-1…" in notes
+
+            admin.loaded.set()
+            await wait_until(
+                pilot, lambda: {"model-0: resident", "model-1: resident"} <= set(notes), "both answers"
+            )
+            # Answered: the same load may be asked for again.
+            await pilot.press("l")
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press("n")
+        assert admin.loads == ["model-0", "model-1"]
+
+
+async def test_a_restart_is_told_by_started_at_though_the_new_process_is_up_longer() -> None:
+    """A process that restarted between polls and has been up longer than the old one was at the
+    last poll is still a new process: warned about, graphs and remembered breakers cleared."""
+    async with ScriptedAdmin() as admin:
+        admin.serve({**model_stats(1, rps=5.0), "started_at": 1000.0, "uptime_s": 5})
+        app = scripted_app(admin)
+        notes = notifications(app)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.snapshot.connected, "the first poll")
+            await poll(pilot)
+            assert app.history.values("requests_per_s") == [5.0, 5.0]
+            app.breaker_seen["model-0"] = "forced_open"  # what a breaker action answered
+
+            admin.serve({**model_stats(1, rps=0.0), "started_at": 1100.0, "uptime_s": 60})
+            await poll(pilot)
+            assert "the server restarted" in notes
+            assert app.history.values("requests_per_s") == [0.0] and app.breaker_seen == {}
+
+
+def test_restarted_compares_started_at_and_falls_back_to_uptime() -> None:
+    assert not view.restarted(None, {"started_at": 1.0})  # the first poll
+    assert not view.restarted({"started_at": 1.0, "uptime_s": 5}, {"started_at": 1.0, "uptime_s": 6})
+    assert view.restarted({"started_at": 1.0, "uptime_s": 5}, {"started_at": 2.0, "uptime_s": 60})
+    # Without started_at on both sides (an older server): by uptime going down.
+    assert view.restarted({"uptime_s": 60}, {"uptime_s": 5})
+    assert view.restarted({"uptime_s": 60}, {"started_at": 2.0, "uptime_s": 5})
+    assert not view.restarted({"uptime_s": 5}, {"uptime_s": 60})
+    assert not view.restarted({"uptime_s": 5}, {"uptime_s": "soon"})
+
+
+# Answers a probe sent the console, as raw JSON text: 1e400 and Infinity parse as inf.
+ODD_STATS = [
+    '{"models": [1, 2], "uptime_s": 5}',
+    '{"models": "abc", "uptime_s": 5}',
+    '{"models": {"m": {"p99_ms": 1e308, "requests_per_s": 1}, "n": {"p99_ms": 1e308}}}',
+    '{"models": {"m": {"p99_ms": Infinity, "requests_per_s": 1e308}, "n": {"requests_per_s": 1e308}}}',
+    '{"models": {"m": {"queue_depth": {"1": 1e400}}}, "uptime_s": 1e400}',
+    '{"models": {"m": "resident"}, "uptime_s": "x", "version": null}',
+    '{"gpu": {"available": true, "gpus": [{"index": "a", "memory_total_bytes": 1e400}]}}',
+    '{"gpu": {"available": true, "gpus": 5}, "cache": {"enabled": true, "bytes": "x"}, "loop": []}',
+    '{"memory": {"device": {"used_bytes": 1, "budget_bytes": 1e400}}, "uptime_s": 100000000000000000000}',
+]
+
+
+async def test_stats_it_cannot_fully_read_are_drawn_as_far_as_they_go() -> None:
+    """Numbers past a float's range are missing and sections of the wrong type absent: the
+    console draws the rest and stays connected, instead of crashing or freezing on old data."""
+    async with ScriptedAdmin() as admin:
+        admin.serve(model_stats(2))
+        app = scripted_app(admin)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.snapshot.connected, "the first poll")
+            for body in ODD_STATS:
+                admin.body = body
+                await poll(pilot)
+                await pilot.pause()  # drawn: the graphs render here
+                assert app.is_running, body
+                assert app.snapshot.status == CONNECTED and "● connected" in status_text(app), body
+                if body in ODD_STATS[:2]:  # no models: none in the table, nor their breakers
+                    assert app.screen.query_one(ModelsTable).row_count == 0
+                    assert not app.screen.query_one("#breaker-panel").display
+                if body == ODD_STATS[2]:  # finite, only huge: shown as it is, graphed
+                    assert cell(app, "p99", "m") == f"{1e308:.0f}"
+                    assert app.history.values("p99_ms")[-1] == 1e308
+                if body == ODD_STATS[4]:
+                    assert cell(app, "queue", "m") == "0" and "up —" in status_text(app)
+            assert app.screen.query_one(ModelsTable).row_count == 0  # the last one has no models
+
+
+async def test_a_snapshot_the_console_cannot_take_shows_error() -> None:
+    """Whatever still goes wrong while taking the stats is an ERROR on the status bar, over the
+    last stats it could draw, until a poll succeeds again; not a worker dying in silence."""
+    async with ScriptedAdmin() as admin:
+        admin.serve(model_stats(1))
+        app = scripted_app(admin)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.snapshot.connected, "the first poll")
+            good = app.snapshot.stats
+
+            def broken(stats: Any) -> None:
+                raise RuntimeError("a view that cannot read this")
+
+            app.history.record = broken  # type: ignore[method-assign]
+            await poll(pilot)
+            assert app.snapshot.status == ERROR and app.snapshot.stats == good
+            text = status_text(app)
+            assert "✖ ERROR" in text and "RuntimeError: a view that cannot read this" in text, text
+            assert app.screen.has_class("-stale")
+
+            del app.history.record
+            await poll(pilot)
+            assert app.snapshot.status == CONNECTED and "● connected" in status_text(app)
+
+
+def test_clean_stats_drops_what_the_console_cannot_read() -> None:
+    stats = fake_stats(3)
+    assert view.clean_stats(stats) == stats  # what the server sends goes through unchanged
+    odd = json.loads(
+        '{"uptime_s": 1e400, "started_at": "x", "version": 3, "loop": [1], "cache": "on",'
+        ' "models": {"m": {"p99_ms": Infinity, "queue_depth": {"1": -1e999, "2": 2},'
+        ' "kv": [1, NaN, 1e308]}, "n": 7}, "memory": {"device": {"used_bytes": 1' + "0" * 400 + "}}}"
+    )
+    assert view.clean_stats(odd) == {
+        "version": 3,
+        "models": {"m": {"p99_ms": None, "queue_depth": {"1": None, "2": 2}, "kv": [1, None, 1e308]}},
+        "memory": {"device": {"used_bytes": None}},
+    }
+    assert view.num(float("inf")) == view.num(10**400) == 0.0 and view.number(True) is None
+    # The views stand on their own too.
+    assert breaker_lines({"models": [1, 2]}) == breaker_lines({"models": "ab"}) == []
+    assert nice_ceiling(1e308 * 1.25) == nice_ceiling(float("inf")) == sys.float_info.max
+    assert nice_ceiling(45) == 50 and nice_ceiling(float("nan")) == 1
+    assert bar_levels([0.0, 1e308, 1.7e308], 3) == [0, 13, 23]
+
+
+def test_every_view_draws_any_value_of_any_type_once_cleaned() -> None:
+    """Each value of a full /admin/stats (to four levels down) replaced by each of a set of
+    wrong types and out-of-range numbers: every view and panel draws it without raising."""
+    wrong: list[Any] = [None, "x", [1], {"a": 1}, True, -1, 1e308, float("inf"), 10**400]
+    lines = (breaker_lines, cache_lines, gpu_lines, memory_lines, generation_lines)
+    lines += (loop_lines, compute_lines, worker_lines, refusal_lines)
+
+    def paths(node: Any, depth: int = 0) -> Iterator[tuple[Any, ...]]:
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+        for key, child in items:
+            yield (key,)
+            if depth < 3:
+                yield from ((key, *rest) for rest in paths(child, depth + 1))
+
+    base = fake_stats(9)
+    for path in [*paths(base), ("added",)]:
+        for value in wrong:
+            doc = json.loads(json.dumps(base))
+            node = doc
+            for key in path[:-1]:
+                node = node[key]
+            node[path[-1]] = value
+            try:
+                stats = view.clean_stats(doc)
+                for row in view.model_rows(stats, {"m": "open"}):
+                    ModelsTable._cells(row)
+                history = view.History()
+                history.record(stats)
+                for metric in history.series:
+                    bar_levels(history.values(metric), 3)
+                (
+                    view.device_label(stats),
+                    view.fmt_duration(stats.get("uptime_s")),
+                    view.restarted(stats, stats),
+                )
+                for draw in lines:
+                    draw(stats)
+            except Exception as exc:
+                raise AssertionError(f"{path} = {value!r}: {exc!r}") from exc
 
 
 # -- snapshots (fixed payloads from a fake admin server) ---------------------------------------

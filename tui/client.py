@@ -33,6 +33,10 @@ class Disconnected(AdminError):
     """Nothing answered: connection refused or reset, socket missing, timed out."""
 
 
+class TimedOut(Disconnected):
+    """Nothing answered within the timeout (the server may still be working on it)."""
+
+
 class Unauthorized(AdminError):
     """The server answered 401: the admin token is missing or wrong (TCP only)."""
 
@@ -116,12 +120,14 @@ class AdminClient:
         self, method: str, path: str, body: JSON | None = None, *, timeout_s: float | None = None
     ) -> Result[JSON]:
         # A keep-alive connection from before a server restart fails once with "disconnected";
-        # retrying a read once turns that into a normal answer instead of a red flash.
+        # retrying a read once turns that into a normal answer instead of a red flash. Never after
+        # a timeout: that is a stalled server, not a stale connection, and a second wait would
+        # keep "connected" on screen twice as long as the timeout the error names.
         attempts = 2 if method == "GET" else 1
         result: Result[JSON] = Result(error=Disconnected("no attempt made"))
         for _ in range(attempts):
             result = await self._once(method, path, body, timeout_s)
-            if not isinstance(result.error, Disconnected):
+            if not isinstance(result.error, Disconnected) or isinstance(result.error, TimedOut):
                 break
         return result
 
@@ -133,7 +139,7 @@ class AdminClient:
                 raw = await resp.read()
                 status = resp.status
         except asyncio.TimeoutError:
-            return Result(error=Disconnected(f"no answer within {timeout.total:g} s"))
+            return Result(error=TimedOut(f"no answer within {timeout.total:g} s"))
         except aiohttp.ClientConnectorError as exc:
             return Result(error=Disconnected(_reason(exc.os_error)))
         except (aiohttp.ClientError, OSError) as exc:

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, cast
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
+from tui import view
+
 if TYPE_CHECKING:
     from tui.console import ConsoleApp
 
@@ -17,8 +19,7 @@ Command = tuple[str, str, Callable[[], object]]
 class ConsoleCommands(Provider):
     def _commands(self) -> list[Command]:
         app = cast("ConsoleApp", self.app)
-        stats = app.snapshot.stats or {}
-        models = [str(m) for m in (stats.get("models") or {})]
+        models = [str(m) for m in view.models(app.snapshot.stats or {})]
         cmds: list[Command] = [
             ("Dashboard", "Show the dashboard", app.action_dashboard),
             (

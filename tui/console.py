@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
@@ -44,6 +45,16 @@ ACTIONS: dict[str, tuple[str, str]] = {
         "Cached answers are deleted; later requests recompute them.",
     ),
 }
+# verb -> what the console says while it runs: a load may take minutes before its answer.
+RUNNING: dict[str, str] = {
+    "breaker:open": "opening the breaker of {m}",
+    "breaker:close": "closing the breaker of {m}",
+    "breaker:reset": "resetting the breaker of {m}",
+    "breaker:disable": "disabling the breaker of {m}",
+    "model:load": "loading {m}",
+    "model:unload": "unloading {m}",
+    "cache:purge": "purging the cache of {m}",
+}
 
 
 class ConsoleApp(App[None]):
@@ -76,8 +87,9 @@ class ConsoleApp(App[None]):
         self.polls = 0
         self.skipped_ticks = 0
         self._in_flight = False
+        # Actions sent and not answered yet, (verb, model) -> when: the same one is not sent twice.
+        self._pending_actions: dict[tuple[str, str | None], float] = {}
         self._timer: Timer | None = None
-        self._last_uptime: float | None = None
         self.set_reactive(ConsoleApp.interval, max(0.05, float(interval)))
         if read_only:
             self.sub_title = "read-only"
@@ -115,7 +127,19 @@ class ConsoleApp(App[None]):
     async def _poll(self) -> None:
         try:
             res = await self.client.stats()
-            self._take(res)
+            prev = self.snapshot
+            try:
+                self._take(res)
+            except Exception as exc:
+                # The worker does not exit the app on error: without this the status bar would
+                # go on saying "connected" over the last numbers it could draw, forever.
+                self.log.error("could not take the server's stats", exc)
+                self.snapshot = Snapshot(
+                    stats=prev.stats,
+                    status=ERROR,
+                    error=f"cannot show the server's stats: {type(exc).__name__}: {exc}",
+                    failures=prev.failures + 1,
+                )
         finally:
             self._in_flight = False
 
@@ -123,16 +147,14 @@ class ConsoleApp(App[None]):
         prev = self.snapshot
         self.polls += 1
         if res.value is not None:
-            stats = res.value
-            uptime = view.num(stats.get("uptime_s"))
-            if self._last_uptime is not None and uptime < self._last_uptime:
+            stats = view.clean_stats(res.value)
+            if view.restarted(prev.stats, stats):
                 # A new server process: its breakers and rolling windows started from scratch.
                 self.history.clear()
                 self.breaker_seen.clear()
                 self.notify("the server restarted", title="reconnected", severity="warning")
             elif prev.status not in (CONNECTED, CONNECTING):
                 self.notify(f"connected to {self.client.address}", title="reconnected")
-            self._last_uptime = uptime
             self.history.record(stats)
             self.snapshot = Snapshot(stats=stats, status=CONNECTED)
             return
@@ -191,16 +213,39 @@ class ConsoleApp(App[None]):
         if self.read_only:
             self.notify("read-only console: actions are disabled", severity="warning")
             return
+        if self._still_running(verb, model):
+            return
         question, detail = ACTIONS[verb]
         target = model if model is not None else "every model"
 
         def answered(yes: bool | None) -> None:
-            if yes:
+            # Checked again: two confirmations of the same action may have been open at once.
+            if yes and not self._still_running(verb, model):
+                self._pending_actions[(verb, model)] = time.monotonic()
                 self.run_worker(self._perform(verb, model), group="actions", exit_on_error=False)
 
         self.push_screen(ConfirmScreen(question.format(m=target), detail), answered)
 
+    def _still_running(self, verb: str, model: str | None) -> bool:
+        """Say so, and refuse, when the same action is still waiting for its answer."""
+        started = self._pending_actions.get((verb, model))
+        if started is None:
+            return False
+        doing = RUNNING[verb].format(m=model or "every model")
+        self.notify(
+            f"already {doing} (for {time.monotonic() - started:.0f} s): not sent again",
+            severity="warning",
+        )
+        return True
+
     async def _perform(self, verb: str, model: str | None) -> None:
+        try:
+            self.notify(RUNNING[verb].format(m=model or "every model") + "…")
+            await self._send(verb, model)
+        finally:
+            self._pending_actions.pop((verb, model), None)
+
+    async def _send(self, verb: str, model: str | None) -> None:
         client = self.client
         kind, _, what = verb.partition(":")
         call: Callable[[], Awaitable[Result[dict[str, Any]]]]

@@ -33,6 +33,48 @@ STATE_STYLES = {  # appliance.models.ModelState
 }
 
 
+# The sections of /admin/stats the console reads as objects, and the numbers it reads on top.
+SECTIONS = ("models", "cache", "memory", "gpu", "loop", "compute", "workers")
+TOP_NUMBERS = ("uptime_s", "started_at")
+
+
+def clean_stats(doc: Mapping[str, Any]) -> JSON:
+    """``doc`` as the console can read it: every number past a float's range (``1e400`` and
+    ``Infinity`` parse as inf, a 400-digit integer as itself) is null, i.e. missing; a section
+    of the wrong type is left out, as a server without it would send; so is a model that is not
+    an object.
+
+    The views read defensively already; this is what makes the rest (formatting, arithmetic,
+    ``int()``) safe to do on any answer that parsed as a JSON object.
+    """
+    stats: JSON = {str(k): _finite(v) for k, v in doc.items()}
+    for key in SECTIONS:
+        if key in stats and not isinstance(stats[key], Mapping):
+            del stats[key]
+    for key in TOP_NUMBERS:
+        if key in stats and number(stats[key]) is None:
+            del stats[key]
+    if "models" in stats:
+        stats["models"] = {str(k): m for k, m in stats["models"].items() if isinstance(m, Mapping)}
+    return stats
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, int | float) and not isinstance(value, bool) and number(value) is None:
+        return None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def models(stats: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``stats["models"]``, or no models where it is not an object."""
+    section = stats.get("models")
+    return section if isinstance(section, Mapping) else {}
+
+
 @dataclass(frozen=True)
 class ModelRow:
     name: str
@@ -115,10 +157,36 @@ class GpuRow:
 
 
 def num(value: Any, default: float = 0.0) -> float:
-    """A JSON number as float; anything else (missing, null, a string, NaN) as ``default``."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        return default
-    return float(value)
+    """A JSON number as float; anything else (missing, null, a string, NaN, ±inf) as ``default``."""
+    n = number(value)
+    return default if n is None else n
+
+
+def number(value: Any) -> float | None:
+    """A JSON number as float; None for anything else (missing, null, a bool, a string, NaN, ±inf)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        n = float(value)
+    except OverflowError:  # an integer past the largest float
+        return None
+    return n if math.isfinite(n) else None
+
+
+def restarted(before: Mapping[str, Any] | None, now: Mapping[str, Any]) -> bool:
+    """Whether ``now`` comes from another server process than ``before``.
+
+    ``started_at`` names the process; uptime cannot, as a new process may have been up longer by
+    the next poll than the old one was at the last. A server that does not send ``started_at``
+    is taken to have restarted when its uptime went down.
+    """
+    if before is None:
+        return False
+    then, started = number(before.get("started_at")), number(now.get("started_at"))
+    if then is not None and started is not None:
+        return started != then
+    up_then, up = number(before.get("uptime_s")), number(now.get("uptime_s"))
+    return up_then is not None and up is not None and up < up_then
 
 
 def _optnum(value: Any) -> float | None:
@@ -180,7 +248,8 @@ def gpu_rows(stats: Mapping[str, Any]) -> list[GpuRow]:
     if not isinstance(gpu, Mapping) or not gpu.get("available"):
         return []
     out = []
-    for i, g in enumerate(gpu.get("gpus") or []):
+    gpus = gpu.get("gpus")
+    for i, g in enumerate(gpus if isinstance(gpus, list) else []):
         if not isinstance(g, Mapping):
             continue
         used, total = _optnum(g.get("memory_used_bytes")), _optnum(g.get("memory_total_bytes"))
@@ -445,6 +514,8 @@ class History:
     series: dict[str, deque[float]] = field(default_factory=dict)
 
     def add(self, name: str, value: float) -> None:
+        if not math.isfinite(value):  # a sum or product of huge numbers: no sample, not a crash
+            return
         ring = self.series.get(name)
         if ring is None:
             ring = self.series[name] = deque(maxlen=self.maxlen)
