@@ -97,9 +97,22 @@ def test_revoked_key_is_refused_even_when_cached(store: KeyStore) -> None:
 
 def test_removed_key_is_refused(store: KeyStore) -> None:
     plaintext, _ = store.add("tmp")
+    active = store.active_count()
     assert store.authenticate(plaintext) is not None
     store.remove("tmp")
     assert store.authenticate(plaintext) is None
+    assert store.active_count() == active - 1  # counted anew (it is cached by version)
+
+
+def test_a_reload_hands_its_keys_to_the_running_store(store: KeyStore) -> None:
+    """The app's store object stays (aiohttp wants state set before start); its keys change."""
+    kept, _ = store.add("kept")
+    fresh = KeyStore(store.records(), params=FAST)
+    new_plain, _ = fresh.add("new")
+    fresh.revoke("kept")
+    store.adopt(fresh)
+    assert store.authenticate(new_plain) is not None and store.authenticate(kept) is None
+    assert store.active_count() == fresh.active_count()
 
 
 def test_only_first_use_pays_the_kdf(store: KeyStore, monkeypatch: pytest.MonkeyPatch) -> None:
