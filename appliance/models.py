@@ -228,6 +228,9 @@ class ModelManager:
                 continue
             if slot.runtime is not None or (slot.load_task is not None and not slot.load_task.done()):
                 continue
+            # Rebuilt meanwhile, perhaps: its cache identity is read again (no answer cached for
+            # the old artefacts may be served as the new ones').
+            self._identities.pop(e.name, None)
             changed = (e.spec, e.tunables) != (slot.entry.spec, slot.entry.tunables)
             if changed:
                 slot.entry = e

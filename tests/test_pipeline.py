@@ -311,8 +311,12 @@ def test_a_model_pulled_or_copied_in_while_serving_serves_without_a_reload(
     mgr = srv.app[MANAGER]
     srv.call(lambda: mgr.unload("copied"))
     (repo / "copied" / "model.yaml").write_text(spec.format(n="copied") + "queue: {max_queue_size: 9}\n")
+    before = mgr.identity("copied")
+    (repo / "copied" / ".build.json").write_text('{"digest": "rebuilt"}')  # rebuilt meanwhile
     srv.call(lambda: mgr.rescan())  # what a reload does; a resident model would keep its file
     assert mgr.tunables("copied")["queue.max_queue_size"] == 9
+    # No answer cached for the old artefacts is served as the new ones'.
+    assert mgr.identity("copied") == "copied@rebuilt" != before
     status, _, _ = srv.post("/v1/embeddings", {"model": "copied", "input": "x"})
     assert status == 200
 
