@@ -27,7 +27,7 @@ from appliance.engines.select import expected_on_gpu, gpu_engines_available, ope
 from appliance.errors import ModelNotBuilt, ModelNotFound, Unavailable
 from appliance.heap import freeze_startup_heap
 from appliance.memory import DoesNotFit, MemoryPools, measure
-from appliance.repository import ModelEntry, ModelKind, scan_repository
+from appliance.repository import MODEL_FILE, ModelEntry, ModelKind, scan_repository
 from appliance.sdnotify import ProgressWatchdog
 from appliance.telemetry import Metrics
 
@@ -171,6 +171,7 @@ class ModelManager:
         self.slots: dict[str, ModelSlot] = {}
         self.scan_errors: list[str] = []
         self._scanned_at = -RESCAN_MIN_S
+        self._start_defaults: list[str] | None = None  # see default_models
         # Engine workers report here; the systemd watchdog pings only while they progress.
         self.progress = ProgressWatchdog()
         server_values = cfg.tunables_for("", {})
@@ -239,6 +240,16 @@ class ModelManager:
             elif slot.state == ModelState.unbuilt or (changed and slot.state == ModelState.failed):
                 # Built since, or its file was changed after a failed load: worth a load now.
                 slot.state, slot.error, slot.failed_at = ModelState.available, None, 0.0
+        found = {e.name for e in entries}
+        for name in [n for n, s in self.slots.items() if n not in found]:
+            slot = self.slots[name]
+            if slot.runtime is None and (slot.load_task is None or slot.load_task.done()):
+                # Its folder is gone: a request for it is a 404, not a load that fails for ever.
+                # A resident one serves on from memory until it is unloaded.
+                del self.slots[name]
+                self._identities.pop(name, None)
+        if self._start_defaults is None:  # the first scan: what "every built model" means
+            self._start_defaults = [n for n, s in self.slots.items() if s.state != ModelState.unbuilt]
 
     def request_slot(self, name: str) -> ModelSlot:
         """The slot a request for ``name`` goes to (404 for none). A name not in the repository
@@ -246,16 +257,20 @@ class ModelManager:
         once every ``RESCAN_MIN_S``): the 503 "run `appliance models pull`" must stop once the
         user has, without a reload, and a folder copied in serves as in Ollama."""
         slot = self.slots.get(name)
-        if (slot is None or slot.state == ModelState.unbuilt) and (
-            time.monotonic() - self._scanned_at >= RESCAN_MIN_S
-        ):
+        stale = slot is None or slot.state == ModelState.unbuilt
+        if slot is not None and slot.runtime is None and not stale:
+            stale = not (slot.entry.folder / MODEL_FILE).exists()  # removed since: a 404 now
+        if stale and time.monotonic() - self._scanned_at >= RESCAN_MIN_S:
             self.rescan()
         return self._slot(name)
 
     def default_models(self) -> list[str]:
+        """``server.default_models``; unset, the models built when the server started (a model
+        pulled or copied in later serves on demand: counted here, it made the server not ready
+        until its first request loaded it)."""
         names = self.cfg.server.default_models
         if names is None:
-            return [n for n, s in self.slots.items() if s.state != ModelState.unbuilt]
+            return list(self._start_defaults or ())
         return names
 
     def tunables(self, name: str) -> dict[str, Any]:
@@ -466,6 +481,9 @@ class ModelManager:
             await asyncio.get_running_loop().run_in_executor(None, runtime.executor.shutdown, True)
             runtime.engine.close()
             self.memory.release(name, evicted=evicted)
+            # Read again when next asked: it may be rebuilt before it loads, and a cache hit
+            # (which loads nothing) must not serve the old artefacts' answers as its own.
+            self._identities.pop(name, None)
             self.metrics.model_loaded.labels(name).set(0)
             self._memory_metrics()
             log.info("model %s %s", name, "evicted" if evicted else "unloaded")

@@ -339,8 +339,10 @@ class Pipeline:
     ) -> Answer | tuple[Permit, ModelRuntime, CacheHit | None]:
         """Stages 5-7, shared by whole answers and streams: a fresh cache hit or a fallback
         answer, else the breaker's permit and the resident runtime to compute with."""
+        looked_up = time.perf_counter()
         hit = await self._read(ticket, work)
         if hit is not None and hit.fresh:
+            self.metrics.model_stats.cached(ticket.model, time.perf_counter() - looked_up)
             return Answer(hit.value, hit.content_type, "cache")
         breaker = self.resilience.breaker(ticket.model, ticket.values)
         try:

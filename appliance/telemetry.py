@@ -390,13 +390,24 @@ class RequestMetrics:
 
 
 class _Model:
-    __slots__ = ("batches", "compute", "executions", "fail", "inferences", "last_ms", "queue", "success")
+    __slots__ = (
+        "batches",
+        "cache_hit",
+        "compute",
+        "executions",
+        "fail",
+        "inferences",
+        "last_ms",
+        "queue",
+        "success",
+    )
 
     def __init__(self) -> None:
         self.last_ms = 0
         self.inferences = self.executions = 0
         # [count, seconds] each; batches by size
         self.success, self.fail, self.queue, self.compute = [0, 0.0], [0, 0.0], [0, 0.0], [0, 0.0]
+        self.cache_hit: list[float] = [0, 0.0]
         self.batches: dict[int, list[float]] = {}
 
 
@@ -421,12 +432,19 @@ class ModelStats:
         return found
 
     def answered(self, model: str, ok: bool, seconds: float) -> None:
+        """An inference request answered (from the engine or the response cache)."""
         m = self._of(model)
         pair = m.success if ok else m.fail
         pair[0] += 1
         pair[1] += seconds
         if ok:
             m.last_ms = int(time.time() * 1000)
+
+    def cached(self, model: str, lookup_s: float) -> None:
+        """A request answered from the response cache: a cache hit for Triton, not an inference."""
+        pair = self._of(model).cache_hit
+        pair[0] += 1
+        pair[1] += lookup_s
 
     def executed(self, model: str, size: int, queue_waits: Sequence[float], compute_s: float) -> None:
         """One engine execution of ``size`` inferences; each one's request waited ``queue_waits``."""
@@ -472,7 +490,7 @@ class ModelStats:
                 "compute_input": zero,
                 "compute_infer": _duration(m.compute),
                 "compute_output": zero,
-                "cache_hit": zero,
+                "cache_hit": _duration(m.cache_hit),
             },
             "batch_stats": [
                 {

@@ -10,6 +10,8 @@ the line, whatever it was (unreadable, a directory, a symlink loop, not UTF-8, n
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
@@ -61,7 +63,12 @@ def read_text(path: Path, *, max_bytes: int = MAX_BYTES) -> str:
     """The file's text, within the same bounds as :func:`read` (for a caller that also needs the
     exact text it parsed, read once)."""
     try:
-        with path.open("rb") as f:
+        # Non-blocking, and a regular file only: opening a FIFO named model.yaml blocked the event
+        # loop (a rescan runs there) until a writer came, and the whole server with it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise YamlFileError(path, "not a regular file")
             data = f.read(max_bytes + 1)
     except OSError as exc:
         raise YamlFileError(path, f"cannot be read ({exc.strerror or exc})") from None

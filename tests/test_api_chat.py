@@ -261,7 +261,7 @@ def test_a_control_token_in_a_message_is_text_not_a_turn(server: ServerThread, t
             "<s>{% for m in messages %}[{{ m.content | trim }}]{% endfor %}",
             [("<s>[", False), ("a<s>b", True), ("][plain]", False)],
         ),
-        # A template that repeats or drops the text cannot be split into the client's text and its own.
+        # A template that repeats or cuts the text cannot be split into the client's text and its own.
         ("{% for m in messages %}{{ m.content }}{{ m.content }}{% endfor %}", None),
         ("{% for m in messages %}{{ m.content[:3] }}{% endfor %}", None),
     ],
@@ -280,6 +280,18 @@ def test_a_prompt_splits_into_the_templates_text_and_the_clients(
     else:
         assert render_pieces(render, messages, ["<s>"], MODEL) == pieces
     assert render_pieces(render, messages[1:], ["<s>"], MODEL) == [(render(messages[1:]), False)]
+
+
+def test_a_control_token_in_a_text_the_template_drops_is_no_matter() -> None:
+    """Earlier reasoning sent back with an assistant turn, which the template leaves out (as
+    DeepSeek-R1's and SmolLM2's do): its text is not in the prompt, so it forges nothing (a probe
+    got a 400 for it)."""
+    messages = [{"role": "assistant", "content": "ok", "reasoning_content": "x<s>y"}]
+
+    def render(ms: Any) -> str:
+        return render_chat("{% for m in messages %}[{{ m.content }}]{% endfor %}", ms)
+
+    assert render_pieces(render, messages, ["<s>"], MODEL) == [("[ok]", False)]
 
 
 # ---------------------------------------------------------------------------------- semantics

@@ -290,6 +290,16 @@ def test_statistics_in_tritons_shape_for_tritonclient(server: ServerThread) -> N
     assert infer["success"]["count"] - before["inference_stats"]["success"]["count"] == 1
     assert infer["success"]["ns"] > 0 and infer["compute_infer"]["ns"] > 0
     assert sum(b["compute_infer"]["count"] for b in stat["batch_stats"]) == stat["execution_count"]
+    # Metadata and readiness are no inferences; an answer from the response cache is a cache hit.
+    c.get_model_metadata(EMB)
+    c.is_model_ready(EMB)
+    body = {"model": EMB, "input": "a sentence for the cache"}
+    server.post("/v1/embeddings", body)
+    server.post("/v1/embeddings", body)
+    (again,) = c.get_inference_statistics(model_name=EMB)["model_stats"]
+    assert again["inference_stats"]["success"]["count"] == infer["success"]["count"] + 2
+    assert again["inference_stats"]["cache_hit"]["count"] == infer["cache_hit"]["count"] + 1
+    assert again["inference_count"] == stat["inference_count"] + 1
     everything = c.get_inference_statistics()["model_stats"]
     assert EMB in [m["name"] for m in everything]
     assert "statistics" in c.get_server_metadata()["extensions"]

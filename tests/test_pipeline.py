@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -319,6 +321,36 @@ def test_a_model_pulled_or_copied_in_while_serving_serves_without_a_reload(
     assert mgr.identity("copied") == "copied@rebuilt" != before
     status, _, _ = srv.post("/v1/embeddings", {"model": "copied", "input": "x"})
     assert status == 200
+
+
+def test_models_added_or_removed_while_serving_leave_readiness_alone(
+    start_server, minilm_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Found by a probe of the rescan: a model copied in became a "default" (every built model, with
+    server.default_models unset) and made /readyz 503 until something loaded it; a folder removed
+    while its model was not resident stayed listed and failed every request for 30 s at a time; a
+    FIFO named model.yaml blocked the event loop (the whole server) in open()."""
+    monkeypatch.setattr(models_module, "RESCAN_MIN_S", 0.0)
+    srv = start_server({MODEL: minilm_folder})
+    repo = Path(srv.cfg.model_repository)
+    spec = "name: {n}\nkind: embedding\nartefacts: {{model: model.onnx, tokenizer: tokenizer.json}}\n"
+    for name in ("extra", "doomed"):
+        (repo / name).mkdir()
+        for f in ("model.onnx", "tokenizer.json"):
+            (repo / name / f).symlink_to(minilm_folder / f)
+        (repo / name / "model.yaml").write_text(spec.format(n=name))
+    (repo / "fifo").mkdir()
+    os.mkfifo(repo / "fifo" / "model.yaml")
+    assert srv.post("/v1/embeddings", {"model": "nope", "input": "x"})[0] == 404  # reads it all again
+    assert srv.get("/readyz")[0] == 200  # "extra" serves on demand; it is not a default model
+    assert any("fifo/model.yaml: not a regular file" in e for e in srv.app[MANAGER].scan_errors)
+    assert srv.post("/v1/embeddings", {"model": "doomed", "input": "x"})[0] == 200
+    srv.call(lambda: srv.app[MANAGER].unload("doomed"))
+    shutil.rmtree(repo / "doomed")
+    status, body, _ = srv.post("/v1/embeddings", {"model": "doomed", "input": "y"})
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    assert "doomed" not in [m["id"] for m in srv.get("/v1/models")[1]["data"]]
+    assert srv.get("/readyz")[0] == 200
 
 
 def test_readyz_says_why_it_is_not_ready_and_a_broken_model_file_harms_only_its_model(

@@ -220,7 +220,8 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
             metrics.request_stats.record(model, api, str(status), str(level or 0), elapsed)
             if model != "-":
                 request.app[ROLLING].record(model, elapsed, status)
-                metrics.model_stats.answered(model, status < 400, elapsed)
+                if post:  # an inference (metadata and readiness are GETs)
+                    metrics.model_stats.answered(model, status < 400, elapsed)
             # One structured line per request; never the body (it may hold customer data).
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info(

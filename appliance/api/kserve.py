@@ -29,7 +29,7 @@ from appliance.api.tensors import (
     requested_outputs,
     split_body,
 )
-from appliance.errors import InvalidRequest, ModelNotFound
+from appliance.errors import InvalidRequest, ModelNotBuilt, ModelNotFound
 from appliance.inference import EmbeddingRuntime, EmbeddingService
 from appliance.models import ModelManager, ModelRuntime, ModelState
 from appliance.pipeline import Ticket
@@ -114,6 +114,8 @@ async def statistics(request: web.Request) -> web.Response:
     else:
         if name not in mgr.slots:
             raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
+        if mgr.slots[name].state == ModelState.unbuilt:
+            raise ModelNotBuilt(name)
         _check_version(request, name)
         names = [name]
     stats = request.app[METRICS].model_stats

@@ -100,7 +100,9 @@ class RateCeilings:
     early shedding cannot keep up, a minimal 503 costs the loop next to nothing."""
 
     def __init__(self, rate: float, per_connection: float) -> None:
-        self.glob = TokenBucket(rate, max(rate / 10, 1)) if rate > 0 else None
+        # A burst of at least 3: with 1 there is nothing to hold back for priority 1 (a probe's
+        # 5 requests/s ceiling let arrival order, not priority, decide).
+        self.glob = TokenBucket(rate, max(rate / 10, 3)) if rate > 0 else None
         self.per_connection = per_connection
         # Keyed by the connection's handler object (hashed by identity): its bucket and when it
         # was last used; idle entries are pruned when the table grows (a bucket idle 10 s is full).
@@ -110,7 +112,8 @@ class RateCeilings:
         glob = self.glob
         wait = 0.0
         if glob is not None:
-            share = _KEEP_SHARE.get(request.headers.get("X-Priority"), _LOW_KEEP_SHARE)
+            header = request.headers.get("X-Priority")
+            share = _KEEP_SHARE.get(header if header is None else header.strip(), _LOW_KEEP_SHARE)
             # A share of what the burst holds beyond one request: a full bucket admits anyone.
             wait = glob.try_take(1.0, share * (glob.burst - 1.0))
         conn = request.protocol

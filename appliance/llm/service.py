@@ -194,19 +194,23 @@ def render_pieces(
         return [(text, False)]
     pieces: list[tuple[str, bool]] = []
     seen: set[str] = set()
+    garbled = False
     for i, part in enumerate(re.split(f"(\ue000{nonce}:\\d+\ue001)", text)):
         if i % 2 == 0:
+            # What is left of a marker the template cut or edited (a client's own U+E000 or
+            # U+E001 beside a control token's text is refused too: rare, and safe).
+            garbled = garbled or "\ue000" in part or "\ue001" in part
             if part:
                 pieces.append((part, False))
         elif part in marks and part not in seen:
             seen.add(part)
             pieces.append((marks[part], True))
         else:
-            seen.clear()  # the template repeated a text: refused below
-            break
-    if seen != set(marks):
-        # The template dropped, repeated or edited a text that holds a control token, so
-        # the prompt cannot be told apart from the client's text: refuse rather than guess.
+            garbled = True  # the template repeated a text
+    if garbled:
+        # The template repeated or edited a text that holds a control token, so the prompt
+        # cannot be told apart from the client's text: refuse rather than guess. One it dropped
+        # (earlier reasoning, as DeepSeek-R1's templates drop it) is simply not in the prompt.
         found = next(c for v in marks.values() for c in control_texts if c in v)
         raise InvalidRequest(
             f"a message holds the text of the model's control token {found!r}, which "
