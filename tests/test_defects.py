@@ -231,7 +231,7 @@ def test_the_global_rate_ceiling_keeps_what_is_left_for_the_most_urgent() -> Non
     for rate in (30.0, 5.0):  # a burst of 3 (at 5/s too: with 1 there was nothing to hold back)
         ceilings = RateCeilings(rate, 0.0)
 
-        def allowed(priority: str | None) -> bool:
+        def allowed(priority: str | None, ceilings: RateCeilings = ceilings) -> bool:
             headers = {} if priority is None else {"X-Priority": priority}
             return ceilings.check(make_mocked_request("POST", "/v1/embeddings", headers=headers)) == 0.0
 
