@@ -50,6 +50,17 @@ class ComputeStarved(AdmissionError):
 
     reason = "compute_starved"
 
+    @classmethod
+    def after(cls, waited_s: float, priority: int | None = None) -> ComputeStarved:
+        """The refusal of a generation that got no compute time for ``waited_s`` (waiting for a
+        grant, or between two tokens), with a Retry-After of 1 to 5 s."""
+        return cls(
+            f"the generation got no compute time for {waited_s * 1000:.0f} ms: more urgent work "
+            "holds the engines; retry",
+            retry_after_s=min(5.0, max(1.0, waited_s)),
+            priority=priority,
+        )
+
 
 def retry_after(wait_s: float, timeout_s: float) -> float:
     """Retry-After for a request refused because its predicted wait exceeds its deadline: when

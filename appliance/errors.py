@@ -41,6 +41,17 @@ class ModelNotBuilt(ModelNotFound):
         )
 
 
+class Conflict(ApplianceError):
+    """The request is valid but the state of the file or the model does not allow it now."""
+
+    status = 409
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, code: str, *, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.code = code
+
+
 class NotFound(ApplianceError):
     """No route for the path (a model that does not exist is ``ModelNotFound``)."""
 

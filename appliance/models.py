@@ -252,17 +252,21 @@ class ModelManager:
             self._start_defaults = [n for n, s in self.slots.items() if s.state != ModelState.unbuilt]
 
     def request_slot(self, name: str) -> ModelSlot:
-        """The slot a request for ``name`` goes to (404 for none). A name not in the repository
-        when it was last read, or a model not built then, looks at the repository again (at most
-        once every ``RESCAN_MIN_S``): the 503 "run `appliance models pull`" must stop once the
-        user has, without a reload, and a folder copied in serves as in Ollama."""
+        """The slot a request for ``name`` goes to: a 404 for none, and for a model not built
+        (ModelNotBuilt, which says to pull it). A name not in the repository when it was last
+        read, or a model not built then, looks at the repository again (at most once every
+        ``RESCAN_MIN_S``): the answer "run `appliance models pull`" must stop once the user has,
+        without a reload, and a folder copied in serves as in Ollama."""
         slot = self.slots.get(name)
         stale = slot is None or slot.state == ModelState.unbuilt
         if slot is not None and slot.runtime is None and not stale:
             stale = not (slot.entry.folder / MODEL_FILE).exists()  # removed since: a 404 now
         if stale and time.monotonic() - self._scanned_at >= RESCAN_MIN_S:
             self.rescan()
-        return self._slot(name)
+        slot = self._slot(name)
+        if slot.state == ModelState.unbuilt:
+            raise ModelNotBuilt(name)
+        return slot
 
     def default_models(self) -> list[str]:
         """``server.default_models``; unset, the models built when the server started (a model
@@ -290,8 +294,6 @@ class ModelManager:
         slot.last_used = time.monotonic()
         if slot.runtime is not None:
             return slot.runtime
-        if slot.state == ModelState.unbuilt:
-            raise ModelNotBuilt(name)
         wait = slot.failed_at + LOAD_RETRY_S - time.monotonic()
         if slot.state == ModelState.failed and wait > 0:
             # A load that failed is not tried again by every request (each would take the load

@@ -34,13 +34,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from appliance.admission import AdmissionError, QueueFull, Reservation, WouldMissDeadline
+from appliance.admission import AdmissionError, ComputeStarved, QueueFull, Reservation, WouldMissDeadline
 from appliance.auth import ApiKeyRecord
 from appliance.breaker import BreakerOpen, BreakerState, CircuitBreaker, Permit
 from appliance.cache import CacheHit, cache_key
-from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, ModelNotBuilt, Unavailable
+from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, Unavailable
 from appliance.inference import admission_error
-from appliance.models import ModelManager, ModelRuntime, ModelSlot, ModelState
+from appliance.models import ModelManager, ModelRuntime, ModelSlot
 from appliance.resilience import Answer, Resilience
 from appliance.telemetry import Metrics
 
@@ -279,9 +279,7 @@ class Pipeline:
         client set it."""
         if not isinstance(model, str) or not model:
             raise InvalidRequest("'model' is required and must be a string", param="model")
-        slot = self.manager.request_slot(model)  # 404 for an unknown model
-        if slot.state == ModelState.unbuilt:
-            raise ModelNotBuilt(model)
+        slot = self.manager.request_slot(model)  # 404 for an unknown or unbuilt model
         values = self.manager.tunables(model)
         levels = int(values["queue.priority_levels"])
         if priority is not None:
@@ -492,10 +490,6 @@ class Pipeline:
             if isinstance(exc, DeadlinePassed):
                 permit.ignore()
                 raise
-            slot = self.manager.slots.get(ticket.model)
-            if slot is not None and slot.state == ModelState.unbuilt:
-                permit.ignore()
-                raise
             log.warning("model %s: %s", ticket.model, exc.message)
             ticket.load_error = exc.message
             permit.ignore()  # a load failure is the memory manager's, not the engine's
@@ -613,11 +607,7 @@ class LiveStream:
                 # No engine call ran long: the generation waited for compute that more urgent
                 # work held, or was preempted. Overload, said as such (503), not held against
                 # the engine: counted, it opened the breaker on a healthy model under load.
-                raise Unavailable(
-                    f"the generation got no compute time for {bound * 1000:.0f} ms: more urgent "
-                    "work holds the engines; retry",
-                    retry_after_s=min(5.0, max(1.0, bound)),
-                ) from None
+                raise admission_error(ComputeStarved.after(bound)) from None
             self.breaker.report("timeout")
             raise EngineFailure(
                 f"the generation produced no token for {bound * 1000:.0f} ms", kind="timeout"

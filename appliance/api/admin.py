@@ -29,7 +29,7 @@ from appliance.api.common import (
     read_json,
 )
 from appliance.config import ConfigError, changed_sections, save_settings
-from appliance.errors import ApplianceError, InvalidRequest, ModelNotFound
+from appliance.errors import ApplianceError, Conflict, InvalidRequest, ModelNotFound
 from appliance.models import ModelState, validate_model_settings
 
 log = logging.getLogger(__name__)
@@ -47,17 +47,6 @@ class Unauthorized(ApplianceError):
     status = 401
     type = "authentication_error"
     code = "admin_token_required"
-
-
-class Conflict(ApplianceError):
-    """The request is valid but the state of the file or the model does not allow it now."""
-
-    status = 409
-    type = "invalid_request_error"
-
-    def __init__(self, message: str, code: str, *, param: str | None = None) -> None:
-        super().__init__(message, param=param)
-        self.code = code
 
 
 def _data(request: web.Request) -> web.Application:

@@ -10,7 +10,7 @@ import orjson
 from aiohttp import web
 
 from appliance.api.common import EMBEDDINGS, MANAGER, PIPELINE, admit, read_json, render, requested_priority
-from appliance.errors import InvalidRequest, ModelNotBuilt
+from appliance.errors import InvalidRequest
 from appliance.inference import EmbeddingService
 from appliance.models import ModelRuntime, ModelState
 from appliance.pipeline import Ticket
@@ -51,8 +51,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def get_model(request: web.Request) -> web.Response:
     mgr = request.app[MANAGER]
     name = request.match_info["model"]
-    if mgr.request_slot(name).state == ModelState.unbuilt:
-        raise ModelNotBuilt(name)
+    mgr.request_slot(name)  # 404 for an unknown or unbuilt model
     d = mgr.describe(name)
     created = _created(mgr.slots[d["name"]].entry.folder)
     return web.json_response(

@@ -814,12 +814,7 @@ class Scheduler(EarlyAdmission):
                 except asyncio.TimeoutError:
                     # More urgent work held the engines (strict priority, or a flood): overload,
                     # not a fault of this engine, so the breaker never hears of it.
-                    raise ComputeStarved(
-                        f"the generation got no compute time within {timeout_ms:.0f} ms: more urgent "
-                        "work holds the engines",
-                        retry_after_s=min(5.0, max(1.0, timeout_ms / 1000)),
-                        priority=level,
-                    ) from None
+                    raise ComputeStarved.after(timeout_ms / 1000, level) from None
             if granted is not None:
                 args = (*args, *granted())
             job = _Job()
