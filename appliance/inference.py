@@ -34,6 +34,7 @@ from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, Over
 from appliance.models import RUNTIME_FACTORIES, ModelManager, ModelRuntime, batch_policy
 from appliance.repository import ModelEntry, ModelKind
 from appliance.telemetry import Metrics
+from appliance.timeouts import within
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +207,8 @@ def engine_call(
 
     async def bounded(fut: asyncio.Future[Any], n: int, timeout_ms: float) -> Any:
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout_ms / 1000)
-        except asyncio.TimeoutError:  # wait_for raises this, not TimeoutError, on Python 3.10
+            return await within(asyncio.shield(fut), timeout_ms / 1000)
+        except asyncio.TimeoutError:  # asyncio's: not the builtin TimeoutError on 3.10
             raise EngineTimeout(f"a batch of {n} ran past {timeout_ms:.0f} ms") from None
 
     return execute

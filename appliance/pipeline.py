@@ -43,6 +43,7 @@ from appliance.inference import admission_error
 from appliance.models import ModelManager, ModelRuntime, ModelSlot
 from appliance.resilience import Answer, Resilience
 from appliance.telemetry import Metrics
+from appliance.timeouts import within
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ async def bounded(aw: Awaitable[T], seconds: float, what: str) -> T:
             aw.close()
         raise DeadlinePassed(f"the request's deadline passed before {what}", retry_after_s=1.0)
     try:
-        return await asyncio.wait_for(aw, seconds)
+        return await within(aw, seconds)
     except asyncio.TimeoutError:
         raise DeadlinePassed(
             f"the request's deadline passed while {what} (it had {seconds * 1000:.0f} ms)", retry_after_s=1.0
@@ -469,9 +470,7 @@ class Pipeline:
         if not ticket.read_cache:
             return None
         try:
-            hit = await asyncio.wait_for(
-                cache.get(ticket.key), min(CACHE_IO_S, max(ticket.remaining(), 0.01))
-            )
+            hit = await within(cache.get(ticket.key), min(CACHE_IO_S, max(ticket.remaining(), 0.01)))
         except asyncio.TimeoutError:
             return None  # a slow cache is a miss, never a wait
         self.resilience.count(ticket.model, "misses" if hit is None or not hit.fresh else "hits")
@@ -510,7 +509,7 @@ class Pipeline:
         # FULL promises that an answered request's entry survives a power cut: wait for the commit,
         # bounded; when it cannot be kept the response says so (X-Appliance-Cache: not-stored).
         try:
-            ticket.stored = await asyncio.wait_for(
+            ticket.stored = await within(
                 asyncio.shield(cache.put_and_wait(ticket.key, ticket.model, body, ctype)),
                 min(CACHE_IO_S, max(ticket.remaining(), 0.05)),
             )
@@ -533,7 +532,7 @@ class Pipeline:
         cache = self._cache(ticket)
         if hit is None and cache is not None and ticket.key is not None and ticket.read_cache:
             try:
-                hit = await asyncio.wait_for(cache.get(ticket.key), CACHE_IO_S)
+                hit = await within(cache.get(ticket.key), CACHE_IO_S)
             except Exception:  # a slow or failing cache is no fallback; go on down the chain
                 hit = None
         if hit is not None:
@@ -594,7 +593,7 @@ class LiveStream:
             deadline_first = remaining < bound
             bound = min(bound, remaining)
         try:
-            return await asyncio.wait_for(self.events.__anext__(), bound if bound > 0 else 0.001)
+            return await within(self.events.__anext__(), bound if bound > 0 else 0.001)
         except asyncio.TimeoutError:
             self.events.close()
             if deadline_first:

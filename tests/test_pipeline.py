@@ -504,3 +504,50 @@ async def test_a_stream_stall_counts_against_the_engine_only_while_an_engine_cal
     else:
         assert failures == 0 and not isinstance(caught.value, EngineFailure)
         assert caught.value.retry_after_s is not None and caught.value.retry_after_s >= 1
+
+
+async def test_a_hang_up_as_the_next_token_arrives_ends_the_stream() -> None:
+    """The client's hang-up (the handler task cancelled) in the same loop turn that the next token
+    is ready: the stream ends there. Through ``asyncio.wait_for`` (Python < 3.12) the token was
+    returned and the cancellation dropped, and a probe's non-streamed chats went on decoding to
+    their max_tokens after 1 in 4-8 hang-ups."""
+    from appliance.breaker import CircuitBreaker
+    from appliance.pipeline import LiveStream, Ticket
+
+    loop = asyncio.get_running_loop()
+
+    class Tokens:
+        def __init__(self) -> None:
+            self.next: asyncio.Future[int] = loop.create_future()
+            self.closed = False
+
+        def __aiter__(self) -> Tokens:
+            return self
+
+        async def __anext__(self) -> Any:
+            return await self.next
+
+        def close(self) -> None:
+            self.closed = True
+
+        def engine_stalled(self, seconds: float) -> bool:
+            return False
+
+    for _ in range(20):
+        events = Tokens()
+        ticket = Ticket("m", 3, time.monotonic() + 60, False)
+        stream = LiveStream(None, ticket, CircuitBreaker("m"), events, None, 30.0)  # type: ignore[arg-type]
+        taken: list[Any] = []
+
+        async def consume(stream: LiveStream = stream, taken: list[Any] = taken) -> None:
+            async for ev in stream:
+                taken.append(ev)
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0)
+        events.next.set_result(7)
+        task.cancel()
+        await asyncio.wait({task}, timeout=2.0)  # bounded: with the cancellation lost it never ends
+        if not task.done():
+            task.cancel()
+        assert task.cancelled() and taken == [], f"the stream went on after the hang-up: {taken}"

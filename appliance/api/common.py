@@ -22,6 +22,7 @@ from appliance.pipeline import Pipeline, Ticket
 from appliance.resilience import SOURCE_HEADER, Answer, Resilience
 from appliance.supervisor import Supervisor
 from appliance.telemetry import Metrics, RollingStats
+from appliance.timeouts import within
 
 CONFIG = web.AppKey("config", Config)
 MANAGER = web.AppKey("manager", ModelManager)
@@ -174,11 +175,11 @@ async def read_body(request: web.Request) -> bytes:
     try:
         if length is not None and request.content.total_bytes >= length and not encoded(request):
             # Already all here (the usual small request): nothing to wait for, so no timer
-            # either (wait_for costs a task; at thousands of refusals a second that shows).
+            # either (a timer costs; at thousands of refusals a second that shows).
             return await request.read()
         timeout = request.app[CONFIG].server.read_timeout_s
         try:
-            return await asyncio.wait_for(request.read(), timeout)
+            return await within(request.read(), timeout)
         except asyncio.TimeoutError:
             err = ApplianceError(f"the request body did not arrive within {timeout:.0f} s")
             err.status, err.type, err.code = 408, "invalid_request_error", "request_timeout"

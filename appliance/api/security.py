@@ -21,6 +21,7 @@ from aiohttp.web_request import BaseRequest
 from appliance.api.common import CONFIG, METRICS, OPENAI, api_of, error_response
 from appliance.auth import KeyRateLimiter, KeyStore, Throttled, TokenBucket, presented_key
 from appliance.errors import ApplianceError, Overloaded, Unavailable
+from appliance.timeouts import within
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ async def authenticate(request: web.Request) -> None:
         limit = AUTH_TIMEOUT_S
         with contextlib.suppress(ValueError):
             limit = min(limit, max(float(request.headers.get("X-Timeout-Ms", "inf")) / 1000, 0.001))
-        record = await asyncio.wait_for(request.app[KEYS].authenticate_async(presented), limit)
+        record = await within(request.app[KEYS].authenticate_async(presented), limit)
     except asyncio.TimeoutError:
         raise Unavailable("the API key could not be checked in time; retry", retry_after_s=1.0) from None
     if isinstance(record, Throttled):

@@ -73,6 +73,7 @@ from appliance.llm.kv import KVState
 from appliance.llm.prefix import PrefixCache, PrefixStats
 from appliance.llm.sampling import OutputProcessor, SamplingParams, make_rng, sample
 from appliance.telemetry import Metrics
+from appliance.timeouts import within
 
 log = logging.getLogger(__name__)
 
@@ -810,7 +811,7 @@ class Scheduler(EarlyAdmission):
         async with contextlib.AsyncExitStack() as stack:
             if self._grant is not None:
                 try:
-                    await asyncio.wait_for(stack.enter_async_context(self._grant(level)), limit)
+                    await within(stack.enter_async_context(self._grant(level)), limit)
                 except asyncio.TimeoutError:
                     # More urgent work held the engines (strict priority, or a flood): overload,
                     # not a fault of this engine, so the breaker never hears of it.
@@ -832,7 +833,7 @@ class Scheduler(EarlyAdmission):
                 job.abandoned = True
                 raise EngineTimeout(f"the engine worker stayed busy past {2 * timeout_ms:.0f} ms")
             try:
-                return await asyncio.wait_for(asyncio.shield(fut), limit)
+                return await within(asyncio.shield(fut), limit)
             except asyncio.TimeoutError:
                 job.abandoned = True
                 raise EngineTimeout(f"a generation step ran past {timeout_ms:.0f} ms") from None
