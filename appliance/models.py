@@ -26,7 +26,7 @@ from appliance.engines.base import Engine
 from appliance.engines.select import expected_on_gpu, gpu_engines_available, open_engine
 from appliance.errors import ModelNotBuilt, ModelNotFound, Unavailable
 from appliance.heap import freeze_startup_heap
-from appliance.memory import DoesNotFit, MemoryPools, measure
+from appliance.memory import DoesNotFit, MemoryPools, measure, trim_heap
 from appliance.repository import MODEL_FILE, ModelEntry, ModelKind, scan_repository
 from appliance.sdnotify import ProgressWatchdog
 from appliance.telemetry import Metrics
@@ -483,6 +483,8 @@ class ModelManager:
             await asyncio.get_running_loop().run_in_executor(None, runtime.executor.shutdown, True)
             runtime.engine.close()
             self.memory.release(name, evicted=evicted)
+            del runtime  # the last reference: the engine's memory is free before the trim
+            await asyncio.get_running_loop().run_in_executor(None, trim_heap)
             # Read again when next asked: it may be rebuilt before it loads, and a cache hit
             # (which loads nothing) must not serve the old artefacts' answers as its own.
             self._identities.pop(name, None)

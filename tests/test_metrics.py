@@ -60,3 +60,25 @@ def test_metric_names_and_types_are_pinned(start_server, minilm_folder: Path) ->
     # The engine's own time (on its worker thread): some, and never more than the request took.
     busy = metric(srv, 'appliance_engine_busy_seconds_total{model="all-minilm-l6-v2"}')
     assert 0 < busy <= took
+
+
+def test_an_unloaded_chat_model_leaves_no_live_gauges_behind(start_server, smollm_folder: Path) -> None:  # type: ignore[no-untyped-def]
+    """After an unload, the chat model's gauges say it holds nothing and its scheduler's worker
+    series is gone: they stood at their last values (prefix blocks 9, the scheduler "up")."""
+    from appliance.api.common import MANAGER
+
+    model = "smollm2-135m-instruct"
+    srv: ServerThread = start_server({model: smollm_folder}, overrides={model: {"cache": {"enabled": False}}})
+    body = {
+        "model": model,
+        "max_tokens": 4,
+        "messages": [{"role": "user", "content": "Hello there, how are you?"}],
+    }
+    assert srv.post("/v1/chat/completions", body)[0] == 200
+    up = f'appliance_worker_up{{worker="scheduler:{model}"}}'
+    assert metric(srv, f'appliance_prefix_cache_blocks{{model="{model}"}}') > 0
+    assert metric(srv, up) == 1
+    srv.call(lambda: srv.app[MANAGER].unload(model))
+    for gauge in ("prefix_cache_blocks", "running_sequences", "kv_cache_bytes"):
+        assert metric(srv, f'appliance_{gauge}{{model="{model}"}}') == 0, gauge
+    assert up not in srv.get("/metrics")[1].decode()

@@ -239,3 +239,26 @@ def test_what_shedding_cannot_read_in_a_kserve_infer_is_answered_by_the_route(fu
     assert status == 400 and "exceeds the body length" in body["error"]
     status, body, _ = full.post("/v2/models/nope/infer", infer_doc("x", {"priority": 3}))
     assert status == 404 and set(body) == {"error"}
+
+
+def test_a_replayed_refusal_does_not_keep_an_unloaded_model_alive(full: ServerThread) -> None:
+    """A refusal kept for replay holds its model's runtime weakly: once the model is unloaded,
+    its engine and queues are freed. Held strongly, a replay outliving the unload kept an unloaded
+    chat model's engine, scheduler and prefix cache resident (548 MiB in a probe's soak) while the
+    memory manager counted them as released."""
+    import gc
+    import weakref
+
+    status, _, _ = embed(full, {"input": "refused and remembered"}, {"X-Priority": "3"})
+    assert status == 429
+    assert full.call(lambda: len(full.app[PIPELINE]._refused)) >= 1
+    runtime = weakref.ref(full.call(lambda: full.app[MANAGER].slots[MODEL].runtime))
+    deadline = time.monotonic() + 3 * BUSY_S + 10
+    while queued(full, 3) > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    full.call(lambda: full.app[MANAGER].unload(MODEL))
+    assert full.call(lambda: len(full.app[PIPELINE]._refused)) >= 1  # the replay is still there
+    while runtime() is not None and time.monotonic() < deadline:
+        full.call(gc.collect)
+        time.sleep(0.1)
+    assert runtime() is None, gc.get_referrers(runtime())

@@ -646,6 +646,7 @@ class Scheduler(EarlyAdmission):
                 m.worker_up.labels(worker).set(1)
             try:
                 await self._drive()
+                self._stopped_gauges(worker)
                 return
             except asyncio.CancelledError:
                 self._abort(BatcherClosed(f"model {self.name!r} stopped"), waiting=True)
@@ -853,6 +854,18 @@ class Scheduler(EarlyAdmission):
             m.prefix_cache_evictions.labels(self.name).inc(st.evictions - old.evictions)
             m.prefix_cache_blocks.labels(self.name).set(len(cache))
             self._published = PrefixStats(st.query_tokens, st.hit_tokens, st.evictions)
+
+    def _stopped_gauges(self, worker: str) -> None:
+        """The driver ended with its model's close: the model's live gauges say it holds nothing
+        (they stood at their last values after an unload: prefix blocks 9, the scheduler up),
+        and its worker series goes, as a worker that no longer exists is neither up nor down."""
+        m = self.metrics
+        if m is None:
+            return
+        for gauge in (m.running_sequences, m.kv_cache_bytes, m.prefix_cache_blocks):
+            gauge.labels(self.name).set(0)
+        with contextlib.suppress(KeyError):
+            m.worker_up.remove(worker)
 
     def _fail_all(self, error: Exception) -> None:
         """Fail every sequence, held or queued, without touching metrics or the prefix cache."""

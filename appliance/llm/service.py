@@ -94,8 +94,10 @@ class DecoderEngine(OnnxRuntimeEngine):
         super().__init__(self.session.model_dir / "model.onnx", session=self.session.session)
 
     def close(self) -> None:
-        # Dropping the last references frees the session; ORT has no explicit close.
+        # Dropping the last references frees the sessions; ORT has no explicit close. The 4-bit
+        # companion too: left in place, anything still holding the runtime kept it resident.
         self.session.session = None
+        self.session.single = None
         super().close()
 
 
