@@ -192,4 +192,8 @@ def scan_repository(root: Path) -> tuple[list[ModelEntry], list[str]]:
             errors.append(str(exc))
         except OSError as exc:  # unreadable, a directory, a symlink loop
             errors.append(f"{path}: cannot be read ({exc.strerror or exc})")
+        except Exception as exc:  # whatever it is, it is this model's alone
+            # A failure nobody foresaw in one file (a 5,000-digit integer once escaped the YAML
+            # reader) stopped the start, every reload and the rescan of an unknown name.
+            errors.append(f"{folder.name}/{MODEL_FILE}: cannot be loaded ({type(exc).__name__}: {exc})")
     return entries, errors

@@ -191,3 +191,42 @@ def test_the_backup_keeps_the_last_hand_written_file_across_processes(tmp_path: 
     path.write_text(path.read_text().replace("9001", "9002"))
     save_keys(load(path, env={}), [])
     assert "9002" in bak.read_text() and "operator's comment" not in bak.read_text()
+
+
+# A file that parses with PyYAML's own loader but not into anything Python holds: an integer past
+# the 4,300-digit conversion limit (ValueError), flow collections thousands deep (RecursionError).
+HOSTILE = {
+    "huge-int": ("batching", "{max_batch_size: 1" + "0" * 5000 + "}"),
+    "deep-map": ("default_response", "{a: " * 3000 + "1" + "}" * 3000),
+    "deep-list": ("default_response", "[" * 5000 + "]" * 5000),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_file_python_cannot_hold_is_one_error_naming_it(tmp_path: Path, case: str) -> None:
+    """Every failure to parse a model.yaml or appliance.yaml is the reader's own error naming the
+    file: a 5,000-digit integer or a deep nesting escaped as a traceback that stopped the server."""
+    key, value = HOSTILE[case]
+    folder = tmp_path / case
+    folder.mkdir()
+    (folder / "model.yaml").write_text(f"name: {case}\nkind: tensor\n{key}: {value}\n")
+    with pytest.raises(RepositoryError, match=f"{case}/model.yaml: "):
+        load_model_file(folder / "model.yaml")
+    with pytest.raises(ConfigError, match="appliance.yaml: "):
+        load(write(tmp_path, f"defaults: {{{key}: {value}}}\n"), env={})
+
+
+def test_check_config_lists_a_hostile_model_file_and_the_other_models(tmp_path: Path) -> None:
+    """check-config crashed (exit 1, a traceback) on a file only Python's int limit refuses."""
+    repo = tmp_path / "engines"
+    for case, (key, value) in HOSTILE.items():
+        (repo / case).mkdir(parents=True)
+        (repo / case / "model.yaml").write_text(f"name: {case}\nkind: tensor\n{key}: {value}\n")
+    (repo / "fine").mkdir()
+    (repo / "fine" / "model.yaml").write_text("name: fine\nkind: tensor\n")
+    cfg = write(tmp_path, "model_repository: engines\n")
+    run = [sys.executable, "-m", "appliance", "--config", str(cfg), "check-config"]
+    out = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert all(f"{case}/model.yaml" in out.stderr for case in HOSTILE), out.stderr
+    assert "fine/model.yaml" not in out.stderr
