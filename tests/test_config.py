@@ -230,3 +230,34 @@ def test_check_config_lists_a_hostile_model_file_and_the_other_models(tmp_path: 
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert all(f"{case}/model.yaml" in out.stderr for case in HOSTILE), out.stderr
     assert "fine/model.yaml" not in out.stderr
+
+
+@pytest.mark.parametrize("name", ["breaker.window_s", "breaker.open_duration_s", "engine.timeout_ms"])
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_a_setting_is_a_finite_number(tmp_path: Path, name: str, value: str) -> None:
+    """NaN passes every range comparison: ``.nan`` in a model.yaml made each request of the model
+    a 500, and in appliance.yaml's defaults half a reload's models. Refused, naming the setting."""
+    section, key = name.split(".")
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model.yaml").write_text(f"name: m\nkind: tensor\n{section}: {{{key}: {value}}}\n")
+    with pytest.raises(RepositoryError, match=f"m/model.yaml: {name}: expected a number"):
+        load_model_file(folder / "model.yaml")
+    with pytest.raises(ConfigError, match=f"defaults.{name}: expected a number"):
+        load(write(tmp_path, f"defaults: {{{section}: {{{key}: {value}}}}}\n"), env={})
+    with pytest.raises(settings.SettingError, match=name):
+        settings.validate({name: 10**400})  # no float holds it
+
+
+def test_a_reload_with_a_nan_setting_changes_nothing(tmp_path: Path) -> None:
+    """A reload validates every value before it applies any: a NaN window made a partial apply."""
+    from appliance.server import Server
+
+    (tmp_path / "engines").mkdir()
+    path = write(tmp_path, "model_repository: engines\ndefaults: {breaker: {window_s: 20}}\n")
+    server = Server(load(path, env={}))
+    write(
+        tmp_path, "model_repository: engines\ndefaults: {breaker: {window_s: .nan}, queue: {aging_ms: 5}}\n"
+    )
+    assert server.reload() is False
+    assert server.cfg.defaults == {"breaker.window_s": 20.0}
