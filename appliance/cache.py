@@ -13,9 +13,13 @@ Durability of an acknowledged entry (``flush()`` / ``put_and_wait()`` returned T
 * ``synchronous="FULL"``: the WAL is fsynced on every commit, so an acknowledged entry also
   survives power loss (as far as the disk honours flushes). Costs one fsync per writer batch.
 
-Any SQLite or OS error (disk full, EFBIG, I/O error, corruption found at run time) switches the
-cache off with one warning: ``get()`` then returns None, ``put()`` does nothing, serving goes on.
-It stays off until the process restarts and ``open()`` checks the file again.
+Any other SQLite or OS error (disk full, EFBIG, I/O error, corruption found at run time) switches
+the cache off with one warning: ``get()`` then returns None, ``put()`` does nothing, serving goes
+on. It stays off until the process restarts and ``open()`` checks the file again. A lock held by
+another process (``sqlite3`` in a shell, a backup) is not such an error: past ``BUSY_TIMEOUT_S``
+a read is a miss and a write batch is dropped (counted in ``busy_writes``, warned once per spell),
+and the cache goes on as soon as the lock is gone (switched off for it, a lock of a few seconds
+kept the cache off until the next restart).
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ _IDLE_TICK_S = 1.0  # the writer wakes this often to write buffered hit times
 _SWEEP_EVERY_S = 60.0
 _WAL_MAGIC = (0x377F0682, 0x377F0683)
 CLOSE_TIMEOUT_S = 5.0
-_BUSY_CODES = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: a reader that waited 5 s just misses
+BUSY_TIMEOUT_S = 5.0  # how long a connection waits for another one's lock before SQLITE_BUSY
+_BUSY_CODES = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (primary codes; extended ones carry them in the low byte)
+_BUSY_MESSAGES = ("database is locked", "database table is locked")  # their sqlite3_errstr() texts
 
 CacheEventHook = Callable[[str, int], None]
 
@@ -114,7 +120,7 @@ class ResponseCache:
         on_event: CacheEventHook | None = None,
     ) -> None:
         """``on_event(event, count)`` gets hit, stale, miss (on the event loop) and eviction,
-        expired, disabled (on the writer thread): feed thread-safe counters, never block.
+        expired, busy_write, disabled (on the writer thread): feed thread-safe counters, never block.
         """
         if synchronous.upper() not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be NORMAL or FULL, got {synchronous!r}")
@@ -133,6 +139,7 @@ class ResponseCache:
         self._counts: Counter[str] = Counter()
         self._enabled = False
         self._closed = False
+        self._busy_spell = False  # the writer found the file locked and has not committed since
         self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
         self._pending_bytes = 0
         self._touches: dict[str, float] = {}
@@ -202,7 +209,7 @@ class ResponseCache:
             return
         problem = None
         try:
-            conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
             try:
                 rows = conn.execute("PRAGMA integrity_check").fetchall()
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -238,7 +245,9 @@ class ResponseCache:
         )
 
     def _setup_writer(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=5.0, check_same_thread=False, isolation_level=None)
+        conn = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_S, check_same_thread=False, isolation_level=None
+        )
         try:
             db = sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
             db.enable_wal()
@@ -309,7 +318,7 @@ class ResponseCache:
         try:
             row = await asyncio.get_running_loop().run_in_executor(self._readers, self._read, key)
         except (sqlite3.Error, OSError) as exc:
-            if getattr(exc, "sqlite_errorcode", None) in _BUSY_CODES:
+            if _busy(exc):
                 self._count("miss")
             else:
                 self._fail("read", exc)
@@ -335,7 +344,9 @@ class ResponseCache:
         conn: sqlite3.Connection | None = getattr(self._reader_local, "conn", None)
         if conn is None:
             uri = self.path.resolve().as_uri() + "?mode=ro"
-            conn = sqlite3.connect(uri, uri=True, timeout=5.0, check_same_thread=False, isolation_level=None)
+            conn = sqlite3.connect(
+                uri, uri=True, timeout=BUSY_TIMEOUT_S, check_same_thread=False, isolation_level=None
+            )
             self._reader_local.conn = conn
             with self._lock:
                 self._reader_conns.append(conn)
@@ -495,8 +506,14 @@ class ResponseCache:
         except (sqlite3.Error, OSError) as exc:
             with contextlib.suppress(sqlite3.Error):  # a failed COMMIT may have ended it already
                 conn.execute("ROLLBACK")
-            self._fail("write", exc)
+            if _busy(exc):
+                self._write_busy(exc)
+            else:
+                self._fail("write", exc)
             return [_FAILED[op.kind] for op in batch]
+        if self._busy_spell:
+            self._busy_spell = False
+            log.info("response cache %s: the file is writable again", self.path)
         self._entries, self._bytes = entries, size
         if evicted:
             self._count("eviction", evicted)
@@ -533,6 +550,18 @@ class ResponseCache:
         )
         self._emit("disabled", 1)
 
+    def _write_busy(self, exc: BaseException) -> None:
+        """Another process held the file's lock for ``BUSY_TIMEOUT_S``: this batch is lost (a
+        miss later, as a dropped put is), the cache stays on. One warning per spell."""
+        self._count("busy_write")
+        if not self._busy_spell:
+            self._busy_spell = True
+            log.warning(
+                "response cache %s is locked by another connection (%s); dropping writes until it is not",
+                self.path,
+                exc,
+            )
+
     def _count(self, event: str, n: int = 1) -> None:
         with self._lock:
             self._counts[event] += n
@@ -560,6 +589,7 @@ class ResponseCache:
                 "evictions": c["eviction"],
                 "expired": c["expired"],
                 "dropped": c["dropped"],
+                "busy_writes": c["busy_write"],
                 "write_errors": c["write_errors"],
                 "read_errors": c["read_errors"],
                 "pending_bytes": self._pending_bytes,
@@ -573,6 +603,16 @@ def _resolve(future: Future[Any] | None, result: Any) -> None:
         return
     with contextlib.suppress(InvalidStateError):  # cancelled between the check and the call
         future.set_result(result)
+
+
+def _busy(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite waiting in vain for another connection's lock (extended codes,
+    such as SQLITE_BUSY_SNAPSHOT, keep the primary code in their low byte)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        # Python 3.10's sqlite3 errors carry no code: SQLite's own messages for the two are fixed.
+        return isinstance(exc, sqlite3.OperationalError) and str(exc).startswith(_BUSY_MESSAGES)
+    return isinstance(code, int) and code & 0xFF in _BUSY_CODES
 
 
 def _entry_size(op: _Op) -> int:

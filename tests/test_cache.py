@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from appliance import cache as cache_module
 from appliance.cache import CacheHit, ResponseCache, cache_key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -312,6 +313,35 @@ async def test_reader_io_error_switches_the_cache_off(
     stats = cache.stats()
     assert (stats["enabled"], stats["read_errors"]) == (False, 1)
     assert sum("switched OFF" in r.getMessage() for r in caplog.records) == 1
+    await cache.close()
+
+
+async def test_a_lock_held_by_another_process_drops_writes_and_keeps_the_cache_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLITE_BUSY is a wait that ran out, not a broken file: a BEGIN EXCLUSIVE held for 20 s by
+    ``sqlite3`` in a shell switched the cache off until the next restart. The writes made while it
+    is held are dropped and counted (one per writer batch); once it is gone, the cache stores and serves again."""
+    monkeypatch.setattr(cache_module, "BUSY_TIMEOUT_S", 0.2)
+    cache = make(tmp_path)
+    other = sqlite3.connect(tmp_path / "cache.db", isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    with caplog.at_level(logging.INFO, logger="appliance.cache"):
+        for i in range(2):
+            cache.put(f"locked{i}", "m", b"v", "text/plain")
+            assert await cache.flush() is False
+        other.execute("ROLLBACK")
+        other.close()
+        assert await cache.put_and_wait("k", "m", b"v", "text/plain") is True
+    hit = await cache.get("k")
+    assert hit is not None and hit.value == b"v"
+    assert await cache.get("locked0") is None
+    stats = cache.stats()
+    assert stats["enabled"] is True and stats["busy_writes"] == 2 and stats["write_errors"] == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("switched OFF" in m for m in messages)
+    assert sum("locked by another connection" in m for m in messages) == 1  # one per spell
+    assert any("writable again" in m for m in messages)
     await cache.close()
 
 
