@@ -13,6 +13,10 @@ Durability of an acknowledged entry (``flush()`` / ``put_and_wait()`` returned T
 * ``synchronous="FULL"``: the WAL is fsynced on every commit, so an acknowledged entry also
   survives power loss (as far as the disk honours flushes). Costs one fsync per writer batch.
 
+Each value is stored with its CRC-32 and checked on every read: a value changed on disk (a bit
+flip in the BLOB, which ``PRAGMA integrity_check`` does not see) is a miss, counted as
+``corrupt``, and deleted, never served.
+
 Any other SQLite or OS error (disk full, EFBIG, I/O error, corruption found at run time) switches
 the cache off with one warning: ``get()`` then returns None, ``put()`` does nothing, serving goes
 on. It stays off until the process restarts and ``open()`` checks the file again. A lock held by
@@ -34,6 +38,7 @@ import queue
 import sqlite3
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
@@ -45,7 +50,8 @@ import sqlite_utils
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: a checksum per value
+_OLD_VERSIONS = (1,)  # layouts open() empties into this one (a lost entry is only a miss)
 _EVICT_TO = 0.9  # evict down to 90 % of max_bytes, so eviction scans run once per 10 % of turnover
 _BATCH_MAX = 256  # ops per writer transaction (group commit amortises FULL's fsync)
 _IDLE_TICK_S = 1.0  # the writer wakes this often to write buffered hit times
@@ -90,7 +96,7 @@ class CacheHit:
 
 @dataclass(slots=True)
 class _Op:
-    kind: str  # put | flush | purge | expire | stop
+    kind: str  # put | flush | purge | expire | drop (a corrupt entry: key, created_at) | stop
     future: Future[Any] | None = None
     key: str = ""
     model: str | None = None
@@ -100,7 +106,7 @@ class _Op:
 
 
 # What each op's future gets when its work was not done (cache off or failed).
-_FAILED = {"put": False, "flush": False, "stop": False, "purge": 0, "expire": 0}
+_FAILED = {"put": False, "flush": False, "stop": False, "purge": 0, "expire": 0, "drop": 0}
 
 
 class ResponseCache:
@@ -119,8 +125,9 @@ class ResponseCache:
         clock: Callable[[], float] = time.time,
         on_event: CacheEventHook | None = None,
     ) -> None:
-        """``on_event(event, count)`` gets hit, stale, miss (on the event loop) and eviction,
-        expired, busy_write, disabled (on the writer thread): feed thread-safe counters, never block.
+        """``on_event(event, count)`` gets hit, stale, miss, corrupt (on the event loop) and
+        eviction, expired, busy_write, disabled (on the writer thread): feed thread-safe counters,
+        never block.
         """
         if synchronous.upper() not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be NORMAL or FULL, got {synchronous!r}")
@@ -217,7 +224,7 @@ class ResponseCache:
                 conn.close()
             if rows != [("ok",)]:
                 problem = "integrity_check: " + "; ".join(str(r[0]) for r in rows[:5])
-            elif version not in (0, SCHEMA_VERSION):
+            elif version not in (0, *_OLD_VERSIONS, SCHEMA_VERSION):
                 problem = f"schema version {version}, expected {SCHEMA_VERSION}"
         except sqlite3.DatabaseError as exc:
             problem = f"{type(exc).__name__}: {exc}"
@@ -253,6 +260,10 @@ class ResponseCache:
             db.enable_wal()
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             conn.execute("PRAGMA journal_size_limit=67108864")  # cap the -wal left after a checkpoint
+            if conn.execute("PRAGMA user_version").fetchone()[0] in _OLD_VERSIONS:
+                # Their values have no checksum to check: a cache can start empty instead.
+                log.info("response cache %s: older layout, starting it empty", self.path)
+                conn.execute("DROP TABLE IF EXISTS entries")
             table = db.table("entries")
             table.create(
                 {
@@ -260,12 +271,13 @@ class ResponseCache:
                     "model": str,
                     "content_type": str,
                     "value": bytes,
+                    "checksum": int,
                     "size": int,
                     "created_at": float,
                     "last_access": float,
                 },
                 pk="key",
-                not_null=["model", "content_type", "value", "size", "created_at", "last_access"],
+                not_null=["model", "content_type", "value", "checksum", "size", "created_at", "last_access"],
                 if_not_exists=True,
             )
             for column in ("last_access", "created_at", "model"):
@@ -329,7 +341,14 @@ class ResponseCache:
         if row is None:
             self._count("miss")
             return None
-        value, content_type, model, created_at = row
+        value, content_type, model, created_at, intact = row
+        if not intact:
+            # Changed on disk since it was written: never served, and deleted by the writer so that
+            # it is not read and counted again (this very version: a put of the key meanwhile stays).
+            self._count("corrupt")
+            self._count("miss")
+            self._queue.put(_Op("drop", key=key, created_at=created_at))
+            return None
         age = max(0.0, now - created_at)  # a wall clock stepped backwards must not make ages negative
         if age > self.ttl_s + self.max_stale_s:
             self._count("miss")  # the writer's sweep deletes it
@@ -340,7 +359,7 @@ class ResponseCache:
         self._count("hit" if fresh else "stale")
         return CacheHit(bytes(value), content_type, model, age, fresh)
 
-    def _read(self, key: str) -> tuple[bytes, str, str, float] | None:
+    def _read(self, key: str) -> tuple[bytes, str, str, float, bool] | None:
         conn: sqlite3.Connection | None = getattr(self._reader_local, "conn", None)
         if conn is None:
             uri = self.path.resolve().as_uri() + "?mode=ro"
@@ -352,9 +371,19 @@ class ResponseCache:
                 self._reader_conns.append(conn)
         # Autocommit: the read transaction ends with the statement, so no reader pins the WAL.
         row = conn.execute(
-            "SELECT value, content_type, model, created_at FROM entries WHERE key = ?", (key,)
+            "SELECT value, content_type, model, created_at, checksum FROM entries WHERE key = ?", (key,)
         ).fetchone()
-        return None if row is None else (row[0], row[1], row[2], row[3])
+        if row is None:
+            return None
+        value, content_type, model, created_at, checksum = row
+        # Checked here, off the event loop: a CRC of a large value takes a while. A value whose
+        # type changed (a BLOB become TEXT) is as corrupt as one whose bytes did.
+        intact = (
+            isinstance(value, bytes)
+            and isinstance(content_type, str)
+            and _checksum(value, content_type) == checksum
+        )
+        return value, content_type, model, created_at, intact
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -460,15 +489,30 @@ class ResponseCache:
                     ).fetchall()
                     n = _entry_size(op)
                     conn.execute(
-                        "INSERT INTO entries (key, model, content_type, value, size, created_at, last_access)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (op.key, op.model, op.content_type, op.value, n, op.created_at, op.created_at),
+                        "INSERT INTO entries"
+                        " (key, model, content_type, value, checksum, size, created_at, last_access)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            op.key,
+                            op.model,
+                            op.content_type,
+                            op.value,
+                            _checksum(op.value, op.content_type),
+                            n,
+                            op.created_at,
+                            op.created_at,
+                        ),
                     )
                     entries += 1 - len(old)
                     size += n - sum(r[0] for r in old)
                     results.append(True)
-                elif op.kind in ("purge", "expire"):
-                    if op.kind == "expire":
+                elif op.kind in ("purge", "expire", "drop"):
+                    if op.kind == "drop":
+                        gone = conn.execute(
+                            "DELETE FROM entries WHERE key = ? AND created_at = ? RETURNING size",
+                            (op.key, op.created_at),
+                        ).fetchall()
+                    elif op.kind == "expire":
                         gone = _delete_expired(conn, self._clock() - self.ttl_s - self.max_stale_s)
                         expired += len(gone)
                     elif op.model is None:
@@ -590,6 +634,7 @@ class ResponseCache:
                 "expired": c["expired"],
                 "dropped": c["dropped"],
                 "busy_writes": c["busy_write"],
+                "corrupt": c["corrupt"],
                 "write_errors": c["write_errors"],
                 "read_errors": c["read_errors"],
                 "pending_bytes": self._pending_bytes,
@@ -613,6 +658,11 @@ def _busy(exc: BaseException) -> bool:
         # Python 3.10's sqlite3 errors carry no code: SQLite's own messages for the two are fixed.
         return isinstance(exc, sqlite3.OperationalError) and str(exc).startswith(_BUSY_MESSAGES)
     return isinstance(code, int) and code & 0xFF in _BUSY_CODES
+
+
+def _checksum(value: bytes, content_type: str) -> int:
+    """CRC-32 of what a hit serves: the value and its content type."""
+    return zlib.crc32(content_type.encode(), zlib.crc32(value))
 
 
 def _entry_size(op: _Op) -> int:

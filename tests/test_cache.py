@@ -293,6 +293,56 @@ async def test_garbage_wal_is_moved_aside_and_the_database_kept(
     await cache.close()
 
 
+async def test_a_value_changed_on_disk_is_a_miss_deleted_and_counted(tmp_path: Path) -> None:
+    """A bit flip inside a stored value leaves every page well formed, so the integrity check at
+    open passes it, and it was served as is. Each value's checksum is checked on read: the entry
+    is a miss, counted as corrupt, and deleted, so the next put stores it again."""
+    cache = make(tmp_path)
+    assert await cache.put_and_wait("k", "m", b'{"embedding": [0.25]}', "application/json")
+    assert await cache.put_and_wait("other", "m", b"fine", "text/plain")
+    other = sqlite3.connect(tmp_path / "cache.db", isolation_level=None)
+    value = other.execute("SELECT value FROM entries WHERE key = 'k'").fetchone()[0]
+    flipped = bytes([value[0] ^ 0x01]) + value[1:]
+    other.execute("UPDATE entries SET value = ? WHERE key = 'k'", (flipped,))
+    assert await cache.get("k") is None
+    stats = cache.stats()
+    assert (stats["corrupt"], stats["misses"], stats["hits"]) == (1, 1, 0)
+    assert await cache.flush()
+    assert other.execute("SELECT COUNT(*) FROM entries WHERE key = 'k'").fetchone() == (0,)
+    other.close()
+    assert cache.stats()["entries"] == 1
+    got = await cache.get("other")
+    assert got is not None and got.value == b"fine"  # its neighbours are served as before
+    assert await cache.put_and_wait("k", "m", b'{"embedding": [0.25]}', "application/json")
+    got = await cache.get("k")
+    assert got is not None and got.value == b'{"embedding": [0.25]}' and cache.stats()["corrupt"] == 1
+    await cache.close()
+
+
+async def test_a_file_of_the_layout_without_checksums_starts_empty(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cache written before values had checksums (user_version 1) has nothing to check its values
+    against: it starts empty in place, not moved aside as corrupt."""
+    conn = sqlite3.connect(tmp_path / "cache.db", isolation_level=None)
+    conn.execute(
+        "CREATE TABLE entries (key TEXT PRIMARY KEY, model TEXT NOT NULL, content_type TEXT NOT NULL,"
+        " value BLOB NOT NULL, size INTEGER NOT NULL, created_at FLOAT NOT NULL, last_access FLOAT NOT NULL)"
+    )
+    conn.execute("INSERT INTO entries VALUES ('k', 'm', 'text/plain', x'00', 5, 1e9, 1e9)")
+    conn.execute("PRAGMA user_version=1")
+    conn.close()
+    with caplog.at_level(logging.WARNING, logger="appliance.cache"):
+        cache = make(tmp_path)
+    assert not caplog.records and not [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+    assert cache.enabled and cache.stats()["entries"] == 0
+    assert await cache.get("k") is None
+    assert await cache.put_and_wait("k", "m", b"v", "text/plain")
+    got = await cache.get("k")
+    assert got is not None and got.value == b"v"
+    await cache.close()
+
+
 async def test_reader_io_error_switches_the_cache_off(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
