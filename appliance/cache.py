@@ -13,9 +13,17 @@ Durability of an acknowledged entry (``flush()`` / ``put_and_wait()`` returned T
 * ``synchronous="FULL"``: the WAL is fsynced on every commit, so an acknowledged entry also
   survives power loss (as far as the disk honours flushes). Costs one fsync per writer batch.
 
-Any SQLite or OS error (disk full, EFBIG, I/O error, corruption found at run time) switches the
-cache off with one warning: ``get()`` then returns None, ``put()`` does nothing, serving goes on.
-It stays off until the process restarts and ``open()`` checks the file again.
+Each value is stored with its CRC-32 and checked on every read: a value changed on disk (a bit
+flip in the BLOB, which ``PRAGMA integrity_check`` does not see) is a miss, counted as
+``corrupt``, and deleted, never served.
+
+Any other SQLite or OS error (disk full, EFBIG, I/O error, corruption found at run time) switches
+the cache off with one warning: ``get()`` then returns None, ``put()`` does nothing, serving goes
+on. It stays off until the process restarts and ``open()`` checks the file again. A lock held by
+another process (``sqlite3`` in a shell, a backup) is not such an error: past ``BUSY_TIMEOUT_S``
+a read is a miss and a write batch is dropped (counted in ``busy_writes``, warned once per spell),
+and the cache goes on as soon as the lock is gone (switched off for it, a lock of a few seconds
+kept the cache off until the next restart).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import queue
 import sqlite3
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
@@ -41,14 +50,17 @@ import sqlite_utils
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: a checksum per value
+_OLD_VERSIONS = (1,)  # layouts open() empties into this one (a lost entry is only a miss)
 _EVICT_TO = 0.9  # evict down to 90 % of max_bytes, so eviction scans run once per 10 % of turnover
 _BATCH_MAX = 256  # ops per writer transaction (group commit amortises FULL's fsync)
 _IDLE_TICK_S = 1.0  # the writer wakes this often to write buffered hit times
 _SWEEP_EVERY_S = 60.0
 _WAL_MAGIC = (0x377F0682, 0x377F0683)
 CLOSE_TIMEOUT_S = 5.0
-_BUSY_CODES = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: a reader that waited 5 s just misses
+BUSY_TIMEOUT_S = 5.0  # how long a connection waits for another one's lock before SQLITE_BUSY
+_BUSY_CODES = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (primary codes; extended ones carry them in the low byte)
+_BUSY_MESSAGES = ("database is locked", "database table is locked")  # their sqlite3_errstr() texts
 
 CacheEventHook = Callable[[str, int], None]
 
@@ -84,7 +96,7 @@ class CacheHit:
 
 @dataclass(slots=True)
 class _Op:
-    kind: str  # put | flush | purge | expire | stop
+    kind: str  # put | flush | purge | expire | drop (a corrupt entry: key, created_at) | stop
     future: Future[Any] | None = None
     key: str = ""
     model: str | None = None
@@ -94,7 +106,7 @@ class _Op:
 
 
 # What each op's future gets when its work was not done (cache off or failed).
-_FAILED = {"put": False, "flush": False, "stop": False, "purge": 0, "expire": 0}
+_FAILED = {"put": False, "flush": False, "stop": False, "purge": 0, "expire": 0, "drop": 0}
 
 
 class ResponseCache:
@@ -113,8 +125,9 @@ class ResponseCache:
         clock: Callable[[], float] = time.time,
         on_event: CacheEventHook | None = None,
     ) -> None:
-        """``on_event(event, count)`` gets hit, stale, miss (on the event loop) and eviction,
-        expired, disabled (on the writer thread): feed thread-safe counters, never block.
+        """``on_event(event, count)`` gets hit, stale, miss, corrupt (on the event loop) and
+        eviction, expired, busy_write, disabled (on the writer thread): feed thread-safe counters,
+        never block.
         """
         if synchronous.upper() not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be NORMAL or FULL, got {synchronous!r}")
@@ -133,6 +146,7 @@ class ResponseCache:
         self._counts: Counter[str] = Counter()
         self._enabled = False
         self._closed = False
+        self._busy_spell = False  # the writer found the file locked and has not committed since
         self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
         self._pending_bytes = 0
         self._touches: dict[str, float] = {}
@@ -202,7 +216,7 @@ class ResponseCache:
             return
         problem = None
         try:
-            conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
             try:
                 rows = conn.execute("PRAGMA integrity_check").fetchall()
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -210,7 +224,7 @@ class ResponseCache:
                 conn.close()
             if rows != [("ok",)]:
                 problem = "integrity_check: " + "; ".join(str(r[0]) for r in rows[:5])
-            elif version not in (0, SCHEMA_VERSION):
+            elif version not in (0, *_OLD_VERSIONS, SCHEMA_VERSION):
                 problem = f"schema version {version}, expected {SCHEMA_VERSION}"
         except sqlite3.DatabaseError as exc:
             problem = f"{type(exc).__name__}: {exc}"
@@ -238,12 +252,18 @@ class ResponseCache:
         )
 
     def _setup_writer(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=5.0, check_same_thread=False, isolation_level=None)
+        conn = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_S, check_same_thread=False, isolation_level=None
+        )
         try:
             db = sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
             db.enable_wal()
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             conn.execute("PRAGMA journal_size_limit=67108864")  # cap the -wal left after a checkpoint
+            if conn.execute("PRAGMA user_version").fetchone()[0] in _OLD_VERSIONS:
+                # Their values have no checksum to check: a cache can start empty instead.
+                log.info("response cache %s: older layout, starting it empty", self.path)
+                conn.execute("DROP TABLE IF EXISTS entries")
             table = db.table("entries")
             table.create(
                 {
@@ -251,12 +271,13 @@ class ResponseCache:
                     "model": str,
                     "content_type": str,
                     "value": bytes,
+                    "checksum": int,
                     "size": int,
                     "created_at": float,
                     "last_access": float,
                 },
                 pk="key",
-                not_null=["model", "content_type", "value", "size", "created_at", "last_access"],
+                not_null=["model", "content_type", "value", "checksum", "size", "created_at", "last_access"],
                 if_not_exists=True,
             )
             for column in ("last_access", "created_at", "model"):
@@ -309,7 +330,7 @@ class ResponseCache:
         try:
             row = await asyncio.get_running_loop().run_in_executor(self._readers, self._read, key)
         except (sqlite3.Error, OSError) as exc:
-            if getattr(exc, "sqlite_errorcode", None) in _BUSY_CODES:
+            if _busy(exc):
                 self._count("miss")
             else:
                 self._fail("read", exc)
@@ -320,7 +341,14 @@ class ResponseCache:
         if row is None:
             self._count("miss")
             return None
-        value, content_type, model, created_at = row
+        value, content_type, model, created_at, intact = row
+        if not intact:
+            # Changed on disk since it was written: never served, and deleted by the writer so that
+            # it is not read and counted again (this very version: a put of the key meanwhile stays).
+            self._count("corrupt")
+            self._count("miss")
+            self._queue.put(_Op("drop", key=key, created_at=created_at))
+            return None
         age = max(0.0, now - created_at)  # a wall clock stepped backwards must not make ages negative
         if age > self.ttl_s + self.max_stale_s:
             self._count("miss")  # the writer's sweep deletes it
@@ -331,19 +359,31 @@ class ResponseCache:
         self._count("hit" if fresh else "stale")
         return CacheHit(bytes(value), content_type, model, age, fresh)
 
-    def _read(self, key: str) -> tuple[bytes, str, str, float] | None:
+    def _read(self, key: str) -> tuple[bytes, str, str, float, bool] | None:
         conn: sqlite3.Connection | None = getattr(self._reader_local, "conn", None)
         if conn is None:
             uri = self.path.resolve().as_uri() + "?mode=ro"
-            conn = sqlite3.connect(uri, uri=True, timeout=5.0, check_same_thread=False, isolation_level=None)
+            conn = sqlite3.connect(
+                uri, uri=True, timeout=BUSY_TIMEOUT_S, check_same_thread=False, isolation_level=None
+            )
             self._reader_local.conn = conn
             with self._lock:
                 self._reader_conns.append(conn)
         # Autocommit: the read transaction ends with the statement, so no reader pins the WAL.
         row = conn.execute(
-            "SELECT value, content_type, model, created_at FROM entries WHERE key = ?", (key,)
+            "SELECT value, content_type, model, created_at, checksum FROM entries WHERE key = ?", (key,)
         ).fetchone()
-        return None if row is None else (row[0], row[1], row[2], row[3])
+        if row is None:
+            return None
+        value, content_type, model, created_at, checksum = row
+        # Checked here, off the event loop: a CRC of a large value takes a while. A value whose
+        # type changed (a BLOB become TEXT) is as corrupt as one whose bytes did.
+        intact = (
+            isinstance(value, bytes)
+            and isinstance(content_type, str)
+            and _checksum(value, content_type) == checksum
+        )
+        return value, content_type, model, created_at, intact
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -449,15 +489,30 @@ class ResponseCache:
                     ).fetchall()
                     n = _entry_size(op)
                     conn.execute(
-                        "INSERT INTO entries (key, model, content_type, value, size, created_at, last_access)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (op.key, op.model, op.content_type, op.value, n, op.created_at, op.created_at),
+                        "INSERT INTO entries"
+                        " (key, model, content_type, value, checksum, size, created_at, last_access)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            op.key,
+                            op.model,
+                            op.content_type,
+                            op.value,
+                            _checksum(op.value, op.content_type),
+                            n,
+                            op.created_at,
+                            op.created_at,
+                        ),
                     )
                     entries += 1 - len(old)
                     size += n - sum(r[0] for r in old)
                     results.append(True)
-                elif op.kind in ("purge", "expire"):
-                    if op.kind == "expire":
+                elif op.kind in ("purge", "expire", "drop"):
+                    if op.kind == "drop":
+                        gone = conn.execute(
+                            "DELETE FROM entries WHERE key = ? AND created_at = ? RETURNING size",
+                            (op.key, op.created_at),
+                        ).fetchall()
+                    elif op.kind == "expire":
                         gone = _delete_expired(conn, self._clock() - self.ttl_s - self.max_stale_s)
                         expired += len(gone)
                     elif op.model is None:
@@ -495,8 +550,14 @@ class ResponseCache:
         except (sqlite3.Error, OSError) as exc:
             with contextlib.suppress(sqlite3.Error):  # a failed COMMIT may have ended it already
                 conn.execute("ROLLBACK")
-            self._fail("write", exc)
+            if _busy(exc):
+                self._write_busy(exc)
+            else:
+                self._fail("write", exc)
             return [_FAILED[op.kind] for op in batch]
+        if self._busy_spell:
+            self._busy_spell = False
+            log.info("response cache %s: the file is writable again", self.path)
         self._entries, self._bytes = entries, size
         if evicted:
             self._count("eviction", evicted)
@@ -533,6 +594,18 @@ class ResponseCache:
         )
         self._emit("disabled", 1)
 
+    def _write_busy(self, exc: BaseException) -> None:
+        """Another process held the file's lock for ``BUSY_TIMEOUT_S``: this batch is lost (a
+        miss later, as a dropped put is), the cache stays on. One warning per spell."""
+        self._count("busy_write")
+        if not self._busy_spell:
+            self._busy_spell = True
+            log.warning(
+                "response cache %s is locked by another connection (%s); dropping writes until it is not",
+                self.path,
+                exc,
+            )
+
     def _count(self, event: str, n: int = 1) -> None:
         with self._lock:
             self._counts[event] += n
@@ -560,6 +633,8 @@ class ResponseCache:
                 "evictions": c["eviction"],
                 "expired": c["expired"],
                 "dropped": c["dropped"],
+                "busy_writes": c["busy_write"],
+                "corrupt": c["corrupt"],
                 "write_errors": c["write_errors"],
                 "read_errors": c["read_errors"],
                 "pending_bytes": self._pending_bytes,
@@ -573,6 +648,21 @@ def _resolve(future: Future[Any] | None, result: Any) -> None:
         return
     with contextlib.suppress(InvalidStateError):  # cancelled between the check and the call
         future.set_result(result)
+
+
+def _busy(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite waiting in vain for another connection's lock (extended codes,
+    such as SQLITE_BUSY_SNAPSHOT, keep the primary code in their low byte)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        # Python 3.10's sqlite3 errors carry no code: SQLite's own messages for the two are fixed.
+        return isinstance(exc, sqlite3.OperationalError) and str(exc).startswith(_BUSY_MESSAGES)
+    return isinstance(code, int) and code & 0xFF in _BUSY_CODES
+
+
+def _checksum(value: bytes, content_type: str) -> int:
+    """CRC-32 of what a hit serves: the value and its content type."""
+    return zlib.crc32(content_type.encode(), zlib.crc32(value))
 
 
 def _entry_size(op: _Op) -> int:

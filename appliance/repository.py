@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -122,15 +123,36 @@ class ModelEntry:
         return data if isinstance(data, dict) else {}
 
     def digest(self) -> str:
-        """Identity of the built artefacts: a rebuilt model never serves an old cached answer."""
+        """Identity of the built artefacts: a rebuilt model never serves an old cached answer.
+
+        The build record's digest saves hashing the files, but it only speaks for the files it was
+        written with: a model.onnx copied over a built one, the record left as it was, kept the old
+        identity and served the old model's cached answers. Each file's size and mtime count too."""
         rec = self.build_record().get("digest")
         if isinstance(rec, str):
-            return rec
+            return f"{rec}.{artefact_stamp(self.folder, self.spec.artefacts.values())}"
         return artefact_digest(self.folder, self.spec.artefacts.values())
 
 
 def artefact_digest(folder: Path, files: Any) -> str:
     return sha256_files([folder / name for name in sorted(files)], labelled=True)[:32]
+
+
+def artefact_stamp(folder: Path, files: Any) -> str:
+    """A digest of each artefact's (and its ONNX ``.data`` external weights') name, size and
+    mtime_ns: a stat per file, no read. Raises OSError for a missing artefact."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        path = folder / name
+        for part in (path, path.with_name(path.name + ".data")):
+            try:
+                st = part.stat()
+            except FileNotFoundError:
+                if part is path:
+                    raise
+                continue  # no external weights
+            h.update(f"{part.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()[:16]
 
 
 def write_build_record(folder: Path, files: Any, extra: dict[str, Any] | None = None) -> str:
@@ -192,4 +214,8 @@ def scan_repository(root: Path) -> tuple[list[ModelEntry], list[str]]:
             errors.append(str(exc))
         except OSError as exc:  # unreadable, a directory, a symlink loop
             errors.append(f"{path}: cannot be read ({exc.strerror or exc})")
+        except Exception as exc:  # whatever it is, it is this model's alone
+            # A failure nobody foresaw in one file (a 5,000-digit integer once escaped the YAML
+            # reader) stopped the start, every reload and the rescan of an unknown name.
+            errors.append(f"{folder.name}/{MODEL_FILE}: cannot be loaded ({type(exc).__name__}: {exc})")
     return entries, errors

@@ -11,6 +11,7 @@ admin API writes) overrides both.
 
 from __future__ import annotations
 
+import math
 import re
 import reprlib
 from collections.abc import Iterable, Mapping
@@ -99,7 +100,9 @@ class Setting:
             self._check_bounds(value, bad)
             return int(value)
         if self.type is float:
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            # NaN passes every comparison, so every range check (``.nan`` in a file made each
+            # request of the model a 500); an infinity or a huge integer is no duration either.
+            if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
                 raise bad
             self._check_bounds(value, bad)
             return float(value)
@@ -134,6 +137,14 @@ class Setting:
             "reload": self.reload,
             "scope": self.scope,
         }
+
+
+def _finite(value: float) -> bool:
+    """Whether ``value`` is a finite number a float can hold (an int past 1e308 is not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _fmt(x: float) -> str:

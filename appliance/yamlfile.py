@@ -3,9 +3,12 @@
 These files are small, hand-edited mappings. What PyYAML's safe loader allows beyond that only
 hurts here: an alias bomb (a few lines of ``&a [*b, *b, ...]`` that expand to billions of items)
 hung start-up, ``check-config`` and a SIGHUP reload on the event loop; a duplicated key silently
-let the last one win; a 200-MB file blocked the loop for minutes. So: at most ``MAX_BYTES``, UTF-8,
-no aliases, no duplicate keys, and every failure is one :class:`YamlFileError` naming the file and
-the line, whatever it was (unreadable, a directory, a symlink loop, not UTF-8, not YAML).
+let the last one win; a 200-MB file blocked the loop for minutes; a 5,000-digit integer (Python's
+int-to-string limit: ValueError) or a few thousand ``[`` (RecursionError) escaped as tracebacks and
+kept the server from starting. So: at most ``MAX_BYTES``, UTF-8, no aliases, no duplicate keys, at
+most ``MAX_DEPTH`` nested collections, and every failure is one :class:`YamlFileError` naming the
+file and, where the parser knows it, the line, whatever it was (unreadable, a directory, a symlink
+loop, not UTF-8, not YAML, a value Python cannot hold).
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from typing import Any
 import yaml
 
 MAX_BYTES = 1 << 20
+# Nested mappings and lists: a configuration needs a handful. The composer recurses once per level,
+# so far below the interpreter's recursion limit, whatever the caller's stack already holds.
+MAX_DEPTH = 64
 
 
 class YamlFileError(ValueError):
@@ -30,11 +36,20 @@ class YamlFileError(ValueError):
 
 
 class _StrictLoader(yaml.SafeLoader):
+    _depth = 0
+
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             mark = self.peek_event().start_mark
             raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed here", mark)
-        return super().compose_node(parent, index)
+        if self._depth >= MAX_DEPTH:
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep", mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def construct_mapping(self, node: Any, deep: bool = False) -> Any:
         seen: set[Hashable] = set()
@@ -50,7 +65,8 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def loads(text: str) -> Any:
-    """``yaml.safe_load`` without aliases or duplicate keys (raises yaml.YAMLError)."""
+    """``yaml.safe_load`` without aliases, duplicate keys or deep nesting (raises yaml.YAMLError,
+    or ValueError for a value Python refuses, such as an integer of more than 4,300 digits)."""
     return yaml.load(text, Loader=_StrictLoader)
 
 
@@ -87,3 +103,9 @@ def parse(path: Path, text: str) -> Any:
         return loads(text)
     except yaml.YAMLError as exc:
         raise YamlFileError(path, f"not valid YAML: {exc}") from None
+    except (ValueError, OverflowError, RecursionError, MemoryError) as exc:
+        # Raised by a constructor (int(), a timestamp, base64) without a line: still this file's
+        # fault, and one broken file must not escape as a traceback that stops the server.
+        raise YamlFileError(
+            path, f"a value cannot be read ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from appliance import cache as cache_module
 from appliance.cache import CacheHit, ResponseCache, cache_key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -292,6 +293,56 @@ async def test_garbage_wal_is_moved_aside_and_the_database_kept(
     await cache.close()
 
 
+async def test_a_value_changed_on_disk_is_a_miss_deleted_and_counted(tmp_path: Path) -> None:
+    """A bit flip inside a stored value leaves every page well formed, so the integrity check at
+    open passes it, and it was served as is. Each value's checksum is checked on read: the entry
+    is a miss, counted as corrupt, and deleted, so the next put stores it again."""
+    cache = make(tmp_path)
+    assert await cache.put_and_wait("k", "m", b'{"embedding": [0.25]}', "application/json")
+    assert await cache.put_and_wait("other", "m", b"fine", "text/plain")
+    other = sqlite3.connect(tmp_path / "cache.db", isolation_level=None)
+    value = other.execute("SELECT value FROM entries WHERE key = 'k'").fetchone()[0]
+    flipped = bytes([value[0] ^ 0x01]) + value[1:]
+    other.execute("UPDATE entries SET value = ? WHERE key = 'k'", (flipped,))
+    assert await cache.get("k") is None
+    stats = cache.stats()
+    assert (stats["corrupt"], stats["misses"], stats["hits"]) == (1, 1, 0)
+    assert await cache.flush()
+    assert other.execute("SELECT COUNT(*) FROM entries WHERE key = 'k'").fetchone() == (0,)
+    other.close()
+    assert cache.stats()["entries"] == 1
+    got = await cache.get("other")
+    assert got is not None and got.value == b"fine"  # its neighbours are served as before
+    assert await cache.put_and_wait("k", "m", b'{"embedding": [0.25]}', "application/json")
+    got = await cache.get("k")
+    assert got is not None and got.value == b'{"embedding": [0.25]}' and cache.stats()["corrupt"] == 1
+    await cache.close()
+
+
+async def test_a_file_of_the_layout_without_checksums_starts_empty(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cache written before values had checksums (user_version 1) has nothing to check its values
+    against: it starts empty in place, not moved aside as corrupt."""
+    conn = sqlite3.connect(tmp_path / "cache.db", isolation_level=None)
+    conn.execute(
+        "CREATE TABLE entries (key TEXT PRIMARY KEY, model TEXT NOT NULL, content_type TEXT NOT NULL,"
+        " value BLOB NOT NULL, size INTEGER NOT NULL, created_at FLOAT NOT NULL, last_access FLOAT NOT NULL)"
+    )
+    conn.execute("INSERT INTO entries VALUES ('k', 'm', 'text/plain', x'00', 5, 1e9, 1e9)")
+    conn.execute("PRAGMA user_version=1")
+    conn.close()
+    with caplog.at_level(logging.WARNING, logger="appliance.cache"):
+        cache = make(tmp_path)
+    assert not caplog.records and not [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+    assert cache.enabled and cache.stats()["entries"] == 0
+    assert await cache.get("k") is None
+    assert await cache.put_and_wait("k", "m", b"v", "text/plain")
+    got = await cache.get("k")
+    assert got is not None and got.value == b"v"
+    await cache.close()
+
+
 async def test_reader_io_error_switches_the_cache_off(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -312,6 +363,35 @@ async def test_reader_io_error_switches_the_cache_off(
     stats = cache.stats()
     assert (stats["enabled"], stats["read_errors"]) == (False, 1)
     assert sum("switched OFF" in r.getMessage() for r in caplog.records) == 1
+    await cache.close()
+
+
+async def test_a_lock_held_by_another_process_drops_writes_and_keeps_the_cache_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLITE_BUSY is a wait that ran out, not a broken file: a BEGIN EXCLUSIVE held for 20 s by
+    ``sqlite3`` in a shell switched the cache off until the next restart. The writes made while it
+    is held are dropped and counted (one per writer batch); once it is gone, the cache stores and serves again."""
+    monkeypatch.setattr(cache_module, "BUSY_TIMEOUT_S", 0.2)
+    cache = make(tmp_path)
+    other = sqlite3.connect(tmp_path / "cache.db", isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    with caplog.at_level(logging.INFO, logger="appliance.cache"):
+        for i in range(2):
+            cache.put(f"locked{i}", "m", b"v", "text/plain")
+            assert await cache.flush() is False
+        other.execute("ROLLBACK")
+        other.close()
+        assert await cache.put_and_wait("k", "m", b"v", "text/plain") is True
+    hit = await cache.get("k")
+    assert hit is not None and hit.value == b"v"
+    assert await cache.get("locked0") is None
+    stats = cache.stats()
+    assert stats["enabled"] is True and stats["busy_writes"] == 2 and stats["write_errors"] == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("switched OFF" in m for m in messages)
+    assert sum("locked by another connection" in m for m in messages) == 1  # one per spell
+    assert any("writable again" in m for m in messages)
     await cache.close()
 
 

@@ -191,3 +191,73 @@ def test_the_backup_keeps_the_last_hand_written_file_across_processes(tmp_path: 
     path.write_text(path.read_text().replace("9001", "9002"))
     save_keys(load(path, env={}), [])
     assert "9002" in bak.read_text() and "operator's comment" not in bak.read_text()
+
+
+# A file that parses with PyYAML's own loader but not into anything Python holds: an integer past
+# the 4,300-digit conversion limit (ValueError), flow collections thousands deep (RecursionError).
+HOSTILE = {
+    "huge-int": ("batching", "{max_batch_size: 1" + "0" * 5000 + "}"),
+    "deep-map": ("default_response", "{a: " * 3000 + "1" + "}" * 3000),
+    "deep-list": ("default_response", "[" * 5000 + "]" * 5000),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_file_python_cannot_hold_is_one_error_naming_it(tmp_path: Path, case: str) -> None:
+    """Every failure to parse a model.yaml or appliance.yaml is the reader's own error naming the
+    file: a 5,000-digit integer or a deep nesting escaped as a traceback that stopped the server."""
+    key, value = HOSTILE[case]
+    folder = tmp_path / case
+    folder.mkdir()
+    (folder / "model.yaml").write_text(f"name: {case}\nkind: tensor\n{key}: {value}\n")
+    with pytest.raises(RepositoryError, match=f"{case}/model.yaml: "):
+        load_model_file(folder / "model.yaml")
+    with pytest.raises(ConfigError, match="appliance.yaml: "):
+        load(write(tmp_path, f"defaults: {{{key}: {value}}}\n"), env={})
+
+
+def test_check_config_lists_a_hostile_model_file_and_the_other_models(tmp_path: Path) -> None:
+    """check-config crashed (exit 1, a traceback) on a file only Python's int limit refuses."""
+    repo = tmp_path / "engines"
+    for case, (key, value) in HOSTILE.items():
+        (repo / case).mkdir(parents=True)
+        (repo / case / "model.yaml").write_text(f"name: {case}\nkind: tensor\n{key}: {value}\n")
+    (repo / "fine").mkdir()
+    (repo / "fine" / "model.yaml").write_text("name: fine\nkind: tensor\n")
+    cfg = write(tmp_path, "model_repository: engines\n")
+    run = [sys.executable, "-m", "appliance", "--config", str(cfg), "check-config"]
+    out = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert all(f"{case}/model.yaml" in out.stderr for case in HOSTILE), out.stderr
+    assert "fine/model.yaml" not in out.stderr
+
+
+@pytest.mark.parametrize("name", ["breaker.window_s", "breaker.open_duration_s", "engine.timeout_ms"])
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_a_setting_is_a_finite_number(tmp_path: Path, name: str, value: str) -> None:
+    """NaN passes every range comparison: ``.nan`` in a model.yaml made each request of the model
+    a 500, and in appliance.yaml's defaults half a reload's models. Refused, naming the setting."""
+    section, key = name.split(".")
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model.yaml").write_text(f"name: m\nkind: tensor\n{section}: {{{key}: {value}}}\n")
+    with pytest.raises(RepositoryError, match=f"m/model.yaml: {name}: expected a number"):
+        load_model_file(folder / "model.yaml")
+    with pytest.raises(ConfigError, match=f"defaults.{name}: expected a number"):
+        load(write(tmp_path, f"defaults: {{{section}: {{{key}: {value}}}}}\n"), env={})
+    with pytest.raises(settings.SettingError, match=name):
+        settings.validate({name: 10**400})  # no float holds it
+
+
+def test_a_reload_with_a_nan_setting_changes_nothing(tmp_path: Path) -> None:
+    """A reload validates every value before it applies any: a NaN window made a partial apply."""
+    from appliance.server import Server
+
+    (tmp_path / "engines").mkdir()
+    path = write(tmp_path, "model_repository: engines\ndefaults: {breaker: {window_s: 20}}\n")
+    server = Server(load(path, env={}))
+    write(
+        tmp_path, "model_repository: engines\ndefaults: {breaker: {window_s: .nan}, queue: {aging_ms: 5}}\n"
+    )
+    assert server.reload() is False
+    assert server.cfg.defaults == {"breaker.window_s": 20.0}

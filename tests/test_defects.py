@@ -22,7 +22,7 @@ from appliance.api.admin import admin_guard
 from appliance.api.common import MANAGER, RESILIENCE
 from appliance.breaker import BreakerState
 from appliance.config import load
-from appliance.repository import artefact_digest
+from appliance.repository import artefact_digest, load_model_file, write_build_record
 from appliance.server import Server
 from tests.conftest import ServerThread
 
@@ -111,6 +111,31 @@ def test_the_artefact_digest_covers_external_weights(tmp_path: Path) -> None:
     first = artefact_digest(tmp_path, ["model.onnx"])
     (tmp_path / "model.onnx.data").write_bytes(b"weights v2")
     assert artefact_digest(tmp_path, ["model.onnx"]) != first
+
+
+def test_the_identity_follows_artefacts_replaced_under_a_stale_build_record(tmp_path: Path) -> None:
+    """The build record's digest stood for the artefacts: a rebuilt model.onnx copied in with the
+    old .build.json left beside it kept the old identity, and so the old model's cached answers
+    (and its measured batch size) were taken for the new one's."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model.yaml").write_text("name: m\nkind: embedding\nartefacts: {model: model.onnx}\n")
+    onnx = folder / "model.onnx"
+    onnx.write_bytes(b"graph v1")
+    write_build_record(folder, ["model.onnx"])
+    record = (folder / ".build.json").read_bytes()
+    entry = load_model_file(folder / "model.yaml")
+    first = entry.digest()
+    assert entry.digest() == first  # nothing changed: the entries cached for it stay usable
+
+    before = onnx.stat()
+    onnx.write_bytes(b"graph v2")  # the same size: only content and mtime differ
+    os.utime(onnx, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
+    second = entry.digest()
+    assert second != first and (folder / ".build.json").read_bytes() == record
+
+    (folder / "model.onnx.data").write_bytes(b"external weights")  # the graph file untouched
+    assert entry.digest() != second
 
 
 def test_two_models_with_the_same_artefacts_never_share_cache_entries(

@@ -24,7 +24,7 @@ from appliance import models as models_module
 from appliance.api.common import MANAGER, RESILIENCE
 from appliance.auth import KeyStore
 from appliance.models import ModelManager
-from tests.conftest import ServerThread, metric
+from tests.conftest import ServerThread, make_repository, metric
 
 MODEL = "all-minilm-l6-v2"
 
@@ -318,7 +318,7 @@ def test_a_model_pulled_or_copied_in_while_serving_serves_without_a_reload(
     srv.call(lambda: mgr.rescan())  # what a reload does; a resident model would keep its file
     assert mgr.tunables("copied")["queue.max_queue_size"] == 9
     # No answer cached for the old artefacts is served as the new ones'.
-    assert mgr.identity("copied") == "copied@rebuilt" != before
+    assert mgr.identity("copied").startswith("copied@rebuilt.") and mgr.identity("copied") != before
     status, _, _ = srv.post("/v1/embeddings", {"model": "copied", "input": "x"})
     assert status == 200
 
@@ -372,6 +372,38 @@ def test_readyz_says_why_it_is_not_ready_and_a_broken_model_file_harms_only_its_
     errors = "\n".join(body["errors"])
     assert "server.default_models: no model 'nope'" in errors and "broken/model.yaml" in errors
     assert srv.post("/v1/embeddings", {"model": MODEL, "input": "still serving"})[0] == 200
+
+
+def test_a_model_file_python_cannot_hold_harms_only_its_model(
+    tmp_path: Path, minilm_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 5,000-digit integer or a 3,000-deep nesting in one model.yaml stopped the server from
+    starting; once running, every rescan (a reload, a request for an unknown name) raised, so that
+    a folder copied in never served and an unknown name was a 500. Now it is that file's error."""
+    monkeypatch.setattr(models_module, "RESCAN_MIN_S", 0.0)
+    repo = make_repository(tmp_path, {MODEL: minilm_folder})
+    hostile = {
+        "huge": "batching: {max_batch_size: 1" + "0" * 5000 + "}",
+        "deep": "default_response: " + "{a: " * 3000 + "1" + "}" * 3000,
+    }
+    for name, line in hostile.items():
+        (repo / name).mkdir()
+        (repo / name / "model.yaml").write_text(f"name: {name}\nkind: tensor\n{line}\n")
+    srv = ServerThread({"model_repository": str(repo), "data_dir": str(tmp_path / "data")}).start()
+    try:
+        assert srv.post("/v1/embeddings", {"model": MODEL, "input": "x"})[0] == 200
+        status, body, _ = srv.post("/v1/embeddings", {"model": "nobody", "input": "x"})
+        assert status == 404 and body["error"]["code"] == "model_not_found"
+        (repo / "copied").mkdir()
+        for f in ("model.onnx", "tokenizer.json"):
+            (repo / "copied" / f).symlink_to(minilm_folder / f)
+        spec = "name: copied\nkind: embedding\nartefacts: {model: model.onnx, tokenizer: tokenizer.json}\n"
+        (repo / "copied" / "model.yaml").write_text(spec)
+        assert srv.post("/v1/embeddings", {"model": "copied", "input": "x"})[0] == 200
+        errors = "\n".join(srv.app[MANAGER].scan_errors)
+        assert "huge/model.yaml" in errors and "deep/model.yaml" in errors
+    finally:
+        srv.stop()
 
 
 def test_a_priority_1_embedding_overtakes_priority_3_decode_steps(
