@@ -446,6 +446,11 @@ def test_deterministic_whole_responses_are_cached_sampled_ones_not(server: Serve
             400,
             "max_completion_tokens",
         ),
+        ({"model": MODEL, "messages": ask("x"), "min_tokens": -1}, 400, "min_tokens"),
+        ({"model": MODEL, "messages": ask("x"), "min_tokens": 9, "max_tokens": 8}, 400, "min_tokens"),
+        ({"model": MODEL, "messages": ask("x"), "stop_token_ids": [10**6]}, 400, "stop_token_ids"),
+        ({"model": MODEL, "messages": ask("x"), "stop_token_ids": 2}, 400, "stop_token_ids"),
+        ({"model": MODEL, "messages": ask("x"), "stop_token_ids": [True]}, 400, "stop_token_ids"),
     ],
 )
 def test_bad_input_gets_a_clear_error(
@@ -464,6 +469,134 @@ def test_openai_client_raises_the_mapped_errors(server: ServerThread) -> None:
         c.chat.completions.create(model="nope", messages=ask("x"))
     with pytest.raises(openai.BadRequestError):
         c.chat.completions.create(model=MODEL, messages=ask("x"), max_tokens=0)
+
+
+# vLLM's and OpenAI's fields that change the output, at a value that would: refused, never ignored.
+REFUSED = [
+    ("repetition_penalty", 1.2),
+    ("repetition_penalty", "1"),  # not a number, so not the neutral 1
+    ("length_penalty", 0.5),
+    ("min_p", 0.1),
+    ("bad_words", ["Paris"]),
+    ("include_stop_str_in_output", True),
+    ("skip_special_tokens", False),
+    ("skip_special_tokens", 1),  # JSON's 1 is no boolean
+    ("use_beam_search", True),
+    ("guided_json", {"type": "object"}),
+    ("guided_regex", "[0-9]+"),
+    ("guided_choice", ["yes", "no"]),
+    ("guided_grammar", 'root ::= "x"'),
+    ("structured_outputs", {"choice": ["yes", "no"]}),
+    ("continue_final_message", True),
+    ("add_generation_prompt", False),
+    ("chat_template", "{{ messages[0].content }}"),
+    ("chat_template_kwargs", {"enable_thinking": False}),
+    ("reasoning_effort", "low"),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), REFUSED, ids=[f"{f}={v!r}" for f, v in REFUSED])
+def test_a_field_that_would_change_the_output_is_refused_not_ignored(
+    server: ServerThread, field: str, value: Any
+) -> None:
+    body = {"model": MODEL, "messages": ask(FRANCE), "max_tokens": 4, field: value}
+    status, resp, _ = server.post("/v1/chat/completions", body, NO_CACHE)
+    assert status == 400, resp
+    err = resp["error"]
+    assert err["param"] == field and err["type"] == "invalid_request_error"
+    # The message says what the server does accept.
+    assert f"'{field}' is not supported: only " in err["message"] and "is accepted" in err["message"]
+
+
+def test_the_neutral_values_of_those_fields_and_unknown_fields_change_nothing(server: ServerThread) -> None:
+    """Clients (vLLM's own among them) send the values that change nothing as defaults, and
+    OpenAI's clients send fields a server need not know: all are answered as if absent."""
+    plain = chat(server, FRANCE, max_tokens=12)["choices"][0]["message"]["content"]
+    neutral = {
+        "repetition_penalty": 1,
+        "length_penalty": 1.0,
+        "min_p": 0,
+        "bad_words": [],
+        "include_stop_str_in_output": False,
+        "skip_special_tokens": True,
+        "use_beam_search": False,
+        "guided_json": None,
+        "structured_outputs": None,
+        "continue_final_message": False,
+        "add_generation_prompt": True,
+        "chat_template": None,
+        "chat_template_kwargs": {},
+        "reasoning_effort": None,
+        "min_tokens": 0,
+        "stop_token_ids": [],
+        # Unknown here: ignored, as vLLM ignores them.
+        "metadata": {"k": "v"},
+        "store": False,
+        "parallel_tool_calls": True,
+    }
+    resp = chat(server, FRANCE, max_tokens=12, **neutral)
+    assert resp["choices"][0]["message"]["content"] == plain
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}
+    _, whole, _ = server.post("/v1/completions", body, NO_CACHE)
+    status, same, _ = server.post(
+        "/v1/completions", {**body, "add_special_tokens": True, "repetition_penalty": 1.0}, NO_CACHE
+    )
+    assert status == 200 and same["choices"][0]["text"] == whole["choices"][0]["text"]
+    # The completions API has no template to leave the special tokens to: false is refused there.
+    status, resp, _ = server.post("/v1/completions", {**body, "add_special_tokens": False}, NO_CACHE)
+    assert status == 400 and resp["error"]["param"] == "add_special_tokens"
+
+
+def test_a_message_with_tool_calls_is_refused_not_dropped(server: ServerThread) -> None:
+    """Tools are not supported: an assistant turn carrying calls (and the results that follow)
+    would otherwise reach the model as an empty turn."""
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    for field, value in (("tool_calls", [call]), ("function_call", {"name": "f", "arguments": "{}"})):
+        messages = [*ask("What is f?"), {"role": "assistant", "content": None, field: value}]
+        status, resp, _ = server.post("/v1/chat/completions", {"model": MODEL, "messages": messages})
+        assert status == 400, resp
+        assert resp["error"]["param"] == f"messages[1].{field}"
+        assert "tool calls are not supported" in resp["error"]["message"]
+
+
+def test_a_model_of_another_kind_is_named_so(server: ServerThread) -> None:
+    body = {"model": "all-minilm-l6-v2", "messages": ask("x")}
+    status, resp, _ = server.post("/v1/chat/completions", body)
+    assert status == 400 and resp["error"]["param"] == "model"
+    assert "The model 'all-minilm-l6-v2' is an embedding model;" in resp["error"]["message"]
+
+
+def test_a_message_name_must_be_a_string(server: ServerThread) -> None:
+    named = [{"role": "user", "content": "Say hi.", "name": "ada"}]
+    status, _, _ = server.post("/v1/chat/completions", {"model": MODEL, "messages": named, "max_tokens": 2})
+    assert status == 200
+    bad = [{"role": "user", "content": "Say hi.", "name": 5}]
+    status, resp, _ = server.post("/v1/chat/completions", {"model": MODEL, "messages": bad, "max_tokens": 2})
+    assert status == 400 and resp["error"]["param"] == "messages[0].name"
+    assert "must be a string" in resp["error"]["message"]
+
+
+def test_stop_token_ids_end_the_answer_before_that_token(server: ServerThread, tokenizer: Tokenizer) -> None:
+    ids = REF["cases"][0]["greedy_new_ids"]  # "The capital of France is Paris." then EOS
+    paris = next(i for i, t in enumerate(ids) if tokenizer.decode(ids[: i + 1]).endswith(" Paris"))
+    body = {"model": MODEL, "messages": ask(FRANCE), "max_tokens": 20, "temperature": 0}
+    _, plain, _ = server.post("/v1/chat/completions", body)  # a cached answer without them
+    server.call(lambda: server.app[RESILIENCE].cache.flush())
+    status, resp, headers = server.post("/v1/chat/completions", {**body, "stop_token_ids": [ids[paris]]})
+    assert status == 200 and headers["X-Appliance-Source"] == "engine"  # its own cache key
+    assert resp["choices"][0]["message"]["content"] == tokenizer.decode(ids[:paris])
+    assert plain["choices"][0]["message"]["content"] != resp["choices"][0]["message"]["content"]
+    assert resp["choices"][0]["finish_reason"] == "stop"
+    assert resp["usage"]["completion_tokens"] == paris + 1  # the stop token was sampled, not shown
+
+
+def test_min_tokens_keeps_eos_from_ending_the_answer_early(server: ServerThread) -> None:
+    plain = chat(server, FRANCE, max_tokens=20)
+    n = plain["usage"]["completion_tokens"]
+    assert plain["choices"][0]["finish_reason"] == "stop" and n < 15  # it ends with EOS
+    longer = chat(server, FRANCE, max_tokens=40, min_tokens=n + 5)
+    assert longer["usage"]["completion_tokens"] >= n + 5
+    assert longer["choices"][0]["message"]["content"].startswith(plain["choices"][0]["message"]["content"])
 
 
 # ---------------------------------------------------------------------------------- disconnects

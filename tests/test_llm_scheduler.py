@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from appliance.admission import ComputeStarved
 from appliance.arbiter import ComputeArbiter
@@ -559,11 +561,13 @@ async def test_a_fault_in_any_phase_ends_every_sequence(
     elif phase == "sampler":
         real_sample = scheduler_module.sample
 
-        def faulty(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+        def faulty(
+            logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, banned: Sequence[int] = ()
+        ) -> int:
             if params.max_tokens == 13 and armed.is_set():
                 armed.clear()
                 raise Boom("sampler broke")
-            return real_sample(logits, params, rng)
+            return real_sample(logits, params, rng, banned)
 
         monkeypatch.setattr(scheduler_module, "sample", faulty)
 
@@ -881,6 +885,108 @@ def test_stop_strings_hold_back_possible_starts() -> None:
     m2 = StopMatcher(["end"])
     assert m2.feed("the e") == ("the ", False)
     assert m2.finish() == "e"  # the sequence ended: the held tail was never a stop
+
+
+def _first_stop(text: str, stops: Sequence[str], armed_from: int) -> int | None:
+    """The naive reference: where the text is cut, scanning its ends left to right (a stop string
+    counts once it is complete and ends past ``armed_from``; of two ending at one character, the
+    longer)."""
+    for end in range(armed_from + 1, len(text) + 1):
+        starts = [end - len(s) for s in stops if s and text.endswith(s, 0, end)]
+        if starts:
+            return min(starts)
+    return None
+
+
+def _held(text: str, stops: Sequence[str]) -> int:
+    """The naive reference: the longest proper prefix of a stop string that the text ends with."""
+    return max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    stops=st.lists(st.text("abc", min_size=1, max_size=6), min_size=1, max_size=4),
+    text=st.text("abc", max_size=80),
+    cuts=st.lists(st.integers(0, 80), max_size=30),
+    unarmed=st.integers(0, 6),
+)
+def test_stop_matcher_equals_the_naive_cut_whatever_the_pieces(
+    stops: list[str], text: str, cuts: list[int], unarmed: int
+) -> None:
+    """Streamed in any pieces (empty ones too, the first ``unarmed`` of them not yet armed, as
+    before min_tokens), the released text is the text cut before the first stop string completed,
+    and while none is, all of it but the longest tail that could still begin one."""
+    bounds = sorted(min(c, len(text)) for c in cuts)
+    pieces = [text[a:b] for a, b in zip([0, *bounds], [*bounds, len(text)], strict=True)]
+    armed_from = sum(len(p) for p in pieces[:unarmed])
+    cut = _first_stop(text, stops, armed_from)
+    m = StopMatcher(stops)
+    released, fed, found = "", "", False
+    for i, piece in enumerate(pieces):
+        out, found = m.feed(piece, armed=i >= unarmed)
+        released += out
+        fed += piece
+        if found:
+            break
+        assert released == fed[: len(fed) - _held(fed, stops)]
+    if not found:
+        released += m.finish()
+    assert found == (cut is not None)
+    assert released == m.text == text[:cut]
+
+
+def test_stop_matcher_work_is_linear_in_the_text() -> None:
+    """200,000 one-character pieces against long stop strings cost a bounded number of reads of
+    the stop strings per character. Testing every prefix of each stop string against the text's
+    end per piece read them O(L^2) times a piece (and made a long stream quadratic)."""
+    reads = [0]
+    budget = 200_000 * 2 * 8
+
+    class Counted(str):
+        def __getitem__(self, key: Any) -> str:  # type: ignore[override]
+            reads[0] += 1
+            if reads[0] > budget:
+                raise AssertionError("more than 8 reads of each stop string per character")
+            return str.__getitem__(self, key)
+
+    # One never begins in the text; one runs along it for 2,000 characters and then fails.
+    stops = [Counted("z" * 5_000), Counted("ab" * 1_000 + "c")]
+    m = StopMatcher(stops)
+    text = "ab" * 100_000
+    released = "".join(m.feed(ch)[0] for ch in text)
+    assert released == text[:-2000]  # "abab...ab" may still grow into the second
+    assert released + m.finish() == text
+
+
+def test_stop_token_ids_end_the_sequence_and_min_tokens_holds_every_end_back() -> None:
+    eos = 25  # "z"
+    # A stop token id ends the sequence as EOS does: it is not text.
+    proc = OutputProcessor.create(SamplingParams(max_tokens=9, stop_token_ids=(3,)), FakeTokenizer(), [eos])
+    assert proc.push(0).text == "a"
+    out = proc.push(3)
+    assert (out.finish_reason, out.text) == ("stop", "")
+    # Before min_tokens tokens EOS and the stop ids are banned from sampling, and a stop string
+    # that ends in them is text (vLLM's min_tokens); from the token after, all of them end it.
+    p = SamplingParams(max_tokens=9, stop=("b",), stop_token_ids=(3,), min_tokens=2)
+    proc = OutputProcessor.create(p, FakeTokenizer(), [eos])
+    assert proc.suppressed() == (3, eos)
+    assert proc.push(1).text == "b"  # the stop string "b", within the first 2 tokens
+    assert proc.suppressed() == (3, eos)
+    assert proc.push(0).text == "a"
+    assert proc.suppressed() == ()
+    out = proc.push(1)
+    assert (out.finish_reason, out.text) == ("stop", "") and proc.text == "ba"
+    # ignore_eos leaves EOS out of what is banned (it is sampled as any token).
+    p = SamplingParams(max_tokens=9, stop_token_ids=(3,), min_tokens=2, ignore_eos=True)
+    assert OutputProcessor.create(p, FakeTokenizer(), [eos]).suppressed() == (3,)
+    # The banned ids are never sampled, greedy or not.
+    logits = np.zeros(V, dtype=np.float32)
+    logits[[3, eos]] = 10.0
+    logits[7] = 5.0
+    assert sample(logits, SamplingParams(1, 0.0), make_rng(0), (3, eos)) == 7
+    draws = {sample(logits, SamplingParams(1, 1.0), make_rng(s), (3, eos)) for s in range(50)}
+    assert 3 not in draws and eos not in draws
+    assert logits[3] == 10.0  # the batch's row is left as it was
 
 
 def test_output_processor_length_and_stop() -> None:

@@ -55,7 +55,7 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
     stream, include_usage = _stream_flags(body)
     # Admission first: a request its queue would refuse costs no templating or tokenizing.
     ticket = admit(request, body.get("model"), requested_priority(request, body.get("priority")))
-    options = GenerationOptions.from_openai(body)
+    options = GenerationOptions.from_openai(body, chat=chat)
     service = request.app[CHAT]
     source: dict[str, Any]
     slot = request.app[MANAGER].slots[ticket.model]
@@ -135,6 +135,9 @@ class _Generation:
                 "seed": o.seed,
                 "stop": list(o.stop),
                 "ignore_eos": o.ignore_eos,
+                # Only when set, so the keys of requests without them stay what they were.
+                **({"stop_token_ids": list(o.stop_token_ids)} if o.stop_token_ids else {}),
+                **({"min_tokens": o.min_tokens} if o.min_tokens else {}),
                 # The answer's shape depends on the reasoning parser; keys of models without one
                 # stay as they were.
                 **(

@@ -1,14 +1,20 @@
 """Turning logits into tokens and tokens into text, one sequence at a time.
 
 - ``sample``: greedy at temperature 0, otherwise temperature, top-k and top-p with the request's
-  own ``numpy`` generator, so a seed reproduces a completion whatever else shares the batch.
+  own ``numpy`` generator, one draw per token, so what shares the batch never changes a
+  sequence's random numbers. A seed fixes those draws, not the logits: on the CPU with
+  ``generation.q4_int8_decode`` on (the default) the int8 kernels sum a row in an order that
+  depends on the rows in the step, so a near-tie may flip and a seeded (or greedy) completion can
+  differ with what shares its batch; with it off, the logits move with the batch by at most ~2e-4.
 - ``IncrementalDetokenizer``: text deltas that never split a multi-byte UTF-8 character (a byte
   level BPE token may hold half of one; the decoder shows that as U+FFFD until the rest arrives).
 - ``StopMatcher``: stop strings on the decoded text, holding back any tail that could still grow
-  into a stop string so that a stream never shows part of one.
-- ``OutputProcessor``: the three together plus EOS and ``max_tokens``: one call per sampled token,
-  and, for reasoning models, the split of the released text into thinking and answer
-  (``appliance.llm.reasoning``; stop strings apply to the raw text, as in vLLM).
+  into a stop string so that a stream never shows part of one (incrementally: the work per token
+  is proportional to its characters, however long the stop strings or the text).
+- ``OutputProcessor``: the three together plus EOS, ``stop_token_ids``, ``min_tokens`` and
+  ``max_tokens``: one call per sampled token, and, for reasoning models, the split of the released
+  text into thinking and answer (``appliance.llm.reasoning``; stop strings apply to the raw text,
+  as in vLLM).
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # vLLM's extension: benchmarks want exactly max_tokens tokens
+    # vLLM's extensions: the sequence also ends when one of these ids is sampled (not text, as
+    # EOS), and neither they, EOS nor stop strings end it before min_tokens tokens.
+    stop_token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -58,9 +68,15 @@ def make_rng(seed: int | None) -> np.random.Generator:
     return np.random.default_rng(None if seed is None else seed % (1 << 64))
 
 
-def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """One token id from a row of logits [vocab]. Draws exactly one random number when sampling,
-    so a seeded sequence is reproducible token by token (also across preemption)."""
+def sample(
+    logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, banned: Sequence[int] = ()
+) -> int:
+    """One token id from a row of logits [vocab], never one of ``banned``. Draws exactly one
+    random number when sampling, so a seeded sequence draws the same numbers token by token (also
+    across preemption); whether they pick the same tokens depends on its logits (see above)."""
+    if banned:
+        logits = logits.copy()  # the row is the batch's
+        logits[list(banned)] = -np.inf
     if params.greedy:
         return int(np.argmax(logits))
     x = logits.astype(np.float64) / params.temperature
@@ -128,46 +144,105 @@ class IncrementalDetokenizer:
 
 
 class StopMatcher:
-    """Finds the first stop string in the text; says how much text is safe to show so far."""
+    """Finds the first stop string in the text; says how much text is safe to show so far.
+
+    The first stop string is the one completed first (the sequence ends there; of two that end at
+    the same character, the longer), whatever the pieces the text arrives in. Per stop string the
+    matcher keeps the length of its longest prefix that the text ends with (the state of the
+    Knuth-Morris-Pratt matcher), advanced by the new characters only; the tail held back is the
+    longest of these. Testing every prefix against the text's end instead cost O(L^2) per token
+    for stop strings of L characters, and appending each piece to one string copied the whole
+    text per token: the work per piece is now proportional to its characters, however long the
+    stop strings or the text. The failure function is built lazily, as far as the text has
+    matched, so a long stop string costs nothing up front.
+    """
 
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = tuple(s for s in stops if s)
-        self.longest = max((len(s) for s in self.stops), default=0)
-        self.text = ""
-        self.sent = 0  # characters of ``text`` already released
+        self.sent = 0  # characters of the text already released
+        self._pieces: list[str] = []  # the text as fed (cut where a stop string starts)
+        self._length = 0
+        self._at = 0  # the first piece not wholly released...
+        self._off = 0  # ...and how many of its characters are
+        self._matched = [0] * len(self.stops)  # per stop: its longest prefix the text ends with
+        self._fail: list[list[int]] = [[0] for _ in self.stops]  # its prefix function, so far
+        self._found = False
 
-    def feed(self, delta: str) -> tuple[str, bool]:
-        """Add ``delta``; return (text now safe to release, whether a stop string was found)."""
+    @property
+    def text(self) -> str:
+        """The text so far, without a stop string found and what followed it."""
+        return "".join(self._pieces)
+
+    def _border(self, i: int, q: int) -> int:
+        """The longest proper prefix of stop ``i``'s first ``q`` characters that is also their
+        suffix (the KMP failure function), extending the table as far as ``q``."""
+        s, fail = self.stops[i], self._fail[i]
+        while len(fail) < q:
+            j, k = len(fail), fail[-1]
+            while k and s[j] != s[k]:
+                k = fail[k - 1]
+            fail.append(k + 1 if s[j] == s[k] else k)
+        return fail[q - 1]
+
+    def _release(self, upto: int) -> str:
+        """The text from ``sent`` to ``upto``, now released (it walks the pieces it releases only)."""
+        parts: list[str] = []
+        k = upto - self.sent
+        while k > 0:
+            piece = self._pieces[self._at]
+            rest = len(piece) - self._off
+            if rest <= k:
+                parts.append(piece[self._off :])
+                self._at, self._off = self._at + 1, 0
+                k -= rest
+            else:
+                parts.append(piece[self._off : self._off + k])
+                self._off += k
+                k = 0
+        self.sent = max(self.sent, upto)
+        return "".join(parts)
+
+    def feed(self, delta: str, *, armed: bool = True) -> tuple[str, bool]:
+        """Add ``delta``; return (text now safe to release, whether a stop string was found).
+        Unless ``armed``, a stop string that ends inside ``delta`` is text (vLLM's min_tokens:
+        stop strings count from the token after it); one that began in it may still end later."""
+        if self._found:
+            raise RuntimeError("feed after a stop string was found")
+        base = self._length
+        self._pieces.append(delta)
+        self._length += len(delta)
         if not self.stops:
-            self.text += delta
-            self.sent = len(self.text)
-            return delta, False
-        # A stop string not found before can only start in the last longest-1 old characters.
-        start = max(0, len(self.text) - self.longest + 1)
-        self.text += delta
-        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-        if hits:
-            end = min(hits)
-            out = self.text[self.sent : end]
-            self.text = self.text[:end]
-            self.sent = end
+            return self._release(self._length), False
+        first: tuple[int, int] | None = None  # (end, -length) of the stop string completed first
+        for i, s in enumerate(self.stops):
+            q, n = self._matched[i], len(s)
+            for j, c in enumerate(delta):
+                while q and s[q] != c:
+                    q = self._border(i, q)
+                if s[q] == c:
+                    q += 1
+                if q == n:
+                    if armed:
+                        hit = (base + j + 1, -n)
+                        first = hit if first is None else min(first, hit)
+                        break  # its later ends in the delta come after this one
+                    q = self._border(i, q)
+            self._matched[i] = q
+        if first is not None:
+            self._found = True
+            out = self._release(first[0] + first[1])
+            # The text ends where the stop string starts.
+            if self._off:
+                self._pieces[self._at] = self._pieces[self._at][: self._off]
+                self._at, self._off = self._at + 1, 0
+            del self._pieces[self._at :]
+            self._length = self.sent
             return out, True
-        hold = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(self.text)), hold, -1):
-                if self.text.endswith(s[:n]):
-                    hold = n
-                    break
-        safe = len(self.text) - hold
-        out = self.text[self.sent : safe] if safe > self.sent else ""
-        self.sent = max(self.sent, safe)
-        return out, False
+        return self._release(self._length - max(self._matched)), False
 
     def finish(self) -> str:
         """The held-back tail, released because the sequence ended without completing a stop."""
-        out = self.text[self.sent :]
-        self.sent = len(self.text)
-        return out
+        return self._release(self._length)
 
 
 @dataclass
@@ -200,6 +275,10 @@ class OutputProcessor:
         self.stops = StopMatcher(self.params.stop)
         if self.reasoning is not None:
             self.reasoning_tokens = 0
+        self._stop_ids = frozenset(self.params.stop_token_ids)
+        # The ids that would end the sequence, kept from being sampled before min_tokens.
+        enders = self._stop_ids if self.params.ignore_eos else self._stop_ids | self.eos_ids
+        self._enders = tuple(sorted(enders))
 
     @classmethod
     def create(
@@ -215,16 +294,28 @@ class OutputProcessor:
     def text(self) -> str:
         return self.stops.text
 
+    def suppressed(self) -> tuple[int, ...]:
+        """The token ids the next token must not be (vLLM's min_tokens: EOS and the stop token
+        ids until that many tokens)."""
+        return self._enders if self.count < self.params.min_tokens else ()
+
+    @property
+    def _armed(self) -> bool:
+        """Whether EOS, stop token ids and stop strings may end the sequence at the latest token."""
+        return self.count > self.params.min_tokens
+
     def push(self, token: int) -> Output:
         if self.finish_reason is not None:
             raise RuntimeError("push after the sequence finished")
         self.count += 1
-        if token in self.eos_ids and not self.params.ignore_eos:
-            # The EOS token itself is not text; whatever was held back is final now.
+        if self._armed and (
+            token in self._stop_ids or (token in self.eos_ids and not self.params.ignore_eos)
+        ):
+            # The EOS (or stop) token itself is not text; whatever was held back is final now.
             return self._end(FINISH_STOP, "")
         piece = self.detok.push(token)
         self._count_reasoning(piece)
-        out, stopped = self.stops.feed(piece)
+        out, stopped = self.stops.feed(piece, armed=self._armed)
         if stopped:
             return self._split(out, FINISH_STOP)
         if self.count >= self.params.max_tokens:
@@ -242,7 +333,7 @@ class OutputProcessor:
         self._raw_tail = tail[-(len(END) - 1) :]
 
     def _end(self, reason: str, out: str) -> Output:
-        tail, stopped = self.stops.feed(self.detok.flush())
+        tail, stopped = self.stops.feed(self.detok.flush(), armed=self._armed)
         return self._split(
             out + tail + ("" if stopped else self.stops.finish()), FINISH_STOP if stopped else reason
         )

@@ -1127,7 +1127,7 @@ class Scheduler(EarlyAdmission):
 
     def _advance(self, seq: Seq, logits: np.ndarray) -> list[tuple[Seq, Event]]:
         """Sample the next token of ``seq`` and say what it means for the client."""
-        token = sample(logits, seq.params, seq.rng)
+        token = sample(logits, seq.params, seq.rng, seq.processor.suppressed())
         seq.generated.append(token)
         out = seq.processor.push(token)
         n = len(seq.generated)

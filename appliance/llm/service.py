@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import math
 import re
@@ -362,6 +363,71 @@ _UNSUPPORTED = (
     "audio",
 )
 
+# vLLM's and OpenAI's parameters that would change the output, with the values that change
+# nothing: clients (vLLM's own among them) send those as defaults, so they are accepted, and any
+# other value is refused rather than ignored. null is unset for each. Fields no server here knows
+# of are ignored, as vLLM ignores them.
+_NEUTRAL: dict[str, tuple[object, ...]] = {
+    "repetition_penalty": (1.0,),
+    "length_penalty": (1.0,),
+    "min_p": (0.0,),
+    "use_beam_search": (False,),
+    "early_stopping": (False,),
+    "include_stop_str_in_output": (False,),
+    "skip_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,),
+    "return_tokens_as_token_ids": (False,),
+    "return_token_ids": (False,),
+    "bad_words": ([],),
+    "logits_processors": ([],),
+    "allowed_token_ids": (),
+    "truncate_prompt_tokens": (),
+    "prompt_logprobs": (),
+    "guided_json": (),
+    "guided_regex": (),
+    "guided_choice": (),
+    "guided_grammar": (),
+    "structured_outputs": (),
+}
+# The same for the chat API only (the completions API has no template and no such fields).
+_NEUTRAL_CHAT: dict[str, tuple[object, ...]] = {
+    "add_generation_prompt": (True,),
+    "continue_final_message": (False,),
+    "add_special_tokens": (False,),  # the template writes them (the completions API adds them)
+    "chat_template": (),
+    "chat_template_kwargs": ({},),
+    "documents": ([],),
+    "include_reasoning": (True,),
+    "reasoning_effort": (),
+    "verbosity": (),
+    "web_search_options": (),
+}
+_NEUTRAL_COMPLETIONS: dict[str, tuple[object, ...]] = {"add_special_tokens": (True,)}
+
+
+def _is_neutral(value: object, neutral: tuple[object, ...]) -> bool:
+    for n in neutral:
+        if isinstance(n, bool):
+            if value is n:
+                return True
+        elif isinstance(n, float):
+            if isinstance(value, int | float) and not isinstance(value, bool) and value == n:
+                return True
+        elif type(value) is type(n) and value == n:
+            return True
+    return False
+
+
+def _refuse_unneutral(body: Mapping[str, Any], fields: Mapping[str, tuple[object, ...]]) -> None:
+    for name, neutral in fields.items():
+        value = body.get(name)
+        if value is not None and not _is_neutral(value, neutral):
+            accepted = f"{json.dumps(neutral[0])} (no effect) or null" if neutral else "null (unset)"
+            raise InvalidRequest(
+                f"'{name}' is not supported: only {accepted} is accepted, got {json.dumps(value)[:40]}",
+                param=name,
+            )
+
 
 @dataclass(frozen=True)
 class GenerationOptions:
@@ -375,11 +441,14 @@ class GenerationOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
     reasoning_format: str | None = None  # chat only; see REASONING_FORMATS
     max_tokens_field: str = "max_tokens"  # the field the client set it with, for its errors
 
     @classmethod
-    def from_openai(cls, body: Mapping[str, Any]) -> GenerationOptions:
+    def from_openai(cls, body: Mapping[str, Any], *, chat: bool = True) -> GenerationOptions:
+        """The options of a chat (``chat``) or text completion body."""
         n = body.get("n")
         if n is not None and (type(n) is not int or n != 1):  # (True == 1 in Python)
             raise InvalidRequest("only n=1 is supported (one choice per request)", param="n")
@@ -403,6 +472,8 @@ class GenerationOptions:
         modalities = body.get("modalities")
         if modalities is not None and modalities != ["text"]:
             raise InvalidRequest("only modalities ['text'] is supported", param="modalities")
+        _refuse_unneutral(body, _NEUTRAL)
+        _refuse_unneutral(body, _NEUTRAL_CHAT if chat else _NEUTRAL_COMPLETIONS)
         for name in ("presence_penalty", "frequency_penalty"):
             if _number(body, name, -2.0, 2.0, 0.0) != 0.0:
                 raise InvalidRequest(f"'{name}' is not supported (only 0)", param=name)
@@ -420,6 +491,9 @@ class GenerationOptions:
         top_k = _integer(body, "top_k") or 0
         if top_k < -1:
             raise InvalidRequest("'top_k' must be -1 or 0 (off) or a positive integer", param="top_k")
+        min_tokens = _integer(body, "min_tokens") or 0
+        if min_tokens < 0:
+            raise InvalidRequest(f"'min_tokens' must be at least 0, got {min_tokens}", param="min_tokens")
         ignore_eos = body.get("ignore_eos", False)
         if not isinstance(ignore_eos, bool):
             raise InvalidRequest("'ignore_eos' must be true or false", param="ignore_eos")
@@ -439,6 +513,8 @@ class GenerationOptions:
             seed=_integer(body, "seed"),
             stop=_stops(body.get("stop")),
             ignore_eos=ignore_eos,
+            stop_token_ids=_stop_token_ids(body.get("stop_token_ids")),
+            min_tokens=min_tokens,
             reasoning_format=reasoning_format,
             max_tokens_field=name,
         )
@@ -455,6 +531,16 @@ def _stops(value: Any) -> tuple[str, ...]:
     if any(not s for s in items):
         raise InvalidRequest("'stop' strings must not be empty", param="stop")
     return tuple(items)
+
+
+def _stop_token_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
+    ):
+        raise InvalidRequest("'stop_token_ids' must be a list of token ids", param="stop_token_ids")
+    return tuple(sorted(set(value)))
 
 
 def normalize_messages(raw: Any, context: int = UNKNOWN_CONTEXT) -> list[dict[str, str]]:
@@ -488,6 +574,15 @@ def normalize_messages(raw: Any, context: int = UNKNOWN_CONTEXT) -> list[dict[st
                 f"{where}.role {role!r} is not supported; expected one of {', '.join(ROLES)}",
                 param=f"{where}.role",
             )
+        for calls in ("tool_calls", "function_call"):
+            # Checked before the content, which such a message leaves null.
+            if m.get(calls):
+                raise InvalidRequest(
+                    f"{where}.{calls}: tool calls are not supported", param=f"{where}.{calls}"
+                )
+        name = m.get("name")
+        if name is not None and not isinstance(name, str):
+            raise InvalidRequest(f"{where}.name must be a string", param=f"{where}.name")
         message = {
             "role": "system" if role == "developer" else role,
             "content": _content(m.get("content"), where),
@@ -561,8 +656,11 @@ class Prepared:
             "seed": p.seed,
             "stop": list(p.stop),
             "ignore_eos": p.ignore_eos,
-            # Only when set, so the keys of models without a parser stay what they were.
+            # Only when set, so the keys of models without a parser (or requests without these
+            # fields) stay what they were.
             **({"reasoning": self.reasoning} if self.reasoning != "none" else {}),
+            **({"stop_token_ids": list(p.stop_token_ids)} if p.stop_token_ids else {}),
+            **({"min_tokens": p.min_tokens} if p.min_tokens else {}),
         }
 
 
@@ -657,8 +755,10 @@ class ChatService:
     def _llm(runtime: ModelRuntime) -> LLMRuntime:
         llm = runtime.service
         if not isinstance(llm, LLMRuntime):
+            kind = runtime.entry.kind.value
+            article = "an" if kind[:1] in "aeiou" else "a"
             raise InvalidRequest(
-                f"The model '{runtime.entry.name}' is a {runtime.entry.kind.value} model; chat and "
+                f"The model '{runtime.entry.name}' is {article} {kind} model; chat and "
                 "completions need a generate model",
                 param="model",
             )
@@ -769,6 +869,17 @@ class ChatService:
                 f"is {cfg.kv_cache_bytes}",
                 param=name,
             )
+        if options.min_tokens > max_tokens:
+            raise InvalidRequest(
+                f"'min_tokens' ({options.min_tokens}) must be at most the {name} the generation runs "
+                f"with ({max_tokens})",
+                param="min_tokens",
+            )
+        vocab = llm.session.vocab
+        if options.stop_token_ids and options.stop_token_ids[-1] >= vocab:
+            raise InvalidRequest(
+                f"'stop_token_ids' has a token id outside 0..{vocab - 1}", param="stop_token_ids"
+            )
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=options.temperature,
@@ -777,6 +888,8 @@ class ChatService:
             seed=options.seed,
             stop=options.stop,
             ignore_eos=options.ignore_eos,
+            stop_token_ids=options.stop_token_ids,
+            min_tokens=options.min_tokens,
         )
         return Prepared(llm.name, llm, prompt, params, source)
 
