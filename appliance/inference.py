@@ -716,6 +716,7 @@ class TensorService:
                     f"{arr.shape[0]} rows; split the request",
                     param="inputs",
                 )
+        feeds = {k: text_feed(k, v) if v.dtype == object else v for k, v in feeds.items()}
         names = tuple(outputs) if outputs else tuple(o.name for o in engine.outputs)
         for n in names:
             if engine.output_spec(n) is None:
@@ -754,6 +755,15 @@ def check_feeds(engine: Engine, feeds: dict[str, np.ndarray]) -> None:
     rows = {a.shape[0] for a in feeds.values() if a.ndim}
     if len(rows) > 1:
         raise InvalidRequest("all inputs must have the same batch size", param="inputs")
+
+
+def text_feed(name: str, arr: np.ndarray) -> np.ndarray:
+    """A BYTES input as the engine takes strings: ``str`` elements. ONNX Runtime turns a ``bytes``
+    element into its repr (an identity model answered "b'a'" for "a")."""
+    try:
+        return np.array([b.decode("utf-8") for b in arr.reshape(-1)], dtype=object).reshape(arr.shape)
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"input '{name}': BYTES elements must be UTF-8 text", param="inputs") from None
 
 
 def _shape(shape: tuple[int | None, ...]) -> str:

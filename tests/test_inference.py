@@ -3,6 +3,8 @@ and tensor models, which share an engine run only when their rows allow it."""
 
 from __future__ import annotations
 
+import json
+import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tritonclient.http as httpclient
 from onnx import TensorProto, helper
 from tokenizers import Tokenizer
 
@@ -230,6 +233,41 @@ def test_a_scalar_input_is_served(tensors: ServerThread) -> None:
     for k, (status, body) in enumerate(answers):
         assert status == 200, body
         assert body["outputs"][0]["shape"] == [] and body["outputs"][0]["data"] == [2.0 * k]
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_bytes_reach_the_model_as_text_and_come_back_as_bytes(tensors: ServerThread, binary: bool) -> None:
+    """BYTES elements are UTF-8 text to an ONNX string tensor: ORT turned Python bytes into their
+    repr, and an identity model answered "b'a'" for "a"."""
+    client = httpclient.InferenceServerClient(url=tensors.url.removeprefix("http://"))
+    words = np.array([b"a", "é".encode(), b""], dtype=object)
+    inp = httpclient.InferInput("S", [3], "BYTES")
+    inp.set_data_from_numpy(words, binary_data=binary)
+    res = client.infer("text", [inp], outputs=[httpclient.InferRequestedOutput("T", binary_data=binary)])
+    got = [x.decode() if isinstance(x, bytes) else x for x in res.as_numpy("T")]  # JSON: str
+    assert got == ["a", "é", ""]
+    body = {"inputs": [{"name": "S", "shape": [2], "datatype": "BYTES", "data": ["a", "é"]}]}
+    status, resp, _ = tensors.post("/v2/models/text/infer", body)
+    assert status == 200 and resp["outputs"][0] == {
+        "name": "T",
+        "datatype": "BYTES",
+        "shape": [2],
+        "data": ["a", "é"],
+    }, resp
+
+
+def test_bytes_that_are_not_utf8_are_a_400_naming_the_input(tensors: ServerThread) -> None:
+    """A string tensor holds text: bytes that are not UTF-8 are the client's error (they reached
+    the model as the repr "b'\\xff\\xfe'")."""
+    head = json.dumps(
+        {"inputs": [{"name": "S", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 6}}]}
+    ).encode()
+    status, resp, _ = tensors.post(
+        "/v2/models/text/infer",
+        head + struct.pack("<I", 2) + b"\xff\xfe",
+        {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"},
+    )
+    assert status == 400 and "'S'" in resp["error"] and "UTF-8" in resp["error"], resp
 
 
 def test_a_request_over_max_batch_size_rows_is_a_400(tensors: ServerThread) -> None:
