@@ -597,7 +597,7 @@ def _token_arrays(rt: EmbeddingRuntime, inputs: Sequence[Any], cut: bool) -> lis
 
 @dataclass
 class TensorItem:
-    """One request's feeds; rows along axis 0 are its batch."""
+    """One request's feeds; for a batching model, rows along axis 0 are its batch."""
 
     feeds: dict[str, np.ndarray]
     outputs: tuple[str, ...]
@@ -610,26 +610,48 @@ class TensorItem:
         return (self.outputs, *((k, v.shape[1:], v.dtype.str) for k, v in sorted(self.feeds.items())))
 
 
+def batches_rows(engine: Engine) -> bool:
+    """Whether requests can share an engine run, concatenated along axis 0: only when every input
+    and every output has a dynamic first dimension (Triton's rule for max_batch_size > 0).
+    Otherwise an output's rows are not the requests' rows (a reduction over axis 0, a fixed shape,
+    a scalar): cut by input rows, concurrent requests got each other's data or nothing."""
+    return all(s.shape and s.shape[0] is None for s in (*engine.inputs, *engine.outputs))
+
+
 class TensorRuntime:
-    def __init__(self, engine: Engine, batchable: bool) -> None:
+    def __init__(self, engine: Engine, batchable: bool, max_rows: Callable[[], int] = lambda: 0) -> None:
         self.engine = engine
         self.batchable = batchable
+        self.max_rows = max_rows  # a batch's rows at most (batching.max_batch_size), 0: no bound
 
     def run_batch(self, items: list[TensorItem]) -> list[dict[str, np.ndarray] | BaseException]:
-        """Concatenate requests whose non-batch shapes agree; run each group once."""
+        """Concatenate requests whose non-batch shapes agree, at most ``max_rows`` rows a run;
+        a model that does not batch rows runs each request alone, its outputs whole."""
         results: list[dict[str, np.ndarray] | BaseException] = [{} for _ in items]
-        groups: dict[tuple[Any, ...], list[int]] = {}
+        if not self.batchable:
+            for i, it in enumerate(items):
+                results[i] = self._run(it.feeds, it.outputs)
+            return results
+        groups: dict[tuple[Any, ...], list[list[int]]] = {}
+        limit = self.max_rows()
         for i, it in enumerate(items):
-            key = it.signature() if self.batchable else (i,)
-            groups.setdefault(key, []).append(i)
-        for idx in groups.values():
+            chunks = groups.setdefault(it.signature(), [[]])
+            if limit and chunks[-1] and sum(items[j].rows for j in chunks[-1]) + it.rows > limit:
+                chunks.append([])
+            chunks[-1].append(i)
+        for idx in (chunk for chunks in groups.values() for chunk in chunks):
             members = [items[i] for i in idx]
+            if len(members) == 1:
+                results[idx[0]] = self._run(members[0].feeds, members[0].outputs)
+                continue
             feeds = {k: np.concatenate([m.feeds[k] for m in members]) for k in members[0].feeds}
-            try:
-                out = self.engine.run(feeds, members[0].outputs)
-            except EngineError as exc:
-                for i in idx:
-                    results[i] = exc
+            out = self._run(feeds, members[0].outputs)
+            total = sum(m.rows for m in members)
+            if isinstance(out, BaseException) or any(v.ndim == 0 or len(v) != total for v in out.values()):
+                # An output whose first dimension is not the batch's after all (the model's
+                # declared shapes are loose): each request runs alone, never cut at a guess.
+                for i, m in zip(idx, members, strict=True):
+                    results[i] = out if isinstance(out, BaseException) else self._run(m.feeds, m.outputs)
                 continue
             start = 0
             for i, m in zip(idx, members, strict=True):
@@ -637,13 +659,21 @@ class TensorRuntime:
                 start += m.rows
         return results
 
+    def _run(
+        self, feeds: dict[str, np.ndarray], outputs: tuple[str, ...]
+    ) -> dict[str, np.ndarray] | EngineError:
+        try:
+            return self.engine.run(feeds, outputs)
+        except EngineError as exc:
+            return exc
+
 
 def _tensor_runtime(
     mgr: ModelManager, entry: ModelEntry, engine: Engine, executor: ThreadPoolExecutor
 ) -> ModelRuntime:
-    # A model batches when every input's first dimension is dynamic.
-    batchable = all(s.shape and s.shape[0] is None for s in engine.inputs)
-    rt = TensorRuntime(engine, batchable)
+    rt = TensorRuntime(
+        engine, batches_rows(engine), lambda: int(mgr.tunables(entry.name)["batching.max_batch_size"])
+    )
     execute = engine_call(mgr, entry.name, executor, rt.run_batch)
     values = mgr.tunables(entry.name)
     batcher: Batcher[TensorItem, dict[str, np.ndarray]] = Batcher(
@@ -676,6 +706,17 @@ class TensorService:
         model = runtime.entry.name
         engine = runtime.engine
         check_feeds(engine, feeds)
+        rt = runtime.service
+        limit = rt.max_rows() if isinstance(rt, TensorRuntime) and rt.batchable else 0
+        for name, arr in feeds.items():
+            # Triton's rule: a request is at most one batch (one was served 200 rows of 1,000).
+            if limit and arr.shape[0] > limit:
+                raise InvalidRequest(
+                    f"input '{name}': batch-size must be <= {limit} for model '{model}', got "
+                    f"{arr.shape[0]} rows; split the request",
+                    param="inputs",
+                )
+        feeds = {k: text_feed(k, v) if v.dtype == object else v for k, v in feeds.items()}
         names = tuple(outputs) if outputs else tuple(o.name for o in engine.outputs)
         for n in names:
             if engine.output_spec(n) is None:
@@ -714,6 +755,15 @@ def check_feeds(engine: Engine, feeds: dict[str, np.ndarray]) -> None:
     rows = {a.shape[0] for a in feeds.values() if a.ndim}
     if len(rows) > 1:
         raise InvalidRequest("all inputs must have the same batch size", param="inputs")
+
+
+def text_feed(name: str, arr: np.ndarray) -> np.ndarray:
+    """A BYTES input as the engine takes strings: ``str`` elements. ONNX Runtime turns a ``bytes``
+    element into its repr (an identity model answered "b'a'" for "a")."""
+    try:
+        return np.array([b.decode("utf-8") for b in arr.reshape(-1)], dtype=object).reshape(arr.shape)
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"input '{name}': BYTES elements must be UTF-8 text", param="inputs") from None
 
 
 def _shape(shape: tuple[int | None, ...]) -> str:

@@ -319,7 +319,13 @@ class ModelManager:
             slot.load_task = asyncio.create_task(self._load(slot))
         await asyncio.shield(slot.load_task)
         if slot.runtime is None:
-            raise Unavailable(f"The model '{name}' failed to load: {slot.error}", retry_after_s=5)
+            # A failed load is not tried again for LOAD_RETRY_S (``runtime``): that is when to
+            # come back (a hint of 5 s had clients retry into 25 s of refusals). No room yet is
+            # tried again by the next request, once other models may have gone idle.
+            wait = 5.0
+            if slot.state is ModelState.failed:
+                wait = max(slot.failed_at + LOAD_RETRY_S - time.monotonic(), 1.0)
+            raise Unavailable(f"The model '{name}' failed to load: {slot.error}", retry_after_s=wait)
 
     def idle(self, name: str) -> bool:
         """Nothing queued or running: safe to evict."""

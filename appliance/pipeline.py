@@ -78,6 +78,7 @@ class Ticket:
     # request ends, whatever way it ends.
     reservation: Reservation | None = None
     load_error: str = ""
+    load_retry_s: float = 1.0  # when the failed load is next tried: the 503's Retry-After
 
     def release(self) -> None:
         if self.reservation is not None:
@@ -372,7 +373,8 @@ class Pipeline:
             permit.ignore()
             raise
         if runtime is None:  # _runtime resolved the permit: a load failure is not the engine's
-            return await self._fallback(ticket, work, hit, 5.0, f"could not be loaded ({ticket.load_error})")
+            why = f"could not be loaded ({ticket.load_error})"
+            return await self._fallback(ticket, work, hit, ticket.load_retry_s, why)
         return permit, runtime, hit
 
     async def answer(self, ticket: Ticket, work: Computation) -> Answer:
@@ -501,6 +503,7 @@ class Pipeline:
                 raise
             log.warning("model %s: %s", ticket.model, exc.message)
             ticket.load_error = exc.message
+            ticket.load_retry_s = exc.retry_after_s or 1.0
             permit.ignore()  # a load failure is the memory manager's, not the engine's
             return None
 

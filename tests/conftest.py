@@ -161,6 +161,31 @@ def metric(srv: ServerThread, line_start: str) -> float:
     return 0.0
 
 
+def build_tensor_model(
+    folder: Path,
+    nodes: Sequence[Any],
+    inputs: Sequence[Any],
+    outputs: Sequence[Any],
+    initializers: Sequence[Any] = (),
+    batching: str = "{max_batch_size: 4}",
+) -> Path:
+    """A tiny real ONNX model (``onnx.helper`` nodes and value infos) as a ``kind: tensor`` folder
+    named after ``folder``."""
+    import onnx
+    from onnx import helper
+
+    folder.mkdir(parents=True, exist_ok=True)
+    graph = helper.make_graph(list(nodes), folder.name, list(inputs), list(outputs), list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, folder / "model.onnx")
+    (folder / "model.yaml").write_text(
+        f"name: {folder.name}\nkind: tensor\nartefacts: {{model: model.onnx}}\nbatching: {batching}\n"
+    )
+    return folder
+
+
 def make_repository(
     tmp: Path, models: dict[str, Path], overrides: dict[str, dict[str, Any]] | None = None
 ) -> Path:

@@ -164,6 +164,17 @@ def test_embedding_model_takes_bytes_and_matches_the_reference(server: ServerThr
             400,
             "zzz",
         ),
+        (  # one output twice was answered twice, the second's binary_data applied to both
+            {
+                "inputs": [
+                    {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]},
+                    {"name": "ids", "shape": [1, 3], "datatype": "INT64", "data": [1, 2, 3]},
+                ],
+                "outputs": [{"name": "y"}, {"name": "y", "parameters": {"binary_data": True}}],
+            },
+            400,
+            "'y' is requested twice",
+        ),
         (  # tritonclient's InferRequestedOutput(class_count=3): Triton's classification extension
             {
                 "inputs": [

@@ -1,19 +1,26 @@
-"""Embedding service internals on the real MiniLM engine: the batch size measured at load."""
+"""Inference services: the embedding batch size measured at load (on the real MiniLM engine),
+and tensor models, which share an engine run only when their rows allow it."""
 
 from __future__ import annotations
 
+import json
+import struct
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
+import tritonclient.http as httpclient
+from onnx import TensorProto, helper
 from tokenizers import Tokenizer
 
 from appliance.api.common import MANAGER
 from appliance.engines.onnxruntime import OnnxRuntimeEngine
-from appliance.inference import TUNE_TIE, EmbeddingRuntime
-from tests.conftest import ServerThread
+from appliance.inference import TUNE_TIE, EmbeddingRuntime, TensorItem, TensorRuntime, batches_rows
+from tests.conftest import ServerThread, build_tensor_model
 
 MODEL = "all-minilm-l6-v2"
 
@@ -123,3 +130,201 @@ def test_a_reload_reuses_the_measured_batch_size_and_a_busy_timing_is_not_truste
     assert MODEL not in mgr.batch_measurements  # the next idle load measures again
     status, body, _ = srv.post("/v1/embeddings", {"model": MODEL, "input": ["a", "b"]})
     assert status == 200 and len(body["data"]) == 2
+
+
+# -- tensor models -----------------------------------------------------------------------------
+
+
+def _tensor_models(root: Path) -> dict[str, Path]:
+    """Tiny real ONNX models: outputs whose rows are not the inputs' rows (a sum over them, a
+    transpose), scalars, strings, and rows kept as they are."""
+    vi = helper.make_tensor_value_info
+    f32 = TensorProto.FLOAT
+    # Held long enough for concurrent requests to meet in one batch, as they would under load.
+    held = "{max_batch_size: 4, max_queue_delay_ms: 200}"
+    return {
+        "reduce": build_tensor_model(  # Y = the sum over the rows: [N, 4] -> [1, 4]
+            root / "reduce",
+            [helper.make_node("ReduceSum", ["X", "axes"], ["Y"], keepdims=1)],
+            [vi("X", f32, ["N", 4])],
+            [vi("Y", f32, [1, 4])],
+            [helper.make_tensor("axes", TensorProto.INT64, [1], [0])],
+            batching=held,
+        ),
+        "transpose": build_tensor_model(
+            root / "transpose",
+            [helper.make_node("Transpose", ["X"], ["Y"], perm=[1, 0])],
+            [vi("X", f32, [1, 4])],
+            [vi("Y", f32, [4, 1])],
+        ),
+        "scalar": build_tensor_model(
+            root / "scalar",
+            [helper.make_node("Mul", ["X", "two"], ["Y"])],
+            [vi("X", f32, [])],
+            [vi("Y", f32, [])],
+            [helper.make_tensor("two", f32, [], [2.0])],
+            batching=held,
+        ),
+        "text": build_tensor_model(
+            root / "text",
+            [helper.make_node("Identity", ["S"], ["T"])],
+            [vi("S", TensorProto.STRING, ["N"])],
+            [vi("T", TensorProto.STRING, ["N"])],
+        ),
+        "rows": build_tensor_model(
+            root / "rows",
+            [helper.make_node("Identity", ["X"], ["Y"])],
+            [vi("X", f32, ["N", 2])],
+            [vi("Y", f32, ["N", 2])],
+        ),
+    }
+
+
+@pytest.fixture
+def tensors(start_server: Callable[..., ServerThread], tmp_path: Path) -> ServerThread:
+    return start_server(_tensor_models(tmp_path / "src"))
+
+
+def _fp32(name: str, shape: list[int], data: list[float]) -> dict[str, Any]:
+    return {"inputs": [{"name": name, "shape": shape, "datatype": "FP32", "data": data}]}
+
+
+def test_concurrent_requests_to_a_model_that_reduces_its_rows_each_get_their_own_answer(
+    tensors: ServerThread,
+) -> None:
+    """Requests share an engine run only when every input and output has a dynamic first
+    dimension (Triton's rule). A sum over the rows was batched anyway and its output cut by input
+    rows: 20 of 32 concurrent requests got another's sum or nothing, and were cached so."""
+
+    def ask(k: int) -> tuple[int, Any]:
+        status, body, _ = tensors.post("/v2/models/reduce/infer", _fp32("X", [2, 4], [k] * 4 + [1] * 4))
+        return status, body
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, range(1000, 1032)))
+    for k, (status, body) in zip(range(1000, 1032), answers, strict=True):
+        assert status == 200, body
+        out = body["outputs"][0]
+        assert out["shape"] == [1, 4] and out["data"] == [k + 1.0] * 4, (k, body)
+    # Triton's config for a model that runs each request alone: no batching, whole shapes.
+    _, cfg = tensors.get("/v2/models/reduce/config")
+    assert cfg["max_batch_size"] == 0
+    assert cfg["input"][0]["dims"] == [-1, 4] and cfg["output"][0]["dims"] == [1, 4]
+
+
+def test_a_fixed_shape_output_comes_back_whole(tensors: ServerThread) -> None:
+    """An output is never cut by the request's rows: a [1, 4] -> [4, 1] transpose answered one
+    element of four."""
+    status, body, _ = tensors.post("/v2/models/transpose/infer", _fp32("X", [1, 4], [1, 2, 3, 4]))
+    assert status == 200, body
+    assert body["outputs"][0]["shape"] == [4, 1] and body["outputs"][0]["data"] == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_a_scalar_input_is_served(tensors: ServerThread) -> None:
+    """A zero-dimensional input has no rows to batch on: it runs alone (it was always a 500,
+    "zero-dimensional arrays cannot be concatenated"), concurrent requests too."""
+
+    def ask(k: int) -> tuple[int, Any]:
+        status, body, _ = tensors.post("/v2/models/scalar/infer", _fp32("X", [], [k]))
+        return status, body
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, range(4)))
+    for k, (status, body) in enumerate(answers):
+        assert status == 200, body
+        assert body["outputs"][0]["shape"] == [] and body["outputs"][0]["data"] == [2.0 * k]
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_bytes_reach_the_model_as_text_and_come_back_as_bytes(tensors: ServerThread, binary: bool) -> None:
+    """BYTES elements are UTF-8 text to an ONNX string tensor: ORT turned Python bytes into their
+    repr, and an identity model answered "b'a'" for "a"."""
+    client = httpclient.InferenceServerClient(url=tensors.url.removeprefix("http://"))
+    words = np.array([b"a", "é".encode(), b""], dtype=object)
+    inp = httpclient.InferInput("S", [3], "BYTES")
+    inp.set_data_from_numpy(words, binary_data=binary)
+    res = client.infer("text", [inp], outputs=[httpclient.InferRequestedOutput("T", binary_data=binary)])
+    got = [x.decode() if isinstance(x, bytes) else x for x in res.as_numpy("T")]  # JSON: str
+    assert got == ["a", "é", ""]
+    body = {"inputs": [{"name": "S", "shape": [2], "datatype": "BYTES", "data": ["a", "é"]}]}
+    status, resp, _ = tensors.post("/v2/models/text/infer", body)
+    assert status == 200 and resp["outputs"][0] == {
+        "name": "T",
+        "datatype": "BYTES",
+        "shape": [2],
+        "data": ["a", "é"],
+    }, resp
+
+
+def test_bytes_that_are_not_utf8_are_a_400_naming_the_input(tensors: ServerThread) -> None:
+    """A string tensor holds text: bytes that are not UTF-8 are the client's error (they reached
+    the model as the repr "b'\\xff\\xfe'")."""
+    head = json.dumps(
+        {"inputs": [{"name": "S", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 6}}]}
+    ).encode()
+    status, resp, _ = tensors.post(
+        "/v2/models/text/infer",
+        head + struct.pack("<I", 2) + b"\xff\xfe",
+        {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"},
+    )
+    assert status == 400 and "'S'" in resp["error"] and "UTF-8" in resp["error"], resp
+
+
+def test_a_request_over_max_batch_size_rows_is_a_400(tensors: ServerThread) -> None:
+    """Triton's rule: a request is at most one batch, max_batch_size rows (/config says 4; a
+    1,000-row request was served, 200 rows at a time)."""
+    _, cfg = tensors.get("/v2/models/rows/config")
+    assert cfg["max_batch_size"] == 4 and cfg["input"][0]["dims"] == [2]
+    status, resp, _ = tensors.post("/v2/models/rows/infer", _fp32("X", [5, 2], list(range(10))))
+    assert status == 400 and "'X'" in resp["error"] and "batch-size must be <= 4" in resp["error"], resp
+    status, resp, _ = tensors.post("/v2/models/rows/infer", _fp32("X", [4, 2], list(range(8))))
+    assert status == 200 and resp["outputs"][0]["data"] == list(map(float, range(8))), resp
+
+
+class _Counting:
+    """An engine that counts its runs and the rows of each."""
+
+    def __init__(self, inner: OnnxRuntimeEngine) -> None:
+        self.inner = inner
+        self.inputs, self.outputs = inner.inputs, inner.outputs
+        self.runs: list[int] = []
+
+    def run(self, feeds: dict[str, np.ndarray], names: Any = None) -> dict[str, np.ndarray]:
+        self.runs.append(len(next(iter(feeds.values()))))
+        return self.inner.run(feeds, names)
+
+
+def test_a_batch_holds_at_most_max_batch_size_rows_and_loose_shapes_run_alone(tmp_path: Path) -> None:
+    """Concatenated requests never exceed max_batch_size rows in one run; and a model that
+    declares a dynamic first dimension its output does not keep (a sum over the rows) is not cut
+    at a guess: each request runs again alone."""
+    vi = helper.make_tensor_value_info
+    rows = build_tensor_model(
+        tmp_path / "rows",
+        [helper.make_node("Identity", ["X"], ["Y"])],
+        [vi("X", TensorProto.FLOAT, ["N", 2])],
+        [vi("Y", TensorProto.FLOAT, ["N", 2])],
+    )
+    engine = _Counting(OnnxRuntimeEngine(rows / "model.onnx"))
+    rt = TensorRuntime(engine, batches_rows(engine), lambda: 4)  # type: ignore[arg-type]
+    items = [TensorItem({"X": np.full((n, 2), n, np.float32)}, ("Y",)) for n in (3, 1, 2, 2)]
+    out = rt.run_batch(items)
+    assert engine.runs == [4, 4]
+    for it, got in zip(items, out, strict=True):
+        assert isinstance(got, dict)
+        np.testing.assert_array_equal(got["Y"], it.feeds["X"])
+
+    loose = build_tensor_model(
+        tmp_path / "loose",
+        [helper.make_node("ReduceSum", ["X", "axes"], ["Y"], keepdims=1)],
+        [vi("X", TensorProto.FLOAT, ["N", 2])],
+        [vi("Y", TensorProto.FLOAT, ["M", 2])],
+        [helper.make_tensor("axes", TensorProto.INT64, [1], [0])],
+    )
+    engine = _Counting(OnnxRuntimeEngine(loose / "model.onnx"))
+    # Batching as declared (ONNX Runtime's own shape inference happens to see through this one).
+    rt = TensorRuntime(engine, True, lambda: 4)  # type: ignore[arg-type]
+    items = [TensorItem({"X": np.full((1, 2), k, np.float32)}, ("Y",)) for k in (1, 2)]
+    out = rt.run_batch(items)
+    assert engine.runs == [2, 1, 1]
+    assert [np.asarray(o["Y"]).tolist() for o in out if isinstance(o, dict)] == [[[1, 1]], [[2, 2]]]

@@ -168,6 +168,26 @@ def test_a_model_that_cannot_load_answers_from_the_fallback_chain(
     assert body["data"][0]["embedding"] == [0.0] * 384
 
 
+def test_a_failed_load_says_when_it_will_be_tried_again(
+    start_server, minilm_folder: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A failed load is tried again after LOAD_RETRY_S, and the 503's Retry-After says so: it
+    said 5 s while requests were refused for 30 s without a try."""
+    srv = start_server({MODEL: minilm_folder})
+    srv.call(lambda: srv.app[MANAGER].unload(MODEL, evicted=True))
+
+    def broken(entry: Any, values: Any) -> Any:
+        raise RuntimeError("injected: the model's files cannot be opened")
+
+    monkeypatch.setattr(ModelManager, "_open_engine", staticmethod(broken))
+    slot = srv.app[MANAGER].slots[MODEL]
+    for attempt in ("the failing load", "a request while the load is not tried"):
+        status, body, headers = embed(srv, {"input": "never seen"})
+        assert status == 503 and "injected" in body["error"]["message"], (attempt, body)
+        until_retry = slot.failed_at + models_module.LOAD_RETRY_S - time.monotonic()
+        assert until_retry <= int(headers["Retry-After"]) <= models_module.LOAD_RETRY_S, (attempt, headers)
+
+
 # -- input limits -------------------------------------------------------------------------------
 
 BIG = "customer service " * 250_000  # ~4 MB

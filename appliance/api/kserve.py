@@ -30,7 +30,7 @@ from appliance.api.tensors import (
     split_body,
 )
 from appliance.errors import InvalidRequest, ModelNotBuilt, ModelNotFound
-from appliance.inference import EmbeddingRuntime, EmbeddingService
+from appliance.inference import EmbeddingRuntime, EmbeddingService, TensorRuntime
 from appliance.models import ModelManager, ModelRuntime, ModelState
 from appliance.pipeline import Ticket
 from appliance.repository import ModelKind
@@ -161,12 +161,17 @@ async def model_config(request: web.Request) -> web.Response:
     values = request.app[MANAGER].tunables(runtime.entry.name)
     inputs, outputs = _io(runtime)
 
+    # A model whose tensors do not all have a dynamic first dimension runs each request alone:
+    # Triton's max_batch_size 0, and dims are then the whole shapes.
+    rt = runtime.service
+    batching = not isinstance(rt, TensorRuntime) or rt.batchable
+
     def triton(t: dict[str, Any]) -> dict[str, Any]:
         # Triton's config leaves the batch dimension out of dims.
         return {
             "name": t["name"],
             "data_type": "TYPE_" + ("STRING" if t["datatype"] == "BYTES" else t["datatype"]),
-            "dims": t["shape"][1:],
+            "dims": t["shape"][1:] if batching else t["shape"],
         }
 
     levels = int(values["queue.priority_levels"])
@@ -175,7 +180,7 @@ async def model_config(request: web.Request) -> web.Response:
             "name": runtime.entry.name,
             "platform": "onnxruntime_onnx" if runtime.engine.backend == "onnxruntime" else "tensorrt_plan",
             "backend": runtime.engine.backend,
-            "max_batch_size": int(values["batching.max_batch_size"]),
+            "max_batch_size": int(values["batching.max_batch_size"]) if batching else 0,
             "input": [triton(t) for t in inputs],
             "output": [triton(t) for t in outputs],
             "dynamic_batching": {

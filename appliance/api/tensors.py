@@ -212,6 +212,9 @@ def requested_outputs(doc: dict[str, Any]) -> tuple[list[str] | None, dict[str, 
     names: list[str] = []
     binary: dict[str, bool] = {"*": default_binary}
     for o in outputs:
+        if o["name"] in names:
+            # Triton refuses it; answered twice, the later one's binary_data applied to both.
+            raise InvalidRequest(f"output '{o['name']}' is requested twice; name each output once")
         names.append(o["name"])
         params = parameters_of(o, "output")
         if params.get("classification"):
