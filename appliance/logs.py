@@ -47,7 +47,8 @@ class MalformedRequests(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, RequestPayloadError):
             # A body that does not decode (bad gzip, deflate or brotli data), met again when
-            # aiohttp drains the rest of a body the route had already answered with a 4xx.
+            # aiohttp drains the rest of a body the route had already answered with a 4xx (no
+            # longer for a compressed body, dropped undecoded: api.security._Unlingering).
             cause = exc.__cause__
             exc = (
                 cause
