@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.api.jsonbody import _depth
-from appliance.logs import quiet_malformed_requests
+from appliance.logs import JsonFormatter, quiet_malformed_requests
 from tests.conftest import ServerThread, make_repository, metric
 from tests.test_api_kserve import build_affine_model
 
@@ -167,6 +167,47 @@ def test_malformed_headers_are_400_naming_the_header(server: ServerThread, heade
     status, resp, _ = server.post("/v1/embeddings", {"model": EMB, "input": "x"}, {header: value})
     assert status == 400, resp
     assert header in resp["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [
+        pytest.param(b"\xff\xfe", None, id="not-utf8"),
+        pytest.param("caf\u00e9-1".encode(), "caf_-1", id="utf8"),
+        pytest.param(b"r" * 200, "r" * 64, id="long"),
+        pytest.param(b"plain-id 7", "plain-id 7", id="printable"),
+    ],
+)
+def test_a_request_id_is_printable_ascii_in_the_answer_and_the_log(
+    server: ServerThread, caplog: pytest.LogCaptureFixture, sent: bytes, expected: str | None
+) -> None:
+    """Found by a probe: an X-Request-Id of bytes that are not UTF-8 (obs-text) reached the
+    response's headers and the access log as lone surrogates; the response could not be encoded
+    and the JSON log line was lost. The id the server uses is printable ASCII, at most 64
+    characters: anything else in the client's is replaced (a fresh id when nothing is left)."""
+    body = json.dumps({"model": EMB, "input": "x"}).encode()
+    raw = (
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"X-Request-Id: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % (sent, len(body))
+    ) + body
+    with caplog.at_level(logging.INFO, logger="appliance.access"):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(raw)
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        head = reply.partition(b"\r\n\r\n")[0].split(b"\r\n")
+        assert head[0].startswith(b"HTTP/1.1 200 "), reply[:300]
+        answered = next(line[len(b"X-Request-Id: ") :] for line in head if line.startswith(b"X-Request-Id: "))
+        assert answered.isascii() and answered.decode().isprintable() and 0 < len(answered) <= 64
+        if expected is not None:
+            assert answered.decode() == expected
+        deadline = time.monotonic() + 5
+        while not (lines := [r for r in caplog.records if r.name == "appliance.access"]):
+            assert time.monotonic() < deadline, "no access line"
+            time.sleep(0.05)
+    logged = json.loads(JsonFormatter().format(lines[-1]))
+    assert logged["request_id"] == answered.decode(), logged
 
 
 def test_a_token_id_beyond_int64_is_400(server: ServerThread) -> None:
