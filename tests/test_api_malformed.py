@@ -447,6 +447,38 @@ def test_a_wrong_method_is_405_naming_the_allowed_ones(server: ServerThread) -> 
     assert status == 405 and "it takes POST" in resp["error"], resp
 
 
+def _exchange_closing(server: ServerThread, method: str, path: str) -> tuple[list[bytes], bytes]:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return head.split(b"\r\n"), body
+
+
+def test_every_get_route_answers_head_with_its_headers_and_no_body(server: ServerThread) -> None:
+    """HEAD is GET without the body (RFC 9110, 9.3.2): the data plane's routes were added GET
+    only, so a monitor probing with HEAD got a 405 (the admin plane's and /healthz had it)."""
+    paths = {
+        route.resource.canonical.replace("{model}", EMB).replace("{version}", "1")
+        for route in server.app.router.routes()
+        if route.method == "GET" and route.resource is not None
+    }
+    assert f"/v2/models/{EMB}/versions/1/config" in paths and "/v1/models" in paths
+    for path in sorted(paths - {"/metrics"}):  # the metrics change between two requests
+        got, got_body = _exchange_closing(server, "GET", path)
+        head, head_body = _exchange_closing(server, "HEAD", path)
+        assert head[0] == got[0] and head[0].startswith(b"HTTP/1.1 200 "), (path, head[0], got[0])
+        # The GET's length (an empty answer's HEAD may leave it out).
+        lengths = [line for line in head if line.lower().startswith(b"content-length:")]
+        assert all(line in got and int(line.split(b":")[1]) == len(got_body) for line in lengths)
+        assert lengths or not got_body, (path, head)
+        assert head_body == b"", path
+    head, head_body = _exchange_closing(server, "HEAD", "/metrics")
+    assert head[0].startswith(b"HTTP/1.1 200 ") and head_body == b""
+
+
 def test_a_request_the_http_parser_refuses_is_one_info_line_not_a_traceback(
     server: ServerThread, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -430,6 +430,8 @@ def create_app(cfg: Config) -> web.Application:
     for table in (openai.routes, chat.routes, kserve.routes, openapi.routes):
         for route in table:
             assert isinstance(route, web.RouteDef)
+            if route.method == "GET":  # with HEAD, as add_get (and the admin plane's routes) have
+                app.router.add_route("HEAD", route.path, route.handler, expect_handler=_expect)
             app.router.add_route(
                 route.method, route.path, route.handler, expect_handler=_expect, **route.kwargs
             )
