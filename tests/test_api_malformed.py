@@ -135,6 +135,21 @@ def test_the_binary_header_length_is_ascii_digits_only(server: ServerThread, len
     assert reply.startswith(b"HTTP/1.1 400") and b"decimal byte count" in reply, reply
 
 
+def test_a_body_that_is_not_utf8_is_400_saying_which_byte(server: ServerThread) -> None:
+    """A Latin-1 body: orjson's own words were "str is not valid UTF-8: surrogates not allowed:
+    line 1 column 1 (char 0)", naming neither the byte nor where it is."""
+    raw = b'{"model": "%s", "input": "caf\xe9"}' % EMB.encode()
+    expected = (
+        f"the request body is not valid JSON: byte 0xe9 at offset {raw.index(0xE9)} is not UTF-8, "
+        "which JSON is sent in"
+    )
+    status, resp, _ = server.post("/v1/embeddings", raw)
+    assert status == 400 and resp["error"]["message"] == expected, resp
+    raw = b'{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["\xff"]}]}'
+    status, resp, _ = server.post(f"/v2/models/{EMB}/infer", raw)
+    assert status == 400 and f"byte 0xff at offset {raw.index(0xFF)} is not UTF-8" in resp["error"], resp
+
+
 def test_an_unpaired_surrogate_is_400_on_both_apis(server: ServerThread) -> None:
     raw = b'{"model": "%s", "input": "a\\ud800b"}' % EMB.encode()
     status, resp, _ = server.post("/v1/embeddings", raw)
