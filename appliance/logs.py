@@ -33,7 +33,22 @@ class JsonFormatter(logging.Formatter):
             doc.update({k: v for k, v in fields.items() if v is not None})
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(doc, default=str).decode()
+        try:
+            return orjson.dumps(doc, default=str).decode()
+        except orjson.JSONEncodeError:
+            # A string UTF-8 cannot hold: a lone surrogate, as a client's bytes that are not UTF-8
+            # decode to (aiohttp reads header values and paths with surrogateescape). The line is
+            # still written, each such character escaped, rather than lost to logging's own
+            # "--- Logging error ---" on stderr.
+            return orjson.dumps({k: _encodable(v) for k, v in doc.items()}, default=_encodable).decode()
+
+
+def _encodable(value: object) -> object:
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, (int, float, bool)) or value is None:
+        return value
+    return _encodable(str(value))
 
 
 class MalformedRequests(logging.Filter):
@@ -47,7 +62,8 @@ class MalformedRequests(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, RequestPayloadError):
             # A body that does not decode (bad gzip, deflate or brotli data), met again when
-            # aiohttp drains the rest of a body the route had already answered with a 4xx.
+            # aiohttp drains the rest of a body the route had already answered with a 4xx (no
+            # longer for a compressed body, dropped undecoded: api.security._Unlingering).
             cause = exc.__cause__
             exc = (
                 cause

@@ -26,7 +26,7 @@ from appliance import yamlfile
 from appliance.api.admin import ADMIN_TOKEN, create_admin_app
 from appliance.api.app import create_app
 from appliance.api.common import DRAINING, INFLIGHT, MANAGER, RESILIENCE, SUPERVISOR
-from appliance.api.security import KEYS, LimitedRunner, keystore
+from appliance.api.security import KEYS, LimitedRunner, UnlingeringRunner, keystore
 from appliance.config import Config, ConfigError, parse
 from appliance.llm.scheduler import Scheduler
 from appliance.sdnotify import Notifier, watchdog_loop
@@ -67,7 +67,7 @@ class Server:
 
         self.admin_token = self._admin_token()
         self.admin_app[ADMIN_TOKEN] = self.admin_token
-        admin = web.AppRunner(self.admin_app, access_log=None, keepalive_timeout=30)
+        admin = UnlingeringRunner(self.admin_app, access_log=None, keepalive_timeout=30)
         await admin.setup()
         self._runners.append(admin)
         path = cfg.admin_socket

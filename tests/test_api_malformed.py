@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.api.jsonbody import _depth
-from appliance.logs import quiet_malformed_requests
+from appliance.logs import JsonFormatter, quiet_malformed_requests
 from tests.conftest import ServerThread, make_repository, metric
 from tests.test_api_kserve import build_affine_model
 
@@ -135,6 +135,21 @@ def test_the_binary_header_length_is_ascii_digits_only(server: ServerThread, len
     assert reply.startswith(b"HTTP/1.1 400") and b"decimal byte count" in reply, reply
 
 
+def test_a_body_that_is_not_utf8_is_400_saying_which_byte(server: ServerThread) -> None:
+    """A Latin-1 body: orjson's own words were "str is not valid UTF-8: surrogates not allowed:
+    line 1 column 1 (char 0)", naming neither the byte nor where it is."""
+    raw = b'{"model": "%s", "input": "caf\xe9"}' % EMB.encode()
+    expected = (
+        f"the request body is not valid JSON: byte 0xe9 at offset {raw.index(0xE9)} is not UTF-8, "
+        "which JSON is sent in"
+    )
+    status, resp, _ = server.post("/v1/embeddings", raw)
+    assert status == 400 and resp["error"]["message"] == expected, resp
+    raw = b'{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["\xff"]}]}'
+    status, resp, _ = server.post(f"/v2/models/{EMB}/infer", raw)
+    assert status == 400 and f"byte 0xff at offset {raw.index(0xFF)} is not UTF-8" in resp["error"], resp
+
+
 def test_an_unpaired_surrogate_is_400_on_both_apis(server: ServerThread) -> None:
     raw = b'{"model": "%s", "input": "a\\ud800b"}' % EMB.encode()
     status, resp, _ = server.post("/v1/embeddings", raw)
@@ -167,6 +182,47 @@ def test_malformed_headers_are_400_naming_the_header(server: ServerThread, heade
     status, resp, _ = server.post("/v1/embeddings", {"model": EMB, "input": "x"}, {header: value})
     assert status == 400, resp
     assert header in resp["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [
+        pytest.param(b"\xff\xfe", None, id="not-utf8"),
+        pytest.param("caf\u00e9-1".encode(), "caf_-1", id="utf8"),
+        pytest.param(b"r" * 200, "r" * 64, id="long"),
+        pytest.param(b"plain-id 7", "plain-id 7", id="printable"),
+    ],
+)
+def test_a_request_id_is_printable_ascii_in_the_answer_and_the_log(
+    server: ServerThread, caplog: pytest.LogCaptureFixture, sent: bytes, expected: str | None
+) -> None:
+    """Found by a probe: an X-Request-Id of bytes that are not UTF-8 (obs-text) reached the
+    response's headers and the access log as lone surrogates; the response could not be encoded
+    and the JSON log line was lost. The id the server uses is printable ASCII, at most 64
+    characters: anything else in the client's is replaced (a fresh id when nothing is left)."""
+    body = json.dumps({"model": EMB, "input": "x"}).encode()
+    raw = (
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"X-Request-Id: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % (sent, len(body))
+    ) + body
+    with caplog.at_level(logging.INFO, logger="appliance.access"):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(raw)
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        head = reply.partition(b"\r\n\r\n")[0].split(b"\r\n")
+        assert head[0].startswith(b"HTTP/1.1 200 "), reply[:300]
+        answered = next(line[len(b"X-Request-Id: ") :] for line in head if line.startswith(b"X-Request-Id: "))
+        assert answered.isascii() and answered.decode().isprintable() and 0 < len(answered) <= 64
+        if expected is not None:
+            assert answered.decode() == expected
+        deadline = time.monotonic() + 5
+        while not (lines := [r for r in caplog.records if r.name == "appliance.access"]):
+            assert time.monotonic() < deadline, "no access line"
+            time.sleep(0.05)
+    logged = json.loads(JsonFormatter().format(lines[-1]))
+    assert logged["request_id"] == answered.decode(), logged
 
 
 def test_a_token_id_beyond_int64_is_400(server: ServerThread) -> None:
@@ -260,6 +316,64 @@ def test_a_zip_bomb_is_a_413_and_the_server_keeps_serving(server: ServerThread) 
     assert status == 200, resp
 
 
+def _zeros(encoding: str, mib: int) -> bytes:
+    """``mib`` MiB of zeros, compressed: a few hundred kB on the wire."""
+    if encoding == "br":
+        # aiohttp decodes brotli where the package is installed (here tritonclient's client brings it).
+        packer = pytest.importorskip("brotli").Compressor(quality=1)
+        return b"".join(packer.process(bytes(1 << 22)) for _ in range(mib >> 2)) + packer.finish()
+    # Deflate blocks after a full flush stand alone: one 4 MiB block, repeated, is a valid stream.
+    zeros, crc = bytes(4 << 20), 0
+    pack = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = pack.compress(zeros) + pack.flush(zlib.Z_FULL_FLUSH)
+    for _ in range(mib >> 2):
+        crc = zlib.crc32(zeros, crc)
+    size = (mib << 20) & 0xFFFFFFFF
+    return (
+        b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # gzip's header: deflate, no name, no time
+        + block * (mib >> 2)
+        + pack.flush()
+        + crc.to_bytes(4, "little")
+        + size.to_bytes(4, "little")
+    )
+
+
+@pytest.mark.parametrize(
+    ("encoding", "mib", "path", "status"),
+    [
+        pytest.param("br", 4096, "/v1/embeddings", 415, id="brotli-refused-unread"),
+        pytest.param("gzip", 2048, "/v1/no-such-route", 404, id="gzip-to-no-route"),
+    ],
+)
+def test_a_compressed_body_answered_unread_is_not_decoded_and_others_are_served(
+    server: ServerThread, encoding: str, mib: int, path: str, status: int
+) -> None:
+    """Found by a probe: after answering without reading the body (a 415, 404, 405, 401 or 413),
+    aiohttp lingered up to 10 s reading and discarding it, and decoding a compressed one does not
+    yield to the event loop: a brotli body of 4 GiB of zeros held the whole server for those
+    10 s. The answer now comes with the connection closed, and nothing of the body is decoded."""
+    bomb = _zeros(encoding, mib)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Encoding: {encoding}\r\nContent-Length: {len(bomb)}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head.encode() + bomb)
+        slowest = 0.0
+        for _ in range(20):  # another client, meanwhile
+            started = time.monotonic()
+            assert server.get("/healthz")[0] == 200
+            slowest = max(slowest, time.monotonic() - started)
+            time.sleep(0.05)
+        assert slowest < 0.5, f"a /healthz took {slowest:.2f} s while the body was being discarded"
+        reply = b""
+        while chunk := sock.recv(65536):  # until the server closes
+            reply += chunk
+    head_lines = reply.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    assert head_lines[0].startswith(b"HTTP/1.1 %d " % status), reply[:300]
+    assert b"Connection: close" in head_lines, head_lines
+
+
 @pytest.mark.parametrize(
     ("encoding", "body", "status", "fragment"),
     [
@@ -278,6 +392,30 @@ def test_a_body_that_does_not_decode_is_a_client_error(
     assert got == status and fragment in resp["error"]["message"], resp
     got, resp, _ = server.post(f"/v2/models/{EMB}/infer", body, {"Content-Encoding": encoding})
     assert got == status and fragment in resp["error"], resp
+
+
+def test_a_repeated_content_encoding_header_is_415(server: ServerThread) -> None:
+    """Found by a probe: ``identity`` then ``br`` on two header lines passed the allow-list, which
+    read the first line, while aiohttp decodes by the last. The lines are one list (RFC 9110,
+    5.3), and more than one encoding is refused before any of the body is read."""
+    body = json.dumps({"model": EMB, "input": "x"}).encode()
+    for lines in (("identity", "br"), ("identity", "gzip")):
+        raw = (
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + b"".join(b"Content-Encoding: %s\r\n" % line.encode() for line in lines)
+            + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+            + body
+        )
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(raw)
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        head, _, answer = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 415 "), reply[:300]
+        message = json.loads(answer)["error"]["message"]
+        assert message.startswith(f"Content-Encoding '{', '.join(lines)}' is not supported"), message
+        assert "in one Content-Encoding header" in message
 
 
 def test_a_body_declared_too_large_is_refused_before_it_is_sent(server: ServerThread) -> None:
@@ -324,6 +462,38 @@ def test_a_wrong_method_is_405_naming_the_allowed_ones(server: ServerThread) -> 
     assert status == 405 and "it takes POST" in resp["error"], resp
 
 
+def _exchange_closing(server: ServerThread, method: str, path: str) -> tuple[list[bytes], bytes]:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return head.split(b"\r\n"), body
+
+
+def test_every_get_route_answers_head_with_its_headers_and_no_body(server: ServerThread) -> None:
+    """HEAD is GET without the body (RFC 9110, 9.3.2): the data plane's routes were added GET
+    only, so a monitor probing with HEAD got a 405 (the admin plane's and /healthz had it)."""
+    paths = {
+        route.resource.canonical.replace("{model}", EMB).replace("{version}", "1")
+        for route in server.app.router.routes()
+        if route.method == "GET" and route.resource is not None
+    }
+    assert f"/v2/models/{EMB}/versions/1/config" in paths and "/v1/models" in paths
+    for path in sorted(paths - {"/metrics"}):  # the metrics change between two requests
+        got, got_body = _exchange_closing(server, "GET", path)
+        head, head_body = _exchange_closing(server, "HEAD", path)
+        assert head[0] == got[0] and head[0].startswith(b"HTTP/1.1 200 "), (path, head[0], got[0])
+        # The GET's length (an empty answer's HEAD may leave it out).
+        lengths = [line for line in head if line.lower().startswith(b"content-length:")]
+        assert all(line in got and int(line.split(b":")[1]) == len(got_body) for line in lengths)
+        assert lengths or not got_body, (path, head)
+        assert head_body == b"", path
+    head, head_body = _exchange_closing(server, "HEAD", "/metrics")
+    assert head[0].startswith(b"HTTP/1.1 200 ") and head_body == b""
+
+
 def test_a_request_the_http_parser_refuses_is_one_info_line_not_a_traceback(
     server: ServerThread, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -359,12 +529,12 @@ def test_a_request_the_http_parser_refuses_is_one_info_line_not_a_traceback(
     assert "Invalid character in chunk size" in records[0].getMessage()
 
 
-def test_a_body_that_does_not_decode_is_a_400_and_one_info_line(
+def test_a_body_that_does_not_decode_is_a_400_naming_it_and_logs_no_traceback(
     server: ServerThread, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A gzip label over a plain body, or gzip data with garbage after it: the route answers 400,
-    and when aiohttp then drains the rest of the body it meets the decoding error again, which it
-    logged as an error with a traceback. That is one info line too."""
+    """A gzip label over a plain body, or gzip data with garbage after it: the route answers 400
+    saying so. aiohttp then drained the rest of the body, met the decoding error again and logged
+    it as an error with a traceback; the rest is now dropped undecoded and the connection ends."""
     quiet_malformed_requests()
     plain = json.dumps({"model": EMB, "input": "x"}).encode()
     bodies = [plain, gzip.compress(plain) + b"garbage" * 100]
@@ -375,16 +545,16 @@ def test_a_body_that_does_not_decode_is_a_400_and_one_info_line(
                     b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                     b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(body) + body
                 )
-                assert b" 400 " in sock.recv(100).split(b"\r\n", 1)[0]
-        deadline = time.monotonic() + 5
-        while len([r for r in caplog.records if "malformed request refused" in r.getMessage()]) < 2:
-            assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
-            time.sleep(0.05)
-    records = [r for r in caplog.records if r.name == "aiohttp.server"]
-    assert all(r.levelno == logging.INFO and not r.exc_info for r in records), [
-        r.getMessage() for r in records
-    ]
-    assert "Can not decode content-encoding: gzip" in records[0].getMessage()
+                reply = b""
+                while chunk := sock.recv(4096):  # until the server closes
+                    reply += chunk
+            head, _, answer = reply.partition(b"\r\n\r\n")
+            assert b" 400 " in head.split(b"\r\n", 1)[0], reply
+            message = json.loads(answer)["error"]["message"]
+            assert message == (
+                "the request body could not be read: it is not valid gzip data, as its Content-Encoding says"
+            ), message
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
 
 
 def test_a_client_hanging_up_before_its_100_continue_logs_no_traceback(

@@ -58,3 +58,13 @@ def test_exceptions_and_fields_json_cannot_hold_are_kept_as_text() -> None:
     doc = json.loads(fmt.format(rec))
     assert doc["level"] == "error" and "ValueError: boom" in doc["exc"]
     assert doc["path"] == "engines/m" and doc["ok"] is True
+
+
+def test_a_string_utf8_cannot_hold_is_escaped_and_the_line_still_written() -> None:
+    """A client's bytes that are not UTF-8 reach strings as lone surrogates (aiohttp decodes with
+    surrogateescape), which orjson refuses: the line was lost to a logging error."""
+    fmt = JsonFormatter()
+    rec = record("%s %s %d", ("GET", "/v1/\udcff", 404), request_id="a\udcfeb", status=404, model="-")
+    doc = json.loads(fmt.format(rec))
+    assert doc["msg"] == "GET /v1/\\udcff 404" and doc["request_id"] == "a\\udcfeb"
+    assert doc["status"] == 404 and doc["model"] == "-" and doc["level"] == "info"

@@ -91,8 +91,15 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> ApplianceError:
 
 
 def _request_id(request: web.Request) -> str:
-    """The client's X-Request-Id (at most 64 characters), else a new one."""
-    return request.headers.get("X-Request-Id", "")[:64] or f"{_ID_PREFIX}-{next(_ids):x}"
+    """The client's X-Request-Id (at most 64 characters, printable ASCII), else a new one."""
+    given = request.headers.get("X-Request-Id", "")[:64]
+    if not (given.isascii() and given.isprintable()):
+        # Bytes that are not UTF-8 reach here as lone surrogates (aiohttp decodes header values
+        # with surrogateescape): in the response's headers they could not be encoded, and in the
+        # JSON log line they made it fail. Each such character, or any other not printable
+        # ASCII, becomes "_"; the id stays recognisable to the client that sent it.
+        given = "".join(c if " " <= c <= "~" else "_" for c in given).strip("_ ")
+    return given or f"{_ID_PREFIX}-{next(_ids):x}"
 
 
 async def _expect(request: web.Request) -> web.StreamResponse | None:
@@ -423,6 +430,8 @@ def create_app(cfg: Config) -> web.Application:
     for table in (openai.routes, chat.routes, kserve.routes, openapi.routes):
         for route in table:
             assert isinstance(route, web.RouteDef)
+            if route.method == "GET":  # with HEAD, as add_get (and the admin plane's routes) have
+                app.router.add_route("HEAD", route.path, route.handler, expect_handler=_expect)
             app.router.add_route(
                 route.method, route.path, route.handler, expect_handler=_expect, **route.kwargs
             )

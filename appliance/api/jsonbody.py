@@ -36,12 +36,22 @@ def loads_object(raw: bytes, what: str = "the request body") -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as exc:
         if "depth limit" in str(exc):
             raise InvalidRequest(f"{what} is nested more than {MAX_DEPTH} levels deep") from None
-        raise InvalidRequest(f"{what} is not valid JSON: {exc}") from None
+        raise InvalidRequest(f"{what} is not valid JSON: {_not_utf8(raw) or exc}") from None
     except RecursionError:
         raise InvalidRequest(f"{what} is nested more than {MAX_DEPTH} levels deep") from None
     if not isinstance(doc, dict):
         raise InvalidRequest(f"{what} must be a JSON object")
     return doc
+
+
+def _not_utf8(raw: bytes) -> str | None:
+    """Where ``raw`` is not UTF-8, said plainly: orjson says "str is not valid UTF-8: surrogates
+    not allowed", at line 1 column 1, whatever the byte and wherever it is."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"byte 0x{raw[exc.start]:02x} at offset {exc.start} is not UTF-8, which JSON is sent in"
+    return None
 
 
 def check_object(raw: bytes, doc: dict[str, Any], what: str = "the request body") -> None:
