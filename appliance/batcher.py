@@ -5,6 +5,10 @@ per-level queue bounds, timeout override rules), with three deliberate differenc
 priority is refused rather than remapped, a request that cannot meet its deadline is refused on
 arrival, and an expired request is answered by its own timer instead of when the running batch ends.
 No HTTP and no metrics library here: the server connects a ``BatcherObserver``.
+
+Dispatch runs in loop callbacks and a grant task, outside any caller: an exception there fails
+the batch it was forming with an ``EngineError``, is logged and reported (``on_failure``), and
+dispatch is tried again shortly, so the rest of the queue is served rather than left to expire.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import logging
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -31,9 +36,12 @@ from appliance.admission import (
 from appliance.admission import QueueFull as QueueFull  # re-exported: admission's refusals, by name
 from appliance.admission import WouldMissDeadline as WouldMissDeadline
 from appliance.drain import WINDOW_S, DrainMeter
+from appliance.engines.base import EngineError
 
 if TYPE_CHECKING:
     from appliance.arbiter import ComputeArbiter, Grant, Waiter
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -41,6 +49,7 @@ R = TypeVar("R")
 DEFAULT_SERVICE_RATE = 100.0  # items/s assumed before any batch has completed; only feeds retry hints
 _EWMA_ALPHA = 0.2
 _LENGTH_WINDOW = 4  # length grouping scans this many batches' worth of queue, bounding cost and unfairness
+_RETRY_PUMP_S = 0.01  # after a failed dispatch: soon, yet a persistent fault cannot spin the loop
 
 
 class BatcherObserver(Protocol):
@@ -53,6 +62,10 @@ class BatcherObserver(Protocol):
         return None
 
     def on_queue_depth(self, priority: int, depth: int) -> None:
+        return None
+
+    def on_failure(self) -> None:
+        """Dispatching a batch raised (a fault in the batcher, not in the engine)."""
         return None
 
 
@@ -110,6 +123,7 @@ class Batcher(EarlyAdmission, Generic[T, R]):
         self._asking_task: asyncio.Task[None] | None = None
         self._reserved: dict[int, int] = {}  # level -> places held by early admissions
         self._pump_pending = False
+        self._taking: list[_Request[T, R]] = []  # taken from the queues, not yet launched
         self._hold: asyncio.Handle | None = None
         self._hold_at = 0.0
         # Queue deadlines: one timer for the batcher, at the earliest, over a heap of (due, seq),
@@ -361,6 +375,33 @@ class Batcher(EarlyAdmission, Generic[T, R]):
 
     def _pump(self) -> None:
         self._pump_pending = False
+        try:
+            self._dispatch()
+        except Exception as exc:
+            self._dispatch_failed(exc)
+
+    def _dispatch_failed(self, exc: Exception) -> None:
+        """A dispatch raised. Left to the loop's exception handler, the error was seen by nobody
+        and nothing pumped again until the next arrival: the queue waited for its deadlines (a 503
+        after 30 s). Instead the batch it was forming fails now (what it had taken, or else the
+        head of the queue, so that a fault that persists still gets through the queue), and
+        dispatch is tried again shortly for the rest."""
+        log.exception("batcher %s: dispatching a batch failed", self.name)
+        error = EngineError(f"batcher error: {type(exc).__name__}: {exc}")
+        victims, self._taking = self._taking, []
+        if not victims:
+            head = itertools.chain.from_iterable(self._queues)
+            victims = list(itertools.islice(head, self.policy.max_batch_size))
+        for req in victims:
+            self._discard(req)
+            if not req.future.done():
+                req.future.set_exception(error)
+        if any(self._queues) and not self._pump_pending:
+            self._pump_pending = True
+            asyncio.get_running_loop().call_later(_RETRY_PUMP_S, self._pump)
+        self.observer.on_failure()
+
+    def _dispatch(self) -> None:
         self._relevel(self.policy.priority_levels)
         loop = asyncio.get_running_loop()
         if self._arbiter is not None:
@@ -420,7 +461,10 @@ class Batcher(EarlyAdmission, Generic[T, R]):
             held = await arbiter.wait(waiter)
         finally:
             self._asking = None
-        self._start(loop, arbiter, held)
+        try:
+            self._start(loop, arbiter, held)
+        except Exception as exc:  # the grant went back; the batch fails, the next one is asked for
+            self._dispatch_failed(exc)
         self._asking_task = None
         self._pump()  # more work and another free instance: ask again
 
@@ -507,6 +551,7 @@ class Batcher(EarlyAdmission, Generic[T, R]):
                 if len(chosen) == size:
                     break
         taken: dict[int, int] = {}
+        self._taking = chosen  # failed, not lost, should anything raise before they are launched
         for req in chosen:
             taken[req.priority] = taken.get(req.priority, 0) + 1
             self._discard(req)
@@ -529,6 +574,7 @@ class Batcher(EarlyAdmission, Generic[T, R]):
         except Exception as exc:
             work = exc
         task = loop.create_task(self._run(bid, batch, work, release), name=f"batch:{self.name}:{bid}")
+        self._taking = []
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

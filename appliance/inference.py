@@ -88,6 +88,10 @@ class _Observer:
             gauge = self._depth[priority] = self.m.queue_depth.labels(self.model, str(priority))
         gauge.set(depth)
 
+    def on_failure(self) -> None:
+        # Counted as the scheduler of a generate model counts its faults: a worker's failure.
+        self.m.worker_failures.labels(f"batcher:{self.model}").inc()
+
 
 def engine_failure(exc: Exception) -> ApplianceError:
     """Admission refusals and engine errors as API errors; the kind is what the breaker counts."""

@@ -22,6 +22,7 @@ from appliance.batcher import (
     QueueFull,
     WouldMissDeadline,
 )
+from appliance.engines.base import EngineError
 
 
 class Boom(Exception):
@@ -632,6 +633,87 @@ async def test_execute_raising_fails_only_its_batch() -> None:
         await first
     assert await asyncio.gather(*rest) == ["x", "y", "z"]
     assert calls == [["poison"], ["x", "y"], ["z"]]
+
+
+class Failures:
+    """Counts the batcher's own faults (the server's observer counts them as a worker's)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_batch(self, size: int, queue_wait_s: Sequence[float], compute_s: float) -> None:
+        pass
+
+    def on_reject(self, priority: int, reason: str) -> None:
+        pass
+
+    def on_queue_depth(self, priority: int, depth: int) -> None:
+        pass
+
+    def on_failure(self) -> None:
+        self.count += 1
+
+
+def fault_once(monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """``Batcher.<method>`` raises the first time it is called, then works."""
+    real = getattr(Batcher, method)
+    armed = True
+
+    def faulty(self: Batcher[Any, Any], *args: Any, **kwargs: Any) -> Any:
+        nonlocal armed
+        if armed:
+            armed = False
+            raise Boom(f"{method} broke")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Batcher, method, faulty)
+
+
+@pytest.mark.parametrize("method", ["_take", "_launch"])
+async def test_a_fault_forming_a_batch_fails_that_batch_and_the_queue_is_still_served(
+    monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """Batches are formed in loop callbacks, where an exception reached nobody: the batch it was
+    forming (before the take: the head of the queue; after it: the items taken) waited for its
+    deadline or for ever, and nothing dispatched again until another request came. Now that
+    batch fails at once with an EngineError, the fault is reported, and the rest of the queue is
+    served without waiting for a newcomer."""
+    failures = Failures()
+    batcher, engine, blocker = await blocked(BatchPolicy(max_batch_size=2), observer=failures)
+    queued = [submit(batcher, i) for i in range(3)]
+    await asyncio.sleep(0)
+    fault_once(monkeypatch, method)
+    engine.gate.set()  # the blocker's end dispatches the next batch: the fault hits it
+    results = await asyncio.wait_for(asyncio.gather(*queued, return_exceptions=True), 1)
+    assert all(isinstance(r, EngineError) and f"{method} broke" in str(r) for r in results[:2])
+    assert results[2] == ("ok", 2)
+    assert await blocker == ("ok", "blocker") and failures.count == 1
+    assert batcher.snapshot()["queue_depth"] == {1: 0}
+    assert await asyncio.wait_for(batcher.submit("next"), 1) == ("ok", "next")
+    await batcher.close()
+
+
+async def test_a_fault_forming_a_granted_batch_fails_it_and_gives_the_grant_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same in the task that waits for a compute grant: the batch fails at once, the grant
+    goes back to the arbiter (kept, it would stall every model's engine calls), and the next
+    request is served."""
+    failures = Failures()
+    arbiter = ComputeArbiter(1, aging_ms=0)
+    batcher: Batcher[Any, Any] = Batcher("m", BatchPolicy(), FakeEngine(), arbiter=arbiter, observer=failures)
+    await arbiter.acquire("other", 1)  # contended: the batch waits for the grant in a task
+    task = submit(batcher, 1)
+    await asyncio.sleep(0.01)
+    fault_once(monkeypatch, "_take")
+    arbiter.release()
+    with pytest.raises(EngineError, match="_take broke"):
+        await asyncio.wait_for(task, 1)
+    assert failures.count == 1
+    await asyncio.wait_for(arbiter.acquire("other", 1), 1)  # the grant came back
+    arbiter.release()
+    assert await asyncio.wait_for(batcher.submit(2), 1) == ("ok", 2)
+    await batcher.close()
 
 
 async def test_close_with_drain_finishes_queued_work_and_refuses_new() -> None:

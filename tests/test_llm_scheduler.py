@@ -633,6 +633,48 @@ async def test_a_driver_that_keeps_dying_fails_waiting_sequences(
     await sch.close()
 
 
+@pytest.mark.parametrize("max_tokens", [1, 8])
+async def test_a_fault_delivering_tokens_fails_those_sequences_at_once(
+    executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch, max_tokens: int
+) -> None:
+    """Tokens reach the loop in callbacks from the worker, outside the driver's supervision. A
+    delivery that raises must fail the sequences it carried at once (they waited for their
+    deadline, or a 200 came back missing its first token), be counted as the scheduler's fault,
+    and leave the other sequences running."""
+    metrics = Metrics()
+    sch = make(executor, FakeDecoder(decode_s=0.002), metrics=metrics)
+    running = seq([1, 2], 60)
+    sch.submit(running)
+    await until(lambda: len(running.generated) >= 2)
+    newcomer = seq([13], max_tokens)
+    real = Scheduler._deliver
+    armed = True
+
+    def faulty(self: Scheduler, batch: list[tuple[Seq, Any]]) -> None:
+        nonlocal armed
+        if armed and any(s is newcomer for s, _ in batch):  # its first token
+            armed = False
+            raise Boom("delivery broke")
+        real(self, batch)
+
+    monkeypatch.setattr(Scheduler, "_deliver", faulty)
+    sch.submit(newcomer)
+    (fin,) = await ends([newcomer])
+    assert isinstance(fin, Failed) and isinstance(fin.error, EngineError)
+    assert "delivery broke" in str(fin.error)
+    assert worker_metric(metrics, "appliance_worker_failures_total") == 1.0
+    assert worker_metric(metrics, "appliance_worker_up") == 1.0  # the driver itself never stopped
+    text, fin = await drain(running)  # untouched by the fault
+    assert isinstance(fin, Finished) and text == text_of(reference([1, 2], 60))
+    after = seq([4], 3)
+    sch.submit(after)
+    text, fin = await drain(after)
+    assert isinstance(fin, Finished) and text == text_of(reference([4], 3))
+    snap = sch.generation_snapshot
+    await until(lambda: snap()["running"] == 0 and snap()["kv_cache_bytes"] == 0)
+    await sch.close()
+
+
 async def test_a_hung_engine_ends_running_admitted_and_waiting_sequences(
     executor: ThreadPoolExecutor,
 ) -> None:

@@ -19,7 +19,8 @@ edits are ``appliance.llm.kv``: on the host or on the device, the same code.
 
 The driver loop is supervised: an exception anywhere in a step fails every sequence the step
 held with an event, is logged and counted (``appliance_worker_failures_total``), and the loop is
-restarted; a call that times out fails the sequences it held.
+restarted; a call that times out fails the sequences it held. A delivery of tokens that raises
+(a callback, outside the driver) fails the sequences it carried, and is logged and counted alike.
 
 Admission has the serving core batcher's semantics and exceptions (``appliance.batcher``):
 priority levels 1..N with a bounded queue per level (``QueueFull``), a deadline while waiting
@@ -890,6 +891,23 @@ class Scheduler(EarlyAdmission):
         self._counts["failed"] += 1
         seq.events.put_nowait(Failed(error))
 
+    def _hand_over(self, batch: list[tuple[Seq, Event]]) -> None:
+        """On the loop, from the worker: ``_deliver``, supervised. A callback's exception would go
+        to the loop's exception handler, outside the driver's supervision: the sequences whose
+        events were lost waited for their deadline (a 503 after a minute), or answered 200 with a
+        token missing. Instead they fail now, the fault is logged and counted as the scheduler's,
+        and the other sequences go on (the worker drops the failed rows at the next step)."""
+        try:
+            self._deliver(batch)
+        except Exception as exc:
+            log.exception("model %s: delivering %d events failed", self.name, len(batch))
+            if self.metrics is not None:
+                self.metrics.worker_failures.labels(f"scheduler:{self.name}").inc()
+            err = EngineError(f"scheduler error: {type(exc).__name__}: {exc}")
+            for seq in dict.fromkeys(seq for seq, _ in batch):  # once each, in order
+                self._fail(seq, err)  # a sequence that got its terminal event keeps it
+            self._wake.set()
+
     def _deliver(self, batch: list[tuple[Seq, Event]]) -> None:
         """On the loop: hand events to their requests and account finished sequences."""
         now = time.monotonic()
@@ -968,12 +986,12 @@ class Scheduler(EarlyAdmission):
             except Exception as exc:
                 err = _engine_error(exc)
                 log.error("model %s: decode of %d rows failed: %s", self.name, len(rows), err)
-                loop.call_soon_threadsafe(self._deliver, _failures(rows, err))
+                loop.call_soon_threadsafe(self._hand_over, _failures(rows, err))
                 return None, []
             events: list[tuple[Seq, Event]] = []
             for row, seq in enumerate(rows):
                 events.extend(self._advance(seq, logits[row]))
-            loop.call_soon_threadsafe(self._deliver, events)  # each token streams as it is made
+            loop.call_soon_threadsafe(self._hand_over, events)  # each token streams as it is made
             now = time.monotonic()
             elapsed = now - started
             if elapsed > 0:
@@ -1082,7 +1100,7 @@ class Scheduler(EarlyAdmission):
                 if not seq.cancelled:
                     self._remember(seq, kv)
                     # Its first token goes out now, not after the other rows of this call.
-                    loop.call_soon_threadsafe(self._deliver, self._first_token(seq, logits[0]))
+                    loop.call_soon_threadsafe(self._hand_over, self._first_token(seq, logits[0]))
                     done.append(([seq], kv))
         if computed and not failed:
             rate = computed / max(time.perf_counter() - started, 1e-6)
@@ -1090,7 +1108,7 @@ class Scheduler(EarlyAdmission):
             self._prefill_rate = rate if old is None else old + _EWMA_ALPHA * (rate - old)
         if cache is not None:
             cache.shrink(allowance)
-        loop.call_soon_threadsafe(self._deliver, events)
+        loop.call_soon_threadsafe(self._hand_over, events)
         # Everything not finished here stays admitted: part-way through its context, or not
         # reached by this step's budget (it keeps its reservation and goes first next step).
         ended = {id(s) for seqs, _ in done for s in seqs} | {id(s) for s in failed}
@@ -1109,7 +1127,7 @@ class Scheduler(EarlyAdmission):
     def _prefill_failed(self, loop: asyncio.AbstractEventLoop, seqs: list[Seq], exc: Exception) -> None:
         err = _engine_error(exc)
         log.error("model %s: prefill of %d sequences failed: %s", self.name, len(seqs), err)
-        loop.call_soon_threadsafe(self._deliver, _failures(seqs, err))
+        loop.call_soon_threadsafe(self._hand_over, _failures(seqs, err))
 
     def _first_token(self, seq: Seq, logits: np.ndarray) -> list[tuple[Seq, Event]]:
         if self.metrics is not None and not seq.preemptions:
