@@ -48,6 +48,8 @@ from typing import Any
 
 import sqlite_utils
 
+from appliance.timeouts import within
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2  # 2: a checksum per value
@@ -59,6 +61,11 @@ _SWEEP_EVERY_S = 60.0
 _WAL_MAGIC = (0x377F0682, 0x377F0683)
 CLOSE_TIMEOUT_S = 5.0
 BUSY_TIMEOUT_S = 5.0  # how long a connection waits for another one's lock before SQLITE_BUSY
+# How long purge(), expire() and flush() wait for the writer: a wedged disk (or a writer stuck
+# in a batch) held POST /admin/cache/purge open forever while /readyz said 200.
+REQUEST_TIMEOUT_S = 10.0
+# The writer completes a loop at least every _IDLE_TICK_S, even idle; silent this long, it is stuck.
+STALL_S = 30.0
 _BUSY_CODES = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (primary codes; extended ones carry them in the low byte)
 _BUSY_MESSAGES = ("database is locked", "database table is locked")  # their sqlite3_errstr() texts
 
@@ -153,6 +160,7 @@ class ResponseCache:
         self._entries = 0
         self._bytes = 0
         self._writer: threading.Thread | None = None
+        self._beat = time.monotonic()  # when the writer last completed a loop (stats: a stall)
         self._current: list[_Op] = []
         self._wconn: sqlite3.Connection | None = None
         self._readers: ThreadPoolExecutor | None = None
@@ -179,6 +187,7 @@ class ResponseCache:
         self._start_writer()
 
     def _start_writer(self) -> None:
+        self._beat = time.monotonic()
         self._writer = threading.Thread(target=self._writer_main, name="cache-writer", daemon=True)
         self._writer.start()
 
@@ -411,11 +420,24 @@ class ResponseCache:
         return int(await self._request("expire"))
 
     async def _request(self, kind: str, model: str | None = None) -> Any:
+        """The writer's answer to ``kind``. Raises ``asyncio.TimeoutError`` when it has not come
+        within ``REQUEST_TIMEOUT_S`` (a stuck writer); the request stays queued and is carried
+        out if the writer gets going again."""
         if not self.enabled or self._writer is None or not self._writer.is_alive():
             return _FAILED[kind]
         future: Future[Any] = Future()
         self._queue.put(_Op(kind, future, model=model))
-        return await asyncio.wrap_future(future)
+        try:
+            return await within(asyncio.wrap_future(future), REQUEST_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.warning(
+                "response cache %s: the writer has not answered a %s in %g s (last progress %.0f s ago)",
+                self.path,
+                kind,
+                REQUEST_TIMEOUT_S,
+                time.monotonic() - self._beat,
+            )
+            raise
 
     def _enqueue(self, op: _Op) -> bool:
         if not self.enabled or self._writer is None or not self._writer.is_alive():
@@ -464,6 +486,7 @@ class ResponseCache:
                         results.append(_FAILED[late.kind])
             for op, result in zip(batch, results, strict=True):
                 _resolve(op.future, result)
+            self._beat = time.monotonic()
             if stopping:
                 return
 
@@ -619,7 +642,11 @@ class ResponseCache:
                 log.exception("response cache event hook failed")
 
     def stats(self) -> dict[str, Any]:
-        """Counters for metrics. ``hits`` are fresh hits; ``stale_hits`` are counted apart."""
+        """Counters for metrics. ``hits`` are fresh hits; ``stale_hits`` are counted apart.
+        ``writer_stalled``: the writer thread is alive but has not completed a loop in
+        ``STALL_S`` (a wedged disk): puts pile up until dropped, purges time out."""
+        silent = time.monotonic() - self._beat
+        alive = self._writer is not None and self._writer.is_alive()
         with self._lock:
             c = self._counts
             return {
@@ -638,6 +665,8 @@ class ResponseCache:
                 "write_errors": c["write_errors"],
                 "read_errors": c["read_errors"],
                 "pending_bytes": self._pending_bytes,
+                "writer_silent_s": round(silent, 1),
+                "writer_stalled": self.enabled and alive and silent > STALL_S,
             }
 
 

@@ -36,7 +36,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from appliance import logs
 
     logs.setup(cfg.server.log_level, cfg.server.log_format)
-    run(cfg)
+    try:
+        run(cfg)
+    finally:
+        logs.shutdown()  # the last lines (the drain's) are still queued for the writer thread
     return 0
 
 

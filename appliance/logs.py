@@ -1,10 +1,22 @@
-"""Structured logs: one JSON object per line on stdout, for journald and log shippers."""
+"""Structured logs: one JSON object per line on stdout, for journald and log shippers.
+
+Records are formatted where they are logged (often on the event loop) but written to stdout by
+one thread: a stdout nobody reads (a stuck journald, ``appliance serve | less`` left paused)
+blocks that thread, not the loop. Its queue is bounded; past it records are dropped and counted
+(``appliance_log_records_dropped_total``), and one line says how many once writing resumes.
+"""
 
 from __future__ import annotations
 
+import copy
 import logging
+import logging.handlers
+import queue
 import sys
+import threading
 import time
+import traceback
+from typing import TextIO
 
 import orjson
 from aiohttp.http_exceptions import HttpProcessingError
@@ -84,12 +96,112 @@ def quiet_malformed_requests() -> None:
         server.addFilter(MalformedRequests())
 
 
+# Records waiting for the writer thread: a few seconds of a busy server's access lines, a few MB.
+QUEUE_RECORDS = 10_000
+STOP_TIMEOUT_S = 2.0  # shutdown waits this long for queued lines to reach a stdout that may be stuck
+
+_drops_lock = threading.Lock()
+_dropped_total = 0  # read by telemetry (appliance_log_records_dropped_total) through dropped()
+_listener: _Listener | None = None
+
+
+def dropped() -> int:
+    """Log records dropped so far because the writer thread's queue was full (a stuck stdout)."""
+    return _dropped_total
+
+
+class _Queued(logging.handlers.QueueHandler):
+    """Formats on the logging thread (its args may change, its traceback is live) and hands the
+    finished line to the writer thread; never blocks: a full queue drops the record, counts it,
+    and the next record that fits is preceded by one line saying how many were dropped."""
+
+    def __init__(self, q: queue.Queue[logging.LogRecord | None]) -> None:
+        super().__init__(q)
+        self._unreported = 0  # guarded by the handler's lock (Handler.handle holds it around emit)
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        line = self.format(record)
+        done = copy.copy(record)
+        done.msg, done.args = line, None
+        done.exc_info = done.exc_text = done.stack_info = None
+        return done
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        global _dropped_total
+        try:
+            if self._unreported:
+                notice = logging.LogRecord(
+                    __name__,
+                    logging.WARNING,
+                    __file__,
+                    0,
+                    "%d log records dropped: stdout was not being read",
+                    (self._unreported,),
+                    None,
+                )
+                notice.fields = {"dropped": self._unreported}
+                self.queue.put_nowait(self.prepare(notice))
+                self._unreported = 0
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self._unreported += 1
+            with _drops_lock:
+                _dropped_total += 1
+
+
+class _Listener(logging.handlers.QueueListener):
+    """The writer thread: writes each finished line to the stream. Not through a
+    ``logging.Handler``: at exit ``logging.shutdown()`` takes every handler's lock, and a write
+    stuck on an unread stdout holds it, so the process would hang there instead of exiting.
+
+    It practically cannot die: ``handle`` catches whatever a write raises (a closed or broken
+    pipe) and reports it as ``Handler.handleError`` does, so it is not supervised."""
+
+    def __init__(self, records: queue.Queue[logging.LogRecord | None], stream: TextIO) -> None:
+        super().__init__(records)
+        self._records = records
+        self._stream = stream
+
+    def handle(self, record: logging.LogRecord) -> None:
+        try:
+            self._stream.write(f"{record.msg}\n")
+            self._stream.flush()
+        except Exception:
+            if logging.raiseExceptions:
+                traceback.print_exc(file=sys.stderr)
+
+    def stop(self) -> None:
+        # QueueListener.stop() puts its sentinel with put_nowait (Full on a stuck stdout's full
+        # queue) and joins without a bound: a shutdown must not hang on an unread pipe.
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        try:
+            self._records.put(None, timeout=STOP_TIMEOUT_S)  # QueueListener's sentinel
+        except queue.Full:
+            return
+        thread.join(STOP_TIMEOUT_S)
+
+
+def shutdown() -> None:
+    """Write what is queued and stop the writer thread, waiting at most about ``2 * STOP_TIMEOUT_S``."""
+    global _listener
+    listener, _listener = _listener, None
+    if listener is not None:
+        listener.stop()
+
+
 def setup(level: str, fmt: str = "json") -> None:
-    handler = logging.StreamHandler(sys.stdout)
+    global _listener
+    shutdown()
+    records: queue.Queue[logging.LogRecord | None] = queue.Queue(QUEUE_RECORDS)
+    handler = _Queued(records)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    _listener = _Listener(records, sys.stdout)
+    _listener.start()
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
+from appliance import logs
+
 # Seconds; from sub-millisecond cache hits to minute-long generations.
 LATENCY_BUCKETS = (
     0.0005,
@@ -314,6 +316,7 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        r.register(LogDrops())
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, looked up once: labels() locks on every call, and the
@@ -323,6 +326,24 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+
+class LogDrops:
+    """``appliance_log_records_dropped_total``: read from appliance.logs at scrape time, since the
+    logging is the process's (set up once, before any server) and its count outlives a server."""
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def _family(self) -> Metric:
+        return CounterMetricFamily(
+            "appliance_log_records_dropped",
+            "Log records dropped because stdout was not read fast enough (its queue was full).",
+            value=logs.dropped(),
+        )
 
 
 class RequestMetrics:

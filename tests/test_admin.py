@@ -202,6 +202,61 @@ def test_model_breaker_and_cache_actions(served: Any) -> None:
     assert admin(srv, "POST", "/admin/cache/purge")[0] == 200
 
 
+def test_a_stuck_cache_writer_is_reported_and_a_purge_does_not_wait_on_it(
+    served: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a probe: with the cache writer stuck in a batch (a wedged disk), /readyz said 200,
+    worker_up said 1, and POST /admin/cache/purge never answered. The purge now answers 503 with
+    Retry-After once the writer has not answered in cache.REQUEST_TIMEOUT_S, and the stats say
+    the writer is stalled once it has completed no loop in cache.STALL_S (both cut here)."""
+    import threading
+
+    from appliance import cache as cache_module
+    from appliance.api.common import RESILIENCE
+
+    start, _ = served
+    srv = start()
+    rc = srv.app[RESILIENCE].cache
+    assert rc is not None
+    assert admin(srv, "GET", "/admin/stats")[1]["cache"]["writer_stalled"] is False
+    monkeypatch.setattr(cache_module, "REQUEST_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(cache_module, "STALL_S", 1.0)
+    gate = threading.Event()
+    original = rc._apply
+
+    def stuck(batch: Any, sweep: bool) -> Any:  # test-only hook: a write that does not return
+        if batch:
+            gate.wait(30)
+        return original(batch, sweep)
+
+    monkeypatch.setattr(rc, "_apply", stuck)
+    try:
+        srv.post("/v1/embeddings", {"model": MODEL, "input": "the put that gets stuck"})
+        assert srv.server is not None
+        req = urllib.request.Request(
+            srv.admin_url + "/admin/cache/purge",
+            data=b"{}",
+            method="POST",
+            headers={"Authorization": f"Bearer {srv.server.admin_token}", "Content-Type": "application/json"},
+        )
+        started = time.monotonic()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=10)
+        assert time.monotonic() - started < 5
+        assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "1"
+        error = json.loads(refused.value.read())["error"]
+        assert error["type"] == "service_unavailable" and "writer has not answered" in error["message"]
+        time.sleep(1.2)
+        stats = admin(srv, "GET", "/admin/stats")[1]["cache"]
+        assert stats["writer_stalled"] is True and stats["writer_silent_s"] > 1.0, stats
+    finally:
+        gate.set()
+    deadline = time.monotonic() + 5
+    while admin(srv, "GET", "/admin/stats")[1]["cache"]["writer_stalled"]:
+        assert time.monotonic() < deadline, "the stall is reported after the writer moved on"
+        time.sleep(0.1)
+
+
 def test_unix_socket_needs_no_token(served: Any) -> None:
     start, _ = served
     srv = start()

@@ -10,10 +10,17 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
+import subprocess
 import sys
+import textwrap
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 from appliance.logs import JsonFormatter
+from tests.conftest import ROOT
 
 TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -68,3 +75,99 @@ def test_a_string_utf8_cannot_hold_is_escaped_and_the_line_still_written() -> No
     doc = json.loads(fmt.format(rec))
     assert doc["msg"] == "GET /v1/\\udcff 404" and doc["request_id"] == "a\\udcfeb"
     assert doc["status"] == 404 and doc["model"] == "-" and doc["level"] == "info"
+
+
+# A real server whose stdout is a pipe: logs.setup() as `appliance serve` does, no models (the
+# loop and its logging are what is tested), and 10,000 lines logged on the event loop. The queue
+# is cut to 1,000 records so that it fills within those lines.
+UNREAD_STDOUT_SERVER = textwrap.dedent(
+    """
+    import asyncio, logging, sys
+    from appliance import logs
+    from appliance.config import parse
+    from appliance.server import Server
+
+    logs.QUEUE_RECORDS = 1_000
+    logs.setup("info", "json")
+
+    async def main() -> None:
+        cfg = parse(
+            {"model_repository": sys.argv[1], "data_dir": sys.argv[2],
+             "server": {"host": "127.0.0.1", "port": int(sys.argv[3])}, "admin": {"port": -1}},
+            None,
+            env={},
+        )
+        server = Server(cfg, env={})
+        await server.start()
+        for i in range(10_000):
+            logging.getLogger("appliance.test").info("line %d", i)
+        sys.stderr.write("LOGGED\\n")
+        sys.stderr.flush()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_a_stdout_nobody_reads_never_blocks_the_event_loop(tmp_path: Path) -> None:
+    """journald stuck, or `appliance serve | less` left paused: a write to a full stdout pipe
+    blocks. It blocked the event loop (the handler wrote on it), and after ~280 requests every
+    request and /healthz timed out, with nothing saying why. Now lines are written by a thread
+    from a bounded queue: the loop goes on, the records that do not fit are dropped and counted,
+    and one line says how many once stdout is read again."""
+    (tmp_path / "engines").mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            UNREAD_STDOUT_SERVER,
+            str(tmp_path / "engines"),
+            str(tmp_path / "data"),
+            str(port),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        logged = threading.Event()
+        threading.Thread(
+            target=lambda: any(b"LOGGED" in line and not logged.set() for line in proc.stderr or ()),
+            daemon=True,
+        ).start()
+        assert logged.wait(30), "the loop blocked on stdout while logging"
+        started = time.monotonic()
+        with urllib.request.urlopen(f"{url}/healthz", timeout=1) as resp:
+            assert resp.status == 200
+        assert time.monotonic() - started < 1.0
+        with urllib.request.urlopen(f"{url}/metrics", timeout=1) as resp:
+            text = resp.read().decode()
+        dropped = [
+            line for line in text.splitlines() if line.startswith("appliance_log_records_dropped_total ")
+        ]
+        assert dropped and float(dropped[0].split()[1]) > 0, dropped
+
+        # Read stdout again: the queued lines come out, then, before the next record, one line
+        # saying how many were dropped.
+        lines: list[str] = []
+        threading.Thread(
+            target=lambda: lines.extend(line.decode() for line in proc.stdout or ()), daemon=True
+        ).start()
+        deadline = time.monotonic() + 30
+        notices: list[dict[str, object]] = []
+        while not notices and time.monotonic() < deadline:
+            urllib.request.urlopen(f"{url}/v1/models", timeout=5).close()  # an access line to write
+            time.sleep(0.2)
+            notices = [json.loads(line) for line in list(lines) if "log records dropped" in line]
+        assert notices, lines[-3:]
+        assert notices[0]["level"] == "warning"
+        assert isinstance(notices[0]["dropped"], int) and notices[0]["dropped"] > 0
+        assert notices[0]["msg"] == f"{notices[0]['dropped']} log records dropped: stdout was not being read"
+    finally:
+        proc.kill()
+        proc.wait()

@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from appliance import __version__, settings
+from appliance import __version__, cache, settings
 from appliance.api.common import (
     ACTIONS,
     CONFIG,
@@ -27,9 +27,10 @@ from appliance.api.common import (
     ROLLING,
     STARTED,
     read_json,
+    retry_after,
 )
 from appliance.config import ConfigError, changed_sections, save_settings
-from appliance.errors import ApplianceError, Conflict, InvalidRequest, ModelNotFound
+from appliance.errors import ApplianceError, Conflict, InvalidRequest, ModelNotFound, Unavailable
 from appliance.models import ModelState, validate_model_settings
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ async def admin_guard(request: web.Request, handler: Handler) -> web.StreamRespo
         if exc.problems:
             error["problems"] = exc.problems
         body = {"error": error}
-        return web.json_response(body, status=exc.status)
+        return web.json_response(body, status=exc.status, headers=retry_after(exc.retry_after_s))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -354,7 +355,15 @@ async def cache_purge(request: web.Request) -> web.Response:
     fn = _data(request)[ACTIONS].get("cache:purge")
     if fn is None:
         raise InvalidRequest("the response cache is not enabled")
-    return web.json_response({"purged": await fn(model)})
+    try:
+        purged = await fn(model)
+    except asyncio.TimeoutError:
+        raise Unavailable(
+            f"the response cache's writer has not answered in {cache.REQUEST_TIMEOUT_S:g} s (see "
+            "cache.writer_stalled in /admin/stats); the purge stays queued and runs if it recovers",
+            retry_after_s=cache.REQUEST_TIMEOUT_S,
+        ) from None
+    return web.json_response({"purged": purged})
 
 
 def create_admin_app(data_app: web.Application) -> web.Application:
