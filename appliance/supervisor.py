@@ -6,7 +6,9 @@ exception its stack is logged once, ``appliance_worker_failures_total{worker}`` 
 started again after a short backoff. Threads (the response cache's writer, the GPU sampler) register
 an ``alive`` check, a ``restart`` action and optionally an ``error`` reader (the exception that
 ended the thread, logged here with its stack); a monitor task polls them and restarts a dead one
-after the same backoff.
+after the same backoff. A task that must not run twice (the model loads at start-up, the READY
+announcement, the systemd watchdog's pings) goes through :meth:`Supervisor.once`: its failure is
+logged with its stack and counted, never silent.
 
 Workers are critical or optional. While a critical worker is down, ``/readyz`` answers 503 naming
 it; one that cannot be restarted (``restart`` raised, or it died ``MAX_RESTARTS`` times in a minute)
@@ -91,6 +93,21 @@ class Supervisor:
         worker = self._workers.setdefault(name, _Worker(name, critical=critical))
         self.metrics.child(self.metrics.worker_up, name).set(1)
         self._tasks[name] = asyncio.get_running_loop().create_task(self._keep(worker, factory), name=name)
+
+    def once(self, name: str, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``coro`` once (a start-up step that must not run twice): not restarted, but an
+        exception is logged with its stack and counted in ``appliance_worker_failures_total``
+        rather than kept, unread, on a task nobody awaits until shutdown."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+
+        def done(t: asyncio.Task[None]) -> None:
+            if t.cancelled() or t.exception() is None:
+                return
+            self.metrics.child(self.metrics.worker_failures, name).inc()
+            log.error("start-up task %s failed", name, exc_info=t.exception())
+
+        task.add_done_callback(done)
+        return task
 
     async def close(self) -> None:
         self._closing = True

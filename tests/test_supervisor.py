@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from appliance import supervisor
+from appliance import server, supervisor
 from appliance.api.common import RESILIENCE, SUPERVISOR
 from appliance.sdnotify import ProgressWatchdog
 from appliance.supervisor import Supervisor
@@ -226,3 +226,27 @@ def test_a_cache_writer_that_keeps_dying_switches_the_cache_off_and_the_node_sta
     assert metric(srv, 'appliance_worker_failures_total{worker="cache-writer"}') == 5
     assert srv.post("/v1/embeddings", {"model": MODEL, "input": "after the cache"})[0] == 200
     assert srv.get("/healthz?deep=1")[0] == 200 and srv.get("/readyz")[0] == 200
+
+
+def test_a_watchdog_loop_that_raises_is_logged_and_counted(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    start_server: Callable[..., ServerThread],
+    minilm_folder: Path,
+) -> None:
+    """The task that pings systemd's watchdog runs through the supervisor: one that raised used to
+    end silently (the pings stopped, and systemd killed the process with nothing in the log)."""
+    ended = threading.Event()
+
+    async def watchdog_loop(notifier: Any, progress: Any) -> None:
+        ended.set()
+        raise OSError("injected: the notify socket went away")
+
+    monkeypatch.setattr(server, "watchdog_loop", watchdog_loop)
+    with caplog.at_level(logging.ERROR, "appliance.supervisor"):
+        srv = start_server({MODEL: minilm_folder})
+        assert ended.wait(10)
+        assert metric(srv, 'appliance_worker_failures_total{worker="watchdog"}') == 1
+    record = next(r for r in caplog.records if r.getMessage() == "start-up task watchdog failed")
+    assert record.levelno == logging.ERROR
+    assert record.exc_info is not None and "notify socket" in str(record.exc_info[1])

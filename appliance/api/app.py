@@ -356,7 +356,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
 
     resilience.on_engine_sick = engine_sick
     mgr.rescan()
-    loading = asyncio.create_task(mgr.start())
+    loading = supervisor.once("model-load", mgr.start())
     yield
     resilience.on_engine_sick = None
     for task in restarts:
