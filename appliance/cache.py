@@ -617,6 +617,10 @@ class ResponseCache:
         )
         self._emit("disabled", 1)
 
+    def switch_off(self, why: str) -> None:
+        """Serve without the cache from now on: its writer could not be kept running."""
+        self._fail("write", RuntimeError(why))
+
     def _write_busy(self, exc: BaseException) -> None:
         """Another process held the file's lock for ``BUSY_TIMEOUT_S``: this batch is lost (a
         miss later, as a dropped put is), the cache stays on. One warning per spell."""

@@ -97,8 +97,13 @@ class Server:
             self.port,
             " and ".join(admin_on) or 'nothing (admin.port -1 and admin.socket "": disabled)',
         )
-        self._tasks.append(asyncio.create_task(self._announce_ready()))
-        self._tasks.append(asyncio.create_task(watchdog_loop(self.notifier, self.app[MANAGER].progress)))
+        # Through the supervisor: one that raised used to end silently, and a dead watchdog loop
+        # meant systemd killing the process with nothing in the log.
+        supervisor = self.app[SUPERVISOR]
+        self._tasks.append(supervisor.once("announce-ready", self._announce_ready()))
+        self._tasks.append(
+            supervisor.once("watchdog", watchdog_loop(self.notifier, self.app[MANAGER].progress))
+        )
 
     def _tls(self) -> ssl.SSLContext | None:
         tls = self.cfg.file.tls

@@ -16,7 +16,11 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import types
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +241,104 @@ def test_sampler_readings_and_prometheus_gauges(monkeypatch: pytest.MonkeyPatch)
     assert 'appliance_gpu_process_memory_bytes{gpu="0"} 1.073741824e+09' in text
     assert 'appliance_gpu_power_watts{gpu="0"} 123.456' in text
     assert 'appliance_gpu_temperature_celsius{gpu="0"}' not in text  # unsupported: no sample, not 0
+
+
+class BlockingNvml(FakeNvml):
+    """pynvml with NVML's contract enforced (device calls only between ``nvmlInit`` and
+    ``nvmlShutdown``, on handles it gave out) whose utilisation call can be made to hang, as one
+    does when the driver wedges or the GPU falls off the bus."""
+
+    class NVMLError_Uninitialized(FakeNvml.NVMLError):  # pynvml's name
+        pass
+
+    def __init__(self) -> None:
+        base = fake_pynvml()
+        super().__init__(**vars(base))
+        self.inits = 0
+        self.hang = threading.Event()  # set: the next utilisation call blocks until released
+        self.release = threading.Event()
+        self.blocked = threading.Event()  # a call is blocked now
+
+        def checked(fn: Any, takes_handle: bool = True) -> Any:
+            def call(*args: Any) -> Any:
+                if self.inits <= 0:
+                    raise BlockingNvml.NVMLError_Uninitialized("Uninitialized")
+                if takes_handle and args[0] != "h0":
+                    raise FakeNvml.NVMLError("Invalid Argument")
+                return fn(*args)
+
+            return call
+
+        def utilization(h: Any) -> Any:
+            if self.hang.is_set():
+                self.blocked.set()
+                self.release.wait()
+            return base.nvmlDeviceGetUtilizationRates(h)
+
+        def init() -> None:
+            self.inits += 1
+
+        def shutdown() -> None:
+            if self.inits <= 0:
+                raise BlockingNvml.NVMLError_Uninitialized("Uninitialized")
+            self.inits -= 1
+
+        self.nvmlInit = init
+        self.nvmlShutdown = shutdown
+        for name in list(vars(base)):
+            if name.startswith(("nvmlDevice", "nvmlSystem")):
+                by_handle = name not in ("nvmlDeviceGetCount", "nvmlDeviceGetHandleByIndex")
+                setattr(self, name, checked(getattr(self, name), name.startswith("nvmlDevice") and by_handle))
+        self.nvmlDeviceGetUtilizationRates = checked(utilization)
+
+
+def test_a_hung_nvml_call_leaves_scrapes_and_health_answering(
+    monkeypatch: pytest.MonkeyPatch, start_server: Any, minilm_folder: Path
+) -> None:
+    """NVML is only ever waited on by the sampling thread: with a call hung, /metrics and /healthz
+    (the loop) still answer at once; the sampler counts as down (``worker_up`` 0, its readings
+    withheld as stale in /admin/stats) without making the node unready; when the call returns it
+    is up again. The scrape used to wait on the lock the hung sample held, and froze the loop."""
+    fake = BlockingNvml()
+    monkeypatch.setattr(nvml, "_nvml", fake)
+    srv = start_server(
+        {"all-minilm-l6-v2": minilm_folder}, config={"defaults": {"gpu": {"sample_interval_s": 0.2}}}
+    )
+    up = 'appliance_worker_up{worker="gpu-sampler"}'
+
+    def get(url: str) -> tuple[int, str, float]:
+        t0 = time.monotonic()
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {srv.server.admin_token}"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, r.read().decode(), time.monotonic() - t0
+
+    def wait_for(what: Callable[[], bool], why: str) -> None:
+        deadline = time.monotonic() + 10
+        while not what():
+            assert time.monotonic() < deadline, why
+            time.sleep(0.05)
+
+    assert 'appliance_gpu_utilization_ratio{gpu="0"} 0.37' in get(srv.url + "/metrics")[1]
+    fake.hang.set()
+    try:
+        assert fake.blocked.wait(5)
+        for _ in range(3):
+            for path in ("/metrics", "/healthz"):
+                status, _, took = get(srv.url + path)
+                assert status == 200 and took < 1.0, (path, took)
+        wait_for(lambda: f"{up} 0.0" in get(srv.url + "/metrics")[1], "the stall never showed")
+        metrics = get(srv.url + "/metrics")[1]
+        assert "appliance_gpu_utilization_ratio{" not in metrics  # stale readings are not exported
+        gpu = json.loads(get(srv.admin_url + "/admin/stats")[1])["gpu"]
+        assert gpu["stale"] is True and gpu["reason"] == "the sampling thread stuck in an NVML call"
+        assert gpu["gpus"] == [] and gpu["sample_age_s"] >= 1.0
+        status, body = srv.get("/readyz")
+        assert status == 200 and body["workers_down"] == []  # telemetry is optional
+    finally:
+        fake.hang.clear()
+        fake.release.set()
+    wait_for(lambda: f"{up} 1.0" in get(srv.url + "/metrics")[1], "the sampler never came back")
+    assert 'appliance_gpu_utilization_ratio{gpu="0"} 0.37' in get(srv.url + "/metrics")[1]
 
 
 # --- gpu-check -----------------------------------------------------------------------------------

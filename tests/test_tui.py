@@ -486,10 +486,16 @@ async def test_health_panels_show_the_servers_loop_compute_workers_and_refusals(
 
         srv.call(break_the_writer)
         await embed(srv, 1)  # a new answer to write: the writer takes it and dies
-        await wait_until(pilot, lambda: "workers down" in status_text(app), "the dead worker on top")
+        # Down first, then (its restart refused after the backoff) given up.
+        await wait_until(pilot, lambda: "(given up)" in status_text(app), "the dead worker on top")
         assert "workers down: cache-writer (given up)" in status_text(app)
         assert "✖ cache-writer given up" in panel_text(app, "workers")
-        assert stats()["workers"]["cache-writer"] == {"up": False, "given_up": True, "recent_failures": 1}
+        assert stats()["workers"]["cache-writer"] == {
+            "up": False,
+            "given_up": True,
+            "recent_failures": 1,
+            "critical": False,
+        }
 
 
 def test_health_views_read_what_the_server_sends() -> None:

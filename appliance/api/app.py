@@ -330,14 +330,24 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     supervisor = app[SUPERVISOR]
     await resilience.open_cache(cfg.data_dir / "cache.db", cfg.tunables_for("", {}))
     cache = resilience.cache
+    # The cache, the GPU telemetry and the loop-lag probe are optional: requests are served
+    # without them, so their failures never fail /readyz or stop the watchdog's pings.
     if cache is not None:
-        supervisor.watch("cache-writer", cache.writer_alive, cache.restart_writer)
+        supervisor.watch(
+            "cache-writer",
+            cache.writer_alive,
+            cache.restart_writer,
+            critical=False,
+            on_give_up=lambda: cache.switch_off("its writer thread kept dying"),
+        )
     sampler = app[GPU]
     sampler.start()
-    supervisor.watch("gpu-sampler", sampler.alive, sampler.restart)
+    supervisor.watch(
+        "gpu-sampler", sampler.alive, sampler.restart, critical=False, error=lambda: sampler.error
+    )
     lag = LoopLag(app[METRICS])
     app[EXTRA_STATS]["loop"] = lag.snapshot
-    supervisor.task("loop-lag", lag.run)
+    supervisor.task("loop-lag", lag.run, critical=False)
     mgr.supervisor = supervisor
     loop = asyncio.get_running_loop()
     restarts: set[asyncio.Task[None]] = set()
@@ -353,7 +363,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
 
     resilience.on_engine_sick = engine_sick
     mgr.rescan()
-    loading = asyncio.create_task(mgr.start())
+    loading = supervisor.once("model-load", mgr.start())
     yield
     resilience.on_engine_sick = None
     for task in restarts:

@@ -4,6 +4,11 @@ NVML is read in a background thread every few seconds rather than per request or
 calls cost milliseconds and the numbers are device-wide anyway. Without the library, the driver or
 permission, the sampler reports ``{"available": False, "reason": ...}``, logs that once at INFO and
 never raises. A metric a GPU does not support (Jetson, some SKUs) reads as ``None``.
+
+An NVML call can hang (a wedged driver, a GPU falling off the bus): only the sampling thread ever
+waits on one. Readers (``snapshot``, on the event loop for every scrape) take a lock held just to
+swap the last sample, and a thread whose last sample is older than ``STALL_INTERVALS`` intervals
+counts as not alive, so the supervisor reports it (``appliance_worker_up{worker="gpu-sampler"}`` 0).
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+STALL_INTERVALS = 3  # a sample this many intervals overdue means the thread is stuck in NVML
+STALL_MIN_S = 1.0  # but never less: a busy host delays a short timer by more than 3 x 10 ms
 
 try:
     import pynvml as _nvml
@@ -32,7 +40,10 @@ class GpuSampler:
     def __init__(self, interval_s: float = 5.0, *, pid: int | None = None) -> None:
         self.interval_s = interval_s
         self.pid = os.getpid() if pid is None else pid
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _last and _beat only: never held across an NVML call
+        self._nvml_lock = threading.Lock()  # one NVML session: init, readings, shutdown
+        self._beat = time.monotonic()  # when the sampling thread last finished a sample
+        self.error: BaseException | None = None  # what ended the sampling thread, for the supervisor
         self._handles: list[Any] | None = None
         self._reason: str | None = None
         self._static: list[dict[str, Any]] = []
@@ -77,56 +88,103 @@ class GpuSampler:
         if self._handles is None:
             return  # nothing to sample, so no thread either
         self._stop.clear()
+        self._start_thread()
+
+    def _start_thread(self) -> None:
+        self.error = None
+        with self._lock:
+            self._beat = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="gpu-sampler", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=max(1.0, self.interval_s))
-            self._thread = None
-        with self._lock:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=max(1.0, self.interval_s))
+            if thread.is_alive():
+                # Stuck in an NVML call: a shutdown would wait behind it. The process is ending.
+                log.warning("GPU sampler is stuck in an NVML call; leaving NVML as it is")
+                return
+        with self._nvml_lock:
             if self._handles is not None and _nvml is not None:
                 _safe(_nvml.nvmlShutdown)  # nvmlInit is refcounted: pair it
                 self._handles = None
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.sample()
+        try:
+            while not self._stop.wait(self.interval_s):
+                self.sample()
+        except Exception as exc:
+            # Kept for the supervisor, which logs it with its stack and restarts the thread.
+            self.error = exc
+
+    def stalled(self) -> bool:
+        """True while the sampling thread runs but has not finished a sample for
+        ``STALL_INTERVALS`` intervals (stuck in an NVML call)."""
+        thread = self._thread
+        if thread is None or not thread.is_alive() or self._stop.is_set():
+            return False
+        with self._lock:
+            age = time.monotonic() - self._beat
+        return age > max(STALL_INTERVALS * self.interval_s, STALL_MIN_S)
 
     def alive(self) -> bool:
-        """False when the sampling thread died (the supervisor restarts it)."""
-        return self._thread is None or self._thread.is_alive() or self._stop.is_set()
+        """False when the sampling thread died (the supervisor restarts it) or is stalled."""
+        thread = self._thread
+        if thread is None or self._stop.is_set():
+            return True
+        return thread.is_alive() and not self.stalled()
 
-    def restart(self) -> None:
+    def restart(self) -> bool:
+        """Replaces a dead thread; False when there is none to replace. A stalled one cannot be
+        interrupted, and a second thread would wait behind it for the same NVML session."""
         if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
-            self._thread = threading.Thread(target=self._loop, name="gpu-sampler", daemon=True)
-            self._thread.start()
+            self._start_thread()
+            return True
+        return False
 
     # -- readings --
 
     @property
     def available(self) -> bool:
-        with self._lock:
+        with self._nvml_lock:
             return self._init()
 
     def sample(self) -> dict[str, Any]:
-        """Read every GPU now, store the result for ``snapshot`` and return it."""
-        with self._lock:
+        """Read every GPU now (blocking on NVML), store the result for ``snapshot`` and return it."""
+        with self._nvml_lock:
             if not self._init():
                 snap: dict[str, Any] = {"available": False, "reason": self._reason}
             else:
                 assert self._handles is not None
                 gpus = [self._read(h, dict(s)) for h, s in zip(self._handles, self._static, strict=True)]
                 snap = {"available": True, "driver_version": self._driver, "time": time.time(), "gpus": gpus}
+        with self._lock:
             self._last = snap
-            return snap
+            self._beat = time.monotonic()
+        return snap
 
     def snapshot(self) -> dict[str, Any]:
-        """The latest sample (taken now if none was yet); never raises."""
+        """The latest sample; never calls NVML (it runs on the event loop) and never raises.
+
+        While the thread is stalled or dead the readings are withheld (``stale``, why, and the
+        last sample's age instead): numbers minutes old must not pass for the GPU's state now."""
         with self._lock:
-            last = self._last
-        return last if last is not None else self.sample()
+            last, age = self._last, time.monotonic() - self._beat
+        if last is None:
+            return {"available": False, "reason": "not sampled yet (the sampler was not started)"}
+        if not self.alive():
+            why = "stuck in an NVML call" if self.stalled() else "died"
+            return {
+                "available": last["available"],
+                "driver_version": last.get("driver_version"),
+                "stale": True,
+                "reason": f"the sampling thread {why}",
+                "sample_age_s": round(age, 1),
+                "gpus": [],
+            }
+        return last
 
     def _read(self, h: Any, gpu: dict[str, Any]) -> dict[str, Any]:
         assert _nvml is not None
