@@ -216,3 +216,6 @@ def setup(level: str, fmt: str = "json") -> None:
     # aiohttp's own access log would duplicate ours, without the model and priority.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     quiet_malformed_requests()
+    # A Python warning (a library's RuntimeWarning or DeprecationWarning) went to stderr as raw
+    # text, outside the JSON lines a log shipper parses: it is a record of logger py.warnings.
+    logging.captureWarnings(True)

@@ -590,6 +590,35 @@ def test_stop_token_ids_end_the_answer_before_that_token(server: ServerThread, t
     assert resp["usage"]["completion_tokens"] == paris + 1  # the stop token was sampled, not shown
 
 
+def test_min_tokens_with_every_token_id_banned_is_refused(server: ServerThread, smollm_folder: Path) -> None:
+    """Found by fuzzing: before min_tokens the stop token ids and EOS are banned from sampling, and
+    a ban on the whole vocabulary answered 200 with tokens nobody could have asked for (greedy:
+    token 0 of all -inf; sampling: garbage). Now a 400 that says why."""
+    gen = json.loads((smollm_folder / "generation.json").read_text())
+    vocab, eos = gen["vocab"], set(gen["eos_ids"])
+    every = list(range(vocab))
+    but_eos = [i for i in every if i not in eos]
+    params = {"model": MODEL, "min_tokens": 3, "max_tokens": 5, "temperature": 0}
+    body = {**params, "messages": ask("x")}
+    for ids in (every, but_eos):  # the stop ids with EOS cover the vocabulary either way
+        status, resp, _ = server.post("/v1/chat/completions", {**body, "stop_token_ids": ids})
+        assert status == 400, resp
+        err = resp["error"]
+        assert err["param"] == "stop_token_ids" and "'min_tokens' (3)" in err["message"], err
+        status, resp, _ = server.post("/v1/completions", {**params, "prompt": "x", "stop_token_ids": ids})
+        assert status == 400 and resp["error"]["param"] == "stop_token_ids", resp
+    # EOS is not banned with ignore_eos, and without min_tokens nothing is: both can be sampled.
+    status, resp, _ = server.post(
+        "/v1/chat/completions", {**body, "stop_token_ids": but_eos, "ignore_eos": True}, NO_CACHE
+    )
+    assert status == 200 and resp["usage"]["completion_tokens"] >= 4, resp
+    status, resp, _ = server.post(
+        "/v1/chat/completions", {**body, "stop_token_ids": every, "min_tokens": 0}, NO_CACHE
+    )
+    assert status == 200, resp
+    assert resp["choices"][0]["finish_reason"] == "stop" and resp["usage"]["completion_tokens"] == 1
+
+
 def test_min_tokens_keeps_eos_from_ending_the_answer_early(server: ServerThread) -> None:
     plain = chat(server, FRANCE, max_tokens=20)
     n = plain["usage"]["completion_tokens"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import re
 import socket
 import time
 import zlib
@@ -416,6 +417,33 @@ def test_a_repeated_content_encoding_header_is_415(server: ServerThread) -> None
         message = json.loads(answer)["error"]["message"]
         assert message.startswith(f"Content-Encoding '{', '.join(lines)}' is not supported"), message
         assert "in one Content-Encoding header" in message
+
+
+def test_an_encoding_whose_decoder_is_not_installed_is_415_as_brotli_is(server: ServerThread) -> None:
+    """Found by fuzzing: aiohttp decodes zstd only with backports.zstd (or Python 3.14); without
+    it its parser refused the request as a 400 that told the client to install the package on
+    the server. Now the 415 brotli gets (and any encoding the server does not decode), whichever
+    answers it: aiohttp's parser (then as HTTP/1.0: it has not kept the request's version) or,
+    where the package is installed, the route."""
+    body = json.dumps({"model": EMB, "input": "x"}).encode()
+    errors = {}
+    for encoding in ("zstd", "br"):
+        raw = (
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Encoding: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+            % (encoding.encode(), len(body))
+        ) + body
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(raw)
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        head, _, answer = reply.partition(b"\r\n\r\n")
+        assert re.match(rb"HTTP/1\.[01] 415 ", head), reply[:300]
+        errors[encoding] = json.loads(answer)["error"]
+    assert errors["zstd"]["code"] == errors["br"]["code"] == "unsupported_content_encoding", errors
+    assert errors["zstd"]["message"] == errors["br"]["message"].replace("'br'", "'zstd'"), errors
+    assert server.post("/v1/embeddings", {"model": EMB, "input": "still here"})[0] == 200
 
 
 def test_a_body_declared_too_large_is_refused_before_it_is_sent(server: ServerThread) -> None:

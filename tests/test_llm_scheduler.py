@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -1029,6 +1030,35 @@ def test_stop_token_ids_end_the_sequence_and_min_tokens_holds_every_end_back() -
     draws = {sample(logits, SamplingParams(1, 1.0), make_rng(s), (3, eos)) for s in range(50)}
     assert 3 not in draws and eos not in draws
     assert logits[3] == 10.0  # the batch's row is left as it was
+
+
+def test_a_ban_on_every_token_is_ignored_without_nan_or_warning() -> None:
+    """Found by fuzzing: min_tokens with stop_token_ids holding the whole vocabulary banned every
+    id; greedy took token 0 of all -inf, sampling a NaN distribution's last id, with a numpy
+    RuntimeWarning on stderr. The service refuses such a request; here the sampler ignores a
+    ban that leaves nothing, and so picks as if there were none."""
+    logits = np.random.default_rng(0).normal(size=V).astype(np.float32)
+    best = int(np.argmax(logits))
+    everything = tuple(range(V))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning fails the test
+        assert sample(logits, SamplingParams(1, 0.0), make_rng(0), everything) == best
+        for s in range(20):
+            p = SamplingParams(1, 1.0, top_k=3 * (s % 2), top_p=0.5 + 0.5 * (s % 3 == 0))
+            assert sample(logits, p, make_rng(s), everything) == sample(logits, p, make_rng(s))
+        # A row with no finite logit at all has no distribution: its argmax, as greedy.
+        dead = np.full(V, -np.inf, dtype=np.float32)
+        assert sample(dead, SamplingParams(1, 1.0), make_rng(0)) == 0
+        # A ban leaving a single token: that token, whatever top-k or top-p keeps.
+        all_but_7 = tuple(i for i in range(V) if i != 7)
+        for p in (SamplingParams(1, 0.0), SamplingParams(1, 1.0), SamplingParams(1, 1.0, top_k=5)):
+            assert sample(logits, p, make_rng(1), all_but_7) == 7
+        assert sample(logits, SamplingParams(1, 1.0, top_p=0.999999), make_rng(1), all_but_7) == 7
+    # Top-k and top-p choose among the tokens left, never a banned one of zero mass.
+    banned = tuple(np.argsort(-logits)[:5].tolist())
+    for s in range(100):
+        p = SamplingParams(1, 2.0, top_k=(0, 1, 3, V - 1)[s % 4], top_p=(1.0, 0.3, 0.999999)[s % 3])
+        assert sample(logits, p, make_rng(s), banned) not in banned
 
 
 def test_output_processor_length_and_stop() -> None:

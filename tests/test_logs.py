@@ -77,6 +77,25 @@ def test_a_string_utf8_cannot_hold_is_escaped_and_the_line_still_written() -> No
     assert doc["status"] == 404 and doc["model"] == "-" and doc["level"] == "info"
 
 
+def test_a_python_warning_is_a_json_line_on_stdout() -> None:
+    """Found by fuzzing: numpy's RuntimeWarning went to stderr as raw text, outside the JSON log.
+    After logs.setup() a warning is a JSON line of logger py.warnings on stdout."""
+    code = (
+        "import warnings\n"
+        "from appliance import logs\n"
+        "logs.setup('info', 'json')\n"
+        "warnings.warn('something odd', RuntimeWarning)\n"
+        "logs.shutdown()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "something odd" not in proc.stderr, proc.stderr
+    docs = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [d["logger"] for d in docs] == ["py.warnings"], docs
+    assert docs[0]["level"] == "warning" and "RuntimeWarning: something odd" in docs[0]["msg"]
+
+
 # A real server whose stdout is a pipe: logs.setup() as `appliance serve` does, no models (the
 # loop and its logging are what is tested), and 10,000 lines logged on the event loop. The queue
 # is cut to 1,000 records so that it fills within those lines.

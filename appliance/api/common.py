@@ -148,11 +148,16 @@ def body_refusal(request: web.Request) -> ApplianceError | None:
         )
     encoding = _content_encoding(request)
     if encoding is not None and encoding not in DECODED_ENCODINGS:
-        return UnsupportedEncoding(
-            f"Content-Encoding {encoding[:40]!r} is not supported; send the body as identity, "
-            "gzip or deflate, in one Content-Encoding header"
-        )
+        return unsupported_encoding(encoding)
     return None
+
+
+def unsupported_encoding(encoding: str) -> UnsupportedEncoding:
+    """The 415 for a Content-Encoding the server does not decode."""
+    return UnsupportedEncoding(
+        f"Content-Encoding {encoding[:40]!r} is not supported; send the body as identity, "
+        "gzip or deflate, in one Content-Encoding header"
+    )
 
 
 def encoded(request: web.BaseRequest) -> bool:

@@ -8,17 +8,26 @@ import contextlib
 import fcntl
 import logging
 import math
+import re
 import sys
 import termios
 import time
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import LineTooLong
+from aiohttp.http_exceptions import ContentEncodingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from appliance.api.common import CONFIG, METRICS, OPENAI, api_of, encoded, error_response
+from appliance.api.common import (
+    CONFIG,
+    METRICS,
+    OPENAI,
+    api_of,
+    encoded,
+    error_response,
+    unsupported_encoding,
+)
 from appliance.auth import KeyRateLimiter, KeyStore, Throttled, TokenBucket, presented_key
 from appliance.errors import ApplianceError, Overloaded, Unavailable
 from appliance.timeouts import within
@@ -322,6 +331,11 @@ class _UnlingeringServer(web.Server):
         return _Unlingering(self, loop=self._loop, **self._kwargs)
 
 
+# aiohttp's ContentEncodingError when the decoder of an encoding is not installed (its parser
+# raises it as the headers end; a body that does not decode fails later, on the payload).
+_DECODER_LACKING = re.compile(r"Can not decode content-encoding: [^(]*\((\w+)\)\. Please install")
+
+
 class _JsonErrors(_Unlingering):
     """aiohttp answers a request its HTTP parser refuses (a bad chunk size, a header line too
     long, a malformed request line) here, before any route or middleware, in text/plain. This
@@ -341,11 +355,20 @@ class _JsonErrors(_Unlingering):
         plain = super().handle_error(request, status, exc, message)  # logs; raises once sending began
         if isinstance(exc, LineTooLong):
             status = 431
-        text = (message or plain.reason or "").strip().splitlines()
-        err = ApplianceError(f"the request could not be parsed: {text[0][:200] if text else status}")
-        err.status = status
-        if status < 500:
-            err.type, err.code = "invalid_request_error", "malformed_request"
+        # An encoding aiohttp decodes only with a package that is not installed (zstd without
+        # backports.zstd before Python 3.14; br without Brotli) fails in its parser, before the
+        # app's 415 for an encoding it does not decode: the same 415 here, not a 400 telling the
+        # client to install a package on the server.
+        lacking = _DECODER_LACKING.match(exc.message) if isinstance(exc, ContentEncodingError) else None
+        err: ApplianceError
+        if lacking is not None:
+            err = unsupported_encoding(lacking[1])
+        else:
+            text = (message or plain.reason or "").strip().splitlines()
+            err = ApplianceError(f"the request could not be parsed: {text[0][:200] if text else status}")
+            err.status = status
+            if status < 500:
+                err.type, err.code = "invalid_request_error", "malformed_request"
         resp = error_response(OPENAI, err)
         resp.force_close()
         return resp

@@ -75,8 +75,13 @@ def sample(
     random number when sampling, so a seeded sequence draws the same numbers token by token (also
     across preemption); whether they pick the same tokens depends on its logits (see above)."""
     if banned:
-        logits = logits.copy()  # the row is the batch's
-        logits[list(banned)] = -np.inf
+        masked = logits.copy()  # the row is the batch's
+        masked[list(banned)] = -np.inf
+        # A ban that leaves no token possible (the service refuses such a request; this is the
+        # backstop) is ignored: banned, argmax took token 0 of all -inf, and sampling divided by
+        # a NaN sum and took the last id, with a numpy RuntimeWarning on stderr.
+        if masked.max() > -np.inf:
+            logits = masked
     if params.greedy:
         return int(np.argmax(logits))
     x = logits.astype(np.float64) / params.temperature
@@ -85,7 +90,13 @@ def sample(
     if 0 < k < x.shape[0]:
         ids = np.argpartition(x, -k)[-k:]
         x = x[ids]
-    probs = np.exp(x - x.max())
+    u = rng.random()  # drawn whatever follows, so that the next token's draw is the same
+    top = x.max()
+    if not np.isfinite(top):
+        # No distribution to draw from (every logit -inf, or an inf or NaN among them; a model
+        # gives none of these): the argmax, as greedy, rather than NaN probabilities.
+        return int(ids[np.argmax(x)])
+    probs = np.exp(x - top)
     probs /= probs.sum()
     if params.top_p < 1.0:
         order = np.argsort(-probs, kind="stable")
@@ -94,7 +105,7 @@ def sample(
         keep = order[: int(np.searchsorted(cum, params.top_p)) + 1]
         ids, probs = ids[keep], probs[keep]
     cdf = np.cumsum(probs)
-    pick = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+    pick = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
     return int(ids[min(pick, len(ids) - 1)])
 
 

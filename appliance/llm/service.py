@@ -880,6 +880,19 @@ class ChatService:
             raise InvalidRequest(
                 f"'stop_token_ids' has a token id outside 0..{vocab - 1}", param="stop_token_ids"
             )
+        if options.min_tokens:
+            # Until min_tokens, the stop ids and EOS are banned from sampling; banning every id
+            # left nothing to sample (greedy gave token 0, sampling garbage).
+            banned = set(options.stop_token_ids)
+            if not options.ignore_eos:
+                banned.update(i for i in llm.session.eos_ids if 0 <= i < vocab)
+            if len(banned) >= vocab:
+                raise InvalidRequest(
+                    f"'stop_token_ids' (with the model's EOS ids) holds all {vocab} token ids, so "
+                    f"none could be sampled before 'min_tokens' ({options.min_tokens}); leave at "
+                    "least one token id out, or set 'min_tokens' to 0",
+                    param="stop_token_ids",
+                )
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=options.temperature,
