@@ -136,3 +136,41 @@ def test_a_refusal_before_any_keep_alive_is_a_plain_503(single: ServerThread) ->
     waiting.close()
     hold.close()
     wait_for(lambda: running(single) == 0)
+
+
+def test_a_stream_whose_client_stops_reading_is_cut_off_and_stops_decoding(
+    start_server, smollm_folder: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A client that opens a stream and reads nothing: on loopback or a LAN the socket's send
+    queue takes megabytes, so a whole stream fits in it and aiohttp's buffer stays empty. The send
+    timeout watched only that buffer, and a probe's stream went on decoding for its whole
+    ``max_tokens`` (holding a running slot and its KV cache) past a 10 s ``send_timeout_s``. What
+    the client acknowledges is the measure: it stops moving once the client's small receive buffer
+    is full, and the connection is aborted, which ends the sequence."""
+    srv = start_server({MODEL: smollm_folder}, config={"server": {"send_timeout_s": 1.0}})
+    data = json.dumps(
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Tell me about the ocean."}],
+            "stream": True,
+            "max_tokens": 4000,
+            "ignore_eos": True,
+        }
+    ).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    sock.connect(("127.0.0.1", srv.port))
+    try:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Cache-Control: no-cache, no-store\r\n" + f"Content-Length: {len(data)}\r\n\r\n".encode() + data
+        )
+        wait_for(lambda: running(srv) == 1)
+        # Reading nothing: the stream fills the client's buffer within a few dozen tokens, then
+        # one second without an acknowledgement ends it, long before 4,000 tokens.
+        wait_for(lambda: running(srv) == 0, timeout=30.0)
+        metrics = srv.get("/metrics")[1].decode()
+        assert 'appliance_connections_closed_total{reason="send_timeout"} 1.0' in metrics
+    finally:
+        sock.close()
+    assert srv.get("/healthz")[0] == 200

@@ -9,6 +9,7 @@ import fcntl
 import logging
 import math
 import re
+import socket
 import sys
 import termios
 import time
@@ -208,9 +209,10 @@ class LimitedRunner(web.AppRunner):
         super().__init__(app, **kwargs)
         self._max_connections = max_connections
         self.send_timeout_s = send_timeout_s
-        # Per connection with output pending: (bytes buffered, writing paused, since when no
-        # progress). Keyed by the handler object (hashed by identity); pruned every sweep.
-        self._pending: dict[Any, tuple[int, bool, float]] = {}
+        # Per connection with output pending: (bytes pending, writing paused, since when no
+        # progress, bytes the client acknowledged or None). Keyed by the handler object (hashed
+        # by identity); pruned every sweep.
+        self._pending: dict[Any, tuple[int, bool, float, int | None]] = {}
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
@@ -256,27 +258,42 @@ class LimitedRunner(web.AppRunner):
     def stalled_sends(self, connections: list[Any], now: float) -> list[Any]:
         """The connections (handlers) whose pending output made no progress for the timeout.
 
-        A connection is pending while its transport buffers output, i.e. its writer may be
-        waiting on the drain. Progress is the output not yet taken by the client shrinking: the
-        transport's buffer plus the socket's unacknowledged send queue (the kernel refills its
-        queue from the transport only once a third of it is free, so the transport's buffer alone
-        stands still for a slow reader's first megabytes). Output only grows when the handler
-        writes more, which it can do while writing is not paused; once it was paused above the
-        high-water mark, any change means the client drained it below the low-water mark.
+        Output is pending while the transport buffers some or the socket's send queue holds
+        bytes the client has not acknowledged (Linux's SIOCOUTQ). The send queue matters on its
+        own: on loopback or a LAN it grows to megabytes, so a whole chat stream fits in it, the
+        transport's buffer stays empty, and a client that stopped reading its stream held a
+        running sequence to its last token (a probe's went on decoding for its whole
+        ``max_tokens`` past a 10 s send timeout).
+
+        Progress is the client acknowledging bytes (``tcpi_bytes_acked`` from TCP_INFO: it only
+        moves when the client's kernel takes data, whatever the server writes meanwhile). Where
+        that count is not available it is the pending output shrinking: the transport's buffer
+        plus the send queue. That output also grows when the handler writes more, which it can do
+        while writing is not paused; once paused above the high-water mark, any change means the
+        client drained it below the low-water mark. Without the count, output only the send queue
+        holds is not watched: its growth could not be told from the handler writing more.
         """
         pending, stalled = {}, []
         for handler in connections:
             transport = handler.transport
-            buffered = transport.get_write_buffer_size() if transport is not None else 0
-            if buffered == 0:
+            if transport is None:
                 continue
-            size = buffered + _unacknowledged(transport)
+            buffered = transport.get_write_buffer_size()
+            unacked = _unacknowledged(transport)
+            if buffered == 0 and unacked == 0:
+                continue  # the client has taken everything written so far
+            acked = _acknowledged(transport)
+            if acked is None and buffered == 0:
+                continue
+            size = buffered + unacked
             paused = bool(getattr(handler, "writing_paused", False))
             last = self._pending.get(handler)
-            if last is None or size < last[0] or (last[1] and size != last[0]):
-                pending[handler] = (size, paused, now)
+            if last is None or (
+                acked != last[3] if acked is not None else size < last[0] or (last[1] and size != last[0])
+            ):
+                pending[handler] = (size, paused, now, acked)
                 continue
-            pending[handler] = (size, paused, last[2])
+            pending[handler] = (size, paused, last[2], acked)
             if now - last[2] >= self.send_timeout_s:
                 stalled.append(handler)
         self._pending = pending
@@ -390,6 +407,25 @@ def _unacknowledged(transport: asyncio.BaseTransport) -> int:
     except OSError:
         return 0
     return int.from_bytes(raw, sys.byteorder, signed=True)
+
+
+# struct tcp_info's tcpi_bytes_acked (a __u64 at byte 120 since Linux 4.1; the struct only grows).
+_TCPI_BYTES_ACKED = slice(120, 128)
+
+
+def _acknowledged(transport: asyncio.BaseTransport) -> int | None:
+    """Bytes of output the client has acknowledged so far (Linux's ``tcpi_bytes_acked``); None
+    where the platform or the transport cannot say."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "TCP_INFO"):
+        return None
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    except OSError:
+        return None
+    if len(raw) < _TCPI_BYTES_ACKED.stop:
+        return None
+    return int.from_bytes(raw[_TCPI_BYTES_ACKED], sys.byteorder)
 
 
 def _close_idlest(connections: list[Any], newcomer: Any) -> bool:
