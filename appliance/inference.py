@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from tokenizers import Tokenizer
 
+from appliance.api.tensors import datatype_of
 from appliance.batcher import (
     AdmissionError,
     Batcher,
@@ -738,14 +739,20 @@ def check_feeds(engine: Engine, feeds: dict[str, np.ndarray]) -> None:
     expected = {s.name: s for s in engine.inputs}
     missing = sorted(set(expected) - set(feeds))
     if missing:
-        raise InvalidRequest(f"expected inputs {sorted(expected)}, missing {missing}", param="inputs")
+        # The unexpected names too: an input under another name than the model's reads as both.
+        unexpected = [n for n in feeds if n not in expected]
+        raise InvalidRequest(
+            f"expected inputs {sorted(expected)}, missing {missing}"
+            + (f", unexpected {unexpected}" if unexpected else ""),
+            param="inputs",
+        )
     for name, arr in feeds.items():
         spec = expected.get(name)
         if spec is None:
             raise InvalidRequest(f"unexpected inference input '{name}'", param="inputs")
         if arr.dtype != spec.dtype:
             raise InvalidRequest(
-                f"input '{name}': expected datatype {spec.dtype.name}, got {arr.dtype.name}",
+                f"input '{name}': expected datatype {datatype_of(spec.dtype)}, got {datatype_of(arr.dtype)}",
                 param="inputs",
             )
         ok = arr.ndim == len(spec.shape) and all(

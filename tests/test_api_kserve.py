@@ -104,6 +104,9 @@ def test_embedding_model_takes_bytes_and_matches_the_reference(server: ServerThr
     assert ((got * want).sum(1)).min() >= 0.9999
 
 
+_IDS = {"name": "ids", "shape": [1, 3], "datatype": "INT64", "data": [1, 2, 3]}
+
+
 @pytest.mark.parametrize(
     ("body", "status", "fragment"),
     [
@@ -197,6 +200,62 @@ def test_embedding_model_takes_bytes_and_matches_the_reference(server: ServerThr
             400,
             "priority",
         ),
+        *[
+            (  # numpy turned it into infinity (FP32) and answered the model's output of it
+                {"inputs": [{"name": "x", "shape": [1, 4], "datatype": dt, "data": [v, 0, 0, 0]}, _IDS]},
+                400,
+                f"input 'x': a value is out of range for {dt}",
+            )
+            for dt, v in [("FP32", 1e308), ("FP32", -(10**39)), ("FP16", 1e6)]
+        ],
+        *[
+            (  # each was said to exceed the binary data
+                {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "parameters": p}, _IDS]},
+                400,
+                f"input 'x': parameters.binary_data_size must be a non-negative integer, got {got}",
+            )
+            for p, got in [
+                ({"binary_data_size": "16"}, '"16"'),
+                ({"binary_data_size": -1}, "-1"),
+                ({"binary_data_size": True}, "true"),
+                ({"binary_data_size": 16.0}, "16.0"),
+            ]
+        ],
+        *[
+            (  # a Python repr: "value None", "value True"
+                {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, v, 3, 4]}, _IDS]},
+                400,
+                f"input 'x': value {spelled} is not a valid FP32 value",
+            )
+            for v, spelled in [(None, "null"), (True, "true"), ("2", '"2"')]
+        ],
+        (  # numpy's names: "expected datatype float32, got int32"
+            {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "INT32", "data": [1, 2, 3, 4]}, _IDS]},
+            400,
+            "input 'x': expected datatype FP32, got INT32",
+        ),
+        (  # the input under another name was "missing ['x']", and the name it had unsaid
+            {"inputs": [{"name": "y", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}, _IDS]},
+            400,
+            "expected inputs ['ids', 'x'], missing ['x'], unexpected ['y']",
+        ),
+        *[
+            (  # each was flattened into four elements and served
+                {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": data}, _IDS]},
+                400,
+                fragment,
+            )
+            for data, fragment in [
+                ([[1, 2], [3, [4]]], "input 'x': nested data must follow the shape [1, 4] (or be flat)"),
+                ([[1, 2, 3, [4]]], "input 'x': nested data mixes depths: a list where a value is expected"),
+                ([[[1, 2, 3, 4]]], "input 'x': nested data must follow the shape [1, 4] (or be flat)"),
+                (
+                    [1, [2, 3], 4],
+                    "input 'x': a list where a value is expected (nested data must follow the shape)",
+                ),
+                ([[1, 2], [3, 4]], "input 'x': nested data must follow the shape [1, 4] (or be flat)"),
+            ]
+        ],
     ],
 )
 def test_bad_infer_requests_get_triton_errors(
@@ -224,6 +283,39 @@ def test_unknown_model_and_truncated_binary_data(server: ServerThread) -> None:
         {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"},
     )
     assert status == 400 and "binary" in resp["error"]
+
+
+def test_an_input_gives_its_data_once_flat_or_nested_as_its_shape(server: ServerThread) -> None:
+    """Triton's rule: 'data' and binary_data_size together are refused (the JSON data was silently
+    ignored for the binary); nested data that follows the shape is the flat data's equal."""
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": [1, 4],
+                    "datatype": "FP32",
+                    "data": [9, 9, 9, 9],
+                    "parameters": {"binary_data_size": 16},
+                },
+                _IDS,
+            ]
+        }
+    ).encode()
+    status, resp, _ = server.post(
+        f"/v2/models/{AFFINE}/infer",
+        head + np.arange(4, dtype="<f4").tobytes(),
+        {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"},
+    )
+    assert status == 400 and resp == {
+        "error": "input 'x' has both 'data' and parameters.binary_data_size; give one of them"
+    }, resp
+    x = {"name": "x", "shape": [2, 4], "datatype": "FP32", "data": [[0, 1, 2, 3], [4, 5, 6, 7]]}
+    ids = {"name": "ids", "shape": [2, 3], "datatype": "INT64", "data": [[1, 2, 3], [4, 5, 6]]}
+    status, resp, _ = server.post(f"/v2/models/{AFFINE}/infer", {"inputs": [x, ids]})
+    assert status == 200, resp
+    assert resp["outputs"][0]["data"] == [2.0 * k + 1 for k in range(8)]
+    assert resp["outputs"][1]["data"] == [6, 15]
 
 
 def test_a_version_in_the_path_must_be_one_the_model_has(server: ServerThread) -> None:

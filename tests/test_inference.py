@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import struct
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 import tritonclient.http as httpclient
 from onnx import TensorProto, helper
 from tokenizers import Tokenizer
+from tritonclient.utils import InferenceServerException
 
 from appliance.api.common import MANAGER
 from appliance.engines.onnxruntime import OnnxRuntimeEngine
@@ -270,6 +272,13 @@ def test_bytes_that_are_not_utf8_are_a_400_naming_the_input(tensors: ServerThrea
     assert status == 400 and "'S'" in resp["error"] and "UTF-8" in resp["error"], resp
 
 
+def test_a_datatype_mismatch_is_said_in_kserve_names(tensors: ServerThread) -> None:
+    """The protocol's names, not numpy's ("expected datatype object, got float32")."""
+    body = {"inputs": [{"name": "S", "shape": [1], "datatype": "FP32", "data": [1]}]}
+    status, resp, _ = tensors.post("/v2/models/text/infer", body)
+    assert status == 400 and resp["error"] == "input 'S': expected datatype BYTES, got FP32", resp
+
+
 def test_a_request_over_max_batch_size_rows_is_a_400(tensors: ServerThread) -> None:
     """Triton's rule: a request is at most one batch, max_batch_size rows (/config says 4; a
     1,000-row request was served, 200 rows at a time)."""
@@ -279,6 +288,40 @@ def test_a_request_over_max_batch_size_rows_is_a_400(tensors: ServerThread) -> N
     assert status == 400 and "'X'" in resp["error"] and "batch-size must be <= 4" in resp["error"], resp
     status, resp, _ = tensors.post("/v2/models/rows/infer", _fp32("X", [4, 2], list(range(8))))
     assert status == 200 and resp["outputs"][0]["data"] == list(map(float, range(8))), resp
+
+
+def test_a_float_out_of_its_datatypes_range_is_a_400_not_infinity(tensors: ServerThread) -> None:
+    """numpy only warns when a float overflows its type: 1e308 became inf as FP32, the sum was
+    answered 200 as [null] (and a RuntimeWarning went to stderr)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status, resp, _ = tensors.post("/v2/models/reduce/infer", _fp32("X", [1, 4], [1e308, 1e308, 0, 0]))
+    assert status == 400 and resp["error"] == "input 'X': a value is out of range for FP32", resp
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    # The largest and smallest FP32 powers of two are in range; a value too small for FP32 is
+    # rounded to zero, as any float is rounded to its type.
+    big = 2.0**127
+    status, resp, _ = tensors.post("/v2/models/reduce/infer", _fp32("X", [1, 4], [big, 1e-50, 0, -big]))
+    assert status == 200 and resp["outputs"][0]["data"] == [big, 0.0, 0.0, -big], resp
+
+
+def test_nan_and_infinity_travel_as_binary_data_and_are_refused_as_json(tensors: ServerThread) -> None:
+    """Binary inputs may hold NaN and infinity (they are floats); JSON cannot carry them, and
+    orjson wrote null: an output holding them is a 400 saying to ask for binary data, and is not
+    cached (the same request is refused again)."""
+    client = httpclient.InferenceServerClient(url=tensors.url.removeprefix("http://"))
+    x = np.array([[np.nan, np.inf, 3e38, 1], [0, 0, 3e38, 1]], dtype=np.float32)
+    inp = httpclient.InferInput("X", [2, 4], "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+    res = client.infer("reduce", [inp], outputs=[httpclient.InferRequestedOutput("Y", binary_data=True)])
+    got = res.as_numpy("Y")
+    assert np.isnan(got[0, 0]) and got[0, 1] == np.inf and got[0, 2] == np.inf and got[0, 3] == 2, got
+    for _ in range(2):
+        with pytest.raises(InferenceServerException) as err:
+            client.infer("reduce", [inp], outputs=[httpclient.InferRequestedOutput("Y", binary_data=False)])
+        assert "output 'Y' holds NaN or Infinity" in str(err.value) and '"binary_data": true' in str(
+            err.value
+        )
 
 
 class _Counting:

@@ -92,7 +92,17 @@ def decode_inputs(doc: dict[str, Any], tail: bytes) -> dict[str, np.ndarray]:
         # Python integers: np.prod would wrap around in int64 ([2**32, 2**32] -> 0 elements).
         count = math.prod(shape)
         if size is not None:
-            if not _is_uint(size) or offset + size > len(tail):
+            if not _is_uint(size):
+                raise InvalidRequest(
+                    f"input '{name}': parameters.binary_data_size must be a non-negative integer, "
+                    f"got {_spelled(size)}"
+                )
+            if "data" in t:
+                # Triton refuses it too; which of the two was meant cannot be told.
+                raise InvalidRequest(
+                    f"input '{name}' has both 'data' and parameters.binary_data_size; give one of them"
+                )
+            if offset + size > len(tail):
                 raise InvalidRequest(f"input '{name}': binary_data_size exceeds the binary data")
             raw = tail[offset : offset + size]
             offset += size
@@ -100,7 +110,7 @@ def decode_inputs(doc: dict[str, Any], tail: bytes) -> dict[str, np.ndarray]:
         else:
             if "data" not in t:
                 raise InvalidRequest(f"input '{name}' has neither 'data' nor binary_data_size")
-            arr = _from_json(name, t["data"], datatype, count)
+            arr = _from_json(name, t["data"], datatype, shape, count)
         try:
             out[name] = arr.reshape(shape)
         except (ValueError, OverflowError) as exc:  # a dimension beyond what numpy can index
@@ -142,41 +152,81 @@ def _is_uint(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def _from_json(name: str, data: Any, datatype: str, count: int) -> np.ndarray:
-    flat = _flatten(data)
+def _from_json(name: str, data: Any, datatype: str, shape: list[int], count: int) -> np.ndarray:
+    if not isinstance(data, list):
+        flat: list[Any] = [data]
+    elif data and isinstance(data[0], list):
+        flat = _nested(name, data, shape)
+    else:
+        # Flat, the common case (tritonclient's): used as it is. A list further on is refused by
+        # the element checks below, at no cost per element here.
+        flat = data
     if len(flat) != count:
+        nested = next((x for x in flat if isinstance(x, list)), None)
+        if nested is not None:  # flat data with a list in it: the count says nothing
+            raise InvalidRequest(f"input '{name}': {_unexpected(nested, datatype + ' value')}")
         raise InvalidRequest(f"input '{name}': shape holds {count} elements but data has {len(flat)}")
     if datatype == "BYTES":
         if not all(isinstance(x, str | bytes) for x in flat):
-            raise InvalidRequest(f"input '{name}': BYTES data must be strings")
+            bad = next(x for x in flat if not isinstance(x, str | bytes))
+            raise InvalidRequest(f"input '{name}': {_unexpected(bad, 'BYTES string')}")
         return np.array([x.encode() if isinstance(x, str) else x for x in flat], dtype=object)
     dtype = DTYPES[datatype]
     want_bool = datatype == "BOOL"
     for x in flat:
         ok = isinstance(x, bool) if want_bool else (isinstance(x, int | float) and not isinstance(x, bool))
         if not ok or (dtype.kind in "iu" and isinstance(x, float) and not x.is_integer()):
-            raise InvalidRequest(f"input '{name}': value {x!r} is not valid {datatype}")
+            raise InvalidRequest(f"input '{name}': {_unexpected(x, datatype + ' value')}")
     try:
-        return np.array(flat, dtype=dtype)
-    except OverflowError:
+        # numpy only warns (on stderr) where a float overflows its type (1e308 as FP32, 1e6 as
+        # FP16) and answers inf; raised here, it is refused like an integer out of range. An
+        # underflow to zero is rounding, as for any other float.
+        with np.errstate(over="raise", invalid="raise"):
+            return np.array(flat, dtype=dtype)
+    except (OverflowError, FloatingPointError):
         raise InvalidRequest(f"input '{name}': a value is out of range for {datatype}") from None
 
 
-def _flatten(data: Any) -> list[Any]:
-    """Nested lists in row-major order (iterative: the nesting is the client's to choose)."""
-    if not isinstance(data, list):
-        return [data]
+def _nested(name: str, data: list[Any], shape: list[int]) -> list[Any]:
+    """Nested data in row-major order, which must follow the shape exactly (the protocol's
+    nested form): a ragged list or one that mixes depths would otherwise be flattened into
+    elements the client did not place."""
     flat: list[Any] = []
-    stack = [iter(data)]
+    last = len(shape) - 1
+    stack: list[tuple[list[Any], int]] = [(data, 0)]  # (a list, its depth); bounded by MAX_DIMS
     while stack:
-        for x in stack[-1]:
-            if isinstance(x, list):
-                stack.append(iter(x))
-                break
-            flat.append(x)
+        items, depth = stack.pop()
+        if depth > last or len(items) != shape[depth]:
+            raise InvalidRequest(
+                f"input '{name}': nested data must follow the shape {shape} (or be flat); "
+                f"a list at depth {depth + 1} has {len(items)} element{'' if len(items) == 1 else 's'}"
+                + (f", the shape says {shape[depth]}" if depth <= last else ", the shape has no such depth")
+            )
+        if depth == last:
+            if any(isinstance(x, list) for x in items):
+                raise InvalidRequest(
+                    f"input '{name}': nested data mixes depths: a list where a value is expected"
+                )
+            flat.extend(items)
         else:
-            stack.pop()
+            if not all(isinstance(x, list) for x in items):
+                raise InvalidRequest(
+                    f"input '{name}': nested data mixes depths: a value where a list is expected"
+                )
+            stack.extend((x, depth + 1) for x in reversed(items))
     return flat
+
+
+def _unexpected(x: Any, wanted: str) -> str:
+    if isinstance(x, list):
+        return "a list where a value is expected (nested data must follow the shape)"
+    return f"value {_spelled(x)} is not a valid {wanted}"
+
+
+def _spelled(x: Any) -> str:
+    """A request's value as the client wrote it (JSON: null, true), cut short."""
+    text = orjson.dumps(x).decode()
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _from_binary(name: str, raw: bytes, datatype: str, count: int) -> np.ndarray:
@@ -245,6 +295,15 @@ def encode_response(
                 x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in arr.reshape(-1)
             ]
         else:
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                # orjson writes NaN and Infinity as null, and a client would read a wrong number
+                # (Triton writes the bare words, which strict JSON parsers refuse). Raised before
+                # anything is answered, so no such response is cached either.
+                raise InvalidRequest(
+                    f"output '{name}' holds NaN or Infinity, which JSON cannot carry; request it as "
+                    'binary data: "parameters": {"binary_data": true} on the output, or '
+                    '"parameters": {"binary_data_output": true} on the request'
+                )
             entry["data"] = arr.reshape(-1).tolist()
         out_docs.append(entry)
     body = orjson.dumps({**header, "outputs": out_docs})
