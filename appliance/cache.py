@@ -113,7 +113,9 @@ class _Op:
 
 
 # What each op's future gets when its work was not done (cache off or failed).
-_FAILED = {"put": False, "flush": False, "stop": False, "purge": 0, "expire": 0, "drop": 0}
+# What a waiter gets when its op was not carried out (the cache is off, the writer died, another
+# process held the file's lock): a purge or expiry that did nothing is None, not "0 deleted".
+_FAILED = {"put": False, "flush": False, "stop": False, "purge": None, "expire": None, "drop": 0}
 
 
 class ResponseCache:
@@ -411,13 +413,17 @@ class ResponseCache:
         """Wait until everything queued before this call is committed. False if the cache is off."""
         return bool(await self._request("flush"))
 
-    async def purge(self, model: str | None = None) -> int:
-        """Delete every entry, or those of one model; returns how many were deleted."""
-        return int(await self._request("purge", model))
+    async def purge(self, model: str | None = None) -> int | None:
+        """Delete every entry, or those of one model; returns how many were deleted, None when it
+        was not carried out (the cache is off, or another process held the file's lock)."""
+        deleted: int | None = await self._request("purge", model)
+        return deleted
 
-    async def expire(self) -> int:
-        """Delete entries older than ttl_s + max_stale_s now (the writer also does it every minute)."""
-        return int(await self._request("expire"))
+    async def expire(self) -> int | None:
+        """Delete entries older than ttl_s + max_stale_s now (the writer also does it every
+        minute); how many, or None as for :meth:`purge`."""
+        deleted: int | None = await self._request("expire")
+        return deleted
 
     async def _request(self, kind: str, model: str | None = None) -> Any:
         """The writer's answer to ``kind``. Raises ``asyncio.TimeoutError`` when it has not come

@@ -257,6 +257,43 @@ def test_a_stuck_cache_writer_is_reported_and_a_purge_does_not_wait_on_it(
         time.sleep(0.1)
 
 
+def test_a_purge_the_cache_could_not_carry_out_is_503_not_zero_purged(served: Any) -> None:
+    """Found by a probe: with an ``sqlite3`` shell holding the cache file's lock, the purge's write
+    was dropped as busy after the 5 s busy timeout and the answer was 200 ``{"purged": 0}``, the
+    entries all still there. It is a 503 with Retry-After saying so; once the lock is gone the
+    purge deletes them."""
+    import sqlite3
+
+    from appliance.api.common import RESILIENCE
+
+    start, _ = served
+    srv = start()
+    rc = srv.app[RESILIENCE].cache
+    assert rc is not None
+    srv.post("/v1/embeddings", {"model": MODEL, "input": "kept while the file is locked"})
+    assert srv.call(rc.flush) is True
+    other = sqlite3.connect(rc.path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    assert srv.server is not None
+    req = urllib.request.Request(
+        srv.admin_url + "/admin/cache/purge",
+        data=b"{}",
+        method="POST",
+        headers={"Authorization": f"Bearer {srv.server.admin_token}", "Content-Type": "application/json"},
+    )
+    try:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=30)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "5"
+    assert "not carried out" in json.loads(refused.value.read())["error"]["message"]
+    assert admin(srv, "GET", "/admin/stats")[1]["cache"]["entries"] >= 1
+    status, body = admin(srv, "POST", "/admin/cache/purge")
+    assert status == 200 and body["purged"] >= 1
+
+
 def test_unix_socket_needs_no_token(served: Any) -> None:
     start, _ = served
     srv = start()

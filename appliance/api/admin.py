@@ -363,6 +363,14 @@ async def cache_purge(request: web.Request) -> web.Response:
             "cache.writer_stalled in /admin/stats); the purge stays queued and runs if it recovers",
             retry_after_s=cache.REQUEST_TIMEOUT_S,
         ) from None
+    if purged is None:
+        # Not "0 purged": the entries are still there (a probe was told so while an sqlite3 shell
+        # held the file's lock).
+        raise Unavailable(
+            "the purge was not carried out: the response cache is off, or another process held its "
+            "file's lock (see cache.enabled and cache.busy_writes in /admin/stats); retry",
+            retry_after_s=5.0,
+        )
     return web.json_response({"purged": purged})
 
 

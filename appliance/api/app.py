@@ -428,7 +428,7 @@ def create_app(cfg: Config) -> web.Application:
     app[GPU] = sampler
     app[EXTRA_STATS]["gpu"] = sampler.snapshot
 
-    async def purge(model: str | None) -> int:
+    async def purge(model: str | None) -> int | None:
         return await resilience.cache.purge(model) if resilience.cache else 0
 
     for verb in ("open", "close", "reset", "disable"):
