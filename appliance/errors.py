@@ -76,6 +76,19 @@ class Unavailable(ApplianceError):
     code = "unavailable"
 
 
+class LoadFailed(Unavailable):
+    """A model that could not be loaded; ``reason`` says why, without the model's name (for a
+    message that names it already)."""
+
+    def __init__(
+        self, name: str, reason: str, *, param: str | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(
+            f"The model '{name}' failed to load: {reason}", param=param, retry_after_s=retry_after_s
+        )
+        self.reason = reason
+
+
 class EngineFailure(ApplianceError):
     status = 500
     type = "server_error"

@@ -24,7 +24,7 @@ from appliance.batcher import BatchPolicy
 from appliance.config import Config
 from appliance.engines.base import Engine
 from appliance.engines.select import expected_on_gpu, gpu_engines_available, open_engine
-from appliance.errors import ModelNotBuilt, ModelNotFound, Unavailable
+from appliance.errors import LoadFailed, ModelNotBuilt, ModelNotFound
 from appliance.heap import freeze_startup_heap
 from appliance.memory import DoesNotFit, MemoryPools, measure, trim_heap
 from appliance.repository import MODEL_FILE, ModelEntry, ModelKind, scan_repository
@@ -298,9 +298,7 @@ class ModelManager:
         if slot.state == ModelState.failed and wait > 0:
             # A load that failed is not tried again by every request (each would take the load
             # lock for the whole attempt, a large model's for seconds); an operator's load is.
-            raise Unavailable(
-                f"The model '{name}' failed to load: {slot.error}", param="model", retry_after_s=wait
-            )
+            raise LoadFailed(name, slot.error or "no reason recorded", param="model", retry_after_s=wait)
         await self.load(name)
         assert slot.runtime is not None
         return slot.runtime
@@ -325,7 +323,7 @@ class ModelManager:
             wait = 5.0
             if slot.state is ModelState.failed:
                 wait = max(slot.failed_at + LOAD_RETRY_S - time.monotonic(), 1.0)
-            raise Unavailable(f"The model '{name}' failed to load: {slot.error}", retry_after_s=wait)
+            raise LoadFailed(name, slot.error or "no reason recorded", retry_after_s=wait)
 
     def idle(self, name: str) -> bool:
         """Nothing queued or running: safe to evict."""

@@ -39,7 +39,7 @@ from appliance.admission import AdmissionError, ComputeStarved, QueueFull, Reser
 from appliance.auth import ApiKeyRecord
 from appliance.breaker import BreakerOpen, BreakerState, CircuitBreaker, Permit
 from appliance.cache import CacheHit, cache_key
-from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, Unavailable
+from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, LoadFailed, Unavailable
 from appliance.inference import admission_error
 from appliance.models import ModelManager, ModelRuntime, ModelSlot
 from appliance.resilience import Answer, Resilience
@@ -373,7 +373,7 @@ class Pipeline:
             permit.ignore()
             raise
         if runtime is None:  # _runtime resolved the permit: a load failure is not the engine's
-            why = f"could not be loaded ({ticket.load_error})"
+            why = f"failed to load ({ticket.load_error})"
             return await self._fallback(ticket, work, hit, ticket.load_retry_s, why)
         return permit, runtime, hit
 
@@ -502,7 +502,8 @@ class Pipeline:
                 permit.ignore()
                 raise
             log.warning("model %s: %s", ticket.model, exc.message)
-            ticket.load_error = exc.message
+            # The 503 names the model itself: "failed to load (its reason)".
+            ticket.load_error = exc.reason if isinstance(exc, LoadFailed) else exc.message
             ticket.load_retry_s = exc.retry_after_s or 1.0
             permit.ignore()  # a load failure is the memory manager's, not the engine's
             return None

@@ -241,7 +241,7 @@ class Metrics:
         # Reliability: supervised workers, the event loop, the watchdog, model loads.
         self.worker_failures = Counter(
             "appliance_worker_failures",
-            "Background workers (cache writer, engine workers, schedulers, samplers) that died.",
+            "Faults of background work (cache writer, GPU sampler, schedulers, batchers, start-up tasks).",
             ["worker"],
             registry=r,
         )

@@ -106,6 +106,11 @@ def parse(path: Path, text: str) -> Any:
     except (ValueError, OverflowError, RecursionError, MemoryError) as exc:
         # Raised by a constructor (int(), a timestamp, base64) without a line: still this file's
         # fault, and one broken file must not escape as a traceback that stops the server.
-        raise YamlFileError(
-            path, f"a value cannot be read ({type(exc).__name__}: {str(exc)[:200]})"
-        ) from None
+        if isinstance(exc, RecursionError):
+            detail = "nested too deep"
+        elif isinstance(exc, ValueError) and "int_max_str_digits" in str(exc):
+            detail = "an integer too long to read: more than 4,300 digits"
+        else:
+            detail = f"{type(exc).__name__}: {str(exc)[:200]}"
+        # Not Python's own advice (sys.set_int_max_str_digits), which a user cannot act on.
+        raise YamlFileError(path, f"a value cannot be read ({detail})") from None

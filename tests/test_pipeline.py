@@ -183,7 +183,11 @@ def test_a_failed_load_says_when_it_will_be_tried_again(
     slot = srv.app[MANAGER].slots[MODEL]
     for attempt in ("the failing load", "a request while the load is not tried"):
         status, body, headers = embed(srv, {"input": "never seen"})
-        assert status == 503 and "injected" in body["error"]["message"], (attempt, body)
+        message = body["error"]["message"]
+        assert status == 503 and "injected" in message, (attempt, body)
+        assert message.count(MODEL) == 1, (
+            message
+        )  # it read "... 'm' could not be loaded (The model 'm' failed ..."
         until_retry = slot.failed_at + models_module.LOAD_RETRY_S - time.monotonic()
         assert until_retry <= int(headers["Retry-After"]) <= models_module.LOAD_RETRY_S, (attempt, headers)
 
