@@ -271,7 +271,11 @@ class ResponseCache:
             db.enable_wal()
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             conn.execute("PRAGMA journal_size_limit=67108864")  # cap the -wal left after a checkpoint
-            if conn.execute("PRAGMA user_version").fetchone()[0] in _OLD_VERSIONS:
+            # By layout, not only by version: a file at version 0 may hold an entries table
+            # already (a crash between creating it and stamping the version), which if_not_exists
+            # below would keep, stamped as the current layout, its first put failing for good.
+            old = conn.execute("PRAGMA user_version").fetchone()[0] in _OLD_VERSIONS
+            if old or ("entries" in db.table_names() and "checksum" not in db["entries"].columns_dict):
                 # Their values have no checksum to check: a cache can start empty instead.
                 log.info("response cache %s: older layout, starting it empty", self.path)
                 conn.execute("DROP TABLE IF EXISTS entries")

@@ -319,18 +319,21 @@ async def test_a_value_changed_on_disk_is_a_miss_deleted_and_counted(tmp_path: P
     await cache.close()
 
 
+@pytest.mark.parametrize("version", [1, 0])
 async def test_a_file_of_the_layout_without_checksums_starts_empty(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, version: int
 ) -> None:
     """A cache written before values had checksums (user_version 1) has nothing to check its values
-    against: it starts empty in place, not moved aside as corrupt."""
+    against: it starts empty in place, not moved aside as corrupt. So does one whose version was
+    never stamped (0: a crash between creating the table and stamping it), which was kept, stamped
+    2, and had every put fail and the cache switched off, at every start."""
     conn = sqlite3.connect(tmp_path / "cache.db", isolation_level=None)
     conn.execute(
         "CREATE TABLE entries (key TEXT PRIMARY KEY, model TEXT NOT NULL, content_type TEXT NOT NULL,"
         " value BLOB NOT NULL, size INTEGER NOT NULL, created_at FLOAT NOT NULL, last_access FLOAT NOT NULL)"
     )
     conn.execute("INSERT INTO entries VALUES ('k', 'm', 'text/plain', x'00', 5, 1e9, 1e9)")
-    conn.execute("PRAGMA user_version=1")
+    conn.execute(f"PRAGMA user_version={version}")
     conn.close()
     with caplog.at_level(logging.WARNING, logger="appliance.cache"):
         cache = make(tmp_path)
