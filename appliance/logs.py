@@ -8,6 +8,7 @@ blocks that thread, not the loop. Its queue is bounded; past it records are drop
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import logging.handlers
@@ -106,8 +107,15 @@ _listener: _Listener | None = None
 
 
 def dropped() -> int:
-    """Log records dropped so far because the writer thread's queue was full (a stuck stdout)."""
+    """Log records dropped so far: the writer thread's queue was full (a stuck stdout), or the
+    write failed (a closed or broken stdout)."""
     return _dropped_total
+
+
+def _count_dropped() -> None:
+    global _dropped_total
+    with _drops_lock:
+        _dropped_total += 1
 
 
 class _Queued(logging.handlers.QueueHandler):
@@ -127,7 +135,6 @@ class _Queued(logging.handlers.QueueHandler):
         return done
 
     def enqueue(self, record: logging.LogRecord) -> None:
-        global _dropped_total
         try:
             if self._unreported:
                 notice = logging.LogRecord(
@@ -145,8 +152,7 @@ class _Queued(logging.handlers.QueueHandler):
             self.queue.put_nowait(record)
         except queue.Full:
             self._unreported += 1
-            with _drops_lock:
-                _dropped_total += 1
+            _count_dropped()
 
 
 class _Listener(logging.handlers.QueueListener):
@@ -154,21 +160,29 @@ class _Listener(logging.handlers.QueueListener):
     ``logging.Handler``: at exit ``logging.shutdown()`` takes every handler's lock, and a write
     stuck on an unread stdout holds it, so the process would hang there instead of exiting.
 
-    It practically cannot die: ``handle`` catches whatever a write raises (a closed or broken
-    pipe) and reports it as ``Handler.handleError`` does, so it is not supervised."""
+    It cannot die, so it is not supervised: ``handle`` catches whatever a write raises (a closed
+    or broken pipe), counts the line as dropped, and says so on stderr once per broken spell,
+    itself guarded: stderr may be the same dead pipe (``serve 2>&1 | tee`` after tee exited), and
+    an exception out of ``handle`` would end the thread (``QueueListener`` catches nothing)."""
 
     def __init__(self, records: queue.Queue[logging.LogRecord | None], stream: TextIO) -> None:
         super().__init__(records)
         self._records = records
         self._stream = stream
+        self._broken = False
 
     def handle(self, record: logging.LogRecord) -> None:
         try:
             self._stream.write(f"{record.msg}\n")
             self._stream.flush()
         except Exception:
-            if logging.raiseExceptions:
-                traceback.print_exc(file=sys.stderr)
+            _count_dropped()
+            if not self._broken:
+                self._broken = True
+                with contextlib.suppress(Exception):
+                    traceback.print_exc(file=sys.stderr)
+        else:
+            self._broken = False
 
     def stop(self) -> None:
         # QueueListener.stop() puts its sentinel with put_nowait (Full on a stuck stdout's full
@@ -184,11 +198,20 @@ class _Listener(logging.handlers.QueueListener):
 
 
 def shutdown() -> None:
-    """Write what is queued and stop the writer thread, waiting at most about ``2 * STOP_TIMEOUT_S``."""
+    """Write what is queued and stop the writer thread, waiting at most about ``2 * STOP_TIMEOUT_S``.
+    What is logged after it (atexit hooks, a late thread) is written directly, not queued for a
+    thread that no longer reads."""
     global _listener
     listener, _listener = _listener, None
-    if listener is not None:
-        listener.stop()
+    if listener is None:
+        return
+    listener.stop()
+    root = logging.getLogger()
+    for i, handler in enumerate(root.handlers):
+        if isinstance(handler, _Queued):
+            direct = logging.StreamHandler(sys.stdout)
+            direct.setFormatter(handler.formatter)
+            root.handlers[i] = direct
 
 
 def setup(level: str, fmt: str = "json") -> None:

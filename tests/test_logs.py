@@ -190,3 +190,51 @@ def test_a_stdout_nobody_reads_never_blocks_the_event_loop(tmp_path: Path) -> No
     finally:
         proc.kill()
         proc.wait()
+
+
+BROKEN_STDOUT = textwrap.dedent(
+    """
+    import logging, os, sys, time
+    from appliance import logs
+
+    logs.setup("info", "json")
+    log = logging.getLogger("appliance.test")
+    log.info("first")
+    sys.stdin.readline()  # the parent has read "first" and closed its end of stdout
+    for i in range(50):
+        log.info("after the pipe broke %d", i)
+    deadline = time.monotonic() + 10
+    while logs.dropped() < 50 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    thread = getattr(logs._listener, "_thread", None)
+    sys.stderr.write(f"DROPPED {logs.dropped()} ALIVE {thread is not None and thread.is_alive()}\\n")
+    sys.stderr.flush()
+    logs.shutdown()
+    os._exit(0)  # not the interpreter's own flush of the dead stdout, which says so on stderr
+    """
+)
+
+
+def test_a_broken_stdout_drops_lines_says_so_once_and_the_writer_lives_on() -> None:
+    """``appliance serve | head``, or a journald that went away: every write fails. Each failed
+    line printed its own traceback, and an exception out of the writer would end its thread for
+    good (it is not supervised). The lines are counted as dropped, stderr hears of it once per
+    broken spell, and the writer thread lives on."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BROKEN_STDOUT],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    assert b'"msg":"first"' in proc.stdout.readline()
+    proc.stdout.close()
+    proc.stdin.write(b"go\n")
+    proc.stdin.close()
+    assert proc.stderr is not None
+    text = proc.stderr.read().decode()
+    proc.wait(60)
+    assert "ALIVE True" in text, text
+    assert int(text.split("DROPPED ")[1].split()[0]) >= 50, text
+    assert text.count("Traceback (most recent call last)") == 1, text
