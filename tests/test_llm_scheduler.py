@@ -1061,6 +1061,18 @@ def test_a_ban_on_every_token_is_ignored_without_nan_or_warning() -> None:
         assert sample(logits, p, make_rng(s), banned) not in banned
 
 
+def test_a_banned_id_outside_the_vocabulary_is_no_fault() -> None:
+    """An EOS id past the vocabulary (a generation config that disagrees with the exported head)
+    or a negative one: banning it raised IndexError, or banned the last token, and the fault
+    failed every sequence of the decode step."""
+    logits = np.random.default_rng(1).normal(size=V).astype(np.float32)
+    best = int(np.argmax(logits))
+    greedy = SamplingParams(1, 0.0)
+    assert sample(logits, greedy, make_rng(0), (V, V + 7)) == best
+    logits[V - 1] = logits.max() + 1.0
+    assert sample(logits, greedy, make_rng(0), (-1,)) == V - 1  # -1 is no id, not the last one
+
+
 def test_output_processor_length_and_stop() -> None:
     p = SamplingParams(max_tokens=3, stop=("c",))
     proc = OutputProcessor.create(p, FakeTokenizer(), [])

@@ -417,7 +417,8 @@ def _acknowledged(transport: asyncio.BaseTransport) -> int | None:
     """Bytes of output the client has acknowledged so far (Linux's ``tcpi_bytes_acked``); None
     where the platform or the transport cannot say."""
     sock = transport.get_extra_info("socket")
-    if sock is None or not hasattr(socket, "TCP_INFO"):
+    # Linux's layout only: FreeBSD has a TCP_INFO whose byte 120 is another field.
+    if sock is None or not sys.platform.startswith("linux") or not hasattr(socket, "TCP_INFO"):
         return None
     try:
         raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)

@@ -74,9 +74,13 @@ def sample(
     """One token id from a row of logits [vocab], never one of ``banned``. Draws exactly one
     random number when sampling, so a seeded sequence draws the same numbers token by token (also
     across preemption); whether they pick the same tokens depends on its logits (see above)."""
+    vocab = logits.shape[-1]
+    # Only ids of this vocabulary: an EOS id past it (a generation config that disagrees with the
+    # exported head) raised IndexError here and failed the whole decode step's batch.
+    banned = [i for i in banned if 0 <= i < vocab]
     if banned:
         masked = logits.copy()  # the row is the batch's
-        masked[list(banned)] = -np.inf
+        masked[banned] = -np.inf
         # A ban that leaves no token possible (the service refuses such a request; this is the
         # backstop) is ignored: banned, argmax took token 0 of all -inf, and sampling divided by
         # a NaN sum and took the last id, with a numpy RuntimeWarning on stderr.
