@@ -50,6 +50,7 @@ class _Worker:
     up: bool = True
     given_up: bool = False
     restart_at: float = 0.0  # monotonic time before which a dead thread is not restarted (backoff)
+    reported: BaseException | None = None  # the last error logged, so that none is logged twice
     failures: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_RESTARTS))
 
 
@@ -151,6 +152,7 @@ class Supervisor:
         if len(recent) >= MAX_RESTARTS:
             self._give_up(worker, f"died {len(recent)} times in a minute", exc)
         elif exc is not None:
+            worker.reported = exc
             log.error("worker %s died; restarting it", worker.name, exc_info=exc)
         else:
             log.error("worker %s is down (not running, or stalled); restarting it if it can be", worker.name)
@@ -212,11 +214,17 @@ class Supervisor:
                     worker.restart_at = time.monotonic() + self._failed(worker, exc)
                 if worker.given_up or worker.restart is None or time.monotonic() < worker.restart_at:
                     continue
+                # A thread that stalled (down, counted) and then died: its exception came after
+                # the one report of its going down, and would go unlogged with the restart.
+                died = _read_error(worker)
                 try:
                     restarted = worker.restart()
                 except Exception as exc:
                     self._give_up(worker, "could not be restarted", exc)
                     continue
+                if restarted is not False and died is not None and died is not worker.reported:
+                    worker.reported = died
+                    log.error("worker %s died while down; restarted it", worker.name, exc_info=died)
                 # Up once restarted, so that a thread that dies again at once is counted again
                 # (and backs off longer), as a task is; it used to be restarted on every poll,
                 # uncounted. A stalled thread (alive, stuck in a call) cannot be replaced: it stays

@@ -148,6 +148,38 @@ async def test_thread_restarts_back_off_and_log_the_threads_exception(
     assert str(first.exc_info[1]) == "injected: the thread's first death"
 
 
+async def test_a_stalled_thread_that_then_dies_has_its_exception_logged(
+    quick: tuple[float, ...], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A thread stuck in a call (the GPU sampler in a hung NVML call) is down and reported once;
+    when it then dies, the restart replaced it without a word of why: its exception is logged."""
+    state: dict[str, Any] = {"stalled": True, "error": None, "restarts": 0}
+
+    def alive() -> bool:
+        return False  # stalled, then dead: down either way until restarted
+
+    def restart() -> bool:
+        if state["error"] is None:
+            return False  # still running (stuck): nothing to replace
+        state["restarts"] += 1
+        state["error"] = None
+        return True
+
+    sup = Supervisor(Metrics())
+    with caplog.at_level(logging.ERROR, "appliance.supervisor"):
+        sup.watch("stuck-thread", alive, restart, critical=False, error=lambda: state["error"])
+        await asyncio.sleep(0.2)  # down, reported without an exception
+        state["error"] = RuntimeError("injected: died after its stall")
+        for _ in range(200):
+            if state["restarts"]:
+                break
+            await asyncio.sleep(0.01)
+    await sup.close()
+    assert state["restarts"] == 1
+    logged = [r.exc_info[1] for r in caplog.records if r.exc_info]
+    assert [str(e) for e in logged] == ["injected: died after its stall"], caplog.records
+
+
 async def test_an_optional_worker_never_fails_readiness_and_is_switched_off_when_given_up(
     quick: tuple[float, ...], caplog: pytest.LogCaptureFixture
 ) -> None:
