@@ -17,6 +17,8 @@ import asyncio
 import heapq
 import itertools
 import logging
+import math
+import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -50,6 +52,7 @@ DEFAULT_SERVICE_RATE = 100.0  # items/s assumed before any batch has completed; 
 _EWMA_ALPHA = 0.2
 _LENGTH_WINDOW = 4  # length grouping scans this many batches' worth of queue, bounding cost and unfairness
 _RETRY_PUMP_S = 0.01  # after a failed dispatch: soon, yet a persistent fault cannot spin the loop
+_FAILURE_LOG_S = 10.0  # a persistent dispatch fault is logged at most this often (its stack once)
 
 
 class BatcherObserver(Protocol):
@@ -124,6 +127,8 @@ class Batcher(EarlyAdmission, Generic[T, R]):
         self._reserved: dict[int, int] = {}  # level -> places held by early admissions
         self._pump_pending = False
         self._taking: list[_Request[T, R]] = []  # taken from the queues, not yet launched
+        self._failure_logged_at = -math.inf  # when a failed dispatch was last logged
+        self._failures_unlogged = 0
         self._hold: asyncio.Handle | None = None
         self._hold_at = 0.0
         # Queue deadlines: one timer for the batcher, at the earliest, over a heap of (due, seq),
@@ -386,7 +391,22 @@ class Batcher(EarlyAdmission, Generic[T, R]):
         after 30 s). Instead the batch it was forming fails now (what it had taken, or else the
         head of the queue, so that a fault that persists still gets through the queue), and
         dispatch is tried again shortly for the rest."""
-        log.exception("batcher %s: dispatching a batch failed", self.name)
+        # A fault that persists fails batch after batch (up to 100 a second while the queue
+        # drains): its stack once, then a line with the count at most every _FAILURE_LOG_S.
+        now = time.monotonic()
+        self._failures_unlogged += 1
+        if now - self._failure_logged_at >= _FAILURE_LOG_S:
+            if self._failure_logged_at == -math.inf:
+                log.error("batcher %s: dispatching a batch failed", self.name, exc_info=exc)
+            else:
+                log.error(
+                    "batcher %s: dispatching a batch failed %d times since the last report, now with %s: %s",
+                    self.name,
+                    self._failures_unlogged,
+                    type(exc).__name__,
+                    exc,
+                )
+            self._failure_logged_at, self._failures_unlogged = now, 0
         error = EngineError(f"batcher error: {type(exc).__name__}: {exc}")
         victims, self._taking = self._taking, []
         if not victims:

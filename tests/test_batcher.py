@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -690,6 +691,31 @@ async def test_a_fault_forming_a_batch_fails_that_batch_and_the_queue_is_still_s
     assert await blocker == ("ok", "blocker") and failures.count == 1
     assert batcher.snapshot()["queue_depth"] == {1: 0}
     assert await asyncio.wait_for(batcher.submit("next"), 1) == ("ok", "next")
+    await batcher.close()
+
+
+async def test_a_fault_that_persists_is_logged_once_with_its_stack_not_per_batch(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fault in every dispatch fails batch after batch (each is counted); its stack is logged
+    once and the repeats are summed into a line at most every ``_FAILURE_LOG_S``, not a traceback
+    per batch, up to 100 a second."""
+    failures = Failures()
+    batcher, engine, blocker = await blocked(BatchPolicy(max_batch_size=1), observer=failures)
+    queued = [submit(batcher, i) for i in range(30)]
+    await asyncio.sleep(0)
+
+    def broken(self: Batcher[Any, Any], *args: Any, **kwargs: Any) -> Any:
+        raise Boom("_take broke for good")
+
+    monkeypatch.setattr(Batcher, "_take", broken)
+    with caplog.at_level(logging.ERROR, "appliance.batcher"):
+        engine.gate.set()
+        results = await asyncio.wait_for(asyncio.gather(*queued, return_exceptions=True), 5)
+    assert all(isinstance(r, EngineError) for r in results) and failures.count == 30
+    records = [r for r in caplog.records if "dispatching a batch failed" in r.getMessage()]
+    assert len(records) == 1 and records[0].exc_info is not None, [r.getMessage() for r in records]
+    assert await blocker == ("ok", "blocker")
     await batcher.close()
 
 
