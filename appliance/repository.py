@@ -139,8 +139,11 @@ def artefact_digest(folder: Path, files: Any) -> str:
 
 
 def artefact_stamp(folder: Path, files: Any) -> str:
-    """A digest of each artefact's (and its ONNX ``.data`` external weights') name, size and
-    mtime_ns: a stat per file, no read. Raises OSError for a missing artefact."""
+    """A digest of each artefact's (and its ONNX ``.data`` external weights') name, size, inode,
+    mtime_ns and ctime_ns: a stat per file, no read. Raises OSError for a missing artefact. The
+    mtime alone misses a same-size file delivered with its time kept (``cp -p``, ``rsync -t``,
+    ``tar -x``, an image layer's normalised times); a new file is a new inode, and no tool sets
+    the ctime."""
     h = hashlib.sha256()
     for name in sorted(files):
         path = folder / name
@@ -151,7 +154,7 @@ def artefact_stamp(folder: Path, files: Any) -> str:
                 if part is path:
                     raise
                 continue  # no external weights
-            h.update(f"{part.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+            h.update(f"{part.name}\0{st.st_size}\0{st.st_ino}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0".encode())
     return h.hexdigest()[:16]
 
 

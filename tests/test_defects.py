@@ -135,7 +135,17 @@ def test_the_identity_follows_artefacts_replaced_under_a_stale_build_record(tmp_
     assert second != first and (folder / ".build.json").read_bytes() == record
 
     (folder / "model.onnx.data").write_bytes(b"external weights")  # the graph file untouched
-    assert entry.digest() != second
+    third = entry.digest()
+    assert third != second
+
+    # Delivered as `cp -p` or `rsync -t` would: a new file of the same size, its mtime kept.
+    kept = onnx.stat()
+    fresh = folder / "model.onnx.new"
+    fresh.write_bytes(b"graph v3")
+    os.utime(fresh, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    fresh.replace(onnx)
+    assert onnx.stat().st_mtime_ns == kept.st_mtime_ns and onnx.stat().st_size == kept.st_size
+    assert entry.digest() != third
 
 
 def test_two_models_with_the_same_artefacts_never_share_cache_entries(
