@@ -227,7 +227,7 @@ class ModelManager:
                 state = ModelState.available if e.built else ModelState.unbuilt
                 self.slots[e.name] = ModelSlot(entry=e, state=state)
                 continue
-            if slot.runtime is not None or (slot.load_task is not None and not slot.load_task.done()):
+            if self._busy(slot):
                 continue
             # Rebuilt meanwhile, perhaps: its cache identity is read again (no answer cached for
             # the old artefacts may be served as the new ones').
@@ -243,13 +243,22 @@ class ModelManager:
         found = {e.name for e in entries}
         for name in [n for n, s in self.slots.items() if n not in found]:
             slot = self.slots[name]
-            if slot.runtime is None and (slot.load_task is None or slot.load_task.done()):
+            if not self._busy(slot):
                 # Its folder is gone: a request for it is a 404, not a load that fails for ever.
                 # A resident one serves on from memory until it is unloaded.
                 del self.slots[name]
                 self._identities.pop(name, None)
         if self._start_defaults is None:  # the first scan: what "every built model" means
             self._start_defaults = [n for n, s in self.slots.items() if s.state != ModelState.unbuilt]
+
+    @staticmethod
+    def _busy(slot: ModelSlot) -> bool:
+        """Resident, loading or unloading: its entry stays what it loaded with. An unloading
+        model's runtime is already None while it drains, and a rescan then (a SIGHUP, a request
+        for a new name) deleted its slot under the drain: its streams failed with ModelNotFound
+        from the scheduler's tunables, the unload answered 404, the scheduler loop died."""
+        loading = slot.load_task is not None and not slot.load_task.done()
+        return slot.runtime is not None or loading or slot.unloading is not None
 
     def request_slot(self, name: str) -> ModelSlot:
         """The slot a request for ``name`` goes to: a 404 for none, and for a model not built
@@ -498,6 +507,13 @@ class ModelManager:
         finally:
             slot.unloading = None
             done.set_result(None)
+        # Not resident now: it takes its folder's current model.yaml (or goes with its folder), as
+        # the rescans it sat out while resident would have had it; an edit made while it served
+        # waited for a second SIGHUP after the unload.
+        try:
+            self.rescan()
+        except Exception:  # an unreadable repository folder: the unload itself went through
+            log.exception("model repository: reading it after unloading %s failed", name)
 
     async def restart(self, name: str, timeout_s: float = 60.0) -> None:
         """Replace ``name``'s engine: unloaded now, loaded fresh by its next request (the breaker's

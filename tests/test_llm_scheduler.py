@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import threading
 import time
 import warnings
@@ -494,6 +495,35 @@ async def test_a_hung_step_times_out(executor: ThreadPoolExecutor) -> None:
     _, fin = await drain(ok)
     assert isinstance(fin, Finished)
     await sch.close()
+
+
+async def test_an_abandoned_call_leaves_no_exception_unretrieved(executor: ThreadPoolExecutor) -> None:
+    """A call given up on while it waited behind a hung one later ends with "abandoned before it
+    started", and nobody awaited it: asyncio logged "Future exception was never retrieved" with a
+    traceback at ERROR, a dozen times a minute under a tiny engine.timeout_ms."""
+    loop = asyncio.get_running_loop()
+    seen: list[str] = []
+    loop.set_exception_handler(lambda _, ctx: seen.append(str(ctx.get("message"))))
+    try:
+        dec = FakeDecoder(prefill_s=1.0)
+        sch = make(executor, dec, engine_timeout_ms=150)
+        hung = seq([1], 3)
+        sch.submit(hung)
+        _, fin = await drain(hung)
+        assert isinstance(fin, Failed)
+        behind = seq([2], 3)
+        sch.submit(behind)  # waits behind the hung call past 2 x 150 ms: abandoned
+        _, fin = await drain(behind)
+        assert isinstance(fin, Failed) and isinstance(fin.error, EngineTimeout)
+        del fin, hung, behind  # their errors' tracebacks hold the call's frame, and so its future
+        dec.prefill_s = 0.0
+        await asyncio.sleep(1.2)  # the hung call ends; the worker skips the abandoned one
+        await sch.close()
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert not [m for m in seen if "never retrieved" in m], seen
 
 
 # ---------------------------------------------------------------------------------- fault injection

@@ -377,6 +377,48 @@ def test_models_added_or_removed_while_serving_leave_readiness_alone(
     assert srv.get("/readyz")[0] == 200
 
 
+def test_a_rescan_leaves_an_unloading_model_be_and_the_unload_takes_the_current_file(
+    start_server, minilm_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Found by a chaos probe: a rescan (a SIGHUP, a request for a new name) while a model drained
+    for its unload deleted the slot under the drain, since its runtime is None by then: its
+    streams failed with ModelNotFound, the unload answered 404, its scheduler loop died. And a
+    model.yaml edited while the model was resident was not taken by the unload and next load:
+    only a second SIGHUP after the unload applied it."""
+    monkeypatch.setattr(models_module, "RESCAN_MIN_S", 0.0)
+    srv = start_server({MODEL: minilm_folder})
+    repo = Path(srv.cfg.model_repository)
+    mgr = srv.app[MANAGER]
+    spec = "name: {n}\nkind: embedding\nartefacts: {{model: model.onnx, tokenizer: tokenizer.json}}\n"
+    for name in ("edited", "doomed"):
+        (repo / name).mkdir()
+        for f in ("model.onnx", "tokenizer.json"):
+            (repo / name / f).symlink_to(minilm_folder / f)
+        (repo / name / "model.yaml").write_text(spec.format(n=name) + "queue: {max_queue_size: 7}\n")
+        assert srv.post("/v1/embeddings", {"model": name, "input": "x"})[0] == 200
+
+    (repo / "edited" / "model.yaml").write_text(spec.format(n="edited") + "queue: {max_queue_size: 9}\n")
+    srv.call(mgr.rescan)  # a SIGHUP: the resident model keeps what it loaded with
+    assert mgr.tunables("edited")["queue.max_queue_size"] == 7
+    srv.call(lambda: mgr.unload("edited"))
+    assert mgr.tunables("edited")["queue.max_queue_size"] == 9  # no second SIGHUP needed
+
+    async def rescan_during_the_drain() -> tuple[bool, bool]:
+        unloading = asyncio.ensure_future(mgr.unload("doomed"))
+        await asyncio.sleep(0)  # begun: the runtime is gone, the drain is under way
+        assert mgr.slots["doomed"].runtime is None and mgr.slots["doomed"].unloading is not None
+        shutil.rmtree(repo / "doomed")
+        mgr.rescan()
+        kept = "doomed" in mgr.slots
+        await unloading
+        return kept, "doomed" in mgr.slots
+
+    kept, after = srv.call(rescan_during_the_drain)
+    assert kept and not after  # dropped once unloaded: its folder is gone
+    status, body, _ = srv.post("/v1/embeddings", {"model": "doomed", "input": "y"})
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+
+
 def test_readyz_says_why_it_is_not_ready_and_a_broken_model_file_harms_only_its_model(
     start_server, minilm_folder: Path
 ) -> None:  # type: ignore[no-untyped-def]
