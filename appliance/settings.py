@@ -329,7 +329,8 @@ register(
         "queue.max_queue_size",
         int,
         256,
-        "Waiting requests allowed per priority level before 429 (0 = unbounded).",
+        "Waiting items allowed per priority level before 429 (0 = unbounded): each input of an "
+        "embedding request counts, any other request counts once.",
         0,
         1_000_000,
     ),

@@ -274,6 +274,31 @@ def test_the_global_rate_ceiling_keeps_what_is_left_for_the_most_urgent() -> Non
         assert taken == [True, False, True, False, True, False], rate
 
 
+def test_the_per_connection_ceiling_forgets_closed_connections(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each connection's bucket was pruned only once idle for 10 s: more connections than the table
+    holds within 10 s (clients without keep-alive, ~410 a second at 4,096) kept it growing, and
+    every newcomer rebuilt it. A closed connection's bucket goes at the next prune. (A connection
+    here is aiohttp's handler as the table sees it: its transport, None once closed.)"""
+    from types import SimpleNamespace
+
+    from appliance.api import security
+
+    class Conn:  # hashed by identity, as aiohttp's handlers are
+        def __init__(self) -> None:
+            self.transport: object | None = object()
+
+    monkeypatch.setattr(security, "_MAX_TRACKED", 8)
+    ceilings = security.RateCeilings(0.0, 100.0)
+    live = Conn()
+    conns = [live] + [Conn() for _ in range(40)]
+    for conn in conns:
+        request = SimpleNamespace(headers={}, protocol=conn)  # what check() reads of a request
+        assert ceilings.check(request) == 0.0  # type: ignore[arg-type]
+        if conn is not live:
+            conn.transport = None  # the client hung up; it never comes back
+    assert len(ceilings._conns) <= 8 and live in ceilings._conns  # it held all 41
+
+
 def test_an_empty_admin_token_file_is_replaced_and_an_unusable_data_dir_is_one_line(
     tmp_path: Path, start_server, minilm_folder: Path
 ) -> None:  # type: ignore[no-untyped-def]

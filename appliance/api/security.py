@@ -134,7 +134,12 @@ class RateCeilings:
         entry = self._conns.get(conn)
         if entry is None:
             if len(self._conns) >= _MAX_TRACKED:
-                self._conns = {k: v for k, v in self._conns.items() if now - v[1] < 10.0}
+                # Closed connections go, whatever their age (more than _MAX_TRACKED within 10 s,
+                # clients without keep-alive, kept the table growing and rebuilt on every newcomer);
+                # open ones are at most server.max_connections, so this leaves room.
+                self._conns = {
+                    k: v for k, v in self._conns.items() if k.transport is not None and now - v[1] < 10.0
+                }
             bucket = TokenBucket(self.per_connection, max(self.per_connection / 10, 1))
             entry = self._conns[conn] = [bucket, now]
         else:
