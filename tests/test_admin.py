@@ -37,6 +37,17 @@ def admin(srv: ServerThread, method: str, path: str, body: Any = None) -> tuple[
         return e.code, json.loads(e.read())
 
 
+def purge_request(srv: ServerThread) -> urllib.request.Request:
+    """POST /admin/cache/purge, for a test that reads the refusal's headers (admin() does not)."""
+    assert srv.server is not None
+    return urllib.request.Request(
+        srv.admin_url + "/admin/cache/purge",
+        data=b"{}",
+        method="POST",
+        headers={"Authorization": f"Bearer {srv.server.admin_token}", "Content-Type": "application/json"},
+    )
+
+
 @pytest.fixture
 def served(tmp_path: Path, minilm_folder: Path) -> Any:
     """A server started from a real appliance.yaml, so that persistence can be checked."""
@@ -233,12 +244,7 @@ def test_a_stuck_cache_writer_is_reported_and_a_purge_does_not_wait_on_it(
     try:
         srv.post("/v1/embeddings", {"model": MODEL, "input": "the put that gets stuck"})
         assert srv.server is not None
-        req = urllib.request.Request(
-            srv.admin_url + "/admin/cache/purge",
-            data=b"{}",
-            method="POST",
-            headers={"Authorization": f"Bearer {srv.server.admin_token}", "Content-Type": "application/json"},
-        )
+        req = purge_request(srv)
         started = time.monotonic()
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(req, timeout=10)
@@ -275,12 +281,7 @@ def test_a_purge_the_cache_could_not_carry_out_is_503_not_zero_purged(served: An
     other = sqlite3.connect(rc.path, isolation_level=None)
     other.execute("BEGIN EXCLUSIVE")
     assert srv.server is not None
-    req = urllib.request.Request(
-        srv.admin_url + "/admin/cache/purge",
-        data=b"{}",
-        method="POST",
-        headers={"Authorization": f"Bearer {srv.server.admin_token}", "Content-Type": "application/json"},
-    )
+    req = purge_request(srv)
     try:
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(req, timeout=30)

@@ -395,6 +395,17 @@ def test_a_body_that_does_not_decode_is_a_client_error(
     assert got == status and fragment in resp["error"], resp
 
 
+def _until_closed(server: ServerThread, raw: bytes) -> tuple[bytes, bytes]:
+    """A ``Connection: close`` request over a raw socket: the answer's head and body."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(raw)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, answer = reply.partition(b"\r\n\r\n")
+    return head, answer
+
+
 def test_a_repeated_content_encoding_header_is_415(server: ServerThread) -> None:
     """Found by a probe: ``identity`` then ``br`` on two header lines passed the allow-list, which
     read the first line, while aiohttp decodes by the last. The lines are one list (RFC 9110,
@@ -407,13 +418,8 @@ def test_a_repeated_content_encoding_header_is_415(server: ServerThread) -> None
             + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
             + body
         )
-        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-            sock.sendall(raw)
-            reply = b""
-            while chunk := sock.recv(65536):
-                reply += chunk
-        head, _, answer = reply.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 415 "), reply[:300]
+        head, answer = _until_closed(server, raw)
+        assert head.startswith(b"HTTP/1.1 415 "), head
         message = json.loads(answer)["error"]["message"]
         assert message.startswith(f"Content-Encoding '{', '.join(lines)}' is not supported"), message
         assert "in one Content-Encoding header" in message
@@ -433,13 +439,8 @@ def test_an_encoding_whose_decoder_is_not_installed_is_415_as_brotli_is(server: 
             b"Content-Encoding: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
             % (encoding.encode(), len(body))
         ) + body
-        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-            sock.sendall(raw)
-            reply = b""
-            while chunk := sock.recv(65536):
-                reply += chunk
-        head, _, answer = reply.partition(b"\r\n\r\n")
-        assert re.match(rb"HTTP/1\.[01] 415 ", head), reply[:300]
+        head, answer = _until_closed(server, raw)
+        assert re.match(rb"HTTP/1\.[01] 415 ", head), head
         errors[encoding] = json.loads(answer)["error"]
     assert errors["zstd"]["code"] == errors["br"]["code"] == "unsupported_content_encoding", errors
     assert errors["zstd"]["message"] == errors["br"]["message"].replace("'br'", "'zstd'"), errors
@@ -536,14 +537,9 @@ def test_a_request_the_http_parser_refuses_is_one_info_line_not_a_traceback(
     ]
     with caplog.at_level(logging.INFO, logger="aiohttp.server"):
         for raw, status in bad:
-            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-                sock.sendall(raw)
-                reply = b""
-                while chunk := sock.recv(4096):
-                    reply += chunk
-            head, _, body = reply.partition(b"\r\n\r\n")
+            head, body = _until_closed(server, raw)
             # Answered in the APIs' JSON error shape, not aiohttp's text/plain.
-            assert b" %d " % status in head.split(b"\r\n")[0] and b"application/json" in head, reply
+            assert b" %d " % status in head.split(b"\r\n")[0] and b"application/json" in head, head
             error = json.loads(body)["error"]
             assert error["code"] == "malformed_request" and error["message"].startswith(
                 "the request could not"
