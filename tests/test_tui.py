@@ -813,6 +813,43 @@ async def test_an_action_says_it_started_and_is_not_sent_again_while_it_runs() -
         assert admin.loads == ["model-0", "model-1"]
 
 
+async def test_names_and_messages_from_the_server_are_shown_as_written_not_read_as_markup() -> None:
+    """Model names are folder names, and the server's messages echo them. Read as Textual markup,
+    a "[/]" in one crashed the console (its confirmation, command palette, toasts and tuning
+    scope all parsed it) and "qwen[v2]" was shown as "qwen". Found by a probe with a fake admin
+    API; here the scripted one serves such names."""
+    from textual.widgets import Label
+    from textual.widgets._toast import Toast
+
+    row = model_stats(1)["models"]["model-0"]
+    async with ScriptedAdmin() as admin:
+        admin.serve({**model_stats(0), "models": {"[/]x": dict(row), "qwen[v2]": dict(row)}})
+        app = scripted_app(admin)
+        async with app.run_test(size=SIZE, notifications=True) as pilot:
+            await wait_until(pilot, lambda: app.screen.query_one(ModelsTable).row_count == 2, "the table")
+            app.ask("model:unload", "[/]x")
+            await pilot.pause()
+            assert isinstance(app.screen, ConfirmScreen)
+            assert "[/]x" in str(app.screen.query_one("#question", Label).render())
+            await pilot.press("n")
+            await pilot.press("ctrl+p")
+            await pilot.pause()
+            await pilot.press("q", "w", "e", "n")  # the palette's hits name the models
+            await pilot.pause()
+            await pilot.press("escape")
+            await pilot.pause()
+            admin.loaded.set()
+            app.ask("model:load", "qwen[v2]")
+            await pilot.pause()
+            await pilot.press("y")
+
+            def toasts() -> list[str]:
+                return [str(t.render()) for t in app.screen.query(Toast)]
+
+            await wait_until(pilot, lambda: any("qwen[v2]: resident" in t for t in toasts()), "the toast")
+        assert admin.loads == ["qwen[v2]"]
+
+
 async def test_a_restart_is_told_by_started_at_though_the_new_process_is_up_longer() -> None:
     """A process that restarted between polls and has been up longer than the old one was at the
     last poll is still a new process: warned about, graphs and remembered breakers cleared."""

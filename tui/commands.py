@@ -7,6 +7,8 @@ from functools import partial
 from typing import TYPE_CHECKING, cast
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
+from textual.content import Content
+from textual.markup import escape
 
 from tui import view
 
@@ -64,13 +66,18 @@ class ConsoleCommands(Provider):
         )
         return cmds
 
+    # Titles and help name models, whose names are folder names: never read as markup (a "[/]"
+    # in one crashed the palette, and "qwen[v2]" was shown as "qwen").
+
     async def discover(self) -> Hits:
         for title, help_text, callback in self._commands():
-            yield DiscoveryHit(title, callback, help=help_text)
+            yield DiscoveryHit(Content(title), callback, text=title, help=escape(help_text))
 
     async def search(self, query: str) -> Hits:
         matcher = self.matcher(query)
         for title, help_text, callback in self._commands():
             score = matcher.match(title)
             if score > 0:
-                yield Hit(score, matcher.highlight(title), callback, help=help_text)
+                # The matcher's highlight reads its candidate as markup: only a plain title gets it.
+                shown = Content(title) if "[" in title else matcher.highlight(title)
+                yield Hit(score, shown, callback, text=title, help=escape(help_text))

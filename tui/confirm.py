@@ -24,9 +24,9 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
-            yield Label(self.question, id="question")
+            yield Label(self.question, id="question", markup=False)  # a model name is not markup
             if self.detail:
-                yield Static(self.detail, id="detail")
+                yield Static(self.detail, id="detail", markup=False)
             with Horizontal(id="dialog-buttons"):
                 yield Button("Yes (y)", id="yes", variant="error")
                 yield Button("No (n)", id="no")

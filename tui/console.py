@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 from textual.app import App
 from textual.binding import Binding, BindingType
+from textual.notifications import SeverityLevel
 from textual.reactive import reactive
 from textual.screen import Screen
 from textual.timer import Timer
@@ -93,6 +94,19 @@ class ConsoleApp(App[None]):
         self.set_reactive(ConsoleApp.interval, max(0.05, float(interval)))
         if read_only:
             self.sub_title = "read-only"
+
+    def notify(
+        self,
+        message: str,
+        *,
+        title: str = "",
+        severity: SeverityLevel = "information",
+        timeout: float | None = None,
+        markup: bool = False,
+    ) -> None:
+        """Plain text unless asked otherwise: messages carry model names (folder names) and the
+        server's error messages, and read as markup a "[/]" in one crashed the console."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
 
     def get_default_screen(self) -> Screen[Any]:
         return DashboardScreen()

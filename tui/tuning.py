@@ -238,7 +238,7 @@ class TuningScreen(Screen[None]):
                 head = str(spec["name"]).split(".", 1)[0]
                 if head != section:
                     section = head
-                    widgets.append(Label(head, classes="section"))
+                    widgets.append(Label(head, classes="section", markup=False))
                 widgets.append(SettingRow(spec))
             form.mount_all(widgets)
             self.call_after_refresh(self._fill, reset=True)
@@ -258,7 +258,9 @@ class TuningScreen(Screen[None]):
         if self.scope != DEFAULTS and self.scope not in models:
             self.scope = DEFAULTS
         select = cast("Select[str]", self.query_one("#scope", Select))
-        options = [("server-wide defaults", DEFAULTS), *((f"model {m}", m) for m in models)]
+        # A model's name as written (rich Text, not markup: a "[/]" in one crashed the screen).
+        options: list[tuple[Text | str, str]] = [("server-wide defaults", DEFAULTS)]
+        options += [(Text(f"model {m}"), m) for m in models]
         with select.prevent(Select.Changed):
             select.set_options(options)
             select.value = self.scope
@@ -379,7 +381,7 @@ class TuningScreen(Screen[None]):
             if reload_needed:
                 text += f"; takes effect when reloaded: {', '.join(reload_needed)}"
             self._message(text, "ok")
-            self.notify(text, title="settings")
+            self.notify(text, title="settings", markup=False)
             return
         err = res.error
         if isinstance(err, ApiError):
