@@ -21,7 +21,6 @@ from typing import Any, NamedTuple
 import numpy as np
 from tokenizers import Tokenizer
 
-from appliance.api.tensors import datatype_of
 from appliance.batcher import (
     AdmissionError,
     Batcher,
@@ -30,7 +29,7 @@ from appliance.batcher import (
     QueueFull,
     Reservation,
 )
-from appliance.engines.base import Engine, EngineError, EngineOutOfMemory, EngineTimeout
+from appliance.engines.base import Engine, EngineError, EngineOutOfMemory, EngineTimeout, datatype_of
 from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, Overloaded, Unavailable
 from appliance.models import RUNTIME_FACTORIES, ModelManager, ModelRuntime, batch_policy
 from appliance.repository import ModelEntry, ModelKind

@@ -127,7 +127,7 @@ class ModelEntry:
 
         The build record's digest saves hashing the files, but it only speaks for the files it was
         written with: a model.onnx copied over a built one, the record left as it was, kept the old
-        identity and served the old model's cached answers. Each file's size and mtime count too."""
+        identity and served the old model's cached answers. Each file's stat counts too (``artefact_stamp``)."""
         rec = self.build_record().get("digest")
         if isinstance(rec, str):
             return f"{rec}.{artefact_stamp(self.folder, self.spec.artefacts.values())}"

@@ -22,11 +22,12 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    # A task given up on may still end in an exception; reading it keeps asyncio from logging
-    # "Task exception was never retrieved" for an outcome nobody waits for any more.
-    if not task.cancelled():
-        task.exception()
+def retrieve(fut: asyncio.Future[Any]) -> None:
+    """A done-callback for a future or task given up on: it may still end in an exception, and
+    reading it keeps asyncio from logging "... exception was never retrieved" (with a traceback,
+    at ERROR) for an outcome nobody waits for any more."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 async def within(aw: Awaitable[T], seconds: float | None) -> T:
@@ -42,13 +43,13 @@ async def within(aw: Awaitable[T], seconds: float | None) -> T:
         done, _ = await asyncio.wait({task}, timeout=seconds)
     except asyncio.CancelledError:
         task.cancel()
-        task.add_done_callback(_retrieve)
+        task.add_done_callback(retrieve)
         raise
     if not done:
         task.cancel()
-        task.add_done_callback(_retrieve)
+        task.add_done_callback(retrieve)
         raise asyncio.TimeoutError
     return task.result()
 
 
-__all__ = ["within"]
+__all__ = ["retrieve", "within"]

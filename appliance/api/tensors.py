@@ -12,30 +12,11 @@ import numpy as np
 import orjson
 
 from appliance.api.jsonbody import parse_object
+from appliance.engines.base import DTYPES, datatype_of
 from appliance.errors import InvalidRequest
 
-DTYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-    "BYTES": np.dtype(object),
-}
-NAMES = {v: k for k, v in DTYPES.items()}
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_DIMS = 32  # numpy's own limit is 64; no model here has more than a handful
-
-
-def datatype_of(dtype: np.dtype) -> str:
-    return NAMES.get(dtype, "BYTES")
 
 
 _DECIMAL = re.compile(r"[0-9]{1,18}")
@@ -260,12 +241,14 @@ def requested_outputs(doc: dict[str, Any]) -> tuple[list[str] | None, dict[str, 
     if outputs is None:
         return None, {"*": default_binary}
     names: list[str] = []
+    seen: set[str] = set()  # not `in names`: a request may list many thousands of outputs
     binary: dict[str, bool] = {"*": default_binary}
     for o in outputs:
-        if o["name"] in names:
+        if o["name"] in seen:
             # Triton refuses it; answered twice, the later one's binary_data applied to both.
             raise InvalidRequest(f"output '{o['name']}' is requested twice; name each output once")
         names.append(o["name"])
+        seen.add(o["name"])
         params = parameters_of(o, "output")
         if params.get("classification"):
             # Triton's classification extension (top-k "score:index" strings); not declared in

@@ -25,6 +25,30 @@ class EngineTimeout(EngineError):
     """A batch ran past ``engine.timeout_ms``; the engine may be hung."""
 
 
+# The KServe v2 datatypes by element type: the names errors and metadata give a tensor's type at
+# every layer (the HTTP codec decodes by them; the services name a mismatch by them).
+DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(object),
+}
+NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def datatype_of(dtype: np.dtype) -> str:
+    return NAMES.get(dtype, "BYTES")
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """Name, element type and shape of one engine input or output.

@@ -74,7 +74,7 @@ from appliance.llm.kv import KVState
 from appliance.llm.prefix import PrefixCache, PrefixStats
 from appliance.llm.sampling import OutputProcessor, SamplingParams, make_rng, sample
 from appliance.telemetry import Metrics
-from appliance.timeouts import within
+from appliance.timeouts import retrieve, within
 
 log = logging.getLogger(__name__)
 
@@ -833,13 +833,16 @@ class Scheduler(EarlyAdmission):
             await asyncio.wait(either, timeout=2 * limit, return_when=asyncio.FIRST_COMPLETED)
             if not began.done():
                 job.abandoned = True
-                fut.add_done_callback(_consume)
+                # Nobody awaits it now: its exception ("abandoned before it started", or the hung
+                # call's own) was logged as never retrieved, a dozen times a minute at a tiny
+                # engine.timeout_ms.
+                fut.add_done_callback(retrieve)
                 raise EngineTimeout(f"the engine worker stayed busy past {2 * timeout_ms:.0f} ms")
             try:
                 return await within(asyncio.shield(fut), limit)
             except asyncio.TimeoutError:
                 job.abandoned = True
-                fut.add_done_callback(_consume)
+                fut.add_done_callback(retrieve)
                 raise EngineTimeout(f"a generation step ran past {timeout_ms:.0f} ms") from None
         raise AssertionError("unreachable")  # for mypy: the stack never swallows an exception
 
@@ -1180,14 +1183,6 @@ def _select(kv: KVState | None, rows: list[Seq], keep: list[Seq]) -> tuple[KVSta
 def _level(seqs: Sequence[Seq]) -> int:
     """The most urgent priority level among the rows of one engine call (1 is the most urgent)."""
     return min(s.priority for s in seqs)
-
-
-def _consume(fut: asyncio.Future[Any]) -> None:
-    """Retrieve an abandoned call's outcome: nobody awaits it, and its exception ("abandoned
-    before it started", or the hung call's own) was logged as "Future exception was never
-    retrieved" with a traceback at ERROR, a dozen times a minute under a tiny engine.timeout_ms."""
-    if not fut.cancelled():
-        fut.exception()
 
 
 class _Job:

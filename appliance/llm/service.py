@@ -17,7 +17,7 @@ import re
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -637,31 +637,7 @@ class Prepared:
     llm: LLMRuntime
     prompt: list[int]
     params: SamplingParams
-    source: dict[str, Any] = field(default_factory=dict)  # messages or prompt, for the cache key
     reasoning: str = "none"  # the reasoning parser that splits the output (chat only)
-
-    def canonical(self, api: str) -> dict[str, Any] | None:
-        """The cache key's content, or None when the output is sampled (never reuse an answer then)."""
-        if not self.params.deterministic:
-            return None
-        p = self.params
-        return {
-            "api": api,
-            "model": self.model,
-            **self.source,
-            "max_tokens": p.max_tokens,
-            "temperature": p.temperature,
-            "top_p": p.top_p,
-            "top_k": p.top_k,
-            "seed": p.seed,
-            "stop": list(p.stop),
-            "ignore_eos": p.ignore_eos,
-            # Only when set, so the keys of models without a parser (or requests without these
-            # fields) stay what they were.
-            **({"reasoning": self.reasoning} if self.reasoning != "none" else {}),
-            **({"stop_token_ids": list(p.stop_token_ids)} if p.stop_token_ids else {}),
-            **({"min_tokens": p.min_tokens} if p.min_tokens else {}),
-        }
 
 
 @dataclass
@@ -904,7 +880,7 @@ class ChatService:
             stop_token_ids=options.stop_token_ids,
             min_tokens=options.min_tokens,
         )
-        return Prepared(llm.name, llm, prompt, params, source)
+        return Prepared(llm.name, llm, prompt, params)
 
     def start(
         self,
