@@ -362,7 +362,8 @@ class Batcher(EarlyAdmission, Generic[T, R]):
 
     def _relevel(self, levels: int) -> None:
         """Resize the per-level queues; requests on a removed level join the new lowest level."""
-        if len(self._queues) == levels:
+        old = len(self._queues)
+        if old == levels:
             return
         waiting = sorted((r for q in self._queues for r in q), key=lambda r: r.seq)
         self._queues = [OrderedDict() for _ in range(levels)]
@@ -375,6 +376,9 @@ class Batcher(EarlyAdmission, Generic[T, R]):
             for i, queue in enumerate(self._queues):
                 if queue:
                     self._drain.backlogged(i + 1, now)
+        if old:  # not the first sizing: the depth gauges follow, a removed level's to 0 for good
+            for level in range(1, max(old, levels) + 1):
+                self.observer.on_queue_depth(level, len(self._queues[level - 1]) if level <= levels else 0)
 
     # ---- dispatch ---------------------------------------------------------------------------
 

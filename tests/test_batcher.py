@@ -20,6 +20,7 @@ from appliance.batcher import (
     BatchPolicy,
     DeadlineExceeded,
     InvalidPriority,
+    NullObserver,
     QueueFull,
     WouldMissDeadline,
 )
@@ -285,15 +286,25 @@ async def test_raising_max_batch_size_live_takes_effect_for_the_next_batch() -> 
 
 
 async def test_a_replaced_policy_with_fewer_levels_moves_waiting_items_to_the_lowest() -> None:
+    """And the depth gauges follow: a removed level reads 0 (its series had kept its last depth
+    for good, an alert on queue depth firing on a level that no longer exists)."""
+    depths: dict[int, int] = {}
+
+    class Observer(NullObserver):
+        def on_queue_depth(self, priority: int, depth: int) -> None:
+            depths[priority] = depth
+
     policy = BatchPolicy(priority_levels=3, max_batch_size=8, priority_1_alone=False)
-    batcher, engine, _ = await blocked(policy)
+    batcher, engine, _ = await blocked(policy, observer=Observer())
     tasks = [submit(batcher, "p3", priority=3), submit(batcher, "p1", priority=1)]
     await asyncio.sleep(0)
+    assert depths == {1: 1, 3: 1}
     # As a config reload does.
     batcher.policy = BatchPolicy(priority_levels=2, max_batch_size=8, priority_1_alone=False)
     later = submit(batcher, "p2", priority=2)
     await asyncio.sleep(0)
     assert batcher.snapshot()["queue_depth"] == {1: 1, 2: 2}
+    assert depths == {1: 1, 2: 2, 3: 0}
     engine.gate.set()
     await asyncio.gather(*tasks, later)
     assert engine.batches[1] == ["p1", "p3", "p2"]
