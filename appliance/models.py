@@ -27,7 +27,7 @@ from appliance.engines.select import expected_on_gpu, gpu_engines_available, ope
 from appliance.errors import LoadFailed, ModelNotBuilt, ModelNotFound
 from appliance.heap import freeze_startup_heap
 from appliance.memory import DoesNotFit, MemoryPools, measure, trim_heap
-from appliance.repository import MODEL_FILE, ModelEntry, ModelKind, scan_repository
+from appliance.repository import MODEL_FILE, REPOSITORY, ModelEntry, ModelKind, artefact_stamp, scan_folders
 from appliance.sdnotify import ProgressWatchdog
 from appliance.telemetry import Metrics
 
@@ -127,6 +127,16 @@ class ModelSlot:
     # model never run side by side and the memory lease released is the old engine's.
     unloading: asyncio.Future[None] | None = None
     failed_at: float = 0.0  # time.monotonic() of the last failed load
+    # Its artefacts' stamp when that load failed (None: one was missing): rebuilt since (a pull),
+    # the next request loads it rather than waiting out LOAD_RETRY_S with the old error.
+    failed_stamp: str | None = None
+
+
+def _stamp(entry: ModelEntry) -> str | None:
+    try:
+        return artefact_stamp(entry.folder, entry.spec.artefacts.values())
+    except OSError:
+        return None
 
 
 # After a failed load, requests are answered 503 for this long before one tries again.
@@ -170,6 +180,9 @@ class ModelManager:
         self.metrics = metrics
         self.slots: dict[str, ModelSlot] = {}
         self.scan_errors: list[str] = []
+        # Each model folder whose model.yaml is broken, with the error naming the file (a request
+        # for it is told what is wrong, not that it does not exist), and the repository's own.
+        self.broken: dict[str, str] = {}
         self._scanned_at = -RESCAN_MIN_S
         self._start_defaults: list[str] | None = None  # see default_models
         # Engine workers report here; the systemd watchdog pings only while they progress.
@@ -216,7 +229,8 @@ class ModelManager:
         edited while the server runs serves at its next load (a resident one keeps what it
         loaded with until it is unloaded)."""
         self._scanned_at = time.monotonic()
-        entries, errors = scan_repository(self.cfg.model_repository)
+        entries, self.broken = scan_folders(self.cfg.model_repository)
+        errors = list(self.broken.values())
         for error in errors:
             if error not in self.scan_errors:  # once each, however often it is rescanned
                 log.error("model repository: %s", error)
@@ -237,8 +251,11 @@ class ModelManager:
                 slot.entry = e
             if not e.built:
                 slot.state = ModelState.unbuilt
-            elif slot.state == ModelState.unbuilt or (changed and slot.state == ModelState.failed):
-                # Built since, or its file was changed after a failed load: worth a load now.
+            elif slot.state == ModelState.unbuilt or (
+                slot.state == ModelState.failed and (changed or _stamp(e) != slot.failed_stamp)
+            ):
+                # Built since, or its file or artefacts changed after a failed load (pulled
+                # again): worth a load now.
                 slot.state, slot.error, slot.failed_at = ModelState.available, None, 0.0
         found = {e.name for e in entries}
         for name in [n for n, s in self.slots.items() if n not in found]:
@@ -267,7 +284,8 @@ class ModelManager:
         ``RESCAN_MIN_S``): the answer "run `appliance models pull`" must stop once the user has,
         without a reload, and a folder copied in serves as in Ollama."""
         slot = self.slots.get(name)
-        stale = slot is None or slot.state == ModelState.unbuilt
+        # A failed model is looked at again too: pulled since, it loads now, not LOAD_RETRY_S on.
+        stale = slot is None or slot.state in (ModelState.unbuilt, ModelState.failed)
         if slot is not None and slot.runtime is None and not stale:
             stale = not (slot.entry.folder / MODEL_FILE).exists()  # removed since: a 404 now
         if stale and time.monotonic() - self._scanned_at >= RESCAN_MIN_S:
@@ -294,6 +312,9 @@ class ModelManager:
     def _slot(self, name: str) -> ModelSlot:
         slot = self.slots.get(name)
         if slot is None:
+            broken = self.broken.get(name)
+            if broken is not None:  # its folder is there, its model.yaml is not readable
+                raise ModelNotFound(f"The model '{name}' cannot be read: {broken}", param="model")
             raise ModelNotFound(f"The model '{name}' does not exist", param="model")
         return slot
 
@@ -319,8 +340,11 @@ class ModelManager:
             await asyncio.shield(slot.unloading)
         if slot.runtime is not None:
             return
-        if slot.state == ModelState.unbuilt:
-            # Not "failed": nothing went wrong, and loading cannot help until it is built.
+        if slot.state == ModelState.unbuilt or (slot.state != ModelState.loading and not slot.entry.built):
+            # Not "failed": nothing went wrong, and loading cannot help until it is built. An
+            # artefact removed since the last scan is found here, before a load that would fail
+            # on it (a 503 "No such file" for what `appliance models pull` mends).
+            slot.state = ModelState.unbuilt
             raise ModelNotBuilt(name)
         if slot.load_task is None or slot.load_task.done():
             slot.load_task = asyncio.create_task(self._load(slot))
@@ -432,6 +456,7 @@ class ModelManager:
             # Counted when the load is given up; "no room yet" (available again) is not a failure.
             if slot.state is ModelState.failed:
                 slot.failed_at = time.monotonic()
+                slot.failed_stamp = _stamp(entry)
                 self.metrics.model_load_failures.labels(entry.name).inc()
             log.error("model %s failed to load: %s", entry.name, exc)
             return
@@ -594,7 +619,12 @@ class ModelManager:
         residency flipped to 503 five idle minutes after start (memory.keep_alive_s), and an
         orchestrator that routes by it (the Kubernetes Service) then sent no request that could
         load the model again."""
-        return all(self.serves(n) for n in self.default_models())
+        names = self.default_models()
+        if not names and REPOSITORY in self.broken:
+            # No model to serve because the repository cannot be read (a typo in its path):
+            # "ready" with nothing to serve had systemd and load balancers send it traffic.
+            return False
+        return all(self.serves(n) for n in names)
 
     def readiness_errors(self) -> list[str]:
         """Why ``ready()`` may never come: the repository's broken model files, and each default

@@ -205,20 +205,38 @@ def scan(root: Path) -> Iterator[ModelEntry]:
 def scan_repository(root: Path) -> tuple[list[ModelEntry], list[str]]:
     """Every model folder under ``root`` that loads, and an error naming the file for each that
     does not: one broken model.yaml must not take every other model down with it."""
-    if not root.is_dir():
-        return [], [f"model_repository: {root} is not a folder"]
-    entries, errors = [], []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    entries, broken = scan_folders(root)
+    return entries, list(broken.values())
+
+
+REPOSITORY = ""  # scan_folders' key for an error of the repository folder itself
+
+
+def scan_folders(root: Path) -> tuple[list[ModelEntry], dict[str, str]]:
+    """``scan_repository``'s errors keyed by model folder (a model's name is its folder's), so a
+    request for a broken model can be told what is wrong with its file; an error of ``root``
+    itself is keyed ``REPOSITORY``."""
+    try:
+        if not root.is_dir():
+            return [], {REPOSITORY: f"model_repository: {root} is not a folder"}
+        folders = sorted(p for p in root.iterdir() if p.is_dir())
+    except OSError as exc:  # unreadable: reported as its own error, never raised to a rescan
+        return [], {REPOSITORY: f"model_repository: {root} cannot be read ({exc.strerror or exc})"}
+    entries: list[ModelEntry] = []
+    errors: dict[str, str] = {}
+    for folder in folders:
         path = folder / MODEL_FILE
         try:
             if path.exists():
                 entries.append(load_model_file(path))
         except RepositoryError as exc:
-            errors.append(str(exc))
+            errors[folder.name] = str(exc)
         except OSError as exc:  # unreadable, a directory, a symlink loop
-            errors.append(f"{path}: cannot be read ({exc.strerror or exc})")
+            errors[folder.name] = f"{path}: cannot be read ({exc.strerror or exc})"
         except Exception as exc:  # whatever it is, it is this model's alone
             # A failure nobody foresaw in one file (a 5,000-digit integer once escaped the YAML
             # reader) stopped the start, every reload and the rescan of an unknown name.
-            errors.append(f"{folder.name}/{MODEL_FILE}: cannot be loaded ({type(exc).__name__}: {exc})")
+            errors[folder.name] = (
+                f"{folder.name}/{MODEL_FILE}: cannot be loaded ({type(exc).__name__}: {exc})"
+            )
     return entries, errors

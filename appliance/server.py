@@ -120,7 +120,16 @@ class Server:
         mgr = self.app[MANAGER]
         while not mgr.ready():
             loading = [n for n, s in mgr.slots.items() if s.state.value == "loading"]
-            self.notifier.status("loading " + ", ".join(loading) if loading else "starting")
+            errors = mgr.readiness_errors()
+            # What holds it back, in `systemctl status`: a repository that is not there would
+            # otherwise read "starting" for as long as the unit waits.
+            self.notifier.status(
+                "loading " + ", ".join(loading)
+                if loading
+                else "not ready: " + errors[0]
+                if errors
+                else "starting"
+            )
             self.notifier.extend_timeout(30)
             await asyncio.sleep(0.2)
         self.notifier.ready(f"serving {len(mgr.slots)} models on port {self.port}")

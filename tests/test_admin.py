@@ -434,6 +434,23 @@ def test_an_unload_under_traffic_leaves_one_engine_and_its_memory_counted(served
     assert 'appliance_model_loaded{model="all-minilm-l6-v2"} 1.0' in srv.get("/metrics")[1].decode()
 
 
+def test_unloading_a_model_whose_folder_went_while_it_served_says_it_is_unloaded_and_removed(
+    served: Any,
+) -> None:
+    """Found by a new-user probe: the unload happened ("model unloaded" in the log), but its
+    answer was a 404 model_not_found (the unload's rescan had let the model go), so the console
+    reported a failure."""
+    import shutil
+
+    start, _ = served
+    srv = start()
+    shutil.rmtree(Path(srv.cfg.model_repository) / MODEL)
+    status, body = admin(srv, "POST", f"/admin/models/{MODEL}/unload")
+    assert status == 200 and body["state"] == "removed", body
+    assert body["name"] == MODEL and "no longer in the model repository" in body["error"]
+    assert admin(srv, "POST", f"/admin/models/{MODEL}/unload")[0] == 404  # gone now
+
+
 def test_settings_are_not_saved_over_an_empty_config_file(served: Any) -> None:
     """Found by an operator-side probe: with the file empty (caught mid-write, or truncated by a
     full disk) a PATCH wrote one holding only the tunables, the server, admin and path sections

@@ -347,6 +347,60 @@ def test_a_model_pulled_or_copied_in_while_serving_serves_without_a_reload(
     assert status == 200
 
 
+def test_a_model_whose_artefact_went_says_to_pull_it_and_serves_as_soon_as_it_is_rebuilt(
+    start_server, minilm_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Found by a new-user probe: a built model, not resident, whose model.onnx was removed got a
+    503 "failed to load ... No such file" (an unbuilt model is a 404 saying to pull it), and once
+    pulled again kept answering that stale 503 for up to 30 s (LOAD_RETRY_S). A load that failed
+    on a broken artefact is likewise tried again as soon as the artefact is replaced."""
+    monkeypatch.setattr(models_module, "RESCAN_MIN_S", 0.0)
+    srv = start_server({MODEL: minilm_folder})
+    repo = Path(srv.cfg.model_repository)
+    (repo / "m2").mkdir()
+    for f in ("model.onnx", "tokenizer.json"):
+        (repo / "m2" / f).symlink_to(minilm_folder / f)
+    (repo / "m2" / "model.yaml").write_text(
+        "name: m2\nkind: embedding\nartefacts: {model: model.onnx, tokenizer: tokenizer.json}\n"
+    )
+    srv.call(lambda: srv.app[MANAGER].rescan())
+    (repo / "m2" / "model.onnx").unlink()
+    status, body, headers = srv.post("/v1/embeddings", {"model": "m2", "input": "x"})
+    assert status == 404 and "models pull m2" in body["error"]["message"], body
+    (repo / "m2" / "model.onnx").write_bytes(b"not an ONNX graph")  # a build gone wrong
+    status, body, headers = srv.post("/v1/embeddings", {"model": "m2", "input": "x"})
+    assert status == 503 and "failed to load" in body["error"]["message"], body
+    assert float(headers["Retry-After"]) > 20
+    (repo / "m2" / "model.onnx").unlink()
+    (repo / "m2" / "model.onnx").symlink_to(minilm_folder / "model.onnx")  # pulled again
+    status, body, _ = srv.post("/v1/embeddings", {"model": "m2", "input": "x"})
+    assert status == 200 and len(body["data"][0]["embedding"]) == 384, body
+
+
+def test_a_request_for_a_model_whose_file_is_broken_is_told_what_is_wrong_with_it(
+    start_server, minilm_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """It was told the model "does not exist", while its folder was there and the log named the
+    broken field."""
+    monkeypatch.setattr(models_module, "RESCAN_MIN_S", 0.0)
+    srv = start_server({MODEL: minilm_folder})
+    (Path(srv.cfg.model_repository) / "m3").mkdir()
+    (Path(srv.cfg.model_repository) / "m3" / "model.yaml").write_text("name: m3\nkind: embeding\n")
+    status, body, _ = srv.post("/v1/embeddings", {"model": "m3", "input": "x"})
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    message = body["error"]["message"]
+    assert "m3/model.yaml" in message and "kind" in message and "does not exist" not in message, message
+
+
+def test_a_repository_that_cannot_be_read_is_not_ready(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A typo in model_repository: the server started with nothing to serve and said it was
+    ready (/readyz 200, READY=1 to systemd), so traffic was sent to it."""
+    srv = start_server({}, config={"model_repository": str(tmp_path / "no-such-engines")}, wait_ready=False)
+    status, body = srv.get("/readyz")
+    assert status == 503 and body["ready"] is False
+    assert any("no-such-engines is not a folder" in e for e in body["errors"]), body
+
+
 def test_models_added_or_removed_while_serving_leave_readiness_alone(
     start_server, minilm_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]

@@ -328,7 +328,14 @@ async def unload_model(request: web.Request) -> web.Response:
                 param="model",
             )
     if mgr.slots[name].state == ModelState.resident:
+        before = mgr.describe(name)
         await mgr.unload(name)
+        if name not in mgr.slots:
+            # Its folder went (or its model.yaml broke) while it was resident: the unload's rescan
+            # let it go. The unload happened; a 404 said it had not.
+            why = mgr.broken.get(name, "its folder is no longer in the model repository")
+            kept = {k: before[k] for k in ("name", "kind", "description")}
+            return web.json_response({**kept, "state": "removed", "error": why})
     return web.json_response(mgr.describe(name))
 
 
