@@ -253,6 +253,7 @@ class TextItem:
     text: str
     index: int
     cut: bool
+    field: str = "input"  # what the request calls its inputs, for that error
 
     def __len__(self) -> int:
         # What the batcher groups by, before there are tokens: about 4 characters a token, plus
@@ -309,7 +310,7 @@ class EmbeddingRuntime:
         ids = encoding.ids
         if len(ids) > self.max_tokens:
             if not item.cut:
-                return _too_long(item.index, len(ids), "tokens", self.max_tokens)
+                return _too_long(item.index, len(ids), "tokens", self.max_tokens, item.field)
             ids = self.tokenizer.encode(item.text).ids  # the model's own truncation keeps [CLS] ... [SEP]
         return np.array(ids, dtype=np.int64)
 
@@ -506,29 +507,31 @@ class EmbeddingService:
         timeout_ms: float | None = None,
         truncate: bool | None = None,
         reservation: Reservation | None = None,
+        field: str = "input",
     ) -> EmbeddingResult:
         """Tokenize (with the input limits), queue every text, gather the vectors.
-        ``truncate`` None means the model's ``input.truncate`` setting."""
+        ``truncate`` None means the model's ``input.truncate`` setting. ``field`` is what the
+        request calls its inputs (OpenAI's ``input``, KServe's tensor ``text``), for the errors."""
         model = runtime.entry.name
         rt = self.runtime_of(runtime, model)
         if not inputs:
-            raise InvalidRequest("'input' must not be empty", param="input")
+            raise InvalidRequest(f"'{field}' must not be empty", param=field)
         if len(inputs) > MAX_EMBEDDING_INPUTS:
             raise InvalidRequest(
-                f"'input' has {len(inputs)} items; at most {MAX_EMBEDDING_INPUTS} are allowed",
-                param="input",
+                f"'{field}' has {len(inputs)} items; at most {MAX_EMBEDDING_INPUTS} are allowed",
+                param=field,
             )
         cut = bool(self.manager.tunables(model)["input.truncate"]) if truncate is None else truncate
         items: Sequence[np.ndarray | TextItem]
         if all(isinstance(x, str) for x in inputs):
-            texts = _checked_texts(rt, [str(x) for x in inputs], cut)
+            texts = _checked_texts(rt, [str(x) for x in inputs], cut, field)
             if sum(len(t) for t in texts) > OFFLOOP_CHARS:
                 # Large inputs are tokenized up front on another thread, not inside an engine call
                 # (which holds the compute grant): the loop and the engine serve everyone else.
                 loop = asyncio.get_running_loop()
-                items = await loop.run_in_executor(None, _encode_texts, rt, texts, cut)
+                items = await loop.run_in_executor(None, _encode_texts, rt, texts, cut, field)
             else:
-                items = [TextItem(t, i, cut) for i, t in enumerate(texts)]
+                items = [TextItem(t, i, cut, field) for i, t in enumerate(texts)]
         else:
             items = _token_arrays(rt, inputs, cut)
         results = await submit_all(batcher_of(runtime), items, priority, timeout_ms, reservation)
@@ -538,33 +541,34 @@ class EmbeddingService:
         return EmbeddingResult(np.stack([r.vector for r in results]), sum(r.tokens for r in results))
 
 
-def _too_long(i: int, n: int, unit: str, limit: int) -> InvalidRequest:
+def _too_long(i: int, n: int, unit: str, limit: int, field: str = "input") -> InvalidRequest:
     return InvalidRequest(
-        f"input[{i}] has {n} {unit}; the model takes at most {limit} tokens. Shorten it, or ask to "
+        f"{field}[{i}] has {n} {unit}; the model takes at most {limit} tokens. Shorten it, or ask to "
         "cut it to the model's context ('truncate': true; on KServe, in the request's parameters)",
-        param="input",
+        param=field,
     )
 
 
-def _checked_texts(rt: EmbeddingRuntime, texts: list[str], cut: bool) -> list[str]:
+def _checked_texts(rt: EmbeddingRuntime, texts: list[str], cut: bool, field: str = "input") -> list[str]:
     """The limits that need no tokenizer: no empty string, and no text longer than
     CHARS_PER_TOKEN_BOUND characters per allowed token (refused unread, or cut to that first)."""
     limit = rt.max_tokens
     max_chars = limit * CHARS_PER_TOKEN_BOUND
     for i, t in enumerate(texts):
         if not t:
-            raise InvalidRequest(f"input[{i}] is an empty string", param="input")
+            raise InvalidRequest(f"{field}[{i}] is an empty string", param=field)
         if len(t) > max_chars:
             if not cut:
-                raise _too_long(i, len(t), f"characters (more than {max_chars} are refused unread)", limit)
+                unit = f"characters (more than {max_chars} are refused unread)"
+                raise _too_long(i, len(t), unit, limit, field)
             texts[i] = t[:max_chars]  # first by characters, then by tokens
     return texts
 
 
-def _encode_texts(rt: EmbeddingRuntime, texts: list[str], cut: bool) -> list[np.ndarray]:
+def _encode_texts(rt: EmbeddingRuntime, texts: list[str], cut: bool, field: str) -> list[np.ndarray]:
     out = []
     for i, e in enumerate(rt.encode(texts)):
-        ids = rt.ids_of(e, TextItem(texts[i], i, cut))
+        ids = rt.ids_of(e, TextItem(texts[i], i, cut, field))
         if isinstance(ids, InvalidRequest):
             raise ids
         out.append(ids)

@@ -181,6 +181,18 @@ def test_openai_client_streams_with_usage(server: ServerThread, tokenizer: Token
         )
     )
     assert plain[-1].choices[0].finish_reason == "stop" and all(ch.usage is None for ch in plain)
+    # A null include_usage is unset, as vLLM's Optional[bool] (it was a 400).
+    unset = list(
+        c.chat.completions.create(
+            model=MODEL,
+            messages=ask(FRANCE),
+            max_tokens=3,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": None},  # type: ignore[typeddict-item]
+        )
+    )
+    assert unset and all(ch.usage is None for ch in unset)
 
 
 def test_raw_sse_framing(server: ServerThread) -> None:

@@ -377,6 +377,26 @@ def test_kserve_takes_truncate_in_the_request_parameters(server: ServerThread) -
     assert status == 400
 
 
+def test_an_embedding_models_input_errors_name_its_tensor_text(server: ServerThread) -> None:
+    """Found by a conformance probe: the errors named OpenAI's field ("'input' must not be
+    empty", "input[0] is an empty string"), which a KServe request does not have."""
+    url = "/v2/models/all-minilm-l6-v2/infer"
+    cases = [
+        ({"name": "text", "shape": [0, 1], "datatype": "BYTES", "data": []}, "'text' must not be empty"),
+        (
+            {"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a", ""]},
+            "text[1] is an empty string",
+        ),
+        (
+            {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["lighthouse keeper " * 600]},
+            "text[0] has",
+        ),
+    ]
+    for tensor, fragment in cases:
+        status, resp, _ = server.post(url, {"inputs": [tensor]}, {"Cache-Control": "no-store"})
+        assert status == 400 and fragment in resp["error"] and "input" not in resp["error"][:12], resp
+
+
 def test_statistics_in_tritons_shape_for_tritonclient(server: ServerThread) -> None:
     """Triton's statistics extension, as ``get_inference_statistics`` (and perf_analyzer) read it:
     inferences count rows, executions count engine batches, durations are in nanoseconds."""

@@ -226,7 +226,8 @@ def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
         return stream, False
     if not stream:
         raise InvalidRequest("'stream_options' is only allowed when 'stream' is true", param="stream_options")
-    include = opts.get("include_usage", False) if isinstance(opts, dict) else None
+    include = opts.get("include_usage") if isinstance(opts, dict) else ()
+    include = False if include is None else include  # null is unset, as vLLM's Optional[bool]
     if not isinstance(include, bool):
         raise InvalidRequest("'stream_options' must be {'include_usage': bool}", param="stream_options")
     return stream, include

@@ -364,5 +364,6 @@ async def _embed(
         timeout_ms=ticket.timeout_ms(),
         truncate=truncate,
         reservation=ticket.reservation,
+        field=TEXT_INPUT,  # its errors name the tensor, not OpenAI's 'input'
     )
     return {EMBEDDING_OUTPUT: result.vectors.astype(np.float32)}
