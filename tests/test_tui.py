@@ -51,6 +51,7 @@ from tui.widgets import (
     breaker_lines,
     cache_lines,
     compute_lines,
+    fmt_lag,
     generation_lines,
     gpu_lines,
     loop_lines,
@@ -1004,6 +1005,17 @@ def test_every_view_draws_any_value_of_any_type_once_cleaned() -> None:
                     draw(stats)
             except Exception as exc:
                 raise AssertionError(f"{path} = {value!r}: {exc!r}") from exc
+
+
+def test_durations_below_zero_are_shown_as_unknown() -> None:
+    """A server clock that went back (uptime -5 s) or a negative lag is no duration: "—", as
+    for a missing one, not "-1d 23h" (what divmod made of -5 s) or "-3.0 ms"."""
+    assert view.fmt_duration(-5) == view.fmt_duration(-0.5) == "—"
+    assert view.fmt_duration(float("nan")) == view.fmt_duration(float("inf")) == "—"
+    assert view.fmt_duration(0) == "0s" and view.fmt_duration(3725) == "1h 02m"
+    assert fmt_lag(-3.0) == "—" and fmt_lag(0.0) == "0.0 ms" and fmt_lag(250.0) == "250 ms"
+    lines = [str(t) for t in loop_lines({"loop": {"samples": 3, "p50_ms": -1, "p99_ms": -2, "max_ms": 4}})]
+    assert lines[:3] == ["p50 —", "p99 —", "max 4.0 ms"], lines
 
 
 # -- snapshots (fixed payloads from a fake admin server) ---------------------------------------

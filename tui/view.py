@@ -445,7 +445,8 @@ def fmt_bytes(n: float | None) -> str:
 
 
 def fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
+    # Below zero is no duration (a server clock that went back): unknown, like a missing one.
+    if seconds is None or not 0 <= seconds < math.inf:
         return "—"
     s = int(seconds)
     days, s = divmod(s, 86400)

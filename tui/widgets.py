@@ -283,6 +283,8 @@ def memory_lines(stats: Mapping[str, Any]) -> list[Text]:
 
 
 def fmt_lag(ms: float) -> str:
+    if ms < 0:  # no lag is below zero: unknown (a server clock that went back)
+        return "—"
     return f"{ms:.1f} ms" if ms < 100 else f"{ms:.0f} ms"
 
 
