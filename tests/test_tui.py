@@ -612,6 +612,8 @@ class ScriptedAdmin:
         self.resets = 0  # this many next /admin/stats drop the connection without an answer
         self.loads: list[str] = []
         self.loaded = asyncio.Event()  # loads are answered once the test sets it
+        # (status, content type, text): /admin/stats answers this instead (what a proxy sends).
+        self.stats_answer: tuple[int, str, str] | None = None
         self.url = ""
         # A handler still stalled at the end is cancelled at once, not awaited for a minute.
         self._runner = web.AppRunner(self._app(), shutdown_timeout=0.1)
@@ -633,6 +635,9 @@ class ScriptedAdmin:
             await asyncio.Event().wait()
         if self.stall:
             await asyncio.Event().wait()
+        if self.stats_answer is not None:
+            status, content_type, text = self.stats_answer
+            return web.Response(status=status, text=text, content_type=content_type)
         return web.Response(text=self.body, content_type="application/json")
 
     async def _load(self, request: web.Request) -> web.Response:
@@ -1016,6 +1021,52 @@ def test_durations_below_zero_are_shown_as_unknown() -> None:
     assert fmt_lag(-3.0) == "—" and fmt_lag(0.0) == "0.0 ms" and fmt_lag(250.0) == "250 ms"
     lines = [str(t) for t in loop_lines({"loop": {"samples": 3, "p50_ms": -1, "p99_ms": -2, "max_ms": 4}})]
     assert lines[:3] == ["p50 —", "p99 —", "max 4.0 ms"], lines
+
+
+async def test_an_error_answered_in_plain_text_is_shown_with_its_status() -> None:
+    """A proxy in front of the admin API answers a refusal in plain text or HTML: the console
+    names the status and what to do, instead of "the answer is not JSON"."""
+    async with ScriptedAdmin() as admin:
+        client = AdminClient(admin.url, token="t")
+        try:
+            admin.stats_answer = (401, "text/plain", "401: Authorization Required\n")
+            res = await client.stats()
+            assert isinstance(res.error, Unauthorized)
+            assert res.error.message == (
+                "401 Unauthorized: check the admin token (the answer: 401: Authorization Required)"
+            )
+            admin.stats_answer = (401, "application/json", '["no"]')  # JSON, but not the API's
+            res = await client.stats()
+            assert isinstance(res.error, Unauthorized) and res.error.message.startswith("401 Unauthorized: ")
+            admin.stats_answer = (502, "text/html", "<html><body>\n<h1>502 Bad Gateway</h1>\n</body></html>")
+            res = await client.stats()
+            assert isinstance(res.error, ApiError) and res.error.status == 502
+            assert res.error.message == "502 Bad Gateway (the answer: 502 Bad Gateway)"
+            admin.stats_answer = (503, "text/plain", "")
+            res = await client.stats()
+            assert (
+                isinstance(res.error, ApiError)
+                and res.error.message == "503 Service Unavailable (no answer body)"
+            )
+            # A success that is not JSON is still the protocol error it was.
+            admin.stats_answer = (200, "text/plain", "hello")
+            res = await client.stats()
+            assert res.error is not None and res.error.message == "HTTP 200: the answer is not JSON"
+            # Nor one nested past what the JSON parser follows: that raised out of the client, and
+            # the poll died with "connected" still on screen.
+            admin.stats_answer = (200, "application/json", "[" * 100_000 + "]" * 100_000)
+            res = await client.stats()
+            assert res.error is not None and res.error.message == "HTTP 200: the answer is nested too deep"
+        finally:
+            await client.close()
+
+        admin.stats_answer = (401, "text/plain", "Unauthorized")
+        app = scripted_app(admin)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.snapshot.failures > 0, "the refused poll")
+            await pilot.pause()
+            text = status_text(app)
+            assert "UNAUTHORIZED" in text and "401 Unauthorized: check the admin token" in text, text
 
 
 # -- snapshots (fixed payloads from a fake admin server) ---------------------------------------
