@@ -28,8 +28,9 @@ import pytest
 import textual.widgets._data_table as data_table_module
 import yaml
 from aiohttp import web
+from textual.command import CommandList
 from textual.pilot import Pilot
-from textual.widgets import Input, Select
+from textual.widgets import Input, Label, Select
 from textual.widgets.data_table import ColumnKey
 
 from appliance.api.common import RESILIENCE
@@ -824,7 +825,6 @@ async def test_names_and_messages_from_the_server_are_shown_as_written_not_read_
     a "[/]" in one crashed the console (its confirmation, command palette, toasts and tuning
     scope all parsed it) and "qwen[v2]" was shown as "qwen". Found by a probe with a fake admin
     API; here the scripted one serves such names."""
-    from textual.widgets import Label
     from textual.widgets._toast import Toast
 
     row = model_stats(1)["models"]["model-0"]
@@ -1067,6 +1067,65 @@ async def test_an_error_answered_in_plain_text_is_shown_with_its_status() -> Non
             await pilot.pause()
             text = status_text(app)
             assert "UNAUTHORIZED" in text and "401 Unauthorized: check the admin token" in text, text
+
+
+async def test_10000_models_refresh_in_bounded_time_and_the_palette_finds_any_of_them() -> None:
+    """With 10,000 models the panels draw their first lines and count the rest, and the command
+    palette ranks the model commands as they are searched (it built eight per model, all of them
+    listed when it opened): a poll draws in seconds, and the palette finds the last model."""
+    n = 10_000
+    odd = {"model-9999": {"breaker": {"state": "open"}}}
+    async with ScriptedAdmin() as admin:
+        admin.serve(model_stats(n, changes=odd))
+        app = scripted_app(admin)
+        async with app.run_test(size=SIZE) as pilot:
+            table = app.screen.query_one(ModelsTable)
+            await wait_until(pilot, lambda: table.row_count == n, "the models table", timeout=60)
+            admin.serve(model_stats(n, rps=2.0, changes=odd))
+            started = time.monotonic()
+            await poll(pilot)
+            assert time.monotonic() - started < 15
+            assert cell(app, "rps", "model-0") == cell(app, "rps", "model-9999") == "2.0"
+            # The open breaker first, however far down the list it is; then a count of the rest.
+            lines = panel_text(app, "breaker").splitlines()
+            assert len(lines) == 6 and lines[0].startswith("open") and lines[0].endswith("model-9999")
+            assert lines[-1] == "… and 9,995 more", lines
+            # The generation panel, a few lines per model, likewise.
+            generating = {
+                f"m{i}": {"generation": {"tokens_per_s": 1.0, "active_sequences": 1}} for i in range(n)
+            }
+            assert [str(t) for t in generation_lines({"models": generating})] == [
+                "m0",
+                "tokens per s 1",
+                "active sequences 1",
+                "m1",
+                "tokens per s 1",
+                "… and 9,998 more models",
+            ]
+
+            started = time.monotonic()
+            await pilot.press("ctrl+p")
+            await pilot.pause()
+            await pilot.press(*"close model-9999")
+
+            def first_hit() -> str:
+                palette = app.screen.query(CommandList)
+                if not palette or not palette.first().option_count:
+                    return ""
+                return str(palette.first().get_option_at_index(0).prompt)
+
+            await wait_until(pilot, lambda: first_hit().startswith("Breaker close: model-9999"), "the hit")
+            assert palette_count(app) <= 100
+            # Generous: the keys and the hit took over a minute when the palette listed everything.
+            assert time.monotonic() - started < 20
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the confirmation")
+            assert "model-9999" in str(app.screen.query_one("#question", Label).render())
+            await pilot.press("n")
+
+
+def palette_count(app: ConsoleApp) -> int:
+    return app.screen.query_one(CommandList).option_count
 
 
 # -- snapshots (fixed payloads from a fake admin server) ---------------------------------------
