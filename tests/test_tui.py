@@ -30,7 +30,7 @@ import yaml
 from aiohttp import web
 from textual.command import CommandList
 from textual.pilot import Pilot
-from textual.widgets import Input, Label, Select
+from textual.widgets import Input, Label, Select, Static
 from textual.widgets.data_table import ColumnKey
 
 from appliance.api.common import RESILIENCE
@@ -613,6 +613,12 @@ class ScriptedAdmin:
         self.resets = 0  # this many next /admin/stats drop the connection without an answer
         self.loads: list[str] = []
         self.loaded = asyncio.Event()  # loads are answered once the test sets it
+        # GET /admin/settings answers this raw JSON text; PATCH records its body and answers the
+        # same, once ``patched`` is set.
+        self.settings_body = json.dumps(fake_settings())
+        self.patches: list[Any] = []
+        self.patched = asyncio.Event()
+        self.patched.set()
         # (status, content type, text): /admin/stats answers this instead (what a proxy sends).
         self.stats_answer: tuple[int, str, str] | None = None
         self.url = ""
@@ -623,6 +629,8 @@ class ScriptedAdmin:
         app = web.Application()
         app.router.add_get("/admin/stats", self._stats)
         app.router.add_post("/admin/models/{model}/load", self._load)
+        app.router.add_get("/admin/settings", self._settings)
+        app.router.add_patch("/admin/settings", self._patch)
         return app
 
     def serve(self, doc: Any) -> None:
@@ -640,6 +648,14 @@ class ScriptedAdmin:
             status, content_type, text = self.stats_answer
             return web.Response(status=status, text=text, content_type=content_type)
         return web.Response(text=self.body, content_type="application/json")
+
+    async def _settings(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.settings_body, content_type="application/json")
+
+    async def _patch(self, request: web.Request) -> web.Response:
+        self.patches.append(await request.json())
+        await self.patched.wait()
+        return web.Response(text=self.settings_body, content_type="application/json")
 
     async def _load(self, request: web.Request) -> web.Response:
         model = request.match_info["model"]
@@ -1128,6 +1144,138 @@ def palette_count(app: ConsoleApp) -> int:
     return app.screen.query_one(CommandList).option_count
 
 
+def setting(name: str, **fields: Any) -> dict[str, Any]:
+    """A registry entry as the server writes it: an int from 1 to 9 unless ``fields`` say else."""
+    spec = {"name": name, "type": "int", "default": 1, "minimum": 1, "maximum": 9, "choices": None}
+    return {**spec, "help": "", "reload": False, "scope": "model", **fields}
+
+
+# Registry entries the tuning form cannot read, and what it says of each.
+UNREADABLE_SETTINGS: list[tuple[Any, str]] = [
+    ("batching", "setting 1: expected an object, got a string"),
+    ([1, 2], "setting 2: expected an object, got a list"),
+    ({"type": "int", "default": 1}, "setting 3: no name"),
+    (setting(""), "setting 4: no name"),
+    (
+        {"name": "no.type", "default": 1},
+        "no.type: type: expected one of bool, int, float, str, list[int], got null",
+    ),
+    (setting("odd.type", type="complex"), "odd.type: type: expected one of"),
+    (setting("odd.choices", type="str", default="a", choices="abc"), "odd.choices: choices: expected"),
+    (setting("odd.items", type="str", default="a", choices=[["a"]]), "odd.items: choices: expected"),
+    (setting("odd.bounds", minimum="one"), "odd.bounds: minimum: expected a number, got a string"),
+    (setting("odd.help", help=[1] * 10), "odd.help: help: expected a string, got a list"),
+    (setting("good.int", default=2), "good.int: listed twice; the first is shown"),
+]
+# Entries it can read, under names a widget id cannot hold as they are (and "a.b" and "a--b" were
+# the same id), and values that are not of their setting's type: shown, not editable.
+ODD_NAMES = ["good.int", "with space.x", "mark[/]up.x", "a.b", "a--b", "dots..x", "ünï.x", "[b]", "x" * 300]
+WRONG_VALUES = {
+    "wrong.int": ("int", "abc"),
+    "wrong.float": ("float", None),
+    "wrong.list": ("list[int]", [[1, [2, [3] * 1000]]] * 1000),
+    "wrong.choice": ("str", "z"),
+    "wrong.bool": ("bool", "yes"),
+}
+# Whole answers of the wrong shape, and the line the form shows for each.
+ODD_SETTINGS_DOCS: list[tuple[dict[str, Any], str]] = [
+    ({"registry": 5}, "registry: expected a list, got a number"),
+    ({"registry": {"a": 1}, "defaults": [], "models": "m"}, "registry: expected a list, got an object"),
+    (
+        {
+            "registry": [setting("a.b")],
+            "defaults": [],
+            "models": {"m": 5, "n": {"a.b": None}},
+            "overrides": [],
+        },
+        "defaults: expected an object, got a list",
+    ),
+    ({"registry": [setting("a.b")], "models": {"m": 5}}, "model m: expected an object, got a number"),
+    (
+        {"registry": [setting("a.b")], "overrides": {"defaults": 5, "models": {"m": 3}}, "config_file": 7},
+        "overrides.defaults: expected an object, got a number",
+    ),
+]
+
+
+async def test_tuning_form_draws_what_it_can_of_any_settings_answer() -> None:
+    """GET /admin/settings entries with missing keys or keys of the wrong type, of unknown types,
+    listed twice, or whole sections of the wrong shape: the form draws every entry it can read,
+    says which it cannot and why, and never crashes (an entry that was not an object, a name
+    with a space, or choices that were not a list crashed the console; a default outside its
+    choices, too)."""
+    unreadable = [entry for entry, _ in UNREADABLE_SETTINGS]
+    registry: list[Any] = [*unreadable[:-1], *(setting(n) for n in ODD_NAMES)]
+    registry += [
+        setting(name, type=kind, minimum=None, maximum=None) for name, (kind, _) in WRONG_VALUES.items()
+    ]
+    registry[-2]["choices"] = ["a", "b"]
+    registry.append(unreadable[-1])  # good.int again
+    doc = fake_settings()
+    doc["registry"] = registry
+    doc["defaults"] = {name: value for name, (_, value) in WRONG_VALUES.items()}
+    doc["models"] = {"model-0": {}}
+    async with ScriptedAdmin() as admin:
+        admin.serve(model_stats(1))
+        admin.settings_body = json.dumps(doc)
+        app = scripted_app(admin)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.snapshot.connected, "the first poll")
+            await pilot.press("t")
+            screen = app.screen
+            assert isinstance(screen, TuningScreen)
+            names = [*ODD_NAMES, *WRONG_VALUES]
+            await wait_until(pilot, lambda: [r.name_ for r in screen.query(SettingRow)] == names, "the form")
+            await settle(pilot)
+            # Each entry it cannot read is named with why; the form lists the first few.
+            problems = view.clean_settings(doc)[1]
+            assert len(problems) == len(UNREADABLE_SETTINGS)
+            for problem, (_, said) in zip(problems, UNREADABLE_SETTINGS, strict=True):
+                assert problem.startswith(said), (problem, said)
+            assert screen.query_one("#unreadable").display
+            assert str(screen.query_one("#unreadable", Static).content).splitlines() == [
+                f"✖ {len(problems)} parts of the server's settings cannot be shown:",
+                *(f"  {p}" for p in problems[:4]),
+                f"  … and {len(problems) - 4} more",
+            ]
+            rows = {r.name_: r for r in screen.query(SettingRow)}
+            for name in ODD_NAMES:
+                assert not rows[name].editor.disabled, name
+            for name in WRONG_VALUES:
+                assert rows[name].editor.disabled and not rows[name].changed, name
+                note = str(rows[name].query_one(".value-note", Static).content)
+                assert note.startswith("⚠ the server's value cannot be edited here: expected"), note
+            assert "a list of 1000 items" in str(rows["wrong.list"].query_one(".current", Static).content)
+            assert "no changes" in str(screen.query_one("#pending").content)
+
+            # What it can read, it can change.
+            rows["with space.x"].query_one(Input).value = "5"
+            await pilot.press("ctrl+s")
+            await wait_until(pilot, lambda: bool(admin.patches), "the PATCH")
+            assert admin.patches == [{"defaults": {"with space": {"x": 5}}}]
+
+            # Whole answers of the wrong shape: a line says what, the rest is drawn.
+            for odd, said in ODD_SETTINGS_DOCS:
+                admin.settings_body = json.dumps(odd)
+                screen.fetch_settings()
+                await wait_until(
+                    pilot,
+                    lambda said=said: said in str(screen.query_one("#unreadable", Static).content),
+                    said,
+                )
+                await settle(pilot)
+                assert app.is_running
+
+            # Back to what the server sends: nothing to say.
+            admin.settings_body = json.dumps(fake_settings())
+            screen.fetch_settings()
+            await wait_until(
+                pilot, lambda: len(screen.query(SettingRow)) == len(FAKE_REGISTRY), "the good form"
+            )
+            await settle(pilot)
+            assert not screen.query_one("#unreadable").display
+
+
 # -- snapshots (fixed payloads from a fake admin server) ---------------------------------------
 
 GIB = 1024**3
@@ -1330,6 +1478,18 @@ FAKE_REGISTRY = [
 ]
 
 
+def fake_settings() -> dict[str, Any]:
+    """GET /admin/settings as the server sends it, for the registry above."""
+    defaults = {s["name"]: s["default"] for s in FAKE_REGISTRY}
+    return {
+        "registry": FAKE_REGISTRY,
+        "defaults": defaults,
+        "models": {m: dict(defaults) for m in fake_stats(0)["models"]},
+        "overrides": {"defaults": {}, "models": {}},
+        "config_file": "/etc/appliance/appliance.yaml",
+    }
+
+
 class FakeAdmin:
     """A fixed-payload admin API for the snapshot tests only, on its own loop in a thread
     (snap_compare runs the app with its own event loop)."""
@@ -1364,16 +1524,7 @@ class FakeAdmin:
         return web.json_response(fake_stats(self.polls))
 
     async def _settings(self, request: web.Request) -> web.Response:
-        defaults = {s["name"]: s["default"] for s in FAKE_REGISTRY}
-        return web.json_response(
-            {
-                "registry": FAKE_REGISTRY,
-                "defaults": defaults,
-                "models": {m: dict(defaults) for m in fake_stats(0)["models"]},
-                "overrides": {"defaults": {}, "models": {}},
-                "config_file": "/etc/appliance/appliance.yaml",
-            }
-        )
+        return web.json_response(fake_settings())
 
     async def _patch(self, request: web.Request) -> web.Response:
         return web.json_response(
