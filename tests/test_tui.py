@@ -30,7 +30,7 @@ import yaml
 from aiohttp import web
 from textual.command import CommandList
 from textual.pilot import Pilot
-from textual.widgets import Input, Label, Select, Static
+from textual.widgets import Button, Input, Label, Select, Static
 from textual.widgets.data_table import ColumnKey
 
 from appliance.api.common import RESILIENCE
@@ -1083,6 +1083,37 @@ async def test_an_error_answered_in_plain_text_is_shown_with_its_status() -> Non
             await pilot.pause()
             text = status_text(app)
             assert "UNAUTHORIZED" in text and "401 Unauthorized: check the admin token" in text, text
+
+
+async def test_apply_says_it_is_applying_and_is_not_sent_again_meanwhile() -> None:
+    """Apply waits for the server's answer: meanwhile the button says so and is disabled, and
+    Apply asked for again (ctrl+s) is refused with why, not sent a second time."""
+    async with ScriptedAdmin() as admin:
+        admin.serve(model_stats(1))
+        admin.patched.clear()  # the PATCH is answered when the test says so
+        app = scripted_app(admin)
+        notes = notifications(app)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.snapshot.connected, "the first poll")
+            await pilot.press("t")
+            screen = app.screen
+            assert isinstance(screen, TuningScreen)
+            await wait_until(pilot, lambda: len(screen.query(SettingRow)) == len(FAKE_REGISTRY), "the form")
+            await pilot.pause()
+            screen.query_one("#edit-batching--max_batch_size", Input).value = "8"
+            button = screen.query_one("#apply", Button)
+            await pilot.press("ctrl+s")
+            await wait_until(pilot, lambda: len(admin.patches) == 1, "the PATCH")
+            assert admin.patches == [{"defaults": {"batching": {"max_batch_size": 8}}}]
+            assert button.disabled and str(button.label) == "Applying…"
+            await pilot.press("ctrl+s")
+            await pilot.click("#apply")
+            await pilot.pause(0.3)
+            assert len(admin.patches) == 1, admin.patches
+            assert notes and notes[-1] == "already applying: not sent again", notes
+            admin.patched.set()
+            await wait_until(pilot, lambda: not button.disabled, "the answer")
+            assert str(button.label) == "Apply" and len(admin.patches) == 1
 
 
 async def test_10000_models_refresh_in_bounded_time_and_the_palette_finds_any_of_them() -> None:

@@ -187,6 +187,7 @@ class TuningScreen(Screen[None]):
         self.view: dict[str, Any] | None = None
         self._loading = False
         self._was_connected = False
+        self._applying = False  # a PATCH is waiting for its answer
 
     @property
     def console(self) -> ConsoleApp:
@@ -388,11 +389,31 @@ class TuningScreen(Screen[None]):
         self._message("reverted to the server's values", "info")
 
     def action_apply(self) -> None:
-        if not self.console.read_only:
-            self._apply()
+        if self.console.read_only:
+            return
+        if self._applying:
+            # As the actions do: the same request twice is not what a second press means.
+            self.notify("already applying: not sent again", severity="warning")
+            return
+        self._applying = True
+        self._apply_button("Applying…", disabled=True)
+        self._apply()
 
-    @work(group="apply", exclusive=True, exit_on_error=False)
+    def _apply_button(self, label: str, *, disabled: bool) -> None:
+        for button in self.query("#apply").results(Button):
+            button.label = label
+            button.disabled = disabled
+
+    # Not exclusive: that cancelled the request in flight and sent another.
+    @work(group="apply", exit_on_error=False)
     async def _apply(self) -> None:
+        try:
+            await self._send_changes()
+        finally:
+            self._applying = False
+            self._apply_button("Apply", disabled=False)
+
+    async def _send_changes(self) -> None:
         changes: dict[str, Any] = {}
         bad = 0
         for row in self.query(SettingRow):
