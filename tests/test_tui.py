@@ -28,8 +28,9 @@ import pytest
 import textual.widgets._data_table as data_table_module
 import yaml
 from aiohttp import web
+from textual.command import CommandList
 from textual.pilot import Pilot
-from textual.widgets import Input, Select
+from textual.widgets import Button, Input, Label, Select, Static
 from textual.widgets.data_table import ColumnKey
 
 from appliance.api.common import RESILIENCE
@@ -51,6 +52,7 @@ from tui.widgets import (
     breaker_lines,
     cache_lines,
     compute_lines,
+    fmt_lag,
     generation_lines,
     gpu_lines,
     loop_lines,
@@ -611,6 +613,14 @@ class ScriptedAdmin:
         self.resets = 0  # this many next /admin/stats drop the connection without an answer
         self.loads: list[str] = []
         self.loaded = asyncio.Event()  # loads are answered once the test sets it
+        # GET /admin/settings answers this raw JSON text; PATCH records its body and answers the
+        # same, once ``patched`` is set.
+        self.settings_body = json.dumps(fake_settings())
+        self.patches: list[Any] = []
+        self.patched = asyncio.Event()
+        self.patched.set()
+        # (status, content type, text): /admin/stats answers this instead (what a proxy sends).
+        self.stats_answer: tuple[int, str, str] | None = None
         self.url = ""
         # A handler still stalled at the end is cancelled at once, not awaited for a minute.
         self._runner = web.AppRunner(self._app(), shutdown_timeout=0.1)
@@ -619,6 +629,8 @@ class ScriptedAdmin:
         app = web.Application()
         app.router.add_get("/admin/stats", self._stats)
         app.router.add_post("/admin/models/{model}/load", self._load)
+        app.router.add_get("/admin/settings", self._settings)
+        app.router.add_patch("/admin/settings", self._patch)
         return app
 
     def serve(self, doc: Any) -> None:
@@ -632,7 +644,18 @@ class ScriptedAdmin:
             await asyncio.Event().wait()
         if self.stall:
             await asyncio.Event().wait()
+        if self.stats_answer is not None:
+            status, content_type, text = self.stats_answer
+            return web.Response(status=status, text=text, content_type=content_type)
         return web.Response(text=self.body, content_type="application/json")
+
+    async def _settings(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.settings_body, content_type="application/json")
+
+    async def _patch(self, request: web.Request) -> web.Response:
+        self.patches.append(await request.json())
+        await self.patched.wait()
+        return web.Response(text=self.settings_body, content_type="application/json")
 
     async def _load(self, request: web.Request) -> web.Response:
         model = request.match_info["model"]
@@ -818,7 +841,6 @@ async def test_names_and_messages_from_the_server_are_shown_as_written_not_read_
     a "[/]" in one crashed the console (its confirmation, command palette, toasts and tuning
     scope all parsed it) and "qwen[v2]" was shown as "qwen". Found by a probe with a fake admin
     API; here the scripted one serves such names."""
-    from textual.widgets import Label
     from textual.widgets._toast import Toast
 
     row = model_stats(1)["models"]["model-0"]
@@ -1004,6 +1026,285 @@ def test_every_view_draws_any_value_of_any_type_once_cleaned() -> None:
                     draw(stats)
             except Exception as exc:
                 raise AssertionError(f"{path} = {value!r}: {exc!r}") from exc
+
+
+def test_durations_below_zero_are_shown_as_unknown() -> None:
+    """A server clock that went back (uptime -5 s) or a negative lag is no duration: "—", as
+    for a missing one, not "-1d 23h" (what divmod made of -5 s) or "-3.0 ms"."""
+    assert view.fmt_duration(-5) == view.fmt_duration(-0.5) == "—"
+    assert view.fmt_duration(float("nan")) == view.fmt_duration(float("inf")) == "—"
+    assert view.fmt_duration(0) == "0s" and view.fmt_duration(3725) == "1h 02m"
+    assert fmt_lag(-3.0) == "—" and fmt_lag(0.0) == "0.0 ms" and fmt_lag(250.0) == "250 ms"
+    lines = [str(t) for t in loop_lines({"loop": {"samples": 3, "p50_ms": -1, "p99_ms": -2, "max_ms": 4}})]
+    assert lines[:3] == ["p50 —", "p99 —", "max 4.0 ms"], lines
+
+
+async def test_an_error_answered_in_plain_text_is_shown_with_its_status() -> None:
+    """A proxy in front of the admin API answers a refusal in plain text or HTML: the console
+    names the status and what to do, instead of "the answer is not JSON"."""
+    async with ScriptedAdmin() as admin:
+        client = AdminClient(admin.url, token="t")
+        try:
+            admin.stats_answer = (401, "text/plain", "401: Authorization Required\n")
+            res = await client.stats()
+            assert isinstance(res.error, Unauthorized)
+            assert res.error.message == (
+                "401 Unauthorized: check the admin token (the answer: 401: Authorization Required)"
+            )
+            admin.stats_answer = (401, "application/json", '["no"]')  # JSON, but not the API's
+            res = await client.stats()
+            assert isinstance(res.error, Unauthorized) and res.error.message.startswith("401 Unauthorized: ")
+            admin.stats_answer = (502, "text/html", "<html><body>\n<h1>502 Bad Gateway</h1>\n</body></html>")
+            res = await client.stats()
+            assert isinstance(res.error, ApiError) and res.error.status == 502
+            assert res.error.message == "502 Bad Gateway (the answer: 502 Bad Gateway)"
+            admin.stats_answer = (503, "text/plain", "")
+            res = await client.stats()
+            assert (
+                isinstance(res.error, ApiError)
+                and res.error.message == "503 Service Unavailable (no answer body)"
+            )
+            # A success that is not JSON is still the protocol error it was.
+            admin.stats_answer = (200, "text/plain", "hello")
+            res = await client.stats()
+            assert res.error is not None and res.error.message == "HTTP 200: the answer is not JSON"
+            # Nor one nested past what the JSON parser follows: that raised out of the client, and
+            # the poll died with "connected" still on screen.
+            admin.stats_answer = (200, "application/json", "[" * 100_000 + "]" * 100_000)
+            res = await client.stats()
+            assert res.error is not None and res.error.message == "HTTP 200: the answer is nested too deep"
+        finally:
+            await client.close()
+
+        admin.stats_answer = (401, "text/plain", "Unauthorized")
+        app = scripted_app(admin)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.snapshot.failures > 0, "the refused poll")
+            await pilot.pause()
+            text = status_text(app)
+            assert "UNAUTHORIZED" in text and "401 Unauthorized: check the admin token" in text, text
+
+
+async def test_apply_says_it_is_applying_and_is_not_sent_again_meanwhile() -> None:
+    """Apply waits for the server's answer: meanwhile the button says so and is disabled, and
+    Apply asked for again (ctrl+s) is refused with why, not sent a second time."""
+    async with ScriptedAdmin() as admin:
+        admin.serve(model_stats(1))
+        admin.patched.clear()  # the PATCH is answered when the test says so
+        app = scripted_app(admin)
+        notes = notifications(app)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.snapshot.connected, "the first poll")
+            await pilot.press("t")
+            screen = app.screen
+            assert isinstance(screen, TuningScreen)
+            await wait_until(pilot, lambda: len(screen.query(SettingRow)) == len(FAKE_REGISTRY), "the form")
+            await pilot.pause()
+            screen.query_one("#edit-batching--max_batch_size", Input).value = "8"
+            button = screen.query_one("#apply", Button)
+            await pilot.press("ctrl+s")
+            await wait_until(pilot, lambda: len(admin.patches) == 1, "the PATCH")
+            assert admin.patches == [{"defaults": {"batching": {"max_batch_size": 8}}}]
+            assert button.disabled and str(button.label) == "Applying…"
+            await pilot.press("ctrl+s")
+            await pilot.click("#apply")
+            await pilot.pause(0.3)
+            assert len(admin.patches) == 1, admin.patches
+            assert notes and notes[-1] == "already applying: not sent again", notes
+            admin.patched.set()
+            await wait_until(pilot, lambda: not button.disabled, "the answer")
+            assert str(button.label) == "Apply" and len(admin.patches) == 1
+
+
+async def test_10000_models_refresh_in_bounded_time_and_the_palette_finds_any_of_them() -> None:
+    """With 10,000 models the panels draw their first lines and count the rest, and the command
+    palette ranks the model commands as they are searched (it built eight per model, all of them
+    listed when it opened): a poll draws in seconds, and the palette finds the last model."""
+    n = 10_000
+    odd = {"model-9999": {"breaker": {"state": "open"}}}
+    async with ScriptedAdmin() as admin:
+        admin.serve(model_stats(n, changes=odd))
+        app = scripted_app(admin)
+        async with app.run_test(size=SIZE) as pilot:
+            table = app.screen.query_one(ModelsTable)
+            await wait_until(pilot, lambda: table.row_count == n, "the models table", timeout=60)
+            admin.serve(model_stats(n, rps=2.0, changes=odd))
+            started = time.monotonic()
+            await poll(pilot)
+            assert time.monotonic() - started < 15
+            assert cell(app, "rps", "model-0") == cell(app, "rps", "model-9999") == "2.0"
+            # The open breaker first, however far down the list it is; then a count of the rest.
+            lines = panel_text(app, "breaker").splitlines()
+            assert len(lines) == 6 and lines[0].startswith("open") and lines[0].endswith("model-9999")
+            assert lines[-1] == "… and 9,995 more", lines
+            # The generation panel, a few lines per model, likewise.
+            generating = {
+                f"m{i}": {"generation": {"tokens_per_s": 1.0, "active_sequences": 1}} for i in range(n)
+            }
+            assert [str(t) for t in generation_lines({"models": generating})] == [
+                "m0",
+                "tokens per s 1",
+                "active sequences 1",
+                "m1",
+                "tokens per s 1",
+                "… and 9,998 more models",
+            ]
+
+            started = time.monotonic()
+            await pilot.press("ctrl+p")
+            await pilot.pause()
+            await pilot.press(*"close model-9999")
+
+            def first_hit() -> str:
+                palette = app.screen.query(CommandList)
+                if not palette or not palette.first().option_count:
+                    return ""
+                return str(palette.first().get_option_at_index(0).prompt)
+
+            await wait_until(pilot, lambda: first_hit().startswith("Breaker close: model-9999"), "the hit")
+            assert palette_count(app) <= 100
+            # Generous: the keys and the hit took over a minute when the palette listed everything.
+            assert time.monotonic() - started < 20
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the confirmation")
+            assert "model-9999" in str(app.screen.query_one("#question", Label).render())
+            await pilot.press("n")
+
+
+def palette_count(app: ConsoleApp) -> int:
+    return app.screen.query_one(CommandList).option_count
+
+
+def setting(name: str, **fields: Any) -> dict[str, Any]:
+    """A registry entry as the server writes it: an int from 1 to 9 unless ``fields`` say else."""
+    spec = {"name": name, "type": "int", "default": 1, "minimum": 1, "maximum": 9, "choices": None}
+    return {**spec, "help": "", "reload": False, "scope": "model", **fields}
+
+
+# Registry entries the tuning form cannot read, and what it says of each.
+UNREADABLE_SETTINGS: list[tuple[Any, str]] = [
+    ("batching", "setting 1: expected an object, got a string"),
+    ([1, 2], "setting 2: expected an object, got a list"),
+    ({"type": "int", "default": 1}, "setting 3: no name"),
+    (setting(""), "setting 4: no name"),
+    (
+        {"name": "no.type", "default": 1},
+        "no.type: type: expected one of bool, int, float, str, list[int], got null",
+    ),
+    (setting("odd.type", type="complex"), "odd.type: type: expected one of"),
+    (setting("odd.choices", type="str", default="a", choices="abc"), "odd.choices: choices: expected"),
+    (setting("odd.items", type="str", default="a", choices=[["a"]]), "odd.items: choices: expected"),
+    (setting("odd.bounds", minimum="one"), "odd.bounds: minimum: expected a number, got a string"),
+    (setting("odd.help", help=[1] * 10), "odd.help: help: expected a string, got a list"),
+    (setting("good.int", default=2), "good.int: listed twice; the first is shown"),
+]
+# Entries it can read, under names a widget id cannot hold as they are (and "a.b" and "a--b" were
+# the same id), and values that are not of their setting's type: shown, not editable.
+ODD_NAMES = ["good.int", "with space.x", "mark[/]up.x", "a.b", "a--b", "dots..x", "ünï.x", "[b]", "x" * 300]
+WRONG_VALUES = {
+    "wrong.int": ("int", "abc"),
+    "wrong.float": ("float", None),
+    "wrong.list": ("list[int]", [[1, [2, [3] * 1000]]] * 1000),
+    "wrong.choice": ("str", "z"),
+    "wrong.bool": ("bool", "yes"),
+}
+# Whole answers of the wrong shape, and the line the form shows for each.
+ODD_SETTINGS_DOCS: list[tuple[dict[str, Any], str]] = [
+    ({"registry": 5}, "registry: expected a list, got a number"),
+    ({"registry": {"a": 1}, "defaults": [], "models": "m"}, "registry: expected a list, got an object"),
+    (
+        {
+            "registry": [setting("a.b")],
+            "defaults": [],
+            "models": {"m": 5, "n": {"a.b": None}},
+            "overrides": [],
+        },
+        "defaults: expected an object, got a list",
+    ),
+    ({"registry": [setting("a.b")], "models": {"m": 5}}, "model m: expected an object, got a number"),
+    (
+        {"registry": [setting("a.b")], "overrides": {"defaults": 5, "models": {"m": 3}}, "config_file": 7},
+        "overrides.defaults: expected an object, got a number",
+    ),
+]
+
+
+async def test_tuning_form_draws_what_it_can_of_any_settings_answer() -> None:
+    """GET /admin/settings entries with missing keys or keys of the wrong type, of unknown types,
+    listed twice, or whole sections of the wrong shape: the form draws every entry it can read,
+    says which it cannot and why, and never crashes (an entry that was not an object, a name
+    with a space, or choices that were not a list crashed the console; a default outside its
+    choices, too)."""
+    unreadable = [entry for entry, _ in UNREADABLE_SETTINGS]
+    registry: list[Any] = [*unreadable[:-1], *(setting(n) for n in ODD_NAMES)]
+    registry += [
+        setting(name, type=kind, minimum=None, maximum=None) for name, (kind, _) in WRONG_VALUES.items()
+    ]
+    registry[-2]["choices"] = ["a", "b"]
+    registry.append(unreadable[-1])  # good.int again
+    doc = fake_settings()
+    doc["registry"] = registry
+    doc["defaults"] = {name: value for name, (_, value) in WRONG_VALUES.items()}
+    doc["models"] = {"model-0": {}}
+    async with ScriptedAdmin() as admin:
+        admin.serve(model_stats(1))
+        admin.settings_body = json.dumps(doc)
+        app = scripted_app(admin)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.snapshot.connected, "the first poll")
+            await pilot.press("t")
+            screen = app.screen
+            assert isinstance(screen, TuningScreen)
+            names = [*ODD_NAMES, *WRONG_VALUES]
+            await wait_until(pilot, lambda: [r.name_ for r in screen.query(SettingRow)] == names, "the form")
+            await settle(pilot)
+            # Each entry it cannot read is named with why; the form lists the first few.
+            problems = view.clean_settings(doc)[1]
+            assert len(problems) == len(UNREADABLE_SETTINGS)
+            for problem, (_, said) in zip(problems, UNREADABLE_SETTINGS, strict=True):
+                assert problem.startswith(said), (problem, said)
+            assert screen.query_one("#unreadable").display
+            assert str(screen.query_one("#unreadable", Static).content).splitlines() == [
+                f"✖ {len(problems)} parts of the server's settings cannot be shown:",
+                *(f"  {p}" for p in problems[:4]),
+                f"  … and {len(problems) - 4} more",
+            ]
+            rows = {r.name_: r for r in screen.query(SettingRow)}
+            for name in ODD_NAMES:
+                assert not rows[name].editor.disabled, name
+            for name in WRONG_VALUES:
+                assert rows[name].editor.disabled and not rows[name].changed, name
+                note = str(rows[name].query_one(".value-note", Static).content)
+                assert note.startswith("⚠ the server's value cannot be edited here: expected"), note
+            assert "a list of 1000 items" in str(rows["wrong.list"].query_one(".current", Static).content)
+            assert "no changes" in str(screen.query_one("#pending").content)
+
+            # What it can read, it can change.
+            rows["with space.x"].query_one(Input).value = "5"
+            await pilot.press("ctrl+s")
+            await wait_until(pilot, lambda: bool(admin.patches), "the PATCH")
+            assert admin.patches == [{"defaults": {"with space": {"x": 5}}}]
+
+            # Whole answers of the wrong shape: a line says what, the rest is drawn.
+            for odd, said in ODD_SETTINGS_DOCS:
+                admin.settings_body = json.dumps(odd)
+                screen.fetch_settings()
+                await wait_until(
+                    pilot,
+                    lambda said=said: said in str(screen.query_one("#unreadable", Static).content),
+                    said,
+                )
+                await settle(pilot)
+                assert app.is_running
+
+            # Back to what the server sends: nothing to say.
+            admin.settings_body = json.dumps(fake_settings())
+            screen.fetch_settings()
+            await wait_until(
+                pilot, lambda: len(screen.query(SettingRow)) == len(FAKE_REGISTRY), "the good form"
+            )
+            await settle(pilot)
+            assert not screen.query_one("#unreadable").display
 
 
 # -- snapshots (fixed payloads from a fake admin server) ---------------------------------------
@@ -1208,6 +1509,18 @@ FAKE_REGISTRY = [
 ]
 
 
+def fake_settings() -> dict[str, Any]:
+    """GET /admin/settings as the server sends it, for the registry above."""
+    defaults = {s["name"]: s["default"] for s in FAKE_REGISTRY}
+    return {
+        "registry": FAKE_REGISTRY,
+        "defaults": defaults,
+        "models": {m: dict(defaults) for m in fake_stats(0)["models"]},
+        "overrides": {"defaults": {}, "models": {}},
+        "config_file": "/etc/appliance/appliance.yaml",
+    }
+
+
 class FakeAdmin:
     """A fixed-payload admin API for the snapshot tests only, on its own loop in a thread
     (snap_compare runs the app with its own event loop)."""
@@ -1242,16 +1555,7 @@ class FakeAdmin:
         return web.json_response(fake_stats(self.polls))
 
     async def _settings(self, request: web.Request) -> web.Response:
-        defaults = {s["name"]: s["default"] for s in FAKE_REGISTRY}
-        return web.json_response(
-            {
-                "registry": FAKE_REGISTRY,
-                "defaults": defaults,
-                "models": {m: dict(defaults) for m in fake_stats(0)["models"]},
-                "overrides": {"defaults": {}, "models": {}},
-                "config_file": "/etc/appliance/appliance.yaml",
-            }
-        )
+        return web.json_response(fake_settings())
 
     async def _patch(self, request: web.Request) -> web.Response:
         return web.json_response(

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
@@ -138,6 +140,7 @@ class AdminClient:
             async with session.request(method, self.base_url + path, json=body, timeout=timeout) as resp:
                 raw = await resp.read()
                 status = resp.status
+                reason = resp.reason
         except asyncio.TimeoutError:
             return Result(error=TimedOut(f"no answer within {timeout.total:g} s"))
         except aiohttp.ClientConnectorError as exc:
@@ -145,11 +148,22 @@ class AdminClient:
         except (aiohttp.ClientError, OSError) as exc:
             return Result(error=Disconnected(_reason(exc)))
         try:
-            doc = json.loads(raw) if raw else {}
+            # An empty success is an empty object; an empty refusal has no error to read.
+            doc = json.loads(raw) if raw else {} if status < 400 else None
         except ValueError:
-            return Result(error=ProtocolError(f"HTTP {status}: the answer is not JSON"))
+            doc = None
+            problem = "the answer is not JSON"
+        except RecursionError:  # "[" * 100000 parses as deep as the stack goes, then raises
+            doc = None
+            problem = "the answer is nested too deep"
+        else:
+            problem = "expected a JSON object"
         if not isinstance(doc, dict):
-            return Result(error=ProtocolError(f"HTTP {status}: expected a JSON object"))
+            if status >= 400:
+                # Not the admin API's error body: a proxy in front of it, most likely. Its status
+                # says what happened, and its text (often HTML) may say more.
+                return Result(error=_not_json_error(status, reason, raw))
+            return Result(error=ProtocolError(f"HTTP {status}: {problem}"))
         if status >= 400:
             err = doc.get("error")
             err = err if isinstance(err, dict) else {"message": str(err or f"HTTP {status}")}
@@ -185,6 +199,20 @@ class AdminClient:
         return await self.request(
             "POST", "/admin/cache/purge", {"model": model} if model else {}, timeout_s=60
         )
+
+
+def _not_json_error(status: int, reason: str | None, raw: bytes) -> AdminError:
+    """The error for a refusal whose body is not the admin API's JSON: its status, what to do
+    about a 401, and the start of its text without tags."""
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = reason or "error"
+    text = " ".join(re.sub(r"<[^>]*>", " ", raw[:2000].decode("utf-8", "replace")).split())
+    said = f"the answer: {text[:77]}…" if len(text) > 80 else f"the answer: {text}" if text else ""
+    if status == 401:
+        return Unauthorized(f"401 {phrase}: check the admin token ({said or 'no answer body'})")
+    return ApiError(status, f"{status} {phrase} ({said or 'no answer body'})")
 
 
 def _reason(exc: BaseException) -> str:

@@ -27,11 +27,19 @@ if TYPE_CHECKING:
     from tui.console import ConsoleApp
 
 DEFAULTS = "__defaults__"  # the scope selector's value for the server-wide defaults
+UNREADABLE_LINES = 5  # lines naming what the form cannot show of the server's answer
 Editor = Input | Switch | Select[str]
 
 
 def slug(name: str) -> str:
-    return name.replace(".", "--")
+    """``name`` as the tail of a widget id: a dot is "--" (batching.max_batch_size is
+    batching--max_batch_size); any other character an id cannot hold, "-" too, is its code point
+    in hex between dashes, so no two names share an id (a space or a "[" in a name the server
+    sent crashed the form, and "a.b" and "a--b" were one id)."""
+    return "".join(
+        c if c.isascii() and (c.isalnum() or c == "_") else "--" if c == "." else f"-{ord(c):x}-"
+        for c in name
+    )
 
 
 class SettingRow(Vertical):
@@ -45,6 +53,8 @@ class SettingRow(Vertical):
         self.kind = str(spec.get("type", "str"))
         self.current: Any = spec.get("default")
         self.editable = True
+        # Why the server's value cannot be edited here (not of the setting's type), if it cannot.
+        self.problem: str | None = None
 
     def compose(self) -> ComposeResult:
         bounds = _bounds(self.spec)
@@ -62,6 +72,7 @@ class SettingRow(Vertical):
             yield Static("", classes="current")
             yield self._editor()
         yield Static("", classes="field-error")
+        yield Static("", classes="value-note")
 
     def _editor(self) -> Editor:
         eid = f"edit-{slug(self.name_)}"
@@ -69,9 +80,11 @@ class SettingRow(Vertical):
         if self.kind == "bool":
             return Switch(bool(self.current), id=eid, classes="editor")
         if choices:
+            # A value outside the choices is no value of the Select's (it raised): the first
+            # stands in until set_current shows the server's value, or says why it cannot.
             return Select(
                 [(str(c), str(c)) for c in choices],
-                value=str(self.current),
+                value=self.current if self.current in choices else choices[0],
                 allow_blank=False,
                 id=eid,
                 classes="editor",
@@ -90,16 +103,27 @@ class SettingRow(Vertical):
         return cast(Editor, self.query_one(".editor"))
 
     def set_current(self, value: Any, origin: str, editable: bool, *, reset: bool) -> None:
-        """Show the server's value; the editor follows it unless the operator has a pending edit."""
+        """Show the server's value; the editor follows it unless the operator has a pending edit.
+
+        A value that is not of the setting's type (or not one of its choices) is shown as what it
+        is, and not editable: the editor cannot hold it, and Apply would send what it is not.
+        """
         pending_edit = self.changed
+        self.problem = view.value_problem(self.spec, value)
         self.current = value
-        self.editable = editable
-        self.query_one(".current", Static).update(
-            Text.assemble((view.fmt_value(value) or "[]", "bold"), "\n", (origin, "dim"))
+        self.editable = editable and self.problem is None
+        shown = view.fmt_value(value) or "[]"
+        if self.problem is not None:
+            shown = view.json_kind(value) if isinstance(value, list | dict) else view.clip(shown, 40)
+        self.query_one(".current", Static).update(Text.assemble((shown, "bold"), "\n", (origin, "dim")))
+        note = self.query_one(".value-note", Static)
+        note.update(
+            Text(f"⚠ the server's value cannot be edited here: {self.problem}") if self.problem else ""
         )
+        note.display = self.problem is not None
         editor = self.editor
-        editor.disabled = not editable
-        if reset or not pending_edit:
+        editor.disabled = not self.editable
+        if self.problem is None and (reset or not pending_edit):
             self.set_pending(value)
         self._mark()
 
@@ -163,6 +187,7 @@ class TuningScreen(Screen[None]):
         self.view: dict[str, Any] | None = None
         self._loading = False
         self._was_connected = False
+        self._applying = False  # a PATCH is waiting for its answer
 
     @property
     def console(self) -> ConsoleApp:
@@ -178,6 +203,7 @@ class TuningScreen(Screen[None]):
                 yield Button("Apply", id="apply", variant="primary")
                 yield Button("Revert", id="revert")
         yield Static("loading settings…", id="form-message")
+        yield Static("", id="unreadable")
         with Horizontal(id="form-header"):
             yield Label("setting", classes="about")
             yield Label("current", classes="current")
@@ -222,39 +248,60 @@ class TuningScreen(Screen[None]):
             if self.view is None:
                 self._message(f"cannot load settings: {res.error.message if res.error else '?'}", "error")
             return
-        self._show_view(res.value, reset=False)
+        try:
+            await self._show_view(res.value, reset=False)
+        except Exception as exc:
+            # The worker does not exit the app on error: without this the form would go on
+            # saying "loading settings…", or show the last answer as if it were this one.
+            self.log.error("could not show the server's settings", exc)
+            self._message(f"cannot show the settings: {type(exc).__name__}: {exc}", "error")
 
-    def _show_view(self, doc: dict[str, Any], *, reset: bool) -> None:
+    async def _show_view(self, doc: dict[str, Any], *, reset: bool) -> None:
         first = self.view is None
-        self.view = doc
-        registry = [s for s in doc.get("registry") or [] if isinstance(s, dict) and "name" in s]
+        self.view, problems = view.clean_settings(doc)
+        self._show_problems(problems)
+        registry: list[dict[str, Any]] = self.view["registry"]
         names = [s["name"] for s in registry]
         if [r.name_ for r in self.query(SettingRow)] != names:
             form = self.query_one("#form", VerticalScroll)
-            form.remove_children()
+            # Awaited: the old rows are gone and the new ones composed before they are filled
+            # (filled after a refresh, a row half removed had no parts to fill and crashed).
+            await form.remove_children()
             widgets: list[Widget] = []
             section = None
             for spec in registry:
-                head = str(spec["name"]).split(".", 1)[0]
+                head = spec["name"].split(".", 1)[0]
                 if head != section:
                     section = head
                     widgets.append(Label(head, classes="section", markup=False))
                 widgets.append(SettingRow(spec))
-            form.mount_all(widgets)
-            self.call_after_refresh(self._fill, reset=True)
+            await form.mount_all(widgets)
+            self._fill(reset=True)
         else:
             self._fill(reset=reset)
         self._set_scope_options()
         if first:
-            where = doc.get("config_file")
+            where = self.view["config_file"]
             self._message(
                 f"changes are saved to {where}" if where else "no config file: changes last until restart",
                 "info",
             )
 
+    def _show_problems(self, problems: list[str]) -> None:
+        """Name what the form cannot show of the server's answer (first few lines, then a count)."""
+        box = self.query_one("#unreadable", Static)
+        box.display = bool(problems)
+        if not problems:
+            return
+        shown = problems[:UNREADABLE_LINES]
+        if len(problems) > len(shown):
+            shown[-1] = f"… and {len(problems) - len(shown) + 1} more"
+        head = f"✖ {len(problems)} part{'s' if len(problems) > 1 else ''} of the server's settings cannot be shown:"
+        box.update(Text("\n  ".join([head, *shown])))
+
     def _set_scope_options(self) -> None:
         assert self.view is not None
-        models = list((self.view.get("models") or {}).keys())
+        models = list(self.view["models"])
         if self.scope != DEFAULTS and self.scope not in models:
             self.scope = DEFAULTS
         select = cast("Select[str]", self.query_one("#scope", Select))
@@ -268,15 +315,15 @@ class TuningScreen(Screen[None]):
     def _fill(self, *, reset: bool) -> None:
         if self.view is None:
             return
-        overrides = self.view.get("overrides") or {}
+        overrides = self.view["overrides"]
         if self.scope == DEFAULTS:
-            values = self.view.get("defaults") or {}
-            mine = overrides.get("defaults") or {}
+            values = self.view["defaults"]
+            mine = overrides["defaults"]
         else:
-            values = (self.view.get("models") or {}).get(self.scope) or {}
-            mine = (overrides.get("models") or {}).get(self.scope) or {}
+            values = self.view["models"].get(self.scope, {})
+            mine = overrides["models"].get(self.scope, {})
         flat_mine = _flatten(mine)
-        defaults = self.view.get("defaults") or {}
+        defaults = self.view["defaults"]
         read_only = self.console.read_only
         for row in self.query(SettingRow):
             server_wide = row.spec.get("scope") == "server"
@@ -342,11 +389,31 @@ class TuningScreen(Screen[None]):
         self._message("reverted to the server's values", "info")
 
     def action_apply(self) -> None:
-        if not self.console.read_only:
-            self._apply()
+        if self.console.read_only:
+            return
+        if self._applying:
+            # As the actions do: the same request twice is not what a second press means.
+            self.notify("already applying: not sent again", severity="warning")
+            return
+        self._applying = True
+        self._apply_button("Applying…", disabled=True)
+        self._apply()
 
-    @work(group="apply", exclusive=True, exit_on_error=False)
+    def _apply_button(self, label: str, *, disabled: bool) -> None:
+        for button in self.query("#apply").results(Button):
+            button.label = label
+            button.disabled = disabled
+
+    # Not exclusive: that cancelled the request in flight and sent another.
+    @work(group="apply", exit_on_error=False)
     async def _apply(self) -> None:
+        try:
+            await self._send_changes()
+        finally:
+            self._applying = False
+            self._apply_button("Apply", disabled=False)
+
+    async def _send_changes(self) -> None:
         changes: dict[str, Any] = {}
         bad = 0
         for row in self.query(SettingRow):
@@ -372,12 +439,13 @@ class TuningScreen(Screen[None]):
         )
         res = await self.console.client.patch_settings(body)
         if res.value is not None:
-            self._show_view(res.value, reset=True)
+            await self._show_view(res.value, reset=True)
+            assert self.view is not None
             where = "server-wide defaults" if self.scope == DEFAULTS else f"model {self.scope}"
             text = f"applied {len(changes)} change{'s' if len(changes) > 1 else ''} to {where}"
-            if res.value.get("config_file"):
-                text += f"; saved to {res.value['config_file']}"
-            reload_needed = res.value.get("reload_needed") or []
+            if self.view["config_file"]:
+                text += f"; saved to {self.view['config_file']}"
+            reload_needed = self.view["reload_needed"]
             if reload_needed:
                 text += f"; takes effect when reloaded: {', '.join(reload_needed)}"
             self._message(text, "ok")
@@ -403,12 +471,14 @@ class TuningScreen(Screen[None]):
         box.update(Text(text, style=style))
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def _flatten(tree: Any, prefix: str = "", depth: int = 0) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    if isinstance(tree, dict):
+    # Setting names are a few levels deep: past 16, an answer nested hundreds deep would take the
+    # stack (the JSON parser follows it to about a thousand) for no setting.
+    if isinstance(tree, dict) and depth < 16:
         for k, v in tree.items():
             if isinstance(v, dict):
-                out.update(_flatten(v, f"{prefix}{k}."))
+                out.update(_flatten(v, f"{prefix}{k}.", depth + 1))
             else:
                 out[f"{prefix}{k}"] = v
     return out

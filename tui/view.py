@@ -445,7 +445,8 @@ def fmt_bytes(n: float | None) -> str:
 
 
 def fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
+    # Below zero is no duration (a server clock that went back): unknown, like a missing one.
+    if seconds is None or not 0 <= seconds < math.inf:
         return "—"
     s = int(seconds)
     days, s = divmod(s, 86400)
@@ -645,3 +646,144 @@ def _leaf_in(seg: str, by_leaf: Mapping[str, str]) -> str | None:
         if m and (best is None or m.start() < best[0]):
             best = (m.start(), n)
     return best[1] if best else None
+
+
+# -- the settings answer ---------------------------------------------------------------------
+
+# The registry's types (appliance/settings.py, Setting.describe): the only ones the form edits.
+SETTING_TYPES = ("bool", "int", "float", "str", "list[int]")
+
+
+def clean_settings(doc: Mapping[str, Any]) -> tuple[JSON, list[str]]:
+    """``doc`` (GET or PATCH /admin/settings) as the tuning form can read it, and a line for each
+    part it cannot: which, and what was expected.
+
+    The registry keeps the entries :func:`read_setting` can read, the first of each name;
+    ``defaults`` is an object, ``models`` an object of objects, ``overrides`` holds ``defaults``
+    and ``models`` of those shapes; a part of another type is left out, as a server without it
+    would send. Like :func:`clean_stats`, this lets the form index and compare without a check
+    at each step, and a setting it cannot show is named, not silently missing.
+    """
+    problems: list[str] = []
+    raw = doc.get("registry")
+    if not isinstance(raw, list):
+        problems.append(f"registry: expected a list, got {json_kind(raw)}")
+        raw = []
+    registry: list[JSON] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(raw, 1):
+        spec = read_setting(entry, i)
+        if isinstance(spec, str):
+            problems.append(spec)
+        elif spec["name"] in seen:
+            problems.append(f"{clip(spec['name'])}: listed twice; the first is shown")
+        else:
+            seen.add(spec["name"])
+            registry.append(spec)
+    models = _object(doc.get("models"), "models", problems)
+    overrides = _object(doc.get("overrides"), "overrides", problems)
+    mine = _object(overrides.get("models"), "overrides.models", problems)
+    where, needed = doc.get("config_file"), doc.get("reload_needed")
+    clean: JSON = {
+        "registry": registry,
+        "defaults": _object(doc.get("defaults"), "defaults", problems),
+        "models": {m: v for m, v in models.items() if _is_object(v, f"model {m}", problems)},
+        "overrides": {
+            "defaults": _object(overrides.get("defaults"), "overrides.defaults", problems),
+            "models": {m: v for m, v in mine.items() if _is_object(v, f"overrides.models.{m}", problems)},
+        },
+        "config_file": where if isinstance(where, str) else None,
+        "reload_needed": [str(n) for n in needed] if isinstance(needed, list) else [],
+    }
+    return clean, problems
+
+
+def read_setting(entry: Any, index: int) -> JSON | str:
+    """Registry entry number ``index`` with every key the form reads of the type it reads it as
+    (a missing key: no bounds, no choices, no help, per model), or what is wrong with it."""
+    if not isinstance(entry, Mapping):
+        return f"setting {index}: expected an object, got {json_kind(entry)}"
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        return f"setting {index}: no name"
+    kind, choices, help_text = entry.get("type"), entry.get("choices"), entry.get("help")
+    if kind not in SETTING_TYPES:
+        return f"{clip(name)}: type: expected one of {', '.join(SETTING_TYPES)}, got {json_kind(kind)}"
+    if choices is not None and not (
+        kind == "str" and isinstance(choices, list) and all(isinstance(c, str) for c in choices)
+    ):
+        return f"{clip(name)}: choices: expected a list of strings of a str setting, got {json_kind(choices)}"
+    for key in ("minimum", "maximum"):
+        if entry.get(key) is not None and number(entry[key]) is None:
+            return f"{clip(name)}: {key}: expected a number, got {json_kind(entry[key])}"
+    if help_text is not None and not isinstance(help_text, str):
+        return f"{clip(name)}: help: expected a string, got {json_kind(help_text)}"
+    return {
+        "name": name,
+        "type": kind,
+        "default": entry.get("default"),
+        "minimum": entry.get("minimum"),
+        "maximum": entry.get("maximum"),
+        "choices": choices or None,
+        "help": help_text or "",
+        "reload": entry.get("reload") is True,
+        "scope": "server" if entry.get("scope") == "server" else "model",
+    }
+
+
+def value_problem(spec: Mapping[str, Any], value: Any) -> str | None:
+    """Why ``value`` cannot be shown in the editor of ``spec`` (a setting :func:`read_setting`
+    read): it is not of the setting's type, or not one of its choices. None when it can."""
+    kind, choices = spec["type"], spec["choices"]
+    if kind == "bool":
+        ok, expected = isinstance(value, bool), "true or false"
+    elif kind == "int":
+        ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif kind == "float":
+        ok, expected = number(value) is not None, "a number"
+    elif kind == "str":
+        ok = isinstance(value, str) and (not choices or value in choices)
+        expected = f"one of {', '.join(choices)}" if choices else "a string"
+    else:
+        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        expected = "a list of integers"
+    if ok:
+        return None
+    shown = json_kind(value) if isinstance(value, list | Mapping) or value is None else repr(clip(str(value)))
+    return f"expected {clip(expected)}, got {shown}"
+
+
+def json_kind(value: Any) -> str:
+    """What a JSON value is, in a few words however big it is: for messages about a value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return f"a list of {len(value)} item{'s' if len(value) != 1 else ''}"
+    return "an object"
+
+
+def clip(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _object(value: Any, where: str, problems: list[str]) -> JSON:
+    """``value`` if it is an object; else nothing (said in ``problems`` unless it is missing)."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return dict(value)
+    problems.append(f"{where}: expected an object, got {json_kind(value)}")
+    return {}
+
+
+def _is_object(value: Any, where: str, problems: list[str]) -> bool:
+    if isinstance(value, Mapping):
+        return True
+    problems.append(f"{where}: expected an object, got {json_kind(value)}")
+    return False

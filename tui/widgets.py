@@ -211,13 +211,31 @@ def _kv(key: str, value: str, value_style: str = "bold") -> Text:
     return Text.assemble((f"{key} ", "dim"), (value, value_style))
 
 
+# A panel's lines, less its border (.panel's max-height in console.tcss). Panels with a line per
+# model show this many at most, the last saying how many more: 10,000 models drew 10,000 lines.
+PANEL_LINES = 6
+
+
+def more_line(n: int, noun: str = "") -> Text:
+    plural = f" {noun}{'s' if n != 1 else ''}" if noun else ""
+    return Text(f"… and {n:,} more{plural}", style="dim")
+
+
 def breaker_lines(stats: Mapping[str, Any]) -> list[Text]:
     # State first, in a fixed width: a long model name is cut by the panel, the state never is.
+    breakers = [
+        (name, m["breaker"])
+        for name, m in view.models(stats).items()
+        if isinstance(m, Mapping) and isinstance(m.get("breaker"), Mapping)
+    ]
+    more = 0
+    if len(breakers) > PANEL_LINES:
+        # Not all fit: the breakers holding traffic back first, however far down the list.
+        breakers.sort(key=lambda nb: nb[1].get("state") in ("closed", "disabled"))
+        more = len(breakers) - (PANEL_LINES - 1)
+        breakers = breakers[: PANEL_LINES - 1]
     out = []
-    for name, m in view.models(stats).items():
-        b = m.get("breaker") if isinstance(m, Mapping) else None
-        if not isinstance(b, Mapping):
-            continue
+    for name, b in breakers:
         state = str(b.get("state", "?"))
         fail = view.num(b.get("failure_rate"))
         out.append(
@@ -227,6 +245,8 @@ def breaker_lines(stats: Mapping[str, Any]) -> list[Text]:
                 (f" {view.fmt_percent(fail)} fail" if fail else "", "dim"),
             )
         )
+    if more:
+        out.append(more_line(more))
     return out
 
 
@@ -283,6 +303,8 @@ def memory_lines(stats: Mapping[str, Any]) -> list[Text]:
 
 
 def fmt_lag(ms: float) -> str:
+    if ms < 0:  # no lag is below zero: unknown (a server clock that went back)
+        return "—"
     return f"{ms:.1f} ms" if ms < 100 else f"{ms:.0f} ms"
 
 
@@ -322,7 +344,7 @@ def compute_lines(stats: Mapping[str, Any]) -> list[Text]:
     return lines
 
 
-WORKER_LINES = 6  # the panel's height less its border
+WORKER_LINES = PANEL_LINES
 
 
 def worker_lines(stats: Mapping[str, Any]) -> list[Text]:
@@ -381,15 +403,25 @@ def generic_lines(section: Any) -> list[Text]:
 
 def generation_lines(stats: Mapping[str, Any]) -> list[Text]:
     out: list[Text] = []
+    more = 0  # models past the panel's lines: counted, not drawn
     for name, m in view.models(stats).items():
         gen = m.get("generation") if isinstance(m, Mapping) else None
+        if not isinstance(gen, Mapping):
+            continue
+        if more:
+            more += 1
+            continue
         lines = generic_lines(gen)
-        if lines:
-            out.append(Text(str(name), style="bold"))
-            out.extend(lines[:4])
-        prefix = gen.get("prefix_cache") if isinstance(gen, Mapping) else None
+        block = [Text(str(name), style="bold"), *lines[:4]] if lines else []
+        prefix = gen.get("prefix_cache")
         if isinstance(prefix, Mapping):
-            out.append(prefix_cache_line(prefix))
+            block.append(prefix_cache_line(prefix))
+        if out and len(out) + len(block) > PANEL_LINES:
+            more = 1
+            continue
+        out.extend(block)
+    if more:
+        out = [*out[: PANEL_LINES - 1], more_line(more, "model")]
     return out
 
 
