@@ -58,7 +58,11 @@ _FAILURE_LOG_S = 10.0  # a persistent dispatch fault is logged at most this ofte
 class BatcherObserver(Protocol):
     """Metrics hooks. Called on the event loop; must be cheap and must not raise."""
 
-    def on_batch(self, size: int, queue_wait_s: Sequence[float], compute_s: float) -> None:
+    def on_batch(
+        self, size: int, queue_wait_s: Sequence[float], compute_s: float, shares: Sequence[float]
+    ) -> None:
+        """A batch of ``size`` items ran; each item's wait in the queue, and its share of its
+        request (an embedding request of n sentences queues n items of 1/n each)."""
         return None
 
     def on_reject(self, priority: int, reason: str) -> None:
@@ -84,6 +88,7 @@ class _Request(Generic[T, R]):
     arrival: float
     length: int
     future: asyncio.Future[R]
+    share: float = 1.0  # of its request: per-request statistics add up to one per request
 
 
 class Batcher(EarlyAdmission, Generic[T, R]):
@@ -162,7 +167,10 @@ class Batcher(EarlyAdmission, Generic[T, R]):
         priority: int | None = None,
         timeout_ms: float | None = None,
         reservation: Reservation | None = None,
+        share: float = 1.0,
     ) -> R:
+        """``item``'s result once its batch has run. ``share``: its part of a request queued as
+        several items (1/n each of n), so that statistics count requests, not items."""
         policy = self.policy
         held = reservation is not None and reservation.take()
         self._relevel(policy.priority_levels)
@@ -182,7 +190,13 @@ class Batcher(EarlyAdmission, Generic[T, R]):
         loop = asyncio.get_running_loop()
         now = loop.time()
         req: _Request[T, R] = _Request(
-            item, level, next(self._seq), now, self._length(item) if self._length else 0, loop.create_future()
+            item,
+            level,
+            next(self._seq),
+            now,
+            self._length(item) if self._length else 0,
+            loop.create_future(),
+            share,
         )
         if timeout_s:
             self._add_deadline(req, now + timeout_s, loop)
@@ -657,4 +671,6 @@ class Batcher(EarlyAdmission, Generic[T, R]):
             self._rate = sample if self._rate is None else self._rate + _EWMA_ALPHA * (sample - self._rate)
             b = self._batch_s
             self._batch_s = compute_s if b is None else b + _EWMA_ALPHA * (compute_s - b)
-        self.observer.on_batch(len(batch), [start - r.arrival for r in batch], compute_s)
+        self.observer.on_batch(
+            len(batch), [start - r.arrival for r in batch], compute_s, [r.share for r in batch]
+        )

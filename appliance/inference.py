@@ -66,12 +66,14 @@ class _Observer:
         self._depth: dict[int, Any] = {}
         self._rejected: dict[tuple[int, str], Any] = {}
 
-    def on_batch(self, size: int, queue_wait_s: Sequence[float], compute_s: float) -> None:
+    def on_batch(
+        self, size: int, queue_wait_s: Sequence[float], compute_s: float, shares: Sequence[float]
+    ) -> None:
         self._batch.observe(size)
         self._compute.observe(compute_s)
         for w in queue_wait_s:
             self._queue.observe(w)
-        self.m.model_stats.executed(self.model, size, queue_wait_s, compute_s)
+        self.m.model_stats.executed(self.model, size, queue_wait_s, compute_s, shares)
 
     def on_reject(self, priority: int, reason: str) -> None:
         # Cached here: refusals come by the thousand per second under overload.
@@ -141,9 +143,10 @@ async def submit_all(
             ]
         except (AdmissionError, EngineError) as exc:
             raise engine_failure(exc) from None
+    share = 1 / len(items)  # Triton's statistics count the request once, not once per item
     tasks = [
         asyncio.ensure_future(
-            batcher.submit(it, priority=priority, timeout_ms=timeout_ms, reservation=reservation)
+            batcher.submit(it, priority=priority, timeout_ms=timeout_ms, reservation=reservation, share=share)
         )
         for it in items
     ]

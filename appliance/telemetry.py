@@ -433,7 +433,8 @@ class _Model:
 
 
 def _duration(pair: list[float]) -> dict[str, int]:
-    return {"count": int(pair[0]), "ns": int(pair[1] * 1e9)}
+    # Rounded: a request queued as n items adds 1/n n times, which float sums leave a hair short.
+    return {"count": round(pair[0]), "ns": int(pair[1] * 1e9)}
 
 
 class ModelStats:
@@ -462,32 +463,54 @@ class ModelStats:
             m.last_ms = int(time.time() * 1000)
 
     def cached(self, model: str, lookup_s: float) -> None:
-        """A request answered from the response cache: a cache hit for Triton, not an inference."""
-        pair = self._of(model).cache_hit
-        pair[0] += 1
-        pair[1] += lookup_s
+        """A request answered from the response cache: a cache hit for Triton, not an inference.
+        Triton's ``queue`` count includes cache hits (they waited for nothing here)."""
+        m = self._of(model)
+        m.cache_hit[0] += 1
+        m.cache_hit[1] += lookup_s
+        m.queue[0] += 1
 
-    def executed(self, model: str, size: int, queue_waits: Sequence[float], compute_s: float) -> None:
-        """One engine execution of ``size`` inferences; each one's request waited ``queue_waits``."""
+    def executed(
+        self,
+        model: str,
+        size: int,
+        queue_waits: Sequence[float],
+        compute_s: float,
+        shares: Sequence[float],
+    ) -> None:
+        """One engine execution of ``size`` inferences (rows): each row's request waited
+        ``queue_waits`` and the row is ``shares`` of its request. Triton counts ``queue`` and
+        ``compute_infer`` once per request, with that request's own durations (a request of 16
+        rows had counted 16 and 16 times its batch's time, so perf_analyzer, dividing by the
+        request count, showed compute 16 times too long)."""
         m = self._of(model)
         m.inferences += size
-        m.queue[0] += len(queue_waits)
-        m.queue[1] += sum(queue_waits)
-        self.stepped(model, size, compute_s)
+        requests = sum(shares)
+        m.queue[0] += requests
+        m.queue[1] += sum(w * s for w, s in zip(queue_waits, shares, strict=True))
+        self.stepped(model, size, compute_s, requests)
 
     def admitted(self, model: str, waited_s: float) -> None:
-        """A generation taken from its queue: one inference however many steps it runs."""
+        """A generation taken from its queue: one inference however many steps it runs (its
+        steps add their time to its ``compute_infer``, counted here once)."""
         m = self._of(model)
         m.inferences += 1
         m.queue[0] += 1
         m.queue[1] += waited_s
+        m.compute[0] += 1
 
-    def stepped(self, model: str, size: int, compute_s: float) -> None:
-        """One engine execution (a batch, or a generation step) of ``size`` rows."""
+    def stepped(self, model: str, size: int, compute_s: float, requests: float | None = None) -> None:
+        """One engine execution (a batch, or a generation step) of ``size`` rows. A batch's rows
+        make ``requests`` requests, each of which spent ``compute_s`` in it; a generation step
+        (``requests`` None) charges each of its rows' generations ``compute_s``, counted once
+        when it was admitted."""
         m = self._of(model)
         m.executions += 1
-        m.compute[0] += size  # per row, as Triton counts compute_infer per inference
-        m.compute[1] += compute_s * size
+        if requests is None:
+            m.compute[1] += compute_s * size
+        else:
+            m.compute[0] += requests
+            m.compute[1] += compute_s * requests
         batch = m.batches.get(size)
         if batch is None:
             batch = m.batches[size] = [0, 0.0]

@@ -413,6 +413,13 @@ def test_statistics_in_tritons_shape_for_tritonclient(server: ServerThread) -> N
     assert infer["success"]["count"] - before["inference_stats"]["success"]["count"] == 1
     assert infer["success"]["ns"] > 0 and infer["compute_infer"]["ns"] > 0
     assert sum(b["compute_infer"]["count"] for b in stat["batch_stats"]) == stat["execution_count"]
+    # Queue and compute count the request once, with its own durations, as Triton does: rows
+    # counted one each (and each charged its batch's time) made perf_analyzer, which divides by
+    # the request count, show compute n times too long for a request of n rows.
+    for kind in ("queue", "compute_infer"):
+        assert infer[kind]["count"] - before["inference_stats"][kind]["count"] == 1, kind
+    spent = infer["success"]["ns"] - before["inference_stats"]["success"]["ns"]
+    assert infer["compute_infer"]["ns"] - before["inference_stats"]["compute_infer"]["ns"] <= spent
     # Metadata and readiness are no inferences; an answer from the response cache is a cache hit.
     c.get_model_metadata(EMB)
     c.is_model_ready(EMB)
@@ -422,6 +429,8 @@ def test_statistics_in_tritons_shape_for_tritonclient(server: ServerThread) -> N
     (again,) = c.get_inference_statistics(model_name=EMB)["model_stats"]
     assert again["inference_stats"]["success"]["count"] == infer["success"]["count"] + 2
     assert again["inference_stats"]["cache_hit"]["count"] == infer["cache_hit"]["count"] + 1
+    # Triton's queue count includes cache hits.
+    assert again["inference_stats"]["queue"]["count"] == infer["queue"]["count"] + 2
     assert again["inference_count"] == stat["inference_count"] + 1
     everything = c.get_inference_statistics()["model_stats"]
     assert EMB in [m["name"] for m in everything]
