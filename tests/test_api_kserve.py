@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -12,7 +14,8 @@ import tritonclient.http as httpclient
 from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import ServerThread, copy_fixture
+from appliance.api.common import RESILIENCE
+from tests.conftest import ServerThread, copy_fixture, make_repository
 
 EMB = "all-minilm-l6-v2"
 AFFINE = "affine"
@@ -437,3 +440,162 @@ def test_statistics_in_tritons_shape_for_tritonclient(server: ServerThread) -> N
     assert "statistics" in c.get_server_metadata()["extensions"]
     with pytest.raises(InferenceServerException, match="unknown model"):
         c.get_inference_statistics(model_name="nope")
+
+
+# -- Triton's generate extension, on the real SmolLM2 --
+
+LLM = "smollm2-135m-instruct"
+NO_CACHE = {"Cache-Control": "no-cache, no-store"}
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def llm_server(
+    tmp_path_factory: pytest.TempPathFactory, smollm_folder: Path, minilm_folder: Path
+) -> Iterator[ServerThread]:
+    tmp = tmp_path_factory.mktemp("generate")
+    repo = make_repository(tmp, {LLM: smollm_folder, EMB: minilm_folder})
+    cfg = {
+        "model_repository": str(repo),
+        "data_dir": str(tmp / "data"),
+        "admin": {"port": 0, "socket": str(tmp / "data" / "admin.sock")},
+    }
+    srv = ServerThread(cfg).start()
+    yield srv
+    srv.stop()
+
+
+def sse_events(raw: bytes) -> list[dict[str, Any]]:
+    """The data of every event of a stream (keep-alive comments left out)."""
+    return [json.loads(e[6:]) for e in raw.decode().split("\n\n") if e.startswith("data: ")]
+
+
+def test_generate_answers_what_v1_completions_answers(llm_server: ServerThread) -> None:
+    """Greedy, /generate's text_output is /v1/completions' text for the same prompt and
+    max_tokens: the same machinery, in the generate extension's shape."""
+    status, ref, _ = llm_server.post(
+        "/v1/completions", {"model": LLM, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}, NO_CACHE
+    )
+    assert status == 200 and ref["choices"][0]["text"]
+    expected = ref["choices"][0]["text"]
+    # vLLM's style (parameters), TensorRT-LLM's (top-level fields), and the versioned path.
+    for path, body in [
+        (
+            f"/v2/models/{LLM}/generate",
+            {"text_input": PROMPT, "parameters": {"max_tokens": 8, "temperature": 0}},
+        ),
+        (
+            f"/v2/models/{LLM}/versions/1/generate",
+            {"text_input": PROMPT, "max_tokens": 8, "temperature": 0.0},
+        ),
+    ]:
+        status, resp, headers = llm_server.post(path, body, NO_CACHE)
+        assert status == 200, resp
+        assert resp == {"model_name": LLM, "model_version": "1", "text_output": expected}
+        assert headers["Content-Type"].startswith("application/json")
+        assert headers["X-Appliance-Source"] == "engine"
+    # vLLM's sampling_parameters, an id echoed, and the prompt repeated when asked for.
+    body = {
+        "text_input": PROMPT,
+        "id": "req-1",
+        "exclude_input_in_output": False,
+        "sampling_parameters": json.dumps({"max_tokens": 8, "temperature": 0}),
+    }
+    status, resp, _ = llm_server.post(f"/v2/models/{LLM}/generate", body, NO_CACHE)
+    assert status == 200 and resp["text_output"] == PROMPT + expected and resp["id"] == "req-1"
+
+
+def test_generate_stream_sends_the_answer_as_triton_events(llm_server: ServerThread) -> None:
+    body = {"text_input": PROMPT, "parameters": {"max_tokens": 8, "temperature": 0, "stream": True}}
+    status, whole, _ = llm_server.post(
+        f"/v2/models/{LLM}/generate", {**body, "parameters": {"max_tokens": 8, "temperature": 0}}, NO_CACHE
+    )
+    assert status == 200
+    status, raw, headers = llm_server.post(f"/v2/models/{LLM}/generate_stream", body, NO_CACHE)
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    events = sse_events(raw)
+    assert len(events) > 1  # token by token
+    assert all(set(e) == {"model_name", "model_version", "text_output"} for e in events)
+    assert all(e["model_name"] == LLM and e["model_version"] == "1" for e in events)
+    assert "".join(e["text_output"] for e in events) == whole["text_output"]
+    assert b"[DONE]" not in raw  # OpenAI's terminator is no part of Triton's stream
+    # A deterministic answer from the cache is replayed as one event.
+    llm_server.post(f"/v2/models/{LLM}/generate", {"text_input": "Hello", "max_tokens": 3, "temperature": 0})
+    llm_server.call(lambda: llm_server.app[RESILIENCE].cache.flush())
+    status, raw, headers = llm_server.post(
+        f"/v2/models/{LLM}/generate_stream", {"text_input": "Hello", "max_tokens": 3, "temperature": 0}
+    )
+    assert status == 200 and headers["X-Appliance-Source"] == "cache"
+    _, again, _ = llm_server.post(
+        f"/v2/models/{LLM}/generate", {"text_input": "Hello", "max_tokens": 3, "temperature": 0}
+    )
+    assert [e["text_output"] for e in sse_events(raw)] == [again["text_output"]]
+
+
+def test_a_generate_models_metadata_and_config_show_the_generate_interface(llm_server: ServerThread) -> None:
+    """What Triton's vLLM backend shows: text in, text out, no Triton batching, decoupled; its raw
+    decoder tensors (input_ids, past_key_values.*) are not what a client can send."""
+    c = triton(llm_server)
+    assert c.is_model_ready(LLM)
+    assert "generate" in c.get_server_metadata()["extensions"]
+    meta = c.get_model_metadata(LLM)
+    assert meta["inputs"] == [
+        {"name": "text_input", "datatype": "BYTES", "shape": [1]},
+        {"name": "stream", "datatype": "BOOL", "shape": [1]},
+        {"name": "sampling_parameters", "datatype": "BYTES", "shape": [1]},
+        {"name": "exclude_input_in_output", "datatype": "BOOL", "shape": [1]},
+    ]
+    assert meta["outputs"] == [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}]
+    cfg = c.get_model_config(LLM)
+    assert cfg["max_batch_size"] == 0
+    assert cfg["model_transaction_policy"] == {"decoupled": True}
+    assert cfg["input"][0] == {"name": "text_input", "data_type": "TYPE_STRING", "dims": [1]}
+    assert cfg["input"][1] == {"name": "stream", "data_type": "TYPE_BOOL", "dims": [1], "optional": True}
+    assert cfg["output"] == [{"name": "text_output", "data_type": "TYPE_STRING", "dims": [-1]}]
+    assert "model_transaction_policy" not in c.get_model_config(EMB)
+    # /infer does not serve a decoupled model over HTTP (nor does Triton): it says where to go.
+    doc = {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": [PROMPT]}]}
+    status, resp, _ = llm_server.post(f"/v2/models/{LLM}/infer", doc)
+    assert status == 400 and f"/v2/models/{LLM}/generate" in resp["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({}, "'text_input' is required"),
+        ({"text_input": 5}, "'text_input' must be a string, got a number"),
+        ({"text_input": ["a", "b"]}, "'text_input' must be a string"),
+        ({"text_input": "x", "stream": True}, "'stream' must be false on /generate"),
+        ({"text_input": "x", "parameters": {"stream": True}}, "'stream' must be false on /generate"),
+        ({"text_input": "x", "stream": "no"}, "'stream' must be true or false"),
+        ({"text_input": "x", "parameters": {"temperature": "hot"}}, "'temperature'"),
+        ({"text_input": "x", "max_tokens": 0}, "'max_tokens' must be at least 1"),
+        ({"text_input": "x", "stop_words": [1]}, "'stop_words' must be a string or a list of strings"),
+        ({"text_input": "x", "beam_width": 2}, "unexpected field 'beam_width'"),
+        ({"text_input": "x", "parameters": {"beam_width": 2}}, "unexpected parameter 'beam_width'"),
+        ({"text_input": "x", "parameters": []}, "'parameters' must be an object"),
+        ({"text_input": "x", "parameters": {"priority": "high"}}, "'priority'"),
+        ({"text_input": "x", "max_tokens": 2, "parameters": {"max_tokens": 3}}, "'max_tokens' is set both"),
+        ({"text_input": "x", "sampling_parameters": "{"}, "'sampling_parameters' must be a JSON object"),
+        ({"text_input": "x", "id": 7}, "'id' must be a string"),
+    ],
+)
+def test_bad_generate_requests_are_kserve_400s_naming_the_field(
+    llm_server: ServerThread, body: dict[str, Any], fragment: str
+) -> None:
+    status, resp, _ = llm_server.post(f"/v2/models/{LLM}/generate", body)
+    assert status == 400 and set(resp) == {"error"}, resp
+    assert fragment in resp["error"], resp
+
+
+def test_generate_on_a_model_that_does_not_generate_names_its_kind_and_route(
+    llm_server: ServerThread,
+) -> None:
+    for route in ("generate", "generate_stream"):
+        status, resp, _ = llm_server.post(f"/v2/models/{EMB}/{route}", {"text_input": "a sentence"})
+        assert status == 400 and set(resp) == {"error"}
+        assert "embedding model" in resp["error"] and f"/v2/models/{EMB}/infer" in resp["error"]
+    status, resp, _ = llm_server.post("/v2/models/ghost/generate", {"text_input": "x"})
+    assert status == 404 and "ghost" in resp["error"]
+    status, resp, _ = llm_server.post(f"/v2/models/{LLM}/versions/2/generate", {"text_input": "x"})
+    assert status == 404 and "version 2" in resp["error"]

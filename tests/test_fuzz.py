@@ -43,6 +43,10 @@ TARGETS: dict[str, list[str | None]] = {
     "/v1/completions": [None, LLM, LLM],
     "/v2/models/{model}/infer": [None, EMB, AFFINE, AFFINE],
     "/v2/models/{model}/versions/{version}/infer": [None, EMB, AFFINE, AFFINE],
+    "/v2/models/{model}/generate": [None, EMB, LLM, LLM],
+    "/v2/models/{model}/versions/{version}/generate": [None, EMB, LLM, LLM],
+    "/v2/models/{model}/generate_stream": [None, EMB, LLM, LLM],
+    "/v2/models/{model}/versions/{version}/generate_stream": [None, EMB, LLM, LLM],
 }
 REQUEST_TIMEOUT_S = 30.0  # far above any answer here: reaching it means a hang
 
@@ -173,7 +177,7 @@ def _fuzz_operation(server: ServerThread, tally: Tally, operation: Any, mode: Ge
 
 def test_every_route_answers_generated_requests_without_a_server_error(server: ServerThread) -> None:
     operations = [result.ok() for result in _schema(server).get_all_operations()]
-    assert len(operations) == 23  # every route of the data plane and its versioned variants
+    assert len(operations) == 27  # every route of the data plane and its versioned variants
     tally = Tally()
     for operation in operations:
         _fuzz_operation(server, tally, operation, GenerationMode.POSITIVE)
@@ -237,6 +241,20 @@ VALID: list[tuple[str, dict[str, Any]]] = [
             "inputs": [{"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": ["hi"]}],
             "outputs": [{"name": "sentence_embedding", "parameters": {"binary_data": True}}],
         },
+    ),
+    (
+        f"/v2/models/{LLM}/generate",
+        {
+            "id": "g1",
+            "text_input": "Once upon",
+            "max_tokens": 2,
+            "stop_words": ["\n"],
+            "parameters": {"temperature": 0, "top_p": 0.9, "seed": 1, "priority": 1, "timeout": 10**6},
+        },
+    ),
+    (
+        f"/v2/models/{LLM}/versions/1/generate_stream",
+        {"text_input": "Hi", "stream": True, "sampling_parameters": '{"max_tokens": 2, "top_k": 5}'},
     ),
 ]
 # Values that broke parsers before, mixed into arbitrary JSON.

@@ -211,6 +211,28 @@ def test_a_kserve_infer_for_a_full_level_is_refused_in_kserves_shape(full: Serve
     assert admitted == []
 
 
+def test_a_generate_request_for_a_full_level_is_refused_in_the_front_door(full: ServerThread) -> None:
+    """The generate extension's routes name the model in the path and the priority in
+    ``parameters``, as infer does, and are shed the same way: refused before the route runs (which
+    would have said the model does not generate)."""
+    pipeline = full.app[PIPELINE]
+    admitted: list[str] = []
+    real_admit = pipeline.admit
+
+    def spy(model: str, **kwargs: Any) -> Any:
+        admitted.append(model)
+        return real_admit(model, **kwargs)
+
+    pipeline.admit = spy  # type: ignore[method-assign]
+    doc = {"text_input": "no room", "parameters": {"priority": 3}}
+    for route in ("generate", "versions/1/generate", "generate_stream"):
+        status, body, headers = full.post(f"/v2/models/{MODEL}/{route}", doc)
+        assert status == 429 and set(body) == {"error"} and "priority 3" in body["error"], (route, body)
+        assert int(headers["Retry-After"]) >= 1
+    assert metric(full, 'appliance_shed_total{reason="queue_full"}') == 3
+    assert admitted == []
+
+
 def test_a_kserve_infer_with_room_at_its_level_is_served(full: ServerThread) -> None:
     """Priority 1, and no priority (the model's default, 2; priority 0 means the same in KServe),
     have room: served as before, from the body the front door read, binary extension included."""

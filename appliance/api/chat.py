@@ -294,6 +294,14 @@ class _Wire:
             doc["usage"] = None  # OpenAI's convention: only the last chunk carries usage
         return _event(doc)
 
+    def error_event(self, exc: ApplianceError) -> bytes:
+        """The event that reports an error once the stream's headers are sent."""
+        return _error_event(exc)
+
+    def end(self) -> bytes:
+        """What closes the stream (KServe's generate_stream sends no terminator: ``kserve``)."""
+        return DONE
+
     def usage_chunk(
         self, prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None
     ) -> bytes:
@@ -397,8 +405,8 @@ async def _stream(
         except ApplianceError as exc:
             if resp is None:
                 raise  # nothing sent yet: a plain JSON error with its status and Retry-After
-            await resp.write(_error_event(exc))
-            await resp.write(DONE)
+            await resp.write(wire.error_event(exc))
+            await resp.write(wire.end())
             await resp.write_eof()
             return resp
         if isinstance(outcome, Answer):
@@ -439,8 +447,8 @@ async def _live(
                     thinking.append(event.reasoning)
                     await resp.write(wire.chunk(event.text, reasoning=event.reasoning))
         except ApplianceError as exc:
-            await resp.write(_error_event(exc))
-        await resp.write(DONE)
+            await resp.write(wire.error_event(exc))
+        await resp.write(wire.end())
         await resp.write_eof()
         return resp
     finally:
@@ -468,6 +476,6 @@ async def _replay(
                 completion.prompt_tokens, completion.completion_tokens, completion.reasoning_tokens
             )
         )
-    await resp.write(DONE)
+    await resp.write(wire.end())
     await resp.write_eof()
     return resp

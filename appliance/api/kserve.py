@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 from aiohttp import web
 
 from appliance import __version__
+from appliance.api.chat import _completion_of, _Generation, _stream, _Wire
 from appliance.api.common import (
+    CHAT,
     EMBEDDINGS,
     MANAGER,
     METRICS,
@@ -29,8 +34,9 @@ from appliance.api.tensors import (
     requested_outputs,
     split_body,
 )
-from appliance.errors import InvalidRequest, ModelNotBuilt, ModelNotFound
+from appliance.errors import ApplianceError, InvalidRequest, ModelNotBuilt, ModelNotFound, Unavailable
 from appliance.inference import EmbeddingRuntime, EmbeddingService, TensorRuntime
+from appliance.llm.service import GenerationOptions
 from appliance.models import ModelManager, ModelRuntime, ModelState
 from appliance.pipeline import Ticket
 from appliance.repository import ModelKind
@@ -39,8 +45,18 @@ routes = web.RouteTableDef()
 
 # What this server implements (the model repository extension is not: models are managed through
 # the admin API).
-EXTENSIONS = ["binary_tensor_data", "schedule_policy", "model_configuration", "statistics"]
+EXTENSIONS = ["binary_tensor_data", "schedule_policy", "model_configuration", "statistics", "generate"]
 TEXT_INPUT, EMBEDDING_OUTPUT = "text", "sentence_embedding"
+# A generate model's interface as Triton's vLLM backend shows it (the inputs /generate reads as
+# fields of its body; the rest of vLLM's optional inputs are not served), and what its config
+# says: no Triton batching (the scheduler batches), and decoupled, as a model that streams is.
+GENERATE_INPUTS: list[dict[str, Any]] = [
+    {"name": "text_input", "datatype": "BYTES", "shape": [1]},
+    {"name": "stream", "datatype": "BOOL", "shape": [1], "optional": True},
+    {"name": "sampling_parameters", "datatype": "BYTES", "shape": [1], "optional": True},
+    {"name": "exclude_input_in_output", "datatype": "BOOL", "shape": [1], "optional": True},
+]
+GENERATE_OUTPUTS: list[dict[str, Any]] = [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}]
 
 
 @routes.get("/v2")
@@ -63,6 +79,12 @@ async def ready(request: web.Request) -> web.Response:
 def _io(runtime: ModelRuntime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The model's tensors as clients see them (full shapes, -1 for dynamic dims)."""
     rt = runtime.service
+    if runtime.entry.kind == ModelKind.generate:
+        strip = ("optional",)  # a config field; metadata has name, datatype and shape only
+        return (
+            [{k: v for k, v in t.items() if k not in strip} for t in GENERATE_INPUTS],
+            [dict(t) for t in GENERATE_OUTPUTS],
+        )
     if isinstance(rt, EmbeddingRuntime):
         return (
             [{"name": TEXT_INPUT, "datatype": "BYTES", "shape": [-1, 1]}],
@@ -160,11 +182,15 @@ async def model_config(request: web.Request) -> web.Response:
     runtime = await _runtime(request)
     values = request.app[MANAGER].tunables(runtime.entry.name)
     inputs, outputs = _io(runtime)
+    generates = runtime.entry.kind == ModelKind.generate
+    if generates:
+        inputs = GENERATE_INPUTS  # with their "optional" marks
 
     # A model whose tensors do not all have a dynamic first dimension runs each request alone:
-    # Triton's max_batch_size 0, and dims are then the whole shapes.
+    # Triton's max_batch_size 0, and dims are then the whole shapes. A generate model's requests
+    # are batched by its scheduler, token by token, not by Triton (as vLLM's backend says too).
     rt = runtime.service
-    batching = not isinstance(rt, TensorRuntime) or rt.batchable
+    batching = not generates and (not isinstance(rt, TensorRuntime) or rt.batchable)
 
     def triton(t: dict[str, Any]) -> dict[str, Any]:
         # Triton's config leaves the batch dimension out of dims.
@@ -172,9 +198,13 @@ async def model_config(request: web.Request) -> web.Response:
             "name": t["name"],
             "data_type": "TYPE_" + ("STRING" if t["datatype"] == "BYTES" else t["datatype"]),
             "dims": t["shape"][1:] if batching else t["shape"],
+            **({"optional": True} if t.get("optional") else {}),
         }
 
     levels = int(values["queue.priority_levels"])
+    # Decoupled: a request may have many responses (generate_stream), which is also why Triton's
+    # HTTP /infer does not serve such a model.
+    policy = {"model_transaction_policy": {"decoupled": True}} if generates else {}
     return web.json_response(
         {
             "name": runtime.entry.name,
@@ -195,6 +225,7 @@ async def model_config(request: web.Request) -> web.Response:
                 },
             },
             "instance_group": [{"count": int(values["engine.instances"]), "kind": "KIND_CPU"}],
+            **policy,
         }
     )
 
@@ -235,8 +266,11 @@ async def infer(request: web.Request) -> web.Response:
     ticket = admit(request, name, priority, items=items, timeout_ms=timeout_ms)
     assert slot is not None  # admission refused an unknown model
     if slot.entry.kind == ModelKind.generate:
+        # As Triton's HTTP endpoint answers for a decoupled model (its config says it is one).
         raise InvalidRequest(
-            f"model '{name}' generates text: use POST /v1/chat/completions or /v1/completions"
+            f"model '{name}' generates text and is decoupled (its config's model_transaction_policy): "
+            f"/infer does not serve it; use POST /v2/models/{name}/generate or "
+            f"/v2/models/{name}/generate_stream (Triton's generate extension), or /v1/completions"
         )
     feeds = decode_inputs(doc, tail)
     outputs, binary = requested_outputs(doc)
@@ -367,3 +401,230 @@ async def _embed(
         field=TEXT_INPUT,  # its errors name the tensor, not OpenAI's 'input'
     )
     return {EMBEDDING_OUTPUT: result.vectors.astype(np.float32)}
+
+
+# -- Triton's generate extension: text in, text out, for a generate model --
+
+# Sampling fields a generate request may set, at the top level of its body or in its
+# ``parameters`` (Triton passes a field that names no input of the model on as a parameter), or
+# in the JSON of vLLM's ``sampling_parameters``. ``stop_words`` is TensorRT-LLM's name for stop.
+_SAMPLING = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "stop_words",
+    "ignore_eos",
+    "min_tokens",
+    "stop_token_ids",
+)
+_FIELDS = ("text_input", "parameters", "id", "stream", "sampling_parameters", "exclude_input_in_output")
+_SCHEDULE = ("priority", "timeout")  # parameters that schedule_of reads, as for infer
+
+
+@dataclass
+class _GenerateRequest:
+    prompt: str
+    sampling: dict[str, Any]  # as a /v1/completions body names them
+    stream: bool | None
+    exclude_input: bool
+    stop_field: str  # the name the client set the stop strings with, for its errors
+
+
+def _generate_request(doc: dict[str, Any]) -> _GenerateRequest:
+    """The fields of a generate request, checked; each problem named by its field."""
+    unknown = [k for k in doc if k not in _FIELDS and k not in _SAMPLING]
+    if unknown:
+        raise InvalidRequest(
+            f"unexpected field '{unknown[0]}' in the generate request; it takes "
+            + ", ".join(f"'{f}'" for f in (*_FIELDS, *_SAMPLING))
+            + " ('priority' and 'timeout' go in 'parameters')"
+        )
+    text = doc.get("text_input")
+    if isinstance(text, list) and len(text) == 1:  # the input's shape [1], as a JSON array
+        text = text[0]
+    if text is None:
+        raise InvalidRequest("'text_input' is required: the text to generate from, a string")
+    if not isinstance(text, str):
+        raise InvalidRequest(f"'text_input' must be a string, got {_json_type(text)}")
+    params = parameters_of(doc, "the generate request")
+    unknown = [k for k in params if k not in _SAMPLING and k not in _SCHEDULE and k not in _FIELDS[3:]]
+    if unknown:
+        raise InvalidRequest(
+            f"unexpected parameter '{unknown[0]}'; 'parameters' takes "
+            + ", ".join(f"'{f}'" for f in (*_SAMPLING, *_FIELDS[3:], *_SCHEDULE))
+        )
+    sources: list[tuple[str, dict[str, Any]]] = [("the request", doc), ("'parameters'", params)]
+    encoded = doc.get("sampling_parameters", params.get("sampling_parameters"))
+    if encoded is not None:
+        if not isinstance(encoded, str):
+            raise InvalidRequest(
+                f"'sampling_parameters' must be a JSON object as a string, got {_json_type(encoded)}"
+            )
+        try:
+            sampling = json.loads(encoded)
+        except ValueError:
+            sampling = None
+        if not isinstance(sampling, dict):
+            raise InvalidRequest("'sampling_parameters' must be a JSON object as a string")
+        unknown = [k for k in sampling if k not in _SAMPLING]
+        if unknown:
+            raise InvalidRequest(
+                f"unexpected field '{unknown[0]}' in 'sampling_parameters'; it takes "
+                + ", ".join(f"'{f}'" for f in _SAMPLING)
+            )
+        sources.append(("'sampling_parameters'", sampling))
+    # A field set in two places is refused rather than one silently winning.
+    found: dict[str, tuple[str, Any]] = {}
+    for where, fields in sources:
+        for k, v in fields.items():
+            if k in _SAMPLING or k in _FIELDS[3:]:
+                if k in found:
+                    raise InvalidRequest(f"'{k}' is set both in {found[k][0]} and in {where}: set it once")
+                found[k] = (where, v)
+    values = {k: v for k, (_, v) in found.items()}
+    if "stop" in values and "stop_words" in values:
+        raise InvalidRequest("'stop' and 'stop_words' name the same thing: set one of them")
+    flags: dict[str, bool | None] = {}
+    for name in ("stream", "exclude_input_in_output"):
+        value = values.pop(name, None)
+        if value is not None and not isinstance(value, bool):
+            raise InvalidRequest(f"'{name}' must be true or false, got {_json_type(value)}")
+        flags[name] = value
+    values.pop("sampling_parameters", None)
+    stop_field = "stop"
+    if "stop_words" in values:
+        values["stop"], stop_field = values.pop("stop_words"), "stop_words"
+    # The prompt is left out of text_output unless asked for: the answer /v1/completions gives.
+    # (vLLM's backend repeats it by default when not streaming; exclude_input_in_output false
+    # asks for that.)
+    exclude = flags["exclude_input_in_output"]
+    return _GenerateRequest(text, values, flags["stream"], True if exclude is None else exclude, stop_field)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _options(req: _GenerateRequest) -> GenerationOptions:
+    try:
+        return GenerationOptions.from_openai(req.sampling, chat=False)
+    except InvalidRequest as exc:
+        if exc.param == "stop" and req.stop_field == "stop_words":  # named as the client named it
+            raise InvalidRequest(exc.message.replace("'stop'", "'stop_words'"), param="stop_words") from None
+        raise
+
+
+@dataclass
+class _TritonWire(_Wire):
+    """generate_stream's events: each carries the new text as ``text_output``, as Triton sends
+    them; an error is ``{"error": message}``; the stream ends with the connection, not a marker."""
+
+    version: str = VERSIONS[0]
+    request_id: str | None = None
+
+    def chunk(
+        self,
+        text: str | None,
+        finish_reason: str | None = None,
+        *,
+        role: bool = False,
+        reasoning: str | None = None,
+    ) -> bytes:
+        if not text:
+            return b""  # the finish: Triton sends no event of its own for it
+        return _sse_event(self.answer(text))
+
+    def answer(self, text: str) -> dict[str, Any]:
+        doc: dict[str, Any] = {"model_name": self.model, "model_version": self.version, "text_output": text}
+        if self.request_id is not None:
+            doc["id"] = self.request_id
+        return doc
+
+    def error_event(self, exc: ApplianceError) -> bytes:
+        return _sse_event({"error": exc.message})
+
+    def end(self) -> bytes:
+        return b""
+
+
+def _sse_event(doc: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(doc) + b"\n\n"
+
+
+@routes.post("/v2/models/{model}/generate")
+@routes.post("/v2/models/{model}/versions/{version}/generate")
+async def generate(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, stream=False)
+
+
+@routes.post("/v2/models/{model}/generate_stream")
+@routes.post("/v2/models/{model}/versions/{version}/generate_stream")
+async def generate_stream(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, stream=True)
+
+
+async def _generate(request: web.Request, *, stream: bool) -> web.StreamResponse:
+    """Triton's generate extension on the machinery of /v1/completions: the same admission,
+    deadline, response cache (its entries are shared with /v1/completions), breaker, fallback and
+    validation; only the request's and the answer's shapes differ."""
+    name = request.match_info["model"]
+    _check_version(request, name)
+    doc = await read_json(request)
+    priority, timeout_ms = schedule_of(doc)
+    # Admission first: a request its queue would refuse costs no templating or tokenizing.
+    ticket = admit(request, name, priority, timeout_ms=timeout_ms)
+    slot = request.app[MANAGER].slots[ticket.model]
+    kind = slot.entry.kind
+    if kind != ModelKind.generate:
+        other = " or POST /v1/embeddings" if kind == ModelKind.embedding else ""
+        raise InvalidRequest(
+            f"model '{name}' is an {kind.value} model, not a generate model: "
+            f"use POST /v2/models/{name}/infer{other}"
+        )
+    req = _generate_request(doc)
+    if req.stream and not stream:
+        raise InvalidRequest(
+            f"'stream' must be false on /generate: use POST /v2/models/{name}/generate_stream for a stream"
+        )
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidRequest(f"'id' must be a string, got {_json_type(request_id)}")
+    options = _options(req)
+    parser = str(ticket.values.get("generation.reasoning_parser", "auto"))
+    default_max_tokens = min(
+        int(ticket.values["generation.max_tokens_default"]), int(ticket.values["generation.max_tokens_limit"])
+    )
+    work = _Generation(
+        request.app[CHAT],
+        ticket.model,
+        False,
+        {"prompt": req.prompt},
+        options,
+        slot.entry.spec.default_response,
+        parser,
+        default_max_tokens,
+    )
+    wire = _TritonWire(chat=False, model=ticket.model, request_id=request_id)
+    # The whole answer (what the cache stores) keeps /v1/completions' shape: the two share entries.
+    work.wire = wire
+    pipeline = request.app[PIPELINE]
+    if stream:
+        return await _stream(request, pipeline, ticket, work, wire)
+    answer = await pipeline.answer(ticket, work)
+    completion = _completion_of(answer.body, chat=False)
+    if completion is None:
+        raise Unavailable(f"the model '{name}' has no usable answer", retry_after_s=1.0)
+    text = completion.text if req.exclude_input else req.prompt + completion.text
+    body = orjson.dumps(wire.answer(text))
+    return render(dataclasses.replace(answer, body=body, content_type="application/json"), ticket)

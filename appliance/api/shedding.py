@@ -9,9 +9,10 @@ JSON, a malformed priority or deadline, an unknown model) is left to the route, 
 precisely.
 
 It covers the OpenAI routes, whose body names the model (the priority may be in the body or in
-``X-Priority``), and KServe's infer, whose path names the model (the priority and deadline are in
-the body's ``parameters``, the deadline else in ``X-Timeout-Ms``; with the binary extension, in
-the JSON part that ``Inference-Header-Content-Length`` delimits). A refused request is never
+``X-Priority``), and KServe's infer and generate (the generate extension), whose path names the
+model (the priority and deadline are in the body's ``parameters``, the deadline else in
+``X-Timeout-Ms``; with the binary extension, in the JSON part that
+``Inference-Header-Content-Length`` delimits). A refused request is never
 validated further: with its queue full, a request with a malformed ``input`` gets the 429, not the
 400 it would get once admitted.
 """
@@ -39,12 +40,14 @@ from appliance.auth import ApiKeyRecord
 from appliance.errors import ApplianceError, InvalidRequest
 
 SHED_EARLY = frozenset({"/v1/embeddings", "/v1/chat/completions", "/v1/completions"})
-_MODELS, _INFER = "/v2/models/", "/infer"
+# KServe's infer and the generate extension's routes: the path names the model, ``parameters``
+# the priority and deadline.
+_MODELS, _KSERVE = "/v2/models/", ("/infer", "/generate", "/generate_stream")
 
 
 def sheds(path: str) -> bool:
     """Whether a POST to ``path`` is shed before work (its route matched: see ``early_refusal``)."""
-    return path in SHED_EARLY or (path.endswith(_INFER) and path.startswith(_MODELS))
+    return path in SHED_EARLY or (path.endswith(_KSERVE) and path.startswith(_MODELS))
 
 
 def body_here(request: web.Request) -> bool | None:
