@@ -69,7 +69,7 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
     default_max_tokens = min(
         int(ticket.values["generation.max_tokens_default"]), int(ticket.values["generation.max_tokens_limit"])
     )
-    work = _Generation(
+    work = GenerationRequest(
         service,
         ticket.model,
         chat,
@@ -79,7 +79,7 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
         parser,
         default_max_tokens,
     )
-    wire = _Wire(chat=chat, model=ticket.model, include_usage=include_usage)
+    wire = Wire(chat=chat, model=ticket.model, include_usage=include_usage)
     work.wire = wire
     pipeline = request.app[PIPELINE]
     if not stream:
@@ -87,14 +87,14 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
         if answer.source in ("cache", "stale-cache"):
             # A stored answer carries the id and time of the response it was; this one is new
             # (a client that dedupes by id would drop it).
-            completion = _completion_of(answer.body, chat)
+            completion = completion_of(answer.body, chat)
             if completion is not None:
                 answer = dataclasses.replace(answer, body=wire.whole(completion))
         return render(answer, ticket)
-    return await _stream(request, pipeline, ticket, work, wire)
+    return await stream_generation(request, pipeline, ticket, work, wire)
 
 
-class _Generation:
+class GenerationRequest:
     """A chat or completion request as the pipeline's Computation (whole) and Generation (stream)."""
 
     blobs: tuple[bytes, ...] = ()
@@ -117,7 +117,7 @@ class _Generation:
         self.source = source
         self.options = options
         self.fallback = fallback if isinstance(fallback, str) else None
-        self.wire: _Wire | None = None
+        self.wire: Wire | None = None
         o = options
         deterministic = o.temperature == 0 or o.seed is not None
         # The key is the request as sent (no model load is needed to compute it).
@@ -184,7 +184,7 @@ class _Started:
     """Prepares (tokenizes) and queues on the first ``__anext__``, so that the pipeline's deadline
     bounds tokenizing too and a refusal surfaces as the first event's exception."""
 
-    def __init__(self, work: _Generation, runtime: ModelRuntime, ticket: Ticket) -> None:
+    def __init__(self, work: GenerationRequest, runtime: ModelRuntime, ticket: Ticket) -> None:
         self.work = work
         self.runtime = runtime
         self.ticket = ticket
@@ -234,7 +234,7 @@ def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
 
 
 @dataclass
-class _Wire:
+class Wire:
     """The OpenAI shapes of one response; every chunk of a stream shares its id and timestamp."""
 
     chat: bool
@@ -364,7 +364,7 @@ def _completion(text: list[str], thinking: list[str], done: Finished) -> Complet
     )
 
 
-def _completion_of(body: bytes, chat: bool) -> Completion | None:
+def completion_of(body: bytes, chat: bool) -> Completion | None:
     """The whole answer a cached entry (or the default response) holds, to replay as a stream."""
     try:
         doc = orjson.loads(body)
@@ -384,8 +384,8 @@ def _completion_of(body: bytes, chat: bool) -> Completion | None:
         return None
 
 
-async def _stream(
-    request: web.Request, pipeline: Pipeline, ticket: Ticket, work: _Generation, wire: _Wire
+async def stream_generation(
+    request: web.Request, pipeline: Pipeline, ticket: Ticket, work: GenerationRequest, wire: Wire
 ) -> web.StreamResponse:
     resp: web.StreamResponse | None = None
 
@@ -410,7 +410,7 @@ async def _stream(
             await resp.write_eof()
             return resp
         if isinstance(outcome, Answer):
-            completion = _completion_of(outcome.body, wire.chat)
+            completion = completion_of(outcome.body, wire.chat)
             if completion is None:
                 raise Unavailable(f"the model '{wire.model}' has no usable fallback", retry_after_s=1.0)
             return await _replay(request, wire, completion, outcome.source, resp)
@@ -420,7 +420,7 @@ async def _stream(
 
 
 async def _live(
-    request: web.Request, wire: _Wire, live: LiveStream, resp: web.StreamResponse | None
+    request: web.Request, wire: Wire, live: LiveStream, resp: web.StreamResponse | None
 ) -> web.StreamResponse:
     try:
         if resp is None:
@@ -457,7 +457,7 @@ async def _live(
 
 async def _replay(
     request: web.Request,
-    wire: _Wire,
+    wire: Wire,
     completion: Completion,
     source: str,
     resp: web.StreamResponse | None = None,

@@ -12,7 +12,7 @@ import orjson
 from aiohttp import web
 
 from appliance import __version__
-from appliance.api.chat import _completion_of, _Generation, _stream, _Wire
+from appliance.api.chat import GenerationRequest, Wire, completion_of, stream_generation
 from appliance.api.common import (
     CHAT,
     EMBEDDINGS,
@@ -526,7 +526,7 @@ def _options(req: _GenerateRequest) -> GenerationOptions:
 
 
 @dataclass
-class _TritonWire(_Wire):
+class _TritonWire(Wire):
     """generate_stream's events: each carries the new text as ``text_output``, as Triton sends
     them; an error is ``{"error": message}``; the stream ends with the connection, not a marker."""
 
@@ -605,7 +605,7 @@ async def _generate(request: web.Request, *, stream: bool) -> web.StreamResponse
     default_max_tokens = min(
         int(ticket.values["generation.max_tokens_default"]), int(ticket.values["generation.max_tokens_limit"])
     )
-    work = _Generation(
+    work = GenerationRequest(
         request.app[CHAT],
         ticket.model,
         False,
@@ -620,9 +620,9 @@ async def _generate(request: web.Request, *, stream: bool) -> web.StreamResponse
     work.wire = wire
     pipeline = request.app[PIPELINE]
     if stream:
-        return await _stream(request, pipeline, ticket, work, wire)
+        return await stream_generation(request, pipeline, ticket, work, wire)
     answer = await pipeline.answer(ticket, work)
-    completion = _completion_of(answer.body, chat=False)
+    completion = completion_of(answer.body, chat=False)
     if completion is None:
         raise Unavailable(f"the model '{name}' has no usable answer", retry_after_s=1.0)
     text = completion.text if req.exclude_input else req.prompt + completion.text
