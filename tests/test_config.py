@@ -37,6 +37,18 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
         ("server: {port: high}\n", "appliance.yaml: server.port"),
         ("server: {port: 70000}\n", "less than or equal to 65535"),
         ("server: {gil_switch_interval_ms: 0}\n", "server.gil_switch_interval_ms"),
+        # YAML's true/false are not numbers (pydantic took `port: true` for port 1), and a switch
+        # is true or false, not 1 or "yes": as strict as the settings registry.
+        ("server: {port: true}\n", "server.port: input should be an integer, not true or false"),
+        ("admin: {port: false}\n", "admin.port: input should be an integer, not true or false"),
+        ("server: {max_connections: true}\n", "server.max_connections: input should be an integer"),
+        ("server: {drain_timeout_s: true}\n", "server.drain_timeout_s: input should be a number"),
+        (
+            "auth: {keys: [{name: a, hash: h, max_priority: true}]}\n",
+            "auth.keys.0.max_priority: input should be an integer",
+        ),
+        ("auth: {metrics_public: 1}\n", "auth.metrics_public: input should be a valid boolean, got 1"),
+        ("auth: {required: 'yes'}\n", "auth.required: input should be a valid boolean"),
         ("colour: blue\n", "appliance.yaml: colour: unknown key"),
         (
             "defaults: {batching: {max_batch_size: 0}}\n",
@@ -63,6 +75,9 @@ def test_environment_overrides(tmp_path: Path) -> None:
         env={"APPLIANCE_PORT": "9100", "APPLIANCE_HOST": "0.0.0.0", "APPLIANCE_DATA_DIR": "/srv/x"},
     )
     assert (cfg.server.port, cfg.server.host, str(cfg.data_dir)) == (9100, "0.0.0.0", "/srv/x")
+    # The documented meanings stay: admin.port -1 turns admin TCP off, 0 picks a free port.
+    bounds = load(write(tmp_path, "server: {port: 0}\nadmin: {port: -1}\n"), env={})
+    assert (bounds.server.port, bounds.file.admin.port) == (0, -1)
     with pytest.raises(ConfigError, match=r"APPLIANCE_PORT \(overrides server.port\)"):
         parse({}, None, env={"APPLIANCE_PORT": "eighty"})
 
