@@ -9,6 +9,8 @@ import signal
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from appliance import __version__, settings
 from appliance.auth import KeyStore
 from appliance.config import Config, ConfigError, find_default_config, load, save_keys
@@ -32,7 +34,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.host:
         cfg.server.host = args.host
     if args.port is not None:
-        cfg.server.port = args.port
+        try:
+            cfg.server.port = args.port  # validated as the file's server.port is
+        except ValidationError as exc:
+            raise ConfigError(f"--port: {exc.errors()[0]['msg'].lower()}, got {args.port}") from None
     from appliance import logs
 
     logs.setup(cfg.server.log_level, cfg.server.log_format)

@@ -288,3 +288,19 @@ def test_a_port_in_use_is_one_clear_error_and_exit_status_2(tmp_path: Path, mini
     assert done.returncode == 2, out
     assert f"('127.0.0.1', {port}): address already in use" in out
     assert '"level":"error"' not in out and "Traceback" not in out, out
+
+
+@pytest.mark.parametrize(
+    ("port", "expected"),
+    [("99999", "less than or equal to 65535, got 99999"), ("-5", "greater than or equal to 0, got -5")],
+)
+def test_a_serve_port_out_of_range_is_one_line_naming_the_option_and_exit_status_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], port: str, expected: str
+) -> None:
+    """Found by a new user: `serve --port 99999` printed a pydantic traceback and exited 1."""
+    from appliance.cli import main
+
+    cfg = tmp_path / "appliance.yaml"
+    cfg.write_text(yaml.safe_dump({"admin": {"port": -1}, "data_dir": str(tmp_path / "data")}))
+    assert main(["--config", str(cfg), "serve", f"--port={port}"]) == 2
+    assert capsys.readouterr().err == f"appliance: --port: input should be {expected}\n"
