@@ -60,7 +60,9 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=False)) + "  " + r[4])
-    return 0
+    # A missing repository or a broken model file fails the command, as check-config does: a
+    # script (or install.sh) must not take "no models" for a healthy, empty repository.
+    return 2 if errors else 0
 
 
 def cmd_models_pull(args: argparse.Namespace) -> int:

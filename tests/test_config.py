@@ -12,7 +12,7 @@ import pytest
 from appliance import settings
 from appliance.config import ConfigError, load, parse, save_settings
 from appliance.repository import RepositoryError, load_model_file
-from tests.conftest import ROOT
+from tests.conftest import ROOT, make_repository
 
 
 def write(tmp: Path, text: str) -> Path:
@@ -101,6 +101,24 @@ def test_check_config_reports_every_problem_the_repository_reveals(tmp_path: Pat
     write(tmp_path, "model_repository: nowhere\n")
     out = subprocess.run(run, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and "nowhere is not a folder" in out.stderr
+
+
+def test_models_list_fails_on_what_check_config_fails_on(
+    tmp_path: Path, minilm_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by a new user: `models list --repository /nonexistent` printed the error, exit 0."""
+    from appliance.cli import main
+
+    cfg = write(tmp_path, "model_repository: engines\n")
+    assert main(["--config", str(cfg), "models", "list", "--repository", str(tmp_path / "nowhere")]) == 2
+    assert f"model_repository: {tmp_path / 'nowhere'} is not a folder" in capsys.readouterr().err
+    repo = make_repository(tmp_path, {"all-minilm-l6-v2": minilm_folder})
+    (repo / "broken").mkdir()
+    (repo / "broken" / "model.yaml").write_text("name: broken\nkind: sorcery\n")
+    assert main(["--config", str(cfg), "models", "list"]) == 2
+    out = capsys.readouterr()
+    assert "broken/model.yaml: kind" in out.err
+    assert "all-minilm-l6-v2" in out.out, "the broken file hides no other model"
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
