@@ -106,12 +106,20 @@ def cmd_models_add(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     """The file (its own validation, in ``load``), then what only the repository can tell: every
     model file readable, default models and per-model overrides naming models that exist, and
-    each model's combined settings (the admin API's cross-field checks). Every problem at once."""
+    each model's combined settings (the admin API's cross-field checks); and what serve would
+    trip on at start that is cheap to try: the TLS files, server.host, data_dir. Every problem
+    at once."""
     import appliance.api.app  # noqa: F401  (registers every setting)
     from appliance.models import validate_model_settings
+    from appliance.server import check_data_dir, check_host, tls_context
 
     cfg = _config(args)
     models, problems = scan_repository(cfg.model_repository)
+    for check in (tls_context, check_host, check_data_dir):
+        try:
+            check(cfg)
+        except ConfigError as exc:
+            problems.append(str(exc))
     names = {m.name for m in models}
     for name in cfg.server.default_models or []:
         if name not in names:

@@ -13,8 +13,10 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import ssl
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -61,8 +63,11 @@ class Server:
         await data.setup()
         self._runners.append(data)
         self.app[SUPERVISOR].task("send-timeout", data.reap_stalled_sends)
-        site = web.TCPSite(data, cfg.server.host, cfg.server.port, ssl_context=self._tls(), backlog=128)
-        await site.start()
+        site = web.TCPSite(data, cfg.server.host, cfg.server.port, ssl_context=tls_context(cfg), backlog=128)
+        try:
+            await site.start()
+        except socket.gaierror as exc:  # said only "Name or service not known", naming nothing
+            raise ConfigError(f"server.host: {cfg.server.host}: {exc.strerror or exc}") from None
         self.port = _bound_port(site)
 
         self.admin_token = self._admin_token()
@@ -105,16 +110,6 @@ class Server:
             supervisor.once("watchdog", watchdog_loop(self.notifier, self.app[MANAGER].progress))
         )
 
-    def _tls(self) -> ssl.SSLContext | None:
-        tls = self.cfg.file.tls
-        if not tls.certificate:
-            return None
-        if not tls.key:
-            raise ConfigError("tls.key: required when tls.certificate is set")
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(self.cfg.base_dir / tls.certificate, self.cfg.base_dir / tls.key)
-        return ctx
-
     async def _announce_ready(self) -> None:
         """READY=1 once the default models can serve; STATUS lines while they load."""
         mgr = self.app[MANAGER]
@@ -145,7 +140,7 @@ class Server:
             with os.fdopen(fd, "w") as f:
                 f.write(token + "\n")
         except OSError as exc:
-            raise ConfigError(f"data_dir: {data} is not a writable folder ({exc.strerror or exc})") from None
+            raise _data_dir_error(data, exc) from None
         return token
 
     async def drain(self) -> None:
@@ -266,6 +261,65 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
         if getattr(old.file, field) != getattr(new.file, field):
             changed.append(field)
     return changed
+
+
+def tls_context(cfg: Config) -> ssl.SSLContext | None:
+    """The data plane's TLS context, or None without tls.certificate. A refusal names the
+    setting and the file: OpenSSL's own errors ("[SSL] PEM lib", a bare "No such file or
+    directory") named neither."""
+    tls = cfg.file.tls
+    if not tls.certificate:
+        return None
+    if not tls.key:
+        raise ConfigError("tls.key: required when tls.certificate is set")
+    cert, key = cfg.base_dir / tls.certificate, cfg.base_dir / tls.key
+    for name, path in (("tls.certificate", cert), ("tls.key", key)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{name}: {path}: {exc.strerror or exc}") from None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        # The certificate on its own first: load_cert_chain's error does not say which file is bad.
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=cert)
+    except ssl.SSLError as exc:
+        raise ConfigError(f"tls.certificate: {cert}: not a PEM certificate ({exc.reason or exc})") from None
+    try:
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"tls.key: {key}: not the PEM private key of tls.certificate {cert} ({exc.reason or exc})"
+        ) from None
+    return ctx
+
+
+def check_host(cfg: Config) -> None:
+    """server.host resolves to an address to listen on (as the bind resolves it)."""
+    host = cfg.server.host
+    try:
+        # asyncio's create_server listens on every interface for "", and resolves this way.
+        socket.getaddrinfo(host or None, cfg.server.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"server.host: {host}: {exc.strerror or exc}") from None
+
+
+def check_data_dir(cfg: Config) -> None:
+    """data_dir is a folder this user can write in, or one that can be made: proved by making and
+    removing a scratch folder (as root, os.access says yes to /proc). Creates nothing that stays:
+    a data_dir made here, by whoever runs check-config, could be one the service cannot write."""
+    data = cfg.data_dir
+    where = data
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".appliance-check-", dir=where))
+    except OSError as exc:
+        raise _data_dir_error(data, exc) from None
+
+
+def _data_dir_error(data: Path, exc: OSError) -> ConfigError:
+    return ConfigError(f"data_dir: {data} is not a writable folder ({exc.strerror or exc})")
 
 
 def _bound_port(site: web.TCPSite) -> int:

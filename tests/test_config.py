@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from appliance import settings
 from appliance.config import ConfigError, load, parse, save_settings
@@ -119,6 +122,70 @@ def test_models_list_fails_on_what_check_config_fails_on(
     out = capsys.readouterr()
     assert "broken/model.yaml: kind" in out.err
     assert "all-minilm-l6-v2" in out.out, "the broken file hides no other model"
+
+
+@pytest.mark.parametrize("case", ["no cert file", "not a cert", "not its key", "host", "data_dir"])
+def test_what_serve_trips_on_at_start_names_the_setting_and_check_config_finds_it_first(
+    tmp_path: Path, case: str
+) -> None:
+    """Found by a new user: check-config said ok, then serve stopped with "No such file or
+    directory", "[SSL] PEM lib" or "Name or service not known", naming no setting or file."""
+    (tmp_path / "engines").mkdir()
+    (tmp_path / "hostname.txt").write_text("box\n")
+    raw: dict[str, Any] = {
+        "server": {"port": 0, "default_models": []},
+        "admin": {"port": -1, "socket": ""},
+        "model_repository": "engines",
+        "data_dir": "data",
+    }
+    if case == "no cert file":
+        raw["tls"] = {"certificate": "missing.pem", "key": "missing.key"}
+        expected = f"tls.certificate: {tmp_path / 'missing.pem'}: No such file or directory"
+    elif case == "not a cert":
+        raw["tls"] = {"certificate": "hostname.txt", "key": "hostname.txt"}
+        expected = f"tls.certificate: {tmp_path / 'hostname.txt'}: not a PEM certificate"
+    elif case == "not its key":
+        if shutil.which("openssl") is None:
+            pytest.skip("openssl is not installed to make a test certificate")
+        cert, key = tmp_path / "cert.pem", str(tmp_path / "key.pem")
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=x",
+                "-keyout",
+                key,
+                "-out",
+                str(cert),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        raw["tls"] = {"certificate": "cert.pem", "key": "hostname.txt"}
+        expected = f"tls.key: {tmp_path / 'hostname.txt'}: not the PEM private key of tls.certificate {cert}"
+    elif case == "host":
+        raw["server"]["host"] = "not.a.host.invalid"  # .invalid never resolves (RFC 2606)
+        expected = "server.host: not.a.host.invalid: "
+    else:
+        raw["data_dir"] = "hostname.txt/data"  # under a file: it cannot be made
+        expected = (
+            f"data_dir: {tmp_path / 'hostname.txt' / 'data'} is not a writable folder (Not a directory)"
+        )
+    cfg = write(tmp_path, yaml.safe_dump(raw))
+    run = [sys.executable, "-m", "appliance", "--config", str(cfg)]
+    checked = subprocess.run([*run, "check-config"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert checked.returncode == 2 and f"appliance: {cfg}: {expected}" in checked.stderr, checked.stderr
+    assert not (tmp_path / "data").exists(), "check-config makes no data_dir (nor any other folder)"
+    served = subprocess.run([*run, "serve"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert served.returncode == 2, served.stderr[-2000:]
+    assert f"\nappliance: {expected}" in "\n" + served.stderr and "Traceback" not in served.stderr, (
+        served.stderr
+    )
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
