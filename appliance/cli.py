@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -28,6 +29,19 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # A SIGHUP (a reload) before the server's own handler is in place killed the process (the
+    # default action) in its first second or so: held off from here, before the slow imports,
+    # and applied once started.
+    hups: list[int] = []
+    previous = signal.signal(signal.SIGHUP, lambda signum, frame: hups.append(signum))
+    try:
+        return _serve(args, lambda: bool(hups))
+    finally:
+        if previous is not None:  # None: not a handler Python can put back
+            signal.signal(signal.SIGHUP, previous)
+
+
+def _serve(args: argparse.Namespace, hup_pending: Callable[[], bool]) -> int:
     from appliance.server import run
 
     cfg = _config(args)
@@ -42,10 +56,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logs.setup(cfg.server.log_level, cfg.server.log_format)
     try:
-        run(cfg)
+        return run(cfg, hup_pending)
     finally:
         logs.shutdown()  # the last lines (the drain's) are still queued for the writer thread
-    return 0
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ import ssl
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,9 @@ class Server:
         self.admin_port = 0
         self.admin_socket: Path | None = None
         self.admin_token = ""
+        # Set by a second SIGINT or SIGTERM while draining: stop waiting for what still runs.
+        self._cut = asyncio.Event()
+        self.cut_by: int | None = None  # that signal's number
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -151,25 +154,44 @@ class Server:
         mgr = self.app[MANAGER]
         started = time.monotonic()
         shed = asyncio.gather(*(self._shed(s.runtime.batcher) for s in mgr.slots.values() if s.runtime))
-        with contextlib.suppress(asyncio.TimeoutError):
-            # Bounded (a hung engine must not hold the shutdown past drain_timeout_s), and
-            # shielded: the timeout must not cancel a scheduler that is still streaming.
-            await asyncio.wait_for(asyncio.shield(shed), timeout)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(
-                self.app[INFLIGHT].wait_idle(), max(0.0, timeout - (time.monotonic() - started))
-            )
+        # Bounded (a hung engine must not hold the shutdown past drain_timeout_s), and not
+        # cancelled at the bound: a scheduler may still be streaming.
+        await self._until_cut(shed, timeout)
+        idle = asyncio.ensure_future(self.app[INFLIGHT].wait_idle())
+        await self._until_cut(idle, max(0.0, timeout - (time.monotonic() - started)))
+        idle.cancel()
         left = self.app[INFLIGHT].count
         if left:
-            # Out of time: fail what still runs, so that every stream ends with an error event
-            # and [DONE] and every whole request with a 503, before the connections close.
-            log.warning("drain timeout: %d requests still running are cut", left)
+            # Out of time (or cut short): fail what still runs, so that every stream ends with an
+            # error event and [DONE] and every whole request with a 503, before the connections close.
+            if self._cut.is_set():
+                log.warning("drain cut by a second signal: %d requests still running are cut", left)
+            else:
+                log.warning("drain timeout: %d requests still running are cut", left)
             for slot in list(mgr.slots.values()):
                 if slot.runtime is not None:
                     with contextlib.suppress(Exception, asyncio.TimeoutError):
                         await asyncio.wait_for(asyncio.shield(slot.runtime.batcher.close(drain=False)), 1.0)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.app[INFLIGHT].wait_idle(), 1.0)
+
+    async def _until_cut(self, waited: Awaitable[Any], timeout: float) -> None:
+        """Wait up to ``timeout`` for ``waited``, or until :meth:`cut`; it is not cancelled."""
+        cut = asyncio.ensure_future(self._cut.wait())
+        try:
+            await asyncio.wait(
+                {asyncio.ensure_future(waited), cut}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            cut.cancel()
+
+    def cut(self, signum: int) -> None:
+        """A second SIGINT or SIGTERM while draining (a second Ctrl-C): stop at once, not when
+        the last stream ends; what still runs is failed as at the drain timeout."""
+        if self.cut_by is None:
+            log.warning("%s while draining: cutting the drain", signal.Signals(signum).name)
+            self.cut_by = signum
+            self._cut.set()
 
     @staticmethod
     async def _shed(queue: Any) -> None:
@@ -338,17 +360,22 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def run(cfg: Config) -> None:
+def run(cfg: Config, hup_pending: Callable[[], bool] = lambda: False) -> int:
+    """Serve until SIGTERM or SIGINT; the exit status (see :func:`serve`)."""
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        loop.run_until_complete(serve(cfg))
+        return loop.run_until_complete(serve(cfg, hup_pending))
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
 
 
-async def serve(cfg: Config) -> None:
+async def serve(cfg: Config, hup_pending: Callable[[], bool] = lambda: False) -> int:
+    """0 after a whole drain; 128 + the signal's number when a second one cut it short.
+
+    ``hup_pending`` says whether a SIGHUP came during start-up (the caller holds it off from the
+    start, before the slow imports): the reload it asked for is applied once started."""
     server = Server(cfg)
     server.app[MANAGER].freeze_heap = True  # see appliance.heap
     sys.setswitchinterval(cfg.server.gil_switch_interval_ms / 1000)  # the serving process only
@@ -368,6 +395,12 @@ async def serve(cfg: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload)
+    if hup_pending():  # checked once this handler is in place: a later SIGHUP is its own
+        log.info("SIGHUP during start-up: reloading the configuration now")
+        server.reload()
     await stop.wait()
     log.info("stopping: draining in-flight requests (up to %.0fs)", cfg.server.drain_timeout_s)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.cut, sig)
     await server.stop()
+    return 128 + server.cut_by if server.cut_by is not None else 0
