@@ -842,7 +842,10 @@ summary() {
         say "  API key:  $API_KEY"
         say "            shown only now: the config keeps a hash. Send it as 'Authorization: Bearer <key>'."
     fi
-    say "  Console:  $BIN tui"
+    # With --config: the console finds the admin socket and token through the server's config,
+    # which is ./appliance.yaml only when run from $ETC_DIR (elsewhere: no token, every call a 401).
+    console="$BIN --config $CONFIG tui"
+    say "  Console:  $console"
     say "  Config:   $CONFIG   (environment: $ENV_FILE)"
     say "  Data:     $STATE_DIR"
     if [ "$MANAGE_SYSTEM" = 1 ]; then
@@ -852,7 +855,7 @@ summary() {
     fi
     if [ -n "${GPU_RESULTS:-}" ]; then
         say "  GPU:$GPU_RESULTS"
-        say "            each model's engine, and why not a faster one: GET /v1/models/NAME, or $BIN tui"
+        say "            each model's engine, and why not a faster one: GET /v1/models/NAME, or $console"
     fi
     if [ -n "${MODELS_FAILED:-}" ]; then
         warn "models not pulled:$MODELS_FAILED"

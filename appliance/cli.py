@@ -7,7 +7,10 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+from pydantic import ValidationError
 
 from appliance import __version__, settings
 from appliance.auth import KeyStore
@@ -26,21 +29,36 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # A SIGHUP (a reload) before the server's own handler is in place killed the process (the
+    # default action) in its first second or so: held off from here, before the slow imports,
+    # and applied once started.
+    hups: list[int] = []
+    previous = signal.signal(signal.SIGHUP, lambda signum, frame: hups.append(signum))
+    try:
+        return _serve(args, lambda: bool(hups))
+    finally:
+        if previous is not None:  # None: not a handler Python can put back
+            signal.signal(signal.SIGHUP, previous)
+
+
+def _serve(args: argparse.Namespace, hup_pending: Callable[[], bool]) -> int:
     from appliance.server import run
 
     cfg = _config(args)
     if args.host:
         cfg.server.host = args.host
     if args.port is not None:
-        cfg.server.port = args.port
+        try:
+            cfg.server.port = args.port  # validated as the file's server.port is
+        except ValidationError as exc:
+            raise ConfigError(f"--port: {exc.errors()[0]['msg'].lower()}, got {args.port}") from None
     from appliance import logs
 
     logs.setup(cfg.server.log_level, cfg.server.log_format)
     try:
-        run(cfg)
+        return run(cfg, hup_pending)
     finally:
         logs.shutdown()  # the last lines (the drain's) are still queued for the writer thread
-    return 0
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
@@ -55,7 +73,9 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=False)) + "  " + r[4])
-    return 0
+    # A missing repository or a broken model file fails the command, as check-config does: a
+    # script (or install.sh) must not take "no models" for a healthy, empty repository.
+    return 2 if errors else 0
 
 
 def cmd_models_pull(args: argparse.Namespace) -> int:
@@ -99,12 +119,20 @@ def cmd_models_add(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     """The file (its own validation, in ``load``), then what only the repository can tell: every
     model file readable, default models and per-model overrides naming models that exist, and
-    each model's combined settings (the admin API's cross-field checks). Every problem at once."""
+    each model's combined settings (the admin API's cross-field checks); and what serve would
+    trip on at start that is cheap to try: the TLS files, server.host, data_dir. Every problem
+    at once."""
     import appliance.api.app  # noqa: F401  (registers every setting)
     from appliance.models import validate_model_settings
+    from appliance.server import check_data_dir, check_host, tls_context
 
     cfg = _config(args)
     models, problems = scan_repository(cfg.model_repository)
+    for check in (tls_context, check_host, check_data_dir):
+        try:
+            check(cfg)
+        except ConfigError as exc:
+            problems.append(str(exc))
     names = {m.name for m in models}
     for name in cfg.server.default_models or []:
         if name not in names:

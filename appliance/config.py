@@ -16,10 +16,11 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError
+from pydantic_core import PydanticCustomError
 
 from appliance import settings, yamlfile
 
@@ -40,38 +41,55 @@ class ConfigError(ValueError):
     pass
 
 
+def _not_a_bool(expected: str) -> BeforeValidator:
+    def check(value: Any) -> Any:
+        # YAML's true/false are Python bools, and pydantic takes a bool for the number 1 or 0:
+        # `server.port: true` bound port 1. Numeric strings stay accepted (APPLIANCE_PORT is one).
+        if isinstance(value, bool):
+            raise PydanticCustomError("number_type", f"input should be {expected}, not true or false")
+        return value
+
+    return BeforeValidator(check)
+
+
+# The sections' numbers and switches, as strict as the settings registry's (settings.Setting.check):
+# an int or float is never a bool, a bool is only true or false (not 1, "yes" or "off").
+Int = Annotated[int, _not_a_bool("an integer")]
+Float = Annotated[float, _not_a_bool("a number")]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ServerSection(_Strict):
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    port: Int = Field(8000, ge=0, le=65535)
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$")
     log_format: str = Field("json", pattern="^(json|text)$")
-    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_body_bytes: Int = Field(16 * 1024 * 1024, ge=1024)
     # Models /readyz waits for; None means every model in the repository that is built.
     default_models: list[str] | None = None
-    drain_timeout_s: float = Field(30.0, ge=0)
+    drain_timeout_s: Float = Field(30.0, ge=0)
     # A client must send its whole body within this (aiohttp has no body deadline of its own).
-    read_timeout_s: float = Field(30.0, gt=0)
+    read_timeout_s: Float = Field(30.0, gt=0)
     # Idle and header-trickling connections are closed after this (slowloris).
-    keepalive_timeout_s: float = Field(15.0, gt=0)
-    max_connections: int = Field(1024, ge=1)
+    keepalive_timeout_s: Float = Field(15.0, gt=0)
+    max_connections: Int = Field(1024, ge=1)
     # A connection whose client has received nothing of a pending response for this long is
     # aborted (nginx's send_timeout): a client that stops reading would otherwise hold its
     # handler, its buffered response and a busy connection slot forever.
-    send_timeout_s: float = Field(60.0, gt=0)
+    send_timeout_s: Float = Field(60.0, gt=0)
     # Cheap protection for the event loop, before a body is read: past these request rates a
     # minimal 503 with Retry-After is answered at once (0 = no ceiling).
-    max_request_rate: float = Field(20000.0, ge=0)
-    max_connection_request_rate: float = Field(5000.0, ge=0)
+    max_request_rate: Float = Field(20000.0, ge=0)
+    max_connection_request_rate: Float = Field(5000.0, ge=0)
     # A stream waiting in the queue sends an SSE comment this often until its first token.
-    sse_keepalive_s: float = Field(15.0, gt=0)
+    sse_keepalive_s: Float = Field(15.0, gt=0)
     # How long a thread may hold the GIL while another waits for it (sys.setswitchinterval;
     # Python's default is 5 ms). An engine worker whose call has returned waits that long for the
     # GIL behind a busy event loop before it can hand its batch back and start the next one.
-    gil_switch_interval_ms: float = Field(0.5, gt=0, le=100)
+    gil_switch_interval_ms: Float = Field(0.5, gt=0, le=100)
 
 
 class AdminSection(_Strict):
@@ -82,23 +100,23 @@ class AdminSection(_Strict):
     # place the service may write under ProtectSystem=strict); "" disables it.
     socket: str | None = None
     # Loopback TCP port; 0 picks a free one, -1 disables TCP.
-    port: int = Field(8001, ge=-1, le=65535)
+    port: Int = Field(8001, ge=-1, le=65535)
 
 
 class KeyEntry(_Strict):
     name: str
     hash: str
-    max_priority: int | None = Field(None, ge=1)
-    rate_per_s: float | None = Field(None, gt=0)
-    revoked: bool = False
+    max_priority: Int | None = Field(None, ge=1)
+    rate_per_s: Float | None = Field(None, gt=0)
+    revoked: StrictBool = False
 
 
 class AuthSection(_Strict):
     # Only salted scrypt hashes live here; `appliance keys add NAME` prints a key once.
     keys: list[KeyEntry] = Field(default_factory=list)
     # None: keys are required as soon as one exists (a fresh dev checkout stays open).
-    required: bool | None = None
-    metrics_public: bool = True
+    required: StrictBool | None = None
+    metrics_public: StrictBool = True
 
 
 class TlsSection(_Strict):

@@ -13,10 +13,12 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import ssl
 import sys
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,9 @@ class Server:
         self.admin_port = 0
         self.admin_socket: Path | None = None
         self.admin_token = ""
+        # Set by a second SIGINT or SIGTERM while draining: stop waiting for what still runs.
+        self._cut = asyncio.Event()
+        self.cut_by: int | None = None  # that signal's number
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -61,8 +66,11 @@ class Server:
         await data.setup()
         self._runners.append(data)
         self.app[SUPERVISOR].task("send-timeout", data.reap_stalled_sends)
-        site = web.TCPSite(data, cfg.server.host, cfg.server.port, ssl_context=self._tls(), backlog=128)
-        await site.start()
+        site = web.TCPSite(data, cfg.server.host, cfg.server.port, ssl_context=tls_context(cfg), backlog=128)
+        try:
+            await site.start()
+        except socket.gaierror as exc:  # said only "Name or service not known", naming nothing
+            raise ConfigError(f"server.host: {cfg.server.host}: {exc.strerror or exc}") from None
         self.port = _bound_port(site)
 
         self.admin_token = self._admin_token()
@@ -105,16 +113,6 @@ class Server:
             supervisor.once("watchdog", watchdog_loop(self.notifier, self.app[MANAGER].progress))
         )
 
-    def _tls(self) -> ssl.SSLContext | None:
-        tls = self.cfg.file.tls
-        if not tls.certificate:
-            return None
-        if not tls.key:
-            raise ConfigError("tls.key: required when tls.certificate is set")
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(self.cfg.base_dir / tls.certificate, self.cfg.base_dir / tls.key)
-        return ctx
-
     async def _announce_ready(self) -> None:
         """READY=1 once the default models can serve; STATUS lines while they load."""
         mgr = self.app[MANAGER]
@@ -154,7 +152,7 @@ class Server:
             with os.fdopen(fd, "w") as f:
                 f.write(token + "\n")
         except OSError as exc:
-            raise ConfigError(f"data_dir: {data} is not a writable folder ({exc.strerror or exc})") from None
+            raise _data_dir_error(data, exc) from None
         return token
 
     async def drain(self) -> None:
@@ -165,25 +163,44 @@ class Server:
         mgr = self.app[MANAGER]
         started = time.monotonic()
         shed = asyncio.gather(*(self._shed(s.runtime.batcher) for s in mgr.slots.values() if s.runtime))
-        with contextlib.suppress(asyncio.TimeoutError):
-            # Bounded (a hung engine must not hold the shutdown past drain_timeout_s), and
-            # shielded: the timeout must not cancel a scheduler that is still streaming.
-            await asyncio.wait_for(asyncio.shield(shed), timeout)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(
-                self.app[INFLIGHT].wait_idle(), max(0.0, timeout - (time.monotonic() - started))
-            )
+        # Bounded (a hung engine must not hold the shutdown past drain_timeout_s), and not
+        # cancelled at the bound: a scheduler may still be streaming.
+        await self._until_cut(shed, timeout)
+        idle = asyncio.ensure_future(self.app[INFLIGHT].wait_idle())
+        await self._until_cut(idle, max(0.0, timeout - (time.monotonic() - started)))
+        idle.cancel()
         left = self.app[INFLIGHT].count
         if left:
-            # Out of time: fail what still runs, so that every stream ends with an error event
-            # and [DONE] and every whole request with a 503, before the connections close.
-            log.warning("drain timeout: %d requests still running are cut", left)
+            # Out of time (or cut short): fail what still runs, so that every stream ends with an
+            # error event and [DONE] and every whole request with a 503, before the connections close.
+            if self._cut.is_set():
+                log.warning("drain cut by a second signal: %d requests still running are cut", left)
+            else:
+                log.warning("drain timeout: %d requests still running are cut", left)
             for slot in list(mgr.slots.values()):
                 if slot.runtime is not None:
                     with contextlib.suppress(Exception, asyncio.TimeoutError):
                         await asyncio.wait_for(asyncio.shield(slot.runtime.batcher.close(drain=False)), 1.0)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.app[INFLIGHT].wait_idle(), 1.0)
+
+    async def _until_cut(self, waited: Awaitable[Any], timeout: float) -> None:
+        """Wait up to ``timeout`` for ``waited``, or until :meth:`cut`; it is not cancelled."""
+        cut = asyncio.ensure_future(self._cut.wait())
+        try:
+            await asyncio.wait(
+                {asyncio.ensure_future(waited), cut}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            cut.cancel()
+
+    def cut(self, signum: int) -> None:
+        """A second SIGINT or SIGTERM while draining (a second Ctrl-C): stop at once, not when
+        the last stream ends; what still runs is failed as at the drain timeout."""
+        if self.cut_by is None:
+            log.warning("%s while draining: cutting the drain", signal.Signals(signum).name)
+            self.cut_by = signum
+            self._cut.set()
 
     @staticmethod
     async def _shed(queue: Any) -> None:
@@ -277,6 +294,65 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
     return changed
 
 
+def tls_context(cfg: Config) -> ssl.SSLContext | None:
+    """The data plane's TLS context, or None without tls.certificate. A refusal names the
+    setting and the file: OpenSSL's own errors ("[SSL] PEM lib", a bare "No such file or
+    directory") named neither."""
+    tls = cfg.file.tls
+    if not tls.certificate:
+        return None
+    if not tls.key:
+        raise ConfigError("tls.key: required when tls.certificate is set")
+    cert, key = cfg.base_dir / tls.certificate, cfg.base_dir / tls.key
+    for name, path in (("tls.certificate", cert), ("tls.key", key)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{name}: {path}: {exc.strerror or exc}") from None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        # The certificate on its own first: load_cert_chain's error does not say which file is bad.
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=cert)
+    except ssl.SSLError as exc:
+        raise ConfigError(f"tls.certificate: {cert}: not a PEM certificate ({exc.reason or exc})") from None
+    try:
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"tls.key: {key}: not the PEM private key of tls.certificate {cert} ({exc.reason or exc})"
+        ) from None
+    return ctx
+
+
+def check_host(cfg: Config) -> None:
+    """server.host resolves to an address to listen on (as the bind resolves it)."""
+    host = cfg.server.host
+    try:
+        # asyncio's create_server listens on every interface for "", and resolves this way.
+        socket.getaddrinfo(host or None, cfg.server.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"server.host: {host}: {exc.strerror or exc}") from None
+
+
+def check_data_dir(cfg: Config) -> None:
+    """data_dir is a folder this user can write in, or one that can be made: proved by making and
+    removing a scratch folder (as root, os.access says yes to /proc). Creates nothing that stays:
+    a data_dir made here, by whoever runs check-config, could be one the service cannot write."""
+    data = cfg.data_dir
+    where = data
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".appliance-check-", dir=where))
+    except OSError as exc:
+        raise _data_dir_error(data, exc) from None
+
+
+def _data_dir_error(data: Path, exc: OSError) -> ConfigError:
+    return ConfigError(f"data_dir: {data} is not a writable folder ({exc.strerror or exc})")
+
+
 def _bound_port(site: web.TCPSite) -> int:
     server = site._server
     sockets = getattr(server, "sockets", None) or []
@@ -293,17 +369,22 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def run(cfg: Config) -> None:
+def run(cfg: Config, hup_pending: Callable[[], bool] = lambda: False) -> int:
+    """Serve until SIGTERM or SIGINT; the exit status (see :func:`serve`)."""
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        loop.run_until_complete(serve(cfg))
+        return loop.run_until_complete(serve(cfg, hup_pending))
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
 
 
-async def serve(cfg: Config) -> None:
+async def serve(cfg: Config, hup_pending: Callable[[], bool] = lambda: False) -> int:
+    """0 after a whole drain; 128 + the signal's number when a second one cut it short.
+
+    ``hup_pending`` says whether a SIGHUP came during start-up (the caller holds it off from the
+    start, before the slow imports): the reload it asked for is applied once started."""
     server = Server(cfg)
     server.app[MANAGER].freeze_heap = True  # see appliance.heap
     sys.setswitchinterval(cfg.server.gil_switch_interval_ms / 1000)  # the serving process only
@@ -323,6 +404,12 @@ async def serve(cfg: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload)
+    if hup_pending():  # checked once this handler is in place: a later SIGHUP is its own
+        log.info("SIGHUP during start-up: reloading the configuration now")
+        server.reload()
     await stop.wait()
     log.info("stopping: draining in-flight requests (up to %.0fs)", cfg.server.drain_timeout_s)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.cut, sig)
     await server.stop()
+    return 128 + server.cut_by if server.cut_by is not None else 0

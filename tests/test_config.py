@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import shutil
 import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from appliance import settings
 from appliance.config import ConfigError, load, parse, save_settings
 from appliance.repository import RepositoryError, load_model_file
-from tests.conftest import ROOT
+from tests.conftest import ROOT, make_repository
 
 
 def write(tmp: Path, text: str) -> Path:
@@ -37,6 +40,18 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
         ("server: {port: high}\n", "appliance.yaml: server.port"),
         ("server: {port: 70000}\n", "less than or equal to 65535"),
         ("server: {gil_switch_interval_ms: 0}\n", "server.gil_switch_interval_ms"),
+        # YAML's true/false are not numbers (pydantic took `port: true` for port 1), and a switch
+        # is true or false, not 1 or "yes": as strict as the settings registry.
+        ("server: {port: true}\n", "server.port: input should be an integer, not true or false"),
+        ("admin: {port: false}\n", "admin.port: input should be an integer, not true or false"),
+        ("server: {max_connections: true}\n", "server.max_connections: input should be an integer"),
+        ("server: {drain_timeout_s: true}\n", "server.drain_timeout_s: input should be a number"),
+        (
+            "auth: {keys: [{name: a, hash: h, max_priority: true}]}\n",
+            "auth.keys.0.max_priority: input should be an integer",
+        ),
+        ("auth: {metrics_public: 1}\n", "auth.metrics_public: input should be a valid boolean, got 1"),
+        ("auth: {required: 'yes'}\n", "auth.required: input should be a valid boolean"),
         ("colour: blue\n", "appliance.yaml: colour: unknown key"),
         (
             "defaults: {batching: {max_batch_size: 0}}\n",
@@ -63,6 +78,9 @@ def test_environment_overrides(tmp_path: Path) -> None:
         env={"APPLIANCE_PORT": "9100", "APPLIANCE_HOST": "0.0.0.0", "APPLIANCE_DATA_DIR": "/srv/x"},
     )
     assert (cfg.server.port, cfg.server.host, str(cfg.data_dir)) == (9100, "0.0.0.0", "/srv/x")
+    # The documented meanings stay: admin.port -1 turns admin TCP off, 0 picks a free port.
+    bounds = load(write(tmp_path, "server: {port: 0}\nadmin: {port: -1}\n"), env={})
+    assert (bounds.server.port, bounds.file.admin.port) == (0, -1)
     with pytest.raises(ConfigError, match=r"APPLIANCE_PORT \(overrides server.port\)"):
         parse({}, None, env={"APPLIANCE_PORT": "eighty"})
 
@@ -86,6 +104,88 @@ def test_check_config_reports_every_problem_the_repository_reveals(tmp_path: Pat
     write(tmp_path, "model_repository: nowhere\n")
     out = subprocess.run(run, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and "nowhere is not a folder" in out.stderr
+
+
+def test_models_list_fails_on_what_check_config_fails_on(
+    tmp_path: Path, minilm_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by a new user: `models list --repository /nonexistent` printed the error, exit 0."""
+    from appliance.cli import main
+
+    cfg = write(tmp_path, "model_repository: engines\n")
+    assert main(["--config", str(cfg), "models", "list", "--repository", str(tmp_path / "nowhere")]) == 2
+    assert f"model_repository: {tmp_path / 'nowhere'} is not a folder" in capsys.readouterr().err
+    repo = make_repository(tmp_path, {"all-minilm-l6-v2": minilm_folder})
+    (repo / "broken").mkdir()
+    (repo / "broken" / "model.yaml").write_text("name: broken\nkind: sorcery\n")
+    assert main(["--config", str(cfg), "models", "list"]) == 2
+    out = capsys.readouterr()
+    assert "broken/model.yaml: kind" in out.err
+    assert "all-minilm-l6-v2" in out.out, "the broken file hides no other model"
+
+
+@pytest.mark.parametrize("case", ["no cert file", "not a cert", "not its key", "host", "data_dir"])
+def test_what_serve_trips_on_at_start_names_the_setting_and_check_config_finds_it_first(
+    tmp_path: Path, case: str
+) -> None:
+    """Found by a new user: check-config said ok, then serve stopped with "No such file or
+    directory", "[SSL] PEM lib" or "Name or service not known", naming no setting or file."""
+    (tmp_path / "engines").mkdir()
+    (tmp_path / "hostname.txt").write_text("box\n")
+    raw: dict[str, Any] = {
+        "server": {"port": 0, "default_models": []},
+        "admin": {"port": -1, "socket": ""},
+        "model_repository": "engines",
+        "data_dir": "data",
+    }
+    if case == "no cert file":
+        raw["tls"] = {"certificate": "missing.pem", "key": "missing.key"}
+        expected = f"tls.certificate: {tmp_path / 'missing.pem'}: No such file or directory"
+    elif case == "not a cert":
+        raw["tls"] = {"certificate": "hostname.txt", "key": "hostname.txt"}
+        expected = f"tls.certificate: {tmp_path / 'hostname.txt'}: not a PEM certificate"
+    elif case == "not its key":
+        if shutil.which("openssl") is None:
+            pytest.skip("openssl is not installed to make a test certificate")
+        cert, key = tmp_path / "cert.pem", str(tmp_path / "key.pem")
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=x",
+                "-keyout",
+                key,
+                "-out",
+                str(cert),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        raw["tls"] = {"certificate": "cert.pem", "key": "hostname.txt"}
+        expected = f"tls.key: {tmp_path / 'hostname.txt'}: not the PEM private key of tls.certificate {cert}"
+    elif case == "host":
+        raw["server"]["host"] = "not.a.host.invalid"  # .invalid never resolves (RFC 2606)
+        expected = "server.host: not.a.host.invalid: "
+    else:
+        raw["data_dir"] = "hostname.txt/data"  # under a file: it cannot be made
+        expected = (
+            f"data_dir: {tmp_path / 'hostname.txt' / 'data'} is not a writable folder (Not a directory)"
+        )
+    cfg = write(tmp_path, yaml.safe_dump(raw))
+    run = [sys.executable, "-m", "appliance", "--config", str(cfg)]
+    checked = subprocess.run([*run, "check-config"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert checked.returncode == 2 and f"appliance: {cfg}: {expected}" in checked.stderr, checked.stderr
+    assert not (tmp_path / "data").exists(), "check-config makes no data_dir (nor any other folder)"
+    served = subprocess.run([*run, "serve"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert served.returncode == 2, served.stderr[-2000:]
+    assert f"\nappliance: {expected}" in "\n" + served.stderr and "Traceback" not in served.stderr, (
+        served.stderr
+    )
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:

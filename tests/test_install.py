@@ -237,6 +237,9 @@ def test_prefix_install_upgrade_uninstall(tmp_path: Path) -> None:
     assert f"ExecStart={entry} --config {config} serve" in unit_text
     assert f"EnvironmentFile=-{env_file}" in unit_text
     assert "Run it:" in first.stdout and str(entry) in first.stdout
+    # The console is shown with the config: run from anywhere else it found no token (a new
+    # user's every admin call was a 401).
+    assert f"Console:  {entry} --config {config} tui\n" in first.stdout
 
     # The operator edits the config and drops data in; a re-run is an upgrade that keeps both.
     edited = config.read_text().replace("port: 8000", "port: 8123") + "# edited by hand\n"

@@ -146,12 +146,12 @@ def post(port: int, body: dict[str, Any], timeout: float = 60) -> tuple[int, dic
 CHAT = "smollm2-135m-instruct"
 
 
-def stream(port: int, i: int) -> tuple[int, list[Any]]:
+def stream(port: int, i: int, max_tokens: int = 160) -> tuple[int, list[Any]]:
     """A chat stream read to its end: (status, events); events end with "[DONE]" when whole."""
     body = {
         "model": CHAT,
         "messages": [{"role": "user", "content": f"Count to {i + 20}."}],
-        "max_tokens": 160,  # still streaming when SIGTERM arrives, well within the drain timeout
+        "max_tokens": max_tokens,  # 160: still streaming when SIGTERM arrives, well within the drain timeout
         "temperature": 0,
         "stream": True,
         "ignore_eos": True,
@@ -214,6 +214,86 @@ def test_sigterm_drains_every_accepted_request_and_exits_zero(
     assert not any("words words" in line for line in (tmp_path / "server.log").read_text().splitlines()), (
         "request bodies never reach the logs"
     )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_while_draining_cuts_the_drain(
+    tmp_path: Path, smollm_folder: Path, sig: signal.Signals
+) -> None:
+    """A second Ctrl-C stops the process at once (found by a new user: it waited for the streams
+    to end, up to drain_timeout_s, 20 s here). What still runs ends as at the drain timeout: the
+    stream gets an error event and [DONE]. The exit status is 128 + the second signal's number."""
+    proc, port, _ = spawn(tmp_path, models=(CHAT,))
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            long = pool.submit(stream, port, 0, 4000)  # minutes of tokens on this CPU
+            time.sleep(1.0)  # the stream is running
+            os.kill(proc.pid, sig)
+            time.sleep(0.5)  # draining: the stream goes on
+            assert proc.poll() is None and not long.done()
+            os.kill(proc.pid, sig)
+            cut = time.monotonic()
+            assert proc.wait(10) == 128 + sig
+            assert time.monotonic() - cut < 5
+            status, events = long.result()
+    finally:
+        proc.kill()  # only if it is still running (a failed assertion)
+    assert status == 200 and events[-1] == "[DONE]", events[-3:]
+    assert "error" in events[-2], events[-3:]
+    assert f"{sig.name} while draining: cutting the drain" in (tmp_path / "server.log").read_text()
+
+
+def sighup_caught(pid: int) -> bool:
+    """Whether the process has a handler for SIGHUP (its default action is to end the process)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught & 1 << (signal.SIGHUP - 1))
+
+
+def serves(port: int) -> bool:
+    try:
+        return post(port, {"model": MODEL, "input": "x"})[0] == 200
+    except OSError:  # not listening yet
+        return False
+
+
+def test_a_sighup_during_start_up_is_applied_once_started_and_never_fatal(
+    tmp_path: Path, minilm_folder: Path
+) -> None:
+    """Found by a new user: a SIGHUP in serve's first second (imports, model scan, bind) ended the
+    process (exit 129), its handler being installed only once the server had started. It is held
+    off from the start of `serve`, before the server listens, and the reload runs once started."""
+    make_repository(tmp_path, {MODEL: minilm_folder})
+    port = free_port()
+    cfg = tmp_path / "appliance.yaml"
+    raw = {
+        "server": {"port": port},
+        "admin": {"port": -1, "socket": ""},
+        "model_repository": str(tmp_path / "engines"),
+        "data_dir": str(tmp_path / "data"),
+    }
+    cfg.write_text(yaml.safe_dump(raw))
+    log = tmp_path / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "appliance", "serve", "--config", str(cfg)],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        assert eventually(lambda: proc.poll() is not None or sighup_caught(proc.pid), timeout=60)
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0, "still starting: not listening yet"
+        os.kill(proc.pid, signal.SIGHUP)
+        assert eventually(lambda: proc.poll() is not None or serves(port), timeout=60)
+        assert proc.poll() is None, log.read_text()[-2000:]
+        text = log.read_text()
+        assert "SIGHUP during start-up: reloading the configuration now" in text
+        assert "configuration reloaded" in text
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
 
 
 def eventually(check: Any, timeout: float = 10.0) -> bool:
@@ -288,3 +368,19 @@ def test_a_port_in_use_is_one_clear_error_and_exit_status_2(tmp_path: Path, mini
     assert done.returncode == 2, out
     assert f"('127.0.0.1', {port}): address already in use" in out
     assert '"level":"error"' not in out and "Traceback" not in out, out
+
+
+@pytest.mark.parametrize(
+    ("port", "expected"),
+    [("99999", "less than or equal to 65535, got 99999"), ("-5", "greater than or equal to 0, got -5")],
+)
+def test_a_serve_port_out_of_range_is_one_line_naming_the_option_and_exit_status_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], port: str, expected: str
+) -> None:
+    """Found by a new user: `serve --port 99999` printed a pydantic traceback and exited 1."""
+    from appliance.cli import main
+
+    cfg = tmp_path / "appliance.yaml"
+    cfg.write_text(yaml.safe_dump({"admin": {"port": -1}, "data_dir": str(tmp_path / "data")}))
+    assert main(["--config", str(cfg), "serve", f"--port={port}"]) == 2
+    assert capsys.readouterr().err == f"appliance: --port: input should be {expected}\n"
