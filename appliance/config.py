@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, FiniteFloat, StrictBool, ValidationError
 from pydantic_core import PydanticCustomError
 
 from appliance import settings, yamlfile
@@ -55,7 +55,8 @@ def _not_a_bool(expected: str) -> BeforeValidator:
 # The sections' numbers and switches, as strict as the settings registry's (settings.Setting.check):
 # an int or float is never a bool, a bool is only true or false (not 1, "yes" or "off").
 Int = Annotated[int, _not_a_bool("an integer")]
-Float = Annotated[float, _not_a_bool("a number")]
+# Finite too: `drain_timeout_s: .inf` let a drain wait for ever, and NaN passes no bound check.
+Float = Annotated[FiniteFloat, _not_a_bool("a number")]
 
 
 class _Strict(BaseModel):

@@ -300,6 +300,8 @@ def tls_context(cfg: Config) -> ssl.SSLContext | None:
     directory") named neither."""
     tls = cfg.file.tls
     if not tls.certificate:
+        if tls.key:  # TLS half configured: serving plain HTTP would be a silent downgrade
+            raise ConfigError("tls.certificate: required when tls.key is set (without both, no TLS)")
         return None
     if not tls.key:
         raise ConfigError("tls.key: required when tls.certificate is set")
@@ -317,12 +319,18 @@ def tls_context(cfg: Config) -> ssl.SSLContext | None:
     except ssl.SSLError as exc:
         raise ConfigError(f"tls.certificate: {cert}: not a PEM certificate ({exc.reason or exc})") from None
     try:
-        ctx.load_cert_chain(cert, key)
+        # A key under a passphrase would have OpenSSL prompt on the terminal (a service has
+        # none, and a start waits on it): the empty passphrase fails it with an error instead.
+        ctx.load_cert_chain(cert, key, password=_no_passphrase)
     except ssl.SSLError as exc:
         raise ConfigError(
             f"tls.key: {key}: not the PEM private key of tls.certificate {cert} ({exc.reason or exc})"
         ) from None
     return ctx
+
+
+def _no_passphrase() -> bytes:
+    return b""
 
 
 def check_host(cfg: Config) -> None:

@@ -46,6 +46,9 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
         ("admin: {port: false}\n", "admin.port: input should be an integer, not true or false"),
         ("server: {max_connections: true}\n", "server.max_connections: input should be an integer"),
         ("server: {drain_timeout_s: true}\n", "server.drain_timeout_s: input should be a number"),
+        # .inf let a drain wait for ever; NaN passes no bound.
+        ("server: {drain_timeout_s: .inf}\n", "server.drain_timeout_s: input should be a finite number, got inf"),
+        ("server: {read_timeout_s: .nan}\n", "server.read_timeout_s: input should be a finite number, got nan"),
         (
             "auth: {keys: [{name: a, hash: h, max_priority: true}]}\n",
             "auth.keys.0.max_priority: input should be an integer",
@@ -124,7 +127,9 @@ def test_models_list_fails_on_what_check_config_fails_on(
     assert "all-minilm-l6-v2" in out.out, "the broken file hides no other model"
 
 
-@pytest.mark.parametrize("case", ["no cert file", "not a cert", "not its key", "host", "data_dir"])
+@pytest.mark.parametrize(
+    "case", ["no cert file", "not a cert", "not its key", "key alone", "passphrase", "host", "data_dir"]
+)
 def test_what_serve_trips_on_at_start_names_the_setting_and_check_config_finds_it_first(
     tmp_path: Path, case: str
 ) -> None:
@@ -144,7 +149,10 @@ def test_what_serve_trips_on_at_start_names_the_setting_and_check_config_finds_i
     elif case == "not a cert":
         raw["tls"] = {"certificate": "hostname.txt", "key": "hostname.txt"}
         expected = f"tls.certificate: {tmp_path / 'hostname.txt'}: not a PEM certificate"
-    elif case == "not its key":
+    elif case == "key alone":  # TLS half configured had served plain HTTP without a word
+        raw["tls"] = {"key": "hostname.txt"}
+        expected = "tls.certificate: required when tls.key is set"
+    elif case in ("not its key", "passphrase"):
         if shutil.which("openssl") is None:
             pytest.skip("openssl is not installed to make a test certificate")
         cert, key = tmp_path / "cert.pem", str(tmp_path / "key.pem")
@@ -155,7 +163,7 @@ def test_what_serve_trips_on_at_start_names_the_setting_and_check_config_finds_i
                 "-x509",
                 "-newkey",
                 "rsa:2048",
-                "-nodes",
+                *(["-passout", "pass:secret"] if case == "passphrase" else ["-nodes"]),
                 "-subj",
                 "/CN=x",
                 "-keyout",
@@ -166,8 +174,14 @@ def test_what_serve_trips_on_at_start_names_the_setting_and_check_config_finds_i
             check=True,
             capture_output=True,
         )
-        raw["tls"] = {"certificate": "cert.pem", "key": "hostname.txt"}
-        expected = f"tls.key: {tmp_path / 'hostname.txt'}: not the PEM private key of tls.certificate {cert}"
+        if case == "passphrase":  # OpenSSL prompted on the terminal, which a service has not
+            raw["tls"] = {"certificate": "cert.pem", "key": "key.pem"}
+            expected = f"tls.key: {key}: not the PEM private key of tls.certificate {cert}"
+        else:
+            raw["tls"] = {"certificate": "cert.pem", "key": "hostname.txt"}
+            expected = (
+                f"tls.key: {tmp_path / 'hostname.txt'}: not the PEM private key of tls.certificate {cert}"
+            )
     elif case == "host":
         raw["server"]["host"] = "not.a.host.invalid"  # .invalid never resolves (RFC 2606)
         expected = "server.host: not.a.host.invalid: "
@@ -181,7 +195,10 @@ def test_what_serve_trips_on_at_start_names_the_setting_and_check_config_finds_i
     checked = subprocess.run([*run, "check-config"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert checked.returncode == 2 and f"appliance: {cfg}: {expected}" in checked.stderr, checked.stderr
     assert not (tmp_path / "data").exists(), "check-config makes no data_dir (nor any other folder)"
-    served = subprocess.run([*run, "serve"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    # stdin closed: a prompt for a passphrase fails rather than waits (here as under systemd)
+    served = subprocess.run(
+        [*run, "serve"], capture_output=True, text=True, cwd=ROOT, timeout=120, stdin=subprocess.DEVNULL
+    )
     assert served.returncode == 2, served.stderr[-2000:]
     assert f"\nappliance: {expected}" in "\n" + served.stderr and "Traceback" not in served.stderr, (
         served.stderr
