@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
 import threading
 import time
 import urllib.request
@@ -453,3 +454,31 @@ def tiny_r1(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     info["folder"] = add("tiny-r1", root / "checkpoint", repo)
     info["checkpoint"] = root / "checkpoint"
     return info
+
+
+def self_signed(cert: Path, key: Path, *, passphrase: str | None = None) -> None:
+    """A self-signed certificate for 127.0.0.1 and its key (under ``passphrase``, if one), made by
+    the openssl tool; the test is skipped where it is not installed."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed to make a test certificate")
+    secret = ["-passout", f"pass:{passphrase}"] if passphrase is not None else ["-nodes"]
+    names = ["-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            *secret,
+            "-days",
+            "1",
+            *names,
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import stat
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import yaml
 from appliance import settings
 from appliance.config import ConfigError, load, parse, save_settings
 from appliance.repository import RepositoryError, load_model_file
-from tests.conftest import ROOT, make_repository
+from tests.conftest import ROOT, make_repository, self_signed
 
 
 def write(tmp: Path, text: str) -> Path:
@@ -47,8 +46,14 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
         ("server: {max_connections: true}\n", "server.max_connections: input should be an integer"),
         ("server: {drain_timeout_s: true}\n", "server.drain_timeout_s: input should be a number"),
         # .inf let a drain wait for ever; NaN passes no bound.
-        ("server: {drain_timeout_s: .inf}\n", "server.drain_timeout_s: input should be a finite number, got inf"),
-        ("server: {read_timeout_s: .nan}\n", "server.read_timeout_s: input should be a finite number, got nan"),
+        (
+            "server: {drain_timeout_s: .inf}\n",
+            "server.drain_timeout_s: input should be a finite number, got inf",
+        ),
+        (
+            "server: {read_timeout_s: .nan}\n",
+            "server.read_timeout_s: input should be a finite number, got nan",
+        ),
         (
             "auth: {keys: [{name: a, hash: h, max_priority: true}]}\n",
             "auth.keys.0.max_priority: input should be an integer",
@@ -153,27 +158,8 @@ def test_what_serve_trips_on_at_start_names_the_setting_and_check_config_finds_i
         raw["tls"] = {"key": "hostname.txt"}
         expected = "tls.certificate: required when tls.key is set"
     elif case in ("not its key", "passphrase"):
-        if shutil.which("openssl") is None:
-            pytest.skip("openssl is not installed to make a test certificate")
-        cert, key = tmp_path / "cert.pem", str(tmp_path / "key.pem")
-        subprocess.run(
-            [
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                *(["-passout", "pass:secret"] if case == "passphrase" else ["-nodes"]),
-                "-subj",
-                "/CN=x",
-                "-keyout",
-                key,
-                "-out",
-                str(cert),
-            ],
-            check=True,
-            capture_output=True,
-        )
+        cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+        self_signed(cert, key, passphrase="secret" if case == "passphrase" else None)
         if case == "passphrase":  # OpenSSL prompted on the terminal, which a service has not
             raw["tls"] = {"certificate": "cert.pem", "key": "key.pem"}
             expected = f"tls.key: {key}: not the PEM private key of tls.certificate {cert}"

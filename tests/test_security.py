@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from appliance.auth import KeyStore
-from tests.conftest import ROOT, ServerThread
+from tests.conftest import ROOT, ServerThread, self_signed
 
 MODEL = "all-minilm-l6-v2"
 
@@ -337,34 +337,10 @@ def test_keys_cli_prints_once_and_stores_only_a_hash(tmp_path: Path) -> None:
 
 
 def test_tls_serves_https_when_configured(start_server, minilm_folder: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    import shutil
     import ssl
 
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed to make a test certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    self_signed(cert, key)
     srv = start_server(
         {MODEL: minilm_folder}, config={"tls": {"certificate": str(cert), "key": str(key)}}, wait_ready=False
     )

@@ -181,10 +181,9 @@ def binary_infer(text: str, priority: int) -> tuple[bytes, dict[str, str]]:
     }
 
 
-def test_a_kserve_infer_for_a_full_level_is_refused_in_kserves_shape(full: ServerThread) -> None:
-    """Refused in the front door: the route (whose first step is the pipeline's admission) never
-    runs. A spy on the real ``Pipeline.admit`` counts its calls."""
-    pipeline = full.app[PIPELINE]
+def admissions(srv: ServerThread) -> list[str]:
+    """The models the real ``Pipeline.admit`` (a route's first step) is called for from now on."""
+    pipeline = srv.app[PIPELINE]
     admitted: list[str] = []
     real_admit = pipeline.admit
 
@@ -193,6 +192,13 @@ def test_a_kserve_infer_for_a_full_level_is_refused_in_kserves_shape(full: Serve
         return real_admit(model, **kwargs)
 
     pipeline.admit = spy  # type: ignore[method-assign]
+    return admitted
+
+
+def test_a_kserve_infer_for_a_full_level_is_refused_in_kserves_shape(full: ServerThread) -> None:
+    """Refused in the front door: the route (whose first step is the pipeline's admission) never
+    runs. A spy on the real ``Pipeline.admit`` counts its calls."""
+    admitted = admissions(full)
     status, body, headers = full.post(INFER, infer_doc("no room", {"priority": 3}), {"X-Request-Id": "k-7"})
     assert status == 429
     assert int(headers["Retry-After"]) >= 1 and headers["X-Request-Id"] == "k-7"
@@ -215,15 +221,7 @@ def test_a_generate_request_for_a_full_level_is_refused_in_the_front_door(full: 
     """The generate extension's routes name the model in the path and the priority in
     ``parameters``, as infer does, and are shed the same way: refused before the route runs (which
     would have said the model does not generate)."""
-    pipeline = full.app[PIPELINE]
-    admitted: list[str] = []
-    real_admit = pipeline.admit
-
-    def spy(model: str, **kwargs: Any) -> Any:
-        admitted.append(model)
-        return real_admit(model, **kwargs)
-
-    pipeline.admit = spy  # type: ignore[method-assign]
+    admitted = admissions(full)
     doc = {"text_input": "no room", "parameters": {"priority": 3}}
     for route in ("generate", "versions/1/generate", "generate_stream"):
         status, body, headers = full.post(f"/v2/models/{MODEL}/{route}", doc)

@@ -56,7 +56,6 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
     # Admission first: a request its queue would refuse costs no templating or tokenizing.
     ticket = admit(request, body.get("model"), requested_priority(request, body.get("priority")))
     options = GenerationOptions.from_openai(body, chat=chat)
-    service = request.app[CHAT]
     source: dict[str, Any]
     slot = request.app[MANAGER].slots[ticket.model]
     if chat:
@@ -65,20 +64,7 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
         source = {"messages": normalize_messages(body.get("messages"), context)}
     else:
         source = {"prompt": body.get("prompt")}
-    parser = str(ticket.values.get("generation.reasoning_parser", "auto"))
-    default_max_tokens = min(
-        int(ticket.values["generation.max_tokens_default"]), int(ticket.values["generation.max_tokens_limit"])
-    )
-    work = GenerationRequest(
-        service,
-        ticket.model,
-        chat,
-        source,
-        options,
-        slot.entry.spec.default_response,
-        parser,
-        default_max_tokens,
-    )
+    work = GenerationRequest.of(request.app, ticket, chat, source, options)
     wire = Wire(chat=chat, model=ticket.model, include_usage=include_usage)
     work.wire = wire
     pipeline = request.app[PIPELINE]
@@ -99,6 +85,29 @@ class GenerationRequest:
 
     blobs: tuple[bytes, ...] = ()
     open_ended = True  # bounded by time to first token and stalls, not by its length
+
+    @classmethod
+    def of(
+        cls,
+        app: web.Application,
+        ticket: Ticket,
+        chat: bool,
+        source: dict[str, Any],
+        options: GenerationOptions,
+    ) -> GenerationRequest:
+        """The request for ``ticket``'s model with that model's defaults: its reasoning parser,
+        its default max_tokens (within its limit) and its default response."""
+        values = ticket.values
+        return cls(
+            app[CHAT],
+            ticket.model,
+            chat,
+            source,
+            options,
+            app[MANAGER].slots[ticket.model].entry.spec.default_response,
+            str(values.get("generation.reasoning_parser", "auto")),
+            min(int(values["generation.max_tokens_default"]), int(values["generation.max_tokens_limit"])),
+        )
 
     def __init__(
         self,

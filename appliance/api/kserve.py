@@ -14,7 +14,6 @@ from aiohttp import web
 from appliance import __version__
 from appliance.api.chat import GenerationRequest, Wire, completion_of, stream_generation
 from appliance.api.common import (
-    CHAT,
     EMBEDDINGS,
     MANAGER,
     METRICS,
@@ -601,20 +600,7 @@ async def _generate(request: web.Request, *, stream: bool) -> web.StreamResponse
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidRequest(f"'id' must be a string, got {_json_type(request_id)}")
     options = _options(req)
-    parser = str(ticket.values.get("generation.reasoning_parser", "auto"))
-    default_max_tokens = min(
-        int(ticket.values["generation.max_tokens_default"]), int(ticket.values["generation.max_tokens_limit"])
-    )
-    work = GenerationRequest(
-        request.app[CHAT],
-        ticket.model,
-        False,
-        {"prompt": req.prompt},
-        options,
-        slot.entry.spec.default_response,
-        parser,
-        default_max_tokens,
-    )
+    work = GenerationRequest.of(request.app, ticket, False, {"prompt": req.prompt}, options)
     wire = _TritonWire(chat=False, model=ticket.model, request_id=request_id)
     # The whole answer (what the cache stores) keeps /v1/completions' shape: the two share entries.
     work.wire = wire
