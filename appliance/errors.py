@@ -76,6 +76,15 @@ class Unavailable(ApplianceError):
     code = "unavailable"
 
 
+class ModelUnloading(Unavailable):
+    """The model is being unloaded (an operator's unload, an eviction): its running work drains,
+    which may last as long as its longest generation, and a new request is told to come back
+    rather than held for all of it (as Triton refuses requests for a model it is unloading)."""
+
+    def __init__(self, name: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(f"The model '{name}' is being unloaded", param="model", retry_after_s=retry_after_s)
+
+
 class LoadFailed(Unavailable):
     """A model that could not be loaded; ``reason`` says why, without the model's name (for a
     message that names it already)."""

@@ -24,7 +24,7 @@ from appliance.batcher import BatchPolicy
 from appliance.config import Config
 from appliance.engines.base import Engine
 from appliance.engines.select import expected_on_gpu, gpu_engines_available, open_engine
-from appliance.errors import LoadFailed, ModelNotBuilt, ModelNotFound
+from appliance.errors import LoadFailed, ModelNotBuilt, ModelNotFound, ModelUnloading
 from appliance.heap import freeze_startup_heap
 from appliance.memory import DoesNotFit, MemoryPools, measure, trim_heap
 from appliance.repository import MODEL_FILE, REPOSITORY, ModelEntry, ModelKind, artefact_stamp, scan_folders
@@ -141,6 +141,8 @@ def _stamp(entry: ModelEntry) -> str | None:
 
 # After a failed load, requests are answered 503 for this long before one tries again.
 LOAD_RETRY_S = 30.0
+# How long a request for a model that is being unloaded waits for the drain before its 503.
+UNLOAD_WAIT_S = 2.0
 # How often a request for an unknown or unbuilt model may read the repository again (a flood of
 # requests for made-up names must not read every model.yaml each time).
 RESCAN_MIN_S = 1.0
@@ -337,7 +339,12 @@ class ModelManager:
     async def load(self, name: str) -> None:
         slot = self._slot(name)
         while slot.unloading is not None:
-            await asyncio.shield(slot.unloading)
+            # A drain lasts as long as the longest running generation (minutes): a new request
+            # waited for all of it, then loaded the model the operator had just unloaded. It
+            # waits briefly (an embedding model's drain), then is told to come back.
+            done, _ = await asyncio.wait({slot.unloading}, timeout=UNLOAD_WAIT_S)
+            if not done:
+                raise ModelUnloading(name)
         if slot.runtime is not None:
             return
         if slot.state == ModelState.unbuilt or (slot.state != ModelState.loading and not slot.entry.built):
@@ -349,6 +356,10 @@ class ModelManager:
         if slot.load_task is None or slot.load_task.done():
             slot.load_task = asyncio.create_task(self._load(slot))
         await asyncio.shield(slot.load_task)
+        if slot.runtime is None and slot.state is not ModelState.failed and slot.error is None:
+            # Loaded, then unloaded before this request got to it (an operator's unload during
+            # the load): nothing failed, and "failed to load (no reason recorded)" said it had.
+            raise ModelUnloading(name)
         if slot.runtime is None:
             # A failed load is not tried again for LOAD_RETRY_S (``runtime``): that is when to
             # come back (a hint of 5 s had clients retry into 25 s of refusals). No room yet is

@@ -39,7 +39,14 @@ from appliance.admission import AdmissionError, ComputeStarved, QueueFull, Reser
 from appliance.auth import ApiKeyRecord
 from appliance.breaker import BreakerOpen, BreakerState, CircuitBreaker, Permit
 from appliance.cache import CacheHit, cache_key
-from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, LoadFailed, Unavailable
+from appliance.errors import (
+    ApplianceError,
+    EngineFailure,
+    InvalidRequest,
+    LoadFailed,
+    ModelUnloading,
+    Unavailable,
+)
 from appliance.inference import admission_error
 from appliance.models import ModelManager, ModelRuntime, ModelSlot
 from appliance.resilience import Answer, Resilience
@@ -77,7 +84,7 @@ class Ticket:
     # Queue places held since early admission; the HTTP layer releases what is left when the
     # request ends, whatever way it ends.
     reservation: Reservation | None = None
-    load_error: str = ""
+    not_loaded: str = ""  # why the model could not be had: "failed to load (its reason)", ...
     load_retry_s: float = 1.0  # when the failed load is next tried: the 503's Retry-After
 
     def release(self) -> None:
@@ -373,8 +380,7 @@ class Pipeline:
             permit.ignore()
             raise
         if runtime is None:  # _runtime resolved the permit: a load failure is not the engine's
-            why = f"failed to load ({ticket.load_error})"
-            return await self._fallback(ticket, work, hit, ticket.load_retry_s, why)
+            return await self._fallback(ticket, work, hit, ticket.load_retry_s, ticket.not_loaded)
         return permit, runtime, hit
 
     async def answer(self, ticket: Ticket, work: Computation) -> Answer:
@@ -490,7 +496,7 @@ class Pipeline:
 
     async def _runtime(self, ticket: Ticket, permit: Permit) -> ModelRuntime | None:
         """The resident runtime, loading it within the deadline; None when it cannot load (the
-        reason is kept in ``ticket.load_error`` for the 503 when no fallback answers)."""
+        reason is kept in ``ticket.not_loaded`` for the 503 when no fallback answers)."""
         slot = self.manager.slots.get(ticket.model)
         if slot is not None and slot.runtime is not None:  # resident: nothing to wait for
             slot.last_used = time.monotonic()
@@ -503,7 +509,12 @@ class Pipeline:
                 raise
             log.warning("model %s: %s", ticket.model, exc.message)
             # The 503 names the model itself: "failed to load (its reason)".
-            ticket.load_error = exc.reason if isinstance(exc, LoadFailed) else exc.message
+            if isinstance(exc, ModelUnloading):
+                ticket.not_loaded = "is being unloaded"
+            else:
+                ticket.not_loaded = (
+                    f"failed to load ({exc.reason if isinstance(exc, LoadFailed) else exc.message})"
+                )
             ticket.load_retry_s = exc.retry_after_s or 1.0
             permit.ignore()  # a load failure is the memory manager's, not the engine's
             return None

@@ -451,6 +451,65 @@ def test_unloading_a_model_whose_folder_went_while_it_served_says_it_is_unloaded
     assert admin(srv, "POST", f"/admin/models/{MODEL}/unload")[0] == 404  # gone now
 
 
+def test_a_request_during_a_long_unload_is_told_to_come_back_not_held_for_the_drain(
+    start_server: Any, minilm_folder: Path, faulty: Any
+) -> None:
+    """Found by a probe: an unload drains the model's running work, which for a generation lasts
+    as long as its max_tokens; every request meanwhile waited for all of it (45 s), then loaded
+    the model the operator had just unloaded. It now waits briefly, then gets a 503 with
+    Retry-After saying the model is being unloaded."""
+    import threading
+
+    srv = start_server({MODEL: minilm_folder})
+    engine = faulty[-1]
+    engine.delay_s = 6.0  # the running batch, which the unload drains, takes this long
+    ran = len(engine.batches)
+    running = threading.Thread(target=srv.post, args=("/v1/embeddings", {"model": MODEL, "input": "slow"}))
+    running.start()
+    deadline = time.monotonic() + 30
+    while len(engine.batches) == ran:  # the slow batch is running
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    unload = threading.Thread(target=admin, args=(srv, "POST", f"/admin/models/{MODEL}/unload"))
+    unload.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    status, body, headers = srv.post("/v1/embeddings", {"model": MODEL, "input": "during"})
+    waited = time.monotonic() - started
+    assert status == 503 and "is being unloaded" in body["error"]["message"], body
+    assert "Retry-After" in headers and waited < 5, waited
+    unload.join(30)
+    running.join(30)
+    assert srv.post("/v1/embeddings", {"model": MODEL, "input": "after"})[0] == 200
+
+
+def test_a_request_whose_load_an_unload_undid_is_not_told_the_load_failed(
+    start_server: Any, minilm_folder: Path
+) -> None:
+    """Found by a probe: an operator's unload right after a load (which it had waited for) left
+    the requests that were waiting on that load a 503 "failed to load (no reason recorded)" and a
+    warning in the log, while nothing had failed. They are told the model is being unloaded."""
+    from appliance.api.common import MANAGER
+    from appliance.errors import LoadFailed, ModelUnloading
+
+    srv = start_server({MODEL: minilm_folder})
+    mgr = srv.app[MANAGER]
+
+    async def race() -> tuple[BaseException | None, BaseException | None]:
+        await mgr.unload(MODEL)
+        first = asyncio.ensure_future(mgr.load(MODEL))  # starts the load
+        await asyncio.sleep(0)
+        # The operator's unload, as soon as the load is done; then a request that waited on it.
+        mgr.slots[MODEL].load_task.add_done_callback(lambda _: asyncio.ensure_future(mgr.unload(MODEL)))
+        second = asyncio.ensure_future(mgr.load(MODEL))
+        done = await asyncio.gather(first, second, return_exceptions=True)
+        return tuple(d if isinstance(d, BaseException) else None for d in done)  # type: ignore[return-value]
+
+    first, second = srv.call(race)
+    assert first is None
+    assert isinstance(second, ModelUnloading) and not isinstance(second, LoadFailed), second
+
+
 def test_settings_are_not_saved_over_an_empty_config_file(served: Any) -> None:
     """Found by an operator-side probe: with the file empty (caught mid-write, or truncated by a
     full disk) a PATCH wrote one holding only the tunables, the server, admin and path sections
