@@ -491,13 +491,18 @@ class ModelStats:
         self.stepped(model, size, compute_s, requests)
 
     def admitted(self, model: str, waited_s: float) -> None:
-        """A generation taken from its queue: one inference however many steps it runs (its
-        steps add their time to its ``compute_infer``, counted here once)."""
+        """A generation taken from its queue (its steps add their time to its ``compute_infer``,
+        counted here once)."""
         m = self._of(model)
-        m.inferences += 1
         m.queue[0] += 1
         m.queue[1] += waited_s
         m.compute[0] += 1
+
+    def finished(self, model: str) -> None:
+        """A generation that finished (a stop or its length): one inference however many steps
+        it ran. Triton counts inferences that succeeded; counted at admission, a hang-up or an
+        engine failure counted too."""
+        self._of(model).inferences += 1
 
     def stepped(self, model: str, size: int, compute_s: float, requests: float | None = None) -> None:
         """One engine execution (a batch, or a generation step) of ``size`` rows. A batch's rows

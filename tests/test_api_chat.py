@@ -980,6 +980,7 @@ def test_a_client_deadline_passing_mid_generation_is_not_held_against_the_engine
     srv = server
     breaker = srv.app[RESILIENCE].breaker(MODEL, srv.app[MANAGER].tunables(MODEL))
     before = srv.call(lambda: breaker.snapshot())
+    stats_before = srv.get(f"/v2/models/{MODEL}/stats")[1]["model_stats"][0]
     long = {
         "model": MODEL,
         "messages": ask("Tell a very long story."),
@@ -998,6 +999,16 @@ def test_a_client_deadline_passing_mid_generation_is_not_held_against_the_engine
     after = srv.call(lambda: breaker.snapshot())
     assert after["failures_in_window"] == before["failures_in_window"]
     assert after["totals"].get("timeout", 0) == before["totals"].get("timeout", 0)
+    # Triton's statistics: both failed, the stream too (its status said 200, its end did not),
+    # and neither is an inference (Triton counts those that succeeded; a generation was counted
+    # when admitted, so the probe read 9 inferences against 2 successes).
+    stats = srv.get(f"/v2/models/{MODEL}/stats")[1]["model_stats"][0]
+    got = {
+        k: v["count"] - stats_before["inference_stats"][k]["count"]
+        for k, v in stats["inference_stats"].items()
+    }
+    assert (got["success"], got["fail"]) == (0, 2), got
+    assert stats["inference_count"] == stats_before["inference_count"]
 
 
 def test_asking_for_a_longer_deadline_than_the_default_is_never_stricter_than_none(

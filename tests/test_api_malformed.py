@@ -190,6 +190,8 @@ def test_malformed_headers_are_400_naming_the_header(server: ServerThread, heade
     [
         pytest.param(b"\xff\xfe", None, id="not-utf8"),
         pytest.param("caf\u00e9-1".encode(), "caf_-1", id="utf8"),
+        pytest.param("abc/\u00e9".encode(), "abc/_", id="utf8-last"),  # was "abc/"
+        pytest.param("\u00e9\u00e9".encode(), None, id="nothing-ascii"),  # a fresh id
         pytest.param(b"r" * 200, "r" * 64, id="long"),
         pytest.param(b"plain-id 7", "plain-id 7", id="printable"),
     ],

@@ -30,6 +30,7 @@ from appliance.api.common import (
     RESILIENCE,
     ROLLING,
     STARTED,
+    STREAM_ERROR,
     SUPERVISOR,
     TENSORS,
     TICKET,
@@ -98,7 +99,10 @@ def _request_id(request: web.Request) -> str:
         # with surrogateescape): in the response's headers they could not be encoded, and in the
         # JSON log line they made it fail. Each such character, or any other not printable
         # ASCII, becomes "_"; the id stays recognisable to the client that sent it.
-        given = "".join(c if " " <= c <= "~" else "_" for c in given).strip("_ ")
+        cleaned = "".join(c if " " <= c <= "~" else "_" for c in given).strip(" ")
+        # Nothing of the client's left (only replacements): a new id. Else its own, in full:
+        # stripping "_" cut the replacement of a last character ("abc/é" came back "abc/").
+        given = cleaned if cleaned.strip("_") else ""
     return given or f"{_ID_PREFIX}-{next(_ids):x}"
 
 
@@ -228,7 +232,8 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
             if model != "-":
                 request.app[ROLLING].record(model, elapsed, status)
                 if post:  # an inference (metadata and readiness are GETs)
-                    metrics.model_stats.answered(model, status < 400, elapsed)
+                    ok = status < 400 and STREAM_ERROR not in request
+                    metrics.model_stats.answered(model, ok, elapsed)
             # One structured line per request; never the body (it may hold customer data).
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info(

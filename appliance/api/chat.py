@@ -21,7 +21,17 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from appliance.api.common import CHAT, CONFIG, MANAGER, PIPELINE, admit, read_json, render, requested_priority
+from appliance.api.common import (
+    CHAT,
+    CONFIG,
+    MANAGER,
+    PIPELINE,
+    STREAM_ERROR,
+    admit,
+    read_json,
+    render,
+    requested_priority,
+)
 from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, Unavailable
 from appliance.llm.scheduler import Finished, Token
 from appliance.llm.service import (
@@ -414,6 +424,7 @@ async def stream_generation(
         except ApplianceError as exc:
             if resp is None:
                 raise  # nothing sent yet: a plain JSON error with its status and Retry-After
+            request[STREAM_ERROR] = exc
             await resp.write(wire.error_event(exc))
             await resp.write(wire.end())
             await resp.write_eof()
@@ -456,6 +467,7 @@ async def _live(
                     thinking.append(event.reasoning)
                     await resp.write(wire.chunk(event.text, reasoning=event.reasoning))
         except ApplianceError as exc:
+            request[STREAM_ERROR] = exc
             await resp.write(wire.error_event(exc))
         await resp.write(wire.end())
         await resp.write_eof()

@@ -68,6 +68,9 @@ EXTRA_STATS = web.AppKey("extra_stats", dict)
 ACTIONS = web.AppKey("actions", dict)
 
 TICKET = "ticket"  # request-scoped: the pipeline's Ticket
+# Request-scoped: the error a stream ended with after its 200 went out (an error event). The
+# front door counts the request as failed in Triton's statistics: its status says 200.
+STREAM_ERROR = "stream_error"
 # Request-scoped: the body as read, and as parsed, by the front door (see appliance.api.shedding).
 RAW_BODY, BODY = "raw_body", "json_body"
 OPENAI, KSERVE, OTHER = "openai", "kserve", "other"

@@ -932,6 +932,7 @@ class Scheduler(EarlyAdmission):
                     held if self._seq_s is None else self._seq_s + _EWMA_ALPHA * (held - self._seq_s)
                 )
                 if m is not None:
+                    m.model_stats.finished(self.name)
                     m.generation_duration.labels(self.name).observe(now - seq.arrival)
                     if seq.first_token_at is not None and ev.completion_tokens > 1:
                         m.time_per_output_token.labels(self.name).observe(
