@@ -559,6 +559,27 @@ def test_a_generate_models_metadata_and_config_show_the_generate_interface(llm_s
     assert status == 400 and f"/v2/models/{LLM}/generate" in resp["error"]
 
 
+def test_tensorrt_llms_quick_start_request_is_served_its_empty_word_lists_meaning_none(
+    llm_server: ServerThread,
+) -> None:
+    """TensorRT-LLM's README sends ``"bad_words": ""`` and ``"stop_words": ""``, its way of saying
+    none; both were refused (an unexpected field, an empty stop string)."""
+    base = {"text_input": PROMPT, "max_tokens": 8, "temperature": 0}
+    _, ref, _ = llm_server.post(f"/v2/models/{LLM}/generate", base, NO_CACHE)
+    for words in ({"bad_words": "", "stop_words": ""}, {"bad_words": [], "stop_words": None}):
+        status, resp, _ = llm_server.post(f"/v2/models/{LLM}/generate", {**base, **words}, NO_CACHE)
+        assert status == 200, resp
+        assert resp["text_output"] == ref["text_output"]
+    # Words to ban cannot be honoured: refused, naming the field, not answered without the ban.
+    for body in (
+        {**base, "bad_words": "Paris"},
+        {**base, "parameters": {"bad_words": ["Paris"]}},
+        {**base, "sampling_parameters": json.dumps({"bad_words": ["Paris"]})},
+    ):
+        status, resp, _ = llm_server.post(f"/v2/models/{LLM}/generate", body)
+        assert status == 400 and "'bad_words' is not supported" in resp["error"], resp
+
+
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [

@@ -406,7 +406,9 @@ async def _embed(
 
 # Sampling fields a generate request may set, at the top level of its body or in its
 # ``parameters`` (Triton passes a field that names no input of the model on as a parameter), or
-# in the JSON of vLLM's ``sampling_parameters``. ``stop_words`` is TensorRT-LLM's name for stop.
+# in the JSON of vLLM's ``sampling_parameters``. ``stop_words`` is TensorRT-LLM's name for stop;
+# ``bad_words`` (TensorRT-LLM's and vLLM's) is accepted only as none: banning a word's every
+# tokenization is not implemented, and a request that needs it must not get the words back.
 _SAMPLING = (
     "max_tokens",
     "temperature",
@@ -415,10 +417,13 @@ _SAMPLING = (
     "seed",
     "stop",
     "stop_words",
+    "bad_words",
     "ignore_eos",
     "min_tokens",
     "stop_token_ids",
 )
+# What TensorRT-LLM's clients send for "no words" (its quick start sends "" for both lists).
+_NO_WORDS: tuple[object, ...] = ("", [], None)
 _FIELDS = ("text_input", "parameters", "id", "stream", "sampling_parameters", "exclude_input_in_output")
 _SCHEDULE = ("priority", "timeout")  # parameters that schedule_of reads, as for infer
 
@@ -484,6 +489,14 @@ def _generate_request(doc: dict[str, Any]) -> _GenerateRequest:
                     raise InvalidRequest(f"'{k}' is set both in {found[k][0]} and in {where}: set it once")
                 found[k] = (where, v)
     values = {k: v for k, (_, v) in found.items()}
+    for name in ("stop_words", "bad_words"):
+        if name in values and values[name] in _NO_WORDS:
+            del values[name]  # unset, as TensorRT-LLM reads it
+    if "bad_words" in values:
+        raise InvalidRequest(
+            "'bad_words' is not supported: only \"\", [] or null (no words) is accepted, "
+            f"got {json.dumps(values['bad_words'])[:40]}"
+        )
     if "stop" in values and "stop_words" in values:
         raise InvalidRequest("'stop' and 'stop_words' name the same thing: set one of them")
     flags: dict[str, bool | None] = {}
