@@ -609,6 +609,25 @@ def test_bad_generate_requests_are_kserve_400s_naming_the_field(
     assert fragment in resp["error"], resp
 
 
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"stream": False}, "'stream' must be true or unset on /generate_stream"),
+        ({"parameters": {"stream": False}}, "'stream' must be true or unset on /generate_stream"),
+        ({"exclude_input_in_output": False}, "'exclude_input_in_output' must be true or unset"),
+    ],
+)
+def test_generate_stream_refuses_the_flags_it_cannot_honour_rather_than_ignoring_them(
+    llm_server: ServerThread, body: dict[str, Any], fragment: str
+) -> None:
+    """A stream asked not to stream, or to repeat the prompt (Triton's vLLM backend refuses
+    that too), was streamed without the prompt as if the flags were not there."""
+    doc = {"text_input": PROMPT, "max_tokens": 2, "temperature": 0, **body}
+    status, resp, _ = llm_server.post(f"/v2/models/{LLM}/generate_stream", doc, NO_CACHE)
+    assert status == 400 and set(resp) == {"error"}, resp
+    assert fragment in resp["error"], resp
+
+
 def test_generate_on_a_model_that_does_not_generate_names_its_kind_and_route(
     llm_server: ServerThread,
 ) -> None:

@@ -609,6 +609,18 @@ async def _generate(request: web.Request, *, stream: bool) -> web.StreamResponse
         raise InvalidRequest(
             f"'stream' must be false on /generate: use POST /v2/models/{name}/generate_stream for a stream"
         )
+    # What a stream cannot honour is refused, not ignored (Triton's vLLM backend refuses the
+    # second too): its events are the new text only, and a stream is what this route sends.
+    if stream and req.stream is False:
+        raise InvalidRequest(
+            f"'stream' must be true or unset on /generate_stream: use POST /v2/models/{name}/generate "
+            "for a whole answer"
+        )
+    if stream and not req.exclude_input:
+        raise InvalidRequest(
+            "'exclude_input_in_output' must be true or unset on /generate_stream: its events carry the "
+            f"new text only; use POST /v2/models/{name}/generate to have the prompt repeated"
+        )
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidRequest(f"'id' must be a string, got {_json_type(request_id)}")
