@@ -586,6 +586,8 @@ def test_tensorrt_llms_quick_start_request_is_served_its_empty_word_lists_meanin
         ({}, "'text_input' is required"),
         ({"text_input": 5}, "'text_input' must be a string, got a number"),
         ({"text_input": ["a", "b"]}, "'text_input' must be a string"),
+        ({"text_input": ""}, "'text_input' must not be empty"),  # not /v1/completions' 'prompt'
+        ({"text_input": [""]}, "'text_input' must not be empty"),
         ({"text_input": "x", "stream": True}, "'stream' must be false on /generate"),
         ({"text_input": "x", "parameters": {"stream": True}}, "'stream' must be false on /generate"),
         ({"text_input": "x", "stream": "no"}, "'stream' must be true or false"),
@@ -594,7 +596,16 @@ def test_tensorrt_llms_quick_start_request_is_served_its_empty_word_lists_meanin
         ({"text_input": "x", "stop_words": [1]}, "'stop_words' must be a string or a list of strings"),
         ({"text_input": "x", "beam_width": 2}, "unexpected field 'beam_width'"),
         ({"text_input": "x", "parameters": {"beam_width": 2}}, "unexpected parameter 'beam_width'"),
-        ({"text_input": "x", "parameters": []}, "'parameters' must be an object"),
+        # In JSON's words, not Python's (they said "got list", "got dict").
+        ({"text_input": "x", "parameters": []}, "'parameters' must be an object, got an array"),
+        (
+            {"text_input": "x", "max_tokens": {"a": 1}},
+            "'max_tokens' must be an integer of at most 64 bits, got an object",
+        ),
+        (
+            {"text_input": "x", "parameters": {"seed": "1"}},
+            "'seed' must be an integer of at most 64 bits, got a string",
+        ),
         ({"text_input": "x", "parameters": {"priority": "high"}}, "'priority'"),
         ({"text_input": "x", "max_tokens": 2, "parameters": {"max_tokens": 3}}, "'max_tokens' is set both"),
         ({"text_input": "x", "sampling_parameters": "{"}, "'sampling_parameters' must be a JSON object"),

@@ -453,6 +453,8 @@ def _generate_request(doc: dict[str, Any]) -> _GenerateRequest:
         raise InvalidRequest("'text_input' is required: the text to generate from, a string")
     if not isinstance(text, str):
         raise InvalidRequest(f"'text_input' must be a string, got {_json_type(text)}")
+    if not text:  # named here: /v1/completions' check would name its own 'prompt'
+        raise InvalidRequest("'text_input' must not be empty")
     params = parameters_of(doc, "the generate request")
     unknown = [k for k in params if k not in _SAMPLING and k not in _SCHEDULE and k not in _FIELDS[3:]]
     if unknown:
@@ -593,6 +595,11 @@ async def _generate(request: web.Request, *, stream: bool) -> web.StreamResponse
     name = request.match_info["model"]
     _check_version(request, name)
     doc = await read_json(request)
+    params = doc.get("parameters")
+    if params is not None and not isinstance(params, dict):  # in JSON's words, as this route's others
+        raise InvalidRequest(
+            f"the generate request: 'parameters' must be an object, got {_json_type(params)}"
+        )
     priority, timeout_ms = schedule_of(doc)
     # Admission first: a request its queue would refuse costs no templating or tokenizing.
     ticket = admit(request, name, priority, timeout_ms=timeout_ms)
