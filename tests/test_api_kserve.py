@@ -14,7 +14,7 @@ import tritonclient.http as httpclient
 from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
-from appliance.api.common import RESILIENCE
+from appliance.api.common import MANAGER, RESILIENCE
 from tests.conftest import ServerThread, copy_fixture, make_repository
 
 EMB = "all-minilm-l6-v2"
@@ -578,6 +578,21 @@ def test_tensorrt_llms_quick_start_request_is_served_its_empty_word_lists_meanin
     ):
         status, resp, _ = llm_server.post(f"/v2/models/{LLM}/generate", body)
         assert status == 400 and "'bad_words' is not supported" in resp["error"], resp
+
+
+def test_a_generate_models_metadata_and_config_do_not_load_it(llm_server: ServerThread) -> None:
+    """Its interface is static and its config its tunables: a GET of either loaded an unloaded
+    generate model (seconds, 1.3 GB, a keep-alive reset) to answer what needs no engine."""
+    from tests.test_admin import admin
+
+    status, _, _ = llm_server.post(f"/v2/models/{LLM}/generate", {"text_input": "Hi", "max_tokens": 1})
+    assert status == 200
+    paths = [f"/v2/models/{LLM}", f"/v2/models/{LLM}/config", f"/v2/models/{LLM}/versions/1/config"]
+    resident = [llm_server.get(p) for p in paths]
+    assert admin(llm_server, "POST", f"/admin/models/{LLM}/unload")[1]["state"] == "available"
+    assert [llm_server.get(p) for p in paths] == resident  # the same answers, status 200 each
+    assert all(status == 200 for status, _ in resident)
+    assert llm_server.call(lambda: llm_server.app[MANAGER].slots[LLM].runtime) is None  # still unloaded
 
 
 @pytest.mark.parametrize(
