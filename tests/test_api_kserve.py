@@ -14,7 +14,7 @@ import tritonclient.http as httpclient
 from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
-from appliance.api.common import RESILIENCE
+from appliance.api.common import MANAGER, RESILIENCE
 from tests.conftest import ServerThread, copy_fixture, make_repository
 
 EMB = "all-minilm-l6-v2"
@@ -559,12 +559,50 @@ def test_a_generate_models_metadata_and_config_show_the_generate_interface(llm_s
     assert status == 400 and f"/v2/models/{LLM}/generate" in resp["error"]
 
 
+def test_tensorrt_llms_quick_start_request_is_served_its_empty_word_lists_meaning_none(
+    llm_server: ServerThread,
+) -> None:
+    """TensorRT-LLM's README sends ``"bad_words": ""`` and ``"stop_words": ""``, its way of saying
+    none; both were refused (an unexpected field, an empty stop string)."""
+    base = {"text_input": PROMPT, "max_tokens": 8, "temperature": 0}
+    _, ref, _ = llm_server.post(f"/v2/models/{LLM}/generate", base, NO_CACHE)
+    for words in ({"bad_words": "", "stop_words": ""}, {"bad_words": [], "stop_words": None}):
+        status, resp, _ = llm_server.post(f"/v2/models/{LLM}/generate", {**base, **words}, NO_CACHE)
+        assert status == 200, resp
+        assert resp["text_output"] == ref["text_output"]
+    # Words to ban cannot be honoured: refused, naming the field, not answered without the ban.
+    for body in (
+        {**base, "bad_words": "Paris"},
+        {**base, "parameters": {"bad_words": ["Paris"]}},
+        {**base, "sampling_parameters": json.dumps({"bad_words": ["Paris"]})},
+    ):
+        status, resp, _ = llm_server.post(f"/v2/models/{LLM}/generate", body)
+        assert status == 400 and "'bad_words' is not supported" in resp["error"], resp
+
+
+def test_a_generate_models_metadata_and_config_do_not_load_it(llm_server: ServerThread) -> None:
+    """Its interface is static and its config its tunables: a GET of either loaded an unloaded
+    generate model (seconds, 1.3 GB, a keep-alive reset) to answer what needs no engine."""
+    from tests.test_admin import admin
+
+    status, _, _ = llm_server.post(f"/v2/models/{LLM}/generate", {"text_input": "Hi", "max_tokens": 1})
+    assert status == 200
+    paths = [f"/v2/models/{LLM}", f"/v2/models/{LLM}/config", f"/v2/models/{LLM}/versions/1/config"]
+    resident = [llm_server.get(p) for p in paths]
+    assert admin(llm_server, "POST", f"/admin/models/{LLM}/unload")[1]["state"] == "available"
+    assert [llm_server.get(p) for p in paths] == resident  # the same answers, status 200 each
+    assert all(status == 200 for status, _ in resident)
+    assert llm_server.call(lambda: llm_server.app[MANAGER].slots[LLM].runtime) is None  # still unloaded
+
+
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [
         ({}, "'text_input' is required"),
         ({"text_input": 5}, "'text_input' must be a string, got a number"),
         ({"text_input": ["a", "b"]}, "'text_input' must be a string"),
+        ({"text_input": ""}, "'text_input' must not be empty"),  # not /v1/completions' 'prompt'
+        ({"text_input": [""]}, "'text_input' must not be empty"),
         ({"text_input": "x", "stream": True}, "'stream' must be false on /generate"),
         ({"text_input": "x", "parameters": {"stream": True}}, "'stream' must be false on /generate"),
         ({"text_input": "x", "stream": "no"}, "'stream' must be true or false"),
@@ -573,7 +611,16 @@ def test_a_generate_models_metadata_and_config_show_the_generate_interface(llm_s
         ({"text_input": "x", "stop_words": [1]}, "'stop_words' must be a string or a list of strings"),
         ({"text_input": "x", "beam_width": 2}, "unexpected field 'beam_width'"),
         ({"text_input": "x", "parameters": {"beam_width": 2}}, "unexpected parameter 'beam_width'"),
-        ({"text_input": "x", "parameters": []}, "'parameters' must be an object"),
+        # In JSON's words, not Python's (they said "got list", "got dict").
+        ({"text_input": "x", "parameters": []}, "'parameters' must be an object, got an array"),
+        (
+            {"text_input": "x", "max_tokens": {"a": 1}},
+            "'max_tokens' must be an integer of at most 64 bits, got an object",
+        ),
+        (
+            {"text_input": "x", "parameters": {"seed": "1"}},
+            "'seed' must be an integer of at most 64 bits, got a string",
+        ),
         ({"text_input": "x", "parameters": {"priority": "high"}}, "'priority'"),
         ({"text_input": "x", "max_tokens": 2, "parameters": {"max_tokens": 3}}, "'max_tokens' is set both"),
         ({"text_input": "x", "sampling_parameters": "{"}, "'sampling_parameters' must be a JSON object"),
@@ -584,6 +631,25 @@ def test_bad_generate_requests_are_kserve_400s_naming_the_field(
     llm_server: ServerThread, body: dict[str, Any], fragment: str
 ) -> None:
     status, resp, _ = llm_server.post(f"/v2/models/{LLM}/generate", body)
+    assert status == 400 and set(resp) == {"error"}, resp
+    assert fragment in resp["error"], resp
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"stream": False}, "'stream' must be true or unset on /generate_stream"),
+        ({"parameters": {"stream": False}}, "'stream' must be true or unset on /generate_stream"),
+        ({"exclude_input_in_output": False}, "'exclude_input_in_output' must be true or unset"),
+    ],
+)
+def test_generate_stream_refuses_the_flags_it_cannot_honour_rather_than_ignoring_them(
+    llm_server: ServerThread, body: dict[str, Any], fragment: str
+) -> None:
+    """A stream asked not to stream, or to repeat the prompt (Triton's vLLM backend refuses
+    that too), was streamed without the prompt as if the flags were not there."""
+    doc = {"text_input": PROMPT, "max_tokens": 2, "temperature": 0, **body}
+    status, resp, _ = llm_server.post(f"/v2/models/{LLM}/generate_stream", doc, NO_CACHE)
     assert status == 400 and set(resp) == {"error"}, resp
     assert fragment in resp["error"], resp
 

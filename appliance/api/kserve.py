@@ -33,12 +33,13 @@ from appliance.api.tensors import (
     requested_outputs,
     split_body,
 )
+from appliance.engines.availability import tensorrt_unavailable
 from appliance.errors import ApplianceError, InvalidRequest, ModelNotBuilt, ModelNotFound, Unavailable
 from appliance.inference import EmbeddingRuntime, EmbeddingService, TensorRuntime
 from appliance.llm.service import GenerationOptions
 from appliance.models import ModelManager, ModelRuntime, ModelState
 from appliance.pipeline import Ticket
-from appliance.repository import ModelKind
+from appliance.repository import Backend, ModelEntry, ModelKind
 
 routes = web.RouteTableDef()
 
@@ -75,15 +76,17 @@ async def ready(request: web.Request) -> web.Response:
     return web.Response(status=200 if request.app[MANAGER].ready() else 400)
 
 
-def _io(runtime: ModelRuntime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The model's tensors as clients see them (full shapes, -1 for dynamic dims)."""
-    rt = runtime.service
-    if runtime.entry.kind == ModelKind.generate:
+def _io(entry: ModelEntry, runtime: ModelRuntime | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The model's tensors as clients see them (full shapes, -1 for dynamic dims). A generate
+    model's are its interface, needing no runtime; the others' are their engine's."""
+    if entry.kind == ModelKind.generate:
         strip = ("optional",)  # a config field; metadata has name, datatype and shape only
         return (
             [{k: v for k, v in t.items() if k not in strip} for t in GENERATE_INPUTS],
             [dict(t) for t in GENERATE_OUTPUTS],
         )
+    assert runtime is not None  # _described loads every model but a generate one
+    rt = runtime.service
     if isinstance(rt, EmbeddingRuntime):
         return (
             [{"name": TEXT_INPUT, "datatype": "BYTES", "shape": [-1, 1]}],
@@ -114,11 +117,33 @@ def _check_version(request: web.Request, name: str) -> None:
         raise ModelNotFound(f"Request for unknown model: '{name}' version {version} is not found")
 
 
-async def _runtime(request: web.Request) -> ModelRuntime:
+async def _described(request: web.Request) -> tuple[ModelEntry, ModelRuntime | None]:
+    """The model a metadata or config request names, and its runtime: loaded on demand, except a
+    generate model's. Its answer is its interface and its tunables, so a GET of it must not load
+    it (seconds, its memory, and a keep-alive reset); its runtime is the resident one, if any."""
     name = request.match_info["model"]
     request["model"] = name
     _check_version(request, name)
-    return await request.app[MANAGER].runtime(name)
+    mgr: ModelManager = request.app[MANAGER]
+    slot = mgr.request_slot(name)  # a 404, or ModelNotBuilt, as a load would answer
+    if slot.entry.kind == ModelKind.generate:
+        return slot.entry, slot.runtime
+    runtime = await mgr.runtime(name)
+    return runtime.entry, runtime
+
+
+def _backend(entry: ModelEntry, runtime: ModelRuntime | None) -> str:
+    """The backend that runs the model: the resident engine's, else the one a load would choose
+    first (engines.select's chain: TensorRT where it can run, unless the model says ONNX Runtime)."""
+    if runtime is not None:
+        return runtime.engine.backend
+    if entry.spec.backend != Backend.onnxruntime and tensorrt_unavailable() is None:
+        return "tensorrt"
+    return "onnxruntime"
+
+
+def _platform(backend: str) -> str:
+    return "onnxruntime_onnx" if backend == "onnxruntime" else "tensorrt_plan"
 
 
 # Registered before /v2/models/{model}, which would take "stats" for a model's name.
@@ -146,13 +171,13 @@ async def statistics(request: web.Request) -> web.Response:
 @routes.get("/v2/models/{model}")
 @routes.get("/v2/models/{model}/versions/{version}")
 async def model_metadata(request: web.Request) -> web.Response:
-    runtime = await _runtime(request)
-    inputs, outputs = _io(runtime)
+    entry, runtime = await _described(request)
+    inputs, outputs = _io(entry, runtime)
     return web.json_response(
         {
-            "name": runtime.entry.name,
+            "name": entry.name,
             "versions": list(VERSIONS),
-            "platform": "onnxruntime_onnx" if runtime.engine.backend == "onnxruntime" else "tensorrt_plan",
+            "platform": _platform(_backend(entry, runtime)),
             "inputs": inputs,
             "outputs": outputs,
         }
@@ -178,17 +203,17 @@ async def model_ready(request: web.Request) -> web.Response:
 @routes.get("/v2/models/{model}/config")
 @routes.get("/v2/models/{model}/versions/{version}/config")
 async def model_config(request: web.Request) -> web.Response:
-    runtime = await _runtime(request)
-    values = request.app[MANAGER].tunables(runtime.entry.name)
-    inputs, outputs = _io(runtime)
-    generates = runtime.entry.kind == ModelKind.generate
+    entry, runtime = await _described(request)
+    values = request.app[MANAGER].tunables(entry.name)
+    inputs, outputs = _io(entry, runtime)
+    generates = entry.kind == ModelKind.generate
     if generates:
         inputs = GENERATE_INPUTS  # with their "optional" marks
 
     # A model whose tensors do not all have a dynamic first dimension runs each request alone:
     # Triton's max_batch_size 0, and dims are then the whole shapes. A generate model's requests
     # are batched by its scheduler, token by token, not by Triton (as vLLM's backend says too).
-    rt = runtime.service
+    rt = None if runtime is None else runtime.service
     batching = not generates and (not isinstance(rt, TensorRuntime) or rt.batchable)
 
     def triton(t: dict[str, Any]) -> dict[str, Any]:
@@ -204,11 +229,12 @@ async def model_config(request: web.Request) -> web.Response:
     # Decoupled: a request may have many responses (generate_stream), which is also why Triton's
     # HTTP /infer does not serve such a model.
     policy = {"model_transaction_policy": {"decoupled": True}} if generates else {}
+    backend = _backend(entry, runtime)
     return web.json_response(
         {
-            "name": runtime.entry.name,
-            "platform": "onnxruntime_onnx" if runtime.engine.backend == "onnxruntime" else "tensorrt_plan",
-            "backend": runtime.engine.backend,
+            "name": entry.name,
+            "platform": _platform(backend),
+            "backend": backend,
             "max_batch_size": int(values["batching.max_batch_size"]) if batching else 0,
             "input": [triton(t) for t in inputs],
             "output": [triton(t) for t in outputs],
@@ -406,7 +432,9 @@ async def _embed(
 
 # Sampling fields a generate request may set, at the top level of its body or in its
 # ``parameters`` (Triton passes a field that names no input of the model on as a parameter), or
-# in the JSON of vLLM's ``sampling_parameters``. ``stop_words`` is TensorRT-LLM's name for stop.
+# in the JSON of vLLM's ``sampling_parameters``. ``stop_words`` is TensorRT-LLM's name for stop;
+# ``bad_words`` (TensorRT-LLM's and vLLM's) is accepted only as none: banning a word's every
+# tokenization is not implemented, and a request that needs it must not get the words back.
 _SAMPLING = (
     "max_tokens",
     "temperature",
@@ -415,10 +443,13 @@ _SAMPLING = (
     "seed",
     "stop",
     "stop_words",
+    "bad_words",
     "ignore_eos",
     "min_tokens",
     "stop_token_ids",
 )
+# What TensorRT-LLM's clients send for "no words" (its quick start sends "" for both lists).
+_NO_WORDS: tuple[object, ...] = ("", [], None)
 _FIELDS = ("text_input", "parameters", "id", "stream", "sampling_parameters", "exclude_input_in_output")
 _SCHEDULE = ("priority", "timeout")  # parameters that schedule_of reads, as for infer
 
@@ -448,6 +479,8 @@ def _generate_request(doc: dict[str, Any]) -> _GenerateRequest:
         raise InvalidRequest("'text_input' is required: the text to generate from, a string")
     if not isinstance(text, str):
         raise InvalidRequest(f"'text_input' must be a string, got {_json_type(text)}")
+    if not text:  # named here: /v1/completions' check would name its own 'prompt'
+        raise InvalidRequest("'text_input' must not be empty")
     params = parameters_of(doc, "the generate request")
     unknown = [k for k in params if k not in _SAMPLING and k not in _SCHEDULE and k not in _FIELDS[3:]]
     if unknown:
@@ -484,6 +517,14 @@ def _generate_request(doc: dict[str, Any]) -> _GenerateRequest:
                     raise InvalidRequest(f"'{k}' is set both in {found[k][0]} and in {where}: set it once")
                 found[k] = (where, v)
     values = {k: v for k, (_, v) in found.items()}
+    for name in ("stop_words", "bad_words"):
+        if name in values and values[name] in _NO_WORDS:
+            del values[name]  # unset, as TensorRT-LLM reads it
+    if "bad_words" in values:
+        raise InvalidRequest(
+            "'bad_words' is not supported: only \"\", [] or null (no words) is accepted, "
+            f"got {json.dumps(values['bad_words'])[:40]}"
+        )
     if "stop" in values and "stop_words" in values:
         raise InvalidRequest("'stop' and 'stop_words' name the same thing: set one of them")
     flags: dict[str, bool | None] = {}
@@ -580,6 +621,11 @@ async def _generate(request: web.Request, *, stream: bool) -> web.StreamResponse
     name = request.match_info["model"]
     _check_version(request, name)
     doc = await read_json(request)
+    params = doc.get("parameters")
+    if params is not None and not isinstance(params, dict):  # in JSON's words, as this route's others
+        raise InvalidRequest(
+            f"the generate request: 'parameters' must be an object, got {_json_type(params)}"
+        )
     priority, timeout_ms = schedule_of(doc)
     # Admission first: a request its queue would refuse costs no templating or tokenizing.
     ticket = admit(request, name, priority, timeout_ms=timeout_ms)
@@ -595,6 +641,18 @@ async def _generate(request: web.Request, *, stream: bool) -> web.StreamResponse
     if req.stream and not stream:
         raise InvalidRequest(
             f"'stream' must be false on /generate: use POST /v2/models/{name}/generate_stream for a stream"
+        )
+    # What a stream cannot honour is refused, not ignored (Triton's vLLM backend refuses the
+    # second too): its events are the new text only, and a stream is what this route sends.
+    if stream and req.stream is False:
+        raise InvalidRequest(
+            f"'stream' must be true or unset on /generate_stream: use POST /v2/models/{name}/generate "
+            "for a whole answer"
+        )
+    if stream and not req.exclude_input:
+        raise InvalidRequest(
+            "'exclude_input_in_output' must be true or unset on /generate_stream: its events carry the "
+            f"new text only; use POST /v2/models/{name}/generate to have the prompt repeated"
         )
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):

@@ -344,7 +344,9 @@ def _integer(body: Mapping[str, Any], name: str) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         # (An integer past 64 bits arrives as a float: JSON parsers make it one.)
-        shown = repr(value) if isinstance(value, int | float) else type(value).__name__
+        # JSON's names for what was sent: the client wrote JSON, not Python's str, list or dict.
+        kind = {"str": "a string", "list": "an array"}.get(type(value).__name__, "an object")
+        shown = json.dumps(value) if isinstance(value, int | float) else kind
         raise InvalidRequest(f"'{name}' must be an integer of at most 64 bits, got {shown[:40]}", param=name)
     return value
 
