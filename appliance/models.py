@@ -23,7 +23,7 @@ from appliance.arbiter import ComputeArbiter
 from appliance.batcher import BatchPolicy
 from appliance.config import Config
 from appliance.engines.base import Engine
-from appliance.engines.select import expected_on_gpu, gpu_engines_available, open_engine
+from appliance.engines.select import expected_backend, expected_on_gpu, gpu_engines_available, open_engine
 from appliance.errors import LoadFailed, ModelNotBuilt, ModelNotFound, ModelUnloading
 from appliance.heap import freeze_startup_heap
 from appliance.memory import DoesNotFit, MemoryPools, measure, trim_heap
@@ -279,6 +279,14 @@ class ModelManager:
         loading = slot.load_task is not None and not slot.load_task.done()
         return slot.runtime is not None or loading or slot.unloading is not None
 
+    def find(self, name: str) -> ModelSlot:
+        """The slot of ``name``, reading the repository again for a name not in it when it was
+        last read (at most once every ``RESCAN_MIN_S``): what the admin plane acts on sees the
+        folders the data plane serves. A 404 otherwise, naming a broken model.yaml."""
+        if name not in self.slots and time.monotonic() - self._scanned_at >= RESCAN_MIN_S:
+            self.rescan()
+        return self._slot(name)
+
     def request_slot(self, name: str) -> ModelSlot:
         """The slot a request for ``name`` goes to: a 404 for none, and for a model not built
         (ModelNotBuilt, which says to pull it). A name not in the repository when it was last
@@ -345,6 +353,9 @@ class ModelManager:
             done, _ = await asyncio.wait({slot.unloading}, timeout=UNLOAD_WAIT_S)
             if not done:
                 raise ModelUnloading(name)
+            # The unload's rescan may have let the model go (its folder or model.yaml went: a
+            # 404 now) or given it a new slot; the old one was loaded into, detached, and failed.
+            slot = self._slot(name)
         if slot.runtime is not None:
             return
         if slot.state == ModelState.unbuilt or (slot.state != ModelState.loading and not slot.entry.built):
@@ -428,8 +439,8 @@ class ModelManager:
             return
         executor = ThreadPoolExecutor(instances, thread_name_prefix=f"engine-{entry.name}")
         loop = asyncio.get_running_loop()
+        holder: list[Engine] = []
         try:
-            holder: list[Engine] = []
             grown, _ = await loop.run_in_executor(
                 executor, measure, lambda: holder.append(self._open_engine(entry, values))
             )
@@ -455,9 +466,13 @@ class ModelManager:
                 await self._make_room(entry.name, weights, activation, engine.on_gpu)
             except DoesNotFit:
                 await runtime.batcher.close(drain=False)
-                engine.close()
                 raise
         except Exception as exc:
+            if holder:  # opened, then the load failed: its memory goes back now, not at exit
+                try:
+                    holder[0].close()
+                except Exception:
+                    log.exception("model %s: closing the engine of a failed load", entry.name)
             executor.shutdown(wait=False)
             never = isinstance(exc, DoesNotFit) and exc.never
             slot.state = (
@@ -699,6 +714,12 @@ class ModelManager:
                 policy.max_batch_size = cap
                 policy.preferred_batch_sizes = [b for b in policy.preferred_batch_sizes if b <= cap]
             slot.runtime.batcher.policy = policy
+
+    def backend(self, name: str) -> str:
+        """The backend that runs ``name``: its resident engine's, else the one a load would try
+        first (answered without loading it)."""
+        slot = self._slot(name)
+        return slot.runtime.engine.backend if slot.runtime is not None else expected_backend(slot.entry)
 
     def describe(self, name: str) -> dict[str, Any]:
         slot = self._slot(name)

@@ -490,30 +490,25 @@ class ModelStats:
         m.queue[1] += sum(w * s for w, s in zip(queue_waits, shares, strict=True))
         self.stepped(model, size, compute_s, requests)
 
-    def admitted(self, model: str, waited_s: float) -> None:
-        """A generation taken from its queue (its steps add their time to its ``compute_infer``,
-        counted here once)."""
-        m = self._of(model)
-        m.queue[0] += 1
-        m.queue[1] += waited_s
-        m.compute[0] += 1
-
-    def finished(self, model: str) -> None:
+    def finished(self, model: str, queued_s: float, ran_s: float) -> None:
         """A generation that finished (a stop or its length): one inference however many steps
-        it ran. Triton counts inferences that succeeded; counted at admission, a hang-up or an
-        engine failure counted too."""
-        self._of(model).inferences += 1
+        it ran, with its wait in the queue and its time from admission to its end as its compute.
+        Triton counts inferences, queue and compute of requests that succeeded: counted at
+        admission, hang-ups and failures counted too (9 inferences against 2 successes)."""
+        m = self._of(model)
+        m.inferences += 1
+        m.queue[0] += 1
+        m.queue[1] += queued_s
+        m.compute[0] += 1
+        m.compute[1] += ran_s
 
     def stepped(self, model: str, size: int, compute_s: float, requests: float | None = None) -> None:
         """One engine execution (a batch, or a generation step) of ``size`` rows. A batch's rows
-        make ``requests`` requests, each of which spent ``compute_s`` in it; a generation step
-        (``requests`` None) charges each of its rows' generations ``compute_s``, counted once
-        when it was admitted."""
+        make ``requests`` requests, each of which spent ``compute_s`` in it; a generation's
+        queue and compute are counted when it finishes (``finished``)."""
         m = self._of(model)
         m.executions += 1
-        if requests is None:
-            m.compute[1] += compute_s * size
-        else:
+        if requests is not None:
             m.compute[0] += requests
             m.compute[1] += compute_s * requests
         batch = m.batches.get(size)

@@ -510,6 +510,61 @@ def test_a_request_whose_load_an_unload_undid_is_not_told_the_load_failed(
     assert isinstance(second, ModelUnloading) and not isinstance(second, LoadFailed), second
 
 
+def test_a_request_waiting_out_an_unload_whose_folder_went_is_a_404_not_a_load(
+    start_server: Any, minilm_folder: Path, faulty: Any
+) -> None:
+    """Found by a regression probe: a request that waited out a drain loaded the model into the
+    slot the unload's rescan had just let go (its model.yaml removed meanwhile), then failed with a
+    503 "failed to load (... does not exist)", its engine left open."""
+    import threading
+
+    srv = start_server({MODEL: minilm_folder})
+    engine = faulty[-1]
+    engine.delay_s = 1.0
+    ran = len(engine.batches)
+    running = threading.Thread(target=srv.post, args=("/v1/embeddings", {"model": MODEL, "input": "slow"}))
+    running.start()
+    deadline = time.monotonic() + 30
+    while len(engine.batches) == ran:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    unload = threading.Thread(target=admin, args=(srv, "POST", f"/admin/models/{MODEL}/unload"))
+    unload.start()
+    time.sleep(0.2)
+    (Path(srv.cfg.model_repository) / MODEL / "model.yaml").unlink()  # its artefacts stay
+    opened = len(faulty)
+    status, body, _ = srv.post("/v1/embeddings", {"model": MODEL, "input": "during"})
+    assert status == 404 and body["error"]["code"] == "model_not_found", body
+    assert len(faulty) == opened, "no engine was opened for a model that is gone"
+    unload.join(30)
+    running.join(30)
+
+
+def test_the_admin_plane_finds_a_folder_copied_in_and_names_a_broken_file(
+    served: Any, minilm_folder: Path
+) -> None:
+    """Found by a regression probe: a folder copied in was served by the data plane at once, but
+    the admin plane's load said "no such model" until a data-plane request had read the
+    repository; for a broken model.yaml it said the same, where the data plane names the file."""
+    start, _ = served
+    srv = start()
+    repo = Path(srv.cfg.model_repository)
+    (repo / "copied").mkdir()
+    for f in ("model.onnx", "tokenizer.json"):
+        (repo / "copied" / f).symlink_to(minilm_folder / f)
+    (repo / "copied" / "model.yaml").write_text(
+        "name: copied\nkind: embedding\nartefacts: {model: model.onnx, tokenizer: tokenizer.json}\n"
+    )
+    time.sleep(1.1)  # past the rescan's rate bound since start
+    status, body = admin(srv, "POST", "/admin/models/copied/load")
+    assert status == 200 and body["state"] == "resident", body
+    (repo / "broken").mkdir()
+    (repo / "broken" / "model.yaml").write_text("name: broken\nkind: embeding\n")
+    time.sleep(1.1)
+    status, body = admin(srv, "POST", "/admin/models/broken/load")
+    assert status == 404 and "broken/model.yaml" in body["error"]["message"], body
+
+
 def test_settings_are_not_saved_over_an_empty_config_file(served: Any) -> None:
     """Found by an operator-side probe: with the file empty (caught mid-write, or truncated by a
     full disk) a PATCH wrote one holding only the tunables, the server, admin and path sections

@@ -1009,6 +1009,7 @@ def test_a_client_deadline_passing_mid_generation_is_not_held_against_the_engine
     }
     assert (got["success"], got["fail"]) == (0, 2), got
     assert stats["inference_count"] == stats_before["inference_count"]
+    assert (got["queue"], got["compute_infer"]) == (0, 0), got  # those too count successes only
 
 
 def test_asking_for_a_longer_deadline_than_the_default_is_never_stricter_than_none(

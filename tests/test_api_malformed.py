@@ -55,10 +55,14 @@ def _nested(depth: int) -> bytes:
     ("body", "fragment"),
     [
         pytest.param(
-            {"inputs": [X, IDS], "parameters": [1]}, "'parameters' must be an object", id="params-list"
+            {"inputs": [X, IDS], "parameters": [1]},
+            "'parameters' must be an object, got an array",
+            id="params-list",
         ),
         pytest.param(
-            {"inputs": [X, IDS], "parameters": "fast"}, "'parameters' must be an object", id="params-str"
+            {"inputs": [X, IDS], "parameters": "fast"},
+            "'parameters' must be an object, got a string",
+            id="params-str",
         ),
         pytest.param(
             {"inputs": [X, IDS], "outputs": [{"name": "y", "parameters": [1]}]},

@@ -1173,6 +1173,30 @@ async def test_10000_models_refresh_in_bounded_time_and_the_palette_finds_any_of
             await pilot.press("n")
 
 
+async def test_a_title_typed_as_it_is_is_the_first_hit_among_10000_models() -> None:
+    """Found by a regression probe: with 10,000 models in the order the server scans their
+    folders, "Unload model m-9" was not listed at all (only the first 2,000 titles holding its
+    letters in order were scored), and the top hit offered to unload another model."""
+    import types
+
+    from textual.fuzzy import Matcher
+
+    from tui.commands import ConsoleCommands
+
+    names = sorted(f"m-{i}" for i in range(10_000))
+    app = types.SimpleNamespace(
+        snapshot=types.SimpleNamespace(stats={"models": {n: {} for n in names}}),
+        read_only=False,
+        **{a: (lambda *_: None) for a in ("action_dashboard", "action_tuning", "action_refresh")},
+        **{a: (lambda *_: None) for a in ("action_pause", "action_faster", "action_slower", "ask")},
+    )
+    palette = types.SimpleNamespace(app=app, matcher=lambda q: Matcher(q, case_sensitive=False))
+    palette._commands = types.MethodType(ConsoleCommands._commands, palette)
+    for query in ("Unload model m-9", "Load model m-7", "Tune model m-5"):
+        hits = [hit.text async for hit in ConsoleCommands.search(palette, query)]  # type: ignore[arg-type]
+        assert hits[:2] == [query, query + "0"], (query, hits[:3])
+
+
 def palette_count(app: ConsoleApp) -> int:
     return app.screen.query_one(CommandList).option_count
 

@@ -33,6 +33,8 @@ PALETTE_SCORED = 2000
 # Titles looked at between two looks at the event loop: typing goes on during a search, and each
 # key cancels the search it makes stale.
 MATCHES_PER_YIELD = 500
+# A title that starts with the query ranks above any fuzzy score (the shorter, the higher).
+PREFIX_SCORE = 1e6
 
 
 class ConsoleCommands(Provider):
@@ -89,11 +91,17 @@ class ConsoleCommands(Provider):
         # commands themselves are never compared.
         best: list[tuple[float, int, Command]] = []
         scored = 0
+        wanted = query.lower().strip()
         for i, command in enumerate(self._commands()):
-            if scored >= PALETTE_SCORED:
-                break
+            title = command[0].lower()
             score = 0.0
-            if candidate(command[0].lower()):
+            if wanted and title.startswith(wanted):
+                # The title as typed, or its start: listed whatever comes before it, the shortest
+                # (the exact one) first, above every fuzzy hit (the matcher's scores run to about
+                # a hundred). The fuzzy cap below had hidden "Unload model m-9" among 10,000
+                # models behind the 2,000 titles before it that merely contain its letters.
+                score = PREFIX_SCORE - len(title)
+            elif scored < PALETTE_SCORED and candidate(title):
                 scored += 1
                 score = matcher.match(command[0])
             if score > 0:

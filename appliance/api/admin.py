@@ -297,9 +297,10 @@ def _unset(flat: dict[str, Any]) -> list[str]:
 
 
 def _model(request: web.Request) -> str:
+    """The model the path names: a folder copied in is found (as the data plane finds it), a
+    broken model.yaml is named, anything else is a 404."""
     name = request.match_info["model"]
-    if name not in _data(request)[MANAGER].slots:
-        raise ModelNotFound(f"no such model '{name}'", param="model")  # as the data plane says
+    _data(request)[MANAGER].find(name)
     return name
 
 
@@ -333,7 +334,9 @@ async def unload_model(request: web.Request) -> web.Response:
         if name not in mgr.slots:
             # Its folder went (or its model.yaml broke) while it was resident: the unload's rescan
             # let it go. The unload happened; a 404 said it had not.
-            why = mgr.broken.get(name, "its folder is no longer in the model repository")
+            why = mgr.broken.get(
+                name, "it is no longer in the model repository (its folder or model.yaml went)"
+            )
             kept = {k: before[k] for k in ("name", "kind", "description")}
             return web.json_response({**kept, "state": "removed", "error": why})
     return web.json_response(mgr.describe(name))

@@ -29,17 +29,17 @@ from appliance.api.tensors import (
     datatype_of,
     decode_inputs,
     encode_response,
+    json_type,
     parameters_of,
     requested_outputs,
     split_body,
 )
-from appliance.engines.availability import tensorrt_unavailable
 from appliance.errors import ApplianceError, InvalidRequest, ModelNotBuilt, ModelNotFound, Unavailable
 from appliance.inference import EmbeddingRuntime, EmbeddingService, TensorRuntime
 from appliance.llm.service import GenerationOptions
 from appliance.models import ModelManager, ModelRuntime, ModelState
 from appliance.pipeline import Ticket
-from appliance.repository import Backend, ModelEntry, ModelKind
+from appliance.repository import ModelEntry, ModelKind
 
 routes = web.RouteTableDef()
 
@@ -132,16 +132,6 @@ async def _described(request: web.Request) -> tuple[ModelEntry, ModelRuntime | N
     return runtime.entry, runtime
 
 
-def _backend(entry: ModelEntry, runtime: ModelRuntime | None) -> str:
-    """The backend that runs the model: the resident engine's, else the one a load would choose
-    first (engines.select's chain: TensorRT where it can run, unless the model says ONNX Runtime)."""
-    if runtime is not None:
-        return runtime.engine.backend
-    if entry.spec.backend != Backend.onnxruntime and tensorrt_unavailable() is None:
-        return "tensorrt"
-    return "onnxruntime"
-
-
 def _platform(backend: str) -> str:
     return "onnxruntime_onnx" if backend == "onnxruntime" else "tensorrt_plan"
 
@@ -177,7 +167,7 @@ async def model_metadata(request: web.Request) -> web.Response:
         {
             "name": entry.name,
             "versions": list(VERSIONS),
-            "platform": _platform(_backend(entry, runtime)),
+            "platform": _platform(request.app[MANAGER].backend(entry.name)),
             "inputs": inputs,
             "outputs": outputs,
         }
@@ -229,7 +219,7 @@ async def model_config(request: web.Request) -> web.Response:
     # Decoupled: a request may have many responses (generate_stream), which is also why Triton's
     # HTTP /infer does not serve such a model.
     policy = {"model_transaction_policy": {"decoupled": True}} if generates else {}
-    backend = _backend(entry, runtime)
+    backend = request.app[MANAGER].backend(entry.name)
     return web.json_response(
         {
             "name": entry.name,
@@ -478,7 +468,7 @@ def _generate_request(doc: dict[str, Any]) -> _GenerateRequest:
     if text is None:
         raise InvalidRequest("'text_input' is required: the text to generate from, a string")
     if not isinstance(text, str):
-        raise InvalidRequest(f"'text_input' must be a string, got {_json_type(text)}")
+        raise InvalidRequest(f"'text_input' must be a string, got {json_type(text)}")
     if not text:  # named here: /v1/completions' check would name its own 'prompt'
         raise InvalidRequest("'text_input' must not be empty")
     params = parameters_of(doc, "the generate request")
@@ -493,7 +483,7 @@ def _generate_request(doc: dict[str, Any]) -> _GenerateRequest:
     if encoded is not None:
         if not isinstance(encoded, str):
             raise InvalidRequest(
-                f"'sampling_parameters' must be a JSON object as a string, got {_json_type(encoded)}"
+                f"'sampling_parameters' must be a JSON object as a string, got {json_type(encoded)}"
             )
         try:
             sampling = json.loads(encoded)
@@ -531,7 +521,7 @@ def _generate_request(doc: dict[str, Any]) -> _GenerateRequest:
     for name in ("stream", "exclude_input_in_output"):
         value = values.pop(name, None)
         if value is not None and not isinstance(value, bool):
-            raise InvalidRequest(f"'{name}' must be true or false, got {_json_type(value)}")
+            raise InvalidRequest(f"'{name}' must be true or false, got {json_type(value)}")
         flags[name] = value
     values.pop("sampling_parameters", None)
     stop_field = "stop"
@@ -542,18 +532,6 @@ def _generate_request(doc: dict[str, Any]) -> _GenerateRequest:
     # asks for that.)
     exclude = flags["exclude_input_in_output"]
     return _GenerateRequest(text, values, flags["stream"], True if exclude is None else exclude, stop_field)
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    return "an array" if isinstance(value, list) else "an object"
 
 
 def _options(req: _GenerateRequest) -> GenerationOptions:
@@ -623,9 +601,7 @@ async def _generate(request: web.Request, *, stream: bool) -> web.StreamResponse
     doc = await read_json(request)
     params = doc.get("parameters")
     if params is not None and not isinstance(params, dict):  # in JSON's words, as this route's others
-        raise InvalidRequest(
-            f"the generate request: 'parameters' must be an object, got {_json_type(params)}"
-        )
+        raise InvalidRequest(f"the generate request: 'parameters' must be an object, got {json_type(params)}")
     priority, timeout_ms = schedule_of(doc)
     # Admission first: a request its queue would refuse costs no templating or tokenizing.
     ticket = admit(request, name, priority, timeout_ms=timeout_ms)
@@ -656,7 +632,7 @@ async def _generate(request: web.Request, *, stream: bool) -> web.StreamResponse
         )
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
-        raise InvalidRequest(f"'id' must be a string, got {_json_type(request_id)}")
+        raise InvalidRequest(f"'id' must be a string, got {json_type(request_id)}")
     options = _options(req)
     work = GenerationRequest.of(request.app, ticket, False, {"prompt": req.prompt}, options)
     wire = _TritonWire(chat=False, model=ticket.model, request_id=request_id)

@@ -119,13 +119,26 @@ def check_request(doc: dict[str, Any]) -> None:
             raise InvalidRequest(f"output '{o['name']}': parameters.binary_data must be true or false")
 
 
+def json_type(value: Any) -> str:
+    """What JSON calls ``value``'s type, for an error (not Python's "dict" or "list")."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
 def parameters_of(obj: dict[str, Any], where: str) -> dict[str, Any]:
     """``obj["parameters"]``: an object, or empty when absent or null."""
     params = obj.get("parameters")
     if params is None:
         return {}
     if not isinstance(params, dict):
-        raise InvalidRequest(f"{where}: 'parameters' must be an object, got {type(params).__name__}")
+        raise InvalidRequest(f"{where}: 'parameters' must be an object, got {json_type(params)}")
     return params
 
 

@@ -49,11 +49,17 @@ _logged: set[tuple[str, str, str]] = set()
 _logged_lock = threading.Lock()
 
 
+def expected_backend(entry: ModelEntry) -> str:
+    """The backend a load of ``entry`` tries first (``open_engine``'s chain): TensorRT where it
+    can run, unless the model asks for ONNX Runtime."""
+    if entry.spec.backend != Backend.onnxruntime and tensorrt_unavailable() is None:
+        return "tensorrt"
+    return "onnxruntime"
+
+
 def expected_on_gpu(entry: ModelEntry) -> bool:
     """Where ``open_engine`` will most likely put ``entry``, for sizing room before it is loaded."""
-    if entry.spec.backend != Backend.onnxruntime and tensorrt_unavailable() is None:
-        return True
-    return onnxruntime_cuda_unavailable() is None
+    return expected_backend(entry) == "tensorrt" or onnxruntime_cuda_unavailable() is None
 
 
 def build_options(entry: ModelEntry, values: dict[str, Any]) -> Any:

@@ -602,7 +602,6 @@ class Scheduler(EarlyAdmission):
                     self.metrics.generation_queue_duration.labels(self.name).observe(
                         seq.admitted_at - seq.arrival
                     )
-                    self.metrics.model_stats.admitted(self.name, seq.admitted_at - seq.arrival)
         if self.prefix is not None:  # the cache lives in what the batch's reservations leave
             self.prefix.shrink(self.config.kv_cache_bytes - self._charge(keep + held + admit))
         if not keep and not admit and not held:
@@ -932,7 +931,8 @@ class Scheduler(EarlyAdmission):
                     held if self._seq_s is None else self._seq_s + _EWMA_ALPHA * (held - self._seq_s)
                 )
                 if m is not None:
-                    m.model_stats.finished(self.name)
+                    admitted = seq.admitted_at or seq.arrival
+                    m.model_stats.finished(self.name, admitted - seq.arrival, now - admitted)
                     m.generation_duration.labels(self.name).observe(now - seq.arrival)
                     if seq.first_token_at is not None and ev.completion_tokens > 1:
                         m.time_per_output_token.labels(self.name).observe(
