@@ -482,3 +482,15 @@ def self_signed(cert: Path, key: Path, *, passphrase: str | None = None) -> None
         check=True,
         capture_output=True,
     )
+
+
+def copy_in(repo: Path, name: str, built: Path, extra: str = "") -> Path:
+    """An embedding model folder ``name`` put in ``repo`` as a user copies one in: links to the
+    artefacts of the built model ``built`` and a model.yaml of that name (plus ``extra`` YAML)."""
+    folder = repo / name
+    folder.mkdir()
+    for f in ("model.onnx", "tokenizer.json"):
+        (folder / f).symlink_to(built / f)
+    spec = f"name: {name}\nkind: embedding\nartefacts: {{model: model.onnx, tokenizer: tokenizer.json}}\n"
+    (folder / "model.yaml").write_text(spec + extra)
+    return folder

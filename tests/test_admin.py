@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from appliance.gpu import cuda
-from tests.conftest import ServerThread, make_repository
+from tests.conftest import ServerThread, copy_in, make_repository
 
 MODEL = "all-minilm-l6-v2"
 
@@ -549,12 +549,7 @@ def test_the_admin_plane_finds_a_folder_copied_in_and_names_a_broken_file(
     start, _ = served
     srv = start()
     repo = Path(srv.cfg.model_repository)
-    (repo / "copied").mkdir()
-    for f in ("model.onnx", "tokenizer.json"):
-        (repo / "copied" / f).symlink_to(minilm_folder / f)
-    (repo / "copied" / "model.yaml").write_text(
-        "name: copied\nkind: embedding\nartefacts: {model: model.onnx, tokenizer: tokenizer.json}\n"
-    )
+    copy_in(repo, "copied", minilm_folder)
     time.sleep(1.1)  # past the rescan's rate bound since start
     status, body = admin(srv, "POST", "/admin/models/copied/load")
     assert status == 200 and body["state"] == "resident", body

@@ -24,7 +24,7 @@ from appliance import models as models_module
 from appliance.api.common import MANAGER, RESILIENCE
 from appliance.auth import KeyStore
 from appliance.models import ModelManager
-from tests.conftest import ServerThread, make_repository, metric
+from tests.conftest import ServerThread, copy_in, make_repository, metric
 
 MODEL = "all-minilm-l6-v2"
 
@@ -328,10 +328,7 @@ def test_a_model_pulled_or_copied_in_while_serving_serves_without_a_reload(
         (repo / "late" / f).symlink_to(minilm_folder / f)
     status, body, _ = srv.post("/v1/embeddings", {"model": "late", "input": "x"})
     assert status == 200 and len(body["data"][0]["embedding"]) == 384
-    (repo / "copied").mkdir()
-    for f in ("model.onnx", "tokenizer.json"):
-        (repo / "copied" / f).symlink_to(minilm_folder / f)
-    (repo / "copied" / "model.yaml").write_text(spec.format(n="copied") + "queue: {max_queue_size: 7}\n")
+    copy_in(repo, "copied", minilm_folder, "queue: {max_queue_size: 7}\n")
     status, _, _ = srv.post("/v1/embeddings", {"model": "copied", "input": "x"})
     assert status == 200
     mgr = srv.app[MANAGER]
@@ -357,12 +354,7 @@ def test_a_model_whose_artefact_went_says_to_pull_it_and_serves_as_soon_as_it_is
     monkeypatch.setattr(models_module, "RESCAN_MIN_S", 0.0)
     srv = start_server({MODEL: minilm_folder})
     repo = Path(srv.cfg.model_repository)
-    (repo / "m2").mkdir()
-    for f in ("model.onnx", "tokenizer.json"):
-        (repo / "m2" / f).symlink_to(minilm_folder / f)
-    (repo / "m2" / "model.yaml").write_text(
-        "name: m2\nkind: embedding\nartefacts: {model: model.onnx, tokenizer: tokenizer.json}\n"
-    )
+    copy_in(repo, "m2", minilm_folder)
     srv.call(lambda: srv.app[MANAGER].rescan())
     (repo / "m2" / "model.onnx").unlink()
     status, body, headers = srv.post("/v1/embeddings", {"model": "m2", "input": "x"})
@@ -411,12 +403,8 @@ def test_models_added_or_removed_while_serving_leave_readiness_alone(
     monkeypatch.setattr(models_module, "RESCAN_MIN_S", 0.0)
     srv = start_server({MODEL: minilm_folder})
     repo = Path(srv.cfg.model_repository)
-    spec = "name: {n}\nkind: embedding\nartefacts: {{model: model.onnx, tokenizer: tokenizer.json}}\n"
     for name in ("extra", "doomed"):
-        (repo / name).mkdir()
-        for f in ("model.onnx", "tokenizer.json"):
-            (repo / name / f).symlink_to(minilm_folder / f)
-        (repo / name / "model.yaml").write_text(spec.format(n=name))
+        copy_in(repo, name, minilm_folder)
     (repo / "fifo").mkdir()
     os.mkfifo(repo / "fifo" / "model.yaml")
     assert srv.post("/v1/embeddings", {"model": "nope", "input": "x"})[0] == 404  # reads it all again
@@ -445,10 +433,7 @@ def test_a_rescan_leaves_an_unloading_model_be_and_the_unload_takes_the_current_
     mgr = srv.app[MANAGER]
     spec = "name: {n}\nkind: embedding\nartefacts: {{model: model.onnx, tokenizer: tokenizer.json}}\n"
     for name in ("edited", "doomed"):
-        (repo / name).mkdir()
-        for f in ("model.onnx", "tokenizer.json"):
-            (repo / name / f).symlink_to(minilm_folder / f)
-        (repo / name / "model.yaml").write_text(spec.format(n=name) + "queue: {max_queue_size: 7}\n")
+        copy_in(repo, name, minilm_folder, "queue: {max_queue_size: 7}\n")
         assert srv.post("/v1/embeddings", {"model": name, "input": "x"})[0] == 200
 
     (repo / "edited" / "model.yaml").write_text(spec.format(n="edited") + "queue: {max_queue_size: 9}\n")
@@ -514,11 +499,7 @@ def test_a_model_file_python_cannot_hold_harms_only_its_model(
         assert srv.post("/v1/embeddings", {"model": MODEL, "input": "x"})[0] == 200
         status, body, _ = srv.post("/v1/embeddings", {"model": "nobody", "input": "x"})
         assert status == 404 and body["error"]["code"] == "model_not_found"
-        (repo / "copied").mkdir()
-        for f in ("model.onnx", "tokenizer.json"):
-            (repo / "copied" / f).symlink_to(minilm_folder / f)
-        spec = "name: copied\nkind: embedding\nartefacts: {model: model.onnx, tokenizer: tokenizer.json}\n"
-        (repo / "copied" / "model.yaml").write_text(spec)
+        copy_in(repo, "copied", minilm_folder)
         assert srv.post("/v1/embeddings", {"model": "copied", "input": "x"})[0] == 200
         errors = "\n".join(srv.app[MANAGER].scan_errors)
         assert "huge/model.yaml" in errors and "deep/model.yaml" in errors
