@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ApplianceError(Exception):
     status = 500
@@ -106,3 +108,17 @@ class EngineFailure(ApplianceError):
     def __init__(self, message: str, *, kind: str = "exception") -> None:
         super().__init__(message)
         self.kind = kind  # exception | timeout | oom: what the breaker counts
+
+
+def json_type(value: Any) -> str:
+    """What JSON calls ``value``'s type, for an error that names it: the client wrote JSON, not
+    Python's "dict", "list" or "str"."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"

@@ -181,7 +181,6 @@ class ModelManager:
         self.cfg = cfg
         self.metrics = metrics
         self.slots: dict[str, ModelSlot] = {}
-        self.scan_errors: list[str] = []
         # Each model folder whose model.yaml is broken, with the error naming the file (a request
         # for it is told what is wrong, not that it does not exist), and the repository's own.
         self.broken: dict[str, str] = {}
@@ -231,12 +230,11 @@ class ModelManager:
         edited while the server runs serves at its next load (a resident one keeps what it
         loaded with until it is unloaded)."""
         self._scanned_at = time.monotonic()
+        known = set(self.broken.values())
         entries, self.broken = scan_folders(self.cfg.model_repository)
-        errors = list(self.broken.values())
-        for error in errors:
-            if error not in self.scan_errors:  # once each, however often it is rescanned
+        for error in self.scan_errors:
+            if error not in known:  # once each, however often it is rescanned
                 log.error("model repository: %s", error)
-        self.scan_errors = errors
         for e in entries:
             slot = self.slots.get(e.name)
             if slot is None:
@@ -279,12 +277,23 @@ class ModelManager:
         loading = slot.load_task is not None and not slot.load_task.done()
         return slot.runtime is not None or loading or slot.unloading is not None
 
+    @property
+    def scan_errors(self) -> list[str]:
+        """The repository's errors at its last reading: each broken model file, or the folder's own."""
+        return list(self.broken.values())
+
+    def _look_again(self) -> None:
+        """Read the repository again, at most once every ``RESCAN_MIN_S`` (a flood of requests
+        for made-up names must not read every model.yaml each time)."""
+        if time.monotonic() - self._scanned_at >= RESCAN_MIN_S:
+            self.rescan()
+
     def find(self, name: str) -> ModelSlot:
         """The slot of ``name``, reading the repository again for a name not in it when it was
-        last read (at most once every ``RESCAN_MIN_S``): what the admin plane acts on sees the
-        folders the data plane serves. A 404 otherwise, naming a broken model.yaml."""
-        if name not in self.slots and time.monotonic() - self._scanned_at >= RESCAN_MIN_S:
-            self.rescan()
+        last read: what the admin plane acts on sees the folders the data plane serves. A 404
+        otherwise, naming a broken model.yaml."""
+        if name not in self.slots:
+            self._look_again()
         return self._slot(name)
 
     def request_slot(self, name: str) -> ModelSlot:
@@ -298,8 +307,8 @@ class ModelManager:
         stale = slot is None or slot.state in (ModelState.unbuilt, ModelState.failed)
         if slot is not None and slot.runtime is None and not stale:
             stale = not (slot.entry.folder / MODEL_FILE).exists()  # removed since: a 404 now
-        if stale and time.monotonic() - self._scanned_at >= RESCAN_MIN_S:
-            self.rescan()
+        if stale:
+            self._look_again()
         slot = self._slot(name)
         if slot.state == ModelState.unbuilt:
             raise ModelNotBuilt(name)

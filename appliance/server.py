@@ -70,7 +70,7 @@ class Server:
         try:
             await site.start()
         except socket.gaierror as exc:  # said only "Name or service not known", naming nothing
-            raise ConfigError(f"server.host: {cfg.server.host}: {exc.strerror or exc}") from None
+            raise _host_error(cfg, exc) from None
         self.port = _bound_port(site)
 
         self.admin_token = self._admin_token()
@@ -340,7 +340,11 @@ def check_host(cfg: Config) -> None:
         # asyncio's create_server listens on every interface for "", and resolves this way.
         socket.getaddrinfo(host or None, cfg.server.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise ConfigError(f"server.host: {host}: {exc.strerror or exc}") from None
+        raise _host_error(cfg, exc) from None
+
+
+def _host_error(cfg: Config, exc: socket.gaierror) -> ConfigError:
+    return ConfigError(f"server.host: {cfg.server.host}: {exc.strerror or exc}")
 
 
 def check_data_dir(cfg: Config) -> None:

@@ -29,12 +29,18 @@ from appliance.api.tensors import (
     datatype_of,
     decode_inputs,
     encode_response,
-    json_type,
     parameters_of,
     requested_outputs,
     split_body,
 )
-from appliance.errors import ApplianceError, InvalidRequest, ModelNotBuilt, ModelNotFound, Unavailable
+from appliance.errors import (
+    ApplianceError,
+    InvalidRequest,
+    ModelNotBuilt,
+    ModelNotFound,
+    Unavailable,
+    json_type,
+)
 from appliance.inference import EmbeddingRuntime, EmbeddingService, TensorRuntime
 from appliance.llm.service import GenerationOptions
 from appliance.models import ModelManager, ModelRuntime, ModelState

@@ -13,7 +13,7 @@ import orjson
 
 from appliance.api.jsonbody import parse_object
 from appliance.engines.base import DTYPES, datatype_of
-from appliance.errors import InvalidRequest
+from appliance.errors import InvalidRequest, json_type
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_DIMS = 32  # numpy's own limit is 64; no model here has more than a handful
@@ -117,19 +117,6 @@ def check_request(doc: dict[str, Any]) -> None:
         p = parameters_of(o, f"output '{o['name']}'")
         if "binary_data" in p and not isinstance(p["binary_data"], bool):
             raise InvalidRequest(f"output '{o['name']}': parameters.binary_data must be true or false")
-
-
-def json_type(value: Any) -> str:
-    """What JSON calls ``value``'s type, for an error (not Python's "dict" or "list")."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    return "an array" if isinstance(value, list) else "an object"
 
 
 def parameters_of(obj: dict[str, Any], where: str) -> dict[str, Any]:

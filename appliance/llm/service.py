@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 from appliance.admission import AdmissionError, Reservation
 from appliance.engines.base import Engine, EngineError
 from appliance.engines.onnxruntime import OnnxRuntimeEngine, providers
-from appliance.errors import InvalidRequest
+from appliance.errors import InvalidRequest, json_type
 from appliance.inference import (
     CHARS_PER_TOKEN_BOUND,
     OFFLOOP_CHARS,
@@ -344,9 +344,7 @@ def _integer(body: Mapping[str, Any], name: str) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         # (An integer past 64 bits arrives as a float: JSON parsers make it one.)
-        # JSON's names for what was sent: the client wrote JSON, not Python's str, list or dict.
-        kind = {"str": "a string", "list": "an array"}.get(type(value).__name__, "an object")
-        shown = json.dumps(value) if isinstance(value, int | float) else kind
+        shown = json.dumps(value) if isinstance(value, int | float) else json_type(value)
         raise InvalidRequest(f"'{name}' must be an integer of at most 64 bits, got {shown[:40]}", param=name)
     return value
 
