@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from appliance.engines.onnxruntime import OnnxRuntimeEngine  # noqa: E402
+from appliance.settings import REGISTRY  # noqa: E402
 
 MODEL = "all-minilm-l6-v2"
 WORDS = [
@@ -441,9 +442,17 @@ class Server:
 def launch(variant: Variant, threads: int, tmp: Path) -> Server:
     model: dict[str, Any] = {"engine": {"intra_op_threads": threads}}
     server: dict[str, Any] = {"host": "127.0.0.1", "log_level": "warning", "default_models": [MODEL]}
+    defaults: dict[str, Any] = {}
     for section, values in variant.settings.items():
-        # server.* keys are the server section's (appliance.yaml), the rest the model's settings.
-        (server if section == "server" else model.setdefault(section, {})).update(values)
+        # server.* keys are the server section's (appliance.yaml); a server-wide tunable
+        # (compute.concurrency) goes in `defaults`, the rest are the model's settings.
+        if section == "server":
+            server.update(values)
+            continue
+        for key, value in values.items():
+            wide = REGISTRY.get(f"{section}.{key}")
+            target = defaults if wide is not None and wide.scope == "server" else model
+            target.setdefault(section, {})[key] = value
     folder = tmp / (variant.label or "default")
     folder.mkdir()
     cfg = folder / "appliance.yaml"
@@ -454,6 +463,7 @@ def launch(variant: Variant, threads: int, tmp: Path) -> Server:
                 "admin": {"port": -1},
                 "model_repository": str(ROOT / "engines"),
                 "data_dir": str(folder / "data"),
+                "defaults": defaults,
                 "models": {MODEL: model},
             }
         )
