@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import time
 import urllib.request
@@ -695,3 +696,120 @@ def test_an_unload_during_a_load_waits_for_it_and_unloads(
     loader.join(30)
     assert answers[0][0] == 200 and answers[0][1]["state"] == "available", answers
     assert state() == "available"
+
+
+def _admin_raw(srv: ServerThread, head: str, body: bytes = b"") -> bytes:
+    """One request over a fresh TCP connection to the admin plane, answered to its end."""
+    port = int(srv.admin_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head.encode("latin-1") + b"\r\n" + body)
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.split(b"\r\n\r\n", 1)[1]:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    return reply
+
+
+def test_the_admin_plane_refuses_as_the_data_plane_does_in_its_own_shape(served: Any) -> None:
+    """Found by fuzzing the admin plane at the HTTP level: it had none of the data plane's front
+    door. A request the HTTP parser refuses (a header line too long, a malformed Content-Length)
+    and an unknown Expect were answered in aiohttp's text/plain (the long header a 400, not 431);
+    404 and 405 said only "405: Method Not Allowed"; a Content-Length over the limit was waited
+    for until the read deadline (408) instead of a 413 at once; a br body was a 400 "not valid br
+    data" and a zstd one a text/plain 400 telling to install a package, not the 415; a body sent
+    as "gzip, gzip" was taken undecoded (200); and a client without the token that asked first
+    (Expect: 100-continue) was told to send its body before its 401. Each now answers as the
+    data plane does, in the admin API's JSON shape."""
+    start, _ = served
+    srv = start()
+    assert srv.server is not None
+    auth = f"Authorization: Bearer {srv.server.admin_token}\r\n"
+
+    def refused(reply: bytes, status: int) -> dict[str, Any]:
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.split(b" ", 2)[1] == str(status).encode(), reply[:300]
+        assert b"application/json" in head, head
+        error = json.loads(body)["error"]
+        assert isinstance(error, dict) and {"message", "type", "param", "code"} <= set(error), body
+        return dict(error)
+
+    get = "GET /admin/settings HTTP/1.1\r\nHost: x\r\n" + auth
+    assert (
+        "could not be parsed"
+        in refused(_admin_raw(srv, get + "X-Long: " + "a" * 9000 + "\r\n"), 431)["message"]
+    )
+    patch = "PATCH /admin/settings HTTP/1.1\r\nHost: x\r\n" + auth
+    assert refused(_admin_raw(srv, patch + "Content-Length: -1\r\n"), 400)["code"] == "malformed_request"
+    assert (
+        "only 100-continue"
+        in refused(_admin_raw(srv, patch + "Expect: gimme\r\nContent-Length: 2\r\n", b"{}"), 417)["message"]
+    )
+    error = refused(
+        _admin_raw(srv, "PUT /admin/settings HTTP/1.1\r\nHost: x\r\n" + auth + "Content-Length: 0\r\n"), 405
+    )
+    assert error["message"] == "PUT is not allowed on /admin/settings; it takes GET, HEAD, PATCH"
+    assert refused(_admin_raw(srv, "GET /admin/nope HTTP/1.1\r\nHost: x\r\n" + auth), 404)["message"] == (
+        "no route for GET /admin/nope"
+    )
+    started = time.monotonic()
+    error = refused(_admin_raw(srv, patch + "Content-Length: 99999999999\r\n"), 413)
+    assert "99999999999 bytes" in error["message"] and time.monotonic() - started < 4
+    for encoding in ("br", "zstd", "gzip, gzip"):
+        error = refused(
+            _admin_raw(srv, patch + f"Content-Encoding: {encoding}\r\nContent-Length: 2\r\n", b"{}"), 415
+        )
+        assert error["code"] == "unsupported_content_encoding", (encoding, error)
+    # Nor is a request that no route takes (aiohttp's own 404 or 405 asked for it).
+    for expect in ("100-continue", "gimme"):
+        put = (
+            "PUT /admin/settings HTTP/1.1\r\nHost: x\r\n"
+            + auth
+            + f"Expect: {expect}\r\nContent-Length: 2\r\n"
+        )
+        assert refused(_admin_raw(srv, put), 405)["message"].startswith("PUT is not allowed")
+    # Without the token, a client that asks first is refused at once, not asked for its body.
+    reply = _admin_raw(
+        srv, "PATCH /admin/settings HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n"
+    )
+    assert refused(reply, 401)["code"] == "admin_token_required"
+    # With it, it is asked, and served.
+    port = int(srv.admin_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            (patch + "Expect: 100-continue\r\nContent-Length: 2\r\nConnection: close\r\n\r\n").encode()
+        )
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"{}")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert admin(srv, "GET", "/admin/settings")[0] == 200
+
+
+def test_a_client_that_hangs_up_mid_body_is_no_unhandled_error(
+    served: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by fuzzing: a PATCH whose client closed the connection halfway through its body
+    was logged as an unhandled error with a traceback (the data plane counts it a 499)."""
+    start, _ = served
+    srv = start()
+    assert srv.server is not None
+    port = int(srv.admin_url.rsplit(":", 1)[1])
+    with caplog.at_level(logging.ERROR):
+        for cut in (0, 10):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(
+                (
+                    f"PATCH /admin/settings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {srv.server.admin_token}\r\n"
+                    "Content-Length: 1000\r\n\r\n"
+                ).encode()
+                + b'{"defaults": {}}'[:cut]
+            )
+            time.sleep(0.2)  # the route is reading the rest when the client goes
+            sock.close()
+        time.sleep(0.5)
+    assert not [r for r in caplog.records if "unhandled error" in r.getMessage()]
+    assert admin(srv, "GET", "/admin/settings")[0] == 200

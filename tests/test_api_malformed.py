@@ -497,6 +497,26 @@ def test_a_wrong_method_is_405_naming_the_allowed_ones(server: ServerThread) -> 
     assert status == 405 and "it takes POST" in resp["error"], resp
 
 
+def test_a_request_with_no_route_is_not_asked_for_its_body_and_gets_its_404_or_405(
+    server: ServerThread,
+) -> None:
+    """Found by fuzzing: a 404 or 405 is aiohttp's own route, with aiohttp's Expect handler. A
+    client that asked first was told "100 Continue" for a body the 404 or 405 then refused
+    unread, and any other expectation got a text/plain 417. Neither asks for the body now, and
+    the answer is the 404 or 405 in the API's shape."""
+    for method, path, status in (
+        ("PUT", "/v1/completions", 405),
+        ("POST", "/v1/nowhere", 404),
+        ("PUT", f"/v2/models/{EMB}/infer", 405),
+    ):
+        for expect in ("100-continue", "gimme"):
+            head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nExpect: {expect}\r\nContent-Length: 5\r\n\r\n"
+            reply = _raw_exchange(server, head)
+            assert reply.startswith(f"HTTP/1.1 {status} ".encode()), (method, path, expect, reply[:200])
+            error = json.loads(reply.partition(b"\r\n\r\n")[2])["error"]
+            assert isinstance(error, str if path.startswith("/v2") else dict), reply
+
+
 def _exchange_closing(server: ServerThread, method: str, path: str) -> tuple[list[bytes], bytes]:
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())

@@ -26,6 +26,9 @@ from appliance.api.common import (
     RESILIENCE,
     ROLLING,
     STARTED,
+    MissRouter,
+    body_refusal,
+    http_error,
     read_json,
     retry_after,
 )
@@ -54,60 +57,79 @@ def _data(request: web.Request) -> web.Application:
     return request.app[DATA_APP]
 
 
+def _token_refusal(request: web.Request) -> Unauthorized | None:
+    """Why a request goes no further than its token, or None: over TCP it must carry the admin
+    token; a Unix socket is guarded by its file permissions instead."""
+    transport = request.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    # Fail closed: only a connection known to be on the Unix socket (whose peer name is a str)
+    # goes without the token; a vanished transport or anything else must present it.
+    if isinstance(peer, str):
+        return None
+    token = request.app[ADMIN_TOKEN]
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    # surrogateescape: aiohttp decodes a header's non-UTF-8 bytes to lone surrogates,
+    # which a plain encode() would raise on (a 500 for anyone without the token).
+    if token and hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token.encode()):
+        return None
+    return Unauthorized("the admin API over TCP needs 'Authorization: Bearer <admin token>'")
+
+
+def _error_response(exc: ApplianceError) -> web.Response:
+    error: dict[str, Any] = {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
+    if exc.problems:
+        error["problems"] = exc.problems
+    return web.json_response({"error": error}, status=exc.status, headers=retry_after(exc.retry_after_s))
+
+
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """``Expect``, as the data plane answers it: anything but ``100-continue`` is a 417 in the
+    admin shape (aiohttp's own was text/plain), and a body that would be refused unread (no
+    token, a declared length over the limit, an encoding not decoded) is not asked for."""
+    expect = request.headers.get("Expect", "")
+    if expect.lower() != "100-continue":
+        err = InvalidRequest(f"Expect {expect[:40]!r} is not supported; only 100-continue is")
+        err.status = 417
+        return _error_response(err)
+    if request.version >= (1, 1) and _token_refusal(request) is None and body_refusal(request) is None:
+        try:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        except ConnectionResetError:
+            return web.Response(status=499)  # the client hung up before its 100
+        request.writer.output_size = 0  # the 100 is not part of the response's size
+    return None
+
+
 @web.middleware
 async def admin_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Token over TCP; a Unix socket is guarded by its file permissions instead."""
+    """The token (over TCP), then the body's refusals before any of it is read (a declared
+    length over the limit is a 413, an encoding the server does not decode a 415, as on the
+    data plane); every error in the admin API's JSON shape."""
     try:
-        transport = request.transport
-        peer = transport.get_extra_info("peername") if transport is not None else None
-        # Fail closed: only a connection known to be on the Unix socket (whose peer name is a str)
-        # goes without the token; a vanished transport or anything else must present it.
-        if not isinstance(peer, str):
-            token = request.app[ADMIN_TOKEN]
-            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            # surrogateescape: aiohttp decodes a header's non-UTF-8 bytes to lone surrogates,
-            # which a plain encode() would raise on (a 500 for anyone without the token).
-            if not token or not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token.encode()):
-                raise Unauthorized("the admin API over TCP needs 'Authorization: Bearer <admin token>'")
+        refused: ApplianceError | None = _token_refusal(request)
+        if refused is None and request.body_exists:
+            refused = body_refusal(request)
+        if refused is not None:
+            raise refused
         return await handler(request)
+    except ConnectionResetError:
+        # The client hung up while its body was read: nobody to answer, and no server error (it
+        # was logged as an unhandled error with a traceback), as on the data plane (nginx's 499).
+        return web.Response(status=499)
     except ApplianceError as exc:
-        error: dict[str, Any] = {
-            "message": exc.message,
-            "type": exc.type,
-            "param": exc.param,
-            "code": exc.code,
-        }
-        if exc.problems:
-            error["problems"] = exc.problems
-        body = {"error": error}
-        return web.json_response(body, status=exc.status, headers=retry_after(exc.retry_after_s))
+        return _error_response(exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return web.json_response(
-            {
-                "error": {
-                    "message": exc.text or exc.reason,
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": str(exc.status),
-                }
-            },
-            status=exc.status,
-        )
+        # The router's 404 and 405 say what was asked (and a 405 which methods the path takes,
+        # with Allow), as the data plane's do, not aiohttp's bare "405: Method Not Allowed".
+        response = _error_response(http_error(request, exc))
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception as exc:  # the admin plane answers in its own shape, whatever a handler did
         log.exception("unhandled error on admin %s %s", request.method, request.path)
-        return web.json_response(
-            {
-                "error": {
-                    "message": f"internal error: {type(exc).__name__}",
-                    "type": "server_error",
-                    "param": None,
-                    "code": "internal_error",
-                }
-            },
-            status=500,
-        )
+        return _error_response(ApplianceError(f"internal error: {type(exc).__name__}"))
 
 
 routes = web.RouteTableDef()
@@ -385,9 +407,16 @@ async def cache_purge(request: web.Request) -> web.Response:
 
 
 def create_admin_app(data_app: web.Application) -> web.Application:
-    app = web.Application(middlewares=[admin_guard])
+    # The data plane's body limit: aiohttp's own default (1 MiB) refused bodies with a message
+    # that named server.max_body_bytes, whatever that was set to.
+    app = web.Application(middlewares=[admin_guard], client_max_size=data_app[CONFIG].server.max_body_bytes)
+    app.router.__class__ = MissRouter  # a 404 or 405 asks for no body (see MissRouter)
     app[DATA_APP] = data_app
     app[CONFIG] = data_app[CONFIG]
     app[METRICS] = data_app[METRICS]
-    app.router.add_routes(routes)
+    for route in routes:
+        assert isinstance(route, web.RouteDef)
+        if route.method == "GET":  # with HEAD, as add_get has it
+            app.router.add_route("HEAD", route.path, route.handler, expect_handler=_expect)
+        app.router.add_route(route.method, route.path, route.handler, expect_handler=_expect)
     return app

@@ -34,11 +34,12 @@ from appliance.api.common import (
     SUPERVISOR,
     TENSORS,
     TICKET,
-    BodyTooLarge,
     Inflight,
+    MissRouter,
     api_of,
     body_refusal,
     error_response,
+    http_error,
     read_body,
 )
 from appliance.api.security import (
@@ -53,9 +54,9 @@ from appliance.api.security import (
     over_ceiling,
 )
 from appliance.api.shedding import body_here, early_refusal, refusal_response, sheds
-from appliance.auth import KeyRateLimiter
+from appliance.auth import KeyRateLimiter, presented_key
 from appliance.config import Config
-from appliance.errors import ApplianceError, InvalidRequest, NotFound, Unavailable
+from appliance.errors import ApplianceError, InvalidRequest, Unavailable
 from appliance.gpu.nvml import GpuSampler, register_gpu_metrics
 from appliance.inference import EmbeddingService, TensorService
 from appliance.llm.service import ChatService
@@ -72,23 +73,6 @@ _ID_PREFIX = secrets.token_hex(4)
 _ids = itertools.count(1)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 UNMETERED = {"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"}
-
-
-def _http_error(request: web.Request, exc: web.HTTPException) -> ApplianceError:
-    if exc.status == 413:
-        return BodyTooLarge(exc.text or "request body too large")
-    if exc.status == 404:  # the router's: no such path (an unknown model is ModelNotFound)
-        return NotFound(f"no route for {request.method} {request.path[:200]}")
-    if isinstance(exc, web.HTTPMethodNotAllowed):
-        err = InvalidRequest(
-            f"{request.method[:20]} is not allowed on {request.path[:200]}; it takes "
-            + ", ".join(sorted(exc.allowed_methods))
-        )
-        err.status = 405
-        return err
-    err = InvalidRequest(exc.text or exc.reason)
-    err.status = exc.status
-    return err
 
 
 def _request_id(request: web.Request) -> str:
@@ -108,8 +92,9 @@ def _request_id(request: web.Request) -> str:
 
 async def _expect(request: web.Request) -> web.StreamResponse | None:
     """``Expect: 100-continue``: the client holds its body back until told to send it. A body
-    the front door refuses unread (too large, an encoding it does not decode) is not asked for:
-    no 100, and the front door's final answer follows at once (RFC 9110, 10.1.1)."""
+    the front door refuses unread (too large, an encoding it does not decode, no API key where
+    one is required, the server draining) is not asked for: no 100, and the front door's final
+    answer follows at once (RFC 9110, 10.1.1)."""
     expect = request.headers.get("Expect", "")
     if expect.lower() != "100-continue":
         err = InvalidRequest(f"Expect {expect[:40]!r} is not supported; only 100-continue is")
@@ -117,7 +102,11 @@ async def _expect(request: web.Request) -> web.StreamResponse | None:
         refused = error_response(api_of(request.path), err)
         refused.headers["X-Request-Id"] = _request_id(request)
         return refused
-    if request.version >= (1, 1) and body_refusal(request) is None:
+    # (A key that is presented but wrong is found out only by the key check, on a worker thread:
+    # its client is still asked for the body. Refusing keyless clients here is what costs nothing.)
+    keyless = needs_key(request) and presented_key(request.headers) is None
+    draining = request.app[DRAINING][0] and request.path not in UNMETERED
+    if request.version >= (1, 1) and not keyless and not draining and body_refusal(request) is None:
         try:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         except ConnectionResetError:
@@ -205,7 +194,7 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        err = _http_error(request, exc)
+        err = http_error(request, exc)
         status = err.status
         response = error_response(api, err)
         if "Allow" in exc.headers:  # a 405 says which methods the path takes
@@ -402,6 +391,7 @@ def create_app(cfg: Config) -> web.Application:
         middlewares=[front_door],
         client_max_size=cfg.server.max_body_bytes,
     )
+    app.router.__class__ = MissRouter  # a 404 or 405 asks for no body (see MissRouter)
     app[CEILINGS] = RateCeilings(cfg.server.max_request_rate, cfg.server.max_connection_request_rate)
     app[KEYS] = keystore([k.model_dump() for k in cfg.file.auth.keys])
     app[LIMITER] = KeyRateLimiter()

@@ -10,11 +10,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
+from aiohttp.web_urldispatcher import MatchInfoError, UrlMappingMatchInfo
 from multidict import CIMultiDict
 
 from appliance.api.jsonbody import parse_object
 from appliance.config import Config
-from appliance.errors import ApplianceError, InvalidRequest
+from appliance.errors import ApplianceError, InvalidRequest, NotFound
 from appliance.gpu.nvml import GpuSampler
 from appliance.inference import EmbeddingService, TensorService
 from appliance.llm.service import ChatService
@@ -132,6 +133,44 @@ def rendered_error(api: str, exc: ApplianceError) -> tuple[bytes, CIMultiDict[st
 def error_response(api: str, exc: ApplianceError) -> web.Response:
     body, headers = rendered_error(api, exc)
     return web.Response(body=body, status=exc.status, headers=headers)
+
+
+def http_error(request: web.Request, exc: web.HTTPException) -> ApplianceError:
+    """aiohttp's own refusal (no such route, a wrong method, a body too large) as the API error
+    the data and admin planes render in their shapes."""
+    if exc.status == 413:
+        return BodyTooLarge(exc.text or "request body too large")
+    if exc.status == 404:  # the router's: no such path (an unknown model is ModelNotFound)
+        return NotFound(f"no route for {request.method} {request.path[:200]}")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        err = InvalidRequest(
+            f"{request.method[:20]} is not allowed on {request.path[:200]}; it takes "
+            + ", ".join(sorted(exc.allowed_methods))
+        )
+        err.status = 405
+        return err
+    err = InvalidRequest(exc.text or exc.reason)
+    err.status = exc.status
+    return err
+
+
+async def _never_continue(request: web.Request) -> None:
+    """No 100 Continue, and no 417: the route's own 404 or 405 is the answer."""
+    return None
+
+
+class MissRouter(web.UrlDispatcher):
+    """The router of both planes. A path with no route (404), or a method its path does not take
+    (405), is answered by aiohttp's SystemRoute, whose Expect handler is aiohttp's default: it
+    told a client that asked first to send its body (up to the body limit) only for the 404 or
+    405 to refuse it unread, and it answered any other expectation in text/plain. Here such a
+    request is not asked for its body, and gets its 404 or 405 in the API's shape."""
+
+    async def resolve(self, request: web.Request) -> UrlMappingMatchInfo:
+        match = await super().resolve(request)
+        if isinstance(match, MatchInfoError):
+            match.route._expect_handler = _never_continue  # its own route, made for this request
+        return match
 
 
 # Request bodies aiohttp decodes as they arrive (Triton's and KServe's clients can gzip or

@@ -178,11 +178,14 @@ _TOO_MANY = (
 
 class UnlingeringRunner(web.AppRunner):
     """An AppRunner whose connections drop undecoded, rather than decode, the rest of a compressed
-    body not read to its end, and then close (see :class:`_Unlingering`): the admin plane's."""
+    body not read to its end, and then close (see :class:`_Unlingering`), and answer a request
+    the HTTP parser refuses in JSON (see :class:`_JsonErrors`): the admin plane's."""
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
-        server.__class__ = _UnlingeringServer
+        # _JsonErrors, not only _Unlingering: the admin plane answered a header line too long or
+        # a malformed Content-Length in aiohttp's text/plain, a 400 where the data plane says 431.
+        server.__class__ = _Server
         return server
 
 
@@ -346,11 +349,6 @@ class _Unlingering(RequestHandler):
             transport.resume_reading()  # flow control may have paused it, the body unread
         # The client's close ends it sooner (aiohttp's eof_received closes the transport).
         self._loop.call_later(self._lingering_time, transport.close)
-
-
-class _UnlingeringServer(web.Server):
-    def __call__(self) -> RequestHandler:
-        return _Unlingering(self, loop=self._loop, **self._kwargs)
 
 
 # aiohttp's ContentEncodingError when the decoder of an encoding is not installed (its parser
