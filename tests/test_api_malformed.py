@@ -238,6 +238,20 @@ def test_a_token_id_beyond_int64_is_400(server: ServerThread) -> None:
     assert status == 400 and resp["error"]["param"] == "input", resp
 
 
+def test_a_shape_no_body_could_hold_is_400_saying_what_is_wrong_with_it(server: ServerThread) -> None:
+    """A shape declaring more rows than any body holds is malformed, and says how: it had been
+    admitted as "the request has 2147483648 inputs" (a capped count, quoted as the real one);
+    a dimension past 64 bits reaches the server as a float, and the message says the bound."""
+    text = {"name": "text", "datatype": "BYTES", "data": ["a"]}
+    status, resp, _ = server.post(
+        f"/v2/models/{EMB}/infer", {"inputs": [{**text, "shape": [10**12, 10**12]}]}
+    )
+    assert status == 400 and "2147483648" not in resp["error"], resp
+    assert "text" in resp["error"] and "10000000000" in resp["error"], resp
+    status, resp, _ = server.post(f"/v2/models/{EMB}/infer", {"inputs": [{**text, "shape": [10**20]}]})
+    assert status == 400 and "below 2**63" in resp["error"], resp
+
+
 def test_a_huge_timeout_that_fits_is_served(server: ServerThread) -> None:
     # The largest Triton timeout and a huge but finite header are deadlines, not errors.
     body = {"inputs": [X, IDS], "parameters": {"timeout": 2**64 - 1}}

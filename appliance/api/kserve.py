@@ -313,6 +313,9 @@ async def infer(request: web.Request) -> web.Response:
     return render(answer, ticket, _length_header(answer.body, answer.content_type))
 
 
+_ROWS_BOUND = 1 << 31  # bounded: a hostile shape must not build a huge int
+
+
 def _rows_declared(doc: dict[str, Any]) -> int:
     """The rows the first input's shape declares, for admission (at least 1; a malformed shape
     counts 1 here and gets its precise 400 from decoding)."""
@@ -323,7 +326,11 @@ def _rows_declared(doc: dict[str, Any]) -> int:
         return 1
     rows = 1
     for d in shape:
-        rows = min(rows * d, 1 << 31)  # bounded: a hostile shape must not build a huge int
+        rows *= d
+        if rows > _ROWS_BOUND:
+            # No body holds that many rows: the shape is malformed, and decoding says how (a
+            # capped count here had been quoted as "the request has 2147483648 inputs").
+            return 1
     return max(rows, 1)
 
 

@@ -59,7 +59,10 @@ def decode_inputs(doc: dict[str, Any], tail: bytes) -> dict[str, np.ndarray]:
         if not isinstance(name, str):
             raise InvalidRequest(f"inputs[{i}].name must be a string")
         if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
-            raise InvalidRequest(f"input '{name}': shape must be a list of non-negative integers")
+            # A literal past 64 bits reaches here as a float (orjson's reading): say the bound.
+            raise InvalidRequest(
+                f"input '{name}': shape must be a list of non-negative integers (each below 2**63)"
+            )
         if len(shape) > MAX_DIMS:
             raise InvalidRequest(f"input '{name}': shape has {len(shape)} dimensions; at most {MAX_DIMS}")
         if not isinstance(datatype, str) or datatype not in DTYPES:
