@@ -709,6 +709,17 @@ class ModelManager:
             int(values["compute.urgent_lane"]),
         )
 
+    def settings_problems(self, cfg: Config) -> list[str]:
+        """How each model's settings under ``cfg`` (a configuration not adopted yet) fail to
+        combine, one line per model as check-config and the admin API say it; [] if they do."""
+        problems = []
+        for name, slot in self.slots.items():
+            try:
+                validate_model_settings(cfg.tunables_for(name, slot.entry.tunables))
+            except settings.SettingError as exc:
+                problems.append(f"model {name}: {exc.detail}")
+        return problems
+
     def apply(self, name: str) -> None:
         """Push the current effective tunables of ``name`` into its running batcher."""
         slot = self._slot(name)

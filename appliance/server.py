@@ -239,6 +239,12 @@ class Server:
                 raise ConfigError(f"{path}: the file is empty")
             new = parse(raw, path.resolve())
             keys = keystore([k.model_dump() for k in new.file.auth.keys])
+            # Each value was checked on its own; how a model's values combine (a default priority
+            # past its levels) is checked before anything is swapped too: found while applying,
+            # it left half the models on the new values and every later PATCH refused.
+            problems = self.app[MANAGER].settings_problems(new)
+            if problems:
+                raise ConfigError(f"{path.name}: " + "; ".join(problems))
         except (ConfigError, ValueError) as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             self.notifier.status("reload refused: invalid configuration")
