@@ -322,6 +322,40 @@ def test_null_removes_an_override(served: Any) -> None:
     assert "models" not in yaml.safe_load(path.read_text())
 
 
+def test_removing_an_override_by_a_name_that_is_no_setting_is_a_400_naming_it(served: Any) -> None:
+    """Found by a live-retuning probe. Only values were validated, so a null under a misspelt or
+    misplaced name (or a section's name, or a server-wide setting under a model) was a 200 that
+    removed nothing: the operator was told the override was gone while it still applied. Each is refused
+    as setting it would be, in the same request as the rest (nothing of it applied)."""
+    start, _ = served
+    srv = start()
+    assert (
+        admin(srv, "PATCH", "/admin/settings", {"models": {MODEL: {"queue": {"max_queue_size": 7}}}})[0]
+        == 200
+    )
+    for body, setting, message in (
+        (
+            {"models": {MODEL: {"batching": {"max_queue_size": None}, "queue": {"aging_ms": 5}}}},
+            "batching.max_queue_size",
+            "unknown setting (did you mean queue.max_queue_size?)",
+        ),
+        ({"models": {MODEL: {"queue": {"max_queue_siz": None}}}}, "queue.max_queue_siz", "unknown setting"),
+        ({"defaults": {"queue": None}}, "queue", "unknown setting"),
+        (
+            {"models": {MODEL: {"cache": {"max_bytes": None}}}},
+            "cache.max_bytes",
+            "a server-wide setting; set it under 'defaults'",
+        ),
+    ):
+        status, resp = admin(srv, "PATCH", "/admin/settings", body)
+        assert status == 400, (body, resp)
+        assert {"setting": setting, "message": message} in [
+            {k: p[k] for k in ("setting", "message")} for p in resp["error"]["problems"]
+        ], resp
+    view = admin(srv, "GET", "/admin/settings")[1]
+    assert view["overrides"]["models"][MODEL] == {"queue.max_queue_size": 7}
+
+
 def test_hostile_admin_bodies_and_tokens_get_json_errors_not_500s(served: Any) -> None:
     """Found by fuzzing: sections of the wrong type, a model name that is no string, and a token
     whose bytes are not UTF-8 each raised inside a handler, and aiohttp answered its plain-text

@@ -225,7 +225,7 @@ async def patch_settings(request: web.Request) -> web.Response:
     flat = settings.flatten(sections["defaults"])
     new_defaults = dict(cfg.defaults)
     try:
-        new_defaults.update(settings.validate(_set(flat), "defaults."))
+        new_defaults.update(settings.validate(flat, "defaults.", removals=True))
     except settings.SettingError as exc:
         refused(exc)
     for key in _unset(flat):
@@ -240,7 +240,7 @@ async def patch_settings(request: web.Request) -> web.Response:
         flat = settings.flatten(tree)
         target = new_models.setdefault(name, {})
         try:
-            target.update(settings.validate(_set(flat), f"models.{name}.", per_model=True))
+            target.update(settings.validate(flat, f"models.{name}.", per_model=True, removals=True))
         except settings.SettingError as exc:
             refused(exc, name)
         for key in _unset(flat):
@@ -286,10 +286,6 @@ async def patch_settings(request: web.Request) -> web.Response:
     view = _settings_view(request)
     view["reload_needed"] = sorted(set(restart_needed))
     return web.json_response(view)
-
-
-def _set(flat: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in flat.items() if v is not None}
 
 
 def _unset(flat: dict[str, Any]) -> list[str]:
