@@ -356,6 +356,28 @@ def test_removing_an_override_by_a_name_that_is_no_setting_is_a_400_naming_it(se
     assert view["overrides"]["models"][MODEL] == {"queue.max_queue_size": 7}
 
 
+def test_a_patch_says_which_resident_models_and_which_server_settings_wait_to_apply(served: Any) -> None:
+    """Found by a live-retuning probe. reload_needed named every model of the repository, unbuilt
+    ones too, for any load-time setting sent: for cache.synchronous, which only a restart applies
+    (the console said "takes effect when reloaded" with six models), for a value model.yaml
+    shadows, and for a PATCH that changed nothing. It names the resident models whose effective
+    value changed; restart_needed names the server-wide settings that wait for a restart."""
+    start, _ = served
+    srv = start()
+
+    def waits(body: dict[str, Any]) -> tuple[list[str], list[str]]:
+        status, view = admin(srv, "PATCH", "/admin/settings", body)
+        assert status == 200, view
+        return view["reload_needed"], view["restart_needed"]
+
+    assert waits({"defaults": {"cache": {"synchronous": "FULL"}}}) == ([], ["cache.synchronous"])
+    assert waits({"defaults": {"cache": {"synchronous": "FULL"}}}) == ([], []), "no change"
+    # model.yaml sets engine.intra_op_threads: a server-wide default changes nothing for it.
+    assert waits({"defaults": {"engine": {"intra_op_threads": 1}}}) == ([], [])
+    assert waits({"models": {MODEL: {"engine": {"intra_op_threads": 1}}}}) == ([MODEL], [])
+    assert waits({"models": {MODEL: {"batching": {"max_batch_size": 4}}}}) == ([], []), "applied live"
+
+
 def test_hostile_admin_bodies_and_tokens_get_json_errors_not_500s(served: Any) -> None:
     """Found by fuzzing: sections of the wrong type, a model name that is no string, and a token
     whose bytes are not UTF-8 each raised inside a handler, and aiohttp answered its plain-text
