@@ -422,3 +422,23 @@ def test_a_reload_whose_settings_do_not_combine_changes_nothing(
     why = f"appliance.yaml: model {MODEL}: queue.default_priority must be an integer from 1 to priority_levels (2)"
     assert why in refusals[0]
     assert not any(r.exc_info for r in caplog.records)
+
+
+def test_a_reload_names_the_server_wide_settings_that_wait_for_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """cache.synchronous (the cache file is opened with it) changed by a reload was taken
+    silently and never applied; it is named as the listening sockets are."""
+    from appliance.config import load
+    from appliance.server import Server
+
+    cfg = tmp_path / "appliance.yaml"
+    raw: dict[str, Any] = {"model_repository": str(tmp_path / "engines"), "data_dir": str(tmp_path / "data")}
+    (tmp_path / "engines").mkdir()
+    cfg.write_text(yaml.safe_dump(raw))
+    server = Server(load(cfg))
+    raw["defaults"] = {"cache": {"synchronous": "FULL", "ttl_s": 60}}
+    cfg.write_text(yaml.safe_dump(raw))
+    assert server.reload() is True
+    messages = [r.getMessage() for r in caplog.records]
+    assert "reload: defaults.cache.synchronous change only on restart" in messages, messages
