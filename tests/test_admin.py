@@ -378,6 +378,45 @@ def test_a_patch_says_which_resident_models_and_which_server_settings_wait_to_ap
     assert waits({"models": {MODEL: {"batching": {"max_batch_size": 4}}}}) == ([], []), "applied live"
 
 
+def test_settings_changed_while_a_model_loads_apply_to_it_once_loaded(served: Any, monkeypatch: Any) -> None:
+    """Found by a live-retuning probe. A PATCH applies the settings to each resident model's
+    queue; a model still loading had built its queue from the values read before, and once
+    resident it ran those until the next PATCH, while GET /admin/settings showed the new ones: a
+    priority-5 request after a PATCH to 5 levels was a 400 "from 1 to 3". The test wraps the
+    load's warm-up run only to land the PATCH after the queue is built and before it serves."""
+    from appliance import models
+    from appliance.api.common import MANAGER
+
+    start, _ = served
+    srv = start()
+    five = {"models": {MODEL: {"queue": {"priority_levels": 5, "default_priority": 5}}}}
+
+    def wrapped(factory: Any) -> Any:
+        def make(*args: Any) -> Any:
+            runtime = factory(*args)
+            attr = "peak_probe" if runtime.peak_probe is not None else "warmup"
+            run = getattr(runtime, attr)
+
+            def retuned_then_run() -> None:  # on the load's executor thread
+                assert admin(srv, "PATCH", "/admin/settings", five)[0] == 200
+                run()
+
+            setattr(runtime, attr, retuned_then_run)
+            return runtime
+
+        return make
+
+    for kind, factory in list(models.RUNTIME_FACTORIES.items()):
+        monkeypatch.setitem(models.RUNTIME_FACTORIES, kind, wrapped(factory))
+    assert admin(srv, "POST", f"/admin/models/{MODEL}/unload")[0] == 200
+    assert admin(srv, "POST", f"/admin/models/{MODEL}/load")[0] == 200
+    assert admin(srv, "GET", "/admin/settings")[1]["models"][MODEL]["queue.priority_levels"] == 5
+    policy = srv.call(lambda: srv.app[MANAGER].slots[MODEL].runtime.batcher.policy)  # type: ignore[union-attr]
+    assert (policy.priority_levels, policy.default_priority) == (5, 5)
+    status, body, _ = srv.post("/v1/embeddings", {"model": MODEL, "input": "after the load", "priority": 5})
+    assert status == 200, body
+
+
 def test_hostile_admin_bodies_and_tokens_get_json_errors_not_500s(served: Any) -> None:
     """Found by fuzzing: sections of the wrong type, a model name that is no string, and a token
     whose bytes are not UTF-8 each raised inside a handler, and aiohttp answered its plain-text
