@@ -505,6 +505,9 @@ class ModelManager:
         self.metrics.model_loads.labels(entry.name).inc()
         self._memory_metrics()
         slot.runtime = runtime
+        # The queue was built from the settings read before the warm-up; a PATCH or reload since
+        # skipped this model (not resident yet), and it would have served the old ones.
+        self._apply(slot)
         self._identities[entry.name] = f"{entry.name}@{runtime.identity}"
         slot.state = ModelState.resident
         # A load counts as a use: keep_alive runs from here, or an operator's load of a model
@@ -709,11 +712,25 @@ class ModelManager:
             int(values["compute.urgent_lane"]),
         )
 
+    def settings_problems(self, cfg: Config) -> list[str]:
+        """How each model's settings under ``cfg`` (a configuration not adopted yet) fail to
+        combine, one line per model as check-config and the admin API say it; [] if they do."""
+        problems = []
+        for name, slot in self.slots.items():
+            try:
+                validate_model_settings(cfg.tunables_for(name, slot.entry.tunables))
+            except settings.SettingError as exc:
+                problems.append(f"model {name}: {exc.detail}")
+        return problems
+
     def apply(self, name: str) -> None:
         """Push the current effective tunables of ``name`` into its running batcher."""
-        slot = self._slot(name)
+        self._apply(self._slot(name))
+
+    def _apply(self, slot: ModelSlot) -> None:
+        name = slot.entry.name
         if slot.runtime is not None:
-            policy = batch_policy(self.tunables(name))
+            policy = batch_policy(self.cfg.tunables_for(name, slot.entry.tunables))
             caps = [
                 self.batch_caps.get(name),
                 (slot.runtime.measured_batch_size or {}).get("chosen"),

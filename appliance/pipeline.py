@@ -44,6 +44,7 @@ from appliance.errors import (
     EngineFailure,
     InvalidRequest,
     LoadFailed,
+    ModelNotFound,
     ModelUnloading,
     Unavailable,
 )
@@ -91,6 +92,19 @@ class Ticket:
         if self.reservation is not None:
             self.reservation.release()
             self.reservation = None
+
+    def queue_level(self) -> int:
+        """The level to queue at. ``level`` was judged on arrival; an operator may have lowered
+        the model's priority_levels since (while this request loaded the model, say): it then
+        joins the new lowest level, as what already waits on a removed level does, instead of a
+        400 for a level that was valid, or that the client never named."""
+        if self.pipeline is None:
+            return self.level
+        try:
+            levels = int(self.pipeline.manager.tunables(self.model)["queue.priority_levels"])
+        except ModelNotFound:  # its slot went (its folder removed): the queue itself will say
+            return self.level
+        return min(self.level, levels)
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()

@@ -24,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from appliance import yamlfile
+from appliance import settings, yamlfile
 from appliance.api.admin import ADMIN_TOKEN, create_admin_app
 from appliance.api.app import create_app
 from appliance.api.common import DRAINING, INFLIGHT, MANAGER, RESILIENCE, SUPERVISOR
@@ -239,6 +239,12 @@ class Server:
                 raise ConfigError(f"{path}: the file is empty")
             new = parse(raw, path.resolve())
             keys = keystore([k.model_dump() for k in new.file.auth.keys])
+            # Each value was checked on its own; how a model's values combine (a default priority
+            # past its levels) is checked before anything is swapped too: found while applying,
+            # it left half the models on the new values and every later PATCH refused.
+            problems = self.app[MANAGER].settings_problems(new)
+            if problems:
+                raise ConfigError(f"{path.name}: " + "; ".join(problems))
         except (ConfigError, ValueError) as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             self.notifier.status("reload refused: invalid configuration")
@@ -291,6 +297,13 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
     for field in ("model_repository", "data_dir"):
         if getattr(old.file, field) != getattr(new.file, field):
             changed.append(field)
+    # Server-wide tunables read once at start (cache.synchronous opens the cache file with it).
+    before, after = old.tunables_for("", {}), new.tunables_for("", {})
+    changed += [
+        f"defaults.{s.name}"
+        for s in settings.REGISTRY.values()
+        if s.reload and s.scope == "server" and before[s.name] != after[s.name]
+    ]
     return changed
 
 

@@ -185,11 +185,13 @@ def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def validate(
-    values: Mapping[str, Any], where: str = "", *, per_model: bool = False
+    values: Mapping[str, Any], where: str = "", *, per_model: bool = False, removals: bool = False
 ) -> dict[str, SettingValue]:
     """Validate a flat mapping of settings as a whole; every problem is reported at once.
 
     ``per_model`` refuses server-wide settings (a model cannot have its own cache file size).
+    ``removals``: a None value removes an override (the admin API's null); only its name is
+    checked, and it is left out of the result. A misspelt name removed nothing, silently.
     """
     problems: list[str] = []
     found: list[tuple[str, str]] = []
@@ -205,6 +207,8 @@ def validate(
         if per_model and setting.scope == "server":
             problems.append(f"{where}{name}: a server-wide setting; set it under 'defaults'")
             found.append((name, "a server-wide setting; set it under 'defaults'"))
+            continue
+        if removals and value is None:
             continue
         try:
             clean[name] = setting.coerce(value)

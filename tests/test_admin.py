@@ -323,6 +323,101 @@ def test_null_removes_an_override(served: Any) -> None:
     assert "models" not in yaml.safe_load(path.read_text())
 
 
+def test_removing_an_override_by_a_name_that_is_no_setting_is_a_400_naming_it(served: Any) -> None:
+    """Found by a live-retuning probe. Only values were validated, so a null under a misspelt or
+    misplaced name (or a section's name, or a server-wide setting under a model) was a 200 that
+    removed nothing: the operator was told the override was gone while it still applied. Each is refused
+    as setting it would be, in the same request as the rest (nothing of it applied)."""
+    start, _ = served
+    srv = start()
+    assert (
+        admin(srv, "PATCH", "/admin/settings", {"models": {MODEL: {"queue": {"max_queue_size": 7}}}})[0]
+        == 200
+    )
+    for body, setting, message in (
+        (
+            {"models": {MODEL: {"batching": {"max_queue_size": None}, "queue": {"aging_ms": 5}}}},
+            "batching.max_queue_size",
+            "unknown setting (did you mean queue.max_queue_size?)",
+        ),
+        ({"models": {MODEL: {"queue": {"max_queue_siz": None}}}}, "queue.max_queue_siz", "unknown setting"),
+        ({"defaults": {"queue": None}}, "queue", "unknown setting"),
+        (
+            {"models": {MODEL: {"cache": {"max_bytes": None}}}},
+            "cache.max_bytes",
+            "a server-wide setting; set it under 'defaults'",
+        ),
+    ):
+        status, resp = admin(srv, "PATCH", "/admin/settings", body)
+        assert status == 400, (body, resp)
+        assert {"setting": setting, "message": message} in [
+            {k: p[k] for k in ("setting", "message")} for p in resp["error"]["problems"]
+        ], resp
+    view = admin(srv, "GET", "/admin/settings")[1]
+    assert view["overrides"]["models"][MODEL] == {"queue.max_queue_size": 7}
+
+
+def test_a_patch_says_which_resident_models_and_which_server_settings_wait_to_apply(served: Any) -> None:
+    """Found by a live-retuning probe. reload_needed named every model of the repository, unbuilt
+    ones too, for any load-time setting sent: for cache.synchronous, which only a restart applies
+    (the console said "takes effect when reloaded" with six models), for a value model.yaml
+    shadows, and for a PATCH that changed nothing. It names the resident models whose effective
+    value changed; restart_needed names the server-wide settings that wait for a restart."""
+    start, _ = served
+    srv = start()
+
+    def waits(body: dict[str, Any]) -> tuple[list[str], list[str]]:
+        status, view = admin(srv, "PATCH", "/admin/settings", body)
+        assert status == 200, view
+        return view["reload_needed"], view["restart_needed"]
+
+    assert waits({"defaults": {"cache": {"synchronous": "FULL"}}}) == ([], ["cache.synchronous"])
+    assert waits({"defaults": {"cache": {"synchronous": "FULL"}}}) == ([], []), "no change"
+    # model.yaml sets engine.intra_op_threads: a server-wide default changes nothing for it.
+    assert waits({"defaults": {"engine": {"intra_op_threads": 1}}}) == ([], [])
+    assert waits({"models": {MODEL: {"engine": {"intra_op_threads": 1}}}}) == ([MODEL], [])
+    assert waits({"models": {MODEL: {"batching": {"max_batch_size": 4}}}}) == ([], []), "applied live"
+
+
+def test_settings_changed_while_a_model_loads_apply_to_it_once_loaded(served: Any, monkeypatch: Any) -> None:
+    """Found by a live-retuning probe. A PATCH applies the settings to each resident model's
+    queue; a model still loading had built its queue from the values read before, and once
+    resident it ran those until the next PATCH, while GET /admin/settings showed the new ones: a
+    priority-5 request after a PATCH to 5 levels was a 400 "from 1 to 3". The test wraps the
+    load's warm-up run only to land the PATCH after the queue is built and before it serves."""
+    from appliance import models
+    from appliance.api.common import MANAGER
+
+    start, _ = served
+    srv = start()
+    five = {"models": {MODEL: {"queue": {"priority_levels": 5, "default_priority": 5}}}}
+
+    def wrapped(factory: Any) -> Any:
+        def make(*args: Any) -> Any:
+            runtime = factory(*args)
+            attr = "peak_probe" if runtime.peak_probe is not None else "warmup"
+            run = getattr(runtime, attr)
+
+            def retuned_then_run() -> None:  # on the load's executor thread
+                assert admin(srv, "PATCH", "/admin/settings", five)[0] == 200
+                run()
+
+            setattr(runtime, attr, retuned_then_run)
+            return runtime
+
+        return make
+
+    for kind, factory in list(models.RUNTIME_FACTORIES.items()):
+        monkeypatch.setitem(models.RUNTIME_FACTORIES, kind, wrapped(factory))
+    assert admin(srv, "POST", f"/admin/models/{MODEL}/unload")[0] == 200
+    assert admin(srv, "POST", f"/admin/models/{MODEL}/load")[0] == 200
+    assert admin(srv, "GET", "/admin/settings")[1]["models"][MODEL]["queue.priority_levels"] == 5
+    policy = srv.call(lambda: srv.app[MANAGER].slots[MODEL].runtime.batcher.policy)  # type: ignore[union-attr]
+    assert (policy.priority_levels, policy.default_priority) == (5, 5)
+    status, body, _ = srv.post("/v1/embeddings", {"model": MODEL, "input": "after the load", "priority": 5})
+    assert status == 200, body
+
+
 def test_hostile_admin_bodies_and_tokens_get_json_errors_not_500s(served: Any) -> None:
     """Found by fuzzing: sections of the wrong type, a model name that is no string, and a token
     whose bytes are not UTF-8 each raised inside a handler, and aiohttp answered its plain-text

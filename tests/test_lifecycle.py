@@ -384,3 +384,61 @@ def test_a_serve_port_out_of_range_is_one_line_naming_the_option_and_exit_status
     cfg.write_text(yaml.safe_dump({"admin": {"port": -1}, "data_dir": str(tmp_path / "data")}))
     assert main(["--config", str(cfg), "serve", f"--port={port}"]) == 2
     assert capsys.readouterr().err == f"appliance: --port: input should be {expected}\n"
+
+
+def test_a_reload_whose_settings_do_not_combine_changes_nothing(
+    tmp_path: Path, minilm_folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by a live-retuning probe. Each value was checked on its own, but not how a model's
+    values combine (a default priority past its priority levels): the reload swapped the settings
+    in and, with the model resident, failed part-way through the models with a traceback, leaving
+    its batcher on the old values, the models after it unconfigured, GET /admin/settings
+    reporting the bad values and every later PATCH refused until the file was fixed (not
+    resident, the reload was taken as it was). It is refused before anything is swapped, naming
+    the model and the settings, as PATCH and check-config refuse it."""
+    from appliance.api.common import MANAGER
+    from appliance.config import load
+    from appliance.server import Server
+
+    make_repository(tmp_path, {MODEL: minilm_folder})
+    cfg = tmp_path / "appliance.yaml"
+    raw: dict[str, Any] = {
+        "model_repository": str(tmp_path / "engines"),
+        "data_dir": str(tmp_path / "data"),
+        "models": {MODEL: {"queue": {"priority_levels": 4}}},
+    }
+    cfg.write_text(yaml.safe_dump(raw))
+    server = Server(load(cfg))
+    server.app[MANAGER].rescan()  # what start does
+    before = (dict(server.cfg.defaults), dict(server.cfg.model_overrides))
+    raw["defaults"] = {"breaker": {"window_s": 20}}
+    raw["models"] = {MODEL: {"queue": {"priority_levels": 2, "default_priority": 3}}}
+    cfg.write_text(yaml.safe_dump(raw))
+    assert server.reload() is False
+    assert (server.cfg.defaults, server.cfg.model_overrides) == before
+    assert server.app[MANAGER].tunables(MODEL)["queue.priority_levels"] == 4
+    refusals = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(refusals) == 1 and "reload refused, keeping the running configuration" in refusals[0]
+    why = f"appliance.yaml: model {MODEL}: queue.default_priority must be an integer from 1 to priority_levels (2)"
+    assert why in refusals[0]
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def test_a_reload_names_the_server_wide_settings_that_wait_for_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """cache.synchronous (the cache file is opened with it) changed by a reload was taken
+    silently and never applied; it is named as the listening sockets are."""
+    from appliance.config import load
+    from appliance.server import Server
+
+    cfg = tmp_path / "appliance.yaml"
+    raw: dict[str, Any] = {"model_repository": str(tmp_path / "engines"), "data_dir": str(tmp_path / "data")}
+    (tmp_path / "engines").mkdir()
+    cfg.write_text(yaml.safe_dump(raw))
+    server = Server(load(cfg))
+    raw["defaults"] = {"cache": {"synchronous": "FULL", "ttl_s": 60}}
+    cfg.write_text(yaml.safe_dump(raw))
+    assert server.reload() is True
+    messages = [r.getMessage() for r in caplog.records]
+    assert "reload: defaults.cache.synchronous change only on restart" in messages, messages

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import os
 import shutil
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,44 @@ def test_priority_resolves_the_same_on_every_api(start_server, minilm_folder: Pa
     assert count("openai", 3) == 2  # a cap of 9 on a 3-level model is level 3, not a 400
     status, body, _ = embed(srv, {"input": "x", "priority": 4}, auth)
     assert status == 400 and "from 1 to 3" in body["error"]["message"]
+
+
+def test_an_admitted_request_keeps_its_place_when_the_levels_shrink_before_it_queues(
+    start_server, minilm_folder: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Found by a live-retuning probe. A request's level is judged on arrival; an operator who
+    lowered the model's priority_levels before it reached the queue (while it loaded the model)
+    had it refused with a 400 "priority must be an integer from 1 to 3, got 5", even a request
+    that named no priority at all. It joins the new lowest level, as what already waits on a
+    removed level does. The test wraps the engine's opening only to land the retune mid-load."""
+    srv = start_server({MODEL: minilm_folder}, overrides={MODEL: {"cache": {"enabled": False}}})
+    assert srv.server is not None
+    open_engine = ModelManager._open_engine
+
+    def patch_levels(levels: int) -> None:
+        body = {"models": {MODEL: {"queue": {"priority_levels": levels, "default_priority": levels}}}}
+        req = urllib.request.Request(
+            srv.admin_url + "/admin/settings",
+            data=json.dumps(body).encode(),
+            method="PATCH",
+            headers={"Authorization": f"Bearer {srv.server.admin_token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.status == 200
+
+    def retuned_while_loading(entry: Any, values: Any) -> Any:
+        patch_levels(3)  # on an executor thread: the server's loop answers the PATCH meanwhile
+        return open_engine(entry, values)
+
+    monkeypatch.setattr(ModelManager, "_open_engine", staticmethod(retuned_while_loading))
+    for name, send in (
+        ("the model's default level", lambda: embed(srv, {"input": "names none"})),
+        ("a level the client named", lambda: infer(srv, "names five", {"priority": 5})),
+    ):
+        patch_levels(5)
+        srv.call(lambda: srv.app[MANAGER].unload(MODEL, evicted=True))
+        status, body, _ = send()
+        assert status == 200, (name, body)
 
 
 def test_a_priority_header_takes_only_ascii_digits(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]

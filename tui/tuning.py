@@ -448,6 +448,9 @@ class TuningScreen(Screen[None]):
             reload_needed = self.view["reload_needed"]
             if reload_needed:
                 text += f"; takes effect when reloaded: {', '.join(reload_needed)}"
+            restart_needed = self.view["restart_needed"]
+            if restart_needed:
+                text += f"; takes effect at restart: {', '.join(restart_needed)}"
             self._message(text, "ok")
             self.notify(text, title="settings", markup=False)
             return

@@ -683,7 +683,7 @@ def clean_settings(doc: Mapping[str, Any]) -> tuple[JSON, list[str]]:
     models = _object(doc.get("models"), "models", problems)
     overrides = _object(doc.get("overrides"), "overrides", problems)
     mine = _object(overrides.get("models"), "overrides.models", problems)
-    where, needed = doc.get("config_file"), doc.get("reload_needed")
+    where, needed, restart = doc.get("config_file"), doc.get("reload_needed"), doc.get("restart_needed")
     clean: JSON = {
         "registry": registry,
         "defaults": _object(doc.get("defaults"), "defaults", problems),
@@ -694,6 +694,7 @@ def clean_settings(doc: Mapping[str, Any]) -> tuple[JSON, list[str]]:
         },
         "config_file": where if isinstance(where, str) else None,
         "reload_needed": [str(n) for n in needed] if isinstance(needed, list) else [],
+        "restart_needed": [str(n) for n in restart] if isinstance(restart, list) else [],
     }
     return clean, problems
 

@@ -247,7 +247,7 @@ async def patch_settings(request: web.Request) -> web.Response:
     flat = settings.flatten(sections["defaults"])
     new_defaults = dict(cfg.defaults)
     try:
-        new_defaults.update(settings.validate(_set(flat), "defaults."))
+        new_defaults.update(settings.validate(flat, "defaults.", removals=True))
     except settings.SettingError as exc:
         refused(exc)
     for key in _unset(flat):
@@ -262,7 +262,7 @@ async def patch_settings(request: web.Request) -> web.Response:
         flat = settings.flatten(tree)
         target = new_models.setdefault(name, {})
         try:
-            target.update(settings.validate(_set(flat), f"models.{name}.", per_model=True))
+            target.update(settings.validate(flat, f"models.{name}.", per_model=True, removals=True))
         except settings.SettingError as exc:
             refused(exc, name)
         for key in _unset(flat):
@@ -292,26 +292,35 @@ async def patch_settings(request: web.Request) -> web.Response:
         # The file on disk is gone, invalid, or cannot be written: nothing is applied either,
         # so that what runs and what a restart would load never differ.
         raise Conflict(f"the settings were not saved: {exc}", "config_file_conflict") from None
+    before = {name: mgr.tunables(name) for name in mgr.slots}
+    server_before = cfg.tunables_for("", {})
     cfg.defaults, cfg.model_overrides = new_defaults, new_models
     resilience = app[RESILIENCE]
-    resilience.configure_cache(cfg.tunables_for("", {}))
+    server_after = cfg.tunables_for("", {})
+    resilience.configure_cache(server_after)
     mgr.configure_memory()
-    restart_needed = []
-    for name in mgr.slots:
+    # What waits: a resident model whose effective value of a load-time setting changed (not
+    # every model for any such name sent: a server-wide one, a value shadowed by model.yaml, or
+    # a model not loaded, which takes it at its next load anyway), and the server-wide settings
+    # that wait for a restart, which unloading a model never applies.
+    reload_needed = []
+    for name, slot in mgr.slots.items():
         mgr.apply(name)
-        resilience.configure(name, mgr.tunables(name))
-        changed = set(settings.flatten(sections["models"].get(name, {}))) | set(
-            settings.flatten(sections["defaults"])
-        )
-        if any(settings.REGISTRY[c].reload for c in changed if c in settings.REGISTRY):
-            restart_needed.append(name)
+        after = mgr.tunables(name)
+        resilience.configure(name, after)
+        if slot.runtime is not None and any(
+            s.reload and s.scope == "model" and before[name][s.name] != after[s.name]
+            for s in settings.REGISTRY.values()
+        ):
+            reload_needed.append(name)
     view = _settings_view(request)
-    view["reload_needed"] = sorted(set(restart_needed))
+    view["reload_needed"] = reload_needed
+    view["restart_needed"] = [
+        s.name
+        for s in settings.REGISTRY.values()
+        if s.reload and s.scope == "server" and server_before[s.name] != server_after[s.name]
+    ]
     return web.json_response(view)
-
-
-def _set(flat: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in flat.items() if v is not None}
 
 
 def _unset(flat: dict[str, Any]) -> list[str]:

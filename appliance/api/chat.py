@@ -220,7 +220,7 @@ class _Started:
                 raise StopAsyncIteration
             self.stream = self.work.service.start(
                 prepared,
-                priority=self.ticket.level,
+                priority=self.ticket.queue_level(),
                 timeout_ms=self.ticket.timeout_ms(),
                 reservation=self.ticket.reservation,
             )

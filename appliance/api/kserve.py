@@ -368,7 +368,7 @@ class _Infer:
                 runtime,
                 self.feeds,
                 self.outputs,
-                priority=ticket.level,
+                priority=ticket.queue_level(),
                 timeout_ms=ticket.timeout_ms(),
                 reservation=ticket.reservation,
             )
@@ -422,7 +422,7 @@ async def _embed(
     result = await service.embed(
         runtime,
         texts,
-        priority=ticket.level,
+        priority=ticket.queue_level(),
         timeout_ms=ticket.timeout_ms(),
         truncate=truncate,
         reservation=ticket.reservation,

@@ -142,7 +142,7 @@ class _Embeddings:
         result = await self.service.embed(
             runtime,
             self.inputs,
-            priority=ticket.level,
+            priority=ticket.queue_level(),
             timeout_ms=ticket.timeout_ms(),
             truncate=self.truncate,
             reservation=ticket.reservation,
