@@ -496,6 +496,31 @@ async def test_a_cache_that_cannot_open_at_start_up_comes_on_once_it_can(
     await cache.close()
 
 
+async def test_a_file_locked_at_start_up_is_not_taken_for_corrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """open()'s integrity check took any SQLite error for corruption: a file another process held
+    locked (a backup tool with an exclusive lock) was moved aside as corrupt, its entries gone.
+    It is not a corrupt file: the cache starts off, and once the lock is gone comes on with them."""
+    monkeypatch.setattr(cache_module, "BUSY_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(cache_module, "RETRY_S", 0.2)
+    first = make(tmp_path)
+    assert await first.put_and_wait("k", "m", b"v", "text/plain")
+    await first.close()
+    other = sqlite3.connect(tmp_path / "cache.db", isolation_level=None)
+    other.execute("PRAGMA locking_mode=EXCLUSIVE")
+    other.execute("BEGIN EXCLUSIVE")  # held until ROLLBACK: no other connection may even read
+    cache = make(tmp_path)
+    assert not cache.enabled
+    assert not [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+    other.execute("ROLLBACK")
+    other.close()
+    await eventually_reopened(cache)
+    hit = await cache.get("k")
+    assert hit is not None and hit.value == b"v"
+    await cache.close()
+
+
 DISK_FULL_CHILD = r"""
 import asyncio, json, logging, os, resource, signal, sys
 from pathlib import Path
