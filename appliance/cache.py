@@ -19,7 +19,14 @@ flip in the BLOB, which ``PRAGMA integrity_check`` does not see) is a miss, coun
 
 Any other SQLite or OS error (disk full, EFBIG, I/O error, corruption found at run time) switches
 the cache off with one warning: ``get()`` then returns None, ``put()`` does nothing, serving goes
-on. It stays off until the process restarts and ``open()`` checks the file again. A lock held by
+on. So does the file being removed or replaced under the open connections (``rm``, the data
+folder deleted, its ``-wal`` or ``-shm`` removed): SQLite would go on writing to the unlinked
+inodes, every entry lost at the next restart and a reader opened meanwhile seeing another file.
+The writer thread then opens the file again as ``open()`` does (a corrupt one moved aside): at
+once for a removed file, else after ``RETRY_S``, doubling up to ``RETRY_MAX_S`` while it fails.
+So the cache comes back on its own once the disk has room again, the folder is writable again
+or the file is gone (it used to stay off until the process restarted); likewise a cache that
+could not open at start-up. Only ``switch_off()`` (the supervisor gave up on the writer) is for good. A lock held by
 another process (``sqlite3`` in a shell, a backup) is not such an error: past ``BUSY_TIMEOUT_S``
 a read is a miss and a write batch is dropped (counted in ``busy_writes``, warned once per spell),
 and the cache goes on as soon as the lock is gone (switched off for it, a lock of a few seconds
@@ -66,6 +73,11 @@ BUSY_TIMEOUT_S = 5.0  # how long a connection waits for another one's lock befor
 REQUEST_TIMEOUT_S = 10.0
 # The writer completes a loop at least every _IDLE_TICK_S, even idle; silent this long, it is stuck.
 STALL_S = 30.0
+# A cache switched off by a fault opens its file again after this long, doubling to RETRY_MAX_S
+# while it keeps failing (a disk still full would otherwise warn every RETRY_S).
+RETRY_S = 30.0
+RETRY_MAX_S = 300.0
+_WATCH_EVERY_S = 1.0  # how often the writer checks that its files are still the ones at the path
 _BUSY_CODES = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (primary codes; extended ones carry them in the low byte)
 _BUSY_MESSAGES = ("database is locked", "database table is locked")  # their sqlite3_errstr() texts
 
@@ -135,7 +147,7 @@ class ResponseCache:
         on_event: CacheEventHook | None = None,
     ) -> None:
         """``on_event(event, count)`` gets hit, stale, miss, corrupt (on the event loop) and
-        eviction, expired, busy_write, disabled (on the writer thread): feed thread-safe counters,
+        eviction, expired, busy_write, disabled, reopen (on the writer thread): feed thread-safe counters,
         never block.
         """
         if synchronous.upper() not in ("NORMAL", "FULL"):
@@ -155,6 +167,12 @@ class ResponseCache:
         self._counts: Counter[str] = Counter()
         self._enabled = False
         self._closed = False
+        self._given_up = False  # switch_off(): off for good, never opened again
+        self._retry_s = RETRY_S
+        self._retry_at = float("inf")  # when the writer next tries to open a cache switched off
+        self._generation = 0  # bumped when the writer opens the file again: readers reconnect
+        self._identity: dict[Path, tuple[int, int]] = {}  # (device, inode) of db, -wal, -shm
+        self._watched = 0.0
         self._busy_spell = False  # the writer found the file locked and has not committed since
         self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
         self._pending_bytes = 0
@@ -178,15 +196,32 @@ class ResponseCache:
         if even a fresh one cannot be created the cache stays off (logged).
         """
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._quarantine_bad_files()
-            self._wconn = self._setup_writer()
+            self._wconn = self._connect()
         except (sqlite3.Error, OSError) as exc:
-            log.warning("response cache %s unavailable, serving without it: %s", self.path, exc)
-            return
-        self._enabled = True
+            # The writer still starts: it tries again in RETRY_S (a folder made writable, a disk
+            # given room), so the cache comes on without a restart.
+            self._retry_at = time.monotonic() + self._retry_s
+            log.warning(
+                "response cache %s unavailable, serving without it (trying again in %g s): %s",
+                self.path,
+                self._retry_s,
+                exc,
+            )
+        else:
+            self._enabled = True
         self._readers = ThreadPoolExecutor(self._reader_threads, thread_name_prefix="cache-read")
         self._start_writer()
+
+    def _connect(self) -> sqlite3.Connection:
+        """Check the file (moving a corrupt one aside), set it up, remember which inodes it is."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._quarantine_bad_files()
+        conn = self._setup_writer()
+        self._identity = {f: ident for f in self._files() if (ident := _identity(f)) is not None}
+        return conn
+
+    def _files(self) -> tuple[Path, Path, Path]:
+        return self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")
 
     def _start_writer(self) -> None:
         self._beat = time.monotonic()
@@ -209,11 +244,14 @@ class ResponseCache:
             raise
 
     def writer_alive(self) -> bool:
-        """False when the writer thread died while the cache is open (the supervisor restarts it)."""
-        return self._closed or not self._enabled or (self._writer is not None and self._writer.is_alive())
+        """False when the writer thread died while the cache is open (the supervisor restarts it),
+        also while the cache is off: the writer is what opens it again."""
+        if self._closed or self._given_up or self._writer is None:
+            return True
+        return self._writer.is_alive()
 
     def restart_writer(self) -> None:
-        if self._closed or not self._enabled or (self._writer is not None and self._writer.is_alive()):
+        if self.writer_alive():
             return
         log.warning("response cache %s: restarting the writer thread", self.path)
         self._start_writer()
@@ -237,6 +275,10 @@ class ResponseCache:
                 problem = "integrity_check: " + "; ".join(str(r[0]) for r in rows[:5])
             elif version not in (0, *_OLD_VERSIONS, SCHEMA_VERSION):
                 problem = f"schema version {version}, expected {SCHEMA_VERSION}"
+        except sqlite3.OperationalError:
+            # Locked by another process, unreadable, an I/O error: not a corrupt file, and
+            # moving it aside would throw away a good cache. open() fails; the writer retries.
+            raise
         except sqlite3.DatabaseError as exc:
             problem = f"{type(exc).__name__}: {exc}"
         if problem:
@@ -376,12 +418,18 @@ class ResponseCache:
 
     def _read(self, key: str) -> tuple[bytes, str, str, float, bool] | None:
         conn: sqlite3.Connection | None = getattr(self._reader_local, "conn", None)
+        if conn is not None and self._reader_local.generation != self._generation:
+            # The writer opened the file again: this connection may be to a removed or corrupt one.
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()  # closed by the writer already, as a rule
+            conn = None
         if conn is None:
             uri = self.path.resolve().as_uri() + "?mode=ro"
             conn = sqlite3.connect(
                 uri, uri=True, timeout=BUSY_TIMEOUT_S, check_same_thread=False, isolation_level=None
             )
             self._reader_local.conn = conn
+            self._reader_local.generation = self._generation
             with self._lock:
                 self._reader_conns.append(conn)
         # Autocommit: the read transaction ends with the statement, so no reader pins the WAL.
@@ -496,9 +544,63 @@ class ResponseCache:
                         results.append(_FAILED[late.kind])
             for op, result in zip(batch, results, strict=True):
                 _resolve(op.future, result)
-            self._beat = time.monotonic()
             if stopping:
+                self._beat = time.monotonic()
                 return
+            self._watch()
+            self._beat = time.monotonic()
+
+    def _watch(self) -> None:
+        """On the writer thread: switch the cache off when its files are no longer the ones at
+        the path; open a cache that is off again once its retry time has come."""
+        now = time.monotonic()
+        if self._enabled and not self._closed:
+            if now - self._watched < _WATCH_EVERY_S:
+                return
+            self._watched = now
+            for f, ident in self._identity.items():
+                if _identity(f) != ident:
+                    # Writes would go on into the unlinked inode: lost at the next restart. No
+                    # reason to wait for a retry: a fresh file at the path is set up at once.
+                    self._fail("write", FileNotFoundError(f"{f} was removed or replaced"))
+                    self._reopen()
+                    return
+        elif not self._given_up and not self._closed and now >= self._retry_at:
+            self._reopen()
+
+    def _reopen(self) -> None:
+        # The readers' connections first: one still holding a removed -shm made every new
+        # connection to the file fail ("disk I/O error"). A read still running on one ends with
+        # an error, a miss, as the cache is off meanwhile.
+        with self._lock:
+            readers, self._reader_conns = self._reader_conns, []
+        for conn in readers:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        old, self._wconn = self._wconn, None
+        if old is not None:
+            # Closing checkpoints what it holds into the file it has open (a removed -wal's
+            # entries reach the database file still at the path).
+            with contextlib.suppress(sqlite3.Error):
+                old.close()
+        self._generation += 1  # readers drop their connections to the old file
+        try:
+            conn = self._connect()
+        except (sqlite3.Error, OSError) as exc:
+            with self._lock:
+                self._retry_at = time.monotonic() + self._retry_s
+                self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)
+            log.info("response cache %s still unavailable (%s); trying again later", self.path, exc)
+            return
+        self._wconn = conn
+        self._busy_spell = False
+        with self._lock:
+            self._enabled = True
+            self._retry_at = float("inf")
+        self._count("reopen")
+        log.warning(
+            "response cache %s is back ON (%d entries); serving with it again", self.path, self._entries
+        )
 
     def _apply(self, batch: list[_Op], sweep: bool) -> list[Any]:
         """Run one batch in one transaction; returns each op's result. Never raises."""
@@ -591,6 +693,9 @@ class ResponseCache:
         if self._busy_spell:
             self._busy_spell = False
             log.info("response cache %s: the file is writable again", self.path)
+        if batch and self._retry_s != RETRY_S:
+            with self._lock:
+                self._retry_s = RETRY_S  # it commits again: a later fault retries soon again
         self._entries, self._bytes = entries, size
         if evicted:
             self._count("eviction", evicted)
@@ -618,6 +723,9 @@ class ResponseCache:
             if not self._enabled:
                 return
             self._enabled = False
+            if not self._given_up:
+                self._retry_at = time.monotonic() + self._retry_s
+                self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)
         log.warning(
             "response cache %s switched OFF after a %s error (%s: %s); serving continues without it",
             self.path,
@@ -629,6 +737,7 @@ class ResponseCache:
 
     def switch_off(self, why: str) -> None:
         """Serve without the cache from now on: its writer could not be kept running."""
+        self._given_up = True
         self._fail("write", RuntimeError(why))
 
     def _write_busy(self, exc: BaseException) -> None:
@@ -675,6 +784,7 @@ class ResponseCache:
                 "expired": c["expired"],
                 "dropped": c["dropped"],
                 "busy_writes": c["busy_write"],
+                "reopens": c["reopen"],
                 "corrupt": c["corrupt"],
                 "write_errors": c["write_errors"],
                 "read_errors": c["read_errors"],
@@ -715,6 +825,14 @@ def _entry_size(op: _Op) -> int:
 
 def _delete_expired(conn: sqlite3.Connection, cutoff: float) -> list[Any]:
     return conn.execute("DELETE FROM entries WHERE created_at < ? RETURNING size", (cutoff,)).fetchall()
+
+
+def _identity(f: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(f)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _wal_header_ok(wal: Path) -> bool:

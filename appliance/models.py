@@ -15,6 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any, Protocol
 
 from appliance import settings
@@ -24,7 +25,7 @@ from appliance.batcher import BatchPolicy
 from appliance.config import Config
 from appliance.engines.base import Engine
 from appliance.engines.select import expected_backend, expected_on_gpu, gpu_engines_available, open_engine
-from appliance.errors import LoadFailed, ModelNotBuilt, ModelNotFound, ModelUnloading
+from appliance.errors import LoadFailed, ModelNotBuilt, ModelNotFound, ModelUnloading, Unavailable
 from appliance.heap import freeze_startup_heap
 from appliance.memory import DoesNotFit, MemoryPools, measure, trim_heap
 from appliance.repository import MODEL_FILE, REPOSITORY, ModelEntry, ModelKind, artefact_stamp, scan_folders
@@ -132,6 +133,20 @@ class ModelSlot:
     failed_stamp: str | None = None
 
 
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def _stamp(entry: ModelEntry) -> str | None:
     try:
         return artefact_stamp(entry.folder, entry.spec.artefacts.values())
@@ -185,6 +200,9 @@ class ModelManager:
         # for it is told what is wrong, not that it does not exist), and the repository's own.
         self.broken: dict[str, str] = {}
         self._scanned_at = -RESCAN_MIN_S
+        # The repository folder is there but could not be listed at the last look (permissions,
+        # an I/O error): what it holds is unknown, not gone.
+        self._unreadable = False
         self._start_defaults: list[str] | None = None  # see default_models
         # Engine workers report here; the systemd watchdog pings only while they progress.
         self.progress = ProgressWatchdog()
@@ -232,6 +250,7 @@ class ModelManager:
         self._scanned_at = time.monotonic()
         known = set(self.broken.values())
         entries, self.broken = scan_folders(self.cfg.model_repository)
+        self._unreadable = REPOSITORY in self.broken and _is_dir(self.cfg.model_repository)
         for error in self.scan_errors:
             if error not in known:  # once each, however often it is rescanned
                 log.error("model repository: %s", error)
@@ -258,6 +277,11 @@ class ModelManager:
                 # again): worth a load now.
                 slot.state, slot.error, slot.failed_at = ModelState.available, None, 0.0
         found = {e.name for e in entries}
+        if self._unreadable:
+            # An empty listing is not an empty repository: models dropped here were 404 "does not
+            # exist" (and an admin unload said "removed") for as long as a chmod or a flaky disk
+            # lasted. They stay as they were; a load of one fails on its files (503, Retry-After).
+            found |= set(self.slots)
         for name in [n for n, s in self.slots.items() if n not in found]:
             slot = self.slots[name]
             if not self._busy(slot):
@@ -306,7 +330,9 @@ class ModelManager:
         # A failed model is looked at again too: pulled since, it loads now, not LOAD_RETRY_S on.
         stale = slot is None or slot.state in (ModelState.unbuilt, ModelState.failed)
         if slot is not None and slot.runtime is None and not stale:
-            stale = not (slot.entry.folder / MODEL_FILE).exists()  # removed since: a 404 now
+            # Removed since: a 404 now. Unreadable (Path.exists() raises for EACCES, a 500 here):
+            # looked at again too, and rescan() tells an unreadable repository from an empty one.
+            stale = not _is_file(slot.entry.folder / MODEL_FILE)
         if stale:
             self._look_again()
         slot = self._slot(name)
@@ -334,6 +360,12 @@ class ModelManager:
             broken = self.broken.get(name)
             if broken is not None:  # its folder is there, its model.yaml is not readable
                 raise ModelNotFound(f"The model '{name}' cannot be read: {broken}", param="model")
+            if self._unreadable:  # whether it exists is unknown until the folder can be read
+                raise Unavailable(
+                    f"The model '{name}' cannot be looked up: {self.broken[REPOSITORY]}",
+                    param="model",
+                    retry_after_s=RESCAN_MIN_S,
+                )
             raise ModelNotFound(f"The model '{name}' does not exist", param="model")
         return slot
 
@@ -367,6 +399,12 @@ class ModelManager:
             slot = self._slot(name)
         if slot.runtime is not None:
             return
+        if slot.state != ModelState.loading and self._unreadable and not slot.entry.built:
+            # Its files cannot be read because the repository cannot: not "not built, pull it".
+            raise Unavailable(
+                f"The model '{name}' cannot be loaded now: {self.broken[REPOSITORY]}",
+                retry_after_s=RESCAN_MIN_S,
+            )
         if slot.state == ModelState.unbuilt or (slot.state != ModelState.loading and not slot.entry.built):
             # Not "failed": nothing went wrong, and loading cannot help until it is built. An
             # artefact removed since the last scan is found here, before a load that would fail
@@ -657,6 +695,10 @@ class ModelManager:
         residency flipped to 503 five idle minutes after start (memory.keep_alive_s), and an
         orchestrator that routes by it (the Kubernetes Service) then sent no request that could
         load the model again."""
+        if self._unreadable:
+            # Nothing else may look at the repository once it is readable again (a cached answer
+            # loads nothing): /readyz said "cannot be read" until a SIGHUP. At most once a second.
+            self._look_again()
         names = self.default_models()
         if not names and REPOSITORY in self.broken:
             # No model to serve because the repository cannot be read (a typo in its path):

@@ -78,6 +78,7 @@ class Ticket:
     values: Mapping[str, Any] = field(default_factory=dict)
     key: str | None = None
     stored: bool | None = None  # None: not written; False: a write was dropped
+    cacheable: bool = False  # deterministic work with a cache key (set by the cache read)
     # Called by a computation when its first output exists (a generation's first token): the
     # breaker judges generations by their time to first token.
     first_output: Callable[[], None] = lambda: None
@@ -495,6 +496,7 @@ class Pipeline:
         return cache if cache is not None and cache.enabled and ticket.values["cache.enabled"] else None
 
     async def _read(self, ticket: Ticket, work: Computation | Generation) -> CacheHit | None:
+        ticket.cacheable = work.canonical is not None
         cache = self._cache(ticket)
         if cache is None or work.canonical is None or not (ticket.read_cache or ticket.write_cache):
             return None  # no key to compute: this request neither reads nor fills the cache
@@ -535,7 +537,20 @@ class Pipeline:
 
     async def store(self, ticket: Ticket, body: bytes, ctype: str) -> None:
         cache = self._cache(ticket)
-        if cache is None or ticket.key is None or not ticket.write_cache:
+        if cache is None:
+            off = self.resilience.cache
+            if (
+                off is not None
+                and off.synchronous == "FULL"
+                and ticket.values["cache.enabled"]
+                and ticket.cacheable
+                and ticket.write_cache
+            ):
+                # Switched off by a fault (a full disk), FULL's cache keeps no entry: the answer
+                # said nothing, while the one whose write had failed said "not-stored".
+                ticket.stored = False
+            return
+        if ticket.key is None or not ticket.write_cache:
             return
         if cache.synchronous != "FULL":
             try:

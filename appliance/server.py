@@ -423,7 +423,10 @@ async def serve(cfg: Config, hup_pending: Callable[[], bool] = lambda: False) ->
         with contextlib.suppress(Exception):
             await server.stop()
         raise
-    print(f"appliance: serving on http://{cfg.server.host}:{server.port}", flush=True)
+    # A stdout nobody reads any more (``serve | head``, a journald that went away) must not stop
+    # a server that has started: the banner is best effort, as the log lines are (appliance.logs).
+    with contextlib.suppress(OSError, ValueError):
+        print(f"appliance: serving on http://{cfg.server.host}:{server.port}", flush=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

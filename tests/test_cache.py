@@ -398,6 +398,129 @@ async def test_a_lock_held_by_another_process_drops_writes_and_keeps_the_cache_o
     await cache.close()
 
 
+async def eventually_reopened(cache: ResponseCache, times: int = 1, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while cache.stats()["reopens"] < times and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert cache.stats()["reopens"] >= times and cache.enabled, cache.stats()
+
+
+def stored(db: Path, key: str) -> bool:
+    """Whether ``key`` is in the file at ``db`` (a new connection: what a restart would find)."""
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute("SELECT 1 FROM entries WHERE key = ?", (key,)).fetchone() is not None
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("removed", ["db", "wal", "folder"])
+async def test_a_file_removed_under_the_open_cache_is_set_up_again_at_once(
+    tmp_path: Path, removed: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``rm cache.db*``, ``rm cache.db-wal cache.db-shm``, or the data folder deleted while the
+    server runs: SQLite went on writing to the unlinked inodes, the cache said it was on and held
+    N entries, and every entry written since was lost at the next restart (the removed -wal's ones
+    too). The writer notices within a second that the files at the path are not its own, switches
+    the cache off and sets it up again from the path at once: what it writes then is on disk."""
+    folder = tmp_path / "data"
+    cache = make(folder)
+    db = folder / "cache.db"
+    assert await cache.put_and_wait("before", "m", b"v", "text/plain")
+    assert await cache.get("before") is not None  # a reader holds its connection, -shm mapped
+    with caplog.at_level(logging.WARNING, logger="appliance.cache"):
+        if removed == "folder":
+            for f in folder.iterdir():
+                f.unlink()
+            folder.rmdir()
+        else:
+            for suffix in ("-wal", "-shm") if removed == "wal" else ("", "-wal", "-shm"):
+                Path(f"{db}{suffix}").unlink()
+        await eventually_reopened(cache)
+    assert await cache.put_and_wait("after", "m", b"v", "text/plain") is True
+    hit = await cache.get("after")
+    assert hit is not None and hit.value == b"v"
+    assert stored(db, "after")
+    # A removed -wal's entries were checkpointed into the database still at the path.
+    assert stored(db, "before") is (removed == "wal")
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("switched OFF" in m for m in messages) == 1 and sum("back ON" in m for m in messages) == 1
+    await cache.close()
+
+
+async def test_a_cache_switched_off_by_corruption_comes_back_with_a_fresh_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Corruption found at run time (the file overwritten in place) switched the cache off until
+    the process restarted. After RETRY_S the writer opens the file again as open() does: the
+    corrupt file is moved aside, a fresh one serves, with no restart."""
+    monkeypatch.setattr(cache_module, "RETRY_S", 0.2)
+    cache = make(tmp_path)
+    db = tmp_path / "cache.db"
+    for i in range(20):
+        cache.put(f"k{i}", "m", os.urandom(3000), "application/octet-stream")
+    assert await cache.flush()
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page in the database file itself
+    other.close()
+    with db.open("r+b") as f:  # the header kept, every later page garbage
+        f.seek(4096)
+        f.write(os.urandom(db.stat().st_size - 4096))
+    assert await cache.get("k3") is None
+    assert cache.stats()["enabled"] is False and cache.stats()["read_errors"] == 1
+    await eventually_reopened(cache)
+    assert [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+    assert cache.stats()["entries"] == 0
+    assert await cache.put_and_wait("k", "m", b"v", "text/plain") is True
+    hit = await cache.get("k")
+    assert hit is not None and hit.value == b"v"
+    await cache.close()
+
+
+async def test_a_cache_that_cannot_open_at_start_up_comes_on_once_it_can(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A data folder that cannot be made at start-up (here a file stands at its path) left the
+    cache off until a restart. The writer tries again after RETRY_S, doubling while it fails."""
+    monkeypatch.setattr(cache_module, "RETRY_S", 0.2)
+    blocker = tmp_path / "data"
+    blocker.write_text("not a folder")
+    cache = make(blocker)
+    assert not cache.enabled and cache.writer_alive()
+    cache.put("k", "m", b"v", "text/plain")  # a no-op
+    assert await cache.flush() is False
+    blocker.unlink()
+    await eventually_reopened(cache)
+    assert await cache.put_and_wait("k", "m", b"v", "text/plain") is True
+    assert stored(blocker / "cache.db", "k")
+    await cache.close()
+
+
+async def test_a_file_locked_at_start_up_is_not_taken_for_corrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """open()'s integrity check took any SQLite error for corruption: a file another process held
+    locked (a backup tool with an exclusive lock) was moved aside as corrupt, its entries gone.
+    It is not a corrupt file: the cache starts off, and once the lock is gone comes on with them."""
+    monkeypatch.setattr(cache_module, "BUSY_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(cache_module, "RETRY_S", 0.2)
+    first = make(tmp_path)
+    assert await first.put_and_wait("k", "m", b"v", "text/plain")
+    await first.close()
+    other = sqlite3.connect(tmp_path / "cache.db", isolation_level=None)
+    other.execute("PRAGMA locking_mode=EXCLUSIVE")
+    other.execute("BEGIN EXCLUSIVE")  # held until ROLLBACK: no other connection may even read
+    cache = make(tmp_path)
+    assert not cache.enabled
+    assert not [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+    other.execute("ROLLBACK")
+    other.close()
+    await eventually_reopened(cache)
+    hit = await cache.get("k")
+    assert hit is not None and hit.value == b"v"
+    await cache.close()
+
+
 DISK_FULL_CHILD = r"""
 import asyncio, json, logging, os, resource, signal, sys
 from pathlib import Path

@@ -174,6 +174,23 @@ def test_a_full_durability_write_that_was_not_kept_says_so(start_server, minilm_
     assert status == 200 and "X-Appliance-Cache" not in headers
 
 
+def test_a_full_durability_answer_says_not_stored_while_the_cache_is_off(
+    start_server, minilm_folder: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Found by a fault probe (cache.synchronous FULL, data_dir on a full tmpfs): the answer whose
+    write failed said ``X-Appliance-Cache: not-stored``, but the write error switched the cache
+    off, and every later answer, kept nowhere, said nothing. The cache is switched off here as
+    a write error would (switch_off: the same state, without filling a disk)."""
+    srv = start_server({MODEL: minilm_folder}, config={"defaults": {"cache": {"synchronous": "FULL"}}})
+    cache = srv.app[RESILIENCE].cache
+    srv.call(lambda: cache.switch_off("injected for the test"))
+    status, _, headers = srv.post("/v1/embeddings", {"model": MODEL, "input": "nowhere"})
+    assert status == 200 and headers.get("X-Appliance-Cache") == "not-stored", headers
+    req_headers = {"Cache-Control": "no-store"}  # nothing was promised: nothing to say
+    status, _, headers = srv.post("/v1/embeddings", {"model": MODEL, "input": "unasked"}, headers=req_headers)
+    assert status == 200 and "X-Appliance-Cache" not in headers, headers
+
+
 def test_a_stream_probe_is_judged_by_its_first_token_not_its_length(
     start_server, smollm_folder: Path
 ) -> None:  # type: ignore[no-untyped-def]

@@ -296,6 +296,41 @@ def test_a_sighup_during_start_up_is_applied_once_started_and_never_fatal(
         assert proc.wait(30) == 0
 
 
+def test_a_stdout_closed_under_a_starting_server_neither_stops_it_nor_its_exit_status(
+    tmp_path: Path, minilm_folder: Path
+) -> None:
+    """``appliance serve | head -c 100``: head exits and every write to stdout fails. The log
+    lines were dropped and counted, as designed, but the "serving on" banner printed once started
+    raised BrokenPipeError out of serve(): the process exited 2 right after it had started, its
+    model loads destroyed pending. The banner is best effort too: the server serves, and a
+    SIGTERM drains it to exit 0."""
+    make_repository(tmp_path, {MODEL: minilm_folder})
+    port = free_port()
+    cfg = tmp_path / "appliance.yaml"
+    raw = {
+        "server": {"port": port, "log_level": "info"},
+        "admin": {"port": -1, "socket": ""},
+        "model_repository": str(tmp_path / "engines"),
+        "data_dir": str(tmp_path / "data"),
+    }
+    cfg.write_text(yaml.safe_dump(raw))
+    with (tmp_path / "stderr.log").open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "appliance", "serve", "--config", str(cfg)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=err,
+        )
+    assert proc.stdout is not None
+    proc.stdout.close()  # the reader is gone before the first line: every write is EPIPE
+    try:
+        assert eventually(lambda: proc.poll() is not None or serves(port), timeout=60)
+        assert proc.poll() is None, (tmp_path / "stderr.log").read_text()[-2000:]
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0, (tmp_path / "stderr.log").read_text()[-2000:]
+
+
 def eventually(check: Any, timeout: float = 10.0) -> bool:
     """Signals are handled asynchronously: poll instead of guessing a sleep."""
     deadline = time.monotonic() + timeout

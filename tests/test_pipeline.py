@@ -459,6 +459,48 @@ def test_models_added_or_removed_while_serving_leave_readiness_alone(
     assert srv.get("/readyz")[0] == 200
 
 
+def test_a_repository_that_turns_unreadable_is_a_503_not_a_missing_model(
+    start_server, minilm_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Found by a fault probe: ``chmod 000`` on the model repository while the server ran (a
+    flaky network mount reads the same). A model not resident then answered 500
+    (PermissionError out of Path.exists()), and after a rescan 404 "not built; run `appliance
+    models pull`" or "does not exist", an admin unload saying it was removed: an empty listing
+    was taken for an empty repository. Whether a model is there is unknown meanwhile: a 503
+    with Retry-After naming the folder, for a name never seen too; once the folder reads again
+    the model serves and /readyz drops the error. The tests run as root, whom no chmod stops: a
+    fake os.stat / os.listdir raising EACCES for the repository injects the fault."""
+    monkeypatch.setattr(models_module, "RESCAN_MIN_S", 0.0)
+    srv = start_server({MODEL: minilm_folder})
+    repo = str(srv.cfg.model_repository)
+    assert srv.post("/v1/embeddings", {"model": MODEL, "input": "before"})[0] == 200
+    srv.call(lambda: srv.app[MANAGER].unload(MODEL))  # evicted, say: its next request loads it
+    real_stat, real_listdir = os.stat, os.listdir
+    broken = [True]
+
+    def stat(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if broken[0] and str(path).startswith(repo + os.sep):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_stat(path, *args, **kwargs)
+
+    def listdir(path: Any = ".") -> Any:
+        if broken[0] and str(path) == repo:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "stat", stat)
+    monkeypatch.setattr(os, "listdir", listdir)
+    for name in (MODEL, "never-seen"):
+        for attempt in range(2):  # the first finds the folder unreadable, the next knows it
+            status, body, headers = srv.post("/v1/embeddings", {"model": name, "input": f"during {attempt}"})
+            assert status == 503 and "Retry-After" in headers, (name, status, body)
+            assert "cannot be read (Permission denied)" in body["error"]["message"], body
+    broken[0] = False
+    assert srv.post("/v1/embeddings", {"model": MODEL, "input": "after"})[0] == 200
+    status, body = srv.get("/readyz")
+    assert status == 200 and body["errors"] == [], body
+
+
 def test_a_rescan_leaves_an_unloading_model_be_and_the_unload_takes_the_current_file(
     start_server, minilm_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
