@@ -128,8 +128,36 @@ def test_a_model_that_can_never_fit_is_refused_with_a_clear_error(
     assert srv.get("/v2/health/ready")[0] == 400
     status, model_ready = srv.get(f"/v2/models/{A}/ready")
     assert status == 400 and model_ready == {"name": A, "ready": False}
-    status, body, _ = embed(srv, A)
+    status, body, headers = embed(srv, A)
     assert status == 503 and "memory budget is 10 MiB" in body["error"]["message"]
+    # Not "retry in 1 s": nothing changes by then (each retry was a new load that failed alike).
+    assert int(headers["Retry-After"]) > 5
+
+
+def test_a_model_that_could_not_fit_loads_as_soon_as_the_budget_is_raised(
+    start_server, minilm_folder: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """An operator who raises the budget for a model it could not hold expects its next request to
+    load it; it was refused for up to 30 s more (the failed-load back-off), quoting the old budget."""
+    models = two_models(minilm_folder, tmp_path)
+    files = sum((models[A] / f).stat().st_size for f in ("model.onnx", "tokenizer.json"))
+    # Room for its files (the estimate before the load) but not for what the load measures.
+    budget = files + (1 << 20)
+    srv = start_server(
+        {A: models[A]},
+        overrides={A: SMALL_BATCH},
+        config={"server": {"default_models": []}, "defaults": {"memory": {"budget_bytes": budget}}},
+    )
+    status, body, _ = embed(srv, A)
+    assert status == 503 and f"memory budget is {budget / (1 << 20):.0f} MiB" in body["error"]["message"]
+    assert state(srv, A) == "failed"
+    from tests.test_admin import admin
+
+    status, _ = admin(srv, "PATCH", "/admin/settings", {"defaults": {"memory": {"budget_bytes": 4 << 30}}})
+    assert status == 200
+    status, body, _ = embed(srv, A)
+    assert status == 200, body
+    assert state(srv, A) == "resident"
 
 
 def test_out_of_memory_batches_are_split_retried_and_capped(
