@@ -413,15 +413,26 @@ class ModelManager:
         return total
 
     async def _make_room(self, name: str, weights: int, activation: int, on_gpu: bool = False) -> None:
-        victims = self.memory.plan(
-            name,
-            weights,
-            activation,
-            idle=self.idle,
-            last_used=lambda n: self.slots[n].last_used,
-            on_gpu=on_gpu,
-        )
-        for v in victims:
+        def plan() -> list[str]:
+            return self.memory.plan(
+                name,
+                weights,
+                activation,
+                idle=self.idle,
+                last_used=lambda n: self.slots[n].last_used,
+                on_gpu=on_gpu,
+            )
+
+        victims = plan()
+        while victims:
+            v = victims.pop(0)
+            if not self.idle(v):
+                # Given work while an earlier victim unloaded (its drain, its worker threads,
+                # the heap trim take a while): planned again without it. Evicted from the first
+                # plan, it was unloaded with requests queued and streams starting on it, where
+                # only idle models may go.
+                victims = plan()
+                continue
             log.info("evicting idle model %s to make room for %s", v, name)
             self.metrics.model_evictions.labels(v).inc()
             await self.unload(v, evicted=True)

@@ -359,3 +359,41 @@ def test_trim_heap_gives_freed_memory_back_to_the_system() -> None:
         pytest.skip("no malloc_trim in this libc")
     assert freed - rss_bytes() > 100 << 20
     del pin
+
+
+def test_a_model_given_work_while_another_is_evicted_is_not_evicted_too(
+    start_server, minilm_folder: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Only idle models are evicted. A load that must evict two unloads them one after the other,
+    and the second may be given work while the first unloads (a drain, worker threads, a heap
+    trim): it stays, and the load is told the room is held by busy models. It was evicted from
+    the plan made before, queued requests and all. A fake ``idle`` marks it busy at that moment
+    (the race, made certain); the unloads and the plan are real."""
+    models = two_models(minilm_folder, tmp_path)
+    srv = start_server(
+        models, overrides={A: SMALL_BATCH, B: SMALL_BATCH}, config={"server": {"default_models": [A, B]}}
+    )
+    mgr = srv.app[MANAGER]
+    busy: set[str] = set()
+    real_idle, real_unload = mgr.idle, mgr.unload
+
+    async def unload(name: str, **kw: Any) -> None:
+        await real_unload(name, **kw)
+        busy.update({A, B} - {name})  # the other one gets a request meanwhile
+
+    async def make_room() -> str:
+        mgr.idle = lambda n: n not in busy and real_idle(n)
+        mgr.unload = unload
+        mgr.memory.budget = mgr.memory.main.used
+        try:
+            # Fits only once both are gone.
+            await mgr._make_room("newcomer", mgr.memory.budget - (1 << 20), 0)
+        except DoesNotFit as exc:
+            assert not exc.never
+            return str(exc)
+        finally:
+            del mgr.idle, mgr.unload
+        return "made room"
+
+    assert "held by busy models" in srv.call(make_room)
+    assert sorted([state(srv, A), state(srv, B)]) == ["evicted", "resident"]
