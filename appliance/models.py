@@ -131,6 +131,8 @@ class ModelSlot:
     # Its artefacts' stamp when that load failed (None: one was missing): rebuilt since (a pull),
     # the next request loads it rather than waiting out LOAD_RETRY_S with the old error.
     failed_stamp: str | None = None
+    # That failure was the memory budget's (the model could never fit it): a new budget lifts it.
+    failed_no_room: bool = False
 
 
 def _is_dir(path: Path) -> bool:
@@ -449,15 +451,26 @@ class ModelManager:
         return total
 
     async def _make_room(self, name: str, weights: int, activation: int, on_gpu: bool = False) -> None:
-        victims = self.memory.plan(
-            name,
-            weights,
-            activation,
-            idle=self.idle,
-            last_used=lambda n: self.slots[n].last_used,
-            on_gpu=on_gpu,
-        )
-        for v in victims:
+        def plan() -> list[str]:
+            return self.memory.plan(
+                name,
+                weights,
+                activation,
+                idle=self.idle,
+                last_used=lambda n: self.slots[n].last_used,
+                on_gpu=on_gpu,
+            )
+
+        victims = plan()
+        while victims:
+            v = victims.pop(0)
+            if not self.idle(v):
+                # Given work while an earlier victim unloaded (its drain, its worker threads,
+                # the heap trim take a while): planned again without it. Evicted from the first
+                # plan, it was unloaded with requests queued and streams starting on it, where
+                # only idle models may go.
+                victims = plan()
+                continue
             log.info("evicting idle model %s to make room for %s", v, name)
             self.metrics.model_evictions.labels(v).inc()
             await self.unload(v, evicted=True)
@@ -481,7 +494,9 @@ class ModelManager:
             slot.state = ModelState.failed if exc.never else ModelState.available
             slot.error = str(exc)
             if exc.never:
-                self.metrics.model_load_failures.labels(entry.name).inc()
+                # As a measured footprint's refusal below: not tried again for LOAD_RETRY_S (its
+                # Retry-After had said 1 s to a model that cannot fit until the budget changes).
+                self._failed(slot, no_room=True)
             log.error("model %s not loaded: %s", entry.name, exc)
             return
         executor = ThreadPoolExecutor(instances, thread_name_prefix=f"engine-{entry.name}")
@@ -528,9 +543,7 @@ class ModelManager:
             slot.error = str(exc)
             # Counted when the load is given up; "no room yet" (available again) is not a failure.
             if slot.state is ModelState.failed:
-                slot.failed_at = time.monotonic()
-                slot.failed_stamp = _stamp(entry)
-                self.metrics.model_load_failures.labels(entry.name).inc()
+                self._failed(slot, no_room=never)
             log.error("model %s failed to load: %s", entry.name, exc)
             return
         self.memory.admit(
@@ -559,6 +572,13 @@ class ModelManager:
         self.metrics.model_loaded.labels(entry.name).set(1)
         self.metrics.model_load_duration.labels(entry.name).observe(elapsed)
         log.info("model %s resident (%s, %.2fs)", entry.name, engine.backend_name, elapsed)
+
+    def _failed(self, slot: ModelSlot, *, no_room: bool) -> None:
+        """Record a load given up: refused for LOAD_RETRY_S, and counted."""
+        slot.failed_at = time.monotonic()
+        slot.failed_stamp = _stamp(slot.entry)
+        slot.failed_no_room = no_room
+        self.metrics.model_load_failures.labels(slot.entry.name).inc()
 
     @staticmethod
     def _open_engine(entry: ModelEntry, values: dict[str, Any]) -> Engine:
@@ -746,7 +766,17 @@ class ModelManager:
     def configure_memory(self) -> None:
         """A new budget applies to the next load (resident models are not evicted for it)."""
         values = self.cfg.tunables_for("", {})
+        before = (self.memory.host.budget, self.memory.device.budget if self.memory.device else None)
         self.memory.configure(values, _device_total())
+        after = (self.memory.host.budget, self.memory.device.budget if self.memory.device else None)
+        if after != before:
+            # A model refused because it could never fit the old budget may fit this one: its
+            # next request loads it. Kept failed, it was refused for up to LOAD_RETRY_S more
+            # with the old budget's figure ("the memory budget is 95 MiB" under 1383 MiB).
+            for slot in self.slots.values():
+                if slot.state is ModelState.failed and slot.failed_no_room:
+                    slot.state, slot.error, slot.failed_at = ModelState.available, None, 0.0
+                    slot.failed_no_room = False
         self._memory_metrics()
         self.arbiter.configure(
             int(values["compute.concurrency"]),

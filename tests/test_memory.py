@@ -128,8 +128,36 @@ def test_a_model_that_can_never_fit_is_refused_with_a_clear_error(
     assert srv.get("/v2/health/ready")[0] == 400
     status, model_ready = srv.get(f"/v2/models/{A}/ready")
     assert status == 400 and model_ready == {"name": A, "ready": False}
-    status, body, _ = embed(srv, A)
+    status, body, headers = embed(srv, A)
     assert status == 503 and "memory budget is 10 MiB" in body["error"]["message"]
+    # Not "retry in 1 s": nothing changes by then (each retry was a new load that failed alike).
+    assert int(headers["Retry-After"]) > 5
+
+
+def test_a_model_that_could_not_fit_loads_as_soon_as_the_budget_is_raised(
+    start_server, minilm_folder: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """An operator who raises the budget for a model it could not hold expects its next request to
+    load it; it was refused for up to 30 s more (the failed-load back-off), quoting the old budget."""
+    models = two_models(minilm_folder, tmp_path)
+    files = sum((models[A] / f).stat().st_size for f in ("model.onnx", "tokenizer.json"))
+    # Room for its files (the estimate before the load) but not for what the load measures.
+    budget = files + (1 << 20)
+    srv = start_server(
+        {A: models[A]},
+        overrides={A: SMALL_BATCH},
+        config={"server": {"default_models": []}, "defaults": {"memory": {"budget_bytes": budget}}},
+    )
+    status, body, _ = embed(srv, A)
+    assert status == 503 and f"memory budget is {budget / (1 << 20):.0f} MiB" in body["error"]["message"]
+    assert state(srv, A) == "failed"
+    from tests.test_admin import admin
+
+    status, _ = admin(srv, "PATCH", "/admin/settings", {"defaults": {"memory": {"budget_bytes": 4 << 30}}})
+    assert status == 200
+    status, body, _ = embed(srv, A)
+    assert status == 200, body
+    assert state(srv, A) == "resident"
 
 
 def test_out_of_memory_batches_are_split_retried_and_capped(
@@ -331,3 +359,41 @@ def test_trim_heap_gives_freed_memory_back_to_the_system() -> None:
         pytest.skip("no malloc_trim in this libc")
     assert freed - rss_bytes() > 100 << 20
     del pin
+
+
+def test_a_model_given_work_while_another_is_evicted_is_not_evicted_too(
+    start_server, minilm_folder: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Only idle models are evicted. A load that must evict two unloads them one after the other,
+    and the second may be given work while the first unloads (a drain, worker threads, a heap
+    trim): it stays, and the load is told the room is held by busy models. It was evicted from
+    the plan made before, queued requests and all. A fake ``idle`` marks it busy at that moment
+    (the race, made certain); the unloads and the plan are real."""
+    models = two_models(minilm_folder, tmp_path)
+    srv = start_server(
+        models, overrides={A: SMALL_BATCH, B: SMALL_BATCH}, config={"server": {"default_models": [A, B]}}
+    )
+    mgr = srv.app[MANAGER]
+    busy: set[str] = set()
+    real_idle, real_unload = mgr.idle, mgr.unload
+
+    async def unload(name: str, **kw: Any) -> None:
+        await real_unload(name, **kw)
+        busy.update({A, B} - {name})  # the other one gets a request meanwhile
+
+    async def make_room() -> str:
+        mgr.idle = lambda n: n not in busy and real_idle(n)
+        mgr.unload = unload
+        mgr.memory.budget = mgr.memory.main.used
+        try:
+            # Fits only once both are gone.
+            await mgr._make_room("newcomer", mgr.memory.budget - (1 << 20), 0)
+        except DoesNotFit as exc:
+            assert not exc.never
+            return str(exc)
+        finally:
+            del mgr.idle, mgr.unload
+        return "made room"
+
+    assert "held by busy models" in srv.call(make_room)
+    assert sorted([state(srv, A), state(srv, B)]) == ["evicted", "resident"]
