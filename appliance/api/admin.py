@@ -31,6 +31,8 @@ from appliance.api.common import (
     http_error,
     read_json,
     retry_after,
+    send_continue,
+    unmet_expectation,
 )
 from appliance.config import ConfigError, changed_sections, save_settings
 from appliance.errors import ApplianceError, Conflict, InvalidRequest, ModelNotFound, Unavailable
@@ -86,18 +88,10 @@ async def _expect(request: web.Request) -> web.StreamResponse | None:
     """``Expect``, as the data plane answers it: anything but ``100-continue`` is a 417 in the
     admin shape (aiohttp's own was text/plain), and a body that would be refused unread (no
     token, a declared length over the limit, an encoding not decoded) is not asked for."""
-    expect = request.headers.get("Expect", "")
-    if expect.lower() != "100-continue":
-        err = InvalidRequest(f"Expect {expect[:40]!r} is not supported; only 100-continue is")
-        err.status = 417
+    err = unmet_expectation(request)
+    if err is not None:
         return _error_response(err)
-    if request.version >= (1, 1) and _token_refusal(request) is None and body_refusal(request) is None:
-        try:
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        except ConnectionResetError:
-            return web.Response(status=499)  # the client hung up before its 100
-        request.writer.output_size = 0  # the 100 is not part of the response's size
-    return None
+    return await send_continue(request, _token_refusal(request) is None and body_refusal(request) is None)
 
 
 @web.middleware

@@ -41,6 +41,8 @@ from appliance.api.common import (
     error_response,
     http_error,
     read_body,
+    send_continue,
+    unmet_expectation,
 )
 from appliance.api.security import (
     CEILINGS,
@@ -56,7 +58,7 @@ from appliance.api.security import (
 from appliance.api.shedding import body_here, early_refusal, refusal_response, sheds
 from appliance.auth import KeyRateLimiter, presented_key
 from appliance.config import Config
-from appliance.errors import ApplianceError, InvalidRequest, Unavailable
+from appliance.errors import ApplianceError, Unavailable
 from appliance.gpu.nvml import GpuSampler, register_gpu_metrics
 from appliance.inference import EmbeddingService, TensorService
 from appliance.llm.service import ChatService
@@ -95,10 +97,8 @@ async def _expect(request: web.Request) -> web.StreamResponse | None:
     the front door refuses unread (too large, an encoding it does not decode, no API key where
     one is required, the server draining) is not asked for: no 100, and the front door's final
     answer follows at once (RFC 9110, 10.1.1)."""
-    expect = request.headers.get("Expect", "")
-    if expect.lower() != "100-continue":
-        err = InvalidRequest(f"Expect {expect[:40]!r} is not supported; only 100-continue is")
-        err.status = 417
+    err = unmet_expectation(request)
+    if err is not None:
         refused = error_response(api_of(request.path), err)
         refused.headers["X-Request-Id"] = _request_id(request)
         return refused
@@ -106,15 +106,7 @@ async def _expect(request: web.Request) -> web.StreamResponse | None:
     # its client is still asked for the body. Refusing keyless clients here is what costs nothing.)
     keyless = needs_key(request) and presented_key(request.headers) is None
     draining = request.app[DRAINING][0] and request.path not in UNMETERED
-    if request.version >= (1, 1) and not keyless and not draining and body_refusal(request) is None:
-        try:
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        except ConnectionResetError:
-            # The client hung up before its 100. aiohttp runs this outside the middlewares, so
-            # a raise here was logged as an error with a traceback, one per hang-up.
-            return web.Response(status=499)
-        request.writer.output_size = 0  # the 100 is not part of the response's size
-    return None
+    return await send_continue(request, not keyless and not draining and body_refusal(request) is None)
 
 
 @web.middleware

@@ -154,6 +154,30 @@ def http_error(request: web.Request, exc: web.HTTPException) -> ApplianceError:
     return err
 
 
+def unmet_expectation(request: web.Request) -> InvalidRequest | None:
+    """The 417 for an ``Expect`` other than ``100-continue`` (aiohttp's own was text/plain), to be
+    rendered in the plane's shape; None for ``100-continue``."""
+    expect = request.headers.get("Expect", "")
+    if expect.lower() == "100-continue":
+        return None
+    err = InvalidRequest(f"Expect {expect[:40]!r} is not supported; only 100-continue is")
+    err.status = 417
+    return err
+
+
+async def send_continue(request: web.Request, asked: bool) -> web.StreamResponse | None:
+    """Tell a client that holds its body back to send it, when ``asked`` (nothing refuses it
+    unread) and it speaks HTTP/1.1; a 499 if it hung up before its 100. aiohttp runs an Expect
+    handler outside the middlewares, so a raise here was logged with a traceback per hang-up."""
+    if asked and request.version >= (1, 1):
+        try:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        except ConnectionResetError:
+            return web.Response(status=499)
+        request.writer.output_size = 0  # the 100 is not part of the response's size
+    return None
+
+
 async def _never_continue(request: web.Request) -> None:
     """No 100 Continue, and no 417: the route's own 404 or 405 is the answer."""
     return None
