@@ -166,22 +166,27 @@ RESCAN_MIN_S = 1.0
 
 
 def batch_policy(values: dict[str, Any]) -> BatchPolicy:
-    """The batcher's policy from a model's effective tunables (validated by BatchPolicy too)."""
-    levels = int(values["queue.priority_levels"])
-    return BatchPolicy(
-        max_batch_size=int(values["batching.max_batch_size"]),
-        max_queue_delay_ms=float(values["batching.max_queue_delay_ms"]),
-        preferred_batch_sizes=list(values["batching.preferred_batch_sizes"]),
-        priority_levels=levels,
-        default_priority=int(values["queue.default_priority"]),
-        max_queue_size=int(values["queue.max_queue_size"]),
-        default_timeout_ms=float(values["queue.default_timeout_ms"]),
-        allow_timeout_override=bool(values["queue.allow_timeout_override"]),
-        aging_ms=float(values["queue.aging_ms"]),
-        priority_1_alone=bool(values["batching.priority_1_alone"]),
-        urgent_batch_ms=float(values["batching.urgent_batch_ms"]),
-        observed_drain=bool(values["queue.observed_drain"]),
-    )
+    """The batcher's policy from a model's effective tunables, validated by BatchPolicy; a
+    combination it refuses is a SettingError named by the setting an operator knows, not by the
+    class's field ("BatchPolicy.default_priority" in a load failure named nothing one can set)."""
+    try:
+        return BatchPolicy(
+            max_batch_size=int(values["batching.max_batch_size"]),
+            max_queue_delay_ms=float(values["batching.max_queue_delay_ms"]),
+            preferred_batch_sizes=list(values["batching.preferred_batch_sizes"]),
+            priority_levels=int(values["queue.priority_levels"]),
+            default_priority=int(values["queue.default_priority"]),
+            max_queue_size=int(values["queue.max_queue_size"]),
+            default_timeout_ms=float(values["queue.default_timeout_ms"]),
+            allow_timeout_override=bool(values["queue.allow_timeout_override"]),
+            aging_ms=float(values["queue.aging_ms"]),
+            priority_1_alone=bool(values["batching.priority_1_alone"]),
+            urgent_batch_ms=float(values["batching.urgent_batch_ms"]),
+            observed_drain=bool(values["queue.observed_drain"]),
+        )
+    except PolicyError as exc:
+        name = next((n for n in settings.REGISTRY if n.endswith("." + exc.field)), exc.field)
+        raise settings.SettingError(name, f"{name} {exc.detail}") from None
 
 
 # Kind-specific runtime factories register here (embedding and tensor in appliance.inference,
@@ -864,8 +869,4 @@ def _device_total() -> int | None:
 
 def validate_model_settings(values: dict[str, Any]) -> None:
     """Cross-field checks the registry's per-setting bounds cannot express."""
-    try:
-        batch_policy({**settings.defaults(), **values}).validate()
-    except PolicyError as exc:  # named by the setting an operator knows, not the class's field
-        name = next((n for n in settings.REGISTRY if n.endswith("." + exc.field)), exc.field)
-        raise settings.SettingError(name, f"{name} {exc.detail}") from None
+    batch_policy({**settings.defaults(), **values})

@@ -54,6 +54,15 @@ class Server:
 
     async def start(self) -> None:
         cfg = self.cfg
+        # Per-model settings that do not combine refuse the start, as they refuse a reload and
+        # as check-config reports them: started anyway, the model failed its first request with
+        # a 503 and the service looked healthy to systemd.
+        mgr = self.app[MANAGER]
+        mgr.rescan()
+        problems = mgr.settings_problems(cfg)
+        if problems:
+            where = cfg.path or "built-in defaults"
+            raise ConfigError(f"{where}: " + "; ".join(problems))
         data = LimitedRunner(
             self.app,
             max_connections=cfg.server.max_connections,

@@ -421,6 +421,50 @@ def test_a_serve_port_out_of_range_is_one_line_naming_the_option_and_exit_status
     assert capsys.readouterr().err == f"appliance: --port: input should be {expected}\n"
 
 
+def test_serve_refuses_to_start_with_model_settings_that_do_not_combine(
+    tmp_path: Path, minilm_folder: Path
+) -> None:
+    """Found probing live retuning: serve started with them, /readyz said 503 for ever and the
+    model's requests were 503 "failed to load (BatchPolicy.default_priority must be ...)", a field
+    no operator can set. Like a reload and check-config, serve refuses them, naming the model and
+    the setting, with check-config's exit status and before any port is taken."""
+    make_repository(tmp_path, {MODEL: minilm_folder})
+    port = free_port()
+    cfg = tmp_path / "appliance.yaml"
+    raw = {
+        "server": {"port": port, "log_level": "info"},
+        "admin": {"port": -1},
+        "model_repository": str(tmp_path / "engines"),
+        "data_dir": str(tmp_path / "data"),
+        "models": {MODEL: {"queue": {"priority_levels": 2, "default_priority": 3}}},
+    }
+    cfg.write_text(yaml.safe_dump(raw))
+    done = subprocess.run(
+        [sys.executable, "-m", "appliance", "serve", "--config", str(cfg)],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+    )
+    out = done.stdout.decode() + done.stderr.decode()
+    assert done.returncode == 2, out
+    why = f"model {MODEL}: queue.default_priority must be an integer from 1 to priority_levels (2), got 3"
+    assert done.stderr.decode() == f"appliance: {cfg}: {why}\n", out
+    assert "serving on" not in out and "Traceback" not in out
+
+
+def test_a_load_failed_by_settings_names_the_setting_not_the_class_field() -> None:
+    """A model.yaml edited under a running server is read at the model's next load, after the
+    start's check: its failure names the setting."""
+    from appliance import settings
+    from appliance.models import batch_policy
+
+    values = {**settings.defaults(), "queue.priority_levels": 2, "queue.default_priority": 3}
+    with pytest.raises(settings.SettingError) as caught:
+        batch_policy(values)
+    assert str(caught.value).startswith("queue.default_priority: queue.default_priority must be")
+    assert "BatchPolicy" not in str(caught.value)
+
+
 def test_a_reload_whose_settings_do_not_combine_changes_nothing(
     tmp_path: Path, minilm_folder: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
