@@ -101,6 +101,9 @@ class BatchPolicy:
     aging_ms: float = 0.0  # 0 = strict priority
     # A batch that holds priority-1 work takes nothing of lower priority, so that it stays short.
     priority_1_alone: bool = True
+    # ... except the first batch after another model's call, which also takes items as urgent
+    # as that call: this model's work at that level then gets the engine in turn with the other's.
+    share_turns: bool = True
     # While more urgent work is about (the compute arbiter's word), a less urgent batch is cut to
     # about this many ms of measured compute, so the urgent work waits at most about that. 0: off.
     urgent_batch_ms: float = 0.0

@@ -97,6 +97,10 @@ class ComputeArbiter:
         self._seq = itertools.count()
         self.granted = 0
         self._granted_at: dict[int, float] = {}  # priority -> when a call of it last got a grant
+        # The last normal grant's (model, priority), and per model the priority of the other
+        # model's call whose grant came just before its latest one (None: its own came before).
+        self._last: tuple[str, int] | None = None
+        self._turns: dict[str, int | None] = {}
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -177,6 +181,12 @@ class ComputeArbiter:
         since = self._clock() - within_s
         return any(at >= since for p, at in self._granted_at.items() if p < priority)
 
+    def turn(self, model: str) -> int | None:
+        """The priority of another model's call whose grant came just before ``model``'s latest
+        normal grant: the engine has come back to ``model`` from that work. None when the grant
+        before was ``model``'s own (it held the engine back to back) or there was none."""
+        return self._turns.get(model)
+
     def held(self) -> int:
         """Grants held now (the urgent lane's included)."""
         return self._running + self._urgent_running
@@ -238,6 +248,9 @@ class ComputeArbiter:
             self._urgent_running += 1
         else:
             self._running += 1
+            last = self._last
+            self._turns[model] = last[1] if last is not None and last[0] != model else None
+            self._last = (model, priority)
         self.granted += 1
         self._granted_at[priority] = self._clock()
         if self.observer is not None:

@@ -181,6 +181,7 @@ def batch_policy(values: dict[str, Any]) -> BatchPolicy:
             allow_timeout_override=bool(values["queue.allow_timeout_override"]),
             aging_ms=float(values["queue.aging_ms"]),
             priority_1_alone=bool(values["batching.priority_1_alone"]),
+            share_turns=bool(values["batching.share_turns"]),
             urgent_batch_ms=float(values["batching.urgent_batch_ms"]),
             observed_drain=bool(values["queue.observed_drain"]),
         )

@@ -310,6 +310,15 @@ register(
         "(off: fill it to max_batch_size, more throughput, slower priority 1 under load).",
     ),
     Setting(
+        "batching.share_turns",
+        bool,
+        True,
+        "With priority_1_alone: when the engine comes back to this model from another model's "
+        "call, its first batch also takes items as urgent as that call (up to max_batch_size), so "
+        "that this model's work at that level gets the engine in turn with the other model's "
+        "instead of never while priority-1 work keeps arriving (off: priority-1 batches always alone).",
+    ),
+    Setting(
         "batching.urgent_batch_ms",
         float,
         0.0,
