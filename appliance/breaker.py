@@ -219,6 +219,7 @@ class CircuitBreaker:
         self._state = BreakerState.CLOSED
         self._window = _Window(self.config.window_s, self.config.buckets)
         self._open_until = 0.0
+        self._opened_at = 0.0
         self._consecutive_opens = 0
         # Each state entry gets a fresh epoch; a probe only counts if it belongs to the current
         # half-open epoch, so late answers from an earlier period cannot close the breaker.
@@ -330,13 +331,14 @@ class CircuitBreaker:
 
     # -- transitions -------------------------------------------------------------------------
 
-    def _trip(self, reason: str, now: float) -> None:
+    def _open_duration(self, opens_before: int) -> float:
         cfg = self.config
-        duration = min(
-            cfg.open_duration_s * cfg.open_backoff_factor**self._consecutive_opens, cfg.max_open_duration_s
-        )
+        return min(cfg.open_duration_s * cfg.open_backoff_factor**opens_before, cfg.max_open_duration_s)
+
+    def _trip(self, reason: str, now: float) -> None:
+        duration = self._open_duration(self._consecutive_opens)
         self._consecutive_opens += 1
-        self._open_until = now + duration
+        self._opened_at, self._open_until = now, now + duration
         self._to(BreakerState.OPEN, f"{reason}; open for {duration:g} s", now)
 
     def _to(self, new: BreakerState, reason: str, now: float) -> None:
@@ -386,6 +388,11 @@ class CircuitBreaker:
         with self._lock:
             for key, value in changes.items():
                 setattr(self.config, key, value)
+            if self._state is BreakerState.OPEN:
+                # The open period running now follows the new schedule, as Hystrix reads its
+                # sleep window at each check: an operator who lowers it to let a mended engine
+                # back sooner waited out the old one (up to max_open_duration_s).
+                self._open_until = self._opened_at + self._open_duration(self._consecutive_opens - 1)
 
     # -- observation -------------------------------------------------------------------------
 

@@ -93,6 +93,25 @@ def test_reconfigure_is_validated_and_atomic() -> None:
     assert breaker.state is BreakerState.OPEN
 
 
+def test_an_open_period_follows_an_open_duration_changed_while_it_runs() -> None:
+    """Found probing live retuning: lowered while the breaker was open, the new duration applied
+    only from the next trip; the open period running now follows it, either way."""
+    breaker, clock, _ = make(open_duration_s=30.0)
+    trip(breaker)
+    clock.advance(2)
+    breaker.reconfigure(open_duration_s=5.0)
+    assert breaker.snapshot()["open_remaining_s"] == pytest.approx(3.0)
+    clock.advance(3)
+    assert breaker.state is BreakerState.HALF_OPEN
+    breaker.acquire().failure("exception")  # the probe fails: open again, for 5 s x backoff
+    assert breaker.state is BreakerState.OPEN
+    opened = breaker.snapshot()["open_remaining_s"]
+    breaker.reconfigure(open_duration_s=1.0)
+    assert breaker.snapshot()["open_remaining_s"] == pytest.approx(opened / 5.0)
+    breaker.reconfigure(open_duration_s=20.0)
+    assert breaker.snapshot()["open_remaining_s"] == pytest.approx(opened * 4.0)
+
+
 # -- tripping --------------------------------------------------------------------------------
 
 
