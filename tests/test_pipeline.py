@@ -495,7 +495,10 @@ def test_a_repository_that_turns_unreadable_is_a_503_not_a_missing_model(
             status, body, headers = srv.post("/v1/embeddings", {"model": name, "input": f"during {attempt}"})
             assert status == 503 and "Retry-After" in headers, (name, status, body)
             assert "cannot be read (Permission denied)" in body["error"]["message"], body
+    status, body = srv.get("/v2/models/never-seen/ready")  # KServe's readiness: not a 404 either
+    assert status == 503 and "cannot be read (Permission denied)" in body["error"], body
     broken[0] = False
+    assert srv.get("/v2/models/never-seen/ready")[0] == 404
     assert srv.post("/v1/embeddings", {"model": MODEL, "input": "after"})[0] == 200
     status, body = srv.get("/readyz")
     assert status == 200 and body["errors"] == [], body

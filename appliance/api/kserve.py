@@ -187,7 +187,9 @@ async def model_ready(request: web.Request) -> web.Response:
     name = request.match_info["model"]
     slot = mgr.slots.get(name)
     if slot is None:
-        return web.json_response({"error": f"Request for unknown model: '{name}' is not found"}, status=404)
+        # Looked up as a request for it would be: a folder copied in since is found, and with the
+        # repository unreadable the answer is a 503 (unknown for now), not a 404 (gone).
+        slot = mgr.request_slot(name)
     _check_version(request, name)
     # Ready as long as the next request is served: resident, or unloaded by keep-alive after it
     # has served (its next request loads it). Following residency alone, a client that checks
