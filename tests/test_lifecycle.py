@@ -376,6 +376,27 @@ def test_notify_reaches_abstract_and_path_sockets(tmp_path: Path, abstract: bool
     sock.close()
 
 
+def serve_until_it_exits(tmp: Path, port: int, **extra: Any) -> tuple[int, str, str]:
+    """``appliance serve`` on a repository made in ``tmp``, expected to refuse to start: its exit
+    status, stderr, and stdout + stderr."""
+    cfg = tmp / "appliance.yaml"
+    raw = {
+        "server": {"port": port, "log_level": "info"},
+        "admin": {"port": -1},
+        "model_repository": str(tmp / "engines"),
+        "data_dir": str(tmp / "data"),
+        **extra,
+    }
+    cfg.write_text(yaml.safe_dump(raw))
+    done = subprocess.run(
+        [sys.executable, "-m", "appliance", "serve", "--config", str(cfg)],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+    )
+    return done.returncode, done.stderr.decode(), done.stdout.decode() + done.stderr.decode()
+
+
 def test_a_port_in_use_is_one_clear_error_and_exit_status_2(tmp_path: Path, minilm_folder: Path) -> None:
     """What start had set going (the default model's load) is stopped before the error is
     reported: no "Task was destroyed but it is pending!" lines after it."""
@@ -384,23 +405,9 @@ def test_a_port_in_use_is_one_clear_error_and_exit_status_2(tmp_path: Path, mini
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     port = taken.getsockname()[1]
-    cfg = tmp_path / "appliance.yaml"
-    raw = {
-        "server": {"port": port, "log_level": "info"},
-        "admin": {"port": -1},
-        "model_repository": str(tmp_path / "engines"),
-        "data_dir": str(tmp_path / "data"),
-    }
-    cfg.write_text(yaml.safe_dump(raw))
     with taken:
-        done = subprocess.run(
-            [sys.executable, "-m", "appliance", "serve", "--config", str(cfg)],
-            cwd=ROOT,
-            capture_output=True,
-            timeout=120,
-        )
-    out = done.stdout.decode() + done.stderr.decode()
-    assert done.returncode == 2, out
+        status, _, out = serve_until_it_exits(tmp_path, port)
+    assert status == 2, out
     assert f"('127.0.0.1', {port}): address already in use" in out
     assert '"level":"error"' not in out and "Traceback" not in out, out
 
@@ -429,26 +436,11 @@ def test_serve_refuses_to_start_with_model_settings_that_do_not_combine(
     no operator can set. Like a reload and check-config, serve refuses them, naming the model and
     the setting, with check-config's exit status and before any port is taken."""
     make_repository(tmp_path, {MODEL: minilm_folder})
-    port = free_port()
-    cfg = tmp_path / "appliance.yaml"
-    raw = {
-        "server": {"port": port, "log_level": "info"},
-        "admin": {"port": -1},
-        "model_repository": str(tmp_path / "engines"),
-        "data_dir": str(tmp_path / "data"),
-        "models": {MODEL: {"queue": {"priority_levels": 2, "default_priority": 3}}},
-    }
-    cfg.write_text(yaml.safe_dump(raw))
-    done = subprocess.run(
-        [sys.executable, "-m", "appliance", "serve", "--config", str(cfg)],
-        cwd=ROOT,
-        capture_output=True,
-        timeout=120,
-    )
-    out = done.stdout.decode() + done.stderr.decode()
-    assert done.returncode == 2, out
+    models = {MODEL: {"queue": {"priority_levels": 2, "default_priority": 3}}}
+    status, err, out = serve_until_it_exits(tmp_path, free_port(), models=models)
+    assert status == 2, out
     why = f"model {MODEL}: queue.default_priority must be an integer from 1 to priority_levels (2), got 3"
-    assert done.stderr.decode() == f"appliance: {cfg}: {why}\n", out
+    assert err == f"appliance: {tmp_path / 'appliance.yaml'}: {why}\n", out
     assert "serving on" not in out and "Traceback" not in out
 
 
