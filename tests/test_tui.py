@@ -573,6 +573,18 @@ def test_field_errors_attribute_server_messages() -> None:
     assert list(found) == ["queue.default_priority"] and not rest
 
 
+def test_changes_nest_into_the_patch_shape_and_a_setting_and_a_group_of_one_name_are_refused() -> None:
+    assert view.nest({"batching.max_batch_size": 8, "batching.max_delay_ms": 1, "x": True}) == {
+        "batching": {"max_batch_size": 8, "max_delay_ms": 1},
+        "x": True,
+    }
+    # Only a server whose keys hold dots makes a form with both; either order is refused, naming
+    # both, rather than one silently replacing the other (or a TypeError killing the apply).
+    for flat in ({"a": 1, "a.b": 2}, {"a.b": 2, "a": 1}):
+        with pytest.raises(ValueError, match=r"a\.b and .*cannot both be set|a and the settings"):
+            view.nest(flat)
+
+
 def test_backend_and_memory_pools_from_stats() -> None:
     rows = {r.name: r for r in view.model_rows(fake_stats(0))}
     assert view.backend_label(rows["yolov8n"].backend) == "ORT CUDA"

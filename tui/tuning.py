@@ -432,11 +432,12 @@ class TuningScreen(Screen[None]):
         if not changes:
             self._message("nothing to apply", "info")
             return
-        body = (
-            {"defaults": view.nest(changes)}
-            if self.scope == DEFAULTS
-            else {"models": {self.scope: view.nest(changes)}}
-        )
+        try:
+            tree = view.nest(changes)
+        except ValueError as e:
+            self._message(f"not applied: {e}", "error")
+            return
+        body = {"defaults": tree} if self.scope == DEFAULTS else {"models": {self.scope: tree}}
         res = await self.console.client.patch_settings(body)
         if res.value is not None:
             await self._show_view(res.value, reset=True)

@@ -591,13 +591,23 @@ def same_value(a: Any, b: Any) -> bool:
 
 
 def nest(flat: Mapping[str, Any]) -> JSON:
-    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``: the shape PATCH /admin/settings documents."""
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``: the shape PATCH /admin/settings documents.
+
+    Raises ValueError for names that cannot share one tree (``a`` and ``a.b``: a setting and a
+    group of the same name), which only a server answering keys with dots in them could make the
+    form hold; sending either half would change something other than what was typed.
+    """
     tree: JSON = {}
     for name, value in flat.items():
         node = tree
         *parents, leaf = name.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
+        for i, p in enumerate(parents):
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"{name} and {'.'.join(parents[: i + 1])} cannot both be set in one request")
+            node = child
+        if leaf in node:
+            raise ValueError(f"{name} and the settings under it cannot both be set in one request")
         node[leaf] = value
     return tree
 
