@@ -3,7 +3,9 @@ configuration reload on SIGHUP, structured logs."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import http.client
 import itertools
 import json
 import os
@@ -20,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from appliance.api.common import DRAINING
 from tests.conftest import ROOT, make_repository
 
 MODEL = "all-minilm-l6-v2"
@@ -214,6 +217,41 @@ def test_sigterm_drains_every_accepted_request_and_exits_zero(
     assert not any("words words" in line for line in (tmp_path / "server.log").read_text().splitlines()), (
         "request bodies never reach the logs"
     )
+
+
+def test_a_request_arriving_while_draining_gets_503_with_connection_close(
+    start_server, minilm_folder: Path, faulty: Any
+) -> None:  # type: ignore[no-untyped-def]
+    """While the server drains, a keep-alive client's next request is answered 503 with
+    Retry-After and ``Connection: close``, so that it retries on a new connection (another
+    replica, or this one restarted) rather than down the draining one, which answered the same
+    503 again and again; the request already running is answered whole."""
+    srv = start_server({MODEL: minilm_folder})
+    no_cache = {"Content-Type": "application/json", "Cache-Control": "no-store, no-cache"}
+    keep_alive = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+    keep_alive.request("POST", "/v1/embeddings", json.dumps({"model": MODEL, "input": "first"}), no_cache)
+    first = keep_alive.getresponse()
+    assert first.status == 200 and not first.will_close
+    first.read()
+    engine = faulty[0]
+    engine.delay_s = 1.0
+    rows = engine.rows
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(post, srv.port, {"model": MODEL, "input": "running"})
+        while engine.rows == rows:  # the engine has it
+            time.sleep(0.01)
+        assert srv.server is not None
+        drained = asyncio.run_coroutine_threadsafe(srv.server.drain(), srv.loop)
+        while not srv.app[DRAINING][0]:
+            time.sleep(0.01)
+        keep_alive.request("POST", "/v1/embeddings", json.dumps({"model": MODEL, "input": "late"}), no_cache)
+        late = keep_alive.getresponse()
+        body = json.loads(late.read())
+        assert late.status == 503 and late.getheader("Retry-After") and body["error"]["message"]
+        assert late.getheader("Connection") == "close" and late.will_close
+        assert running.result()[0] == 200
+    drained.result(10)
+    keep_alive.close()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
