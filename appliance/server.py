@@ -51,6 +51,7 @@ class Server:
         # Set by a second SIGINT or SIGTERM while draining: stop waiting for what still runs.
         self._cut = asyncio.Event()
         self.cut_by: int | None = None  # that signal's number
+        self._drain_ends: float | None = None  # when drain_timeout_s runs out (monotonic)
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -171,6 +172,7 @@ class Server:
         timeout = self.cfg.server.drain_timeout_s
         mgr = self.app[MANAGER]
         started = time.monotonic()
+        self._drain_ends = started + timeout
         shed = asyncio.gather(*(self._shed(s.runtime.batcher) for s in mgr.slots.values() if s.runtime))
         # Bounded (a hung engine must not hold the shutdown past drain_timeout_s), and not
         # cancelled at the bound: a scheduler may still be streaming.
@@ -228,7 +230,15 @@ class Server:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        ends = self._drain_ends if self._drain_ends is not None else time.monotonic()
         for runner in reversed(self._runners):
+            # A runner's cleanup waits for each connection's handler (a client still trickling
+            # its body, a slow reader) up to its shutdown timeout, then cancels it: given the
+            # whole drain_timeout_s again (the admin plane's aiohttp's 60 s), a body trickling
+            # on either plane held the exit that long after the drain, and past systemd's stop
+            # timeout. It gets what is left of the drain's bound (at least 1 s: aiohttp takes 0
+            # for no bound at all).
+            runner._shutdown_timeout = max(ends - time.monotonic(), 1.0)
             await runner.cleanup()
         self._runners.clear()
 
