@@ -76,7 +76,14 @@ class Server:
         await data.setup()
         self._runners.append(data)
         self.app[SUPERVISOR].task("send-timeout", data.reap_stalled_sends)
-        site = web.TCPSite(data, cfg.server.host, cfg.server.port, ssl_context=tls_context(cfg), backlog=128)
+        site = _Site(
+            data,
+            cfg.server.host,
+            cfg.server.port,
+            ssl_context=tls_context(cfg),
+            backlog=128,
+            handshake_timeout_s=cfg.server.keepalive_timeout_s,
+        )
         try:
             await site.start()
         except socket.gaierror as exc:  # said only "Name or service not known", naming nothing
@@ -395,6 +402,37 @@ def check_data_dir(cfg: Config) -> None:
 
 def _data_dir_error(data: Path, exc: OSError) -> ConfigError:
     return ConfigError(f"data_dir: {data} is not a writable folder ({exc.strerror or exc})")
+
+
+class _Site(web.TCPSite):
+    """The data plane's TCPSite, whose TLS handshakes are bounded as idle connections are
+    (``server.keepalive_timeout_s``). aiohttp leaves asyncio's 60 s: a client that opened
+    connections and never handshook (or stopped half-way) held a file descriptor each for a
+    minute, unseen by the connection cap, which counts a TLS connection from its handshake's end."""
+
+    def __init__(self, *args: Any, handshake_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.handshake_timeout_s = handshake_timeout_s
+
+    async def start(self) -> None:
+        if self._ssl_context is None:
+            await super().start()
+            return
+        await web.BaseSite.start(self)  # registers the site, as TCPSite.start does first
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            server,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+            ssl_handshake_timeout=self.handshake_timeout_s,
+        )
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
 
 def _bound_port(site: web.TCPSite) -> int:
