@@ -51,6 +51,7 @@ class Server:
         # Set by a second SIGINT or SIGTERM while draining: stop waiting for what still runs.
         self._cut = asyncio.Event()
         self.cut_by: int | None = None  # that signal's number
+        self._drain_ends: float | None = None  # when drain_timeout_s runs out (monotonic)
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -75,7 +76,14 @@ class Server:
         await data.setup()
         self._runners.append(data)
         self.app[SUPERVISOR].task("send-timeout", data.reap_stalled_sends)
-        site = web.TCPSite(data, cfg.server.host, cfg.server.port, ssl_context=tls_context(cfg), backlog=128)
+        site = _Site(
+            data,
+            cfg.server.host,
+            cfg.server.port,
+            ssl_context=tls_context(cfg),
+            backlog=128,
+            handshake_timeout_s=cfg.server.keepalive_timeout_s,
+        )
         try:
             await site.start()
         except socket.gaierror as exc:  # said only "Name or service not known", naming nothing
@@ -171,6 +179,7 @@ class Server:
         timeout = self.cfg.server.drain_timeout_s
         mgr = self.app[MANAGER]
         started = time.monotonic()
+        self._drain_ends = started + timeout
         shed = asyncio.gather(*(self._shed(s.runtime.batcher) for s in mgr.slots.values() if s.runtime))
         # Bounded (a hung engine must not hold the shutdown past drain_timeout_s), and not
         # cancelled at the bound: a scheduler may still be streaming.
@@ -228,7 +237,15 @@ class Server:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        ends = self._drain_ends if self._drain_ends is not None else time.monotonic()
         for runner in reversed(self._runners):
+            # A runner's cleanup waits for each connection's handler (a client still trickling
+            # its body, a slow reader) up to its shutdown timeout, then cancels it: given the
+            # whole drain_timeout_s again (the admin plane's aiohttp's 60 s), a body trickling
+            # on either plane held the exit that long after the drain, and past systemd's stop
+            # timeout. It gets what is left of the drain's bound (at least 1 s: aiohttp takes 0
+            # for no bound at all).
+            runner._shutdown_timeout = max(ends - time.monotonic(), 1.0)
             await runner.cleanup()
         self._runners.clear()
 
@@ -385,6 +402,37 @@ def check_data_dir(cfg: Config) -> None:
 
 def _data_dir_error(data: Path, exc: OSError) -> ConfigError:
     return ConfigError(f"data_dir: {data} is not a writable folder ({exc.strerror or exc})")
+
+
+class _Site(web.TCPSite):
+    """The data plane's TCPSite, whose TLS handshakes are bounded as idle connections are
+    (``server.keepalive_timeout_s``). aiohttp leaves asyncio's 60 s: a client that opened
+    connections and never handshook (or stopped half-way) held a file descriptor each for a
+    minute, unseen by the connection cap, which counts a TLS connection from its handshake's end."""
+
+    def __init__(self, *args: Any, handshake_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.handshake_timeout_s = handshake_timeout_s
+
+    async def start(self) -> None:
+        if self._ssl_context is None:
+            await super().start()
+            return
+        await web.BaseSite.start(self)  # registers the site, as TCPSite.start does first
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            server,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+            ssl_handshake_timeout=self.handshake_timeout_s,
+        )
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
 
 def _bound_port(site: web.TCPSite) -> int:

@@ -3,7 +3,9 @@ configuration reload on SIGHUP, structured logs."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import http.client
 import itertools
 import json
 import os
@@ -20,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from appliance.api.common import DRAINING
 from tests.conftest import ROOT, make_repository
 
 MODEL = "all-minilm-l6-v2"
@@ -214,6 +217,76 @@ def test_sigterm_drains_every_accepted_request_and_exits_zero(
     assert not any("words words" in line for line in (tmp_path / "server.log").read_text().splitlines()), (
         "request bodies never reach the logs"
     )
+
+
+def test_a_request_arriving_while_draining_gets_503_with_connection_close(
+    start_server, minilm_folder: Path, faulty: Any
+) -> None:  # type: ignore[no-untyped-def]
+    """While the server drains, a keep-alive client's next request is answered 503 with
+    Retry-After and ``Connection: close``, so that it retries on a new connection (another
+    replica, or this one restarted) rather than down the draining one, which answered the same
+    503 again and again; the request already running is answered whole."""
+    srv = start_server({MODEL: minilm_folder})
+    no_cache = {"Content-Type": "application/json", "Cache-Control": "no-store, no-cache"}
+    keep_alive = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+    keep_alive.request("POST", "/v1/embeddings", json.dumps({"model": MODEL, "input": "first"}), no_cache)
+    first = keep_alive.getresponse()
+    assert first.status == 200 and not first.will_close
+    first.read()
+    engine = faulty[0]
+    engine.delay_s = 1.0
+    rows = engine.rows
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(post, srv.port, {"model": MODEL, "input": "running"})
+        while engine.rows == rows:  # the engine has it
+            time.sleep(0.01)
+        assert srv.server is not None
+        drained = asyncio.run_coroutine_threadsafe(srv.server.drain(), srv.loop)
+        while not srv.app[DRAINING][0]:
+            time.sleep(0.01)
+        keep_alive.request("POST", "/v1/embeddings", json.dumps({"model": MODEL, "input": "late"}), no_cache)
+        late = keep_alive.getresponse()
+        body = json.loads(late.read())
+        assert late.status == 503 and late.getheader("Retry-After") and body["error"]["message"]
+        assert late.getheader("Connection") == "close" and late.will_close
+        assert running.result()[0] == 200
+    drained.result(10)
+    keep_alive.close()
+
+
+def test_clients_still_sending_a_body_do_not_hold_the_exit_past_the_drain_timeout(
+    start_server, minilm_folder: Path, faulty: Any
+) -> None:  # type: ignore[no-untyped-def]
+    """A request running for most of server.drain_timeout_s (5 s here) is answered, and clients
+    still trickling a body on the data plane and on the admin socket are cut when the bound is
+    spent: the stop ends within it (give or take a second). Each plane's connections used to get a bound of their own
+    after the drain (the whole drain_timeout_s, the admin plane's 60 s), so the trickling bodies
+    held the exit until their read timed out (server.read_timeout_s, 30 s)."""
+    srv = start_server({MODEL: minilm_folder})
+    assert srv.server is not None and srv.server.admin_socket is not None
+    bound = srv.cfg.server.drain_timeout_s
+    engine = faulty[0]
+    engine.delay_s = 3.0
+    rows = engine.rows
+    head = "{} {} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+    data = socket.create_connection(("127.0.0.1", srv.port))
+    admin = socket.socket(socket.AF_UNIX)
+    admin.connect(str(srv.server.admin_socket))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(post, srv.port, {"model": MODEL, "input": "running"})
+        while engine.rows == rows:  # the engine has it
+            time.sleep(0.01)
+        data.sendall(head.format("POST", "/v1/embeddings").encode())
+        admin.sendall(head.format("PATCH", "/admin/settings").encode())
+        started = time.monotonic()
+        stopped = asyncio.run_coroutine_threadsafe(srv.server.stop(), srv.loop)
+        stopped.result(60)
+        took = time.monotonic() - started
+        assert running.result()[0] == 200
+    # The bound, and a second each plane's cleanup is left at the least for answers being written.
+    assert took < bound + 3, f"the stop took {took:.1f} s"
+    data.close()
+    admin.close()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

@@ -133,6 +133,10 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
     if metered and app[DRAINING][0]:
         refused = error_response(api, Unavailable("the server is shutting down", retry_after_s=5))
         refused.headers["X-Request-Id"] = request_id
+        # With Connection: close: a keep-alive client sent its retry down this same connection,
+        # to the draining process, and got this 503 again until the process exited, instead of
+        # reconnecting (to a replica, or to this one restarted).
+        refused.force_close()
         return refused
     key_needed = needs_key(request)
     entered = handled = False
@@ -236,6 +240,8 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
                 )
     if not response.prepared:  # a stream sent its headers already, with the id (chat._sse)
         response.headers["X-Request-Id"] = request_id
+        if app[DRAINING][0]:  # answered while draining (a queued request's 503): as above
+            response.force_close()
     return response
 
 
