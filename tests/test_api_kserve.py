@@ -625,6 +625,20 @@ def test_a_generate_models_metadata_and_config_do_not_load_it(llm_server: Server
         ({"text_input": "x", "parameters": {"priority": "high"}}, "'priority'"),
         ({"text_input": "x", "max_tokens": 2, "parameters": {"max_tokens": 3}}, "'max_tokens' is set both"),
         ({"text_input": "x", "sampling_parameters": "{"}, "'sampling_parameters' must be a JSON object"),
+        # Read as the body is: these were 500s (a RecursionError; a stop string the cache key
+        # could not encode) or, past 64 bits, taken where the body refuses them.
+        (
+            {"text_input": "x", "sampling_parameters": '{"stop": ' + "[" * 2000 + "]" * 2000 + "}"},
+            "'sampling_parameters' must be a JSON object as a string: its text is nested more than",
+        ),
+        (
+            {"text_input": "x", "temperature": 0, "sampling_parameters": '{"stop": ["\\ud800"]}'},
+            "'sampling_parameters' must be a JSON object as a string: its text is not valid JSON",
+        ),
+        (
+            {"text_input": "x", "sampling_parameters": '{"seed": 1000000000000000000000000000000}'},
+            "'seed' must be an integer of at most 64 bits",
+        ),
         ({"text_input": "x", "id": 7}, "'id' must be a string"),
     ],
 )

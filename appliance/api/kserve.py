@@ -24,6 +24,7 @@ from appliance.api.common import (
     read_json,
     render,
 )
+from appliance.api.jsonbody import parse_object
 from appliance.api.tensors import (
     HEADER_LENGTH,
     datatype_of,
@@ -501,11 +502,15 @@ def _generate_request(doc: dict[str, Any]) -> _GenerateRequest:
                 f"'sampling_parameters' must be a JSON object as a string, got {json_type(encoded)}"
             )
         try:
-            sampling = json.loads(encoded)
-        except ValueError:
-            sampling = None
-        if not isinstance(sampling, dict):
-            raise InvalidRequest("'sampling_parameters' must be a JSON object as a string")
+            # The body's own parser and checks: json.loads let through what they refuse. Nesting
+            # past the recursion limit (a RecursionError, not a ValueError) and a lone surrogate
+            # (which the cache key cannot encode) were 500s; a seed of 10**30 was taken here and
+            # refused in the body.
+            sampling = parse_object(encoded.encode(), "its text")
+        except InvalidRequest as exc:
+            raise InvalidRequest(
+                f"'sampling_parameters' must be a JSON object as a string: {exc.message}"
+            ) from None
         unknown = [k for k in sampling if k not in _SAMPLING]
         if unknown:
             raise InvalidRequest(
