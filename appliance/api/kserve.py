@@ -28,6 +28,7 @@ from appliance.api.jsonbody import parse_object
 from appliance.api.tensors import (
     HEADER_LENGTH,
     datatype_of,
+    declared_inputs,
     decode_inputs,
     encode_response,
     parameters_of,
@@ -296,6 +297,14 @@ async def infer(request: web.Request) -> web.Response:
             f"/infer does not serve it; use POST /v2/models/{name}/generate or "
             f"/v2/models/{name}/generate_stream (Triton's generate extension), or /v1/completions"
         )
+    runtime = slot.runtime
+    if runtime is not None and isinstance(runtime.service, TensorRuntime):
+        declared = declared_inputs(doc)
+        if declared is not None:
+            # Against the resident model before any data is decoded: the data's cost grows with
+            # the body (8 MB of JSON numbers held the event loop 1.5 s, for every client), and a
+            # request the model refuses on its shapes or its batch size should not pay it.
+            request.app[TENSORS].check(runtime, declared)
     feeds = decode_inputs(doc, tail)
     outputs, binary = requested_outputs(doc)
     truncate = parameters_of(doc, "the request").get("truncate")  # as OpenAI's 'truncate' field
