@@ -24,9 +24,11 @@ from appliance.api.common import (
     read_json,
     render,
 )
+from appliance.api.jsonbody import parse_object
 from appliance.api.tensors import (
     HEADER_LENGTH,
     datatype_of,
+    declared_inputs,
     decode_inputs,
     encode_response,
     parameters_of,
@@ -295,6 +297,14 @@ async def infer(request: web.Request) -> web.Response:
             f"/infer does not serve it; use POST /v2/models/{name}/generate or "
             f"/v2/models/{name}/generate_stream (Triton's generate extension), or /v1/completions"
         )
+    runtime = slot.runtime
+    if runtime is not None and isinstance(runtime.service, TensorRuntime):
+        declared = declared_inputs(doc)
+        if declared is not None:
+            # Against the resident model before any data is decoded: the data's cost grows with
+            # the body (8 MB of JSON numbers held the event loop 1.5 s, for every client), and a
+            # request the model refuses on its shapes or its batch size should not pay it.
+            request.app[TENSORS].check(runtime, declared)
     feeds = decode_inputs(doc, tail)
     outputs, binary = requested_outputs(doc)
     truncate = parameters_of(doc, "the request").get("truncate")  # as OpenAI's 'truncate' field
@@ -501,11 +511,15 @@ def _generate_request(doc: dict[str, Any]) -> _GenerateRequest:
                 f"'sampling_parameters' must be a JSON object as a string, got {json_type(encoded)}"
             )
         try:
-            sampling = json.loads(encoded)
-        except ValueError:
-            sampling = None
-        if not isinstance(sampling, dict):
-            raise InvalidRequest("'sampling_parameters' must be a JSON object as a string")
+            # The body's own parser and checks: json.loads let through what they refuse. Nesting
+            # past the recursion limit (a RecursionError, not a ValueError) and a lone surrogate
+            # (which the cache key cannot encode) were 500s; a seed of 10**30 was taken here and
+            # refused in the body.
+            sampling = parse_object(encoded.encode(), "its text")
+        except InvalidRequest as exc:
+            raise InvalidRequest(
+                f"'sampling_parameters' must be a JSON object as a string: {exc.message}"
+            ) from None
         unknown = [k for k in sampling if k not in _SAMPLING]
         if unknown:
             raise InvalidRequest(

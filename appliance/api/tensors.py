@@ -104,6 +104,32 @@ def decode_inputs(doc: dict[str, Any], tail: bytes) -> dict[str, np.ndarray]:
     return out
 
 
+def declared_inputs(doc: dict[str, Any]) -> dict[str, tuple[np.dtype, list[int]]] | None:
+    """Each input's dtype and shape as the request declares them, read without its data, so that
+    they can be checked against the model before the data is decoded; None when any of them is
+    malformed (decoding says how)."""
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list):
+        return None
+    out: dict[str, tuple[np.dtype, list[int]]] = {}
+    for t in inputs:
+        if not isinstance(t, dict):
+            return None
+        name, shape, datatype = t.get("name"), t.get("shape"), t.get("datatype")
+        if (
+            not isinstance(name, str)
+            or name in out
+            or not isinstance(shape, list)
+            or len(shape) > MAX_DIMS
+            or not all(_is_uint(d) for d in shape)
+            or not isinstance(datatype, str)
+            or datatype not in DTYPES
+        ):
+            return None
+        out[name] = (DTYPES[datatype], shape)
+    return out
+
+
 def check_request(doc: dict[str, Any]) -> None:
     """The types of the request-level fields, before any of them is used."""
     if "id" in doc and not isinstance(doc["id"], str):
