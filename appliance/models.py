@@ -104,6 +104,10 @@ class ModelRuntime:
     # ``peak_scale``, sizes the model's activation lease; replaces ``warmup`` where present.
     peak_probe: Callable[[], None] | None = None
     peak_scale: float = 1.0
+    # Load-time work after the peak probe, outside its measurement (an embedding model's batch-size
+    # timing): its runs are at full batch already, and inside the probe their peak was scaled by
+    # ``peak_scale`` again.
+    tune: Callable[[], None] | None = None
     # Set by an embedding model's load-time measurement (``inference.measure_once``).
     measured_batch_size: dict[str, Any] | None = None
     # The LLM scheduler's running/waiting figures, for /admin/stats.
@@ -529,6 +533,8 @@ class ModelManager:
                 # a first run is the process's heap, reused by every model, not this model's.
                 _, peak = await loop.run_in_executor(executor, measure, warm)
                 activation = int(peak * runtime.peak_scale)
+                if runtime.tune is not None:
+                    await loop.run_in_executor(executor, runtime.tune)
             weights = max(estimate, grown)
             try:
                 await self._make_room(entry.name, weights, activation, engine.on_gpu)

@@ -12,9 +12,11 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from appliance.api.common import MANAGER
+from appliance.inference import EmbeddingRuntime
 from appliance.memory import DoesNotFit, MemoryManager, MemoryPools, rss_bytes, trim_heap
 from tests.conftest import ServerThread
 
@@ -237,6 +239,34 @@ def test_load_unload_cycles_give_each_model_back_and_rss_stays_bounded(
         rss.append(rss_bytes())
     assert [e() for e in engines] == [None] * len(engines), "an unloaded model's engine is still held"
     assert rss[-1] - rss[0] < 128 << 20, [r >> 20 for r in rss]
+
+
+def test_the_activation_lease_is_the_peak_probe_s_not_the_batch_size_timing_s(
+    start_server, minilm_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The activation lease is the peak probe's working memory scaled to the largest batch; the
+    batch-size timing that follows it at load is not measured with it. Its full-size batches'
+    transient memory was scaled by max_batch_size / PEAK_PROBE_ROWS again (a MiniLM lease of
+    238-476 MiB for a need of 47). Here the timing's transient is 64 MiB, made certain."""
+    real = EmbeddingRuntime.best_batch
+
+    def allocating_timing(self: EmbeddingRuntime, *args: Any, **kw: Any) -> Any:
+        scratch = np.ones(64 << 20, dtype=np.uint8)  # touched: resident while the timing runs
+        result = real(self, *args, **kw)
+        del scratch
+        return result
+
+    monkeypatch.setattr(EmbeddingRuntime, "best_batch", allocating_timing)
+    models = two_models(minilm_folder, tmp_path)
+    timed = {"batching": {"max_batch_size": 16, "measure_batch_size": True}}
+    untimed = {"batching": {"max_batch_size": 16, "measure_batch_size": False}}
+    srv = start_server(
+        models, overrides={A: timed, B: untimed}, config={"server": {"default_models": [A, B]}}
+    )
+    assert srv.call(lambda: srv.app[MANAGER].slots[A].runtime.measured_batch_size) is not None
+    (_, with_timing), (_, without) = lease_of(srv, A), lease_of(srv, B)
+    # 4x the timing's 64 MiB had it been measured; the two probes differ by noise only.
+    assert abs(with_timing - without) < 64 << 20, (with_timing >> 20, without >> 20)
 
 
 def test_plan_is_lru_and_skips_busy_and_pinned_models() -> None:
