@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import gc
 import sys
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -18,7 +19,8 @@ import pytest
 from appliance.api.common import MANAGER
 from appliance.inference import EmbeddingRuntime
 from appliance.memory import DoesNotFit, MemoryManager, MemoryPools, rss_bytes, trim_heap
-from tests.conftest import ServerThread
+from appliance.models import ModelManager
+from tests.conftest import FaultyEngine, ServerThread
 
 A, B = "minilm-a", "minilm-b"
 
@@ -267,6 +269,56 @@ def test_the_activation_lease_is_the_peak_probe_s_not_the_batch_size_timing_s(
     (_, with_timing), (_, without) = lease_of(srv, A), lease_of(srv, B)
     # 4x the timing's 64 MiB had it been measured; the two probes differ by noise only.
     assert abs(with_timing - without) < 64 << 20, (with_timing >> 20, without >> 20)
+
+
+def test_a_model_loaded_while_another_serves_measures_its_own_working_memory_alone(
+    start_server, minilm_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A load's peak probe reads the process's RSS, so no other engine call runs during it (the
+    compute arbiter's quiet period): the probe waits for the batch running, and that batch's
+    working memory is not the new model's. Measured while another model served, a MiniLM leased
+    0 to 838 MiB of activations for a need of 190 (a false "never fits" under a tight budget).
+    Here A's batch, running when B loads, takes 128 MiB for a moment once B's probe has begun
+    (or after 3 s), and B's probe lasts until it has (or 3 s)."""
+    probing, freed = threading.Event(), threading.Event()
+
+    class Busy(FaultyEngine):
+        def run(self, feeds: Any, output_names: Any = None) -> dict[str, np.ndarray]:
+            probing.wait(3)
+            scratch = np.ones(128 << 20, dtype=np.uint8)  # touched: resident for a moment
+            del scratch
+            freed.set()
+            return super().run(feeds, output_names)
+
+    original = ModelManager._open_engine
+    monkeypatch.setattr(
+        ModelManager,
+        "_open_engine",
+        staticmethod(lambda e, v: Busy(original(e, v)) if e.name == A else original(e, v)),
+    )
+    real_probe = EmbeddingRuntime.warmup_peak
+
+    def probe(self: EmbeddingRuntime) -> None:
+        probing.set()
+        real_probe(self)
+        freed.wait(3)
+
+    models = two_models(minilm_folder, tmp_path)
+    srv = start_server(
+        models, overrides={A: SMALL_BATCH, B: SMALL_BATCH}, config={"server": {"default_models": [A]}}
+    )
+    monkeypatch.setattr(EmbeddingRuntime, "warmup_peak", probe)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        serving = pool.submit(embed, srv, A)
+        deadline = time.monotonic() + 10
+        while not srv.call(lambda: srv.app[MANAGER].arbiter.held()):  # A's batch is running
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert embed(srv, B)[0] == 200  # loads B
+        assert serving.result(30)[0] == 200
+    _, activation = lease_of(srv, B)
+    # B's own need at batch 4 is a few MiB; A's 128 MiB would read as 128 MiB at least.
+    assert activation < 64 << 20, activation >> 20
 
 
 def test_plan_is_lru_and_skips_busy_and_pinned_models() -> None:
