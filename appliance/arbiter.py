@@ -101,6 +101,8 @@ class ComputeArbiter:
         # model's call whose grant came just before its latest one (None: its own came before).
         self._last: tuple[str, int] | None = None
         self._turns: dict[str, int | None] = {}
+        self._quiet = 0  # quiet periods open (see quiet): no grant is handed out meanwhile
+        self._idle: asyncio.Event | None = None  # set when the last grant held comes back
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -113,6 +115,29 @@ class ComputeArbiter:
             yield held
         finally:
             self.release(held)
+
+    @contextlib.asynccontextmanager
+    async def quiet(self, timeout_s: float) -> AsyncIterator[bool]:
+        """No engine call runs during the body: grants wait until it ends, and it starts once the
+        calls running now have given theirs back. For a load's memory measurement, which reads
+        the process's RSS: another model's batch running meanwhile was counted as the new model's
+        working memory. Bounded: after ``timeout_s`` (a hung call) the body runs anyway and is
+        told so (False); grants are handed out again when it ends, by urgency as usual."""
+        self._quiet += 1
+        try:
+            quiet = True
+            if self.held():
+                self._idle = self._idle or asyncio.Event()
+                try:
+                    await asyncio.wait_for(self._idle.wait(), timeout_s)
+                except asyncio.TimeoutError:
+                    quiet = False
+            yield quiet
+        finally:
+            self._quiet -= 1
+            if not self._quiet:
+                self._idle = None
+            self._dispatch()
 
     async def acquire(self, model: str, priority: int) -> Grant:
         """Take a grant (give it back with :meth:`release`). Cancelling the wait withdraws it."""
@@ -148,7 +173,7 @@ class ComputeArbiter:
     def try_acquire(self, model: str, priority: int) -> Grant | None:
         """A grant at once when one is free and nobody waits (give it back with :meth:`release`),
         else None: the uncontended case costs the caller no task and no loop turn."""
-        if not self._waiters:
+        if not self._waiters and not self._quiet:
             if self._running < self.concurrency:
                 return self._take(model, priority, 0.0, urgent=False)
             if priority == 1 and self._urgent_running < self.urgent_lane:
@@ -169,6 +194,8 @@ class ComputeArbiter:
             self._urgent_running -= 1
         else:
             self._running -= 1
+        if self._idle is not None and not self.held():
+            self._idle.set()
         self._dispatch()
         if self.observer is not None:
             self.observer.on_running(self._running + self._urgent_running)
@@ -223,7 +250,7 @@ class ComputeArbiter:
         return (w.priority - aged, w.priority, w.seq)
 
     def _dispatch(self) -> None:
-        while self._waiters:
+        while self._waiters and not self._quiet:
             now = self._clock()
             urgent = False
             if self._running < self.concurrency:

@@ -246,6 +246,15 @@ class Batcher(EarlyAdmission, Generic[T, R]):
         self._pump()  # closing ends any wait for a fuller batch
         while pending := [t for t in self._tasks if not t.done()]:
             await asyncio.wait(pending)
+        if self._deadline_timer is not None and not self._timed:
+            # Armed for a request answered since (entries are dropped lazily), it held this
+            # batcher, and through ``execute`` the unloaded model's runtime, engine, tokenizers
+            # and worker threads, until that request's deadline (30 s by default, an hour for a
+            # client's X-Timeout-Ms): an unload gave nothing back, and load/unload cycles
+            # (eviction swapping two models) grew RSS by each model's runtime per cycle.
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+            self._deadlines.clear()
 
     async def stop(self) -> None:
         await self.close(drain=False)

@@ -104,6 +104,10 @@ class ModelRuntime:
     # ``peak_scale``, sizes the model's activation lease; replaces ``warmup`` where present.
     peak_probe: Callable[[], None] | None = None
     peak_scale: float = 1.0
+    # Load-time work after the peak probe, outside its measurement (an embedding model's batch-size
+    # timing): its runs are at full batch already, and inside the probe their peak was scaled by
+    # ``peak_scale`` again.
+    tune: Callable[[], None] | None = None
     # Set by an embedding model's load-time measurement (``inference.measure_once``).
     measured_batch_size: dict[str, Any] | None = None
     # The LLM scheduler's running/waiting figures, for /admin/stats.
@@ -158,6 +162,9 @@ def _stamp(entry: ModelEntry) -> str | None:
 
 # After a failed load, requests are answered 503 for this long before one tries again.
 LOAD_RETRY_S = 30.0
+# How long a load's memory measurement waits for the engine calls running to end (arbiter.quiet):
+# longer than any call but a hung one; it then measures anyway.
+QUIET_WAIT_S = 5.0
 # How long a request for a model that is being unloaded waits for the drain before its 503.
 UNLOAD_WAIT_S = 2.0
 # How often a request for an unknown or unbuilt model may read the repository again (a flood of
@@ -527,8 +534,20 @@ class ModelManager:
             elif warm is not None:
                 # The run's transient peak above what stays resident. What the allocator keeps after
                 # a first run is the process's heap, reused by every model, not this model's.
-                _, peak = await loop.run_in_executor(executor, measure, warm)
+                # With every engine quiet: the peak is read from the whole process's RSS, and another
+                # model's batch running meanwhile was counted as this one's (a MiniLM leased 0 to
+                # 838 MiB of activations for a need of 190 while another served: "never fits").
+                async with self.arbiter.quiet(QUIET_WAIT_S) as quiet:
+                    _, peak = await loop.run_in_executor(executor, measure, warm)
+                if not quiet:
+                    log.warning(
+                        "model %s: an engine call ran through the memory measurement; its activation "
+                        "lease may be off",
+                        entry.name,
+                    )
                 activation = int(peak * runtime.peak_scale)
+                if runtime.tune is not None:
+                    await loop.run_in_executor(executor, runtime.tune)
             weights = max(estimate, grown)
             try:
                 await self._make_room(entry.name, weights, activation, engine.on_gpu)

@@ -339,3 +339,40 @@ async def test_a_model_s_work_at_the_chat_s_level_gets_its_turn_beside_priority_
     priority-2 embeddings were answered in 30 s)."""
     assert (await _overload_turns(True))[:2] == [["p1-0", "p1-1", "p2-0", "p2-1"], ["p1-2", "p1-3"]]
     assert (await _overload_turns(False))[:2] == [["p1-0", "p1-1"], ["p1-2", "p1-3"]]
+
+
+async def test_a_quiet_period_starts_once_running_calls_end_and_grants_nothing_until_it_ends() -> None:
+    """A load's memory measurement runs with no engine call beside it (``quiet``): it waits for
+    the calls running, new calls wait for it (the urgent lane too), and they then go by urgency."""
+    arbiter = ComputeArbiter(1, aging_ms=0, urgent_lane=1)
+    order: list[str] = []
+    gate = asyncio.Event()
+    running = asyncio.create_task(_hold(arbiter, "chat", 2, order, gate))
+    await asyncio.sleep(0)
+
+    async def measure() -> None:
+        async with arbiter.quiet(5.0) as quiet:
+            assert quiet and arbiter.held() == 0
+            order.append("measure")
+            await asyncio.sleep(0.01)
+            assert arbiter.try_acquire("embed", 1) is None
+            order.append("measured")
+
+    measuring = asyncio.create_task(measure())
+    await asyncio.sleep(0)
+    later = [asyncio.create_task(_hold(arbiter, "embed", lvl, order, gate)) for lvl in (2, 1)]
+    await asyncio.sleep(0)
+    assert order == ["chat:2"], "the urgent lane is quiet too"
+    gate.set()
+    await asyncio.gather(running, measuring, *later)
+    assert order == ["chat:2", "measure", "measured", "embed:1", "embed:2"]
+
+
+async def test_a_quiet_period_waits_for_a_hung_call_only_so_long() -> None:
+    arbiter = ComputeArbiter(1)
+    held = arbiter.try_acquire("hung", 2)
+    assert held is not None
+    async with arbiter.quiet(0.05) as quiet:
+        assert not quiet
+    arbiter.release(held)
+    assert arbiter.try_acquire("next", 2) is not None

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -788,6 +790,20 @@ async def test_close_without_drain_fails_queued_work_but_finishes_the_running_ba
             await task
     assert engine.batches == [["blocker"]]
     assert batcher.snapshot()["rejections"]["closed"] == 3
+
+
+async def test_a_closed_batcher_is_freed_at_once_not_at_its_answered_requests_deadlines() -> None:
+    """Closing (a model's unload) lets the batcher go, and with it what its ``execute`` holds (the
+    model's runtime and engine): the deadline timer of a request answered long before its
+    deadline does not keep it until then."""
+    engine = FakeEngine()
+    batcher: Batcher[Any, Any] = Batcher("m", BatchPolicy(default_timeout_ms=3_600_000), engine)
+    assert await batcher.submit(1) == ("ok", 1)
+    await batcher.close()
+    gone = weakref.ref(engine)
+    del batcher, engine
+    gc.collect()
+    assert gone() is None, "the closed batcher's engine is still referenced"
 
 
 # ---- properties -------------------------------------------------------------------------------
