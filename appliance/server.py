@@ -28,12 +28,13 @@ from appliance import settings, yamlfile
 from appliance.api.admin import ADMIN_TOKEN, create_admin_app
 from appliance.api.app import create_app
 from appliance.api.common import DRAINING, INFLIGHT, MANAGER, RESILIENCE, SUPERVISOR
-from appliance.api.security import KEYS, LimitedRunner, UnlingeringRunner, keystore
+from appliance.api.security import KEYS, LimitedRunner, UnlingeringRunner, cut_unsent, keystore
 from appliance.config import Config, ConfigError, parse
 from appliance.llm.scheduler import Scheduler
 from appliance.sdnotify import Notifier, watchdog_loop
 
 log = logging.getLogger(__name__)
+SEND_GRACE_S = 1.0  # after the drain: for the last bytes it had the handlers write
 
 
 class Server:
@@ -51,6 +52,8 @@ class Server:
         # Set by a second SIGINT or SIGTERM while draining: stop waiting for what still runs.
         self._cut = asyncio.Event()
         self.cut_by: int | None = None  # that signal's number
+        # When the drain's time is up (time.monotonic()): answers still being written then are cut.
+        self._sends_until = 0.0
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -171,6 +174,7 @@ class Server:
         timeout = self.cfg.server.drain_timeout_s
         mgr = self.app[MANAGER]
         started = time.monotonic()
+        self._sends_until = started + timeout
         shed = asyncio.gather(*(self._shed(s.runtime.batcher) for s in mgr.slots.values() if s.runtime))
         # Bounded (a hung engine must not hold the shutdown past drain_timeout_s), and not
         # cancelled at the bound: a scheduler may still be streaming.
@@ -228,6 +232,17 @@ class Server:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Answers still being written (a client reading slowly, or not at all) get what is left of
+        # the drain's time, and a second to send what its end wrote (an error event and [DONE]);
+        # then they are cut here. Left to aiohttp's shutdown, each such connection held the stop
+        # for up to twice more the drain timeout (see security.cut_unsent).
+        until = time.monotonic() + SEND_GRACE_S
+        if not self._cut.is_set():
+            until = max(until, self._sends_until)
+        for runner in self._runners:
+            cut = await cut_unsent(runner.server, until)
+            if cut:
+                log.warning("shutdown: %d connections still sending after the drain are cut", cut)
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
