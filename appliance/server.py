@@ -28,12 +28,13 @@ from appliance import settings, yamlfile
 from appliance.api.admin import ADMIN_TOKEN, create_admin_app
 from appliance.api.app import create_app
 from appliance.api.common import DRAINING, INFLIGHT, MANAGER, RESILIENCE, SUPERVISOR
-from appliance.api.security import KEYS, LimitedRunner, UnlingeringRunner, keystore
+from appliance.api.security import KEYS, LimitedRunner, UnlingeringRunner, cut_unsent, keystore
 from appliance.config import Config, ConfigError, parse
 from appliance.llm.scheduler import Scheduler
 from appliance.sdnotify import Notifier, watchdog_loop
 
 log = logging.getLogger(__name__)
+SEND_GRACE_S = 1.0  # after the drain: for the last bytes it had the handlers write
 
 
 class Server:
@@ -51,7 +52,9 @@ class Server:
         # Set by a second SIGINT or SIGTERM while draining: stop waiting for what still runs.
         self._cut = asyncio.Event()
         self.cut_by: int | None = None  # that signal's number
-        self._drain_ends: float | None = None  # when drain_timeout_s runs out (monotonic)
+        # When drain_timeout_s runs out (time.monotonic()): answers still being written then are
+        # cut, and the runners' shutdown gets only what is left of it.
+        self._drain_ends: float | None = None
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -238,6 +241,17 @@ class Server:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         ends = self._drain_ends if self._drain_ends is not None else time.monotonic()
+        # Answers still being written (a client reading slowly, or not at all) get what is left of
+        # the drain's time, and a second to send what its end wrote (an error event and [DONE]);
+        # then they are cut here. Left to aiohttp's shutdown, each such connection held the stop
+        # for up to twice more the drain timeout (see security.cut_unsent).
+        until = time.monotonic() + SEND_GRACE_S
+        if not self._cut.is_set():
+            until = max(until, ends)
+        for runner in self._runners:
+            cut = await cut_unsent(runner.server, until)
+            if cut:
+                log.warning("shutdown: %d connections still sending after the drain are cut", cut)
         for runner in reversed(self._runners):
             # A runner's cleanup waits for each connection's handler (a client still trickling
             # its body, a slow reader) up to its shutdown timeout, then cancels it: given the

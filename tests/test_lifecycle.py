@@ -90,6 +90,38 @@ def test_ready_watchdog_pings_stop_when_an_engine_hangs_and_stopping(
     listener.close()
 
 
+def test_a_client_that_stops_reading_does_not_hold_the_shutdown_past_the_drain_timeout(
+    start_server, minilm_folder: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Found by a slow-read probe: answers a client stopped reading, more than the sockets hold,
+    left their connection's handler waiting on the socket's drain when the server stopped, and
+    aiohttp's own shutdown then waited for it the drain timeout twice more (for the handler, then
+    again after cancelling its request): a stop took 2 x ``server.drain_timeout_s`` (3 x with a
+    stream running through the drain), past systemd's TimeoutStopSec (60 s for 30 s), which then
+    kills the process. What is still being sent when the drain's time is up is cut."""
+    srv = start_server({MODEL: minilm_folder})
+    drain = srv.cfg.server.drain_timeout_s
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", srv.port))
+    try:
+        # ~19 KB each, read by nobody: several times what the two sockets' buffers hold.
+        s.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 400)
+
+        def sending_stalled() -> bool:
+            connections = srv.server._runners[0].server.connections  # type: ignore[union-attr]
+            return any(getattr(h, "writing_paused", False) for h in connections)
+
+        assert eventually(lambda: srv.call(sending_stalled)), "the server's output never backed up"
+        started = time.monotonic()
+        srv.stop()
+        took = time.monotonic() - started
+    finally:
+        s.close()
+    assert not srv._thread.is_alive()
+    assert took < drain + 2.0, f"the stop took {took:.1f} s with server.drain_timeout_s {drain}"
+
+
 # -- a real process: SIGTERM and SIGHUP ----------------------------------------------------------
 
 

@@ -432,6 +432,33 @@ def _acknowledged(transport: asyncio.BaseTransport) -> int | None:
     return int.from_bytes(raw[_TCPI_BYTES_ACKED], sys.byteorder)
 
 
+async def cut_unsent(server: web.Server | None, until: float) -> int:
+    """At shutdown, once the drain is over: wait until ``until`` (``time.monotonic()``) for the
+    connections still sending an answer, then abort those left; how many were aborted.
+
+    aiohttp's own shutdown (``runner.cleanup``) waits for such a connection up to its shutdown
+    timeout twice (for its handler, then again after cancelling its request), and the handler of
+    a client that stopped reading sits on the socket's drain all that while: with that timeout at
+    ``server.drain_timeout_s``, after the drain had taken its own, a stop took up to three drain
+    timeouts, past systemd's TimeoutStopSec, which then killed the process. Aborted (as the send
+    timeout does: close() would wait to flush the very buffer nobody reads), the connection is
+    gone and its handler cancelled before aiohttp's shutdown looks at it."""
+    if server is None:
+        return 0
+    while True:
+        # A request in progress: its handler runs or its answer is still being written (what
+        # aiohttp's shutdown waits for). Where a release lacks the attribute, nothing is cut.
+        sending = [h for h in server.connections if getattr(h, "_request_in_progress", False)]
+        if not sending or time.monotonic() >= until:
+            break
+        await asyncio.sleep(0.05)
+    for handler in sending:
+        if handler.transport is not None:
+            handler.transport.abort()
+        handler.force_close()
+    return len(sending)
+
+
 def _close_idlest(connections: list[Any], newcomer: Any) -> bool:
     """Close the connection idle longest, other than ``newcomer``; False when none is idle.
 
