@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 import yaml
 
+from appliance import models
 from appliance.gpu import cuda
 from tests.conftest import ServerThread, copy_in, make_repository
 
@@ -500,12 +501,17 @@ def test_settings_are_not_saved_over_a_config_file_that_is_gone_or_broken(served
     assert admin(srv, "PATCH", "/admin/settings", change)[0] == 200
 
 
-def test_an_unload_under_traffic_leaves_one_engine_and_its_memory_counted(served: Any) -> None:
+def test_an_unload_under_traffic_leaves_one_engine_and_its_memory_counted(
+    served: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Found by an operator-side probe: requests arriving while an unload drained the old engine
     loaded a new one beside it, and the unload then released the new engine's memory lease, so
     the budget no longer saw a resident model. A load now waits for the unload to finish."""
     import threading
 
+    # Requests wait for the unload's drain this long before a 503: on a loaded box the drain can
+    # take longer than the 2 s default, and the 503 is not what this test is about.
+    monkeypatch.setattr(models, "UNLOAD_WAIT_S", 60.0)
     start, _ = served
     srv = start()
     statuses: list[int] = []
