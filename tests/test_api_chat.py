@@ -19,7 +19,7 @@ from appliance.api.common import MANAGER, METRICS, RESILIENCE
 from appliance.errors import InvalidRequest
 from appliance.llm.chat_template import render_chat
 from appliance.llm.runtime import DecoderSession, greedy_generate
-from appliance.llm.service import render_pieces
+from appliance.llm.service import LLMRuntime, render_pieces
 from tests.conftest import ServerThread, copy_fixture, make_repository, metric
 
 MODEL = "smollm2-135m-instruct"
@@ -380,6 +380,28 @@ def test_messages_that_cannot_fit_the_context_are_refused_before_templating(serv
     long = [{"role": "user", "content": "x" * 100_000}] * 3  # 300,000 characters > 8192 x 32
     status, resp, _ = server.post("/v1/chat/completions", {"model": MODEL, "messages": long, "max_tokens": 1})
     assert status == 400 and "refused before tokenizing" in resp["error"]["message"]
+
+
+def test_a_chat_of_many_messages_is_templated_off_the_event_loop(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chat within the context can still hold thousands of messages, and the template costs
+    ~30 us each: 8,192 empty ones held the event loop 240 ms, every stream with it. Past 64
+    messages the template runs on a worker thread (a spy notes where; the render is the real one)."""
+    where: list[str] = []
+    real = LLMRuntime.render_pieces
+
+    def spy(self: LLMRuntime, messages: Any) -> Any:
+        where.append(threading.current_thread().name)
+        return real(self, messages)
+
+    monkeypatch.setattr(LLMRuntime, "render_pieces", spy)
+    for n in (2, 100):
+        messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": "ok"} for i in range(n - 1)]
+        body = {"model": MODEL, "messages": [*messages, *ask("hi")], "max_tokens": 1}
+        status, resp, _ = server.post("/v1/chat/completions", body, headers=NO_CACHE)
+        assert status == 200, resp
+    assert where[0] == "test-server" and where[1] != "test-server", where
 
 
 def test_deterministic_whole_responses_are_cached_sampled_ones_not(server: ServerThread) -> None:
