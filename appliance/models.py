@@ -23,7 +23,8 @@ from appliance.admission import AdmissionError, PolicyError, Reservation
 from appliance.arbiter import ComputeArbiter
 from appliance.batcher import BatchPolicy
 from appliance.config import Config
-from appliance.engines.base import Engine
+from appliance.engines.base import Engine, Interface
+from appliance.engines.onnxruntime import graph_io
 from appliance.engines.select import expected_backend, expected_on_gpu, gpu_engines_available, open_engine
 from appliance.errors import LoadFailed, ModelNotBuilt, ModelNotFound, ModelUnloading, Unavailable
 from appliance.heap import freeze_startup_heap
@@ -160,6 +161,9 @@ def _stamp(entry: ModelEntry) -> str | None:
 LOAD_RETRY_S = 30.0
 # How long a request for a model that is being unloaded waits for the drain before its 503.
 UNLOAD_WAIT_S = 2.0
+# How long a metadata request waits for a model's interface to be read from its file (a few reads
+# on a healthy disk) before its 503.
+INTERFACE_WAIT_S = 5.0
 # How often a request for an unknown or unbuilt model may read the repository again (a flood of
 # requests for made-up names must not read every model.yaml each time).
 RESCAN_MIN_S = 1.0
@@ -236,6 +240,8 @@ class ModelManager:
         self.arena_lock = threading.Lock()
         # The identity of each model's built artefacts, read once (cache keys need it per request).
         self._identities: dict[str, str] = {}
+        # Each non-resident model's inputs and outputs, read from its file, by the file's stamp.
+        self._interfaces: dict[str, tuple[str, asyncio.Future[Interface]]] = {}
         # Models that have been resident since start: unloaded, they still count as ready.
         self._served: set[str] = set()
         self._restarting: set[str] = set()
@@ -297,6 +303,7 @@ class ModelManager:
                 # A resident one serves on from memory until it is unloaded.
                 del self.slots[name]
                 self._identities.pop(name, None)
+                self._interfaces.pop(name, None)
         if self._start_defaults is None:  # the first scan: what "every built model" means
             self._start_defaults = [n for n, s in self.slots.items() if s.state != ModelState.unbuilt]
 
@@ -391,6 +398,52 @@ class ModelManager:
         await self.load(name)
         assert slot.runtime is not None
         return slot.runtime
+
+    async def interface(self, name: str) -> Interface:
+        """The inputs and outputs of ``name`` (a model with an ONNX ``model`` artefact) as its
+        engine shows them, for metadata: the resident engine's, else read from the file without
+        loading it. A metadata GET that loaded the model took seconds and its memory (evicting
+        another), and waited on the load unbounded; the file's header is a few reads, done in a
+        thread (a stalled disk must not stall the loop), cached until the file changes, and
+        waited for at most INTERFACE_WAIT_S (then a 503 with Retry-After)."""
+        slot = self.request_slot(name)
+        if slot.runtime is not None:
+            return Interface(slot.runtime.engine.inputs, slot.runtime.engine.outputs)
+        entry = slot.entry
+        try:
+            stamp = artefact_stamp(entry.folder, [entry.spec.artefacts["model"]])
+        except FileNotFoundError:
+            raise ModelNotBuilt(name) from None
+        except OSError as exc:
+            raise LoadFailed(
+                name, f"its model file cannot be read ({exc})", retry_after_s=RESCAN_MIN_S
+            ) from None
+        cached = self._interfaces.get(name)
+        if cached is None or cached[0] != stamp:
+            read = asyncio.get_running_loop().run_in_executor(None, graph_io, entry.artefact("model"))
+
+            def forget(done: asyncio.Future[Interface]) -> None:
+                # A failed read is not kept (an I/O error may pass); nor left unretrieved.
+                failed = done.cancelled() or done.exception() is not None
+                if failed and self._interfaces.get(name, (None, None))[1] is done:
+                    del self._interfaces[name]
+
+            read.add_done_callback(forget)
+            cached = self._interfaces[name] = (stamp, read)
+        try:
+            # Shielded: a read that outlasts one request's wait is still cached for the next.
+            return await asyncio.wait_for(asyncio.shield(cached[1]), INTERFACE_WAIT_S)
+        except asyncio.TimeoutError:
+            raise Unavailable(
+                f"The model '{name}' could not be described in {INTERFACE_WAIT_S:g} s: its model file "
+                "is slow to read",
+                param="model",
+                retry_after_s=INTERFACE_WAIT_S,
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise LoadFailed(
+                name, f"its model file cannot be read ({exc})", retry_after_s=LOAD_RETRY_S
+            ) from None
 
     # -- lifecycle -------------------------------------------------------------------------
     async def load(self, name: str) -> None:
