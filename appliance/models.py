@@ -29,7 +29,15 @@ from appliance.engines.select import expected_backend, expected_on_gpu, gpu_engi
 from appliance.errors import LoadFailed, ModelNotBuilt, ModelNotFound, ModelUnloading, Unavailable
 from appliance.heap import freeze_startup_heap
 from appliance.memory import DoesNotFit, MemoryPools, measure, trim_heap
-from appliance.repository import MODEL_FILE, REPOSITORY, ModelEntry, ModelKind, artefact_stamp, scan_folders
+from appliance.repository import (
+    MODEL_FILE,
+    REPOSITORY,
+    ModelEntry,
+    ModelKind,
+    ParseCache,
+    artefact_stamp,
+    scan_folders,
+)
 from appliance.sdnotify import ProgressWatchdog
 from appliance.telemetry import Metrics
 
@@ -212,6 +220,7 @@ class ModelManager:
         # for it is told what is wrong, not that it does not exist), and the repository's own.
         self.broken: dict[str, str] = {}
         self._scanned_at = -RESCAN_MIN_S
+        self._parsed: ParseCache = {}  # each model.yaml as last read (scan_folders)
         # The repository folder is there but could not be listed at the last look (permissions,
         # an I/O error): what it holds is unknown, not gone.
         self._unreadable = False
@@ -263,7 +272,7 @@ class ModelManager:
         loaded with until it is unloaded)."""
         self._scanned_at = time.monotonic()
         known = set(self.broken.values())
-        entries, self.broken = scan_folders(self.cfg.model_repository)
+        entries, self.broken = scan_folders(self.cfg.model_repository, self._parsed)
         self._unreadable = REPOSITORY in self.broken and _is_dir(self.cfg.model_repository)
         for error in self.scan_errors:
             if error not in known:  # once each, however often it is rescanned
