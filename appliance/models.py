@@ -249,6 +249,8 @@ class ModelManager:
         self.arena_lock = threading.Lock()
         # The identity of each model's built artefacts, read once (cache keys need it per request).
         self._identities: dict[str, str] = {}
+        # Artefact hashes running in a thread (identity_within), by model.
+        self._hashing: dict[str, asyncio.Future[None]] = {}
         # Each non-resident model's inputs and outputs, read from its file, by the file's stamp.
         self._interfaces: dict[str, tuple[str, asyncio.Future[Interface]]] = {}
         # Models that have been resident since start: unloaded, they still count as ready.
@@ -576,6 +578,9 @@ class ModelManager:
             )
             engine = holder[0]
             factory = RUNTIME_FACTORIES[entry.kind]
+            # The factory takes the artefacts' digest (the runtime's identity): hashed here, on
+            # the worker, when there is no build record, not by the factory on the event loop.
+            await loop.run_in_executor(executor, _digest_quietly, entry)
             runtime = factory(self, entry, engine, executor)
             warm = runtime.peak_probe or runtime.warmup
             activation = 0
@@ -831,6 +836,26 @@ class ModelManager:
                 return f"{name}@unreadable"
         return ident
 
+    async def identity_within(self, name: str, timeout_s: float) -> str | None:
+        """``identity``, its files hashed in a thread rather than on the event loop (a model with
+        no build record: 90 MB took 0.1 s, a 500 MB decoder most of a second, stalling every
+        request), waited for at most ``timeout_s``: None then, and the request goes without the
+        response cache (the hash goes on, for the next one)."""
+        ident = self._identities.get(name)
+        if ident is not None:
+            return ident
+        entry = self._slot(name).entry
+        if not entry.digest_is_cheap():
+            hashing = self._hashing.get(name)
+            if hashing is None:
+                hashing = asyncio.get_running_loop().run_in_executor(None, _digest_quietly, entry)
+                self._hashing[name] = hashing
+                hashing.add_done_callback(lambda _: self._hashing.pop(name, None))
+            done, _ = await asyncio.wait({hashing}, timeout=timeout_s)
+            if not done or not self._slot(name).entry.digest_is_cheap():
+                return None  # still hashing, or the model changed meanwhile: the next request
+        return self.identity(name)
+
     def configure_memory(self) -> None:
         """A new budget applies to the next load (resident models are not evicted for it)."""
         values = self.cfg.tunables_for("", {})
@@ -915,6 +940,13 @@ class ModelManager:
         if slot.context_length is not None:
             d["max_model_len"] = slot.context_length  # vLLM's name; known once the model has loaded
         return d
+
+
+def _digest_quietly(entry: ModelEntry) -> None:
+    """Hash ``entry``'s artefacts (``ModelEntry.digest`` keeps the result); an unreadable file is
+    ``identity``'s to report."""
+    with contextlib.suppress(OSError):
+        entry.digest()
 
 
 def _device_total() -> int | None:

@@ -6,7 +6,7 @@ import hashlib
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -95,6 +95,8 @@ class ModelEntry:
     folder: Path
     spec: ModelFile
     tunables: dict[str, settings.SettingValue]
+    # The artefacts' hash with the stamp it was taken at (``digest``): hashed once, not per call.
+    _hashed: tuple[str, str] | None = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -130,9 +132,28 @@ class ModelEntry:
         written with: a model.onnx copied over a built one, the record left as it was, kept the old
         identity and served the old model's cached answers. Each file's stat counts too (``artefact_stamp``)."""
         rec = self.build_record().get("digest")
+        stamp = artefact_stamp(self.folder, self.spec.artefacts.values())
         if isinstance(rec, str):
-            return f"{rec}.{artefact_stamp(self.folder, self.spec.artefacts.values())}"
-        return artefact_digest(self.folder, self.spec.artefacts.values())
+            return f"{rec}.{stamp}"
+        # No record (a folder copied in, an operator's own ONNX file): the files are hashed, a
+        # second or more for a large model, so once for as long as their stamp holds. Taken
+        # before the hash: a file that changes during it is hashed again next time.
+        hashed = self._hashed
+        if hashed is not None and hashed[0] == stamp:
+            return hashed[1]
+        value = artefact_digest(self.folder, self.spec.artefacts.values())
+        self._hashed = (stamp, value)
+        return value
+
+    def digest_is_cheap(self) -> bool:
+        """Whether ``digest`` reads no more than a record and a stat per file (no hashing)."""
+        if isinstance(self.build_record().get("digest"), str):
+            return True
+        try:
+            stamp = artefact_stamp(self.folder, self.spec.artefacts.values())
+        except OSError:
+            return True  # digest() raises at once
+        return self._hashed is not None and self._hashed[0] == stamp
 
 
 def artefact_digest(folder: Path, files: Any) -> str:
