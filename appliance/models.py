@@ -421,6 +421,8 @@ class ModelManager:
         if slot.runtime is not None:
             return Interface(slot.runtime.engine.inputs, slot.runtime.engine.outputs)
         entry = slot.entry
+        if "model" not in entry.spec.artefacts:  # as its load would fail (a KeyError was a 500)
+            raise LoadFailed(name, "its model.yaml names no 'model' artefact", retry_after_s=LOAD_RETRY_S)
         try:
             stamp = artefact_stamp(entry.folder, [entry.spec.artefacts["model"]])
         except FileNotFoundError:

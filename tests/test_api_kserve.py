@@ -623,6 +623,22 @@ def test_metadata_and_config_of_a_model_not_loaded_are_read_from_its_file_withou
     assert srv.call(lambda: [srv.app[MANAGER].slots[m].runtime for m in models]) == [None] * 3
 
 
+def test_metadata_of_a_model_that_names_no_model_artefact_is_a_503_as_its_load(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Described from its file, a model whose model.yaml names no 'model' artefact is refused as
+    loading it is (a 503 saying why), not a 500 from the missing key."""
+    from appliance import models
+
+    monkeypatch.setattr(models, "RESCAN_MIN_S", 0.0)
+    folder = Path(server.cfg.model_repository) / "odd"
+    folder.mkdir()
+    (folder / "graph.onnx").symlink_to(Path(server.cfg.model_repository) / AFFINE / "model.onnx")
+    (folder / "model.yaml").write_text("name: odd\nkind: tensor\nartefacts: {graph: graph.onnx}\n")
+    status, body, headers = server.request("GET", "/v2/models/odd")
+    assert status == 503 and "Retry-After" in headers and "'model' artefact" in body["error"], body
+
+
 def test_metadata_of_a_model_whose_file_is_slow_to_read_is_a_503_within_its_bound(
     server: ServerThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:
