@@ -29,7 +29,14 @@ from appliance.batcher import (
     QueueFull,
     Reservation,
 )
-from appliance.engines.base import Engine, EngineError, EngineOutOfMemory, EngineTimeout, datatype_of
+from appliance.engines.base import (
+    Engine,
+    EngineError,
+    EngineOutOfMemory,
+    EngineTimeout,
+    Interface,
+    datatype_of,
+)
 from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, Overloaded, Unavailable
 from appliance.models import RUNTIME_FACTORIES, ModelManager, ModelRuntime, batch_policy
 from appliance.repository import ModelEntry, ModelKind
@@ -624,7 +631,7 @@ class TensorItem:
         return (self.outputs, *((k, v.shape[1:], v.dtype.str) for k, v in sorted(self.feeds.items())))
 
 
-def batches_rows(engine: Engine) -> bool:
+def batches_rows(engine: Engine | Interface) -> bool:
     """Whether requests can share an engine run, concatenated along axis 0: only when every input
     and every output has a dynamic first dimension (Triton's rule for max_batch_size > 0).
     Otherwise an output's rows are not the requests' rows (a reduction over axis 0, a fixed shape,

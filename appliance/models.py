@@ -23,12 +23,21 @@ from appliance.admission import AdmissionError, PolicyError, Reservation
 from appliance.arbiter import ComputeArbiter
 from appliance.batcher import BatchPolicy
 from appliance.config import Config
-from appliance.engines.base import Engine
+from appliance.engines.base import Engine, Interface
+from appliance.engines.onnxruntime import graph_io
 from appliance.engines.select import expected_backend, expected_on_gpu, gpu_engines_available, open_engine
 from appliance.errors import LoadFailed, ModelNotBuilt, ModelNotFound, ModelUnloading, Unavailable
 from appliance.heap import freeze_startup_heap
 from appliance.memory import DoesNotFit, MemoryPools, measure, trim_heap
-from appliance.repository import MODEL_FILE, REPOSITORY, ModelEntry, ModelKind, artefact_stamp, scan_folders
+from appliance.repository import (
+    MODEL_FILE,
+    REPOSITORY,
+    ModelEntry,
+    ModelKind,
+    ParseCache,
+    artefact_stamp,
+    scan_folders,
+)
 from appliance.sdnotify import ProgressWatchdog
 from appliance.telemetry import Metrics
 
@@ -167,6 +176,9 @@ LOAD_RETRY_S = 30.0
 QUIET_WAIT_S = 5.0
 # How long a request for a model that is being unloaded waits for the drain before its 503.
 UNLOAD_WAIT_S = 2.0
+# How long a metadata request waits for a model's interface to be read from its file (a few reads
+# on a healthy disk) before its 503.
+INTERFACE_WAIT_S = 5.0
 # How often a request for an unknown or unbuilt model may read the repository again (a flood of
 # requests for made-up names must not read every model.yaml each time).
 RESCAN_MIN_S = 1.0
@@ -215,6 +227,7 @@ class ModelManager:
         # for it is told what is wrong, not that it does not exist), and the repository's own.
         self.broken: dict[str, str] = {}
         self._scanned_at = -RESCAN_MIN_S
+        self._parsed: ParseCache = {}  # each model.yaml as last read (scan_folders)
         # The repository folder is there but could not be listed at the last look (permissions,
         # an I/O error): what it holds is unknown, not gone.
         self._unreadable = False
@@ -243,6 +256,10 @@ class ModelManager:
         self.arena_lock = threading.Lock()
         # The identity of each model's built artefacts, read once (cache keys need it per request).
         self._identities: dict[str, str] = {}
+        # Artefact hashes running in a thread (identity_within), by model.
+        self._hashing: dict[str, asyncio.Future[None]] = {}
+        # Each non-resident model's inputs and outputs, read from its file, by the file's stamp.
+        self._interfaces: dict[str, tuple[str, asyncio.Future[Interface]]] = {}
         # Models that have been resident since start: unloaded, they still count as ready.
         self._served: set[str] = set()
         self._restarting: set[str] = set()
@@ -264,7 +281,7 @@ class ModelManager:
         loaded with until it is unloaded)."""
         self._scanned_at = time.monotonic()
         known = set(self.broken.values())
-        entries, self.broken = scan_folders(self.cfg.model_repository)
+        entries, self.broken = scan_folders(self.cfg.model_repository, self._parsed)
         self._unreadable = REPOSITORY in self.broken and _is_dir(self.cfg.model_repository)
         for error in self.scan_errors:
             if error not in known:  # once each, however often it is rescanned
@@ -304,6 +321,7 @@ class ModelManager:
                 # A resident one serves on from memory until it is unloaded.
                 del self.slots[name]
                 self._identities.pop(name, None)
+                self._interfaces.pop(name, None)
         if self._start_defaults is None:  # the first scan: what "every built model" means
             self._start_defaults = [n for n, s in self.slots.items() if s.state != ModelState.unbuilt]
 
@@ -398,6 +416,54 @@ class ModelManager:
         await self.load(name)
         assert slot.runtime is not None
         return slot.runtime
+
+    async def interface(self, name: str) -> Interface:
+        """The inputs and outputs of ``name`` (a model with an ONNX ``model`` artefact) as its
+        engine shows them, for metadata: the resident engine's, else read from the file without
+        loading it. A metadata GET that loaded the model took seconds and its memory (evicting
+        another), and waited on the load unbounded; the file's header is a few reads, done in a
+        thread (a stalled disk must not stall the loop), cached until the file changes, and
+        waited for at most INTERFACE_WAIT_S (then a 503 with Retry-After)."""
+        slot = self.request_slot(name)
+        if slot.runtime is not None:
+            return Interface(slot.runtime.engine.inputs, slot.runtime.engine.outputs)
+        entry = slot.entry
+        if "model" not in entry.spec.artefacts:  # as its load would fail (a KeyError was a 500)
+            raise LoadFailed(name, "its model.yaml names no 'model' artefact", retry_after_s=LOAD_RETRY_S)
+        try:
+            stamp = artefact_stamp(entry.folder, [entry.spec.artefacts["model"]])
+        except FileNotFoundError:
+            raise ModelNotBuilt(name) from None
+        except OSError as exc:
+            raise LoadFailed(
+                name, f"its model file cannot be read ({exc})", retry_after_s=RESCAN_MIN_S
+            ) from None
+        cached = self._interfaces.get(name)
+        if cached is None or cached[0] != stamp:
+            read = asyncio.get_running_loop().run_in_executor(None, graph_io, entry.artefact("model"))
+
+            def forget(done: asyncio.Future[Interface]) -> None:
+                # A failed read is not kept (an I/O error may pass); nor left unretrieved.
+                failed = done.cancelled() or done.exception() is not None
+                if failed and self._interfaces.get(name, (None, None))[1] is done:
+                    del self._interfaces[name]
+
+            read.add_done_callback(forget)
+            cached = self._interfaces[name] = (stamp, read)
+        try:
+            # Shielded: a read that outlasts one request's wait is still cached for the next.
+            return await asyncio.wait_for(asyncio.shield(cached[1]), INTERFACE_WAIT_S)
+        except asyncio.TimeoutError:
+            raise Unavailable(
+                f"The model '{name}' could not be described in {INTERFACE_WAIT_S:g} s: its model file "
+                "is slow to read",
+                param="model",
+                retry_after_s=INTERFACE_WAIT_S,
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise LoadFailed(
+                name, f"its model file cannot be read ({exc})", retry_after_s=LOAD_RETRY_S
+            ) from None
 
     # -- lifecycle -------------------------------------------------------------------------
     async def load(self, name: str) -> None:
@@ -521,6 +587,9 @@ class ModelManager:
             )
             engine = holder[0]
             factory = RUNTIME_FACTORIES[entry.kind]
+            # The factory takes the artefacts' digest (the runtime's identity): hashed here, on
+            # the worker, when there is no build record, not by the factory on the event loop.
+            await loop.run_in_executor(executor, _digest_quietly, entry)
             runtime = factory(self, entry, engine, executor)
             warm = runtime.peak_probe or runtime.warmup
             activation = 0
@@ -788,6 +857,26 @@ class ModelManager:
                 return f"{name}@unreadable"
         return ident
 
+    async def identity_within(self, name: str, timeout_s: float) -> str | None:
+        """``identity``, its files hashed in a thread rather than on the event loop (a model with
+        no build record: 90 MB took 0.1 s, a 500 MB decoder most of a second, stalling every
+        request), waited for at most ``timeout_s``: None then, and the request goes without the
+        response cache (the hash goes on, for the next one)."""
+        ident = self._identities.get(name)
+        if ident is not None:
+            return ident
+        entry = self._slot(name).entry
+        if not entry.digest_is_cheap():
+            hashing = self._hashing.get(name)
+            if hashing is None:
+                hashing = asyncio.get_running_loop().run_in_executor(None, _digest_quietly, entry)
+                self._hashing[name] = hashing
+                hashing.add_done_callback(lambda _: self._hashing.pop(name, None))
+            done, _ = await asyncio.wait({hashing}, timeout=timeout_s)
+            if not done or not self._slot(name).entry.digest_is_cheap():
+                return None  # still hashing, or the model changed meanwhile: the next request
+        return self.identity(name)
+
     def configure_memory(self) -> None:
         """A new budget applies to the next load (resident models are not evicted for it)."""
         values = self.cfg.tunables_for("", {})
@@ -872,6 +961,13 @@ class ModelManager:
         if slot.context_length is not None:
             d["max_model_len"] = slot.context_length  # vLLM's name; known once the model has loaded
         return d
+
+
+def _digest_quietly(entry: ModelEntry) -> None:
+    """Hash ``entry``'s artefacts (``ModelEntry.digest`` keeps the result); an unreadable file is
+    ``identity``'s to report."""
+    with contextlib.suppress(OSError):
+        entry.digest()
 
 
 def _device_total() -> int | None:

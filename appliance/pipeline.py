@@ -500,7 +500,16 @@ class Pipeline:
         cache = self._cache(ticket)
         if cache is None or work.canonical is None or not (ticket.read_cache or ticket.write_cache):
             return None  # no key to compute: this request neither reads nor fills the cache
-        ticket.key = cache_key(self.manager.identity(ticket.model), work.canonical, work.blobs)
+        # The model's identity needs its files hashed when it has no build record: done in a
+        # thread (on the loop it stalled every request for as long), within the cache's bound.
+        identity = await self.manager.identity_within(
+            ticket.model, min(CACHE_IO_S, max(ticket.remaining(), 0.01))
+        )
+        if identity is None:  # still hashing: this request goes without the cache
+            if ticket.write_cache:
+                ticket.stored = False  # what FULL's answer says (X-Appliance-Cache: not-stored)
+            return None
+        ticket.key = cache_key(identity, work.canonical, work.blobs)
         if not ticket.read_cache:
             return None
         try:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -94,6 +95,8 @@ class ModelEntry:
     folder: Path
     spec: ModelFile
     tunables: dict[str, settings.SettingValue]
+    # The artefacts' hash with the stamp it was taken at (``digest``): hashed once, not per call.
+    _hashed: tuple[str, str] | None = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -129,9 +132,28 @@ class ModelEntry:
         written with: a model.onnx copied over a built one, the record left as it was, kept the old
         identity and served the old model's cached answers. Each file's stat counts too (``artefact_stamp``)."""
         rec = self.build_record().get("digest")
+        stamp = artefact_stamp(self.folder, self.spec.artefacts.values())
         if isinstance(rec, str):
-            return f"{rec}.{artefact_stamp(self.folder, self.spec.artefacts.values())}"
-        return artefact_digest(self.folder, self.spec.artefacts.values())
+            return f"{rec}.{stamp}"
+        # No record (a folder copied in, an operator's own ONNX file): the files are hashed, a
+        # second or more for a large model, so once for as long as their stamp holds. Taken
+        # before the hash: a file that changes during it is hashed again next time.
+        hashed = self._hashed
+        if hashed is not None and hashed[0] == stamp:
+            return hashed[1]
+        value = artefact_digest(self.folder, self.spec.artefacts.values())
+        self._hashed = (stamp, value)
+        return value
+
+    def digest_is_cheap(self) -> bool:
+        """Whether ``digest`` reads no more than a record and a stat per file (no hashing)."""
+        if isinstance(self.build_record().get("digest"), str):
+            return True
+        try:
+            stamp = artefact_stamp(self.folder, self.spec.artefacts.values())
+        except OSError:
+            return True  # digest() raises at once
+        return self._hashed is not None and self._hashed[0] == stamp
 
 
 def artefact_digest(folder: Path, files: Any) -> str:
@@ -212,10 +234,21 @@ def scan_repository(root: Path) -> tuple[list[ModelEntry], list[str]]:
 REPOSITORY = ""  # scan_folders' key for an error of the repository folder itself
 
 
-def scan_folders(root: Path) -> tuple[list[ModelEntry], dict[str, str]]:
+# What ``scan_folders`` read of each model.yaml: the file's stat, and the entry or the error it
+# gave, by folder name.
+ParseCache = dict[str, tuple[tuple[int, ...], "ModelEntry | str"]]
+RACY_S = 2.0
+
+
+def scan_folders(root: Path, cache: ParseCache | None = None) -> tuple[list[ModelEntry], dict[str, str]]:
     """``scan_repository``'s errors keyed by model folder (a model's name is its folder's), so a
     request for a broken model can be told what is wrong with its file; an error of ``root``
-    itself is keyed ``REPOSITORY``."""
+    itself is keyed ``REPOSITORY``.
+
+    With ``cache`` (kept by the caller between scans), a model.yaml whose stat is unchanged is
+    not read again: the server rescans on its event loop (a request for an unknown name, at most
+    once a second), where parsing and validating thousands of files blocked every request for
+    seconds; a stat each is a few milliseconds."""
     try:
         if not root.is_dir():
             return [], {REPOSITORY: f"model_repository: {root} is not a folder"}
@@ -224,13 +257,38 @@ def scan_folders(root: Path) -> tuple[list[ModelEntry], dict[str, str]]:
         return [], {REPOSITORY: f"model_repository: {root} cannot be read ({exc.strerror or exc})"}
     entries: list[ModelEntry] = []
     errors: dict[str, str] = {}
+    seen: ParseCache = {}
     for folder in folders:
         path = folder / MODEL_FILE
+        key: tuple[int, ...] | None = None
+        if cache is not None:
+            try:
+                st = path.stat()
+                # A new file is a new inode; an edit in place changes the mtime, or at least the
+                # ctime (which no tool sets back), as artefact_stamp reasons. A file changed in
+                # the last RACY_S is read again next time: the kernel's clock ticks coarsely, and
+                # a second edit within the same tick would keep its time (git's "racy" files).
+                if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > RACY_S * 1e9:
+                    key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
+            except OSError:
+                key = None  # missing or unreadable: looked at as without a cache
+            known = cache.get(folder.name)
+            if key is not None and known is not None and known[0] == key:
+                seen[folder.name] = known
+                if isinstance(known[1], str):
+                    errors[folder.name] = known[1]
+                else:
+                    entries.append(known[1])
+                continue
         try:
             if path.exists():
                 entries.append(load_model_file(path))
+                if key is not None:
+                    seen[folder.name] = (key, entries[-1])
         except RepositoryError as exc:
             errors[folder.name] = str(exc)
+            if key is not None:
+                seen[folder.name] = (key, errors[folder.name])
         except OSError as exc:  # unreadable, a directory, a symlink loop
             errors[folder.name] = f"{path}: cannot be read ({exc.strerror or exc})"
         except Exception as exc:  # whatever it is, it is this model's alone
@@ -239,4 +297,7 @@ def scan_folders(root: Path) -> tuple[list[ModelEntry], dict[str, str]]:
             errors[folder.name] = (
                 f"{folder.name}/{MODEL_FILE}: cannot be loaded ({type(exc).__name__}: {exc})"
             )
+    if cache is not None:  # only what is there now: a folder removed is forgotten
+        cache.clear()
+        cache.update(seen)
     return entries, errors

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import socket
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -177,6 +178,45 @@ def test_settings_apply_live_and_survive_a_restart(served: Any) -> None:
     _, current = admin(again, "GET", "/admin/settings")
     assert current["models"][MODEL]["batching.max_batch_size"] == 4
     assert current["defaults"]["cache.ttl_s"] == 120
+
+
+def test_a_settings_save_on_a_slow_disk_stalls_no_request_and_patches_apply_in_order(
+    served: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PATCH writes the config file with two fsyncs: on the event loop, a slow disk's seconds
+    stalled every request (the data plane's too). The save runs in a thread; a PATCH sent while
+    one saves waits its turn, so the file and the running values end as the last one says."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from appliance import config
+    from appliance.api.common import CONFIG
+
+    start, path = served
+    srv = start()
+    real, saving, disk = config.atomic_write, threading.Event(), threading.Event()
+
+    def slow_disk(*args: Any, **kwargs: Any) -> None:
+        saving.set()
+        disk.wait(30)
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(config, "atomic_write", slow_disk)
+
+    def patch(aging_ms: int) -> tuple[int, Any]:
+        return admin(srv, "PATCH", "/admin/settings", {"defaults": {"queue": {"aging_ms": aging_ms}}})
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(patch, 111)
+        assert saving.wait(10)
+        second = pool.submit(patch, 222)
+        try:
+            with urllib.request.urlopen(srv.url + "/healthz", timeout=2) as r:
+                assert r.status == 200  # answered while the file is being written
+        finally:
+            disk.set()
+        assert first.result()[0] == 200 and second.result()[0] == 200
+    assert yaml.safe_load(path.read_text())["defaults"]["queue"]["aging_ms"] == 222
+    assert srv.call(lambda: srv.app[CONFIG].defaults["queue.aging_ms"]) == 222
 
 
 def test_model_breaker_and_cache_actions(served: Any) -> None:

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
 from appliance.api.common import MANAGER, RESILIENCE
-from tests.conftest import ServerThread, copy_fixture, make_repository
+from tests.conftest import ServerThread, build_tensor_model, copy_fixture, make_repository
 
 EMB = "all-minilm-l6-v2"
 AFFINE = "affine"
@@ -636,6 +636,75 @@ def test_a_generate_models_metadata_and_config_do_not_load_it(llm_server: Server
     assert [llm_server.get(p) for p in paths] == resident  # the same answers, status 200 each
     assert all(status == 200 for status, _ in resident)
     assert llm_server.call(lambda: llm_server.app[MANAGER].slots[LLM].runtime) is None  # still unloaded
+
+
+def test_metadata_and_config_of_a_model_not_loaded_are_read_from_its_file_without_loading_it(
+    start_server: Any, minilm_folder: Path, tmp_path: Path
+) -> None:
+    """An embedding or tensor model's metadata and config are its tensors and its tunables: a GET
+    of either loaded an unloaded model (seconds, its memory, evicting another, waited for
+    without a bound). They are read from its ONNX file instead, the same answers as resident."""
+    from tests.test_admin import admin
+
+    reduce = build_tensor_model(  # each request alone: its output is not one row per input row
+        tmp_path / "src" / "reduce",
+        [helper.make_node("ReduceSum", ["X", "axes"], ["Y"], keepdims=1)],
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor("axes", TensorProto.INT64, [1], [0])],
+    )
+    models = {EMB: minilm_folder, AFFINE: build_affine_model(tmp_path / "src" / AFFINE), "reduce": reduce}
+    srv = start_server(models)
+    paths = [f"/v2/models/{m}{tail}" for m in models for tail in ("", "/config", "/versions/1/config")]
+    resident = [srv.get(p) for p in paths]
+    assert all(status == 200 for status, _ in resident), resident
+    assert srv.get("/v2/models/reduce/config")[1]["max_batch_size"] == 0
+    for m in models:
+        assert admin(srv, "POST", f"/admin/models/{m}/unload")[1]["state"] == "available"
+    assert [srv.get(p) for p in paths] == resident
+    assert srv.call(lambda: [srv.app[MANAGER].slots[m].runtime for m in models]) == [None] * 3
+
+
+def test_metadata_of_a_model_that_names_no_model_artefact_is_a_503_as_its_load(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Described from its file, a model whose model.yaml names no 'model' artefact is refused as
+    loading it is (a 503 saying why), not a 500 from the missing key."""
+    from appliance import models
+
+    monkeypatch.setattr(models, "RESCAN_MIN_S", 0.0)
+    folder = Path(server.cfg.model_repository) / "odd"
+    folder.mkdir()
+    (folder / "graph.onnx").symlink_to(Path(server.cfg.model_repository) / AFFINE / "model.onnx")
+    (folder / "model.yaml").write_text("name: odd\nkind: tensor\nartefacts: {graph: graph.onnx}\n")
+    status, body, headers = server.request("GET", "/v2/models/odd")
+    assert status == 503 and "Retry-After" in headers and "'model' artefact" in body["error"], body
+
+
+def test_metadata_of_a_model_whose_file_is_slow_to_read_is_a_503_within_its_bound(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading an unloaded model's interface waits at most INTERFACE_WAIT_S (a stalled disk), then
+    says to come back; the read goes on, and its answer serves the next request."""
+    import threading
+
+    from appliance import models
+    from tests.test_admin import admin
+
+    real, disk = models.graph_io, threading.Event()
+
+    def stalled(path: Path) -> Any:
+        disk.wait(30)
+        return real(path)
+
+    monkeypatch.setattr(models, "graph_io", stalled)
+    monkeypatch.setattr(models, "INTERFACE_WAIT_S", 0.2)
+    _, resident = server.get(f"/v2/models/{AFFINE}")
+    assert admin(server, "POST", f"/admin/models/{AFFINE}/unload")[1]["state"] == "available"
+    status, body, headers = server.request("GET", f"/v2/models/{AFFINE}")
+    assert status == 503 and "Retry-After" in headers and "slow to read" in body["error"], body
+    disk.set()
+    assert server.get(f"/v2/models/{AFFINE}") == (200, resident)
 
 
 @pytest.mark.parametrize(

@@ -73,3 +73,15 @@ def test_the_description_says_which_routes_need_a_key_and_documents_their_401(
             assert status == 401, (method, path, status)
             shape = str if path.startswith("/v2") else dict
             assert isinstance(body["error"], shape), (method, path, body)
+
+
+def test_the_description_is_parsed_before_the_server_listens_not_by_a_request(
+    start_server: Callable[..., ServerThread],
+) -> None:
+    """Parsing openapi.yaml takes 0.1-0.3 s: done by the first GET /openapi.json, on the event
+    loop, it stalled every request in flight then. It is ready when the server starts."""
+    from appliance.api import openapi
+
+    openapi.document.cache_clear()
+    start_server({})
+    assert openapi.document.cache_info().currsize == 1

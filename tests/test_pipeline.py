@@ -384,6 +384,74 @@ def test_a_model_pulled_or_copied_in_while_serving_serves_without_a_reload(
     assert status == 200
 
 
+def test_a_request_for_an_unknown_name_reads_again_only_the_model_files_changed_since(
+    start_server, minilm_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A request for a name not in the repository reads it again (at most once a second), on the
+    event loop: every model.yaml parsed and validated, about 1 ms each, so with 2,000 models a
+    stream of unknown names blocked every request for 2 s of each 3. A file whose stat has not
+    changed since it was read is not read again; an edited one is."""
+    from appliance import repository
+
+    monkeypatch.setattr(models_module, "RESCAN_MIN_S", 0.0)
+    monkeypatch.setattr(repository, "RACY_S", 0.0)  # every file here was written just now
+    srv = start_server({MODEL: minilm_folder})
+    repo = Path(srv.cfg.model_repository)
+    for i in range(20):
+        copy_in(repo, f"m{i}", minilm_folder)
+    assert srv.get("/v1/models/m3")[0] == 200  # copied in: found by the look a new name takes
+    reads: list[str] = []
+    real = repository.load_model_file
+
+    def read(path: Path) -> Any:
+        reads.append(path.parent.name)
+        return real(path)
+
+    monkeypatch.setattr(repository, "load_model_file", read)
+    for _ in range(3):
+        assert srv.get("/v1/models/nosuch")[0] == 404
+    assert reads == []
+    (repo / "m5" / "model.yaml").write_text(
+        (repo / "m5" / "model.yaml").read_text() + "description: edited\n"
+    )
+    assert srv.get("/v1/models/nosuch")[0] == 404
+    assert reads == ["m5"]
+    assert srv.get("/v1/models/m5")[1]["description"] == "edited"
+
+
+def test_hashing_a_model_without_a_build_record_stalls_no_other_request(
+    start_server, minilm_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A model copied in without a build record is identified for the response cache by a hash
+    of its files, which ran on the event loop (0.1 s for 90 MB, most of a second for a 500 MB
+    decoder, at its first request and at its load): every other request waited. It runs in a
+    thread; the request waits for it at most as long as for a cache read, then goes uncached."""
+    from appliance import repository
+
+    monkeypatch.setattr(models_module, "RESCAN_MIN_S", 0.0)
+    srv = start_server({MODEL: minilm_folder})
+    copy_in(Path(srv.cfg.model_repository), "copied", minilm_folder)
+    real, hashing, disk = repository.artefact_digest, threading.Event(), threading.Event()
+
+    def slow_hash(*args: Any) -> str:
+        hashing.set()
+        disk.wait(30)
+        return real(*args)
+
+    monkeypatch.setattr(repository, "artefact_digest", slow_hash)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(srv.post, "/v1/embeddings", {"model": "copied", "input": "x"})
+        assert hashing.wait(10)
+        try:
+            with urllib.request.urlopen(srv.url + "/healthz", timeout=2) as r:
+                assert r.status == 200  # answered while the files are hashed
+        finally:
+            disk.set()
+        status, body, _ = first.result()
+    assert status == 200 and len(body["data"][0]["embedding"]) == 384, body
+    assert srv.post("/v1/embeddings", {"model": "copied", "input": "x"})[2]["X-Appliance-Source"] == "cache"
+
+
 def test_a_model_whose_artefact_went_says_to_pull_it_and_serves_as_soon_as_it_is_rebuilt(
     start_server, minilm_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]

@@ -43,9 +43,13 @@ log = logging.getLogger(__name__)
 # How long an unload asked for while the model loads waits for that load: within the console's
 # 60 s for an unload, leaving time for the drain that follows.
 UNLOAD_WAITS_FOR_LOAD_S = 30.0
+# How long a settings PATCH waits for the one before it, and for its own save, before its 503.
+SETTINGS_WAIT_S = 10.0
 
 DATA_APP = web.AppKey("data_app", web.Application)
 ADMIN_TOKEN = web.AppKey("admin_token", str)
+# Held by a settings change from its check to its application (see patch_settings).
+SETTINGS_LOCK = web.AppKey("settings_lock", asyncio.Lock)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -225,6 +229,72 @@ async def patch_settings(request: web.Request) -> web.Response:
         if not isinstance(value, dict):
             raise InvalidRequest(f"{section}: expected a mapping, got {type(value).__name__}", param=section)
         sections[section] = value
+    lock = request.app[SETTINGS_LOCK]
+    if not await _acquire(lock, SETTINGS_WAIT_S):
+        raise Unavailable(
+            f"another settings change has been saving for over {SETTINGS_WAIT_S:g} s (a slow disk); "
+            "retry once it is done",
+            retry_after_s=SETTINGS_WAIT_S,
+        )
+    try:
+        changes = _planned_change(request, sections)
+    except BaseException:
+        lock.release()
+        raise
+    # The save (a file write and two fsyncs: a slow disk's seconds) runs in a thread, not on the
+    # event loop, which it stalled for every request; the lock, held until it is applied, keeps
+    # PATCHes from interleaving or reordering their writes. The task applies what it saved even
+    # if this request stops waiting, so what runs and what the file says never differ.
+    commit = asyncio.ensure_future(_commit(request, *changes))
+    commit.add_done_callback(lambda _: lock.release())
+    commit.add_done_callback(_log_failure)
+    done, _ = await asyncio.wait({commit}, timeout=SETTINGS_WAIT_S)
+    if not done:
+        raise Unavailable(
+            f"the settings file has not been written in {SETTINGS_WAIT_S:g} s (a slow disk); the change "
+            "applies once it is saved: check GET /admin/settings",
+            retry_after_s=SETTINGS_WAIT_S,
+        )
+    reload_needed, restart_needed = commit.result()
+    view = _settings_view(request)
+    view["reload_needed"] = reload_needed
+    view["restart_needed"] = restart_needed
+    return web.json_response(view)
+
+
+async def _acquire(lock: asyncio.Lock, timeout_s: float) -> bool:
+    """``lock``, taken within ``timeout_s``; False if not (wait_for on acquire() can lose a lock
+    taken as the timeout fires, before Python 3.12)."""
+    waiter = asyncio.ensure_future(lock.acquire())
+
+    def give_back(w: asyncio.Future[Any]) -> None:
+        if not w.cancelled():  # taken after all, as the wait ended
+            lock.release()
+
+    try:
+        done, _ = await asyncio.wait({waiter}, timeout=timeout_s)
+    finally:
+        if not waiter.done():
+            waiter.cancel()
+            waiter.add_done_callback(give_back)
+    return bool(done)
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    """A commit whose request stopped waiting still reports how it ended."""
+    if not task.cancelled() and task.exception() is not None:
+        exc = task.exception()
+        if isinstance(exc, ApplianceError):
+            log.error("settings change: %s", exc.message)
+        else:
+            log.error("settings change failed", exc_info=exc)
+
+
+def _planned_change(
+    request: web.Request, sections: dict[str, dict[str, Any]]
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The defaults and overrides ``sections`` make of the running ones, every value and every
+    model's combination checked (InvalidRequest naming each problem)."""
     app = _data(request)
     mgr, cfg = app[MANAGER], app[CONFIG]
     # Every problem, of every section and model, is gathered before refusing: a form shows each
@@ -278,10 +348,21 @@ async def patch_settings(request: web.Request) -> web.Response:
         err = InvalidRequest("; ".join(details), param=problems[0]["setting"])
         err.problems = problems
         raise err
+    return new_defaults, new_models
+
+
+async def _commit(
+    request: web.Request, new_defaults: dict[str, Any], new_models: dict[str, dict[str, Any]]
+) -> tuple[list[str], list[str]]:
+    """Save the change, then apply it; what waits for a reload and what for a restart."""
+    app = _data(request)
+    mgr, cfg = app[MANAGER], app[CONFIG]
     try:
         # A PATCH that changes nothing writes nothing: each rewrite drops the file's comments.
         if changed_sections(cfg, new_defaults, new_models):
-            save_settings(cfg, new_defaults, new_models)
+            await asyncio.get_running_loop().run_in_executor(
+                None, save_settings, cfg, new_defaults, new_models
+            )
     except (ConfigError, OSError) as exc:
         # The file on disk is gone, invalid, or cannot be written: nothing is applied either,
         # so that what runs and what a restart would load never differ.
@@ -307,14 +388,12 @@ async def patch_settings(request: web.Request) -> web.Response:
             for s in settings.REGISTRY.values()
         ):
             reload_needed.append(name)
-    view = _settings_view(request)
-    view["reload_needed"] = reload_needed
-    view["restart_needed"] = [
+    restart_needed = [
         s.name
         for s in settings.REGISTRY.values()
         if s.reload and s.scope == "server" and server_before[s.name] != server_after[s.name]
     ]
-    return web.json_response(view)
+    return reload_needed, restart_needed
 
 
 def _unset(flat: dict[str, Any]) -> list[str]:
@@ -415,6 +494,7 @@ def create_admin_app(data_app: web.Application) -> web.Application:
     app = web.Application(middlewares=[admin_guard], client_max_size=data_app[CONFIG].server.max_body_bytes)
     app.router.__class__ = MissRouter  # a 404 or 405 asks for no body (see MissRouter)
     app[DATA_APP] = data_app
+    app[SETTINGS_LOCK] = asyncio.Lock()
     app[CONFIG] = data_app[CONFIG]
     app[METRICS] = data_app[METRICS]
     for route in routes:

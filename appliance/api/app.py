@@ -354,6 +354,10 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         loop.call_soon_threadsafe(replace_engine, name)
 
     resilience.on_engine_sick = engine_sick
+    # /openapi.json's document is parsed from YAML once (openapi.document): in a thread now,
+    # before the server listens; the first GET parsed it on the loop (0.1-0.3 s, every request
+    # waiting), the moment a fuzzer or a client generator starts.
+    await loop.run_in_executor(None, openapi.document)
     mgr.rescan()
     loading = supervisor.once("model-load", mgr.start())
     yield

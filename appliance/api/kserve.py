@@ -35,6 +35,7 @@ from appliance.api.tensors import (
     requested_outputs,
     split_body,
 )
+from appliance.engines.base import Interface
 from appliance.errors import (
     ApplianceError,
     InvalidRequest,
@@ -43,7 +44,7 @@ from appliance.errors import (
     Unavailable,
     json_type,
 )
-from appliance.inference import EmbeddingRuntime, EmbeddingService, TensorRuntime
+from appliance.inference import EmbeddingService, batches_rows
 from appliance.llm.service import GenerationOptions
 from appliance.models import ModelManager, ModelRuntime, ModelState
 from appliance.pipeline import Ticket
@@ -84,21 +85,24 @@ async def ready(request: web.Request) -> web.Response:
     return web.Response(status=200 if request.app[MANAGER].ready() else 400)
 
 
-def _io(entry: ModelEntry, runtime: ModelRuntime | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _io(entry: ModelEntry, interface: Interface | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The model's tensors as clients see them (full shapes, -1 for dynamic dims). A generate
-    model's are its interface, needing no runtime; the others' are their engine's."""
+    model's are its interface, needing no runtime; the others' follow their engine's."""
     if entry.kind == ModelKind.generate:
         strip = ("optional",)  # a config field; metadata has name, datatype and shape only
         return (
             [{k: v for k, v in t.items() if k not in strip} for t in GENERATE_INPUTS],
             [dict(t) for t in GENERATE_OUTPUTS],
         )
-    assert runtime is not None  # _described loads every model but a generate one
-    rt = runtime.service
-    if isinstance(rt, EmbeddingRuntime):
+    assert interface is not None  # _described reads it for every model but a generate one
+    engine_inputs, engine_outputs = interface
+    if entry.kind == ModelKind.embedding:
+        # Text in, the pooled vector out (EmbeddingRuntime.dim: its output's last dimension).
+        spec = next((s for s in engine_outputs if s.name == EMBEDDING_OUTPUT), None)
+        dim = int(spec.shape[-1]) if spec and spec.shape and spec.shape[-1] else 0
         return (
             [{"name": TEXT_INPUT, "datatype": "BYTES", "shape": [-1, 1]}],
-            [{"name": EMBEDDING_OUTPUT, "datatype": "FP32", "shape": [-1, rt.dim]}],
+            [{"name": EMBEDDING_OUTPUT, "datatype": "FP32", "shape": [-1, dim]}],
         )
 
     def view(specs: Any) -> list[dict[str, Any]]:
@@ -111,7 +115,7 @@ def _io(entry: ModelEntry, runtime: ModelRuntime | None) -> tuple[list[dict[str,
             for s in specs
         ]
 
-    return view(runtime.engine.inputs), view(runtime.engine.outputs)
+    return view(engine_inputs), view(engine_outputs)
 
 
 VERSIONS = ("1",)  # a repository holds one version of each model
@@ -125,19 +129,21 @@ def _check_version(request: web.Request, name: str) -> None:
         raise ModelNotFound(f"Request for unknown model: '{name}' version {version} is not found")
 
 
-async def _described(request: web.Request) -> tuple[ModelEntry, ModelRuntime | None]:
-    """The model a metadata or config request names, and its runtime: loaded on demand, except a
-    generate model's. Its answer is its interface and its tunables, so a GET of it must not load
-    it (seconds, its memory, and a keep-alive reset); its runtime is the resident one, if any."""
+async def _described(request: web.Request) -> tuple[ModelEntry, Interface | None]:
+    """The model a metadata or config request names, and its engine's inputs and outputs (None
+    for a generate model, whose interface is fixed). Its answer is its interface and its
+    tunables, so a GET of it must not load it (seconds, its memory, evicting another, and a
+    keep-alive reset): a model that is not resident is described from its file
+    (``ModelManager.interface``), within a bound."""
     name = request.match_info["model"]
     request["model"] = name
     _check_version(request, name)
     mgr: ModelManager = request.app[MANAGER]
     slot = mgr.request_slot(name)  # a 404, or ModelNotBuilt, as a load would answer
     if slot.entry.kind == ModelKind.generate:
-        return slot.entry, slot.runtime
-    runtime = await mgr.runtime(name)
-    return runtime.entry, runtime
+        return slot.entry, None
+    interface = await mgr.interface(name)
+    return slot.entry, interface
 
 
 def _platform(backend: str) -> str:
@@ -169,8 +175,8 @@ async def statistics(request: web.Request) -> web.Response:
 @routes.get("/v2/models/{model}")
 @routes.get("/v2/models/{model}/versions/{version}")
 async def model_metadata(request: web.Request) -> web.Response:
-    entry, runtime = await _described(request)
-    inputs, outputs = _io(entry, runtime)
+    entry, interface = await _described(request)
+    inputs, outputs = _io(entry, interface)
     return web.json_response(
         {
             "name": entry.name,
@@ -203,9 +209,9 @@ async def model_ready(request: web.Request) -> web.Response:
 @routes.get("/v2/models/{model}/config")
 @routes.get("/v2/models/{model}/versions/{version}/config")
 async def model_config(request: web.Request) -> web.Response:
-    entry, runtime = await _described(request)
+    entry, interface = await _described(request)
     values = request.app[MANAGER].tunables(entry.name)
-    inputs, outputs = _io(entry, runtime)
+    inputs, outputs = _io(entry, interface)
     generates = entry.kind == ModelKind.generate
     if generates:
         inputs = GENERATE_INPUTS  # with their "optional" marks
@@ -213,8 +219,9 @@ async def model_config(request: web.Request) -> web.Response:
     # A model whose tensors do not all have a dynamic first dimension runs each request alone:
     # Triton's max_batch_size 0, and dims are then the whole shapes. A generate model's requests
     # are batched by its scheduler, token by token, not by Triton (as vLLM's backend says too).
-    rt = None if runtime is None else runtime.service
-    batching = not generates and (not isinstance(rt, TensorRuntime) or rt.batchable)
+    batching = entry.kind == ModelKind.embedding or (
+        entry.kind == ModelKind.tensor and interface is not None and batches_rows(interface)
+    )
 
     def triton(t: dict[str, Any]) -> dict[str, Any]:
         # Triton's config leaves the batch dimension out of dims.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -64,6 +65,13 @@ class TensorSpec:
     def describe(self) -> str:
         dims = ", ".join("?" if d is None else str(d) for d in self.shape)
         return f"{self.name}: {self.dtype.name}[{dims}]"
+
+
+class Interface(NamedTuple):
+    """A model's inputs and outputs, as its engine shows them (read without loading it, too)."""
+
+    inputs: Sequence[TensorSpec]
+    outputs: Sequence[TensorSpec]
 
 
 class Engine(abc.ABC):

@@ -5,13 +5,14 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 import onnxruntime as ort
 
-from appliance.engines.base import Engine, EngineError, EngineOutOfMemory, TensorSpec
+from appliance.engines.base import Engine, EngineError, EngineOutOfMemory, Interface, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,91 @@ _ORT_DTYPES: dict[str, np.dtype] = {
 def _spec(arg: ort.NodeArg) -> TensorSpec:
     shape = tuple(d if isinstance(d, int) else None for d in arg.shape)
     return TensorSpec(arg.name, _ORT_DTYPES.get(arg.type, np.dtype(object)), shape)
+
+
+# -- a model's interface read from its file, without loading it --------------------------------
+
+# ONNX's protobuf field numbers: ModelProto.graph; GraphProto.initializer, .input, .output;
+# TensorProto.name.
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _GRAPH_INPUT, _GRAPH_OUTPUT, _TENSOR_NAME = 7, 5, 11, 12, 8
+
+
+def _varint(f: BinaryIO) -> int:
+    shift = value = 0
+    while True:
+        byte = f.read(1)
+        if not byte:
+            raise ValueError("truncated protobuf")
+        value |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            return value
+        shift += 7
+        if shift > 63:
+            raise ValueError("malformed protobuf varint")
+
+
+def _fields(f: BinaryIO, end: int) -> Iterator[tuple[int, int]]:
+    """(field number, length) of each length-delimited field of the message that ends at ``end``,
+    with ``f`` at the field's bytes; what the caller does not read is skipped by a seek."""
+    while f.tell() < end:
+        key = _varint(f)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _varint(f)
+        elif wire in (1, 5):
+            f.seek(8 if wire == 1 else 4, os.SEEK_CUR)
+        elif wire == 2:
+            length = _varint(f)
+            start = f.tell()
+            if start + length > end:
+                raise ValueError("truncated protobuf")
+            yield number, length
+            f.seek(start + length)
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+
+
+def _value_spec(info: Any) -> TensorSpec:
+    """A graph input's or output's spec as ONNX Runtime's NodeArg gives it (``_spec``)."""
+    import onnx
+
+    tensor = info.type.tensor_type
+    try:
+        type_name = "tensor(" + onnx.TensorProto.DataType.Name(tensor.elem_type).lower() + ")"
+    except ValueError:
+        type_name = ""
+    shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
+    return TensorSpec(info.name, _ORT_DTYPES.get(type_name, np.dtype(object)), shape)
+
+
+def graph_io(path: Path) -> Interface:
+    """The inputs (initializers left out, as ONNX Runtime does) and outputs of the ONNX model at
+    ``path``, as its engine would show them, read without loading it: the weights are skipped
+    by seeking past them, so a 500 MB file costs a few reads, where ``onnx.load`` parses it all
+    (seconds) and a session is a model load. Raises OSError or ValueError for a file that is not
+    an ONNX model."""
+    import onnx
+
+    with open(path, "rb") as f:
+        for number, length in _fields(f, os.fstat(f.fileno()).st_size):
+            if number != _MODEL_GRAPH:
+                continue
+            initializers: set[bytes] = set()
+            inputs: list[Any] = []
+            outputs: list[Any] = []
+            for field, size in _fields(f, f.tell() + length):
+                if field == _GRAPH_INITIALIZER:
+                    for part, n in _fields(f, f.tell() + size):
+                        if part == _TENSOR_NAME:
+                            initializers.add(f.read(n))
+                elif field in (_GRAPH_INPUT, _GRAPH_OUTPUT):
+                    info = onnx.ValueInfoProto.FromString(f.read(size))
+                    (inputs if field == _GRAPH_INPUT else outputs).append(info)
+            return Interface(
+                [_value_spec(i) for i in inputs if i.name.encode() not in initializers],
+                [_value_spec(o) for o in outputs],
+            )
+    raise ValueError(f"{path.name}: no graph in the file; not an ONNX model")
 
 
 @functools.cache
