@@ -44,7 +44,7 @@ from appliance.errors import (
     Unavailable,
     json_type,
 )
-from appliance.inference import EmbeddingService, batches_rows
+from appliance.inference import EmbeddingService, TensorRuntime, batches_rows
 from appliance.llm.service import GenerationOptions
 from appliance.models import ModelManager, ModelRuntime, ModelState
 from appliance.pipeline import Ticket
