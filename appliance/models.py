@@ -40,6 +40,7 @@ from appliance.repository import (
 )
 from appliance.sdnotify import ProgressWatchdog
 from appliance.telemetry import Metrics
+from appliance.weights import WeightsRecords, weights_key
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +270,9 @@ class ModelManager:
         # (inference.measure_once): a model unloaded when idle and loaded again under traffic
         # reuses it instead of timing batches while other engines share the cores.
         self.batch_measurements: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        # Each model's weights as measured by an open that no other engine call overlapped, kept
+        # in the data folder: an open beside other models' calls uses it (appliance/weights.py).
+        self.weights_records = WeightsRecords(cfg.data_dir)
         self._keep_alive: asyncio.Task[None] | None = None
         self.supervisor: Any = None  # set by the server: background tasks run under it
         self._arena: Any = None  # the shared TensorRT activation arena (a cuda.DeviceBuffer)
@@ -581,11 +585,20 @@ class ModelManager:
         executor = ThreadPoolExecutor(instances, thread_name_prefix=f"engine-{entry.name}")
         loop = asyncio.get_running_loop()
         holder: list[Engine] = []
+        # Whether any engine call ran beside the open (the arbiter is the loop's: read here).
+        granted_before, held_before = self.arbiter.granted, self.arbiter.held()
         try:
             grown, _ = await loop.run_in_executor(
                 executor, measure, lambda: holder.append(self._open_engine(entry, values))
             )
+            quiet_open = (
+                not held_before and self.arbiter.granted == granted_before and not self.arbiter.held()
+            )
             engine = holder[0]
+            if not hasattr(engine, "activation_bytes"):  # read from RSS (TensorRT's is its plan's)
+                grown = await loop.run_in_executor(
+                    executor, self._trusted_weights, entry, engine, values, grown, quiet_open
+                )
             factory = RUNTIME_FACTORIES[entry.kind]
             # The factory takes the artefacts' digest (the runtime's identity): hashed here, on
             # the worker, when there is no build record, not by the factory on the event loop.
@@ -666,6 +679,38 @@ class ModelManager:
         self.metrics.model_loaded.labels(entry.name).set(1)
         self.metrics.model_load_duration.labels(entry.name).observe(elapsed)
         log.info("model %s resident (%s, %.2fs)", entry.name, engine.backend_name, elapsed)
+
+    def _trusted_weights(
+        self, entry: ModelEntry, engine: Engine, values: dict[str, Any], grown: int, quiet: bool
+    ) -> int:
+        """The RSS growth of ``entry``'s open, or, where other engine calls ran beside it, the one
+        last measured on a quiet process for the same artefacts, backend and settings (their
+        batches' memory, taken or given back meanwhile, is not this model's: a MiniLM read 132 to
+        260 MiB so for 102 to 121 quiet). A quiet reading is kept for the next. On the worker."""
+        try:
+            key = weights_key(entry.digest(), engine.backend_name, values)
+        except OSError:  # its artefacts cannot be read now: nothing to tie a reading to
+            return grown
+        if quiet:
+            self.weights_records.put(key, entry.name, grown)
+            return grown
+        known = self.weights_records.get(key)
+        if known is None:
+            log.warning(
+                "model %s: other engine calls ran while it opened; its weights lease (%d MiB) is read "
+                "from the whole process and may be off until a load on a quiet process measures it",
+                entry.name,
+                grown >> 20,
+            )
+            return grown
+        log.info(
+            "model %s: weights %d MiB as measured on a quiet process (this open, beside other "
+            "engine calls, read %d MiB)",
+            entry.name,
+            known >> 20,
+            grown >> 20,
+        )
+        return known
 
     def _failed(self, slot: ModelSlot, *, no_room: bool) -> None:
         """Record a load given up: refused for LOAD_RETRY_S, and counted."""
