@@ -17,6 +17,7 @@ from appliance.api.common import (
     EMBEDDINGS,
     MANAGER,
     METRICS,
+    OFFLOOP,
     PIPELINE,
     TENSORS,
     admit,
@@ -65,6 +66,10 @@ GENERATE_INPUTS: list[dict[str, Any]] = [
     {"name": "exclude_input_in_output", "datatype": "BOOL", "shape": [1], "optional": True},
 ]
 GENERATE_OUTPUTS: list[dict[str, Any]] = [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}]
+# An infer body larger than this has its tensors decoded on a worker thread (see OffLoop): the
+# decode's cost grows with the body, and a 16 MB one held the event loop for seconds. A smaller
+# one is decoded in place, which costs less than the hand-off.
+OFFLOOP_BYTES = 256 * 1024
 
 
 @routes.get("/v2")
@@ -305,7 +310,10 @@ async def infer(request: web.Request) -> web.Response:
             # the body (8 MB of JSON numbers held the event loop 1.5 s, for every client), and a
             # request the model refuses on its shapes or its batch size should not pay it.
             request.app[TENSORS].check(runtime, declared)
-    feeds = decode_inputs(doc, tail)
+    if len(await read_body(request)) > OFFLOOP_BYTES:  # read by now: the bytes aiohttp kept
+        feeds, blobs = await request.app[OFFLOOP].run(ticket, "decoding its tensors", _decoded, doc, tail)
+    else:
+        feeds, blobs = _decoded(doc, tail)
     outputs, binary = requested_outputs(doc)
     truncate = parameters_of(doc, "the request").get("truncate")  # as OpenAI's 'truncate' field
     if truncate is not None and not isinstance(truncate, bool):
@@ -320,7 +328,7 @@ async def infer(request: web.Request) -> web.Response:
     }
     if truncate is not None:
         canonical["truncate"] = truncate  # a cut answer must not stand in for an uncut request
-    work = _Infer(request, name, doc, feeds, outputs, binary, canonical, truncate)
+    work = _Infer(request, name, doc, feeds, blobs, outputs, binary, canonical, truncate)
     answer = await request.app[PIPELINE].answer(ticket, work)
     return render(answer, ticket, _length_header(answer.body, answer.content_type))
 
@@ -355,6 +363,7 @@ class _Infer:
         name: str,
         doc: dict[str, Any],
         feeds: dict[str, np.ndarray],
+        blobs: list[bytes],
         outputs: list[str] | None,
         binary: Any,
         canonical: dict[str, Any],
@@ -368,7 +377,7 @@ class _Infer:
         self.binary = binary
         self.canonical = canonical
         self.truncate = truncate  # the request's parameters.truncate (embedding models)
-        self.blobs = [_blob(v) for v in feeds.values()]
+        self.blobs = blobs
 
     async def compute(self, runtime: ModelRuntime, ticket: Ticket) -> tuple[bytes, str]:
         if runtime.entry.kind == ModelKind.embedding:
@@ -392,6 +401,13 @@ class _Infer:
 
     def default(self) -> tuple[bytes, str] | None:
         return None
+
+
+def _decoded(doc: dict[str, Any], tail: bytes) -> tuple[dict[str, np.ndarray], list[bytes]]:
+    """The request's input tensors, and their bytes for the cache key (a BYTES tensor's are a
+    loop over its elements): all of a request's work that grows with its body."""
+    feeds = decode_inputs(doc, tail)
+    return feeds, [_blob(v) for v in feeds.values()]
 
 
 def _blob(arr: np.ndarray) -> bytes:
