@@ -328,6 +328,46 @@ def test_an_input_gives_its_data_once_flat_or_nested_as_its_shape(server: Server
     assert resp["outputs"][1]["data"] == [6, 15]
 
 
+def test_an_error_quotes_a_long_model_or_tensor_name_in_part(server: ServerThread) -> None:
+    """A 100,000-character name came back whole in its error: an unknown model's 404, an unknown
+    input's or output's 400 (a 100 KB answer for a 100 KB mistake). An error quotes the first 100
+    characters and "…"; the rest of its message is as before."""
+    long = "n" * 100_000
+    cut = "n" * 100 + "…"
+    x = {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}
+    extra = {"name": long, "shape": [1], "datatype": "FP32", "data": [1]}
+    infer = f"/v2/models/{AFFINE}/infer"
+    for path, body, message in [
+        (infer, {"inputs": [x, _IDS, extra]}, f"unexpected inference input '{cut}'"),
+        (
+            infer,
+            {"inputs": [{**x, "name": long}, _IDS]},
+            f"expected inputs ['ids', 'x'], missing ['x'], unexpected ['{cut}']",
+        ),
+        (
+            infer,
+            {"inputs": [_IDS, *({**extra, "name": f"{k}{long}"} for k in range(7))]},
+            "', '4" + "n" * 99 + "…', '… 2 more']",  # the first five names, cut short
+        ),
+        (infer, {"inputs": [{**x, "datatype": long}, _IDS]}, f"input 'x': unknown datatype '{cut}'"),
+        (infer, {"inputs": [{**x, "name": long, "shape": [1] * 33}, _IDS]}, f"input '{cut}': shape has 33"),
+        (infer, {"inputs": [x, _IDS], "outputs": [{"name": long}]}, f"unexpected inference output '{cut}'"),
+        (
+            infer,
+            {"inputs": [x, _IDS], "outputs": [{"name": long}, {"name": long}]},
+            f"output '{cut}' is requested twice",
+        ),
+        (f"/v2/models/{long[:4000]}/infer", {"inputs": [x, _IDS]}, f"The model '{cut}' does not exist"),
+        (f"/v2/models/{AFFINE}/versions/{long[:4000]}/infer", {"inputs": [x, _IDS]}, f"version {cut}"),
+    ]:
+        status, resp, _ = server.post(path, body)
+        assert status in (400, 404) and set(resp) == {"error"}, (status, resp)
+        assert message in resp["error"] and len(resp["error"]) < 1000, resp["error"][:1000]
+    for path in (f"/v2/models/{long[:4000]}", f"/v2/models/{long[:4000]}/stats"):
+        status, resp = server.get(path)
+        assert status == 404 and cut in resp["error"] and len(resp["error"]) < 200, resp
+
+
 def test_a_version_in_the_path_must_be_one_the_model_has(server: ServerThread) -> None:
     """Triton's rule: version 1 (the only one a repository holds) is served; any other is
     "not found", never silently answered by version 1."""

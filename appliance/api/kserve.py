@@ -43,6 +43,7 @@ from appliance.errors import (
     ModelNotFound,
     Unavailable,
     json_type,
+    quoted,
 )
 from appliance.inference import EmbeddingRuntime, EmbeddingService, TensorRuntime
 from appliance.llm.service import GenerationOptions
@@ -127,7 +128,9 @@ def _check_version(request: web.Request, name: str) -> None:
     rather than being served by whatever version there is."""
     version = request.match_info.get("version")
     if version is not None and version not in VERSIONS:
-        raise ModelNotFound(f"Request for unknown model: '{name}' version {version} is not found")
+        raise ModelNotFound(
+            f"Request for unknown model: '{quoted(name)}' version {quoted(version)} is not found"
+        )
 
 
 async def _described(request: web.Request) -> tuple[ModelEntry, ModelRuntime | None]:
@@ -162,7 +165,7 @@ async def statistics(request: web.Request) -> web.Response:
         names = [n for n, s in mgr.slots.items() if s.state != ModelState.unbuilt]
     else:
         if name not in mgr.slots:
-            raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
+            raise ModelNotFound(f"Request for unknown model: '{quoted(name)}' is not found")
         if mgr.slots[name].state == ModelState.unbuilt:
             raise ModelNotBuilt(name)
         _check_version(request, name)
@@ -442,7 +445,7 @@ async def _embed(
         raise InvalidRequest(f"input '{TEXT_INPUT}': expected shape [-1] or [-1, 1], got {list(arr.shape)}")
     for o in outputs or []:
         if o != EMBEDDING_OUTPUT:
-            raise InvalidRequest(f"unexpected inference output '{o}' for model '{name}'")
+            raise InvalidRequest(f"unexpected inference output '{quoted(o)}' for model '{name}'")
     try:
         texts = [b.decode("utf-8") for b in arr.reshape(-1)]
     except UnicodeDecodeError:
