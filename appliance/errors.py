@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
 
 
@@ -122,3 +123,23 @@ def json_type(value: Any) -> str:
     if isinstance(value, str):
         return "a string"
     return "an array" if isinstance(value, list) else "an object"
+
+
+QUOTED_CHARS = 100
+
+
+def quoted(name: str) -> str:
+    """A client-supplied name (a model's, a tensor's) as an error message quotes it: its first
+    ``QUOTED_CHARS`` characters, and "…" for the rest. Quoted whole, a 100,000-character model
+    name made its 404 100 KB, and an unknown input's 400 likewise."""
+    return name if len(name) <= QUOTED_CHARS else name[:QUOTED_CHARS] + "…"
+
+
+_BOUNDED = reprlib.Repr()  # a few items of a list or an object, a few levels deep
+_BOUNDED.maxstring = _BOUNDED.maxother = QUOTED_CHARS
+
+
+def shown(value: Any) -> str:
+    """A client-supplied value of any type as an error message shows it (Python's spelling),
+    bounded as ``quoted`` bounds a name."""
+    return repr(quoted(value)) if isinstance(value, str) else _BOUNDED.repr(value)

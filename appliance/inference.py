@@ -37,7 +37,7 @@ from appliance.engines.base import (
     Interface,
     datatype_of,
 )
-from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, Overloaded, Unavailable
+from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, Overloaded, Unavailable, quoted
 from appliance.models import RUNTIME_FACTORIES, ModelManager, ModelRuntime, batch_policy
 from appliance.repository import ModelEntry, ModelKind
 from appliance.telemetry import Metrics
@@ -732,7 +732,7 @@ class TensorService:
         for n in names:
             if engine.output_spec(n) is None:
                 raise InvalidRequest(
-                    f"unexpected inference output '{n}' for model '{model}'", param="outputs"
+                    f"unexpected inference output '{quoted(n)}' for model '{model}'", param="outputs"
                 )
         (result,) = await submit_all(
             batcher_of(runtime), [TensorItem(feeds, names)], priority, timeout_ms, reservation
@@ -766,15 +766,19 @@ def check_feeds(engine: Engine, feeds: Mapping[str, tuple[np.dtype, Sequence[int
     if missing:
         # The unexpected names too: an input under another name than the model's reads as both.
         unexpected = [n for n in feeds if n not in expected]
+        # The client's names, bounded: each quoted in part, and the first few of them.
+        shown = [quoted(n) for n in unexpected[:5]] + (
+            [f"… {len(unexpected) - 5} more"] if len(unexpected) > 5 else []
+        )
         raise InvalidRequest(
             f"expected inputs {sorted(expected)}, missing {missing}"
-            + (f", unexpected {unexpected}" if unexpected else ""),
+            + (f", unexpected {shown}" if unexpected else ""),
             param="inputs",
         )
     for name, (dtype, shape) in feeds.items():
         spec = expected.get(name)
         if spec is None:
-            raise InvalidRequest(f"unexpected inference input '{name}'", param="inputs")
+            raise InvalidRequest(f"unexpected inference input '{quoted(name)}'", param="inputs")
         if dtype != spec.dtype:
             raise InvalidRequest(
                 f"input '{name}': expected datatype {datatype_of(spec.dtype)}, got {datatype_of(dtype)}",

@@ -26,7 +26,7 @@ from appliance.config import Config
 from appliance.engines.base import Engine, Interface
 from appliance.engines.onnxruntime import graph_io
 from appliance.engines.select import expected_backend, expected_on_gpu, gpu_engines_available, open_engine
-from appliance.errors import LoadFailed, ModelNotBuilt, ModelNotFound, ModelUnloading, Unavailable
+from appliance.errors import LoadFailed, ModelNotBuilt, ModelNotFound, ModelUnloading, Unavailable, quoted
 from appliance.heap import freeze_startup_heap
 from appliance.memory import DoesNotFit, MemoryPools, measure, trim_heap
 from appliance.repository import (
@@ -396,14 +396,14 @@ class ModelManager:
         if slot is None:
             broken = self.broken.get(name)
             if broken is not None:  # its folder is there, its model.yaml is not readable
-                raise ModelNotFound(f"The model '{name}' cannot be read: {broken}", param="model")
+                raise ModelNotFound(f"The model '{quoted(name)}' cannot be read: {broken}", param="model")
             if self._unreadable:  # whether it exists is unknown until the folder can be read
                 raise Unavailable(
-                    f"The model '{name}' cannot be looked up: {self.broken[REPOSITORY]}",
+                    f"The model '{quoted(name)}' cannot be looked up: {self.broken[REPOSITORY]}",
                     param="model",
                     retry_after_s=RESCAN_MIN_S,
                 )
-            raise ModelNotFound(f"The model '{name}' does not exist", param="model")
+            raise ModelNotFound(f"The model '{quoted(name)}' does not exist", param="model")
         return slot
 
     async def runtime(self, name: str) -> ModelRuntime:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
+import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +18,8 @@ import tritonclient.http as httpclient
 from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
-from appliance.api.common import MANAGER, RESILIENCE
+from appliance.api import kserve
+from appliance.api.common import MANAGER, OFFLOOP, RESILIENCE
 from tests.conftest import ServerThread, build_tensor_model, copy_fixture, make_repository
 
 EMB = "all-minilm-l6-v2"
@@ -323,6 +328,46 @@ def test_an_input_gives_its_data_once_flat_or_nested_as_its_shape(server: Server
     assert resp["outputs"][1]["data"] == [6, 15]
 
 
+def test_an_error_quotes_a_long_model_or_tensor_name_in_part(server: ServerThread) -> None:
+    """A 100,000-character name came back whole in its error: an unknown model's 404, an unknown
+    input's or output's 400 (a 100 KB answer for a 100 KB mistake). An error quotes the first 100
+    characters and "…"; the rest of its message is as before."""
+    long = "n" * 100_000
+    cut = "n" * 100 + "…"
+    x = {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}
+    extra = {"name": long, "shape": [1], "datatype": "FP32", "data": [1]}
+    infer = f"/v2/models/{AFFINE}/infer"
+    for path, body, message in [
+        (infer, {"inputs": [x, _IDS, extra]}, f"unexpected inference input '{cut}'"),
+        (
+            infer,
+            {"inputs": [{**x, "name": long}, _IDS]},
+            f"expected inputs ['ids', 'x'], missing ['x'], unexpected ['{cut}']",
+        ),
+        (
+            infer,
+            {"inputs": [_IDS, *({**extra, "name": f"{k}{long}"} for k in range(7))]},
+            "', '4" + "n" * 99 + "…', '… 2 more']",  # the first five names, cut short
+        ),
+        (infer, {"inputs": [{**x, "datatype": long}, _IDS]}, f"input 'x': unknown datatype '{cut}'"),
+        (infer, {"inputs": [{**x, "name": long, "shape": [1] * 33}, _IDS]}, f"input '{cut}': shape has 33"),
+        (infer, {"inputs": [x, _IDS], "outputs": [{"name": long}]}, f"unexpected inference output '{cut}'"),
+        (
+            infer,
+            {"inputs": [x, _IDS], "outputs": [{"name": long}, {"name": long}]},
+            f"output '{cut}' is requested twice",
+        ),
+        (f"/v2/models/{long[:4000]}/infer", {"inputs": [x, _IDS]}, f"The model '{cut}' does not exist"),
+        (f"/v2/models/{AFFINE}/versions/{long[:4000]}/infer", {"inputs": [x, _IDS]}, f"version {cut}"),
+    ]:
+        status, resp, _ = server.post(path, body)
+        assert status in (400, 404) and set(resp) == {"error"}, (status, resp)
+        assert message in resp["error"] and len(resp["error"]) < 1000, resp["error"][:1000]
+    for path in (f"/v2/models/{long[:4000]}", f"/v2/models/{long[:4000]}/stats"):
+        status, resp = server.get(path)
+        assert status == 404 and cut in resp["error"] and len(resp["error"]) < 200, resp
+
+
 def test_a_version_in_the_path_must_be_one_the_model_has(server: ServerThread) -> None:
     """Triton's rule: version 1 (the only one a repository holds) is served; any other is
     "not found", never silently answered by version 1."""
@@ -401,6 +446,84 @@ def test_a_tensor_request_the_model_refuses_on_its_shapes_is_refused_before_its_
         {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"},
     )
     assert status == 400 and "batch-size must be <= 8" in resp["error"], resp
+
+
+def _large_infer_body() -> bytes:
+    """A valid request to the affine model whose body is over ``OFFLOOP_BYTES``: its size, not its
+    content, decides where it is decoded (JSON's whitespace pads it)."""
+    x = {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}
+    return b" " * kserve.OFFLOOP_BYTES + json.dumps({"inputs": [x, _IDS]}).encode()
+
+
+def _hold_decodes(monkeypatch: pytest.MonkeyPatch, how_many: int) -> tuple[threading.Event, threading.Event]:
+    """The first ``how_many`` decodes wait for the returned ``release``; ``all_held`` is set once
+    they all wait (a decode long enough to see what else the server does meanwhile)."""
+    all_held, release = threading.Event(), threading.Event()
+    held = [0]
+    lock = threading.Lock()
+    real = kserve.decode_inputs
+
+    def decode(doc: dict[str, Any], tail: bytes) -> dict[str, np.ndarray]:
+        with lock:
+            hold = held[0] < how_many
+            held[0] += hold
+            if held[0] == how_many:
+                all_held.set()
+        if hold:
+            release.wait(60)
+        return real(doc, tail)
+
+    monkeypatch.setattr(kserve, "decode_inputs", decode)
+    return all_held, release
+
+
+def test_a_large_infer_body_is_decoded_off_the_event_loop(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decoding a body's tensors costs time in proportion to it (16 MB of JSON numbers: seconds),
+    and it ran on the event loop, where every other client (probes, streams, small requests)
+    waited for it. A large body is decoded on a worker thread: while one decode is held there,
+    /healthz and a small infer request are answered; then the large one is too."""
+    held, release = _hold_decodes(monkeypatch, 1)
+    with ThreadPoolExecutor(1) as pool:
+        large = pool.submit(server.post, f"/v2/models/{AFFINE}/infer", _large_infer_body())
+        try:
+            assert held.wait(30)
+            with urllib.request.urlopen(server.url + "/healthz", timeout=10) as resp:
+                assert resp.status == 200
+            x = {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0, 0, 0, 0]}
+            status, resp, _ = server.post(f"/v2/models/{AFFINE}/infer", {"inputs": [x, _IDS]})
+            assert status == 200 and resp["outputs"][0]["data"] == [1.0] * 4, resp
+            assert not large.done()
+        finally:
+            release.set()
+        status, resp, _ = large.result(60)
+    assert status == 200 and resp["outputs"][0]["data"] == [3.0, 5.0, 7.0, 9.0], resp
+
+
+def test_a_flood_of_large_bodies_is_refused_with_503_once_their_decodes_are_all_taken(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decodes of large bodies are bounded: the worker threads run a few, a few more wait,
+    and one past that is refused at once with a 503 and Retry-After (in KServe's shape), rather
+    than queueing decoding work without end behind a flood. Those admitted are all answered."""
+    offloop = server.app[OFFLOOP]
+    held, release = _hold_decodes(monkeypatch, offloop.workers)
+    path = f"/v2/models/{AFFINE}/infer"
+    with ThreadPoolExecutor(offloop.limit) as pool:
+        admitted = [pool.submit(server.post, path, _large_infer_body()) for _ in range(offloop.limit)]
+        try:
+            assert held.wait(30)
+            deadline = time.monotonic() + 30
+            while offloop.pending < offloop.limit and time.monotonic() < deadline:
+                time.sleep(0.01)  # until the rest wait for a thread (nothing signals that)
+            status, resp, headers = server.post(path, _large_infer_body())
+            assert status == 503 and "Retry-After" in headers, (status, resp)
+            assert set(resp) == {"error"} and "large request bodies" in resp["error"], resp
+        finally:
+            release.set()
+        assert [f.result(60)[0] for f in admitted] == [200] * offloop.limit
+    assert offloop.pending == 0
 
 
 def test_kserve_takes_truncate_in_the_request_parameters(server: ServerThread) -> None:

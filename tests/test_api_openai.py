@@ -102,6 +102,46 @@ def test_bad_input_gets_an_openai_error_envelope(
     assert ok == 200
 
 
+def test_an_error_quotes_a_long_client_supplied_name_or_value_in_part(server: ServerThread) -> None:
+    """A 100,000-character model name came back whole in its 404 (a 100 KB error, in every log
+    that keeps it), as did any long value an error quotes. An error quotes the first 100
+    characters and "…"; the rest of its message is as before."""
+    long = "n" * 100_000
+    cut = "n" * 100 + "…"
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    for path, body, param, message in [
+        ("/v1/embeddings", {"model": long, "input": "x"}, "model", f"The model '{cut}' does not exist"),
+        ("/v1/chat/completions", {"model": long, **chat}, "model", f"The model '{cut}' does not exist"),
+        ("/v1/completions", {"model": long, "prompt": "x"}, "model", f"The model '{cut}' does not exist"),
+        (
+            "/v1/embeddings",
+            {"model": MODEL, "input": "x", "encoding_format": long},
+            "encoding_format",
+            f"'encoding_format' must be 'float' or 'base64', got '{cut}'",
+        ),
+        (
+            "/v1/embeddings",
+            {"model": MODEL, "input": "x", "dimensions": long},
+            "dimensions",
+            f"'dimensions' must be a positive integer, got '{cut}'",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": long, "content": "hi"}]},
+            "messages[0].role",
+            f"messages[0].role '{cut}' is not supported",
+        ),
+    ]:
+        status, resp, _ = server.post(path, body)
+        assert status in (400, 404) and resp["error"]["param"] == param, (path, param, status)
+        assert resp["error"]["message"].startswith(message) and len(resp["error"]["message"]) < 300, (
+            path,
+            resp["error"]["message"][:300],
+        )
+    status, resp = server.get("/v1/models/" + "n" * 4000)
+    assert status == 404 and resp["error"]["message"] == f"The model '{cut}' does not exist", resp
+
+
 def test_a_cached_answer_never_stands_in_for_dimensions_the_model_refuses(server: ServerThread) -> None:
     """Found by fuzzing: after an input was answered (and cached) without 'dimensions', the same
     input with dimensions 100 was answered from the cache with 384 numbers."""

@@ -26,6 +26,7 @@ from appliance.api.common import (
     INFLIGHT,
     MANAGER,
     METRICS,
+    OFFLOOP,
     PIPELINE,
     RESILIENCE,
     ROLLING,
@@ -36,6 +37,7 @@ from appliance.api.common import (
     TICKET,
     Inflight,
     MissRouter,
+    OffLoop,
     api_of,
     body_refusal,
     error_response,
@@ -377,6 +379,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             await asyncio.wait_for(step, limit)
         except asyncio.TimeoutError:
             log.error("shutdown: a step did not finish within %.0f s; going on without it", limit)
+    app[OFFLOOP].close()  # last: a request still being drained may decode its body on it
 
 
 def _breaker_action(
@@ -408,6 +411,7 @@ def create_app(cfg: Config) -> web.Application:
     app[STARTED] = time.time()
     app[DRAINING] = [False]
     app[INFLIGHT] = Inflight()
+    app[OFFLOOP] = OffLoop()
     app[ROLLING] = RollingStats()
     app[EXTRA_STATS] = {}
     app[ACTIONS] = {}

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-from typing import Any
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
@@ -15,12 +18,12 @@ from multidict import CIMultiDict
 
 from appliance.api.jsonbody import parse_object
 from appliance.config import Config
-from appliance.errors import ApplianceError, InvalidRequest, NotFound
+from appliance.errors import ApplianceError, InvalidRequest, NotFound, Unavailable
 from appliance.gpu.nvml import GpuSampler
 from appliance.inference import EmbeddingService, TensorService
 from appliance.llm.service import ChatService
 from appliance.models import ModelManager
-from appliance.pipeline import Pipeline, Ticket
+from appliance.pipeline import Pipeline, Ticket, bounded
 from appliance.resilience import SOURCE_HEADER, Answer, Resilience
 from appliance.supervisor import Supervisor
 from appliance.telemetry import Metrics, RollingStats
@@ -59,6 +62,54 @@ class Inflight:
 
 
 INFLIGHT = web.AppKey("inflight", Inflight)
+
+_R = TypeVar("_R")
+
+
+class OffLoop:
+    """A bounded pool of worker threads for a request's CPU work that grows with its body (decoding
+    a large tensor body: 8 MB of JSON numbers held the event loop 1.5 s, stalling every other
+    client's probes and streams). Bounded twice: ``workers`` threads run such work, and at most
+    ``limit`` jobs are held (running or waiting); past that a request is refused at once with a
+    503 and Retry-After rather than queueing work without end behind a flood of large bodies."""
+
+    def __init__(self, workers: int = 2, limit: int = 8) -> None:
+        self.workers, self.limit = workers, limit
+        self.pending = 0  # jobs submitted and not finished (a job outlives a caller that gave up)
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None  # started on first use
+
+    async def run(self, ticket: Ticket, what: str, fn: Callable[..., _R], *args: Any) -> _R:
+        """``fn(*args)`` on a worker thread, awaited within the request's deadline."""
+        with self._lock:
+            if self.pending >= self.limit:
+                raise Unavailable(
+                    f"the server is busy with {self.pending} other large request bodies; retry shortly",
+                    retry_after_s=1.0,
+                )
+            self.pending += 1
+        try:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="body")
+            job: Future[_R] = self._pool.submit(fn, *args)
+        except BaseException:
+            self._done(None)
+            raise
+        # Counted down when the job ends, not when its caller stops waiting: a job whose request
+        # gave up still holds its place until its thread is free again.
+        job.add_done_callback(self._done)
+        return await bounded(asyncio.wrap_future(job), ticket.remaining(), what)
+
+    def _done(self, _: Future[Any] | None) -> None:
+        with self._lock:
+            self.pending -= 1
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+OFFLOOP = web.AppKey("offloop", OffLoop)
 GPU = web.AppKey("gpu", GpuSampler)
 RESILIENCE = web.AppKey("resilience", Resilience)
 PIPELINE = web.AppKey("pipeline", Pipeline)

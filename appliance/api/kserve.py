@@ -17,6 +17,7 @@ from appliance.api.common import (
     EMBEDDINGS,
     MANAGER,
     METRICS,
+    OFFLOOP,
     PIPELINE,
     TENSORS,
     admit,
@@ -43,6 +44,7 @@ from appliance.errors import (
     ModelNotFound,
     Unavailable,
     json_type,
+    quoted,
 )
 from appliance.inference import EmbeddingService, TensorRuntime, batches_rows
 from appliance.llm.service import GenerationOptions
@@ -66,6 +68,10 @@ GENERATE_INPUTS: list[dict[str, Any]] = [
     {"name": "exclude_input_in_output", "datatype": "BOOL", "shape": [1], "optional": True},
 ]
 GENERATE_OUTPUTS: list[dict[str, Any]] = [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}]
+# An infer body larger than this has its tensors decoded on a worker thread (see OffLoop): the
+# decode's cost grows with the body, and a 16 MB one held the event loop for seconds. A smaller
+# one is decoded in place, which costs less than the hand-off.
+OFFLOOP_BYTES = 256 * 1024
 
 
 @routes.get("/v2")
@@ -126,7 +132,9 @@ def _check_version(request: web.Request, name: str) -> None:
     rather than being served by whatever version there is."""
     version = request.match_info.get("version")
     if version is not None and version not in VERSIONS:
-        raise ModelNotFound(f"Request for unknown model: '{name}' version {version} is not found")
+        raise ModelNotFound(
+            f"Request for unknown model: '{quoted(name)}' version {quoted(version)} is not found"
+        )
 
 
 async def _described(request: web.Request) -> tuple[ModelEntry, Interface | None]:
@@ -163,7 +171,7 @@ async def statistics(request: web.Request) -> web.Response:
         names = [n for n, s in mgr.slots.items() if s.state != ModelState.unbuilt]
     else:
         if name not in mgr.slots:
-            raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
+            raise ModelNotFound(f"Request for unknown model: '{quoted(name)}' is not found")
         if mgr.slots[name].state == ModelState.unbuilt:
             raise ModelNotBuilt(name)
         _check_version(request, name)
@@ -312,7 +320,10 @@ async def infer(request: web.Request) -> web.Response:
             # the body (8 MB of JSON numbers held the event loop 1.5 s, for every client), and a
             # request the model refuses on its shapes or its batch size should not pay it.
             request.app[TENSORS].check(runtime, declared)
-    feeds = decode_inputs(doc, tail)
+    if len(await read_body(request)) > OFFLOOP_BYTES:  # read by now: the bytes aiohttp kept
+        feeds, blobs = await request.app[OFFLOOP].run(ticket, "decoding its tensors", _decoded, doc, tail)
+    else:
+        feeds, blobs = _decoded(doc, tail)
     outputs, binary = requested_outputs(doc)
     truncate = parameters_of(doc, "the request").get("truncate")  # as OpenAI's 'truncate' field
     if truncate is not None and not isinstance(truncate, bool):
@@ -327,7 +338,7 @@ async def infer(request: web.Request) -> web.Response:
     }
     if truncate is not None:
         canonical["truncate"] = truncate  # a cut answer must not stand in for an uncut request
-    work = _Infer(request, name, doc, feeds, outputs, binary, canonical, truncate)
+    work = _Infer(request, name, doc, feeds, blobs, outputs, binary, canonical, truncate)
     answer = await request.app[PIPELINE].answer(ticket, work)
     return render(answer, ticket, _length_header(answer.body, answer.content_type))
 
@@ -362,6 +373,7 @@ class _Infer:
         name: str,
         doc: dict[str, Any],
         feeds: dict[str, np.ndarray],
+        blobs: list[bytes],
         outputs: list[str] | None,
         binary: Any,
         canonical: dict[str, Any],
@@ -375,7 +387,7 @@ class _Infer:
         self.binary = binary
         self.canonical = canonical
         self.truncate = truncate  # the request's parameters.truncate (embedding models)
-        self.blobs = [_blob(v) for v in feeds.values()]
+        self.blobs = blobs
 
     async def compute(self, runtime: ModelRuntime, ticket: Ticket) -> tuple[bytes, str]:
         if runtime.entry.kind == ModelKind.embedding:
@@ -399,6 +411,13 @@ class _Infer:
 
     def default(self) -> tuple[bytes, str] | None:
         return None
+
+
+def _decoded(doc: dict[str, Any], tail: bytes) -> tuple[dict[str, np.ndarray], list[bytes]]:
+    """The request's input tensors, and their bytes for the cache key (a BYTES tensor's are a
+    loop over its elements): all of a request's work that grows with its body."""
+    feeds = decode_inputs(doc, tail)
+    return feeds, [_blob(v) for v in feeds.values()]
 
 
 def _blob(arr: np.ndarray) -> bytes:
@@ -433,7 +452,7 @@ async def _embed(
         raise InvalidRequest(f"input '{TEXT_INPUT}': expected shape [-1] or [-1, 1], got {list(arr.shape)}")
     for o in outputs or []:
         if o != EMBEDDING_OUTPUT:
-            raise InvalidRequest(f"unexpected inference output '{o}' for model '{name}'")
+            raise InvalidRequest(f"unexpected inference output '{quoted(o)}' for model '{name}'")
     try:
         texts = [b.decode("utf-8") for b in arr.reshape(-1)]
     except UnicodeDecodeError:

@@ -10,7 +10,7 @@ import orjson
 from aiohttp import web
 
 from appliance.api.common import EMBEDDINGS, MANAGER, PIPELINE, admit, read_json, render, requested_priority
-from appliance.errors import InvalidRequest
+from appliance.errors import InvalidRequest, shown
 from appliance.inference import EmbeddingService
 from appliance.models import ModelRuntime, ModelState
 from appliance.pipeline import Ticket
@@ -85,7 +85,7 @@ async def embeddings(request: web.Request) -> web.Response:
     fmt = "float" if fmt is None else fmt  # null is unset, as for every other optional field
     if fmt not in ("float", "base64"):
         raise InvalidRequest(
-            f"'encoding_format' must be 'float' or 'base64', got {fmt!r}", param="encoding_format"
+            f"'encoding_format' must be 'float' or 'base64', got {shown(fmt)}", param="encoding_format"
         )
     truncate = body.get("truncate")
     if truncate is not None and not isinstance(truncate, bool):
@@ -95,7 +95,9 @@ async def embeddings(request: web.Request) -> web.Response:
         raise InvalidRequest("'user' must be a string", param="user")
     dims = body.get("dimensions")
     if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or dims < 1):
-        raise InvalidRequest(f"'dimensions' must be a positive integer, got {dims!r}", param="dimensions")
+        raise InvalidRequest(
+            f"'dimensions' must be a positive integer, got {shown(dims)}", param="dimensions"
+        )
     work = _Embeddings(request.app[EMBEDDINGS], ticket.model, inputs, fmt, truncate, dims)
     work.fallback = request.app[MANAGER].slots[ticket.model].entry.spec.default_response
     return render(await request.app[PIPELINE].answer(ticket, work), ticket)

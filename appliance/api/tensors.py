@@ -13,10 +13,13 @@ import orjson
 
 from appliance.api.jsonbody import parse_object
 from appliance.engines.base import DTYPES, datatype_of
-from appliance.errors import InvalidRequest, json_type
+from appliance.errors import InvalidRequest, json_type, quoted
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_DIMS = 32  # numpy's own limit is 64; no model here has more than a handful
+# Values converted to an array per numpy call: each call holds the GIL throughout, so a large
+# body is decoded (on a worker thread: see kserve.infer) in slices that let the event loop run.
+_SLICE = 1 << 16
 
 
 _DECIMAL = re.compile(r"[0-9]{1,18}")
@@ -58,47 +61,48 @@ def decode_inputs(doc: dict[str, Any], tail: bytes) -> dict[str, np.ndarray]:
         name, shape, datatype = t.get("name"), t.get("shape"), t.get("datatype")
         if not isinstance(name, str):
             raise InvalidRequest(f"inputs[{i}].name must be a string")
+        label = quoted(name)  # the name as its errors quote it
         if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
             # A literal past 64 bits reaches here as a float (orjson's reading): say the bound.
             raise InvalidRequest(
-                f"input '{name}': shape must be a list of non-negative integers (each below 2**63)"
+                f"input '{label}': shape must be a list of non-negative integers (each below 2**63)"
             )
         if len(shape) > MAX_DIMS:
-            raise InvalidRequest(f"input '{name}': shape has {len(shape)} dimensions; at most {MAX_DIMS}")
+            raise InvalidRequest(f"input '{label}': shape has {len(shape)} dimensions; at most {MAX_DIMS}")
         if not isinstance(datatype, str) or datatype not in DTYPES:
             raise InvalidRequest(
-                f"input '{name}': unknown datatype {datatype!r}; expected one of {sorted(DTYPES)}"
+                f"input '{label}': unknown datatype {_datatype(datatype)}; expected one of {sorted(DTYPES)}"
             )
         if name in out:
-            raise InvalidRequest(f"input '{name}' given twice")
-        params = parameters_of(t, f"input '{name}'")
+            raise InvalidRequest(f"input '{label}' given twice")
+        params = parameters_of(t, f"input '{label}'")
         size = params.get("binary_data_size")
         # Python integers: np.prod would wrap around in int64 ([2**32, 2**32] -> 0 elements).
         count = math.prod(shape)
         if size is not None:
             if not _is_uint(size):
                 raise InvalidRequest(
-                    f"input '{name}': parameters.binary_data_size must be a non-negative integer, "
+                    f"input '{label}': parameters.binary_data_size must be a non-negative integer, "
                     f"got {_spelled(size)}"
                 )
             if "data" in t:
                 # Triton refuses it too; which of the two was meant cannot be told.
                 raise InvalidRequest(
-                    f"input '{name}' has both 'data' and parameters.binary_data_size; give one of them"
+                    f"input '{label}' has both 'data' and parameters.binary_data_size; give one of them"
                 )
             if offset + size > len(tail):
-                raise InvalidRequest(f"input '{name}': binary_data_size exceeds the binary data")
+                raise InvalidRequest(f"input '{label}': binary_data_size exceeds the binary data")
             raw = tail[offset : offset + size]
             offset += size
-            arr = _from_binary(name, raw, datatype, count)
+            arr = _from_binary(label, raw, datatype, count)
         else:
             if "data" not in t:
-                raise InvalidRequest(f"input '{name}' has neither 'data' nor binary_data_size")
-            arr = _from_json(name, t["data"], datatype, shape, count)
+                raise InvalidRequest(f"input '{label}' has neither 'data' nor binary_data_size")
+            arr = _from_json(label, t["data"], datatype, shape, count)
         try:
             out[name] = arr.reshape(shape)
         except (ValueError, OverflowError) as exc:  # a dimension beyond what numpy can index
-            raise InvalidRequest(f"input '{name}': shape {shape} cannot be used: {exc}") from None
+            raise InvalidRequest(f"input '{label}': shape {shape} cannot be used: {exc}") from None
     if offset != len(tail):
         raise InvalidRequest("the binary data is longer than the inputs declare")
     return out
@@ -143,9 +147,11 @@ def check_request(doc: dict[str, Any]) -> None:
     for i, o in enumerate(outputs or []):
         if not isinstance(o, dict) or not isinstance(o.get("name"), str):
             raise InvalidRequest(f"outputs[{i}] must be an object with a name")
-        p = parameters_of(o, f"output '{o['name']}'")
+        p = parameters_of(o, f"output '{quoted(o['name'])}'")
         if "binary_data" in p and not isinstance(p["binary_data"], bool):
-            raise InvalidRequest(f"output '{o['name']}': parameters.binary_data must be true or false")
+            raise InvalidRequest(
+                f"output '{quoted(o['name'])}': parameters.binary_data must be true or false"
+            )
 
 
 def parameters_of(obj: dict[str, Any], where: str) -> dict[str, Any]:
@@ -180,7 +186,7 @@ def _from_json(name: str, data: Any, datatype: str, shape: list[int], count: int
         if not all(isinstance(x, str | bytes) for x in flat):
             bad = next(x for x in flat if not isinstance(x, str | bytes))
             raise InvalidRequest(f"input '{name}': {_unexpected(bad, 'BYTES string')}")
-        return np.array([x.encode() if isinstance(x, str) else x for x in flat], dtype=object)
+        return _array([x.encode() if isinstance(x, str) else x for x in flat], np.dtype(object))
     dtype = DTYPES[datatype]
     want_bool = datatype == "BOOL"
     for x in flat:
@@ -192,9 +198,21 @@ def _from_json(name: str, data: Any, datatype: str, shape: list[int], count: int
         # FP16) and answers inf; raised here, it is refused like an integer out of range. An
         # underflow to zero is rounding, as for any other float.
         with np.errstate(over="raise", invalid="raise"):
-            return np.array(flat, dtype=dtype)
+            return _array(flat, dtype)
     except (OverflowError, FloatingPointError):
         raise InvalidRequest(f"input '{name}': a value is out of range for {datatype}") from None
+
+
+def _array(flat: list[Any], dtype: np.dtype) -> np.ndarray:
+    """``np.array(flat, dtype)``, a slice at a time: converting the 8 million values a 16 MB body
+    can hold is one numpy call of 200+ ms that holds the GIL, and so the event loop, throughout,
+    even on a worker thread. A slice's values convert (and overflow) as the whole list's would."""
+    if len(flat) <= _SLICE:
+        return np.array(flat, dtype=dtype)
+    out = np.empty(len(flat), dtype=dtype)
+    for i in range(0, len(flat), _SLICE):
+        out[i : i + _SLICE] = flat[i : i + _SLICE]
+    return out
 
 
 def _nested(name: str, data: list[Any], shape: list[int]) -> list[Any]:
@@ -233,6 +251,12 @@ def _unexpected(x: Any, wanted: str) -> str:
     return f"value {_spelled(x)} is not a valid {wanted}"
 
 
+def _datatype(x: Any) -> str:
+    """A datatype the server does not know, as its error quotes it: a string in Python's quotes,
+    as before, cut short like any client-supplied name; anything else as JSON spells it."""
+    return repr(quoted(x)) if isinstance(x, str) else _spelled(x)
+
+
 def _spelled(x: Any) -> str:
     """A request's value as the client wrote it (JSON: null, true), cut short."""
     text = orjson.dumps(x).decode()
@@ -253,7 +277,7 @@ def _from_binary(name: str, raw: bytes, datatype: str, count: int) -> np.ndarray
             pos += n
         if len(items) != count:
             raise InvalidRequest(f"input '{name}': shape holds {count} elements but data has {len(items)}")
-        return np.array(items, dtype=object)
+        return _array(items, np.dtype(object))
     dtype = DTYPES[datatype].newbyteorder("<")
     if len(raw) != count * dtype.itemsize:
         raise InvalidRequest(
@@ -275,7 +299,7 @@ def requested_outputs(doc: dict[str, Any]) -> tuple[list[str] | None, dict[str, 
     for o in outputs:
         if o["name"] in seen:
             # Triton refuses it; answered twice, the later one's binary_data applied to both.
-            raise InvalidRequest(f"output '{o['name']}' is requested twice; name each output once")
+            raise InvalidRequest(f"output '{quoted(o['name'])}' is requested twice; name each output once")
         names.append(o["name"])
         seen.add(o["name"])
         params = parameters_of(o, "output")
@@ -283,7 +307,7 @@ def requested_outputs(doc: dict[str, Any]) -> tuple[list[str] | None, dict[str, 
             # Triton's classification extension (top-k "score:index" strings); not declared in
             # /v2's extensions. Silently returning the raw tensor broke clients expecting strings.
             raise InvalidRequest(
-                f"output '{o['name']}': parameters.classification is not supported (the server "
+                f"output '{quoted(o['name'])}': parameters.classification is not supported (the server "
                 "does not implement Triton's classification extension); request the raw output"
             )
         binary[o["name"]] = params.get("binary_data", default_binary)

@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 from appliance.admission import AdmissionError, Reservation
 from appliance.engines.base import Engine, EngineError
 from appliance.engines.onnxruntime import OnnxRuntimeEngine, providers
-from appliance.errors import InvalidRequest, json_type
+from appliance.errors import InvalidRequest, json_type, quoted
 from appliance.inference import (
     CHARS_PER_TOKEN_BOUND,
     OFFLOOP_CHARS,
@@ -574,7 +574,7 @@ def normalize_messages(raw: Any, context: int = UNKNOWN_CONTEXT) -> list[dict[st
             raise InvalidRequest(f"{where}.role must be a string", param=f"{where}.role")
         if role not in ROLES:
             raise InvalidRequest(
-                f"{where}.role {role!r} is not supported; expected one of {', '.join(ROLES)}",
+                f"{where}.role {quoted(role)!r} is not supported; expected one of {', '.join(ROLES)}",
                 param=f"{where}.role",
             )
         for calls in ("tool_calls", "function_call"):
