@@ -272,6 +272,18 @@ def test_the_activation_lease_is_the_peak_probe_s_not_the_batch_size_timing_s(
     assert abs(with_timing - without) < 64 << 20, (with_timing >> 20, without >> 20)
 
 
+def load_b_while_a_runs(srv: ServerThread) -> None:
+    """B's first request (which loads it) sent while a batch of A's is running."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        serving = pool.submit(embed, srv, A)
+        deadline = time.monotonic() + 10
+        while not srv.call(lambda: srv.app[MANAGER].arbiter.held()):  # A's batch is running
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert embed(srv, B)[0] == 200  # loads B
+        assert serving.result(30)[0] == 200
+
+
 def test_a_model_loaded_while_another_serves_measures_its_own_working_memory_alone(
     start_server, minilm_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
@@ -309,14 +321,7 @@ def test_a_model_loaded_while_another_serves_measures_its_own_working_memory_alo
         models, overrides={A: SMALL_BATCH, B: SMALL_BATCH}, config={"server": {"default_models": [A]}}
     )
     monkeypatch.setattr(EmbeddingRuntime, "warmup_peak", probe)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        serving = pool.submit(embed, srv, A)
-        deadline = time.monotonic() + 10
-        while not srv.call(lambda: srv.app[MANAGER].arbiter.held()):  # A's batch is running
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        assert embed(srv, B)[0] == 200  # loads B
-        assert serving.result(30)[0] == 200
+    load_b_while_a_runs(srv)
     _, activation = lease_of(srv, B)
     # B's own need at batch 4 is a few MiB; A's 128 MiB would read as 128 MiB at least.
     assert activation < 64 << 20, activation >> 20
@@ -371,14 +376,7 @@ def test_a_model_opened_while_another_serves_leases_the_weights_a_quiet_open_mea
         for event in (opening, allocated, measured):
             event.clear()
         armed.set()
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            serving = pool.submit(embed, srv, A)
-            deadline = time.monotonic() + 10
-            while not srv.call(lambda: srv.app[MANAGER].arbiter.held()):  # A's batch is running
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
-            assert embed(srv, B)[0] == 200  # opens B
-            assert serving.result(30)[0] == 200
+        load_b_while_a_runs(srv)
         armed.clear()
         assert allocated.is_set(), "A's batch took its memory during B's open"
         return lease_of(srv, B)[0]
