@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -433,7 +433,6 @@ class _Model:
 
 
 def _duration(pair: list[float]) -> dict[str, int]:
-    # Rounded: a request queued as n items adds 1/n n times, which float sums leave a hair short.
     return {"count": round(pair[0]), "ns": int(pair[1] * 1e9)}
 
 
@@ -441,8 +440,9 @@ class ModelStats:
     """Per-model counts and durations since start in the shape of Triton's statistics extension
     (``GET /v2/models[/{m}]/stats``: what ``tritonclient``'s ``get_inference_statistics`` and
     perf_analyzer read). Fed by the front door (each answered request) and the batchers and the
-    LLM scheduler (each engine execution); plain numbers, event-loop thread only. Only known
-    models are recorded (the caller checks), so made-up names cannot grow it."""
+    LLM scheduler (each engine execution, and each request that succeeded, as it ends); plain
+    numbers, event-loop thread only. Only known models are recorded (the caller checks), so
+    made-up names cannot grow it."""
 
     def __init__(self) -> None:
         self._models: dict[str, _Model] = {}
@@ -470,47 +470,27 @@ class ModelStats:
         m.cache_hit[1] += lookup_s
         m.queue[0] += 1
 
-    def executed(
-        self,
-        model: str,
-        size: int,
-        queue_waits: Sequence[float],
-        compute_s: float,
-        shares: Sequence[float],
-    ) -> None:
-        """One engine execution of ``size`` inferences (rows): each row's request waited
-        ``queue_waits`` and the row is ``shares`` of its request. Triton counts ``queue`` and
-        ``compute_infer`` once per request, with that request's own durations (a request of 16
-        rows had counted 16 and 16 times its batch's time, so perf_analyzer, dividing by the
-        request count, showed compute 16 times too long)."""
+    def finished(self, model: str, queued_s: float, ran_s: float, rows: int = 1) -> None:
+        """A request that succeeded, counted once as it ends: a generation that finished (a stop
+        or its length), one inference however many steps it ran; a batched request
+        (``Batcher.answered``), its ``rows`` inferences. Its wait in the queue and its compute
+        (a generation's time from admission to its end; a batched request's batch run, averaged
+        over its rows) count once, whole. Triton counts inferences, queue and compute of
+        requests that succeeded: counted at admission, or per batch, hang-ups and failures
+        counted too (9 inferences against 2 successes; 16 against none for a client that left
+        while its rows ran)."""
         m = self._of(model)
-        m.inferences += size
-        requests = sum(shares)
-        m.queue[0] += requests
-        m.queue[1] += sum(w * s for w, s in zip(queue_waits, shares, strict=True))
-        self.stepped(model, size, compute_s, requests)
-
-    def finished(self, model: str, queued_s: float, ran_s: float) -> None:
-        """A generation that finished (a stop or its length): one inference however many steps
-        it ran, with its wait in the queue and its time from admission to its end as its compute.
-        Triton counts inferences, queue and compute of requests that succeeded: counted at
-        admission, hang-ups and failures counted too (9 inferences against 2 successes)."""
-        m = self._of(model)
-        m.inferences += 1
+        m.inferences += rows
         m.queue[0] += 1
         m.queue[1] += queued_s
         m.compute[0] += 1
         m.compute[1] += ran_s
 
-    def stepped(self, model: str, size: int, compute_s: float, requests: float | None = None) -> None:
-        """One engine execution (a batch, or a generation step) of ``size`` rows. A batch's rows
-        make ``requests`` requests, each of which spent ``compute_s`` in it; a generation's
-        queue and compute are counted when it finishes (``finished``)."""
+    def stepped(self, model: str, size: int, compute_s: float) -> None:
+        """One engine execution (a batch, or a generation step) of ``size`` rows, whoever waits
+        for them; the requests' queue and compute count when each ends (``finished``)."""
         m = self._of(model)
         m.executions += 1
-        if requests is not None:
-            m.compute[0] += requests
-            m.compute[1] += compute_s * requests
         batch = m.batches.get(size)
         if batch is None:
             batch = m.batches[size] = [0, 0.0]
