@@ -34,7 +34,7 @@ from appliance.engines.base import Engine, EngineError, EngineOutOfMemory, Engin
 from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, Overloaded, Unavailable
 from appliance.models import RUNTIME_FACTORIES, ModelManager, ModelRuntime, batch_policy
 from appliance.repository import ModelEntry, ModelKind
-from appliance.telemetry import Metrics
+from appliance.telemetry import Metrics, held_stats
 from appliance.timeouts import within
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,10 @@ class _Observer:
         self.m.model_stats.stepped(self.model, size, compute_s)
 
     def on_answered(self, tally: Tally) -> None:
-        self.m.model_stats.finished(self.model, tally.queue_s, tally.compute_s, rows=tally.rows)
+        # In the request's context (submit_all): held for the front door, as it ends.
+        self.m.model_stats.finished(
+            self.model, tally.queue_s, tally.compute_s, rows=tally.rows, held=held_stats()
+        )
 
     def on_reject(self, priority: int, reason: str) -> None:
         # Cached here: refusals come by the thousand per second under overload.

@@ -6,7 +6,8 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -432,6 +433,20 @@ class _Model:
         self.batches: dict[int, list[float]] = {}
 
 
+# What the request being served had counted in Triton's statistics (inferences, queue, compute,
+# cache hits), held until the front door knows how the request ended: they count for a request
+# that succeeded only (``ModelStats.answered``). Set by the front door for each request; None
+# outside one (a test driving a service directly: counted at once).
+Held = list[Callable[[], None]]
+HELD: ContextVar[Held | None] = ContextVar("appliance_held_stats", default=None)
+
+
+def held_stats() -> Held | None:
+    """The held statistics of the request whose context this is, for work that ends elsewhere
+    (a generation's end is seen by its scheduler's task)."""
+    return HELD.get()
+
+
 def _duration(pair: list[float]) -> dict[str, int]:
     return {"count": round(pair[0]), "ns": int(pair[1] * 1e9)}
 
@@ -453,24 +468,42 @@ class ModelStats:
             found = self._models[model] = _Model()
         return found
 
-    def answered(self, model: str, ok: bool, seconds: float) -> None:
-        """An inference request answered (from the engine or the response cache)."""
+    def answered(self, model: str, ok: bool, seconds: float, held: Held | None = None) -> None:
+        """An inference request answered (from the engine or the response cache), as the front
+        door saw it end; what it ``held`` counts if it succeeded. Counted where the engine's or
+        the cache's part ended, the work of a request whose client then left, or whose answer
+        waited for its cache commit meanwhile, counted as inferences beside its failure."""
         m = self._of(model)
         pair = m.success if ok else m.fail
         pair[0] += 1
         pair[1] += seconds
         if ok:
             m.last_ms = int(time.time() * 1000)
+            for count in held or ():
+                count()
+
+    @staticmethod
+    def _count(held: Held | None, count: Callable[[], None]) -> None:
+        if held is None:
+            count()
+        else:
+            held.append(count)
 
     def cached(self, model: str, lookup_s: float) -> None:
         """A request answered from the response cache: a cache hit for Triton, not an inference.
         Triton's ``queue`` count includes cache hits (they waited for nothing here)."""
         m = self._of(model)
-        m.cache_hit[0] += 1
-        m.cache_hit[1] += lookup_s
-        m.queue[0] += 1
 
-    def finished(self, model: str, queued_s: float, ran_s: float, rows: int = 1) -> None:
+        def count() -> None:
+            m.cache_hit[0] += 1
+            m.cache_hit[1] += lookup_s
+            m.queue[0] += 1
+
+        self._count(held_stats(), count)
+
+    def finished(
+        self, model: str, queued_s: float, ran_s: float, rows: int = 1, held: Held | None = None
+    ) -> None:
         """A request that succeeded, counted once as it ends: a generation that finished (a stop
         or its length), one inference however many steps it ran; a batched request
         (``Batcher.answered``), its ``rows`` inferences. Its wait in the queue and its compute
@@ -478,13 +511,18 @@ class ModelStats:
         over its rows) count once, whole. Triton counts inferences, queue and compute of
         requests that succeeded: counted at admission, or per batch, hang-ups and failures
         counted too (9 inferences against 2 successes; 16 against none for a client that left
-        while its rows ran)."""
+        while its rows ran). ``held``: the request's (``held_stats()`` in its context), for the
+        front door to count if the request succeeds."""
         m = self._of(model)
-        m.inferences += rows
-        m.queue[0] += 1
-        m.queue[1] += queued_s
-        m.compute[0] += 1
-        m.compute[1] += ran_s
+
+        def count() -> None:
+            m.inferences += rows
+            m.queue[0] += 1
+            m.queue[1] += queued_s
+            m.compute[0] += 1
+            m.compute[1] += ran_s
+
+        self._count(held, count)
 
     def stepped(self, model: str, size: int, compute_s: float) -> None:
         """One engine execution (a batch, or a generation step) of ``size`` rows, whoever waits
