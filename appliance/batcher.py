@@ -58,8 +58,9 @@ _FAILURE_LOG_S = 10.0  # a persistent dispatch fault is logged at most this ofte
 class BatcherObserver(Protocol):
     """Metrics hooks. Called on the event loop; must be cheap and must not raise."""
 
-    def on_batch(self, size: int, queue_wait_s: Sequence[float], compute_s: float) -> None:
-        """A batch of ``size`` items ran (answered or not); each item's wait in the queue."""
+    def on_batch(self, size: int, queue_wait_s: Sequence[float], compute_s: float, ok: bool) -> None:
+        """A batch of ``size`` items ran (answered or not); each item's wait in the queue; ``ok``:
+        the engine call returned its results (not raised, or timed out)."""
         return None
 
     def on_answered(self, tally: Tally) -> None:
@@ -718,4 +719,4 @@ class Batcher(EarlyAdmission, Generic[T, R]):
             self._rate = sample if self._rate is None else self._rate + _EWMA_ALPHA * (sample - self._rate)
             b = self._batch_s
             self._batch_s = compute_s if b is None else b + _EWMA_ALPHA * (compute_s - b)
-        self.observer.on_batch(len(batch), [start - r.arrival for r in batch], compute_s)
+        self.observer.on_batch(len(batch), [start - r.arrival for r in batch], compute_s, ok)

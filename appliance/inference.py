@@ -67,12 +67,13 @@ class _Observer:
         self._depth: dict[int, Any] = {}
         self._rejected: dict[tuple[int, str], Any] = {}
 
-    def on_batch(self, size: int, queue_wait_s: Sequence[float], compute_s: float) -> None:
+    def on_batch(self, size: int, queue_wait_s: Sequence[float], compute_s: float, ok: bool) -> None:
         self._batch.observe(size)
         self._compute.observe(compute_s)
         for w in queue_wait_s:
             self._queue.observe(w)
-        self.m.model_stats.stepped(self.model, size, compute_s)
+        if ok:  # Triton's execution_count and batch_stats count successful executions only
+            self.m.model_stats.stepped(self.model, size, compute_s)
 
     def on_answered(self, tally: Tally) -> None:
         # In the request's context (submit_all): held for the front door, as it ends.

@@ -490,3 +490,18 @@ def test_a_request_cut_by_its_deadline_while_its_batch_runs_counts_once_as_a_fai
         "queue_ns": 0,
         "compute_infer_ns": 0,
     }
+
+
+def test_a_batch_the_engine_failed_is_no_execution(slow_embeddings: tuple[ServerThread, Any]) -> None:
+    """Triton's ``execution_count`` and ``batch_stats`` count successful executions: a batch
+    whose engine call raised had counted as one, beside its request's failure."""
+    srv, engine = slow_embeddings
+    before, rows = _stats(srv), engine.rows
+    engine.mode = "raise"
+    body = {"model": MODEL, "input": ["one", "two", "three"]}
+    status, resp, _ = srv.post("/v1/embeddings", body, {"Cache-Control": "no-store"})
+    assert status == 503 and engine.rows - rows == 3, resp  # the rows reached the engine
+    after = _stats(srv)
+    assert _counts(after)["fail"] == _counts(before)["fail"] + 1
+    assert after["execution_count"] == before["execution_count"]
+    assert after["batch_stats"] == before["batch_stats"]

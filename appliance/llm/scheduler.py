@@ -742,6 +742,7 @@ class Scheduler(EarlyAdmission):
                 self._prefilling = []
         keep = [s for s in plan.keep if not s.cancelled]
         decoded = len(keep) + len(new[1])
+        executed = bool(decoded)  # Triton's execution_count: a decode that returned
         if decoded:
             try:
                 kv, rows = await self._engine_call(
@@ -751,6 +752,7 @@ class Scheduler(EarlyAdmission):
                 for seq in keep + new[1]:
                     self._fail(seq, err)
                 kv, rows = None, []
+                executed = False
         else:
             kv, rows = None, []
         elapsed = time.monotonic() - started
@@ -762,7 +764,7 @@ class Scheduler(EarlyAdmission):
             self.metrics.compute_duration.labels(self.name).observe(elapsed)
             if rows:
                 self.metrics.batch_size.labels(self.name).observe(len(rows))
-            if decoded:  # rows that ended within the call count too
+            if executed:  # rows that ended within the call count too
                 self.metrics.model_stats.stepped(self.name, decoded, elapsed)
         self._set_gauges()
 
