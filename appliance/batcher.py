@@ -58,11 +58,13 @@ _FAILURE_LOG_S = 10.0  # a persistent dispatch fault is logged at most this ofte
 class BatcherObserver(Protocol):
     """Metrics hooks. Called on the event loop; must be cheap and must not raise."""
 
-    def on_batch(
-        self, size: int, queue_wait_s: Sequence[float], compute_s: float, shares: Sequence[float]
-    ) -> None:
-        """A batch of ``size`` items ran; each item's wait in the queue, and its share of its
-        request (an embedding request of n sentences queues n items of 1/n each)."""
+    def on_batch(self, size: int, queue_wait_s: Sequence[float], compute_s: float, ok: bool) -> None:
+        """A batch of ``size`` items ran (answered or not); each item's wait in the queue; ``ok``:
+        the engine call returned its results (not raised, or timed out)."""
+        return None
+
+    def on_answered(self, tally: Tally) -> None:
+        """A request queued as ``tally.rows`` items got every answer (``Batcher.answered``)."""
         return None
 
     def on_reject(self, priority: int, reason: str) -> None:
@@ -80,6 +82,27 @@ class NullObserver(BatcherObserver):
     pass
 
 
+class Tally:
+    """One request's time in the batcher, over the items it queued as, for statistics that count
+    the request once when it ends, with its own durations (Triton's): the mean over its items of
+    the wait in the queue and of the run of the batch each item was in. Only items answered to a
+    caller still waiting are added. Counted per batch instead, the rows of a request whose client
+    hung up, or whose deadline passed, while they ran counted as inferences and as that request's
+    queue and compute, besides the failure the request itself counted."""
+
+    __slots__ = ("answered", "compute_s", "queue_s", "rows")
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self.answered = 0
+        self.queue_s = self.compute_s = 0.0
+
+    def add(self, wait_s: float, compute_s: float) -> None:
+        self.answered += 1
+        self.queue_s += wait_s / self.rows
+        self.compute_s += compute_s / self.rows
+
+
 @dataclass(eq=False)  # identity equality: requests are dict keys
 class _Request(Generic[T, R]):
     item: T
@@ -88,7 +111,7 @@ class _Request(Generic[T, R]):
     arrival: float
     length: int
     future: asyncio.Future[R]
-    share: float = 1.0  # of its request: per-request statistics add up to one per request
+    tally: Tally | None = None  # of its request, for statistics counted once per request
 
 
 class Batcher(EarlyAdmission, Generic[T, R]):
@@ -167,10 +190,10 @@ class Batcher(EarlyAdmission, Generic[T, R]):
         priority: int | None = None,
         timeout_ms: float | None = None,
         reservation: Reservation | None = None,
-        share: float = 1.0,
+        tally: Tally | None = None,
     ) -> R:
-        """``item``'s result once its batch has run. ``share``: its part of a request queued as
-        several items (1/n each of n), so that statistics count requests, not items."""
+        """``item``'s result once its batch has run. ``tally``: its request's, which the item's
+        answer adds to; the caller reports it (``answered``) once the request has every answer."""
         policy = self.policy
         held = reservation is not None and reservation.take()
         self._relevel(policy.priority_levels)
@@ -196,7 +219,7 @@ class Batcher(EarlyAdmission, Generic[T, R]):
             now,
             self._length(item) if self._length else 0,
             loop.create_future(),
-            share,
+            tally,
         )
         if timeout_s:
             self._add_deadline(req, now + timeout_s, loop)
@@ -215,6 +238,12 @@ class Batcher(EarlyAdmission, Generic[T, R]):
             if self._discard(req):
                 self._count(req.priority, "cancelled")
             raise
+
+    def answered(self, tally: Tally) -> None:
+        """The request ``tally`` is of has all its answers in hand: it counts now, once (a request
+        that fails, times out or whose client leaves first is a failure, counted by the caller)."""
+        if tally.answered == tally.rows:
+            self.observer.on_answered(tally)
 
     def update_policy(self, **changes: Any) -> None:
         """Validate and apply setting changes in place (the policy object may be shared with config)."""
@@ -681,6 +710,8 @@ class Batcher(EarlyAdmission, Generic[T, R]):
                 req.future.set_exception(result)
             else:
                 req.future.set_result(result)
+                if req.tally is not None:
+                    req.tally.add(start - req.arrival, compute_s)
         self._completed += len(batch)
         self._recent.append(len(batch))
         if ok:  # a failing engine is fast; letting it raise the service rate would admit too much
@@ -688,6 +719,4 @@ class Batcher(EarlyAdmission, Generic[T, R]):
             self._rate = sample if self._rate is None else self._rate + _EWMA_ALPHA * (sample - self._rate)
             b = self._batch_s
             self._batch_s = compute_s if b is None else b + _EWMA_ALPHA * (compute_s - b)
-        self.observer.on_batch(
-            len(batch), [start - r.arrival for r in batch], compute_s, [r.share for r in batch]
-        )
+        self.observer.on_batch(len(batch), [start - r.arrival for r in batch], compute_s, ok)

@@ -28,6 +28,7 @@ from appliance.batcher import (
     InvalidPriority,
     QueueFull,
     Reservation,
+    Tally,
 )
 from appliance.engines.base import (
     Engine,
@@ -40,7 +41,7 @@ from appliance.engines.base import (
 from appliance.errors import ApplianceError, EngineFailure, InvalidRequest, Overloaded, Unavailable, quoted
 from appliance.models import RUNTIME_FACTORIES, ModelManager, ModelRuntime, batch_policy
 from appliance.repository import ModelEntry, ModelKind
-from appliance.telemetry import Metrics
+from appliance.telemetry import Metrics, held_stats
 from appliance.timeouts import within
 
 log = logging.getLogger(__name__)
@@ -73,14 +74,19 @@ class _Observer:
         self._depth: dict[int, Any] = {}
         self._rejected: dict[tuple[int, str], Any] = {}
 
-    def on_batch(
-        self, size: int, queue_wait_s: Sequence[float], compute_s: float, shares: Sequence[float]
-    ) -> None:
+    def on_batch(self, size: int, queue_wait_s: Sequence[float], compute_s: float, ok: bool) -> None:
         self._batch.observe(size)
         self._compute.observe(compute_s)
         for w in queue_wait_s:
             self._queue.observe(w)
-        self.m.model_stats.executed(self.model, size, queue_wait_s, compute_s, shares)
+        if ok:  # Triton's execution_count and batch_stats count successful executions only
+            self.m.model_stats.stepped(self.model, size, compute_s)
+
+    def on_answered(self, tally: Tally) -> None:
+        # In the request's context (submit_all): held for the front door, as it ends.
+        self.m.model_stats.finished(
+            self.model, tally.queue_s, tally.compute_s, rows=tally.rows, held=held_stats()
+        )
 
     def on_reject(self, priority: int, reason: str) -> None:
         # Cached here: refusals come by the thousand per second under overload.
@@ -138,27 +144,30 @@ async def submit_all(
     timeout_ms: float | None,
     reservation: Reservation | None = None,
 ) -> list[Any]:
-    """Submit items of one request together; if any is refused, withdraw the rest."""
+    """Submit items of one request together; if any is refused, withdraw the rest. The request
+    counts in the statistics once it has every answer (Triton's: once, when it succeeds)."""
+    tally = Tally(len(items))
     if len(items) == 1:
         # The common case (one sentence, one tensor request) awaits the batcher directly: a task
         # and a gather per request were a sixth of the event loop's time in a py-spy profile.
         try:
-            return [
-                await batcher.submit(
-                    items[0], priority=priority, timeout_ms=timeout_ms, reservation=reservation
-                )
-            ]
+            result = await batcher.submit(
+                items[0], priority=priority, timeout_ms=timeout_ms, reservation=reservation, tally=tally
+            )
         except (AdmissionError, EngineError) as exc:
             raise engine_failure(exc) from None
-    share = 1 / len(items)  # Triton's statistics count the request once, not once per item
+        batcher.answered(tally)
+        return [result]
     tasks = [
         asyncio.ensure_future(
-            batcher.submit(it, priority=priority, timeout_ms=timeout_ms, reservation=reservation, share=share)
+            batcher.submit(it, priority=priority, timeout_ms=timeout_ms, reservation=reservation, tally=tally)
         )
         for it in items
     ]
     try:
-        return list(await asyncio.gather(*tasks))
+        results = list(await asyncio.gather(*tasks))
+        batcher.answered(tally)
+        return results
     except (AdmissionError, EngineError) as exc:
         raise engine_failure(exc) from None
     finally:

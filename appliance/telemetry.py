@@ -6,7 +6,8 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -432,8 +433,21 @@ class _Model:
         self.batches: dict[int, list[float]] = {}
 
 
+# What the request being served had counted in Triton's statistics (inferences, queue, compute,
+# cache hits), held until the front door knows how the request ended: they count for a request
+# that succeeded only (``ModelStats.answered``). Set by the front door for each request; None
+# outside one (a test driving a service directly: counted at once).
+Held = list[Callable[[], None]]
+HELD: ContextVar[Held | None] = ContextVar("appliance_held_stats", default=None)
+
+
+def held_stats() -> Held | None:
+    """The held statistics of the request whose context this is, for work that ends elsewhere
+    (a generation's end is seen by its scheduler's task)."""
+    return HELD.get()
+
+
 def _duration(pair: list[float]) -> dict[str, int]:
-    # Rounded: a request queued as n items adds 1/n n times, which float sums leave a hair short.
     return {"count": round(pair[0]), "ns": int(pair[1] * 1e9)}
 
 
@@ -441,8 +455,9 @@ class ModelStats:
     """Per-model counts and durations since start in the shape of Triton's statistics extension
     (``GET /v2/models[/{m}]/stats``: what ``tritonclient``'s ``get_inference_statistics`` and
     perf_analyzer read). Fed by the front door (each answered request) and the batchers and the
-    LLM scheduler (each engine execution); plain numbers, event-loop thread only. Only known
-    models are recorded (the caller checks), so made-up names cannot grow it."""
+    LLM scheduler (each engine execution, and each request that succeeded, as it ends); plain
+    numbers, event-loop thread only. Only known models are recorded (the caller checks), so
+    made-up names cannot grow it."""
 
     def __init__(self) -> None:
         self._models: dict[str, _Model] = {}
@@ -453,64 +468,67 @@ class ModelStats:
             found = self._models[model] = _Model()
         return found
 
-    def answered(self, model: str, ok: bool, seconds: float) -> None:
-        """An inference request answered (from the engine or the response cache)."""
+    def answered(self, model: str, ok: bool, seconds: float, held: Held | None = None) -> None:
+        """An inference request answered (from the engine or the response cache), as the front
+        door saw it end; what it ``held`` counts if it succeeded. Counted where the engine's or
+        the cache's part ended, the work of a request whose client then left, or whose answer
+        waited for its cache commit meanwhile, counted as inferences beside its failure."""
         m = self._of(model)
         pair = m.success if ok else m.fail
         pair[0] += 1
         pair[1] += seconds
         if ok:
             m.last_ms = int(time.time() * 1000)
+            for count in held or ():
+                count()
+
+    @staticmethod
+    def _count(held: Held | None, count: Callable[[], None]) -> None:
+        if held is None:
+            count()
+        else:
+            held.append(count)
 
     def cached(self, model: str, lookup_s: float) -> None:
         """A request answered from the response cache: a cache hit for Triton, not an inference.
         Triton's ``queue`` count includes cache hits (they waited for nothing here)."""
         m = self._of(model)
-        m.cache_hit[0] += 1
-        m.cache_hit[1] += lookup_s
-        m.queue[0] += 1
 
-    def executed(
-        self,
-        model: str,
-        size: int,
-        queue_waits: Sequence[float],
-        compute_s: float,
-        shares: Sequence[float],
+        def count() -> None:
+            m.cache_hit[0] += 1
+            m.cache_hit[1] += lookup_s
+            m.queue[0] += 1
+
+        self._count(held_stats(), count)
+
+    def finished(
+        self, model: str, queued_s: float, ran_s: float, rows: int = 1, held: Held | None = None
     ) -> None:
-        """One engine execution of ``size`` inferences (rows): each row's request waited
-        ``queue_waits`` and the row is ``shares`` of its request. Triton counts ``queue`` and
-        ``compute_infer`` once per request, with that request's own durations (a request of 16
-        rows had counted 16 and 16 times its batch's time, so perf_analyzer, dividing by the
-        request count, showed compute 16 times too long)."""
+        """A request that succeeded, counted once as it ends: a generation that finished (a stop
+        or its length), one inference however many steps it ran; a batched request
+        (``Batcher.answered``), its ``rows`` inferences. Its wait in the queue and its compute
+        (a generation's time from admission to its end; a batched request's batch run, averaged
+        over its rows) count once, whole. Triton counts inferences, queue and compute of
+        requests that succeeded: counted at admission, or per batch, hang-ups and failures
+        counted too (9 inferences against 2 successes; 16 against none for a client that left
+        while its rows ran). ``held``: the request's (``held_stats()`` in its context), for the
+        front door to count if the request succeeds."""
         m = self._of(model)
-        m.inferences += size
-        requests = sum(shares)
-        m.queue[0] += requests
-        m.queue[1] += sum(w * s for w, s in zip(queue_waits, shares, strict=True))
-        self.stepped(model, size, compute_s, requests)
 
-    def finished(self, model: str, queued_s: float, ran_s: float) -> None:
-        """A generation that finished (a stop or its length): one inference however many steps
-        it ran, with its wait in the queue and its time from admission to its end as its compute.
-        Triton counts inferences, queue and compute of requests that succeeded: counted at
-        admission, hang-ups and failures counted too (9 inferences against 2 successes)."""
-        m = self._of(model)
-        m.inferences += 1
-        m.queue[0] += 1
-        m.queue[1] += queued_s
-        m.compute[0] += 1
-        m.compute[1] += ran_s
+        def count() -> None:
+            m.inferences += rows
+            m.queue[0] += 1
+            m.queue[1] += queued_s
+            m.compute[0] += 1
+            m.compute[1] += ran_s
 
-    def stepped(self, model: str, size: int, compute_s: float, requests: float | None = None) -> None:
-        """One engine execution (a batch, or a generation step) of ``size`` rows. A batch's rows
-        make ``requests`` requests, each of which spent ``compute_s`` in it; a generation's
-        queue and compute are counted when it finishes (``finished``)."""
+        self._count(held, count)
+
+    def stepped(self, model: str, size: int, compute_s: float) -> None:
+        """One engine execution (a batch, or a generation step) of ``size`` rows, whoever waits
+        for them; the requests' queue and compute count when each ends (``finished``)."""
         m = self._of(model)
         m.executions += 1
-        if requests is not None:
-            m.compute[0] += requests
-            m.compute[1] += compute_s * requests
         batch = m.batches.get(size)
         if batch is None:
             batch = m.batches[size] = [0, 0.0]

@@ -13,6 +13,7 @@ from typing import Any
 
 import openai
 import pytest
+from aiohttp import web
 from tokenizers import Tokenizer
 
 from appliance.api.common import MANAGER, METRICS, RESILIENCE
@@ -1086,3 +1087,52 @@ def test_a_cached_answer_is_a_new_response_and_a_new_default_is_a_new_key(server
             "/admin/settings",
             {"models": {MODEL: {"generation": {"max_tokens_default": None}}}},
         )
+
+
+def test_a_stream_whose_write_finds_the_client_gone_is_a_499_and_a_failure(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hang-up mid-stream is noticed by the handler's cancellation, or first by a write that
+    finds the connection closing (a send the peer reset, the send timeout's abort) before that
+    cancellation lands. The write's error was taken for the stream's end: the request counted as
+    a 200 and a success. It is a 499 and a failure either way."""
+    srv = server
+    counted = 'appliance_requests_total{api="openai",model="%s",status="%d"}'
+    before = {s: metric(srv, counted % (MODEL, s)) for s in (200, 499)}
+    stats_before = srv.get(f"/v2/models/{MODEL}/stats")[1]["model_stats"][0]["inference_stats"]
+    original = web.StreamResponse.write
+    seen: dict[int, int] = {}
+
+    async def write(self: web.StreamResponse, data: Any) -> None:
+        # The fault: after the role chunk and a first token, the connection is gone when the next
+        # token is written (aborted as a failed send aborts it); the write itself is aiohttp's.
+        if bytes(data).startswith(b"data: {"):
+            seen[id(self)] = seen.get(id(self), 0) + 1
+            if seen[id(self)] == 3:
+                self._req.transport.abort()  # type: ignore[union-attr]
+        await original(self, data)
+
+    monkeypatch.setattr(web.StreamResponse, "write", write)
+    body = {"model": MODEL, "messages": ask("Tell a long story."), "max_tokens": 200, "stream": True}
+    data = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + b"Cache-Control: no-cache, no-store\r\n"
+            + f"Content-Length: {len(data)}\r\n\r\n".encode()
+            + data
+        )
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    assert b" 200 OK" in raw and b"[DONE]" not in raw  # cut off after its headers
+    deadline = time.monotonic() + 30
+    while sum(metric(srv, counted % (MODEL, s)) - before[s] for s in (200, 499)) < 1:
+        assert time.monotonic() < deadline, "the request was never counted"
+        time.sleep(0.01)
+    assert {s: metric(srv, counted % (MODEL, s)) - before[s] for s in (200, 499)} == {200: 0, 499: 1}
+    stats = srv.get(f"/v2/models/{MODEL}/stats")[1]["model_stats"][0]["inference_stats"]
+    assert (stats["success"]["count"], stats["fail"]["count"]) == (
+        stats_before["success"]["count"],
+        stats_before["fail"]["count"] + 1,
+    )

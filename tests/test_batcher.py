@@ -316,9 +316,7 @@ async def test_snapshot_and_observer_report_batches() -> None:
     seen: list[tuple[int, int, float]] = []
 
     class Observer:
-        def on_batch(
-            self, size: int, queue_wait_s: Sequence[float], compute_s: float, shares: Sequence[float]
-        ) -> None:
+        def on_batch(self, size: int, queue_wait_s: Sequence[float], compute_s: float, ok: bool) -> None:
             seen.append((size, len(queue_wait_s), compute_s))
 
         def on_reject(self, priority: int, reason: str) -> None:
@@ -343,9 +341,7 @@ async def test_an_observer_that_raises_never_keeps_the_compute_grant() -> None:
     model's engine calls for good."""
 
     class Broken:
-        def on_batch(
-            self, size: int, queue_wait_s: Sequence[float], compute_s: float, shares: Sequence[float]
-        ) -> None:
+        def on_batch(self, size: int, queue_wait_s: Sequence[float], compute_s: float, ok: bool) -> None:
             raise Boom("the metrics broke")
 
         def on_reject(self, priority: int, reason: str) -> None:
@@ -593,9 +589,7 @@ async def test_cancelled_while_queued_is_withdrawn_and_never_executed() -> None:
     rejects: list[tuple[int, str]] = []
 
     class Observer:
-        def on_batch(
-            self, size: int, queue_wait_s: Sequence[float], compute_s: float, shares: Sequence[float]
-        ) -> None:
+        def on_batch(self, size: int, queue_wait_s: Sequence[float], compute_s: float, ok: bool) -> None:
             pass
 
         def on_reject(self, priority: int, reason: str) -> None:
@@ -661,9 +655,7 @@ class Failures:
     def __init__(self) -> None:
         self.count = 0
 
-    def on_batch(
-        self, size: int, queue_wait_s: Sequence[float], compute_s: float, shares: Sequence[float]
-    ) -> None:
+    def on_batch(self, size: int, queue_wait_s: Sequence[float], compute_s: float, ok: bool) -> None:
         pass
 
     def on_reject(self, priority: int, reason: str) -> None:

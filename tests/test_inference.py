@@ -4,6 +4,7 @@ and tensor models, which share an engine run only when their rows allow it."""
 from __future__ import annotations
 
 import json
+import socket
 import struct
 import time
 import warnings
@@ -371,3 +372,136 @@ def test_a_batch_holds_at_most_max_batch_size_rows_and_loose_shapes_run_alone(tm
     out = rt.run_batch(items)
     assert engine.runs == [2, 1, 1]
     assert [np.asarray(o["Y"]).tolist() for o in out if isinstance(o, dict)] == [[[1, 1]], [[2, 2]]]
+
+
+# -- Triton's statistics of requests that end early --
+
+
+def _stats(srv: ServerThread) -> dict[str, Any]:
+    status, body = srv.get(f"/v2/models/{MODEL}/stats")
+    assert status == 200, body
+    (stat,) = body["model_stats"]
+    return dict(stat)
+
+
+def _counts(stat: dict[str, Any]) -> dict[str, int]:
+    infer = stat["inference_stats"]
+    return {
+        "inferences": stat["inference_count"],
+        "executions": stat["execution_count"],
+        **{kind: infer[kind]["count"] for kind in ("success", "fail", "queue", "compute_infer")},
+        **{f"{kind}_ns": infer[kind]["ns"] for kind in ("queue", "compute_infer")},
+    }
+
+
+def _settled(srv: ServerThread, before: dict[str, int], executions: int, fail: int) -> dict[str, int]:
+    """The counts once the server has answered (or given up on) the request and its batch has
+    ended: both happen on the server's own time, after the client's part is over."""
+    deadline = time.monotonic() + 30
+    while True:
+        now = _counts(_stats(srv))
+        if now["executions"] >= before["executions"] + executions and now["fail"] >= before["fail"] + fail:
+            return now
+        assert time.monotonic() < deadline, now
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def slow_embeddings(
+    start_server: Callable[..., ServerThread], minilm_folder: Path, faulty: list[Any]
+) -> tuple[ServerThread, Any]:
+    srv = start_server(
+        {MODEL: minilm_folder},
+        overrides={MODEL: {"batching": {"max_batch_size": 16, "measure_batch_size": False}}},
+    )
+    (engine,) = faulty
+    return srv, engine
+
+
+def test_a_request_whose_client_hangs_up_while_its_batch_runs_counts_once_as_a_failure(
+    slow_embeddings: tuple[ServerThread, Any],
+) -> None:
+    """Triton counts a request once, when it ends: inferences (its rows), queue and compute only
+    for one that succeeded, a failure otherwise. A client that hangs up while its 16 rows run
+    leaves one failure and the engine's execution, and no inferences: those rows were answered
+    to nobody (they had counted 16 inferences and a request's worth of queue and compute besides
+    the failure)."""
+    srv, engine = slow_embeddings
+    before = _counts(_stats(srv))
+    engine.delay_s = 1.0  # ample for the server to see the hang-up while the batch runs
+    data = json.dumps({"model": MODEL, "input": [f"sentence {i}" for i in range(16)]}).encode()
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+    sock.sendall(
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(data)}\r\nCache-Control: no-store\r\n\r\n".encode()
+        + data
+    )
+    deadline = time.monotonic() + 30
+    while engine.rows < 16:  # the batch is in the engine
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    sock.close()
+    after = _settled(srv, before, executions=1, fail=1)
+    assert {k: after[k] - before[k] for k in after} == {
+        "inferences": 0,
+        "executions": 1,
+        "success": 0,
+        "fail": 1,
+        "queue": 0,
+        "compute_infer": 0,
+        "queue_ns": 0,
+        "compute_infer_ns": 0,
+    }
+    # The same request answered counts its 16 rows, and itself once in queue and compute.
+    engine.delay_s = 0
+    status, body, _ = srv.post("/v1/embeddings", json.loads(data), {"Cache-Control": "no-store"})
+    assert status == 200, body
+    done = _counts(_stats(srv))
+    assert {k: done[k] - after[k] for k in ("inferences", "success", "fail", "queue", "compute_infer")} == {
+        "inferences": 16,
+        "success": 1,
+        "fail": 0,
+        "queue": 1,
+        "compute_infer": 1,
+    }
+
+
+def test_a_request_cut_by_its_deadline_while_its_batch_runs_counts_once_as_a_failure(
+    slow_embeddings: tuple[ServerThread, Any],
+) -> None:
+    """A deadline that passes while the request's rows run answers 503 at once; the batch's end
+    later adds the engine's execution and nothing else of that request."""
+    srv, engine = slow_embeddings
+    before = _counts(_stats(srv))
+    engine.delay_s = 1.0
+    body = {"model": MODEL, "input": [f"sentence {i}" for i in range(16)]}
+    status, resp, headers = srv.post(
+        "/v1/embeddings", body, {"Cache-Control": "no-store", "X-Timeout-Ms": "300"}
+    )
+    assert status == 503 and "deadline" in resp["error"]["message"] and headers["Retry-After"], resp
+    after = _settled(srv, before, executions=1, fail=1)
+    assert {k: after[k] - before[k] for k in after} == {
+        "inferences": 0,
+        "executions": 1,
+        "success": 0,
+        "fail": 1,
+        "queue": 0,
+        "compute_infer": 0,
+        "queue_ns": 0,
+        "compute_infer_ns": 0,
+    }
+
+
+def test_a_batch_the_engine_failed_is_no_execution(slow_embeddings: tuple[ServerThread, Any]) -> None:
+    """Triton's ``execution_count`` and ``batch_stats`` count successful executions: a batch
+    whose engine call raised had counted as one, beside its request's failure."""
+    srv, engine = slow_embeddings
+    before, rows = _stats(srv), engine.rows
+    engine.mode = "raise"
+    body = {"model": MODEL, "input": ["one", "two", "three"]}
+    status, resp, _ = srv.post("/v1/embeddings", body, {"Cache-Control": "no-store"})
+    assert status == 503 and engine.rows - rows == 3, resp  # the rows reached the engine
+    after = _stats(srv)
+    assert _counts(after)["fail"] == _counts(before)["fail"] + 1
+    assert after["execution_count"] == before["execution_count"]
+    assert after["batch_stats"] == before["batch_stats"]

@@ -497,6 +497,20 @@ async def test_a_hung_step_times_out(executor: ThreadPoolExecutor) -> None:
     await sch.close()
 
 
+async def test_a_step_whose_decode_timed_out_is_no_execution(executor: ThreadPoolExecutor) -> None:
+    """Triton's ``execution_count`` and ``batch_stats`` count successful executions: a step whose
+    decode call timed out (failing its rows) had counted as one."""
+    metrics = Metrics()
+    sch = make(executor, FakeDecoder(decode_s=0.3), metrics=metrics, engine_timeout_ms=150)
+    s = seq([1], 3)
+    sch.submit(s)
+    _, fin = await drain(s)
+    assert isinstance(fin, Failed) and isinstance(fin.error, EngineTimeout)
+    stats = metrics.model_stats.triton("fake")
+    assert (stats["execution_count"], stats["batch_stats"]) == (0, [])
+    await sch.close()
+
+
 async def test_an_abandoned_call_leaves_no_exception_unretrieved(executor: ThreadPoolExecutor) -> None:
     """A call given up on while it waited behind a hung one later ends with "abandoned before it
     started", and nobody awaited it: asyncio logged "Future exception was never retrieved" with a

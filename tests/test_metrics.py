@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import socket
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from appliance.api.common import RESILIENCE
 from tests.conftest import ServerThread, metric
 
 PINNED = {
@@ -82,3 +89,82 @@ def test_an_unloaded_chat_model_leaves_no_live_gauges_behind(start_server, smoll
     for gauge in ("prefix_cache_blocks", "running_sequences", "kv_cache_bytes"):
         assert metric(srv, f'appliance_{gauge}{{model="{model}"}}') == 0, gauge
     assert up not in srv.get("/metrics")[1].decode()
+
+
+def _stat_counts(srv: ServerThread, model: str) -> dict[str, int]:
+    (stat,) = srv.get(f"/v2/models/{model}/stats")[1]["model_stats"]
+    infer = stat["inference_stats"]
+    return {
+        "inferences": stat["inference_count"],
+        **{kind: infer[kind]["count"] for kind in ("success", "fail", "queue", "compute_infer")},
+    }
+
+
+def _hang_up_while_storing(
+    srv: ServerThread, path: str, body: dict[str, Any], marker: bytes
+) -> tuple[bytes, Callable[[], None]]:
+    """Send ``body``, read until ``marker`` (b"" for nothing), and hang up once the answer waits
+    for its cache commit (held: the fault); the bytes read, and what lets the commit end."""
+    cache = srv.app[RESILIENCE].cache
+    storing = threading.Event()
+    commit = srv.call(asyncio.Event)
+
+    async def held(*_args: Any) -> bool:
+        storing.set()
+        await commit.wait()
+        return True
+
+    cache.put_and_wait = held
+    data = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+            + f"Content-Length: {len(data)}\r\n\r\n".encode()
+            + data
+        )
+        raw = b""
+        while marker not in raw:
+            chunk = sock.recv(65536)
+            assert chunk, raw
+            raw += chunk
+        assert storing.wait(30)
+    return raw, lambda: srv.call(commit.set)
+
+
+def _after_the_failure(srv: ServerThread, model: str, before: dict[str, int]) -> dict[str, int]:
+    deadline = time.monotonic() + 30
+    while (now := _stat_counts(srv, model))["fail"] == before["fail"]:
+        assert time.monotonic() < deadline, now
+        time.sleep(0.01)
+    return {k: now[k] - before[k] for k in now}
+
+
+def test_a_request_whose_client_leaves_before_its_answer_goes_out_counts_once_as_a_failure(
+    start_server, minilm_folder: Path, smollm_folder: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Triton's inferences, queue and compute count requests that succeeded, once each; the
+    front door knows how a request ended. Under ``cache.synchronous: FULL`` an answer waits for
+    its cache commit; a client that hangs up meanwhile has a 499, a failure, and its engine work
+    (done, but answered to nobody) counts no inference: it had counted the embedding's 3 rows
+    and the stream's generation, and their queue and compute, beside the failure."""
+    emb, chat = "all-minilm-l6-v2", "smollm2-135m-instruct"
+    srv = start_server(
+        {emb: minilm_folder, chat: smollm_folder}, config={"defaults": {"cache": {"synchronous": "FULL"}}}
+    )
+    nothing = {"inferences": 0, "success": 0, "fail": 1, "queue": 0, "compute_infer": 0}
+    before = _stat_counts(srv, emb)
+    _, commit = _hang_up_while_storing(srv, "/v1/embeddings", {"model": emb, "input": ["a", "b", "c"]}, b"")
+    assert _after_the_failure(srv, emb, before) == nothing
+    commit()
+    before = _stat_counts(srv, chat)
+    body = {
+        "model": chat,
+        "messages": [{"role": "user", "content": "Say hi."}],
+        "max_tokens": 5,
+        "temperature": 0,
+        "stream": True,
+    }
+    raw, commit = _hang_up_while_storing(srv, "/v1/chat/completions", body, b'"finish_reason":"length"')
+    assert b"[DONE]" not in raw
+    assert _after_the_failure(srv, chat, before) == nothing
+    commit()

@@ -68,7 +68,7 @@ from appliance.models import ModelManager
 from appliance.pipeline import Pipeline
 from appliance.resilience import Resilience
 from appliance.supervisor import Supervisor
-from appliance.telemetry import Metrics, RollingStats
+from appliance.telemetry import HELD, Held, Metrics, RollingStats
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("appliance.access")
@@ -144,6 +144,9 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
     entered = handled = False
     key = None
     response: web.StreamResponse
+    # Triton's statistics of the work done for this request, counted once it has ended well.
+    held: Held = []
+    holding = HELD.set(held)
     try:
         if key_needed:
             if metered:  # counted while its key is checked (on a worker thread), for the drain
@@ -182,8 +185,9 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
         status = 499  # the client went away (nginx's convention); not a server error
         raise
     except ConnectionResetError:
-        # The client hung up while its body was being read: nobody to answer, and no server
-        # error (a traceback per hang-up would flood the log and the 500 count under a probe).
+        # The client hung up while its body was being read, or a stream's write found it gone
+        # before the cancellation came: nobody to answer, and no server error (a traceback per
+        # hang-up would flood the log and the 500 count under a probe).
         status = 499
         response = web.Response(status=499)
     except ApplianceError as exc:
@@ -202,6 +206,7 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
         err = ApplianceError(f"internal error: {type(exc).__name__}")
         response = error_response(api, err)
     finally:
+        HELD.reset(holding)
         ticket = request.get(TICKET) if handled else None
         if ticket is not None:
             ticket.release()  # queue places an early admission held and no submit used
@@ -220,7 +225,7 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
                 request.app[ROLLING].record(model, elapsed, status)
                 if post:  # an inference (metadata and readiness are GETs)
                     ok = status < 400 and STREAM_ERROR not in request
-                    metrics.model_stats.answered(model, ok, elapsed)
+                    metrics.model_stats.answered(model, ok, elapsed, held)
             # One structured line per request; never the body (it may hold customer data).
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info(

@@ -416,27 +416,28 @@ async def stream_generation(
             await resp.prepare(request)
         await resp.write(b": keep-alive\n\n")
 
+    # A client gone mid-stream, noticed by a write that finds the connection closing before the
+    # handler's cancellation lands, raises ConnectionResetError to the front door: a 499 and a
+    # failure, as the cancellation counts it. Caught here, it was the stream's end: a 200 and a
+    # success in the statistics for an answer nobody received.
     try:
-        try:
-            outcome = await pipeline.stream(
-                ticket, work, keepalive_s=request.app[CONFIG].server.sse_keepalive_s, on_wait=keepalive
-            )
-        except ApplianceError as exc:
-            if resp is None:
-                raise  # nothing sent yet: a plain JSON error with its status and Retry-After
-            request[STREAM_ERROR] = exc
-            await resp.write(wire.error_event(exc))
-            await resp.write(wire.end())
-            await resp.write_eof()
-            return resp
-        if isinstance(outcome, Answer):
-            completion = completion_of(outcome.body, wire.chat)
-            if completion is None:
-                raise Unavailable(f"the model '{wire.model}' has no usable fallback", retry_after_s=1.0)
-            return await _replay(request, wire, completion, outcome.source, resp)
-        return await _live(request, wire, outcome, resp)
-    except ConnectionError:
-        return resp if resp is not None else web.StreamResponse()  # the client went away
+        outcome = await pipeline.stream(
+            ticket, work, keepalive_s=request.app[CONFIG].server.sse_keepalive_s, on_wait=keepalive
+        )
+    except ApplianceError as exc:
+        if resp is None:
+            raise  # nothing sent yet: a plain JSON error with its status and Retry-After
+        request[STREAM_ERROR] = exc
+        await resp.write(wire.error_event(exc))
+        await resp.write(wire.end())
+        await resp.write_eof()
+        return resp
+    if isinstance(outcome, Answer):
+        completion = completion_of(outcome.body, wire.chat)
+        if completion is None:
+            raise Unavailable(f"the model '{wire.model}' has no usable fallback", retry_after_s=1.0)
+        return await _replay(request, wire, completion, outcome.source, resp)
+    return await _live(request, wire, outcome, resp)
 
 
 async def _live(

@@ -73,7 +73,7 @@ from appliance.engines.base import EngineError, EngineOutOfMemory, EngineTimeout
 from appliance.llm.kv import KVState
 from appliance.llm.prefix import PrefixCache, PrefixStats
 from appliance.llm.sampling import OutputProcessor, SamplingParams, make_rng, sample
-from appliance.telemetry import Metrics
+from appliance.telemetry import Held, Metrics, held_stats
 from appliance.timeouts import retrieve, within
 
 log = logging.getLogger(__name__)
@@ -192,6 +192,9 @@ class Seq:
     partial: KVState | None = None  # worker: one row of KV for context()[:filled] while prefilling
     filled: int = 0  # worker: context tokens whose KV is held (prefix-cache hit, earlier chunks)
     prefix_checked: bool = False  # worker: the prefix cache was consulted for this admission
+    # Its request's statistics, held for the front door (made in the request's context; the
+    # generation's end is seen in the scheduler's).
+    held: Held | None = field(default_factory=held_stats)
 
     def __post_init__(self) -> None:
         self.rng = make_rng(self.params.seed)
@@ -739,6 +742,7 @@ class Scheduler(EarlyAdmission):
                 self._prefilling = []
         keep = [s for s in plan.keep if not s.cancelled]
         decoded = len(keep) + len(new[1])
+        executed = bool(decoded)  # Triton's execution_count: a decode that returned
         if decoded:
             try:
                 kv, rows = await self._engine_call(
@@ -748,6 +752,7 @@ class Scheduler(EarlyAdmission):
                 for seq in keep + new[1]:
                     self._fail(seq, err)
                 kv, rows = None, []
+                executed = False
         else:
             kv, rows = None, []
         elapsed = time.monotonic() - started
@@ -759,7 +764,7 @@ class Scheduler(EarlyAdmission):
             self.metrics.compute_duration.labels(self.name).observe(elapsed)
             if rows:
                 self.metrics.batch_size.labels(self.name).observe(len(rows))
-            if decoded:  # rows that ended within the call count too
+            if executed:  # rows that ended within the call count too
                 self.metrics.model_stats.stepped(self.name, decoded, elapsed)
         self._set_gauges()
 
@@ -932,7 +937,7 @@ class Scheduler(EarlyAdmission):
                 )
                 if m is not None:
                     admitted = seq.admitted_at or seq.arrival
-                    m.model_stats.finished(self.name, admitted - seq.arrival, now - admitted)
+                    m.model_stats.finished(self.name, admitted - seq.arrival, now - admitted, held=seq.held)
                     m.generation_duration.labels(self.name).observe(now - seq.arrival)
                     if seq.first_token_at is not None and ev.completion_tokens > 1:
                         m.time_per_output_token.labels(self.name).observe(
