@@ -184,10 +184,11 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
     except asyncio.CancelledError:
         status = 499  # the client went away (nginx's convention); not a server error
         raise
-    except ConnectionResetError:
+    except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
         # The client hung up while its body was being read, or a stream's write found it gone
         # before the cancellation came: nobody to answer, and no server error (a traceback per
-        # hang-up would flood the log and the 500 count under a probe).
+        # hang-up would flood the log and the 500 count under a probe). aiohttp's writes raise
+        # ConnectionResetError; a transport's own socket error may be either of the others.
         status = 499
         response = web.Response(status=499)
     except ApplianceError as exc:
