@@ -839,6 +839,87 @@ def test_an_unload_during_a_load_waits_for_it_and_unloads(
     assert state() == "available"
 
 
+def test_a_hung_engine_open_fails_its_load_at_the_load_timeout_and_blocks_no_later_load(
+    served: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a fault probe: a load whose engine open hung (a stalled disk, a wedged driver) was
+    waited for without a bound. The admin load never answered, and the load held the load lock,
+    so every later load, and each request waiting on one, waited for ever too. Past
+    engine.load_timeout_s the load fails, naming it (the admin load and requests get a 503 with
+    Retry-After), the next load goes ahead, and the engine the hung open brings at last is closed."""
+    from appliance.models import ModelManager
+    from tests.conftest import FaultyEngine
+
+    start, _ = served
+    srv = start()
+    assert admin(srv, "POST", f"/admin/models/{MODEL}/unload")[1]["state"] == "available"
+    timeout = {"models": {MODEL: {"engine": {"load_timeout_s": 1}}}}
+    assert admin(srv, "PATCH", "/admin/settings", timeout)[0] == 200
+    gate, closed = threading.Event(), threading.Event()
+    original = ModelManager._open_engine
+
+    class Late(FaultyEngine):
+        def close(self) -> None:
+            super().close()
+            closed.set()
+
+    def hung_open(entry: Any, values: Any) -> Any:  # test-only hook: an open that hangs
+        gate.wait(30)
+        return Late(original(entry, values))
+
+    monkeypatch.setattr(ModelManager, "_open_engine", staticmethod(hung_open))
+    started = time.monotonic()
+    status, body = admin(srv, "POST", f"/admin/models/{MODEL}/load")
+    assert status == 503 and "engine.load_timeout_s" in body["error"]["message"], body
+    assert time.monotonic() - started < 10
+    status, body, headers = srv.post("/v1/embeddings", {"model": MODEL, "input": "meanwhile"})
+    assert status == 503 and "engine.load_timeout_s" in body["error"]["message"], body
+    assert "Retry-After" in headers
+    model = admin(srv, "GET", "/admin/stats")[1]["models"][MODEL]
+    assert model["state"] == "failed" and "engine.load_timeout_s" in model["error"], model
+
+    # The hung open still runs; the next load (given the default's time) does not wait for it.
+    monkeypatch.setattr(ModelManager, "_open_engine", staticmethod(original))
+    no_timeout = {"models": {MODEL: {"engine": {"load_timeout_s": None}}}}
+    assert admin(srv, "PATCH", "/admin/settings", no_timeout)[0] == 200
+    status, body = admin(srv, "POST", f"/admin/models/{MODEL}/load")
+    assert status == 200 and body["state"] == "resident", body
+    gate.set()
+    assert closed.wait(10), "the engine the timed-out load opened at last was not closed"
+    assert srv.post("/v1/embeddings", {"model": MODEL, "input": "after"})[0] == 200
+
+
+def test_a_load_longer_than_the_admin_wait_is_answered_202_and_goes_on(
+    served: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load that takes longer than the admin request waits (LOAD_WAIT_S, within the console's
+    300 s) is answered 202 "still loading", saying where to follow it, and the load goes on to
+    make the model resident: a client's own timeout said nothing of what became of it."""
+    from appliance.api import admin as admin_api
+    from appliance.models import ModelManager
+
+    start, _ = served
+    srv = start()
+    assert admin(srv, "POST", f"/admin/models/{MODEL}/unload")[1]["state"] == "available"
+    gate = threading.Event()
+    original = ModelManager._open_engine
+
+    def slow_open(entry: Any, values: Any) -> Any:  # test-only hook: a load that takes a while
+        gate.wait(30)
+        return original(entry, values)
+
+    monkeypatch.setattr(ModelManager, "_open_engine", staticmethod(slow_open))
+    monkeypatch.setattr(admin_api, "LOAD_WAIT_S", 0.3)
+    status, body = admin(srv, "POST", f"/admin/models/{MODEL}/load")
+    assert status == 202 and body["state"] == "loading", body
+    assert "GET /admin/stats" in body["message"]
+    gate.set()
+    deadline = time.monotonic() + 30
+    while admin(srv, "GET", "/admin/stats")[1]["models"][MODEL]["state"] != "resident":
+        assert time.monotonic() < deadline, "the load did not go on"
+        time.sleep(0.05)
+
+
 def _admin_raw(srv: ServerThread, head: str, body: bytes = b"") -> bytes:
     """One request over a fresh TCP connection to the admin plane, answered to its end."""
     port = int(srv.admin_url.rsplit(":", 1)[1])

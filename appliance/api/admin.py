@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 # How long an unload asked for while the model loads waits for that load: within the console's
 # 60 s for an unload, leaving time for the drain that follows.
 UNLOAD_WAITS_FOR_LOAD_S = 30.0
+# How long a load request waits for the load before its 202 "still loading": within the console's
+# 300 s for a load. The load itself is bounded by engine.load_timeout_s and goes on meanwhile.
+LOAD_WAIT_S = 240.0
 # How long a settings PATCH waits for the one before it, and for its own save, before its 503.
 SETTINGS_WAIT_S = 10.0
 
@@ -412,7 +415,21 @@ def _model(request: web.Request) -> str:
 async def load_model(request: web.Request) -> web.Response:
     name = _model(request)
     mgr = _data(request)[MANAGER]
-    await mgr.load(name)
+    # Waited for up to LOAD_WAIT_S, not until the load ends (a load waits its turn behind every
+    # other load, each bounded by its engine.load_timeout_s only): a client's wait that ran out
+    # first said nothing of what became of it. Past it, a 202: the load goes on (its outcome is
+    # the model's state and error in /admin/stats); only this request's wait on it is cancelled.
+    loading = asyncio.ensure_future(mgr.load(name))
+    done, _ = await asyncio.wait({loading}, timeout=LOAD_WAIT_S)
+    if not done:
+        loading.cancel()
+        body = mgr.describe(name)
+        body["message"] = (
+            f"still loading after {LOAD_WAIT_S:g} s; the load goes on: follow the model's state "
+            "(and error) in GET /admin/stats"
+        )
+        return web.json_response(body, status=202)
+    loading.result()
     return web.json_response(mgr.describe(name))
 
 
