@@ -920,6 +920,43 @@ def test_a_load_longer_than_the_admin_wait_is_answered_202_and_goes_on(
         time.sleep(0.05)
 
 
+def test_an_unload_behind_a_long_drain_is_answered_202_and_the_drain_goes_on(
+    start_server: Any, minilm_folder: Path, faulty: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by an operator-side probe: an unload waited for the model's whole drain, which
+    behind a long generation lasts minutes: the console's 60 s ran out first, saying nothing of
+    the unload. Past UNLOAD_DRAIN_WAIT_S it is answered 202 "unloading"; the running work still
+    ends with its answer, and the unload completes."""
+    from appliance.api import admin as admin_api
+    from appliance.api.common import MANAGER
+
+    srv = start_server({MODEL: minilm_folder})
+    engine = faulty[-1]
+    engine.delay_s = 3.0  # the running batch, which the unload drains, takes this long
+    ran = len(engine.batches)
+    answers: list[Any] = []
+    running = threading.Thread(
+        target=lambda: answers.append(srv.post("/v1/embeddings", {"model": MODEL, "input": "slow"}))
+    )
+    running.start()
+    deadline = time.monotonic() + 30
+    while len(engine.batches) == ran:  # the slow batch is running
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    monkeypatch.setattr(admin_api, "UNLOAD_DRAIN_WAIT_S", 0.3)
+    started = time.monotonic()
+    status, body = admin(srv, "POST", f"/admin/models/{MODEL}/unload")
+    assert status == 202 and body["state"] == "unloading", body
+    assert "GET /admin/stats" in body["message"] and time.monotonic() - started < 2.5
+    running.join(30)
+    assert answers[0][0] == 200, answers  # the drain was not cut
+    deadline = time.monotonic() + 30
+    while srv.call(lambda: srv.app[MANAGER].slots[MODEL].unloading) is not None:
+        assert time.monotonic() < deadline, "the unload did not complete"
+        time.sleep(0.05)
+    assert admin(srv, "GET", "/admin/stats")[1]["models"][MODEL]["state"] == "available"
+
+
 def _admin_raw(srv: ServerThread, head: str, body: bytes = b"") -> bytes:
     """One request over a fresh TCP connection to the admin plane, answered to its end."""
     port = int(srv.admin_url.rsplit(":", 1)[1])
