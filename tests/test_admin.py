@@ -773,6 +773,47 @@ def test_a_patch_never_reverts_an_edit_on_disk_that_is_not_reloaded(served: Any)
     assert saved["models"][MODEL]["batching"]["max_batch_size"] == 4
 
 
+def test_a_reload_during_a_patchs_save_runs_after_it_and_is_not_undone(
+    served: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by an operator-side probe: a SIGHUP while a PATCH's save was in its thread (a slow
+    fsync) applied the file, and the PATCH then applied the values it had planned from the old
+    ones, reverting the reload's: the server ran queue.aging_ms 0 while the file said 7. The reload
+    takes the settings lock, as a PATCH does: it runs once the PATCH is done, and what runs is
+    what the file says."""
+    from appliance.api import admin as admin_api
+    from appliance.config import save_settings
+
+    start, path = served
+    srv = start()
+    saved, gate = threading.Event(), threading.Event()
+
+    def slow_save(*args: Any) -> None:  # test-only hook: a save whose last fsync is slow
+        save_settings(*args)
+        saved.set()
+        gate.wait(30)
+
+    monkeypatch.setattr(admin_api, "save_settings", slow_save)
+    change = {"models": {MODEL: {"batching": {"max_batch_size": 4}}}}
+    answers: list[tuple[int, Any]] = []
+    patch = threading.Thread(target=lambda: answers.append(admin(srv, "PATCH", "/admin/settings", change)))
+    patch.start()
+    assert saved.wait(10)
+    raw = yaml.safe_load(path.read_text())  # the PATCH's file, edited by the operator, reloaded
+    raw["defaults"] = {"queue": {"aging_ms": 7}}
+    path.write_text(yaml.safe_dump(raw))
+    assert srv.server is not None
+    srv.call(srv.server.reload)
+    gate.set()
+    patch.join(30)
+    assert answers and answers[0][0] == 200, answers
+    deadline = time.monotonic() + 10
+    while (current := admin(srv, "GET", "/admin/settings")[1])["defaults"]["queue.aging_ms"] != 7:
+        assert time.monotonic() < deadline, f"the reload was undone: {current['overrides']}"
+        time.sleep(0.05)
+    assert current["models"][MODEL]["batching.max_batch_size"] == 4
+
+
 def test_an_unload_during_a_load_waits_for_it_and_unloads(
     served: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
