@@ -585,24 +585,39 @@ class ModelManager:
         executor = ThreadPoolExecutor(instances, thread_name_prefix=f"engine-{entry.name}")
         loop = asyncio.get_running_loop()
         holder: list[Engine] = []
+        runtime: ModelRuntime | None = None
+        # Each step on the worker is waited for until the load's deadline, no longer: a hung
+        # engine open held the load lock for ever, and with it every later load (of any model)
+        # and each request waiting on one. A step past it is left to end in its thread.
+        timeout_s = float(values["engine.load_timeout_s"])
+        deadline = started + timeout_s
+        stuck: list[asyncio.Future[Any]] = []
+
+        async def step(fn: Callable[..., Any], *args: Any) -> Any:
+            run = loop.run_in_executor(executor, fn, *args)
+            done, _ = await asyncio.wait({run}, timeout=max(deadline - time.monotonic(), 0.0))
+            if not done:
+                stuck.append(run)
+                raise LoadTimedOut(
+                    f"it did not load within {timeout_s:g} s (engine.load_timeout_s); the engine "
+                    "call still running is discarded when it ends"
+                )
+            return run.result()
+
         # Whether any engine call ran beside the open (the arbiter is the loop's: read here).
         granted_before, held_before = self.arbiter.granted, self.arbiter.held()
         try:
-            grown, _ = await loop.run_in_executor(
-                executor, measure, lambda: holder.append(self._open_engine(entry, values))
-            )
+            grown, _ = await step(measure, lambda: holder.append(self._open_engine(entry, values)))
             quiet_open = (
                 not held_before and self.arbiter.granted == granted_before and not self.arbiter.held()
             )
             engine = holder[0]
             if not hasattr(engine, "activation_bytes"):  # read from RSS (TensorRT's is its plan's)
-                grown = await loop.run_in_executor(
-                    executor, self._trusted_weights, entry, engine, values, grown, quiet_open
-                )
+                grown = await step(self._trusted_weights, entry, engine, values, grown, quiet_open)
             factory = RUNTIME_FACTORIES[entry.kind]
             # The factory takes the artefacts' digest (the runtime's identity): hashed here, on
             # the worker, when there is no build record, not by the factory on the event loop.
-            await loop.run_in_executor(executor, _digest_quietly, entry)
+            await step(_digest_quietly, entry)
             runtime = factory(self, entry, engine, executor)
             warm = runtime.peak_probe or runtime.warmup
             activation = 0
@@ -610,9 +625,9 @@ class ModelManager:
                 # TensorRT knows its scratch need exactly; its weights are the plan, not our RSS.
                 activation = int(engine.activation_bytes())
                 grown = engine.memory_bytes()
-                await loop.run_in_executor(executor, self._share_arena, engine)
+                await step(self._share_arena, engine)
                 if runtime.warmup is not None:
-                    await loop.run_in_executor(executor, runtime.warmup)
+                    await step(runtime.warmup)
             elif warm is not None:
                 # The run's transient peak above what stays resident. What the allocator keeps after
                 # a first run is the process's heap, reused by every model, not this model's.
@@ -620,7 +635,7 @@ class ModelManager:
                 # model's batch running meanwhile was counted as this one's (a MiniLM leased 0 to
                 # 838 MiB of activations for a need of 190 while another served: "never fits").
                 async with self.arbiter.quiet(QUIET_WAIT_S) as quiet:
-                    _, peak = await loop.run_in_executor(executor, measure, warm)
+                    _, peak = await step(measure, warm)
                 if not quiet:
                     log.warning(
                         "model %s: an engine call ran through the memory measurement; its activation "
@@ -629,7 +644,7 @@ class ModelManager:
                     )
                 activation = int(peak * runtime.peak_scale)
                 if runtime.tune is not None:
-                    await loop.run_in_executor(executor, runtime.tune)
+                    await step(runtime.tune)
             weights = max(estimate, grown)
             try:
                 await self._make_room(entry.name, weights, activation, engine.on_gpu)
@@ -637,7 +652,15 @@ class ModelManager:
                 await runtime.batcher.close(drain=False)
                 raise
         except Exception as exc:
-            if holder:  # opened, then the load failed: its memory goes back now, not at exit
+            if stuck:
+                # Timed out: the engine is not closed under the call still running on it (a
+                # TensorRT engine's memory freed under its run); whatever that call opened is
+                # closed once it returns, and the queue built for it goes now.
+                stuck[0].add_done_callback(lambda run: _discard_late(entry.name, holder, run))
+                if runtime is not None:
+                    with contextlib.suppress(Exception):
+                        await runtime.batcher.close(drain=False)
+            elif holder:  # opened, then the load failed: its memory goes back now, not at exit
                 try:
                     holder[0].close()
                 except Exception:
@@ -1006,6 +1029,22 @@ class ModelManager:
         if slot.context_length is not None:
             d["max_model_len"] = slot.context_length  # vLLM's name; known once the model has loaded
         return d
+
+
+class LoadTimedOut(Exception):
+    """A load that outlasted ``engine.load_timeout_s`` (its message is the slot's error)."""
+
+
+def _discard_late(name: str, holder: list[Engine], run: asyncio.Future[Any]) -> None:
+    """A timed-out load's step, ended at last: what it opened is closed, its outcome dropped."""
+    if not run.cancelled():
+        run.exception()  # retrieved: the load was given up whatever it came to
+    for engine in holder:
+        try:
+            engine.close()
+        except Exception:
+            log.exception("model %s: closing the engine of a load that timed out", name)
+    log.warning("model %s: the engine call of a load that timed out ended; its engine is closed", name)
 
 
 def _digest_quietly(entry: ModelEntry) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from appliance import settings, yamlfile
-from appliance.api.admin import ADMIN_TOKEN, create_admin_app
+from appliance.api.admin import ADMIN_TOKEN, SETTINGS_LOCK, create_admin_app
 from appliance.api.app import create_app
 from appliance.api.common import DRAINING, INFLIGHT, MANAGER, RESILIENCE, SUPERVISOR
 from appliance.api.security import KEYS, LimitedRunner, UnlingeringRunner, cut_unsent, keystore
@@ -55,6 +55,7 @@ class Server:
         # When drain_timeout_s runs out (time.monotonic()): answers still being written then are
         # cut, and the runners' shutdown gets only what is left of it.
         self._drain_ends: float | None = None
+        self._queued_reload: asyncio.Task[None] | None = None  # see reload
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -267,7 +268,27 @@ class Server:
         """SIGHUP: re-read the file with the same validation as at start; keep the old one if bad.
 
         Everything that can fail (the file, the key hashes) is checked before anything is swapped,
-        and nothing escapes into the signal callback."""
+        and nothing escapes into the signal callback.
+
+        Serialized with the admin plane's settings changes (SETTINGS_LOCK): a reload while a
+        PATCH saves in its thread ran between its check and its application, and the PATCH then
+        put back the values it had planned from, undoing what the reload applied while the file
+        said otherwise. It now runs once that PATCH is done (several SIGHUPs meanwhile, once,
+        reading the file as it is then); True only for a reload applied at once."""
+        lock = self.admin_app[SETTINGS_LOCK]
+        if lock.locked():
+            if self._queued_reload is None or self._queued_reload.done():
+                log.info("reload: waiting for the settings change being saved")
+                self._queued_reload = asyncio.ensure_future(self._reload_after(lock))
+                self._tasks.append(self._queued_reload)  # cancelled by stop
+            return False
+        return self._reload_now()
+
+    async def _reload_after(self, lock: asyncio.Lock) -> None:
+        async with lock:
+            self._reload_now()
+
+    def _reload_now(self) -> bool:
         path = self.cfg.path
         if path is None:
             return False

@@ -405,6 +405,15 @@ register(
         64,
         reload=True,
     ),
+    Setting(
+        "engine.load_timeout_s",
+        float,
+        600.0,
+        "A load (engine open, warm-up, measurements) taking longer fails: 503 with Retry-After for "
+        "its requests, the model failed with this reason; the stuck open is closed when it ends.",
+        1,
+        86400,
+    ),
 )
 
 # memory

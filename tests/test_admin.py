@@ -773,6 +773,47 @@ def test_a_patch_never_reverts_an_edit_on_disk_that_is_not_reloaded(served: Any)
     assert saved["models"][MODEL]["batching"]["max_batch_size"] == 4
 
 
+def test_a_reload_during_a_patchs_save_runs_after_it_and_is_not_undone(
+    served: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by an operator-side probe: a SIGHUP while a PATCH's save was in its thread (a slow
+    fsync) applied the file, and the PATCH then applied the values it had planned from the old
+    ones, reverting the reload's: the server ran queue.aging_ms 0 while the file said 7. The reload
+    takes the settings lock, as a PATCH does: it runs once the PATCH is done, and what runs is
+    what the file says."""
+    from appliance.api import admin as admin_api
+    from appliance.config import save_settings
+
+    start, path = served
+    srv = start()
+    saved, gate = threading.Event(), threading.Event()
+
+    def slow_save(*args: Any) -> None:  # test-only hook: a save whose last fsync is slow
+        save_settings(*args)
+        saved.set()
+        gate.wait(30)
+
+    monkeypatch.setattr(admin_api, "save_settings", slow_save)
+    change = {"models": {MODEL: {"batching": {"max_batch_size": 4}}}}
+    answers: list[tuple[int, Any]] = []
+    patch = threading.Thread(target=lambda: answers.append(admin(srv, "PATCH", "/admin/settings", change)))
+    patch.start()
+    assert saved.wait(10)
+    raw = yaml.safe_load(path.read_text())  # the PATCH's file, edited by the operator, reloaded
+    raw["defaults"] = {"queue": {"aging_ms": 7}}
+    path.write_text(yaml.safe_dump(raw))
+    assert srv.server is not None
+    srv.call(srv.server.reload)
+    gate.set()
+    patch.join(30)
+    assert answers and answers[0][0] == 200, answers
+    deadline = time.monotonic() + 10
+    while (current := admin(srv, "GET", "/admin/settings")[1])["defaults"]["queue.aging_ms"] != 7:
+        assert time.monotonic() < deadline, f"the reload was undone: {current['overrides']}"
+        time.sleep(0.05)
+    assert current["models"][MODEL]["batching.max_batch_size"] == 4
+
+
 def test_an_unload_during_a_load_waits_for_it_and_unloads(
     served: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -837,6 +878,124 @@ def test_an_unload_during_a_load_waits_for_it_and_unloads(
     loader.join(30)
     assert answers[0][0] == 200 and answers[0][1]["state"] == "available", answers
     assert state() == "available"
+
+
+def test_a_hung_engine_open_fails_its_load_at_the_load_timeout_and_blocks_no_later_load(
+    served: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a fault probe: a load whose engine open hung (a stalled disk, a wedged driver) was
+    waited for without a bound. The admin load never answered, and the load held the load lock,
+    so every later load, and each request waiting on one, waited for ever too. Past
+    engine.load_timeout_s the load fails, naming it (the admin load and requests get a 503 with
+    Retry-After), the next load goes ahead, and the engine the hung open brings at last is closed."""
+    from appliance.models import ModelManager
+    from tests.conftest import FaultyEngine
+
+    start, _ = served
+    srv = start()
+    assert admin(srv, "POST", f"/admin/models/{MODEL}/unload")[1]["state"] == "available"
+    timeout = {"models": {MODEL: {"engine": {"load_timeout_s": 1}}}}
+    assert admin(srv, "PATCH", "/admin/settings", timeout)[0] == 200
+    gate, closed = threading.Event(), threading.Event()
+    original = ModelManager._open_engine
+
+    class Late(FaultyEngine):
+        def close(self) -> None:
+            super().close()
+            closed.set()
+
+    def hung_open(entry: Any, values: Any) -> Any:  # test-only hook: an open that hangs
+        gate.wait(30)
+        return Late(original(entry, values))
+
+    monkeypatch.setattr(ModelManager, "_open_engine", staticmethod(hung_open))
+    started = time.monotonic()
+    status, body = admin(srv, "POST", f"/admin/models/{MODEL}/load")
+    assert status == 503 and "engine.load_timeout_s" in body["error"]["message"], body
+    assert time.monotonic() - started < 10
+    status, body, headers = srv.post("/v1/embeddings", {"model": MODEL, "input": "meanwhile"})
+    assert status == 503 and "engine.load_timeout_s" in body["error"]["message"], body
+    assert "Retry-After" in headers
+    model = admin(srv, "GET", "/admin/stats")[1]["models"][MODEL]
+    assert model["state"] == "failed" and "engine.load_timeout_s" in model["error"], model
+
+    # The hung open still runs; the next load (given the default's time) does not wait for it.
+    monkeypatch.setattr(ModelManager, "_open_engine", staticmethod(original))
+    no_timeout = {"models": {MODEL: {"engine": {"load_timeout_s": None}}}}
+    assert admin(srv, "PATCH", "/admin/settings", no_timeout)[0] == 200
+    status, body = admin(srv, "POST", f"/admin/models/{MODEL}/load")
+    assert status == 200 and body["state"] == "resident", body
+    gate.set()
+    assert closed.wait(10), "the engine the timed-out load opened at last was not closed"
+    assert srv.post("/v1/embeddings", {"model": MODEL, "input": "after"})[0] == 200
+
+
+def test_a_load_longer_than_the_admin_wait_is_answered_202_and_goes_on(
+    served: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load that takes longer than the admin request waits (LOAD_WAIT_S, within the console's
+    300 s) is answered 202 "still loading", saying where to follow it, and the load goes on to
+    make the model resident: a client's own timeout said nothing of what became of it."""
+    from appliance.api import admin as admin_api
+    from appliance.models import ModelManager
+
+    start, _ = served
+    srv = start()
+    assert admin(srv, "POST", f"/admin/models/{MODEL}/unload")[1]["state"] == "available"
+    gate = threading.Event()
+    original = ModelManager._open_engine
+
+    def slow_open(entry: Any, values: Any) -> Any:  # test-only hook: a load that takes a while
+        gate.wait(30)
+        return original(entry, values)
+
+    monkeypatch.setattr(ModelManager, "_open_engine", staticmethod(slow_open))
+    monkeypatch.setattr(admin_api, "LOAD_WAIT_S", 0.3)
+    status, body = admin(srv, "POST", f"/admin/models/{MODEL}/load")
+    assert status == 202 and body["state"] == "loading", body
+    assert "GET /admin/stats" in body["message"]
+    gate.set()
+    deadline = time.monotonic() + 30
+    while admin(srv, "GET", "/admin/stats")[1]["models"][MODEL]["state"] != "resident":
+        assert time.monotonic() < deadline, "the load did not go on"
+        time.sleep(0.05)
+
+
+def test_an_unload_behind_a_long_drain_is_answered_202_and_the_drain_goes_on(
+    start_server: Any, minilm_folder: Path, faulty: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by an operator-side probe: an unload waited for the model's whole drain, which
+    behind a long generation lasts minutes: the console's 60 s ran out first, saying nothing of
+    the unload. Past UNLOAD_DRAIN_WAIT_S it is answered 202 "unloading"; the running work still
+    ends with its answer, and the unload completes."""
+    from appliance.api import admin as admin_api
+    from appliance.api.common import MANAGER
+
+    srv = start_server({MODEL: minilm_folder})
+    engine = faulty[-1]
+    engine.delay_s = 3.0  # the running batch, which the unload drains, takes this long
+    ran = len(engine.batches)
+    answers: list[Any] = []
+    running = threading.Thread(
+        target=lambda: answers.append(srv.post("/v1/embeddings", {"model": MODEL, "input": "slow"}))
+    )
+    running.start()
+    deadline = time.monotonic() + 30
+    while len(engine.batches) == ran:  # the slow batch is running
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    monkeypatch.setattr(admin_api, "UNLOAD_DRAIN_WAIT_S", 0.3)
+    started = time.monotonic()
+    status, body = admin(srv, "POST", f"/admin/models/{MODEL}/unload")
+    assert status == 202 and body["state"] == "unloading", body
+    assert "GET /admin/stats" in body["message"] and time.monotonic() - started < 2.5
+    running.join(30)
+    assert answers[0][0] == 200, answers  # the drain was not cut
+    deadline = time.monotonic() + 30
+    while srv.call(lambda: srv.app[MANAGER].slots[MODEL].unloading) is not None:
+        assert time.monotonic() < deadline, "the unload did not complete"
+        time.sleep(0.05)
+    assert admin(srv, "GET", "/admin/stats")[1]["models"][MODEL]["state"] == "available"
 
 
 def _admin_raw(srv: ServerThread, head: str, body: bytes = b"") -> bytes:

@@ -43,6 +43,13 @@ log = logging.getLogger(__name__)
 # How long an unload asked for while the model loads waits for that load: within the console's
 # 60 s for an unload, leaving time for the drain that follows.
 UNLOAD_WAITS_FOR_LOAD_S = 30.0
+# How long an unload request waits for the model's drain (its running work: minutes for a long
+# generation) before its 202 "unloading": with UNLOAD_WAITS_FOR_LOAD_S before it, within the
+# console's 60 s for an unload. The drain goes on.
+UNLOAD_DRAIN_WAIT_S = 20.0
+# How long a load request waits for the load before its 202 "still loading": within the console's
+# 300 s for a load. The load itself is bounded by engine.load_timeout_s and goes on meanwhile.
+LOAD_WAIT_S = 240.0
 # How long a settings PATCH waits for the one before it, and for its own save, before its 503.
 SETTINGS_WAIT_S = 10.0
 
@@ -412,7 +419,21 @@ def _model(request: web.Request) -> str:
 async def load_model(request: web.Request) -> web.Response:
     name = _model(request)
     mgr = _data(request)[MANAGER]
-    await mgr.load(name)
+    # Waited for up to LOAD_WAIT_S, not until the load ends (a load waits its turn behind every
+    # other load, each bounded by its engine.load_timeout_s only): a client's wait that ran out
+    # first said nothing of what became of it. Past it, a 202: the load goes on (its outcome is
+    # the model's state and error in /admin/stats); only this request's wait on it is cancelled.
+    loading = asyncio.ensure_future(mgr.load(name))
+    done, _ = await asyncio.wait({loading}, timeout=LOAD_WAIT_S)
+    if not done:
+        loading.cancel()
+        body = mgr.describe(name)
+        body["message"] = (
+            f"still loading after {LOAD_WAIT_S:g} s; the load goes on: follow the model's state "
+            "(and error) in GET /admin/stats"
+        )
+        return web.json_response(body, status=202)
+    loading.result()
     return web.json_response(mgr.describe(name))
 
 
@@ -434,7 +455,22 @@ async def unload_model(request: web.Request) -> web.Response:
             )
     if mgr.slots[name].state == ModelState.resident:
         before = mgr.describe(name)
-        await mgr.unload(name)
+        # The unload runs as its own task, waited for up to UNLOAD_DRAIN_WAIT_S: awaited whole,
+        # a drain behind a long generation outlasted the console's 60 s (a timeout that said
+        # nothing of the unload), and the request's end could cut the drain.
+        unloading = asyncio.ensure_future(mgr.unload(name))
+        _UNLOADS.add(unloading)
+        unloading.add_done_callback(_UNLOADS.discard)
+        unloading.add_done_callback(lambda task: _log_unload_failure(name, task))
+        done, _ = await asyncio.wait({unloading}, timeout=UNLOAD_DRAIN_WAIT_S)
+        if not done:
+            body = {**before, "state": "unloading"}
+            body["message"] = (
+                f"still draining its running work after {UNLOAD_DRAIN_WAIT_S:g} s; the unload goes on "
+                "(new requests for it are refused meanwhile): follow its state in GET /admin/stats"
+            )
+            return web.json_response(body, status=202)
+        unloading.result()
         if name not in mgr.slots:
             # Its folder went (or its model.yaml broke) while it was resident: the unload's rescan
             # let it go. The unload happened; a 404 said it had not.
@@ -444,6 +480,16 @@ async def unload_model(request: web.Request) -> web.Response:
             kept = {k: before[k] for k in ("name", "kind", "description")}
             return web.json_response({**kept, "state": "removed", "error": why})
     return web.json_response(mgr.describe(name))
+
+
+# Unloads that outlast their request (see unload_model): held here until done.
+_UNLOADS: set[asyncio.Future[None]] = set()
+
+
+def _log_unload_failure(name: str, task: asyncio.Future[None]) -> None:
+    """An unload whose request stopped waiting still reports how it ended."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("unloading model %s failed", name, exc_info=task.exception())
 
 
 @routes.post("/admin/breakers/{model}/{verb}")
