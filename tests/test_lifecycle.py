@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from appliance.api.common import DRAINING
+from appliance.api.common import DRAINING, RESILIENCE, STOP_GRACE_S
 from tests.conftest import ROOT, make_repository
 
 MODEL = "all-minilm-l6-v2"
@@ -319,6 +320,64 @@ def test_clients_still_sending_a_body_do_not_hold_the_exit_past_the_drain_timeou
     assert took < bound + 3, f"the stop took {took:.1f} s"
     data.close()
     admin.close()
+
+
+def test_a_hung_engine_and_a_stuck_cache_writer_do_not_hold_the_stop_past_its_bound(
+    start_server, minilm_folder: Path, faulty: Any, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Found by a stop-time probe: with an engine that never returns and the response cache's
+    file locked by another process, closing the models and closing the cache each got
+    drain_timeout_s + 1 of their own after the drain, and a stop took three times
+    server.drain_timeout_s. Every stage draws from one deadline: the drain's end and a fixed grace."""
+    srv = start_server({MODEL: minilm_folder})
+    bound = srv.cfg.server.drain_timeout_s + STOP_GRACE_S
+    engine = faulty[0]
+    # A cached answer queued for a writer that finds the file locked (as an admin's sqlite3 shell
+    # in a transaction would hold it).
+    locker = sqlite3.connect(tmp_path / "data" / "cache.db", isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        assert srv.post("/v1/embeddings", {"model": MODEL, "input": "cached"})[0] == 200
+        engine.mode = "hang"
+        rows = engine.rows
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(post, srv.port, {"model": MODEL, "input": "hung"}, 30)
+            while engine.rows == rows:  # the engine has it
+                time.sleep(0.01)
+            started = time.monotonic()
+            srv.stop()
+            took = time.monotonic() - started
+            assert not srv._thread.is_alive()
+            engine.release.set()
+    finally:
+        engine.release.set()
+        locker.close()
+    assert took < bound + 1.0, f"the stop took {took:.1f} s for a bound of {bound:.0f} s"
+
+
+def test_a_second_signal_while_the_cache_closes_cuts_that_stage_too(
+    start_server, minilm_folder: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A second signal cuts the stop in whatever stage it is, not only in the drain: one that came
+    while the response cache was closing (its file locked by another process, the drain long
+    over) was not heard, and the close went on to its own bound, drain_timeout_s + 1."""
+    srv = start_server({MODEL: minilm_folder})
+    assert srv.server is not None
+    cache = srv.app[RESILIENCE].cache
+    assert cache is not None
+    locker = sqlite3.connect(tmp_path / "data" / "cache.db", isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        assert srv.post("/v1/embeddings", {"model": MODEL, "input": "cached"})[0] == 200
+        stopped = asyncio.run_coroutine_threadsafe(srv.server.stop(), srv.loop)
+        assert eventually(lambda: cache._closed), "the cache never started closing"
+        srv.call(lambda: srv.server.cut(signal.SIGTERM))  # type: ignore[union-attr]
+        cut = time.monotonic()
+        stopped.result(30)
+        took = time.monotonic() - cut
+    finally:
+        locker.close()
+    assert took < 1.0, f"the stop went on {took:.1f} s after the second signal"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

@@ -30,12 +30,14 @@ from appliance.api.common import (
     RESILIENCE,
     ROLLING,
     STARTED,
+    STOP,
     STREAM_ERROR,
     SUPERVISOR,
     TENSORS,
     TICKET,
     Inflight,
     MissRouter,
+    StopClock,
     api_of,
     body_refusal,
     error_response,
@@ -366,13 +368,22 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     if not loading.done():
         loading.cancel()
     await asyncio.gather(loading, return_exceptions=True)
-    # Bounded: a hung engine or a dead worker must not hold the shutdown past drain_timeout_s.
-    limit = cfg.server.drain_timeout_s + 1
-    for step in (mgr.close(drain=True), resilience.close()):
-        try:
-            await asyncio.wait_for(step, limit)
-        except asyncio.TimeoutError:
-            log.error("shutdown: a step did not finish within %.0f s; going on without it", limit)
+    # Bounded: a hung engine, a dead worker or a cache writer stuck on a locked file must not hold
+    # the shutdown past drain_timeout_s. Both steps draw from the stop's one deadline (the drain's
+    # end and its grace; a second signal brings it in): each used to get drain_timeout_s + 1 of
+    # its own after the drain, and a stop took three times the drain timeout.
+    clock = app[STOP]
+    if clock.ends is None:  # not stopped through Server.drain (an app run on its own)
+        clock.start(cfg.server.drain_timeout_s)
+    for name, step in (
+        ("closing the models", mgr.close(drain=True)),
+        ("closing the cache", resilience.close()),
+    ):
+        task = asyncio.ensure_future(step)
+        if not await clock.wait(task):
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            log.error("shutdown: %s did not finish within the stop's deadline; going on without it", name)
 
 
 def _breaker_action(
@@ -404,6 +415,7 @@ def create_app(cfg: Config) -> web.Application:
     app[STARTED] = time.time()
     app[DRAINING] = [False]
     app[INFLIGHT] = Inflight()
+    app[STOP] = StopClock()
     app[ROLLING] = RollingStats()
     app[EXTRA_STATS] = {}
     app[ACTIONS] = {}
