@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import http.client
 import itertools
 import json
@@ -405,6 +406,80 @@ def test_a_second_signal_while_draining_cuts_the_drain(
     assert status == 200 and events[-1] == "[DONE]", events[-3:]
     assert "error" in events[-2], events[-3:]
     assert f"{sig.name} while draining: cutting the drain" in (tmp_path / "server.log").read_text()
+
+
+# `appliance serve` whose engine never returns once the file HANG names exists (a hung driver).
+HUNG_SERVE = """
+import os, sys, threading
+from pathlib import Path
+from appliance.models import ModelManager
+from tests.conftest import FaultyEngine
+
+hang, opened = Path(os.environ["HANG"]), ModelManager._open_engine
+
+class Hung(FaultyEngine):
+    def run(self, feeds, output_names=None):
+        if hang.exists():
+            threading.Event().wait()
+        return super().run(feeds, output_names)
+
+ModelManager._open_engine = staticmethod(lambda entry, values: Hung(opened(entry, values)))
+from appliance.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def engine_calls(port: int) -> float:
+    """Engine calls running (appliance_compute_running), as /metrics says."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        lines = r.read().decode().splitlines()
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("appliance_compute_running")
+    )
+
+
+def test_a_hung_engine_does_not_hold_the_process_exit_after_the_stop(
+    tmp_path: Path, minilm_folder: Path
+) -> None:
+    """Found by a stop-time probe: the stop itself ended within its bound, but the engine's worker
+    thread, stuck in a call that never returns, was joined by Python's exit (as every executor's
+    thread is), and the process never exited: systemd killed it at TimeoutStopSec. It exits once
+    the stop is over, saying which threads it did not wait for."""
+    make_repository(tmp_path, {MODEL: minilm_folder})
+    port, drain = free_port(), 2
+    cfg = tmp_path / "appliance.yaml"
+    raw = {
+        "server": {"port": port, "log_level": "info", "drain_timeout_s": drain},
+        "admin": {"port": -1, "socket": ""},
+        "model_repository": str(tmp_path / "engines"),
+        "data_dir": str(tmp_path / "data"),
+    }
+    cfg.write_text(yaml.safe_dump(raw))
+    hang = tmp_path / "hang"
+    with (tmp_path / "server.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HUNG_SERVE, "serve", "--config", str(cfg)],
+            cwd=ROOT,
+            env={**os.environ, "HANG": str(hang), "PYTHONPATH": str(ROOT)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        assert eventually(lambda: serves(port), 60), (tmp_path / "server.log").read_text()
+        hang.touch()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            hung = pool.submit(post, port, {"model": MODEL, "input": "hung"}, 30)
+            assert eventually(lambda: engine_calls(port) == 1), "the engine never got it"
+            stopped = time.monotonic()
+            proc.terminate()
+            assert proc.wait(drain + STOP_GRACE_S + 5) == 0
+            took = time.monotonic() - stopped
+            with contextlib.suppress(OSError):
+                hung.result()
+    finally:
+        proc.kill()  # only if it is still running (a failed assertion)
+    assert took < drain + STOP_GRACE_S + 2.5, f"the process exited {took:.1f} s after SIGTERM"
+    assert "not waiting for them" in (tmp_path / "server.log").read_text()
 
 
 def sighup_caught(pid: int) -> bool:
