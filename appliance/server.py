@@ -119,7 +119,7 @@ class Server:
         admin_on += [str(self.admin_socket)] if self.admin_socket is not None else []
         log.info(
             "serving on %s://%s:%d; admin on %s",
-            "https" if cfg.file.tls.certificate else "http",
+            self.scheme,
             cfg.server.host,
             self.port,
             " and ".join(admin_on) or 'nothing (admin.port -1 and admin.socket "": disabled)',
@@ -316,6 +316,12 @@ class Server:
         return True
 
     @property
+    def scheme(self) -> str:
+        """The data plane's URL scheme: the banner said http:// with TLS on, and a user who
+        pasted it got "connection reset" from a port that speaks only TLS."""
+        return "https" if self.cfg.file.tls.certificate else "http"
+
+    @property
     def ready(self) -> bool:
         return self.app[MANAGER].ready()
 
@@ -497,7 +503,7 @@ async def serve(cfg: Config, hup_pending: Callable[[], bool] = lambda: False) ->
     # A stdout nobody reads any more (``serve | head``, a journald that went away) must not stop
     # a server that has started: the banner is best effort, as the log lines are (appliance.logs).
     with contextlib.suppress(OSError, ValueError):
-        print(f"appliance: serving on http://{cfg.server.host}:{server.port}", flush=True)
+        print(f"appliance: serving on {server.scheme}://{cfg.server.host}:{server.port}", flush=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

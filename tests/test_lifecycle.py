@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from appliance.api.common import DRAINING, RESILIENCE, STOP_GRACE_S
-from tests.conftest import ROOT, make_repository
+from tests.conftest import ROOT, make_repository, self_signed
 
 MODEL = "all-minilm-l6-v2"
 
@@ -480,6 +480,39 @@ def test_a_hung_engine_does_not_hold_the_process_exit_after_the_stop(
         proc.kill()  # only if it is still running (a failed assertion)
     assert took < drain + STOP_GRACE_S + 2.5, f"the process exited {took:.1f} s after SIGTERM"
     assert "not waiting for them" in (tmp_path / "server.log").read_text()
+
+
+def test_the_start_up_banner_names_https_when_tls_is_on(tmp_path: Path, minilm_folder: Path) -> None:
+    """``appliance serve`` printed ``serving on http://...`` with TLS on: the URL a user pasted
+    was answered with a reset by the port, which speaks only TLS."""
+    make_repository(tmp_path, {MODEL: minilm_folder})
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    self_signed(cert, key)
+    port = free_port()
+    cfg = tmp_path / "appliance.yaml"
+    raw = {
+        "server": {"port": port, "log_level": "info"},
+        "admin": {"port": -1, "socket": ""},
+        "tls": {"certificate": str(cert), "key": str(key)},
+        "model_repository": str(tmp_path / "engines"),
+        "data_dir": str(tmp_path / "data"),
+    }
+    cfg.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "server.log"
+    with out.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "appliance", "serve", "--config", str(cfg)],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        assert eventually(lambda: "appliance: serving on" in out.read_text(), 60), out.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    banner = next(line for line in out.read_text().splitlines() if line.startswith("appliance: serving on"))
+    assert banner == f"appliance: serving on https://127.0.0.1:{port}", banner
 
 
 def sighup_caught(pid: int) -> bool:
