@@ -27,7 +27,16 @@ from aiohttp import web
 from appliance import settings, yamlfile
 from appliance.api.admin import ADMIN_TOKEN, create_admin_app
 from appliance.api.app import create_app
-from appliance.api.common import DRAINING, INFLIGHT, MANAGER, RESILIENCE, STOP, SUPERVISOR, StopClock
+from appliance.api.common import (
+    CLOSE_RESERVE_S,
+    DRAINING,
+    INFLIGHT,
+    MANAGER,
+    RESILIENCE,
+    STOP,
+    SUPERVISOR,
+    StopClock,
+)
 from appliance.api.security import KEYS, LimitedRunner, UnlingeringRunner, cut_unsent, keystore
 from appliance.config import Config, ConfigError, parse
 from appliance.llm.scheduler import Scheduler
@@ -241,7 +250,8 @@ class Server:
         # then they are cut here. Left to aiohttp's shutdown, each such connection held the stop
         # for up to twice more the drain timeout (see security.cut_unsent).
         until = max(time.monotonic() + SEND_GRACE_S, ends)
-        until = min(until, time.monotonic() + clock.left())  # the stop's grace has the last word
+        # The stop's grace has the last word, less what it keeps for closing the services.
+        until = min(until, time.monotonic() + clock.left(CLOSE_RESERVE_S))
         for runner in self._runners:
             cut = await cut_unsent(runner.server, until)
             if cut:
@@ -254,7 +264,7 @@ class Server:
             # timeout. It gets what is left of the drain's bound (at least 1 s: aiohttp takes 0
             # for no bound at all). The data plane's cleanup also closes the services, under the
             # same deadline (see api.app._services).
-            runner._shutdown_timeout = max(min(ends - time.monotonic(), clock.left()), 0.01)
+            runner._shutdown_timeout = max(min(ends - time.monotonic(), clock.left(CLOSE_RESERVE_S)), 0.01)
             await runner.cleanup()
         self._runners.clear()
 
@@ -327,8 +337,9 @@ class Server:
 
 
 def _grace(clock: StopClock) -> float:
-    """A second, or what is left of the stop if less (a bound of 0 would be none at all)."""
-    return max(min(1.0, clock.left()), 0.001)
+    """A second, or what is left of the stop before closing the services if less (a bound of 0
+    would be none at all)."""
+    return max(min(1.0, clock.left(CLOSE_RESERVE_S)), 0.001)
 
 
 def _restart_only_changes(old: Config, new: Config) -> list[str]:

@@ -356,6 +356,32 @@ def test_a_hung_engine_and_a_stuck_cache_writer_do_not_hold_the_stop_past_its_bo
     assert took < bound + 1.0, f"the stop took {took:.1f} s for a bound of {bound:.0f} s"
 
 
+def test_a_hung_engine_still_leaves_the_response_cache_time_to_close(
+    start_server, minilm_folder: Path, faulty: Any
+) -> None:  # type: ignore[no-untyped-def]
+    """Within the stop's bound, the response cache is still closed (its queued writes committed,
+    its writer thread ended) when a hung engine holds the models' close to the deadline: failing
+    the hung request and the models' close had spent all of the grace, and the cache's close,
+    waiting behind them, was given up before it began."""
+    srv = start_server({MODEL: minilm_folder})
+    cache = srv.app[RESILIENCE].cache
+    assert cache is not None and cache._writer is not None
+    writer = cache._writer
+    engine = faulty[0]
+    engine.mode = "hang"
+    rows = engine.rows
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(post, srv.port, {"model": MODEL, "input": "hung"}, 30)
+            while engine.rows == rows:  # the engine has it
+                time.sleep(0.01)
+            srv.stop()
+            assert not srv._thread.is_alive()
+    finally:
+        engine.release.set()
+    assert not writer.is_alive(), "the cache was not closed"
+
+
 def test_a_second_signal_while_the_cache_closes_cuts_that_stage_too(
     start_server, minilm_folder: Path, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]

@@ -375,15 +375,20 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     clock = app[STOP]
     if clock.ends is None:  # not stopped through Server.drain (an app run on its own)
         clock.start(cfg.server.drain_timeout_s)
-    for name, step in (
-        ("closing the models", mgr.close(drain=True)),
-        ("closing the cache", resilience.close()),
-    ):
-        task = asyncio.ensure_future(step)
-        if not await clock.wait(task):
+    # Side by side: the cache's close (its last writes, its checkpoint) does not wait behind a
+    # models' close that a hung engine holds to the deadline.
+    steps = {
+        "closing the models": asyncio.ensure_future(mgr.close(drain=True)),
+        "closing the cache": asyncio.ensure_future(resilience.close()),
+    }
+    await clock.wait(asyncio.gather(*steps.values(), return_exceptions=True))
+    for name, task in steps.items():
+        if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             log.error("shutdown: %s did not finish within the stop's deadline; going on without it", name)
+        elif not task.cancelled() and task.exception() is not None:
+            log.error("shutdown: %s failed", name, exc_info=task.exception())
 
 
 def _breaker_action(

@@ -63,6 +63,10 @@ INFLIGHT = web.AppKey("inflight", Inflight)
 # After the drain's end, what a stop may still take in all: failing what still runs, sending its
 # last bytes, closing both planes and the services (the models, the response cache).
 STOP_GRACE_S = 3.0
+# Of that grace, what the answers' end (failing what still runs, sending it) leaves to closing the
+# services: with a hung engine those stages spent all of it, and the response cache was not
+# closed at all (its queued writes lost, its writer and readers left running).
+CLOSE_RESERVE_S = 1.0
 
 
 class StopClock:
@@ -89,9 +93,9 @@ class StopClock:
         self.ends = min(self.ends if self.ends is not None else math.inf, now + STOP_GRACE_S)
         self.cut.set()
 
-    def left(self) -> float:
-        """Seconds left of the whole stop (0 once past it)."""
-        return max(0.0, self.ends - time.monotonic()) if self.ends is not None else math.inf
+    def left(self, reserve: float = 0.0) -> float:
+        """Seconds left of the whole stop, less ``reserve`` kept for later stages (0 once past it)."""
+        return max(0.0, self.ends - reserve - time.monotonic()) if self.ends is not None else math.inf
 
     async def wait(self, aw: Any, *, drain: bool = False) -> bool:
         """Wait for ``aw`` up to the stop's end (``drain``: the drain's end), or until a cut that
