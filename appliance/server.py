@@ -38,6 +38,7 @@ from appliance.api.common import (
     StopClock,
 )
 from appliance.api.security import KEYS, LimitedRunner, UnlingeringRunner, cut_unsent, keystore
+from appliance.batcher import Batcher
 from appliance.config import Config, ConfigError, parse
 from appliance.llm.scheduler import Scheduler
 from appliance.sdnotify import Notifier, watchdog_loop
@@ -209,8 +210,13 @@ class Server:
             # A second each at most, and only out of what is left of the stop's grace.
             for slot in list(mgr.slots.values()):
                 if slot.runtime is not None:
+                    queue = slot.runtime.batcher
                     with contextlib.suppress(Exception, asyncio.TimeoutError):
-                        await within(asyncio.shield(slot.runtime.batcher.close(drain=False)), _grace(clock))
+                        await within(asyncio.shield(queue.close(drain=False)), _grace(clock))
+                    if isinstance(queue, Batcher):
+                        # A batch that did not end even then (a hung engine) is given up, so that
+                        # its requests are answered 503 rather than have their connections cut.
+                        queue.cut_running()
             with contextlib.suppress(asyncio.TimeoutError):
                 await within(self.app[INFLIGHT].wait_idle(), _grace(clock))
 

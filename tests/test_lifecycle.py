@@ -356,6 +356,30 @@ def test_a_hung_engine_and_a_stuck_cache_writer_do_not_hold_the_stop_past_its_bo
     assert took < bound + 1.0, f"the stop took {took:.1f} s for a bound of {bound:.0f} s"
 
 
+def test_a_request_whose_engine_hangs_is_answered_503_when_the_drain_time_is_up(
+    start_server, minilm_folder: Path, faulty: Any
+) -> None:  # type: ignore[no-untyped-def]
+    """Found by a stop-time probe: a request whose batch was in an engine that never returns got
+    no answer at all when the drain's time was up; its connection was cut by the stop (curl:
+    "Empty reply from server"). It is answered 503 with Retry-After, as every other request
+    still running then is, so that its client retries elsewhere."""
+    srv = start_server({MODEL: minilm_folder})
+    engine = faulty[0]
+    engine.mode = "hang"
+    rows = engine.rows
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            hung = pool.submit(post, srv.port, {"model": MODEL, "input": "hung"}, 30)
+            while engine.rows == rows:  # the engine has it
+                time.sleep(0.01)
+            srv.stop()
+            status, headers, body = hung.result()
+    finally:
+        engine.release.set()
+    assert status == 503 and headers.get("Retry-After"), (status, headers)
+    assert json.loads(body)["error"]["message"]
+
+
 def test_a_hung_engine_still_leaves_the_response_cache_time_to_close(
     start_server, minilm_folder: Path, faulty: Any
 ) -> None:  # type: ignore[no-untyped-def]
