@@ -128,10 +128,8 @@ class Server:
         admin_on = [f"127.0.0.1:{self.admin_port}"] if self.admin_port else []
         admin_on += [str(self.admin_socket)] if self.admin_socket is not None else []
         log.info(
-            "serving on %s://%s:%d; admin on %s",
-            self.scheme,
-            cfg.server.host,
-            self.port,
+            "serving on %s; admin on %s",
+            self.url,
             " and ".join(admin_on) or 'nothing (admin.port -1 and admin.socket "": disabled)',
         )
         # Through the supervisor: one that raised used to end silently, and a dead watchdog loop
@@ -338,6 +336,13 @@ class Server:
         return "https" if self.cfg.file.tls.certificate else "http"
 
     @property
+    def url(self) -> str:
+        """The data plane's base URL as a client writes it: an IPv6 address in brackets (the
+        banner said http://::1:8000, which no client parses)."""
+        host = self.cfg.server.host
+        return f"{self.scheme}://{f'[{host}]' if ':' in host else host}:{self.port}"
+
+    @property
     def ready(self) -> bool:
         return self.app[MANAGER].ready()
 
@@ -520,7 +525,7 @@ async def serve(cfg: Config, hup_pending: Callable[[], bool] = lambda: False) ->
     # A stdout nobody reads any more (``serve | head``, a journald that went away) must not stop
     # a server that has started: the banner is best effort, as the log lines are (appliance.logs).
     with contextlib.suppress(OSError, ValueError):
-        print(f"appliance: serving on {server.scheme}://{cfg.server.host}:{server.port}", flush=True)
+        print(f"appliance: serving on {server.url}", flush=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -565,6 +565,22 @@ def test_the_start_up_banner_names_https_when_tls_is_on(tmp_path: Path, minilm_f
     assert banner == f"appliance: serving on https://127.0.0.1:{port}", banner
 
 
+def test_the_url_the_server_announces_writes_an_ipv6_host_in_brackets(
+    start_server, minilm_folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    """The banner and the log line said ``http://::1:8000`` for server.host ``::1``: no client
+    parses that; ``http://[::1]:8000`` is the URL."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    caplog.set_level("INFO", logger="appliance.server")
+    try:
+        srv = start_server({MODEL: minilm_folder}, config={"server": {"host": "::1"}}, wait_ready=False)
+    except OSError as exc:  # no ::1 on this host
+        pytest.skip(str(exc))
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("serving on")]
+    assert said and said[0].startswith(f"serving on http://[::1]:{srv.port};"), said
+
+
 def sighup_caught(pid: int) -> bool:
     """Whether the process has a handler for SIGHUP (its default action is to end the process)."""
     status = Path(f"/proc/{pid}/status").read_text()
