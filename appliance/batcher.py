@@ -285,6 +285,16 @@ class Batcher(EarlyAdmission, Generic[T, R]):
             self._deadline_timer = None
             self._deadlines.clear()
 
+    def cut_running(self) -> int:
+        """Give up the batches still running (a stop's time is up): their requests are answered
+        BatcherClosed (a 503 with Retry-After) at once; an engine thread that never returns is
+        left to finish or hang. Without it, a request whose batch hung was never answered: the
+        stop cut its connection instead. The number of batches given up."""
+        running = [t for t in self._tasks if not t.done()]
+        for task in running:
+            task.cancel()  # _run answers the batch's requests as it unwinds
+        return len(running)
+
     async def stop(self) -> None:
         await self.close(drain=False)
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import logging
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,9 +60,39 @@ def _serve(args: argparse.Namespace, hup_pending: Callable[[], bool]) -> int:
 
     logs.setup(cfg.server.log_level, cfg.server.log_format)
     try:
-        return run(cfg, hup_pending)
+        status = run(cfg, hup_pending)
     finally:
         logs.shutdown()  # the last lines (the drain's) are still queued for the writer thread
+    stuck = _threads_left(EXIT_WAIT_S)
+    if stuck:
+        # An engine call that never returns (a hung driver, a wedged disk under a cache thread)
+        # keeps its worker thread running, and Python's exit joins every such thread (each
+        # executor's too): the process outlived its bounded stop until systemd killed it at
+        # TimeoutStopSec. The stop is over and logged; those threads are not waited for.
+        logging.getLogger("appliance.server").warning(
+            "exiting with %d threads still running (%s): not waiting for them", len(stuck), ", ".join(stuck)
+        )
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+        os._exit(status)
+    return status
+
+
+EXIT_WAIT_S = 1.0  # for threads that are ending on their own (idle executors' workers)
+
+
+def _threads_left(wait_s: float) -> list[str]:
+    """The names of the threads, other than this one and daemon ones, still running after up
+    to ``wait_s`` in all for them to end."""
+    deadline = time.monotonic() + wait_s
+    left = []
+    for t in threading.enumerate():
+        if t is threading.current_thread() or t.daemon:
+            continue
+        t.join(max(0.0, deadline - time.monotonic()))
+        if t.is_alive():
+            left.append(t.name)
+    return left
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:

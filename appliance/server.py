@@ -18,7 +18,7 @@ import ssl
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,22 @@ from aiohttp import web
 from appliance import settings, yamlfile
 from appliance.api.admin import ADMIN_TOKEN, SETTINGS_LOCK, create_admin_app
 from appliance.api.app import create_app
-from appliance.api.common import DRAINING, INFLIGHT, MANAGER, RESILIENCE, SUPERVISOR
+from appliance.api.common import (
+    CLOSE_RESERVE_S,
+    DRAINING,
+    INFLIGHT,
+    MANAGER,
+    RESILIENCE,
+    STOP,
+    SUPERVISOR,
+    StopClock,
+)
 from appliance.api.security import KEYS, LimitedRunner, UnlingeringRunner, cut_unsent, keystore
+from appliance.batcher import Batcher
 from appliance.config import Config, ConfigError, parse
 from appliance.llm.scheduler import Scheduler
 from appliance.sdnotify import Notifier, watchdog_loop
+from appliance.timeouts import within
 
 log = logging.getLogger(__name__)
 SEND_GRACE_S = 1.0  # after the drain: for the last bytes it had the handlers write
@@ -49,12 +60,10 @@ class Server:
         self.admin_port = 0
         self.admin_socket: Path | None = None
         self.admin_token = ""
-        # Set by a second SIGINT or SIGTERM while draining: stop waiting for what still runs.
-        self._cut = asyncio.Event()
+        # The stop's one deadline, shared with the app's cleanup (the models', the cache's): set
+        # by the drain, brought in by a second SIGINT or SIGTERM (see StopClock).
+        self.clock: StopClock = self.app[STOP]
         self.cut_by: int | None = None  # that signal's number
-        # When drain_timeout_s runs out (time.monotonic()): answers still being written then are
-        # cut, and the runners' shutdown gets only what is left of it.
-        self._drain_ends: float | None = None
         self._queued_reload: asyncio.Task[None] | None = None  # see reload
 
     async def start(self) -> None:
@@ -120,10 +129,8 @@ class Server:
         admin_on = [f"127.0.0.1:{self.admin_port}"] if self.admin_port else []
         admin_on += [str(self.admin_socket)] if self.admin_socket is not None else []
         log.info(
-            "serving on %s://%s:%d; admin on %s",
-            "https" if cfg.file.tls.certificate else "http",
-            cfg.server.host,
-            self.port,
+            "serving on %s; admin on %s",
+            self.url,
             " and ".join(admin_on) or 'nothing (admin.port -1 and admin.socket "": disabled)',
         )
         # Through the supervisor: one that raised used to end silently, and a dead watchdog loop
@@ -180,41 +187,37 @@ class Server:
         """Refuse new work (503), answer queued work 503, let running batches and streams finish."""
         self.notifier.stopping("draining")
         self.app[DRAINING][0] = True
-        timeout = self.cfg.server.drain_timeout_s
         mgr = self.app[MANAGER]
-        started = time.monotonic()
-        self._drain_ends = started + timeout
+        clock = self.clock
+        if clock.ends is None:
+            clock.start(self.cfg.server.drain_timeout_s)
         shed = asyncio.gather(*(self._shed(s.runtime.batcher) for s in mgr.slots.values() if s.runtime))
         # Bounded (a hung engine must not hold the shutdown past drain_timeout_s), and not
         # cancelled at the bound: a scheduler may still be streaming.
-        await self._until_cut(shed, timeout)
+        await clock.wait(shed, drain=True)
         idle = asyncio.ensure_future(self.app[INFLIGHT].wait_idle())
-        await self._until_cut(idle, max(0.0, timeout - (time.monotonic() - started)))
+        await clock.wait(idle, drain=True)
         idle.cancel()
         left = self.app[INFLIGHT].count
         if left:
             # Out of time (or cut short): fail what still runs, so that every stream ends with an
             # error event and [DONE] and every whole request with a 503, before the connections close.
-            if self._cut.is_set():
+            if clock.cut.is_set():
                 log.warning("drain cut by a second signal: %d requests still running are cut", left)
             else:
                 log.warning("drain timeout: %d requests still running are cut", left)
+            # A second each at most, and only out of what is left of the stop's grace.
             for slot in list(mgr.slots.values()):
                 if slot.runtime is not None:
+                    queue = slot.runtime.batcher
                     with contextlib.suppress(Exception, asyncio.TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(slot.runtime.batcher.close(drain=False)), 1.0)
+                        await within(asyncio.shield(queue.close(drain=False)), _grace(clock))
+                    if isinstance(queue, Batcher):
+                        # A batch that did not end even then (a hung engine) is given up, so that
+                        # its requests are answered 503 rather than have their connections cut.
+                        queue.cut_running()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.app[INFLIGHT].wait_idle(), 1.0)
-
-    async def _until_cut(self, waited: Awaitable[Any], timeout: float) -> None:
-        """Wait up to ``timeout`` for ``waited``, or until :meth:`cut`; it is not cancelled."""
-        cut = asyncio.ensure_future(self._cut.wait())
-        try:
-            await asyncio.wait(
-                {asyncio.ensure_future(waited), cut}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            cut.cancel()
+                await within(self.app[INFLIGHT].wait_idle(), _grace(clock))
 
     def cut(self, signum: int) -> None:
         """A second SIGINT or SIGTERM while draining (a second Ctrl-C): stop at once, not when
@@ -222,7 +225,7 @@ class Server:
         if self.cut_by is None:
             log.warning("%s while draining: cutting the drain", signal.Signals(signum).name)
             self.cut_by = signum
-            self._cut.set()
+            self.clock.cut_short()
 
     @staticmethod
     async def _shed(queue: Any) -> None:
@@ -238,17 +241,22 @@ class Server:
     async def stop(self) -> None:
         if not self.app[DRAINING][0]:
             await self.drain()
+        elif self.clock.left() == 0 and not self.clock.cut.is_set():
+            # Drained earlier, on its own, and its time long spent: what follows (the services'
+            # close, the cache's last writes) gets the stop's grace from now, not nothing at all.
+            self.clock.start(0.0)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        ends = self._drain_ends if self._drain_ends is not None else time.monotonic()
+        clock = self.clock
+        ends = clock.drain_ends if clock.drain_ends is not None else time.monotonic()
         # Answers still being written (a client reading slowly, or not at all) get what is left of
         # the drain's time, and a second to send what its end wrote (an error event and [DONE]);
         # then they are cut here. Left to aiohttp's shutdown, each such connection held the stop
         # for up to twice more the drain timeout (see security.cut_unsent).
-        until = time.monotonic() + SEND_GRACE_S
-        if not self._cut.is_set():
-            until = max(until, ends)
+        until = max(time.monotonic() + SEND_GRACE_S, ends)
+        # The stop's grace has the last word, less what it keeps for closing the services.
+        until = min(until, time.monotonic() + clock.left(CLOSE_RESERVE_S))
         for runner in self._runners:
             cut = await cut_unsent(runner.server, until)
             if cut:
@@ -258,9 +266,10 @@ class Server:
             # its body, a slow reader) up to its shutdown timeout, then cancels it: given the
             # whole drain_timeout_s again (the admin plane's aiohttp's 60 s), a body trickling
             # on either plane held the exit that long after the drain, and past systemd's stop
-            # timeout. It gets what is left of the drain's bound (at least 1 s: aiohttp takes 0
-            # for no bound at all).
-            runner._shutdown_timeout = max(ends - time.monotonic(), 1.0)
+            # timeout. It gets what is left of the drain's bound (never 0: aiohttp takes 0 for
+            # no bound at all). The data plane's cleanup also closes the services, under the
+            # same deadline (see api.app._services).
+            runner._shutdown_timeout = max(min(ends - time.monotonic(), clock.left(CLOSE_RESERVE_S)), 0.01)
             await runner.cleanup()
         self._runners.clear()
 
@@ -342,8 +351,27 @@ class Server:
         return True
 
     @property
+    def scheme(self) -> str:
+        """The data plane's URL scheme: the banner said http:// with TLS on, and a user who
+        pasted it got "connection reset" from a port that speaks only TLS."""
+        return "https" if self.cfg.file.tls.certificate else "http"
+
+    @property
+    def url(self) -> str:
+        """The data plane's base URL as a client writes it: an IPv6 address in brackets (the
+        banner said http://::1:8000, which no client parses)."""
+        host = self.cfg.server.host
+        return f"{self.scheme}://{f'[{host}]' if ':' in host else host}:{self.port}"
+
+    @property
     def ready(self) -> bool:
         return self.app[MANAGER].ready()
+
+
+def _grace(clock: StopClock) -> float:
+    """A second, or what is left of the stop before closing the services if less (a bound of 0
+    would be none at all)."""
+    return max(min(1.0, clock.left(CLOSE_RESERVE_S)), 0.001)
 
 
 def _restart_only_changes(old: Config, new: Config) -> list[str]:
@@ -518,7 +546,7 @@ async def serve(cfg: Config, hup_pending: Callable[[], bool] = lambda: False) ->
     # A stdout nobody reads any more (``serve | head``, a journald that went away) must not stop
     # a server that has started: the banner is best effort, as the log lines are (appliance.logs).
     with contextlib.suppress(OSError, ValueError):
-        print(f"appliance: serving on http://{cfg.server.host}:{server.port}", flush=True)
+        print(f"appliance: serving on {server.url}", flush=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

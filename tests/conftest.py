@@ -258,6 +258,7 @@ class FaultyEngine(Engine):
         self.rows = 0  # sentences that reached the engine
         self.oom_above: int | None = None  # batches with more rows than this run out of memory
         self.batches: list[int] = []
+        self.release = threading.Event()  # ends a "hang"
         self.backend = inner.backend
         self.backend_reason = inner.backend_reason
 
@@ -287,6 +288,8 @@ class FaultyEngine(Engine):
             raise EngineOutOfMemory(f"injected: a batch of {rows} does not fit")
         if self.delay_s:
             time.sleep(self.delay_s)
+        if self.mode == "hang":  # until the test releases it (a minute at most)
+            self.release.wait(60)
         if self.mode == "raise":
             raise EngineError("injected engine failure")
         if self.mode == "oom":

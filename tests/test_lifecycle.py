@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import http.client
 import itertools
 import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -22,8 +24,8 @@ from typing import Any
 import pytest
 import yaml
 
-from appliance.api.common import DRAINING
-from tests.conftest import ROOT, make_repository
+from appliance.api.common import DRAINING, RESILIENCE, STOP_GRACE_S
+from tests.conftest import ROOT, make_repository, self_signed
 
 MODEL = "all-minilm-l6-v2"
 
@@ -321,6 +323,114 @@ def test_clients_still_sending_a_body_do_not_hold_the_exit_past_the_drain_timeou
     admin.close()
 
 
+def test_a_hung_engine_and_a_stuck_cache_writer_do_not_hold_the_stop_past_its_bound(
+    start_server, minilm_folder: Path, faulty: Any, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Found by a stop-time probe: with an engine that never returns and the response cache's
+    file locked by another process, closing the models and closing the cache each got
+    drain_timeout_s + 1 of their own after the drain, and a stop took three times
+    server.drain_timeout_s. Every stage draws from one deadline: the drain's end and a fixed grace."""
+    srv = start_server({MODEL: minilm_folder})
+    bound = srv.cfg.server.drain_timeout_s + STOP_GRACE_S
+    engine = faulty[0]
+    # A cached answer queued for a writer that finds the file locked (as an admin's sqlite3 shell
+    # in a transaction would hold it).
+    locker = sqlite3.connect(tmp_path / "data" / "cache.db", isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        assert srv.post("/v1/embeddings", {"model": MODEL, "input": "cached"})[0] == 200
+        engine.mode = "hang"
+        rows = engine.rows
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(post, srv.port, {"model": MODEL, "input": "hung"}, 30)
+            while engine.rows == rows:  # the engine has it
+                time.sleep(0.01)
+            started = time.monotonic()
+            srv.stop()
+            took = time.monotonic() - started
+            assert not srv._thread.is_alive()
+            engine.release.set()
+    finally:
+        engine.release.set()
+        locker.close()
+    assert took < bound + 1.0, f"the stop took {took:.1f} s for a bound of {bound:.0f} s"
+
+
+def test_a_request_whose_engine_hangs_is_answered_503_when_the_drain_time_is_up(
+    start_server, minilm_folder: Path, faulty: Any
+) -> None:  # type: ignore[no-untyped-def]
+    """Found by a stop-time probe: a request whose batch was in an engine that never returns got
+    no answer at all when the drain's time was up; its connection was cut by the stop (curl:
+    "Empty reply from server"). It is answered 503 with Retry-After, as every other request
+    still running then is, so that its client retries elsewhere."""
+    srv = start_server({MODEL: minilm_folder})
+    engine = faulty[0]
+    engine.mode = "hang"
+    rows = engine.rows
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            hung = pool.submit(post, srv.port, {"model": MODEL, "input": "hung"}, 30)
+            while engine.rows == rows:  # the engine has it
+                time.sleep(0.01)
+            srv.stop()
+            status, headers, body = hung.result()
+    finally:
+        engine.release.set()
+    assert status == 503 and headers.get("Retry-After"), (status, headers)
+    assert json.loads(body)["error"]["message"]
+
+
+def test_a_hung_engine_still_leaves_the_response_cache_time_to_close(
+    start_server, minilm_folder: Path, faulty: Any
+) -> None:  # type: ignore[no-untyped-def]
+    """Within the stop's bound, the response cache is still closed (its queued writes committed,
+    its writer thread ended) when a hung engine holds the models' close to the deadline: failing
+    the hung request and the models' close had spent all of the grace, and the cache's close,
+    waiting behind them, was given up before it began."""
+    srv = start_server({MODEL: minilm_folder})
+    cache = srv.app[RESILIENCE].cache
+    assert cache is not None and cache._writer is not None
+    writer = cache._writer
+    engine = faulty[0]
+    engine.mode = "hang"
+    rows = engine.rows
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(post, srv.port, {"model": MODEL, "input": "hung"}, 30)
+            while engine.rows == rows:  # the engine has it
+                time.sleep(0.01)
+            srv.stop()
+            assert not srv._thread.is_alive()
+    finally:
+        engine.release.set()
+    assert not writer.is_alive(), "the cache was not closed"
+
+
+def test_a_second_signal_while_the_cache_closes_cuts_that_stage_too(
+    start_server, minilm_folder: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A second signal cuts the stop in whatever stage it is, not only in the drain: one that came
+    while the response cache was closing (its file locked by another process, the drain long
+    over) was not heard, and the close went on to its own bound, drain_timeout_s + 1."""
+    srv = start_server({MODEL: minilm_folder})
+    assert srv.server is not None
+    cache = srv.app[RESILIENCE].cache
+    assert cache is not None
+    locker = sqlite3.connect(tmp_path / "data" / "cache.db", isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        assert srv.post("/v1/embeddings", {"model": MODEL, "input": "cached"})[0] == 200
+        stopped = asyncio.run_coroutine_threadsafe(srv.server.stop(), srv.loop)
+        assert eventually(lambda: cache._closed), "the cache never started closing"
+        srv.call(lambda: srv.server.cut(signal.SIGTERM))  # type: ignore[union-attr]
+        cut = time.monotonic()
+        stopped.result(30)
+        took = time.monotonic() - cut
+    finally:
+        locker.close()
+    assert took < 1.0, f"the stop went on {took:.1f} s after the second signal"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_second_signal_while_draining_cuts_the_drain(
     tmp_path: Path, smollm_folder: Path, sig: signal.Signals
@@ -346,6 +456,129 @@ def test_a_second_signal_while_draining_cuts_the_drain(
     assert status == 200 and events[-1] == "[DONE]", events[-3:]
     assert "error" in events[-2], events[-3:]
     assert f"{sig.name} while draining: cutting the drain" in (tmp_path / "server.log").read_text()
+
+
+# `appliance serve` whose engine never returns once the file HANG names exists (a hung driver).
+HUNG_SERVE = """
+import os, sys, threading
+from pathlib import Path
+from appliance.models import ModelManager
+from tests.conftest import FaultyEngine
+
+hang, opened = Path(os.environ["HANG"]), ModelManager._open_engine
+
+class Hung(FaultyEngine):
+    def run(self, feeds, output_names=None):
+        if hang.exists():
+            threading.Event().wait()
+        return super().run(feeds, output_names)
+
+ModelManager._open_engine = staticmethod(lambda entry, values: Hung(opened(entry, values)))
+from appliance.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def engine_calls(port: int) -> float:
+    """Engine calls running (appliance_compute_running), as /metrics says."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        lines = r.read().decode().splitlines()
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("appliance_compute_running")
+    )
+
+
+def test_a_hung_engine_does_not_hold_the_process_exit_after_the_stop(
+    tmp_path: Path, minilm_folder: Path
+) -> None:
+    """Found by a stop-time probe: the stop itself ended within its bound, but the engine's worker
+    thread, stuck in a call that never returns, was joined by Python's exit (as every executor's
+    thread is), and the process never exited: systemd killed it at TimeoutStopSec. It exits once
+    the stop is over, saying which threads it did not wait for."""
+    make_repository(tmp_path, {MODEL: minilm_folder})
+    port, drain = free_port(), 2
+    cfg = tmp_path / "appliance.yaml"
+    raw = {
+        "server": {"port": port, "log_level": "info", "drain_timeout_s": drain},
+        "admin": {"port": -1, "socket": ""},
+        "model_repository": str(tmp_path / "engines"),
+        "data_dir": str(tmp_path / "data"),
+    }
+    cfg.write_text(yaml.safe_dump(raw))
+    hang = tmp_path / "hang"
+    with (tmp_path / "server.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HUNG_SERVE, "serve", "--config", str(cfg)],
+            cwd=ROOT,
+            env={**os.environ, "HANG": str(hang), "PYTHONPATH": str(ROOT)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        assert eventually(lambda: serves(port), 60), (tmp_path / "server.log").read_text()
+        hang.touch()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            hung = pool.submit(post, port, {"model": MODEL, "input": "hung"}, 30)
+            assert eventually(lambda: engine_calls(port) == 1), "the engine never got it"
+            stopped = time.monotonic()
+            proc.terminate()
+            assert proc.wait(drain + STOP_GRACE_S + 5) == 0
+            took = time.monotonic() - stopped
+            with contextlib.suppress(OSError):
+                hung.result()
+    finally:
+        proc.kill()  # only if it is still running (a failed assertion)
+    assert took < drain + STOP_GRACE_S + 2.5, f"the process exited {took:.1f} s after SIGTERM"
+    assert "not waiting for them" in (tmp_path / "server.log").read_text()
+
+
+def test_the_start_up_banner_names_https_when_tls_is_on(tmp_path: Path, minilm_folder: Path) -> None:
+    """``appliance serve`` printed ``serving on http://...`` with TLS on: the URL a user pasted
+    was answered with a reset by the port, which speaks only TLS."""
+    make_repository(tmp_path, {MODEL: minilm_folder})
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    self_signed(cert, key)
+    port = free_port()
+    cfg = tmp_path / "appliance.yaml"
+    raw = {
+        "server": {"port": port, "log_level": "info"},
+        "admin": {"port": -1, "socket": ""},
+        "tls": {"certificate": str(cert), "key": str(key)},
+        "model_repository": str(tmp_path / "engines"),
+        "data_dir": str(tmp_path / "data"),
+    }
+    cfg.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "server.log"
+    with out.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "appliance", "serve", "--config", str(cfg)],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        assert eventually(lambda: "appliance: serving on" in out.read_text(), 60), out.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    banner = next(line for line in out.read_text().splitlines() if line.startswith("appliance: serving on"))
+    assert banner == f"appliance: serving on https://127.0.0.1:{port}", banner
+
+
+def test_the_url_the_server_announces_writes_an_ipv6_host_in_brackets(
+    start_server, minilm_folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    """The banner and the log line said ``http://::1:8000`` for server.host ``::1``: no client
+    parses that; ``http://[::1]:8000`` is the URL."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    caplog.set_level("INFO", logger="appliance.server")
+    try:
+        srv = start_server({MODEL: minilm_folder}, config={"server": {"host": "::1"}}, wait_ready=False)
+    except OSError as exc:  # no ::1 on this host
+        pytest.skip(str(exc))
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("serving on")]
+    assert said and said[0].startswith(f"serving on http://[::1]:{srv.port};"), said
 
 
 def sighup_caught(pid: int) -> bool:

@@ -31,6 +31,7 @@ from appliance.api.common import (
     RESILIENCE,
     ROLLING,
     STARTED,
+    STOP,
     STREAM_ERROR,
     SUPERVISOR,
     TENSORS,
@@ -38,6 +39,7 @@ from appliance.api.common import (
     Inflight,
     MissRouter,
     OffLoop,
+    StopClock,
     api_of,
     body_refusal,
     error_response,
@@ -378,13 +380,27 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     if not loading.done():
         loading.cancel()
     await asyncio.gather(loading, return_exceptions=True)
-    # Bounded: a hung engine or a dead worker must not hold the shutdown past drain_timeout_s.
-    limit = cfg.server.drain_timeout_s + 1
-    for step in (mgr.close(drain=True), resilience.close()):
-        try:
-            await asyncio.wait_for(step, limit)
-        except asyncio.TimeoutError:
-            log.error("shutdown: a step did not finish within %.0f s; going on without it", limit)
+    # Bounded: a hung engine, a dead worker or a cache writer stuck on a locked file must not hold
+    # the shutdown past drain_timeout_s. Both steps draw from the stop's one deadline (the drain's
+    # end and its grace; a second signal brings it in): each used to get drain_timeout_s + 1 of
+    # its own after the drain, and a stop took three times the drain timeout.
+    clock = app[STOP]
+    if clock.ends is None:  # not stopped through Server.drain (an app run on its own)
+        clock.start(cfg.server.drain_timeout_s)
+    # Side by side: the cache's close (its last writes, its checkpoint) does not wait behind a
+    # models' close that a hung engine holds to the deadline.
+    steps = {
+        "closing the models": asyncio.ensure_future(mgr.close(drain=True)),
+        "closing the cache": asyncio.ensure_future(resilience.close()),
+    }
+    await clock.wait(asyncio.gather(*steps.values(), return_exceptions=True))
+    for name, task in steps.items():
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            log.error("shutdown: %s did not finish within the stop's deadline; going on without it", name)
+        elif not task.cancelled() and task.exception() is not None:
+            log.error("shutdown: %s failed", name, exc_info=task.exception())
     app[OFFLOOP].close()  # last: a request still being drained may decode its body on it
 
 
@@ -418,6 +434,7 @@ def create_app(cfg: Config) -> web.Application:
     app[DRAINING] = [False]
     app[INFLIGHT] = Inflight()
     app[OFFLOOP] = OffLoop()
+    app[STOP] = StopClock()
     app[ROLLING] = RollingStats()
     app[EXTRA_STATS] = {}
     app[ACTIONS] = {}

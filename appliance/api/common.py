@@ -6,6 +6,7 @@ import asyncio
 import math
 import re
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -110,6 +111,66 @@ class OffLoop:
 
 
 OFFLOOP = web.AppKey("offloop", OffLoop)
+# After the drain's end, what a stop may still take in all: failing what still runs, sending its
+# last bytes, closing both planes and the services (the models, the response cache).
+STOP_GRACE_S = 3.0
+# Of that grace, what the answers' end (failing what still runs, sending it) leaves to closing the
+# services: with a hung engine those stages spent all of it, and the response cache was not
+# closed at all (its queued writes lost, its writer and readers left running).
+CLOSE_RESERVE_S = 1.0
+
+
+class StopClock:
+    """The one deadline of a stop, which every stage draws from: the drain, then the runners and
+    the services' cleanup. Each stage used to get a bound of its own after the drain (the models'
+    close and the cache's close drain_timeout_s + 1 each, on top of the drain's): with a hung
+    engine and a stuck cache writer a stop took three times server.drain_timeout_s, past
+    systemd's TimeoutStopSec. A second signal (:meth:`cut`) brings the deadline in to
+    ``STOP_GRACE_S`` from then, and wakes every stage waiting on it."""
+
+    def __init__(self) -> None:
+        self.drain_ends: float | None = None  # time.monotonic(): when the drain's time is up
+        self.ends: float | None = None  # when the whole stop's is
+        self.cut = asyncio.Event()
+
+    def start(self, drain_timeout_s: float) -> None:
+        now = time.monotonic()
+        self.drain_ends = now + drain_timeout_s
+        self.ends = self.drain_ends + STOP_GRACE_S
+
+    def cut_short(self) -> None:
+        now = time.monotonic()
+        self.drain_ends = min(self.drain_ends if self.drain_ends is not None else now, now)
+        self.ends = min(self.ends if self.ends is not None else math.inf, now + STOP_GRACE_S)
+        self.cut.set()
+
+    def left(self, reserve: float = 0.0) -> float:
+        """Seconds left of the whole stop, less ``reserve`` kept for later stages (0 once past it)."""
+        return max(0.0, self.ends - reserve - time.monotonic()) if self.ends is not None else math.inf
+
+    async def wait(self, aw: Any, *, drain: bool = False) -> bool:
+        """Wait for ``aw`` up to the stop's end (``drain``: the drain's end), or until a cut that
+        comes meanwhile (what is waited for then is given up at once; a stage after the cut gets
+        what is left of its grace); True when it finished. It is not cancelled."""
+        task = asyncio.ensure_future(aw)
+        end = self.drain_ends if drain else self.ends
+        left = math.inf if end is None else end - time.monotonic()
+        if task.done() or left <= 0:
+            return task.done()
+        cut = None if self.cut.is_set() else asyncio.ensure_future(self.cut.wait())
+        try:
+            await asyncio.wait(
+                {task} if cut is None else {task, cut},
+                timeout=None if left == math.inf else left,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            if cut is not None:
+                cut.cancel()
+        return task.done()
+
+
+STOP = web.AppKey("stop", StopClock)
 GPU = web.AppKey("gpu", GpuSampler)
 RESILIENCE = web.AppKey("resilience", Resilience)
 PIPELINE = web.AppKey("pipeline", Pipeline)
