@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import os
 import signal
 import sys
@@ -69,10 +68,14 @@ def _serve(args: argparse.Namespace, hup_pending: Callable[[], bool]) -> int:
         # keeps its worker thread running, and Python's exit joins every such thread (each
         # executor's too): the process outlived its bounded stop until systemd killed it at
         # TimeoutStopSec. The stop is over and logged; those threads are not waited for.
-        logging.getLogger("appliance.server").warning(
-            "exiting with %d threads still running (%s): not waiting for them", len(stuck), ", ".join(stuck)
-        )
+        # On stderr (the journal's too): the log's writer has been shut down above.
         with contextlib.suppress(OSError, ValueError):
+            print(
+                f"appliance: exiting with {len(stuck)} threads still running ({', '.join(stuck)}): "
+                "not waiting for them",
+                file=sys.stderr,
+                flush=True,
+            )
             sys.stdout.flush()
         os._exit(status)
     return status
