@@ -66,6 +66,13 @@ INFLIGHT = web.AppKey("inflight", Inflight)
 _R = TypeVar("_R")
 
 
+# A request body larger than this has the work that grows with it (decoding an infer body's
+# tensors, hashing an embeddings request's inputs for its cache key) done on the OffLoop's worker
+# threads: a 16 MB one held the event loop for seconds. A smaller one is handled in place, which
+# costs less than the hand-off.
+OFFLOOP_BYTES = 256 * 1024
+
+
 class OffLoop:
     """A bounded pool of worker threads for a request's CPU work that grows with its body (decoding
     a large tensor body: 8 MB of JSON numbers held the event loop 1.5 s, stalling every other
