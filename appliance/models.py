@@ -827,7 +827,7 @@ class ModelManager:
         m.memory_budget.set(self.memory.budget)
         m.memory_arena.set(self.memory.arena)
         for name in self.slots:
-            lease = self.memory.leases.get(name)
+            lease = self.memory.lease(name)
             m.memory_used.labels(name).set(lease.weights if lease else 0)
 
     async def _expire_idle(self) -> None:
@@ -1018,7 +1018,7 @@ class ModelManager:
             measured = slot.runtime.measured_batch_size
             if measured is not None:
                 d["measured_batch_size"] = measured  # chosen at load: inference.best_batch
-        lease = self.memory.leases.get(name)
+        lease = self.memory.lease(name)
         if lease is not None:
             d["memory_bytes"] = lease.weights
             d["activation_bytes"] = lease.activation

@@ -3,6 +3,7 @@ several servers in one test process never share counters."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from bisect import bisect_left
 from collections import deque
@@ -10,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
@@ -41,6 +42,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class Metrics:
     def __init__(self) -> None:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._rendering: asyncio.Future[bytes] | None = None  # the scrape being rendered, if any
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         # appliance_requests_total and appliance_request_duration_seconds: see RequestMetrics.
@@ -319,6 +321,23 @@ class Metrics:
         )
         r.register(LogDrops())
 
+    async def exposition(self) -> bytes:
+        """The registry in Prometheus' text format, rendered on a worker thread: prometheus_client
+        renders in pure Python, ~2 s for the ~10 MB of 2,000 resident models, which on the event
+        loop stalled every client for as long. Scrapes that arrive meanwhile share that rendering
+        (one thread's work, however many scrapers), and a scraper that hangs up leaves it to them."""
+        rendering = self._rendering
+        if rendering is None:
+            rendering = asyncio.get_running_loop().run_in_executor(None, generate_latest, self.registry)
+            self._rendering = rendering
+            rendering.add_done_callback(self._rendered)
+        return await asyncio.shield(rendering)
+
+    def _rendered(self, rendering: asyncio.Future[bytes]) -> None:
+        self._rendering = None
+        if not rendering.cancelled():
+            rendering.exception()  # retrieved: each scraper still waiting gets it as its own
+
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, looked up once: labels() locks on every call, and the
         request path would pay that several times per request."""
@@ -353,7 +372,8 @@ class RequestMetrics:
     the event loop and handed to prometheus_client at scrape time as a custom collector: every
     request, each of thousands of refusals a second under overload included, recorded both, and a
     Counter and a Histogram take a lock and several calls each. Same names, labels, buckets and
-    ``_created`` series as the Counter and Histogram they replace. Event-loop thread only."""
+    ``_created`` series as the Counter and Histogram they replace. Recorded on the event loop;
+    collected on the thread that renders a scrape, each series copied whole in one step."""
 
     _LE = [floatToGoString(b) for b in LATENCY_BUCKETS] + ["+Inf"]
 
@@ -399,7 +419,8 @@ class RequestMetrics:
             "End-to-end request latency, by model, API and priority level (0 = none resolved).",
             labels=("model", "api", "priority"),
         )
-        for labels, hist in list(self._durations.items()):
+        for labels, series in list(self._durations.items()):
+            hist = series[:]  # one step: the loop may record into it as this runs on another thread
             cumulative, buckets = 0.0, []
             for le, n in zip(self._LE, hist[:-2], strict=True):
                 cumulative += n

@@ -18,6 +18,7 @@ import tritonclient.http as httpclient
 from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
+from appliance import pipeline
 from appliance.api import kserve
 from appliance.api.common import MANAGER, OFFLOOP, RESILIENCE
 from tests.conftest import ServerThread, build_tensor_model, copy_fixture, make_repository
@@ -524,6 +525,60 @@ def test_a_flood_of_large_bodies_is_refused_with_503_once_their_decodes_are_all_
             release.set()
         assert [f.result(60)[0] for f in admitted] == [200] * offloop.limit
     assert offloop.pending == 0
+
+
+def _infer_binary(srv: ServerThread, model: str, x: np.ndarray) -> tuple[int, Any, dict[str, str]]:
+    """``x`` as the one FP32 input ``x``, its bytes in the binary tail (as tritonclient sends)."""
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ]
+        }
+    ).encode()
+    headers = {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
+    return srv.post(f"/v2/models/{model}/infer", head + x.tobytes(), headers)
+
+
+def test_a_large_tensors_cache_key_is_hashed_off_the_event_loop(
+    start_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The response cache's key covers a request's tensor bytes. It was hashed on the event loop
+    (~30 ms for 48 MB, a stall for every other client); tensors past ``DIGEST_BLOB_BYTES`` are
+    hashed where the body is decoded, and the loop hashes only their 32-byte digest. The key
+    still tells contents apart: the same tensor again is a hit, a tensor that differs is not."""
+    width = 1 << 18  # FP32 elements: one row is 1 MiB, past the bound
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])
+    s = helper.make_tensor_value_info("s", TensorProto.FLOAT, ["batch", 1])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
+    node = helper.make_node("ReduceSum", ["x", "axes"], ["s"], keepdims=1)
+    srv = start_server({"total": build_tensor_model(tmp_path / "src" / "total", [node], [x], [s], [axes])})
+    hashed_on_loop: list[int] = []
+    real = pipeline.cache_key
+
+    def cache_key(identity: str, request: Any, blobs: Any = ()) -> str:
+        hashed_on_loop.append(sum(len(b) for b in blobs))  # the pipeline's cache read: on the loop
+        return real(identity, request, blobs)
+
+    monkeypatch.setattr(pipeline, "cache_key", cache_key)
+    ones = np.ones((1, width), np.float32)
+    status, resp, headers = _infer_binary(srv, "total", ones)
+    assert status == 200 and resp["outputs"][0]["data"] == [width], resp
+    assert headers["X-Appliance-Source"] == "engine"
+    srv.call(lambda: srv.app[RESILIENCE].cache.flush())  # the cache writes behind the answer
+    status, resp, headers = _infer_binary(srv, "total", ones)
+    assert status == 200 and headers["X-Appliance-Source"] == "cache"
+    assert resp["outputs"][0]["data"] == [width], resp
+    twos = ones * 2
+    status, resp, headers = _infer_binary(srv, "total", twos)
+    assert status == 200 and headers["X-Appliance-Source"] == "engine"
+    assert resp["outputs"][0]["data"] == [2 * width], resp
+    assert len(hashed_on_loop) == 3 and max(hashed_on_loop) == 32, hashed_on_loop
 
 
 def test_kserve_takes_truncate_in_the_request_parameters(server: ServerThread) -> None:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import openai
 import pytest
 
+from appliance import pipeline
+from appliance.api.common import RESILIENCE
 from tests.conftest import ServerThread, copy_fixture
 
 MODEL = "all-minilm-l6-v2"
@@ -151,6 +155,34 @@ def test_a_cached_answer_never_stands_in_for_dimensions_the_model_refuses(server
     assert status == 400 and resp["error"]["param"] == "dimensions", resp
     status, resp, _ = server.post("/v1/embeddings", {**body, "dimensions": 384})
     assert status == 200 and len(resp["data"][0]["embedding"]) == 384
+
+
+def test_a_large_inputs_cache_key_is_hashed_off_the_event_loop(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The response cache's key covers the whole input list. Its JSON was written and hashed on the
+    event loop (~100 ms for a 15 MB body, a stall for every other client); a large input list is
+    hashed on a worker thread and the loop keys the request by that digest. The key still tells
+    inputs apart: the same inputs again are a hit, inputs that differ in one character are not."""
+    keyed_on_loop: list[int] = []
+    real = pipeline.cache_key
+
+    def cache_key(identity: str, request: Any, blobs: Any = ()) -> str:
+        keyed_on_loop.append(len(json.dumps(request)))  # the pipeline's cache read: on the loop
+        return real(identity, request, blobs)
+
+    monkeypatch.setattr(pipeline, "cache_key", cache_key)
+    texts = [f"sentence {i} " * 2800 for i in range(10)]  # ~350 kB of input, cut to the context
+    body = {"model": MODEL, "input": texts, "truncate": True}
+    status, first, headers = server.post("/v1/embeddings", body)
+    assert status == 200 and len(first["data"]) == 10 and headers["X-Appliance-Source"] == "engine"
+    server.call(lambda: server.app[RESILIENCE].cache.flush())  # the cache writes behind the answer
+    status, again, headers = server.post("/v1/embeddings", body)
+    assert status == 200 and headers["X-Appliance-Source"] == "cache" and again == first
+    texts[-1] = "Sentence" + texts[-1][len("sentence") :]
+    status, _, headers = server.post("/v1/embeddings", {**body, "input": texts})
+    assert status == 200 and headers["X-Appliance-Source"] == "engine"
+    assert len(keyed_on_loop) == 3 and max(keyed_on_loop) < 1000, keyed_on_loop
 
 
 def test_malformed_json_and_oversized_bodies_are_400_and_413(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from appliance.api import chat, kserve, openai, openapi
 from appliance.api.common import (
@@ -320,7 +320,7 @@ async def metrics_view(request: web.Request) -> web.Response:
     request.app[RESILIENCE].refresh_metrics()
     # Read at scrape time, so that it is right outside systemd too (where no ping loop runs).
     request.app[METRICS].watchdog_healthy.set(1 if request.app[MANAGER].progress.healthy() else 0)
-    data = generate_latest(request.app[METRICS].registry)
+    data = await request.app[METRICS].exposition()  # rendered on a worker thread
     return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ from appliance.api.common import (
     MANAGER,
     METRICS,
     OFFLOOP,
+    OFFLOOP_BYTES,
     PIPELINE,
     TENSORS,
     admit,
@@ -68,10 +70,10 @@ GENERATE_INPUTS: list[dict[str, Any]] = [
     {"name": "exclude_input_in_output", "datatype": "BOOL", "shape": [1], "optional": True},
 ]
 GENERATE_OUTPUTS: list[dict[str, Any]] = [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}]
-# An infer body larger than this has its tensors decoded on a worker thread (see OffLoop): the
-# decode's cost grows with the body, and a 16 MB one held the event loop for seconds. A smaller
-# one is decoded in place, which costs less than the hand-off.
-OFFLOOP_BYTES = 256 * 1024
+# Tensor bytes past which the cache key takes their SHA-256, computed by ``_decoded`` (on the
+# worker thread for a large body), rather than the bytes themselves: the key was hashed on the
+# event loop, ~30 ms for 48 MB, stalling every other client. Keys of smaller tensors are unchanged.
+DIGEST_BLOB_BYTES = 256 * 1024
 
 
 @routes.get("/v2")
@@ -321,9 +323,11 @@ async def infer(request: web.Request) -> web.Response:
             # request the model refuses on its shapes or its batch size should not pay it.
             request.app[TENSORS].check(runtime, declared)
     if len(await read_body(request)) > OFFLOOP_BYTES:  # read by now: the bytes aiohttp kept
-        feeds, blobs = await request.app[OFFLOOP].run(ticket, "decoding its tensors", _decoded, doc, tail)
+        feeds, blobs, digested = await request.app[OFFLOOP].run(
+            ticket, "decoding its tensors", _decoded, doc, tail
+        )
     else:
-        feeds, blobs = _decoded(doc, tail)
+        feeds, blobs, digested = _decoded(doc, tail)
     outputs, binary = requested_outputs(doc)
     truncate = parameters_of(doc, "the request").get("truncate")  # as OpenAI's 'truncate' field
     if truncate is not None and not isinstance(truncate, bool):
@@ -338,6 +342,8 @@ async def infer(request: web.Request) -> web.Response:
     }
     if truncate is not None:
         canonical["truncate"] = truncate  # a cut answer must not stand in for an uncut request
+    if digested:
+        canonical["blobs"] = "sha256"  # the one blob is their digest: never the same key as raw bytes
     work = _Infer(request, name, doc, feeds, blobs, outputs, binary, canonical, truncate)
     answer = await request.app[PIPELINE].answer(ticket, work)
     return render(answer, ticket, _length_header(answer.body, answer.content_type))
@@ -413,11 +419,19 @@ class _Infer:
         return None
 
 
-def _decoded(doc: dict[str, Any], tail: bytes) -> tuple[dict[str, np.ndarray], list[bytes]]:
+def _decoded(doc: dict[str, Any], tail: bytes) -> tuple[dict[str, np.ndarray], list[bytes], bool]:
     """The request's input tensors, and their bytes for the cache key (a BYTES tensor's are a
-    loop over its elements): all of a request's work that grows with its body."""
+    loop over its elements): all of a request's work that grows with its body. Past
+    ``DIGEST_BLOB_BYTES`` the bytes are hashed here, and the one blob is their SHA-256 (True)."""
     feeds = decode_inputs(doc, tail)
-    return feeds, [_blob(v) for v in feeds.values()]
+    blobs = [_blob(v) for v in feeds.values()]
+    if sum(len(b) for b in blobs) <= DIGEST_BLOB_BYTES:
+        return feeds, blobs, False
+    digest = hashlib.sha256()
+    for blob in blobs:  # length-prefixed, as cache_key hashes its parts
+        digest.update(len(blob).to_bytes(8, "big"))
+        digest.update(blob)
+    return feeds, [digest.digest()], True
 
 
 def _blob(arr: np.ndarray) -> bytes:
