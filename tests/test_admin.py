@@ -542,6 +542,21 @@ def test_settings_are_not_saved_over_a_config_file_that_is_gone_or_broken(served
     assert admin(srv, "PATCH", "/admin/settings", change)[0] == 200
 
 
+def slow_loads(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Test-only hook: every engine open waits (up to 30 s) until the event returned is set."""
+    from appliance.models import ModelManager
+
+    gate = threading.Event()
+    original = ModelManager._open_engine
+
+    def slow_open(entry: Any, values: Any) -> Any:
+        gate.wait(30)
+        return original(entry, values)
+
+    monkeypatch.setattr(ModelManager, "_open_engine", staticmethod(slow_open))
+    return gate
+
+
 def test_an_unload_under_traffic_leaves_one_engine_and_its_memory_counted(
     served: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -825,19 +840,11 @@ def test_an_unload_during_a_load_waits_for_it_and_unloads(
     import threading
 
     from appliance.api import admin as admin_api
-    from appliance.models import ModelManager
 
     start, _ = served
     srv = start()
     assert admin(srv, "POST", f"/admin/models/{MODEL}/unload")[1]["state"] == "available"
-    gate = threading.Event()
-    original = ModelManager._open_engine
-
-    def slow_open(entry: Any, values: Any) -> Any:  # test-only hook: a load that takes a while
-        gate.wait(30)
-        return original(entry, values)
-
-    monkeypatch.setattr(ModelManager, "_open_engine", staticmethod(slow_open))
+    gate = slow_loads(monkeypatch)
 
     def state() -> str:
         return str(admin(srv, "GET", "/admin/stats")[1]["models"][MODEL]["state"])
@@ -938,19 +945,11 @@ def test_a_load_longer_than_the_admin_wait_is_answered_202_and_goes_on(
     300 s) is answered 202 "still loading", saying where to follow it, and the load goes on to
     make the model resident: a client's own timeout said nothing of what became of it."""
     from appliance.api import admin as admin_api
-    from appliance.models import ModelManager
 
     start, _ = served
     srv = start()
     assert admin(srv, "POST", f"/admin/models/{MODEL}/unload")[1]["state"] == "available"
-    gate = threading.Event()
-    original = ModelManager._open_engine
-
-    def slow_open(entry: Any, values: Any) -> Any:  # test-only hook: a load that takes a while
-        gate.wait(30)
-        return original(entry, values)
-
-    monkeypatch.setattr(ModelManager, "_open_engine", staticmethod(slow_open))
+    gate = slow_loads(monkeypatch)
     monkeypatch.setattr(admin_api, "LOAD_WAIT_S", 0.3)
     status, body = admin(srv, "POST", f"/admin/models/{MODEL}/load")
     assert status == 202 and body["state"] == "loading", body

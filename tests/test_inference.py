@@ -418,6 +418,20 @@ def slow_embeddings(
     return srv, engine
 
 
+# What a request that ends early while its batch runs adds to Triton's statistics: the batch as an
+# execution, the request as one failure, and nothing else of it (no rows, queue or compute).
+FAILED_ONCE = {
+    "inferences": 0,
+    "executions": 1,
+    "success": 0,
+    "fail": 1,
+    "queue": 0,
+    "compute_infer": 0,
+    "queue_ns": 0,
+    "compute_infer_ns": 0,
+}
+
+
 def test_a_request_whose_client_hangs_up_while_its_batch_runs_counts_once_as_a_failure(
     slow_embeddings: tuple[ServerThread, Any],
 ) -> None:
@@ -442,16 +456,7 @@ def test_a_request_whose_client_hangs_up_while_its_batch_runs_counts_once_as_a_f
         time.sleep(0.01)
     sock.close()
     after = _settled(srv, before, executions=1, fail=1)
-    assert {k: after[k] - before[k] for k in after} == {
-        "inferences": 0,
-        "executions": 1,
-        "success": 0,
-        "fail": 1,
-        "queue": 0,
-        "compute_infer": 0,
-        "queue_ns": 0,
-        "compute_infer_ns": 0,
-    }
+    assert {k: after[k] - before[k] for k in after} == FAILED_ONCE
     # The same request answered counts its 16 rows, and itself once in queue and compute.
     engine.delay_s = 0
     status, body, _ = srv.post("/v1/embeddings", json.loads(data), {"Cache-Control": "no-store"})
@@ -480,16 +485,7 @@ def test_a_request_cut_by_its_deadline_while_its_batch_runs_counts_once_as_a_fai
     )
     assert status == 503 and "deadline" in resp["error"]["message"] and headers["Retry-After"], resp
     after = _settled(srv, before, executions=1, fail=1)
-    assert {k: after[k] - before[k] for k in after} == {
-        "inferences": 0,
-        "executions": 1,
-        "success": 0,
-        "fail": 1,
-        "queue": 0,
-        "compute_infer": 0,
-        "queue_ns": 0,
-        "compute_infer_ns": 0,
-    }
+    assert {k: after[k] - before[k] for k in after} == FAILED_ONCE
 
 
 def test_a_batch_the_engine_failed_is_no_execution(slow_embeddings: tuple[ServerThread, Any]) -> None:
