@@ -177,6 +177,9 @@ LOAD_RETRY_S = 30.0
 QUIET_WAIT_S = 5.0
 # How long a request for a model that is being unloaded waits for the drain before its 503.
 UNLOAD_WAIT_S = 2.0
+# How long an unload waits for its engine's close (freeing its memory: milliseconds, a large
+# TensorRT engine's a second) before it goes on without it (a hung driver).
+CLOSE_WAIT_S = 10.0
 # How long a metadata request waits for a model's interface to be read from its file (a few reads
 # on a healthy disk) before its 503.
 INTERFACE_WAIT_S = 5.0
@@ -777,7 +780,7 @@ class ModelManager:
         try:
             await runtime.batcher.close(drain=drain)
             await asyncio.get_running_loop().run_in_executor(None, runtime.executor.shutdown, True)
-            runtime.engine.close()
+            await _close_engine(name, runtime.engine)
             self.memory.release(name, evicted=evicted)
             del runtime  # the last reference: the engine's memory is free before the trim
             await asyncio.get_running_loop().run_in_executor(None, trim_heap)
@@ -1045,6 +1048,26 @@ def _discard_late(name: str, holder: list[Engine], run: asyncio.Future[Any]) -> 
         except Exception:
             log.exception("model %s: closing the engine of a load that timed out", name)
     log.warning("model %s: the engine call of a load that timed out ended; its engine is closed", name)
+
+
+async def _close_engine(name: str, engine: Engine) -> None:
+    """Close ``engine`` on a thread, waited for at most ``CLOSE_WAIT_S``. Called on the event loop,
+    a close that blocked (a hung driver freeing device memory) froze every request, /healthz and
+    the watchdog's pings with it; past the bound it is logged and left to end in its thread, and
+    the unload goes on (the process's memory may still hold it: the watchdog's and an operator's
+    case). An error in the close is the caller's, as before."""
+    closing = asyncio.get_running_loop().run_in_executor(None, engine.close)
+    done, _ = await asyncio.wait({closing}, timeout=CLOSE_WAIT_S)
+    if not done:
+        closing.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, whenever
+        log.error(
+            "model %s: its engine did not close within %g s; going on without it (its memory may "
+            "still be held)",
+            name,
+            CLOSE_WAIT_S,
+        )
+        return
+    closing.result()
 
 
 def _digest_quietly(entry: ModelEntry) -> None:

@@ -1174,3 +1174,43 @@ def test_a_settings_change_checks_each_kind_of_model_once_and_answers_for_every_
     status, err = admin(srv, "PATCH", "/admin/settings", {"defaults": {"queue": {"default_priority": 9}}})
     assert status == 400, err
     assert sorted(p["model"] for p in err["error"]["problems"]) == names, err
+
+
+def test_an_unload_whose_engine_close_hangs_stalls_no_request_and_ends_at_its_bound(
+    start_server: Any, minilm_folder: Path, faulty: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a lifecycle probe: an unload closed the engine on the event loop, so an engine
+    whose close blocked (a hung driver freeing its memory) froze the whole process: /healthz,
+    every request and the admin plane waited on it. The close runs on a thread now, waited for
+    at most CLOSE_WAIT_S; then the unload goes on, and the model loads fresh at its next request."""
+    import threading
+    import urllib.request
+
+    monkeypatch.setattr(models, "CLOSE_WAIT_S", 2.0)
+    srv = start_server({MODEL: minilm_folder})
+    engine = faulty[-1]
+    closing, gate = threading.Event(), threading.Event()
+
+    def hung_close() -> None:  # test-only fault hook: a driver that does not give the memory back
+        closing.set()
+        gate.wait(30)
+
+    engine.close = hung_close
+    answers: list[tuple[int, Any]] = []
+    unload = threading.Thread(
+        target=lambda: answers.append(admin(srv, "POST", f"/admin/models/{MODEL}/unload"))
+    )
+    unload.start()
+    try:
+        assert closing.wait(30), "the unload never closed the engine"
+        started = time.monotonic()
+        with urllib.request.urlopen(srv.url + "/healthz", timeout=1.5) as r:  # the loop answers
+            assert r.status == 200
+        assert time.monotonic() - started < 1.5
+        unload.join(30)
+        assert answers and answers[0][0] == 200 and answers[0][1]["state"] == "available", answers
+        assert srv.post("/v1/embeddings", {"model": MODEL, "input": "after"})[0] == 200
+        assert len(faulty) == 2, "the next request did not load a fresh engine"
+    finally:
+        gate.set()
+        unload.join(30)
