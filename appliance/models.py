@@ -873,6 +873,14 @@ class ModelManager:
             task.cancel()
         await asyncio.gather(*loading, return_exceptions=True)
         await asyncio.gather(*(self.unload(n, drain=drain) for n in list(self.slots)))
+        # An unload already under way (an operator's, keep-alive's) took the runtime from its slot,
+        # so unload() above skipped it: the stop went on while it drained, and the loop closed
+        # under it (its queued requests cut, its engine never closed). Waited for here, within the
+        # caller's bound (the stop's deadline); not gathered, which would cancel the futures
+        # their unloads still resolve if that bound cut this wait.
+        unloading = [s.unloading for s in self.slots.values() if s.unloading is not None]
+        if unloading:
+            await asyncio.wait(unloading)
 
     def ready(self) -> bool:
         """Whether every default model serves: resident, or, once it has been, unloaded by

@@ -1214,3 +1214,46 @@ def test_an_unload_whose_engine_close_hangs_stalls_no_request_and_ends_at_its_bo
     finally:
         gate.set()
         unload.join(30)
+
+
+def test_the_managers_close_waits_for_an_unload_still_draining(
+    start_server: Any, minilm_folder: Path, faulty: Any
+) -> None:
+    """Found by a lifecycle probe: an operator's unload still draining the model's running work
+    at shutdown was not waited for by ModelManager.close (the unload had taken the runtime from
+    the slot, so close's own unload skipped it): the stop went on, and the loop closed under the
+    drain, its engine never closed nor its memory released. The close waits for it now."""
+    import threading
+
+    from appliance.api.common import MANAGER
+
+    srv = start_server({MODEL: minilm_folder})
+    mgr = srv.app[MANAGER]
+    engine = faulty[-1]
+    closed = threading.Event()
+    close = engine.close
+
+    def recorded_close() -> None:
+        close()
+        closed.set()
+
+    engine.close = recorded_close
+    engine.delay_s = 2.0  # the running batch, which the unload drains, takes this long
+    ran = len(engine.batches)
+    running = threading.Thread(target=srv.post, args=("/v1/embeddings", {"model": MODEL, "input": "slow"}))
+    running.start()
+    deadline = time.monotonic() + 30
+    while len(engine.batches) == ran:  # the slow batch is running
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+    async def unload_then_close() -> bool:
+        unloading = asyncio.ensure_future(mgr.unload(MODEL))  # as the admin plane runs one
+        await asyncio.sleep(0)  # it starts: draining the running batch
+        assert mgr.slots[MODEL].unloading is not None and not unloading.done()
+        await mgr.close()
+        return unloading.done()
+
+    assert srv.call(unload_then_close), "the close returned while the unload still drained"
+    assert closed.is_set() and mgr.memory.lease(MODEL) is None
+    running.join(30)
