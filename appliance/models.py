@@ -267,6 +267,8 @@ class ModelManager:
         # Models that have been resident since start: unloaded, they still count as ready.
         self._served: set[str] = set()
         self._restarting: set[str] = set()
+        # Each model whose load timed out with its engine call still running (see _load_locked).
+        self._stuck_loads: dict[str, asyncio.Future[Any]] = {}
         # Batch sizes learned from out-of-memory errors: never send a batch that big again.
         self.batch_caps: dict[str, int] = {}
         # Each embedding model's load-time batch-size measurement, with what it was measured for
@@ -500,6 +502,18 @@ class ModelManager:
             slot.state = ModelState.unbuilt
             raise ModelNotBuilt(name)
         if slot.load_task is None or slot.load_task.done():
+            if name in self._stuck_loads:
+                # Its last load timed out and that engine call still runs (an open on a stalled
+                # disk, a warm-up in a wedged driver): a second engine opened beside it doubled
+                # the model's memory, the stuck one's counted in no lease, and on a hung driver
+                # hung too. Refused until that call ends (its engine is closed then), without
+                # the load lock: other models load meanwhile. Never ending, it is the watchdog's.
+                raise LoadFailed(
+                    name,
+                    "its last load timed out (engine.load_timeout_s) and that engine call is still "
+                    "running; it is not opened again beside it until that call ends",
+                    retry_after_s=LOAD_RETRY_S,
+                )
             slot.load_task = asyncio.create_task(self._load(slot))
         await asyncio.shield(slot.load_task)
         if slot.runtime is None and slot.state is not ModelState.failed and slot.error is None:
@@ -659,6 +673,8 @@ class ModelManager:
                 # Timed out: the engine is not closed under the call still running on it (a
                 # TensorRT engine's memory freed under its run); whatever that call opened is
                 # closed once it returns, and the queue built for it goes now.
+                self._stuck_loads[entry.name] = stuck[0]  # no new load of it until then (load)
+                stuck[0].add_done_callback(lambda _: self._stuck_loads.pop(entry.name, None))
                 stuck[0].add_done_callback(lambda run: _discard_late(entry.name, holder, run))
                 if runtime is not None:
                     with contextlib.suppress(Exception):

@@ -881,14 +881,16 @@ def test_an_unload_during_a_load_waits_for_it_and_unloads(
     assert state() == "available"
 
 
-def test_a_hung_engine_open_fails_its_load_at_the_load_timeout_and_blocks_no_later_load(
+def test_a_hung_engine_open_fails_its_load_at_the_load_timeout_and_is_not_opened_again_beside_it(
     served: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Found by a fault probe: a load whose engine open hung (a stalled disk, a wedged driver) was
     waited for without a bound. The admin load never answered, and the load held the load lock,
     so every later load, and each request waiting on one, waited for ever too. Past
     engine.load_timeout_s the load fails, naming it (the admin load and requests get a 503 with
-    Retry-After), the next load goes ahead, and the engine the hung open brings at last is closed."""
+    Retry-After), and the engine the hung open brings at last is closed. Found by a lifecycle
+    probe: the next load of that model then opened a second engine beside the stuck open (its
+    memory twice, once counted); it is refused until the stuck call ends, then loads."""
     from appliance.models import ModelManager
     from tests.conftest import FaultyEngine
 
@@ -920,14 +922,20 @@ def test_a_hung_engine_open_fails_its_load_at_the_load_timeout_and_blocks_no_lat
     model = admin(srv, "GET", "/admin/stats")[1]["models"][MODEL]
     assert model["state"] == "failed" and "engine.load_timeout_s" in model["error"], model
 
-    # The hung open still runs; the next load (given the default's time) does not wait for it.
+    # The hung open still runs: the next load (given the default's time) is refused at once,
+    # rather than opening a second engine beside it.
     monkeypatch.setattr(ModelManager, "_open_engine", staticmethod(original))
     no_timeout = {"models": {MODEL: {"engine": {"load_timeout_s": None}}}}
     assert admin(srv, "PATCH", "/admin/settings", no_timeout)[0] == 200
+    started = time.monotonic()
     status, body = admin(srv, "POST", f"/admin/models/{MODEL}/load")
-    assert status == 200 and body["state"] == "resident", body
+    assert status == 503 and "is still running" in body["error"]["message"], body
+    assert time.monotonic() - started < 5
+    # Once it ends, its engine is closed and the model loads again.
     gate.set()
     assert closed.wait(10), "the engine the timed-out load opened at last was not closed"
+    status, body = admin(srv, "POST", f"/admin/models/{MODEL}/load")
+    assert status == 200 and body["state"] == "resident", body
     assert srv.post("/v1/embeddings", {"model": MODEL, "input": "after"})[0] == 200
 
 
