@@ -681,7 +681,7 @@ class ModelManager:
                         await runtime.batcher.close(drain=False)
             elif holder:  # opened, then the load failed: its memory goes back now, not at exit
                 try:
-                    holder[0].close()
+                    await _close_engine(entry.name, holder[0])  # on a thread, bounded, as unload's
                 except Exception:
                     log.exception("model %s: closing the engine of a failed load", entry.name)
             executor.shutdown(wait=False)
@@ -1075,11 +1075,11 @@ def _discard_late(name: str, holder: list[Engine], run: asyncio.Future[Any]) -> 
 
 
 async def _close_engine(name: str, engine: Engine) -> None:
-    """Close ``engine`` on a thread, waited for at most ``CLOSE_WAIT_S``. Called on the event loop,
-    a close that blocked (a hung driver freeing device memory) froze every request, /healthz and
-    the watchdog's pings with it; past the bound it is logged and left to end in its thread, and
-    the unload goes on (the process's memory may still hold it: the watchdog's and an operator's
-    case). An error in the close is the caller's, as before."""
+    """Close ``engine`` (an unloaded model's, a failed load's) on a thread, waited for at most
+    ``CLOSE_WAIT_S``. Called on the event loop, a close that blocked (a hung driver freeing device
+    memory) froze every request, /healthz and the watchdog's pings with it; past the bound it is
+    logged and left to end in its thread, and the caller goes on (the process's memory may still
+    hold it: the watchdog's and an operator's case). An error in the close is the caller's."""
     closing = asyncio.get_running_loop().run_in_executor(None, engine.close)
     done, _ = await asyncio.wait({closing}, timeout=CLOSE_WAIT_S)
     if not done:

@@ -1265,3 +1265,51 @@ def test_the_managers_close_waits_for_an_unload_still_draining(
     assert srv.call(unload_then_close), "the close returned while the unload still drained"
     assert closed.is_set() and mgr.memory.lease(MODEL) is None
     running.join(30)
+
+
+def test_a_failed_load_whose_engine_close_hangs_stalls_no_request(
+    start_server: Any, minilm_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a lifecycle probe: a load that failed after its engine opened (its warm-up raised)
+    closed that engine on the event loop, so a close that blocked (a hung driver) froze every
+    request and /healthz with it. It is closed as an unload's is: on a thread, bounded by
+    CLOSE_WAIT_S; the load's 503 names what failed."""
+    import threading
+    import urllib.request
+
+    from appliance import inference
+    from appliance.models import ModelManager
+    from tests.conftest import FaultyEngine
+
+    srv = start_server({MODEL: minilm_folder})
+    assert admin(srv, "POST", f"/admin/models/{MODEL}/unload")[1]["state"] == "available"
+    monkeypatch.setattr(models, "CLOSE_WAIT_S", 2.0)
+    closing, gate = threading.Event(), threading.Event()
+    original = ModelManager._open_engine
+
+    class HungClose(FaultyEngine):  # test-only fault hook: a driver that does not give memory back
+        def close(self) -> None:
+            closing.set()
+            gate.wait(30)
+            super().close()
+
+    def failed_warm_up(self: Any) -> None:  # test-only fault hook: a warm-up that raises
+        raise RuntimeError("injected warm-up failure")
+
+    monkeypatch.setattr(ModelManager, "_open_engine", staticmethod(lambda e, v: HungClose(original(e, v))))
+    monkeypatch.setattr(inference.EmbeddingRuntime, "warmup_peak", failed_warm_up)
+    answers: list[tuple[int, Any]] = []
+    load = threading.Thread(target=lambda: answers.append(admin(srv, "POST", f"/admin/models/{MODEL}/load")))
+    load.start()
+    try:
+        assert closing.wait(30), "the failed load never closed its engine"
+        started = time.monotonic()
+        with urllib.request.urlopen(srv.url + "/healthz", timeout=1.5) as r:  # the loop answers
+            assert r.status == 200
+        assert time.monotonic() - started < 1.5
+        load.join(30)
+        status, body = answers[0]
+        assert status == 503 and "injected warm-up failure" in body["error"]["message"], answers
+    finally:
+        gate.set()
+        load.join(30)
