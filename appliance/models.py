@@ -506,8 +506,9 @@ class ModelManager:
                 # Its last load timed out and that engine call still runs (an open on a stalled
                 # disk, a warm-up in a wedged driver): a second engine opened beside it doubled
                 # the model's memory, the stuck one's counted in no lease, and on a hung driver
-                # hung too. Refused until that call ends (its engine is closed then), without
-                # the load lock: other models load meanwhile. Never ending, it is the watchdog's.
+                # hung too. Refused until that call has ended and what it opened is closed,
+                # without the load lock: other models load meanwhile. Never ending, it is the
+                # watchdog's case.
                 raise LoadFailed(
                     name,
                     "its last load timed out (engine.load_timeout_s) and that engine call is still "
@@ -673,9 +674,14 @@ class ModelManager:
                 # Timed out: the engine is not closed under the call still running on it (a
                 # TensorRT engine's memory freed under its run); whatever that call opened is
                 # closed once it returns, and the queue built for it goes now.
-                self._stuck_loads[entry.name] = stuck[0]  # no new load of it until then (load)
-                stuck[0].add_done_callback(lambda _: self._stuck_loads.pop(entry.name, None))
-                stuck[0].add_done_callback(lambda run: _discard_late(entry.name, holder, run))
+                name = entry.name
+                self._stuck_loads[name] = stuck[0]  # no new load of it until it is closed (load)
+
+                def discard(run: asyncio.Future[Any]) -> None:
+                    closed = _discard_late(name, holder, run)
+                    closed.add_done_callback(lambda _: self._stuck_loads.pop(name, None))
+
+                stuck[0].add_done_callback(discard)
                 if runtime is not None:
                     with contextlib.suppress(Exception):
                         await runtime.batcher.close(drain=False)
@@ -1062,16 +1068,23 @@ class LoadTimedOut(Exception):
     """A load that outlasted ``engine.load_timeout_s`` (its message is the slot's error)."""
 
 
-def _discard_late(name: str, holder: list[Engine], run: asyncio.Future[Any]) -> None:
-    """A timed-out load's step, ended at last: what it opened is closed, its outcome dropped."""
+def _discard_late(name: str, holder: list[Engine], run: asyncio.Future[Any]) -> asyncio.Future[None]:
+    """A timed-out load's step, ended at last: what it opened is closed, its outcome dropped.
+    Returns the close, running on a thread."""
     if not run.cancelled():
         run.exception()  # retrieved: the load was given up whatever it came to
-    for engine in holder:
-        try:
-            engine.close()
-        except Exception:
-            log.exception("model %s: closing the engine of a load that timed out", name)
-    log.warning("model %s: the engine call of a load that timed out ended; its engine is closed", name)
+
+    def close() -> None:
+        for engine in holder:
+            try:
+                engine.close()
+            except Exception:
+                log.exception("model %s: closing the engine of a load that timed out", name)
+        log.warning("model %s: the engine call of a load that timed out ended; its engine is closed", name)
+
+    # On a thread: this runs as a callback on the event loop, and a close that blocked there (the
+    # driver that hung the load, hanging again) froze every request with it. Nothing waits for it.
+    return asyncio.get_running_loop().run_in_executor(None, close)
 
 
 async def _close_engine(name: str, engine: Engine) -> None:

@@ -934,7 +934,12 @@ def test_a_hung_engine_open_fails_its_load_at_the_load_timeout_and_is_not_opened
     # Once it ends, its engine is closed and the model loads again.
     gate.set()
     assert closed.wait(10), "the engine the timed-out load opened at last was not closed"
-    status, body = admin(srv, "POST", f"/admin/models/{MODEL}/load")
+    deadline = time.monotonic() + 10
+    while (answer := admin(srv, "POST", f"/admin/models/{MODEL}/load"))[0] == 503:
+        # The refusal lifts once that close has returned (its thread's end reaches the loop).
+        assert "is still running" in answer[1]["error"]["message"] and time.monotonic() < deadline, answer
+        time.sleep(0.05)
+    status, body = answer
     assert status == 200 and body["state"] == "resident", body
     assert srv.post("/v1/embeddings", {"model": MODEL, "input": "after"})[0] == 200
 
@@ -1313,3 +1318,47 @@ def test_a_failed_load_whose_engine_close_hangs_stalls_no_request(
     finally:
         gate.set()
         load.join(30)
+
+
+def test_the_engine_of_a_timed_out_load_is_closed_off_the_event_loop(
+    served: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a lifecycle probe: the engine a timed-out load's open brought at last was closed
+    in a callback on the event loop, so a close that blocked (the driver that hung the open,
+    hanging again) froze every request and /healthz with it. It is closed on a thread."""
+    import urllib.request
+
+    from appliance.models import ModelManager
+    from tests.conftest import FaultyEngine
+
+    start, _ = served
+    srv = start()
+    assert admin(srv, "POST", f"/admin/models/{MODEL}/unload")[1]["state"] == "available"
+    timeout = {"models": {MODEL: {"engine": {"load_timeout_s": 1}}}}
+    assert admin(srv, "PATCH", "/admin/settings", timeout)[0] == 200
+    opened, closing, released = threading.Event(), threading.Event(), threading.Event()
+    original = ModelManager._open_engine
+
+    class HungClose(FaultyEngine):  # test-only fault hook: a close that hangs in the driver
+        def close(self) -> None:
+            closing.set()
+            released.wait(30)
+            super().close()
+
+    def hung_open(entry: Any, values: Any) -> Any:  # test-only fault hook: an open that hangs
+        opened.wait(30)
+        return HungClose(original(entry, values))
+
+    monkeypatch.setattr(ModelManager, "_open_engine", staticmethod(hung_open))
+    try:
+        status, body = admin(srv, "POST", f"/admin/models/{MODEL}/load")
+        assert status == 503 and "engine.load_timeout_s" in body["error"]["message"], body
+        opened.set()  # the open ends: its engine is closed, and that close hangs
+        assert closing.wait(10), "the engine the timed-out load opened at last was not closed"
+        started = time.monotonic()
+        with urllib.request.urlopen(srv.url + "/healthz", timeout=1.5) as r:  # the loop answers
+            assert r.status == 200
+        assert time.monotonic() - started < 1.5
+    finally:
+        opened.set()
+        released.set()
