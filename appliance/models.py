@@ -177,6 +177,9 @@ LOAD_RETRY_S = 30.0
 QUIET_WAIT_S = 5.0
 # How long a request for a model that is being unloaded waits for the drain before its 503.
 UNLOAD_WAIT_S = 2.0
+# How long an unload waits for its engine's close (freeing its memory: milliseconds, a large
+# TensorRT engine's a second) before it goes on without it (a hung driver).
+CLOSE_WAIT_S = 10.0
 # How long a metadata request waits for a model's interface to be read from its file (a few reads
 # on a healthy disk) before its 503.
 INTERFACE_WAIT_S = 5.0
@@ -264,6 +267,8 @@ class ModelManager:
         # Models that have been resident since start: unloaded, they still count as ready.
         self._served: set[str] = set()
         self._restarting: set[str] = set()
+        # Each model whose load timed out with its engine call still running (see _load_locked).
+        self._stuck_loads: dict[str, asyncio.Future[Any]] = {}
         # Batch sizes learned from out-of-memory errors: never send a batch that big again.
         self.batch_caps: dict[str, int] = {}
         # Each embedding model's load-time batch-size measurement, with what it was measured for
@@ -497,6 +502,19 @@ class ModelManager:
             slot.state = ModelState.unbuilt
             raise ModelNotBuilt(name)
         if slot.load_task is None or slot.load_task.done():
+            if name in self._stuck_loads:
+                # Its last load timed out and that engine call still runs (an open on a stalled
+                # disk, a warm-up in a wedged driver): a second engine opened beside it doubled
+                # the model's memory, the stuck one's counted in no lease, and on a hung driver
+                # hung too. Refused until that call has ended and what it opened is closed,
+                # without the load lock: other models load meanwhile. Never ending, it is the
+                # watchdog's case.
+                raise LoadFailed(
+                    name,
+                    "its last load timed out (engine.load_timeout_s) and that engine call is still "
+                    "running; it is not opened again beside it until that call ends",
+                    retry_after_s=LOAD_RETRY_S,
+                )
             slot.load_task = asyncio.create_task(self._load(slot))
         await asyncio.shield(slot.load_task)
         if slot.runtime is None and slot.state is not ModelState.failed and slot.error is None:
@@ -656,13 +674,20 @@ class ModelManager:
                 # Timed out: the engine is not closed under the call still running on it (a
                 # TensorRT engine's memory freed under its run); whatever that call opened is
                 # closed once it returns, and the queue built for it goes now.
-                stuck[0].add_done_callback(lambda run: _discard_late(entry.name, holder, run))
+                name = entry.name
+                self._stuck_loads[name] = stuck[0]  # no new load of it until it is closed (load)
+
+                def discard(run: asyncio.Future[Any]) -> None:
+                    closed = _discard_late(name, holder, run)
+                    closed.add_done_callback(lambda _: self._stuck_loads.pop(name, None))
+
+                stuck[0].add_done_callback(discard)
                 if runtime is not None:
                     with contextlib.suppress(Exception):
                         await runtime.batcher.close(drain=False)
             elif holder:  # opened, then the load failed: its memory goes back now, not at exit
                 try:
-                    holder[0].close()
+                    await _close_engine(entry.name, holder[0])  # on a thread, bounded, as unload's
                 except Exception:
                     log.exception("model %s: closing the engine of a failed load", entry.name)
             executor.shutdown(wait=False)
@@ -777,7 +802,7 @@ class ModelManager:
         try:
             await runtime.batcher.close(drain=drain)
             await asyncio.get_running_loop().run_in_executor(None, runtime.executor.shutdown, True)
-            runtime.engine.close()
+            await _close_engine(name, runtime.engine)
             self.memory.release(name, evicted=evicted)
             del runtime  # the last reference: the engine's memory is free before the trim
             await asyncio.get_running_loop().run_in_executor(None, trim_heap)
@@ -870,6 +895,14 @@ class ModelManager:
             task.cancel()
         await asyncio.gather(*loading, return_exceptions=True)
         await asyncio.gather(*(self.unload(n, drain=drain) for n in list(self.slots)))
+        # An unload already under way (an operator's, keep-alive's) took the runtime from its slot,
+        # so unload() above skipped it: the stop went on while it drained, and the loop closed
+        # under it (its queued requests cut, its engine never closed). Waited for here, within the
+        # caller's bound (the stop's deadline); not gathered, which would cancel the futures
+        # their unloads still resolve if that bound cut this wait.
+        unloading = [s.unloading for s in self.slots.values() if s.unloading is not None]
+        if unloading:
+            await asyncio.wait(unloading)
 
     def ready(self) -> bool:
         """Whether every default model serves: resident, or, once it has been, unloaded by
@@ -1035,16 +1068,43 @@ class LoadTimedOut(Exception):
     """A load that outlasted ``engine.load_timeout_s`` (its message is the slot's error)."""
 
 
-def _discard_late(name: str, holder: list[Engine], run: asyncio.Future[Any]) -> None:
-    """A timed-out load's step, ended at last: what it opened is closed, its outcome dropped."""
+def _discard_late(name: str, holder: list[Engine], run: asyncio.Future[Any]) -> asyncio.Future[None]:
+    """A timed-out load's step, ended at last: what it opened is closed, its outcome dropped.
+    Returns the close, running on a thread."""
     if not run.cancelled():
         run.exception()  # retrieved: the load was given up whatever it came to
-    for engine in holder:
-        try:
-            engine.close()
-        except Exception:
-            log.exception("model %s: closing the engine of a load that timed out", name)
-    log.warning("model %s: the engine call of a load that timed out ended; its engine is closed", name)
+
+    def close() -> None:
+        for engine in holder:
+            try:
+                engine.close()
+            except Exception:
+                log.exception("model %s: closing the engine of a load that timed out", name)
+        log.warning("model %s: the engine call of a load that timed out ended; its engine is closed", name)
+
+    # On a thread: this runs as a callback on the event loop, and a close that blocked there (the
+    # driver that hung the load, hanging again) froze every request with it. Nothing waits for it.
+    return asyncio.get_running_loop().run_in_executor(None, close)
+
+
+async def _close_engine(name: str, engine: Engine) -> None:
+    """Close ``engine`` (an unloaded model's, a failed load's) on a thread, waited for at most
+    ``CLOSE_WAIT_S``. Called on the event loop, a close that blocked (a hung driver freeing device
+    memory) froze every request, /healthz and the watchdog's pings with it; past the bound it is
+    logged and left to end in its thread, and the caller goes on (the process's memory may still
+    hold it: the watchdog's and an operator's case). An error in the close is the caller's."""
+    closing = asyncio.get_running_loop().run_in_executor(None, engine.close)
+    done, _ = await asyncio.wait({closing}, timeout=CLOSE_WAIT_S)
+    if not done:
+        closing.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, whenever
+        log.error(
+            "model %s: its engine did not close within %g s; going on without it (its memory may "
+            "still be held)",
+            name,
+            CLOSE_WAIT_S,
+        )
+        return
+    closing.result()
 
 
 def _digest_quietly(entry: ModelEntry) -> None:

@@ -888,14 +888,16 @@ def test_an_unload_during_a_load_waits_for_it_and_unloads(
     assert state() == "available"
 
 
-def test_a_hung_engine_open_fails_its_load_at_the_load_timeout_and_blocks_no_later_load(
+def test_a_hung_engine_open_fails_its_load_at_the_load_timeout_and_is_not_opened_again_beside_it(
     served: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Found by a fault probe: a load whose engine open hung (a stalled disk, a wedged driver) was
     waited for without a bound. The admin load never answered, and the load held the load lock,
     so every later load, and each request waiting on one, waited for ever too. Past
     engine.load_timeout_s the load fails, naming it (the admin load and requests get a 503 with
-    Retry-After), the next load goes ahead, and the engine the hung open brings at last is closed."""
+    Retry-After), and the engine the hung open brings at last is closed. Found by a lifecycle
+    probe: the next load of that model then opened a second engine beside the stuck open (its
+    memory twice, once counted); it is refused until the stuck call ends, then loads."""
     from appliance.models import ModelManager
     from tests.conftest import FaultyEngine
 
@@ -927,14 +929,25 @@ def test_a_hung_engine_open_fails_its_load_at_the_load_timeout_and_blocks_no_lat
     model = admin(srv, "GET", "/admin/stats")[1]["models"][MODEL]
     assert model["state"] == "failed" and "engine.load_timeout_s" in model["error"], model
 
-    # The hung open still runs; the next load (given the default's time) does not wait for it.
+    # The hung open still runs: the next load (given the default's time) is refused at once,
+    # rather than opening a second engine beside it.
     monkeypatch.setattr(ModelManager, "_open_engine", staticmethod(original))
     no_timeout = {"models": {MODEL: {"engine": {"load_timeout_s": None}}}}
     assert admin(srv, "PATCH", "/admin/settings", no_timeout)[0] == 200
+    started = time.monotonic()
     status, body = admin(srv, "POST", f"/admin/models/{MODEL}/load")
-    assert status == 200 and body["state"] == "resident", body
+    assert status == 503 and "is still running" in body["error"]["message"], body
+    assert time.monotonic() - started < 5
+    # Once it ends, its engine is closed and the model loads again.
     gate.set()
     assert closed.wait(10), "the engine the timed-out load opened at last was not closed"
+    deadline = time.monotonic() + 10
+    while (answer := admin(srv, "POST", f"/admin/models/{MODEL}/load"))[0] == 503:
+        # The refusal lifts once that close has returned (its thread's end reaches the loop).
+        assert "is still running" in answer[1]["error"]["message"] and time.monotonic() < deadline, answer
+        time.sleep(0.05)
+    status, body = answer
+    assert status == 200 and body["state"] == "resident", body
     assert srv.post("/v1/embeddings", {"model": MODEL, "input": "after"})[0] == 200
 
 
@@ -1173,3 +1186,178 @@ def test_a_settings_change_checks_each_kind_of_model_once_and_answers_for_every_
     status, err = admin(srv, "PATCH", "/admin/settings", {"defaults": {"queue": {"default_priority": 9}}})
     assert status == 400, err
     assert sorted(p["model"] for p in err["error"]["problems"]) == names, err
+
+
+def test_an_unload_whose_engine_close_hangs_stalls_no_request_and_ends_at_its_bound(
+    start_server: Any, minilm_folder: Path, faulty: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a lifecycle probe: an unload closed the engine on the event loop, so an engine
+    whose close blocked (a hung driver freeing its memory) froze the whole process: /healthz,
+    every request and the admin plane waited on it. The close runs on a thread now, waited for
+    at most CLOSE_WAIT_S; then the unload goes on, and the model loads fresh at its next request."""
+    import threading
+    import urllib.request
+
+    monkeypatch.setattr(models, "CLOSE_WAIT_S", 2.0)
+    srv = start_server({MODEL: minilm_folder})
+    engine = faulty[-1]
+    closing, gate = threading.Event(), threading.Event()
+
+    def hung_close() -> None:  # test-only fault hook: a driver that does not give the memory back
+        closing.set()
+        gate.wait(30)
+
+    engine.close = hung_close
+    answers: list[tuple[int, Any]] = []
+    unload = threading.Thread(
+        target=lambda: answers.append(admin(srv, "POST", f"/admin/models/{MODEL}/unload"))
+    )
+    unload.start()
+    try:
+        assert closing.wait(30), "the unload never closed the engine"
+        started = time.monotonic()
+        with urllib.request.urlopen(srv.url + "/healthz", timeout=1.5) as r:  # the loop answers
+            assert r.status == 200
+        assert time.monotonic() - started < 1.5
+        unload.join(30)
+        assert answers and answers[0][0] == 200 and answers[0][1]["state"] == "available", answers
+        assert srv.post("/v1/embeddings", {"model": MODEL, "input": "after"})[0] == 200
+        assert len(faulty) == 2, "the next request did not load a fresh engine"
+    finally:
+        gate.set()
+        unload.join(30)
+
+
+def test_the_managers_close_waits_for_an_unload_still_draining(
+    start_server: Any, minilm_folder: Path, faulty: Any
+) -> None:
+    """Found by a lifecycle probe: an operator's unload still draining the model's running work
+    at shutdown was not waited for by ModelManager.close (the unload had taken the runtime from
+    the slot, so close's own unload skipped it): the stop went on, and the loop closed under the
+    drain, its engine never closed nor its memory released. The close waits for it now."""
+    import threading
+
+    from appliance.api.common import MANAGER
+
+    srv = start_server({MODEL: minilm_folder})
+    mgr = srv.app[MANAGER]
+    engine = faulty[-1]
+    closed = threading.Event()
+    close = engine.close
+
+    def recorded_close() -> None:
+        close()
+        closed.set()
+
+    engine.close = recorded_close
+    engine.delay_s = 2.0  # the running batch, which the unload drains, takes this long
+    ran = len(engine.batches)
+    running = threading.Thread(target=srv.post, args=("/v1/embeddings", {"model": MODEL, "input": "slow"}))
+    running.start()
+    deadline = time.monotonic() + 30
+    while len(engine.batches) == ran:  # the slow batch is running
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+    async def unload_then_close() -> bool:
+        unloading = asyncio.ensure_future(mgr.unload(MODEL))  # as the admin plane runs one
+        await asyncio.sleep(0)  # it starts: draining the running batch
+        assert mgr.slots[MODEL].unloading is not None and not unloading.done()
+        await mgr.close()
+        return unloading.done()
+
+    assert srv.call(unload_then_close), "the close returned while the unload still drained"
+    assert closed.is_set() and mgr.memory.lease(MODEL) is None
+    running.join(30)
+
+
+def test_a_failed_load_whose_engine_close_hangs_stalls_no_request(
+    start_server: Any, minilm_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a lifecycle probe: a load that failed after its engine opened (its warm-up raised)
+    closed that engine on the event loop, so a close that blocked (a hung driver) froze every
+    request and /healthz with it. It is closed as an unload's is: on a thread, bounded by
+    CLOSE_WAIT_S; the load's 503 names what failed."""
+    import threading
+    import urllib.request
+
+    from appliance import inference
+    from appliance.models import ModelManager
+    from tests.conftest import FaultyEngine
+
+    srv = start_server({MODEL: minilm_folder})
+    assert admin(srv, "POST", f"/admin/models/{MODEL}/unload")[1]["state"] == "available"
+    monkeypatch.setattr(models, "CLOSE_WAIT_S", 2.0)
+    closing, gate = threading.Event(), threading.Event()
+    original = ModelManager._open_engine
+
+    class HungClose(FaultyEngine):  # test-only fault hook: a driver that does not give memory back
+        def close(self) -> None:
+            closing.set()
+            gate.wait(30)
+            super().close()
+
+    def failed_warm_up(self: Any) -> None:  # test-only fault hook: a warm-up that raises
+        raise RuntimeError("injected warm-up failure")
+
+    monkeypatch.setattr(ModelManager, "_open_engine", staticmethod(lambda e, v: HungClose(original(e, v))))
+    monkeypatch.setattr(inference.EmbeddingRuntime, "warmup_peak", failed_warm_up)
+    answers: list[tuple[int, Any]] = []
+    load = threading.Thread(target=lambda: answers.append(admin(srv, "POST", f"/admin/models/{MODEL}/load")))
+    load.start()
+    try:
+        assert closing.wait(30), "the failed load never closed its engine"
+        started = time.monotonic()
+        with urllib.request.urlopen(srv.url + "/healthz", timeout=1.5) as r:  # the loop answers
+            assert r.status == 200
+        assert time.monotonic() - started < 1.5
+        load.join(30)
+        status, body = answers[0]
+        assert status == 503 and "injected warm-up failure" in body["error"]["message"], answers
+    finally:
+        gate.set()
+        load.join(30)
+
+
+def test_the_engine_of_a_timed_out_load_is_closed_off_the_event_loop(
+    served: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a lifecycle probe: the engine a timed-out load's open brought at last was closed
+    in a callback on the event loop, so a close that blocked (the driver that hung the open,
+    hanging again) froze every request and /healthz with it. It is closed on a thread."""
+    import urllib.request
+
+    from appliance.models import ModelManager
+    from tests.conftest import FaultyEngine
+
+    start, _ = served
+    srv = start()
+    assert admin(srv, "POST", f"/admin/models/{MODEL}/unload")[1]["state"] == "available"
+    timeout = {"models": {MODEL: {"engine": {"load_timeout_s": 1}}}}
+    assert admin(srv, "PATCH", "/admin/settings", timeout)[0] == 200
+    opened, closing, released = threading.Event(), threading.Event(), threading.Event()
+    original = ModelManager._open_engine
+
+    class HungClose(FaultyEngine):  # test-only fault hook: a close that hangs in the driver
+        def close(self) -> None:
+            closing.set()
+            released.wait(30)
+            super().close()
+
+    def hung_open(entry: Any, values: Any) -> Any:  # test-only fault hook: an open that hangs
+        opened.wait(30)
+        return HungClose(original(entry, values))
+
+    monkeypatch.setattr(ModelManager, "_open_engine", staticmethod(hung_open))
+    try:
+        status, body = admin(srv, "POST", f"/admin/models/{MODEL}/load")
+        assert status == 503 and "engine.load_timeout_s" in body["error"]["message"], body
+        opened.set()  # the open ends: its engine is closed, and that close hangs
+        assert closing.wait(10), "the engine the timed-out load opened at last was not closed"
+        started = time.monotonic()
+        with urllib.request.urlopen(srv.url + "/healthz", timeout=1.5) as r:  # the loop answers
+            assert r.status == 200
+        assert time.monotonic() - started < 1.5
+    finally:
+        opened.set()
+        released.set()
