@@ -163,6 +163,14 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+def _folder_mtime(folder: Path) -> int:
+    """When a model's folder last changed (OpenAI's ``created``); 0 if it is gone meanwhile."""
+    try:
+        return int(folder.stat().st_mtime)
+    except OSError:
+        return 0
+
+
 def _stamp(entry: ModelEntry) -> str | None:
     try:
         return artefact_stamp(entry.folder, entry.spec.artefacts.values())
@@ -263,6 +271,8 @@ class ModelManager:
         self._hashing: dict[str, asyncio.Future[None]] = {}
         # Each non-resident model's inputs and outputs, read from its file, by the file's stamp.
         self._interfaces: dict[str, tuple[str, asyncio.Future[Interface]]] = {}
+        # Each model folder's mtime, as read once since the last rescan (created()).
+        self._created: dict[str, int] = {}
         # Models that have been resident since start: unloaded, they still count as ready.
         self._served: set[str] = set()
         self._restarting: set[str] = set()
@@ -286,6 +296,7 @@ class ModelManager:
         edited while the server runs serves at its next load (a resident one keeps what it
         loaded with until it is unloaded)."""
         self._scanned_at = time.monotonic()
+        self._created.clear()
         known = set(self.broken.values())
         entries, self.broken = scan_folders(self.cfg.model_repository, self._parsed)
         self._unreadable = REPOSITORY in self.broken and _is_dir(self.cfg.model_repository)
@@ -387,6 +398,15 @@ class ModelManager:
         if names is None:
             return list(self._start_defaults or ())
         return names
+
+    def created(self, name: str) -> int:
+        """When ``name``'s folder last changed, as of the repository's last reading: GET /v1/models
+        did a stat per model on the event loop at every listing (2,000 of them, a slow or network
+        disk's latency each); a folder is read once per rescan, as its model.yaml is."""
+        created = self._created.get(name)
+        if created is None:
+            created = self._created[name] = _folder_mtime(self._slot(name).entry.folder)
+        return created
 
     def tunables(self, name: str) -> dict[str, Any]:
         slot = self._slot(name)
