@@ -37,15 +37,14 @@ def freeze_startup_heap() -> int:
     return frozen
 
 
-def freeze_long_lived() -> int:
+def freeze_long_lived() -> None:
     """After a model's load: collect what is garbage now, then freeze what is left alive. Only
     what is not frozen yet is walked (what the last freeze left out: the model just loaded and
     what requests made since), not the whole heap. What is frozen here that later becomes cyclic
     garbage (a request in flight now) waits for the next ``thaw``; a freeze is not a leak as
-    long as every unload thaws. Returns how many objects are frozen in all."""
+    long as every unload thaws. (Not ``gc.get_freeze_count()``: it walks every frozen object.)"""
     gc.collect()
     gc.freeze()
-    return gc.get_freeze_count()
 
 
 def thaw() -> None:
