@@ -176,6 +176,15 @@ class Config:
         values.update(self.model_overrides.get(model, {}))
         return values
 
+    def setting_for(self, model: str, model_yaml: Mapping[str, Any], name: str) -> Any:
+        """``tunables_for(model, model_yaml)[name]`` without building them all: the keep-alive
+        check reads one setting of each model every second, and ~60-setting dicts for 2,000
+        models were a few ms of the event loop's each second."""
+        for layer in (self.model_overrides.get(model, {}), model_yaml, self.defaults):
+            if name in layer:
+                return layer[name]
+        return settings.REGISTRY[name].default
+
 
 def _where(path: Path | None) -> str:
     return f"{path.name if path else '<defaults>'}: "

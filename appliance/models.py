@@ -27,7 +27,7 @@ from appliance.engines.base import Engine, Interface
 from appliance.engines.onnxruntime import graph_io
 from appliance.engines.select import expected_backend, expected_on_gpu, gpu_engines_available, open_engine
 from appliance.errors import LoadFailed, ModelNotBuilt, ModelNotFound, ModelUnloading, Unavailable, quoted
-from appliance.heap import freeze_startup_heap
+from appliance.heap import freeze_long_lived, freeze_startup_heap, thaw
 from appliance.memory import DoesNotFit, MemoryPools, measure, trim_heap
 from appliance.repository import (
     MODEL_FILE,
@@ -163,6 +163,14 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+def _folder_mtime(folder: Path) -> int:
+    """When a model's folder last changed (OpenAI's ``created``); 0 if it is gone meanwhile."""
+    try:
+        return int(folder.stat().st_mtime)
+    except OSError:
+        return 0
+
+
 def _stamp(entry: ModelEntry) -> str | None:
     try:
         return artefact_stamp(entry.folder, entry.spec.artefacts.values())
@@ -248,6 +256,8 @@ class ModelManager:
         # once the default models are loaded (appliance.heap). Not in-process test servers,
         # whose heap is the test runner's.
         self.freeze_heap = False
+        # Thawed by an unload (appliance.heap.thaw) and not frozen again since.
+        self._thawed = False
         # Engine time across models, by priority (see arbiter.py).
         self.arbiter = ComputeArbiter(
             int(server_values["compute.concurrency"]),
@@ -264,6 +274,8 @@ class ModelManager:
         self._hashing: dict[str, asyncio.Future[None]] = {}
         # Each non-resident model's inputs and outputs, read from its file, by the file's stamp.
         self._interfaces: dict[str, tuple[str, asyncio.Future[Interface]]] = {}
+        # Each model folder's mtime, as read once since the last rescan (created()).
+        self._created: dict[str, int] = {}
         # Models that have been resident since start: unloaded, they still count as ready.
         self._served: set[str] = set()
         self._restarting: set[str] = set()
@@ -289,6 +301,7 @@ class ModelManager:
         edited while the server runs serves at its next load (a resident one keeps what it
         loaded with until it is unloaded)."""
         self._scanned_at = time.monotonic()
+        self._created.clear()
         known = set(self.broken.values())
         entries, self.broken = scan_folders(self.cfg.model_repository, self._parsed)
         self._unreadable = REPOSITORY in self.broken and _is_dir(self.cfg.model_repository)
@@ -390,6 +403,15 @@ class ModelManager:
         if names is None:
             return list(self._start_defaults or ())
         return names
+
+    def created(self, name: str) -> int:
+        """When ``name``'s folder last changed, as of the repository's last reading: GET /v1/models
+        did a stat per model on the event loop at every listing (2,000 of them, a slow or network
+        disk's latency each); a folder is read once per rescan, as its model.yaml is."""
+        created = self._created.get(name)
+        if created is None:
+            created = self._created[name] = _folder_mtime(self._slot(name).entry.folder)
+        return created
 
     def tunables(self, name: str) -> dict[str, Any]:
         slot = self._slot(name)
@@ -727,6 +749,13 @@ class ModelManager:
         self.metrics.model_loaded.labels(entry.name).set(1)
         self.metrics.model_load_duration.labels(entry.name).observe(elapsed)
         log.info("model %s resident (%s, %.2fs)", entry.name, engine.backend_name, elapsed)
+        if self.freeze_heap:
+            # What the load built lives until the unload, which thaws it: out of every full
+            # collection meanwhile (2,000 models loaded on demand made each one that a /metrics
+            # scrape set off walk ~1.3 million objects, 250-530 ms on the loop). Only what is
+            # not frozen yet is walked here.
+            freeze_long_lived()
+            self._thawed = False
 
     def _trusted_weights(
         self, entry: ModelEntry, engine: Engine, values: dict[str, Any], grown: int, quiet: bool
@@ -791,7 +820,11 @@ class ModelManager:
                     old.close()
             engine.set_activation(self._arena)
 
-    async def unload(self, name: str, *, drain: bool = True, evicted: bool = False) -> None:
+    async def unload(
+        self, name: str, *, drain: bool = True, evicted: bool = False, rescan: bool = True
+    ) -> None:
+        """``rescan=False``: the caller reads the repository once after all its unloads (a
+        rescan is a few stats per model folder: ~100 ms of the loop's at 2,000 models)."""
         slot = self._slot(name)
         runtime = slot.runtime
         if runtime is None:
@@ -815,9 +848,19 @@ class ModelManager:
         finally:
             slot.unloading = None
             done.set_result(None)
+            if self.freeze_heap:
+                # Its state was frozen at its load: given back to the collector, or what of it
+                # is held in cycles would never be reclaimed (a leak per load and unload). The
+                # keep-alive tick freezes what is still alive again (_refreeze).
+                thaw()
+                self._thawed = True
         # Not resident now: it takes its folder's current model.yaml (or goes with its folder), as
         # the rescans it sat out while resident would have had it; an edit made while it served
         # waited for a second SIGHUP after the unload.
+        if rescan:
+            self._rescan_after_unload(name)
+
+    def _rescan_after_unload(self, name: str) -> None:
         try:
             self.rescan()
         except Exception:  # an unreadable repository folder: the unload itself went through
@@ -856,17 +899,39 @@ class ModelManager:
             m.memory_used.labels(name).set(lease.weights if lease else 0)
 
     async def _expire_idle(self) -> None:
-        """Ollama's keep_alive: a model idle for memory.keep_alive_s is unloaded (-1 keeps it)."""
+        """Ollama's keep_alive: a model idle for memory.keep_alive_s is unloaded (-1 keeps it). Each
+        tick then freezes the heap again after unloads (_refreeze)."""
         while True:
             await asyncio.sleep(1.0)
-            now = time.monotonic()
-            for name, slot in list(self.slots.items()):
-                keep = float(self.tunables(name)["memory.keep_alive_s"])
-                if slot.runtime is None or keep < 0 or now - slot.last_used < keep:
-                    continue
-                if self.idle(name):
-                    log.info("model %s idle for %.0fs: unloading (keep_alive)", name, now - slot.last_used)
-                    await self.unload(name)
+            await self._expire_tick()
+
+    async def _expire_tick(self) -> None:
+        now = time.monotonic()
+        unloaded = []
+        for name, slot in list(self.slots.items()):
+            if slot.runtime is None:
+                continue
+            # One setting, not the model's whole tunables (a dict of every setting per model per
+            # second: a few ms of the loop's each second at 2,000 resident models).
+            keep = float(self.cfg.setting_for(name, slot.entry.tunables, "memory.keep_alive_s"))
+            if keep < 0 or now - slot.last_used < keep:
+                continue
+            if self.idle(name):
+                log.info("model %s idle for %.0fs: unloading (keep_alive)", name, now - slot.last_used)
+                # The repository is read once after the tick's unloads, not after each: 2,000
+                # models going idle together held the loop ~100 ms per unload, 2,000 times.
+                await self.unload(name, rescan=False)
+                unloaded.append(name)
+        if unloaded:
+            self._rescan_after_unload(", ".join(unloaded))
+        self._refreeze()
+
+    def _refreeze(self) -> None:
+        """After unloads: one walk of the whole heap (reclaiming what they left), then what is
+        alive is frozen again, at most once a second however many models were unloaded."""
+        if self._thawed:
+            self._thawed = False
+            freeze_long_lived()
 
     async def start(self) -> None:
         self.rescan()
@@ -894,7 +959,8 @@ class ModelManager:
         for task in loading:
             task.cancel()
         await asyncio.gather(*loading, return_exceptions=True)
-        await asyncio.gather(*(self.unload(n, drain=drain) for n in list(self.slots)))
+        # No rescan after each (the server is stopping; ~100 ms each at 2,000 models).
+        await asyncio.gather(*(self.unload(n, drain=drain, rescan=False) for n in list(self.slots)))
         # An unload already under way (an operator's, keep-alive's) took the runtime from its slot,
         # so unload() above skipped it: the stop went on while it drained, and the loop closed
         # under it (its queued requests cut, its engine never closed). Waited for here, within the

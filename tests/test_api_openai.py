@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,8 @@ import openai
 import pytest
 
 from appliance import pipeline
-from appliance.api.common import RESILIENCE
-from tests.conftest import ServerThread, copy_fixture
+from appliance.api.common import MANAGER, RESILIENCE
+from tests.conftest import ServerThread, build_tensor_model, copy_fixture
 
 MODEL = "all-minilm-l6-v2"
 
@@ -218,3 +219,44 @@ def test_async_client_concurrent_requests_are_batched(server: ServerThread) -> N
     count = float(sizes[0].rsplit(" ", 1)[1])
     # 48 sentences in fewer engine runs than requests: the batcher grouped them.
     assert status == 200 and count < 48
+
+
+def test_listing_models_reads_each_folder_once_per_reading_of_the_repository(  # type: ignore[no-untyped-def]
+    start_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GET /v1/models did a stat of every model's folder (its ``created``) on the event loop at
+    every listing: 2,000 of them, each a slow or network disk's latency, stalled every request.
+    A folder is read once per reading of the repository; a change shows after the next one."""
+    from onnx import TensorProto, helper
+
+    names = ["m0", "m1", "m2"]
+    folder = build_tensor_model(
+        tmp_path / "src" / "tiny",
+        [helper.make_node("Identity", ["x"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])],
+    )
+    srv = start_server(dict.fromkeys(names, folder), overrides={n: {"name": n} for n in names})
+    mgr = srv.app[MANAGER]
+    folders = {srv.call(lambda n=n: mgr.slots[n].entry.folder) for n in names}
+    read: list[str] = []
+    real_stat = Path.stat
+
+    def stat(path: Path, **kwargs: Any) -> os.stat_result:
+        if path in folders:
+            read.append(path.name)
+        return real_stat(path, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    first = srv.get("/v1/models")
+    assert first[0] == 200 and sorted(read) == names
+    assert (
+        srv.get("/v1/models") == first
+        and srv.get("/v1/models/m1")[1]["created"] == first[1]["data"][1]["created"]
+    )
+    assert len(read) == 3, "each folder read once, not at every listing"
+
+    os.utime(srv.call(lambda: mgr.slots["m1"].entry.folder), (1_000_000_000, 1_000_000_000))
+    srv.call(mgr.rescan)
+    status, listing = srv.get("/v1/models")
+    assert status == 200 and {m["id"]: m["created"] for m in listing["data"]}["m1"] == 1_000_000_000

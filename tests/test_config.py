@@ -209,6 +209,9 @@ def test_precedence_registry_then_defaults_then_model_then_operator(tmp_path: Pa
     assert values["batching.max_queue_delay_ms"] == 3  # server-wide default
     assert values["queue.max_queue_size"] == 7  # model.yaml
     assert values["queue.aging_ms"] == settings.REGISTRY["queue.aging_ms"].default
+    # One setting alone (the keep-alive check's per-second read) follows the same precedence.
+    model_yaml = {"batching.max_batch_size": 16, "queue.max_queue_size": 7}
+    assert {name: cfg.setting_for("m", model_yaml, name) for name in values} == values
 
 
 def test_overrides_are_saved_atomically_with_a_backup(tmp_path: Path) -> None:

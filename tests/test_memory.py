@@ -15,13 +15,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from onnx import TensorProto, helper
 
 import appliance.models
 from appliance.api.common import MANAGER
+from appliance.config import Config
 from appliance.inference import EmbeddingRuntime
 from appliance.memory import DoesNotFit, MemoryManager, MemoryPools, rss_bytes, trim_heap
 from appliance.models import ModelManager
-from tests.conftest import FaultyEngine, ServerThread
+from tests.conftest import FaultyEngine, ServerThread, build_tensor_model
 
 A, B = "minilm-a", "minilm-b"
 
@@ -627,3 +629,74 @@ def test_admin_stats_and_a_settings_change_look_each_models_lease_up_once(
     assert all(stats["models"][n]["memory_bytes"] > 0 for n in names), stats["models"]
     admin("PATCH", "/admin/settings", {"models": {names[0]: {"cache": {"enabled": False}}}})
     assert merged[0] < len(names), merged
+
+
+def test_the_keep_alive_check_reads_one_setting_of_each_resident_model(  # type: ignore[no-untyped-def]
+    start_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every second the keep-alive check built each model's whole tunables (a dict of ~60
+    settings), resident or not, to read one: a few ms of the event loop's every second at 2,000
+    models. It reads that one setting of each resident model, and still follows a change."""
+    from tests.test_admin import admin
+
+    names = [f"m{i}" for i in range(3)]
+    folder = build_tensor_model(
+        tmp_path / "src" / "tiny",
+        [helper.make_node("Identity", ["x"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])],
+    )
+    srv = start_server(dict.fromkeys(names, folder), overrides={n: {"name": n} for n in names})
+    mgr = srv.app[MANAGER]
+    built: list[str] = []
+    real = Config.tunables_for
+
+    def tunables_for(self: Config, model: str, model_yaml: Any) -> dict[str, Any]:
+        built.append(model)
+        return real(self, model, model_yaml)
+
+    monkeypatch.setattr(Config, "tunables_for", tunables_for)
+    srv.call(mgr._expire_tick)
+    assert built == [] and [state(srv, n) for n in names] == ["resident"] * 3
+
+    patch = {"models": {"m1": {"memory": {"keep_alive_s": 0}}}}
+    assert admin(srv, "PATCH", "/admin/settings", patch)[0] == 200
+    srv.call(mgr._expire_tick)
+    assert [state(srv, n) for n in names] == ["resident", "available", "resident"]
+
+
+def test_models_going_idle_together_are_unloaded_with_one_reading_of_the_repository(  # type: ignore[no-untyped-def]
+    start_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each unload reads the repository again (a few stats per model folder: ~100 ms of the
+    event loop at 2,000 models), and a keep-alive tick that unloaded many models did that after
+    each one: 400 idle models held the loop ~100-200 ms at a time for as long as they took. The
+    tick's unloads are followed by one reading, which still finds a folder edited meanwhile."""
+    from tests.test_admin import admin
+
+    names = [f"m{i}" for i in range(4)]
+    folder = build_tensor_model(
+        tmp_path / "src" / "tiny",
+        [helper.make_node("Identity", ["x"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])],
+    )
+    srv = start_server(dict.fromkeys(names, folder), overrides={n: {"name": n} for n in names})
+    mgr = srv.app[MANAGER]
+    (Path(srv.call(lambda: mgr.slots["m2"].entry.folder)) / "model.yaml").write_text(
+        "name: m2\nkind: tensor\nartefacts: {model: model.onnx}\nbatching: {max_batch_size: 2}\n"
+    )
+    scans = [0]
+    real = ModelManager.rescan
+
+    def rescan(self: ModelManager) -> None:
+        scans[0] += 1
+        real(self)
+
+    monkeypatch.setattr(ModelManager, "rescan", rescan)
+    assert admin(srv, "PATCH", "/admin/settings", {"defaults": {"memory": {"keep_alive_s": 0}}})[0] == 200
+    scans[0] = 0
+    srv.call(mgr._expire_tick)
+    assert [state(srv, n) for n in names] == ["available"] * 4
+    assert scans[0] <= 2, "one reading per tick (the server's own tick may run beside this one)"
+    assert srv.call(lambda: mgr.tunables("m2"))["batching.max_batch_size"] == 2

@@ -23,6 +23,7 @@ from appliance.api.common import (
     PIPELINE,
     TENSORS,
     admit,
+    json_response,
     read_body,
     read_json,
     render,
@@ -179,7 +180,8 @@ async def statistics(request: web.Request) -> web.Response:
         _check_version(request, name)
         names = [name]
     stats = request.app[METRICS].model_stats
-    return web.json_response({"model_stats": [stats.triton(n, VERSIONS[0]) for n in names]})
+    # Written by orjson: 2,000 models' statistics are ~1 MB, ~15 ms of the loop's with stdlib json.
+    return json_response({"model_stats": [stats.triton(n, VERSIONS[0]) for n in names]})
 
 
 @routes.get("/v2/models/{model}")
