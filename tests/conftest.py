@@ -187,6 +187,20 @@ def build_tensor_model(
     return folder
 
 
+def serve_identity_models(start_server: Any, tmp_path: Path, names: Sequence[str]) -> Any:
+    """A server with one tiny ONNX model (y = x, FLOAT [b, 4]) under each of ``names``: for what
+    grows with the number of models, at little cost per model."""
+    from onnx import TensorProto, helper
+
+    folder = build_tensor_model(
+        tmp_path / "src" / "tiny",
+        [helper.make_node("Identity", ["x"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])],
+    )
+    return start_server(dict.fromkeys(names, folder), overrides={n: {"name": n} for n in names})
+
+
 def make_repository(
     tmp: Path, models: dict[str, Path], overrides: dict[str, dict[str, Any]] | None = None
 ) -> Path:

@@ -542,6 +542,14 @@ def test_settings_are_not_saved_over_a_config_file_that_is_gone_or_broken(served
     assert admin(srv, "PATCH", "/admin/settings", change)[0] == 200
 
 
+def assert_the_loop_answers(srv: ServerThread) -> None:
+    """/healthz within 1.5 s: the event loop is not held by what the test has hung."""
+    started = time.monotonic()
+    with urllib.request.urlopen(srv.url + "/healthz", timeout=1.5) as r:
+        assert r.status == 200
+    assert time.monotonic() - started < 1.5
+
+
 def slow_loads(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     """Test-only hook: every engine open waits (up to 30 s) until the event returned is set."""
     from appliance.models import ModelManager
@@ -1196,7 +1204,6 @@ def test_an_unload_whose_engine_close_hangs_stalls_no_request_and_ends_at_its_bo
     every request and the admin plane waited on it. The close runs on a thread now, waited for
     at most CLOSE_WAIT_S; then the unload goes on, and the model loads fresh at its next request."""
     import threading
-    import urllib.request
 
     monkeypatch.setattr(models, "CLOSE_WAIT_S", 2.0)
     srv = start_server({MODEL: minilm_folder})
@@ -1215,10 +1222,7 @@ def test_an_unload_whose_engine_close_hangs_stalls_no_request_and_ends_at_its_bo
     unload.start()
     try:
         assert closing.wait(30), "the unload never closed the engine"
-        started = time.monotonic()
-        with urllib.request.urlopen(srv.url + "/healthz", timeout=1.5) as r:  # the loop answers
-            assert r.status == 200
-        assert time.monotonic() - started < 1.5
+        assert_the_loop_answers(srv)
         unload.join(30)
         assert answers and answers[0][0] == 200 and answers[0][1]["state"] == "available", answers
         assert srv.post("/v1/embeddings", {"model": MODEL, "input": "after"})[0] == 200
@@ -1279,7 +1283,6 @@ def test_a_failed_load_whose_engine_close_hangs_stalls_no_request(
     request and /healthz with it. It is closed as an unload's is: on a thread, bounded by
     CLOSE_WAIT_S; the load's 503 names what failed."""
     import threading
-    import urllib.request
 
     from appliance import inference
     from appliance.models import ModelManager
@@ -1307,10 +1310,7 @@ def test_a_failed_load_whose_engine_close_hangs_stalls_no_request(
     load.start()
     try:
         assert closing.wait(30), "the failed load never closed its engine"
-        started = time.monotonic()
-        with urllib.request.urlopen(srv.url + "/healthz", timeout=1.5) as r:  # the loop answers
-            assert r.status == 200
-        assert time.monotonic() - started < 1.5
+        assert_the_loop_answers(srv)
         load.join(30)
         status, body = answers[0]
         assert status == 503 and "injected warm-up failure" in body["error"]["message"], answers
@@ -1325,7 +1325,6 @@ def test_the_engine_of_a_timed_out_load_is_closed_off_the_event_loop(
     """Found by a lifecycle probe: the engine a timed-out load's open brought at last was closed
     in a callback on the event loop, so a close that blocked (the driver that hung the open,
     hanging again) froze every request and /healthz with it. It is closed on a thread."""
-    import urllib.request
 
     from appliance.models import ModelManager
     from tests.conftest import FaultyEngine
@@ -1354,10 +1353,7 @@ def test_the_engine_of_a_timed_out_load_is_closed_off_the_event_loop(
         assert status == 503 and "engine.load_timeout_s" in body["error"]["message"], body
         opened.set()  # the open ends: its engine is closed, and that close hangs
         assert closing.wait(10), "the engine the timed-out load opened at last was not closed"
-        started = time.monotonic()
-        with urllib.request.urlopen(srv.url + "/healthz", timeout=1.5) as r:  # the loop answers
-            assert r.status == 200
-        assert time.monotonic() - started < 1.5
+        assert_the_loop_answers(srv)
     finally:
         opened.set()
         released.set()

@@ -15,7 +15,7 @@ import pytest
 
 from appliance import pipeline
 from appliance.api.common import MANAGER, RESILIENCE
-from tests.conftest import ServerThread, build_tensor_model, copy_fixture
+from tests.conftest import ServerThread, copy_fixture, serve_identity_models
 
 MODEL = "all-minilm-l6-v2"
 
@@ -227,16 +227,9 @@ def test_listing_models_reads_each_folder_once_per_reading_of_the_repository(  #
     """GET /v1/models did a stat of every model's folder (its ``created``) on the event loop at
     every listing: 2,000 of them, each a slow or network disk's latency, stalled every request.
     A folder is read once per reading of the repository; a change shows after the next one."""
-    from onnx import TensorProto, helper
 
     names = ["m0", "m1", "m2"]
-    folder = build_tensor_model(
-        tmp_path / "src" / "tiny",
-        [helper.make_node("Identity", ["x"], ["y"])],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])],
-    )
-    srv = start_server(dict.fromkeys(names, folder), overrides={n: {"name": n} for n in names})
+    srv = serve_identity_models(start_server, tmp_path, names)
     mgr = srv.app[MANAGER]
     folders = {srv.call(lambda n=n: mgr.slots[n].entry.folder) for n in names}
     read: list[str] = []

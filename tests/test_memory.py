@@ -23,7 +23,7 @@ from appliance.config import Config
 from appliance.inference import EmbeddingRuntime
 from appliance.memory import DoesNotFit, MemoryManager, MemoryPools, rss_bytes, trim_heap
 from appliance.models import ModelManager
-from tests.conftest import FaultyEngine, ServerThread, build_tensor_model
+from tests.conftest import FaultyEngine, ServerThread, build_tensor_model, serve_identity_models
 
 A, B = "minilm-a", "minilm-b"
 
@@ -595,10 +595,6 @@ def test_admin_stats_and_a_settings_change_look_each_models_lease_up_once(
     import json
     import urllib.request
 
-    from onnx import TensorProto, helper
-
-    from tests.conftest import build_tensor_model
-
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
     src = build_tensor_model(
@@ -640,13 +636,7 @@ def test_the_keep_alive_check_reads_one_setting_of_each_resident_model(  # type:
     from tests.test_admin import admin
 
     names = [f"m{i}" for i in range(3)]
-    folder = build_tensor_model(
-        tmp_path / "src" / "tiny",
-        [helper.make_node("Identity", ["x"], ["y"])],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])],
-    )
-    srv = start_server(dict.fromkeys(names, folder), overrides={n: {"name": n} for n in names})
+    srv = serve_identity_models(start_server, tmp_path, names)
     mgr = srv.app[MANAGER]
     built: list[str] = []
     real = Config.tunables_for
@@ -675,13 +665,7 @@ def test_models_going_idle_together_are_unloaded_with_one_reading_of_the_reposit
     from tests.test_admin import admin
 
     names = [f"m{i}" for i in range(4)]
-    folder = build_tensor_model(
-        tmp_path / "src" / "tiny",
-        [helper.make_node("Identity", ["x"], ["y"])],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])],
-    )
-    srv = start_server(dict.fromkeys(names, folder), overrides={n: {"name": n} for n in names})
+    srv = serve_identity_models(start_server, tmp_path, names)
     mgr = srv.app[MANAGER]
     (Path(srv.call(lambda: mgr.slots["m2"].entry.folder)) / "model.yaml").write_text(
         "name: m2\nkind: tensor\nartefacts: {model: model.onnx}\nbatching: {max_batch_size: 2}\n"
