@@ -542,6 +542,20 @@ def test_settings_are_not_saved_over_a_config_file_that_is_gone_or_broken(served
     assert admin(srv, "PATCH", "/admin/settings", change)[0] == 200
 
 
+def start_a_slow_batch(srv: ServerThread, engine: Any, seconds: float) -> threading.Thread:
+    """An embedding request whose batch takes ``seconds`` in ``engine`` (a FaultyEngine), sent
+    from a thread; returns once the batch is running."""
+    engine.delay_s = seconds
+    ran = len(engine.batches)
+    running = threading.Thread(target=srv.post, args=("/v1/embeddings", {"model": MODEL, "input": "slow"}))
+    running.start()
+    deadline = time.monotonic() + 30
+    while len(engine.batches) == ran:  # the slow batch is running
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return running
+
+
 def assert_the_loop_answers(srv: ServerThread) -> None:
     """/healthz within 1.5 s: the event loop is not held by what the test has hung."""
     started = time.monotonic()
@@ -628,14 +642,7 @@ def test_a_request_during_a_long_unload_is_told_to_come_back_not_held_for_the_dr
 
     srv = start_server({MODEL: minilm_folder})
     engine = faulty[-1]
-    engine.delay_s = 6.0  # the running batch, which the unload drains, takes this long
-    ran = len(engine.batches)
-    running = threading.Thread(target=srv.post, args=("/v1/embeddings", {"model": MODEL, "input": "slow"}))
-    running.start()
-    deadline = time.monotonic() + 30
-    while len(engine.batches) == ran:  # the slow batch is running
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    running = start_a_slow_batch(srv, engine, 6.0)  # which the unload drains
     unload = threading.Thread(target=admin, args=(srv, "POST", f"/admin/models/{MODEL}/unload"))
     unload.start()
     time.sleep(0.3)
@@ -1254,14 +1261,7 @@ def test_the_managers_close_waits_for_an_unload_still_draining(
         closed.set()
 
     engine.close = recorded_close
-    engine.delay_s = 2.0  # the running batch, which the unload drains, takes this long
-    ran = len(engine.batches)
-    running = threading.Thread(target=srv.post, args=("/v1/embeddings", {"model": MODEL, "input": "slow"}))
-    running.start()
-    deadline = time.monotonic() + 30
-    while len(engine.batches) == ran:  # the slow batch is running
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    running = start_a_slow_batch(srv, engine, 2.0)  # which the unload drains
 
     async def unload_then_close() -> bool:
         unloading = asyncio.ensure_future(mgr.unload(MODEL))  # as the admin plane runs one
