@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,36 @@ def spawn(
             time.sleep(0.1)
     proc.kill()
     raise RuntimeError((tmp / "server.log").read_text())
+
+
+def serve_process(
+    tmp: Path,
+    server: dict[str, Any],
+    *,
+    extra: dict[str, Any] | None = None,
+    argv: Sequence[str] = ("-m", "appliance"),
+    env: dict[str, str] | None = None,
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """``python <argv> serve`` in a child process on ``tmp``'s repository, with these ``server``
+    settings and no admin plane; not waited for. Returns it and the file its output goes to."""
+    cfg, out = tmp / "appliance.yaml", tmp / "server.log"
+    raw = {
+        "server": server,
+        "admin": {"port": -1, "socket": ""},
+        "model_repository": str(tmp / "engines"),
+        "data_dir": str(tmp / "data"),
+        **(extra or {}),
+    }
+    cfg.write_text(yaml.safe_dump(raw))
+    with out.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, *argv, "serve", "--config", str(cfg)],
+            cwd=ROOT,
+            env={**os.environ, **env} if env else None,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return proc, out
 
 
 def post(port: int, body: dict[str, Any], timeout: float = 60) -> tuple[int, dict[str, str], bytes]:
@@ -497,23 +528,13 @@ def test_a_hung_engine_does_not_hold_the_process_exit_after_the_stop(
     the stop is over, saying which threads it did not wait for."""
     make_repository(tmp_path, {MODEL: minilm_folder})
     port, drain = free_port(), 2
-    cfg = tmp_path / "appliance.yaml"
-    raw = {
-        "server": {"port": port, "log_level": "info", "drain_timeout_s": drain},
-        "admin": {"port": -1, "socket": ""},
-        "model_repository": str(tmp_path / "engines"),
-        "data_dir": str(tmp_path / "data"),
-    }
-    cfg.write_text(yaml.safe_dump(raw))
     hang = tmp_path / "hang"
-    with (tmp_path / "server.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", HUNG_SERVE, "serve", "--config", str(cfg)],
-            cwd=ROOT,
-            env={**os.environ, "HANG": str(hang), "PYTHONPATH": str(ROOT)},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    proc, _ = serve_process(
+        tmp_path,
+        {"port": port, "log_level": "info", "drain_timeout_s": drain},
+        argv=("-c", HUNG_SERVE),
+        env={"HANG": str(hang), "PYTHONPATH": str(ROOT)},
+    )
     try:
         assert eventually(lambda: serves(port), 60), (tmp_path / "server.log").read_text()
         hang.touch()
@@ -539,23 +560,8 @@ def test_the_start_up_banner_names_https_when_tls_is_on(tmp_path: Path, minilm_f
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     self_signed(cert, key)
     port = free_port()
-    cfg = tmp_path / "appliance.yaml"
-    raw = {
-        "server": {"port": port, "log_level": "info"},
-        "admin": {"port": -1, "socket": ""},
-        "tls": {"certificate": str(cert), "key": str(key)},
-        "model_repository": str(tmp_path / "engines"),
-        "data_dir": str(tmp_path / "data"),
-    }
-    cfg.write_text(yaml.safe_dump(raw))
-    out = tmp_path / "server.log"
-    with out.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance", "serve", "--config", str(cfg)],
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    tls = {"tls": {"certificate": str(cert), "key": str(key)}}
+    proc, out = serve_process(tmp_path, {"port": port, "log_level": "info"}, extra=tls)
     try:
         assert eventually(lambda: "appliance: serving on" in out.read_text(), 60), out.read_text()
     finally:
@@ -603,22 +609,7 @@ def test_a_sighup_during_start_up_is_applied_once_started_and_never_fatal(
     off from the start of `serve`, before the server listens, and the reload runs once started."""
     make_repository(tmp_path, {MODEL: minilm_folder})
     port = free_port()
-    cfg = tmp_path / "appliance.yaml"
-    raw = {
-        "server": {"port": port},
-        "admin": {"port": -1, "socket": ""},
-        "model_repository": str(tmp_path / "engines"),
-        "data_dir": str(tmp_path / "data"),
-    }
-    cfg.write_text(yaml.safe_dump(raw))
-    log = tmp_path / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance", "serve", "--config", str(cfg)],
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    proc, log = serve_process(tmp_path, {"port": port})
     try:
         assert eventually(lambda: proc.poll() is not None or sighup_caught(proc.pid), timeout=60)
         with socket.socket() as probe:
