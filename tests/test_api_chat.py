@@ -461,6 +461,17 @@ def test_deterministic_whole_responses_are_cached_sampled_ones_not(server: Serve
             400,
             "stream_options",
         ),
+        # vLLM's usage on every chunk is not implemented: refused, not dropped without a word.
+        (
+            {
+                "model": MODEL,
+                "messages": ask("x"),
+                "stream": True,
+                "stream_options": {"continuous_usage_stats": True},
+            },
+            400,
+            "stream_options.continuous_usage_stats",
+        ),
         ({"model": MODEL, "messages": ask("x"), "priority": 9}, 400, "priority"),
         ({"model": MODEL, "messages": ask("x"), "logprobs": True}, 400, "logprobs"),
         # Tools cannot be honoured, so neither can a demand for a call, nor audio output.

@@ -249,6 +249,14 @@ def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
     include = False if include is None else include  # null is unset, as vLLM's Optional[bool]
     if not isinstance(include, bool):
         raise InvalidRequest("'stream_options' must be {'include_usage': bool}", param="stream_options")
+    # vLLM's per-chunk usage: a client that asks for it counts on it, so it is refused, not ignored
+    # (it had been dropped without a word: no usage on any chunk and no error).
+    if opts.get("continuous_usage_stats") not in (None, False):
+        raise InvalidRequest(
+            "'stream_options.continuous_usage_stats' is not supported; use include_usage for the "
+            "usage in the last chunk",
+            param="stream_options.continuous_usage_stats",
+        )
     return stream, include
 
 
