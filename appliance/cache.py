@@ -766,16 +766,20 @@ class ResponseCache:
 
     def stats(self) -> dict[str, Any]:
         """Counters for metrics. ``hits`` are fresh hits; ``stale_hits`` are counted apart.
+        ``entries`` and ``bytes`` are 0 while the cache is off (nothing is served from it).
         ``writer_stalled``: the writer thread is alive but has not completed a loop in
         ``STALL_S`` (a wedged disk): puts pile up until dropped, purges time out."""
         silent = time.monotonic() - self._beat
         alive = self._writer is not None and self._writer.is_alive()
+        enabled = self.enabled
         with self._lock:
             c = self._counts
             return {
-                "enabled": self.enabled,
-                "entries": self._entries,
-                "bytes": self._bytes,
+                "enabled": enabled,
+                # What is served: none while off. The file's last counts (kept until a reopen
+                # counts the file again) made a cache given up for good look full on /metrics.
+                "entries": self._entries if enabled else 0,
+                "bytes": self._bytes if enabled else 0,
                 "max_bytes": self.max_bytes,
                 "hits": c["hit"],
                 "stale_hits": c["stale"],
@@ -790,7 +794,7 @@ class ResponseCache:
                 "read_errors": c["read_errors"],
                 "pending_bytes": self._pending_bytes,
                 "writer_silent_s": round(silent, 1),
-                "writer_stalled": self.enabled and alive and silent > STALL_S,
+                "writer_stalled": enabled and alive and silent > STALL_S,
             }
 
 

@@ -306,6 +306,25 @@ def test_a_stuck_cache_writer_is_reported_and_a_purge_does_not_wait_on_it(
         time.sleep(0.1)
 
 
+def test_a_purge_with_a_misspelt_key_is_refused_not_a_purge_of_everything(
+    start_server: Any, minilm_folder: Path
+) -> None:
+    """Found by a hostile-client probe: ``{"modle": m}`` (or any key but ``model``) was read as no
+    model at all, and the answer was 200 with every model's entries purged. An operator who
+    meant one model lost the whole cache. Unknown keys are a 400 naming the key; nothing goes."""
+    from appliance.api.common import RESILIENCE
+
+    srv = start_server({MODEL: minilm_folder})
+    srv.post("/v1/embeddings", {"model": MODEL, "input": "kept"})
+    assert srv.call(lambda: srv.app[RESILIENCE].cache.flush()) is True
+    status, body = admin(srv, "POST", "/admin/cache/purge", {"modle": MODEL})
+    assert status == 400, body
+    assert body["error"]["param"] == "modle" and "'model'" in body["error"]["message"], body
+    assert admin(srv, "GET", "/admin/stats")[1]["cache"]["entries"] == 1
+    status, body = admin(srv, "POST", "/admin/cache/purge", {"model": MODEL})
+    assert status == 200 and body["purged"] == 1, body
+
+
 def test_a_purge_the_cache_could_not_carry_out_is_503_not_zero_purged(served: Any) -> None:
     """Found by a probe: with an ``sqlite3`` shell holding the cache file's lock, the purge's write
     was dropped as busy after the 5 s busy timeout and the answer was 200 ``{"purged": 0}``, the

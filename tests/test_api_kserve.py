@@ -780,6 +780,22 @@ def test_a_generate_models_metadata_and_config_show_the_generate_interface(llm_s
     assert status == 400 and f"/v2/models/{LLM}/generate" in resp["error"]
 
 
+def test_a_generate_models_config_has_no_dynamic_batching_as_tritons_vllm_backend_shows(
+    llm_server: ServerThread,
+) -> None:
+    """Triton's vLLM backend leaves batching to the engine: its config is decoupled, with
+    max_batch_size 0 and no dynamic_batching. Ours showed a dynamic_batching with preferred batch
+    sizes beside max_batch_size 0, a config Triton itself refuses to load, so a client that
+    reads it (perf_analyzer, model analyzer) took the chat model for a Triton-batched one."""
+    status, cfg = llm_server.get(f"/v2/models/{LLM}/config")
+    assert status == 200, cfg
+    assert cfg["max_batch_size"] == 0 and cfg["model_transaction_policy"] == {"decoupled": True}
+    assert "dynamic_batching" not in cfg, cfg
+    # An embedding model is batched by Triton's rules: its dynamic_batching stays.
+    emb = llm_server.get(f"/v2/models/{EMB}/config")[1]
+    assert emb["max_batch_size"] > 0 and "preferred_batch_size" in emb["dynamic_batching"], emb
+
+
 def test_tensorrt_llms_quick_start_request_is_served_its_empty_word_lists_meaning_none(
     llm_server: ServerThread,
 ) -> None:
@@ -832,11 +848,17 @@ def test_metadata_and_config_of_a_model_not_loaded_are_read_from_its_file_withou
         [helper.make_tensor("axes", TensorProto.INT64, [1], [0])],
     )
     models = {EMB: minilm_folder, AFFINE: build_affine_model(tmp_path / "src" / AFFINE), "reduce": reduce}
-    srv = start_server(models)
+    # Preferred sizes set for all: a model that runs each request alone must not show them.
+    srv = start_server(models, config={"defaults": {"batching": {"preferred_batch_sizes": [2, 4]}}})
     paths = [f"/v2/models/{m}{tail}" for m in models for tail in ("", "/config", "/versions/1/config")]
     resident = [srv.get(p) for p in paths]
     assert all(status == 200 for status, _ in resident), resident
-    assert srv.get("/v2/models/reduce/config")[1]["max_batch_size"] == 0
+    reduce_cfg = srv.get("/v2/models/reduce/config")[1]
+    assert reduce_cfg["max_batch_size"] == 0
+    # Its queues still apply, but no preferred batch size: Triton refuses one over max_batch_size.
+    assert "preferred_batch_size" not in reduce_cfg["dynamic_batching"], reduce_cfg
+    assert srv.get(f"/v2/models/{AFFINE}/config")[1]["dynamic_batching"]["preferred_batch_size"] == [2, 4]
+    assert reduce_cfg["dynamic_batching"]["priority_levels"] >= 1
     for m in models:
         assert admin(srv, "POST", f"/admin/models/{m}/unload")[1]["state"] == "available"
     assert [srv.get(p) for p in paths] == resident

@@ -682,3 +682,30 @@ async def test_a_dead_writer_fails_waiters_fast_and_can_be_restarted(tmp_path: P
     assert cache.writer_alive()
     assert await asyncio.wait_for(cache.put_and_wait("k3", "m", b"v", "t"), 5) is True
     await asyncio.wait_for(cache.close(), 10)
+
+
+def test_metrics_report_an_empty_cache_while_it_is_switched_off(
+    start_server: Any, minilm_folder: Path
+) -> None:
+    """A scrape while the response cache is off (here the supervisor gave up on its writer, as
+    ``switch_off`` does) must not report entries it no longer serves: the gauges kept the file's
+    last counts, so a dashboard showed a full cache beside ``appliance_cache_enabled 0``. Off
+    reads 0 (Prometheus' advice: export 0 rather than drop a series), as the admin stats do."""
+    from appliance.api.common import RESILIENCE
+    from tests.conftest import metric
+
+    model = "all-minilm-l6-v2"
+    srv = start_server({model: minilm_folder})
+    for text in ("one", "two"):
+        assert srv.post("/v1/embeddings", {"model": model, "input": text})[0] == 200
+    cache = srv.app[RESILIENCE].cache
+    assert srv.call(lambda: cache.flush()) is True
+    assert metric(srv, "appliance_cache_entries ") == 2 and metric(srv, "appliance_cache_bytes ") > 0
+    srv.call(lambda: cache.switch_off("injected for the test"))
+    assert metric(srv, "appliance_cache_enabled ") == 0
+    assert metric(srv, "appliance_cache_entries ") == 0
+    assert metric(srv, "appliance_cache_bytes ") == 0
+    from tests.test_admin import admin
+
+    status, stats = admin(srv, "GET", "/admin/stats")
+    assert status == 200 and stats["cache"]["entries"] == 0 and stats["cache"]["bytes"] == 0, stats

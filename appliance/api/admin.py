@@ -522,6 +522,13 @@ async def breaker_action(request: web.Request) -> web.Response:
 @routes.post("/admin/cache/purge")
 async def cache_purge(request: web.Request) -> web.Response:
     body = await read_json(request) if request.can_read_body else {}
+    unknown = set(body) - {"model"}
+    if unknown:
+        # A misspelt {"modle": m} purged every model's entries: the one key read was absent.
+        raise InvalidRequest(
+            f"unknown keys {sorted(unknown)}; expected only 'model' (or no body, to purge every model)",
+            param=sorted(unknown)[0],
+        )
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise InvalidRequest(f"model: expected a model name, got {type(model).__name__}", param="model")

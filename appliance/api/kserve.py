@@ -244,7 +244,6 @@ async def model_config(request: web.Request) -> web.Response:
             **({"optional": True} if t.get("optional") else {}),
         }
 
-    levels = int(values["queue.priority_levels"])
     # Decoupled: a request may have many responses (generate_stream), which is also why Triton's
     # HTTP /infer does not serve such a model.
     policy = {"model_transaction_policy": {"decoupled": True}} if generates else {}
@@ -257,21 +256,31 @@ async def model_config(request: web.Request) -> web.Response:
             "max_batch_size": int(values["batching.max_batch_size"]) if batching else 0,
             "input": [triton(t) for t in inputs],
             "output": [triton(t) for t in outputs],
-            "dynamic_batching": {
-                "preferred_batch_size": list(values["batching.preferred_batch_sizes"]),
-                "max_queue_delay_microseconds": int(float(values["batching.max_queue_delay_ms"]) * 1000),
-                "priority_levels": levels,
-                "default_priority_level": int(values["queue.default_priority"]),
-                "default_queue_policy": {
-                    "max_queue_size": int(values["queue.max_queue_size"]),
-                    "default_timeout_microseconds": int(float(values["queue.default_timeout_ms"]) * 1000),
-                    "allow_timeout_override": bool(values["queue.allow_timeout_override"]),
-                },
-            },
+            # A generate model is scheduled by its own scheduler, as vLLM's backend is: Triton
+            # shows no dynamic_batching for it (its config has max_batch_size 0 and decoupled).
+            **({} if generates else {"dynamic_batching": _dynamic_batching(values, batching)}),
             "instance_group": [{"count": int(values["engine.instances"]), "kind": "KIND_CPU"}],
             **policy,
         }
     )
+
+
+def _dynamic_batching(values: dict[str, Any], batching: bool) -> dict[str, Any]:
+    """Triton's dynamic_batching of a model's tunables. A model that runs each request alone
+    (max_batch_size 0) keeps its priority queues but names no preferred batch sizes: Triton
+    refuses a config whose preferred size exceeds its max_batch_size."""
+    sizes = {"preferred_batch_size": list(values["batching.preferred_batch_sizes"])} if batching else {}
+    return {
+        **sizes,
+        "max_queue_delay_microseconds": int(float(values["batching.max_queue_delay_ms"]) * 1000),
+        "priority_levels": int(values["queue.priority_levels"]),
+        "default_priority_level": int(values["queue.default_priority"]),
+        "default_queue_policy": {
+            "max_queue_size": int(values["queue.max_queue_size"]),
+            "default_timeout_microseconds": int(float(values["queue.default_timeout_ms"]) * 1000),
+            "allow_timeout_override": bool(values["queue.allow_timeout_override"]),
+        },
+    }
 
 
 def schedule_of(doc: dict[str, Any]) -> tuple[int | None, float | None]:
