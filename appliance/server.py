@@ -468,10 +468,12 @@ def _data_dir_error(data: Path, exc: OSError) -> ConfigError:
 
 
 class _Site(web.TCPSite):
-    """The data plane's TCPSite, whose TLS handshakes are bounded as idle connections are
-    (``server.keepalive_timeout_s``). aiohttp leaves asyncio's 60 s: a client that opened
-    connections and never handshook (or stopped half-way) held a file descriptor each for a
-    minute, unseen by the connection cap, which counts a TLS connection from its handshake's end."""
+    """The data plane's TCPSite. On TLS, its connections count under ``server.max_connections``
+    from their accept (see :meth:`LimitedRunner.tls_protocol`), and their handshakes are bounded
+    as idle connections are (``server.keepalive_timeout_s``). With aiohttp's own TLS listener a
+    client that opened connections and never handshook (or stopped half-way) held a file
+    descriptor each for asyncio's 60 s, as many as it liked, unseen by the cap, which counted a
+    connection only from its handshake's end."""
 
     def __init__(self, *args: Any, handshake_timeout_s: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -481,18 +483,16 @@ class _Site(web.TCPSite):
         if self._ssl_context is None:
             await super().start()
             return
+        runner = self._runner
+        assert isinstance(runner, LimitedRunner)
         await web.BaseSite.start(self)  # registers the site, as TCPSite.start does first
-        server = self._runner.server
-        assert server is not None
         self._server = await asyncio.get_running_loop().create_server(
-            server,
+            runner.tls_protocol(self._ssl_context, self.handshake_timeout_s),
             self._host,
             self._port,
-            ssl=self._ssl_context,
             backlog=self._backlog,
             reuse_address=self._reuse_address,
             reuse_port=self._reuse_port,
-            ssl_handshake_timeout=self.handshake_timeout_s,
         )
         sockets = self._server.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port

@@ -314,7 +314,8 @@ class Metrics:
         self.connections_closed = Counter(
             "appliance_connections_closed",
             "Connections the server closed to protect itself, by reason: over_cap (503 at the "
-            "connection cap), idle_evicted (the idlest one, for a newcomer at the cap), "
+            "connection cap; on TLS, closed at the accept), idle_evicted (the idlest one, or the "
+            "oldest TLS handshake, for a newcomer at the cap), "
             "send_timeout (its client received nothing for server.send_timeout_s).",
             ["reason"],
             registry=r,

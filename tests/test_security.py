@@ -434,3 +434,109 @@ def test_tls_connections_that_never_finish_their_handshake_are_closed_after_the_
     finally:
         for s in [*silent, halfway]:
             s.close()
+
+
+def _tls_server(start_server, tmp_path: Path, **server: Any) -> tuple[ServerThread, Any]:  # type: ignore[no-untyped-def]
+    """A server without models on HTTPS (a fresh self-signed certificate), and a client context
+    that trusts it."""
+    import ssl
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    self_signed(cert, key)
+    srv = start_server(
+        {}, config={"tls": {"certificate": str(cert), "key": str(key)}, "server": server}, wait_ready=False
+    )  # (its wait polls over plain HTTP; the listener is up once start returns)
+    return srv, ssl.create_default_context(cafile=str(cert))
+
+
+def _https_get(srv: ServerThread, ctx: Any, path: str) -> tuple[int, bytes]:
+    with urllib.request.urlopen(f"https://127.0.0.1:{srv.port}{path}", timeout=10, context=ctx) as r:
+        return r.status, r.read()
+
+
+def _closed_by_server(s: socket.socket) -> bool:
+    """Whether the server closed ``s`` (a FIN or a reset), without waiting."""
+    s.setblocking(False)
+    try:
+        return s.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def _half_hellos(port: int, n: int) -> list[socket.socket]:
+    """``n`` connections that each send a ClientHello's record header and stop there."""
+    held = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"\x16\x03\x01\x02\x00")
+        held.append(s)
+    return held
+
+
+def test_tls_connections_still_handshaking_count_under_the_connection_cap(
+    start_server, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A client that opens many sockets on the TLS port and stops each half-way through its
+    handshake holds no more than ``server.max_connections`` of them: past the cap the oldest
+    handshake makes way for the newcomer (it is idle, as a keep-alive connection is), so a real
+    HTTPS client is still served at once. Before, a TLS connection counted only from its
+    handshake's end: 60 such sockets against a cap of 4 were all held, each until the keep-alive
+    timeout, with no bound on how many."""
+    cap, extra = 3, 5
+    srv, ctx = _tls_server(start_server, tmp_path, max_connections=cap, keepalive_timeout_s=60)
+    held = _half_hellos(srv.port, cap + extra)
+    try:
+        deadline = time.monotonic() + 10  # far inside the 60 s handshake timeout
+        while sum(map(_closed_by_server, held)) < extra and time.monotonic() < deadline:
+            time.sleep(0.05)
+        closed = [_closed_by_server(s) for s in held]
+        assert closed == [True] * extra + [False] * cap, "the oldest went, the cap's worth stays"
+        assert _https_get(srv, ctx, "/healthz")[0] == 200
+        assert not _closed_by_server(held[-1]), "the newest half-handshake is still held"
+    finally:
+        for s in held:
+            s.close()
+    text = _https_get(srv, ctx, "/metrics")[1].decode()
+    assert 'appliance_connections_closed_total{reason="idle_evicted"}' in text
+
+
+def test_a_tls_newcomer_beyond_a_cap_of_busy_connections_is_closed_at_once(
+    start_server, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """When every slot has a request in flight, a new socket on the TLS port is closed at its
+    accept, as the plain port answers its 503 and closes, rather than handshaking and waiting
+    for a slot (a 503 in clear text would be no answer to a ClientHello). Before, it was held
+    through its handshake, uncounted, however many there were."""
+    import ssl
+
+    srv, ctx = _tls_server(start_server, tmp_path, max_connections=2, keepalive_timeout_s=60)
+    busy: list[ssl.SSLSocket] = []
+    try:
+        for _ in range(2):  # a request in flight on each: its body is still arriving
+            s = ctx.wrap_socket(
+                socket.create_connection(("127.0.0.1", srv.port)), server_hostname="127.0.0.1"
+            )
+            s.sendall(
+                b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 100\r\n\r\n{"model":'
+            )
+            busy.append(s)
+        time.sleep(0.2)  # the bodies' first bytes read: both connections are busy
+        newcomer = socket.create_connection(("127.0.0.1", srv.port))
+        newcomer.settimeout(5)
+        with contextlib.suppress(ConnectionResetError):  # (a reset is closed too)
+            assert newcomer.recv(100) == b"", "closed by the server, at once"
+        newcomer.close()
+    finally:
+        for s in busy:
+            s.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the busy ones' slots come back as they close
+        with contextlib.suppress(OSError):
+            status, text = _https_get(srv, ctx, "/metrics")
+            break
+        time.sleep(0.05)
+    assert status == 200
+    assert 'appliance_connections_closed_total{reason="over_cap"} 1.0' in text.decode()

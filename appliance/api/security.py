@@ -10,9 +10,12 @@ import logging
 import math
 import re
 import socket
+import ssl
 import sys
 import termios
 import time
+from asyncio import sslproto
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -199,6 +202,13 @@ class LimitedRunner(web.AppRunner):
     when every connection has a request in flight does the newcomer get a plain 503 with
     Retry-After and close, instead of piling up until clients time out.
 
+    On a TLS port a connection counts from its accept, not from its handshake's end (see
+    :meth:`tls_protocol`): a client could otherwise hold any number of sockets half-way through
+    their handshakes, each for ``server.keepalive_timeout_s``, unseen by the cap. One still
+    handshaking is idle in the sense above (it has sent no request), so it is the first to go for
+    a newcomer once it is the oldest; when nothing can go, the newcomer is closed at once (a 503
+    would need the very handshake there is no room for).
+
     A connection is busy while its response is being written, and aiohttp awaits the socket's
     drain without a bound: a client that sends requests and never reads the answers would hold a
     busy slot, its handler and the buffered response forever (a slow-read attack, or a client
@@ -221,28 +231,40 @@ class LimitedRunner(web.AppRunner):
         # progress, bytes the client acknowledged or None). Keyed by the handler object (hashed
         # by identity); pruned every sweep.
         self._pending: dict[Any, tuple[int, bool, float, int | None]] = {}
+        self._admission: _Admission | None = None
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         server.__class__ = _Server  # its connections' handlers answer parser errors as JSON
-        accept = server.connection_made
-        limit = self._max_connections
+        accept, pre_shutdown = server.connection_made, server.pre_shutdown
         closed = self._app[METRICS].connections_closed
-        over_cap, evicted = closed.labels("over_cap"), closed.labels("idle_evicted")
+        admission = self._admission = _Admission(server, self._max_connections, closed)
 
         def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+            admission.handshaking.pop(handler, None)  # a TLS one: its slot passes to the handler
             accept(handler, transport)
-            if len(server.connections) <= limit:
-                return
-            if _close_idlest(server.connections, handler):
-                evicted.inc()
-            else:
-                over_cap.inc()
+            if not admission.room_for(handler):
                 transport.write(_TOO_MANY)
                 transport.close()
 
+        def close_all() -> None:
+            pre_shutdown()
+            admission.close_handshakes()  # aiohttp's shutdown knows nothing of them
+
         server.connection_made = connection_made  # type: ignore[method-assign]
+        server.pre_shutdown = close_all  # type: ignore[method-assign]
         return server
+
+    def tls_protocol(
+        self, ssl_context: ssl.SSLContext, handshake_timeout_s: float
+    ) -> Callable[[], asyncio.Protocol]:
+        """The protocol factory for a TLS listener (``create_server`` without ``ssl``): each
+        connection takes a slot under the cap at its accept (see :class:`_TlsHandshake`) and
+        has ``handshake_timeout_s`` to handshake."""
+        admission = self._admission
+        assert admission is not None, "setup() first"
+        server = admission.server
+        return lambda: _TlsHandshake(admission, server(), ssl_context, handshake_timeout_s)
 
     async def reap_stalled_sends(self) -> None:
         """Run for the server's life (a supervised task): every eighth of the timeout, abort the
@@ -459,15 +481,107 @@ async def cut_unsent(server: web.Server | None, until: float) -> int:
     return len(sending)
 
 
-def _close_idlest(connections: list[Any], newcomer: Any) -> bool:
+class _Admission:
+    """Who holds the server's ``max_connections`` slots: the connections aiohttp knows (its
+    handlers) and the TLS connections still handshaking, counted from their accept."""
+
+    def __init__(self, server: web.Server, limit: int, closed: Any) -> None:
+        self.server = server
+        self.limit = limit
+        # By their handler (made at the accept, as the loop's own TLS listener makes it), in
+        # accept order: the handler's connection_made takes the slot over.
+        self.handshaking: dict[Any, _TlsHandshake] = {}
+        self._over_cap, self._evicted = closed.labels("over_cap"), closed.labels("idle_evicted")
+
+    def room_for(self, newcomer: Any) -> bool:
+        """Whether ``newcomer`` (a handler, already counted) may stay: under the cap, or once the
+        idlest other connection is closed for it. False counts it over the cap; its caller
+        closes it."""
+        if len(self.server.connections) + len(self.handshaking) <= self.limit:
+            return True
+        if _close_idlest(self.server.connections, self.handshaking, newcomer):
+            self._evicted.inc()
+            return True
+        self._over_cap.inc()
+        return False
+
+    def close_handshakes(self) -> None:
+        for pending in list(self.handshaking.values()):
+            pending.close()
+
+
+class _TlsHandshake(asyncio.Protocol):
+    """A TLS connection's first protocol, on a listener that is plain TCP: it takes a slot under
+    the cap at the accept, then hands the socket to the loop's own TLS protocol, as
+    ``create_server(ssl=...)`` would have from the start.
+
+    With ``create_server(ssl=...)`` the server only hears of a connection once its handshake is
+    done: sockets stuck half-way were invisible to the cap. ``loop.start_tls`` is no way out: it
+    takes the socket over a loop turn later, and uvloop starts reading at once, so a ClientHello
+    could arrive in between, at the wrong protocol (a probe's first connection hung that way).
+    Here the switch happens within ``connection_made``, before anything is read."""
+
+    def __init__(
+        self, admission: _Admission, handler: Any, ssl_context: ssl.SSLContext, timeout_s: float
+    ) -> None:
+        self._admission = admission
+        self._handler = handler
+        self._ssl_context = ssl_context
+        self._timeout_s = timeout_s
+        self.deadline = math.inf  # the handshake's (loop time), ordered with handlers' keep-alive ones
+        self._raw: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        raw = self._raw = transport  # type: ignore[assignment]
+        loop = asyncio.get_running_loop()
+        self.deadline = loop.time() + self._timeout_s
+        self._admission.handshaking[self._handler] = self
+        if not self._admission.room_for(self._handler):
+            self.close()  # nothing but a FIN: a 503 in clear text is no answer to a ClientHello
+            return
+        waiter = loop.create_future()
+        waiter.add_done_callback(self._handshake_over)
+        tls = _ssl_protocol(loop)(
+            loop, self._handler, self._ssl_context, waiter, True, None, ssl_handshake_timeout=self._timeout_s
+        )
+        raw.set_protocol(tls)
+        tls.connection_made(raw)  # on success it calls the handler's, which takes the slot over
+
+    def _handshake_over(self, waiter: asyncio.Future[None]) -> None:
+        self._admission.handshaking.pop(self._handler, None)
+        # Read, or asyncio logs "exception was never retrieved" for every failed handshake.
+        if (waiter.cancelled() or waiter.exception() is not None) and self._raw is not None:
+            self._raw.abort()  # (the TLS protocol closes it too; the loop's listener makes sure)
+
+    def close(self) -> None:
+        """Close it now, its slot free at once (for a newcomer, or at shutdown)."""
+        self._admission.handshaking.pop(self._handler, None)
+        if self._raw is not None:
+            self._raw.abort()  # what the handshake wrote so far is worth no flush
+
+
+def _ssl_protocol(loop: asyncio.AbstractEventLoop) -> Any:
+    """The TLS protocol the loop's own ``create_server(ssl=...)`` uses: uvloop's (Cython, and what
+    its start_tls uses too) on uvloop, else asyncio's."""
+    if type(loop).__module__.partition(".")[0] == "uvloop":
+        uv = sys.modules.get("uvloop.loop")
+        if uv is not None and hasattr(uv, "SSLProtocol"):
+            return uv.SSLProtocol
+    return sslproto.SSLProtocol
+
+
+def _close_idlest(connections: list[Any], handshaking: dict[Any, _TlsHandshake], newcomer: Any) -> bool:
     """Close the connection idle longest, other than ``newcomer``; False when none is idle.
 
     aiohttp's RequestHandler does not say whether it is idle, so this reads what its keep-alive
     check reads (``_process_keepalive``): a request in flight or queued makes it busy, and its
     keep-alive deadline orders the idle ones. Where an aiohttp release lacks those attributes,
-    every connection reads as busy, which is the plain 503 above.
+    every connection reads as busy, which is the plain 503 above. A TLS connection still
+    handshaking is idle too, ordered by its handshake's deadline (under the same timeout, so the
+    one accepted first goes first).
     """
-    idlest, deadline = None, math.inf
+    idlest: Any = None
+    deadline = math.inf
     for handler in connections:
         if handler is newcomer or getattr(handler, "_force_close", True):
             continue
@@ -476,8 +590,16 @@ def _close_idlest(connections: list[Any], newcomer: Any) -> bool:
         due = getattr(handler, "_next_keepalive_close_time", math.inf)
         if due < deadline:
             idlest, deadline = handler, due
+    oldest = next(
+        (pending for key, pending in handshaking.items() if key is not newcomer), None
+    )  # accept order
+    if oldest is not None and oldest.deadline < deadline:
+        idlest = oldest
     if idlest is None:
         return False
+    if isinstance(idlest, _TlsHandshake):
+        idlest.close()
+        return True
     idlest.force_close()
     if idlest.transport is not None:
         idlest.transport.close()
