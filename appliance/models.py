@@ -291,6 +291,8 @@ class ModelManager:
         # in the data folder: an open beside other models' calls uses it (appliance/weights.py).
         self.weights_records = WeightsRecords(cfg.data_dir)
         self._keep_alive: asyncio.Task[None] | None = None
+        # Unloads past their detach, each running to its end whoever awaited it (see unload).
+        self._unloads: set[asyncio.Task[None]] = set()
         self.supervisor: Any = None  # set by the server: background tasks run under it
         self._arena: Any = None  # the shared TensorRT activation arena (a cuda.DeviceBuffer)
 
@@ -832,6 +834,38 @@ class ModelManager:
         slot.runtime = None
         slot.state = ModelState.evicted if evicted else ModelState.available
         done = slot.unloading = asyncio.get_running_loop().create_future()
+        # Once detached, the rest runs as a task of the manager's, shielded from this caller: a
+        # caller cancelled midway (restart's bound, keep-alive or a load stopped at shutdown) cut
+        # it between the detach and the engine's close, and the engine was never closed, its
+        # worker threads never shut down and its lease never released, while the model loaded
+        # again beside it. The manager's close waits for it (within the stop's deadline).
+        finishing = asyncio.get_running_loop().create_task(
+            self._finish_unload(name, slot, runtime, done, drain=drain, evicted=evicted, rescan=rescan)
+        )
+        del runtime  # the task holds the last reference (its engine's memory is freed there)
+        self._unloads.add(finishing)
+        finishing.add_done_callback(self._unloads.discard)
+        try:
+            await asyncio.shield(finishing)
+        except asyncio.CancelledError:
+            # Nobody awaits it now: how it ends is still told.
+            finishing.add_done_callback(lambda task: _log_unload_failure(name, task))
+            raise
+
+    async def _finish_unload(
+        self,
+        name: str,
+        slot: ModelSlot,
+        runtime: ModelRuntime,
+        done: asyncio.Future[None],
+        *,
+        drain: bool,
+        evicted: bool,
+        rescan: bool,
+    ) -> None:
+        """An unload's part after the detach (see ``unload``): drain, worker threads, engine,
+        lease; then ``done`` (the slot's ``unloading``) is resolved, whatever happened."""
+        unloaded = False
         try:
             await runtime.batcher.close(drain=drain)
             await asyncio.get_running_loop().run_in_executor(None, runtime.executor.shutdown, True)
@@ -845,20 +879,23 @@ class ModelManager:
             self.metrics.model_loaded.labels(name).set(0)
             self._memory_metrics()
             log.info("model %s %s", name, "evicted" if evicted else "unloaded")
+            unloaded = True
         finally:
             slot.unloading = None
-            done.set_result(None)
             if self.freeze_heap:
                 # Its state was frozen at its load: given back to the collector, or what of it
                 # is held in cycles would never be reclaimed (a leak per load and unload). The
                 # keep-alive tick freezes what is still alive again (_refreeze).
                 thaw()
                 self._thawed = True
-        # Not resident now: it takes its folder's current model.yaml (or goes with its folder), as
-        # the rescans it sat out while resident would have had it; an edit made while it served
-        # waited for a second SIGHUP after the unload.
-        if rescan:
-            self._rescan_after_unload(name)
+            if unloaded and rescan:
+                # Not resident now: it takes its folder's current model.yaml (or goes with its
+                # folder), as the rescans it sat out while resident would have had it; an edit
+                # made while it served waited for a second SIGHUP after the unload. Before the
+                # waiters wake: one that waited out the drain finds the slot as the folder is
+                # now (a model whose folder went is a 404, not loaded again into the old slot).
+                self._rescan_after_unload(name)
+            done.set_result(None)
 
     def _rescan_after_unload(self, name: str) -> None:
         try:
@@ -885,6 +922,10 @@ class ModelManager:
             await asyncio.wait_for(self.unload(name), timeout_s)
             self.metrics.engine_restarts.labels(name).inc()  # counted when done, not when asked
             log.warning("model %s: engine replaced; its next request loads a fresh one", name)
+        except asyncio.TimeoutError:
+            # The unload goes on to its end (unload shields it); until then the model's requests
+            # are told to come back, and no fresh engine opens beside the old one.
+            log.error("model %s: its engine's unload outlasted %g s; it goes on", name, timeout_s)
         except Exception:  # a background step: log it, never lose it
             log.exception("model %s: replacing its engine failed", name)
         finally:
@@ -961,14 +1002,13 @@ class ModelManager:
         await asyncio.gather(*loading, return_exceptions=True)
         # No rescan after each (the server is stopping; ~100 ms each at 2,000 models).
         await asyncio.gather(*(self.unload(n, drain=drain, rescan=False) for n in list(self.slots)))
-        # An unload already under way (an operator's, keep-alive's) took the runtime from its slot,
-        # so unload() above skipped it: the stop went on while it drained, and the loop closed
-        # under it (its queued requests cut, its engine never closed). Waited for here, within the
-        # caller's bound (the stop's deadline); not gathered, which would cancel the futures
-        # their unloads still resolve if that bound cut this wait.
-        unloading = [s.unloading for s in self.slots.values() if s.unloading is not None]
-        if unloading:
-            await asyncio.wait(unloading)
+        # An unload already under way (an operator's, keep-alive's, one whose caller was
+        # cancelled) took the runtime from its slot, so unload() above skipped it: the stop went
+        # on while it drained, and the loop closed under it (its queued requests cut, its engine
+        # never closed). Waited for here, within the caller's bound (the stop's deadline); not
+        # gathered, which would cancel them if that bound cut this wait.
+        if self._unloads:
+            await asyncio.wait(set(self._unloads))
 
     def ready(self) -> bool:
         """Whether every default model serves: resident, or, once it has been, unloaded by
@@ -1171,6 +1211,12 @@ async def _close_engine(name: str, engine: Engine) -> None:
         )
         return
     closing.result()
+
+
+def _log_unload_failure(name: str, task: asyncio.Task[None]) -> None:
+    """An unload whose caller stopped waiting (cancelled) still reports how it ended."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("unloading model %s failed", name, exc_info=task.exception())
 
 
 def _digest_quietly(entry: ModelEntry) -> None:
