@@ -279,8 +279,9 @@ class ModelManager:
         # Models that have been resident since start: unloaded, they still count as ready.
         self._served: set[str] = set()
         self._restarting: set[str] = set()
-        # Each model whose load timed out with its engine call still running (see _load_locked).
-        self._stuck_loads: dict[str, asyncio.Future[Any]] = {}
+        # Each model whose load timed out (or was stopped) with its engine call still running,
+        # done once what that call opened is closed (see _discard_when_done).
+        self._stuck_loads: dict[str, asyncio.Future[None]] = {}
         # Batch sizes learned from out-of-memory errors: never send a batch that big again.
         self.batch_caps: dict[str, int] = {}
         # Each embedding model's load-time batch-size measurement, with what it was measured for
@@ -637,7 +638,13 @@ class ModelManager:
 
         async def step(fn: Callable[..., Any], *args: Any) -> Any:
             run = loop.run_in_executor(executor, fn, *args)
-            done, _ = await asyncio.wait({run}, timeout=max(deadline - time.monotonic(), 0.0))
+            try:
+                done, _ = await asyncio.wait({run}, timeout=max(deadline - time.monotonic(), 0.0))
+            except asyncio.CancelledError:
+                # Stopped (the manager's close at shutdown) with the call still running on the
+                # worker: what it opens is discarded when it ends, as a timed-out step's is.
+                stuck.append(run)
+                raise
             if not done:
                 stuck.append(run)
                 raise LoadTimedOut(
@@ -693,28 +700,28 @@ class ModelManager:
             except DoesNotFit:
                 await runtime.batcher.close(drain=False)
                 raise
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            # Cancelled too (the manager's close stops a load at shutdown): that skipped all of
+            # this, and the engine it had opened was never closed, its worker never shut down.
             if stuck:
-                # Timed out: the engine is not closed under the call still running on it (a
-                # TensorRT engine's memory freed under its run); whatever that call opened is
-                # closed once it returns, and the queue built for it goes now.
-                name = entry.name
-                self._stuck_loads[name] = stuck[0]  # no new load of it until it is closed (load)
-
-                def discard(run: asyncio.Future[Any]) -> None:
-                    closed = _discard_late(name, holder, run)
-                    closed.add_done_callback(lambda _: self._stuck_loads.pop(name, None))
-
-                stuck[0].add_done_callback(discard)
-                if runtime is not None:
-                    with contextlib.suppress(Exception):
-                        await runtime.batcher.close(drain=False)
+                # Timed out or stopped: the engine is not closed under the call still running on
+                # it (a TensorRT engine's memory freed under its run); whatever that call opened
+                # is closed once it returns.
+                self._discard_when_done(entry.name, holder, stuck[0])
             elif holder:  # opened, then the load failed: its memory goes back now, not at exit
                 try:
                     await _close_engine(entry.name, holder[0])  # on a thread, bounded, as unload's
                 except Exception:
                     log.exception("model %s: closing the engine of a failed load", entry.name)
+            if runtime is not None:  # the queue built for it goes now
+                with contextlib.suppress(Exception):
+                    await runtime.batcher.close(drain=False)
             executor.shutdown(wait=False)
+            if isinstance(exc, asyncio.CancelledError):
+                # Stopped, not failed: nothing to count or to refuse it for.
+                slot.state, slot.error = ModelState.available, None
+                log.info("model %s: its load was stopped", entry.name)
+                raise
             never = isinstance(exc, DoesNotFit) and exc.never
             slot.state = (
                 ModelState.failed if never or not isinstance(exc, DoesNotFit) else ModelState.available
@@ -758,6 +765,20 @@ class ModelManager:
             # not frozen yet is walked here.
             freeze_long_lived()
             self._thawed = False
+
+    def _discard_when_done(self, name: str, holder: list[Engine], run: asyncio.Future[Any]) -> None:
+        """A load given up while its engine call ``run`` still runs: what that call opened is
+        closed on a thread once it returns. Until then the model is not loaded again (load), and
+        the manager's close waits for it (no engine left open, no worker thread unaccounted)."""
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._stuck_loads[name] = ended
+
+        def closed(_: asyncio.Future[None]) -> None:
+            self._stuck_loads.pop(name, None)
+            if not ended.done():
+                ended.set_result(None)
+
+        run.add_done_callback(lambda _: _discard_late(name, holder, run).add_done_callback(closed))
 
     def _trusted_weights(
         self, entry: ModelEntry, engine: Engine, values: dict[str, Any], grown: int, quiet: bool
@@ -1005,10 +1026,12 @@ class ModelManager:
         # An unload already under way (an operator's, keep-alive's, one whose caller was
         # cancelled) took the runtime from its slot, so unload() above skipped it: the stop went
         # on while it drained, and the loop closed under it (its queued requests cut, its engine
-        # never closed). Waited for here, within the caller's bound (the stop's deadline); not
-        # gathered, which would cancel them if that bound cut this wait.
-        if self._unloads:
-            await asyncio.wait(set(self._unloads))
+        # never closed). So did an engine call of a load stopped or timed out above, and what it
+        # opened. Waited for here, within the caller's bound (the stop's deadline); not gathered,
+        # which would cancel them if that bound cut this wait.
+        pending = [*self._unloads, *self._stuck_loads.values()]
+        if pending:
+            await asyncio.wait(pending)
 
     def ready(self) -> bool:
         """Whether every default model serves: resident, or, once it has been, unloaded by

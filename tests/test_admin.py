@@ -1399,3 +1399,46 @@ def test_an_unload_whose_caller_gives_up_still_closes_the_engine_and_releases_it
     assert admin(srv, "GET", "/admin/stats")[1]["memory"]["models"].get(MODEL) is None
     assert srv.post("/v1/embeddings", {"model": MODEL, "input": "after"})[0] == 200
     assert len(faulty) == 2
+
+
+def test_a_load_stopped_at_shutdown_closes_the_engine_its_open_brings(
+    start_server: Any, minilm_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a lifecycle probe: a stop during a model's load (its open slow: a large model, a
+    slow disk) cancelled the load, and its cleanup was skipped: the engine the open brought once
+    it ended was never closed and its worker never shut down. The manager's close now waits
+    (within the stop's deadline) for that call to end, and closes what it opened."""
+    from appliance.api.common import MANAGER
+    from appliance.models import ModelManager
+    from tests.conftest import FaultyEngine
+
+    opening, gate, closed = threading.Event(), threading.Event(), threading.Event()
+    original = ModelManager._open_engine
+
+    class Recorded(FaultyEngine):
+        def close(self) -> None:
+            super().close()
+            closed.set()
+
+    def slow_open(entry: Any, values: Any) -> Any:  # test-only fault hook: an open that takes long
+        opening.set()
+        gate.wait(30)
+        return Recorded(original(entry, values))
+
+    monkeypatch.setattr(ModelManager, "_open_engine", staticmethod(slow_open))
+    srv = start_server({MODEL: minilm_folder}, wait_ready=False)
+    try:
+        assert opening.wait(30)
+        assert srv.get("/readyz")[0] == 503  # still loading
+        task = srv.app[MANAGER].slots[MODEL].load_task
+        stopping = threading.Thread(target=srv.stop)
+        stopping.start()
+        deadline = time.monotonic() + 30
+        while not task.cancelling():  # the manager's close has stopped the load
+            assert time.monotonic() < deadline, "the stop never reached the load"
+            time.sleep(0.01)
+    finally:
+        gate.set()  # the open ends, after its load was stopped
+    stopping.join(30)
+    assert not stopping.is_alive()
+    assert closed.is_set(), "the engine opened by the stopped load was left open"
