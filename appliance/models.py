@@ -279,8 +279,9 @@ class ModelManager:
         # Models that have been resident since start: unloaded, they still count as ready.
         self._served: set[str] = set()
         self._restarting: set[str] = set()
-        # Each model whose load timed out with its engine call still running (see _load_locked).
-        self._stuck_loads: dict[str, asyncio.Future[Any]] = {}
+        # Each model whose load timed out (or was stopped) with its engine call still running,
+        # done once what that call opened is closed (see _discard_when_done).
+        self._stuck_loads: dict[str, asyncio.Future[None]] = {}
         # Batch sizes learned from out-of-memory errors: never send a batch that big again.
         self.batch_caps: dict[str, int] = {}
         # Each embedding model's load-time batch-size measurement, with what it was measured for
@@ -291,6 +292,8 @@ class ModelManager:
         # in the data folder: an open beside other models' calls uses it (appliance/weights.py).
         self.weights_records = WeightsRecords(cfg.data_dir)
         self._keep_alive: asyncio.Task[None] | None = None
+        # Unloads past their detach, each running to its end whoever awaited it (see unload).
+        self._unloads: set[asyncio.Task[None]] = set()
         self.supervisor: Any = None  # set by the server: background tasks run under it
         self._arena: Any = None  # the shared TensorRT activation arena (a cuda.DeviceBuffer)
 
@@ -635,7 +638,13 @@ class ModelManager:
 
         async def step(fn: Callable[..., Any], *args: Any) -> Any:
             run = loop.run_in_executor(executor, fn, *args)
-            done, _ = await asyncio.wait({run}, timeout=max(deadline - time.monotonic(), 0.0))
+            try:
+                done, _ = await asyncio.wait({run}, timeout=max(deadline - time.monotonic(), 0.0))
+            except asyncio.CancelledError:
+                # Stopped (the manager's close at shutdown) with the call still running on the
+                # worker: what it opens is discarded when it ends, as a timed-out step's is.
+                stuck.append(run)
+                raise
             if not done:
                 stuck.append(run)
                 raise LoadTimedOut(
@@ -691,28 +700,28 @@ class ModelManager:
             except DoesNotFit:
                 await runtime.batcher.close(drain=False)
                 raise
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            # Cancelled too (the manager's close stops a load at shutdown): that skipped all of
+            # this, and the engine it had opened was never closed, its worker never shut down.
             if stuck:
-                # Timed out: the engine is not closed under the call still running on it (a
-                # TensorRT engine's memory freed under its run); whatever that call opened is
-                # closed once it returns, and the queue built for it goes now.
-                name = entry.name
-                self._stuck_loads[name] = stuck[0]  # no new load of it until it is closed (load)
-
-                def discard(run: asyncio.Future[Any]) -> None:
-                    closed = _discard_late(name, holder, run)
-                    closed.add_done_callback(lambda _: self._stuck_loads.pop(name, None))
-
-                stuck[0].add_done_callback(discard)
-                if runtime is not None:
-                    with contextlib.suppress(Exception):
-                        await runtime.batcher.close(drain=False)
+                # Timed out or stopped: the engine is not closed under the call still running on
+                # it (a TensorRT engine's memory freed under its run); whatever that call opened
+                # is closed once it returns.
+                self._discard_when_done(entry.name, holder, stuck[0])
             elif holder:  # opened, then the load failed: its memory goes back now, not at exit
                 try:
                     await _close_engine(entry.name, holder[0])  # on a thread, bounded, as unload's
                 except Exception:
                     log.exception("model %s: closing the engine of a failed load", entry.name)
+            if runtime is not None:  # the queue built for it goes now
+                with contextlib.suppress(Exception):
+                    await runtime.batcher.close(drain=False)
             executor.shutdown(wait=False)
+            if isinstance(exc, asyncio.CancelledError):
+                # Stopped, not failed: nothing to count or to refuse it for.
+                slot.state, slot.error = ModelState.available, None
+                log.info("model %s: its load was stopped", entry.name)
+                raise
             never = isinstance(exc, DoesNotFit) and exc.never
             slot.state = (
                 ModelState.failed if never or not isinstance(exc, DoesNotFit) else ModelState.available
@@ -756,6 +765,20 @@ class ModelManager:
             # not frozen yet is walked here.
             freeze_long_lived()
             self._thawed = False
+
+    def _discard_when_done(self, name: str, holder: list[Engine], run: asyncio.Future[Any]) -> None:
+        """A load given up while its engine call ``run`` still runs: what that call opened is
+        closed on a thread once it returns. Until then the model is not loaded again (load), and
+        the manager's close waits for it (no engine left open, no worker thread unaccounted)."""
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._stuck_loads[name] = ended
+
+        def closed(_: asyncio.Future[None]) -> None:
+            self._stuck_loads.pop(name, None)
+            if not ended.done():
+                ended.set_result(None)
+
+        run.add_done_callback(lambda _: _discard_late(name, holder, run).add_done_callback(closed))
 
     def _trusted_weights(
         self, entry: ModelEntry, engine: Engine, values: dict[str, Any], grown: int, quiet: bool
@@ -832,6 +855,38 @@ class ModelManager:
         slot.runtime = None
         slot.state = ModelState.evicted if evicted else ModelState.available
         done = slot.unloading = asyncio.get_running_loop().create_future()
+        # Once detached, the rest runs as a task of the manager's, shielded from this caller: a
+        # caller cancelled midway (restart's bound, keep-alive or a load stopped at shutdown) cut
+        # it between the detach and the engine's close, and the engine was never closed, its
+        # worker threads never shut down and its lease never released, while the model loaded
+        # again beside it. The manager's close waits for it (within the stop's deadline).
+        finishing = asyncio.get_running_loop().create_task(
+            self._finish_unload(name, slot, runtime, done, drain=drain, evicted=evicted, rescan=rescan)
+        )
+        del runtime  # the task holds the last reference (its engine's memory is freed there)
+        self._unloads.add(finishing)
+        finishing.add_done_callback(self._unloads.discard)
+        try:
+            await asyncio.shield(finishing)
+        except asyncio.CancelledError:
+            # Nobody awaits it now: how it ends is still told.
+            finishing.add_done_callback(lambda task: _log_unload_failure(name, task))
+            raise
+
+    async def _finish_unload(
+        self,
+        name: str,
+        slot: ModelSlot,
+        runtime: ModelRuntime,
+        done: asyncio.Future[None],
+        *,
+        drain: bool,
+        evicted: bool,
+        rescan: bool,
+    ) -> None:
+        """An unload's part after the detach (see ``unload``): drain, worker threads, engine,
+        lease; then ``done`` (the slot's ``unloading``) is resolved, whatever happened."""
+        unloaded = False
         try:
             await runtime.batcher.close(drain=drain)
             await asyncio.get_running_loop().run_in_executor(None, runtime.executor.shutdown, True)
@@ -845,20 +900,23 @@ class ModelManager:
             self.metrics.model_loaded.labels(name).set(0)
             self._memory_metrics()
             log.info("model %s %s", name, "evicted" if evicted else "unloaded")
+            unloaded = True
         finally:
             slot.unloading = None
-            done.set_result(None)
             if self.freeze_heap:
                 # Its state was frozen at its load: given back to the collector, or what of it
                 # is held in cycles would never be reclaimed (a leak per load and unload). The
                 # keep-alive tick freezes what is still alive again (_refreeze).
                 thaw()
                 self._thawed = True
-        # Not resident now: it takes its folder's current model.yaml (or goes with its folder), as
-        # the rescans it sat out while resident would have had it; an edit made while it served
-        # waited for a second SIGHUP after the unload.
-        if rescan:
-            self._rescan_after_unload(name)
+            if unloaded and rescan:
+                # Not resident now: it takes its folder's current model.yaml (or goes with its
+                # folder), as the rescans it sat out while resident would have had it; an edit
+                # made while it served waited for a second SIGHUP after the unload. Before the
+                # waiters wake: one that waited out the drain finds the slot as the folder is
+                # now (a model whose folder went is a 404, not loaded again into the old slot).
+                self._rescan_after_unload(name)
+            done.set_result(None)
 
     def _rescan_after_unload(self, name: str) -> None:
         try:
@@ -885,6 +943,10 @@ class ModelManager:
             await asyncio.wait_for(self.unload(name), timeout_s)
             self.metrics.engine_restarts.labels(name).inc()  # counted when done, not when asked
             log.warning("model %s: engine replaced; its next request loads a fresh one", name)
+        except asyncio.TimeoutError:
+            # The unload goes on to its end (unload shields it); until then the model's requests
+            # are told to come back, and no fresh engine opens beside the old one.
+            log.error("model %s: its engine's unload outlasted %g s; it goes on", name, timeout_s)
         except Exception:  # a background step: log it, never lose it
             log.exception("model %s: replacing its engine failed", name)
         finally:
@@ -961,14 +1023,15 @@ class ModelManager:
         await asyncio.gather(*loading, return_exceptions=True)
         # No rescan after each (the server is stopping; ~100 ms each at 2,000 models).
         await asyncio.gather(*(self.unload(n, drain=drain, rescan=False) for n in list(self.slots)))
-        # An unload already under way (an operator's, keep-alive's) took the runtime from its slot,
-        # so unload() above skipped it: the stop went on while it drained, and the loop closed
-        # under it (its queued requests cut, its engine never closed). Waited for here, within the
-        # caller's bound (the stop's deadline); not gathered, which would cancel the futures
-        # their unloads still resolve if that bound cut this wait.
-        unloading = [s.unloading for s in self.slots.values() if s.unloading is not None]
-        if unloading:
-            await asyncio.wait(unloading)
+        # An unload already under way (an operator's, keep-alive's, one whose caller was
+        # cancelled) took the runtime from its slot, so unload() above skipped it: the stop went
+        # on while it drained, and the loop closed under it (its queued requests cut, its engine
+        # never closed). So did an engine call of a load stopped or timed out above, and what it
+        # opened. Waited for here, within the caller's bound (the stop's deadline); not gathered,
+        # which would cancel them if that bound cut this wait.
+        pending = [*self._unloads, *self._stuck_loads.values()]
+        if pending:
+            await asyncio.wait(pending)
 
     def ready(self) -> bool:
         """Whether every default model serves: resident, or, once it has been, unloaded by
@@ -1171,6 +1234,12 @@ async def _close_engine(name: str, engine: Engine) -> None:
         )
         return
     closing.result()
+
+
+def _log_unload_failure(name: str, task: asyncio.Task[None]) -> None:
+    """An unload whose caller stopped waiting (cancelled) still reports how it ended."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("unloading model %s failed", name, exc_info=task.exception())
 
 
 def _digest_quietly(entry: ModelEntry) -> None:

@@ -1376,3 +1376,88 @@ def test_the_engine_of_a_timed_out_load_is_closed_off_the_event_loop(
     finally:
         opened.set()
         released.set()
+
+
+def test_an_unload_whose_caller_gives_up_still_closes_the_engine_and_releases_its_memory(
+    start_server: Any, minilm_folder: Path, faulty: Any
+) -> None:
+    """Found by a lifecycle probe: an engine replacement (the breaker's restart) bounds its unload,
+    and the bound cancelled the unload midway, after the model was detached and before its engine
+    closed: the lease was never released (the model kept its memory in /admin/stats while
+    unloaded) and the next request loaded a second engine beside the one still closing. The
+    unload's end runs to completion whoever gave up on it; meanwhile requests are told to come
+    back (503, Retry-After), and once the old engine is closed the model loads fresh."""
+    from appliance.api.common import MANAGER
+
+    srv = start_server({MODEL: minilm_folder})
+    mgr = srv.app[MANAGER]
+    engine = faulty[-1]
+    closing, gate, closed = threading.Event(), threading.Event(), threading.Event()
+    close = engine.close
+
+    def slow_close() -> None:  # test-only fault hook: a driver slow to give memory back
+        closing.set()
+        gate.wait(30)
+        close()
+        closed.set()
+
+    engine.close = slow_close
+    try:
+        srv.call(lambda: mgr.restart(MODEL, timeout_s=1.0))  # its bound cuts the unload
+        assert closing.wait(10), "the unload never reached the engine's close"
+        status, body, headers = srv.post("/v1/embeddings", {"model": MODEL, "input": "meanwhile"})
+        assert status == 503 and "Retry-After" in headers, (status, body)
+        assert len(faulty) == 1, "a second engine was opened beside the one still closing"
+    finally:
+        gate.set()
+    assert closed.wait(30)
+    deadline = time.monotonic() + 30
+    while srv.call(lambda: mgr.memory.lease(MODEL)) is not None:
+        assert time.monotonic() < deadline, "the unloaded model's memory lease was never released"
+        time.sleep(0.05)
+    assert admin(srv, "GET", "/admin/stats")[1]["memory"]["models"].get(MODEL) is None
+    assert srv.post("/v1/embeddings", {"model": MODEL, "input": "after"})[0] == 200
+    assert len(faulty) == 2
+
+
+def test_a_load_stopped_at_shutdown_closes_the_engine_its_open_brings(
+    start_server: Any, minilm_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a lifecycle probe: a stop during a model's load (its open slow: a large model, a
+    slow disk) cancelled the load, and its cleanup was skipped: the engine the open brought once
+    it ended was never closed and its worker never shut down. The manager's close now waits
+    (within the stop's deadline) for that call to end, and closes what it opened."""
+    from appliance.api.common import MANAGER
+    from appliance.models import ModelManager
+    from tests.conftest import FaultyEngine
+
+    opening, gate, closed = threading.Event(), threading.Event(), threading.Event()
+    original = ModelManager._open_engine
+
+    class Recorded(FaultyEngine):
+        def close(self) -> None:
+            super().close()
+            closed.set()
+
+    def slow_open(entry: Any, values: Any) -> Any:  # test-only fault hook: an open that takes long
+        opening.set()
+        gate.wait(30)
+        return Recorded(original(entry, values))
+
+    monkeypatch.setattr(ModelManager, "_open_engine", staticmethod(slow_open))
+    srv = start_server({MODEL: minilm_folder}, wait_ready=False)
+    try:
+        assert opening.wait(30)
+        assert srv.get("/readyz")[0] == 503  # still loading
+        task = srv.app[MANAGER].slots[MODEL].load_task
+        stopping = threading.Thread(target=srv.stop)
+        stopping.start()
+        deadline = time.monotonic() + 30
+        while not task.cancelling():  # the manager's close has stopped the load
+            assert time.monotonic() < deadline, "the stop never reached the load"
+            time.sleep(0.01)
+    finally:
+        gate.set()  # the open ends, after its load was stopped
+    stopping.join(30)
+    assert not stopping.is_alive()
+    assert closed.is_set(), "the engine opened by the stopped load was left open"
