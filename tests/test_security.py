@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -325,6 +326,121 @@ def test_a_trickling_body_is_cut_off(start_server, minilm_folder: Path) -> None:
     s.close()
     assert reply.startswith(b"HTTP/1.1 408")
     assert time.monotonic() - started < 3
+
+
+class _Trickler:
+    """A client that sends a request's head, then its body a byte every 0.1 s on its own thread,
+    going on after any answer until the server stops taking bytes (as a client with a slow
+    upload does: it reads the answer only once it has sent its body)."""
+
+    def __init__(self, sock: socket.socket, head: bytes) -> None:
+        self.sock = sock
+        sock.sendall(head)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._send, daemon=True)
+        self._thread.start()
+
+    def _send(self) -> None:
+        while not self._stop.wait(0.1):
+            try:
+                self.sock.sendall(b" ")
+            except OSError:
+                return  # closed, either end
+
+    def answer(self, within_s: float) -> tuple[bytes, float]:
+        """Everything the server sends until it closes, and the seconds from its first byte to
+        its close; fails if the server has not closed within ``within_s`` of that byte."""
+        self.sock.settimeout(within_s)
+        reply, first = b"", 0.0
+        try:
+            while chunk := self.sock.recv(4096):
+                first = first or time.monotonic()
+                reply += chunk
+        except TimeoutError:
+            pytest.fail(f"still open {within_s} s after {reply[:40]!r}")
+        return reply, time.monotonic() - first
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def _busy_slots(srv: ServerThread) -> int:
+    """Connections with a request in flight, as the connection cap reads them."""
+    server = srv.server._runners[0].server  # type: ignore[union-attr]
+    return int(
+        srv.call(lambda: sum(bool(getattr(h, "_request_in_progress", False)) for h in server.connections))
+    )
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_body_too_slow_is_answered_408_and_its_connection_closed_at_once(
+    start_server, tmp_path: Path, scheme: str
+) -> None:  # type: ignore[no-untyped-def]
+    """``server.read_timeout_s`` bounds how long a trickling body holds its connection: the 408
+    says ``Connection: close`` and the server closes right after it (the client still sending),
+    and until the client closes too that connection is the first to make way for a newcomer at
+    ``server.max_connections``. Before, aiohttp went on reading the body for another 10 s (kept
+    the connection for another request if the body ended meanwhile), and on TLS a newcomer at
+    the cap got a 503 as the lingering connection was still counted."""
+    tls = scheme == "https"
+    if tls:
+        srv, ctx = _tls_server(start_server, tmp_path, read_timeout_s=2, max_connections=2)
+    else:
+        srv, ctx = start_server({}, config={"server": {"read_timeout_s": 2, "max_connections": 2}}), None
+
+    def connect() -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", srv.port))
+        return ctx.wrap_socket(s, server_hostname="127.0.0.1") if ctx else s
+
+    head = (
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\n\r\n"
+    )
+    slow = _Trickler(connect(), head)
+    other = None
+    try:
+        reply, open_s = slow.answer(within_s=8)  # the 408 at 2 s; lingering closed it at 12 s
+        status, _, rest = reply.partition(b"\r\n")
+        assert status == b"HTTP/1.1 408 Request Timeout"
+        assert b"Connection: close" in rest.split(b"\r\n\r\n")[0]
+        assert json.loads(rest.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+        assert open_s < 3, "closed right after the 408"
+        # At the cap: the refused connection (its client still sending) and one busy with a body.
+        other = _Trickler(connect(), head)
+        deadline = time.monotonic() + 10
+        while _busy_slots(srv) < 1:
+            assert time.monotonic() < deadline, "the second request never reached the server"
+            time.sleep(0.02)
+        newcomer = _https_get(srv, ctx, "/healthz")[0] if tls else srv.get("/healthz")[0]
+        assert newcomer == 200, "the newcomer took the refused connection's slot"
+    finally:
+        slow.close()
+        if other is not None:
+            other.close()
+
+
+def test_a_body_over_the_size_limit_is_answered_413_and_its_connection_closed_at_once(
+    start_server,
+) -> None:  # type: ignore[no-untyped-def]
+    """A Content-Length over ``server.max_body_bytes`` is refused before the body is read, with
+    ``Connection: close``, and the connection closes right after the 413 while the client is
+    still sending. Before, aiohttp read and discarded the body for up to 10 s after the 413, and
+    kept the connection for another request if it ended meanwhile."""
+    srv = start_server({}, config={"server": {"max_body_bytes": 1024}})
+    head = (
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 5000\r\n\r\n"
+    )
+    client = _Trickler(socket.create_connection(("127.0.0.1", srv.port)), head)
+    try:
+        reply, open_s = client.answer(within_s=8)
+    finally:
+        client.close()
+    head_out = reply.split(b"\r\n\r\n")[0]
+    assert head_out.startswith(b"HTTP/1.1 413") and b"Connection: close" in head_out
+    assert open_s < 3, "closed right after the 413"
 
 
 def test_keys_cli_prints_once_and_stores_only_a_hash(tmp_path: Path) -> None:

@@ -330,26 +330,43 @@ class LimitedRunner(web.AppRunner):
         return stalled
 
 
+# Refusals of the body itself (too slow, too large): reading the rest of it is what they refuse,
+# so they close the connection (RFC 9110, 15.5.9, for a 408) whatever the body's encoding.
+_BODY_REFUSALS = frozenset({408, 413})
+
+
 class _Unlingering(RequestHandler):
-    """Discards undecoded the rest of a compressed body that was not read to its end (a 415, 401,
-    404, 405 or 413 answered before or while reading it), then closes the connection.
+    """Discards undecoded the rest of a body that was not read to its end, then closes the
+    connection, when the answer closes it anyway: a compressed body (a 415, 401, 404, 405 or 413
+    answered before or while reading it), a 408 or 413 for any body, or an answer already marked
+    ``Connection: close`` (a 503 while draining).
 
     aiohttp otherwise lingers for up to 10 s, reading and discarding the rest of the body so that
     the connection can serve another request. A compressed body is decoded as it is read, and the
     pieces come without the loop yielding between them: every other client waited 2.4 s at a
     stretch behind a 0.8 MB brotli body of 4 GiB of zeros, 0.9 s behind a 2 MB gzip one of 2 GiB,
-    and that for up to those 10 s. Here the answer goes with ``Connection: close`` and a FIN
-    after it, and what the client still sends is dropped as it arrives, raw, for at most the same
-    10 s (closing at once, with the body unread, made the kernel reset the connection: the client
-    lost the answer). A plain body is still drained as aiohttp does: reading it costs next to
-    nothing and keeps the connection."""
+    and that for up to those 10 s. And a body that trickles in held its connection for those 10 s
+    past its 408 at ``server.read_timeout_s``, then kept it for another request if it did end.
+    Here the answer goes with ``Connection: close`` and a FIN after it (on TLS its close_notify),
+    and what the client still sends is dropped as it arrives, raw, for at most the same 10 s
+    (closing at once, with the body unread, made the kernel reset the connection: the client
+    lost the answer). Meanwhile the connection yields its slot to any newcomer at
+    ``server.max_connections`` (see :func:`_close_idlest`). A plain body another answer leaves
+    unread (a 401, a 429) is still drained as aiohttp does: reading it costs next to nothing and
+    keeps the connection."""
 
-    __slots__ = ()
+    __slots__ = ("discarding",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.discarding = False  # answered, and dropping the rest of a body until it closes
 
     async def finish_response(
         self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
-        unread = not request.content.is_eof() and encoded(request)
+        unread = not request.content.is_eof() and (
+            resp.status in _BODY_REFUSALS or resp.keep_alive is False or encoded(request)
+        )
         if unread and not resp.prepared:
             resp.force_close()
         sent = await super().finish_response(request, resp, start_time)
@@ -362,15 +379,22 @@ class _Unlingering(RequestHandler):
         # neither lingers (decoding) nor takes another request; unlike force_close(), this leaves
         # the transport open to read from.
         self._force_close = True
+        self.discarding = True
         transport = self.transport
         if transport is None:
             return
-        if transport.can_write_eof():
-            transport.write_eof()  # after the answer, already in the transport's buffer
         with contextlib.suppress(NotImplementedError, RuntimeError):  # a transport without flow control
             transport.resume_reading()  # flow control may have paused it, the body unread
-        # The client's close ends it sooner (aiohttp's eof_received closes the transport).
-        self._loop.call_later(self._lingering_time, transport.close)
+        if transport.can_write_eof():
+            transport.write_eof()  # after the answer, already in the transport's buffer
+        else:
+            # TLS has no half-close: its close sends close_notify after the answer, and the TLS
+            # layer reads (and drops) what the client still sends until the client closes too.
+            transport.close()
+        # The client's close ends it sooner (aiohttp's eof_received closes the transport). An
+        # abort, not a close: a TLS transport is already closing, and its shutdown waits for a
+        # client that may never answer.
+        self._loop.call_later(self._lingering_time, transport.abort)
 
 
 # aiohttp's ContentEncodingError when the decoder of an encoding is not installed (its parser
@@ -578,12 +602,20 @@ def _close_idlest(connections: list[Any], handshaking: dict[Any, _TlsHandshake],
     keep-alive deadline orders the idle ones. Where an aiohttp release lacks those attributes,
     every connection reads as busy, which is the plain 503 above. A TLS connection still
     handshaking is idle too, ordered by its handshake's deadline (under the same timeout, so the
-    one accepted first goes first).
+    one accepted first goes first). One already answered and dropping the rest of a refused
+    body (see :class:`_Unlingering`) goes before all of them.
     """
     idlest: Any = None
     deadline = math.inf
     for handler in connections:
-        if handler is newcomer or getattr(handler, "_force_close", True):
+        if handler is newcomer:
+            continue
+        if getattr(handler, "discarding", False):
+            # Answered, and only dropping the rest of a refused body until it closes: nothing
+            # is lost by closing it now, so it goes before any connection a client may reuse.
+            idlest, deadline = handler, -math.inf
+            break
+        if getattr(handler, "_force_close", True):
             continue
         if getattr(handler, "_request_in_progress", True) or getattr(handler, "_messages", True):
             continue
@@ -600,7 +632,9 @@ def _close_idlest(connections: list[Any], handshaking: dict[Any, _TlsHandshake],
     if isinstance(idlest, _TlsHandshake):
         idlest.close()
         return True
+    transport = idlest.transport
     idlest.force_close()
-    if idlest.transport is not None:
-        idlest.transport.close()
+    if transport is not None and getattr(idlest, "discarding", False):
+        # Its TLS close may already be under way, waiting for a client that keeps sending.
+        transport.abort()
     return True
