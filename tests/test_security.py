@@ -667,3 +667,24 @@ def test_a_tls_newcomer_beyond_a_cap_of_busy_connections_is_closed_at_once(
     # At least the newcomer's: a scrape tried before the busy slots came back is closed so too.
     over_cap = re.search(r'appliance_connections_closed_total\{reason="over_cap"\} (\S+)', text.decode())
     assert over_cap is not None and float(over_cap.group(1)) >= 1
+
+
+def test_an_idle_tls_connection_at_the_cap_makes_way_for_a_newcomer_at_once(
+    start_server, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """At ``server.max_connections`` an idle keep-alive connection is closed for a newcomer, on
+    TLS as on plain HTTP. A TLS close waits for the client's close_notify, and the connection
+    closed for the newcomer stayed counted meanwhile: the newcomer, its handshake done, was
+    refused a 503 for the slot that had been freed for it."""
+    import http.client
+
+    srv, ctx = _tls_server(start_server, tmp_path, max_connections=1, keepalive_timeout_s=60)
+    idle = http.client.HTTPSConnection("127.0.0.1", srv.port, context=ctx, timeout=10)
+    try:
+        idle.request("GET", "/healthz")
+        first = idle.getresponse()
+        assert first.status == 200 and first.getheader("Connection", "").lower() != "close"
+        first.read()  # answered and kept: idle, and holding the one slot
+        assert _https_get(srv, ctx, "/healthz")[0] == 200, "the newcomer is served"
+    finally:
+        idle.close()

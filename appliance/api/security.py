@@ -634,7 +634,19 @@ def _close_idlest(connections: list[Any], handshaking: dict[Any, _TlsHandshake],
         return True
     transport = idlest.transport
     idlest.force_close()
-    if transport is not None and getattr(idlest, "discarding", False):
-        # Its TLS close may already be under way, waiting for a client that keeps sending.
+    if transport is not None and (
+        getattr(idlest, "discarding", False) or _tls_with_nothing_unsent(transport)
+    ):
+        # A TLS close is an exchange of close_notify that waits for the client (one discarding
+        # may have its close under way already): the connection stayed counted meanwhile, and
+        # the newcomer it was closed for was refused a 503 at its handshake's end all the same.
         transport.abort()
     return True
+
+
+def _tls_with_nothing_unsent(transport: asyncio.BaseTransport) -> bool:
+    """A TLS connection whose answers are all handed to the kernel: dropping it loses nothing."""
+    if transport.get_extra_info("sslcontext") is None:
+        return False  # plain: its close is a FIN, and it goes at once
+    size = getattr(transport, "get_write_buffer_size", None)
+    return size is not None and size() == 0
