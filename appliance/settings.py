@@ -199,10 +199,15 @@ def validate(
     for name, value in values.items():
         setting = REGISTRY.get(name)
         if setting is None:
-            close = [n for n in REGISTRY if n.split(".")[-1] == name.split(".")[-1]]
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            problems.append(f"{where}{name}: unknown setting{hint}")
-            found.append((name, f"unknown setting{hint}"))
+            if any(n.startswith(name + ".") for n in REGISTRY):
+                # A group given a value ({"batching": null}, 5, [1]): "unknown setting" read as
+                # if the group did not exist.
+                why = f"a group of settings; expected a mapping of {name}.* settings (null each one to remove it)"
+            else:
+                close = [n for n in REGISTRY if n.split(".")[-1] == name.split(".")[-1]]
+                why = "unknown setting" + (f" (did you mean {close[0]}?)" if close else "")
+            problems.append(f"{where}{name}: {why}")
+            found.append((name, why))
             continue
         if per_model and setting.scope == "server":
             problems.append(f"{where}{name}: a server-wide setting; set it under 'defaults'")

@@ -402,7 +402,12 @@ def test_removing_an_override_by_a_name_that_is_no_setting_is_a_400_naming_it(se
             "unknown setting (did you mean queue.max_queue_size?)",
         ),
         ({"models": {MODEL: {"queue": {"max_queue_siz": None}}}}, "queue.max_queue_siz", "unknown setting"),
-        ({"defaults": {"queue": None}}, "queue", "unknown setting"),
+        # A group given a value is told what a group takes (it read "unknown setting").
+        (
+            {"defaults": {"queue": None}},
+            "queue",
+            "a group of settings; expected a mapping of queue.* settings (null each one to remove it)",
+        ),
         (
             {"models": {MODEL: {"cache": {"max_bytes": None}}}},
             "cache.max_bytes",
