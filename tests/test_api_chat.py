@@ -509,6 +509,15 @@ def test_bad_input_gets_a_clear_error(
     assert chat(server, "still alive?", max_tokens=1)["choices"][0]["finish_reason"] in ("length", "stop")
 
 
+def test_a_count_that_is_no_integer_is_told_so_not_that_only_one_is_supported(server: ServerThread) -> None:
+    """``n: 1.0`` is one choice written as a float: the error says what is wrong with it (it said
+    "only n=1 is supported", which 1.0 reads as satisfying)."""
+    for value, said in ((1.0, "got 1.0"), ("1", "got a string"), (True, "got a boolean")):
+        got, resp, _ = server.post("/v1/chat/completions", {"model": MODEL, "messages": ask("x"), "n": value})
+        assert got == 400 and resp["error"]["param"] == "n", resp
+        assert resp["error"]["message"] == f"'n' must be an integer, {said}", resp
+
+
 def test_openai_client_raises_the_mapped_errors(server: ServerThread) -> None:
     c = client(server)
     with pytest.raises(openai.NotFoundError):

@@ -453,7 +453,10 @@ class GenerationOptions:
     def from_openai(cls, body: Mapping[str, Any], *, chat: bool = True) -> GenerationOptions:
         """The options of a chat (``chat``) or text completion body."""
         n = body.get("n")
-        if n is not None and (type(n) is not int or n != 1):  # (True == 1 in Python)
+        if n is not None and type(n) is not int:  # (True == 1 in Python)
+            got = repr(n) if isinstance(n, float) else json_type(n)
+            raise InvalidRequest(f"'n' must be an integer, got {got}", param="n")
+        if n is not None and n != 1:
             raise InvalidRequest("only n=1 is supported (one choice per request)", param="n")
         for name in _UNSUPPORTED:
             value = body.get(name)
