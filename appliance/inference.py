@@ -316,7 +316,23 @@ class EmbeddingRuntime:
             ids[row, : len(toks)] = toks
             mask[row, : len(toks)] = 1
         out = self.engine.run({"input_ids": ids, "attention_mask": mask}, ["sentence_embedding"])
-        return out["sentence_embedding"]
+        return self.checked(out.get("sentence_embedding"), len(items))
+
+    def checked(self, vectors: np.ndarray | None, rows: int) -> np.ndarray:
+        """The engine's vectors, or EngineError when they cannot be the batch's embeddings.
+
+        A broken engine (an fp16 overflow, a mis-exported graph) must fail as the engine, a 503
+        the breaker counts, not be served: NaN went out as JSON nulls, a wrong width or row count
+        as a 200 that the cache then kept, and too few rows never answered at all."""
+        want = (rows, self.dim) if self.dim else (rows,)
+        if vectors is None or vectors.ndim != 2 or vectors.shape[: len(want)] != want:
+            got = "no output" if vectors is None else f"shape {list(vectors.shape)}"
+            raise EngineError(f"sentence_embedding: expected shape {list(want)}, got {got}")
+        if not np.issubdtype(vectors.dtype, np.floating):
+            raise EngineError(f"sentence_embedding: expected floating-point values, got {vectors.dtype}")
+        if not np.isfinite(vectors).all():
+            raise EngineError("sentence_embedding: the engine returned NaN or infinite values")
+        return vectors.astype(np.float32, copy=False)
 
     def encode(self, texts: list[str]) -> list[Any]:
         """Token counts and ids of ``texts`` without truncation. One batch call: it releases the

@@ -932,7 +932,7 @@ class ModelManager:
         slot = self.slots.get(name)
         if name in self._restarting or slot is None or slot.runtime is None:
             return
-        if slot.runtime.batcher.snapshot()["running_batches"]:
+        if slot.runtime.batcher.snapshot()["running_batches"] or self._engine_busy(name):
             # The breaker admits only probes while open, so a call still running is one that has
             # not come back: unloading would wait on it, and a fresh engine beside a hung one
             # would double the memory. That is the watchdog's case.
@@ -951,6 +951,13 @@ class ModelManager:
             log.exception("model %s: replacing its engine failed", name)
         finally:
             self._restarting.discard(name)
+
+    def _engine_busy(self, name: str) -> bool:
+        """Whether a call is still running on ``name``'s worker thread. The batcher forgets a
+        batch that ran past engine.timeout_ms (its requests were answered 503), but the thread
+        stays in the engine; the watchdog's count of engine work still holds it."""
+        component = f"engine:{name}"
+        return any(s.component == component and s.busy for s in self.progress.snapshot())
 
     def _memory_metrics(self) -> None:
         m = self.metrics

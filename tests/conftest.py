@@ -273,6 +273,11 @@ class FaultyEngine(Engine):
         self.oom_above: int | None = None  # batches with more rows than this run out of memory
         self.batches: list[int] = []
         self.release = threading.Event()  # ends a "hang"
+        self.fail_every = 0  # every n-th call raises (0: none)
+        self.fail_above: int | None = None  # batches with more rows than this raise
+        # Rewrites a healthy run's outputs (NaN, a wrong shape or dtype, rows missing).
+        self.corrupt: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
+        self.calls = 0
         self.backend = inner.backend
         self.backend_reason = inner.backend_reason
 
@@ -308,7 +313,13 @@ class FaultyEngine(Engine):
             raise EngineError("injected engine failure")
         if self.mode == "oom":
             raise EngineOutOfMemory("injected out of memory")
-        return self.inner.run(feeds, output_names)
+        self.calls += 1
+        if self.fail_every and self.calls % self.fail_every == 0:
+            raise EngineError(f"injected failure of call {self.calls}")
+        if self.fail_above is not None and rows > self.fail_above:
+            raise EngineError(f"injected failure of a batch of {rows}")
+        out = self.inner.run(feeds, output_names)
+        return self.corrupt(out) if self.corrupt is not None else out
 
     def memory_bytes(self) -> int:
         return self.inner.memory_bytes()

@@ -23,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 from appliance.api.common import MANAGER
 from appliance.engines.onnxruntime import OnnxRuntimeEngine
 from appliance.inference import TUNE_TIE, EmbeddingRuntime, TensorItem, TensorRuntime, batches_rows
-from tests.conftest import ServerThread, build_tensor_model
+from tests.conftest import ServerThread, build_tensor_model, metric
 
 MODEL = "all-minilm-l6-v2"
 
@@ -501,3 +501,44 @@ def test_a_batch_the_engine_failed_is_no_execution(slow_embeddings: tuple[Server
     assert _counts(after)["fail"] == _counts(before)["fail"] + 1
     assert after["execution_count"] == before["execution_count"]
     assert after["batch_stats"] == before["batch_stats"]
+
+
+def _corruption(kind: str) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    def corrupt(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        v = out["sentence_embedding"]
+        bad = {
+            "nan": np.where(np.arange(v.shape[1]) == 0, np.nan, v).astype(v.dtype),
+            "narrow": v[:, :10],
+            "integers": v.astype(np.int64),
+            "a row short": v[:-1],
+            "a row over": np.concatenate([v, v[:1]]),
+        }[kind]
+        return {"sentence_embedding": bad}
+
+    return corrupt
+
+
+@pytest.mark.parametrize("kind", ["nan", "narrow", "integers", "a row short", "a row over"])
+def test_vectors_that_cannot_be_the_batchs_embeddings_are_an_engine_failure_not_an_answer(
+    slow_embeddings: tuple[ServerThread, Any], kind: str
+) -> None:
+    """A broken engine (an fp16 overflow, a mis-exported graph) that returns NaN, vectors of the
+    wrong width or dtype, or the wrong number of rows fails as the engine does: a 503 with
+    Retry-After on both APIs, counted by the breaker, and nothing cached. Before, NaN went out as
+    JSON nulls and a wrong width or dtype as a 200 (and the cache served it after the engine
+    healed); a row short never answered until the engine timeout (60 s by default)."""
+    srv, engine = slow_embeddings
+    engine.corrupt = _corruption(kind)
+    started = time.monotonic()
+    status, body, headers = srv.post("/v1/embeddings", {"model": MODEL, "input": f"broken {kind}"})
+    assert status == 503 and body["error"]["code"] == "unavailable" and headers["Retry-After"], body
+    assert time.monotonic() - started < 15, "answered when the engine returned, not at a timeout"
+    infer = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [f"kserve {kind}"]}]}
+    status, body, headers = srv.post(f"/v2/models/{MODEL}/infer", infer)
+    assert status == 503 and "failed" in body["error"] and headers["Retry-After"], body
+    engine.corrupt = None
+    status, body, headers = srv.post("/v1/embeddings", {"model": MODEL, "input": f"broken {kind}"})
+    assert (status, headers["X-Appliance-Source"]) == (200, "engine"), "the failure was cached"
+    vector = body["data"][0]["embedding"]
+    assert len(vector) == 384 and all(isinstance(x, float) for x in vector)
+    assert metric(srv, "appliance_compute_running") == 0.0

@@ -194,6 +194,40 @@ def test_an_engine_with_a_call_still_running_is_not_replaced_under_it(
     hung.join(10)
 
 
+def test_an_engine_hung_past_its_timeout_is_not_replaced_under_its_call(
+    start_server, minilm_folder, faulty, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    """A hung call that ran past ``engine.timeout_ms`` has been answered (503) and left the
+    batcher, but its thread is still in the engine. The failed probes that follow must not
+    replace the engine: before, the replacement's unload waited on that thread, and every request
+    meanwhile waited ~2 s for a 503 "being unloaded" for as long as the engine hung (the model
+    stuck unloading, not even probed); a fresh engine would have opened beside the hung one."""
+    srv = start(start_server, minilm_folder, {"restart_engine_after": 2}, engine={"timeout_ms": 300})
+    engine = faulty[0]
+    engine.mode = "hang"
+    try:
+        deadline = time.monotonic() + 30
+        i = 0
+        while "an engine call is still running" not in caplog.text:
+            assert time.monotonic() < deadline, f"no replacement asked for: {breaker_state(srv)}"
+            status, body, headers = embed(srv, f"hung {i}")
+            assert status == 503 and headers["Retry-After"], body
+            assert "unloaded" not in body["error"]["message"], body
+            i += 1
+        status, body, _ = embed(srv, "still probed, not unloading")
+        assert status == 503 and "unloaded" not in body["error"]["message"], body
+        assert metric(srv, 'appliance_engine_restarts_total{model="all-minilm-l6-v2"}') == 0.0
+    finally:
+        engine.release.set()
+    engine.mode = None
+    deadline = time.monotonic() + 30
+    while embed(srv, f"after the hang {i}")[0] != 200:  # the next probes find the engine healthy
+        assert time.monotonic() < deadline, breaker_state(srv)
+        i += 1
+        time.sleep(0.1)
+    assert len(faulty) == 1, "a fresh engine was opened beside the hung one"
+
+
 def test_with_restarts_off_a_stuck_engine_is_only_probed(start_server, minilm_folder, faulty) -> None:  # type: ignore[no-untyped-def]
     srv = start(start_server, minilm_folder, {"restart_engine_after": 0, "open_duration_s": 0.1})
     faulty[0].mode = "raise"
