@@ -217,6 +217,11 @@ def engine_call(
             began = time.perf_counter()
             try:
                 return split_on_oom(items)
+            except StopIteration as exc:
+                # asyncio cannot put StopIteration into a future (a TypeError in the callback
+                # that copies the worker's outcome): the batch never ended, and its requests
+                # waited for the engine timeout (or for ever without one).
+                raise EngineError(f"the engine raised StopIteration {exc.args!r}") from None
             finally:
                 busy.inc(time.perf_counter() - began)
 

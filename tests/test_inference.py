@@ -542,3 +542,23 @@ def test_vectors_that_cannot_be_the_batchs_embeddings_are_an_engine_failure_not_
     vector = body["data"][0]["embedding"]
     assert len(vector) == 384 and all(isinstance(x, float) for x in vector)
     assert metric(srv, "appliance_compute_running") == 0.0
+
+
+def test_an_engine_that_raises_stopiteration_fails_its_batch_at_once(
+    slow_embeddings: tuple[ServerThread, Any],
+) -> None:
+    """An engine whose run raises StopIteration (a ``next()`` on an exhausted iterator inside it)
+    fails its batch as any engine error does: asyncio refuses StopIteration into a future, so
+    the batch had never ended and its requests waited for the engine timeout."""
+    srv, engine = slow_embeddings
+
+    def exhausted(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return next(iter([]))  # type: ignore[no-any-return]
+
+    engine.corrupt = exhausted
+    started = time.monotonic()
+    status, body, headers = srv.post("/v1/embeddings", {"model": MODEL, "input": "exhausted"})
+    assert status == 503 and headers["Retry-After"], body
+    assert time.monotonic() - started < 15, "answered when the engine returned, not at a timeout"
+    engine.corrupt = None
+    assert srv.post("/v1/embeddings", {"model": MODEL, "input": "exhausted"})[0] == 200
