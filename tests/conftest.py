@@ -21,7 +21,9 @@ from aiohttp import web
 from appliance.build.pull import pull
 from appliance.config import parse
 from appliance.engines.base import Engine, EngineError, EngineOutOfMemory, TensorSpec
+from appliance.llm.runtime import DecoderBase
 from appliance.models import ModelManager
+from appliance.repository import ModelKind
 from appliance.server import Server, new_event_loop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -340,6 +342,101 @@ def faulty(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[FaultyEngine]]:
 
     monkeypatch.setattr(ModelManager, "_open_engine", staticmethod(open_engine))
     yield engines
+
+
+class FaultyDecoder(DecoderBase):
+    """Test-only fault hook around a real decoder (ONNX Runtime's ``DecoderSession``), the
+    ``FaultyEngine`` of a generate model.
+
+    The scheduler never calls a generate model's ``Engine.run``: it drives the engine's decoder
+    session (``prefill`` / ``decode``), whose real work is the session's own ``_run`` (patching
+    ``DecoderBase._run`` reaches nothing, as every backend overrides it). This wraps that
+    ``_run``: ``prefill`` and ``decode`` stay ``DecoderBase``'s, so their checks hold, and a
+    healthy call runs on the real session (which checks the context). Faults come as the real
+    backend raises them: ONNX Runtime's untyped errors (an out-of-memory one by its message).
+
+    ``only`` limits the faults to "prefill" or "decode" calls; ``corrupt`` rewrites a healthy
+    call's logits (NaN, a wrong shape).
+    """
+
+    def __init__(self, inner: DecoderBase) -> None:
+        object.__setattr__(self, "inner", inner)
+        self.mode: str | None = None  # "raise", "oom" or "hang" (until ``release`` is set)
+        self.only: str | None = None
+        self.fail_every = 0  # every n-th call (of those ``only`` admits) raises (0: none)
+        self.delay_s = 0.0
+        self.release = threading.Event()
+        self.corrupt: Callable[[np.ndarray], np.ndarray] | None = None
+        self.calls = 0  # calls ``only`` admits
+        self.steps: list[tuple[str, int]] = []  # (step, rows) of every call that reached the hook
+        self.hung = threading.Event()  # set while a "hang" holds a call
+
+    _OWN = frozenset(
+        {"inner", "mode", "only", "fail_every", "delay_s", "release", "corrupt", "calls", "steps", "hung"}
+    )
+
+    def __getattr__(self, name: str) -> Any:
+        # Shape facts (layers, vocab, eos_ids, generation, kv ...) are the real decoder's.
+        return getattr(object.__getattribute__(self, "inner"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # DecoderEngine.close() drops the session's ORT sessions: they must go from the real one.
+        target = self if name in self._OWN else self.inner
+        object.__setattr__(target, name, value)
+
+    def _run(
+        self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, past: Any, step: str
+    ) -> tuple[np.ndarray, Any]:
+        self.steps.append((step, int(ids.shape[0])))
+        if self.only is None or self.only == step:
+            self._inject(step)
+        logits, state = self.inner._run(ids, positions, mask, past, step)
+        if self.corrupt is not None and (self.only is None or self.only == step):
+            logits = self.corrupt(logits)
+        return logits, state
+
+    def _inject(self, step: str) -> None:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.mode == "hang":  # until the test releases it (a minute at most)
+            self.hung.set()
+            self.release.wait(60)
+            self.hung.clear()
+        if self.mode == "raise":
+            raise RuntimeError(f"[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : injected {step} failure")
+        if self.mode == "oom":
+            raise RuntimeError(
+                "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested "
+                f"buffer of size 1073741824 (injected in {step})"
+            )
+        self.calls += 1
+        if self.fail_every and self.calls % self.fail_every == 0:
+            raise RuntimeError(
+                f"[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : injected failure of call {self.calls}"
+            )
+
+
+@pytest.fixture
+def faulty_decoder(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[FaultyDecoder]]:
+    """Each generate model the server opens gets its decoder wrapped in a ``FaultyDecoder`` (one
+    per load: a restart's fresh engine appends another, healthy until the test sets it)."""
+    decoders: list[FaultyDecoder] = []
+    original = ModelManager._open_engine
+
+    def open_engine(entry: Any, values: Any) -> Engine:
+        engine = original(entry, values)
+        if entry.kind is ModelKind.generate:
+            hook = FaultyDecoder(engine.session)  # type: ignore[attr-defined]
+            engine.session = hook  # type: ignore[attr-defined]
+            decoders.append(hook)
+        return engine
+
+    monkeypatch.setattr(ModelManager, "_open_engine", staticmethod(open_engine))
+    yield decoders
+
+
+def nan_logits(logits: np.ndarray) -> np.ndarray:
+    return np.full_like(logits, np.nan)
 
 
 def copy_fixture(name: str) -> Any:

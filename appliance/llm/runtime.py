@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from appliance.engines.base import EngineError
 from appliance.engines.onnxruntime import spinning
 from appliance.llm.fused_decode import fused_decode_graph
 from appliance.llm.kv import HOST, KVOps, KVState, OrtKVOps, empty_state
@@ -79,7 +80,7 @@ class DecoderBase:
             positions = np.arange(start, start + new.shape[1], dtype=np.int64).reshape(1, -1)
             mask = np.concatenate([past.mask, np.ones_like(new)], axis=1)
             logits, state = self._run(new, positions, mask, past, "prefill")
-            return logits[:, -1, :], state
+            return self._last(logits, 1, "prefill"), state
         width = max(len(p) for p in prompts)
         ids = np.full((len(prompts), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(prompts), width), dtype=np.int64)
@@ -88,7 +89,7 @@ class DecoderBase:
             mask[row, width - len(prompt) :] = 1
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
         logits, state = self._run(ids, positions, mask, self.empty(len(prompts)), "prefill")
-        return logits[:, -1, :], state
+        return self._last(logits, len(prompts), "prefill"), state
 
     def decode(self, next_ids: Sequence[int] | np.ndarray, state: KVState) -> np.ndarray:
         """Feed one token per row; advances ``state`` in place and returns logits [B, vocab]."""
@@ -96,8 +97,26 @@ class DecoderBase:
         positions = state.lengths().astype(np.int64).reshape(state.batch, 1)
         mask = np.concatenate([state.mask, np.ones((state.batch, 1), dtype=np.int64)], axis=1)
         logits, new = self._run(ids, positions, mask, state, "decode")
+        last = self._last(logits, state.batch, "decode")
         state.keys, state.values, state.mask = new.keys, new.values, new.mask
-        return logits[:, -1, :]
+        return last
+
+    def _last(self, logits: np.ndarray, rows: int, step: str) -> np.ndarray:
+        """The last position's logits [rows, vocab], or EngineError where the engine's answer
+        cannot be the batch's: a wrong shape, or NaN / +inf (a fault of the engine, such as an
+        fp16 overflow or a broken kernel). Sampled, NaN logits made token 0, EOS for SmolLM2:
+        an answer cut short, served as a 200 "stop", counted a success and cached; a row short
+        or a width off sampled from the wrong ids or killed the scheduler's loop."""
+        shape = np.shape(logits)
+        if len(shape) != 3 or shape[0] != rows or shape[1] < 1 or shape[2] != self.vocab:
+            raise EngineError(
+                f"the {step} returned logits of shape {tuple(shape)}; expected ({rows}, n, {self.vocab})"
+            )
+        last = logits[:, -1, :]
+        # -inf is a token the graph rules out; a row with nothing else left has no next token.
+        if np.isnan(last).any() or np.isposinf(last).any() or not np.isfinite(last).any(axis=1).all():
+            raise EngineError(f"the {step} returned logits that are not numbers (NaN or infinite)")
+        return last
 
 
 class DecoderSession(DecoderBase):
