@@ -113,8 +113,9 @@ class DecoderBase:
                 f"the {step} returned logits of shape {tuple(shape)}; expected ({rows}, n, {self.vocab})"
             )
         last = logits[:, -1, :]
-        # -inf is a token the graph rules out; a row with nothing else left has no next token.
-        if np.isnan(last).any() or np.isposinf(last).any() or not np.isfinite(last).any(axis=1).all():
+        # One pass per step: a row's max is NaN where it holds a NaN, +inf where it holds +inf,
+        # and -inf where every token is ruled out (-inf alone is a token the graph rules out).
+        if not np.isfinite(last.max(axis=1)).all():
             raise EngineError(f"the {step} returned logits that are not numbers (NaN or infinite)")
         return last
 
