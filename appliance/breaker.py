@@ -11,6 +11,7 @@ Use::
     with permit:                        # unresolved on exit -> ignored, never counted
         out = await run_model(...)
         permit.success(duration_s)      # or permit.failure("timeout"), permit.ignore()
+    permit.failed_after("exception")    # a success at its first output that failed later
 
 Only backend health is counted: exceptions, timeouts and OOM are failures; client errors, client
 disconnects (``CancelledError``) and admission rejections are ``ignore()``-d. Keep the breaker
@@ -131,7 +132,8 @@ class _Window:
         self._ids = [-(2**62)] * buckets
         self._counts = [[0, 0, 0] for _ in range(buckets)]  # calls, failures, slow
 
-    def record(self, now: float, failed: bool, slow: bool) -> None:
+    def record(self, now: float, failed: bool, slow: bool) -> int:
+        """Count one call; returns its bucket (for :meth:`amend`)."""
         bucket = math.floor(now / self._width)
         i = bucket % self._n
         if self._ids[i] != bucket:
@@ -141,6 +143,16 @@ class _Window:
         c[0] += 1
         c[1] += failed
         c[2] += slow
+        return bucket
+
+    def amend(self, bucket: int, now: float) -> bool:
+        """Turn one success counted in ``bucket`` into a failure; False once that bucket has
+        left the window (or was reused), where there is nothing left to amend."""
+        i = bucket % self._n
+        if self._ids[i] != bucket or bucket < math.floor(now / self._width) - self._n + 1:
+            return False
+        self._counts[i][1] += 1
+        return True
 
     def totals(self, now: float) -> tuple[int, int, int]:
         oldest = math.floor(now / self._width) - self._n + 1
@@ -158,7 +170,7 @@ class Permit:
     cancelled call is never counted and never pins a half-open probe slot.
     """
 
-    __slots__ = ("_breaker", "_probe", "_started", "_token", "resolved")
+    __slots__ = ("_breaker", "_counted", "_late", "_probe", "_started", "_token", "resolved")
 
     def __init__(self, breaker: CircuitBreaker, probe: bool, token: int, started: float) -> None:
         self._breaker = breaker
@@ -166,6 +178,9 @@ class Permit:
         self._token = token
         self._started = started
         self.resolved = False
+        # Where a success was counted: the window and its bucket (see failed_after).
+        self._counted: tuple[_Window, int] | None = None
+        self._late = False
 
     @property
     def is_probe(self) -> bool:
@@ -187,6 +202,15 @@ class Permit:
     def ignore(self) -> None:
         """Not the backend's fault (4xx, client disconnect, admission rejection): count nothing."""
         self._breaker._resolve(self, "ignored", None)
+
+    def failed_after(self, kind: str = "exception") -> None:
+        """The call, resolved as a success at its first output (a generation's first token),
+        failed later: the same call now counts as failed, not as a second call beside its
+        success. Unresolved, it is :meth:`failure`. Once at most."""
+        if not self.resolved:
+            self.failure(kind)
+            return
+        self._breaker._amend(self, kind if kind in FAILURE_KINDS else "exception")
 
     def __enter__(self) -> Permit:
         return self
@@ -250,11 +274,34 @@ class CircuitBreaker:
             raise BreakerOpen(self._retry_after(now), state, self.name)
 
     def report(self, kind: str) -> None:
-        """A failure seen after the call's permit was resolved (a stream that stalls after its
-        first token): counted in the window as a failed call, outside any probe."""
+        """A failure with no permit to tell it by: counted in the window as a failed call,
+        outside any probe. (A call's own later failure is :meth:`Permit.failed_after`.)"""
         with self._lock:
             token, now = self._epoch, self._clock()
         Permit(self, False, token, now).failure(kind)
+
+    def _amend(self, permit: Permit, kind: str) -> None:
+        with self._lock:
+            if permit._late:
+                return
+            permit._late = True
+            counted = permit._counted
+            now = self._clock()
+            # A generation failing after its first token counted twice, a success and a
+            # failure: a model failing every one never passed a failure rate of 0.5.
+            if (
+                counted is not None
+                and counted[0] is self._window
+                and permit._token == self._epoch
+                and self._state is BreakerState.CLOSED
+                and counted[0].amend(counted[1], now)
+            ):
+                self._totals[kind] += 1
+                self._judge(now)
+                return
+        # Its success is in no window this breaker still judges by (a probe's, one from before a
+        # transition or aged out of the window): a failure of its own.
+        self.report(kind)
 
     def _probes_admitted(self) -> int:
         return len(self._probes) + self._probe_successes
@@ -309,18 +356,25 @@ class CircuitBreaker:
             if outcome == "ignored" or self._state is not BreakerState.CLOSED or permit._token != self._epoch:
                 return
             window = self._current_window()
-            window.record(now, outcome != "success", slow)
-            calls, failures, slow_calls = window.totals(now)
-            if calls < cfg.min_requests:
-                return
-            if failures / calls >= cfg.failure_rate_threshold:
-                self._trip(f"failure rate {failures}/{calls} >= {cfg.failure_rate_threshold:g}", now)
-            elif cfg.slow_call_ms > 0 and slow_calls / calls >= cfg.slow_call_rate_threshold:
-                self._trip(
-                    f"slow-call rate {slow_calls}/{calls} (> {cfg.slow_call_ms:g} ms)"
-                    f" >= {cfg.slow_call_rate_threshold:g}",
-                    now,
-                )
+            bucket = window.record(now, outcome != "success", slow)
+            if outcome == "success":
+                permit._counted = (window, bucket)
+            self._judge(now)
+
+    def _judge(self, now: float) -> None:
+        """Trip if the window's rates call for it (CLOSED only; under the lock)."""
+        cfg = self.config
+        calls, failures, slow_calls = self._current_window().totals(now)
+        if calls < cfg.min_requests:
+            return
+        if failures / calls >= cfg.failure_rate_threshold:
+            self._trip(f"failure rate {failures}/{calls} >= {cfg.failure_rate_threshold:g}", now)
+        elif cfg.slow_call_ms > 0 and slow_calls / calls >= cfg.slow_call_rate_threshold:
+            self._trip(
+                f"slow-call rate {slow_calls}/{calls} (> {cfg.slow_call_ms:g} ms)"
+                f" >= {cfg.slow_call_rate_threshold:g}",
+                now,
+            )
 
     def _current_window(self) -> _Window:
         # window_s/buckets may be tuned live; stats under the old geometry cannot be re-bucketed.

@@ -82,6 +82,9 @@ class Ticket:
     # Called by a computation when its first output exists (a generation's first token): the
     # breaker judges generations by their time to first token.
     first_output: Callable[[], None] = lambda: None
+    # The breaker's permit of the computation, once admitted: a failure after the first output
+    # turns that call's success into a failure (Permit.failed_after), not a second call.
+    permit: Permit | None = None
     pipeline: Pipeline | None = None
     # Queue places held since early admission; the HTTP layer releases what is left when the
     # request ends, whatever way it ends.
@@ -406,6 +409,7 @@ class Pipeline:
         with permit:
             started = time.perf_counter()
             ticket.first_output = lambda: permit.success(time.perf_counter() - started)
+            ticket.permit = permit
             # An open-ended computation (a whole generation) is bounded by its time to first token
             # and its stalls (see follow()), unless the client set a deadline of its own.
             open_ended = getattr(work, "open_ended", False) and not ticket.explicit_deadline
@@ -413,7 +417,7 @@ class Pipeline:
             try:
                 body, ctype = await bounded(work.compute(runtime, ticket), limit, "computing")
             except EngineFailure as exc:
-                permit.failure(exc.kind)
+                permit.failed_after(exc.kind)  # resolved at a first token, the same call failed
                 log.warning("model %s: engine %s: %s", ticket.model, exc.kind, exc.message)
                 return await self._fallback(ticket, work, hit, None, f"failed ({exc.kind})")
             except (ApplianceError, asyncio.CancelledError):
@@ -457,7 +461,7 @@ class Pipeline:
                 raise
             permit.success(time.perf_counter() - started)  # judged by time to first token
         stall = float(ticket.values["engine.timeout_ms"]) / 1000
-        return LiveStream(self, ticket, breaker, events, first, stall if stall > 0 else UNBOUNDED_S)
+        return LiveStream(self, ticket, breaker, events, first, stall if stall > 0 else UNBOUNDED_S, permit)
 
     async def _first(
         self,
@@ -634,10 +638,12 @@ class LiveStream:
         events: EventStream,
         first: Any,
         stall_s: float,
+        permit: Permit | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.ticket = ticket
         self.breaker = breaker
+        self.permit = permit
         self.events = events
         self.first: Any = first
         self.stall_s = stall_s
@@ -670,13 +676,20 @@ class LiveStream:
                 # work held, or was preempted. Overload, said as such (503), not held against
                 # the engine: counted, it opened the breaker on a healthy model under load.
                 raise admission_error(ComputeStarved.after(bound)) from None
-            self.breaker.report("timeout")
+            self._failed("timeout")
             raise EngineFailure(
                 f"the generation produced no token for {bound * 1000:.0f} ms", kind="timeout"
             ) from None
         except EngineFailure as exc:
-            self.breaker.report(exc.kind)
+            self._failed(exc.kind)
             raise
+
+    def _failed(self, kind: str) -> None:
+        """The generation, a success at its first token, failed: that call now counts as failed."""
+        if self.permit is not None:
+            self.permit.failed_after(kind)
+        else:
+            self.breaker.report(kind)
 
     def close(self) -> None:
         self.events.close()
@@ -699,7 +712,9 @@ async def follow(ticket: Ticket, events: EventStream) -> LiveStream:
     ticket.first_output()
     stall = float(ticket.values["engine.timeout_ms"]) / 1000
     breaker = pipeline.resilience.breaker(ticket.model, ticket.values)
-    return LiveStream(pipeline, ticket, breaker, events, first, stall if stall > 0 else UNBOUNDED_S)
+    return LiveStream(
+        pipeline, ticket, breaker, events, first, stall if stall > 0 else UNBOUNDED_S, ticket.permit
+    )
 
 
 def retry_after_header(seconds: float | None) -> dict[str, str]:

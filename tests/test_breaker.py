@@ -447,3 +447,41 @@ def test_snapshot_reports_state_rates_and_counts() -> None:
     assert snap["state"] == "half_open"
     assert snap["probes_in_flight"] == 1
     assert snap["transitions"] == 2
+
+
+# -- a call that fails after its first output ---------------------------------------------------
+
+
+def test_a_call_failing_after_its_first_output_counts_once_as_failed() -> None:
+    """A generation is a success at its first token (judged by time to first token), and may
+    fail later. That is one failed call: it counted a success and a second, failed call, so a
+    model failing every generation after its first token read a failure rate of 0.5 at most and
+    never tripped a breaker set above it."""
+    breaker, _, _ = make(min_requests=4, failure_rate_threshold=0.6)
+    for _ in range(3):
+        permit = breaker.acquire()
+        permit.success(0.01)
+        permit.failed_after("exception")
+        permit.failed_after("exception")  # once at most
+    snap = breaker.snapshot()
+    assert (snap["calls_in_window"], snap["failures_in_window"]) == (3, 3)
+    permit = breaker.acquire()
+    permit.success(0.01)
+    permit.failed_after("timeout")
+    assert breaker.state is BreakerState.OPEN, "4 of 4 calls failed"
+
+
+def test_a_late_failure_whose_success_left_the_window_is_a_failure_of_its_own() -> None:
+    """A generation longer than the window: its success is no longer counted, so its failure is
+    counted as a call of its own (there is nothing left to amend); one unresolved is a failure."""
+    breaker, clock, _ = make(window_s=10.0, buckets=10, min_requests=100)
+    permit = breaker.acquire()
+    permit.success(0.01)
+    clock.advance(30)
+    permit.failed_after("exception")
+    snap = breaker.snapshot()
+    assert (snap["calls_in_window"], snap["failures_in_window"]) == (1, 1)
+    unresolved = breaker.acquire()
+    unresolved.failed_after("oom")
+    snap = breaker.snapshot()
+    assert (snap["calls_in_window"], snap["failures_in_window"]) == (2, 2)

@@ -78,3 +78,27 @@ def test_logits_that_cannot_be_the_batch_fail_as_the_engine_not_a_200(
     status, raw, headers = post_raw(srv, "/v1/chat/completions", CHAT)
     assert status == 200 and headers["X-Appliance-Source"] == "engine", raw
     assert json.loads(raw)["choices"][0]["message"]["content"], "a healthy engine answers with text"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_generations_failing_after_their_first_token_open_the_breaker(
+    start_server: Any, smollm_folder: Path, faulty_decoder: list[FaultyDecoder], stream: bool
+) -> None:
+    """Every generation fails after its first token (prefill healthy, every decode step raises):
+    each is one failed call, and a breaker whose threshold is above 0.5 opens. Before, each
+    counted a success at its first token and a second, failed call: the rate read 10/20 = 0.5
+    and the breaker never opened, however many failed."""
+    srv = start_server(
+        {MODEL: smollm_folder},
+        overrides={MODEL: {"breaker": {"min_requests": 4, "failure_rate_threshold": 0.6}}},
+    )
+    hook = faulty_decoder[0]
+    hook.only, hook.mode = "decode", "raise"
+    statuses = []
+    for i in range(4):
+        body = {**CHAT, "messages": [{"role": "user", "content": f"question {i}"}], "stream": stream}
+        statuses.append(post_raw(srv, "/v1/chat/completions", body)[0])
+    assert statuses == ([200] * 4 if stream else [503] * 4), statuses  # a stream's error is an event
+    snap = breaker(srv)
+    assert snap["state"] == "open", snap
+    assert snap["totals"].get("success", 0) == 4 and snap["totals"].get("exception", 0) == 4, snap
