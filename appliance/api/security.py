@@ -633,14 +633,18 @@ def _close_idlest(connections: list[Any], handshaking: dict[Any, _TlsHandshake],
         idlest.close()
         return True
     transport = idlest.transport
-    idlest.force_close()
     if transport is not None and (
-        getattr(idlest, "discarding", False) or _tls_with_nothing_unsent(transport)
+        getattr(idlest, "discarding", False) or transport.is_closing() or _tls_with_nothing_unsent(transport)
     ):
-        # A TLS close is an exchange of close_notify that waits for the client (one discarding
-        # may have its close under way already): the connection stayed counted meanwhile, and
-        # the newcomer it was closed for was refused a 503 at its handshake's end all the same.
+        # A TLS close is an exchange of close_notify that waits for the client (one discarding,
+        # or one whose answer said Connection: close, has its close under way already): the
+        # connection stayed counted meanwhile, and the newcomer it was closed for was refused a
+        # 503 at its handshake's end all the same. Aborted before force_close(), whose close is
+        # then a second one: asyncio's TLS transport drops its protocol at a second close, and
+        # raised on every later call (this newcomer's connection died of it) or, for abort,
+        # did nothing.
         transport.abort()
+    idlest.force_close()
     return True
 
 
