@@ -523,6 +523,9 @@ class _Admission:
         closes it."""
         if len(self.server.connections) + len(self.handshaking) <= self.limit:
             return True
+        # (Walked only at the cap: one already closed may still be listed, see _held.)
+        if _held(self.server.connections) + len(self.handshaking) <= self.limit:
+            return True
         if _close_idlest(self.server.connections, self.handshaking, newcomer):
             self._evicted.inc()
             return True
@@ -646,6 +649,14 @@ def _close_idlest(connections: list[Any], handshaking: dict[Any, _TlsHandshake],
         transport.abort()
     idlest.force_close()
     return True
+
+
+def _held(connections: list[Any]) -> int:
+    """How many of aiohttp's connections still hold a socket. One closed (for a newcomer, or
+    by its client) stays listed until its handler's task ends, a few loop turns later: a TLS
+    newcomer whose handshake ended first, its slot freed for it at its accept, was refused a 503
+    as one too many (within a few tries, on uvloop and on asyncio's loop)."""
+    return sum(getattr(handler, "transport", True) is not None for handler in connections)
 
 
 def _tls_with_nothing_unsent(transport: asyncio.BaseTransport) -> bool:
