@@ -1466,3 +1466,52 @@ def test_a_load_stopped_at_shutdown_closes_the_engine_its_open_brings(
     stopping.join(30)
     assert not stopping.is_alive()
     assert closed.is_set(), "the engine opened by the stopped load was left open"
+
+
+def test_a_load_asked_for_while_the_server_drains_is_refused_503(
+    start_server, minilm_folder: Path, faulty: Any
+) -> None:  # type: ignore[no-untyped-def]
+    """An operator's load while the server is stopping is a 503 with Retry-After, as the data
+    plane's requests are, and nothing is loaded. Before, it was carried out: a model opened
+    (1.1 GB for the chat model) while the drain ran, and an open still running when the drain
+    ended made the models' close miss the stop's deadline, its engine left open at the exit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from appliance.api.common import DRAINING, MANAGER
+
+    other = "minilm-other"
+    srv = start_server({MODEL: minilm_folder, other: minilm_folder}, overrides={other: {"name": other}})
+    assert admin(srv, "POST", f"/admin/models/{other}/unload")[1]["state"] == "available"
+    for engine in faulty:
+        engine.delay_s = 1.0  # the running request holds the drain
+    rows = sum(e.rows for e in faulty)  # (the loads' batch-size measurements ran some)
+    body = json.dumps({"model": MODEL, "input": "running"}).encode()
+    running = urllib.request.Request(
+        srv.url + "/v1/embeddings",
+        data=body,
+        headers={"Content-Type": "application/json", "Cache-Control": "no-store, no-cache"},
+    )
+    with ThreadPoolExecutor(1) as pool:
+        answered = pool.submit(lambda: urllib.request.urlopen(running, timeout=30).status)
+        deadline = time.monotonic() + 10
+        while sum(e.rows for e in faulty) == rows:  # the engine has it
+            assert time.monotonic() < deadline, "the request never reached the engine"
+            time.sleep(0.01)
+        assert srv.server is not None
+        drained = asyncio.run_coroutine_threadsafe(srv.server.drain(), srv.loop)
+        while not srv.app[DRAINING][0]:
+            time.sleep(0.01)
+        request = urllib.request.Request(
+            srv.admin_url + f"/admin/models/{other}/load",
+            data=b"",
+            method="POST",
+            headers={"Authorization": f"Bearer {srv.server.admin_token}"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 503 and refused.value.headers["Retry-After"]
+        error = json.loads(refused.value.read())["error"]
+        assert "stopping" in error["message"]
+        assert answered.result() == 200, "the running request is answered whole"
+    drained.result(10)
+    assert srv.call(lambda: srv.app[MANAGER].slots[other].state) == models.ModelState.available

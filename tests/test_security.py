@@ -688,3 +688,60 @@ def test_an_idle_tls_connection_at_the_cap_makes_way_for_a_newcomer_at_once(
         assert _https_get(srv, ctx, "/healthz")[0] == 200, "the newcomer is served"
     finally:
         idle.close()
+
+
+@pytest.fixture(params=["uvloop", "asyncio"])
+def either_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Servers started under this fixture run on uvloop (production's, where it is installed) or
+    on asyncio's own loop (where it is not): their TLS transports differ."""
+    if request.param == "asyncio":
+        monkeypatch.setitem(sys.modules, "uvloop", None)  # new_event_loop falls back to asyncio's
+    else:
+        pytest.importorskip("uvloop")
+    return str(request.param)
+
+
+def test_a_tls_connection_closing_at_the_cap_makes_way_for_a_newcomer(
+    start_server, tmp_path: Path, either_loop: str
+) -> None:  # type: ignore[no-untyped-def]
+    """A TLS connection whose answer said ``Connection: close`` waits, closing, for its client's
+    close_notify; one that never sends it holds its slot. At ``server.max_connections`` it is
+    dropped for a newcomer, who is served. Before, on asyncio's loop, that close was the TLS
+    transport's second: it raised (AttributeError from the transport's get_extra_info), logged
+    as an asyncio callback error, and the newcomer's connection was left hanging (its handshake
+    timed out) or died with a "Fatal error", while the closing one kept its slot."""
+    srv, ctx = _tls_server(start_server, tmp_path, max_connections=1, keepalive_timeout_s=60)
+    closing = ctx.wrap_socket(socket.create_connection(("127.0.0.1", srv.port)), server_hostname="127.0.0.1")
+    try:
+        closing.settimeout(10)
+        closing.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := closing.recv(65536):  # to the server's close_notify, not answered
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert _https_get(srv, ctx, "/healthz")[0] == 200, "the newcomer is served"
+    finally:
+        closing.close()
+
+
+def test_the_slot_freed_for_a_tls_newcomer_is_its_own_at_its_handshake_end(
+    start_server, tmp_path: Path, either_loop: str
+) -> None:  # type: ignore[no-untyped-def]
+    """At ``server.max_connections`` a TLS newcomer's accept closes the idlest connection, and at
+    its handshake's end the newcomer is served, every time. The closed connection stayed listed
+    by aiohttp until its handler's task ended, a few loop turns later: a handshake that ended
+    first was refused a 503 as one too many (on uvloop and on asyncio's loop, within a few
+    tries)."""
+    import http.client
+
+    srv, ctx = _tls_server(start_server, tmp_path, max_connections=1, keepalive_timeout_s=60)
+    for attempt in range(12):
+        idle = http.client.HTTPSConnection("127.0.0.1", srv.port, context=ctx, timeout=10)
+        try:
+            idle.request("GET", "/healthz")
+            first = idle.getresponse()
+            first.read()  # answered and kept: idle, and holding the one slot
+            assert first.status == 200
+            assert _https_get(srv, ctx, "/healthz")[0] == 200, f"newcomer {attempt} is served"
+        finally:
+            idle.close()

@@ -433,7 +433,18 @@ def _model(request: web.Request) -> str:
 @routes.post("/admin/models/{model}/load")
 async def load_model(request: web.Request) -> web.Response:
     name = _model(request)
-    mgr = _data(request)[MANAGER]
+    data = _data(request)
+    if data[DRAINING][0]:
+        # Carried out, a load opened a model (a chat model's GB) while the drain ran, and an open
+        # still running at its end made the models' close miss the stop's deadline, the engine
+        # left open at the exit. Refused as the data plane's requests are while it drains.
+        raise Unavailable(
+            f"the server is stopping (draining): the model '{name}' is not loaded; load it once "
+            "the server is back",
+            param="model",
+            retry_after_s=5,  # as the data plane's 503 while draining
+        )
+    mgr = data[MANAGER]
     # Waited for up to LOAD_WAIT_S, not until the load ends (a load waits its turn behind every
     # other load, each bounded by its engine.load_timeout_s only): a client's wait that ran out
     # first said nothing of what became of it. Past it, a 202: the load goes on (its outcome is

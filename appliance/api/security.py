@@ -523,6 +523,9 @@ class _Admission:
         closes it."""
         if len(self.server.connections) + len(self.handshaking) <= self.limit:
             return True
+        # (Walked only at the cap: one already closed may still be listed, see _held.)
+        if _held(self.server.connections) + len(self.handshaking) <= self.limit:
+            return True
         if _close_idlest(self.server.connections, self.handshaking, newcomer):
             self._evicted.inc()
             return True
@@ -633,15 +636,27 @@ def _close_idlest(connections: list[Any], handshaking: dict[Any, _TlsHandshake],
         idlest.close()
         return True
     transport = idlest.transport
-    idlest.force_close()
     if transport is not None and (
-        getattr(idlest, "discarding", False) or _tls_with_nothing_unsent(transport)
+        getattr(idlest, "discarding", False) or transport.is_closing() or _tls_with_nothing_unsent(transport)
     ):
-        # A TLS close is an exchange of close_notify that waits for the client (one discarding
-        # may have its close under way already): the connection stayed counted meanwhile, and
-        # the newcomer it was closed for was refused a 503 at its handshake's end all the same.
+        # A TLS close is an exchange of close_notify that waits for the client (one discarding,
+        # or one whose answer said Connection: close, has its close under way already): the
+        # connection stayed counted meanwhile, and the newcomer it was closed for was refused a
+        # 503 at its handshake's end all the same. Aborted before force_close(), whose close is
+        # then a second one: asyncio's TLS transport drops its protocol at a second close, and
+        # raised on every later call (this newcomer's connection died of it) or, for abort,
+        # did nothing.
         transport.abort()
+    idlest.force_close()
     return True
+
+
+def _held(connections: list[Any]) -> int:
+    """How many of aiohttp's connections still hold a socket. One closed (for a newcomer, or
+    by its client) stays listed until its handler's task ends, a few loop turns later: a TLS
+    newcomer whose handshake ended first, its slot freed for it at its accept, was refused a 503
+    as one too many (within a few tries, on uvloop and on asyncio's loop)."""
+    return sum(getattr(handler, "transport", True) is not None for handler in connections)
 
 
 def _tls_with_nothing_unsent(transport: asyncio.BaseTransport) -> bool:
