@@ -637,7 +637,8 @@ def _close_idlest(connections: list[Any], handshaking: dict[Any, _TlsHandshake],
         return True
     transport = idlest.transport
     if transport is not None and (
-        getattr(idlest, "discarding", False) or transport.is_closing() or _tls_with_nothing_unsent(transport)
+        getattr(idlest, "discarding", False)
+        or (_tls(transport) and (transport.is_closing() or _nothing_unsent(transport)))
     ):
         # A TLS close is an exchange of close_notify that waits for the client (one discarding,
         # or one whose answer said Connection: close, has its close under way already): the
@@ -659,9 +660,13 @@ def _held(connections: list[Any]) -> int:
     return sum(getattr(handler, "transport", True) is not None for handler in connections)
 
 
-def _tls_with_nothing_unsent(transport: asyncio.BaseTransport) -> bool:
-    """A TLS connection whose answers are all handed to the kernel: dropping it loses nothing."""
-    if transport.get_extra_info("sslcontext") is None:
-        return False  # plain: its close is a FIN, and it goes at once
+def _tls(transport: asyncio.BaseTransport) -> bool:
+    """Whether ``transport`` is TLS. A plain one's close is a FIN and it goes at once; one
+    closing already flushes what is left of its answer, which an abort would cut."""
+    return transport.get_extra_info("sslcontext") is not None
+
+
+def _nothing_unsent(transport: asyncio.BaseTransport) -> bool:
+    """Every answer handed to the kernel: dropping the connection loses nothing."""
     size = getattr(transport, "get_write_buffer_size", None)
     return size is not None and size() == 0
