@@ -245,9 +245,10 @@ class Server:
             # Drained earlier, on its own, and its time long spent: what follows (the services'
             # close, the cache's last writes) gets the stop's grace from now, not nothing at all.
             self.clock.start(0.0)
-        for task in self._tasks:
+        tasks = [*self._tasks, *([self._queued_reload] if self._queued_reload is not None else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         clock = self.clock
         ends = clock.drain_ends if clock.drain_ends is not None else time.monotonic()
         # Answers still being written (a client reading slowly, or not at all) get what is left of
@@ -288,8 +289,9 @@ class Server:
         if lock.locked():
             if self._queued_reload is None or self._queued_reload.done():
                 log.info("reload: waiting for the settings change being saved")
+                # Held in _queued_reload alone (stop cancels it), not added to _tasks: that list
+                # lives as long as the server, and every reload queued so kept its finished task.
                 self._queued_reload = asyncio.ensure_future(self._reload_after(lock))
-                self._tasks.append(self._queued_reload)  # cancelled by stop
             return False
         return self._reload_now()
 
