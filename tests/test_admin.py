@@ -828,6 +828,23 @@ def test_a_patch_never_reverts_an_edit_on_disk_that_is_not_reloaded(served: Any)
     assert saved["models"][MODEL]["batching"]["max_batch_size"] == 4
 
 
+def slow_settings_saves(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """A test-only hook: each PATCH's save of the settings file is slow in its last step (a slow
+    fsync). The first event is set once a save has written the file; the save then waits for
+    the second (30 s at most)."""
+    from appliance.config import save_settings
+
+    saved, gate = threading.Event(), threading.Event()
+
+    def slow_save(*args: Any) -> None:
+        save_settings(*args)
+        saved.set()
+        gate.wait(30)
+
+    monkeypatch.setattr(admin_api, "save_settings", slow_save)
+    return saved, gate
+
+
 def test_a_reload_during_a_patchs_save_runs_after_it_and_is_not_undone(
     served: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -836,19 +853,9 @@ def test_a_reload_during_a_patchs_save_runs_after_it_and_is_not_undone(
     ones, reverting the reload's: the server ran queue.aging_ms 0 while the file said 7. The reload
     takes the settings lock, as a PATCH does: it runs once the PATCH is done, and what runs is
     what the file says."""
-    from appliance.api import admin as admin_api
-    from appliance.config import save_settings
-
     start, path = served
     srv = start()
-    saved, gate = threading.Event(), threading.Event()
-
-    def slow_save(*args: Any) -> None:  # test-only hook: a save whose last fsync is slow
-        save_settings(*args)
-        saved.set()
-        gate.wait(30)
-
-    monkeypatch.setattr(admin_api, "save_settings", slow_save)
+    saved, gate = slow_settings_saves(monkeypatch)
     change = {"models": {MODEL: {"batching": {"max_batch_size": 4}}}}
     answers: list[tuple[int, Any]] = []
     patch = threading.Thread(target=lambda: answers.append(admin(srv, "PATCH", "/admin/settings", change)))

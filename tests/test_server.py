@@ -14,9 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from appliance.api import admin as admin_api
-from appliance.config import save_settings
 from tests.conftest import ServerThread, make_repository
+from tests.test_admin import slow_settings_saves
 
 MODEL = "all-minilm-l6-v2"
 
@@ -53,14 +52,7 @@ def test_reloads_queued_behind_settings_saves_leave_no_task_behind(
     path = tmp_path / "appliance.yaml"
     raw = {"admin": {"port": 0, "socket": ""}, "model_repository": str(repo), "data_dir": "data"}
     path.write_text(yaml.safe_dump(raw))
-    saved, gate = threading.Event(), threading.Event()
-
-    def slow_save(*args: Any) -> None:  # test-only hook: a save whose last fsync is slow
-        save_settings(*args)
-        saved.set()
-        gate.wait(30)
-
-    monkeypatch.setattr(admin_api, "save_settings", slow_save)
+    saved, gate = slow_settings_saves(monkeypatch)
     caplog.set_level("INFO", logger="appliance.server")
 
     def reloads() -> int:
