@@ -170,7 +170,7 @@ class Permit:
     cancelled call is never counted and never pins a half-open probe slot.
     """
 
-    __slots__ = ("_breaker", "_counted", "_late", "_probe", "_started", "_token", "resolved")
+    __slots__ = ("_after", "_breaker", "_counted", "_late", "_probe", "_started", "_token", "resolved")
 
     def __init__(self, breaker: CircuitBreaker, probe: bool, token: int, started: float) -> None:
         self._breaker = breaker
@@ -180,6 +180,9 @@ class Permit:
         self.resolved = False
         # Where a success was counted: the window and its bucket (see failed_after).
         self._counted: tuple[_Window, int] | None = None
+        # A probe's success: the epoch it left the breaker in (half-open still, or the closed
+        # state it led to), where a later failure of the same call proves it wrong.
+        self._after: int | None = None
         self._late = False
 
     @property
@@ -287,6 +290,14 @@ class CircuitBreaker:
             permit._late = True
             counted = permit._counted
             now = self._clock()
+            if permit._probe and permit._after == self._epoch:
+                # A probe judged by its first output (a generation's first token) closed the
+                # breaker, or counted towards closing it, and then failed: the engine is not
+                # mended. Counted in the new window only, the breaker stayed closed to every
+                # caller until min_requests more failed.
+                self._totals[kind] += 1
+                self._trip(f"probe failed after its first output: {kind}", now)
+                return
             # A generation failing after its first token counted twice, a success and a
             # failure: a model failing every one never passed a failure rate of 0.5.
             if (
@@ -350,6 +361,7 @@ class CircuitBreaker:
                 self._probe_successes += 1
                 if self._probe_successes >= cfg.half_open_probes:
                     self._to(BreakerState.CLOSED, f"{self._probe_successes} probe(s) succeeded", now)
+                permit._after = self._epoch
                 return
             # Only CLOSED keeps statistics: HALF_OPEN is judged by its probes alone, and
             # DISABLED/FORCED_OPEN record nothing (as Resilience4j).

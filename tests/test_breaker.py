@@ -485,3 +485,24 @@ def test_a_late_failure_whose_success_left_the_window_is_a_failure_of_its_own() 
     unresolved.failed_after("oom")
     snap = breaker.snapshot()
     assert (snap["calls_in_window"], snap["failures_in_window"]) == (2, 2)
+
+
+@pytest.mark.parametrize("probes", [1, 2])
+def test_a_probe_that_fails_after_its_first_output_opens_the_breaker_again(probes: int) -> None:
+    """A half-open probe that is a generation succeeds at its first token, which closes the
+    breaker (or counts towards it), then fails. The engine is not mended: the breaker opens
+    again at once. Before, the failure was counted in the fresh closed window, and the breaker
+    admitted every caller until min_requests more had failed."""
+    breaker, clock, _ = make(half_open_probes=probes, min_requests=20, open_duration_s=5.0)
+    trip(breaker)
+    clock.advance(5.0)
+    probe = breaker.acquire()
+    assert probe.is_probe
+    probe.success(0.01)
+    assert breaker.state is (BreakerState.CLOSED if probes == 1 else BreakerState.HALF_OPEN)
+    if probes == 1:
+        record(breaker, successes=3)  # other calls meanwhile do not make the probe's verdict right
+    probe.failed_after("exception")
+    assert breaker.state is BreakerState.OPEN
+    with pytest.raises(BreakerOpen):
+        breaker.acquire()
