@@ -214,6 +214,10 @@ class ComputeArbiter:
         before was ``model``'s own (it held the engine back to back) or there was none."""
         return self._turns.get(model)
 
+    def forget(self, model: str) -> None:
+        """Drop ``model``'s turn: its folder is gone (ModelManager.rescan), and with it its calls."""
+        self._turns.pop(model, None)
+
     def held(self) -> int:
         """Grants held now (the urgent lane's included)."""
         return self._running + self._urgent_running

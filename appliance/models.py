@@ -345,10 +345,23 @@ class ModelManager:
                 # Its folder is gone: a request for it is a 404, not a load that fails for ever.
                 # A resident one serves on from memory until it is unloaded.
                 del self.slots[name]
-                self._identities.pop(name, None)
-                self._interfaces.pop(name, None)
+                self._forget(name)
         if self._start_defaults is None:  # the first scan: what "every built model" means
             self._start_defaults = [n for n, s in self.slots.items() if s.state != ModelState.unbuilt]
+
+    def _forget(self, name: str) -> None:
+        """Drop what is kept by the name of a model whose folder went. Kept, these grew with every
+        folder a soak added and removed, and a folder copied back under the name (a new model)
+        inherited the old one's "has served" readiness and its learned batch caps. A hash or a
+        stuck load still running keeps its entry (``_hashing``, ``_stuck_loads``) until it ends:
+        each drops itself then, and a stop waits for the stuck load."""
+        self._identities.pop(name, None)
+        self._interfaces.pop(name, None)
+        self._created.pop(name, None)
+        self._served.discard(name)
+        self.batch_caps.pop(name, None)
+        self.batch_measurements.pop(name, None)
+        self.arbiter.forget(name)
 
     @staticmethod
     def _busy(slot: ModelSlot) -> bool:

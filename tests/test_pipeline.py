@@ -527,6 +527,44 @@ def test_models_added_or_removed_while_serving_leave_readiness_alone(
     assert srv.get("/readyz")[0] == 200
 
 
+def test_a_rescan_forgets_every_table_entry_of_a_model_whose_folder_went(
+    start_server, minilm_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A model whose folder is removed leaves nothing behind by its name once a rescan drops it.
+    Before, a soak that added and removed folders grew the manager's per-name tables for ever
+    (has-served readiness, batch measurements, the arbiter's turns), and a folder copied back
+    under an old name inherited the old model's "has served"."""
+    monkeypatch.setattr(models_module, "RESCAN_MIN_S", 0.0)
+    srv = start_server({MODEL: minilm_folder})
+    repo, mgr = Path(srv.cfg.model_repository), srv.app[MANAGER]
+    gone = [f"gone-{i}" for i in range(8)]
+    for i, name in enumerate(gone):
+        copy_in(repo, name, minilm_folder)
+        assert srv.get(f"/v2/models/{name}")[0] == 200  # its interface, read from its file
+        if i < 2:  # served, then unloaded: what a keep-alive unload leaves
+            assert srv.post("/v1/embeddings", {"model": name, "input": "x"})[0] == 200
+            srv.call(lambda name=name: mgr.unload(name))
+    for name in gone:
+        shutil.rmtree(repo / name)
+    assert srv.post("/v1/embeddings", {"model": "nope", "input": "x"})[0] == 404  # reads it all again
+    tables = {
+        "_identities": mgr._identities,
+        "_created": mgr._created,
+        "_interfaces": mgr._interfaces,
+        "_hashing": mgr._hashing,
+        "_stuck_loads": mgr._stuck_loads,
+        "_served": mgr._served,
+        "batch_caps": mgr.batch_caps,
+        "batch_measurements": mgr.batch_measurements,
+        "arbiter._turns": mgr.arbiter._turns,
+    }
+    kept = srv.call(
+        lambda: {t: sorted(set(keys) & set(gone)) for t, keys in tables.items() if set(keys) & set(gone)}
+    )
+    assert kept == {}, kept
+    assert srv.post("/v1/embeddings", {"model": MODEL, "input": "x"})[0] == 200  # the one left serves on
+
+
 def test_a_repository_that_turns_unreadable_is_a_503_not_a_missing_model(
     start_server, minilm_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]

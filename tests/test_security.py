@@ -224,6 +224,33 @@ def test_at_the_connection_cap_a_newcomer_replaces_the_connection_idle_longest(
     assert 'appliance_connections_closed_total{reason="idle_evicted"} 1.0' in srv.get("/metrics")[1].decode()
 
 
+def test_a_closed_connection_leaves_nothing_in_the_per_connection_rate_table(
+    start_server, minilm_folder: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Each connection's request-rate bucket goes when the connection closes. Before, a closed
+    connection's entry (and with it its handler, transport and buffers) stayed until the table
+    reached 4,096 entries: after a soak's clients came and went, object counts never returned to
+    their baseline."""
+    from appliance.api.security import CEILINGS
+
+    srv = start_server({MODEL: minilm_folder})
+    table = lambda: srv.call(lambda: len(srv.app[CEILINGS]._conns))  # noqa: E731
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", srv.port)) as conn:  # a keep-alive connection
+            conn.settimeout(30)
+            body = json.dumps({"model": MODEL, "input": "hello"}).encode()
+            conn.sendall(
+                b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            assert conn.recv(200).startswith(b"HTTP/1.1 200")
+            assert table() >= 1  # tracked while it is open
+    deadline = time.monotonic() + 10
+    while table() and time.monotonic() < deadline:  # the server sees each close a loop turn later
+        time.sleep(0.02)
+    assert table() == 0, "closed connections' buckets are still held"
+
+
 def test_connections_beyond_the_cap_get_503_when_every_one_is_busy(start_server, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]
     srv = start_server({MODEL: minilm_folder}, config={"server": {"max_connections": 2}})
     held = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(2)]

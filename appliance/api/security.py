@@ -119,7 +119,8 @@ class RateCeilings:
         self.glob = TokenBucket(rate, max(rate / 10, 3)) if rate > 0 else None
         self.per_connection = per_connection
         # Keyed by the connection's handler object (hashed by identity): its bucket and when it
-        # was last used; idle entries are pruned when the table grows (a bucket idle 10 s is full).
+        # was last used. The data plane's server drops an entry as its connection closes
+        # (forget(), from LimitedRunner); the prune when the table grows is for any other server.
         self._conns: dict[Any, list[Any]] = {}
 
     def check(self, request: web.Request) -> float:
@@ -136,6 +137,10 @@ class RateCeilings:
         now = time.monotonic()
         entry = self._conns.get(conn)
         if entry is None:
+            if conn.transport is None:
+                # Closed already (its forget() has run): a bucket stored now would stay, holding
+                # the handler, until the prune. A fresh bucket admits one request anyway.
+                return 0.0
             if len(self._conns) >= _MAX_TRACKED:
                 # Closed connections go, whatever their age (more than _MAX_TRACKED within 10 s,
                 # clients without keep-alive, kept the table growing and rebuilt on every newcomer);
@@ -149,6 +154,11 @@ class RateCeilings:
             entry[1] = now
         taken: float = entry[0].try_take()
         return taken
+
+    def forget(self, conn: Any) -> None:
+        """Drop a closed connection's bucket: kept, it held the connection's handler (with its
+        transport and buffers) until the table reached ``_MAX_TRACKED`` entries."""
+        self._conns.pop(conn, None)
 
 
 CEILINGS = web.AppKey("ceilings", RateCeilings)
@@ -236,7 +246,8 @@ class LimitedRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         server.__class__ = _Server  # its connections' handlers answer parser errors as JSON
-        accept, pre_shutdown = server.connection_made, server.pre_shutdown
+        accept, pre_shutdown, lost = server.connection_made, server.pre_shutdown, server.connection_lost
+        ceilings = self._app[CEILINGS]
         closed = self._app[METRICS].connections_closed
         admission = self._admission = _Admission(server, self._max_connections, closed)
 
@@ -247,11 +258,16 @@ class LimitedRunner(web.AppRunner):
                 transport.write(_TOO_MANY)
                 transport.close()
 
+        def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
+            lost(handler, exc)
+            ceilings.forget(handler)  # per connection, not per request: the check stays a dict lookup
+
         def close_all() -> None:
             pre_shutdown()
             admission.close_handshakes()  # aiohttp's shutdown knows nothing of them
 
         server.connection_made = connection_made  # type: ignore[method-assign]
+        server.connection_lost = connection_lost  # type: ignore[method-assign]
         server.pre_shutdown = close_all  # type: ignore[method-assign]
         return server
 
