@@ -37,7 +37,7 @@ from typing import Any, Protocol, TypeVar
 
 from appliance.admission import AdmissionError, ComputeStarved, QueueFull, Reservation, WouldMissDeadline
 from appliance.auth import ApiKeyRecord
-from appliance.breaker import BreakerOpen, BreakerState, CircuitBreaker, Permit
+from appliance.breaker import BreakerOpen, BreakerState, Permit
 from appliance.cache import CacheHit, cache_key
 from appliance.errors import (
     ApplianceError,
@@ -445,7 +445,6 @@ class Pipeline:
         if isinstance(got, Answer):
             return got
         permit, runtime, hit = got
-        breaker = self.resilience.breaker(ticket.model, ticket.values)
         with permit:
             started = time.perf_counter()
             events = work.start(runtime, ticket)  # admission refusals raise here (429/503/400)
@@ -461,7 +460,7 @@ class Pipeline:
                 raise
             permit.success(time.perf_counter() - started)  # judged by time to first token
         stall = float(ticket.values["engine.timeout_ms"]) / 1000
-        return LiveStream(self, ticket, breaker, events, first, stall if stall > 0 else UNBOUNDED_S, permit)
+        return LiveStream(self, ticket, permit, events, first, stall if stall > 0 else UNBOUNDED_S)
 
     async def _first(
         self,
@@ -634,15 +633,14 @@ class LiveStream:
         self,
         pipeline: Pipeline,
         ticket: Ticket,
-        breaker: CircuitBreaker,
+        permit: Permit,
         events: EventStream,
         first: Any,
         stall_s: float,
-        permit: Permit | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.ticket = ticket
-        self.breaker = breaker
+        # Resolved a success at the first event; a later failure turns that call into a failure.
         self.permit = permit
         self.events = events
         self.first: Any = first
@@ -676,20 +674,13 @@ class LiveStream:
                 # work held, or was preempted. Overload, said as such (503), not held against
                 # the engine: counted, it opened the breaker on a healthy model under load.
                 raise admission_error(ComputeStarved.after(bound)) from None
-            self._failed("timeout")
+            self.permit.failed_after("timeout")
             raise EngineFailure(
                 f"the generation produced no token for {bound * 1000:.0f} ms", kind="timeout"
             ) from None
         except EngineFailure as exc:
-            self._failed(exc.kind)
+            self.permit.failed_after(exc.kind)
             raise
-
-    def _failed(self, kind: str) -> None:
-        """The generation, a success at its first token, failed: that call now counts as failed."""
-        if self.permit is not None:
-            self.permit.failed_after(kind)
-        else:
-            self.breaker.report(kind)
 
     def close(self) -> None:
         self.events.close()
@@ -711,10 +702,8 @@ async def follow(ticket: Ticket, events: EventStream) -> LiveStream:
         raise
     ticket.first_output()
     stall = float(ticket.values["engine.timeout_ms"]) / 1000
-    breaker = pipeline.resilience.breaker(ticket.model, ticket.values)
-    return LiveStream(
-        pipeline, ticket, breaker, events, first, stall if stall > 0 else UNBOUNDED_S, ticket.permit
-    )
+    assert ticket.permit is not None  # Pipeline.answer sets it before the computation starts
+    return LiveStream(pipeline, ticket, ticket.permit, events, first, stall if stall > 0 else UNBOUNDED_S)
 
 
 def retry_after_header(seconds: float | None) -> dict[str, str]:

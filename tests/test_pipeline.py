@@ -818,8 +818,10 @@ async def test_a_stream_stall_counts_against_the_engine_only_while_an_engine_cal
             return engine_running
 
     breaker = CircuitBreaker("m")
+    permit = breaker.acquire()
+    permit.success(0.01)  # as at the first token
     ticket = Ticket("m", 3, time.monotonic() + 60, False)
-    stream = LiveStream(None, ticket, breaker, Silent(), None, 0.05)  # type: ignore[arg-type]
+    stream = LiveStream(None, ticket, permit, Silent(), None, 0.05)  # type: ignore[arg-type]
     with pytest.raises(Unavailable if not engine_running else EngineFailure) as caught:
         await stream.__anext__()
     failures = breaker.snapshot()["failures_in_window"]
@@ -860,7 +862,7 @@ async def test_a_hang_up_as_the_next_token_arrives_ends_the_stream() -> None:
     for _ in range(20):
         events = Tokens()
         ticket = Ticket("m", 3, time.monotonic() + 60, False)
-        stream = LiveStream(None, ticket, CircuitBreaker("m"), events, None, 30.0)  # type: ignore[arg-type]
+        stream = LiveStream(None, ticket, CircuitBreaker("m").acquire(), events, None, 30.0)  # type: ignore[arg-type]
         taken: list[Any] = []
 
         async def consume(stream: LiveStream = stream, taken: list[Any] = taken) -> None:
