@@ -733,6 +733,17 @@ register(
         reload=True,
     ),
     Setting(
+        "engine.spin_us",
+        int,
+        0,
+        "On the CPU, let an encoder's ONNX Runtime threads spin up to this many microseconds for "
+        "their next kernel before sleeping (0: sleep at once). Chat decoders use "
+        "generation.decode_spin_us.",
+        0,
+        100000,
+        reload=True,
+    ),
+    Setting(
         "compute.concurrency",
         int,
         1,

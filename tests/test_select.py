@@ -9,6 +9,7 @@ a GPU box, and the test says so; the engine that ends up serving is always real.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +113,39 @@ def test_cuda_provider_that_does_not_load_is_a_step_down(
 def test_no_gpu_engine_means_no_device_budget() -> None:
     assert not select.gpu_engines_available()
     assert select.onnxruntime_cuda_unavailable() is not None and select.tensorrt_unavailable() is not None
+
+
+def _spin_config(engine: Any) -> tuple[str, str]:
+    """(allow_spinning, spin_duration_us) of the engine's ONNX Runtime session."""
+    options = engine._session.get_session_options()
+    found = []
+    for key in ("session.intra_op.allow_spinning", "session.intra_op.spin_duration_us"):
+        try:
+            found.append(str(options.get_session_config_entry(key)))
+        except Exception:  # ORT raises a plain RuntimeError-like error for a key never set
+            found.append("")
+    return found[0], found[1]
+
+
+@cpu_only
+def test_engine_spin_us_bounds_how_long_the_encoder_threads_wait_awake(
+    minilm_folder: Path, tmp_path: Path
+) -> None:
+    entry = entry_for(minilm_folder, tmp_path, "onnxruntime")
+    values = settings.defaults()
+    spinning = select.open_engine(entry, values | {"engine.spin_us": 400})
+    sleeping = select.open_engine(entry, values | {"engine.spin_us": 0})
+    assert _spin_config(spinning) == ("1", "400")
+    assert _spin_config(sleeping) == ("0", ""), "0: the threads sleep at once"
+    ids = np.array([[101, 7592, 2088, 102]], np.int64)
+    feeds = {s.name: ids if s.name == "input_ids" else np.ones_like(ids) for s in spinning.inputs}
+    # Only the waiting changes, never the arithmetic.
+    for name, value in spinning.run(feeds).items():
+        assert np.array_equal(value, sleeping.run(feeds)[name])
+    cpu = time.process_time()
+    time.sleep(0.3)
+    # Bounded, an idle model's threads sleep soon after its last run; an unbounded spin
+    # (engine.spin_wait) would keep one busy for the whole pause (~0.3 s of CPU).
+    assert time.process_time() - cpu < 0.1
+    spinning.close()
+    sleeping.close()

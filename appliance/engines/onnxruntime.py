@@ -158,6 +158,7 @@ class OnnxRuntimeEngine(Engine):
         intra_op_threads: int = 0,
         inter_op_threads: int = 1,
         spin_wait: bool = False,
+        spin_us: int = 0,
         prefer_gpu: bool = True,
         session: ort.InferenceSession | None = None,
     ) -> None:
@@ -174,7 +175,7 @@ class OnnxRuntimeEngine(Engine):
         # manager can then share one activation budget between models taking turns (and the
         # arena was no faster here: 29 vs 35 ms for a MiniLM batch of 8).
         opts.enable_cpu_mem_arena = False
-        spinning(opts, spin_wait)
+        spinning(opts, spin_wait, spin_us)
         try:
             opened = ort.InferenceSession(os.fspath(path), sess_options=opts, providers=providers(prefer_gpu))
         except Exception as exc:  # ORT raises its own untyped errors

@@ -139,7 +139,7 @@ def open_on_chain(
 def open_engine(entry: ModelEntry, values: dict[str, Any]) -> Engine:
     """The model's engine (an encoder or tensor model) on the first backend that works."""
     intra, inter = int(values["engine.intra_op_threads"]), int(values["engine.inter_op_threads"])
-    spin = bool(values["engine.spin_wait"])
+    spin, spin_us = bool(values["engine.spin_wait"]), int(values["engine.spin_us"])
 
     def tensorrt() -> Engine:
         from appliance.engines.tensorrt import TensorRTEngine
@@ -153,6 +153,7 @@ def open_engine(entry: ModelEntry, values: dict[str, Any]) -> Engine:
             intra_op_threads=intra,
             inter_op_threads=inter,
             spin_wait=spin,
+            spin_us=spin_us,
         )
 
     return open_on_chain(entry, tensorrt, onnxruntime)
