@@ -735,9 +735,11 @@ register(
     Setting(
         "engine.spin_us",
         int,
-        0,
-        "On the CPU, let an encoder's ONNX Runtime threads spin up to this many microseconds for "
-        "their next kernel before sleeping (0: sleep at once). Chat decoders use "
+        500,
+        "On the CPU, within one run, let an encoder's ONNX Runtime threads spin up to this many "
+        "microseconds for their next kernel before sleeping; they sleep as soon as the run ends. "
+        "Measured on 2 cores (MiniLM): 0.9-1.2 ms less at one client and ~10% more sentences/s at "
+        "16-64 clients than 0 (sleep at once), and no loss beside chat. Chat decoders use "
         "generation.decode_spin_us.",
         0,
         100000,

@@ -133,9 +133,12 @@ def test_engine_spin_us_bounds_how_long_the_encoder_threads_wait_awake(
 ) -> None:
     entry = entry_for(minilm_folder, tmp_path, "onnxruntime")
     values = settings.defaults()
+    assert values["engine.spin_us"] == 500, "on by default: measured faster at every load (README)"
     spinning = select.open_engine(entry, values | {"engine.spin_us": 400})
     sleeping = select.open_engine(entry, values | {"engine.spin_us": 0})
     assert _spin_config(spinning) == ("1", "400")
+    stop = spinning._session.get_session_options().get_session_config_entry("session.force_spinning_stop")
+    assert stop == "1", "the threads stop spinning when a run ends: models taking turns get the cores"
     assert _spin_config(sleeping) == ("0", ""), "0: the threads sleep at once"
     ids = np.array([[101, 7592, 2088, 102]], np.int64)
     feeds = {s.name: ids if s.name == "input_ids" else np.ones_like(ids) for s in spinning.inputs}

@@ -175,7 +175,7 @@ class OnnxRuntimeEngine(Engine):
         # manager can then share one activation budget between models taking turns (and the
         # arena was no faster here: 29 vs 35 ms for a MiniLM batch of 8).
         opts.enable_cpu_mem_arena = False
-        spinning(opts, spin_wait, spin_us)
+        spinning(opts, spin_wait, spin_us, stop_after_run=True)
         try:
             opened = ort.InferenceSession(os.fspath(path), sess_options=opts, providers=providers(prefer_gpu))
         except Exception as exc:  # ORT raises its own untyped errors
@@ -225,7 +225,7 @@ class OnnxRuntimeEngine(Engine):
         del self._session
 
 
-def spinning(opts: ort.SessionOptions, spin_wait: bool, spin_us: int = 0) -> None:
+def spinning(opts: ort.SessionOptions, spin_wait: bool, spin_us: int = 0, *, stop_after_run: bool = False) -> None:
     """ORT's intra-op threads spin after a run, waiting for the next. That helps one model running
     batch after batch, but when models take turns on the cores (the compute arbiter) the idle
     model's spinning threads steal the cores the running model needs: measured with
@@ -236,11 +236,17 @@ def spinning(opts: ort.SessionOptions, spin_wait: bool, spin_us: int = 0) -> Non
     work, then sleep (``session.intra_op.spin_duration_us``, backing off up to 8 pauses between
     checks). Inside one run of ~1300 small kernels (a chat decode step) the worker thread then
     catches the next parallel kernel without a futex wake-up; a millisecond after the run it
-    sleeps, so an idle model does not keep a core."""
+    sleeps, so an idle model does not keep a core.
+
+    ``stop_after_run`` (an encoder's ``engine.spin_us``): the threads also stop spinning the moment
+    a run ends (``session.force_spinning_stop``). A batch is one run with gaps between runs, so
+    the spin between runs bought nothing, while the models taking turns after it lost that time."""
     if spin_us > 0 and not spin_wait:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
         opts.add_session_config_entry("session.intra_op.spin_duration_us", str(int(spin_us)))
         opts.add_session_config_entry("session.intra_op.spin_backoff_max", "8")
+        if stop_after_run:
+            opts.add_session_config_entry("session.force_spinning_stop", "1")
         return
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
 
