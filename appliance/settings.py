@@ -554,12 +554,12 @@ register(
     Setting(
         "generation.decode_spin_us",
         int,
-        0,
+        200,
         "On the CPU, let the chat decoder's ONNX Runtime threads spin up to this many microseconds "
         "for their next kernel before sleeping (a decode step is ~1300 small kernels; each wake-up "
-        "costs a futex call). 0: sleep at once. Measured on 2 cores: 1000 makes a one-row step "
-        "~0.93x the time with nothing else running, ~1.35x with one other busy process, and the "
-        "served one-stream tokens/s 0.55-0.7x on a box shared with other jobs; off by default.",
+        "costs a futex call). 0: sleep at once. Measured on 2 cores with the appliance alone: 200 "
+        "gives 1.2x the tokens/s at one stream and 1.17x at eight; with another process busy at "
+        "the same priority a step takes ~1.4x as long: set 0 on a box shared with other work.",
         0,
         100000,
         reload=True,
@@ -738,9 +738,10 @@ register(
         500,
         "On the CPU, within one run, let an encoder's ONNX Runtime threads spin up to this many "
         "microseconds for their next kernel before sleeping; they sleep as soon as the run ends. "
-        "Measured on 2 cores (MiniLM): 0.9-1.2 ms less at one client and ~10% more sentences/s at "
-        "16-64 clients than 0 (sleep at once), and no loss beside chat. Chat decoders use "
-        "generation.decode_spin_us.",
+        "Measured on 2 cores with the appliance alone (MiniLM): ~1 ms less at one client and ~10% "
+        "more sentences/s at 16-64 clients, no loss beside chat; with another process busy at the "
+        "same priority ~1.4x slower at 16 clients: set 0 on a box shared with other work. Chat "
+        "decoders use generation.decode_spin_us.",
         0,
         100000,
         reload=True,

@@ -4,7 +4,7 @@ their next kernel before sleeping (``appliance.engines.onnxruntime.spinning``).
 Promised: both of the decoder's sessions (the float graph and the 4-bit decode companion) get the
 bound; the answers are the same tokens (only waiting changes, not arithmetic); a millisecond or so
 after a run the threads sleep, so an idle decoder does not keep a core busy (which
-``engine.spin_wait``'s unbounded spinning does); 0 leaves the threads sleeping at once, as before."""
+``engine.spin_wait``'s unbounded spinning does); 0 leaves the threads sleeping at once."""
 
 from __future__ import annotations
 
@@ -61,9 +61,11 @@ def _config(session: DecoderSession) -> list[tuple[str, str]]:
     return out
 
 
-def test_the_setting_is_off_by_default_and_bounded() -> None:
+def test_the_setting_is_bounded_and_on_by_default() -> None:
     setting = REGISTRY["generation.decode_spin_us"]
-    assert setting.default == 0 and setting.minimum == 0 and setting.maximum == 100000
+    # On by default since session 31's measurement (README, Performance): 1.2x the tokens/s at
+    # one stream with the appliance alone on the box; 0 stays for a box shared with other work.
+    assert setting.default == 200 and setting.minimum == 0 and setting.maximum == 100000
     assert setting.reload, "thread options apply when the model is loaded"
 
 
