@@ -89,14 +89,14 @@ def instrument() -> None:
     timed(runtime.DecoderSession, "_run", "ort_run")
     timed(scheduler.Scheduler, "_advance", "advance")
     timed(scheduler.Scheduler, "_deliver", "deliver")
-    original = chat_api._Wire.chunk
+    original = chat_api.Wire.chunk
 
     def chunk(self: Any, text: Any, *a: Any, **k: Any) -> Any:
         if text:
             stamp("sse_chunk")
         return original(self, text, *a, **k)
 
-    chat_api._Wire.chunk = chunk  # type: ignore[method-assign]
+    chat_api.Wire.chunk = chunk  # type: ignore[method-assign]
 
 
 class InProcessServer:
