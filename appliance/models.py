@@ -268,6 +268,9 @@ class ModelManager:
         # Engines that share one device arena (TensorRT) never run at once, whatever the
         # arbiter's concurrency.
         self.arena_lock = threading.Lock()
+        # Called with a model's name when a rescan drops it (its folder went): what layers above
+        # keep by model name (breakers, the console's rolling figures) goes with it.
+        self.forgetting: list[Callable[[str], None]] = []
         # The identity of each model's built artefacts, read once (cache keys need it per request).
         self._identities: dict[str, str] = {}
         # Artefact hashes running in a thread (identity_within), by model.
@@ -362,6 +365,9 @@ class ModelManager:
         self.batch_caps.pop(name, None)
         self.batch_measurements.pop(name, None)
         self.arbiter.forget(name)
+        self.metrics.forget_model(name)
+        for forget in self.forgetting:
+            forget(name)
 
     @staticmethod
     def _busy(slot: ModelSlot) -> bool:

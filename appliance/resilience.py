@@ -142,6 +142,14 @@ class Resilience:
             self._restart_after[model] = int(values["breaker.restart_engine_after"])
         return b
 
+    def forget_model(self, model: str) -> None:
+        """A model whose folder went: its breaker and figures go too, so that a folder copied
+        back under the name (a new model) does not start with the old one's open breaker."""
+        self.breakers.pop(model, None)
+        self._figures.pop(model, None)
+        self._failed_probes.pop(model, None)
+        self._restart_after.pop(model, None)
+
     def configure(self, model: str, values: Mapping[str, Any]) -> None:
         b = self.breakers.get(model)
         if b is not None:

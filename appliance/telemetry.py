@@ -4,6 +4,7 @@ several servers in one test process never share counters."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from bisect import bisect_left
 from collections import deque
@@ -339,6 +340,20 @@ class Metrics:
         if not rendering.cancelled():
             rendering.exception()  # retrieved: each scraper still waiting gets it as its own
 
+    def forget_model(self, model: str) -> None:
+        """Drop every series labelled with ``model``, a model whose folder went (Triton drops an
+        unloaded model's series too). Kept, a soak that added and removed folders grew every
+        scrape, the registry and Triton's statistics for ever, and a folder copied back under the
+        name (a new model) continued the old one's counters."""
+        for metric in vars(self).values():
+            if isinstance(metric, (Counter, Gauge, Histogram)):
+                with contextlib.suppress(ValueError):  # a metric without a model label
+                    metric.remove_by_labels({"model": model})
+        for key in [k for k in self._children if model in k[1]]:
+            del self._children[key]  # a cache: looked up again on next use
+        self.request_stats.forget(model)
+        self.model_stats.forget(model)
+
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, looked up once: labels() locks on every call, and the
         request path would pay that several times per request."""
@@ -383,6 +398,11 @@ class RequestMetrics:
         # -> per-bucket counts (the last for +Inf), then the sum, then created
         self._durations: dict[tuple[str, str, str], list[float]] = {}
         registry.register(self)
+
+    def forget(self, model: str) -> None:
+        for table in (self._counts, self._durations):
+            for key in [k for k in table if k[0] == model]:
+                del table[key]
 
     def record(self, model: str, api: str, status: str, priority: str, seconds: float) -> None:
         count = self._counts.get((model, api, status))
@@ -483,6 +503,9 @@ class ModelStats:
 
     def __init__(self) -> None:
         self._models: dict[str, _Model] = {}
+
+    def forget(self, model: str) -> None:
+        self._models.pop(model, None)
 
     def _of(self, model: str) -> _Model:
         found = self._models.get(model)
@@ -600,6 +623,9 @@ class RollingStats:
         self.rate_window_s = rate_window_s
         self.cap = cap
         self._events: dict[str, deque[tuple[float, float, int]]] = {}
+
+    def forget(self, model: str) -> None:
+        self._events.pop(model, None)
 
     def record(self, model: str, seconds: float, status: int, now: float | None = None) -> None:
         q = self._events.get(model)

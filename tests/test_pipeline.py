@@ -23,7 +23,7 @@ import pytest
 
 from appliance import inference
 from appliance import models as models_module
-from appliance.api.common import MANAGER, RESILIENCE
+from appliance.api.common import MANAGER, RESILIENCE, ROLLING
 from appliance.auth import KeyStore
 from appliance.models import ModelManager
 from tests.conftest import ServerThread, copy_in, make_repository, metric
@@ -563,6 +563,50 @@ def test_a_rescan_forgets_every_table_entry_of_a_model_whose_folder_went(
     )
     assert kept == {}, kept
     assert srv.post("/v1/embeddings", {"model": MODEL, "input": "x"})[0] == 200  # the one left serves on
+
+
+def test_a_model_whose_folder_went_leaves_no_series_statistics_or_breaker_behind(
+    start_server, minilm_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Once a rescan drops a model whose folder went, nothing is kept by its name above the
+    manager either: its Prometheus series, its Triton statistics, its breaker and the console's
+    rolling figures. Before, every scrape carried each removed model for ever (a soak adding and
+    removing folders grew /metrics without bound), and a folder copied back under the name, a new
+    model, continued the old one's counters and its breaker."""
+    monkeypatch.setattr(models_module, "RESCAN_MIN_S", 0.0)
+    srv = start_server({MODEL: minilm_folder})
+    repo, mgr, resilience = Path(srv.cfg.model_repository), srv.app[MANAGER], srv.app[RESILIENCE]
+    copy_in(repo, "gone", minilm_folder)
+    for text in ("a", "b"):
+        assert srv.post("/v1/embeddings", {"model": "gone", "input": text})[0] == 200
+    assert srv.post("/v1/embeddings", {"model": MODEL, "input": "kept"})[0] == 200
+
+    def scrape() -> str:
+        status, text = srv.get("/metrics")
+        assert status == 200
+        return str(text.decode())
+
+    assert 'model="gone"' in scrape()
+    assert srv.get("/v2/models/gone/stats")[1]["model_stats"][0]["inference_stats"]["success"]["count"] == 2
+    assert "gone" in srv.call(lambda: set(resilience.breakers))
+    assert srv.call(lambda: "gone" in srv.app[ROLLING].snapshot())
+
+    srv.call(lambda: mgr.unload("gone"))
+    shutil.rmtree(repo / "gone")
+    assert srv.post("/v1/embeddings", {"model": "nope", "input": "x"})[0] == 404  # reads it all again
+    text = scrape()
+    assert 'model="gone"' not in text, [line for line in text.splitlines() if 'model="gone"' in line][:5]
+    assert f'model="{MODEL}"' in text, "the model left keeps its series"
+    names = [m["name"] for m in srv.get("/v2/models/stats")[1]["model_stats"]]
+    assert "gone" not in names and MODEL in names
+    assert srv.call(lambda: "gone" not in resilience.breakers and "gone" not in resilience._figures)
+    assert srv.call(lambda: "gone" not in srv.app[ROLLING].snapshot())
+
+    copy_in(repo, "gone", minilm_folder)  # a new model under the old name starts from nothing
+    assert srv.get("/v2/models/gone")[0] == 200  # (its metadata reads the repository again)
+    stats = srv.get("/v2/models/gone/stats")[1]["model_stats"][0]["inference_stats"]["success"]
+    assert stats["count"] == 0
+    assert srv.post("/v1/embeddings", {"model": "gone", "input": "again"})[0] == 200
 
 
 def test_a_repository_that_turns_unreadable_is_a_503_not_a_missing_model(

@@ -440,6 +440,7 @@ def create_app(cfg: Config) -> web.Application:
     app[ACTIONS] = {}
     resilience = Resilience(metrics)
     app[RESILIENCE] = resilience
+    manager.forgetting += [resilience.forget_model, app[ROLLING].forget]
     app[PIPELINE] = Pipeline(manager, resilience, metrics)
     app[SUPERVISOR] = Supervisor(metrics, manager.progress)
     app[EXTRA_STATS]["workers"] = app[SUPERVISOR].snapshot
