@@ -43,7 +43,6 @@ from appliance.engines.base import Interface
 from appliance.errors import (
     ApplianceError,
     InvalidRequest,
-    ModelNotBuilt,
     ModelNotFound,
     Unavailable,
     json_type,
@@ -173,10 +172,9 @@ async def statistics(request: web.Request) -> web.Response:
     if name is None:
         names = [n for n, s in mgr.slots.items() if s.state != ModelState.unbuilt]
     else:
-        if name not in mgr.slots:
-            raise ModelNotFound(f"Request for unknown model: '{quoted(name)}' is not found")
-        if mgr.slots[name].state == ModelState.unbuilt:
-            raise ModelNotBuilt(name)
+        # As every route naming a model: a folder copied in since the last reading is found (not
+        # a 404 until some other request read the repository again), one removed is a 404.
+        mgr.request_slot(name)
         _check_version(request, name)
         names = [name]
     stats = request.app[METRICS].model_stats
