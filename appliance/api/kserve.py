@@ -173,8 +173,14 @@ async def statistics(request: web.Request) -> web.Response:
         names = [n for n, s in mgr.slots.items() if s.state != ModelState.unbuilt]
     else:
         # As every route naming a model: a folder copied in since the last reading is found (not
-        # a 404 until some other request read the repository again), one removed is a 404.
-        mgr.request_slot(name)
+        # a 404 until some other request read the repository again), one removed is a 404, in
+        # Triton's words (tritonclient users match them) unless its model.yaml is what is wrong.
+        try:
+            mgr.request_slot(name)
+        except ModelNotFound as exc:
+            if name in mgr.broken:
+                raise
+            raise ModelNotFound(f"Request for unknown model: '{quoted(name)}' is not found") from exc
         _check_version(request, name)
         names = [name]
     stats = request.app[METRICS].model_stats

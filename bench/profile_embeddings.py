@@ -1,0 +1,241 @@
+"""Where one embedding request's time goes at concurrency 1: stage timestamps inside the real server.
+
+    .venv/bin/python bench/profile_embeddings.py [--requests 400] [--api openai|kserve] [--set NAME=JSON]
+
+The server runs in this process (its own event loop in a thread, as ``tests/conftest.py`` does) and
+the client is a blocking keep-alive socket on another thread, so both share one clock. Chosen
+functions are wrapped to stamp ``time.perf_counter`` (~1 µs a call): the handler's entry, the
+batcher's submit, the model's batch on its worker thread (tokenizing, ONNX Runtime's run, the rest),
+the answer's rendering back on the loop. Requests go one at a time with a 2-ms pause between them,
+as one client's do; the engine alone is then timed the same way (tokenize + run, batch 1, the same
+pause), so the table says what the server adds around the engine and where. Prints the median of
+each stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from appliance import batcher, inference  # noqa: E402
+from appliance.api import kserve, openai  # noqa: E402
+from appliance.config import parse  # noqa: E402
+from appliance.engines import onnxruntime as ort_engine  # noqa: E402
+from appliance.server import Server, new_event_loop  # noqa: E402
+
+MODEL = "all-minilm-l6-v2"
+STARTS: dict[str, list[float]] = defaultdict(list)  # stage -> perf_counter at each call's start
+ENDS: dict[str, list[float]] = defaultdict(list)  # stage -> perf_counter at each call's end
+
+
+def timed(owner: Any, attr: str, name: str) -> None:
+    """Wrap ``owner.attr`` (sync or async) to record when each call starts and ends."""
+    fn: Callable[..., Any] = getattr(owner, attr)
+    if asyncio.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def awrap(*a: Any, **k: Any) -> Any:
+            STARTS[name].append(time.perf_counter())
+            try:
+                return await fn(*a, **k)
+            finally:
+                ENDS[name].append(time.perf_counter())
+
+        setattr(owner, attr, awrap)
+    else:
+
+        @functools.wraps(fn)
+        def wrap(*a: Any, **k: Any) -> Any:
+            STARTS[name].append(time.perf_counter())
+            try:
+                return fn(*a, **k)
+            finally:
+                ENDS[name].append(time.perf_counter())
+
+        setattr(owner, attr, wrap)
+
+
+def instrument(api: str) -> None:
+    if api == "openai":
+        timed(openai._Embeddings, "render", "render")
+    else:
+        timed(kserve, "encode_response", "render")
+    timed(batcher.Batcher, "submit", "submit")
+    timed(inference.EmbeddingRuntime, "run_batch", "worker")
+    timed(inference.EmbeddingRuntime, "encode", "tokenize")
+    timed(ort_engine.OnnxRuntimeEngine, "run", "ort")
+
+
+class InProcessServer:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.cfg = parse(config, None, env={})
+        self.loop = new_event_loop()
+        self.ready = threading.Event()
+        self.port = 0
+        threading.Thread(target=self._main, daemon=True).start()
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._serve())
+
+    async def _serve(self) -> None:
+        server = Server(self.cfg, env={})
+        await server.start()
+        self.port = server.port
+        self.ready.set()
+        await asyncio.Event().wait()
+
+
+def request_bytes(api: str, text: str) -> bytes:
+    if api == "openai":
+        path, body = "/v1/embeddings", {"model": MODEL, "input": text, "encoding_format": "base64"}
+    else:
+        path = f"/v2/models/{MODEL}/infer"
+        body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1, 1], "data": [text]}]}
+    raw = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Cache-Control: no-cache, no-store\r\nContent-Length: {len(raw)}\r\n\r\n"
+    )
+    return head.encode() + raw
+
+
+def read_answer(sock: socket.socket, buf: bytearray) -> None:
+    """One HTTP/1.1 answer with a Content-Length, read whole (status checked)."""
+    while b"\r\n\r\n" not in buf:
+        buf += sock.recv(65536)
+    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+    if head[9:12] != b"200":
+        raise RuntimeError(f"the server answered {head[:12]!r}")
+    length = next(int(line[15:]) for line in head.split(b"\r\n") if line[:15].lower() == b"content-length:")
+    body = bytearray(rest)
+    while len(body) < length:
+        body += sock.recv(65536)
+    buf[:] = body[length:]
+
+
+def sentences(n: int) -> list[str]:
+    subjects = ["My order", "The invoice", "Your courier", "The refund", "My account", "The app"]
+    verbs = ["has not arrived", "shows the wrong amount", "was charged twice", "cannot be opened"]
+    tails = ["since Monday", "after the update", "for the third time", "and I need it today"]
+    return [f"{subjects[i % 6]} {verbs[(i // 6) % 4]} {tails[(i // 24) % 4]} (ticket {i})." for i in range(n)]
+
+
+def after(name: str, t: float, ends: bool = False) -> float:
+    """The first start (or end) of ``name`` at or after ``t``."""
+    return min(x for x in (ENDS if ends else STARTS)[name] if x >= t)
+
+
+def engine_alone(folder: Path, texts: list[str], pause_s: float) -> float:
+    """Median ms of tokenize + run at batch 1 through the server's own runtime, paused as served."""
+    from tokenizers import Tokenizer
+
+    from appliance.settings import defaults
+
+    values = defaults()
+    engine = ort_engine.OnnxRuntimeEngine(
+        folder / "model.onnx",
+        intra_op_threads=int(values["engine.intra_op_threads"]),
+        spin_us=int(values["engine.spin_us"]),
+    )
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.no_padding()
+    import numpy as np
+
+    times = []
+    for i, text in enumerate(texts):
+        t = time.perf_counter()
+        ids = np.array([tok.encode(text).ids], dtype=np.int64)
+        engine.run({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+        if i >= 20:
+            times.append(time.perf_counter() - t)
+        time.sleep(pause_s)
+    engine.close()
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=400)
+    ap.add_argument("--api", choices=["openai", "kserve"], default="openai")
+    ap.add_argument("--pause-ms", type=float, default=2.0, help="between one answer and the next request")
+    ap.add_argument("--set", action="append", default=[], help="a setting, NAME=VALUE (JSON value)")
+    args = ap.parse_args()
+    instrument(args.api)
+    texts = sentences(args.requests + 20)
+    with tempfile.TemporaryDirectory() as tmp:
+        model: dict[str, Any] = {}
+        for key, value in (s.split("=", 1) for s in args.set):
+            section, _, leaf = key.partition(".")
+            model.setdefault(section, {})[leaf] = json.loads(value)
+        config = {
+            "server": {"port": 0, "log_level": "warning", "default_models": [MODEL]},
+            "admin": {"port": -1},
+            "model_repository": str(ROOT / "engines"),
+            "data_dir": tmp,
+            "models": {MODEL: model},
+        }
+        server = InProcessServer(config)
+        if not server.ready.wait(120):
+            raise SystemExit("the server did not start")
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buf = bytearray()
+        rows: dict[str, list[float]] = defaultdict(list)
+        for i, text in enumerate(texts):
+            req = request_bytes(args.api, text)
+            sent = time.perf_counter()
+            sock.sendall(req)
+            read_answer(sock, buf)
+            got = time.perf_counter()
+            time.sleep(args.pause_ms / 1e3)
+            if i < 20:
+                continue  # warm-up
+            submit = after("submit", sent)
+            worker = after("worker", submit)
+            worker_end = after("worker", worker, ends=True)
+            tokenize, tokenize_end = after("tokenize", worker), after("tokenize", worker, ends=True)
+            ort, ort_end = after("ort", worker), after("ort", worker, ends=True)
+            render, render_end = after("render", worker_end), after("render", worker_end, ends=True)
+            for stage, ms in (
+                ("client send -> batcher submit (HTTP in, parse, pipeline)", submit - sent),
+                ("submit -> batch starts on the worker (grant, hand-off)", worker - submit),
+                ("tokenize (worker)", tokenize_end - tokenize),
+                ("ONNX Runtime run (worker)", ort_end - ort),
+                (
+                    "rest of the batch on the worker",
+                    (worker_end - worker) - (tokenize_end - tokenize) - (ort_end - ort),
+                ),
+                ("worker done -> render starts (hand-back to the loop)", render - worker_end),
+                ("render", render_end - render),
+                ("render done -> client has the answer (HTTP out)", got - render_end),
+                ("total at the client", got - sent),
+            ):
+                rows[stage].append(ms * 1e3)
+        sock.close()
+    alone = engine_alone(ROOT / "engines" / MODEL, texts, args.pause_ms / 1e3)
+    print(f"{args.requests} requests, {args.api}, one at a time, {args.pause_ms:g} ms apart; medians (ms):")
+    for stage, values in rows.items():
+        print(f"  {stage:58s} {statistics.median(values):7.3f}")
+    total = statistics.median(rows["total at the client"])
+    print(f"  {'engine alone: tokenize + run, batch 1, same pauses':58s} {alone:7.3f}")
+    print(f"  {'added by the server (total - engine alone)':58s} {total - alone:7.3f}")
+
+
+if __name__ == "__main__":
+    main()
