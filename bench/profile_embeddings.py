@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import functools
 import json
+import logging
 import socket
 import statistics
 import sys
@@ -228,6 +229,8 @@ def main() -> None:
             ):
                 rows[stage].append(ms * 1e3)
         sock.close()
+        # The server thread lives on until exit: quiet its complaint that the data folder went.
+        logging.getLogger("appliance").setLevel(logging.CRITICAL)
     alone = engine_alone(ROOT / "engines" / MODEL, texts, args.pause_ms / 1e3)
     print(f"{args.requests} requests, {args.api}, one at a time, {args.pause_ms:g} ms apart; medians (ms):")
     for stage, values in rows.items():
