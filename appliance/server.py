@@ -547,8 +547,11 @@ async def serve(cfg: Config, hup_pending: Callable[[], bool] = lambda: False) ->
         raise
     # A stdout nobody reads any more (``serve | head``, a journald that went away) must not stop
     # a server that has started: the banner is best effort, as the log lines are (appliance.logs).
+    # One write, text and newline together: print() writes them apart, and the log writer's
+    # thread (appliance.logs) slipped a JSON line in between on the same stdout.
     with contextlib.suppress(OSError, ValueError):
-        print(f"appliance: serving on {server.url}", flush=True)
+        sys.stdout.write(f"appliance: serving on {server.url}\n")
+        sys.stdout.flush()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
