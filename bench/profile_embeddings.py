@@ -23,7 +23,6 @@ import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -35,9 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from appliance import batcher, inference  # noqa: E402
 from appliance.api import kserve, openai  # noqa: E402
-from appliance.config import parse  # noqa: E402
 from appliance.engines import onnxruntime as ort_engine  # noqa: E402
-from appliance.server import Server, new_event_loop  # noqa: E402
+from bench.profile_chat import InProcessServer  # noqa: E402  (the same in-process server)
 
 MODEL = "all-minilm-l6-v2"
 STARTS: dict[str, list[float]] = defaultdict(list)  # stage -> perf_counter at each call's start
@@ -80,26 +78,6 @@ def instrument(api: str) -> None:
     timed(inference.EmbeddingRuntime, "run_batch", "worker")
     timed(inference.EmbeddingRuntime, "encode", "tokenize")
     timed(ort_engine.OnnxRuntimeEngine, "run", "ort")
-
-
-class InProcessServer:
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.cfg = parse(config, None, env={})
-        self.loop = new_event_loop()
-        self.ready = threading.Event()
-        self.port = 0
-        threading.Thread(target=self._main, daemon=True).start()
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._serve())
-
-    async def _serve(self) -> None:
-        server = Server(self.cfg, env={})
-        await server.start()
-        self.port = server.port
-        self.ready.set()
-        await asyncio.Event().wait()
 
 
 def request_bytes(api: str, text: str) -> bytes:
