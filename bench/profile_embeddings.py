@@ -94,17 +94,24 @@ def request_bytes(api: str, text: str) -> bytes:
     return head.encode() + raw
 
 
+def _more(sock: socket.socket) -> bytes:
+    data = sock.recv(65536)  # bounded by the socket's timeout
+    if not data:
+        raise RuntimeError("the server closed the connection")
+    return data
+
+
 def read_answer(sock: socket.socket, buf: bytearray) -> None:
     """One HTTP/1.1 answer with a Content-Length, read whole (status checked)."""
     while b"\r\n\r\n" not in buf:
-        buf += sock.recv(65536)
+        buf += _more(sock)
     head, _, rest = bytes(buf).partition(b"\r\n\r\n")
     if head[9:12] != b"200":
         raise RuntimeError(f"the server answered {head[:12]!r}")
     length = next(int(line[15:]) for line in head.split(b"\r\n") if line[:15].lower() == b"content-length:")
     body = bytearray(rest)
     while len(body) < length:
-        body += sock.recv(65536)
+        body += _more(sock)
     buf[:] = body[length:]
 
 
@@ -172,7 +179,7 @@ def main() -> None:
         server = InProcessServer(config)
         if not server.ready.wait(120):
             raise SystemExit("the server did not start")
-        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         buf = bytearray()
         rows: dict[str, list[float]] = defaultdict(list)
