@@ -26,6 +26,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,8 @@ def instrument(api: str) -> None:
     else:
         timed(kserve, "encode_response", "render")
     timed(batcher.Batcher, "submit", "submit")
+    timed(batcher.Batcher, "_launch", "launch")
+    timed(batcher.Batcher, "_complete", "complete")
     timed(inference.EmbeddingRuntime, "run_batch", "worker")
     timed(inference.EmbeddingRuntime, "encode", "tokenize")
     timed(ort_engine.OnnxRuntimeEngine, "run", "ort")
@@ -155,6 +158,43 @@ def engine_alone(folder: Path, texts: list[str], pause_s: float) -> float:
     return statistics.median(times) * 1e3
 
 
+def thread_wakeups(work_s: float, pause_s: float, n: int = 300) -> tuple[float, float]:
+    """Median ms of the server's two hand-offs with nothing else in them: the event loop (the
+    server's) hands a job to a one-thread pool, the job keeps its thread busy for ``work_s`` (as
+    the engine's run does) and the result goes back; one job every ``pause_s``, as one client's
+    requests come. What a sleeping thread's wake-up costs on this machine, for the stages above."""
+    from appliance.server import new_event_loop
+
+    there: list[float] = []
+    back: list[float] = []
+    pool = ThreadPoolExecutor(1)
+
+    def job(sent: float) -> tuple[float, float]:
+        began = time.perf_counter()
+        while time.perf_counter() - began < work_s:
+            pass
+        return sent, began
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for i in range(n + 20):
+            await asyncio.sleep(pause_s)
+            sent = time.perf_counter()
+            _, began = await loop.run_in_executor(pool, job, sent)
+            got = time.perf_counter()
+            if i >= 20:
+                there.append(began - sent)
+                back.append(got - began - work_s)
+
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(run())
+    finally:
+        loop.close()
+        pool.shutdown()
+    return statistics.median(there) * 1e3, statistics.median(back) * 1e3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=400)
@@ -193,14 +233,18 @@ def main() -> None:
             if i < 20:
                 continue  # warm-up
             submit = after("submit", sent)
+            launch = after("launch", submit)
             worker = after("worker", submit)
             worker_end = after("worker", worker, ends=True)
             tokenize, tokenize_end = after("tokenize", worker), after("tokenize", worker, ends=True)
             ort, ort_end = after("ort", worker), after("ort", worker, ends=True)
             render, render_end = after("render", worker_end), after("render", worker_end, ends=True)
+            complete = after("complete", worker_end)
+            answered = after("submit", complete, ends=True)
             for stage, ms in (
                 ("client send -> batcher submit (HTTP in, parse, pipeline)", submit - sent),
                 ("submit -> batch starts on the worker (grant, hand-off)", worker - submit),
+                ("  of which submit -> batch launched (loop)", launch - submit),
                 ("tokenize (worker)", tokenize_end - tokenize),
                 ("ONNX Runtime run (worker)", ort_end - ort),
                 (
@@ -208,6 +252,9 @@ def main() -> None:
                     (worker_end - worker) - (tokenize_end - tokenize) - (ort_end - ort),
                 ),
                 ("worker done -> render starts (hand-back to the loop)", render - worker_end),
+                ("  of which worker done -> batch completes (loop wake, futures)", complete - worker_end),
+                ("  of which batch completes -> submit returns", answered - complete),
+                ("  of which submit returns -> render (pipeline, handler)", render - answered),
                 ("render", render_end - render),
                 ("render done -> client has the answer (HTTP out)", got - render_end),
                 ("total at the client", got - sent),
@@ -217,12 +264,20 @@ def main() -> None:
         # The server thread lives on until exit: quiet its complaint that the data folder went.
         logging.getLogger("appliance").setLevel(logging.CRITICAL)
     alone = engine_alone(ROOT / "engines" / MODEL, texts, args.pause_ms / 1e3)
+    # The pause a sleeping thread sees between jobs: the worker's is the client's round trip plus
+    # the pause, the loop's is the engine's run.
+    there, back = thread_wakeups(
+        statistics.median(rows["ONNX Runtime run (worker)"]) / 1e3, args.pause_ms / 1e3
+    )
     print(f"{args.requests} requests, {args.api}, one at a time, {args.pause_ms:g} ms apart; medians (ms):")
     for stage, values in rows.items():
         print(f"  {stage:58s} {statistics.median(values):7.3f}")
     total = statistics.median(rows["total at the client"])
     print(f"  {'engine alone: tokenize + run, batch 1, same pauses':58s} {alone:7.3f}")
     print(f"  {'added by the server (total - engine alone)':58s} {total - alone:7.3f}")
+    print("the same two hand-offs with nothing in them (a one-thread pool busy for the ORT run's median):")
+    print(f"  {'loop -> a sleeping worker thread':58s} {there:7.3f}")
+    print(f"  {'worker done -> the sleeping loop has the result':58s} {back:7.3f}")
 
 
 if __name__ == "__main__":
