@@ -7,8 +7,10 @@ whatever the request sizes, and variable lengths can be grouped to waste little 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -186,6 +188,16 @@ def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) 
         fut.set_exception(error)
 
 
+def _dropped(
+    loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any], job: concurrent.futures.Future[None]
+) -> None:
+    if not job.cancelled():
+        return
+    error = EngineError("the engine's worker was shut down before the batch ran")
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+        loop.call_soon_threadsafe(_settle, fut, None, error)
+
+
 def _expire(fut: asyncio.Future[Any], n: int, timeout_ms: float) -> None:
     if not fut.done():
         fut.set_exception(EngineTimeout(f"a batch of {n} ran past {timeout_ms:.0f} ms"))
@@ -257,7 +269,10 @@ def engine_call(
             else:
                 loop.call_soon_threadsafe(_settle, fut, result, None)
 
-        executor.submit(job)  # RuntimeError once the executor is shut down: the batch fails
+        # RuntimeError once the executor is shut down: the batch fails. A job cancelled before it
+        # ran (a shutdown that cancels pending work) fails it too, instead of leaving it unanswered
+        # where no engine timeout is set.
+        executor.submit(job).add_done_callback(functools.partial(_dropped, loop, fut))
         timeout_ms = float(mgr.tunables(name)["engine.timeout_ms"])
         if timeout_ms > 0:
             # A hung thread cannot be killed: the batch fails at the timeout and its late result

@@ -3,9 +3,11 @@ and tensor models, which share an engine run only when their rows allow it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import struct
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -21,8 +23,16 @@ from tokenizers import Tokenizer
 from tritonclient.utils import InferenceServerException
 
 from appliance.api.common import MANAGER
+from appliance.engines.base import EngineError, EngineTimeout
 from appliance.engines.onnxruntime import OnnxRuntimeEngine
-from appliance.inference import TUNE_TIE, EmbeddingRuntime, TensorItem, TensorRuntime, batches_rows
+from appliance.inference import (
+    TUNE_TIE,
+    EmbeddingRuntime,
+    TensorItem,
+    TensorRuntime,
+    batches_rows,
+    engine_call,
+)
 from tests.conftest import ServerThread, build_tensor_model, metric
 
 MODEL = "all-minilm-l6-v2"
@@ -404,6 +414,51 @@ def _settled(srv: ServerThread, before: dict[str, int], executions: int, fail: i
             return now
         assert time.monotonic() < deadline, now
         time.sleep(0.02)
+
+
+def test_the_engine_worker_hands_back_its_batch_fails_it_at_the_timeout_and_drops_the_late_result(
+    start_server: Callable[..., ServerThread], minilm_folder: Path
+) -> None:
+    """``engine_call``, the batcher's ``execute``: the worker thread settles the batch's future
+    itself; an engine error is the batch's; a run past ``engine.timeout_ms`` fails the batch with
+    EngineTimeout and what it returns later is dropped; a batch whose job was cancelled before it
+    ran (its pool shut down) fails rather than waiting for ever. The server's own manager supplies
+    the model's settings, metrics and watchdog; ``fn`` stands in for the engine to inject faults."""
+    srv = start_server({MODEL: minilm_folder}, overrides={MODEL: {"engine": {"timeout_ms": 200}}})
+    mgr = srv.app[MANAGER]
+    release = threading.Event()
+    ran: list[list[str]] = []
+
+    def fn(items: list[str]) -> list[str]:
+        ran.append(items)
+        if items == ["boom"]:
+            raise ValueError("boom")
+        if items == ["hang"]:
+            release.wait(10)
+        return [x.upper() for x in items]
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(1) as pool:
+            execute = engine_call(mgr, MODEL, pool, fn)
+            assert await execute(["a", "b"]) == ["A", "B"]
+            with pytest.raises(ValueError, match="boom"):
+                await execute(["boom"])
+            hung = execute(["hang"])
+            began = loop.time()
+            with pytest.raises(EngineTimeout, match="ran past 200 ms"):
+                await hung
+            assert 0.15 < loop.time() - began < 2.0
+            queued = execute(["late"])  # behind the hung run in the one-thread pool
+            pool.shutdown(wait=False, cancel_futures=True)
+            with pytest.raises(EngineError, match="shut down before the batch ran"):
+                await asyncio.wait_for(queued, 2)
+            release.set()
+        # The hung run ended after its batch was answered: its result went nowhere.
+        assert isinstance(hung.exception(), EngineTimeout)  # type: ignore[attr-defined]
+        assert ran == [["a", "b"], ["boom"], ["hang"]]
+
+    asyncio.run_coroutine_threadsafe(scenario(), srv.loop).result(30)
 
 
 @pytest.fixture
