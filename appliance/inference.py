@@ -257,8 +257,9 @@ def engine_call(
         # that formed it, not when the batcher's task first runs (behind the previous batch's
         # answers, which the loop renders meanwhile: the engine sat idle for that long).
         # The worker settles the returned future itself, in one loop callback: through
-        # run_in_executor, a shield and a timeout context, the result took three loop turns and
-        # ~0.3 ms of Python at one client (bench/profile_embeddings.py) to reach the batcher.
+        # run_in_executor, a shield and a timeout context the result took three loop turns to
+        # reach the batcher. (At one client the time there is the loop's wake-up, not the turns:
+        # README, Performance, session 32.)
         fut: asyncio.Future[Any] = loop.create_future()
 
         def job() -> None:
