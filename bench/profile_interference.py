@@ -11,6 +11,11 @@ beside a Python thread of the same process that works in 0.3-ms bursts for ``--s
 is a ceiling for the served/engine ratio that ``bench/bench_embeddings.py`` reports, whatever the
 server does with the rest of its time: the loop has to run. CPU per sentence is the process's
 (the busy thread's own share included, as the server's would be).
+
+``--instances`` adds, in the same rounds, the throughput layout: two one-thread engines each
+running half the batches on a thread of its own at once (``engine.instances: 2``,
+``engine.intra_op_threads: 1``, ``compute.concurrency: 2``): no kernel is split between threads,
+so a preempted thread holds up only its own run.
 """
 
 from __future__ import annotations
@@ -62,6 +67,12 @@ def main() -> None:
     ap.add_argument("--share", type=float, default=0.15, help="of one core, for the busy thread")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--runs", type=int, default=15, help="batches per measurement")
+    ap.add_argument(
+        "--instances",
+        action="store_true",
+        help="also two one-thread engines, half the batches each on its own thread, at once "
+        "(engine.instances 2, intra_op_threads 1), quiet and beside the busy thread",
+    )
     args = ap.parse_args()
     if not 0 < args.share < 1:
         raise SystemExit("--share must be between 0 and 1")
@@ -82,20 +93,45 @@ def main() -> None:
         for j, seq in enumerate(part):
             ids[j, : len(seq)] = seq
         batches.append({"input_ids": ids, "attention_mask": (ids != 0).astype(np.int64)})
+    singles = [
+        OnnxRuntimeEngine(folder / "model.onnx", intra_op_threads=1, spin_us=0)
+        for _ in range(2 if args.instances else 0)
+    ]
+
+    def one_engine() -> None:
+        for feeds in batches:
+            engine.run(feeds)
+
+    def two_engines() -> None:
+        # What the batcher does with two instances: each batch on a worker thread of its own.
+        workers = [
+            threading.Thread(target=lambda e=e, part=batches[k::2]: [e.run(f) for f in part])
+            for k, e in enumerate(singles)
+        ]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+
     busy = Busy(args.share)
-    rates: dict[str, list[float]] = {"quiet": [], "beside the busy thread": []}
+    layouts = {"": one_engine, "two 1-thread engines, ": two_engines} if args.instances else {"": one_engine}
+    rates: dict[str, list[float]] = {
+        f"{layout}{place}": [] for layout in layouts for place in ("quiet", "beside the busy thread")
+    }
     cpu: dict[str, list[float]] = {k: [] for k in rates}
     for r in range(args.rounds):
         order = list(rates) if r % 2 == 0 else list(reversed(rates))
         for label in order:
-            if label == "quiet":
+            if label.endswith("quiet"):
                 busy.running.clear()
             else:
                 busy.running.set()
+            layout = label.rpartition(", ")[0] + ", " if ", " in label else ""
             engine.run(batches[0])  # settle
+            for e in singles:
+                e.run(batches[0])
             began, began_cpu = time.perf_counter(), time.process_time()
-            for feeds in batches:
-                engine.run(feeds)
+            layouts[layout]()
             n = args.batch * args.runs
             rates[label].append(n / (time.perf_counter() - began))
             cpu[label].append((time.process_time() - began_cpu) / n * 1e3)
@@ -109,12 +145,14 @@ def main() -> None:
     for label in rates:
         rate = statistics.median(rates[label])
         print(
-            f"  {label:24s} {rate:7.1f} sentences/s ({rate / quiet:.2f}x quiet), "
+            f"  {label:46s} {rate:7.1f} sentences/s ({rate / quiet:.2f}x quiet), "
             f"{statistics.median(cpu[label]):5.2f} ms CPU a sentence"
         )
     per_round = [b / q for q, b in zip(rates["quiet"], rates["beside the busy thread"], strict=True)]
     print(f"  ratio per round: {', '.join(f'{x:.2f}' for x in per_round)}")
     engine.close()
+    for e in singles:
+        e.close()
 
 
 if __name__ == "__main__":
