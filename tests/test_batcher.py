@@ -220,10 +220,17 @@ async def test_while_more_urgent_work_is_about_a_less_urgent_batch_is_cut_to_urg
     assert sorted(i for b in engine.batches[1:] for i in b) == [4, 5, 6, 7]
 
 
-async def test_partial_batch_waits_for_queue_delay_only_while_another_instance_is_busy() -> None:
+@pytest.mark.parametrize("arbiter", [False, True], ids=["alone", "through the compute arbiter"])
+async def test_partial_batch_waits_for_queue_delay_only_while_another_instance_is_busy(arbiter: bool) -> None:
+    # The server dispatches through the arbiter (two grants: two batches may run at once); its
+    # path had no hold, and each free instance took whatever had arrived.
     engine = FakeEngine(gated=True)
     batcher: Batcher[Any, Any] = Batcher(
-        "m", BatchPolicy(max_batch_size=4, max_queue_delay_ms=40), engine, instances=2
+        "m",
+        BatchPolicy(max_batch_size=4, max_queue_delay_ms=40),
+        engine,
+        instances=2,
+        arbiter=ComputeArbiter(2, aging_ms=0) if arbiter else None,
     )
     submit(batcher, "blocker")
     await until(lambda: engine.batches)
@@ -237,6 +244,27 @@ async def test_partial_batch_waits_for_queue_delay_only_while_another_instance_i
     assert engine.batches[1] == [1, 2]
     engine.gate.set()
     await asyncio.gather(first, second)
+
+
+async def test_priority_1_work_does_not_wait_for_company_while_another_instance_is_busy() -> None:
+    # Kept in short batches of its own (priority_1_alone), urgent work is not held for a fuller one.
+    engine = FakeEngine(gated=True)
+    batcher: Batcher[Any, Any] = Batcher(
+        "m",
+        BatchPolicy(max_batch_size=4, max_queue_delay_ms=5000, priority_levels=3),
+        engine,
+        instances=2,
+        arbiter=ComputeArbiter(2, aging_ms=0),
+    )
+    submit(batcher, "blocker")
+    await until(lambda: engine.batches)
+    start = time.monotonic()
+    urgent = submit(batcher, "urgent", priority=1)
+    await until(lambda: len(engine.batches) == 2)
+    assert time.monotonic() - start < 2.5
+    assert engine.batches[1] == ["urgent"]
+    engine.gate.set()
+    await urgent
 
 
 async def lengths_batched(policy: BatchPolicy, items: list[tuple[str, int]]) -> list[list[int]]:
