@@ -586,8 +586,12 @@ register(
     Setting(
         "generation.max_prefill_tokens",
         int,
-        4096,
-        "Padded prompt tokens prefilled in one step; bounds how long newcomers stall the batch.",
+        128,
+        "Padded prompt tokens of the newcomers admitted to prefill together in one step (a lone "
+        "prompt is always admitted; a long one is read in prefill_chunk_tokens chunks). Small, a burst's "
+        "first requests get their first token sooner instead of all at the end of one long step: on 2 CPU "
+        "cores 8 streams' TTFT p50 was two thirds of 4096's at the same tokens/s. On a GPU, where prefilling "
+        "several prompts costs about what one does, raise it.",
         1,
         1_000_000,
     ),
