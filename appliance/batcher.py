@@ -494,10 +494,9 @@ class Batcher(EarlyAdmission, Generic[T, R]):
             self._ask_for_grant(loop)
             return
         while len(self._starts) < self.instances and (queued := sum(map(len, self._queues))):
-            size, _ = self.policy.batch_size(queued)
             if self._holding(loop):
                 return
-            batch = self._take(size, loop.time())
+            batch = self._take(self.policy.batch_size(queued)[0], loop.time())
             if batch:
                 self._launch(batch, loop)
 

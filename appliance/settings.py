@@ -303,7 +303,8 @@ register(
         "batching.max_queue_delay_ms",
         float,
         2.0,
-        "How long a partial batch may wait for company while another batch of the model runs (instances > 1; priority-1 work does not wait).",
+        "How long a partial batch may wait for company while another batch of the model runs "
+        "(instances > 1; priority-1 work does not wait).",
         0,
         10_000,
     ),
